@@ -1,0 +1,230 @@
+//! Exact GELU and the attention softmax.
+//!
+//! Transcendentals come from the `libm` crate rather than the platform's C library, so the CPU
+//! backend gives bitwise the same results on every operating system.
+
+use crate::reduce::{fold2, sum};
+use core::f64::consts::FRAC_1_SQRT_2;
+
+/// `1 / sqrt(2 pi)`, the standard normal density at 0.
+const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+
+/// `Phi(x)`, the standard normal CDF, as `erfc(-x / sqrt 2) / 2`. That equals
+/// `(1 + erf(x / sqrt 2)) / 2` exactly in real arithmetic, but has no cancellation for negative
+/// `x`, where `1 + erf` would lose the digits of a tiny result.
+#[inline(always)]
+fn phi(x: f64) -> f64 {
+    0.5 * libm::erfc(-x * FRAC_1_SQRT_2)
+}
+
+/// `x * Phi(x)`, computed in `f64` and rounded once, which makes it the correctly rounded `f32`
+/// GELU in all but rare ties (libm's `f32` `erff` path is a few ulp off for negative inputs).
+#[inline(always)]
+fn gelu(x: f32) -> f32 {
+    let x = x as f64;
+    (x * phi(x)) as f32
+}
+
+/// `d/dx [x Phi(x)] = Phi(x) + x * exp(-x^2 / 2) / sqrt(2 pi)`.
+#[inline(always)]
+fn gelu_grad(x: f32) -> f64 {
+    let x = x as f64;
+    phi(x) + x * libm::exp(-0.5 * x * x) * FRAC_1_SQRT_2PI
+}
+
+pub(crate) fn gelu_forward(x: &[f32], y: &mut [f32]) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o = gelu(v);
+    }
+}
+
+pub(crate) fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    for ((o, &v), &d) in dx.iter_mut().zip(x).zip(dy) {
+        *o = (*o as f64 + d as f64 * gelu_grad(v)) as f32;
+    }
+}
+
+/// Scales first, subtracts the row maximum of the scaled values (so `exp` never overflows and
+/// the largest term is exactly 1), sums the exponentials in `f64` and normalizes in `f64`.
+pub(crate) fn softmax_forward(x: &[f32], y: &mut [f32], rows: usize, cols: usize, scale: f32) {
+    if cols == 0 {
+        return;
+    }
+    for r in 0..rows {
+        let xr = &x[r * cols..(r + 1) * cols];
+        let yr = &mut y[r * cols..(r + 1) * cols];
+        let max = xr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(scale * v));
+        for (o, &v) in yr.iter_mut().zip(xr) {
+            *o = libm::expf(scale * v - max);
+        }
+        let inv = 1.0 / sum(yr);
+        for o in yr.iter_mut() {
+            *o = (*o as f64 * inv) as f32;
+        }
+    }
+}
+
+/// `dx += scale * y * (dy - sum(dy * y))`, the row dot product in `f64`.
+pub(crate) fn softmax_backward(
+    y: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    rows: usize,
+    cols: usize,
+    scale: f32,
+) {
+    if cols == 0 {
+        return;
+    }
+    for r in 0..rows {
+        let span = r * cols..(r + 1) * cols;
+        let (yr, dyr, dxr) = (&y[span.clone()], &dy[span.clone()], &mut dx[span]);
+        let dot = fold2(dyr, yr, |d, p| d as f64 * p as f64) as f32;
+        for ((o, &p), &d) in dxr.iter_mut().zip(yr).zip(dyr) {
+            *o += scale * p * (d - dot);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::test_util::*;
+    use mae::backend::Backend;
+
+    /// GELU in f64 from the definition with `erf`, the form the contract states.
+    fn gelu64(x: f64) -> f64 {
+        0.5 * x * (1.0 + libm::erf(x / 2f64.sqrt()))
+    }
+
+    #[test]
+    fn gelu_forward_known_values() {
+        // Values of 0.5 x (1 + erf(x / sqrt 2)) from Python's math.erf.
+        let be = be();
+        let x = up(&[0.0, 1.0, -1.0, 2.0, -3.0, 0.5]);
+        let mut y = up(&[f32::NAN; 6]);
+        be.gelu_forward(&x, &mut y).unwrap();
+        let expect = [
+            0.0,
+            0.841_344_746_068_542_9,
+            -0.158_655_253_931_457_07,
+            1.954_499_736_103_641_6,
+            -0.004_049_694_094_890_31,
+            0.345_731_230_637_006_56,
+        ];
+        assert_eq!(y, expect.map(|v: f64| v as f32));
+    }
+
+    #[test]
+    fn gelu_forward_tails() {
+        let be = be();
+        let x = up(&[-10.0, 10.0, -40.0]);
+        let mut y = up(&[f32::NAN; 3]);
+        be.gelu_forward(&x, &mut y).unwrap();
+        // -10 Phi(-10) = -7.6e-23: tiny but not flushed to zero by cancellation.
+        assert_close(&y[..1], &[-7.619_853_024_160_527e-23f64 as f32], 1e-6);
+        assert_eq!(&y[1..], &[10.0, -0.0]);
+    }
+
+    #[test]
+    fn gelu_backward_matches_finite_differences_and_accumulates() {
+        let be = be();
+        let xs = [-4.0f32, -1.5, -0.3, 0.0, 0.2, 1.0, 2.5, 6.0];
+        let dy = [1.0f32, 2.0, -1.0, 0.5, 3.0, -2.0, 1.0, 1.0];
+        let mut dx = up(&[0.25; 8]);
+        for _ in 0..2 {
+            be.gelu_backward(&up(&xs), &up(&dy), &mut dx).unwrap();
+        }
+        let h = 1e-6;
+        let expect: Vec<f32> = xs
+            .iter()
+            .zip(&dy)
+            .map(|(&x, &d)| {
+                let x = x as f64;
+                let slope = (gelu64(x + h) - gelu64(x - h)) / (2.0 * h);
+                (0.25 + 2.0 * d as f64 * slope) as f32
+            })
+            .collect();
+        assert_close(&dx, &expect, 1e-6);
+    }
+
+    #[test]
+    fn softmax_forward_by_hand_with_scale() {
+        let be = be();
+        let x = up(&[1.0, 2.0, 3.0, 0.0, 0.0, 0.0]);
+        let mut y = up(&[0.0; 6]);
+        be.softmax_forward(&x, &mut y, 2, 3, 0.5).unwrap();
+        // Row 0: softmax([0.5, 1, 1.5]).
+        let e: Vec<f64> = [0.5f64, 1.0, 1.5].iter().map(|v| v.exp()).collect();
+        let s: f64 = e.iter().sum();
+        let expect: Vec<f32> = e.iter().map(|v| (v / s) as f32).collect();
+        assert_close(&y[..3], &expect, 1e-7);
+        assert_close(&y[3..], &[1.0 / 3.0; 3], 1e-7);
+    }
+
+    #[test]
+    fn softmax_forward_is_stable_for_large_inputs() {
+        let be = be();
+        let x = up(&[1000.0, 1001.0, -1000.0, -1001.0]);
+        let mut y = up(&[0.0; 4]);
+        be.softmax_forward(&x, &mut y, 2, 2, 1.0).unwrap();
+        let a = 1.0 / (1.0 + 1f64.exp()); // e^0 / (e^0 + e^1)
+        assert_close(
+            &y,
+            &[a as f32, (1.0 - a) as f32, (1.0 - a) as f32, a as f32],
+            1e-6,
+        );
+    }
+
+    #[test]
+    fn softmax_forward_negative_scale_takes_max_after_scaling() {
+        let be = be();
+        let x = up(&[1000.0, 0.0]);
+        let mut y = up(&[0.0; 2]);
+        be.softmax_forward(&x, &mut y, 1, 2, -1.0).unwrap();
+        assert_eq!(y, [0.0, 1.0]);
+    }
+
+    #[test]
+    fn softmax_backward_matches_finite_differences_and_accumulates() {
+        let be = be();
+        let (rows, cols, scale) = (2, 4, 0.7f32);
+        let x: Vec<f32> = vec![0.1, -0.4, 1.3, 0.2, 2.0, -1.0, 0.5, 0.0];
+        let dy: Vec<f32> = vec![1.0, -2.0, 0.5, 0.3, -0.2, 0.8, 1.5, -1.1];
+        let softmax64 = |row: &[f64]| -> Vec<f64> {
+            let m = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+            let e: Vec<f64> = row.iter().map(|v| (scale as f64 * (v - m)).exp()).collect();
+            let s: f64 = e.iter().sum();
+            e.iter().map(|v| v / s).collect()
+        };
+        let objective = |x: &[f64]| -> f64 {
+            (0..rows)
+                .map(|r| {
+                    let y = softmax64(&x[r * cols..(r + 1) * cols]);
+                    y.iter()
+                        .zip(&dy[r * cols..])
+                        .map(|(y, &d)| y * d as f64)
+                        .sum::<f64>()
+                })
+                .sum()
+        };
+        let x64 = f64s(&x);
+        let h = 1e-6;
+        let expect: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                let (mut a, mut b) = (x64.clone(), x64.clone());
+                a[i] += h;
+                b[i] -= h;
+                (-1.0 + 2.0 * (objective(&a) - objective(&b)) / (2.0 * h)) as f32
+            })
+            .collect();
+        let mut y = be.alloc(rows * cols).unwrap();
+        be.softmax_forward(&up(&x), &mut y, rows, cols, scale)
+            .unwrap();
+        let mut dx = up(&[-1.0; 8]);
+        for _ in 0..2 {
+            be.softmax_backward(&y, &up(&dy), &mut dx, rows, cols, scale)
+                .unwrap();
+        }
+        assert_close(&dx, &expect, 1e-5);
+    }
+}

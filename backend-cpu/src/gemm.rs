@@ -1,0 +1,285 @@
+//! Strided-batched GEMM on `matrixmultiply::sgemm`.
+//!
+//! matrixmultiply takes a row and a column stride per operand, so a stored transpose is only a
+//! swap of the two strides: no operand is ever copied. The batch is a loop over pointer offsets;
+//! matrixmultiply parallelizes inside each product (threads from `MATMUL_NUM_THREADS`, default the
+//! physical cores) by splitting C, never the `k` sum, so results do not depend on the thread count.
+//! It allocates its packing buffers itself on each call; that is the one allocation an op makes.
+
+use mae::backend::Gemm;
+
+/// Elements one operand spans over the whole batch: `(batch - 1) * stride + rows * cols`.
+///
+/// Checked, unlike [`Gemm::lens`]: a product that wrapped around could let the bounds assertion
+/// pass while the kernel walks past the buffer, which would make safe callers able to cause UB.
+fn span(batch: usize, stride: usize, rows: usize, cols: usize) -> Option<usize> {
+    (batch - 1)
+        .checked_mul(stride)?
+        .checked_add(rows.checked_mul(cols)?)
+}
+
+/// A stride or offset as the `isize` matrixmultiply wants. Every value passed here is at most a
+/// buffer length, and a `Vec<f32>` never holds more than `isize::MAX` bytes, so this cannot fail.
+fn stride(x: usize) -> isize {
+    isize::try_from(x).expect("gemm stride exceeds isize::MAX")
+}
+
+/// `C[b] = alpha * op(A[b]) * op(B[b]) + beta * C[b]`, see [`Gemm`].
+///
+/// # Panics
+/// If a buffer is shorter than the descriptor needs (or the needed length overflows `usize`).
+/// `mae` checks lengths before calling, so this only fires on a bug; it is an `assert!`, not a
+/// `debug_assert!`, because the unsafe kernel call below relies on it.
+pub(crate) fn gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+    let (m, n, k) = (g.m, g.n, g.k);
+    if g.batch == 0 || m == 0 || n == 0 {
+        return; // C has no elements.
+    }
+    let need_a = span(g.batch, g.stride_a, m, k);
+    let need_b = span(g.batch, g.stride_b, k, n);
+    let need_c = span(g.batch, g.stride_c, m, n);
+    assert!(
+        need_a.is_some_and(|need| need <= a.len()),
+        "gemm: A has {} elements, {g:?} needs {need_a:?}",
+        a.len()
+    );
+    assert!(
+        need_b.is_some_and(|need| need <= b.len()),
+        "gemm: B has {} elements, {g:?} needs {need_b:?}",
+        b.len()
+    );
+    assert!(
+        need_c.is_some_and(|need| need <= c.len()),
+        "gemm: C has {} elements, {g:?} needs {need_c:?}",
+        c.len()
+    );
+    debug_assert!(
+        g.batch == 1 || g.stride_c >= m * n,
+        "gemm: C blocks of a batch overlap ({g:?})"
+    );
+
+    // op(A) is m x k. Stored m x k: row stride k, column stride 1. Stored k x m (trans_a):
+    // element (i, p) sits at p * m + i, so row stride 1, column stride m. Likewise for B.
+    let (rsa, csa) = if g.trans_a { (1, m) } else { (k, 1) };
+    let (rsb, csb) = if g.trans_b { (1, k) } else { (n, 1) };
+    let (rsa, csa, rsb, csb) = (stride(rsa), stride(csa), stride(rsb), stride(csb));
+    let (rsc, csc) = (stride(n), 1);
+
+    let (pa, pb, pc) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+    for bi in 0..g.batch {
+        // Cannot overflow: bi * stride <= (batch - 1) * stride <= need <= len (checked above).
+        let (oa, ob, oc) = (bi * g.stride_a, bi * g.stride_b, bi * g.stride_c);
+        // SAFETY: the asserts above give `need_x <= x.len()` for each operand, where need_x is
+        // computed without overflow. For batch item `bi`, matrixmultiply reads A at offsets
+        // `oa + i*rsa + p*csa` for i < m, p < k; the largest is `oa + m*k - 1` in both layouts
+        // (`(m-1)*k + (k-1)` or `(k-1)*m + (m-1)`), which is below `(batch-1)*stride_a + m*k =
+        // need_a <= a.len()`; the same argument bounds B (k x n) and C (m x n). When k == 0 no
+        // element of A or B is read and `oa`, `ob` are at most the lengths, so the offset
+        // pointers stay within or one past their allocations, as `add` requires. C's strides
+        // (n, 1) with n >= 1 map distinct (i, j) to distinct elements, as sgemm requires. C is
+        // borrowed mutably and A, B shared, so C aliases neither. The strides fit `isize`
+        // (checked by `stride`). With beta == 0 sgemm does not read C, so stale or NaN contents
+        // are fine (and C is initialized memory anyway).
+        unsafe {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                g.alpha,
+                pa.add(oa),
+                rsa,
+                csa,
+                pb.add(ob),
+                rsb,
+                csb,
+                g.beta,
+                pc.add(oc),
+                rsc,
+                csc,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::test_util::*;
+    use mae::backend::{Backend, Gemm};
+
+    /// The textbook triple loop over logical indices, reading the stored layouts directly.
+    fn naive(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+        for bi in 0..g.batch {
+            for i in 0..g.m {
+                for j in 0..g.n {
+                    let mut s = 0.0f64;
+                    for p in 0..g.k {
+                        let av = if g.trans_a {
+                            a[bi * g.stride_a + p * g.m + i]
+                        } else {
+                            a[bi * g.stride_a + i * g.k + p]
+                        };
+                        let bv = if g.trans_b {
+                            b[bi * g.stride_b + j * g.k + p]
+                        } else {
+                            b[bi * g.stride_b + p * g.n + j]
+                        };
+                        s += av as f64 * bv as f64;
+                    }
+                    let ci = bi * g.stride_c + i * g.n + j;
+                    let old = if g.beta == 0.0 {
+                        0.0
+                    } else {
+                        g.beta as f64 * c[ci] as f64
+                    };
+                    c[ci] = (g.alpha as f64 * s + old) as f32;
+                }
+            }
+        }
+    }
+
+    fn run(g: &Gemm, a: &[f32], b: &[f32], c0: &[f32]) -> Vec<f32> {
+        let be = be();
+        let mut c = up(c0);
+        be.gemm(g, &up(a), &up(b), &mut c).unwrap();
+        c
+    }
+
+    // A = [[1, 2, 3], [4, 5, 6]] (2 x 3), B = [[1, 0], [0, 1], [1, 1]] (3 x 2).
+    const A: [f32; 6] = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+    const AT: [f32; 6] = [1.0, 4.0, 2.0, 5.0, 3.0, 6.0];
+    const B: [f32; 6] = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0];
+    const BT: [f32; 6] = [1.0, 0.0, 1.0, 0.0, 1.0, 1.0];
+    const AB: [f32; 4] = [4.0, 5.0, 10.0, 11.0];
+
+    #[test]
+    fn plain_2x3_by_3x2() {
+        assert_eq!(run(&Gemm::new(2, 2, 3), &A, &B, &[0.0; 4]), AB);
+    }
+
+    #[test]
+    fn trans_a_reads_a_stored_k_by_m() {
+        assert_eq!(run(&Gemm::new(2, 2, 3).trans_a(), &AT, &B, &[0.0; 4]), AB);
+    }
+
+    #[test]
+    fn trans_b_reads_b_stored_n_by_k() {
+        assert_eq!(run(&Gemm::new(2, 2, 3).trans_b(), &A, &BT, &[0.0; 4]), AB);
+    }
+
+    #[test]
+    fn both_transposed() {
+        let g = Gemm::new(2, 2, 3).trans_a().trans_b();
+        assert_eq!(run(&g, &AT, &BT, &[0.0; 4]), AB);
+    }
+
+    #[test]
+    fn non_square_outer_product_shape() {
+        // 3 x 1 times 1 x 2, trans_a: A stored 1 x 3.
+        let g = Gemm::new(3, 2, 1).trans_a();
+        let c = run(&g, &[1.0, 2.0, 3.0], &[10.0, 20.0], &[0.0; 6]);
+        assert_eq!(c, [10.0, 20.0, 20.0, 40.0, 30.0, 60.0]);
+    }
+
+    #[test]
+    fn beta_zero_ignores_nan_in_c() {
+        assert_eq!(run(&Gemm::new(2, 2, 3), &A, &B, &[f32::NAN; 4]), AB);
+    }
+
+    #[test]
+    fn accumulate_twice_with_alpha() {
+        let be = be();
+        let g = Gemm::new(2, 2, 3).alpha(0.5).accumulate();
+        let (a, b) = (up(&A), up(&B));
+        let mut c = up(&[1.0; 4]);
+        be.gemm(&g, &a, &b, &mut c).unwrap();
+        be.gemm(&g, &a, &b, &mut c).unwrap();
+        assert_eq!(c, [5.0, 6.0, 11.0, 12.0]); // 1 + 2 * 0.5 * AB
+    }
+
+    #[test]
+    fn general_beta_scales_old_c() {
+        let g = Gemm {
+            beta: 2.0,
+            ..Gemm::new(2, 2, 3)
+        };
+        assert_eq!(run(&g, &A, &B, &[1.0; 4]), [6.0, 7.0, 12.0, 13.0]);
+    }
+
+    #[test]
+    fn batch_broadcasts_b_with_stride_zero() {
+        // Two A matrices (the second is 2 * A), one shared B, C blocks padded to stride 5.
+        let a2: Vec<f32> = A.iter().map(|x| x * 2.0).collect();
+        let a = [&A[..], &a2[..]].concat();
+        let g = Gemm::new(2, 2, 3).batched(2, 6, 0, 5);
+        let c = run(&g, &a, &B, &[-1.0; 9]);
+        assert_eq!(c, [4.0, 5.0, 10.0, 11.0, -1.0, 8.0, 10.0, 20.0, 22.0]);
+    }
+
+    #[test]
+    fn batch_broadcasts_a_with_stride_zero() {
+        let b3: Vec<f32> = B.iter().map(|x| x * 3.0).collect();
+        let b = [&B[..], &b3[..]].concat();
+        let g = Gemm::new(2, 2, 3).batched(2, 0, 6, 4);
+        let c = run(&g, &A, &b, &[0.0; 8]);
+        assert_eq!(c, [4.0, 5.0, 10.0, 11.0, 12.0, 15.0, 30.0, 33.0]);
+    }
+
+    #[test]
+    fn matches_naive_loop_for_every_flag_combination() {
+        let (m, n, k, batch) = (5, 7, 9, 3);
+        let a: Vec<f32> = (0..batch * m * k)
+            .map(|i| ((i * 7 % 11) as f32 - 5.0) / 4.0)
+            .collect();
+        let b: Vec<f32> = (0..batch * k * n)
+            .map(|i| ((i * 5 % 13) as f32 - 6.0) / 8.0)
+            .collect();
+        let c0: Vec<f32> = (0..batch * m * n).map(|i| (i % 3) as f32).collect();
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            for beta in [0.0, 1.0] {
+                let g = Gemm {
+                    trans_a: ta,
+                    trans_b: tb,
+                    alpha: 0.75,
+                    beta,
+                    ..Gemm::new(m, n, k).batched(batch, m * k, k * n, m * n)
+                };
+                let mut expect = c0.clone();
+                naive(&g, &a, &b, &mut expect);
+                assert_close(&run(&g, &a, &b, &c0), &expect, 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn k_zero_scales_c_by_beta() {
+        let g = Gemm::new(2, 2, 0);
+        assert_eq!(run(&g, &[], &[], &[f32::NAN; 4]), [0.0; 4]);
+        assert_eq!(run(&g.accumulate(), &[], &[], &[3.0; 4]), [3.0; 4]);
+    }
+
+    #[test]
+    fn empty_output_touches_nothing() {
+        assert_eq!(run(&Gemm::new(0, 2, 3), &[], &B, &[]), Vec::<f32>::new());
+        let g = Gemm::new(2, 2, 3).batched(0, 6, 6, 4);
+        assert_eq!(run(&g, &[], &[], &[]), Vec::<f32>::new());
+    }
+
+    #[test]
+    #[should_panic(expected = "gemm: A has")]
+    fn short_a_panics_instead_of_reading_past_it() {
+        run(&Gemm::new(2, 2, 3), &A[..5], &B, &[0.0; 4]);
+    }
+
+    #[test]
+    #[should_panic(expected = "gemm: C has")]
+    fn short_c_in_a_batch_panics() {
+        run(&Gemm::new(2, 2, 3).batched(2, 0, 0, 4), &A, &B, &[0.0; 7]);
+    }
+
+    #[test]
+    #[should_panic(expected = "gemm: A has")]
+    fn overflowing_dimensions_panic_instead_of_wrapping() {
+        let huge = 1usize << (usize::BITS / 2 + 1);
+        run(&Gemm::new(huge, 1, huge), &A, &B, &[0.0; 4]);
+    }
+}

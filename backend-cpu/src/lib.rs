@@ -1,0 +1,501 @@
+//! # mae-backend-cpu: the `mae` compute backend on the CPU
+//!
+//! Buffers are plain `Vec<f32>` / `Vec<u32>`, so "device" memory is host memory and every op runs
+//! synchronously. GEMM goes through [`matrixmultiply`] (multithreaded; set `MATMUL_NUM_THREADS`
+//! to choose the thread count, default the physical cores). Every other op is a single-threaded
+//! loop over contiguous rows.
+//!
+//! Numerics, beyond the [`Backend`] contract:
+//! - Row reductions (LayerNorm statistics, softmax sums, loss sums) and column sums over many rows
+//!   (bias and LayerNorm parameter gradients) accumulate in `f64` in a fixed order, so results are
+//!   bitwise repeatable run to run and independent of the GEMM thread count.
+//! - GELU is computed in `f64` from `libm`'s `erfc` and rounded once; `exp` is `libm`'s, so results
+//!   do not depend on the platform's C library either.
+//! - Ops never allocate: only [`Backend::alloc`], [`Backend::upload`] and
+//!   [`Backend::upload_idx`] do (and matrixmultiply's packing buffers inside a GEMM), and they
+//!   report failure as [`BackendErrorKind::OutOfMemory`] instead of aborting.
+//! - Like every backend, this one trusts `mae` to pass buffers of the documented lengths. A wrong
+//!   length can panic (slice bounds) but never causes undefined behaviour: the one `unsafe` call,
+//!   the GEMM kernel, asserts its bounds first.
+//!
+//! ```
+//! use mae::backend::{Backend, Gemm};
+//! use mae_backend_cpu::CpuBackend;
+//!
+//! let cpu = CpuBackend::new();
+//! // A = [[1, 2, 3], [4, 5, 6]] (2 x 3), B = [[1, 0], [0, 1], [1, 1]] (3 x 2).
+//! let a = cpu.upload(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])?;
+//! let b = cpu.upload(&[1.0, 0.0, 0.0, 1.0, 1.0, 1.0])?;
+//! let mut c = cpu.alloc(4)?;
+//! cpu.gemm(&Gemm::new(2, 2, 3), &a, &b, &mut c)?;
+//!
+//! let mut host = [0.0f32; 4];
+//! cpu.download(&c, &mut host)?;
+//! assert_eq!(host, [4.0, 5.0, 10.0, 11.0]);
+//! # Ok::<(), mae::BackendError>(())
+//! ```
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+#![warn(missing_docs)]
+// The trait's signatures (llm.c style: buffers, then dimensions) carry many arguments.
+#![allow(clippy::too_many_arguments)]
+
+mod activation;
+mod adamw;
+mod gemm;
+mod loss;
+mod norm;
+mod reduce;
+mod rows;
+
+use mae::backend::{
+    AdamWStep, BResult, Backend, BackendError, BackendErrorKind, Gather, Gemm, Heads, Patchify,
+    RowMap,
+};
+
+/// The CPU backend. It holds no state: buffers are `Vec`s owned by the caller and the GEMM thread
+/// pool is matrixmultiply's own, so the value is free to create, copy and share between threads.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend {
+    _private: (),
+}
+
+impl CpuBackend {
+    /// The backend. Creating one is free and cannot fail.
+    pub fn new() -> Self {
+        CpuBackend { _private: () }
+    }
+}
+
+/// An empty `Vec` with room for `len` elements, or the error the contract asks for instead of
+/// the allocation-failure abort of `Vec::with_capacity`.
+fn try_vec<T>(len: usize) -> BResult<Vec<T>> {
+    let bytes = len.saturating_mul(size_of::<T>());
+    let max = isize::MAX as usize / size_of::<T>();
+    if len > max {
+        return Err(BackendError::new(
+            BackendErrorKind::TooLarge { len, max },
+            "a Vec holds at most isize::MAX bytes",
+        ));
+    }
+    let mut v = Vec::new();
+    v.try_reserve_exact(len)
+        .map_err(|e| BackendError::new(BackendErrorKind::OutOfMemory { bytes }, e.to_string()))?;
+    Ok(v)
+}
+
+/// A copy of `host`, failing like [`try_vec`].
+fn try_copy<T: Copy>(host: &[T]) -> BResult<Vec<T>> {
+    let mut v = try_vec(host.len())?;
+    v.extend_from_slice(host);
+    Ok(v)
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    type Idx = Vec<u32>;
+
+    fn name(&self) -> &str {
+        "cpu"
+    }
+
+    fn max_buf_len(&self) -> usize {
+        isize::MAX as usize / size_of::<f32>()
+    }
+
+    // ---- memory -----------------------------------------------------------------------------
+
+    fn alloc(&self, len: usize) -> BResult<Vec<f32>> {
+        let mut v = try_vec(len)?;
+        v.resize(len, 0.0);
+        Ok(v)
+    }
+
+    fn upload(&self, host: &[f32]) -> BResult<Vec<f32>> {
+        try_copy(host)
+    }
+
+    fn write(&self, dst: &mut Vec<f32>, host: &[f32]) -> BResult<()> {
+        dst.copy_from_slice(host);
+        Ok(())
+    }
+
+    fn download(&self, src: &Vec<f32>, host: &mut [f32]) -> BResult<()> {
+        host.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+
+    fn upload_idx(&self, host: &[u32]) -> BResult<Vec<u32>> {
+        try_copy(host)
+    }
+
+    fn write_idx(&self, dst: &mut Vec<u32>, host: &[u32]) -> BResult<()> {
+        dst.copy_from_slice(host);
+        Ok(())
+    }
+
+    fn idx_len(&self, idx: &Vec<u32>) -> usize {
+        idx.len()
+    }
+
+    fn fill(&self, dst: &mut Vec<f32>, value: f32) -> BResult<()> {
+        dst.fill(value);
+        Ok(())
+    }
+
+    fn copy(&self, src: &Vec<f32>, dst: &mut Vec<f32>) -> BResult<()> {
+        dst.copy_from_slice(src);
+        Ok(())
+    }
+
+    /// Every op has finished when it returns; there is nothing to wait for.
+    fn sync(&self) -> BResult<()> {
+        Ok(())
+    }
+
+    // ---- dense ------------------------------------------------------------------------------
+
+    fn gemm(&self, g: &Gemm, a: &Vec<f32>, b: &Vec<f32>, c: &mut Vec<f32>) -> BResult<()> {
+        gemm::gemm(g, a, b, c);
+        Ok(())
+    }
+
+    fn add(&self, src: &Vec<f32>, dst: &mut Vec<f32>) -> BResult<()> {
+        let n = dst.len();
+        rows::add_into(dst, &src[..n]);
+        Ok(())
+    }
+
+    fn scale(&self, buf: &mut Vec<f32>, s: f32) -> BResult<()> {
+        for x in buf.iter_mut() {
+            *x *= s;
+        }
+        Ok(())
+    }
+
+    // ---- rows -------------------------------------------------------------------------------
+
+    fn copy_rows(
+        &self,
+        src: &Vec<f32>,
+        dst: &mut Vec<f32>,
+        map: &RowMap,
+        accumulate: bool,
+    ) -> BResult<()> {
+        rows::copy_rows(src, dst, map, accumulate);
+        Ok(())
+    }
+
+    fn copy_rows_backward(
+        &self,
+        d_dst: &Vec<f32>,
+        d_src: &mut Vec<f32>,
+        map: &RowMap,
+    ) -> BResult<()> {
+        rows::copy_rows_backward(d_dst, d_src, map);
+        Ok(())
+    }
+
+    fn gather_rows(
+        &self,
+        src: &Vec<f32>,
+        idx: &Vec<u32>,
+        dst: &mut Vec<f32>,
+        g: &Gather,
+    ) -> BResult<()> {
+        rows::gather_rows(src, idx, dst, g);
+        Ok(())
+    }
+
+    fn gather_rows_backward(
+        &self,
+        d_dst: &Vec<f32>,
+        idx: &Vec<u32>,
+        d_src: &mut Vec<f32>,
+        g: &Gather,
+    ) -> BResult<()> {
+        rows::gather_rows_backward(d_dst, idx, d_src, g);
+        Ok(())
+    }
+
+    fn patchify(&self, imgs: &Vec<f32>, out: &mut Vec<f32>, p: &Patchify) -> BResult<()> {
+        rows::patchify(imgs, out, p);
+        Ok(())
+    }
+
+    fn split_heads(&self, x: &Vec<f32>, heads: &mut Vec<f32>, h: &Heads) -> BResult<()> {
+        rows::split_heads(x, heads, h);
+        Ok(())
+    }
+
+    fn merge_heads(&self, heads: &Vec<f32>, x: &mut Vec<f32>, h: &Heads) -> BResult<()> {
+        rows::merge_heads(heads, x, h);
+        Ok(())
+    }
+
+    // ---- normalization and activation -------------------------------------------------------
+
+    fn layernorm_forward(
+        &self,
+        x: &Vec<f32>,
+        gamma: &Vec<f32>,
+        beta: &Vec<f32>,
+        y: &mut Vec<f32>,
+        mean: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> BResult<()> {
+        norm::layernorm_forward(x, gamma, beta, y, mean, rstd, rows, cols, eps);
+        Ok(())
+    }
+
+    fn layernorm_backward(
+        &self,
+        dy: &Vec<f32>,
+        x: &Vec<f32>,
+        gamma: &Vec<f32>,
+        mean: &Vec<f32>,
+        rstd: &Vec<f32>,
+        dx: &mut Vec<f32>,
+        dgamma: &mut Vec<f32>,
+        dbeta: &mut Vec<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> BResult<()> {
+        norm::layernorm_backward(dy, x, gamma, mean, rstd, dx, dgamma, dbeta, rows, cols);
+        Ok(())
+    }
+
+    fn gelu_forward(&self, x: &Vec<f32>, y: &mut Vec<f32>) -> BResult<()> {
+        activation::gelu_forward(x, y);
+        Ok(())
+    }
+
+    fn gelu_backward(&self, x: &Vec<f32>, dy: &Vec<f32>, dx: &mut Vec<f32>) -> BResult<()> {
+        activation::gelu_backward(x, dy, dx);
+        Ok(())
+    }
+
+    fn softmax_forward(
+        &self,
+        x: &Vec<f32>,
+        y: &mut Vec<f32>,
+        rows: usize,
+        cols: usize,
+        scale: f32,
+    ) -> BResult<()> {
+        activation::softmax_forward(x, y, rows, cols, scale);
+        Ok(())
+    }
+
+    fn softmax_backward(
+        &self,
+        y: &Vec<f32>,
+        dy: &Vec<f32>,
+        dx: &mut Vec<f32>,
+        rows: usize,
+        cols: usize,
+        scale: f32,
+    ) -> BResult<()> {
+        activation::softmax_backward(y, dy, dx, rows, cols, scale);
+        Ok(())
+    }
+
+    // ---- loss -------------------------------------------------------------------------------
+
+    fn normalize_rows(
+        &self,
+        x: &Vec<f32>,
+        y: &mut Vec<f32>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> BResult<()> {
+        norm::normalize_rows(x, y, rows, cols, eps);
+        Ok(())
+    }
+
+    fn masked_mse_forward(
+        &self,
+        pred: &Vec<f32>,
+        target: &Vec<f32>,
+        mask: &Vec<f32>,
+        loss: &mut Vec<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> BResult<()> {
+        loss::masked_mse_forward(pred, target, mask, loss, rows, cols);
+        Ok(())
+    }
+
+    fn masked_mse_backward(
+        &self,
+        pred: &Vec<f32>,
+        target: &Vec<f32>,
+        mask: &Vec<f32>,
+        d_pred: &mut Vec<f32>,
+        rows: usize,
+        cols: usize,
+        d_loss: f32,
+    ) -> BResult<()> {
+        loss::masked_mse_backward(pred, target, mask, d_pred, rows, cols, d_loss);
+        Ok(())
+    }
+
+    // ---- optimizer --------------------------------------------------------------------------
+
+    fn adamw(
+        &self,
+        param: &mut Vec<f32>,
+        grad: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        step: &AdamWStep,
+    ) -> BResult<()> {
+        adamw::adamw(param, grad, m, v, step);
+        Ok(())
+    }
+}
+
+/// Helpers shared by the unit tests of every module.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use super::CpuBackend;
+    use mae::backend::Backend;
+
+    pub(crate) fn be() -> CpuBackend {
+        CpuBackend::new()
+    }
+
+    /// A buffer holding `host`, made through the backend.
+    pub(crate) fn up(host: &[f32]) -> Vec<f32> {
+        be().upload(host).unwrap()
+    }
+
+    pub(crate) fn f64s(x: &[f32]) -> Vec<f64> {
+        x.iter().map(|&v| v as f64).collect()
+    }
+
+    pub(crate) fn f32s(x: &[f64]) -> Vec<f32> {
+        x.iter().map(|&v| v as f32).collect()
+    }
+
+    /// `|got - want| <= tol * max(1, |want|)` elementwise, with the first offender in the message.
+    #[track_caller]
+    pub(crate) fn assert_close(got: &[f32], want: &[f32], tol: f64) {
+        assert_eq!(got.len(), want.len(), "lengths differ");
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            let err = (g as f64 - w as f64).abs();
+            assert!(
+                err <= tol * (w as f64).abs().max(1.0),
+                "element {i}: got {g}, want {w} (error {err:e}, tolerance {tol:e})\n got: {got:?}\nwant: {want:?}"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_util::*;
+    use super::CpuBackend;
+    use mae::backend::{Backend, BackendErrorKind};
+
+    #[test]
+    fn name_and_limits() {
+        let be = CpuBackend::default();
+        assert_eq!(be.name(), "cpu");
+        assert_eq!(be.max_buf_len(), isize::MAX as usize / 4);
+    }
+
+    #[test]
+    fn alloc_is_zero_filled_and_sized() {
+        let be = be();
+        let buf = be.alloc(5).unwrap();
+        assert_eq!(be.len(&buf), 5);
+        assert_eq!(buf, [0.0; 5]);
+        assert_eq!(be.alloc(0).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn alloc_too_large_is_an_error_not_an_abort() {
+        let be = be();
+        let err = be.alloc(usize::MAX).unwrap_err();
+        assert!(
+            matches!(
+                err.kind,
+                BackendErrorKind::TooLarge {
+                    len: usize::MAX,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // Within the Vec limit but far beyond any machine's memory.
+        let err = be.alloc(be.max_buf_len()).unwrap_err();
+        assert!(
+            matches!(err.kind, BackendErrorKind::OutOfMemory { .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn upload_write_download_round_trip() {
+        let be = be();
+        let mut buf = be.upload(&[1.0, 2.0, 3.0]).unwrap();
+        let mut host = [0.0; 3];
+        be.download(&buf, &mut host).unwrap();
+        assert_eq!(host, [1.0, 2.0, 3.0]);
+        be.write(&mut buf, &[4.0, 5.0, 6.0]).unwrap();
+        be.download(&buf, &mut host).unwrap();
+        assert_eq!(host, [4.0, 5.0, 6.0]);
+        be.sync().unwrap();
+    }
+
+    #[test]
+    fn index_buffers_round_trip() {
+        let be = be();
+        let mut idx = be.upload_idx(&[3, 1, 2]).unwrap();
+        assert_eq!(be.idx_len(&idx), 3);
+        be.write_idx(&mut idx, &[0, 7, 9]).unwrap();
+        assert_eq!(idx, [0, 7, 9]);
+    }
+
+    #[test]
+    fn fill_and_copy_overwrite() {
+        let be = be();
+        let mut a = up(&[1.0, 2.0]);
+        be.fill(&mut a, f32::NAN).unwrap();
+        assert!(a.iter().all(|x| x.is_nan()));
+        be.copy(&up(&[7.0, 8.0]), &mut a).unwrap();
+        assert_eq!(a, [7.0, 8.0]);
+    }
+
+    #[test]
+    fn add_accumulates_over_dst_length() {
+        let be = be();
+        let mut dst = up(&[1.0, 2.0]);
+        let src = up(&[10.0, 20.0, 30.0]);
+        be.add(&src, &mut dst).unwrap();
+        be.add(&src, &mut dst).unwrap();
+        assert_eq!(dst, [21.0, 42.0]);
+    }
+
+    #[test]
+    fn scale_multiplies_in_place() {
+        let be = be();
+        let mut buf = up(&[1.0, -2.0, 0.5]);
+        be.scale(&mut buf, -2.0).unwrap();
+        assert_eq!(buf, [-2.0, 4.0, -1.0]);
+    }
+
+    #[test]
+    fn backend_is_send_sync_copy() {
+        fn check<T: Send + Sync + Copy + 'static>() {}
+        check::<CpuBackend>();
+    }
+}

@@ -1,0 +1,253 @@
+//! The backends under test, the skip policy, and host <-> device helpers generic over
+//! [`Backend`].
+//!
+//! A backend whose device is missing is skipped with a `SKIP <backend>: <reason>` line on stderr;
+//! naming it in `MAE_REQUIRE_BACKENDS` (a comma list, e.g. `wgpu,cuda`) turns the skip into a
+//! test failure.
+
+use mae::backend::Backend;
+
+/// The backends listed in `MAE_REQUIRE_BACKENDS` (comma-separated, trimmed, lower-case).
+pub fn required_backends() -> Vec<String> {
+    std::env::var("MAE_REQUIRE_BACKENDS")
+        .unwrap_or_default()
+        .split(',')
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Reports that `backend` is not available; panics if it is required.
+pub fn skip(backend: &str, reason: &str) {
+    eprintln!("SKIP {backend}: {reason}");
+    if required_backends().iter().any(|b| b == &backend.to_ascii_lowercase()) {
+        panic!("backend {backend} is required by MAE_REQUIRE_BACKENDS but not available: {reason}");
+    }
+}
+
+/// The CPU backend (always available).
+pub fn cpu() -> mae_backend_cpu::CpuBackend {
+    mae_backend_cpu::CpuBackend::new()
+}
+
+/// Uploads `host`, panicking with the backend's message on failure.
+pub fn up<B: Backend>(b: &B, host: &[f32]) -> B::Buf {
+    b.upload(host)
+        .unwrap_or_else(|e| panic!("{}: upload of {} floats: {e}", b.name(), host.len()))
+}
+
+/// Uploads indices.
+pub fn up_idx<B: Backend>(b: &B, host: &[u32]) -> B::Idx {
+    b.upload_idx(host)
+        .unwrap_or_else(|e| panic!("{}: upload of {} indices: {e}", b.name(), host.len()))
+}
+
+/// Downloads a whole buffer.
+pub fn down<B: Backend>(b: &B, buf: &B::Buf) -> Vec<f32> {
+    let mut host = vec![0.0; b.len(buf)];
+    b.download(buf, &mut host)
+        .unwrap_or_else(|e| panic!("{}: download: {e}", b.name()));
+    host
+}
+
+/// Unwraps a backend result, naming the backend and the op on failure.
+fn ok<B: Backend, T>(b: &B, r: mae::backend::BResult<T>, op: &str) -> T {
+    r.unwrap_or_else(|e| panic!("{}: {op}: {e}", b.name()))
+}
+
+/// One-call wrappers: upload the inputs and the initial outputs, run one op, download the outputs.
+/// Tests written with them run unchanged on every backend.
+pub mod run {
+    use super::{down, ok, up, up_idx};
+    use mae::backend::{AdamWStep, Backend, Gather, Gemm, Heads, Patchify, RowMap};
+
+    pub fn gemm<B: Backend>(b: &B, g: &Gemm, a: &[f32], bm: &[f32], c: &[f32]) -> Vec<f32> {
+        let (a, bm, mut c) = (up(b, a), up(b, bm), up(b, c));
+        ok(b, b.gemm(g, &a, &bm, &mut c), "gemm");
+        down(b, &c)
+    }
+
+    pub fn add<B: Backend>(b: &B, src: &[f32], dst: &[f32]) -> Vec<f32> {
+        let (src, mut dst) = (up(b, src), up(b, dst));
+        ok(b, b.add(&src, &mut dst), "add");
+        down(b, &dst)
+    }
+
+    pub fn scale<B: Backend>(b: &B, buf: &[f32], s: f32) -> Vec<f32> {
+        let mut buf = up(b, buf);
+        ok(b, b.scale(&mut buf, s), "scale");
+        down(b, &buf)
+    }
+
+    pub fn copy_rows<B: Backend>(b: &B, src: &[f32], dst: &[f32], map: &RowMap, acc: bool) -> Vec<f32> {
+        let (src, mut dst) = (up(b, src), up(b, dst));
+        ok(b, b.copy_rows(&src, &mut dst, map, acc), "copy_rows");
+        down(b, &dst)
+    }
+
+    pub fn copy_rows_backward<B: Backend>(b: &B, d_dst: &[f32], d_src: &[f32], map: &RowMap) -> Vec<f32> {
+        let (d_dst, mut d_src) = (up(b, d_dst), up(b, d_src));
+        ok(b, b.copy_rows_backward(&d_dst, &mut d_src, map), "copy_rows_backward");
+        down(b, &d_src)
+    }
+
+    pub fn gather_rows<B: Backend>(b: &B, src: &[f32], idx: &[u32], dst: &[f32], g: &Gather) -> Vec<f32> {
+        let (src, idx, mut dst) = (up(b, src), up_idx(b, idx), up(b, dst));
+        ok(b, b.gather_rows(&src, &idx, &mut dst, g), "gather_rows");
+        down(b, &dst)
+    }
+
+    pub fn gather_rows_backward<B: Backend>(
+        b: &B,
+        d_dst: &[f32],
+        idx: &[u32],
+        d_src: &[f32],
+        g: &Gather,
+    ) -> Vec<f32> {
+        let (d_dst, idx, mut d_src) = (up(b, d_dst), up_idx(b, idx), up(b, d_src));
+        ok(b, b.gather_rows_backward(&d_dst, &idx, &mut d_src, g), "gather_rows_backward");
+        down(b, &d_src)
+    }
+
+    pub fn patchify<B: Backend>(b: &B, imgs: &[f32], out: &[f32], p: &Patchify) -> Vec<f32> {
+        let (imgs, mut out) = (up(b, imgs), up(b, out));
+        ok(b, b.patchify(&imgs, &mut out, p), "patchify");
+        down(b, &out)
+    }
+
+    pub fn split_heads<B: Backend>(b: &B, x: &[f32], heads: &[f32], h: &Heads) -> Vec<f32> {
+        let (x, mut heads) = (up(b, x), up(b, heads));
+        ok(b, b.split_heads(&x, &mut heads, h), "split_heads");
+        down(b, &heads)
+    }
+
+    pub fn merge_heads<B: Backend>(b: &B, heads: &[f32], x: &[f32], h: &Heads) -> Vec<f32> {
+        let (heads, mut x) = (up(b, heads), up(b, x));
+        ok(b, b.merge_heads(&heads, &mut x, h), "merge_heads");
+        down(b, &x)
+    }
+
+    /// Returns `(y, mean, rstd)`; `init` gives their initial contents.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_forward<B: Backend>(
+        b: &B,
+        x: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        init: (&[f32], &[f32], &[f32]),
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (x, gamma, beta) = (up(b, x), up(b, gamma), up(b, beta));
+        let (mut y, mut mean, mut rstd) = (up(b, init.0), up(b, init.1), up(b, init.2));
+        let r = b.layernorm_forward(&x, &gamma, &beta, &mut y, &mut mean, &mut rstd, rows, cols, eps);
+        ok(b, r, "layernorm_forward");
+        (down(b, &y), down(b, &mean), down(b, &rstd))
+    }
+
+    /// Returns `(dx, dgamma, dbeta)`; `init` gives their initial contents.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_backward<B: Backend>(
+        b: &B,
+        dy: &[f32],
+        x: &[f32],
+        gamma: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        init: (&[f32], &[f32], &[f32]),
+        rows: usize,
+        cols: usize,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (dy, x, gamma, mean, rstd) = (up(b, dy), up(b, x), up(b, gamma), up(b, mean), up(b, rstd));
+        let (mut dx, mut dg, mut db) = (up(b, init.0), up(b, init.1), up(b, init.2));
+        let r = b.layernorm_backward(&dy, &x, &gamma, &mean, &rstd, &mut dx, &mut dg, &mut db, rows, cols);
+        ok(b, r, "layernorm_backward");
+        (down(b, &dx), down(b, &dg), down(b, &db))
+    }
+
+    pub fn gelu_forward<B: Backend>(b: &B, x: &[f32], y: &[f32]) -> Vec<f32> {
+        let (x, mut y) = (up(b, x), up(b, y));
+        ok(b, b.gelu_forward(&x, &mut y), "gelu_forward");
+        down(b, &y)
+    }
+
+    pub fn gelu_backward<B: Backend>(b: &B, x: &[f32], dy: &[f32], dx: &[f32]) -> Vec<f32> {
+        let (x, dy, mut dx) = (up(b, x), up(b, dy), up(b, dx));
+        ok(b, b.gelu_backward(&x, &dy, &mut dx), "gelu_backward");
+        down(b, &dx)
+    }
+
+    pub fn softmax_forward<B: Backend>(b: &B, x: &[f32], y: &[f32], rows: usize, cols: usize, s: f32) -> Vec<f32> {
+        let (x, mut y) = (up(b, x), up(b, y));
+        ok(b, b.softmax_forward(&x, &mut y, rows, cols, s), "softmax_forward");
+        down(b, &y)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn softmax_backward<B: Backend>(
+        b: &B,
+        y: &[f32],
+        dy: &[f32],
+        dx: &[f32],
+        rows: usize,
+        cols: usize,
+        s: f32,
+    ) -> Vec<f32> {
+        let (y, dy, mut dx) = (up(b, y), up(b, dy), up(b, dx));
+        ok(b, b.softmax_backward(&y, &dy, &mut dx, rows, cols, s), "softmax_backward");
+        down(b, &dx)
+    }
+
+    pub fn normalize_rows<B: Backend>(b: &B, x: &[f32], y: &[f32], rows: usize, cols: usize, eps: f32) -> Vec<f32> {
+        let (x, mut y) = (up(b, x), up(b, y));
+        ok(b, b.normalize_rows(&x, &mut y, rows, cols, eps), "normalize_rows");
+        down(b, &y)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn masked_mse_forward<B: Backend>(
+        b: &B,
+        pred: &[f32],
+        target: &[f32],
+        mask: &[f32],
+        loss: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Vec<f32> {
+        let (pred, target, mask, mut loss) = (up(b, pred), up(b, target), up(b, mask), up(b, loss));
+        ok(b, b.masked_mse_forward(&pred, &target, &mask, &mut loss, rows, cols), "masked_mse_forward");
+        down(b, &loss)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn masked_mse_backward<B: Backend>(
+        b: &B,
+        pred: &[f32],
+        target: &[f32],
+        mask: &[f32],
+        d_pred: &[f32],
+        rows: usize,
+        cols: usize,
+        d_loss: f32,
+    ) -> Vec<f32> {
+        let (pred, target, mask, mut dp) = (up(b, pred), up(b, target), up(b, mask), up(b, d_pred));
+        let r = b.masked_mse_backward(&pred, &target, &mask, &mut dp, rows, cols, d_loss);
+        ok(b, r, "masked_mse_backward");
+        down(b, &dp)
+    }
+
+    /// Returns `(param, m, v)` after one step.
+    pub fn adamw<B: Backend>(
+        b: &B,
+        param: &[f32],
+        grad: &[f32],
+        m: &[f32],
+        v: &[f32],
+        s: &AdamWStep,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (mut p, g, mut m, mut v) = (up(b, param), up(b, grad), up(b, m), up(b, v));
+        ok(b, b.adamw(&mut p, &g, &mut m, &mut v, s), "adamw");
+        (down(b, &p), down(b, &m), down(b, &v))
+    }
+}

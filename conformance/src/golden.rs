@@ -1,0 +1,362 @@
+//! Golden files: the official PyTorch MAE run in float64 (format `mae-golden-v1`, see
+//! `../shared/golden/README.md`), replayed on a backend and compared tensor by tensor.
+
+use mae::backend::Backend;
+use mae::optim::AdamW;
+use mae::params::{mae_specs, MaeParams, Role};
+use mae::train::{TrainOptions, Trainer};
+use mae::weights::WeightsFile;
+use mae::Config;
+use std::fmt;
+use std::path::Path;
+
+/// Tolerances of `golden/README.md`: ten times what PyTorch's own float32 reaches.
+pub const TOL_LOSS: f64 = 1e-5;
+/// Latent and prediction.
+pub const TOL_OUTPUT: f64 = 1e-5;
+/// Every gradient.
+pub const TOL_GRAD: f64 = 1e-4;
+/// Parameter updates (`after - before`) on elements with a non-negligible expected gradient.
+pub const TOL_UPDATE: f64 = 5e-3;
+/// Elements whose expected gradient is below this fraction of the tensor's gradient RMS are left
+/// out of the update comparison (README: exact-zero true gradients, like the key third of every
+/// qkv bias, turn float rounding into a full Adam step).
+pub const UPDATE_MASK_FRACTION: f64 = 1e-3;
+
+/// Why a golden file cannot be read.
+#[derive(Debug)]
+pub struct GoldenError(pub String);
+
+impl fmt::Display for GoldenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for GoldenError {}
+
+fn err(msg: impl Into<String>) -> GoldenError {
+    GoldenError(msg.into())
+}
+
+/// What the reference computed at one step.
+pub struct Expected {
+    /// The loss.
+    pub loss: f64,
+    /// `[N, 1 + keep, D]`.
+    pub latent: Vec<f32>,
+    /// `[N, L, p p C]`.
+    pub pred: Vec<f32>,
+    /// `[N, L]`.
+    pub mask: Vec<f32>,
+    /// `[N, L]`.
+    pub ids_restore: Vec<f32>,
+    /// Gradient of every tensor (fixed ones: empty).
+    pub grads: MaeParams<Vec<f32>>,
+    /// Every tensor after the update.
+    pub params: MaeParams<Vec<f32>>,
+}
+
+/// One golden file, parsed.
+pub struct GoldenCase {
+    /// `case` metadata, or the file name.
+    pub name: String,
+    /// The model.
+    pub cfg: Config,
+    /// Masking ratio.
+    pub mask_ratio: f64,
+    /// Learning rate of both updates.
+    pub lr: f64,
+    /// AdamW settings.
+    pub adamw: AdamW,
+    /// Names the reference decayed.
+    pub decay_params: Vec<String>,
+    /// Initial weights.
+    pub params: MaeParams<Vec<f32>>,
+    /// `[N, C, H, W]`.
+    pub imgs: Vec<f32>,
+    /// Images in the batch.
+    pub batch: usize,
+    /// Masking noise of steps 1 and 2.
+    pub noise: [Vec<f32>; 2],
+    /// Steps 1 and 2.
+    pub expected: [Expected; 2],
+}
+
+fn meta<'a>(f: &'a WeightsFile<'_>, key: &str) -> Result<&'a str, GoldenError> {
+    f.metadata(key)
+        .ok_or_else(|| err(format!("metadata `{key}` is missing")))
+}
+
+fn json_f64(v: &serde_json::Value, key: &str) -> Result<f64, GoldenError> {
+    v.get(key)
+        .and_then(|x| x.as_f64())
+        .ok_or_else(|| err(format!("optimizer JSON lacks number `{key}`")))
+}
+
+impl GoldenCase {
+    /// Reads and checks a golden file.
+    pub fn load(path: &Path) -> Result<GoldenCase, GoldenError> {
+        let bytes =
+            std::fs::read(path).map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
+        let f = WeightsFile::parse(&bytes).map_err(|e| err(e.to_string()))?;
+        let format = meta(&f, "format")?;
+        if format != "mae-golden-v1" {
+            return Err(err(format!("format `{format}`, expected mae-golden-v1")));
+        }
+        let cfg = Config::from_json(meta(&f, "config")?).map_err(|e| err(e.to_string()))?;
+        let mask_ratio: f64 = meta(&f, "mask_ratio")?
+            .trim()
+            .parse()
+            .map_err(|e| err(format!("mask_ratio: {e}")))?;
+        let opt: serde_json::Value = serde_json::from_str(meta(&f, "optimizer")?)
+            .map_err(|e| err(format!("optimizer JSON: {e}")))?;
+        let adamw = AdamW {
+            beta1: json_f64(&opt, "beta1")?,
+            beta2: json_f64(&opt, "beta2")?,
+            eps: json_f64(&opt, "eps")?,
+            weight_decay: json_f64(&opt, "weight_decay")?,
+        };
+        let decay_params: Vec<String> = serde_json::from_str(meta(&f, "weight_decay_params")?)
+            .map_err(|e| err(format!("weight_decay_params: {e}")))?;
+        let name = f
+            .metadata("case")
+            .map(String::from)
+            .unwrap_or_else(|| path.display().to_string());
+
+        let tensor = |name: &str| -> Result<(Vec<usize>, Vec<f32>), GoldenError> {
+            f.tensor(name).map_err(|e| err(e.to_string()))
+        };
+        let (img_shape, imgs) = tensor("input.imgs")?;
+        let batch = img_shape.first().copied().unwrap_or(0);
+        let want = [batch, cfg.in_chans, cfg.img_size, cfg.img_size];
+        if img_shape != want {
+            return Err(err(format!("input.imgs has shape {img_shape:?}, the config needs {want:?}")));
+        }
+        let noise = [tensor("input.noise.1")?.1, tensor("input.noise.2")?.1];
+        let params = f.mae(&cfg, "param.").map_err(|e| err(e.to_string()))?;
+        let specs = mae_specs(&cfg);
+        let step = |s: usize| -> Result<Expected, GoldenError> {
+            let p = format!("expect.{s}.");
+            let grads = specs.try_map(|spec| {
+                if spec.role == Role::Fixed {
+                    Ok(Vec::new())
+                } else {
+                    f.tensor_as(&format!("{p}grad."), spec).map_err(|e| err(e.to_string()))
+                }
+            })?;
+            let params = specs.try_map(|spec| {
+                if spec.role == Role::Fixed {
+                    Ok(Vec::new())
+                } else {
+                    f.tensor_as(&format!("{p}param."), spec).map_err(|e| err(e.to_string()))
+                }
+            })?;
+            Ok(Expected {
+                loss: exact(&bytes, &format!("{p}loss"))?
+                    .first()
+                    .copied()
+                    .ok_or_else(|| err("empty loss"))?,
+                latent: tensor(&format!("{p}latent"))?.1,
+                pred: tensor(&format!("{p}pred"))?.1,
+                mask: tensor(&format!("{p}mask"))?.1,
+                ids_restore: exact(&bytes, &format!("{p}ids_restore"))?
+                    .into_iter()
+                    .map(|i| i as f32)
+                    .collect(),
+                grads,
+                params,
+            })
+        };
+        let expected = [step(1)?, step(2)?];
+        Ok(GoldenCase {
+            name,
+            cfg,
+            mask_ratio,
+            lr: json_f64(&opt, "lr")?,
+            adamw,
+            decay_params,
+            params,
+            imgs,
+            batch,
+            noise,
+            expected,
+        })
+    }
+}
+
+/// An F64 or I64 tensor as f64: the losses (kept exact rather than rounded to f32 by
+/// `WeightsFile::tensor`) and `ids_restore` (integers, which weights loading refuses).
+fn exact(bytes: &[u8], name: &str) -> Result<Vec<f64>, GoldenError> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| err(e.to_string()))?;
+    let view = st.tensor(name).map_err(|_| err(format!("tensor {name} is missing")))?;
+    let words = view.data().chunks_exact(8).map(|c| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        w
+    });
+    match view.dtype() {
+        safetensors::Dtype::F64 => Ok(words.map(f64::from_le_bytes).collect()),
+        safetensors::Dtype::I64 => Ok(words.map(|w| i64::from_le_bytes(w) as f64).collect()),
+        other => Err(err(format!("tensor {name} has dtype {other:?}, expected F64 or I64"))),
+    }
+}
+
+/// One comparison.
+#[derive(Clone, Debug)]
+pub struct Check {
+    /// What was compared.
+    pub name: String,
+    /// Relative error (or 0/1 for exact comparisons).
+    pub error: f64,
+    /// The bound.
+    pub tol: f64,
+}
+
+impl Check {
+    /// Whether the error is within the bound (NaN fails).
+    pub fn passed(&self) -> bool {
+        self.error <= self.tol
+    }
+}
+
+/// All comparisons of one file on one backend.
+pub struct Report {
+    /// The case.
+    pub case: String,
+    /// The backend.
+    pub backend: String,
+    /// Every comparison, in order.
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    /// Comparisons that failed.
+    pub fn failures(&self) -> Vec<&Check> {
+        self.checks.iter().filter(|c| !c.passed()).collect()
+    }
+    /// Whether every comparison passed.
+    pub fn passed(&self) -> bool {
+        self.failures().is_empty()
+    }
+}
+
+/// `||a - b|| / ||b||` in f64; when `b` is all zeros, `||a||` (an absolute error).
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        num += (x as f64 - y as f64).powi(2);
+        den += (y as f64).powi(2);
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// Relative L2 error of the update `after - before` over the elements whose expected gradient
+/// is at least `UPDATE_MASK_FRACTION` times the tensor's gradient RMS.
+pub fn update_error(
+    got_after: &[f32],
+    got_before: &[f32],
+    want_after: &[f32],
+    want_before: &[f32],
+    want_grad: &[f32],
+) -> f64 {
+    let n = want_grad.len().max(1) as f64;
+    let rms = (want_grad.iter().map(|&g| (g as f64).powi(2)).sum::<f64>() / n).sqrt();
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for i in 0..want_grad.len() {
+        if (want_grad[i] as f64).abs() < UPDATE_MASK_FRACTION * rms || rms == 0.0 {
+            continue;
+        }
+        let got = got_after[i] as f64 - got_before[i] as f64;
+        let want = want_after[i] as f64 - want_before[i] as f64;
+        num += (got - want).powi(2);
+        den += want.powi(2);
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// Replays the two steps of `case` on backend `b` and compares everything.
+pub fn run<B: Backend>(b: &B, case: &GoldenCase) -> mae::Result<Report> {
+    let mut checks = Vec::new();
+    let specs = mae_specs(&case.cfg);
+
+    // The fixed tables must be our own sin-cos tables, and the decay groups the official ones.
+    let own = mae::init::init_params(&case.cfg, 0);
+    for (name, ours, theirs) in [
+        ("pos_embed", &own.encoder.pos_embed, &case.params.encoder.pos_embed),
+        ("decoder_pos_embed", &own.decoder.pos_embed, &case.params.decoder.pos_embed),
+    ] {
+        let max = ours
+            .iter()
+            .zip(theirs)
+            .map(|(a, b)| (a - b).abs() as f64)
+            .fold(0.0, f64::max);
+        checks.push(Check { name: format!("sincos {name} (max abs)"), error: max, tol: 1e-6 });
+    }
+    let mut ours: Vec<&str> = specs
+        .tensors()
+        .filter(|s| s.role == Role::Decayed)
+        .map(|s| s.name.as_str())
+        .collect();
+    ours.sort_unstable();
+    let mut theirs: Vec<&str> = case.decay_params.iter().map(String::as_str).collect();
+    theirs.sort_unstable();
+    checks.push(Check {
+        name: "weight-decay group".into(),
+        error: if ours == theirs { 0.0 } else { 1.0 },
+        tol: 0.0,
+    });
+
+    let opts = TrainOptions {
+        batch_size: case.batch,
+        mask_ratio: case.mask_ratio,
+        adamw: case.adamw,
+        accum_steps: 1,
+    };
+    let mut trainer = Trainer::new(b, &case.cfg, &case.params, opts, 0)?;
+    let mut before = case.params.clone();
+    for (s, want) in case.expected.iter().enumerate() {
+        let step = s + 1;
+        let loss = trainer.forward_backward(b, &case.imgs, Some(&case.noise[s]))?;
+        let mut push = |name: String, error: f64, tol: f64| checks.push(Check { name, error, tol });
+        push(format!("step {step} loss"), (loss as f64 - want.loss).abs() / want.loss.abs(), TOL_LOSS);
+        let m = trainer.masking();
+        push(format!("step {step} mask"), rel_l2(&m.mask, &want.mask), 0.0);
+        let restore: Vec<f32> = m.ids_restore.iter().map(|&i| i as f32).collect();
+        push(format!("step {step} ids_restore"), rel_l2(&restore, &want.ids_restore), 0.0);
+        push(format!("step {step} latent"), rel_l2(&trainer.latent(b)?, &want.latent), TOL_OUTPUT);
+        push(format!("step {step} pred"), rel_l2(&trainer.pred(b)?, &want.pred), TOL_OUTPUT);
+        let grads = trainer.download(b, trainer.grads())?;
+        for ((spec, got), exp) in specs.tensors().zip(grads.tensors()).zip(want.grads.tensors()) {
+            if spec.role != Role::Fixed {
+                push(format!("step {step} grad {}", spec.name), rel_l2(got, exp), TOL_GRAD);
+            }
+        }
+        trainer.update(b, case.lr)?;
+        let after = trainer.download(b, trainer.params())?;
+        let want_before = if s == 0 { &case.params } else { &case.expected[0].params };
+        let rows = specs
+            .tensors()
+            .zip(after.tensors().zip(before.tensors()))
+            .zip(want.params.tensors().zip(want_before.tensors()))
+            .zip(want.grads.tensors());
+        for (((spec, (ga, gb)), (wa, wb)), wg) in rows {
+            if spec.role != Role::Fixed {
+                let e = update_error(ga, gb, wa, wb, wg);
+                push(format!("step {step} update {}", spec.name), e, TOL_UPDATE);
+            }
+        }
+        before = after;
+    }
+    Ok(Report { case: case.name.clone(), backend: b.name().to_string(), checks })
+}

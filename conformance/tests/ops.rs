@@ -1,0 +1,1265 @@
+//! Layer 1: every `Backend` op against the f64 oracle (`mae_conformance::oracle`), property-tested
+//! on odd shapes, plus the output contracts of the trait: overwriting ops ignore what the output
+//! held (even NaN), accumulating ops add (twice gives 2x), and what an op must not touch stays
+//! bitwise as it was.
+//!
+//! Every check is a function generic over `B: Backend` that uploads its inputs, runs the op and
+//! downloads the result; the `cpu_*` tests instantiate them for the CPU backend, and a GPU backend
+//! gets the same tests by instantiating them again.
+//!
+//! Tolerances are rust-backends.md §9: per element `|got - want| <= atol + rtol * |want|`, with
+//! `want` the f64 oracle on the same f32 inputs. Where an output is a sum of terms that can cancel
+//! (a reduction, or an accumulation into an existing gradient), `atol` is multiplied by the
+//! magnitude of those terms (`Tol::scaled`), the standard bound for a floating-point sum; gemm's
+//! `atol` scales with `K` and the operands' norms as §9 prescribes.
+//!
+//! `PROPTEST_CASES` overrides the number of cases per property (default 64).
+
+use mae::backend::{AdamWStep, Backend, Gather, Gemm, Heads, PatchOrder, Patchify, RowMap};
+use mae_conformance::backends::{cpu, down, run, up, up_idx};
+use mae_conformance::oracle::{
+    self, compare, data, f32s, f64s, max_abs, untouched, Fill, Rng, Tol, FILLS,
+};
+use proptest::prelude::*;
+use proptest::sample::select;
+use proptest::test_runner::FileFailurePersistence;
+
+type Check = Result<(), String>;
+
+// ---- strategies ---------------------------------------------------------------------------------
+
+/// Sizes that hit tile edges and non-multiples of 4, 8 and 64.
+const DIMS: [usize; 10] = [1, 2, 3, 7, 8, 16, 31, 33, 64, 65];
+
+fn config() -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(64);
+    ProptestConfig {
+        cases,
+        max_shrink_iters: 200,
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/proptest-regressions/ops.txt"
+        )))),
+        ..ProptestConfig::default()
+    }
+}
+
+fn dim() -> impl Strategy<Value = usize> {
+    prop_oneof![select(DIMS.to_vec()), 1usize..=12]
+}
+
+/// A dimension of at least 2 (the unbiased variance of `normalize_rows`).
+fn dim2() -> impl Strategy<Value = usize> {
+    dim().prop_map(|d| d.max(2))
+}
+
+fn fill() -> impl Strategy<Value = Fill> {
+    select(FILLS.to_vec())
+}
+
+/// What an overwritten output holds before the op: it must not matter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Init {
+    Nan,
+    Garbage,
+}
+
+fn init() -> impl Strategy<Value = Init> {
+    select(vec![Init::Nan, Init::Garbage])
+}
+
+fn old_contents(init: Init, len: usize, seed: u64) -> Vec<f32> {
+    match init {
+        Init::Nan => vec![f32::NAN; len],
+        Init::Garbage => data(seed, len, 1, Fill::Uniform)
+            .iter()
+            .map(|x| x * 1e30)
+            .collect(),
+    }
+}
+
+/// Random values in `[-1, 1)` for an output that an op accumulates into.
+fn prior(len: usize, seed: u64) -> Vec<f32> {
+    data(seed ^ 0xacc, len, 1, Fill::Uniform)
+}
+
+fn abs(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|x| x.abs() as f64).collect()
+}
+
+// ---- gemm ---------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+struct GemmCase {
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_a: bool,
+    trans_b: bool,
+    alpha: f32,
+    beta: f32,
+    batch: usize,
+    bcast_a: bool,
+    bcast_b: bool,
+    /// Extra elements between batch items and after the last one.
+    pad: usize,
+    seed: u64,
+    fill: Fill,
+}
+
+impl GemmCase {
+    fn desc(&self) -> Gemm {
+        let (m, n, k, pad) = (self.m, self.n, self.k, self.pad);
+        let mut g = Gemm::new(m, n, k).alpha(self.alpha);
+        g.beta = self.beta;
+        if self.trans_a {
+            g = g.trans_a();
+        }
+        if self.trans_b {
+            g = g.trans_b();
+        }
+        let sa = if self.bcast_a { 0 } else { m * k + pad };
+        let sb = if self.bcast_b { 0 } else { k * n + pad };
+        g.batched(self.batch, sa, sb, m * n + pad)
+    }
+}
+
+fn gemm_case() -> impl Strategy<Value = GemmCase> {
+    (
+        (dim(), dim(), dim()),
+        (any::<bool>(), any::<bool>(), select(vec![0.0f32, 0.5, 1.0]), select(vec![0.0f32, 0.5, 1.0])),
+        (1usize..=3, any::<bool>(), any::<bool>(), 0usize..=3),
+        (any::<u64>(), fill()),
+    )
+        .prop_map(
+            |((m, n, k), (trans_a, trans_b, alpha, beta), (batch, bcast_a, bcast_b, pad), (seed, fill))| {
+                GemmCase {
+                    m,
+                    n,
+                    k,
+                    trans_a,
+                    trans_b,
+                    alpha,
+                    beta,
+                    batch,
+                    bcast_a,
+                    bcast_b,
+                    pad,
+                    seed,
+                    fill,
+                }
+            },
+        )
+}
+
+/// Which elements of a C buffer of `len` the product writes.
+fn gemm_touched(g: &Gemm, len: usize) -> Vec<bool> {
+    let mut t = vec![false; len];
+    for b in 0..g.batch {
+        for i in 0..g.m * g.n {
+            t[b * g.stride_c + i] = true;
+        }
+    }
+    t
+}
+
+fn check_gemm<B: Backend>(b: &B, c: &GemmCase) -> Check {
+    let g = c.desc();
+    let (la, lb, lc) = g.lens();
+    let a = data(c.seed, la + c.pad, g.k, c.fill);
+    let bm = data(c.seed ^ 1, lb + c.pad, g.n, c.fill);
+    // C[b] holds NaN when beta == 0 (it must be ignored), data otherwise; the padding between
+    // batch items and the tail hold data that must stay as it is.
+    let touched = gemm_touched(&g, lc + c.pad);
+    let mut c0 = data(c.seed ^ 2, lc + c.pad, g.n, c.fill);
+    if g.beta == 0.0 {
+        for (x, &t) in c0.iter_mut().zip(&touched) {
+            if t {
+                *x = f32::NAN;
+            }
+        }
+    }
+    let got = run::gemm(b, &g, &a, &bm, &c0);
+    let mut want = f64s(&c0);
+    oracle::gemm(&g, &f64s(&a), &f64s(&bm), &mut want);
+    let shape = format!("{g:?}, {:?}, seed {}", c.fill, c.seed);
+    let tol = Tol::gemm(g.k, max_abs(&f64s(&a)), max_abs(&f64s(&bm)));
+    compare("gemm", &shape, &got, &want, tol, None)?;
+    untouched("gemm", &shape, &got, &c0, &touched)
+}
+
+// ---- add, scale ---------------------------------------------------------------------------------
+
+fn check_add<B: Backend>(b: &B, len: usize, seed: u64, fill: Fill) -> Check {
+    let src = data(seed, len, 1, fill);
+    let dst = data(seed ^ 1, len, 1, fill);
+    let got = run::add(b, &src, &dst);
+    let mut want = f64s(&dst);
+    oracle::add(&f64s(&src), &mut want);
+    let mut mag = abs(&dst);
+    oracle::add(&abs(&src), &mut mag);
+    compare("add", &format!("len {len}, {fill:?}"), &got, &want, Tol::ELEMENTWISE, Some(&mag))
+}
+
+fn check_scale<B: Backend>(b: &B, len: usize, s: f32, seed: u64, fill: Fill) -> Check {
+    let x = data(seed, len, 1, fill);
+    let got = run::scale(b, &x, s);
+    let mut want = f64s(&x);
+    oracle::scale(&mut want, s);
+    compare("scale", &format!("len {len}, s {s}, {fill:?}"), &got, &want, Tol::ELEMENTWISE, None)
+}
+
+// ---- copy_rows ----------------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+struct RowsCase {
+    map: RowMap,
+    /// Extra rows after the last source and destination row.
+    tail: usize,
+    accumulate: bool,
+    seed: u64,
+    fill: Fill,
+    init: Init,
+}
+
+fn rows_case() -> impl Strategy<Value = RowsCase> {
+    (
+        (1usize..=3, 1usize..=5, dim()),
+        (0usize..=1, 0usize..=7, 0usize..=2),
+        (0usize..=2, 0usize..=2, 0usize..=2),
+        (any::<bool>(), any::<u64>(), fill(), init()),
+    )
+        .prop_map(
+            |((batch, count, cols), (src_step, src_stride, src_start), (dst_gap, dst_start, tail), (accumulate, seed, fill, init))| {
+                RowsCase {
+                    map: RowMap {
+                        batch,
+                        count,
+                        cols,
+                        src_stride,
+                        src_start,
+                        src_step,
+                        // Distinct destination rows.
+                        dst_stride: count + dst_gap,
+                        dst_start,
+                    },
+                    tail,
+                    accumulate,
+                    seed,
+                    fill,
+                    init,
+                }
+            },
+        )
+}
+
+/// Which elements of a destination of `len` floats `map` writes.
+fn rows_touched(map: &RowMap, len: usize) -> Vec<bool> {
+    let mut t = vec![false; len];
+    for b in 0..map.batch {
+        for i in 0..map.count {
+            let d = map.dst_row(b, i);
+            t[d * map.cols..(d + 1) * map.cols].fill(true);
+        }
+    }
+    t
+}
+
+fn check_copy_rows<B: Backend>(b: &B, c: &RowsCase) -> Check {
+    let map = c.map;
+    let (ls, ld) = map.lens();
+    let (ls, ld) = (ls + c.tail * map.cols, ld + c.tail * map.cols);
+    let src = data(c.seed, ls, map.cols, c.fill);
+    let touched = rows_touched(&map, ld);
+    let mut dst = prior(ld, c.seed);
+    if !c.accumulate {
+        let old = old_contents(c.init, ld, c.seed ^ 3);
+        for i in 0..ld {
+            if touched[i] {
+                dst[i] = old[i];
+            }
+        }
+    }
+    let shape = format!("{map:?}, tail {}, accumulate {}, {:?}", c.tail, c.accumulate, c.init);
+    let got = run::copy_rows(b, &src, &dst, &map, c.accumulate);
+    let mut want = f64s(&dst);
+    oracle::copy_rows(&f64s(&src), &mut want, &map, c.accumulate);
+    let tol = if c.accumulate { Tol::ELEMENTWISE } else { Tol::EXACT };
+    compare("copy_rows", &shape, &got, &want, tol, None)?;
+    untouched("copy_rows", &shape, &got, &dst, &touched)
+}
+
+fn check_copy_rows_backward<B: Backend>(b: &B, c: &RowsCase) -> Check {
+    let map = c.map;
+    let (ls, ld) = map.lens();
+    let (ls, ld) = (ls + c.tail * map.cols, ld + c.tail * map.cols);
+    let d_dst = data(c.seed, ld, map.cols, c.fill);
+    let d_src = prior(ls, c.seed);
+    let got = run::copy_rows_backward(b, &d_dst, &d_src, &map);
+    let mut want = f64s(&d_src);
+    oracle::copy_rows_backward(&f64s(&d_dst), &mut want, &map);
+    let mut mag = abs(&d_src);
+    oracle::copy_rows_backward(&abs(&d_dst), &mut mag, &map);
+    let shape = format!("{map:?}, tail {}", c.tail);
+    compare("copy_rows_backward", &shape, &got, &want, Tol::ELEMENTWISE, Some(&mag))
+}
+
+// ---- gather_rows --------------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+struct GatherCase {
+    g: Gather,
+    seed: u64,
+    fill: Fill,
+    init: Init,
+}
+
+fn gather_case() -> impl Strategy<Value = GatherCase> {
+    (
+        (1usize..=3, 1usize..=12, any::<usize>(), dim()),
+        (0usize..=2, 0usize..=2),
+        (any::<u64>(), fill(), init()),
+    )
+        .prop_map(|((batch, src_rows, count, cols), (dst_start, dst_gap), (seed, fill, init))| {
+            let count = 1 + count % src_rows;
+            GatherCase {
+                g: Gather {
+                    batch,
+                    count,
+                    cols,
+                    src_rows,
+                    dst_rows: dst_start + count + dst_gap,
+                    dst_start,
+                },
+                seed,
+                fill,
+                init,
+            }
+        })
+}
+
+/// Per batch item, `count` distinct indices below `src_rows`, as mae builds them.
+fn gather_indices(g: &Gather, seed: u64) -> Vec<u32> {
+    let mut rng = Rng::new(seed ^ 0x1d);
+    (0..g.batch)
+        .flat_map(|_| rng.permutation(g.src_rows)[..g.count].to_vec())
+        .collect()
+}
+
+fn gather_touched(g: &Gather) -> Vec<bool> {
+    let mut t = vec![false; g.lens().2];
+    for b in 0..g.batch {
+        let first = (b * g.dst_rows + g.dst_start) * g.cols;
+        t[first..first + g.count * g.cols].fill(true);
+    }
+    t
+}
+
+fn check_gather_rows<B: Backend>(b: &B, c: &GatherCase) -> Check {
+    let g = c.g;
+    let (ls, _, ld) = g.lens();
+    let src = data(c.seed, ls, g.cols, c.fill);
+    let idx = gather_indices(&g, c.seed);
+    let touched = gather_touched(&g);
+    let old = old_contents(c.init, ld, c.seed ^ 3);
+    let mut dst = prior(ld, c.seed);
+    for i in 0..ld {
+        if touched[i] {
+            dst[i] = old[i];
+        }
+    }
+    let got = run::gather_rows(b, &src, &idx, &dst, &g);
+    let mut want = f64s(&dst);
+    oracle::gather_rows(&f64s(&src), &idx, &mut want, &g);
+    let shape = format!("{g:?}, idx {idx:?}, {:?}", c.init);
+    compare("gather_rows", &shape, &got, &want, Tol::EXACT, None)?;
+    untouched("gather_rows", &shape, &got, &dst, &touched)
+}
+
+fn check_gather_rows_backward<B: Backend>(b: &B, c: &GatherCase) -> Check {
+    let g = c.g;
+    let (ls, _, ld) = g.lens();
+    let d_dst = data(c.seed, ld, g.cols, c.fill);
+    let idx = gather_indices(&g, c.seed);
+    let d_src = prior(ls, c.seed);
+    let got = run::gather_rows_backward(b, &d_dst, &idx, &d_src, &g);
+    let mut want = f64s(&d_src);
+    oracle::gather_rows_backward(&f64s(&d_dst), &idx, &mut want, &g);
+    let mut mag = abs(&d_src);
+    oracle::gather_rows_backward(&abs(&d_dst), &idx, &mut mag, &g);
+    let shape = format!("{g:?}, idx {idx:?}");
+    compare("gather_rows_backward", &shape, &got, &want, Tol::ELEMENTWISE, Some(&mag))
+}
+
+// ---- patchify, heads ----------------------------------------------------------------------------
+
+fn patchify_case() -> impl Strategy<Value = (Patchify, u64, Init)> {
+    (
+        (1usize..=2, 1usize..=4, 1usize..=5, 1usize..=4, 1usize..=4),
+        any::<bool>(),
+        any::<u64>(),
+        init(),
+    )
+        .prop_map(|((batch, channels, patch, gh, gw), hwc, seed, init)| {
+            let p = Patchify {
+                batch,
+                channels,
+                height: gh * patch,
+                width: gw * patch,
+                patch,
+                order: if hwc { PatchOrder::Hwc } else { PatchOrder::Chw },
+            };
+            (p, seed, init)
+        })
+}
+
+fn check_patchify<B: Backend>(b: &B, p: &Patchify, seed: u64, init: Init) -> Check {
+    let (li, lo) = p.lens();
+    let imgs = data(seed, li, 1, Fill::Uniform);
+    let out = old_contents(init, lo, seed);
+    let got = run::patchify(b, &imgs, &out, p);
+    let mut want = f64s(&out);
+    oracle::patchify(&f64s(&imgs), &mut want, p);
+    compare("patchify", &format!("{p:?}, {init:?}"), &got, &want, Tol::EXACT, None)
+}
+
+fn heads_case() -> impl Strategy<Value = (Heads, u64, Init)> {
+    (
+        (1usize..=2, dim(), 1usize..=4, select(vec![1usize, 2, 3, 7, 8, 16])),
+        (0usize..=5, 0usize..=5),
+        any::<u64>(),
+        init(),
+    )
+        .prop_map(|((batch, tokens, heads, head_dim), (col_offset, extra), seed, init)| {
+            let h = Heads {
+                batch,
+                tokens,
+                heads,
+                head_dim,
+                row_width: col_offset + heads * head_dim + extra,
+                col_offset,
+            };
+            (h, seed, init)
+        })
+}
+
+fn heads_touched(h: &Heads) -> Vec<bool> {
+    let mut t = vec![false; h.lens().0];
+    for row in t.chunks_mut(h.row_width) {
+        row[h.col_offset..h.col_offset + h.heads * h.head_dim].fill(true);
+    }
+    t
+}
+
+fn check_split_heads<B: Backend>(b: &B, h: &Heads, seed: u64, init: Init) -> Check {
+    let (lx, lh) = h.lens();
+    let x = data(seed, lx, h.row_width, Fill::Uniform);
+    let heads = old_contents(init, lh, seed);
+    let got = run::split_heads(b, &x, &heads, h);
+    let mut want = f64s(&heads);
+    oracle::split_heads(&f64s(&x), &mut want, h);
+    compare("split_heads", &format!("{h:?}, {init:?}"), &got, &want, Tol::EXACT, None)
+}
+
+fn check_merge_heads<B: Backend>(b: &B, h: &Heads, seed: u64, init: Init) -> Check {
+    let (lx, lh) = h.lens();
+    let heads = data(seed, lh, h.head_dim, Fill::Uniform);
+    let touched = heads_touched(h);
+    let old = old_contents(init, lx, seed);
+    let mut x = prior(lx, seed);
+    for i in 0..lx {
+        if touched[i] {
+            x[i] = old[i];
+        }
+    }
+    let got = run::merge_heads(b, &heads, &x, h);
+    let mut want = f64s(&x);
+    oracle::merge_heads(&f64s(&heads), &mut want, h);
+    let shape = format!("{h:?}, {init:?}");
+    compare("merge_heads", &shape, &got, &want, Tol::EXACT, None)?;
+    untouched("merge_heads", &shape, &got, &x, &touched)
+}
+
+// ---- layernorm ----------------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+struct RowOpCase {
+    rows: usize,
+    cols: usize,
+    /// eps, softmax scale, or d_loss.
+    param: f32,
+    seed: u64,
+    fill: Fill,
+    init: Init,
+}
+
+fn row_case(cols: impl Strategy<Value = usize>, params: Vec<f32>) -> impl Strategy<Value = RowOpCase> {
+    (dim(), cols, select(params), any::<u64>(), fill(), init()).prop_map(
+        |(rows, cols, param, seed, fill, init)| RowOpCase {
+            rows,
+            cols,
+            param,
+            seed,
+            fill,
+            init,
+        },
+    )
+}
+
+const LN_EPS: [f32; 2] = [1e-6, 1e-5];
+
+fn check_layernorm_forward<B: Backend>(b: &B, c: &RowOpCase) -> Check {
+    let (rows, cols, eps) = (c.rows, c.cols, c.param);
+    let x = data(c.seed, rows * cols, cols, c.fill);
+    let gamma = data(c.seed ^ 1, cols, cols, Fill::Uniform);
+    let beta = data(c.seed ^ 2, cols, cols, Fill::Uniform);
+    let y0 = old_contents(c.init, rows * cols, c.seed);
+    let m0 = old_contents(c.init, rows, c.seed ^ 4);
+    let r0 = old_contents(c.init, rows, c.seed ^ 5);
+    let (y, mean, rstd) = run::layernorm_forward(b, &x, &gamma, &beta, (&y0, &m0, &r0), rows, cols, eps);
+    let (mut wy, mut wm, mut wr) = (vec![0.0; rows * cols], vec![0.0; rows], vec![0.0; rows]);
+    let (x64, g64, b64) = (f64s(&x), f64s(&gamma), f64s(&beta));
+    oracle::layernorm_forward(&x64, &g64, &b64, &mut wy, &mut wm, &mut wr, rows, cols, eps as f64);
+    let shape = format!("rows {rows}, cols {cols}, eps {eps:e}, {:?}, {:?}", c.fill, c.init);
+    compare("layernorm_forward y", &shape, &y, &wy, Tol::REDUCTION, None)?;
+    compare("layernorm_forward mean", &shape, &mean, &wm, Tol::REDUCTION, None)?;
+    compare("layernorm_forward rstd", &shape, &rstd, &wr, Tol::REDUCTION, None)
+}
+
+/// Inputs of a layernorm backward: `(dy, x, gamma, mean, rstd)`, the statistics from the oracle's
+/// forward rounded to f32, so backend and oracle see the same values.
+fn layernorm_backward_inputs(c: &RowOpCase) -> [Vec<f32>; 5] {
+    let (rows, cols) = (c.rows, c.cols);
+    let x = data(c.seed, rows * cols, cols, c.fill);
+    let gamma = data(c.seed ^ 1, cols, cols, Fill::Uniform);
+    let dy = data(c.seed ^ 2, rows * cols, cols, c.fill);
+    let (mut y, mut mean, mut rstd) = (vec![0.0; rows * cols], vec![0.0; rows], vec![0.0; rows]);
+    let zeros = vec![0.0; cols];
+    oracle::layernorm_forward(&f64s(&x), &f64s(&gamma), &zeros, &mut y, &mut mean, &mut rstd, rows, cols, c.param as f64);
+    [dy, x, gamma, f32s(&mean), f32s(&rstd)]
+}
+
+/// Magnitudes of the terms of each layernorm gradient element (the `atol` scale of
+/// [`compare`]): `(dx, dgamma, dbeta)` without their prior values.
+fn layernorm_backward_magnitudes(inputs: &[Vec<f32>; 5], rows: usize, cols: usize) -> [Vec<f64>; 3] {
+    let [dy, x, gamma, mean, rstd] = inputs.clone().map(|v| f64s(&v));
+    let (mut mdx, mut mdg, mut mdb) = (vec![0.0; rows * cols], vec![0.0; cols], vec![0.0; cols]);
+    for r in 0..rows {
+        let xhat: Vec<f64> = (0..cols).map(|c| ((x[r * cols + c] - mean[r]) * rstd[r]).abs()).collect();
+        let g: Vec<f64> = (0..cols).map(|c| (dy[r * cols + c] * gamma[c]).abs()).collect();
+        let mg = g.iter().sum::<f64>() / cols as f64;
+        let mgx = g.iter().zip(&xhat).map(|(g, x)| g * x).sum::<f64>() / cols as f64;
+        for c in 0..cols {
+            mdx[r * cols + c] = rstd[r] * (g[c] + mg + xhat[c] * mgx);
+            mdg[c] += (dy[r * cols + c] * xhat[c]).abs();
+            mdb[c] += dy[r * cols + c].abs();
+        }
+    }
+    [mdx, mdg, mdb]
+}
+
+fn check_layernorm_backward<B: Backend>(b: &B, c: &RowOpCase) -> Check {
+    let (rows, cols) = (c.rows, c.cols);
+    let inputs = layernorm_backward_inputs(c);
+    let [dy, x, gamma, mean, rstd] = &inputs;
+    let (dx0, dg0, db0) = (prior(rows * cols, c.seed), prior(cols, c.seed ^ 1), prior(cols, c.seed ^ 2));
+    let (dx, dg, db) = run::layernorm_backward(b, dy, x, gamma, mean, rstd, (&dx0, &dg0, &db0), rows, cols);
+    let (mut wdx, mut wdg, mut wdb) = (f64s(&dx0), f64s(&dg0), f64s(&db0));
+    let [dy64, x64, g64, m64, r64] = inputs.clone().map(|v| f64s(&v));
+    oracle::layernorm_backward(&dy64, &x64, &g64, &m64, &r64, &mut wdx, &mut wdg, &mut wdb, rows, cols);
+    let [mut mdx, mut mdg, mut mdb] = layernorm_backward_magnitudes(&inputs, rows, cols);
+    oracle::add(&abs(&dx0), &mut mdx);
+    oracle::add(&abs(&dg0), &mut mdg);
+    oracle::add(&abs(&db0), &mut mdb);
+    let shape = format!("rows {rows}, cols {cols}, eps {:e}, {:?}, seed {}", c.param, c.fill, c.seed);
+    compare("layernorm_backward dx", &shape, &dx, &wdx, Tol::REDUCTION, Some(&mdx))?;
+    compare("layernorm_backward dgamma", &shape, &dg, &wdg, Tol::REDUCTION, Some(&mdg))?;
+    compare("layernorm_backward dbeta", &shape, &db, &wdb, Tol::REDUCTION, Some(&mdb))
+}
+
+// ---- gelu ---------------------------------------------------------------------------------------
+
+fn check_gelu_forward<B: Backend>(b: &B, len: usize, seed: u64, fill: Fill, init: Init) -> Check {
+    let x = data(seed, len, 1, fill);
+    let y0 = old_contents(init, len, seed);
+    let got = run::gelu_forward(b, &x, &y0);
+    let mut want = vec![0.0; len];
+    oracle::gelu_forward(&f64s(&x), &mut want);
+    compare("gelu_forward", &format!("len {len}, {fill:?}, {init:?}"), &got, &want, Tol::ELEMENTWISE, None)
+}
+
+fn check_gelu_backward<B: Backend>(b: &B, len: usize, seed: u64, fill: Fill) -> Check {
+    let x = data(seed, len, 1, fill);
+    let dy = data(seed ^ 1, len, 1, fill);
+    let dx0 = prior(len, seed);
+    let got = run::gelu_backward(b, &x, &dy, &dx0);
+    let mut want = f64s(&dx0);
+    oracle::gelu_backward(&f64s(&x), &f64s(&dy), &mut want);
+    // gelu'(x) = Phi(x) + x phi(x) cancels for negative x: the terms' magnitude is
+    // |dy| (Phi(x) + |x| phi(x)).
+    let mut mag = abs(&dx0);
+    for i in 0..len {
+        let (x, dy) = (x[i] as f64, dy[i] as f64);
+        mag[i] += dy.abs() * (oracle::normal_cdf(x) + (x * oracle::normal_pdf(x)).abs());
+    }
+    compare("gelu_backward", &format!("len {len}, {fill:?}"), &got, &want, Tol::ELEMENTWISE, Some(&mag))
+}
+
+// ---- softmax ------------------------------------------------------------------------------------
+
+const SOFTMAX_SCALES: [f32; 3] = [1.0, 0.125, 0.176_776_7];
+
+fn check_softmax_forward<B: Backend>(b: &B, c: &RowOpCase) -> Check {
+    let (rows, cols, s) = (c.rows, c.cols, c.param);
+    let x = data(c.seed, rows * cols, cols, c.fill);
+    let y0 = old_contents(c.init, rows * cols, c.seed);
+    let got = run::softmax_forward(b, &x, &y0, rows, cols, s);
+    let mut want = vec![0.0; rows * cols];
+    oracle::softmax_forward(&f64s(&x), &mut want, rows, cols, s);
+    let shape = format!("rows {rows}, cols {cols}, scale {s}, {:?}, {:?}", c.fill, c.init);
+    compare("softmax_forward", &shape, &got, &want, Tol::REDUCTION, None)
+}
+
+fn check_softmax_backward<B: Backend>(b: &B, c: &RowOpCase) -> Check {
+    let (rows, cols, s) = (c.rows, c.cols, c.param);
+    let x = data(c.seed, rows * cols, cols, c.fill);
+    let mut y = vec![0.0; rows * cols];
+    oracle::softmax_forward(&f64s(&x), &mut y, rows, cols, s);
+    let y = f32s(&y);
+    let dy = data(c.seed ^ 1, rows * cols, cols, c.fill);
+    let dx0 = prior(rows * cols, c.seed);
+    let got = run::softmax_backward(b, &y, &dy, &dx0, rows, cols, s);
+    let mut want = f64s(&dx0);
+    oracle::softmax_backward(&f64s(&y), &f64s(&dy), &mut want, rows, cols, s);
+    // |scale| y (|dy| + sum |dy y|) + |dx0|.
+    let mut mag = abs(&dx0);
+    for r in 0..rows {
+        let dot: f64 = (0..cols).map(|c| (dy[r * cols + c] * y[r * cols + c]).abs() as f64).sum();
+        for c in 0..cols {
+            let i = r * cols + c;
+            mag[i] += (s * y[i]) as f64 * (dy[i].abs() as f64 + dot);
+        }
+    }
+    let shape = format!("rows {rows}, cols {cols}, scale {s}, {:?}, seed {}", c.fill, c.seed);
+    compare("softmax_backward", &shape, &got, &want, Tol::REDUCTION, Some(&mag))
+}
+
+// ---- loss ---------------------------------------------------------------------------------------
+
+fn check_normalize_rows<B: Backend>(b: &B, c: &RowOpCase) -> Check {
+    let (rows, cols, eps) = (c.rows, c.cols, c.param);
+    let x = data(c.seed, rows * cols, cols, c.fill);
+    let y0 = old_contents(c.init, rows * cols, c.seed);
+    let got = run::normalize_rows(b, &x, &y0, rows, cols, eps);
+    let mut want = vec![0.0; rows * cols];
+    oracle::normalize_rows(&f64s(&x), &mut want, rows, cols, eps as f64);
+    let shape = format!("rows {rows}, cols {cols}, eps {eps:e}, {:?}, {:?}", c.fill, c.init);
+    compare("normalize_rows", &shape, &got, &want, Tol::REDUCTION, None)
+}
+
+/// A 0/1 mask with about three quarters ones (MAE's ratio) and at least one.
+fn loss_mask(rows: usize, seed: u64) -> Vec<f32> {
+    let mut rng = Rng::new(seed ^ 0x3a5c);
+    let mut mask: Vec<f32> = (0..rows).map(|_| (rng.below(4) != 0) as u32 as f32).collect();
+    if mask.iter().all(|&m| m == 0.0) {
+        mask[rng.below(rows)] = 1.0;
+    }
+    mask
+}
+
+fn check_masked_mse_forward<B: Backend>(b: &B, c: &RowOpCase) -> Check {
+    let (rows, cols) = (c.rows, c.cols);
+    let pred = data(c.seed, rows * cols, cols, c.fill);
+    let target = data(c.seed ^ 1, rows * cols, cols, c.fill);
+    let mask = loss_mask(rows, c.seed);
+    let loss0 = old_contents(c.init, 1, c.seed);
+    let got = run::masked_mse_forward(b, &pred, &target, &mask, &loss0, rows, cols);
+    let mut want = vec![0.0];
+    oracle::masked_mse_forward(&f64s(&pred), &f64s(&target), &f64s(&mask), &mut want, rows, cols);
+    let shape = format!("rows {rows}, cols {cols}, mask {mask:?}, {:?}, {:?}", c.fill, c.init);
+    compare("masked_mse_forward", &shape, &got, &want, Tol::REDUCTION, None)
+}
+
+fn check_masked_mse_backward<B: Backend>(b: &B, c: &RowOpCase) -> Check {
+    let (rows, cols, d_loss) = (c.rows, c.cols, c.param);
+    let pred = data(c.seed, rows * cols, cols, c.fill);
+    let target = data(c.seed ^ 1, rows * cols, cols, c.fill);
+    let mask = loss_mask(rows, c.seed);
+    let dp0 = prior(rows * cols, c.seed);
+    let got = run::masked_mse_backward(b, &pred, &target, &mask, &dp0, rows, cols, d_loss);
+    let (p64, t64, m64) = (f64s(&pred), f64s(&target), f64s(&mask));
+    let mut want = f64s(&dp0);
+    oracle::masked_mse_backward(&p64, &t64, &m64, &mut want, rows, cols, d_loss);
+    let mut grad = vec![0.0; rows * cols];
+    oracle::masked_mse_backward(&p64, &t64, &m64, &mut grad, rows, cols, d_loss);
+    let mut mag = abs(&dp0);
+    oracle::add(&grad.iter().map(|g| g.abs()).collect::<Vec<_>>(), &mut mag);
+    let shape = format!("rows {rows}, cols {cols}, d_loss {d_loss}, mask {mask:?}, {:?}", c.fill);
+    compare("masked_mse_backward", &shape, &got, &want, Tol::ELEMENTWISE, Some(&mag))
+}
+
+// ---- adamw --------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+struct AdamCase {
+    len: usize,
+    step: AdamWStep,
+    seed: u64,
+    fill: Fill,
+}
+
+fn adam_case() -> impl Strategy<Value = AdamCase> {
+    (
+        1usize..=300,
+        select(vec![1e-3f64, 1.5e-4, 0.1]),
+        select(vec![(0.9f64, 0.95f64), (0.9, 0.999)]),
+        select(vec![0.0f64, 0.05]),
+        1u64..=1000,
+        any::<u64>(),
+        fill(),
+    )
+        .prop_map(|(len, lr, (b1, b2), wd, t, seed, fill)| AdamCase {
+            len,
+            step: AdamWStep::new(lr, b1, b2, 1e-8, wd, t),
+            seed,
+            fill,
+        })
+}
+
+fn check_adamw<B: Backend>(b: &B, c: &AdamCase) -> Check {
+    let len = c.len;
+    let p = data(c.seed, len, 1, c.fill);
+    let g = data(c.seed ^ 1, len, 1, c.fill);
+    let m = data(c.seed ^ 2, len, 1, c.fill).iter().map(|x| x * 0.1).collect::<Vec<_>>();
+    // v is a running mean of squares: non-negative, some exactly zero.
+    let v: Vec<f32> = data(c.seed ^ 3, len, 1, c.fill)
+        .iter()
+        .enumerate()
+        .map(|(i, x)| if i % 5 == 0 { 0.0 } else { x * x * 0.01 })
+        .collect();
+    let (gp, gm, gv) = run::adamw(b, &p, &g, &m, &v, &c.step);
+    let (mut wp, mut wm, mut wv) = (f64s(&p), f64s(&m), f64s(&v));
+    oracle::adamw(&mut wp, &f64s(&g), &mut wm, &mut wv, &c.step);
+    let shape = format!("len {len}, {:?}, {:?}, seed {}", c.step, c.fill, c.seed);
+    compare("adamw param", &shape, &gp, &wp, Tol::ADAMW, None)?;
+    compare("adamw m", &shape, &gm, &wm, Tol::ADAMW, None)?;
+    compare("adamw v", &shape, &gv, &wv, Tol::ADAMW, None)
+}
+
+// ---- properties on the CPU backend ----------------------------------------------------------------
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn cpu_gemm(c in gemm_case()) {
+        check_gemm(&cpu(), &c).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn cpu_add(len in 1usize..=300, seed in any::<u64>(), fill in fill()) {
+        check_add(&cpu(), len, seed, fill).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn cpu_scale(len in 1usize..=300, s in select(vec![0.0f32, 0.5, -2.0, 1e-3, 3.0]), seed in any::<u64>(), fill in fill()) {
+        check_scale(&cpu(), len, s, seed, fill).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn cpu_copy_rows(c in rows_case()) {
+        check_copy_rows(&cpu(), &c).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn cpu_copy_rows_backward(c in rows_case()) {
+        check_copy_rows_backward(&cpu(), &c).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn cpu_gather_rows(c in gather_case()) {
+        check_gather_rows(&cpu(), &c).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn cpu_gather_rows_backward(c in gather_case()) {
+        check_gather_rows_backward(&cpu(), &c).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn cpu_patchify((p, seed, init) in patchify_case()) {
+        check_patchify(&cpu(), &p, seed, init).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn cpu_split_heads((h, seed, init) in heads_case()) {
+        check_split_heads(&cpu(), &h, seed, init).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn cpu_merge_heads((h, seed, init) in heads_case()) {
+        check_merge_heads(&cpu(), &h, seed, init).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn cpu_layernorm_forward(c in row_case(dim(), LN_EPS.to_vec())) {
+        check_layernorm_forward(&cpu(), &c).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn cpu_layernorm_backward(c in row_case(dim(), LN_EPS.to_vec())) {
+        check_layernorm_backward(&cpu(), &c).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn cpu_gelu_forward(len in 1usize..=500, seed in any::<u64>(), fill in fill(), init in init()) {
+        check_gelu_forward(&cpu(), len, seed, fill, init).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn cpu_gelu_backward(len in 1usize..=500, seed in any::<u64>(), fill in fill()) {
+        check_gelu_backward(&cpu(), len, seed, fill).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn cpu_softmax_forward(c in row_case(dim(), SOFTMAX_SCALES.to_vec())) {
+        check_softmax_forward(&cpu(), &c).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn cpu_softmax_backward(c in row_case(dim(), SOFTMAX_SCALES.to_vec())) {
+        check_softmax_backward(&cpu(), &c).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn cpu_normalize_rows(c in row_case(dim2(), vec![1e-6, 1e-4])) {
+        check_normalize_rows(&cpu(), &c).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn cpu_masked_mse_forward(c in row_case(dim(), vec![0.0])) {
+        check_masked_mse_forward(&cpu(), &c).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn cpu_masked_mse_backward(c in row_case(dim(), vec![1.0, 0.5, 0.25])) {
+        check_masked_mse_backward(&cpu(), &c).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn cpu_adamw(c in adam_case()) {
+        check_adamw(&cpu(), &c).map_err(TestCaseError::fail)?;
+    }
+}
+
+// ---- fixed cases ----------------------------------------------------------------------------------
+
+/// Shapes that broke other projects' GEMMs (burn: `(1, 128, 512)` transposed, `(1024, 64, 8)`)
+/// and the shapes of an MAE step (tokens x dim x 3 dim, per-head attention products).
+fn check_gemm_fixed<B: Backend>(b: &B) -> Check {
+    let shapes = [
+        (1, 128, 512, 1),
+        (1024, 64, 8, 1),
+        (130, 192, 64, 1),
+        (65, 65, 16, 3),
+        (17, 17, 32, 6),
+    ];
+    for (i, &(m, n, k, batch)) in shapes.iter().enumerate() {
+        for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
+            let c = GemmCase {
+                m,
+                n,
+                k,
+                trans_a,
+                trans_b,
+                alpha: 1.0,
+                beta: if i % 2 == 0 { 0.0 } else { 1.0 },
+                batch,
+                bcast_a: false,
+                bcast_b: i == 4,
+                pad: 0,
+                seed: i as u64,
+                fill: Fill::Uniform,
+            };
+            check_gemm(b, &c)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn cpu_gemm_fixed_shapes() {
+    check_gemm_fixed(&cpu()).unwrap();
+}
+
+/// The bias-add map of `RowMap::bias`, the cls-token prepend, and a position-table add.
+fn check_copy_rows_fixed<B: Backend>(b: &B) -> Check {
+    let maps = [
+        RowMap::bias(37, 33),
+        // cls token: one shared row to row 0 of each of 3 sequences of 5 tokens.
+        RowMap { batch: 3, count: 1, cols: 8, src_stride: 0, src_start: 0, src_step: 0, dst_stride: 5, dst_start: 0 },
+        // pos table rows 1..5 onto tokens 1..5 of each sequence.
+        RowMap { batch: 3, count: 4, cols: 8, src_stride: 0, src_start: 1, src_step: 1, dst_stride: 5, dst_start: 1 },
+    ];
+    for (i, map) in maps.into_iter().enumerate() {
+        for accumulate in [false, true] {
+            let c = RowsCase { map, tail: 0, accumulate, seed: i as u64, fill: Fill::Uniform, init: Init::Nan };
+            check_copy_rows(b, &c)?;
+            check_copy_rows_backward(b, &c)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn cpu_copy_rows_fixed_maps() {
+    check_copy_rows_fixed(&cpu()).unwrap();
+}
+
+// ---- memory ops ---------------------------------------------------------------------------------
+
+fn check_memory<B: Backend>(b: &B) -> Check {
+    let special = [0.0f32, -0.0, 1.0, -1.5, f32::MIN_POSITIVE / 4.0, f32::MAX, f32::INFINITY, f32::NAN, 3.25e-7];
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+
+    let z = b.alloc(13).map_err(|e| e.to_string())?;
+    if b.len(&z) != 13 || down(b, &z) != vec![0.0; 13] {
+        return Err(format!("alloc(13): len {}, contents {:?}", b.len(&z), down(b, &z)));
+    }
+    let mut buf = up(b, &special);
+    if bits(&down(b, &buf)) != bits(&special) {
+        return Err(format!("upload/download round trip changed bits: {:?}", down(b, &buf)));
+    }
+    let other: Vec<f32> = (0..special.len()).map(|i| i as f32 * 0.5 - 1.0).collect();
+    b.write(&mut buf, &other).map_err(|e| e.to_string())?;
+    if bits(&down(b, &buf)) != bits(&other) {
+        return Err(format!("write: {:?}, want {other:?}", down(b, &buf)));
+    }
+    b.fill(&mut buf, -2.5).map_err(|e| e.to_string())?;
+    if down(b, &buf) != vec![-2.5; special.len()] {
+        return Err(format!("fill(-2.5): {:?}", down(b, &buf)));
+    }
+    let src = up(b, &special);
+    b.copy(&src, &mut buf).map_err(|e| e.to_string())?;
+    if bits(&down(b, &buf)) != bits(&special) {
+        return Err(format!("copy: {:?}", down(b, &buf)));
+    }
+    b.sync().map_err(|e| e.to_string())?;
+
+    // Index buffers: upload_idx, idx_len and write_idx, observed through a gather.
+    let g = Gather { batch: 1, count: 3, cols: 2, src_rows: 4, dst_rows: 3, dst_start: 0 };
+    let rows = up(b, &[0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5]);
+    let mut idx = up_idx(b, &[3, 1, 0]);
+    if b.idx_len(&idx) != 3 {
+        return Err(format!("idx_len: {}", b.idx_len(&idx)));
+    }
+    let mut dst = b.alloc(6).map_err(|e| e.to_string())?;
+    b.gather_rows(&rows, &idx, &mut dst, &g).map_err(|e| e.to_string())?;
+    if down(b, &dst) != [3.0, 3.5, 1.0, 1.5, 0.0, 0.5] {
+        return Err(format!("gather with idx [3, 1, 0]: {:?}", down(b, &dst)));
+    }
+    b.write_idx(&mut idx, &[2, 0, 3]).map_err(|e| e.to_string())?;
+    b.gather_rows(&rows, &idx, &mut dst, &g).map_err(|e| e.to_string())?;
+    if down(b, &dst) != [2.0, 2.5, 0.0, 0.5, 3.0, 3.5] {
+        return Err(format!("gather after write_idx [2, 0, 3]: {:?}", down(b, &dst)));
+    }
+    Ok(())
+}
+
+#[test]
+fn cpu_memory_ops() {
+    check_memory(&cpu()).unwrap();
+}
+
+// ---- contracts: accumulate twice, overwrite ignores old contents, untouched outputs ---------------
+
+/// Runs `op` twice into one zero-filled output of `len` floats; returns the output after each run.
+fn twice<B: Backend>(b: &B, len: usize, mut op: impl FnMut(&mut B::Buf) -> mae::backend::BResult<()>) -> Result<(Vec<f32>, Vec<f32>), String> {
+    let mut out = b.alloc(len).map_err(|e| e.to_string())?;
+    b.fill(&mut out, 0.0).map_err(|e| e.to_string())?;
+    op(&mut out).map_err(|e| e.to_string())?;
+    let first = down(b, &out);
+    op(&mut out).map_err(|e| e.to_string())?;
+    Ok((first, down(b, &out)))
+}
+
+/// The first run must match the oracle (and so cannot be all zeros when the oracle is not), the
+/// second must be twice the first.
+fn check_twice(what: &str, shape: &str, (first, second): (Vec<f32>, Vec<f32>), want: &[f64], tol: Tol, mag: Option<&[f64]>) -> Check {
+    if want.iter().all(|&w| w == 0.0) {
+        return Err(format!("{what} [{shape}]: test bug, the expected gradient is all zeros"));
+    }
+    compare(&format!("{what} (first call into zeros)"), shape, &first, want, tol, mag)?;
+    let doubled: Vec<f64> = first.iter().map(|&x| 2.0 * x as f64).collect();
+    let mag2: Option<Vec<f64>> = mag.map(|m| m.iter().map(|x| 2.0 * x).collect());
+    compare(&format!("{what} (second call must give 2x the first)"), shape, &second, &doubled, tol, mag2.as_deref())
+}
+
+fn check_accumulate_twice<B: Backend>(b: &B) -> Check {
+    let (rows, cols) = (7, 33);
+    let n = rows * cols;
+    let x = data(1, n, cols, Fill::Uniform);
+    let x2 = data(2, n, cols, Fill::Uniform);
+    let (x64, x264) = (f64s(&x), f64s(&x2));
+    let (xb, x2b) = (up(b, &x), up(b, &x2));
+
+    // gemm with beta = 1.
+    let g = Gemm::new(rows, 5, cols).trans_b().accumulate();
+    let w = data(3, 5 * cols, cols, Fill::Uniform);
+    let wb = up(b, &w);
+    let mut want = vec![0.0; rows * 5];
+    oracle::gemm(&g, &x64, &f64s(&w), &mut want);
+    let r = twice(b, rows * 5, |c| b.gemm(&g, &xb, &wb, c))?;
+    check_twice("gemm beta=1", &format!("{g:?}"), r, &want, Tol::gemm(cols, 1.0, 1.0), None)?;
+
+    // add.
+    let r = twice(b, n, |d| b.add(&xb, d))?;
+    check_twice("add", &format!("len {n}"), r, &x64, Tol::ELEMENTWISE, None)?;
+
+    // copy_rows with accumulate, and its backward.
+    let map = RowMap { batch: 2, count: 3, cols, src_stride: 1, src_start: 1, src_step: 1, dst_stride: 3, dst_start: 0 };
+    let (ls, ld) = map.lens();
+    let mut want = vec![0.0; ld];
+    oracle::copy_rows(&x64[..ls], &mut want, &map, true);
+    let src = up(b, &x[..ls]);
+    let r = twice(b, ld, |d| b.copy_rows(&src, d, &map, true))?;
+    check_twice("copy_rows accumulate", &format!("{map:?}"), r, &want, Tol::ELEMENTWISE, None)?;
+    let mut want = vec![0.0; ls];
+    oracle::copy_rows_backward(&x64[..ld], &mut want, &map);
+    let d_dst = up(b, &x[..ld]);
+    let r = twice(b, ls, |d| b.copy_rows_backward(&d_dst, d, &map))?;
+    check_twice("copy_rows_backward", &format!("{map:?}"), r, &want, Tol::ELEMENTWISE.scaled(4.0), None)?;
+
+    // gather_rows_backward.
+    let gd = Gather { batch: 1, count: 4, cols, src_rows: rows, dst_rows: 5, dst_start: 1 };
+    let idx = [5u32, 0, 2, 6];
+    let (ls, _, ld) = gd.lens();
+    let mut want = vec![0.0; ls];
+    oracle::gather_rows_backward(&x64[..ld], &idx, &mut want, &gd);
+    let (d_dst, idxb) = (up(b, &x[..ld]), up_idx(b, &idx));
+    let r = twice(b, ls, |d| b.gather_rows_backward(&d_dst, &idxb, d, &gd))?;
+    check_twice("gather_rows_backward", &format!("{gd:?}"), r, &want, Tol::ELEMENTWISE, None)?;
+
+    // layernorm_backward: dx, dgamma and dbeta, one output at a time.
+    let c = RowOpCase { rows, cols, param: 1e-6, seed: 4, fill: Fill::Uniform, init: Init::Nan };
+    let inputs = layernorm_backward_inputs(&c);
+    let [dy, xl, gamma, mean, rstd] = inputs.clone().map(|v| up(b, &v));
+    let [dy64, xl64, g64, m64, r64] = inputs.clone().map(|v| f64s(&v));
+    let (mut wdx, mut wdg, mut wdb) = (vec![0.0; n], vec![0.0; cols], vec![0.0; cols]);
+    oracle::layernorm_backward(&dy64, &xl64, &g64, &m64, &r64, &mut wdx, &mut wdg, &mut wdb, rows, cols);
+    let [mdx, mdg, mdb] = layernorm_backward_magnitudes(&inputs, rows, cols);
+    let (mut sdx, mut sdg, mut sdb) = (b.alloc(n).unwrap(), b.alloc(cols).unwrap(), b.alloc(cols).unwrap());
+    let shape = format!("rows {rows}, cols {cols}");
+    let r = twice(b, n, |dx| b.layernorm_backward(&dy, &xl, &gamma, &mean, &rstd, dx, &mut sdg, &mut sdb, rows, cols))?;
+    check_twice("layernorm_backward dx", &shape, r, &wdx, Tol::REDUCTION, Some(&mdx))?;
+    let r = twice(b, cols, |dg| b.layernorm_backward(&dy, &xl, &gamma, &mean, &rstd, &mut sdx, dg, &mut sdb, rows, cols))?;
+    check_twice("layernorm_backward dgamma", &shape, r, &wdg, Tol::REDUCTION, Some(&mdg))?;
+    let r = twice(b, cols, |db| b.layernorm_backward(&dy, &xl, &gamma, &mean, &rstd, &mut sdx, &mut sdg, db, rows, cols))?;
+    check_twice("layernorm_backward dbeta", &shape, r, &wdb, Tol::REDUCTION, Some(&mdb))?;
+
+    // gelu_backward.
+    let mut want = vec![0.0; n];
+    oracle::gelu_backward(&x64, &x264, &mut want);
+    let r = twice(b, n, |dx| b.gelu_backward(&xb, &x2b, dx))?;
+    check_twice("gelu_backward", &format!("len {n}"), r, &want, Tol::ELEMENTWISE, None)?;
+
+    // softmax_backward.
+    let mut y = vec![0.0; n];
+    oracle::softmax_forward(&x64, &mut y, rows, cols, 0.5);
+    let y = f32s(&y);
+    let mut want = vec![0.0; n];
+    oracle::softmax_backward(&f64s(&y), &x264, &mut want, rows, cols, 0.5);
+    let yb = up(b, &y);
+    let r = twice(b, n, |dx| b.softmax_backward(&yb, &x2b, dx, rows, cols, 0.5))?;
+    check_twice("softmax_backward", &shape, r, &want, Tol::REDUCTION, None)?;
+
+    // masked_mse_backward.
+    let mask = loss_mask(rows, 5);
+    let mut want = vec![0.0; n];
+    oracle::masked_mse_backward(&x64, &x264, &f64s(&mask), &mut want, rows, cols, 0.5);
+    let maskb = up(b, &mask);
+    let r = twice(b, n, |dp| b.masked_mse_backward(&xb, &x2b, &maskb, dp, rows, cols, 0.5))?;
+    check_twice("masked_mse_backward", &shape, r, &want, Tol::ELEMENTWISE, None)
+}
+
+#[test]
+fn cpu_accumulating_ops_add_up() {
+    check_accumulate_twice(&cpu()).unwrap();
+}
+
+/// Runs `op` on an output of `len` floats that holds NaN, then on one that holds garbage, and
+/// requires bitwise-identical results (an overwriting op must not read its output).
+fn nan_vs_garbage<B: Backend>(b: &B, what: &str, len: usize, mut op: impl FnMut(&mut B::Buf) -> mae::backend::BResult<()>) -> Result<Vec<f32>, String> {
+    let mut out = b.alloc(len).map_err(|e| e.to_string())?;
+    b.fill(&mut out, f32::NAN).map_err(|e| e.to_string())?;
+    op(&mut out).map_err(|e| e.to_string())?;
+    let from_nan = down(b, &out);
+    b.write(&mut out, &old_contents(Init::Garbage, len, 99)).map_err(|e| e.to_string())?;
+    op(&mut out).map_err(|e| e.to_string())?;
+    let from_garbage = down(b, &out);
+    for i in 0..len {
+        if from_nan[i].to_bits() != from_garbage[i].to_bits() {
+            return Err(format!(
+                "{what}: output depends on its old contents at {i} of {len}: {} from NaN, {} from garbage",
+                from_nan[i], from_garbage[i]
+            ));
+        }
+    }
+    Ok(from_nan)
+}
+
+fn check_overwrite<B: Backend>(b: &B) -> Check {
+    let (rows, cols) = (5, 31);
+    let n = rows * cols;
+    let x = data(11, n, cols, Fill::Uniform);
+    let x64 = f64s(&x);
+    let xb = up(b, &x);
+
+    let g = Gemm::new(rows, 4, cols).trans_b().alpha(0.5);
+    let w = data(12, 4 * cols, cols, Fill::Uniform);
+    let wb = up(b, &w);
+    let got = nan_vs_garbage(b, "gemm beta=0", rows * 4, |c| b.gemm(&g, &xb, &wb, c))?;
+    let mut want = vec![0.0; rows * 4];
+    oracle::gemm(&g, &x64, &f64s(&w), &mut want);
+    compare("gemm beta=0", &format!("{g:?}"), &got, &want, Tol::gemm(cols, 1.0, 1.0), None)?;
+
+    let map = RowMap { batch: rows, count: 1, cols, src_stride: 0, src_start: 2, src_step: 0, dst_stride: 1, dst_start: 0 };
+    let got = nan_vs_garbage(b, "copy_rows", n, |d| b.copy_rows(&xb, d, &map, false))?;
+    let mut want = vec![0.0; n];
+    oracle::copy_rows(&x64, &mut want, &map, false);
+    compare("copy_rows", &format!("{map:?}"), &got, &want, Tol::EXACT, None)?;
+
+    let gd = Gather { batch: 1, count: rows, cols, src_rows: rows, dst_rows: rows, dst_start: 0 };
+    let idx = [4u32, 2, 0, 1, 3];
+    let idxb = up_idx(b, &idx);
+    let got = nan_vs_garbage(b, "gather_rows", n, |d| b.gather_rows(&xb, &idxb, d, &gd))?;
+    let mut want = vec![0.0; n];
+    oracle::gather_rows(&x64, &idx, &mut want, &gd);
+    compare("gather_rows", &format!("{gd:?}"), &got, &want, Tol::EXACT, None)?;
+
+    for order in [PatchOrder::Chw, PatchOrder::Hwc] {
+        let p = Patchify { batch: 2, channels: 3, height: 6, width: 9, patch: 3, order };
+        let imgs = data(13, p.lens().0, 1, Fill::Uniform);
+        let ib = up(b, &imgs);
+        let got = nan_vs_garbage(b, "patchify", p.lens().1, |o| b.patchify(&ib, o, &p))?;
+        let mut want = vec![0.0; p.lens().1];
+        oracle::patchify(&f64s(&imgs), &mut want, &p);
+        compare("patchify", &format!("{p:?}"), &got, &want, Tol::EXACT, None)?;
+    }
+
+    let h = Heads { batch: 2, tokens: 5, heads: 3, head_dim: 4, row_width: 12, col_offset: 0 };
+    let t = data(14, h.lens().0, 12, Fill::Uniform);
+    let tb = up(b, &t);
+    let got = nan_vs_garbage(b, "split_heads", h.lens().1, |o| b.split_heads(&tb, o, &h))?;
+    let mut want = vec![0.0; h.lens().1];
+    oracle::split_heads(&f64s(&t), &mut want, &h);
+    compare("split_heads", &format!("{h:?}"), &got, &want, Tol::EXACT, None)?;
+    // merge_heads writes every column when they are all head columns.
+    let hb = up(b, &f32s(&want));
+    let got = nan_vs_garbage(b, "merge_heads", h.lens().0, |o| b.merge_heads(&hb, o, &h))?;
+    compare("merge_heads", &format!("{h:?}"), &got, &f64s(&t), Tol::EXACT, None)?;
+
+    let gamma = up(b, &data(15, cols, cols, Fill::Uniform));
+    let beta = up(b, &data(16, cols, cols, Fill::Uniform));
+    let (mut mean, mut rstd, mut y) = (b.alloc(rows).unwrap(), b.alloc(rows).unwrap(), b.alloc(n).unwrap());
+    let y1 = nan_vs_garbage(b, "layernorm_forward y", n, |y| b.layernorm_forward(&xb, &gamma, &beta, y, &mut mean, &mut rstd, rows, cols, 1e-6))?;
+    let m1 = nan_vs_garbage(b, "layernorm_forward mean", rows, |m| b.layernorm_forward(&xb, &gamma, &beta, &mut y, m, &mut rstd, rows, cols, 1e-6))?;
+    let r1 = nan_vs_garbage(b, "layernorm_forward rstd", rows, |r| b.layernorm_forward(&xb, &gamma, &beta, &mut y, &mut mean, r, rows, cols, 1e-6))?;
+    let (mut wy, mut wm, mut wr) = (vec![0.0; n], vec![0.0; rows], vec![0.0; rows]);
+    let (g64, b64) = (f64s(&down(b, &gamma)), f64s(&down(b, &beta)));
+    oracle::layernorm_forward(&x64, &g64, &b64, &mut wy, &mut wm, &mut wr, rows, cols, 1e-6f32 as f64);
+    compare("layernorm_forward y", "5x31", &y1, &wy, Tol::REDUCTION, None)?;
+    compare("layernorm_forward mean", "5x31", &m1, &wm, Tol::REDUCTION, None)?;
+    compare("layernorm_forward rstd", "5x31", &r1, &wr, Tol::REDUCTION, None)?;
+
+    let got = nan_vs_garbage(b, "gelu_forward", n, |y| b.gelu_forward(&xb, y))?;
+    let mut want = vec![0.0; n];
+    oracle::gelu_forward(&x64, &mut want);
+    compare("gelu_forward", "5x31", &got, &want, Tol::ELEMENTWISE, None)?;
+
+    let got = nan_vs_garbage(b, "softmax_forward", n, |y| b.softmax_forward(&xb, y, rows, cols, 0.25))?;
+    let mut want = vec![0.0; n];
+    oracle::softmax_forward(&x64, &mut want, rows, cols, 0.25);
+    compare("softmax_forward", "5x31", &got, &want, Tol::REDUCTION, None)?;
+
+    let got = nan_vs_garbage(b, "normalize_rows", n, |y| b.normalize_rows(&xb, y, rows, cols, 1e-6))?;
+    let mut want = vec![0.0; n];
+    oracle::normalize_rows(&x64, &mut want, rows, cols, 1e-6f32 as f64);
+    compare("normalize_rows", "5x31", &got, &want, Tol::REDUCTION, None)?;
+
+    let target = data(17, n, cols, Fill::Uniform);
+    let mask = loss_mask(rows, 18);
+    let (tb, mb) = (up(b, &target), up(b, &mask));
+    let got = nan_vs_garbage(b, "masked_mse_forward", 1, |l| b.masked_mse_forward(&xb, &tb, &mb, l, rows, cols))?;
+    let mut want = vec![0.0];
+    oracle::masked_mse_forward(&x64, &f64s(&target), &f64s(&mask), &mut want, rows, cols);
+    compare("masked_mse_forward", "5x31", &got, &want, Tol::REDUCTION, None)?;
+
+    let got = nan_vs_garbage(b, "fill", n, |o| b.fill(o, 0.75))?;
+    compare("fill", "5x31", &got, &vec![0.75; n], Tol::EXACT, None)?;
+    let got = nan_vs_garbage(b, "copy", n, |o| b.copy(&xb, o))?;
+    compare("copy", "5x31", &got, &x64, Tol::EXACT, None)
+}
+
+#[test]
+fn cpu_overwriting_ops_ignore_old_contents() {
+    check_overwrite(&cpu()).unwrap();
+}
+
+/// Outputs an op must leave alone, filled with a sentinel: merge_heads' other columns, copy_rows'
+/// non-destination rows, gather_rows' rows outside `dst_start .. dst_start + count`, the gaps
+/// between gemm's batch items.
+fn check_untouched<B: Backend>(b: &B) -> Check {
+    let sentinel = |len: usize| -> Vec<f32> { (0..len).map(|i| 1000.0 + i as f32).collect() };
+
+    let h = Heads { batch: 2, tokens: 3, heads: 2, head_dim: 3, row_width: 3 * 6 + 1, col_offset: 6 };
+    let heads = data(21, h.lens().1, 3, Fill::Uniform);
+    let x0 = sentinel(h.lens().0);
+    let got = run::merge_heads(b, &heads, &x0, &h);
+    let touched = heads_touched(&h);
+    untouched("merge_heads", &format!("{h:?}"), &got, &x0, &touched)?;
+    let mut want = f64s(&x0);
+    oracle::merge_heads(&f64s(&heads), &mut want, &h);
+    compare("merge_heads", &format!("{h:?}"), &got, &want, Tol::EXACT, None)?;
+
+    let map = RowMap { batch: 2, count: 2, cols: 5, src_stride: 2, src_start: 0, src_step: 1, dst_stride: 4, dst_start: 1 };
+    let (ls, ld) = map.lens();
+    let src = data(22, ls, 5, Fill::Uniform);
+    for accumulate in [false, true] {
+        let d0 = sentinel(ld + 5);
+        let got = run::copy_rows(b, &src, &d0, &map, accumulate);
+        untouched("copy_rows", &format!("{map:?}"), &got, &d0, &rows_touched(&map, ld + 5))?;
+        let mut want = f64s(&d0);
+        oracle::copy_rows(&f64s(&src), &mut want, &map, accumulate);
+        compare("copy_rows", &format!("{map:?}"), &got, &want, Tol::ELEMENTWISE, None)?;
+    }
+
+    let g = Gather { batch: 2, count: 2, cols: 4, src_rows: 3, dst_rows: 5, dst_start: 2 };
+    let (ls, _, ld) = g.lens();
+    let src = data(23, ls, 4, Fill::Uniform);
+    let idx = [2u32, 0, 1, 2];
+    let d0 = sentinel(ld);
+    let got = run::gather_rows(b, &src, &idx, &d0, &g);
+    untouched("gather_rows", &format!("{g:?}"), &got, &d0, &gather_touched(&g))?;
+    let mut want = f64s(&d0);
+    oracle::gather_rows(&f64s(&src), &idx, &mut want, &g);
+    compare("gather_rows", &format!("{g:?}"), &got, &want, Tol::EXACT, None)?;
+
+    let gm = Gemm::new(3, 4, 5).batched(3, 3 * 5, 0, 3 * 4 + 2);
+    let (la, lb, lc) = gm.lens();
+    let (a, bm) = (data(24, la, 5, Fill::Uniform), data(25, lb, 4, Fill::Uniform));
+    let c0 = sentinel(lc + 2);
+    let got = run::gemm(b, &gm, &a, &bm, &c0);
+    untouched("gemm", &format!("{gm:?}"), &got, &c0, &gemm_touched(&gm, lc + 2))?;
+    let mut want = f64s(&c0);
+    oracle::gemm(&gm, &f64s(&a), &f64s(&bm), &mut want);
+    compare("gemm", &format!("{gm:?}"), &got, &want, Tol::gemm(5, 1.0, 1.0), None)
+}
+
+#[test]
+fn cpu_outputs_outside_the_op_stay_untouched() {
+    check_untouched(&cpu()).unwrap();
+}

@@ -1,0 +1,520 @@
+//! The compute backend: the only thing a CPU, CUDA or wgpu implementation provides.
+//!
+//! # Contract
+//! - Buffers are opaque, owned device allocations of `f32` (`Buf`) or `u32` (`Idx`), row-major
+//!   and contiguous. They cross to the host only through [`Backend::upload`], [`Backend::write`]
+//!   and [`Backend::download`]; no op reads back to the host, so a GPU backend queues work freely.
+//! - Outputs are allocated by the caller (`mae`), once per configuration and batch size, and ops
+//!   write into them. Rust's borrows rule out aliasing: an output is a `&mut` that no input shares.
+//! - Each op says whether it **overwrites** its output or **accumulates** (`+=`) into it. Backward
+//!   ops accumulate into every gradient they produce, so several consumers of one value (a
+//!   residual branch, a shared token) add up without extra passes; gradients are zeroed with
+//!   [`Backend::fill`] once per step.
+//! - `mae` checks every length before calling an op (see the `*_lens` helpers of the descriptor
+//!   types); backends may `debug_assert!` and otherwise trust the caller.
+//! - Results are deterministic: no floating-point atomics, fixed reduction orders, so two runs of
+//!   one step on one backend are bitwise identical.
+//! - Errors may be deferred (a GPU reports a failed launch at the next sync); [`Backend::sync`] and
+//!   [`Backend::download`] surface them.
+//!
+//! Signatures follow llm.c's kernel style (buffers, then dimensions), hence the argument counts.
+#![allow(clippy::too_many_arguments)]
+
+use alloc::string::String;
+use core::fmt;
+
+/// `C[b] = alpha * op(A[b]) * op(B[b]) + beta * C[b]` for `b` in `0..batch`, all row-major.
+///
+/// `op(A)` is `m x k`: stored `m x k` (leading dimension `k`), or `k x m` when `trans_a`.
+/// `op(B)` is `k x n`: stored `k x n` (leading dimension `n`), or `n x k` when `trans_b`.
+/// `C[b]` is `m x n`. Batch `b` starts at element `b * stride_*` of each buffer; a stride of 0
+/// broadcasts A or B over the batch (C's stride must be at least `m * n` when `batch > 1`).
+/// With `beta == 0` the old contents of C are ignored, even NaN; `beta == 1` accumulates.
+///
+/// ```
+/// // A linear layer y = x W^T: x [rows, in], W [out, in].
+/// let g = mae::backend::Gemm::new(8, 16, 32).trans_b();
+/// assert_eq!(g.lens(), (8 * 32, 16 * 32, 8 * 16));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub alpha: f32,
+    pub beta: f32,
+    pub batch: usize,
+    pub stride_a: usize,
+    pub stride_b: usize,
+    pub stride_c: usize,
+}
+
+impl Gemm {
+    /// A single `m x k` by `k x n` product that overwrites C.
+    pub fn new(m: usize, n: usize, k: usize) -> Gemm {
+        Gemm {
+            m,
+            n,
+            k,
+            trans_a: false,
+            trans_b: false,
+            alpha: 1.0,
+            beta: 0.0,
+            batch: 1,
+            stride_a: 0,
+            stride_b: 0,
+            stride_c: 0,
+        }
+    }
+    /// A is stored transposed (`k x m`).
+    pub fn trans_a(self) -> Gemm {
+        Gemm { trans_a: true, ..self }
+    }
+    /// B is stored transposed (`n x k`).
+    pub fn trans_b(self) -> Gemm {
+        Gemm { trans_b: true, ..self }
+    }
+    /// Accumulate into C (`beta = 1`).
+    pub fn accumulate(self) -> Gemm {
+        Gemm { beta: 1.0, ..self }
+    }
+    /// Scale the product by `alpha`.
+    pub fn alpha(self, alpha: f32) -> Gemm {
+        Gemm { alpha, ..self }
+    }
+    /// `batch` products with the given element strides (0 broadcasts an operand).
+    pub fn batched(self, batch: usize, stride_a: usize, stride_b: usize, stride_c: usize) -> Gemm {
+        Gemm {
+            batch,
+            stride_a,
+            stride_b,
+            stride_c,
+            ..self
+        }
+    }
+    /// Minimum lengths of A, B and C.
+    pub fn lens(&self) -> (usize, usize, usize) {
+        let last = self.batch.saturating_sub(1);
+        (
+            last * self.stride_a + self.m * self.k,
+            last * self.stride_b + self.k * self.n,
+            last * self.stride_c + self.m * self.n,
+        )
+    }
+}
+
+/// Moves whole rows of `cols` floats: for `b < batch` and `i < count`, destination row
+/// `b * dst_stride + dst_start + i` pairs with source row `b * src_stride + src_start + i * src_step`.
+///
+/// `src_step` is 0 (one source row repeated: a bias, a cls or mask token) or 1 (a block of rows:
+/// a position table, a slice of another buffer); `src_stride` 0 shares the source over the batch.
+/// Strides are in rows. Destination rows must be distinct.
+///
+/// ```
+/// // Add a bias [cols] to every row of x [rows, cols].
+/// let bias = mae::backend::RowMap::bias(100, 64);
+/// assert_eq!(bias.lens(), (64, 6400));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowMap {
+    pub batch: usize,
+    pub count: usize,
+    pub cols: usize,
+    pub src_stride: usize,
+    pub src_start: usize,
+    pub src_step: usize,
+    pub dst_stride: usize,
+    pub dst_start: usize,
+}
+
+impl RowMap {
+    /// One source row onto each of `rows` destination rows.
+    pub fn bias(rows: usize, cols: usize) -> RowMap {
+        RowMap {
+            batch: rows,
+            count: 1,
+            cols,
+            src_stride: 0,
+            src_start: 0,
+            src_step: 0,
+            dst_stride: 1,
+            dst_start: 0,
+        }
+    }
+    /// Source row index of pair `(b, i)`.
+    pub fn src_row(&self, b: usize, i: usize) -> usize {
+        b * self.src_stride + self.src_start + i * self.src_step
+    }
+    /// Destination row index of pair `(b, i)`.
+    pub fn dst_row(&self, b: usize, i: usize) -> usize {
+        b * self.dst_stride + self.dst_start + i
+    }
+    /// Minimum lengths (in floats) of the source and destination buffers.
+    pub fn lens(&self) -> (usize, usize) {
+        if self.batch == 0 || self.count == 0 {
+            return (0, 0);
+        }
+        let (b, i) = (self.batch - 1, self.count - 1);
+        (
+            (self.src_row(b, i).max(self.src_row(b, 0)) + 1) * self.cols,
+            (self.dst_row(b, i) + 1) * self.cols,
+        )
+    }
+}
+
+/// Row gather by index: for `b < batch` and `j < count`, destination row
+/// `b * dst_rows + dst_start + j` pairs with source row `b * src_rows + idx[b * count + j]`.
+///
+/// Indices of one batch item are distinct and below `src_rows` (mae builds them from a
+/// permutation), so the backward scatter has no collisions and needs no atomics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gather {
+    pub batch: usize,
+    pub count: usize,
+    pub cols: usize,
+    pub src_rows: usize,
+    pub dst_rows: usize,
+    pub dst_start: usize,
+}
+
+impl Gather {
+    /// Minimum lengths of the source, index and destination buffers.
+    pub fn lens(&self) -> (usize, usize, usize) {
+        (
+            self.batch * self.src_rows * self.cols,
+            self.batch * self.count,
+            self.batch * self.dst_rows * self.cols,
+        )
+    }
+}
+
+/// Attention heads as a view of a token matrix: tokens `[batch * tokens, row_width]` whose
+/// columns `col_offset + h * head_dim + j` hold head `h` (timm's qkv layout: q | k | v, each
+/// head-major), and the per-head tensor `[batch, heads, tokens, head_dim]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heads {
+    pub batch: usize,
+    pub tokens: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub row_width: usize,
+    pub col_offset: usize,
+}
+
+impl Heads {
+    /// Lengths of the token matrix and of the per-head tensor.
+    pub fn lens(&self) -> (usize, usize) {
+        (
+            self.batch * self.tokens * self.row_width,
+            self.batch * self.heads * self.tokens * self.head_dim,
+        )
+    }
+}
+
+/// The value order inside one flattened patch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PatchOrder {
+    /// `(c, y, x)`, channel slowest: the order the Conv2d patch embedding consumes
+    /// (`patch_embed.proj.weight` is `[D, C, p, p]`).
+    Chw,
+    /// `(y, x, c)`, channel fastest: the official `patchify`, the loss target and prediction.
+    Hwc,
+}
+
+/// Images `[batch, channels, height, width]` to patches `[batch, L, p * p * channels]`, patches in
+/// row-major order (`l = (y / p) * (width / p) + x / p`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Patchify {
+    pub batch: usize,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub patch: usize,
+    pub order: PatchOrder,
+}
+
+impl Patchify {
+    /// Lengths of the image batch and of the patch matrix.
+    pub fn lens(&self) -> (usize, usize) {
+        let n = self.batch * self.channels * self.height * self.width;
+        (n, n)
+    }
+    /// Patches per image.
+    pub fn num_patches(&self) -> usize {
+        (self.height / self.patch) * (self.width / self.patch)
+    }
+}
+
+/// One AdamW update with PyTorch semantics (decoupled weight decay, bias correction):
+/// `p -= lr * wd * p; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;`
+/// `p -= (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)`.
+/// The bias corrections `bc = 1 - beta^t` are computed once on the host (in f64) so every
+/// backend applies the same constants.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub bias_correction1: f32,
+    pub bias_correction2: f32,
+}
+
+impl AdamWStep {
+    /// The constants of update number `step` (1-based).
+    pub fn new(lr: f64, beta1: f64, beta2: f64, eps: f64, weight_decay: f64, step: u64) -> Self {
+        let t = step.min(i32::MAX as u64) as i32;
+        AdamWStep {
+            lr: lr as f32,
+            beta1: beta1 as f32,
+            beta2: beta2 as f32,
+            eps: eps as f32,
+            weight_decay: weight_decay as f32,
+            bias_correction1: (1.0 - libm::pow(beta1, t as f64)) as f32,
+            bias_correction2: (1.0 - libm::pow(beta2, t as f64)) as f32,
+        }
+    }
+}
+
+/// What went wrong inside a backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendErrorKind {
+    /// No usable device, driver or library.
+    NoDevice,
+    /// An allocation of this many bytes failed.
+    OutOfMemory { bytes: usize },
+    /// A buffer longer than the device can bind or address.
+    TooLarge { len: usize, max: usize },
+    /// A kernel failed to compile or launch, or the device was lost.
+    Device,
+    /// The backend does not implement this op or mode.
+    Unsupported,
+}
+
+/// A backend failure, with the backend's own words.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendError {
+    pub kind: BackendErrorKind,
+    pub message: String,
+}
+
+impl BackendError {
+    pub fn new(kind: BackendErrorKind, message: impl Into<String>) -> Self {
+        BackendError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            BackendErrorKind::NoDevice => write!(f, "no device: {}", self.message),
+            BackendErrorKind::OutOfMemory { bytes } => {
+                write!(f, "out of memory allocating {bytes} bytes: {}", self.message)
+            }
+            BackendErrorKind::TooLarge { len, max } => write!(
+                f,
+                "buffer of {len} elements exceeds the device limit of {max}: {}",
+                self.message
+            ),
+            BackendErrorKind::Device => write!(f, "device error: {}", self.message),
+            BackendErrorKind::Unsupported => write!(f, "unsupported: {}", self.message),
+        }
+    }
+}
+
+impl core::error::Error for BackendError {}
+
+/// Result of a backend op.
+pub type BResult<T> = Result<T, BackendError>;
+
+/// The ops an MAE training step and the embedding path need. See the module docs for the rules
+/// every op follows.
+pub trait Backend {
+    /// An owned buffer of `f32`.
+    type Buf;
+    /// An owned buffer of `u32` indices.
+    type Idx;
+
+    /// Short name: `cpu`, `cuda`, `wgpu`.
+    fn name(&self) -> &str;
+
+    /// Longest buffer (in elements) the device can hold and bind.
+    fn max_buf_len(&self) -> usize {
+        usize::MAX
+    }
+
+    // ---- memory -----------------------------------------------------------------------------
+
+    /// A zero-filled buffer of `len` floats (`len` may be 0: unused gradient slots of an
+    /// inference-only model are empty buffers).
+    fn alloc(&self, len: usize) -> BResult<Self::Buf>;
+    /// A buffer holding a copy of `host`.
+    fn upload(&self, host: &[f32]) -> BResult<Self::Buf>;
+    /// Overwrites `dst` (same length) with `host`.
+    fn write(&self, dst: &mut Self::Buf, host: &[f32]) -> BResult<()>;
+    /// Copies `src` (same length) to `host`; waits for queued work.
+    fn download(&self, src: &Self::Buf, host: &mut [f32]) -> BResult<()>;
+    /// Length in floats.
+    fn len(&self, buf: &Self::Buf) -> usize;
+    /// An index buffer holding a copy of `host`.
+    fn upload_idx(&self, host: &[u32]) -> BResult<Self::Idx>;
+    /// Overwrites `dst` (same length) with `host`.
+    fn write_idx(&self, dst: &mut Self::Idx, host: &[u32]) -> BResult<()>;
+    /// Length in indices.
+    fn idx_len(&self, idx: &Self::Idx) -> usize;
+    /// Overwrites every element with `value`.
+    fn fill(&self, dst: &mut Self::Buf, value: f32) -> BResult<()>;
+    /// `dst = src` (same length).
+    fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf) -> BResult<()>;
+    /// Waits for queued work and reports deferred errors.
+    fn sync(&self) -> BResult<()>;
+
+    // ---- dense ------------------------------------------------------------------------------
+
+    /// Strided-batched GEMM, see [`Gemm`]. `c` is overwritten or accumulated per `beta`.
+    fn gemm(&self, g: &Gemm, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf) -> BResult<()>;
+    /// `dst += src` elementwise over `dst`'s length.
+    fn add(&self, src: &Self::Buf, dst: &mut Self::Buf) -> BResult<()>;
+    /// `buf *= s` elementwise.
+    fn scale(&self, buf: &mut Self::Buf, s: f32) -> BResult<()>;
+
+    // ---- rows: tokens, biases, masking ----------------------------------------------------
+
+    /// Per [`RowMap`]: destination rows are overwritten with (`accumulate == false`) or
+    /// increased by (`true`) their source rows.
+    fn copy_rows(&self, src: &Self::Buf, dst: &mut Self::Buf, map: &RowMap, accumulate: bool)
+        -> BResult<()>;
+    /// The backward of [`Backend::copy_rows`] with respect to its source: every source row
+    /// accumulates the sum of the `d_dst` rows it was copied to, summed in ascending `(b, i)`.
+    fn copy_rows_backward(&self, d_dst: &Self::Buf, d_src: &mut Self::Buf, map: &RowMap)
+        -> BResult<()>;
+    /// Per [`Gather`]: destination rows are overwritten with the indexed source rows.
+    fn gather_rows(&self, src: &Self::Buf, idx: &Self::Idx, dst: &mut Self::Buf, g: &Gather)
+        -> BResult<()>;
+    /// The backward of [`Backend::gather_rows`]: indexed rows of `d_src` accumulate the `d_dst`
+    /// rows gathered from them.
+    fn gather_rows_backward(
+        &self,
+        d_dst: &Self::Buf,
+        idx: &Self::Idx,
+        d_src: &mut Self::Buf,
+        g: &Gather,
+    ) -> BResult<()>;
+    /// Images to patches, see [`Patchify`]. Overwrites `out`.
+    fn patchify(&self, imgs: &Self::Buf, out: &mut Self::Buf, p: &Patchify) -> BResult<()>;
+    /// Token matrix to per-head tensor: `heads[b,h,t,j] = x[b*T+t, off + h*hd + j]`. Overwrites.
+    fn split_heads(&self, x: &Self::Buf, heads: &mut Self::Buf, h: &Heads) -> BResult<()>;
+    /// Per-head tensor to token matrix, the inverse of [`Backend::split_heads`]: overwrites the
+    /// columns `col_offset .. col_offset + heads * head_dim` of `x` and leaves the others.
+    fn merge_heads(&self, heads: &Self::Buf, x: &mut Self::Buf, h: &Heads) -> BResult<()>;
+
+    // ---- normalization and activation ----------------------------------------------------
+
+    /// LayerNorm over rows of `cols` with biased variance:
+    /// `y = (x - mean) * rstd * gamma + beta`, `rstd = 1 / sqrt(var + eps)`. Overwrites `y`,
+    /// `mean` and `rstd` (`rows` each), which the backward reuses.
+    fn layernorm_forward(
+        &self,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        y: &mut Self::Buf,
+        mean: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> BResult<()>;
+    /// Accumulates into `dx`, `dgamma` and `dbeta`.
+    fn layernorm_backward(
+        &self,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        mean: &Self::Buf,
+        rstd: &Self::Buf,
+        dx: &mut Self::Buf,
+        dgamma: &mut Self::Buf,
+        dbeta: &mut Self::Buf,
+        rows: usize,
+        cols: usize,
+    ) -> BResult<()>;
+    /// Exact GELU, `0.5 x (1 + erf(x / sqrt 2))`. Overwrites `y`.
+    fn gelu_forward(&self, x: &Self::Buf, y: &mut Self::Buf) -> BResult<()>;
+    /// Accumulates `dy * gelu'(x)` into `dx`.
+    fn gelu_backward(&self, x: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf) -> BResult<()>;
+    /// Row softmax of `scale * x` (attention scores, scale `head_dim^-0.5` applied after the
+    /// product as timm does). Overwrites `y`.
+    fn softmax_forward(
+        &self,
+        x: &Self::Buf,
+        y: &mut Self::Buf,
+        rows: usize,
+        cols: usize,
+        scale: f32,
+    ) -> BResult<()>;
+    /// Given the forward output `y`, accumulates `scale * y * (dy - sum(dy * y))` into `dx`.
+    fn softmax_backward(
+        &self,
+        y: &Self::Buf,
+        dy: &Self::Buf,
+        dx: &mut Self::Buf,
+        rows: usize,
+        cols: usize,
+        scale: f32,
+    ) -> BResult<()>;
+
+    // ---- loss ---------------------------------------------------------------------------------
+
+    /// The norm-pix target: each row becomes `(x - mean) / sqrt(var + eps)` with the unbiased
+    /// variance (`cols >= 2`). Overwrites `y`.
+    fn normalize_rows(
+        &self,
+        x: &Self::Buf,
+        y: &mut Self::Buf,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> BResult<()>;
+    /// Masked MSE: `loss[0] = sum_r mask[r] * mean_c (pred - target)^2 / sum_r mask[r]`.
+    /// Overwrites the one-element `loss`.
+    fn masked_mse_forward(
+        &self,
+        pred: &Self::Buf,
+        target: &Self::Buf,
+        mask: &Self::Buf,
+        loss: &mut Self::Buf,
+        rows: usize,
+        cols: usize,
+    ) -> BResult<()>;
+    /// Accumulates `d_loss * d(loss)/d(pred)` into `d_pred`, `d_loss` being the gradient of the
+    /// objective with respect to the loss (1, or 1 / accumulation steps).
+    fn masked_mse_backward(
+        &self,
+        pred: &Self::Buf,
+        target: &Self::Buf,
+        mask: &Self::Buf,
+        d_pred: &mut Self::Buf,
+        rows: usize,
+        cols: usize,
+        d_loss: f32,
+    ) -> BResult<()>;
+
+    // ---- optimizer ----------------------------------------------------------------------------
+
+    /// One AdamW step in place on `param`, `m` and `v` (all of one length), see [`AdamWStep`].
+    fn adamw(
+        &self,
+        param: &mut Self::Buf,
+        grad: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        step: &AdamWStep,
+    ) -> BResult<()>;
+}

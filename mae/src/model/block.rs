@@ -1,0 +1,171 @@
+//! The pre-LN transformer block of timm: `x = x + attn(norm1(x)); x = x + mlp(norm2(x))`.
+
+use super::attention::{attention_backward, attention_forward, AttentionActs, AttentionScratch};
+use super::layernorm::{layernorm_backward, layernorm_forward, NormActs};
+use super::mlp::{mlp_backward, mlp_forward, MlpActs, MlpScratch};
+use super::{prev_and_cur, zeros, StackDims};
+use crate::backend::{BResult, Backend};
+use crate::params::Block;
+
+/// What one block keeps for its backward; `out` is the next block's input.
+pub struct BlockActs<B: Backend> {
+    /// `norm1(x)`.
+    pub ln1: NormActs<B>,
+    /// The attention branch.
+    pub attn: AttentionActs<B>,
+    /// `x + attn(norm1(x))`.
+    pub res1: B::Buf,
+    /// `norm2(res1)`.
+    pub ln2: NormActs<B>,
+    /// The MLP branch.
+    pub mlp: MlpActs<B>,
+    /// `res1 + mlp(norm2(res1))`.
+    pub out: B::Buf,
+}
+
+/// Buffers one block needs while it runs, shared by all blocks of a stack.
+pub struct BlockScratch<B: Backend> {
+    /// Attention scratch.
+    pub attn: AttentionScratch<B>,
+    /// MLP gradients (absent when the stack only runs forward).
+    pub mlp: Option<MlpScratch<B>>,
+    /// Gradient of `res1`.
+    pub d_res1: B::Buf,
+    /// Gradient of a LayerNorm output.
+    pub d_ln: B::Buf,
+}
+
+/// Scratch of a whole stack.
+pub struct StackScratch<B: Backend> {
+    /// Per-block scratch.
+    pub block: BlockScratch<B>,
+    /// Gradients of block inputs/outputs, used alternately down the stack.
+    pub d_x: [B::Buf; 2],
+}
+
+impl<B: Backend> BlockActs<B> {
+    /// Buffers for one block.
+    pub fn new(b: &B, d: &StackDims) -> BResult<Self> {
+        let (r, dim) = (d.rows(), d.dim);
+        Ok(BlockActs {
+            ln1: NormActs::new(b, r, dim)?,
+            attn: AttentionActs::new(b, d)?,
+            res1: zeros(b, r * dim)?,
+            ln2: NormActs::new(b, r, dim)?,
+            mlp: MlpActs::new(b, d)?,
+            out: zeros(b, r * dim)?,
+        })
+    }
+}
+
+impl<B: Backend> StackScratch<B> {
+    /// Scratch for a stack; `backward` allocates the gradient buffers.
+    pub fn new(b: &B, d: &StackDims, backward: bool) -> BResult<Self> {
+        let len = if backward { d.rows() * d.dim } else { 0 };
+        Ok(StackScratch {
+            block: BlockScratch {
+                attn: AttentionScratch::new(b, d, backward)?,
+                mlp: if backward { Some(MlpScratch::new(b, d)?) } else { None },
+                d_res1: zeros(b, len)?,
+                d_ln: zeros(b, len)?,
+            },
+            d_x: [zeros(b, len)?, zeros(b, len)?],
+        })
+    }
+}
+
+/// `acts.out = block(x)`.
+pub fn block_forward<B: Backend>(
+    b: &B,
+    x: &B::Buf,
+    p: &Block<B::Buf>,
+    acts: &mut BlockActs<B>,
+    scratch: &mut AttentionScratch<B>,
+    d: &StackDims,
+) -> BResult<()> {
+    let (r, dim) = (d.rows(), d.dim);
+    layernorm_forward(b, x, &p.norm1, &mut acts.ln1, r, dim, d.eps)?;
+    b.copy(x, &mut acts.res1)?;
+    attention_forward(b, &acts.ln1.y, &p.qkv, &p.proj, &mut acts.attn, scratch, &mut acts.res1, d)?;
+    layernorm_forward(b, &acts.res1, &p.norm2, &mut acts.ln2, r, dim, d.eps)?;
+    b.copy(&acts.res1, &mut acts.out)?;
+    mlp_forward(b, &acts.ln2.y, &p.fc1, &p.fc2, &mut acts.mlp, &mut acts.out, d)
+}
+
+/// Given `d_out`, the gradient of the block's output, accumulates the parameter gradients and
+/// overwrites `dx` with the gradient of its input `x`.
+pub fn block_backward<B: Backend>(
+    b: &B,
+    d_out: &B::Buf,
+    x: &B::Buf,
+    p: &Block<B::Buf>,
+    g: &mut Block<B::Buf>,
+    acts: &BlockActs<B>,
+    s: &mut BlockScratch<B>,
+    dx: &mut B::Buf,
+    d: &StackDims,
+) -> BResult<()> {
+    let (r, dim) = (d.rows(), d.dim);
+    let Some(mlp_scratch) = s.mlp.as_mut() else {
+        return Err(crate::backend::BackendError::new(
+            crate::backend::BackendErrorKind::Unsupported,
+            "block_backward on a stack allocated for inference",
+        ));
+    };
+    // out = res1 + mlp(norm2(res1))
+    b.copy(d_out, &mut s.d_res1)?;
+    let (fc1, fc2) = (&p.fc1, &p.fc2);
+    mlp_backward(b, d_out, &acts.ln2.y, fc1, fc2, &mut g.fc1, &mut g.fc2, &acts.mlp, mlp_scratch, &mut s.d_ln, d)?;
+    layernorm_backward(b, &s.d_ln, &acts.res1, &p.norm2, &acts.ln2, &mut g.norm2, &mut s.d_res1, r, dim)?;
+    // res1 = x + attn(norm1(x))
+    b.copy(&s.d_res1, dx)?;
+    let (qkv, proj) = (&p.qkv, &p.proj);
+    attention_backward(b, &s.d_res1, &acts.ln1.y, qkv, proj, &mut g.qkv, &mut g.proj, &acts.attn, &mut s.attn, &mut s.d_ln, d)?;
+    layernorm_backward(b, &s.d_ln, x, &p.norm1, &acts.ln1, &mut g.norm1, dx, r, dim)
+}
+
+/// Runs `blocks` on `input`. Block `l` writes `acts[l % acts.len()]`, so a training stack keeps
+/// one `BlockActs` per block and an inference stack cycles through two. Returns the index of
+/// the `BlockActs` holding the output.
+pub fn stack_forward<B: Backend>(
+    b: &B,
+    input: &B::Buf,
+    blocks: &[Block<B::Buf>],
+    acts: &mut [BlockActs<B>],
+    scratch: &mut AttentionScratch<B>,
+    d: &StackDims,
+) -> BResult<usize> {
+    let n = acts.len();
+    for (l, p) in blocks.iter().enumerate() {
+        if l == 0 {
+            block_forward(b, input, p, &mut acts[0], scratch, d)?;
+        } else {
+            let (prev, cur) = prev_and_cur(acts, (l - 1) % n, l % n);
+            block_forward(b, &prev.out, p, cur, scratch, d)?;
+        }
+    }
+    Ok((blocks.len() - 1) % n)
+}
+
+/// Backward through a training stack (one `BlockActs` per block): `d_top` is the gradient of the
+/// last block's output; returns which `scratch.d_x` holds the gradient of `input`.
+pub fn stack_backward<B: Backend>(
+    b: &B,
+    d_top: usize,
+    input: &B::Buf,
+    blocks: &[Block<B::Buf>],
+    grads: &mut [Block<B::Buf>],
+    acts: &[BlockActs<B>],
+    s: &mut StackScratch<B>,
+    d: &StackDims,
+) -> BResult<usize> {
+    let mut cur = d_top;
+    for l in (0..blocks.len()).rev() {
+        let x = if l == 0 { input } else { &acts[l - 1].out };
+        let [d0, d1] = &mut s.d_x;
+        let (d_out, dx) = if cur == 0 { (&*d0, d1) } else { (&*d1, d0) };
+        block_backward(b, d_out, x, &blocks[l], &mut grads[l], &acts[l], &mut s.block, dx, d)?;
+        cur = 1 - cur;
+    }
+    Ok(cur)
+}

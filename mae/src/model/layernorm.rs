@@ -1,0 +1,66 @@
+//! LayerNorm (biased variance, PyTorch semantics) and what its backward needs.
+
+use super::zeros;
+use crate::backend::{BResult, Backend};
+use crate::params::Norm;
+
+/// Output and saved statistics of one LayerNorm.
+pub struct NormActs<B: Backend> {
+    /// Normalized output `[rows, cols]`.
+    pub y: B::Buf,
+    /// Row means.
+    pub mean: B::Buf,
+    /// Row reciprocal standard deviations.
+    pub rstd: B::Buf,
+}
+
+impl<B: Backend> NormActs<B> {
+    /// Buffers for `rows` rows of `cols`.
+    pub fn new(b: &B, rows: usize, cols: usize) -> BResult<Self> {
+        Ok(NormActs {
+            y: zeros(b, rows * cols)?,
+            mean: zeros(b, rows)?,
+            rstd: zeros(b, rows)?,
+        })
+    }
+}
+
+/// `acts.y = LayerNorm(x)`.
+pub fn layernorm_forward<B: Backend>(
+    b: &B,
+    x: &B::Buf,
+    norm: &Norm<B::Buf>,
+    acts: &mut NormActs<B>,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> BResult<()> {
+    let NormActs { y, mean, rstd } = acts;
+    b.layernorm_forward(x, &norm.weight, &norm.bias, y, mean, rstd, rows, cols, eps)
+}
+
+/// Accumulates into `dx` and the LayerNorm's parameter gradients.
+pub fn layernorm_backward<B: Backend>(
+    b: &B,
+    dy: &B::Buf,
+    x: &B::Buf,
+    norm: &Norm<B::Buf>,
+    acts: &NormActs<B>,
+    grad: &mut Norm<B::Buf>,
+    dx: &mut B::Buf,
+    rows: usize,
+    cols: usize,
+) -> BResult<()> {
+    b.layernorm_backward(
+        dy,
+        x,
+        &norm.weight,
+        &acts.mean,
+        &acts.rstd,
+        dx,
+        &mut grad.weight,
+        &mut grad.bias,
+        rows,
+        cols,
+    )
+}

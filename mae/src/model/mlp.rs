@@ -1,0 +1,78 @@
+//! The block's MLP: `fc2(GELU(fc1(x)))`, exact-erf GELU.
+
+use super::linear::{linear_backward, linear_forward};
+use super::{zeros, StackDims};
+use crate::backend::{BResult, Backend};
+use crate::params::Linear;
+
+/// What one MLP keeps for its backward.
+pub struct MlpActs<B: Backend> {
+    /// `fc1` output before the activation, `[rows, hidden]`.
+    pub pre: B::Buf,
+    /// After GELU: the input of `fc2`.
+    pub act: B::Buf,
+}
+
+/// Gradient buffers shared by the MLPs of a stack.
+pub struct MlpScratch<B: Backend> {
+    /// Gradient of `act`.
+    pub d_act: B::Buf,
+    /// Gradient of `pre`.
+    pub d_pre: B::Buf,
+}
+
+impl<B: Backend> MlpActs<B> {
+    /// Buffers for one layer.
+    pub fn new(b: &B, d: &StackDims) -> BResult<Self> {
+        Ok(MlpActs {
+            pre: zeros(b, d.rows() * d.hidden)?,
+            act: zeros(b, d.rows() * d.hidden)?,
+        })
+    }
+}
+
+impl<B: Backend> MlpScratch<B> {
+    /// Buffers for a stack's backward.
+    pub fn new(b: &B, d: &StackDims) -> BResult<Self> {
+        Ok(MlpScratch {
+            d_act: zeros(b, d.rows() * d.hidden)?,
+            d_pre: zeros(b, d.rows() * d.hidden)?,
+        })
+    }
+}
+
+/// `out += fc2(GELU(fc1(x)))`.
+pub fn mlp_forward<B: Backend>(
+    b: &B,
+    x: &B::Buf,
+    fc1: &Linear<B::Buf>,
+    fc2: &Linear<B::Buf>,
+    acts: &mut MlpActs<B>,
+    out: &mut B::Buf,
+    d: &StackDims,
+) -> BResult<()> {
+    linear_forward(b, x, fc1, &mut acts.pre, d.rows(), d.dim, d.hidden, false)?;
+    b.gelu_forward(&acts.pre, &mut acts.act)?;
+    linear_forward(b, &acts.act, fc2, out, d.rows(), d.hidden, d.dim, true)
+}
+
+/// Accumulates the parameter gradients; overwrites `dx`, the gradient of the input `x`.
+pub fn mlp_backward<B: Backend>(
+    b: &B,
+    d_out: &B::Buf,
+    x: &B::Buf,
+    fc1: &Linear<B::Buf>,
+    fc2: &Linear<B::Buf>,
+    g_fc1: &mut Linear<B::Buf>,
+    g_fc2: &mut Linear<B::Buf>,
+    acts: &MlpActs<B>,
+    s: &mut MlpScratch<B>,
+    dx: &mut B::Buf,
+    d: &StackDims,
+) -> BResult<()> {
+    let (r, dim, hidden) = (d.rows(), d.dim, d.hidden);
+    linear_backward(b, d_out, &acts.act, fc2, g_fc2, Some(&mut s.d_act), r, hidden, dim)?;
+    b.fill(&mut s.d_pre, 0.0)?;
+    b.gelu_backward(&acts.pre, &s.d_act, &mut s.d_pre)?;
+    linear_backward(b, &s.d_pre, x, fc1, g_fc1, Some(dx), r, dim, hidden)
+}

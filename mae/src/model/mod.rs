@@ -1,0 +1,70 @@
+//! The model, one function per layer and direction, forward next to backward (llm.c style).
+//!
+//! | paper / official code               | here                                   |
+//! |-------------------------------------|----------------------------------------|
+//! | `PatchEmbed` + `pos_embed`          | [`encoder`]: `encoder_forward`, start  |
+//! | `random_masking`                    | [`crate::masking`] (host), applied by the gather in [`encoder`] |
+//! | `Block` (pre-LN attention + MLP)    | [`block`], [`attention`], [`mlp`], [`layernorm`], [`linear`] |
+//! | `forward_decoder` (mask tokens, unshuffle) | [`decoder`]                     |
+//! | `forward_loss` (norm-pix, masked MSE) | [`loss`]                              |
+//!
+//! Activations live in `*Acts` structs allocated once per configuration and batch size; the
+//! backward of a stack reuses one `*Scratch` of gradient buffers for all its blocks.
+// Layer functions take buffers then dimensions, like llm.c's kernels.
+#![allow(clippy::too_many_arguments)]
+
+pub mod attention;
+pub mod block;
+pub mod decoder;
+pub mod encoder;
+pub mod layernorm;
+pub mod linear;
+pub mod loss;
+pub mod mlp;
+
+use crate::backend::{BResult, Backend};
+
+/// The shape of one transformer stack at one batch size.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StackDims {
+    /// Images in the batch.
+    pub batch: usize,
+    /// Tokens per image (cls included).
+    pub tokens: usize,
+    /// Width.
+    pub dim: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// MLP hidden width.
+    pub hidden: usize,
+    /// LayerNorm epsilon.
+    pub eps: f32,
+}
+
+impl StackDims {
+    /// Token rows in the batch.
+    pub fn rows(&self) -> usize {
+        self.batch * self.tokens
+    }
+    /// Width of one head.
+    pub fn head_dim(&self) -> usize {
+        self.dim / self.heads
+    }
+}
+
+/// Allocates a zeroed buffer.
+pub(crate) fn zeros<B: Backend>(b: &B, len: usize) -> BResult<B::Buf> {
+    b.alloc(len)
+}
+
+/// The previous element (read) and the current one (written) of a slice of per-layer buffers.
+pub(crate) fn prev_and_cur<T>(v: &mut [T], prev: usize, cur: usize) -> (&T, &mut T) {
+    assert_ne!(prev, cur, "a layer cannot read and write the same buffers");
+    if prev < cur {
+        let (a, b) = v.split_at_mut(cur);
+        (&a[prev], &mut b[0])
+    } else {
+        let (a, b) = v.split_at_mut(prev);
+        (&b[0], &mut a[cur])
+    }
+}

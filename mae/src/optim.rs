@@ -1,0 +1,89 @@
+//! AdamW with the official parameter groups, and the per-iteration learning-rate schedule.
+
+use crate::config::ConfigError;
+
+/// AdamW hyper-parameters other than the learning rate (the paper's Table 7 by default).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    /// First-moment decay (0.9).
+    pub beta1: f64,
+    /// Second-moment decay (0.95: the paper's choice, not PyTorch's 0.999).
+    pub beta2: f64,
+    /// Denominator epsilon (1e-8).
+    pub eps: f64,
+    /// Decoupled weight decay for the decayed group (0.05); biases and 1-D tensors get none.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamW {
+    fn default() -> Self {
+        AdamW {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.05,
+        }
+    }
+}
+
+impl AdamW {
+    /// Checks every value's domain.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let checks = [
+            ("beta1", self.beta1, (0.0..1.0).contains(&self.beta1)),
+            ("beta2", self.beta2, (0.0..1.0).contains(&self.beta2)),
+            ("eps", self.eps, self.eps.is_finite() && self.eps > 0.0),
+            (
+                "weight_decay",
+                self.weight_decay,
+                self.weight_decay.is_finite() && self.weight_decay >= 0.0,
+            ),
+        ];
+        match checks.iter().find(|c| !c.2) {
+            Some(&(name, value, _)) => Err(ConfigError::Hyper { name, value }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The paper's learning rate rule: `lr = base_lr * effective_batch / 256`.
+pub fn scaled_lr(base_lr: f64, effective_batch: usize) -> f64 {
+    base_lr * effective_batch as f64 / 256.0
+}
+
+/// Linear warmup, then a half-cycle cosine to `min_lr`, evaluated per iteration at a fractional
+/// epoch (`util/lr_sched.py`).
+///
+/// ```
+/// let s = mae::optim::Schedule { lr: 1e-3, min_lr: 0.0, warmup_epochs: 2.0, epochs: 10.0 };
+/// assert_eq!(s.lr_at(0.0), 0.0);              // the very first step uses lr 0
+/// assert!((s.lr_at(1.0) - 5e-4).abs() < 1e-12);
+/// assert!((s.lr_at(2.0) - 1e-3).abs() < 1e-12);
+/// assert!((s.lr_at(6.0) - 5e-4).abs() < 1e-12); // half-way down the cosine
+/// assert!(s.lr_at(10.0).abs() < 1e-12);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Schedule {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate.
+    pub min_lr: f64,
+    /// Warmup length.
+    pub warmup_epochs: f64,
+    /// Total length.
+    pub epochs: f64,
+}
+
+impl Schedule {
+    /// The learning rate at fractional epoch `epoch` (`step / steps_per_epoch + epoch_index`).
+    pub fn lr_at(&self, epoch: f64) -> f64 {
+        if epoch < self.warmup_epochs {
+            self.lr * epoch / self.warmup_epochs
+        } else {
+            let span = (self.epochs - self.warmup_epochs).max(f64::MIN_POSITIVE);
+            let progress = ((epoch - self.warmup_epochs) / span).min(1.0);
+            self.min_lr
+                + (self.lr - self.min_lr) * 0.5 * (1.0 + libm::cos(core::f64::consts::PI * progress))
+        }
+    }
+}
