@@ -17,8 +17,9 @@ fn phi(x: f64) -> f64 {
     0.5 * libm::erfc(-x * FRAC_1_SQRT_2)
 }
 
-/// `x * Phi(x)`, computed in `f64` and rounded once, which makes it the correctly rounded `f32`
-/// GELU in all but rare ties (libm's `f32` `erff` path is a few ulp off for negative inputs).
+/// `x * Phi(x)`, computed in `f64` and rounded once, so within about 0.5 ulp of the true GELU.
+/// Measured against `f32` `erfcf` it costs ~30 % more time, and `erfcf` is off by up to ~1e-6
+/// relative (`1 + erff` is far worse: cancellation erases every digit for x below about -4).
 #[inline(always)]
 fn gelu(x: f32) -> f32 {
     let x = x as f64;
@@ -47,9 +48,6 @@ pub(crate) fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
 /// Scales first, subtracts the row maximum of the scaled values (so `exp` never overflows and
 /// the largest term is exactly 1), sums the exponentials in `f64` and normalizes in `f64`.
 pub(crate) fn softmax_forward(x: &[f32], y: &mut [f32], rows: usize, cols: usize, scale: f32) {
-    if cols == 0 {
-        return;
-    }
     for r in 0..rows {
         let xr = &x[r * cols..(r + 1) * cols];
         let yr = &mut y[r * cols..(r + 1) * cols];
@@ -73,9 +71,6 @@ pub(crate) fn softmax_backward(
     cols: usize,
     scale: f32,
 ) {
-    if cols == 0 {
-        return;
-    }
     for r in 0..rows {
         let span = r * cols..(r + 1) * cols;
         let (yr, dyr, dxr) = (&y[span.clone()], &dy[span.clone()], &mut dx[span]);

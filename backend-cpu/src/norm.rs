@@ -29,9 +29,6 @@ pub(crate) fn layernorm_forward(
     cols: usize,
     eps: f32,
 ) {
-    if cols == 0 {
-        return;
-    }
     let (gamma, beta) = (&gamma[..cols], &beta[..cols]);
     for r in 0..rows {
         let xr = &x[r * cols..(r + 1) * cols];
@@ -63,9 +60,6 @@ pub(crate) fn layernorm_backward(
     rows: usize,
     cols: usize,
 ) {
-    if cols == 0 {
-        return;
-    }
     let gamma = &gamma[..cols];
     let n = cols as f64;
     for r in 0..rows {
@@ -106,9 +100,6 @@ pub(crate) fn layernorm_backward(
 /// The official `(target - mean) / (var + eps) ** 0.5` with `var` unbiased (`torch.var`'s
 /// default), all in `f64` and rounded once. `cols == 1` gives NaN (0 / 0), as PyTorch does.
 pub(crate) fn normalize_rows(x: &[f32], y: &mut [f32], rows: usize, cols: usize, eps: f32) {
-    if cols == 0 {
-        return;
-    }
     for r in 0..rows {
         let xr = &x[r * cols..(r + 1) * cols];
         let yr = &mut y[r * cols..(r + 1) * cols];

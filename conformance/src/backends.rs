@@ -20,7 +20,10 @@ pub fn required_backends() -> Vec<String> {
 /// Reports that `backend` is not available; panics if it is required.
 pub fn skip(backend: &str, reason: &str) {
     eprintln!("SKIP {backend}: {reason}");
-    if required_backends().iter().any(|b| b == &backend.to_ascii_lowercase()) {
+    if required_backends()
+        .iter()
+        .any(|b| b == &backend.to_ascii_lowercase())
+    {
         panic!("backend {backend} is required by MAE_REQUIRE_BACKENDS but not available: {reason}");
     }
 }
@@ -79,19 +82,40 @@ pub mod run {
         down(b, &buf)
     }
 
-    pub fn copy_rows<B: Backend>(b: &B, src: &[f32], dst: &[f32], map: &RowMap, acc: bool) -> Vec<f32> {
+    pub fn copy_rows<B: Backend>(
+        b: &B,
+        src: &[f32],
+        dst: &[f32],
+        map: &RowMap,
+        acc: bool,
+    ) -> Vec<f32> {
         let (src, mut dst) = (up(b, src), up(b, dst));
         ok(b, b.copy_rows(&src, &mut dst, map, acc), "copy_rows");
         down(b, &dst)
     }
 
-    pub fn copy_rows_backward<B: Backend>(b: &B, d_dst: &[f32], d_src: &[f32], map: &RowMap) -> Vec<f32> {
+    pub fn copy_rows_backward<B: Backend>(
+        b: &B,
+        d_dst: &[f32],
+        d_src: &[f32],
+        map: &RowMap,
+    ) -> Vec<f32> {
         let (d_dst, mut d_src) = (up(b, d_dst), up(b, d_src));
-        ok(b, b.copy_rows_backward(&d_dst, &mut d_src, map), "copy_rows_backward");
+        ok(
+            b,
+            b.copy_rows_backward(&d_dst, &mut d_src, map),
+            "copy_rows_backward",
+        );
         down(b, &d_src)
     }
 
-    pub fn gather_rows<B: Backend>(b: &B, src: &[f32], idx: &[u32], dst: &[f32], g: &Gather) -> Vec<f32> {
+    pub fn gather_rows<B: Backend>(
+        b: &B,
+        src: &[f32],
+        idx: &[u32],
+        dst: &[f32],
+        g: &Gather,
+    ) -> Vec<f32> {
         let (src, idx, mut dst) = (up(b, src), up_idx(b, idx), up(b, dst));
         ok(b, b.gather_rows(&src, &idx, &mut dst, g), "gather_rows");
         down(b, &dst)
@@ -105,7 +129,11 @@ pub mod run {
         g: &Gather,
     ) -> Vec<f32> {
         let (d_dst, idx, mut d_src) = (up(b, d_dst), up_idx(b, idx), up(b, d_src));
-        ok(b, b.gather_rows_backward(&d_dst, &idx, &mut d_src, g), "gather_rows_backward");
+        ok(
+            b,
+            b.gather_rows_backward(&d_dst, &idx, &mut d_src, g),
+            "gather_rows_backward",
+        );
         down(b, &d_src)
     }
 
@@ -141,7 +169,9 @@ pub mod run {
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let (x, gamma, beta) = (up(b, x), up(b, gamma), up(b, beta));
         let (mut y, mut mean, mut rstd) = (up(b, init.0), up(b, init.1), up(b, init.2));
-        let r = b.layernorm_forward(&x, &gamma, &beta, &mut y, &mut mean, &mut rstd, rows, cols, eps);
+        let r = b.layernorm_forward(
+            &x, &gamma, &beta, &mut y, &mut mean, &mut rstd, rows, cols, eps,
+        );
         ok(b, r, "layernorm_forward");
         (down(b, &y), down(b, &mean), down(b, &rstd))
     }
@@ -159,9 +189,12 @@ pub mod run {
         rows: usize,
         cols: usize,
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let (dy, x, gamma, mean, rstd) = (up(b, dy), up(b, x), up(b, gamma), up(b, mean), up(b, rstd));
+        let (dy, x, gamma, mean, rstd) =
+            (up(b, dy), up(b, x), up(b, gamma), up(b, mean), up(b, rstd));
         let (mut dx, mut dg, mut db) = (up(b, init.0), up(b, init.1), up(b, init.2));
-        let r = b.layernorm_backward(&dy, &x, &gamma, &mean, &rstd, &mut dx, &mut dg, &mut db, rows, cols);
+        let r = b.layernorm_backward(
+            &dy, &x, &gamma, &mean, &rstd, &mut dx, &mut dg, &mut db, rows, cols,
+        );
         ok(b, r, "layernorm_backward");
         (down(b, &dx), down(b, &dg), down(b, &db))
     }
@@ -178,9 +211,20 @@ pub mod run {
         down(b, &dx)
     }
 
-    pub fn softmax_forward<B: Backend>(b: &B, x: &[f32], y: &[f32], rows: usize, cols: usize, s: f32) -> Vec<f32> {
+    pub fn softmax_forward<B: Backend>(
+        b: &B,
+        x: &[f32],
+        y: &[f32],
+        rows: usize,
+        cols: usize,
+        s: f32,
+    ) -> Vec<f32> {
         let (x, mut y) = (up(b, x), up(b, y));
-        ok(b, b.softmax_forward(&x, &mut y, rows, cols, s), "softmax_forward");
+        ok(
+            b,
+            b.softmax_forward(&x, &mut y, rows, cols, s),
+            "softmax_forward",
+        );
         down(b, &y)
     }
 
@@ -195,13 +239,28 @@ pub mod run {
         s: f32,
     ) -> Vec<f32> {
         let (y, dy, mut dx) = (up(b, y), up(b, dy), up(b, dx));
-        ok(b, b.softmax_backward(&y, &dy, &mut dx, rows, cols, s), "softmax_backward");
+        ok(
+            b,
+            b.softmax_backward(&y, &dy, &mut dx, rows, cols, s),
+            "softmax_backward",
+        );
         down(b, &dx)
     }
 
-    pub fn normalize_rows<B: Backend>(b: &B, x: &[f32], y: &[f32], rows: usize, cols: usize, eps: f32) -> Vec<f32> {
+    pub fn normalize_rows<B: Backend>(
+        b: &B,
+        x: &[f32],
+        y: &[f32],
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Vec<f32> {
         let (x, mut y) = (up(b, x), up(b, y));
-        ok(b, b.normalize_rows(&x, &mut y, rows, cols, eps), "normalize_rows");
+        ok(
+            b,
+            b.normalize_rows(&x, &mut y, rows, cols, eps),
+            "normalize_rows",
+        );
         down(b, &y)
     }
 
@@ -216,7 +275,11 @@ pub mod run {
         cols: usize,
     ) -> Vec<f32> {
         let (pred, target, mask, mut loss) = (up(b, pred), up(b, target), up(b, mask), up(b, loss));
-        ok(b, b.masked_mse_forward(&pred, &target, &mask, &mut loss, rows, cols), "masked_mse_forward");
+        ok(
+            b,
+            b.masked_mse_forward(&pred, &target, &mask, &mut loss, rows, cols),
+            "masked_mse_forward",
+        );
         down(b, &loss)
     }
 

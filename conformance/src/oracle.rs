@@ -22,11 +22,23 @@ pub fn gemm(g: &Gemm, a: &[f64], b: &[f64], c: &mut [f64]) {
                 let mut sum = 0.0;
                 for p in 0..k {
                     // op(A)[i, p] and op(B)[p, j].
-                    let a_ip = if g.trans_a { a[oa + p * m + i] } else { a[oa + i * k + p] };
-                    let b_pj = if g.trans_b { b[ob + j * k + p] } else { b[ob + p * n + j] };
+                    let a_ip = if g.trans_a {
+                        a[oa + p * m + i]
+                    } else {
+                        a[oa + i * k + p]
+                    };
+                    let b_pj = if g.trans_b {
+                        b[ob + j * k + p]
+                    } else {
+                        b[ob + p * n + j]
+                    };
                     sum += a_ip * b_pj;
                 }
-                let old = if g.beta == 0.0 { 0.0 } else { g.beta as f64 * c[oc + i * n + j] };
+                let old = if g.beta == 0.0 {
+                    0.0
+                } else {
+                    g.beta as f64 * c[oc + i * n + j]
+                };
                 c[oc + i * n + j] = g.alpha as f64 * sum + old;
             }
         }
@@ -212,7 +224,9 @@ pub fn layernorm_backward(
     cols: usize,
 ) {
     for r in 0..rows {
-        let xhat: Vec<f64> = (0..cols).map(|c| (x[r * cols + c] - mean[r]) * rstd[r]).collect();
+        let xhat: Vec<f64> = (0..cols)
+            .map(|c| (x[r * cols + c] - mean[r]) * rstd[r])
+            .collect();
         let g: Vec<f64> = (0..cols).map(|c| dy[r * cols + c] * gamma[c]).collect();
         let mean_g = g.iter().sum::<f64>() / cols as f64;
         let mean_gx = g.iter().zip(&xhat).map(|(g, xh)| g * xh).sum::<f64>() / cols as f64;
@@ -272,7 +286,14 @@ pub fn softmax_forward(x: &[f64], y: &mut [f64], rows: usize, cols: usize, scale
 }
 
 /// Accumulates `scale * y * (dy - sum(dy * y))` into `dx`.
-pub fn softmax_backward(y: &[f64], dy: &[f64], dx: &mut [f64], rows: usize, cols: usize, scale: f32) {
+pub fn softmax_backward(
+    y: &[f64],
+    dy: &[f64],
+    dx: &mut [f64],
+    rows: usize,
+    cols: usize,
+    scale: f32,
+) {
     for r in 0..rows {
         let dot: f64 = (0..cols).map(|c| dy[r * cols + c] * y[r * cols + c]).sum();
         for c in 0..cols {
@@ -327,10 +348,10 @@ pub fn masked_mse_backward(
     d_loss: f32,
 ) {
     let msum: f64 = mask[..rows].iter().sum();
-    for r in 0..rows {
+    for (r, &m) in mask[..rows].iter().enumerate() {
         for c in 0..cols {
             let i = r * cols + c;
-            d_pred[i] += d_loss as f64 * mask[r] * 2.0 * (pred[i] - target[i]) / (cols as f64 * msum);
+            d_pred[i] += d_loss as f64 * m * 2.0 * (pred[i] - target[i]) / (cols as f64 * msum);
         }
     }
 }
@@ -449,13 +470,25 @@ pub struct Tol {
 
 impl Tol {
     /// Elementwise ops and GELU.
-    pub const ELEMENTWISE: Tol = Tol { atol: 1e-6, rtol: 1e-5 };
+    pub const ELEMENTWISE: Tol = Tol {
+        atol: 1e-6,
+        rtol: 1e-5,
+    };
     /// Softmax, layernorm, row normalization, the loss.
-    pub const REDUCTION: Tol = Tol { atol: 1e-5, rtol: 1e-4 };
+    pub const REDUCTION: Tol = Tol {
+        atol: 1e-5,
+        rtol: 1e-4,
+    };
     /// AdamW.
-    pub const ADAMW: Tol = Tol { atol: 1e-6, rtol: 1e-5 };
+    pub const ADAMW: Tol = Tol {
+        atol: 1e-6,
+        rtol: 1e-5,
+    };
     /// Data movement: bitwise.
-    pub const EXACT: Tol = Tol { atol: 0.0, rtol: 0.0 };
+    pub const EXACT: Tol = Tol {
+        atol: 0.0,
+        rtol: 0.0,
+    };
 
     /// GEMM: `atol = 4 K eps_f32 max(|a|_inf |b|_inf, 1)`, scaled with `K` and the operands.
     pub fn gemm(k: usize, max_a: f64, max_b: f64) -> Tol {
@@ -493,7 +526,11 @@ pub fn compare<T: Copy + Into<f64> + core::fmt::Display>(
     scale: Option<&[f64]>,
 ) -> Result<(), String> {
     if got.len() != want.len() {
-        return Err(format!("{what} [{shape}]: length {} != expected {}", got.len(), want.len()));
+        return Err(format!(
+            "{what} [{shape}]: length {} != expected {}",
+            got.len(),
+            want.len()
+        ));
     }
     let (mut max_abs_err, mut max_abs_at) = (0.0f64, 0usize);
     let (mut max_rel_err, mut max_rel_at) = (0.0f64, 0usize);
@@ -539,7 +576,13 @@ pub fn compare<T: Copy + Into<f64> + core::fmt::Display>(
 }
 
 /// Checks that `got[i]` is bitwise `init[i]` wherever `touched[i]` is false.
-pub fn untouched(what: &str, shape: &str, got: &[f32], init: &[f32], touched: &[bool]) -> Result<(), String> {
+pub fn untouched(
+    what: &str,
+    shape: &str,
+    got: &[f32],
+    init: &[f32],
+    touched: &[bool],
+) -> Result<(), String> {
     for i in 0..got.len() {
         if !touched[i] && got[i].to_bits() != init[i].to_bits() {
             return Err(format!(

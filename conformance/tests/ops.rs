@@ -130,12 +130,22 @@ impl GemmCase {
 fn gemm_case() -> impl Strategy<Value = GemmCase> {
     (
         (dim(), dim(), dim()),
-        (any::<bool>(), any::<bool>(), select(vec![0.0f32, 0.5, 1.0]), select(vec![0.0f32, 0.5, 1.0])),
+        (
+            any::<bool>(),
+            any::<bool>(),
+            select(vec![0.0f32, 0.5, 1.0]),
+            select(vec![0.0f32, 0.5, 1.0]),
+        ),
         (1usize..=3, any::<bool>(), any::<bool>(), 0usize..=3),
         (any::<u64>(), fill()),
     )
         .prop_map(
-            |((m, n, k), (trans_a, trans_b, alpha, beta), (batch, bcast_a, bcast_b, pad), (seed, fill))| {
+            |(
+                (m, n, k),
+                (trans_a, trans_b, alpha, beta),
+                (batch, bcast_a, bcast_b, pad),
+                (seed, fill),
+            )| {
                 GemmCase {
                     m,
                     n,
@@ -201,7 +211,14 @@ fn check_add<B: Backend>(b: &B, len: usize, seed: u64, fill: Fill) -> Check {
     oracle::add(&f64s(&src), &mut want);
     let mut mag = abs(&dst);
     oracle::add(&abs(&src), &mut mag);
-    compare("add", &format!("len {len}, {fill:?}"), &got, &want, Tol::ELEMENTWISE, Some(&mag))
+    compare(
+        "add",
+        &format!("len {len}, {fill:?}"),
+        &got,
+        &want,
+        Tol::ELEMENTWISE,
+        Some(&mag),
+    )
 }
 
 fn check_scale<B: Backend>(b: &B, len: usize, s: f32, seed: u64, fill: Fill) -> Check {
@@ -209,7 +226,14 @@ fn check_scale<B: Backend>(b: &B, len: usize, s: f32, seed: u64, fill: Fill) -> 
     let got = run::scale(b, &x, s);
     let mut want = f64s(&x);
     oracle::scale(&mut want, s);
-    compare("scale", &format!("len {len}, s {s}, {fill:?}"), &got, &want, Tol::ELEMENTWISE, None)
+    compare(
+        "scale",
+        &format!("len {len}, s {s}, {fill:?}"),
+        &got,
+        &want,
+        Tol::ELEMENTWISE,
+        None,
+    )
 }
 
 // ---- copy_rows ----------------------------------------------------------------------------------
@@ -233,7 +257,12 @@ fn rows_case() -> impl Strategy<Value = RowsCase> {
         (any::<bool>(), any::<u64>(), fill(), init()),
     )
         .prop_map(
-            |((batch, count, cols), (src_step, src_stride, src_start), (dst_gap, dst_start, tail), (accumulate, seed, fill, init))| {
+            |(
+                (batch, count, cols),
+                (src_step, src_stride, src_start),
+                (dst_gap, dst_start, tail),
+                (accumulate, seed, fill, init),
+            )| {
                 RowsCase {
                     map: RowMap {
                         batch,
@@ -283,11 +312,18 @@ fn check_copy_rows<B: Backend>(b: &B, c: &RowsCase) -> Check {
             }
         }
     }
-    let shape = format!("{map:?}, tail {}, accumulate {}, {:?}", c.tail, c.accumulate, c.init);
+    let shape = format!(
+        "{map:?}, tail {}, accumulate {}, {:?}",
+        c.tail, c.accumulate, c.init
+    );
     let got = run::copy_rows(b, &src, &dst, &map, c.accumulate);
     let mut want = f64s(&dst);
     oracle::copy_rows(&f64s(&src), &mut want, &map, c.accumulate);
-    let tol = if c.accumulate { Tol::ELEMENTWISE } else { Tol::EXACT };
+    let tol = if c.accumulate {
+        Tol::ELEMENTWISE
+    } else {
+        Tol::EXACT
+    };
     compare("copy_rows", &shape, &got, &want, tol, None)?;
     untouched("copy_rows", &shape, &got, &dst, &touched)
 }
@@ -304,7 +340,14 @@ fn check_copy_rows_backward<B: Backend>(b: &B, c: &RowsCase) -> Check {
     let mut mag = abs(&d_src);
     oracle::copy_rows_backward(&abs(&d_dst), &mut mag, &map);
     let shape = format!("{map:?}, tail {}", c.tail);
-    compare("copy_rows_backward", &shape, &got, &want, Tol::ELEMENTWISE, Some(&mag))
+    compare(
+        "copy_rows_backward",
+        &shape,
+        &got,
+        &want,
+        Tol::ELEMENTWISE,
+        Some(&mag),
+    )
 }
 
 // ---- gather_rows --------------------------------------------------------------------------------
@@ -323,22 +366,24 @@ fn gather_case() -> impl Strategy<Value = GatherCase> {
         (0usize..=2, 0usize..=2),
         (any::<u64>(), fill(), init()),
     )
-        .prop_map(|((batch, src_rows, count, cols), (dst_start, dst_gap), (seed, fill, init))| {
-            let count = 1 + count % src_rows;
-            GatherCase {
-                g: Gather {
-                    batch,
-                    count,
-                    cols,
-                    src_rows,
-                    dst_rows: dst_start + count + dst_gap,
-                    dst_start,
-                },
-                seed,
-                fill,
-                init,
-            }
-        })
+        .prop_map(
+            |((batch, src_rows, count, cols), (dst_start, dst_gap), (seed, fill, init))| {
+                let count = 1 + count % src_rows;
+                GatherCase {
+                    g: Gather {
+                        batch,
+                        count,
+                        cols,
+                        src_rows,
+                        dst_rows: dst_start + count + dst_gap,
+                        dst_start,
+                    },
+                    seed,
+                    fill,
+                    init,
+                }
+            },
+        )
 }
 
 /// Per batch item, `count` distinct indices below `src_rows`, as mae builds them.
@@ -391,7 +436,14 @@ fn check_gather_rows_backward<B: Backend>(b: &B, c: &GatherCase) -> Check {
     let mut mag = abs(&d_src);
     oracle::gather_rows_backward(&abs(&d_dst), &idx, &mut mag, &g);
     let shape = format!("{g:?}, idx {idx:?}");
-    compare("gather_rows_backward", &shape, &got, &want, Tol::ELEMENTWISE, Some(&mag))
+    compare(
+        "gather_rows_backward",
+        &shape,
+        &got,
+        &want,
+        Tol::ELEMENTWISE,
+        Some(&mag),
+    )
 }
 
 // ---- patchify, heads ----------------------------------------------------------------------------
@@ -410,7 +462,11 @@ fn patchify_case() -> impl Strategy<Value = (Patchify, u64, Init)> {
                 height: gh * patch,
                 width: gw * patch,
                 patch,
-                order: if hwc { PatchOrder::Hwc } else { PatchOrder::Chw },
+                order: if hwc {
+                    PatchOrder::Hwc
+                } else {
+                    PatchOrder::Chw
+                },
             };
             (p, seed, init)
         })
@@ -423,27 +479,41 @@ fn check_patchify<B: Backend>(b: &B, p: &Patchify, seed: u64, init: Init) -> Che
     let got = run::patchify(b, &imgs, &out, p);
     let mut want = f64s(&out);
     oracle::patchify(&f64s(&imgs), &mut want, p);
-    compare("patchify", &format!("{p:?}, {init:?}"), &got, &want, Tol::EXACT, None)
+    compare(
+        "patchify",
+        &format!("{p:?}, {init:?}"),
+        &got,
+        &want,
+        Tol::EXACT,
+        None,
+    )
 }
 
 fn heads_case() -> impl Strategy<Value = (Heads, u64, Init)> {
     (
-        (1usize..=2, dim(), 1usize..=4, select(vec![1usize, 2, 3, 7, 8, 16])),
+        (
+            1usize..=2,
+            dim(),
+            1usize..=4,
+            select(vec![1usize, 2, 3, 7, 8, 16]),
+        ),
         (0usize..=5, 0usize..=5),
         any::<u64>(),
         init(),
     )
-        .prop_map(|((batch, tokens, heads, head_dim), (col_offset, extra), seed, init)| {
-            let h = Heads {
-                batch,
-                tokens,
-                heads,
-                head_dim,
-                row_width: col_offset + heads * head_dim + extra,
-                col_offset,
-            };
-            (h, seed, init)
-        })
+        .prop_map(
+            |((batch, tokens, heads, head_dim), (col_offset, extra), seed, init)| {
+                let h = Heads {
+                    batch,
+                    tokens,
+                    heads,
+                    head_dim,
+                    row_width: col_offset + heads * head_dim + extra,
+                    col_offset,
+                };
+                (h, seed, init)
+            },
+        )
 }
 
 fn heads_touched(h: &Heads) -> Vec<bool> {
@@ -461,7 +531,14 @@ fn check_split_heads<B: Backend>(b: &B, h: &Heads, seed: u64, init: Init) -> Che
     let got = run::split_heads(b, &x, &heads, h);
     let mut want = f64s(&heads);
     oracle::split_heads(&f64s(&x), &mut want, h);
-    compare("split_heads", &format!("{h:?}, {init:?}"), &got, &want, Tol::EXACT, None)
+    compare(
+        "split_heads",
+        &format!("{h:?}, {init:?}"),
+        &got,
+        &want,
+        Tol::EXACT,
+        None,
+    )
 }
 
 fn check_merge_heads<B: Backend>(b: &B, h: &Heads, seed: u64, init: Init) -> Check {
@@ -496,7 +573,10 @@ struct RowOpCase {
     init: Init,
 }
 
-fn row_case(cols: impl Strategy<Value = usize>, params: Vec<f32>) -> impl Strategy<Value = RowOpCase> {
+fn row_case(
+    cols: impl Strategy<Value = usize>,
+    params: Vec<f32>,
+) -> impl Strategy<Value = RowOpCase> {
     (dim(), cols, select(params), any::<u64>(), fill(), init()).prop_map(
         |(rows, cols, param, seed, fill, init)| RowOpCase {
             rows,
@@ -519,14 +599,34 @@ fn check_layernorm_forward<B: Backend>(b: &B, c: &RowOpCase) -> Check {
     let y0 = old_contents(c.init, rows * cols, c.seed);
     let m0 = old_contents(c.init, rows, c.seed ^ 4);
     let r0 = old_contents(c.init, rows, c.seed ^ 5);
-    let (y, mean, rstd) = run::layernorm_forward(b, &x, &gamma, &beta, (&y0, &m0, &r0), rows, cols, eps);
+    let (y, mean, rstd) =
+        run::layernorm_forward(b, &x, &gamma, &beta, (&y0, &m0, &r0), rows, cols, eps);
     let (mut wy, mut wm, mut wr) = (vec![0.0; rows * cols], vec![0.0; rows], vec![0.0; rows]);
     let (x64, g64, b64) = (f64s(&x), f64s(&gamma), f64s(&beta));
-    oracle::layernorm_forward(&x64, &g64, &b64, &mut wy, &mut wm, &mut wr, rows, cols, eps as f64);
-    let shape = format!("rows {rows}, cols {cols}, eps {eps:e}, {:?}, {:?}", c.fill, c.init);
+    oracle::layernorm_forward(
+        &x64, &g64, &b64, &mut wy, &mut wm, &mut wr, rows, cols, eps as f64,
+    );
+    let shape = format!(
+        "rows {rows}, cols {cols}, eps {eps:e}, {:?}, {:?}",
+        c.fill, c.init
+    );
     compare("layernorm_forward y", &shape, &y, &wy, Tol::REDUCTION, None)?;
-    compare("layernorm_forward mean", &shape, &mean, &wm, Tol::REDUCTION, None)?;
-    compare("layernorm_forward rstd", &shape, &rstd, &wr, Tol::REDUCTION, None)
+    compare(
+        "layernorm_forward mean",
+        &shape,
+        &mean,
+        &wm,
+        Tol::REDUCTION,
+        None,
+    )?;
+    compare(
+        "layernorm_forward rstd",
+        &shape,
+        &rstd,
+        &wr,
+        Tol::REDUCTION,
+        None,
+    )
 }
 
 /// Inputs of a layernorm backward: `(dy, x, gamma, mean, rstd)`, the statistics from the oracle's
@@ -538,18 +638,36 @@ fn layernorm_backward_inputs(c: &RowOpCase) -> [Vec<f32>; 5] {
     let dy = data(c.seed ^ 2, rows * cols, cols, c.fill);
     let (mut y, mut mean, mut rstd) = (vec![0.0; rows * cols], vec![0.0; rows], vec![0.0; rows]);
     let zeros = vec![0.0; cols];
-    oracle::layernorm_forward(&f64s(&x), &f64s(&gamma), &zeros, &mut y, &mut mean, &mut rstd, rows, cols, c.param as f64);
+    oracle::layernorm_forward(
+        &f64s(&x),
+        &f64s(&gamma),
+        &zeros,
+        &mut y,
+        &mut mean,
+        &mut rstd,
+        rows,
+        cols,
+        c.param as f64,
+    );
     [dy, x, gamma, f32s(&mean), f32s(&rstd)]
 }
 
 /// Magnitudes of the terms of each layernorm gradient element (the `atol` scale of
 /// [`compare`]): `(dx, dgamma, dbeta)` without their prior values.
-fn layernorm_backward_magnitudes(inputs: &[Vec<f32>; 5], rows: usize, cols: usize) -> [Vec<f64>; 3] {
+fn layernorm_backward_magnitudes(
+    inputs: &[Vec<f32>; 5],
+    rows: usize,
+    cols: usize,
+) -> [Vec<f64>; 3] {
     let [dy, x, gamma, mean, rstd] = inputs.clone().map(|v| f64s(&v));
     let (mut mdx, mut mdg, mut mdb) = (vec![0.0; rows * cols], vec![0.0; cols], vec![0.0; cols]);
     for r in 0..rows {
-        let xhat: Vec<f64> = (0..cols).map(|c| ((x[r * cols + c] - mean[r]) * rstd[r]).abs()).collect();
-        let g: Vec<f64> = (0..cols).map(|c| (dy[r * cols + c] * gamma[c]).abs()).collect();
+        let xhat: Vec<f64> = (0..cols)
+            .map(|c| ((x[r * cols + c] - mean[r]) * rstd[r]).abs())
+            .collect();
+        let g: Vec<f64> = (0..cols)
+            .map(|c| (dy[r * cols + c] * gamma[c]).abs())
+            .collect();
         let mg = g.iter().sum::<f64>() / cols as f64;
         let mgx = g.iter().zip(&xhat).map(|(g, x)| g * x).sum::<f64>() / cols as f64;
         for c in 0..cols {
@@ -565,19 +683,50 @@ fn check_layernorm_backward<B: Backend>(b: &B, c: &RowOpCase) -> Check {
     let (rows, cols) = (c.rows, c.cols);
     let inputs = layernorm_backward_inputs(c);
     let [dy, x, gamma, mean, rstd] = &inputs;
-    let (dx0, dg0, db0) = (prior(rows * cols, c.seed), prior(cols, c.seed ^ 1), prior(cols, c.seed ^ 2));
-    let (dx, dg, db) = run::layernorm_backward(b, dy, x, gamma, mean, rstd, (&dx0, &dg0, &db0), rows, cols);
+    let (dx0, dg0, db0) = (
+        prior(rows * cols, c.seed),
+        prior(cols, c.seed ^ 1),
+        prior(cols, c.seed ^ 2),
+    );
+    let (dx, dg, db) =
+        run::layernorm_backward(b, dy, x, gamma, mean, rstd, (&dx0, &dg0, &db0), rows, cols);
     let (mut wdx, mut wdg, mut wdb) = (f64s(&dx0), f64s(&dg0), f64s(&db0));
     let [dy64, x64, g64, m64, r64] = inputs.clone().map(|v| f64s(&v));
-    oracle::layernorm_backward(&dy64, &x64, &g64, &m64, &r64, &mut wdx, &mut wdg, &mut wdb, rows, cols);
+    oracle::layernorm_backward(
+        &dy64, &x64, &g64, &m64, &r64, &mut wdx, &mut wdg, &mut wdb, rows, cols,
+    );
     let [mut mdx, mut mdg, mut mdb] = layernorm_backward_magnitudes(&inputs, rows, cols);
     oracle::add(&abs(&dx0), &mut mdx);
     oracle::add(&abs(&dg0), &mut mdg);
     oracle::add(&abs(&db0), &mut mdb);
-    let shape = format!("rows {rows}, cols {cols}, eps {:e}, {:?}, seed {}", c.param, c.fill, c.seed);
-    compare("layernorm_backward dx", &shape, &dx, &wdx, Tol::REDUCTION, Some(&mdx))?;
-    compare("layernorm_backward dgamma", &shape, &dg, &wdg, Tol::REDUCTION, Some(&mdg))?;
-    compare("layernorm_backward dbeta", &shape, &db, &wdb, Tol::REDUCTION, Some(&mdb))
+    let shape = format!(
+        "rows {rows}, cols {cols}, eps {:e}, {:?}, seed {}",
+        c.param, c.fill, c.seed
+    );
+    compare(
+        "layernorm_backward dx",
+        &shape,
+        &dx,
+        &wdx,
+        Tol::REDUCTION,
+        Some(&mdx),
+    )?;
+    compare(
+        "layernorm_backward dgamma",
+        &shape,
+        &dg,
+        &wdg,
+        Tol::REDUCTION,
+        Some(&mdg),
+    )?;
+    compare(
+        "layernorm_backward dbeta",
+        &shape,
+        &db,
+        &wdb,
+        Tol::REDUCTION,
+        Some(&mdb),
+    )
 }
 
 // ---- gelu ---------------------------------------------------------------------------------------
@@ -588,7 +737,14 @@ fn check_gelu_forward<B: Backend>(b: &B, len: usize, seed: u64, fill: Fill, init
     let got = run::gelu_forward(b, &x, &y0);
     let mut want = vec![0.0; len];
     oracle::gelu_forward(&f64s(&x), &mut want);
-    compare("gelu_forward", &format!("len {len}, {fill:?}, {init:?}"), &got, &want, Tol::ELEMENTWISE, None)
+    compare(
+        "gelu_forward",
+        &format!("len {len}, {fill:?}, {init:?}"),
+        &got,
+        &want,
+        Tol::ELEMENTWISE,
+        None,
+    )
 }
 
 fn check_gelu_backward<B: Backend>(b: &B, len: usize, seed: u64, fill: Fill) -> Check {
@@ -605,7 +761,14 @@ fn check_gelu_backward<B: Backend>(b: &B, len: usize, seed: u64, fill: Fill) -> 
         let (x, dy) = (x[i] as f64, dy[i] as f64);
         mag[i] += dy.abs() * (oracle::normal_cdf(x) + (x * oracle::normal_pdf(x)).abs());
     }
-    compare("gelu_backward", &format!("len {len}, {fill:?}"), &got, &want, Tol::ELEMENTWISE, Some(&mag))
+    compare(
+        "gelu_backward",
+        &format!("len {len}, {fill:?}"),
+        &got,
+        &want,
+        Tol::ELEMENTWISE,
+        Some(&mag),
+    )
 }
 
 // ---- softmax ------------------------------------------------------------------------------------
@@ -619,7 +782,10 @@ fn check_softmax_forward<B: Backend>(b: &B, c: &RowOpCase) -> Check {
     let got = run::softmax_forward(b, &x, &y0, rows, cols, s);
     let mut want = vec![0.0; rows * cols];
     oracle::softmax_forward(&f64s(&x), &mut want, rows, cols, s);
-    let shape = format!("rows {rows}, cols {cols}, scale {s}, {:?}, {:?}", c.fill, c.init);
+    let shape = format!(
+        "rows {rows}, cols {cols}, scale {s}, {:?}, {:?}",
+        c.fill, c.init
+    );
     compare("softmax_forward", &shape, &got, &want, Tol::REDUCTION, None)
 }
 
@@ -637,14 +803,26 @@ fn check_softmax_backward<B: Backend>(b: &B, c: &RowOpCase) -> Check {
     // |scale| y (|dy| + sum |dy y|) + |dx0|.
     let mut mag = abs(&dx0);
     for r in 0..rows {
-        let dot: f64 = (0..cols).map(|c| (dy[r * cols + c] * y[r * cols + c]).abs() as f64).sum();
+        let dot: f64 = (0..cols)
+            .map(|c| (dy[r * cols + c] * y[r * cols + c]).abs() as f64)
+            .sum();
         for c in 0..cols {
             let i = r * cols + c;
             mag[i] += (s * y[i]) as f64 * (dy[i].abs() as f64 + dot);
         }
     }
-    let shape = format!("rows {rows}, cols {cols}, scale {s}, {:?}, seed {}", c.fill, c.seed);
-    compare("softmax_backward", &shape, &got, &want, Tol::REDUCTION, Some(&mag))
+    let shape = format!(
+        "rows {rows}, cols {cols}, scale {s}, {:?}, seed {}",
+        c.fill, c.seed
+    );
+    compare(
+        "softmax_backward",
+        &shape,
+        &got,
+        &want,
+        Tol::REDUCTION,
+        Some(&mag),
+    )
 }
 
 // ---- loss ---------------------------------------------------------------------------------------
@@ -656,14 +834,19 @@ fn check_normalize_rows<B: Backend>(b: &B, c: &RowOpCase) -> Check {
     let got = run::normalize_rows(b, &x, &y0, rows, cols, eps);
     let mut want = vec![0.0; rows * cols];
     oracle::normalize_rows(&f64s(&x), &mut want, rows, cols, eps as f64);
-    let shape = format!("rows {rows}, cols {cols}, eps {eps:e}, {:?}, {:?}", c.fill, c.init);
+    let shape = format!(
+        "rows {rows}, cols {cols}, eps {eps:e}, {:?}, {:?}",
+        c.fill, c.init
+    );
     compare("normalize_rows", &shape, &got, &want, Tol::REDUCTION, None)
 }
 
 /// A 0/1 mask with about three quarters ones (MAE's ratio) and at least one.
 fn loss_mask(rows: usize, seed: u64) -> Vec<f32> {
     let mut rng = Rng::new(seed ^ 0x3a5c);
-    let mut mask: Vec<f32> = (0..rows).map(|_| (rng.below(4) != 0) as u32 as f32).collect();
+    let mut mask: Vec<f32> = (0..rows)
+        .map(|_| (rng.below(4) != 0) as u32 as f32)
+        .collect();
     if mask.iter().all(|&m| m == 0.0) {
         mask[rng.below(rows)] = 1.0;
     }
@@ -678,9 +861,26 @@ fn check_masked_mse_forward<B: Backend>(b: &B, c: &RowOpCase) -> Check {
     let loss0 = old_contents(c.init, 1, c.seed);
     let got = run::masked_mse_forward(b, &pred, &target, &mask, &loss0, rows, cols);
     let mut want = vec![0.0];
-    oracle::masked_mse_forward(&f64s(&pred), &f64s(&target), &f64s(&mask), &mut want, rows, cols);
-    let shape = format!("rows {rows}, cols {cols}, mask {mask:?}, {:?}, {:?}", c.fill, c.init);
-    compare("masked_mse_forward", &shape, &got, &want, Tol::REDUCTION, None)
+    oracle::masked_mse_forward(
+        &f64s(&pred),
+        &f64s(&target),
+        &f64s(&mask),
+        &mut want,
+        rows,
+        cols,
+    );
+    let shape = format!(
+        "rows {rows}, cols {cols}, mask {mask:?}, {:?}, {:?}",
+        c.fill, c.init
+    );
+    compare(
+        "masked_mse_forward",
+        &shape,
+        &got,
+        &want,
+        Tol::REDUCTION,
+        None,
+    )
 }
 
 fn check_masked_mse_backward<B: Backend>(b: &B, c: &RowOpCase) -> Check {
@@ -697,8 +897,18 @@ fn check_masked_mse_backward<B: Backend>(b: &B, c: &RowOpCase) -> Check {
     oracle::masked_mse_backward(&p64, &t64, &m64, &mut grad, rows, cols, d_loss);
     let mut mag = abs(&dp0);
     oracle::add(&grad.iter().map(|g| g.abs()).collect::<Vec<_>>(), &mut mag);
-    let shape = format!("rows {rows}, cols {cols}, d_loss {d_loss}, mask {mask:?}, {:?}", c.fill);
-    compare("masked_mse_backward", &shape, &got, &want, Tol::ELEMENTWISE, Some(&mag))
+    let shape = format!(
+        "rows {rows}, cols {cols}, d_loss {d_loss}, mask {mask:?}, {:?}",
+        c.fill
+    );
+    compare(
+        "masked_mse_backward",
+        &shape,
+        &got,
+        &want,
+        Tol::ELEMENTWISE,
+        Some(&mag),
+    )
 }
 
 // ---- adamw --------------------------------------------------------------------------------------
@@ -733,7 +943,10 @@ fn check_adamw<B: Backend>(b: &B, c: &AdamCase) -> Check {
     let len = c.len;
     let p = data(c.seed, len, 1, c.fill);
     let g = data(c.seed ^ 1, len, 1, c.fill);
-    let m = data(c.seed ^ 2, len, 1, c.fill).iter().map(|x| x * 0.1).collect::<Vec<_>>();
+    let m = data(c.seed ^ 2, len, 1, c.fill)
+        .iter()
+        .map(|x| x * 0.1)
+        .collect::<Vec<_>>();
     // v is a running mean of squares: non-negative, some exactly zero.
     let v: Vec<f32> = data(c.seed ^ 3, len, 1, c.fill)
         .iter()
@@ -900,13 +1113,38 @@ fn check_copy_rows_fixed<B: Backend>(b: &B) -> Check {
     let maps = [
         RowMap::bias(37, 33),
         // cls token: one shared row to row 0 of each of 3 sequences of 5 tokens.
-        RowMap { batch: 3, count: 1, cols: 8, src_stride: 0, src_start: 0, src_step: 0, dst_stride: 5, dst_start: 0 },
+        RowMap {
+            batch: 3,
+            count: 1,
+            cols: 8,
+            src_stride: 0,
+            src_start: 0,
+            src_step: 0,
+            dst_stride: 5,
+            dst_start: 0,
+        },
         // pos table rows 1..5 onto tokens 1..5 of each sequence.
-        RowMap { batch: 3, count: 4, cols: 8, src_stride: 0, src_start: 1, src_step: 1, dst_stride: 5, dst_start: 1 },
+        RowMap {
+            batch: 3,
+            count: 4,
+            cols: 8,
+            src_stride: 0,
+            src_start: 1,
+            src_step: 1,
+            dst_stride: 5,
+            dst_start: 1,
+        },
     ];
     for (i, map) in maps.into_iter().enumerate() {
         for accumulate in [false, true] {
-            let c = RowsCase { map, tail: 0, accumulate, seed: i as u64, fill: Fill::Uniform, init: Init::Nan };
+            let c = RowsCase {
+                map,
+                tail: 0,
+                accumulate,
+                seed: i as u64,
+                fill: Fill::Uniform,
+                init: Init::Nan,
+            };
             check_copy_rows(b, &c)?;
             check_copy_rows_backward(b, &c)?;
         }
@@ -922,16 +1160,37 @@ fn cpu_copy_rows_fixed_maps() {
 // ---- memory ops ---------------------------------------------------------------------------------
 
 fn check_memory<B: Backend>(b: &B) -> Check {
-    let special = [0.0f32, -0.0, 1.0, -1.5, f32::MIN_POSITIVE / 4.0, f32::MAX, f32::INFINITY, f32::NAN, 3.25e-7];
+    let special = [
+        0.0f32,
+        -0.0,
+        1.0,
+        -1.5,
+        f32::MIN_POSITIVE / 4.0,
+        f32::MAX,
+        f32::INFINITY,
+        f32::NAN,
+        3.25e-7,
+    ];
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
 
+    let empty = b.alloc(0).map_err(|e| format!("alloc(0): {e}"))?;
+    if b.len(&empty) != 0 {
+        return Err(format!("alloc(0): len {}", b.len(&empty)));
+    }
     let z = b.alloc(13).map_err(|e| e.to_string())?;
     if b.len(&z) != 13 || down(b, &z) != vec![0.0; 13] {
-        return Err(format!("alloc(13): len {}, contents {:?}", b.len(&z), down(b, &z)));
+        return Err(format!(
+            "alloc(13): len {}, contents {:?}",
+            b.len(&z),
+            down(b, &z)
+        ));
     }
     let mut buf = up(b, &special);
     if bits(&down(b, &buf)) != bits(&special) {
-        return Err(format!("upload/download round trip changed bits: {:?}", down(b, &buf)));
+        return Err(format!(
+            "upload/download round trip changed bits: {:?}",
+            down(b, &buf)
+        ));
     }
     let other: Vec<f32> = (0..special.len()).map(|i| i as f32 * 0.5 - 1.0).collect();
     b.write(&mut buf, &other).map_err(|e| e.to_string())?;
@@ -950,21 +1209,34 @@ fn check_memory<B: Backend>(b: &B) -> Check {
     b.sync().map_err(|e| e.to_string())?;
 
     // Index buffers: upload_idx, idx_len and write_idx, observed through a gather.
-    let g = Gather { batch: 1, count: 3, cols: 2, src_rows: 4, dst_rows: 3, dst_start: 0 };
+    let g = Gather {
+        batch: 1,
+        count: 3,
+        cols: 2,
+        src_rows: 4,
+        dst_rows: 3,
+        dst_start: 0,
+    };
     let rows = up(b, &[0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5]);
     let mut idx = up_idx(b, &[3, 1, 0]);
     if b.idx_len(&idx) != 3 {
         return Err(format!("idx_len: {}", b.idx_len(&idx)));
     }
     let mut dst = b.alloc(6).map_err(|e| e.to_string())?;
-    b.gather_rows(&rows, &idx, &mut dst, &g).map_err(|e| e.to_string())?;
+    b.gather_rows(&rows, &idx, &mut dst, &g)
+        .map_err(|e| e.to_string())?;
     if down(b, &dst) != [3.0, 3.5, 1.0, 1.5, 0.0, 0.5] {
         return Err(format!("gather with idx [3, 1, 0]: {:?}", down(b, &dst)));
     }
-    b.write_idx(&mut idx, &[2, 0, 3]).map_err(|e| e.to_string())?;
-    b.gather_rows(&rows, &idx, &mut dst, &g).map_err(|e| e.to_string())?;
+    b.write_idx(&mut idx, &[2, 0, 3])
+        .map_err(|e| e.to_string())?;
+    b.gather_rows(&rows, &idx, &mut dst, &g)
+        .map_err(|e| e.to_string())?;
     if down(b, &dst) != [2.0, 2.5, 0.0, 0.5, 3.0, 3.5] {
-        return Err(format!("gather after write_idx [2, 0, 3]: {:?}", down(b, &dst)));
+        return Err(format!(
+            "gather after write_idx [2, 0, 3]: {:?}",
+            down(b, &dst)
+        ));
     }
     Ok(())
 }
@@ -977,7 +1249,11 @@ fn cpu_memory_ops() {
 // ---- contracts: accumulate twice, overwrite ignores old contents, untouched outputs ---------------
 
 /// Runs `op` twice into one zero-filled output of `len` floats; returns the output after each run.
-fn twice<B: Backend>(b: &B, len: usize, mut op: impl FnMut(&mut B::Buf) -> mae::backend::BResult<()>) -> Result<(Vec<f32>, Vec<f32>), String> {
+fn twice<B: Backend>(
+    b: &B,
+    len: usize,
+    mut op: impl FnMut(&mut B::Buf) -> mae::backend::BResult<()>,
+) -> Result<(Vec<f32>, Vec<f32>), String> {
     let mut out = b.alloc(len).map_err(|e| e.to_string())?;
     b.fill(&mut out, 0.0).map_err(|e| e.to_string())?;
     op(&mut out).map_err(|e| e.to_string())?;
@@ -988,14 +1264,37 @@ fn twice<B: Backend>(b: &B, len: usize, mut op: impl FnMut(&mut B::Buf) -> mae::
 
 /// The first run must match the oracle (and so cannot be all zeros when the oracle is not), the
 /// second must be twice the first.
-fn check_twice(what: &str, shape: &str, (first, second): (Vec<f32>, Vec<f32>), want: &[f64], tol: Tol, mag: Option<&[f64]>) -> Check {
+fn check_twice(
+    what: &str,
+    shape: &str,
+    (first, second): (Vec<f32>, Vec<f32>),
+    want: &[f64],
+    tol: Tol,
+    mag: Option<&[f64]>,
+) -> Check {
     if want.iter().all(|&w| w == 0.0) {
-        return Err(format!("{what} [{shape}]: test bug, the expected gradient is all zeros"));
+        return Err(format!(
+            "{what} [{shape}]: test bug, the expected gradient is all zeros"
+        ));
     }
-    compare(&format!("{what} (first call into zeros)"), shape, &first, want, tol, mag)?;
+    compare(
+        &format!("{what} (first call into zeros)"),
+        shape,
+        &first,
+        want,
+        tol,
+        mag,
+    )?;
     let doubled: Vec<f64> = first.iter().map(|&x| 2.0 * x as f64).collect();
     let mag2: Option<Vec<f64>> = mag.map(|m| m.iter().map(|x| 2.0 * x).collect());
-    compare(&format!("{what} (second call must give 2x the first)"), shape, &second, &doubled, tol, mag2.as_deref())
+    compare(
+        &format!("{what} (second call must give 2x the first)"),
+        shape,
+        &second,
+        &doubled,
+        tol,
+        mag2.as_deref(),
+    )
 }
 
 fn check_accumulate_twice<B: Backend>(b: &B) -> Check {
@@ -1013,58 +1312,155 @@ fn check_accumulate_twice<B: Backend>(b: &B) -> Check {
     let mut want = vec![0.0; rows * 5];
     oracle::gemm(&g, &x64, &f64s(&w), &mut want);
     let r = twice(b, rows * 5, |c| b.gemm(&g, &xb, &wb, c))?;
-    check_twice("gemm beta=1", &format!("{g:?}"), r, &want, Tol::gemm(cols, 1.0, 1.0), None)?;
+    check_twice(
+        "gemm beta=1",
+        &format!("{g:?}"),
+        r,
+        &want,
+        Tol::gemm(cols, 1.0, 1.0),
+        None,
+    )?;
 
     // add.
     let r = twice(b, n, |d| b.add(&xb, d))?;
     check_twice("add", &format!("len {n}"), r, &x64, Tol::ELEMENTWISE, None)?;
 
     // copy_rows with accumulate, and its backward.
-    let map = RowMap { batch: 2, count: 3, cols, src_stride: 1, src_start: 1, src_step: 1, dst_stride: 3, dst_start: 0 };
+    let map = RowMap {
+        batch: 2,
+        count: 3,
+        cols,
+        src_stride: 1,
+        src_start: 1,
+        src_step: 1,
+        dst_stride: 3,
+        dst_start: 0,
+    };
     let (ls, ld) = map.lens();
     let mut want = vec![0.0; ld];
     oracle::copy_rows(&x64[..ls], &mut want, &map, true);
     let src = up(b, &x[..ls]);
     let r = twice(b, ld, |d| b.copy_rows(&src, d, &map, true))?;
-    check_twice("copy_rows accumulate", &format!("{map:?}"), r, &want, Tol::ELEMENTWISE, None)?;
+    check_twice(
+        "copy_rows accumulate",
+        &format!("{map:?}"),
+        r,
+        &want,
+        Tol::ELEMENTWISE,
+        None,
+    )?;
     let mut want = vec![0.0; ls];
     oracle::copy_rows_backward(&x64[..ld], &mut want, &map);
     let d_dst = up(b, &x[..ld]);
     let r = twice(b, ls, |d| b.copy_rows_backward(&d_dst, d, &map))?;
-    check_twice("copy_rows_backward", &format!("{map:?}"), r, &want, Tol::ELEMENTWISE.scaled(4.0), None)?;
+    check_twice(
+        "copy_rows_backward",
+        &format!("{map:?}"),
+        r,
+        &want,
+        Tol::ELEMENTWISE.scaled(4.0),
+        None,
+    )?;
 
     // gather_rows_backward.
-    let gd = Gather { batch: 1, count: 4, cols, src_rows: rows, dst_rows: 5, dst_start: 1 };
+    let gd = Gather {
+        batch: 1,
+        count: 4,
+        cols,
+        src_rows: rows,
+        dst_rows: 5,
+        dst_start: 1,
+    };
     let idx = [5u32, 0, 2, 6];
     let (ls, _, ld) = gd.lens();
     let mut want = vec![0.0; ls];
     oracle::gather_rows_backward(&x64[..ld], &idx, &mut want, &gd);
     let (d_dst, idxb) = (up(b, &x[..ld]), up_idx(b, &idx));
     let r = twice(b, ls, |d| b.gather_rows_backward(&d_dst, &idxb, d, &gd))?;
-    check_twice("gather_rows_backward", &format!("{gd:?}"), r, &want, Tol::ELEMENTWISE, None)?;
+    check_twice(
+        "gather_rows_backward",
+        &format!("{gd:?}"),
+        r,
+        &want,
+        Tol::ELEMENTWISE,
+        None,
+    )?;
 
     // layernorm_backward: dx, dgamma and dbeta, one output at a time.
-    let c = RowOpCase { rows, cols, param: 1e-6, seed: 4, fill: Fill::Uniform, init: Init::Nan };
+    let c = RowOpCase {
+        rows,
+        cols,
+        param: 1e-6,
+        seed: 4,
+        fill: Fill::Uniform,
+        init: Init::Nan,
+    };
     let inputs = layernorm_backward_inputs(&c);
     let [dy, xl, gamma, mean, rstd] = inputs.clone().map(|v| up(b, &v));
     let [dy64, xl64, g64, m64, r64] = inputs.clone().map(|v| f64s(&v));
     let (mut wdx, mut wdg, mut wdb) = (vec![0.0; n], vec![0.0; cols], vec![0.0; cols]);
-    oracle::layernorm_backward(&dy64, &xl64, &g64, &m64, &r64, &mut wdx, &mut wdg, &mut wdb, rows, cols);
+    oracle::layernorm_backward(
+        &dy64, &xl64, &g64, &m64, &r64, &mut wdx, &mut wdg, &mut wdb, rows, cols,
+    );
     let [mdx, mdg, mdb] = layernorm_backward_magnitudes(&inputs, rows, cols);
-    let (mut sdx, mut sdg, mut sdb) = (b.alloc(n).unwrap(), b.alloc(cols).unwrap(), b.alloc(cols).unwrap());
+    let (mut sdx, mut sdg, mut sdb) = (
+        b.alloc(n).unwrap(),
+        b.alloc(cols).unwrap(),
+        b.alloc(cols).unwrap(),
+    );
     let shape = format!("rows {rows}, cols {cols}");
-    let r = twice(b, n, |dx| b.layernorm_backward(&dy, &xl, &gamma, &mean, &rstd, dx, &mut sdg, &mut sdb, rows, cols))?;
-    check_twice("layernorm_backward dx", &shape, r, &wdx, Tol::REDUCTION, Some(&mdx))?;
-    let r = twice(b, cols, |dg| b.layernorm_backward(&dy, &xl, &gamma, &mean, &rstd, &mut sdx, dg, &mut sdb, rows, cols))?;
-    check_twice("layernorm_backward dgamma", &shape, r, &wdg, Tol::REDUCTION, Some(&mdg))?;
-    let r = twice(b, cols, |db| b.layernorm_backward(&dy, &xl, &gamma, &mean, &rstd, &mut sdx, &mut sdg, db, rows, cols))?;
-    check_twice("layernorm_backward dbeta", &shape, r, &wdb, Tol::REDUCTION, Some(&mdb))?;
+    let r = twice(b, n, |dx| {
+        b.layernorm_backward(
+            &dy, &xl, &gamma, &mean, &rstd, dx, &mut sdg, &mut sdb, rows, cols,
+        )
+    })?;
+    check_twice(
+        "layernorm_backward dx",
+        &shape,
+        r,
+        &wdx,
+        Tol::REDUCTION,
+        Some(&mdx),
+    )?;
+    let r = twice(b, cols, |dg| {
+        b.layernorm_backward(
+            &dy, &xl, &gamma, &mean, &rstd, &mut sdx, dg, &mut sdb, rows, cols,
+        )
+    })?;
+    check_twice(
+        "layernorm_backward dgamma",
+        &shape,
+        r,
+        &wdg,
+        Tol::REDUCTION,
+        Some(&mdg),
+    )?;
+    let r = twice(b, cols, |db| {
+        b.layernorm_backward(
+            &dy, &xl, &gamma, &mean, &rstd, &mut sdx, &mut sdg, db, rows, cols,
+        )
+    })?;
+    check_twice(
+        "layernorm_backward dbeta",
+        &shape,
+        r,
+        &wdb,
+        Tol::REDUCTION,
+        Some(&mdb),
+    )?;
 
     // gelu_backward.
     let mut want = vec![0.0; n];
     oracle::gelu_backward(&x64, &x264, &mut want);
     let r = twice(b, n, |dx| b.gelu_backward(&xb, &x2b, dx))?;
-    check_twice("gelu_backward", &format!("len {n}"), r, &want, Tol::ELEMENTWISE, None)?;
+    check_twice(
+        "gelu_backward",
+        &format!("len {n}"),
+        r,
+        &want,
+        Tol::ELEMENTWISE,
+        None,
+    )?;
 
     // softmax_backward.
     let mut y = vec![0.0; n];
@@ -1073,7 +1469,9 @@ fn check_accumulate_twice<B: Backend>(b: &B) -> Check {
     let mut want = vec![0.0; n];
     oracle::softmax_backward(&f64s(&y), &x264, &mut want, rows, cols, 0.5);
     let yb = up(b, &y);
-    let r = twice(b, n, |dx| b.softmax_backward(&yb, &x2b, dx, rows, cols, 0.5))?;
+    let r = twice(b, n, |dx| {
+        b.softmax_backward(&yb, &x2b, dx, rows, cols, 0.5)
+    })?;
     check_twice("softmax_backward", &shape, r, &want, Tol::REDUCTION, None)?;
 
     // masked_mse_backward.
@@ -1081,8 +1479,17 @@ fn check_accumulate_twice<B: Backend>(b: &B) -> Check {
     let mut want = vec![0.0; n];
     oracle::masked_mse_backward(&x64, &x264, &f64s(&mask), &mut want, rows, cols, 0.5);
     let maskb = up(b, &mask);
-    let r = twice(b, n, |dp| b.masked_mse_backward(&xb, &x2b, &maskb, dp, rows, cols, 0.5))?;
-    check_twice("masked_mse_backward", &shape, r, &want, Tol::ELEMENTWISE, None)
+    let r = twice(b, n, |dp| {
+        b.masked_mse_backward(&xb, &x2b, &maskb, dp, rows, cols, 0.5)
+    })?;
+    check_twice(
+        "masked_mse_backward",
+        &shape,
+        r,
+        &want,
+        Tol::ELEMENTWISE,
+        None,
+    )
 }
 
 #[test]
@@ -1092,12 +1499,18 @@ fn cpu_accumulating_ops_add_up() {
 
 /// Runs `op` on an output of `len` floats that holds NaN, then on one that holds garbage, and
 /// requires bitwise-identical results (an overwriting op must not read its output).
-fn nan_vs_garbage<B: Backend>(b: &B, what: &str, len: usize, mut op: impl FnMut(&mut B::Buf) -> mae::backend::BResult<()>) -> Result<Vec<f32>, String> {
+fn nan_vs_garbage<B: Backend>(
+    b: &B,
+    what: &str,
+    len: usize,
+    mut op: impl FnMut(&mut B::Buf) -> mae::backend::BResult<()>,
+) -> Result<Vec<f32>, String> {
     let mut out = b.alloc(len).map_err(|e| e.to_string())?;
     b.fill(&mut out, f32::NAN).map_err(|e| e.to_string())?;
     op(&mut out).map_err(|e| e.to_string())?;
     let from_nan = down(b, &out);
-    b.write(&mut out, &old_contents(Init::Garbage, len, 99)).map_err(|e| e.to_string())?;
+    b.write(&mut out, &old_contents(Init::Garbage, len, 99))
+        .map_err(|e| e.to_string())?;
     op(&mut out).map_err(|e| e.to_string())?;
     let from_garbage = down(b, &out);
     for i in 0..len {
@@ -1124,24 +1537,68 @@ fn check_overwrite<B: Backend>(b: &B) -> Check {
     let got = nan_vs_garbage(b, "gemm beta=0", rows * 4, |c| b.gemm(&g, &xb, &wb, c))?;
     let mut want = vec![0.0; rows * 4];
     oracle::gemm(&g, &x64, &f64s(&w), &mut want);
-    compare("gemm beta=0", &format!("{g:?}"), &got, &want, Tol::gemm(cols, 1.0, 1.0), None)?;
+    compare(
+        "gemm beta=0",
+        &format!("{g:?}"),
+        &got,
+        &want,
+        Tol::gemm(cols, 1.0, 1.0),
+        None,
+    )?;
 
-    let map = RowMap { batch: rows, count: 1, cols, src_stride: 0, src_start: 2, src_step: 0, dst_stride: 1, dst_start: 0 };
+    let map = RowMap {
+        batch: rows,
+        count: 1,
+        cols,
+        src_stride: 0,
+        src_start: 2,
+        src_step: 0,
+        dst_stride: 1,
+        dst_start: 0,
+    };
     let got = nan_vs_garbage(b, "copy_rows", n, |d| b.copy_rows(&xb, d, &map, false))?;
     let mut want = vec![0.0; n];
     oracle::copy_rows(&x64, &mut want, &map, false);
-    compare("copy_rows", &format!("{map:?}"), &got, &want, Tol::EXACT, None)?;
+    compare(
+        "copy_rows",
+        &format!("{map:?}"),
+        &got,
+        &want,
+        Tol::EXACT,
+        None,
+    )?;
 
-    let gd = Gather { batch: 1, count: rows, cols, src_rows: rows, dst_rows: rows, dst_start: 0 };
+    let gd = Gather {
+        batch: 1,
+        count: rows,
+        cols,
+        src_rows: rows,
+        dst_rows: rows,
+        dst_start: 0,
+    };
     let idx = [4u32, 2, 0, 1, 3];
     let idxb = up_idx(b, &idx);
     let got = nan_vs_garbage(b, "gather_rows", n, |d| b.gather_rows(&xb, &idxb, d, &gd))?;
     let mut want = vec![0.0; n];
     oracle::gather_rows(&x64, &idx, &mut want, &gd);
-    compare("gather_rows", &format!("{gd:?}"), &got, &want, Tol::EXACT, None)?;
+    compare(
+        "gather_rows",
+        &format!("{gd:?}"),
+        &got,
+        &want,
+        Tol::EXACT,
+        None,
+    )?;
 
     for order in [PatchOrder::Chw, PatchOrder::Hwc] {
-        let p = Patchify { batch: 2, channels: 3, height: 6, width: 9, patch: 3, order };
+        let p = Patchify {
+            batch: 2,
+            channels: 3,
+            height: 6,
+            width: 9,
+            patch: 3,
+            order,
+        };
         let imgs = data(13, p.lens().0, 1, Fill::Uniform);
         let ib = up(b, &imgs);
         let got = nan_vs_garbage(b, "patchify", p.lens().1, |o| b.patchify(&ib, o, &p))?;
@@ -1150,42 +1607,110 @@ fn check_overwrite<B: Backend>(b: &B) -> Check {
         compare("patchify", &format!("{p:?}"), &got, &want, Tol::EXACT, None)?;
     }
 
-    let h = Heads { batch: 2, tokens: 5, heads: 3, head_dim: 4, row_width: 12, col_offset: 0 };
+    let h = Heads {
+        batch: 2,
+        tokens: 5,
+        heads: 3,
+        head_dim: 4,
+        row_width: 12,
+        col_offset: 0,
+    };
     let t = data(14, h.lens().0, 12, Fill::Uniform);
     let tb = up(b, &t);
     let got = nan_vs_garbage(b, "split_heads", h.lens().1, |o| b.split_heads(&tb, o, &h))?;
     let mut want = vec![0.0; h.lens().1];
     oracle::split_heads(&f64s(&t), &mut want, &h);
-    compare("split_heads", &format!("{h:?}"), &got, &want, Tol::EXACT, None)?;
+    compare(
+        "split_heads",
+        &format!("{h:?}"),
+        &got,
+        &want,
+        Tol::EXACT,
+        None,
+    )?;
     // merge_heads writes every column when they are all head columns.
     let hb = up(b, &f32s(&want));
     let got = nan_vs_garbage(b, "merge_heads", h.lens().0, |o| b.merge_heads(&hb, o, &h))?;
-    compare("merge_heads", &format!("{h:?}"), &got, &f64s(&t), Tol::EXACT, None)?;
+    compare(
+        "merge_heads",
+        &format!("{h:?}"),
+        &got,
+        &f64s(&t),
+        Tol::EXACT,
+        None,
+    )?;
 
     let gamma = up(b, &data(15, cols, cols, Fill::Uniform));
     let beta = up(b, &data(16, cols, cols, Fill::Uniform));
-    let (mut mean, mut rstd, mut y) = (b.alloc(rows).unwrap(), b.alloc(rows).unwrap(), b.alloc(n).unwrap());
-    let y1 = nan_vs_garbage(b, "layernorm_forward y", n, |y| b.layernorm_forward(&xb, &gamma, &beta, y, &mut mean, &mut rstd, rows, cols, 1e-6))?;
-    let m1 = nan_vs_garbage(b, "layernorm_forward mean", rows, |m| b.layernorm_forward(&xb, &gamma, &beta, &mut y, m, &mut rstd, rows, cols, 1e-6))?;
-    let r1 = nan_vs_garbage(b, "layernorm_forward rstd", rows, |r| b.layernorm_forward(&xb, &gamma, &beta, &mut y, &mut mean, r, rows, cols, 1e-6))?;
+    let (mut mean, mut rstd, mut y) = (
+        b.alloc(rows).unwrap(),
+        b.alloc(rows).unwrap(),
+        b.alloc(n).unwrap(),
+    );
+    let y1 = nan_vs_garbage(b, "layernorm_forward y", n, |y| {
+        b.layernorm_forward(
+            &xb, &gamma, &beta, y, &mut mean, &mut rstd, rows, cols, 1e-6,
+        )
+    })?;
+    let m1 = nan_vs_garbage(b, "layernorm_forward mean", rows, |m| {
+        b.layernorm_forward(&xb, &gamma, &beta, &mut y, m, &mut rstd, rows, cols, 1e-6)
+    })?;
+    let r1 = nan_vs_garbage(b, "layernorm_forward rstd", rows, |r| {
+        b.layernorm_forward(&xb, &gamma, &beta, &mut y, &mut mean, r, rows, cols, 1e-6)
+    })?;
     let (mut wy, mut wm, mut wr) = (vec![0.0; n], vec![0.0; rows], vec![0.0; rows]);
     let (g64, b64) = (f64s(&down(b, &gamma)), f64s(&down(b, &beta)));
-    oracle::layernorm_forward(&x64, &g64, &b64, &mut wy, &mut wm, &mut wr, rows, cols, 1e-6f32 as f64);
-    compare("layernorm_forward y", "5x31", &y1, &wy, Tol::REDUCTION, None)?;
-    compare("layernorm_forward mean", "5x31", &m1, &wm, Tol::REDUCTION, None)?;
-    compare("layernorm_forward rstd", "5x31", &r1, &wr, Tol::REDUCTION, None)?;
+    oracle::layernorm_forward(
+        &x64,
+        &g64,
+        &b64,
+        &mut wy,
+        &mut wm,
+        &mut wr,
+        rows,
+        cols,
+        1e-6f32 as f64,
+    );
+    compare(
+        "layernorm_forward y",
+        "5x31",
+        &y1,
+        &wy,
+        Tol::REDUCTION,
+        None,
+    )?;
+    compare(
+        "layernorm_forward mean",
+        "5x31",
+        &m1,
+        &wm,
+        Tol::REDUCTION,
+        None,
+    )?;
+    compare(
+        "layernorm_forward rstd",
+        "5x31",
+        &r1,
+        &wr,
+        Tol::REDUCTION,
+        None,
+    )?;
 
     let got = nan_vs_garbage(b, "gelu_forward", n, |y| b.gelu_forward(&xb, y))?;
     let mut want = vec![0.0; n];
     oracle::gelu_forward(&x64, &mut want);
     compare("gelu_forward", "5x31", &got, &want, Tol::ELEMENTWISE, None)?;
 
-    let got = nan_vs_garbage(b, "softmax_forward", n, |y| b.softmax_forward(&xb, y, rows, cols, 0.25))?;
+    let got = nan_vs_garbage(b, "softmax_forward", n, |y| {
+        b.softmax_forward(&xb, y, rows, cols, 0.25)
+    })?;
     let mut want = vec![0.0; n];
     oracle::softmax_forward(&x64, &mut want, rows, cols, 0.25);
     compare("softmax_forward", "5x31", &got, &want, Tol::REDUCTION, None)?;
 
-    let got = nan_vs_garbage(b, "normalize_rows", n, |y| b.normalize_rows(&xb, y, rows, cols, 1e-6))?;
+    let got = nan_vs_garbage(b, "normalize_rows", n, |y| {
+        b.normalize_rows(&xb, y, rows, cols, 1e-6)
+    })?;
     let mut want = vec![0.0; n];
     oracle::normalize_rows(&x64, &mut want, rows, cols, 1e-6f32 as f64);
     compare("normalize_rows", "5x31", &got, &want, Tol::REDUCTION, None)?;
@@ -1193,10 +1718,19 @@ fn check_overwrite<B: Backend>(b: &B) -> Check {
     let target = data(17, n, cols, Fill::Uniform);
     let mask = loss_mask(rows, 18);
     let (tb, mb) = (up(b, &target), up(b, &mask));
-    let got = nan_vs_garbage(b, "masked_mse_forward", 1, |l| b.masked_mse_forward(&xb, &tb, &mb, l, rows, cols))?;
+    let got = nan_vs_garbage(b, "masked_mse_forward", 1, |l| {
+        b.masked_mse_forward(&xb, &tb, &mb, l, rows, cols)
+    })?;
     let mut want = vec![0.0];
     oracle::masked_mse_forward(&x64, &f64s(&target), &f64s(&mask), &mut want, rows, cols);
-    compare("masked_mse_forward", "5x31", &got, &want, Tol::REDUCTION, None)?;
+    compare(
+        "masked_mse_forward",
+        "5x31",
+        &got,
+        &want,
+        Tol::REDUCTION,
+        None,
+    )?;
 
     let got = nan_vs_garbage(b, "fill", n, |o| b.fill(o, 0.75))?;
     compare("fill", "5x31", &got, &vec![0.75; n], Tol::EXACT, None)?;
@@ -1215,7 +1749,14 @@ fn cpu_overwriting_ops_ignore_old_contents() {
 fn check_untouched<B: Backend>(b: &B) -> Check {
     let sentinel = |len: usize| -> Vec<f32> { (0..len).map(|i| 1000.0 + i as f32).collect() };
 
-    let h = Heads { batch: 2, tokens: 3, heads: 2, head_dim: 3, row_width: 3 * 6 + 1, col_offset: 6 };
+    let h = Heads {
+        batch: 2,
+        tokens: 3,
+        heads: 2,
+        head_dim: 3,
+        row_width: 3 * 6 + 1,
+        col_offset: 6,
+    };
     let heads = data(21, h.lens().1, 3, Fill::Uniform);
     let x0 = sentinel(h.lens().0);
     let got = run::merge_heads(b, &heads, &x0, &h);
@@ -1223,43 +1764,173 @@ fn check_untouched<B: Backend>(b: &B) -> Check {
     untouched("merge_heads", &format!("{h:?}"), &got, &x0, &touched)?;
     let mut want = f64s(&x0);
     oracle::merge_heads(&f64s(&heads), &mut want, &h);
-    compare("merge_heads", &format!("{h:?}"), &got, &want, Tol::EXACT, None)?;
+    compare(
+        "merge_heads",
+        &format!("{h:?}"),
+        &got,
+        &want,
+        Tol::EXACT,
+        None,
+    )?;
 
-    let map = RowMap { batch: 2, count: 2, cols: 5, src_stride: 2, src_start: 0, src_step: 1, dst_stride: 4, dst_start: 1 };
+    let map = RowMap {
+        batch: 2,
+        count: 2,
+        cols: 5,
+        src_stride: 2,
+        src_start: 0,
+        src_step: 1,
+        dst_stride: 4,
+        dst_start: 1,
+    };
     let (ls, ld) = map.lens();
     let src = data(22, ls, 5, Fill::Uniform);
     for accumulate in [false, true] {
         let d0 = sentinel(ld + 5);
         let got = run::copy_rows(b, &src, &d0, &map, accumulate);
-        untouched("copy_rows", &format!("{map:?}"), &got, &d0, &rows_touched(&map, ld + 5))?;
+        untouched(
+            "copy_rows",
+            &format!("{map:?}"),
+            &got,
+            &d0,
+            &rows_touched(&map, ld + 5),
+        )?;
         let mut want = f64s(&d0);
         oracle::copy_rows(&f64s(&src), &mut want, &map, accumulate);
-        compare("copy_rows", &format!("{map:?}"), &got, &want, Tol::ELEMENTWISE, None)?;
+        compare(
+            "copy_rows",
+            &format!("{map:?}"),
+            &got,
+            &want,
+            Tol::ELEMENTWISE,
+            None,
+        )?;
     }
 
-    let g = Gather { batch: 2, count: 2, cols: 4, src_rows: 3, dst_rows: 5, dst_start: 2 };
+    let g = Gather {
+        batch: 2,
+        count: 2,
+        cols: 4,
+        src_rows: 3,
+        dst_rows: 5,
+        dst_start: 2,
+    };
     let (ls, _, ld) = g.lens();
     let src = data(23, ls, 4, Fill::Uniform);
     let idx = [2u32, 0, 1, 2];
     let d0 = sentinel(ld);
     let got = run::gather_rows(b, &src, &idx, &d0, &g);
-    untouched("gather_rows", &format!("{g:?}"), &got, &d0, &gather_touched(&g))?;
+    untouched(
+        "gather_rows",
+        &format!("{g:?}"),
+        &got,
+        &d0,
+        &gather_touched(&g),
+    )?;
     let mut want = f64s(&d0);
     oracle::gather_rows(&f64s(&src), &idx, &mut want, &g);
-    compare("gather_rows", &format!("{g:?}"), &got, &want, Tol::EXACT, None)?;
+    compare(
+        "gather_rows",
+        &format!("{g:?}"),
+        &got,
+        &want,
+        Tol::EXACT,
+        None,
+    )?;
 
     let gm = Gemm::new(3, 4, 5).batched(3, 3 * 5, 0, 3 * 4 + 2);
     let (la, lb, lc) = gm.lens();
-    let (a, bm) = (data(24, la, 5, Fill::Uniform), data(25, lb, 4, Fill::Uniform));
+    let (a, bm) = (
+        data(24, la, 5, Fill::Uniform),
+        data(25, lb, 4, Fill::Uniform),
+    );
     let c0 = sentinel(lc + 2);
     let got = run::gemm(b, &gm, &a, &bm, &c0);
-    untouched("gemm", &format!("{gm:?}"), &got, &c0, &gemm_touched(&gm, lc + 2))?;
+    untouched(
+        "gemm",
+        &format!("{gm:?}"),
+        &got,
+        &c0,
+        &gemm_touched(&gm, lc + 2),
+    )?;
     let mut want = f64s(&c0);
     oracle::gemm(&gm, &f64s(&a), &f64s(&bm), &mut want);
-    compare("gemm", &format!("{gm:?}"), &got, &want, Tol::gemm(5, 1.0, 1.0), None)
+    compare(
+        "gemm",
+        &format!("{gm:?}"),
+        &got,
+        &want,
+        Tol::gemm(5, 1.0, 1.0),
+        None,
+    )
 }
 
 #[test]
 fn cpu_outputs_outside_the_op_stay_untouched() {
     check_untouched(&cpu()).unwrap();
+}
+
+/// Two runs of one op on one backend are bitwise identical (no floating-point atomics, fixed
+/// reduction orders), on shapes large enough for a backend to split the work across threads.
+fn check_deterministic<B: Backend>(b: &B) -> Check {
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let same = |what: &str, first: Vec<f32>, second: Vec<f32>| -> Check {
+        match (0..first.len()).find(|&i| first[i].to_bits() != second[i].to_bits()) {
+            None => Ok(()),
+            Some(i) => Err(format!(
+                "{what}: two runs differ at {i} of {}: {} then {}",
+                first.len(),
+                first[i],
+                second[i]
+            )),
+        }
+    };
+    let g = Gemm::new(257, 300, 129)
+        .trans_b()
+        .batched(2, 257 * 129, 0, 257 * 300);
+    let (la, lb, lc) = g.lens();
+    let (a, bm) = (
+        data(31, la, 129, Fill::Uniform),
+        data(32, lb, 129, Fill::Uniform),
+    );
+    let c0 = vec![0.0; lc];
+    let first = run::gemm(b, &g, &a, &bm, &c0);
+    same("gemm", first.clone(), run::gemm(b, &g, &a, &bm, &c0))?;
+    if bits(&first) == bits(&c0) {
+        return Err("gemm: output not written".into());
+    }
+
+    let (rows, cols) = (513, 384);
+    let x = data(33, rows * cols, cols, Fill::Outliers);
+    let (gamma, beta) = (
+        data(34, cols, cols, Fill::Uniform),
+        data(35, cols, cols, Fill::Uniform),
+    );
+    let (zn, zr) = (vec![0.0; rows * cols], vec![0.0; rows]);
+    let ln = || run::layernorm_forward(b, &x, &gamma, &beta, (&zn, &zr, &zr), rows, cols, 1e-6);
+    let ((y1, m1, r1), (y2, m2, r2)) = (ln(), ln());
+    same("layernorm_forward y", y1, y2)?;
+    same("layernorm_forward mean", m1, m2)?;
+    same("layernorm_forward rstd", r1, r2)?;
+    let dy = data(36, rows * cols, cols, Fill::Uniform);
+    let (mean, rstd) = (ln().1, ln().2);
+    let zc = vec![0.0; cols];
+    let lnb = || {
+        let init = (&zn[..], &zc[..], &zc[..]);
+        run::layernorm_backward(b, &dy, &x, &gamma, &mean, &rstd, init, rows, cols)
+    };
+    let ((dx1, dg1, db1), (dx2, dg2, db2)) = (lnb(), lnb());
+    same("layernorm_backward dx", dx1, dx2)?;
+    same("layernorm_backward dgamma", dg1, dg2)?;
+    same("layernorm_backward dbeta", db1, db2)?;
+    let sm = || run::softmax_forward(b, &x, &zn, rows, cols, 0.125);
+    same("softmax_forward", sm(), sm())?;
+    let mask = loss_mask(rows, 37);
+    let mse = || run::masked_mse_forward(b, &x, &dy, &mask, &[0.0], rows, cols);
+    same("masked_mse_forward", mse(), mse())
+}
+
+#[test]
+fn cpu_ops_are_deterministic() {
+    check_deterministic(&cpu()).unwrap();
 }

@@ -248,7 +248,7 @@ impl Patchify {
 }
 
 /// One AdamW update with PyTorch semantics (decoupled weight decay, bias correction):
-/// `p -= lr * wd * p; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;`
+/// `p *= 1 - lr * wd; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;`
 /// `p -= (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)`.
 /// The bias corrections `bc = 1 - beta^t` are computed once on the host (in f64) so every
 /// backend applies the same constants.

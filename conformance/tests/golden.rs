@@ -1,0 +1,66 @@
+//! Every golden file (the official PyTorch MAE in float64) replayed on every available backend,
+//! within the tolerances of `golden/README.md`: loss, latent, prediction, masking, every
+//! gradient and two AdamW updates.
+//!
+//! Files: `$MAE_GOLDEN_DIR` (default `../shared/golden`, skipped with a message when absent) and
+//! the project's own `conformance/golden/*.safetensors` (other sizes, norm-pix, C = 1 and 4,
+//! mask ratios 0.5 to 0.9).
+
+use mae::backend::Backend;
+use mae_conformance::backends;
+use mae_conformance::golden::{run, GoldenCase};
+use std::path::{Path, PathBuf};
+
+fn safetensors_in(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    files.retain(|p| p.extension().is_some_and(|e| e == "safetensors"));
+    files.sort();
+    files
+}
+
+fn golden_files() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let shared = std::env::var_os("MAE_GOLDEN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("../../shared/golden"));
+    let mut files = safetensors_in(&shared);
+    if files.is_empty() {
+        eprintln!("SKIP shared golden files: none in {} (set MAE_GOLDEN_DIR)", shared.display());
+    }
+    let own = safetensors_in(&root.join("golden"));
+    assert!(own.len() >= 4, "the project's own golden files are missing from conformance/golden");
+    files.extend(own);
+    files
+}
+
+fn check_all<B: Backend>(b: &B) {
+    let mut failed = Vec::new();
+    for path in golden_files() {
+        let case = GoldenCase::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let report = run(b, &case).unwrap_or_else(|e| panic!("{} on {}: {e}", case.name, b.name()));
+        let worst = report
+            .checks
+            .iter()
+            .filter(|c| c.tol > 0.0)
+            .map(|c| c.error / c.tol)
+            .fold(0.0, f64::max);
+        eprintln!(
+            "{} on {}: {} checks, worst error {:.1e} of its tolerance",
+            case.name,
+            b.name(),
+            report.checks.len(),
+            worst
+        );
+        for c in report.failures() {
+            failed.push(format!("{} {}: {:.3e} > {:.0e}", case.name, c.name, c.error, c.tol));
+        }
+    }
+    assert!(failed.is_empty(), "golden failures on {}:\n{}", b.name(), failed.join("\n"));
+}
+
+#[test]
+fn golden_cpu() {
+    check_all(&backends::cpu());
+}
