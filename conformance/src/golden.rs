@@ -130,7 +130,9 @@ impl GoldenCase {
         let batch = img_shape.first().copied().unwrap_or(0);
         let want = [batch, cfg.in_chans, cfg.img_size, cfg.img_size];
         if img_shape != want {
-            return Err(err(format!("input.imgs has shape {img_shape:?}, the config needs {want:?}")));
+            return Err(err(format!(
+                "input.imgs has shape {img_shape:?}, the config needs {want:?}"
+            )));
         }
         let noise = [tensor("input.noise.1")?.1, tensor("input.noise.2")?.1];
         let params = f.mae(&cfg, "param.").map_err(|e| err(e.to_string()))?;
@@ -141,14 +143,16 @@ impl GoldenCase {
                 if spec.role == Role::Fixed {
                     Ok(Vec::new())
                 } else {
-                    f.tensor_as(&format!("{p}grad."), spec).map_err(|e| err(e.to_string()))
+                    f.tensor_as(&format!("{p}grad."), spec)
+                        .map_err(|e| err(e.to_string()))
                 }
             })?;
             let params = specs.try_map(|spec| {
                 if spec.role == Role::Fixed {
                     Ok(Vec::new())
                 } else {
-                    f.tensor_as(&format!("{p}param."), spec).map_err(|e| err(e.to_string()))
+                    f.tensor_as(&format!("{p}param."), spec)
+                        .map_err(|e| err(e.to_string()))
                 }
             })?;
             Ok(Expected {
@@ -188,7 +192,9 @@ impl GoldenCase {
 /// `WeightsFile::tensor`) and `ids_restore` (integers, which weights loading refuses).
 fn exact(bytes: &[u8], name: &str) -> Result<Vec<f64>, GoldenError> {
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| err(e.to_string()))?;
-    let view = st.tensor(name).map_err(|_| err(format!("tensor {name} is missing")))?;
+    let view = st
+        .tensor(name)
+        .map_err(|_| err(format!("tensor {name} is missing")))?;
     let words = view.data().chunks_exact(8).map(|c| {
         let mut w = [0u8; 8];
         w.copy_from_slice(c);
@@ -197,7 +203,9 @@ fn exact(bytes: &[u8], name: &str) -> Result<Vec<f64>, GoldenError> {
     match view.dtype() {
         safetensors::Dtype::F64 => Ok(words.map(f64::from_le_bytes).collect()),
         safetensors::Dtype::I64 => Ok(words.map(|w| i64::from_le_bytes(w) as f64).collect()),
-        other => Err(err(format!("tensor {name} has dtype {other:?}, expected F64 or I64"))),
+        other => Err(err(format!(
+            "tensor {name} has dtype {other:?}, expected F64 or I64"
+        ))),
     }
 }
 
@@ -293,15 +301,27 @@ pub fn run<B: Backend>(b: &B, case: &GoldenCase) -> mae::Result<Report> {
     // The fixed tables must be our own sin-cos tables, and the decay groups the official ones.
     let own = mae::init::init_params(&case.cfg, 0);
     for (name, ours, theirs) in [
-        ("pos_embed", &own.encoder.pos_embed, &case.params.encoder.pos_embed),
-        ("decoder_pos_embed", &own.decoder.pos_embed, &case.params.decoder.pos_embed),
+        (
+            "pos_embed",
+            &own.encoder.pos_embed,
+            &case.params.encoder.pos_embed,
+        ),
+        (
+            "decoder_pos_embed",
+            &own.decoder.pos_embed,
+            &case.params.decoder.pos_embed,
+        ),
     ] {
         let max = ours
             .iter()
             .zip(theirs)
             .map(|(a, b)| (a - b).abs() as f64)
             .fold(0.0, f64::max);
-        checks.push(Check { name: format!("sincos {name} (max abs)"), error: max, tol: 1e-6 });
+        checks.push(Check {
+            name: format!("sincos {name} (max abs)"),
+            error: max,
+            tol: 1e-6,
+        });
     }
     let mut ours: Vec<&str> = specs
         .tensors()
@@ -329,22 +349,54 @@ pub fn run<B: Backend>(b: &B, case: &GoldenCase) -> mae::Result<Report> {
         let step = s + 1;
         let loss = trainer.forward_backward(b, &case.imgs, Some(&case.noise[s]))?;
         let mut push = |name: String, error: f64, tol: f64| checks.push(Check { name, error, tol });
-        push(format!("step {step} loss"), (loss as f64 - want.loss).abs() / want.loss.abs(), TOL_LOSS);
+        push(
+            format!("step {step} loss"),
+            (loss as f64 - want.loss).abs() / want.loss.abs(),
+            TOL_LOSS,
+        );
         let m = trainer.masking();
-        push(format!("step {step} mask"), rel_l2(&m.mask, &want.mask), 0.0);
+        push(
+            format!("step {step} mask"),
+            rel_l2(&m.mask, &want.mask),
+            0.0,
+        );
         let restore: Vec<f32> = m.ids_restore.iter().map(|&i| i as f32).collect();
-        push(format!("step {step} ids_restore"), rel_l2(&restore, &want.ids_restore), 0.0);
-        push(format!("step {step} latent"), rel_l2(&trainer.latent(b)?, &want.latent), TOL_OUTPUT);
-        push(format!("step {step} pred"), rel_l2(&trainer.pred(b)?, &want.pred), TOL_OUTPUT);
+        push(
+            format!("step {step} ids_restore"),
+            rel_l2(&restore, &want.ids_restore),
+            0.0,
+        );
+        push(
+            format!("step {step} latent"),
+            rel_l2(&trainer.latent(b)?, &want.latent),
+            TOL_OUTPUT,
+        );
+        push(
+            format!("step {step} pred"),
+            rel_l2(&trainer.pred(b)?, &want.pred),
+            TOL_OUTPUT,
+        );
         let grads = trainer.download(b, trainer.grads())?;
-        for ((spec, got), exp) in specs.tensors().zip(grads.tensors()).zip(want.grads.tensors()) {
+        for ((spec, got), exp) in specs
+            .tensors()
+            .zip(grads.tensors())
+            .zip(want.grads.tensors())
+        {
             if spec.role != Role::Fixed {
-                push(format!("step {step} grad {}", spec.name), rel_l2(got, exp), TOL_GRAD);
+                push(
+                    format!("step {step} grad {}", spec.name),
+                    rel_l2(got, exp),
+                    TOL_GRAD,
+                );
             }
         }
         trainer.update(b, case.lr)?;
         let after = trainer.download(b, trainer.params())?;
-        let want_before = if s == 0 { &case.params } else { &case.expected[0].params };
+        let want_before = if s == 0 {
+            &case.params
+        } else {
+            &case.expected[0].params
+        };
         let rows = specs
             .tensors()
             .zip(after.tensors().zip(before.tensors()))
@@ -358,5 +410,9 @@ pub fn run<B: Backend>(b: &B, case: &GoldenCase) -> mae::Result<Report> {
         }
         before = after;
     }
-    Ok(Report { case: case.name.clone(), backend: b.name().to_string(), checks })
+    Ok(Report {
+        case: case.name.clone(),
+        backend: b.name().to_string(),
+        checks,
+    })
 }

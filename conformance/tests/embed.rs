@@ -32,15 +32,26 @@ fn check_file<B: Backend>(b: &B, path: &Path) {
     ] {
         let e = rel_l2(got, &want);
         eprintln!("{} {name} on {}: {e:.2e}", path.display(), b.name());
-        assert!(e <= TOL, "{} {name}: relative error {e:.3e} > {TOL:e}", path.display());
+        assert!(
+            e <= TOL,
+            "{} {name}: relative error {e:.3e} > {TOL:e}",
+            path.display()
+        );
     }
 }
 
 fn check_all<B: Backend>(b: &B) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/embed");
-    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     files.sort();
-    assert!(files.len() >= 2, "embedding golden files missing from {}", dir.display());
+    assert!(
+        files.len() >= 2,
+        "embedding golden files missing from {}",
+        dir.display()
+    );
     for f in files {
         check_file(b, &f);
     }

@@ -27,10 +27,16 @@ fn golden_files() -> Vec<PathBuf> {
         .unwrap_or_else(|| root.join("../../shared/golden"));
     let mut files = safetensors_in(&shared);
     if files.is_empty() {
-        eprintln!("SKIP shared golden files: none in {} (set MAE_GOLDEN_DIR)", shared.display());
+        eprintln!(
+            "SKIP shared golden files: none in {} (set MAE_GOLDEN_DIR)",
+            shared.display()
+        );
     }
     let own = safetensors_in(&root.join("golden"));
-    assert!(own.len() >= 4, "the project's own golden files are missing from conformance/golden");
+    assert!(
+        own.len() >= 4,
+        "the project's own golden files are missing from conformance/golden"
+    );
     files.extend(own);
     files
 }
@@ -54,10 +60,18 @@ fn check_all<B: Backend>(b: &B) {
             worst
         );
         for c in report.failures() {
-            failed.push(format!("{} {}: {:.3e} > {:.0e}", case.name, c.name, c.error, c.tol));
+            failed.push(format!(
+                "{} {}: {:.3e} > {:.0e}",
+                case.name, c.name, c.error, c.tol
+            ));
         }
     }
-    assert!(failed.is_empty(), "golden failures on {}:\n{}", b.name(), failed.join("\n"));
+    assert!(
+        failed.is_empty(),
+        "golden failures on {}:\n{}",
+        b.name(),
+        failed.join("\n")
+    );
 }
 
 #[test]

@@ -30,7 +30,10 @@ pub fn image(seed: u64, channels: usize, size: usize) -> Vec<f32> {
     let shapes = 2 + (rng.next_u64() % 3) as usize;
     for _ in 0..shapes {
         let col = color(&mut rng);
-        let (cx, cy) = (rng.range(0.0, s as f64) as f32, rng.range(0.0, s as f64) as f32);
+        let (cx, cy) = (
+            rng.range(0.0, s as f64) as f32,
+            rng.range(0.0, s as f64) as f32,
+        );
         let r = rng.range(0.1, 0.35) as f32 * s;
         let kind = rng.next_u64() % 3;
         let period = rng.range(2.0, 6.0) as f32;
@@ -75,7 +78,11 @@ pub fn normalize(img: &mut [f32], channels: usize) {
 pub fn batch(seed: u64, first: u64, n: usize, channels: usize, size: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(n * channels * size * size);
     for i in 0..n as u64 {
-        let mut img = image(seed.wrapping_mul(0x9E37_79B9).wrapping_add(first + i), channels, size);
+        let mut img = image(
+            seed.wrapping_mul(0x9E37_79B9).wrapping_add(first + i),
+            channels,
+            size,
+        );
         normalize(&mut img, channels);
         out.extend_from_slice(&img);
     }
@@ -94,6 +101,9 @@ mod tests {
         assert!(img.iter().all(|v| (0.0..=1.0).contains(v)));
         let mean = img.iter().sum::<f32>() / img.len() as f32;
         let var = img.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / img.len() as f32;
-        assert!(var > 1e-3, "an image with structure has variance, got {var}");
+        assert!(
+            var > 1e-3,
+            "an image with structure has variance, got {var}"
+        );
     }
 }

@@ -70,11 +70,17 @@ impl Gemm {
     }
     /// A is stored transposed (`k x m`).
     pub fn trans_a(self) -> Gemm {
-        Gemm { trans_a: true, ..self }
+        Gemm {
+            trans_a: true,
+            ..self
+        }
     }
     /// B is stored transposed (`n x k`).
     pub fn trans_b(self) -> Gemm {
-        Gemm { trans_b: true, ..self }
+        Gemm {
+            trans_b: true,
+            ..self
+        }
     }
     /// Accumulate into C (`beta = 1`).
     pub fn accumulate(self) -> Gemm {
@@ -315,7 +321,11 @@ impl fmt::Display for BackendError {
         match &self.kind {
             BackendErrorKind::NoDevice => write!(f, "no device: {}", self.message),
             BackendErrorKind::OutOfMemory { bytes } => {
-                write!(f, "out of memory allocating {bytes} bytes: {}", self.message)
+                write!(
+                    f,
+                    "out of memory allocating {bytes} bytes: {}",
+                    self.message
+                )
             }
             BackendErrorKind::TooLarge { len, max } => write!(
                 f,
@@ -388,15 +398,29 @@ pub trait Backend {
 
     /// Per [`RowMap`]: destination rows are overwritten with (`accumulate == false`) or
     /// increased by (`true`) their source rows.
-    fn copy_rows(&self, src: &Self::Buf, dst: &mut Self::Buf, map: &RowMap, accumulate: bool)
-        -> BResult<()>;
+    fn copy_rows(
+        &self,
+        src: &Self::Buf,
+        dst: &mut Self::Buf,
+        map: &RowMap,
+        accumulate: bool,
+    ) -> BResult<()>;
     /// The backward of [`Backend::copy_rows`] with respect to its source: every source row
     /// accumulates the sum of the `d_dst` rows it was copied to, summed in ascending `(b, i)`.
-    fn copy_rows_backward(&self, d_dst: &Self::Buf, d_src: &mut Self::Buf, map: &RowMap)
-        -> BResult<()>;
+    fn copy_rows_backward(
+        &self,
+        d_dst: &Self::Buf,
+        d_src: &mut Self::Buf,
+        map: &RowMap,
+    ) -> BResult<()>;
     /// Per [`Gather`]: destination rows are overwritten with the indexed source rows.
-    fn gather_rows(&self, src: &Self::Buf, idx: &Self::Idx, dst: &mut Self::Buf, g: &Gather)
-        -> BResult<()>;
+    fn gather_rows(
+        &self,
+        src: &Self::Buf,
+        idx: &Self::Idx,
+        dst: &mut Self::Buf,
+        g: &Gather,
+    ) -> BResult<()>;
     /// The backward of [`Backend::gather_rows`]: indexed rows of `d_src` accumulate the `d_dst`
     /// rows gathered from them.
     fn gather_rows_backward(

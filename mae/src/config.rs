@@ -144,7 +144,11 @@ impl Config {
         }
         for (field, dim, heads) in [
             ("embed_dim", self.embed_dim, self.num_heads),
-            ("decoder_embed_dim", self.decoder_embed_dim, self.decoder_num_heads),
+            (
+                "decoder_embed_dim",
+                self.decoder_embed_dim,
+                self.decoder_num_heads,
+            ),
         ] {
             if dim % heads != 0 {
                 return Err(ConfigError::HeadsDoNotDivide { field, dim, heads });
@@ -325,33 +329,88 @@ mod tests {
     fn every_constraint_has_its_error() {
         let ok = Config::preset("tiny32").unwrap();
         let cases: [(Config, ConfigError); 8] = [
-            (Config { depth: 0, ..ok.clone() }, ConfigError::Zero("depth")),
             (
-                Config { img_size: 30, ..ok.clone() },
-                ConfigError::ImageNotDivisible { img_size: 30, patch_size: 4 },
+                Config {
+                    depth: 0,
+                    ..ok.clone()
+                },
+                ConfigError::Zero("depth"),
             ),
             (
-                Config { num_heads: 5, ..ok.clone() },
-                ConfigError::HeadsDoNotDivide { field: "embed_dim", dim: 192, heads: 5 },
+                Config {
+                    img_size: 30,
+                    ..ok.clone()
+                },
+                ConfigError::ImageNotDivisible {
+                    img_size: 30,
+                    patch_size: 4,
+                },
             ),
             (
-                Config { decoder_embed_dim: 130, decoder_num_heads: 2, ..ok.clone() },
-                ConfigError::SinCosDim { field: "decoder_embed_dim", dim: 130 },
+                Config {
+                    num_heads: 5,
+                    ..ok.clone()
+                },
+                ConfigError::HeadsDoNotDivide {
+                    field: "embed_dim",
+                    dim: 192,
+                    heads: 5,
+                },
             ),
-            (Config { mlp_ratio: f64::NAN, ..ok.clone() }, ConfigError::MlpRatio(f64::NAN)),
-            (Config { norm_eps: 0.0, ..ok.clone() }, ConfigError::NormEps(0.0)),
             (
-                Config { patch_size: 1, in_chans: 1, ..ok.clone() },
+                Config {
+                    decoder_embed_dim: 130,
+                    decoder_num_heads: 2,
+                    ..ok.clone()
+                },
+                ConfigError::SinCosDim {
+                    field: "decoder_embed_dim",
+                    dim: 130,
+                },
+            ),
+            (
+                Config {
+                    mlp_ratio: f64::NAN,
+                    ..ok.clone()
+                },
+                ConfigError::MlpRatio(f64::NAN),
+            ),
+            (
+                Config {
+                    norm_eps: 0.0,
+                    ..ok.clone()
+                },
+                ConfigError::NormEps(0.0),
+            ),
+            (
+                Config {
+                    patch_size: 1,
+                    in_chans: 1,
+                    ..ok.clone()
+                },
                 ConfigError::NormPixNeedsTwoValues,
             ),
-            (Config { img_size: 1 << 20, patch_size: 1, ..ok.clone() }, ConfigError::TooLarge),
+            (
+                Config {
+                    img_size: 1 << 20,
+                    patch_size: 1,
+                    ..ok.clone()
+                },
+                ConfigError::TooLarge,
+            ),
         ];
         for (cfg, want) in cases {
             let got = cfg.validate().unwrap_err();
             // NaN != NaN: compare the message instead.
             assert_eq!(alloc::format!("{got}"), alloc::format!("{want}"));
         }
-        assert!(matches!(Config::preset("vit_gigantic"), Err(ConfigError::UnknownPreset(_))));
-        assert!(matches!(Config::from_json("{\"img_size\": 32}"), Err(ConfigError::Json(_))));
+        assert!(matches!(
+            Config::preset("vit_gigantic"),
+            Err(ConfigError::UnknownPreset(_))
+        ));
+        assert!(matches!(
+            Config::from_json("{\"img_size\": 32}"),
+            Err(ConfigError::Json(_))
+        ));
     }
 }

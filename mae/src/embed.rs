@@ -94,7 +94,14 @@ impl<B: Backend> Embedder<B> {
             });
         }
         b.write(&mut self.imgs, imgs)?;
-        encoder_forward(b, &self.imgs, &self.params, &mut self.acts, &mut self.scratch, &self.shape)?;
+        encoder_forward(
+            b,
+            &self.imgs,
+            &self.params,
+            &mut self.acts,
+            &mut self.scratch,
+            &self.shape,
+        )?;
         Ok(())
     }
 

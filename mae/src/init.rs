@@ -75,7 +75,11 @@ mod tests {
     #[test]
     fn distributions_follow_the_official_init() {
         let cfg = Config::preset("mae_vit_base_patch16").unwrap();
-        let cfg = Config { depth: 1, decoder_depth: 1, ..cfg };
+        let cfg = Config {
+            depth: 1,
+            decoder_depth: 1,
+            ..cfg
+        };
         let p = init_params(&cfg, 3);
         // Fused qkv: one [3D, D] matrix, bound sqrt(6 / 4D).
         let bound = libm::sqrt(6.0 / (4.0 * 768.0));

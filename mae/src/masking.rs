@@ -88,9 +88,7 @@ impl Masking {
             }
             // Unstable sort allocates nothing; the index tie-break makes it a total order anyway.
             self.shuffle.sort_unstable_by(|&a, &c| {
-                row[a as usize]
-                    .total_cmp(&row[c as usize])
-                    .then(a.cmp(&c))
+                row[a as usize].total_cmp(&row[c as usize]).then(a.cmp(&c))
             });
             let keep = &mut self.ids_keep[b * self.len_keep..(b + 1) * self.len_keep];
             keep.copy_from_slice(&self.shuffle[..self.len_keep]);
@@ -143,7 +141,10 @@ mod tests {
         m.apply_noise(&noise).unwrap();
         for b in 0..n {
             let restore = &m.ids_restore[b * l..(b + 1) * l];
-            for (j, &kept) in m.ids_keep[b * m.len_keep..(b + 1) * m.len_keep].iter().enumerate() {
+            for (j, &kept) in m.ids_keep[b * m.len_keep..(b + 1) * m.len_keep]
+                .iter()
+                .enumerate()
+            {
                 assert_eq!(restore[kept as usize] as usize, j);
             }
             let removed: f32 = m.mask[b * l..(b + 1) * l].iter().sum();

@@ -83,7 +83,9 @@ impl Schedule {
             let span = (self.epochs - self.warmup_epochs).max(f64::MIN_POSITIVE);
             let progress = ((epoch - self.warmup_epochs) / span).min(1.0);
             self.min_lr
-                + (self.lr - self.min_lr) * 0.5 * (1.0 + libm::cos(core::f64::consts::PI * progress))
+                + (self.lr - self.min_lr)
+                    * 0.5
+                    * (1.0 + libm::cos(core::f64::consts::PI * progress))
         }
     }
 }

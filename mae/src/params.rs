@@ -211,10 +211,15 @@ fn map_blocks<T, U, E>(
 impl<T> Encoder<T> {
     /// Every tensor in the canonical order.
     pub fn tensors(&self) -> impl Iterator<Item = &T> + '_ {
-        [&self.patch_embed.weight, &self.patch_embed.bias, &self.cls_token, &self.pos_embed]
-            .into_iter()
-            .chain(self.blocks.iter().flat_map(|b| b.tensors()))
-            .chain([&self.norm.weight, &self.norm.bias])
+        [
+            &self.patch_embed.weight,
+            &self.patch_embed.bias,
+            &self.cls_token,
+            &self.pos_embed,
+        ]
+        .into_iter()
+        .chain(self.blocks.iter().flat_map(|b| b.tensors()))
+        .chain([&self.norm.weight, &self.norm.bias])
     }
     /// Every tensor in the canonical order, mutably.
     pub fn tensors_mut(&mut self) -> impl Iterator<Item = &mut T> + '_ {
@@ -244,10 +249,20 @@ impl<T> Encoder<T> {
 impl<T> Decoder<T> {
     /// Every tensor in the canonical order.
     pub fn tensors(&self) -> impl Iterator<Item = &T> + '_ {
-        [&self.embed.weight, &self.embed.bias, &self.mask_token, &self.pos_embed]
-            .into_iter()
-            .chain(self.blocks.iter().flat_map(|b| b.tensors()))
-            .chain([&self.norm.weight, &self.norm.bias, &self.pred.weight, &self.pred.bias])
+        [
+            &self.embed.weight,
+            &self.embed.bias,
+            &self.mask_token,
+            &self.pos_embed,
+        ]
+        .into_iter()
+        .chain(self.blocks.iter().flat_map(|b| b.tensors()))
+        .chain([
+            &self.norm.weight,
+            &self.norm.bias,
+            &self.pred.weight,
+            &self.pred.bias,
+        ])
     }
     /// Every tensor in the canonical order, mutably.
     pub fn tensors_mut(&mut self) -> impl Iterator<Item = &mut T> + '_ {
@@ -408,7 +423,9 @@ mod tests {
         ] {
             let cfg = Config::preset(name).unwrap();
             fn count<'a>(it: impl Iterator<Item = &'a TensorSpec>) -> usize {
-                it.filter(|s| s.role != Role::Fixed).map(|s| s.numel()).sum()
+                it.filter(|s| s.role != Role::Fixed)
+                    .map(|s| s.numel())
+                    .sum()
             }
             let specs = mae_specs(&cfg);
             assert_eq!(count(specs.encoder.tensors()), enc, "{name} encoder");

@@ -50,7 +50,11 @@ mod tests {
             (576, 0.5403023),
             (767, 1.0),
         ] {
-            assert!((row[ch] - want).abs() < 1e-6, "channel {ch}: {} vs {want}", row[ch]);
+            assert!(
+                (row[ch] - want).abs() < 1e-6,
+                "channel {ch}: {} vs {want}",
+                row[ch]
+            );
         }
         assert!(t[..768].iter().all(|&x| x == 0.0));
     }

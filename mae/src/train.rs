@@ -218,16 +218,40 @@ impl<B: Backend> Trainer<B> {
                 self.masking.apply_noise(&self.noise)?;
             }
         }
-        unshuffle_indices(&self.masking.ids_restore, c.num_patches(), &mut self.unshuffle);
+        unshuffle_indices(
+            &self.masking.ids_restore,
+            c.num_patches(),
+            &mut self.unshuffle,
+        );
         b.write_idx(&mut self.enc.ids_keep, &self.masking.ids_keep)?;
         b.write_idx(&mut self.dec.ids_unshuffle, &self.unshuffle)?;
         b.write(&mut self.loss.mask, &self.masking.mask)?;
         b.write(&mut self.imgs, imgs)?;
 
         let (enc, dec) = (&self.params.encoder, &self.params.decoder);
-        encoder_forward(b, &self.imgs, enc, &mut self.enc, &mut self.enc_scratch, &self.enc_shape)?;
-        decoder_forward(b, &self.enc.norm.y, dec, &mut self.dec, &mut self.dec_scratch, &self.dec_shape)?;
-        loss_forward(b, &self.imgs, &self.dec.pred, &mut self.loss, &self.loss_shape)?;
+        encoder_forward(
+            b,
+            &self.imgs,
+            enc,
+            &mut self.enc,
+            &mut self.enc_scratch,
+            &self.enc_shape,
+        )?;
+        decoder_forward(
+            b,
+            &self.enc.norm.y,
+            dec,
+            &mut self.dec,
+            &mut self.dec_scratch,
+            &self.dec_shape,
+        )?;
+        loss_forward(
+            b,
+            &self.imgs,
+            &self.dec.pred,
+            &mut self.loss,
+            &self.loss_shape,
+        )?;
         let mut loss = [0.0f32];
         b.download(&self.loss.loss, &mut loss)?;
         self.forward_done = true;
@@ -245,8 +269,26 @@ impl<B: Backend> Trainer<B> {
         let pred = &self.dec.pred;
         loss_backward(b, pred, &mut self.loss, &self.loss_shape, d_loss)?;
         let latent = &self.enc.norm.y;
-        decoder_backward(b, &self.loss.d_pred, latent, &p.decoder, &mut g.decoder, &self.dec, &mut self.dec_scratch, &mut self.d_latent, &self.dec_shape)?;
-        encoder_backward(b, &self.d_latent, &p.encoder, &mut g.encoder, &self.enc, &mut self.enc_scratch, &self.enc_shape)?;
+        decoder_backward(
+            b,
+            &self.loss.d_pred,
+            latent,
+            &p.decoder,
+            &mut g.decoder,
+            &self.dec,
+            &mut self.dec_scratch,
+            &mut self.d_latent,
+            &self.dec_shape,
+        )?;
+        encoder_backward(
+            b,
+            &self.d_latent,
+            &p.encoder,
+            &mut g.encoder,
+            &self.enc,
+            &mut self.enc_scratch,
+            &self.enc_shape,
+        )?;
         self.forward_done = false;
         self.pending += 1;
         Ok(())
@@ -271,7 +313,11 @@ impl<B: Backend> Trainer<B> {
     /// zeroed.
     pub fn update(&mut self, b: &B, lr: f64) -> Result<()> {
         if !(lr.is_finite() && lr >= 0.0) {
-            return Err(ConfigError::Hyper { name: "lr", value: lr }.into());
+            return Err(ConfigError::Hyper {
+                name: "lr",
+                value: lr,
+            }
+            .into());
         }
         let h = self.opts.adamw;
         let t = self.updates + 1;
@@ -301,7 +347,13 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// One micro-batch; after `accum_steps` of them, one update at `lr`. Returns the loss.
-    pub fn train_step(&mut self, b: &B, imgs: &[f32], noise: Option<&[f32]>, lr: f64) -> Result<f32> {
+    pub fn train_step(
+        &mut self,
+        b: &B,
+        imgs: &[f32],
+        noise: Option<&[f32]>,
+        lr: f64,
+    ) -> Result<f32> {
         let loss = self.forward_backward(b, imgs, noise)?;
         if self.pending == self.opts.accum_steps {
             self.update(b, lr)?;
@@ -344,7 +396,9 @@ impl<B: Backend> Trainer<B> {
 
     /// Downloads a collection of device tensors.
     pub fn download(&self, b: &B, t: &MaeParams<B::Buf>) -> Result<MaeParams<Vec<f32>>> {
-        let mut host = self.specs.try_map(|s| Ok::<_, Error>(vec![0.0; s.numel()]))?;
+        let mut host = self
+            .specs
+            .try_map(|s| Ok::<_, Error>(vec![0.0; s.numel()]))?;
         for (h, d) in host.tensors_mut().zip(t.tensors()) {
             b.download(d, h)?;
         }

@@ -132,10 +132,13 @@ impl<'a> WeightsFile<'a> {
 
     /// A float tensor converted to f32, with its shape.
     pub fn tensor(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), WeightsError> {
-        let view = self.tensors.tensor(name).map_err(|_| WeightsError::Missing {
-            name: name.into(),
-            shape: Vec::new(),
-        })?;
+        let view = self
+            .tensors
+            .tensor(name)
+            .map_err(|_| WeightsError::Missing {
+                name: name.into(),
+                shape: Vec::new(),
+            })?;
         let data = view.data();
         let values: Vec<f32> = match view.dtype() {
             Dtype::F32 => data
@@ -289,7 +292,8 @@ pub fn save_tensors<'a>(
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .chain([(CONFIG_KEY.to_string(), cfg.to_json())])
         .collect();
-    safetensors::serialize(views, Some(info)).map_err(|e| WeightsError::NotSafetensors(e.to_string()))
+    safetensors::serialize(views, Some(info))
+        .map_err(|e| WeightsError::NotSafetensors(e.to_string()))
 }
 
 /// Serializes a full pre-training model under the official names.
@@ -395,7 +399,11 @@ mod tests {
             ..cfg.clone()
         };
         match load_mae(&bytes, Some(&wider)) {
-            Err(WeightsError::WrongShape { name, expected, got }) => {
+            Err(WeightsError::WrongShape {
+                name,
+                expected,
+                got,
+            }) => {
                 assert_eq!(name, "patch_embed.proj.weight");
                 assert_eq!((expected, got), (vec![96, 3, 4, 4], vec![192, 3, 4, 4]));
             }

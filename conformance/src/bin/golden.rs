@@ -4,7 +4,7 @@
 
 use mae::backend::Backend;
 use mae_conformance::golden::{run, GoldenCase, Report};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 const USAGE: &str = "usage: golden [--backend cpu] FILE...";
@@ -12,7 +12,10 @@ const USAGE: &str = "usage: golden [--backend cpu] FILE...";
 fn print(report: &Report) {
     for c in &report.checks {
         let verdict = if c.passed() { "ok  " } else { "FAIL" };
-        println!("  {verdict} {:<48} {:>10.3e}  (tol {:.0e})", c.name, c.error, c.tol);
+        println!(
+            "  {verdict} {:<48} {:>10.3e}  (tol {:.0e})",
+            c.name, c.error, c.tol
+        );
     }
     let worst = report.failures().len();
     println!(
@@ -24,7 +27,7 @@ fn print(report: &Report) {
     );
 }
 
-fn run_file<B: Backend>(b: &B, path: &PathBuf) -> bool {
+fn run_file<B: Backend>(b: &B, path: &Path) -> bool {
     let case = match GoldenCase::load(path) {
         Ok(c) => c,
         Err(e) => {

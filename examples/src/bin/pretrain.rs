@@ -52,7 +52,9 @@ fn parse() -> Result<Args, String> {
         if flag == "-h" || flag == "--help" {
             return Err(USAGE.into());
         }
-        let value = it.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
+        let value = it
+            .next()
+            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
         let bad = |e: &dyn std::fmt::Display| format!("{flag} {value}: {e}");
         match flag.as_str() {
             "--model" => a.model = value,
@@ -100,7 +102,12 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut trainer = Trainer::new(&backend, &cfg, &params, opts, a.seed)?;
     let lr = scaled_lr(a.blr, a.batch_size);
     let warmup = (a.steps / 10).max(1) as f64;
-    let schedule = Schedule { lr, min_lr: 0.0, warmup_epochs: warmup, epochs: a.steps as f64 };
+    let schedule = Schedule {
+        lr,
+        min_lr: 0.0,
+        warmup_epochs: warmup,
+        epochs: a.steps as f64,
+    };
     println!(
         "pretrain: model {} ({} patches, keep {}), batch {}, {} steps, peak lr {lr:.2e}, backend cpu",
         a.model,
@@ -112,11 +119,21 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
     let start = Instant::now();
     let mut window = 0.0;
     for step in 0..a.steps {
-        let imgs = synthetic::batch(a.seed, step * a.batch_size as u64, a.batch_size, cfg.in_chans, cfg.img_size);
+        let imgs = synthetic::batch(
+            a.seed,
+            step * a.batch_size as u64,
+            a.batch_size,
+            cfg.in_chans,
+            cfg.img_size,
+        );
         let loss = trainer.train_step(&backend, &imgs, None, schedule.lr_at(step as f64))?;
         window += loss as f64;
         if (step + 1) % 25 == 0 || step + 1 == a.steps {
-            let n = if (step + 1) % 25 == 0 { 25 } else { (step + 1) % 25 };
+            let n = if (step + 1) % 25 == 0 {
+                25
+            } else {
+                (step + 1) % 25
+            };
             let secs = start.elapsed().as_secs_f64();
             println!(
                 "step {:>5}  loss {:.4}  lr {:.2e}  {:.1} img/s",
@@ -131,7 +148,8 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&a.out)?;
     let path = a.out.join("checkpoint.safetensors");
     let state = trainer.state(&backend)?;
-    let bytes = mae::weights::save_mae(&cfg, &state.params, &[("step", &state.updates.to_string())])?;
+    let bytes =
+        mae::weights::save_mae(&cfg, &state.params, &[("step", &state.updates.to_string())])?;
     checkpoint::write_atomic(&path, &bytes)?;
     println!("wrote {}", path.display());
     Ok(())

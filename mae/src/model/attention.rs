@@ -118,9 +118,25 @@ pub fn attention_forward<B: Backend>(
     b.split_heads(&acts.qkv, &mut acts.k, &heads_view(d, 3 * dim, dim))?;
     b.split_heads(&acts.qkv, &mut acts.v, &heads_view(d, 3 * dim, 2 * dim))?;
     // scores = q k^T; the scale is applied inside the softmax, after the product, as timm does.
-    b.gemm(&per_head(d, t, t, hd).trans_b(), &acts.q, &acts.k, &mut scratch.scores)?;
-    b.softmax_forward(&scratch.scores, &mut acts.att, d.batch * d.heads * t, t, scale(d))?;
-    b.gemm(&per_head(d, t, hd, t), &acts.att, &acts.v, &mut acts.heads_out)?;
+    b.gemm(
+        &per_head(d, t, t, hd).trans_b(),
+        &acts.q,
+        &acts.k,
+        &mut scratch.scores,
+    )?;
+    b.softmax_forward(
+        &scratch.scores,
+        &mut acts.att,
+        d.batch * d.heads * t,
+        t,
+        scale(d),
+    )?;
+    b.gemm(
+        &per_head(d, t, hd, t),
+        &acts.att,
+        &acts.v,
+        &mut acts.heads_out,
+    )?;
     b.merge_heads(&acts.heads_out, &mut acts.merged, &heads_view(d, dim, 0))?;
     linear_forward(b, &acts.merged, proj, out, r, dim, dim, true)
 }
@@ -141,17 +157,49 @@ pub fn attention_backward<B: Backend>(
     d: &StackDims,
 ) -> BResult<()> {
     let (r, dim, t, hd) = (d.rows(), d.dim, d.tokens, d.head_dim());
-    linear_backward(b, d_out, &acts.merged, proj, g_proj, Some(&mut s.d_merged), r, dim, dim)?;
+    linear_backward(
+        b,
+        d_out,
+        &acts.merged,
+        proj,
+        g_proj,
+        Some(&mut s.d_merged),
+        r,
+        dim,
+        dim,
+    )?;
     b.split_heads(&s.d_merged, &mut s.d_heads_out, &heads_view(d, dim, 0))?;
     // heads_out = att v
-    b.gemm(&per_head(d, t, t, hd).trans_b(), &s.d_heads_out, &acts.v, &mut s.d_att)?;
-    b.gemm(&per_head(d, t, hd, t).trans_a(), &acts.att, &s.d_heads_out, &mut s.d_v)?;
+    b.gemm(
+        &per_head(d, t, t, hd).trans_b(),
+        &s.d_heads_out,
+        &acts.v,
+        &mut s.d_att,
+    )?;
+    b.gemm(
+        &per_head(d, t, hd, t).trans_a(),
+        &acts.att,
+        &s.d_heads_out,
+        &mut s.d_v,
+    )?;
     // att = softmax(scale * scores); `scores` now holds d(scores).
     b.fill(&mut s.scores, 0.0)?;
-    b.softmax_backward(&acts.att, &s.d_att, &mut s.scores, d.batch * d.heads * t, t, scale(d))?;
+    b.softmax_backward(
+        &acts.att,
+        &s.d_att,
+        &mut s.scores,
+        d.batch * d.heads * t,
+        t,
+        scale(d),
+    )?;
     // scores = q k^T
     b.gemm(&per_head(d, t, hd, t), &s.scores, &acts.k, &mut s.d_q)?;
-    b.gemm(&per_head(d, t, hd, t).trans_a(), &s.scores, &acts.q, &mut s.d_k)?;
+    b.gemm(
+        &per_head(d, t, hd, t).trans_a(),
+        &s.scores,
+        &acts.q,
+        &mut s.d_k,
+    )?;
     b.merge_heads(&s.d_q, &mut s.d_qkv, &heads_view(d, 3 * dim, 0))?;
     b.merge_heads(&s.d_k, &mut s.d_qkv, &heads_view(d, 3 * dim, dim))?;
     b.merge_heads(&s.d_v, &mut s.d_qkv, &heads_view(d, 3 * dim, 2 * dim))?;

@@ -65,7 +65,11 @@ impl<B: Backend> StackScratch<B> {
         Ok(StackScratch {
             block: BlockScratch {
                 attn: AttentionScratch::new(b, d, backward)?,
-                mlp: if backward { Some(MlpScratch::new(b, d)?) } else { None },
+                mlp: if backward {
+                    Some(MlpScratch::new(b, d)?)
+                } else {
+                    None
+                },
                 d_res1: zeros(b, len)?,
                 d_ln: zeros(b, len)?,
             },
@@ -86,10 +90,27 @@ pub fn block_forward<B: Backend>(
     let (r, dim) = (d.rows(), d.dim);
     layernorm_forward(b, x, &p.norm1, &mut acts.ln1, r, dim, d.eps)?;
     b.copy(x, &mut acts.res1)?;
-    attention_forward(b, &acts.ln1.y, &p.qkv, &p.proj, &mut acts.attn, scratch, &mut acts.res1, d)?;
+    attention_forward(
+        b,
+        &acts.ln1.y,
+        &p.qkv,
+        &p.proj,
+        &mut acts.attn,
+        scratch,
+        &mut acts.res1,
+        d,
+    )?;
     layernorm_forward(b, &acts.res1, &p.norm2, &mut acts.ln2, r, dim, d.eps)?;
     b.copy(&acts.res1, &mut acts.out)?;
-    mlp_forward(b, &acts.ln2.y, &p.fc1, &p.fc2, &mut acts.mlp, &mut acts.out, d)
+    mlp_forward(
+        b,
+        &acts.ln2.y,
+        &p.fc1,
+        &p.fc2,
+        &mut acts.mlp,
+        &mut acts.out,
+        d,
+    )
 }
 
 /// Given `d_out`, the gradient of the block's output, accumulates the parameter gradients and
@@ -115,12 +136,46 @@ pub fn block_backward<B: Backend>(
     // out = res1 + mlp(norm2(res1))
     b.copy(d_out, &mut s.d_res1)?;
     let (fc1, fc2) = (&p.fc1, &p.fc2);
-    mlp_backward(b, d_out, &acts.ln2.y, fc1, fc2, &mut g.fc1, &mut g.fc2, &acts.mlp, mlp_scratch, &mut s.d_ln, d)?;
-    layernorm_backward(b, &s.d_ln, &acts.res1, &p.norm2, &acts.ln2, &mut g.norm2, &mut s.d_res1, r, dim)?;
+    mlp_backward(
+        b,
+        d_out,
+        &acts.ln2.y,
+        fc1,
+        fc2,
+        &mut g.fc1,
+        &mut g.fc2,
+        &acts.mlp,
+        mlp_scratch,
+        &mut s.d_ln,
+        d,
+    )?;
+    layernorm_backward(
+        b,
+        &s.d_ln,
+        &acts.res1,
+        &p.norm2,
+        &acts.ln2,
+        &mut g.norm2,
+        &mut s.d_res1,
+        r,
+        dim,
+    )?;
     // res1 = x + attn(norm1(x))
     b.copy(&s.d_res1, dx)?;
     let (qkv, proj) = (&p.qkv, &p.proj);
-    attention_backward(b, &s.d_res1, &acts.ln1.y, qkv, proj, &mut g.qkv, &mut g.proj, &acts.attn, &mut s.attn, &mut s.d_ln, d)?;
+    attention_backward(
+        b,
+        &s.d_res1,
+        &acts.ln1.y,
+        qkv,
+        proj,
+        &mut g.qkv,
+        &mut g.proj,
+        &acts.attn,
+        &mut s.attn,
+        &mut s.d_ln,
+        d,
+    )?;
     layernorm_backward(b, &s.d_ln, x, &p.norm1, &acts.ln1, &mut g.norm1, dx, r, dim)
 }
 
@@ -164,7 +219,17 @@ pub fn stack_backward<B: Backend>(
         let x = if l == 0 { input } else { &acts[l - 1].out };
         let [d0, d1] = &mut s.d_x;
         let (d_out, dx) = if cur == 0 { (&*d0, d1) } else { (&*d1, d0) };
-        block_backward(b, d_out, x, &blocks[l], &mut grads[l], &acts[l], &mut s.block, dx, d)?;
+        block_backward(
+            b,
+            d_out,
+            x,
+            &blocks[l],
+            &mut grads[l],
+            &acts[l],
+            &mut s.block,
+            dx,
+            d,
+        )?;
         cur = 1 - cur;
     }
     Ok(cur)

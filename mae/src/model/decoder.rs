@@ -211,18 +211,46 @@ pub fn decoder_forward<B: Backend>(
 ) -> BResult<()> {
     let (rows, dim) = (sh.stack.rows(), sh.stack.dim);
     let enc_rows = sh.batch() * sh.enc_tokens();
-    linear_forward(b, latent, &p.embed, &mut acts.embedded, enc_rows, sh.enc_dim, dim, false)?;
-    b.copy_rows(&acts.embedded, &mut acts.with_mask, &sh.embedded_rows(), false)?;
+    linear_forward(
+        b,
+        latent,
+        &p.embed,
+        &mut acts.embedded,
+        enc_rows,
+        sh.enc_dim,
+        dim,
+        false,
+    )?;
+    b.copy_rows(
+        &acts.embedded,
+        &mut acts.with_mask,
+        &sh.embedded_rows(),
+        false,
+    )?;
     if sh.keep < sh.num_patches {
         b.copy_rows(&p.mask_token, &mut acts.with_mask, &sh.mask_rows(), false)?;
     }
-    b.gather_rows(&acts.with_mask, &acts.ids_unshuffle, &mut acts.x0, &sh.unshuffle())?;
+    b.gather_rows(
+        &acts.with_mask,
+        &acts.ids_unshuffle,
+        &mut acts.x0,
+        &sh.unshuffle(),
+    )?;
     b.copy_rows(&p.pos_embed, &mut acts.x0, &sh.pos_rows(), true)?;
     let attn = &mut scratch.stack.block.attn;
     acts.last = stack_forward(b, &acts.x0, &p.blocks, &mut acts.blocks, attn, &sh.stack)?;
     let out = &acts.blocks[acts.last].out;
     layernorm_forward(b, out, &p.norm, &mut acts.norm, rows, dim, sh.stack.eps)?;
-    linear_forward(b, &acts.norm.y, &p.pred, &mut acts.pred_all, rows, dim, sh.patch_dim, false)?;
+    linear_forward(
+        b,
+        &acts.norm.y,
+        &p.pred,
+        &mut acts.pred_all,
+        rows,
+        dim,
+        sh.patch_dim,
+        false,
+    )?;
     b.copy_rows(&acts.pred_all, &mut acts.pred, &sh.pred_rows(), false)
 }
 
@@ -243,19 +271,63 @@ pub fn decoder_backward<B: Backend>(
     b.fill(&mut s.d_pred_all, 0.0)?;
     b.copy_rows_backward(d_pred, &mut s.d_pred_all, &sh.pred_rows())?;
     let norm_y = &acts.norm.y;
-    linear_backward(b, &s.d_pred_all, norm_y, &p.pred, &mut g.pred, Some(&mut s.d_norm), rows, dim, sh.patch_dim)?;
+    linear_backward(
+        b,
+        &s.d_pred_all,
+        norm_y,
+        &p.pred,
+        &mut g.pred,
+        Some(&mut s.d_norm),
+        rows,
+        dim,
+        sh.patch_dim,
+    )?;
     let top = &mut s.stack.d_x[0];
     b.fill(top, 0.0)?;
     let out = &acts.blocks[acts.last].out;
-    layernorm_backward(b, &s.d_norm, out, &p.norm, &acts.norm, &mut g.norm, top, rows, dim)?;
-    let d_x0 = stack_backward(b, 0, &acts.x0, &p.blocks, &mut g.blocks, &acts.blocks, &mut s.stack, &sh.stack)?;
+    layernorm_backward(
+        b,
+        &s.d_norm,
+        out,
+        &p.norm,
+        &acts.norm,
+        &mut g.norm,
+        top,
+        rows,
+        dim,
+    )?;
+    let d_x0 = stack_backward(
+        b,
+        0,
+        &acts.x0,
+        &p.blocks,
+        &mut g.blocks,
+        &acts.blocks,
+        &mut s.stack,
+        &sh.stack,
+    )?;
     b.fill(&mut s.d_with_mask, 0.0)?;
-    b.gather_rows_backward(&s.stack.d_x[d_x0], &acts.ids_unshuffle, &mut s.d_with_mask, &sh.unshuffle())?;
+    b.gather_rows_backward(
+        &s.stack.d_x[d_x0],
+        &acts.ids_unshuffle,
+        &mut s.d_with_mask,
+        &sh.unshuffle(),
+    )?;
     if sh.keep < sh.num_patches {
         b.copy_rows_backward(&s.d_with_mask, &mut g.mask_token, &sh.mask_rows())?;
     }
     b.fill(&mut s.d_embedded, 0.0)?;
     b.copy_rows_backward(&s.d_with_mask, &mut s.d_embedded, &sh.embedded_rows())?;
     let enc_rows = sh.batch() * sh.enc_tokens();
-    linear_backward(b, &s.d_embedded, latent, &p.embed, &mut g.embed, Some(d_latent), enc_rows, sh.enc_dim, dim)
+    linear_backward(
+        b,
+        &s.d_embedded,
+        latent,
+        &p.embed,
+        &mut g.embed,
+        Some(d_latent),
+        enc_rows,
+        sh.enc_dim,
+        dim,
+    )
 }

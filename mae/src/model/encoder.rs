@@ -162,15 +162,44 @@ pub fn encoder_forward<B: Backend>(
     let (d, rows) = (sh.stack.dim, sh.batch() * sh.num_patches);
     // The Conv2d with stride = kernel = p is a GEMM over CHW-ordered patches.
     b.patchify(imgs, &mut acts.patches, &sh.patchify)?;
-    linear_forward(b, &acts.patches, &p.patch_embed, &mut acts.tokens, rows, sh.patch_dim, d, false)?;
+    linear_forward(
+        b,
+        &acts.patches,
+        &p.patch_embed,
+        &mut acts.tokens,
+        rows,
+        sh.patch_dim,
+        d,
+        false,
+    )?;
     b.copy_rows(&p.pos_embed, &mut acts.tokens, &sh.patch_pos_rows(), true)?;
     // random_masking: keep the visible tokens, then prepend cls_token + pos_embed[0].
-    b.gather_rows(&acts.tokens, &acts.ids_keep, &mut acts.x0, &sh.keep_gather())?;
+    b.gather_rows(
+        &acts.tokens,
+        &acts.ids_keep,
+        &mut acts.x0,
+        &sh.keep_gather(),
+    )?;
     b.copy_rows(&p.cls_token, &mut acts.x0, &sh.cls_rows(), false)?;
     b.copy_rows(&p.pos_embed, &mut acts.x0, &sh.cls_rows(), true)?;
-    acts.last = stack_forward(b, &acts.x0, &p.blocks, &mut acts.blocks, &mut scratch.stack.block.attn, &sh.stack)?;
+    acts.last = stack_forward(
+        b,
+        &acts.x0,
+        &p.blocks,
+        &mut acts.blocks,
+        &mut scratch.stack.block.attn,
+        &sh.stack,
+    )?;
     let out = &acts.blocks[acts.last].out;
-    layernorm_forward(b, out, &p.norm, &mut acts.norm, sh.stack.rows(), d, sh.stack.eps)
+    layernorm_forward(
+        b,
+        out,
+        &p.norm,
+        &mut acts.norm,
+        sh.stack.rows(),
+        d,
+        sh.stack.eps,
+    )
 }
 
 /// Given the gradient of the latent, accumulates the encoder's parameter gradients (the fixed
@@ -189,12 +218,41 @@ pub fn encoder_backward<B: Backend>(
     b.fill(top, 0.0)?;
     let out = &acts.blocks[acts.last].out;
     let tokens = sh.stack.rows();
-    layernorm_backward(b, d_latent, out, &p.norm, &acts.norm, &mut g.norm, top, tokens, d)?;
-    let d_x0 = stack_backward(b, 0, &acts.x0, &p.blocks, &mut g.blocks, &acts.blocks, &mut s.stack, &sh.stack)?;
+    layernorm_backward(
+        b,
+        d_latent,
+        out,
+        &p.norm,
+        &acts.norm,
+        &mut g.norm,
+        top,
+        tokens,
+        d,
+    )?;
+    let d_x0 = stack_backward(
+        b,
+        0,
+        &acts.x0,
+        &p.blocks,
+        &mut g.blocks,
+        &acts.blocks,
+        &mut s.stack,
+        &sh.stack,
+    )?;
     let d_x0 = &s.stack.d_x[d_x0];
     b.copy_rows_backward(d_x0, &mut g.cls_token, &sh.cls_rows())?;
     // Removed patches get no gradient: their rows of d_tokens stay zero.
     b.fill(&mut s.d_tokens, 0.0)?;
     b.gather_rows_backward(d_x0, &acts.ids_keep, &mut s.d_tokens, &sh.keep_gather())?;
-    linear_backward(b, &s.d_tokens, &acts.patches, &p.patch_embed, &mut g.patch_embed, None, rows, sh.patch_dim, d)
+    linear_backward(
+        b,
+        &s.d_tokens,
+        &acts.patches,
+        &p.patch_embed,
+        &mut g.patch_embed,
+        None,
+        rows,
+        sh.patch_dim,
+        d,
+    )
 }

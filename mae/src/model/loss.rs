@@ -80,11 +80,24 @@ pub fn loss_forward<B: Backend>(
 ) -> BResult<()> {
     if sh.norm_pix {
         b.patchify(imgs, &mut acts.pixels, &sh.patchify)?;
-        b.normalize_rows(&acts.pixels, &mut acts.target, sh.rows(), sh.cols(), NORM_PIX_EPS)?;
+        b.normalize_rows(
+            &acts.pixels,
+            &mut acts.target,
+            sh.rows(),
+            sh.cols(),
+            NORM_PIX_EPS,
+        )?;
     } else {
         b.patchify(imgs, &mut acts.target, &sh.patchify)?;
     }
-    b.masked_mse_forward(pred, &acts.target, &acts.mask, &mut acts.loss, sh.rows(), sh.cols())
+    b.masked_mse_forward(
+        pred,
+        &acts.target,
+        &acts.mask,
+        &mut acts.loss,
+        sh.rows(),
+        sh.cols(),
+    )
 }
 
 /// Overwrites `acts.d_pred` with `d_loss` times the loss's gradient.
@@ -96,5 +109,13 @@ pub fn loss_backward<B: Backend>(
     d_loss: f32,
 ) -> BResult<()> {
     b.fill(&mut acts.d_pred, 0.0)?;
-    b.masked_mse_backward(pred, &acts.target, &acts.mask, &mut acts.d_pred, sh.rows(), sh.cols(), d_loss)
+    b.masked_mse_backward(
+        pred,
+        &acts.target,
+        &acts.mask,
+        &mut acts.d_pred,
+        sh.rows(),
+        sh.cols(),
+        d_loss,
+    )
 }

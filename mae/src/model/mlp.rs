@@ -71,7 +71,17 @@ pub fn mlp_backward<B: Backend>(
     d: &StackDims,
 ) -> BResult<()> {
     let (r, dim, hidden) = (d.rows(), d.dim, d.hidden);
-    linear_backward(b, d_out, &acts.act, fc2, g_fc2, Some(&mut s.d_act), r, hidden, dim)?;
+    linear_backward(
+        b,
+        d_out,
+        &acts.act,
+        fc2,
+        g_fc2,
+        Some(&mut s.d_act),
+        r,
+        hidden,
+        dim,
+    )?;
     b.fill(&mut s.d_pre, 0.0)?;
     b.gelu_backward(&acts.pre, &s.d_act, &mut s.d_pre)?;
     linear_backward(b, &s.d_pre, x, fc1, g_fc1, Some(dx), r, dim, hidden)
