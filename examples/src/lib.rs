@@ -1,4 +1,5 @@
 //! Shared pieces of the example programs: synthetic images, atomic checkpoint files, and the
 //! choice of backend. The programs in `src/bin` show how to embed `mae` in an application.
 pub mod checkpoint;
+pub mod flops;
 pub mod synthetic;

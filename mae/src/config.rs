@@ -203,6 +203,22 @@ impl Config {
         (dim as f64 * self.mlp_ratio) as usize
     }
 
+    /// How `batch` images of this model become patches, in `order`.
+    pub fn patchify(
+        &self,
+        batch: usize,
+        order: crate::backend::PatchOrder,
+    ) -> crate::backend::Patchify {
+        crate::backend::Patchify {
+            batch,
+            channels: self.in_chans,
+            height: self.img_size,
+            width: self.img_size,
+            patch: self.patch_size,
+            order,
+        }
+    }
+
     /// The configuration as the JSON object stored in checkpoint metadata.
     pub fn to_json(&self) -> String {
         // Serializing plain numbers and booleans cannot fail.

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::model::block::StackScratch;
 use crate::model::encoder::{encoder_forward, EncoderActs, EncoderScratch, EncoderShape};
 use crate::params::{encoder_specs, Encoder};
-use crate::weights::WeightsError;
+use crate::weights::check_lengths;
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -48,16 +48,7 @@ impl<B: Backend> Embedder<B> {
         if batch == 0 {
             return Err(crate::config::ConfigError::EmptyBatch.into());
         }
-        for (s, t) in encoder_specs(cfg).tensors().zip(encoder.tensors()) {
-            if s.numel() != t.len() {
-                return Err(WeightsError::WrongShape {
-                    name: s.name.clone(),
-                    expected: s.shape.clone(),
-                    got: vec![t.len()],
-                }
-                .into());
-            }
-        }
+        check_lengths(encoder_specs(cfg).tensors(), encoder.tensors())?;
         let l = cfg.num_patches();
         let shape = EncoderShape::new(cfg, batch, l);
         let mut acts = EncoderActs::new(b, &shape, false, cfg.depth)?;

@@ -22,7 +22,7 @@ use crate::model::loss::{loss_backward, loss_forward, LossActs, LossShape};
 use crate::optim::AdamW;
 use crate::params::{mae_specs, MaeParams, Role, TensorSpec};
 use crate::rng::Rng;
-use crate::weights::WeightsError;
+use crate::weights::check_lengths;
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -120,21 +120,6 @@ pub struct Trainer<B: Backend> {
     forward_done: bool,
 }
 
-/// Checks host tensors against their specs.
-fn check_lengths(specs: &MaeParams<TensorSpec>, host: &MaeParams<Vec<f32>>) -> Result<()> {
-    for (s, t) in specs.tensors().zip(host.tensors()) {
-        if s.numel() != t.len() {
-            return Err(WeightsError::WrongShape {
-                name: s.name.clone(),
-                expected: s.shape.clone(),
-                got: vec![t.len()],
-            }
-            .into());
-        }
-    }
-    Ok(())
-}
-
 impl<B: Backend> Trainer<B> {
     /// Uploads `params` and allocates every buffer of the step. `seed` drives the masking noise.
     pub fn new(
@@ -147,7 +132,7 @@ impl<B: Backend> Trainer<B> {
         cfg.validate()?;
         opts.validate(cfg)?;
         let specs = mae_specs(cfg);
-        check_lengths(&specs, params)?;
+        check_lengths(specs.tensors(), params.tensors())?;
         let n = opts.batch_size;
         let l = cfg.num_patches();
         let masking = Masking::new(n, l, opts.mask_ratio)?;
@@ -187,8 +172,8 @@ impl<B: Backend> Trainer<B> {
     /// Continues a run saved with [`Trainer::state`].
     pub fn from_state(b: &B, cfg: &Config, state: &TrainState, opts: TrainOptions) -> Result<Self> {
         let mut t = Trainer::new(b, cfg, &state.params, opts, state.rng_state)?;
-        check_lengths(&t.specs, &state.m)?;
-        check_lengths(&t.specs, &state.v)?;
+        check_lengths(t.specs.tensors(), state.m.tensors())?;
+        check_lengths(t.specs.tensors(), state.v.tensors())?;
         for (dst, src) in t.m.tensors_mut().zip(state.m.tensors()) {
             b.write(dst, src)?;
         }

@@ -120,6 +120,14 @@ impl<'a> WeightsFile<'a> {
         Config::from_json(json).map_err(|e| WeightsError::Metadata(e.to_string()))
     }
 
+    /// `cfg` when given, else the stored configuration.
+    pub fn config_or(&self, cfg: Option<&Config>) -> Result<Config, WeightsError> {
+        match cfg {
+            Some(c) => Ok(c.clone()),
+            None => self.config(),
+        }
+    }
+
     /// Whether a tensor of this name exists.
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.tensor(name).is_ok()
@@ -225,10 +233,7 @@ pub fn load_mae(
     cfg: Option<&Config>,
 ) -> Result<(Config, MaeParams<Vec<f32>>), WeightsError> {
     let file = WeightsFile::parse(bytes)?;
-    let cfg = match cfg {
-        Some(c) => c.clone(),
-        None => file.config()?,
-    };
+    let cfg = file.config_or(cfg)?;
     let params = file.mae(&cfg, "")?;
     Ok((cfg, params))
 }
@@ -240,12 +245,27 @@ pub fn load_encoder(
     cfg: Option<&Config>,
 ) -> Result<(Config, Encoder<Vec<f32>>), WeightsError> {
     let file = WeightsFile::parse(bytes)?;
-    let cfg = match cfg {
-        Some(c) => c.clone(),
-        None => file.config()?,
-    };
+    let cfg = file.config_or(cfg)?;
     let params = file.encoder(&cfg, "")?;
     Ok((cfg, params))
+}
+
+/// Checks that host tensors have the element counts of their specs (tensors built in memory
+/// rather than loaded, which [`WeightsFile`] checks itself).
+pub fn check_lengths<'a>(
+    specs: impl Iterator<Item = &'a TensorSpec>,
+    tensors: impl Iterator<Item = &'a Vec<f32>>,
+) -> Result<(), WeightsError> {
+    for (s, t) in specs.zip(tensors) {
+        if s.numel() != t.len() {
+            return Err(WeightsError::WrongShape {
+                name: s.name.clone(),
+                expected: s.shape.clone(),
+                got: alloc::vec![t.len()],
+            });
+        }
+    }
+    Ok(())
 }
 
 /// One f32 tensor to write.

@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! cargo run --release -p mae-examples --bin pretrain -- [--model NAME] [--steps N]
-//!     [--batch-size N] [--blr X] [--mask-ratio X] [--seed N] [--out DIR]
+//!     [--batch-size N] [--blr X] [--mask-ratio X] [--seed N] [--out DIR] [--backend cpu]
 //! ```
 
 use mae::optim::{scaled_lr, Schedule};
@@ -26,10 +26,11 @@ struct Args {
     mask_ratio: f64,
     seed: u64,
     out: PathBuf,
+    backend: String,
 }
 
 const USAGE: &str = "usage: pretrain [--model NAME] [--steps N] [--batch-size N] [--blr X] \
-[--mask-ratio X] [--seed N] [--out DIR]\n  --model: demo (default; img 32, patch 4, dim 96, depth 4) \
+[--mask-ratio X] [--seed N] [--out DIR] [--backend cpu]\n  --model: demo (default; img 32, patch 4, dim 96, depth 4) \
 or a preset: tiny32, small64, base224, mae_vit_base_patch16, ...";
 
 fn parse() -> Result<Args, String> {
@@ -46,6 +47,7 @@ fn parse() -> Result<Args, String> {
         mask_ratio: 0.75,
         seed: 0,
         out: PathBuf::from(format!("runs/{stamp}")),
+        backend: "cpu".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -64,6 +66,7 @@ fn parse() -> Result<Args, String> {
             "--mask-ratio" => a.mask_ratio = value.parse().map_err(|e| bad(&e))?,
             "--seed" => a.seed = value.parse().map_err(|e| bad(&e))?,
             "--out" => a.out = PathBuf::from(value),
+            "--backend" => a.backend = value,
             _ => return Err(format!("unknown flag {flag}\n{USAGE}")),
         }
     }
@@ -93,6 +96,13 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         "demo" => demo_config(),
         name => Config::preset(name)?,
     };
+    if a.backend != "cpu" {
+        return Err(format!(
+            "backend `{}` is not compiled in (available: cpu)",
+            a.backend
+        )
+        .into());
+    }
     let backend = CpuBackend::new();
     let opts = TrainOptions {
         mask_ratio: a.mask_ratio,

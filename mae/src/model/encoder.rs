@@ -33,14 +33,7 @@ impl EncoderShape {
             num_patches: cfg.num_patches(),
             keep,
             patch_dim: cfg.patch_dim(),
-            patchify: Patchify {
-                batch,
-                channels: cfg.in_chans,
-                height: cfg.img_size,
-                width: cfg.img_size,
-                patch: cfg.patch_size,
-                order: PatchOrder::Chw,
-            },
+            patchify: cfg.patchify(batch, PatchOrder::Chw),
             stack: StackDims {
                 batch,
                 tokens: 1 + keep,

@@ -32,14 +32,7 @@ impl LossShape {
     /// The loss of `cfg` at `batch` images.
     pub fn new(cfg: &Config, batch: usize) -> Self {
         LossShape {
-            patchify: Patchify {
-                batch,
-                channels: cfg.in_chans,
-                height: cfg.img_size,
-                width: cfg.img_size,
-                patch: cfg.patch_size,
-                order: PatchOrder::Hwc,
-            },
+            patchify: cfg.patchify(batch, PatchOrder::Hwc),
             norm_pix: cfg.norm_pix_loss,
         }
     }
