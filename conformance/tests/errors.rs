@@ -230,6 +230,11 @@ fn wrong_inputs_are_shape_errors_and_change_nothing() {
         other => panic!("{other:?}"),
     }
     // The embedding path checks its input too.
-    let mut e = Embedder::new(&b, &cfg, &params.encoder, 3).unwrap();
+    let mut e = Embedder::new(&b, &cfg, &params.encoder, 1).unwrap();
     assert!(matches!(e.tokens(&b, &imgs), Err(Error::Shape { .. })));
+    assert!(matches!(
+        e.tokens(&b, &imgs[..100]),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(e.tokens(&b, &[]), Err(Error::Shape { .. })));
 }

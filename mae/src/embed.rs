@@ -39,6 +39,8 @@ pub struct Embedder<B: Backend> {
     acts: EncoderActs<B>,
     scratch: EncoderScratch<B>,
     pooled: B::Buf,
+    /// Host staging for a short last batch, padded with zero images.
+    padded: Vec<f32>,
 }
 
 impl<B: Backend> Embedder<B> {
@@ -63,51 +65,56 @@ impl<B: Backend> Embedder<B> {
                 d_tokens: b.alloc(0)?,
             },
             pooled: b.alloc(batch * cfg.embed_dim)?,
+            padded: vec![0.0; batch * cfg.in_chans * cfg.img_size * cfg.img_size],
             acts,
             shape,
             cfg: cfg.clone(),
         })
     }
 
-    /// Images per batch.
+    /// The most images one call takes.
     pub fn batch(&self) -> usize {
         self.shape.stack.batch
     }
 
-    fn run(&mut self, b: &B, imgs: &[f32]) -> Result<()> {
+    /// Runs the encoder on `imgs` (1 to `batch` images); returns how many there were.
+    fn run(&mut self, b: &B, imgs: &[f32]) -> Result<usize> {
         let c = &self.cfg;
-        let n = self.batch();
-        if imgs.len() != n * c.in_chans * c.img_size * c.img_size {
+        let image = c.in_chans * c.img_size * c.img_size;
+        let n = imgs.len() / image;
+        if imgs.len() % image != 0 || n == 0 || n > self.batch() {
             return Err(Error::Shape {
-                what: "images",
-                expected: vec![n, c.in_chans, c.img_size, c.img_size],
+                what: "images (1 to the embedder's batch size)",
+                expected: vec![self.batch(), c.in_chans, c.img_size, c.img_size],
                 got: vec![imgs.len()],
             });
         }
-        b.write(&mut self.imgs, imgs)?;
-        encoder_forward(
-            b,
-            &self.imgs,
-            &self.params,
-            &mut self.acts,
-            &mut self.scratch,
-            &self.shape,
-        )?;
-        Ok(())
+        if n == self.batch() {
+            b.write(&mut self.imgs, imgs)?;
+        } else {
+            // A short batch runs padded with zero images, whose outputs are dropped.
+            self.padded[..imgs.len()].copy_from_slice(imgs);
+            self.padded[imgs.len()..].fill(0.0);
+            b.write(&mut self.imgs, &self.padded)?;
+        }
+        let (p, acts, scratch) = (&self.params, &mut self.acts, &mut self.scratch);
+        encoder_forward(b, &self.imgs, p, acts, scratch, &self.shape)?;
+        Ok(n)
     }
 
-    /// Every token after the final norm, `[batch, 1 + L, D]`, cls first, patches in row-major
-    /// order.
+    /// Every token after the final norm, `[n, 1 + L, D]` for `n` images (`[n, C, H, W]`, at most
+    /// the batch size), cls first, patches in row-major order.
     pub fn tokens(&mut self, b: &B, imgs: &[f32]) -> Result<Vec<f32>> {
-        self.run(b, imgs)?;
+        let n = self.run(b, imgs)?;
         let mut out = vec![0.0; self.shape.stack.rows() * self.cfg.embed_dim];
         b.download(&self.acts.norm.y, &mut out)?;
+        out.truncate(n * self.shape.stack.tokens * self.cfg.embed_dim);
         Ok(out)
     }
 
-    /// One feature vector per image, `[batch, D]`.
+    /// One feature vector per image, `[n, D]` for `n` images.
     pub fn pooled(&mut self, b: &B, imgs: &[f32], pool: Pool) -> Result<Vec<f32>> {
-        self.run(b, imgs)?;
+        let images = self.run(b, imgs)?;
         let (n, t, d) = (self.batch(), self.shape.stack.tokens, self.cfg.embed_dim);
         let tokens = &self.acts.norm.y;
         match pool {
@@ -143,6 +150,7 @@ impl<B: Backend> Embedder<B> {
         }
         let mut out = vec![0.0; n * d];
         b.download(&self.pooled, &mut out)?;
+        out.truncate(images * d);
         Ok(out)
     }
 }

@@ -89,3 +89,46 @@ impl Schedule {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_edges() {
+        let s = Schedule {
+            lr: 2e-3,
+            min_lr: 1e-5,
+            warmup_epochs: 0.0,
+            epochs: 4.0,
+        };
+        assert_eq!(s.lr_at(0.0), 2e-3);
+        assert!((s.lr_at(4.0) - 1e-5).abs() < 1e-15);
+        assert!(
+            (s.lr_at(9.0) - 1e-5).abs() < 1e-15,
+            "past the end it stays at min_lr"
+        );
+        let monotone = (0..40)
+            .map(|i| s.lr_at(i as f64 / 10.0))
+            .collect::<alloc::vec::Vec<_>>();
+        assert!(monotone.windows(2).all(|w| w[1] <= w[0]));
+        // The paper's rule: base lr 1.5e-4 at batch 4096 is 2.4e-3.
+        assert!((scaled_lr(1.5e-4, 4096) - 2.4e-3).abs() < 1e-15);
+    }
+
+    #[test]
+    fn adamw_domains() {
+        assert!(AdamW::default().validate().is_ok());
+        let bad = AdamW {
+            eps: 0.0,
+            ..AdamW::default()
+        };
+        assert_eq!(
+            bad.validate(),
+            Err(ConfigError::Hyper {
+                name: "eps",
+                value: 0.0
+            })
+        );
+    }
+}
