@@ -1,0 +1,74 @@
+//! The training step allocates nothing on the host after the first step, apart from the packing
+//! buffer matrixmultiply makes for each matrix product (one per product, inside the library, out
+//! of our control; the CPU-speed issue may replace it): every buffer of `mae` and every op of the
+//! CPU backend is allocated up front.
+
+use mae::init::init_params;
+use mae::train::{TrainOptions, Trainer};
+use mae::Config;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+struct Counting;
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(ptr, layout, new) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+#[test]
+fn steps_allocate_only_gemm_packing() {
+    let cfg = Config {
+        img_size: 16,
+        patch_size: 4,
+        in_chans: 3,
+        embed_dim: 32,
+        depth: 2,
+        num_heads: 2,
+        decoder_embed_dim: 16,
+        decoder_depth: 1,
+        decoder_num_heads: 2,
+        mlp_ratio: 2.0,
+        norm_pix_loss: true,
+        norm_eps: 1e-6,
+    };
+    let b = mae_backend_cpu::CpuBackend::new();
+    let mut t = Trainer::new(&b, &cfg, &init_params(&cfg, 0), TrainOptions::new(2), 0).unwrap();
+    let imgs = vec![0.25f32; 2 * 3 * 16 * 16];
+    t.train_step(&b, &imgs, None, 1e-3).unwrap();
+    let mut per_step = Vec::new();
+    for _ in 0..3 {
+        let before = ALLOCS.load(Ordering::Relaxed);
+        t.train_step(&b, &imgs, None, 1e-3).unwrap();
+        per_step.push(ALLOCS.load(Ordering::Relaxed) - before);
+    }
+    // Matrix products of one step. Per block: 4 linear layers forward and 8 backward (dx, dW),
+    // 2 attention products forward and 4 backward, each batched over images x heads. Outside the
+    // blocks: patch embedding 1 + 1 (no dx), decoder embedding 1 + 2, prediction 1 + 2.
+    let per_block = |heads: usize| 12 + 6 * 2 * heads;
+    let products = cfg.depth * per_block(cfg.num_heads)
+        + cfg.decoder_depth * per_block(cfg.decoder_num_heads)
+        + 8;
+    eprintln!("allocations per step: {per_step:?}, matrix products per step: {products}");
+    assert!(
+        per_step.iter().all(|&n| n <= products),
+        "{per_step:?} allocations > {products} matrix products: something besides GEMM packing allocates"
+    );
+}
