@@ -201,6 +201,28 @@ fn pooling_matches_tokens<B: Backend>(b: &B) {
     assert_eq!(one, cls[..d]);
 }
 
+/// The extremes of masking: no visible patch (the encoder sees only cls) and a single removed
+/// patch; batch size 1.
+fn extreme_masking_runs<B: Backend>(b: &B) {
+    let cfg = small(); // 16 patches
+    for (ratio, keep) in [(0.99, 0), (0.0625, 15)] {
+        let opts = TrainOptions { mask_ratio: ratio, ..TrainOptions::new(1) };
+        let mut t = Trainer::new(b, &cfg, &init_params(&cfg, 1), opts, 1).unwrap();
+        assert_eq!(t.masking().len_keep, keep);
+        for s in 0..3 {
+            let loss = t.train_step(b, &images(s, 1, &cfg), None, 1e-3).unwrap();
+            assert!(loss.is_finite() && loss > 0.0, "ratio {ratio}: loss {loss}");
+        }
+        let g = t.download(b, t.params()).unwrap();
+        assert!(g.tensors().all(|x| x.iter().all(|v| v.is_finite())));
+    }
+}
+
+#[test]
+fn cpu_extreme_masking_runs() {
+    extreme_masking_runs(&backends::cpu());
+}
+
 #[test]
 fn cpu_repeatable() {
     repeatable(&backends::cpu());
