@@ -206,7 +206,10 @@ fn pooling_matches_tokens<B: Backend>(b: &B) {
 fn extreme_masking_runs<B: Backend>(b: &B) {
     let cfg = small(); // 16 patches
     for (ratio, keep) in [(0.99, 0), (0.0625, 15)] {
-        let opts = TrainOptions { mask_ratio: ratio, ..TrainOptions::new(1) };
+        let opts = TrainOptions {
+            mask_ratio: ratio,
+            ..TrainOptions::new(1)
+        };
         let mut t = Trainer::new(b, &cfg, &init_params(&cfg, 1), opts, 1).unwrap();
         assert_eq!(t.masking().len_keep, keep);
         for s in 0..3 {

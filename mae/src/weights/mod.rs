@@ -14,6 +14,8 @@ use alloc::vec::Vec;
 use core::fmt;
 use safetensors::{Dtype, SafeTensors, View};
 
+pub mod hf;
+
 /// Metadata key holding the model configuration as JSON.
 pub const CONFIG_KEY: &str = "config";
 
