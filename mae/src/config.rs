@@ -166,18 +166,29 @@ impl Config {
         if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
             return Err(ConfigError::NormEps(self.norm_eps));
         }
+        // Keep every tensor addressable with u32 element counts (GPU APIs), computed without
+        // overflow so absurd sizes are an error rather than a wrap-around.
+        let grid = self.img_size / self.patch_size;
+        let widest = self
+            .embed_dim
+            .max(self.decoder_embed_dim)
+            .max(self.mlp_hidden(self.embed_dim))
+            .max(self.mlp_hidden(self.decoder_embed_dim));
+        let biggest = grid
+            .checked_mul(grid)
+            .and_then(|l| l.checked_add(1))
+            .and_then(|t| t.checked_mul(widest))
+            .and_then(|x| x.checked_mul(4));
+        let patch_dim = self
+            .patch_size
+            .checked_mul(self.patch_size)
+            .and_then(|x| x.checked_mul(self.in_chans));
+        let limit = u32::MAX as usize;
+        if biggest.is_none_or(|x| x > limit) || patch_dim.is_none_or(|x| x > limit) {
+            return Err(ConfigError::TooLarge);
+        }
         if self.norm_pix_loss && self.patch_dim() < 2 {
             return Err(ConfigError::NormPixNeedsTwoValues);
-        }
-        // Keep every buffer index well inside usize and every device buffer addressable by u32
-        // element counts on 32-bit GPU APIs.
-        let biggest = self
-            .num_patches()
-            .checked_add(1)
-            .and_then(|t| t.checked_mul(self.embed_dim.max(self.decoder_embed_dim)))
-            .and_then(|x| x.checked_mul(4));
-        if biggest.is_none_or(|x| x > u32::MAX as usize) || self.patch_dim() > u32::MAX as usize {
-            return Err(ConfigError::TooLarge);
         }
         Ok(())
     }
