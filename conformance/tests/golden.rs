@@ -78,3 +78,35 @@ fn check_all<B: Backend>(b: &B) {
 fn golden_cpu() {
     check_all(&backends::cpu());
 }
+
+/// The `golden` program's interface (DESIGN.md): per-tensor lines, a closing
+/// `golden: N passed, M failed` line, and a non-zero exit when any file fails.
+#[test]
+fn golden_program_reports_and_fails_loudly() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let good = root.join("golden/odd_r50.safetensors");
+    let bad =
+        std::env::temp_dir().join(format!("mae-truncated-{}.safetensors", std::process::id()));
+    let bytes = std::fs::read(&good).unwrap();
+    std::fs::write(&bad, &bytes[..bytes.len() / 3]).unwrap();
+    let run = |files: &[&Path]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_golden"))
+            .args(["--backend", "cpu"])
+            .args(files)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = run(&[&good]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("step 2 grad decoder_pred.weight"), "{out}");
+    assert_eq!(out.lines().last(), Some("golden: 1 passed, 0 failed"));
+    let (code, out) = run(&[&good, &bad]);
+    std::fs::remove_file(&bad).unwrap();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("not a safetensors file"), "{out}");
+    assert_eq!(out.lines().last(), Some("golden: 1 passed, 1 failed"));
+}

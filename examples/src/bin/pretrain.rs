@@ -108,6 +108,9 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         mask_ratio: a.mask_ratio,
         ..TrainOptions::new(a.batch_size)
     };
+    // Fail on an unusable output folder now, not after the training it would hold.
+    std::fs::create_dir_all(&a.out)
+        .map_err(|e| format!("cannot create output folder {}: {e}", a.out.display()))?;
     let params = mae::init::init_params(&cfg, a.seed);
     let mut trainer = Trainer::new(&backend, &cfg, &params, opts, a.seed)?;
     let lr = scaled_lr(a.blr, a.batch_size);
@@ -155,7 +158,6 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
             window = 0.0;
         }
     }
-    std::fs::create_dir_all(&a.out)?;
     let path = a.out.join("checkpoint.safetensors");
     let state = trainer.state(&backend)?;
     let bytes =
