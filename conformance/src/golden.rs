@@ -4,6 +4,7 @@
 use mae::backend::Backend;
 use mae::optim::AdamW;
 use mae::params::{mae_specs, MaeParams, Role};
+use mae::pos_embed::sincos_2d;
 use mae::train::{TrainOptions, Trainer};
 use mae::weights::WeightsFile;
 use mae::Config;
@@ -299,16 +300,16 @@ pub fn run<B: Backend>(b: &B, case: &GoldenCase) -> mae::Result<Report> {
     let specs = mae_specs(&case.cfg);
 
     // The fixed tables must be our own sin-cos tables, and the decay groups the official ones.
-    let own = mae::init::init_params(&case.cfg, 0);
+    let (cfg, grid) = (&case.cfg, case.cfg.grid_size());
     for (name, ours, theirs) in [
         (
             "pos_embed",
-            &own.encoder.pos_embed,
+            sincos_2d(cfg.embed_dim, grid),
             &case.params.encoder.pos_embed,
         ),
         (
             "decoder_pos_embed",
-            &own.decoder.pos_embed,
+            sincos_2d(cfg.decoder_embed_dim, grid),
             &case.params.decoder.pos_embed,
         ),
     ] {

@@ -3,7 +3,6 @@
 use crate::backend::{Backend, RowMap};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::model::block::StackScratch;
 use crate::model::encoder::{encoder_forward, EncoderActs, EncoderScratch, EncoderShape};
 use crate::params::{encoder_specs, Encoder};
 use crate::weights::check_lengths;
@@ -60,10 +59,7 @@ impl<B: Backend> Embedder<B> {
         Ok(Embedder {
             params: encoder.try_map(|t| b.upload(t))?,
             imgs: b.alloc(batch * cfg.in_chans * cfg.img_size * cfg.img_size)?,
-            scratch: EncoderScratch {
-                stack: StackScratch::new(b, &shape.stack, false)?,
-                d_tokens: b.alloc(0)?,
-            },
+            scratch: EncoderScratch::new(b, &shape, false)?,
             pooled: b.alloc(batch * cfg.embed_dim)?,
             padded: vec![0.0; batch * cfg.in_chans * cfg.img_size * cfg.img_size],
             acts,

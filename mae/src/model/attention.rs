@@ -2,7 +2,7 @@
 //! `softmax(q k^T * head_dim^-0.5) v`, heads concatenated, output projection.
 
 use super::linear::{linear_backward, linear_forward};
-use super::{zeros, StackDims};
+use super::StackDims;
 use crate::backend::{BResult, Backend, Gemm, Heads};
 use crate::params::Linear;
 
@@ -50,13 +50,13 @@ impl<B: Backend> AttentionActs<B> {
         let (r, dim) = (d.rows(), d.dim);
         let scores = d.batch * d.heads * d.tokens * d.tokens;
         Ok(AttentionActs {
-            qkv: zeros(b, r * 3 * dim)?,
-            q: zeros(b, r * dim)?,
-            k: zeros(b, r * dim)?,
-            v: zeros(b, r * dim)?,
-            att: zeros(b, scores)?,
-            heads_out: zeros(b, r * dim)?,
-            merged: zeros(b, r * dim)?,
+            qkv: b.alloc(r * 3 * dim)?,
+            q: b.alloc(r * dim)?,
+            k: b.alloc(r * dim)?,
+            v: b.alloc(r * dim)?,
+            att: b.alloc(scores)?,
+            heads_out: b.alloc(r * dim)?,
+            merged: b.alloc(r * dim)?,
         })
     }
 }
@@ -66,9 +66,9 @@ impl<B: Backend> AttentionScratch<B> {
     pub fn new(b: &B, d: &StackDims, backward: bool) -> BResult<Self> {
         let (r, dim) = (d.rows(), d.dim);
         let scores = d.batch * d.heads * d.tokens * d.tokens;
-        let n = |len: usize| zeros(b, if backward { len } else { 0 });
+        let n = |len: usize| b.alloc(if backward { len } else { 0 });
         Ok(AttentionScratch {
-            scores: zeros(b, scores)?,
+            scores: b.alloc(scores)?,
             d_att: n(scores)?,
             d_merged: n(r * dim)?,
             d_heads_out: n(r * dim)?,

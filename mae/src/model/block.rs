@@ -3,7 +3,7 @@
 use super::attention::{attention_backward, attention_forward, AttentionActs, AttentionScratch};
 use super::layernorm::{layernorm_backward, layernorm_forward, NormActs};
 use super::mlp::{mlp_backward, mlp_forward, MlpActs, MlpScratch};
-use super::{prev_and_cur, zeros, StackDims};
+use super::{prev_and_cur, StackDims};
 use crate::backend::{BResult, Backend};
 use crate::params::Block;
 
@@ -50,10 +50,10 @@ impl<B: Backend> BlockActs<B> {
         Ok(BlockActs {
             ln1: NormActs::new(b, r, dim)?,
             attn: AttentionActs::new(b, d)?,
-            res1: zeros(b, r * dim)?,
+            res1: b.alloc(r * dim)?,
             ln2: NormActs::new(b, r, dim)?,
             mlp: MlpActs::new(b, d)?,
-            out: zeros(b, r * dim)?,
+            out: b.alloc(r * dim)?,
         })
     }
 }
@@ -70,10 +70,10 @@ impl<B: Backend> StackScratch<B> {
                 } else {
                     None
                 },
-                d_res1: zeros(b, len)?,
-                d_ln: zeros(b, len)?,
+                d_res1: b.alloc(len)?,
+                d_ln: b.alloc(len)?,
             },
-            d_x: [zeros(b, len)?, zeros(b, len)?],
+            d_x: [b.alloc(len)?, b.alloc(len)?],
         })
     }
 }

@@ -5,7 +5,7 @@
 use super::block::{stack_backward, stack_forward, BlockActs, StackScratch};
 use super::layernorm::{layernorm_backward, layernorm_forward, NormActs};
 use super::linear::{linear_backward, linear_forward};
-use super::{zeros, StackDims};
+use super::StackDims;
 use crate::backend::{BResult, Backend, Gather, RowMap};
 use crate::config::Config;
 use crate::params::Decoder;
@@ -157,16 +157,16 @@ impl<B: Backend> DecoderActs<B> {
     pub fn new(b: &B, sh: &DecoderShape, depth: usize) -> BResult<Self> {
         let (rows, dim) = (sh.stack.rows(), sh.stack.dim);
         Ok(DecoderActs {
-            embedded: zeros(b, sh.batch() * sh.enc_tokens() * dim)?,
-            with_mask: zeros(b, rows * dim)?,
-            x0: zeros(b, rows * dim)?,
+            embedded: b.alloc(sh.batch() * sh.enc_tokens() * dim)?,
+            with_mask: b.alloc(rows * dim)?,
+            x0: b.alloc(rows * dim)?,
             blocks: (0..depth)
                 .map(|_| BlockActs::new(b, &sh.stack))
                 .collect::<BResult<_>>()?,
             last: 0,
             norm: NormActs::new(b, rows, dim)?,
-            pred_all: zeros(b, rows * sh.patch_dim)?,
-            pred: zeros(b, sh.batch() * sh.num_patches * sh.patch_dim)?,
+            pred_all: b.alloc(rows * sh.patch_dim)?,
+            pred: b.alloc(sh.batch() * sh.num_patches * sh.patch_dim)?,
             ids_unshuffle: b.upload_idx(&alloc::vec![0; sh.stack.batch * sh.stack.tokens])?,
         })
     }
@@ -192,10 +192,10 @@ impl<B: Backend> DecoderScratch<B> {
         let (rows, dim) = (sh.stack.rows(), sh.stack.dim);
         Ok(DecoderScratch {
             stack: StackScratch::new(b, &sh.stack, true)?,
-            d_pred_all: zeros(b, rows * sh.patch_dim)?,
-            d_norm: zeros(b, rows * dim)?,
-            d_with_mask: zeros(b, rows * dim)?,
-            d_embedded: zeros(b, sh.batch() * sh.enc_tokens() * dim)?,
+            d_pred_all: b.alloc(rows * sh.patch_dim)?,
+            d_norm: b.alloc(rows * dim)?,
+            d_with_mask: b.alloc(rows * dim)?,
+            d_embedded: b.alloc(sh.batch() * sh.enc_tokens() * dim)?,
         })
     }
 }

@@ -5,7 +5,7 @@
 use super::block::{stack_backward, stack_forward, BlockActs, StackScratch};
 use super::layernorm::{layernorm_backward, layernorm_forward, NormActs};
 use super::linear::{linear_backward, linear_forward};
-use super::{zeros, StackDims};
+use super::StackDims;
 use crate::backend::{BResult, Backend, Gather, PatchOrder, Patchify, RowMap};
 use crate::config::Config;
 use crate::params::Encoder;
@@ -110,9 +110,9 @@ impl<B: Backend> EncoderActs<B> {
         let (n, l, d) = (sh.batch(), sh.num_patches, sh.stack.dim);
         let copies = if training { depth } else { depth.min(2) };
         Ok(EncoderActs {
-            patches: zeros(b, n * l * sh.patch_dim)?,
-            tokens: zeros(b, n * l * d)?,
-            x0: zeros(b, sh.stack.rows() * d)?,
+            patches: b.alloc(n * l * sh.patch_dim)?,
+            tokens: b.alloc(n * l * d)?,
+            x0: b.alloc(sh.stack.rows() * d)?,
             blocks: (0..copies)
                 .map(|_| BlockActs::new(b, &sh.stack))
                 .collect::<BResult<_>>()?,
@@ -137,7 +137,7 @@ impl<B: Backend> EncoderScratch<B> {
         let len = sh.batch() * sh.num_patches * sh.stack.dim;
         Ok(EncoderScratch {
             stack: StackScratch::new(b, &sh.stack, backward)?,
-            d_tokens: zeros(b, if backward { len } else { 0 })?,
+            d_tokens: b.alloc(if backward { len } else { 0 })?,
         })
     }
 }

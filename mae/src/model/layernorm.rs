@@ -1,6 +1,5 @@
 //! LayerNorm (biased variance, PyTorch semantics) and what its backward needs.
 
-use super::zeros;
 use crate::backend::{BResult, Backend};
 use crate::params::Norm;
 
@@ -18,9 +17,9 @@ impl<B: Backend> NormActs<B> {
     /// Buffers for `rows` rows of `cols`.
     pub fn new(b: &B, rows: usize, cols: usize) -> BResult<Self> {
         Ok(NormActs {
-            y: zeros(b, rows * cols)?,
-            mean: zeros(b, rows)?,
-            rstd: zeros(b, rows)?,
+            y: b.alloc(rows * cols)?,
+            mean: b.alloc(rows)?,
+            rstd: b.alloc(rows)?,
         })
     }
 }

@@ -1,7 +1,6 @@
 //! The reconstruction loss: mean squared error on the removed patches only, against the pixels
 //! in `patchify` order (HWC inside a patch), optionally normalized per patch (norm-pix).
 
-use super::zeros;
 use crate::backend::{BResult, Backend, PatchOrder, Patchify};
 use crate::config::Config;
 
@@ -54,11 +53,11 @@ impl<B: Backend> LossActs<B> {
     pub fn new(b: &B, sh: &LossShape) -> BResult<Self> {
         let len = sh.rows() * sh.cols();
         Ok(LossActs {
-            pixels: zeros(b, if sh.norm_pix { len } else { 0 })?,
-            target: zeros(b, len)?,
-            mask: zeros(b, sh.rows())?,
-            loss: zeros(b, 1)?,
-            d_pred: zeros(b, len)?,
+            pixels: b.alloc(if sh.norm_pix { len } else { 0 })?,
+            target: b.alloc(len)?,
+            mask: b.alloc(sh.rows())?,
+            loss: b.alloc(1)?,
+            d_pred: b.alloc(len)?,
         })
     }
 }

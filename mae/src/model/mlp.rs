@@ -1,7 +1,7 @@
 //! The block's MLP: `fc2(GELU(fc1(x)))`, exact-erf GELU.
 
 use super::linear::{linear_backward, linear_forward};
-use super::{zeros, StackDims};
+use super::StackDims;
 use crate::backend::{BResult, Backend};
 use crate::params::Linear;
 
@@ -25,8 +25,8 @@ impl<B: Backend> MlpActs<B> {
     /// Buffers for one layer.
     pub fn new(b: &B, d: &StackDims) -> BResult<Self> {
         Ok(MlpActs {
-            pre: zeros(b, d.rows() * d.hidden)?,
-            act: zeros(b, d.rows() * d.hidden)?,
+            pre: b.alloc(d.rows() * d.hidden)?,
+            act: b.alloc(d.rows() * d.hidden)?,
         })
     }
 }
@@ -35,8 +35,8 @@ impl<B: Backend> MlpScratch<B> {
     /// Buffers for a stack's backward.
     pub fn new(b: &B, d: &StackDims) -> BResult<Self> {
         Ok(MlpScratch {
-            d_act: zeros(b, d.rows() * d.hidden)?,
-            d_pre: zeros(b, d.rows() * d.hidden)?,
+            d_act: b.alloc(d.rows() * d.hidden)?,
+            d_pre: b.alloc(d.rows() * d.hidden)?,
         })
     }
 }

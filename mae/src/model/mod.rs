@@ -22,8 +22,6 @@ pub mod linear;
 pub mod loss;
 pub mod mlp;
 
-use crate::backend::{BResult, Backend};
-
 /// The shape of one transformer stack at one batch size.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StackDims {
@@ -50,11 +48,6 @@ impl StackDims {
     pub fn head_dim(&self) -> usize {
         self.dim / self.heads
     }
-}
-
-/// Allocates a zeroed buffer.
-pub(crate) fn zeros<B: Backend>(b: &B, len: usize) -> BResult<B::Buf> {
-    b.alloc(len)
 }
 
 /// The previous element (read) and the current one (written) of a slice of per-layer buffers.
