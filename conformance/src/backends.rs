@@ -1,11 +1,18 @@
 //! The backends under test, the skip policy, and host <-> device helpers generic over
 //! [`Backend`].
 //!
-//! A backend whose device is missing is skipped with a `SKIP <backend>: <reason>` line on stderr;
-//! naming it in `MAE_REQUIRE_BACKENDS` (a comma list, e.g. `wgpu,cuda`) turns the skip into a
-//! test failure.
+//! Each backend has a getter (`cpu()`, ...) that builds it once per test process and returns
+//! `None` when its device is missing, after printing `SKIP <backend>: <reason>` straight to the
+//! terminal (past the test harness's output capture). Naming the backend in
+//! `MAE_REQUIRE_BACKENDS` (a comma list, e.g. `wgpu,cuda`) turns the skip into a test failure.
+//! [`dispatch`] runs an [`OnBackend`] job on a backend chosen by name, for the programs.
 
-use mae::backend::Backend;
+use mae::backend::{Backend, BackendError, OnBackend};
+use std::io::Write;
+use std::sync::OnceLock;
+
+/// The backends this crate tests, by `--backend` name.
+pub const NAMES: &[&str] = &["cpu"];
 
 /// The backends listed in `MAE_REQUIRE_BACKENDS` (comma-separated, trimmed, lower-case).
 pub fn required_backends() -> Vec<String> {
@@ -19,7 +26,8 @@ pub fn required_backends() -> Vec<String> {
 
 /// Reports that `backend` is not available; panics if it is required.
 pub fn skip(backend: &str, reason: &str) {
-    eprintln!("SKIP {backend}: {reason}");
+    // Straight to stderr: libtest captures `eprintln!`, and a skip must be visible.
+    let _ = writeln!(std::io::stderr(), "SKIP {backend}: {reason}");
     if required_backends()
         .iter()
         .any(|b| b == &backend.to_ascii_lowercase())
@@ -28,9 +36,63 @@ pub fn skip(backend: &str, reason: &str) {
     }
 }
 
+/// Returns the backend in `cell`, building it on first use; `None` (after [`skip`]) when it
+/// could not be built.
+fn shared<B>(
+    cell: &'static OnceLock<Result<B, String>>,
+    name: &str,
+    build: impl FnOnce() -> Result<B, BackendError>,
+) -> Option<&'static B> {
+    match cell.get_or_init(|| build().map_err(|e| e.to_string())) {
+        Ok(b) => Some(b),
+        Err(reason) => {
+            skip(name, reason);
+            None
+        }
+    }
+}
+
 /// The CPU backend (always available).
-pub fn cpu() -> mae_backend_cpu::CpuBackend {
-    mae_backend_cpu::CpuBackend::new()
+pub fn cpu() -> Option<&'static mae_backend_cpu::CpuBackend> {
+    static CELL: OnceLock<Result<mae_backend_cpu::CpuBackend, String>> = OnceLock::new();
+    shared(&CELL, "cpu", || Ok(mae_backend_cpu::CpuBackend::new()))
+}
+
+/// Why [`dispatch`] could not run a job.
+#[derive(Debug)]
+pub enum DispatchError {
+    /// No backend of this name exists in this build.
+    Unknown(String),
+    /// The backend exists but its device is missing.
+    Unavailable(String, String),
+}
+
+impl std::fmt::Display for DispatchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DispatchError::Unknown(n) => {
+                write!(
+                    f,
+                    "unknown backend {n:?} (this build has: {})",
+                    NAMES.join(", ")
+                )
+            }
+            DispatchError::Unavailable(n, why) => write!(f, "backend {n} is not available: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for DispatchError {}
+
+/// Runs `job` on the backend called `name`.
+pub fn dispatch<J: OnBackend>(name: &str, job: J) -> Result<J::Output, DispatchError> {
+    // Each arm builds its backend afresh: a program wants the device's own error, not a skip.
+    #[allow(unused)]
+    let unavailable = |e: BackendError| DispatchError::Unavailable(name.to_string(), e.to_string());
+    match name {
+        "cpu" => Ok(job.run(&mae_backend_cpu::CpuBackend::new())),
+        other => Err(DispatchError::Unknown(other.to_string())),
+    }
 }
 
 /// Uploads `host`, panicking with the backend's message on failure.

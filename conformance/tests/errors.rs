@@ -7,7 +7,7 @@ use mae::init::init_params;
 use mae::train::{TrainOptions, Trainer};
 use mae::weights::{load_encoder, load_mae, save_encoder, save_mae, WeightsError};
 use mae::{Config, Error};
-use mae_conformance::backends::cpu;
+use mae_backend_cpu::CpuBackend;
 
 fn small() -> Config {
     Config {
@@ -35,7 +35,7 @@ fn config_error(e: Error) -> ConfigError {
 
 #[test]
 fn bad_configurations_are_refused_before_anything_runs() {
-    let b = cpu();
+    let b = CpuBackend::new();
     let ok = small();
     let params = init_params(&ok, 0);
     let bad = Config {
@@ -180,7 +180,7 @@ fn bad_weight_files_name_what_is_wrong() {
 
 #[test]
 fn wrong_inputs_are_shape_errors_and_change_nothing() {
-    let b = cpu();
+    let b = CpuBackend::new();
     let cfg = small();
     let params = init_params(&cfg, 0);
     let mut t = Trainer::new(&b, &cfg, &params, TrainOptions::new(2), 0).unwrap();

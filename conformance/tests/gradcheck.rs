@@ -8,10 +8,10 @@
 //! 2. The backend's backward matches the oracle's backward on the same f32 inputs (each backend
 //!    runs its own forward first, as in a training step), under the tolerances of `ops.rs`.
 //!
-//! The checks are generic over `B: Backend`; the `cpu_*` tests instantiate them for the CPU.
+//! The checks are generic over `B: Backend`; `gradient_tests!` at the end runs them per backend.
 
 use mae::backend::{Backend, Gather, Gemm, Heads, RowMap};
-use mae_conformance::backends::{cpu, run};
+use mae_conformance::backends::run;
 use mae_conformance::oracle::{self, compare, data, f64s, max_abs, Fill, Rng, Tol};
 
 type Check = Result<(), String>;
@@ -217,14 +217,6 @@ fn check_gemm_grad<B: Backend>(b: &B, seed: u64) -> Check {
     Ok(())
 }
 
-#[test]
-fn cpu_gemm_gradients() {
-    let b = cpu();
-    for seed in 0..SEEDS {
-        check_gemm_grad(&b, seed).unwrap();
-    }
-}
-
 // ---- copy_rows, gather_rows, heads: adjoints and inverses --------------------------------------
 
 fn check_copy_rows_adjoint<B: Backend>(b: &B, seed: u64) -> Check {
@@ -288,14 +280,6 @@ fn check_copy_rows_adjoint<B: Backend>(b: &B, seed: u64) -> Check {
     )
 }
 
-#[test]
-fn cpu_copy_rows_adjoint() {
-    let b = cpu();
-    for seed in 0..4 * SEEDS {
-        check_copy_rows_adjoint(&b, seed).unwrap();
-    }
-}
-
 fn check_gather_adjoint<B: Backend>(b: &B, seed: u64) -> Check {
     let mut rng = Rng::new(seed);
     let src_rows = 1 + rng.below(5);
@@ -356,14 +340,6 @@ fn check_gather_adjoint<B: Backend>(b: &B, seed: u64) -> Check {
         magnitude,
         1e-5,
     )
-}
-
-#[test]
-fn cpu_gather_rows_adjoint() {
-    let b = cpu();
-    for seed in 0..4 * SEEDS {
-        check_gather_adjoint(&b, seed).unwrap();
-    }
 }
 
 /// split_heads and merge_heads are inverses on the head columns, and adjoints of each other.
@@ -459,14 +435,6 @@ fn check_heads_inverse<B: Backend>(b: &B, seed: u64) -> Check {
         Tol::EXACT,
         None,
     )
-}
-
-#[test]
-fn cpu_split_merge_heads_inverse() {
-    let b = cpu();
-    for seed in 0..4 * SEEDS {
-        check_heads_inverse(&b, seed).unwrap();
-    }
 }
 
 // ---- layernorm ----------------------------------------------------------------------------------
@@ -568,14 +536,6 @@ fn check_layernorm_grad<B: Backend>(b: &B, seed: u64) -> Check {
     )
 }
 
-#[test]
-fn cpu_layernorm_gradients() {
-    let b = cpu();
-    for seed in 0..4 * SEEDS {
-        check_layernorm_grad(&b, seed).unwrap();
-    }
-}
-
 // ---- gelu ---------------------------------------------------------------------------------------
 
 fn check_gelu_grad<B: Backend>(b: &B, seed: u64) -> Check {
@@ -608,14 +568,6 @@ fn check_gelu_grad<B: Backend>(b: &B, seed: u64) -> Check {
         Tol::ELEMENTWISE,
         None,
     )
-}
-
-#[test]
-fn cpu_gelu_gradient() {
-    let b = cpu();
-    for seed in 0..SEEDS {
-        check_gelu_grad(&b, seed).unwrap();
-    }
 }
 
 // ---- softmax ------------------------------------------------------------------------------------
@@ -661,14 +613,6 @@ fn check_softmax_grad<B: Backend>(b: &B, seed: u64) -> Check {
     )
 }
 
-#[test]
-fn cpu_softmax_gradient() {
-    let b = cpu();
-    for seed in 0..4 * SEEDS {
-        check_softmax_grad(&b, seed).unwrap();
-    }
-}
-
 // ---- masked mse ---------------------------------------------------------------------------------
 
 fn check_masked_mse_grad<B: Backend>(b: &B, seed: u64) -> Check {
@@ -708,10 +652,62 @@ fn check_masked_mse_grad<B: Backend>(b: &B, seed: u64) -> Check {
     )
 }
 
-#[test]
-fn cpu_masked_mse_gradient() {
-    let b = cpu();
-    for seed in 0..4 * SEEDS {
-        check_masked_mse_grad(&b, seed).unwrap();
+// ---- the tests, instantiated per backend ---------------------------------------------------------
+
+/// Runs `check` for every seed; does nothing when the backend was skipped.
+fn seeds<B: Backend>(b: Option<&B>, seeds: std::ops::Range<u64>, check: impl Fn(&B, u64) -> Check) {
+    let Some(b) = b else { return };
+    for seed in seeds {
+        if let Err(e) = check(b, seed) {
+            panic!("{}, seed {seed}: {e}", b.name());
+        }
     }
 }
+
+/// One module of tests per backend, named after its getter in `mae_conformance::backends`.
+macro_rules! gradient_tests {
+    ($($backend:ident),*) => {$(
+        mod $backend {
+            use super::*;
+
+            fn b() -> Option<&'static impl Backend> {
+                mae_conformance::backends::$backend()
+            }
+
+            #[test]
+            fn gemm_gradients() {
+                seeds(b(), 0..SEEDS, check_gemm_grad);
+            }
+            #[test]
+            fn copy_rows_adjoint() {
+                seeds(b(), 0..4 * SEEDS, check_copy_rows_adjoint);
+            }
+            #[test]
+            fn gather_rows_adjoint() {
+                seeds(b(), 0..4 * SEEDS, check_gather_adjoint);
+            }
+            #[test]
+            fn split_merge_heads_inverse() {
+                seeds(b(), 0..4 * SEEDS, check_heads_inverse);
+            }
+            #[test]
+            fn layernorm_gradients() {
+                seeds(b(), 0..4 * SEEDS, check_layernorm_grad);
+            }
+            #[test]
+            fn gelu_gradient() {
+                seeds(b(), 0..SEEDS, check_gelu_grad);
+            }
+            #[test]
+            fn softmax_gradient() {
+                seeds(b(), 0..4 * SEEDS, check_softmax_grad);
+            }
+            #[test]
+            fn masked_mse_gradient() {
+                seeds(b(), 0..4 * SEEDS, check_masked_mse_grad);
+            }
+        }
+    )*};
+}
+
+gradient_tests!(cpu);

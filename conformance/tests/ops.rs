@@ -4,8 +4,8 @@
 //! bitwise as it was.
 //!
 //! Every check is a function generic over `B: Backend` that uploads its inputs, runs the op and
-//! downloads the result; the `cpu_*` tests instantiate them for the CPU backend, and a GPU backend
-//! gets the same tests by instantiating them again.
+//! downloads the result; `op_tests!` at the end instantiates them once per backend (module `cpu`,
+//! `wgpu`, ...): a new backend joins by adding its getter to the `op_tests!` line.
 //!
 //! Tolerances are rust-backends.md §9: per element `|got - want| <= atol + rtol * |want|`, with
 //! `want` the f64 oracle on the same f32 inputs. Where an output is a sum of terms that can cancel
@@ -16,13 +16,13 @@
 //! `PROPTEST_CASES` overrides the number of cases per property (default 64).
 
 use mae::backend::{AdamWStep, Backend, Gather, Gemm, Heads, PatchOrder, Patchify, RowMap};
-use mae_conformance::backends::{cpu, down, run, up, up_idx};
+use mae_conformance::backends::{down, run, up, up_idx};
 use mae_conformance::oracle::{
     self, compare, data, f32s, f64s, max_abs, untouched, Fill, Rng, Tol, FILLS,
 };
 use proptest::prelude::*;
 use proptest::sample::select;
-use proptest::test_runner::FileFailurePersistence;
+use proptest::test_runner::{FileFailurePersistence, TestError, TestRunner};
 
 type Check = Result<(), String>;
 
@@ -962,112 +962,6 @@ fn check_adamw<B: Backend>(b: &B, c: &AdamCase) -> Check {
     compare("adamw v", &shape, &gv, &wv, Tol::ADAMW, None)
 }
 
-// ---- properties on the CPU backend ----------------------------------------------------------------
-
-proptest! {
-    #![proptest_config(config())]
-
-    #[test]
-    fn cpu_gemm(c in gemm_case()) {
-        check_gemm(&cpu(), &c).map_err(TestCaseError::fail)?;
-    }
-
-    #[test]
-    fn cpu_add(len in 1usize..=300, seed in any::<u64>(), fill in fill()) {
-        check_add(&cpu(), len, seed, fill).map_err(TestCaseError::fail)?;
-    }
-
-    #[test]
-    fn cpu_scale(len in 1usize..=300, s in select(vec![0.0f32, 0.5, -2.0, 1e-3, 3.0]), seed in any::<u64>(), fill in fill()) {
-        check_scale(&cpu(), len, s, seed, fill).map_err(TestCaseError::fail)?;
-    }
-
-    #[test]
-    fn cpu_copy_rows(c in rows_case()) {
-        check_copy_rows(&cpu(), &c).map_err(TestCaseError::fail)?;
-    }
-
-    #[test]
-    fn cpu_copy_rows_backward(c in rows_case()) {
-        check_copy_rows_backward(&cpu(), &c).map_err(TestCaseError::fail)?;
-    }
-
-    #[test]
-    fn cpu_gather_rows(c in gather_case()) {
-        check_gather_rows(&cpu(), &c).map_err(TestCaseError::fail)?;
-    }
-
-    #[test]
-    fn cpu_gather_rows_backward(c in gather_case()) {
-        check_gather_rows_backward(&cpu(), &c).map_err(TestCaseError::fail)?;
-    }
-
-    #[test]
-    fn cpu_patchify((p, seed, init) in patchify_case()) {
-        check_patchify(&cpu(), &p, seed, init).map_err(TestCaseError::fail)?;
-    }
-
-    #[test]
-    fn cpu_split_heads((h, seed, init) in heads_case()) {
-        check_split_heads(&cpu(), &h, seed, init).map_err(TestCaseError::fail)?;
-    }
-
-    #[test]
-    fn cpu_merge_heads((h, seed, init) in heads_case()) {
-        check_merge_heads(&cpu(), &h, seed, init).map_err(TestCaseError::fail)?;
-    }
-
-    #[test]
-    fn cpu_layernorm_forward(c in row_case(dim(), LN_EPS.to_vec())) {
-        check_layernorm_forward(&cpu(), &c).map_err(TestCaseError::fail)?;
-    }
-
-    #[test]
-    fn cpu_layernorm_backward(c in row_case(dim(), LN_EPS.to_vec())) {
-        check_layernorm_backward(&cpu(), &c).map_err(TestCaseError::fail)?;
-    }
-
-    #[test]
-    fn cpu_gelu_forward(len in 1usize..=500, seed in any::<u64>(), fill in fill(), init in init()) {
-        check_gelu_forward(&cpu(), len, seed, fill, init).map_err(TestCaseError::fail)?;
-    }
-
-    #[test]
-    fn cpu_gelu_backward(len in 1usize..=500, seed in any::<u64>(), fill in fill()) {
-        check_gelu_backward(&cpu(), len, seed, fill).map_err(TestCaseError::fail)?;
-    }
-
-    #[test]
-    fn cpu_softmax_forward(c in row_case(dim(), SOFTMAX_SCALES.to_vec())) {
-        check_softmax_forward(&cpu(), &c).map_err(TestCaseError::fail)?;
-    }
-
-    #[test]
-    fn cpu_softmax_backward(c in row_case(dim(), SOFTMAX_SCALES.to_vec())) {
-        check_softmax_backward(&cpu(), &c).map_err(TestCaseError::fail)?;
-    }
-
-    #[test]
-    fn cpu_normalize_rows(c in row_case(dim2(), vec![1e-6, 1e-4])) {
-        check_normalize_rows(&cpu(), &c).map_err(TestCaseError::fail)?;
-    }
-
-    #[test]
-    fn cpu_masked_mse_forward(c in row_case(dim(), vec![0.0])) {
-        check_masked_mse_forward(&cpu(), &c).map_err(TestCaseError::fail)?;
-    }
-
-    #[test]
-    fn cpu_masked_mse_backward(c in row_case(dim(), vec![1.0, 0.5, 0.25])) {
-        check_masked_mse_backward(&cpu(), &c).map_err(TestCaseError::fail)?;
-    }
-
-    #[test]
-    fn cpu_adamw(c in adam_case()) {
-        check_adamw(&cpu(), &c).map_err(TestCaseError::fail)?;
-    }
-}
-
 // ---- fixed cases ----------------------------------------------------------------------------------
 
 /// Shapes that broke other projects' GEMMs (burn: `(1, 128, 512)` transposed, `(1024, 64, 8)`)
@@ -1101,11 +995,6 @@ fn check_gemm_fixed<B: Backend>(b: &B) -> Check {
         }
     }
     Ok(())
-}
-
-#[test]
-fn cpu_gemm_fixed_shapes() {
-    check_gemm_fixed(&cpu()).unwrap();
 }
 
 /// The bias-add map of `RowMap::bias`, the cls-token prepend, and a position-table add.
@@ -1150,11 +1039,6 @@ fn check_copy_rows_fixed<B: Backend>(b: &B) -> Check {
         }
     }
     Ok(())
-}
-
-#[test]
-fn cpu_copy_rows_fixed_maps() {
-    check_copy_rows_fixed(&cpu()).unwrap();
 }
 
 // ---- memory ops ---------------------------------------------------------------------------------
@@ -1239,11 +1123,6 @@ fn check_memory<B: Backend>(b: &B) -> Check {
         ));
     }
     Ok(())
-}
-
-#[test]
-fn cpu_memory_ops() {
-    check_memory(&cpu()).unwrap();
 }
 
 // ---- contracts: accumulate twice, overwrite ignores old contents, untouched outputs ---------------
@@ -1492,11 +1371,6 @@ fn check_accumulate_twice<B: Backend>(b: &B) -> Check {
     )
 }
 
-#[test]
-fn cpu_accumulating_ops_add_up() {
-    check_accumulate_twice(&cpu()).unwrap();
-}
-
 /// Runs `op` on an output of `len` floats that holds NaN, then on one that holds garbage, and
 /// requires bitwise-identical results (an overwriting op must not read its output).
 fn nan_vs_garbage<B: Backend>(
@@ -1738,11 +1612,6 @@ fn check_overwrite<B: Backend>(b: &B) -> Check {
     compare("copy", "5x31", &got, &x64, Tol::EXACT, None)
 }
 
-#[test]
-fn cpu_overwriting_ops_ignore_old_contents() {
-    check_overwrite(&cpu()).unwrap();
-}
-
 /// Outputs an op must leave alone, filled with a sentinel: merge_heads' other columns, copy_rows'
 /// non-destination rows, gather_rows' rows outside `dst_start .. dst_start + count`, the gaps
 /// between gemm's batch items.
@@ -1865,11 +1734,6 @@ fn check_untouched<B: Backend>(b: &B) -> Check {
     )
 }
 
-#[test]
-fn cpu_outputs_outside_the_op_stay_untouched() {
-    check_untouched(&cpu()).unwrap();
-}
-
 /// Two runs of one op on one backend are bitwise identical (no floating-point atomics, fixed
 /// reduction orders), on shapes large enough for a backend to split the work across threads.
 fn check_deterministic<B: Backend>(b: &B) -> Check {
@@ -1930,7 +1794,187 @@ fn check_deterministic<B: Backend>(b: &B) -> Check {
     same("masked_mse_forward", mse(), mse())
 }
 
-#[test]
-fn cpu_ops_are_deterministic() {
-    check_deterministic(&cpu()).unwrap();
+// ---- the tests, instantiated per backend ---------------------------------------------------------
+
+/// Checks `check` on `config().cases` values of `strategy`, shrinking a failure to a minimal
+/// input; does nothing when the backend was skipped.
+fn property<B: Backend, S: Strategy>(
+    b: Option<&B>,
+    strategy: S,
+    check: impl Fn(&B, S::Value) -> Check,
+) {
+    let Some(b) = b else { return };
+    let mut runner = TestRunner::new(config());
+    match runner.run(&strategy, |v| check(b, v).map_err(TestCaseError::fail)) {
+        Ok(()) => {}
+        Err(TestError::Fail(why, input)) => {
+            panic!("{}: {why}\nminimal failing input: {input:?}", b.name())
+        }
+        Err(e) => panic!("{}: {e}", b.name()),
+    }
 }
+
+/// Runs a fixed check; does nothing when the backend was skipped.
+fn fixed<B: Backend>(b: Option<&B>, check: impl Fn(&B) -> Check) {
+    if let Some(b) = b {
+        if let Err(e) = check(b) {
+            panic!("{}: {e}", b.name());
+        }
+    }
+}
+
+/// One module of tests per backend, named after its getter in `mae_conformance::backends`.
+macro_rules! op_tests {
+    ($($backend:ident),*) => {$(
+        mod $backend {
+            use super::*;
+
+            fn b() -> Option<&'static impl Backend> {
+                mae_conformance::backends::$backend()
+            }
+
+            const SCALES: [f32; 5] = [0.0, 0.5, -2.0, 1e-3, 3.0];
+
+            #[test]
+            fn gemm() {
+                property(b(), gemm_case(), |b, c| check_gemm(b, &c));
+            }
+            #[test]
+            fn add() {
+                property(b(), (1usize..=300, any::<u64>(), fill()), |b, (len, seed, fill)| {
+                    check_add(b, len, seed, fill)
+                });
+            }
+            #[test]
+            fn scale() {
+                let strategy = (1usize..=300, select(SCALES.to_vec()), any::<u64>(), fill());
+                property(b(), strategy, |b, (len, s, seed, fill)| {
+                    check_scale(b, len, s, seed, fill)
+                });
+            }
+            #[test]
+            fn copy_rows() {
+                property(b(), rows_case(), |b, c| check_copy_rows(b, &c));
+            }
+            #[test]
+            fn copy_rows_backward() {
+                property(b(), rows_case(), |b, c| check_copy_rows_backward(b, &c));
+            }
+            #[test]
+            fn gather_rows() {
+                property(b(), gather_case(), |b, c| check_gather_rows(b, &c));
+            }
+            #[test]
+            fn gather_rows_backward() {
+                property(b(), gather_case(), |b, c| check_gather_rows_backward(b, &c));
+            }
+            #[test]
+            fn patchify() {
+                property(b(), patchify_case(), |b, (p, seed, init)| {
+                    check_patchify(b, &p, seed, init)
+                });
+            }
+            #[test]
+            fn split_heads() {
+                property(b(), heads_case(), |b, (h, seed, init)| {
+                    check_split_heads(b, &h, seed, init)
+                });
+            }
+            #[test]
+            fn merge_heads() {
+                property(b(), heads_case(), |b, (h, seed, init)| {
+                    check_merge_heads(b, &h, seed, init)
+                });
+            }
+            #[test]
+            fn layernorm_forward() {
+                property(b(), row_case(dim(), LN_EPS.to_vec()), |b, c| {
+                    check_layernorm_forward(b, &c)
+                });
+            }
+            #[test]
+            fn layernorm_backward() {
+                property(b(), row_case(dim(), LN_EPS.to_vec()), |b, c| {
+                    check_layernorm_backward(b, &c)
+                });
+            }
+            #[test]
+            fn gelu_forward() {
+                let strategy = (1usize..=500, any::<u64>(), fill(), init());
+                property(b(), strategy, |b, (len, seed, fill, init)| {
+                    check_gelu_forward(b, len, seed, fill, init)
+                });
+            }
+            #[test]
+            fn gelu_backward() {
+                property(b(), (1usize..=500, any::<u64>(), fill()), |b, (len, seed, fill)| {
+                    check_gelu_backward(b, len, seed, fill)
+                });
+            }
+            #[test]
+            fn softmax_forward() {
+                property(b(), row_case(dim(), SOFTMAX_SCALES.to_vec()), |b, c| {
+                    check_softmax_forward(b, &c)
+                });
+            }
+            #[test]
+            fn softmax_backward() {
+                property(b(), row_case(dim(), SOFTMAX_SCALES.to_vec()), |b, c| {
+                    check_softmax_backward(b, &c)
+                });
+            }
+            #[test]
+            fn normalize_rows() {
+                property(b(), row_case(dim2(), vec![1e-6, 1e-4]), |b, c| {
+                    check_normalize_rows(b, &c)
+                });
+            }
+            #[test]
+            fn masked_mse_forward() {
+                property(b(), row_case(dim(), vec![0.0]), |b, c| {
+                    check_masked_mse_forward(b, &c)
+                });
+            }
+            #[test]
+            fn masked_mse_backward() {
+                property(b(), row_case(dim(), vec![1.0, 0.5, 0.25]), |b, c| {
+                    check_masked_mse_backward(b, &c)
+                });
+            }
+            #[test]
+            fn adamw() {
+                property(b(), adam_case(), |b, c| check_adamw(b, &c));
+            }
+            #[test]
+            fn gemm_fixed_shapes() {
+                fixed(b(), check_gemm_fixed);
+            }
+            #[test]
+            fn copy_rows_fixed_maps() {
+                fixed(b(), check_copy_rows_fixed);
+            }
+            #[test]
+            fn memory_ops() {
+                fixed(b(), check_memory);
+            }
+            #[test]
+            fn accumulating_ops_add_up() {
+                fixed(b(), check_accumulate_twice);
+            }
+            #[test]
+            fn overwriting_ops_ignore_old_contents() {
+                fixed(b(), check_overwrite);
+            }
+            #[test]
+            fn outputs_outside_the_op_stay_untouched() {
+                fixed(b(), check_untouched);
+            }
+            #[test]
+            fn ops_are_deterministic() {
+                fixed(b(), check_deterministic);
+            }
+        }
+    )*};
+}
+
+op_tests!(cpu);

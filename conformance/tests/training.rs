@@ -8,7 +8,6 @@ use mae::init::init_params;
 use mae::rng::Rng;
 use mae::train::{TrainOptions, Trainer};
 use mae::Config;
-use mae_conformance::backends;
 use mae_conformance::golden::rel_l2;
 
 fn small() -> Config {
@@ -221,28 +220,52 @@ fn extreme_masking_runs<B: Backend>(b: &B) {
     }
 }
 
-#[test]
-fn cpu_extreme_masking_runs() {
-    extreme_masking_runs(&backends::cpu());
+/// One module of tests per backend, named after its getter in `mae_conformance::backends`.
+macro_rules! training_tests {
+    ($($backend:ident),*) => {$(
+        mod $backend {
+            fn b() -> Option<&'static impl mae::backend::Backend> {
+                mae_conformance::backends::$backend()
+            }
+
+            #[test]
+            fn extreme_masking_runs() {
+                if let Some(b) = b() {
+                    super::extreme_masking_runs(b);
+                }
+            }
+            #[test]
+            fn repeatable() {
+                if let Some(b) = b() {
+                    super::repeatable(b);
+                }
+            }
+            #[test]
+            fn resume_is_bitwise() {
+                if let Some(b) = b() {
+                    super::resume_is_bitwise(b);
+                }
+            }
+            #[test]
+            fn accumulation_matches_big_batch() {
+                if let Some(b) = b() {
+                    super::accumulation_matches_big_batch(b);
+                }
+            }
+            #[test]
+            fn loss_falls() {
+                if let Some(b) = b() {
+                    super::loss_falls(b);
+                }
+            }
+            #[test]
+            fn pooling_matches_tokens() {
+                if let Some(b) = b() {
+                    super::pooling_matches_tokens(b);
+                }
+            }
+        }
+    )*};
 }
 
-#[test]
-fn cpu_repeatable() {
-    repeatable(&backends::cpu());
-}
-#[test]
-fn cpu_resume_is_bitwise() {
-    resume_is_bitwise(&backends::cpu());
-}
-#[test]
-fn cpu_accumulation_matches_big_batch() {
-    accumulation_matches_big_batch(&backends::cpu());
-}
-#[test]
-fn cpu_loss_falls() {
-    loss_falls(&backends::cpu());
-}
-#[test]
-fn cpu_pooling_matches_tokens() {
-    pooling_matches_tokens(&backends::cpu());
-}
+training_tests!(cpu);

@@ -542,3 +542,26 @@ pub trait Backend {
         step: &AdamWStep,
     ) -> BResult<()>;
 }
+
+/// Work that runs on whichever backend a program picks at run time: written once, generic over
+/// the backend, and handed to a dispatcher (`mae-examples`' and `mae-conformance`'s `backends`
+/// modules) that constructs the backend named on the command line and calls [`OnBackend::run`].
+///
+/// ```
+/// use mae::backend::{Backend, OnBackend};
+///
+/// struct Name;
+/// impl OnBackend for Name {
+///     type Output = String;
+///     fn run<B: Backend>(self, b: &B) -> String {
+///         b.name().to_string()
+///     }
+/// }
+/// # let _ = Name;
+/// ```
+pub trait OnBackend {
+    /// What the work returns.
+    type Output;
+    /// Runs the work on `b`.
+    fn run<B: Backend>(self, b: &B) -> Self::Output;
+}

@@ -2,12 +2,13 @@
 //! relative error, and ends with `golden: N passed, M failed` (files), exiting non-zero on any
 //! failure.
 
-use mae::backend::Backend;
+use mae::backend::{Backend, OnBackend};
+use mae_conformance::backends;
 use mae_conformance::golden::{run, GoldenCase, Report};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: golden [--backend cpu] FILE...";
+const USAGE: &str = "usage: golden [--backend NAME] FILE...";
 
 fn print(report: &Report) {
     for c in &report.checks {
@@ -48,6 +49,16 @@ fn run_file<B: Backend>(b: &B, path: &Path) -> bool {
     }
 }
 
+/// Every file on one backend: whether each passed.
+struct RunFiles<'a>(&'a [PathBuf]);
+
+impl OnBackend for RunFiles<'_> {
+    type Output = Vec<bool>;
+    fn run<B: Backend>(self, b: &B) -> Vec<bool> {
+        self.0.iter().map(|f| run_file(b, f)).collect()
+    }
+}
+
 fn main() -> ExitCode {
     let mut backend = String::from("cpu");
     let mut files = Vec::new();
@@ -72,13 +83,10 @@ fn main() -> ExitCode {
         eprintln!("{USAGE}");
         return ExitCode::from(2);
     }
-    let results: Vec<bool> = match backend.as_str() {
-        "cpu" => {
-            let b = mae_backend_cpu::CpuBackend::new();
-            files.iter().map(|f| run_file(&b, f)).collect()
-        }
-        other => {
-            eprintln!("golden: backend `{other}` is not compiled in (available: cpu)");
+    let results = match backends::dispatch(&backend, RunFiles(&files)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("golden: {e}");
             return ExitCode::from(2);
         }
     };

@@ -1,18 +1,18 @@
-//! `bench --case tiny32|small64|base224 [--backend cpu] [--seconds S]`: training and embedding
+//! `bench --case tiny32|small64|base224 [--backend NAME] [--seconds S]`: training and embedding
 //! throughput of one case, printed as one JSON line. Cases (mask 0.75, norm-pix loss, AdamW) are
 //! the presets of the same names with the batch sizes of DESIGN.md.
 
+use mae::backend::{Backend, OnBackend};
 use mae::embed::{Embedder, Pool};
 use mae::masking::keep_count;
 use mae::train::{TrainOptions, Trainer};
 use mae::Config;
-use mae_backend_cpu::CpuBackend;
-use mae_examples::{flops, synthetic};
+use mae_examples::{backends, flops, synthetic};
 use std::process::ExitCode;
 use std::time::Instant;
 
 const USAGE: &str =
-    "usage: bench --case tiny32|small64|base224 [--backend cpu] [--seconds S] [--batch N]";
+    "usage: bench --case tiny32|small64|base224 [--backend NAME] [--seconds S] [--batch N]";
 
 /// Runs `f` once to warm up, then repeatedly until `seconds` have passed (at least twice);
 /// returns calls per second.
@@ -27,7 +27,22 @@ fn rate(seconds: f64, mut f: impl FnMut() -> mae::Result<()>) -> mae::Result<f64
     Ok(calls as f64 / start.elapsed().as_secs_f64())
 }
 
-fn run(
+/// One case on one backend.
+struct Bench<'a> {
+    case: &'a str,
+    batch: Option<usize>,
+    seconds: f64,
+}
+
+impl OnBackend for Bench<'_> {
+    type Output = Result<String, Box<dyn std::error::Error>>;
+    fn run<B: Backend>(self, b: &B) -> Self::Output {
+        run(b, self.case, self.batch, self.seconds)
+    }
+}
+
+fn run<B: Backend>(
+    b: &B,
     case: &str,
     batch: Option<usize>,
     seconds: f64,
@@ -38,31 +53,32 @@ fn run(
         "small64" => 32,
         _ => 8,
     });
-    let b = CpuBackend::new();
     let params = mae::init::init_params(&cfg, 0);
     let imgs = synthetic::batch(0, 0, batch, cfg.in_chans, cfg.img_size);
 
-    let mut trainer = Trainer::new(&b, &cfg, &params, TrainOptions::new(batch), 0)?;
+    let mut trainer = Trainer::new(b, &cfg, &params, TrainOptions::new(batch), 0)?;
     let train_steps = rate(seconds, || {
-        trainer.train_step(&b, &imgs, None, 1e-4).map(drop)
+        trainer.train_step(b, &imgs, None, 1e-4).map(drop)
     })?;
     drop(trainer);
-    let mut embedder = Embedder::new(&b, &cfg, &params.encoder, batch)?;
-    let embed_calls = rate(seconds, || embedder.pooled(&b, &imgs, Pool::Cls).map(drop))?;
+    let mut embedder = Embedder::new(b, &cfg, &params.encoder, batch)?;
+    let embed_calls = rate(seconds, || embedder.pooled(b, &imgs, Pool::Cls).map(drop))?;
 
     let keep = keep_count(cfg.num_patches(), 0.75);
     let train_img_s = train_steps * batch as f64;
     let embed_img_s = embed_calls * batch as f64;
     Ok(format!(
-        "{{\"case\":\"{case}\",\"backend\":\"cpu\",\"batch\":{batch},\"train_img_s\":{train_img_s:.3},\
+        "{{\"case\":\"{case}\",\"backend\":\"{}\",\"batch\":{batch},\"train_img_s\":{train_img_s:.3},\
 \"embed_img_s\":{embed_img_s:.3},\"train_gflop_s\":{:.2},\"embed_gflop_s\":{:.2}}}",
+        b.name(),
         train_img_s * flops::mae_train(&cfg, keep) / 1e9,
         embed_img_s * flops::encoder_forward(&cfg, cfg.num_patches()) / 1e9,
     ))
 }
 
 fn main() -> ExitCode {
-    let (mut case, mut backend, mut seconds, mut batch) = (None, "cpu".to_string(), 10.0, None);
+    let (mut case, mut backend, mut seconds, mut batch) =
+        (None, backends::default_name().to_string(), 10.0, None);
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let Some(value) = args.next() else {
@@ -96,11 +112,19 @@ fn main() -> ExitCode {
         eprintln!("{USAGE}");
         return ExitCode::from(2);
     };
-    if backend != "cpu" {
-        eprintln!("bench: backend `{backend}` is not compiled in (available: cpu)");
-        return ExitCode::from(2);
-    }
-    match run(&case, batch, seconds) {
+    let job = Bench {
+        case: &case,
+        batch,
+        seconds,
+    };
+    let result = match backends::dispatch(&backend, job) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
         Ok(line) => {
             println!("{line}");
             ExitCode::SUCCESS
