@@ -3,4 +3,10 @@
 pub mod backends;
 pub mod checkpoint;
 pub mod flops;
+pub mod metrics;
+pub mod models;
+pub mod picture;
+pub mod progress;
+pub mod recipe;
+pub mod reconstruct;
 pub mod synthetic;
