@@ -1,18 +1,24 @@
 //! `bench --case tiny32|small64|base224 [--backend NAME] [--seconds S]`: training and embedding
 //! throughput of one case, printed as one JSON line. Cases (mask 0.75, norm-pix loss, AdamW) are
 //! the presets of the same names with the batch sizes of DESIGN.md.
+//!
+//! `bench --loader SPEC [--img-size 224] [--workers 2] [--batch N] [--channels 3] [--seconds S]`:
+//! the data loader alone (decoding, RandomResizedCrop, flip, normalization) on the dataset SPEC
+//! (as `pretrain --data`), printed as one JSON line with `loader_img_s`.
 
 use mae::backend::{Backend, OnBackend};
 use mae::embed::{Embedder, Pool};
 use mae::masking::keep_count;
 use mae::train::{TrainOptions, Trainer};
 use mae::Config;
+use mae_examples::data::{self, Augment, Loader, LoaderOptions};
 use mae_examples::{backends, flops, synthetic};
 use std::process::ExitCode;
 use std::time::Instant;
 
 const USAGE: &str =
-    "usage: bench --case tiny32|small64|base224 [--backend NAME] [--seconds S] [--batch N]";
+    "usage: bench --case tiny32|small64|base224 [--backend NAME] [--seconds S] [--batch N]
+       bench --loader SPEC [--img-size N] [--workers N] [--batch N] [--channels N] [--seconds S]";
 
 /// Runs `f` once to warm up, then repeatedly until `seconds` have passed (at least twice);
 /// returns calls per second.
@@ -76,18 +82,71 @@ fn run<B: Backend>(
     ))
 }
 
+/// Settings of the loader benchmark.
+struct LoaderBench {
+    spec: String,
+    img_size: usize,
+    workers: usize,
+    batch: Option<usize>,
+    channels: usize,
+    seconds: f64,
+}
+
+/// Images per second of the loader alone: one batch to warm up (workers started, first files
+/// read), then batches until `seconds` have passed.
+fn run_loader(b: &LoaderBench) -> Result<String, data::DataError> {
+    let ds = data::open(&b.spec, b.channels)?;
+    let batch = b.batch.unwrap_or(ds.len().min(32));
+    let mut opts = LoaderOptions::new(batch, Augment::paper(b.img_size, b.channels), 0);
+    opts.workers = b.workers;
+    let mut loader = Loader::new(ds, opts, 0)?;
+    loader.next()?;
+    let start = Instant::now();
+    let mut images = 0usize;
+    while images == 0 || start.elapsed().as_secs_f64() < b.seconds {
+        images += loader.next()?.labels.len();
+    }
+    let rate = images as f64 / start.elapsed().as_secs_f64();
+    let spec = b.spec.replace('\\', "\\\\").replace('"', "\\\"");
+    Ok(format!(
+        "{{\"case\":\"loader\",\"data\":\"{spec}\",\"img_size\":{},\"workers\":{},\"batch\":{batch},\
+\"loader_img_s\":{rate:.1}}}",
+        b.img_size, b.workers
+    ))
+}
+
 fn main() -> ExitCode {
     let (mut case, mut backend, mut seconds, mut batch) =
         (None, backends::default_name().to_string(), 10.0, None);
+    let (mut loader, mut img_size, mut workers, mut channels) = (None, 224, 2, 3);
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let Some(value) = args.next() else {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
         };
+        let count = |value: &str| -> Result<usize, ExitCode> {
+            value.parse().map_err(|e| {
+                eprintln!("{flag} {value}: {e}");
+                ExitCode::from(2)
+            })
+        };
         match flag.as_str() {
             "--case" => case = Some(value),
             "--backend" => backend = value,
+            "--loader" => loader = Some(value),
+            "--img-size" => match count(&value) {
+                Ok(n) => img_size = n,
+                Err(code) => return code,
+            },
+            "--workers" => match count(&value) {
+                Ok(n) => workers = n,
+                Err(code) => return code,
+            },
+            "--channels" => match count(&value) {
+                Ok(n) => channels = n,
+                Err(code) => return code,
+            },
             "--seconds" => match value.parse() {
                 Ok(s) => seconds = s,
                 Err(e) => {
@@ -107,6 +166,26 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         }
+    }
+    if let Some(spec) = loader {
+        let job = LoaderBench {
+            spec,
+            img_size,
+            workers,
+            batch,
+            channels,
+            seconds,
+        };
+        return match run_loader(&job) {
+            Ok(line) => {
+                println!("{line}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("bench: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let Some(case) = case.filter(|c| ["tiny32", "small64", "base224"].contains(&c.as_str())) else {
         eprintln!("{USAGE}");

@@ -1,0 +1,221 @@
+//! A folder of images in torchvision's ImageFolder layout: one subfolder per class (searched
+//! recursively), or a flat folder of images that is one class. Files are listed at open (`.jpg`,
+//! `.jpeg`, `.png`, any case; hidden files skipped; sorted, so the order is the same on every
+//! machine) and decoded lazily in [`Dataset::get`].
+
+use super::{file_name, read_file, DataError, Dataset, Image};
+use image::DynamicImage;
+use std::path::{Path, PathBuf};
+
+/// How deep class subfolders are searched (a guard against symbolic-link loops).
+const MAX_DEPTH: usize = 16;
+
+/// Images of a folder, converted to the model's channel count when decoded.
+pub struct ImageFolder {
+    root: PathBuf,
+    files: Vec<(PathBuf, u32)>,
+    classes: Vec<String>,
+    channels: usize,
+    loose: usize,
+}
+
+fn is_image(path: &Path) -> bool {
+    let name = file_name(path);
+    if name.starts_with('.') {
+        return false;
+    }
+    let lower = name.to_lowercase();
+    [".jpg", ".jpeg", ".png"].iter().any(|e| lower.ends_with(e))
+}
+
+/// Image files under `dir`, recursively, sorted.
+fn list_images(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
+    let mut entries = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))? {
+        entries.push(entry.map_err(|e| DataError::io(dir, e))?.path());
+    }
+    entries.sort();
+    for path in entries {
+        if path.is_dir() {
+            if depth < MAX_DEPTH && !file_name(&path).starts_with('.') {
+                list_images(&path, depth + 1, out)?;
+            }
+        } else if is_image(&path) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+impl ImageFolder {
+    /// Lists the images of `root` for a model of `channels` input channels (1 or 3: colour images
+    /// are converted to gray by ITU-R 601 luma, gray ones replicated to RGB, alpha dropped).
+    pub fn open(root: &Path, channels: usize) -> Result<ImageFolder, DataError> {
+        let mut subdirs = Vec::new();
+        let mut top = Vec::new();
+        for entry in std::fs::read_dir(root).map_err(|e| DataError::io(root, e))? {
+            let path = entry.map_err(|e| DataError::io(root, e))?.path();
+            if path.is_dir() {
+                if !file_name(&path).starts_with('.') {
+                    subdirs.push(path);
+                }
+            } else if is_image(&path) {
+                top.push(path);
+            }
+        }
+        subdirs.sort();
+        top.sort();
+        let mut files = Vec::new();
+        let mut classes = Vec::new();
+        for dir in &subdirs {
+            let mut found = Vec::new();
+            list_images(dir, 1, &mut found)?;
+            if !found.is_empty() {
+                let label = classes.len() as u32;
+                classes.push(file_name(dir));
+                files.extend(found.into_iter().map(|f| (f, label)));
+            }
+        }
+        let mut loose = 0;
+        if classes.is_empty() {
+            // A flat folder of images: one class named after the folder.
+            classes.push(file_name(root));
+            files.extend(top.into_iter().map(|f| (f, 0)));
+        } else {
+            loose = top.len();
+        }
+        if files.is_empty() {
+            return Err(DataError::Empty {
+                path: root.to_path_buf(),
+                why: "no .jpg, .jpeg or .png files in it or its subfolders".into(),
+            });
+        }
+        if channels != 1 && channels != 3 {
+            return Err(DataError::Channels {
+                dataset: format!("image folder {}", root.display()),
+                has: "images convertible to 1 (gray) or 3 (RGB) channels".into(),
+                model: channels,
+            });
+        }
+        Ok(ImageFolder {
+            root: root.to_path_buf(),
+            files,
+            classes,
+            channels,
+            loose,
+        })
+    }
+
+    /// The path of image `index`.
+    pub fn path(&self, index: usize) -> &Path {
+        &self.files[index].0
+    }
+}
+
+/// Converts a decoded image to planar `channels` (1 or 3) in [0, 1].
+fn to_planar(img: DynamicImage, channels: usize) -> Image {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let n = w * h;
+    let wide = matches!(
+        img,
+        DynamicImage::ImageLuma16(_)
+            | DynamicImage::ImageLumaA16(_)
+            | DynamicImage::ImageRgb16(_)
+            | DynamicImage::ImageRgba16(_)
+            | DynamicImage::ImageRgb32F(_)
+            | DynamicImage::ImageRgba32F(_)
+    );
+    let gray_source = !img.color().has_color();
+    let mut pixels = vec![0.0f32; channels * n];
+    if channels == 1 && gray_source {
+        // Gray stays gray exactly.
+        if wide {
+            let g = img.into_luma16();
+            for (d, s) in pixels.iter_mut().zip(g.as_raw()) {
+                *d = *s as f32 / 65535.0;
+            }
+        } else {
+            let g = img.into_luma8();
+            for (d, s) in pixels.iter_mut().zip(g.as_raw()) {
+                *d = *s as f32 / 255.0;
+            }
+        }
+    } else {
+        // RGB planes (gray replicated, alpha dropped), then luma when the model is gray.
+        let rgb: Vec<f32> = if wide {
+            img.into_rgb32f().into_raw()
+        } else {
+            let scale = 1.0 / 255.0;
+            img.into_rgb8()
+                .into_raw()
+                .into_iter()
+                .map(|b| b as f32 * scale)
+                .collect()
+        };
+        if channels == 3 {
+            for (i, px) in rgb.chunks_exact(3).enumerate() {
+                pixels[i] = px[0];
+                pixels[n + i] = px[1];
+                pixels[2 * n + i] = px[2];
+            }
+        } else {
+            // ITU-R BT.601 luma, as Pillow's convert("L").
+            for (d, px) in pixels.iter_mut().zip(rgb.chunks_exact(3)) {
+                *d = 0.299 * px[0] + 0.587 * px[1] + 0.114 * px[2];
+            }
+        }
+    }
+    Image {
+        channels,
+        height: h,
+        width: w,
+        pixels,
+    }
+}
+
+impl Dataset for ImageFolder {
+    fn len(&self) -> usize {
+        self.files.len()
+    }
+    fn channels(&self) -> usize {
+        self.channels
+    }
+    fn get(&self, index: usize) -> Result<Image, DataError> {
+        let path = &self.files[index].0;
+        let unreadable = |why: String| DataError::Unreadable {
+            name: path.display().to_string(),
+            why,
+        };
+        let bytes = read_file(path).map_err(|e| unreadable(e.to_string()))?;
+        let img = image::load_from_memory(&bytes).map_err(|e| unreadable(e.to_string()))?;
+        if img.width() == 0 || img.height() == 0 {
+            return Err(unreadable("the image has no pixels".into()));
+        }
+        Ok(to_planar(img, self.channels))
+    }
+    fn label(&self, index: usize) -> u32 {
+        self.files[index].1
+    }
+    fn name(&self, index: usize) -> String {
+        self.files[index].0.display().to_string()
+    }
+    fn classes(&self) -> Vec<String> {
+        self.classes.clone()
+    }
+    fn describe(&self) -> String {
+        let mut line = format!(
+            "image folder {}: {} images, {} class(es), converted to {} channel(s)",
+            self.root.display(),
+            self.files.len(),
+            self.classes.len(),
+            self.channels
+        );
+        if self.loose > 0 {
+            line += &format!(
+                "; {} image(s) directly in the folder ignored (classes are subfolders)",
+                self.loose
+            );
+        }
+        line
+    }
+}
