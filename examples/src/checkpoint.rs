@@ -138,10 +138,13 @@ impl TrainCheckpoint {
             (EXP_AVG_SQ, &self.state.v),
         ];
         let tensors = groups.into_iter().flat_map(|(prefix, values)| {
-            specs
-                .tensors()
-                .zip(values.tensors())
-                .map(move |(s, t)| (format!("{prefix}{}", s.name), s.shape.as_slice(), t.as_slice()))
+            specs.tensors().zip(values.tensors()).map(move |(s, t)| {
+                (
+                    format!("{prefix}{}", s.name),
+                    s.shape.as_slice(),
+                    t.as_slice(),
+                )
+            })
         });
         let (step, rng, recipe) = (
             self.state.updates.to_string(),
@@ -199,7 +202,9 @@ impl TrainCheckpoint {
         let recipe = file
             .metadata("recipe")
             .ok_or_else(|| not_resumable("no run recipe"))
-            .and_then(|json| Recipe::from_json(json).map_err(|e| contents(WeightsError::Metadata(e))))?;
+            .and_then(|json| {
+                Recipe::from_json(json).map_err(|e| contents(WeightsError::Metadata(e)))
+            })?;
         let cfg = file.config().map_err(contents)?;
         let state = TrainState {
             params: file.mae(&cfg, "").map_err(contents)?,
@@ -290,7 +295,12 @@ mod tests {
         let bits = |c: &TrainCheckpoint| {
             [&c.state.params, &c.state.m, &c.state.v]
                 .iter()
-                .flat_map(|p| p.tensors().flatten().map(|x| x.to_bits()).collect::<Vec<_>>())
+                .flat_map(|p| {
+                    p.tensors()
+                        .flatten()
+                        .map(|x| x.to_bits())
+                        .collect::<Vec<_>>()
+                })
                 .collect::<Vec<_>>()
         };
         assert_eq!(bits(&back), bits(&ck));
@@ -301,8 +311,11 @@ mod tests {
 
         // A weights-only file cannot be resumed from, and says why.
         let plain = dir.join("weights.safetensors");
-        write_atomic(&plain, &mae::weights::save_mae(&ck.cfg, &ck.state.params, &[]).unwrap())
-            .unwrap();
+        write_atomic(
+            &plain,
+            &mae::weights::save_mae(&ck.cfg, &ck.state.params, &[]).unwrap(),
+        )
+        .unwrap();
         let e = TrainCheckpoint::load(&plain).unwrap_err();
         assert!(matches!(e, CheckpointError::NotResumable { .. }), "{e}");
         // A truncated file is a contents error naming the file.

@@ -185,7 +185,9 @@ fn span(values: impl Iterator<Item = f64>, floor: f64) -> (f64, f64) {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 #[cfg(test)]
@@ -226,7 +228,13 @@ mod tests {
     fn svg_maps_points_inside_the_plot_and_survives_odd_input() {
         let svg = loss_svg(&[(0, 2.0), (100, 0.5), (200, f64::NAN)], "a <b>");
         assert!(svg.contains("a &lt;b&gt;"));
-        let poly = svg.split("points=\"").nth(1).unwrap().split('"').next().unwrap();
+        let poly = svg
+            .split("points=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
         let pts: Vec<(f64, f64)> = poly
             .split(' ')
             .map(|p| {
@@ -235,7 +243,10 @@ mod tests {
             })
             .collect();
         assert_eq!(pts.len(), 2, "the NaN point is left out");
-        assert!(pts[0].0 < pts[1].0 && pts[0].1 < pts[1].1, "falling loss goes down the page");
+        assert!(
+            pts[0].0 < pts[1].0 && pts[0].1 < pts[1].1,
+            "falling loss goes down the page"
+        );
         for (x, y) in pts {
             assert!((70.0..=620.0).contains(&x) && (40.0..=350.0).contains(&y));
         }

@@ -141,7 +141,10 @@ mod tests {
         // Both micro-batches of a group get the lr of the group's first one.
         assert_eq!(r.lr_at_batch(0), 0.0);
         assert_eq!(r.lr_at_batch(5), r.lr_at_batch(4));
-        assert!((r.lr_at_batch(10) - r.lr).abs() < 1e-15, "peak after warmup");
+        assert!(
+            (r.lr_at_batch(10) - r.lr).abs() < 1e-15,
+            "peak after warmup"
+        );
         assert!(r.lr_at_batch(39) < r.lr * 0.05, "cosine decays to ~0");
     }
 

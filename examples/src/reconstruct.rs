@@ -6,6 +6,7 @@
 //! they are taken from the true patch, as the paper's visualizations do (the model never sees
 //! them for masked patches; say so next to the picture).
 
+use crate::data::{Augment, DataError, Dataset};
 use mae::params::MaeParams;
 use mae::train::{TrainOptions, Trainer};
 use mae::{Backend, Config};
@@ -39,20 +40,53 @@ pub struct Panels {
     pub loss: f32,
 }
 
-/// Runs the model on `imgs` (`[n, C, H, W]`, normalized by `mean` / `std` per channel) with
-/// masking drawn from `seed`, and returns the panels in display range.
-#[allow(clippy::too_many_arguments)]
+/// Images prepared for the model by the evaluation transform (resize, center crop, normalize).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Inputs {
+    /// How many.
+    pub n: usize,
+    /// `[n, C, H, W]`, normalized.
+    pub imgs: Vec<f32>,
+    /// The normalization's per-channel mean.
+    pub mean: Vec<f32>,
+    /// The normalization's per-channel standard deviation.
+    pub std: Vec<f32>,
+}
+
+/// Images `first .. first + n` of `ds` for a model of `cfg`'s size and channels.
+pub fn eval_inputs(
+    ds: &dyn Dataset,
+    cfg: &Config,
+    first: usize,
+    n: usize,
+) -> Result<Inputs, DataError> {
+    let aug = Augment::eval(cfg.img_size, cfg.in_chans);
+    let len = aug.output_len();
+    let mut imgs = vec![0.0f32; n * len];
+    // The evaluation transform draws no random numbers.
+    let mut rng = mae::rng::Rng::new(0);
+    for (i, out) in imgs.chunks_exact_mut(len).enumerate() {
+        aug.apply(&ds.get(first + i)?, &mut rng, out);
+    }
+    Ok(Inputs {
+        n,
+        imgs,
+        mean: aug.mean,
+        std: aug.std,
+    })
+}
+
+/// Runs the model on `inputs` with masking drawn from `seed`, and returns the panels in display
+/// range.
 pub fn panels<B: Backend>(
     b: &B,
     cfg: &Config,
     params: &MaeParams<Vec<f32>>,
-    imgs: &[f32],
-    n: usize,
-    mean: &[f32],
-    std: &[f32],
+    inputs: &Inputs,
     mask_ratio: f64,
     seed: u64,
 ) -> mae::Result<Panels> {
+    let (imgs, n) = (inputs.imgs.as_slice(), inputs.n);
     let opts = TrainOptions {
         mask_ratio,
         ..TrainOptions::new(n)
@@ -94,7 +128,7 @@ pub fn panels<B: Backend>(
             }
         }
     }
-    let show = |v: &[f32]| to_display(v, c, size, mean, std);
+    let show = |v: &[f32]| to_display(v, c, size, &inputs.mean, &inputs.std);
     let masked: Vec<f32> = imgs.iter().zip(&blank).map(|(x, k)| x * k).collect();
     let pasted: Vec<f32> = imgs
         .iter()
@@ -117,12 +151,19 @@ pub fn panels<B: Backend>(
 }
 
 /// Mean and `sqrt(unbiased variance + eps)` of one patch's values, as the norm-pix target uses.
-fn patch_stats(imgs: &[f32], p: usize, c: usize, at: &dyn Fn(usize, usize, usize) -> usize) -> (f64, f64) {
+fn patch_stats(
+    imgs: &[f32],
+    p: usize,
+    c: usize,
+    at: &dyn Fn(usize, usize, usize) -> usize,
+) -> (f64, f64) {
     let count = (p * p * c) as f64;
-    let values = || {
-        (0..p).flat_map(move |py| (0..p).flat_map(move |px| (0..c).map(move |ch| (py, px, ch))))
-    };
-    let mu = values().map(|(y, x, ch)| imgs[at(y, x, ch)] as f64).sum::<f64>() / count;
+    let values =
+        || (0..p).flat_map(move |py| (0..p).flat_map(move |px| (0..c).map(move |ch| (py, px, ch))));
+    let mu = values()
+        .map(|(y, x, ch)| imgs[at(y, x, ch)] as f64)
+        .sum::<f64>()
+        / count;
     let ss: f64 = values()
         .map(|(y, x, ch)| (imgs[at(y, x, ch)] as f64 - mu).powi(2))
         .sum();

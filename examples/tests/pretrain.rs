@@ -81,8 +81,13 @@ fn a_short_run_learns_and_leaves_every_output() {
     assert_eq!(records.len(), 12, "{log}");
     assert_eq!(records.last().unwrap().step, 96);
     let (first, last) = (records[0].loss, records.last().unwrap().loss);
-    assert!(last < 0.85 * first, "loss did not fall: {first} -> {last}\n{log}");
-    assert!(records.windows(2).all(|w| w[0].step < w[1].step && w[0].epoch < w[1].epoch));
+    assert!(
+        last < 0.85 * first,
+        "loss did not fall: {first} -> {last}\n{log}"
+    );
+    assert!(records
+        .windows(2)
+        .all(|w| w[0].step < w[1].step && w[0].epoch < w[1].epoch));
 
     let svg = std::fs::read_to_string(out.join("loss.svg")).unwrap();
     assert!(svg.contains("<polyline"), "{svg}");
@@ -176,17 +181,28 @@ fn an_interrupted_and_resumed_run_ends_bitwise_like_an_uninterrupted_one() {
     assert_eq!(b.state.updates, 14);
     assert_eq!(a.state.rng_state, b.state.rng_state);
     assert!(bits(&a) == bits(&b), "resumed weights or moments differ");
-    // The metrics history has each step once, and the same losses.
+    // The metrics history has each step once: the interrupted run's last record (update 9)
+    // joins the others. Losses agree wherever a record's window lies on one side of the
+    // interruption (the window of update 10 starts at the resume in the second run).
     let (ma, mb) = (
         read_records(&whole.join("metrics.jsonl")).unwrap(),
         read_records(&parts.join("metrics.jsonl")).unwrap(),
     );
-    let steps = |m: &[mae_examples::metrics::Record]| m.iter().map(|r| r.step).collect::<Vec<_>>();
-    assert_eq!(steps(&ma), steps(&mb));
-    let losses = |m: &[mae_examples::metrics::Record]| m.iter().map(|r| r.loss).collect::<Vec<_>>();
-    assert_eq!(losses(&ma), losses(&mb));
+    let steps: Vec<u64> = mb.iter().map(|r| r.step).collect();
+    assert_eq!(steps, [2, 4, 6, 8, 9, 10, 12, 14]);
+    for a in &ma {
+        let b = mb.iter().find(|b| b.step == a.step).unwrap();
+        if a.step != 10 {
+            assert_eq!(a.loss, b.loss, "loss of the record at update {}", a.step);
+        }
+    }
     std::fs::remove_dir_all(&whole).unwrap();
     std::fs::remove_dir_all(&parts).unwrap();
+}
+
+/// The temporary file a save by process `pid` writes before renaming it over the checkpoint.
+fn temporary(dir: &Path, pid: u32) -> PathBuf {
+    dir.join(format!(".{FILE_NAME}.tmp{pid}"))
 }
 
 /// A model whose checkpoint (~40 MB with its moments) takes far longer to save than a step
@@ -204,17 +220,23 @@ fn a_kill_during_a_save_never_damages_the_last_checkpoint() {
         .write_all(HEAVY_MODEL.as_bytes())
         .unwrap();
     let ckpt = out.join(FILE_NAME);
-    let mut rng = mae::rng::Rng::new(5);
     let mut mid_save_kills = 0;
     let mut last_step = 0;
-    for attempt in 0..12 {
+    for attempt in 0..6 {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pretrain"));
         if attempt == 0 {
-            cmd.args(["--data", "synthetic:64", "--batch-size", "2", "--steps", "100000"])
-                .arg("--model")
-                .arg(&model)
-                .args(["--save-every", "1", "--vis-images", "0", "--out"])
-                .arg(&out);
+            cmd.args([
+                "--data",
+                "synthetic:64",
+                "--batch-size",
+                "2",
+                "--steps",
+                "100000",
+            ])
+            .arg("--model")
+            .arg(&model)
+            .args(["--save-every", "1", "--vis-images", "0", "--out"])
+            .arg(&out);
         } else {
             cmd.arg("--resume").arg(&out).args(["--vis-images", "0"]);
         }
@@ -223,26 +245,22 @@ fn a_kill_during_a_save_never_damages_the_last_checkpoint() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        // Wait until this process has saved at least once, then kill it at a random moment.
+        // Let this process finish one save (its temporary file appears, then is renamed), then
+        // kill it as soon as the next save's temporary file appears: mid-write or mid-sync.
         let start = Instant::now();
-        while TrainCheckpoint::load(&ckpt).map_or(0, |c| c.state.updates) <= last_step {
-            assert!(start.elapsed() < Duration::from_secs(60), "no checkpoint written");
+        let tmp = temporary(&out, child.id());
+        let mut phase = 0; // 0: before the first save, 1: in it, 2: after it
+        while phase < 3 {
+            assert!(start.elapsed() < Duration::from_secs(120), "no save seen");
             assert!(child.try_wait().unwrap().is_none(), "pretrain exited early");
-            std::thread::sleep(Duration::from_millis(20));
+            phase += usize::from(tmp.exists() == (phase % 2 == 0));
+            std::thread::sleep(Duration::from_millis(1));
         }
-        std::thread::sleep(Duration::from_millis(20 + rng.next_u64() % 400));
         child.kill().unwrap();
         child.wait().unwrap();
 
-        let temporaries = std::fs::read_dir(&out)
-            .unwrap()
-            .filter(|e| {
-                let name = e.as_ref().unwrap().file_name();
-                name.to_string_lossy().starts_with(&format!(".{FILE_NAME}.tmp"))
-            })
-            .count();
-        mid_save_kills += usize::from(temporaries > 0);
-        // Whatever the moment of the kill, the checkpoint is whole and newer than before.
+        mid_save_kills += usize::from(tmp.exists());
+        // The checkpoint is whole, and newer than after the previous attempt.
         let ck = TrainCheckpoint::load(&ckpt)
             .unwrap_or_else(|e| panic!("attempt {attempt}: checkpoint damaged by a kill: {e}"));
         assert!(ck.state.updates > last_step);
@@ -260,11 +278,19 @@ fn a_kill_during_a_save_never_damages_the_last_checkpoint() {
         Command::new(env!("CARGO_BIN_EXE_pretrain"))
             .arg("--resume")
             .arg(&out)
-            .args(["--stop-after", &(last_step + 1).to_string(), "--vis-images", "0"])
+            .args([
+                "--stop-after",
+                &(last_step + 1).to_string(),
+                "--vis-images",
+                "0",
+            ])
             .output()
             .unwrap(),
     );
-    assert!(t.contains("temporary file(s) of an interrupted save"), "{t}");
+    assert!(
+        t.contains("temporary file(s) of an interrupted save"),
+        "{t}"
+    );
     std::fs::remove_dir_all(&out).unwrap();
 }
 
@@ -287,7 +313,10 @@ fn bad_input_stops_before_training_with_a_clear_message() {
         pretrain(&["--data", "synthetic:10", "--batch-size", "16"], &out),
         &["fewer than one batch of 16"],
     );
-    fails_with(pretrain(&["--epochs", "-1"], &out), &["--epochs must be positive"]);
+    fails_with(
+        pretrain(&["--epochs=-1"], &out),
+        &["--epochs must be positive"],
+    );
     fails_with(
         pretrain(&["--epochs", "2", "--steps", "5"], &out),
         &["cannot be used with"],
@@ -314,17 +343,37 @@ fn bad_input_stops_before_training_with_a_clear_message() {
     let cfg = mae_examples::models::demo();
     let weights = out.join("weights.safetensors");
     let params = mae::init::init_params(&cfg, 0);
-    std::fs::write(&weights, mae::weights::save_mae(&cfg, &params, &[]).unwrap()).unwrap();
+    std::fs::write(
+        &weights,
+        mae::weights::save_mae(&cfg, &params, &[]).unwrap(),
+    )
+    .unwrap();
     fails_with(
         resume(&["--resume", weights.to_str().unwrap()]),
         &["not a pre-training checkpoint"],
     );
     succeed(pretrain(
-        &["--data", "synthetic:32", "--batch-size", "8", "--steps", "2", "--vis-images", "0"],
+        &[
+            "--data",
+            "synthetic:32",
+            "--batch-size",
+            "8",
+            "--steps",
+            "2",
+            "--vis-images",
+            "0",
+        ],
         &out,
     ));
     fails_with(
-        resume(&["--resume", out.to_str().unwrap(), "--blr", "1e-3", "--seed", "2"]),
+        resume(&[
+            "--resume",
+            out.to_str().unwrap(),
+            "--blr",
+            "1e-3",
+            "--seed",
+            "2",
+        ]),
         &["remove --blr, --seed"],
     );
     std::fs::remove_dir_all(&out).unwrap();
@@ -354,9 +403,63 @@ fn a_diverging_run_stops_naming_the_step_and_the_last_good_checkpoint() {
     );
     fails_with(
         o,
-        &["training diverged", "at update", "the last good checkpoint is", FILE_NAME],
+        &[
+            "training diverged",
+            "at update",
+            "the last good checkpoint is",
+            FILE_NAME,
+        ],
     );
     // That checkpoint is whole and finite (the loader checks every tensor).
     TrainCheckpoint::load(&out.join(FILE_NAME)).unwrap();
     std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// The picture's panels on the CPU backend: the pasted panel is the input on visible patches,
+/// the masked panel blanks exactly the removed ones, and the reconstruction of a norm-pix model
+/// carries each patch's true mean back.
+#[test]
+fn reconstruction_panels_keep_visible_patches_and_blank_removed_ones() {
+    let cfg = mae::Config {
+        depth: 1,
+        decoder_depth: 1,
+        ..mae_examples::models::demo()
+    };
+    let params = mae::init::init_params(&cfg, 1);
+    let ds = mae_examples::data::open("synthetic:8", 3).unwrap();
+    let inputs = mae_examples::reconstruct::eval_inputs(ds.as_ref(), &cfg, 2, 3).unwrap();
+    let b = mae_backend_cpu::CpuBackend::new();
+    let p = mae_examples::reconstruct::panels(&b, &cfg, &params, &inputs, 0.75, 4).unwrap();
+    let (size, patch) = (cfg.img_size, cfg.patch_size);
+    let grid = size / patch;
+    let mut removed = 0;
+    for i in 0..3 {
+        for l in 0..grid * grid {
+            let (gy, gx) = (l / grid, l % grid);
+            let pixels = (0..3).flat_map(|c| {
+                (0..patch).flat_map(move |y| {
+                    (0..patch)
+                        .map(move |x| ((i * 3 + c) * size + gy * patch + y) * size + gx * patch + x)
+                })
+            });
+            let idx: Vec<usize> = pixels.collect();
+            let same = |a: &[f32], b: &[f32]| idx.iter().all(|&k| a[k] == b[k]);
+            if same(&p.masked, &p.original) {
+                assert!(same(&p.pasted, &p.original), "a visible patch was changed");
+            } else {
+                removed += 1;
+                assert!(
+                    same(&p.pasted, &p.reconstruction),
+                    "a removed patch was not pasted"
+                );
+                // Blanked to the normalization's mean color.
+                let mean = [0.485f32, 0.456, 0.406];
+                assert!(idx
+                    .iter()
+                    .all(|&k| (p.masked[k] - mean[k / (size * size) % 3]).abs() < 1e-6));
+            }
+        }
+    }
+    // 64 patches, 16 kept: 48 removed per image.
+    assert_eq!(removed, 3 * 48);
 }

@@ -212,7 +212,9 @@ fn check_recipe(r: &Recipe) -> Result<(), Failure> {
     ];
     for (name, value, ok) in checks {
         if !(value.is_finite() && ok) {
-            return Err(format!("--{name} must be a finite non-negative number, got {value}").into());
+            return Err(
+                format!("--{name} must be a finite non-negative number, got {value}").into(),
+            );
         }
     }
     if r.total_steps == 0 {
@@ -369,7 +371,10 @@ fn train<B: Backend>(b: &B, plan: Plan, a: &Args) -> Result<(), Failure> {
         workers
     );
     if start_step > 0 {
-        println!("  resuming at update {start_step} from {}", ckpt_path.display());
+        println!(
+            "  resuming at update {start_step} from {}",
+            ckpt_path.display()
+        );
     }
     println!("  writing to {}", out.display());
 
@@ -460,40 +465,13 @@ fn train<B: Backend>(b: &B, plan: Plan, a: &Args) -> Result<(), Failure> {
         let params = trainer.download(b, trainer.params())?;
         drop(trainer);
         let n = a.vis_images.min(dataset.len());
-        let (imgs, mean, std) = first_images(dataset.as_ref(), &cfg, n)?;
-        let p = reconstruct::panels(
-            b,
-            &cfg,
-            &params,
-            &imgs,
-            n,
-            &mean,
-            &std,
-            recipe.mask_ratio,
-            recipe.seed,
-        )?;
+        let inputs = reconstruct::eval_inputs(dataset.as_ref(), &cfg, 0, n)?;
+        let p = reconstruct::panels(b, &cfg, &params, &inputs, recipe.mask_ratio, recipe.seed)?;
         let path = out.join("reconstruction.png");
         let text = picture::save_grid(&p, &path)?;
         println!("wrote {} ({text})", path.display());
     }
     Ok(())
-}
-
-/// The first `n` images of `ds` under the evaluation transform (resize and center crop),
-/// normalized, with the normalization's mean and std.
-fn first_images(
-    ds: &dyn Dataset,
-    cfg: &Config,
-    n: usize,
-) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>), Failure> {
-    let aug = Augment::eval(cfg.img_size, cfg.in_chans);
-    let len = aug.output_len();
-    let mut imgs = vec![0.0f32; n * len];
-    let mut rng = mae::rng::Rng::new(0);
-    for (i, out) in imgs.chunks_exact_mut(len).enumerate() {
-        aug.apply(&ds.get(i)?, &mut rng, out);
-    }
-    Ok((imgs, aug.mean.clone(), aug.std.clone()))
 }
 
 /// The message for a non-finite loss: which update, and which checkpoint is still good.

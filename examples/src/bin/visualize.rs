@@ -12,7 +12,7 @@ use mae::backend::{Backend, OnBackend};
 use mae::params::MaeParams;
 use mae::weights::WeightsFile;
 use mae::Config;
-use mae_examples::data::{self, Augment};
+use mae_examples::data;
 use mae_examples::{backends, checkpoint, models, picture, reconstruct};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -57,10 +57,7 @@ struct Args {
 struct Show {
     cfg: Config,
     params: MaeParams<Vec<f32>>,
-    imgs: Vec<f32>,
-    mean: Vec<f32>,
-    std: Vec<f32>,
-    n: usize,
+    inputs: reconstruct::Inputs,
     mask_ratio: f64,
     seed: u64,
 }
@@ -72,10 +69,7 @@ impl OnBackend for Show {
             b,
             &self.cfg,
             &self.params,
-            &self.imgs,
-            self.n,
-            &self.mean,
-            &self.std,
+            &self.inputs,
             self.mask_ratio,
             self.seed,
         )
@@ -88,13 +82,15 @@ fn run(a: &Args) -> Result<(), Failure> {
     } else {
         a.checkpoint.clone()
     };
-    let bytes =
-        std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let file = WeightsFile::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
     let preset = a.model.as_deref().map(models::resolve).transpose()?;
-    let cfg = file
-        .config_or(preset.as_ref())
-        .map_err(|e| format!("{}: {e} (give --model for files without one)", path.display()))?;
+    let cfg = file.config_or(preset.as_ref()).map_err(|e| {
+        format!(
+            "{}: {e} (give --model for files without one)",
+            path.display()
+        )
+    })?;
     let params = file
         .mae(&cfg, "")
         .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -110,20 +106,10 @@ fn run(a: &Args) -> Result<(), Failure> {
         )
         .into());
     }
-    let aug = Augment::eval(cfg.img_size, cfg.in_chans);
-    let len = aug.output_len();
-    let mut imgs = vec![0.0f32; a.images * len];
-    let mut rng = mae::rng::Rng::new(a.seed);
-    for (i, out) in imgs.chunks_exact_mut(len).enumerate() {
-        aug.apply(&dataset.get(a.first + i)?, &mut rng, out);
-    }
     let job = Show {
+        inputs: reconstruct::eval_inputs(dataset.as_ref(), &cfg, a.first, a.images)?,
         cfg,
         params,
-        imgs,
-        mean: aug.mean.clone(),
-        std: aug.std.clone(),
-        n: a.images,
         mask_ratio: a.mask_ratio,
         seed: a.seed,
     };
