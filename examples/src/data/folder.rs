@@ -145,11 +145,10 @@ fn to_planar(img: DynamicImage, channels: usize) -> Image {
         let rgb: Vec<f32> = if wide {
             img.into_rgb32f().into_raw()
         } else {
-            let scale = 1.0 / 255.0;
             img.into_rgb8()
                 .into_raw()
                 .into_iter()
-                .map(|b| b as f32 * scale)
+                .map(|b| b as f32 / 255.0)
                 .collect()
         };
         if channels == 3 {
