@@ -707,3 +707,21 @@ fn jpeg_photos_decode_and_batch() {
     let mean = b.images.iter().sum::<f32>() / b.images.len() as f32;
     assert!(mean.abs() < 1.5, "{mean}");
 }
+
+#[test]
+fn load_items_gives_fixed_eval_images_and_refuses_bad_indices() {
+    let ds = data::open("synthetic:10:16", 3).unwrap();
+    let aug = Augment::eval(16, 3);
+    let a = data::load_items(ds.as_ref(), &[3, 7], &aug, 0).unwrap();
+    let b = data::load_items(ds.as_ref(), &[7], &aug, 99).unwrap();
+    assert_eq!(a.len(), 2 * 3 * 16 * 16);
+    // Eval: no randomness, and the 16 x 16 image is only normalized.
+    assert_eq!(a[3 * 256..], b[..]);
+    let mut want = ds.get(3).unwrap().pixels;
+    data::synthetic::normalize(&mut want, 3);
+    for (x, y) in a[..3 * 256].iter().zip(&want) {
+        assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+    }
+    let e = data::load_items(ds.as_ref(), &[10], &aug, 0).unwrap_err();
+    assert!(e.to_string().contains("image 10 asked of synthetic"), "{e}");
+}
