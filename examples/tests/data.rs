@@ -500,8 +500,9 @@ fn bicubic_matches_pillow_to_within_one_8_bit_level() {
             ((x * 37 + y * 91 + (x * y) % 13 * 7) % 256) as f32 / 255.0
         })
         .collect();
-    let cases: [(&[u8], (usize, usize, usize, usize), (usize, usize)); 3] = [
-        (&PILLOW_DOWN_9X7, (0, 0, h, w), (7, 9)),
+    // (Pillow's output, region (top, left, rows, cols), output (rows, cols))
+    let cases = [
+        (&PILLOW_DOWN_9X7[..], (0, 0, h, w), (7, 9)),
         (&PILLOW_CROP_8X8, (2, 3, 12, 15), (8, 8)),
         (&PILLOW_12X20, (0, 0, h, w), (20, 12)),
     ];
