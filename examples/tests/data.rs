@@ -112,6 +112,14 @@ fn an_empty_folder_and_a_folder_without_images_are_refused() {
     let e = open_err(dir.spec(), 3);
     assert!(matches!(e, DataError::Empty { .. }), "{e:?}");
     assert!(e.to_string().contains(".jpg, .jpeg or .png"), "{e}");
+    // A folder of CIFAR-10 files that are not the official training batches: point at them.
+    std::fs::write(dir.path().join("train_10k.bin"), [0u8; 3073]).unwrap();
+    let e = open_err(dir.spec(), 3);
+    assert!(
+        e.to_string()
+            .contains("it holds train_10k.bin: give the path of the file itself"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -47,6 +47,22 @@ fn list_images(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<(), D
     Ok(())
 }
 
+/// Names of the CIFAR-10 or IDX files directly in `dir` (at most three), for the hint of an
+/// empty folder.
+fn dataset_files(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| file_name(&e.path()))
+        .filter(|n| n.ends_with(".bin") || n.contains("idx3"))
+        .collect();
+    names.sort();
+    names.truncate(3);
+    names
+}
+
 impl ImageFolder {
     /// Lists the images of `root` for a model of `channels` input channels (1 or 3: colour images
     /// are converted to gray by ITU-R 601 luma, gray ones replicated to RGB, alpha dropped).
@@ -85,9 +101,17 @@ impl ImageFolder {
             loose = top.len();
         }
         if files.is_empty() {
+            let mut why = "no .jpg, .jpeg or .png files in it or its subfolders".to_string();
+            let datasets = dataset_files(root);
+            if !datasets.is_empty() {
+                why += &format!(
+                    " (it holds {}: give the path of the file itself)",
+                    datasets.join(", ")
+                );
+            }
             return Err(DataError::Empty {
                 path: root.to_path_buf(),
-                why: "no .jpg, .jpeg or .png files in it or its subfolders".into(),
+                why,
             });
         }
         if channels != 1 && channels != 3 {
