@@ -47,6 +47,22 @@ fn list_images(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<(), D
     Ok(())
 }
 
+/// Names of the CIFAR-10 or IDX files directly in `dir` (at most three), for the hint of an
+/// empty folder.
+fn dataset_files(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| file_name(&e.path()))
+        .filter(|n| n.ends_with(".bin") || n.contains("idx3"))
+        .collect();
+    names.sort();
+    names.truncate(3);
+    names
+}
+
 impl ImageFolder {
     /// Lists the images of `root` for a model of `channels` input channels (1 or 3: colour images
     /// are converted to gray by ITU-R 601 luma, gray ones replicated to RGB, alpha dropped).
@@ -85,9 +101,17 @@ impl ImageFolder {
             loose = top.len();
         }
         if files.is_empty() {
+            let mut why = "no .jpg, .jpeg or .png files in it or its subfolders".to_string();
+            let datasets = dataset_files(root);
+            if !datasets.is_empty() {
+                why += &format!(
+                    " (it holds {}: give the path of the file itself)",
+                    datasets.join(", ")
+                );
+            }
             return Err(DataError::Empty {
                 path: root.to_path_buf(),
-                why: "no .jpg, .jpeg or .png files in it or its subfolders".into(),
+                why,
             });
         }
         if channels != 1 && channels != 3 {
@@ -115,7 +139,6 @@ impl ImageFolder {
 /// Converts a decoded image to planar `channels` (1 or 3) in [0, 1].
 fn to_planar(img: DynamicImage, channels: usize) -> Image {
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let n = w * h;
     let wide = matches!(
         img,
         DynamicImage::ImageLuma16(_)
@@ -125,51 +148,58 @@ fn to_planar(img: DynamicImage, channels: usize) -> Image {
             | DynamicImage::ImageRgb32F(_)
             | DynamicImage::ImageRgba32F(_)
     );
-    let gray_source = !img.color().has_color();
-    let mut pixels = vec![0.0f32; channels * n];
-    if channels == 1 && gray_source {
+    // Decoded photos are large: one table lookup per byte.
+    let lut: [f32; 256] = std::array::from_fn(|b| b as f32 / 255.0);
+    let byte = |b: u8| lut[b as usize];
+    let mut pixels = vec![0.0f32; channels * w * h];
+    if channels == 1 && !img.color().has_color() {
         // Gray stays gray exactly.
         if wide {
-            let g = img.into_luma16();
-            for (d, s) in pixels.iter_mut().zip(g.as_raw()) {
-                *d = *s as f32 / 65535.0;
-            }
+            planes(img.into_luma16().as_raw(), 1, &mut pixels, |v| {
+                v as f32 / 65535.0
+            });
         } else {
-            let g = img.into_luma8();
-            for (d, s) in pixels.iter_mut().zip(g.as_raw()) {
-                *d = *s as f32 / 255.0;
-            }
+            planes(img.into_luma8().as_raw(), 1, &mut pixels, byte);
         }
+    } else if wide {
+        planes(img.into_rgb32f().as_raw(), 3, &mut pixels, |v| v);
     } else {
-        // RGB planes (gray replicated, alpha dropped), then luma when the model is gray.
-        let rgb: Vec<f32> = if wide {
-            img.into_rgb32f().into_raw()
-        } else {
-            let scale = 1.0 / 255.0;
-            img.into_rgb8()
-                .into_raw()
-                .into_iter()
-                .map(|b| b as f32 * scale)
-                .collect()
-        };
-        if channels == 3 {
-            for (i, px) in rgb.chunks_exact(3).enumerate() {
-                pixels[i] = px[0];
-                pixels[n + i] = px[1];
-                pixels[2 * n + i] = px[2];
-            }
-        } else {
-            // ITU-R BT.601 luma, as Pillow's convert("L").
-            for (d, px) in pixels.iter_mut().zip(rgb.chunks_exact(3)) {
-                *d = 0.299 * px[0] + 0.587 * px[1] + 0.114 * px[2];
-            }
-        }
+        // into_rgb8 replicates gray and drops alpha (no compositing, as Pillow's convert).
+        planes(img.into_rgb8().as_raw(), 3, &mut pixels, byte);
     }
     Image {
         channels,
         height: h,
         width: w,
         pixels,
+    }
+}
+
+/// Writes interleaved `src` of `src_channels` (1 or 3) values per pixel to the planes of `dst`
+/// (1 or 3 of them): copied plane by plane, or reduced to ITU-R BT.601 luma (Pillow's
+/// `convert("L")`) when `dst` has one plane and `src` three.
+fn planes<T: Copy>(src: &[T], src_channels: usize, dst: &mut [f32], value: impl Fn(T) -> f32) {
+    let n = src.len() / src_channels;
+    match (src_channels, dst.len() / n) {
+        (3, 3) => {
+            let (r, gb) = dst.split_at_mut(n);
+            let (g, b) = gb.split_at_mut(n);
+            for (i, px) in src.chunks_exact(3).enumerate() {
+                r[i] = value(px[0]);
+                g[i] = value(px[1]);
+                b[i] = value(px[2]);
+            }
+        }
+        (3, _) => {
+            for (d, px) in dst.iter_mut().zip(src.chunks_exact(3)) {
+                *d = 0.299 * value(px[0]) + 0.587 * value(px[1]) + 0.114 * value(px[2]);
+            }
+        }
+        _ => {
+            for (d, v) in dst.iter_mut().zip(src) {
+                *d = value(*v);
+            }
+        }
     }
 }
 

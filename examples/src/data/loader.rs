@@ -214,6 +214,38 @@ impl Shared {
     }
 }
 
+/// The images `items` of `ds`, augmented and normalized, one after another on the calling thread
+/// (for pictures and evaluations of a few fixed images; training uses a [`Loader`]). Item `i` is
+/// augmented with a generator drawn from `(seed, i)`, so with [`Augment::eval`] the result depends
+/// on nothing but the images. An unreadable image is an error.
+pub fn load_items(
+    ds: &dyn Dataset,
+    items: &[usize],
+    augment: &Augment,
+    seed: u64,
+) -> Result<Vec<f32>, DataError> {
+    if augment.mean.len() != ds.channels() {
+        return Err(DataError::Channels {
+            dataset: ds.describe(),
+            has: format!("{} channel(s)", ds.channels()),
+            model: augment.mean.len(),
+        });
+    }
+    let per_image = augment.output_len();
+    let mut out = vec![0.0; items.len() * per_image];
+    for (&item, dst) in items.iter().zip(out.chunks_mut(per_image)) {
+        if item >= ds.len() {
+            return Err(DataError::Options {
+                why: format!("image {item} asked of {}", ds.describe()),
+            });
+        }
+        let img = ds.get(item)?;
+        let mut rng = Rng::new(seed).fork(AUGMENT_STREAM).fork(item as u64);
+        augment.apply(&img, &mut rng, dst);
+    }
+    Ok(out)
+}
+
 fn worker(shared: Arc<Shared>, results: Sender<ChunkResult>) {
     while let Some((batch, chunk, perm)) = shared.take() {
         let result = catch_unwind(AssertUnwindSafe(|| shared.build(batch, chunk, &perm)))

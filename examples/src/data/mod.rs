@@ -29,7 +29,7 @@ pub use augment::{Augment, CropBox};
 pub use cifar::Cifar10;
 pub use error::DataError;
 pub use folder::ImageFolder;
-pub use loader::{Batch, Loader, LoaderOptions};
+pub use loader::{load_items, Batch, Loader, LoaderOptions};
 pub use mnist::Mnist;
 pub use synthetic::Synthetic;
 
@@ -39,8 +39,11 @@ use std::sync::Arc;
 /// One decoded image: `channels x height x width` values in [0, 1], planar (CHW), row-major.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Image {
+    /// Planes: 1 (gray) or 3 (RGB) for files, any count for synthetic images.
     pub channels: usize,
+    /// Rows.
     pub height: usize,
+    /// Columns.
     pub width: usize,
     /// `channels * height * width` values in [0, 1].
     pub pixels: Vec<f32>,
@@ -63,7 +66,8 @@ pub trait Dataset: Send + Sync {
     }
     /// The channel count of the images [`get`](Dataset::get) returns.
     fn channels(&self) -> usize;
-    /// Decodes image `index` (`< len()`). An unreadable file gives [`DataError::Unreadable`].
+    /// Decodes image `index`, which must be `< len()` (it may panic otherwise). An unreadable file
+    /// gives [`DataError::Unreadable`].
     fn get(&self, index: usize) -> Result<Image, DataError>;
     /// The class of image `index`, an index into [`classes`](Dataset::classes).
     fn label(&self, index: usize) -> u32;
@@ -86,7 +90,8 @@ pub const SYNTHETIC_DEFAULT_SIZE: usize = 64;
 ///
 /// `spec` is one of
 /// - `synthetic`, `synthetic:N` or `synthetic:N:SIZE`: N images (default 50,000) of SIZE x SIZE
-///   pixels (default 64) generated on the fly from their index; no files;
+///   pixels (default 64) generated on the fly from their index; no files (a folder that happens to
+///   be called `synthetic` is reached as `./synthetic`);
 /// - a folder: class subfolders of `.jpg`/`.jpeg`/`.png` files (the ImageFolder layout; a flat folder
 ///   of images is one class), any size, gray/RGB/RGBA converted to `channels` (1 or 3);
 /// - a CIFAR-10 binary file (`.bin`), or a folder holding `data_batch_*.bin` files (3 channels);

@@ -63,6 +63,25 @@ fn taps(in_size: usize, out_size: usize) -> Taps {
     }
 }
 
+/// `a . b` with eight independent partial sums: a plain `sum()` is one serial chain of dependent
+/// additions, which made the horizontal pass several times slower than the vertical one.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a8.zip(b8) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// Resamples the region `rows x cols` at (`top`, `left`) of each of the `channels` planes of
 /// `src` (planes of `src_h x src_w`) to `out_h x out_w`, writing planar output to `out`
 /// (`channels * out_h * out_w` values). This is Pillow's `img.crop(box).resize(size, BICUBIC)`:
@@ -101,8 +120,7 @@ pub fn resize_region(
                 let s = horizontal.start[x];
                 let w = &horizontal.weights[x * horizontal.width..][..horizontal.width];
                 let n = (cols - s).min(horizontal.width);
-                let acc: f32 = line[s..s + n].iter().zip(&w[..n]).map(|(p, k)| p * k).sum();
-                *d = acc.clamp(0.0, 1.0);
+                *d = dot(&line[s..s + n], &w[..n]).clamp(0.0, 1.0);
             }
         }
     }
