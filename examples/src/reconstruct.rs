@@ -6,7 +6,7 @@
 //! they are taken from the true patch, as the paper's visualizations do (the model never sees
 //! them for masked patches; say so next to the picture).
 
-use crate::data::{Augment, DataError, Dataset};
+use crate::data::{load_items, Augment, DataError, Dataset};
 use mae::params::MaeParams;
 use mae::train::{TrainOptions, Trainer};
 use mae::{Backend, Config};
@@ -61,13 +61,8 @@ pub fn eval_inputs(
     n: usize,
 ) -> Result<Inputs, DataError> {
     let aug = Augment::eval(cfg.img_size, cfg.in_chans);
-    let len = aug.output_len();
-    let mut imgs = vec![0.0f32; n * len];
-    // The evaluation transform draws no random numbers.
-    let mut rng = mae::rng::Rng::new(0);
-    for (i, out) in imgs.chunks_exact_mut(len).enumerate() {
-        aug.apply(&ds.get(first + i)?, &mut rng, out);
-    }
+    let items: Vec<usize> = (first..first.saturating_add(n)).collect();
+    let imgs = load_items(ds, &items, &aug, 0)?;
     Ok(Inputs {
         n,
         imgs,

@@ -394,13 +394,10 @@ fn train<B: Backend>(b: &B, plan: Plan, a: &Args) -> Result<(), Failure> {
     };
     while trainer.updates() < end {
         let batch = loader.next()?;
-        for (item, why) in &batch.skipped {
+        for (_, why) in &batch.skipped {
             skipped += 1;
             progress.finish_line();
-            eprintln!(
-                "warning: skipped unreadable image {} ({why}); {skipped} skipped so far",
-                dataset.name(*item)
-            );
+            eprintln!("warning: skipped unreadable image: {why}; {skipped} skipped so far");
         }
         let lr = recipe.lr_at_batch(batch.index);
         let loss = match trainer.train_step(b, &batch.images, None, lr) {
