@@ -475,10 +475,13 @@ fn train<B: Backend>(b: &B, plan: Plan, a: &Args) -> Result<(), Failure> {
 fn diverged(step: u64, loss: f32, last_saved: Option<u64>, path: &Path) -> String {
     let last = match last_saved {
         Some(s) => format!(
-            "the last good checkpoint is {} (update {s}); resume from it with a lower --blr",
+            "the last good checkpoint is {} (update {s}); start again with a lower --blr or a \
+             longer --warmup-epochs",
             path.display()
         ),
-        None => "no checkpoint was written yet; restart with a lower --blr".to_string(),
+        None => "no checkpoint was written yet; start again with a lower --blr or a longer \
+                 --warmup-epochs"
+            .to_string(),
     };
     format!("loss became {loss} at update {step}: training diverged; {last}")
 }
