@@ -1,0 +1,142 @@
+//! Backend-specific checks; the op semantics are tested in `mae-conformance` on every backend.
+//! Each test skips (and says so) when no adapter exists.
+
+use super::*;
+use mae::backend::BackendErrorKind;
+use std::sync::OnceLock;
+
+fn be() -> Option<&'static WgpuBackend> {
+    static BE: OnceLock<Option<WgpuBackend>> = OnceLock::new();
+    BE.get_or_init(|| match WgpuBackend::new() {
+        Ok(b) => Some(b),
+        Err(e) => {
+            eprintln!("SKIP wgpu: {e}");
+            None
+        }
+    })
+    .as_ref()
+}
+
+fn down(be: &WgpuBackend, b: &Buf) -> Vec<f32> {
+    let mut host = vec![0.0; b.len()];
+    be.download(b, &mut host).unwrap();
+    host
+}
+
+#[test]
+fn every_kernel_compiles() {
+    let Some(be) = be() else { return };
+    let kernels = [
+        Kernel::Fill,
+        Kernel::Add,
+        Kernel::Scale,
+        Kernel::Gemm {
+            trans_a: false,
+            trans_b: false,
+        },
+        Kernel::Gemm {
+            trans_a: true,
+            trans_b: true,
+        },
+        Kernel::CopyRows,
+        Kernel::CopyRowsBackward,
+        Kernel::GatherRows,
+        Kernel::GatherRowsBackward,
+        Kernel::Patchify,
+        Kernel::SplitHeads,
+        Kernel::MergeHeads,
+        Kernel::LayerNormForward,
+        Kernel::LayerNormBackwardRows,
+        Kernel::LayerNormBackwardCols,
+        Kernel::NormalizeRows,
+        Kernel::GeluForward,
+        Kernel::GeluBackward,
+        Kernel::SoftmaxForward,
+        Kernel::SoftmaxBackward,
+        Kernel::MseForward,
+        Kernel::MseCoefficient,
+        Kernel::MseBackward,
+        Kernel::AdamW,
+    ];
+    for k in kernels {
+        if let Err(e) = be.kernels.prepare(&be.gpu, k) {
+            panic!("{k:?}: {e}");
+        }
+    }
+    be.sync().unwrap();
+}
+
+#[test]
+fn empty_buffers_have_length_zero_and_work_with_every_memory_op() {
+    let Some(be) = be() else { return };
+    let mut e = be.alloc(0).unwrap();
+    assert_eq!(be.len(&e), 0);
+    be.fill(&mut e, 1.0).unwrap();
+    be.scale(&mut e, 2.0).unwrap();
+    let src = be.upload(&[]).unwrap();
+    be.copy(&src, &mut e).unwrap();
+    be.write(&mut e, &[]).unwrap();
+    assert!(down(be, &e).is_empty());
+    assert_eq!(be.idx_len(&be.upload_idx(&[]).unwrap()), 0);
+    be.sync().unwrap();
+}
+
+#[test]
+fn buffers_longer_than_a_binding_are_refused_with_the_sizes() {
+    let Some(be) = be() else { return };
+    let max = be.max_buf_len();
+    assert!(max >= 1 << 20, "max_buf_len {max}");
+    let err = be.alloc(max + 1).unwrap_err();
+    assert_eq!(err.kind, BackendErrorKind::TooLarge { len: max + 1, max });
+    let err = be.upload_idx(&vec![0u32; 0]).map(|_| ());
+    assert!(err.is_ok());
+}
+
+#[test]
+fn mismatched_host_lengths_are_errors_not_panics() {
+    let Some(be) = be() else { return };
+    let mut b = be.alloc(3).unwrap();
+    assert!(be.write(&mut b, &[1.0, 2.0]).is_err());
+    let mut host = [0.0; 4];
+    assert!(be.download(&b, &mut host).is_err());
+}
+
+/// More than 65535 workgroups of 256: the launch folds into a 2-D grid and still covers every
+/// element exactly once.
+#[test]
+fn one_dimensional_ops_beyond_65535_workgroups_cover_every_element() {
+    let Some(be) = be() else { return };
+    let n = 65535 * 256 + 1000;
+    let mut b = be.alloc(n).unwrap();
+    be.fill(&mut b, 1.5).unwrap();
+    be.scale(&mut b, 2.0).unwrap();
+    let host = down(be, &b);
+    assert!(host.iter().all(|&x| x == 3.0));
+}
+
+#[test]
+fn gemm_by_hand_all_transposes() {
+    let Some(be) = be() else { return };
+    // A = [[1, 2, 3], [4, 5, 6]], B = [[1, 0], [0, 1], [1, 1]]: A B = [[4, 5], [10, 11]].
+    let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+    let at = [1.0, 4.0, 2.0, 5.0, 3.0, 6.0];
+    let b = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0];
+    let bt = [1.0, 0.0, 1.0, 0.0, 1.0, 1.0];
+    for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+        let mut g = Gemm::new(2, 2, 3);
+        g.trans_a = ta;
+        g.trans_b = tb;
+        let ab = be.upload(if ta { &at } else { &a }).unwrap();
+        let bb = be.upload(if tb { &bt } else { &b }).unwrap();
+        let mut c = be.upload(&[f32::NAN; 4]).unwrap();
+        be.gemm(&g, &ab, &bb, &mut c).unwrap();
+        assert_eq!(down(be, &c), [4.0, 5.0, 10.0, 11.0], "trans {ta} {tb}");
+    }
+}
+
+#[test]
+fn the_adapter_is_named() {
+    let Some(be) = be() else { return };
+    assert!(!be.adapter_info().name.is_empty());
+    assert!(format!("{be:?}").contains(&be.adapter_info().name));
+}
