@@ -90,8 +90,9 @@ impl Gpu {
                 ));
             }
         });
-        let max_binding_bytes =
-            (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
+        let max_binding_bytes = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
         Ok(Gpu {
             device,
             queue,

@@ -88,8 +88,29 @@ fn buffers_longer_than_a_binding_are_refused_with_the_sizes() {
     assert!(max >= 1 << 20, "max_buf_len {max}");
     let err = be.alloc(max + 1).unwrap_err();
     assert_eq!(err.kind, BackendErrorKind::TooLarge { len: max + 1, max });
-    let err = be.upload_idx(&vec![0u32; 0]).map(|_| ());
-    assert!(err.is_ok());
+    let err = be.upload(&[]).map(|b| b.len());
+    assert_eq!(err, Ok(0));
+}
+
+/// wgpu reports validation errors asynchronously and by default panics on them; the backend
+/// records the error and returns it, typed, from the next sync (once).
+#[test]
+fn an_asynchronous_validation_error_is_a_typed_error_at_sync() {
+    if be().is_none() {
+        return;
+    }
+    // A backend of its own: the error must not reach the other tests' syncs.
+    let be = WgpuBackend::new().unwrap();
+    // MAP_READ may only be combined with COPY_DST: a validation error outside any error scope.
+    let _bad = be.gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("invalid on purpose"),
+        size: 16,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let err = be.sync().unwrap_err();
+    assert_eq!(err.kind, BackendErrorKind::Device, "{err}");
+    be.sync().unwrap();
 }
 
 #[test]
