@@ -33,10 +33,12 @@ fn every_kernel_compiles() {
         Kernel::Gemm {
             trans_a: false,
             trans_b: false,
+            vec4: false,
         },
         Kernel::Gemm {
             trans_a: true,
             trans_b: true,
+            vec4: true,
         },
         Kernel::CopyRows,
         Kernel::CopyRowsBackward,
@@ -160,4 +162,64 @@ fn the_adapter_is_named() {
     let Some(be) = be() else { return };
     assert!(!be.adapter_info().name.is_empty());
     assert!(format!("{be:?}").contains(&be.adapter_info().name));
+}
+
+/// The vectorized GEMM on every transpose combination, with a k tail where it applies, a
+/// batch and a broadcast operand, against a plain host product.
+#[test]
+fn vectorized_gemm_matches_the_host_product() {
+    let Some(be) = be() else { return };
+    for (ta, tb, k) in [
+        (false, false, 8),
+        (true, false, 8),
+        (true, false, 7),
+        (false, true, 12),
+        (true, true, 4),
+    ] {
+        let (m, n, batch) = (8, 12, 2);
+        let mut g = Gemm::new(m, n, k)
+            .alpha(0.5)
+            .batched(batch, m * k + 4, 0, m * n + 4);
+        g.trans_a = ta;
+        g.trans_b = tb;
+        g.beta = 1.0;
+        assert!(gemm::vectorizable(&g), "{g:?}");
+        let (la, lb, lc) = g.lens();
+        let val = |i: usize, s: usize| ((i * s % 23) as f32 - 11.0) / 8.0;
+        let a: Vec<f32> = (0..la).map(|i| val(i, 7)).collect();
+        let b: Vec<f32> = (0..lb).map(|i| val(i, 5)).collect();
+        let c0: Vec<f32> = (0..lc).map(|i| val(i, 3)).collect();
+        let mut want = c0.clone();
+        for item in 0..batch {
+            for i in 0..m {
+                for j in 0..n {
+                    let mut s = 0.0f64;
+                    for t in 0..k {
+                        let av = if ta {
+                            a[item * g.stride_a + t * m + i]
+                        } else {
+                            a[item * g.stride_a + i * k + t]
+                        };
+                        let bv = if tb { b[j * k + t] } else { b[t * n + j] };
+                        s += av as f64 * bv as f64;
+                    }
+                    let at = item * g.stride_c + i * n + j;
+                    want[at] = (0.5 * s + c0[at] as f64) as f32;
+                }
+            }
+        }
+        let (ab, bb, mut cb) = (
+            be.upload(&a).unwrap(),
+            be.upload(&b).unwrap(),
+            be.upload(&c0).unwrap(),
+        );
+        be.gemm(&g, &ab, &bb, &mut cb).unwrap();
+        let got = down(be, &cb);
+        for (i, (x, y)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                "{g:?} at {i}: {x} vs {y}"
+            );
+        }
+    }
 }

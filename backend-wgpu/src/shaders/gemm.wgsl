@@ -97,3 +97,80 @@ fn store_row(base_c: u32, row: u32, col0: u32, acc: vec4<f32>) {
         }
     }
 }
+
+// ---- the vectorized variant ---------------------------------------------------------------------
+//
+// When the contiguous dimension of each operand is a multiple of 4 (and so are the batch
+// strides), A and B are read as vec4: a step of 4 along k loads a 4 x 4 block of each operand
+// with 4 vector loads and multiplies them as matrices, 64 multiply-adds for 8 loads instead of
+// 16 for 8. `gemm.rs` checks the alignment and picks this entry point.
+
+@group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> b4: array<vec4<f32>>;
+
+// op(A)[r0..r0+4, kk..kk+4] as a matrix whose column t holds the 4 rows at k = kk + t.
+// Stored transposed (k x m, m a multiple of 4) the columns are vec4s; stored m x k (k a
+// multiple of 4) the rows are, and the block is transposed (free: registers only).
+fn a_block(base: u32, r: vec4<u32>, kk: u32) -> mat4x4<f32> {
+    if TRANS_A {
+        return mat4x4<f32>(a4[(base + kk * p.m + r.x) / 4u], a4[(base + (kk + 1u) * p.m + r.x) / 4u],
+                           a4[(base + (kk + 2u) * p.m + r.x) / 4u], a4[(base + (kk + 3u) * p.m + r.x) / 4u]);
+    }
+    return transpose(mat4x4<f32>(a4[(base + r.x * p.k + kk) / 4u], a4[(base + r.y * p.k + kk) / 4u],
+                                 a4[(base + r.z * p.k + kk) / 4u], a4[(base + r.w * p.k + kk) / 4u]));
+}
+
+// op(B)[kk..kk+4, c0..c0+4] as a matrix whose column j holds the 4 values of k for column
+// c0 + j, so that a_block * b_block is the block's contribution to C.
+fn b_block(base: u32, q: vec4<u32>, kk: u32) -> mat4x4<f32> {
+    if TRANS_B {
+        return mat4x4<f32>(b4[(base + q.x * p.k + kk) / 4u], b4[(base + q.y * p.k + kk) / 4u],
+                           b4[(base + q.z * p.k + kk) / 4u], b4[(base + q.w * p.k + kk) / 4u]);
+    }
+    return transpose(mat4x4<f32>(b4[(base + kk * p.n + q.x) / 4u], b4[(base + (kk + 1u) * p.n + q.x) / 4u],
+                                 b4[(base + (kk + 2u) * p.n + q.x) / 4u], b4[(base + (kk + 3u) * p.n + q.x) / 4u]));
+}
+
+// One element of a vec4-bound operand.
+fn a_at(i: u32) -> f32 {
+    return a4[i / 4u][i % 4u];
+}
+
+fn b_at(i: u32) -> f32 {
+    return b4[i / 4u][i % 4u];
+}
+
+@compute @workgroup_size(8, 8, 1)
+fn gemm_vec4(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let row0 = gid.y * 4u;
+    let col0 = gid.x * 4u;
+    if row0 >= p.m || col0 >= p.n {
+        return;
+    }
+    let item = p.batch_base + gid.z;
+    let base_a = item * p.stride_a;
+    let base_b = item * p.stride_b;
+    let base_c = item * p.stride_c;
+    // Rows (columns) that are a vector's lanes are never partial (their dimension is a multiple
+    // of 4); the others are clamped like the scalar kernel's.
+    let r = min(vec4<u32>(row0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(p.m - 1u));
+    let q = min(vec4<u32>(col0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(p.n - 1u));
+
+    var acc = mat4x4<f32>();
+    let k4 = p.k & ~3u;
+    for (var kk = 0u; kk < k4; kk += 4u) {
+        acc += a_block(base_a, r, kk) * b_block(base_b, q, kk);
+    }
+    // The last k % 4 steps (only when both operands are contiguous along m and n).
+    for (var kk = k4; kk < p.k; kk++) {
+        let av = vec4<f32>(a_at(base_a + kk * p.m + r.x), a_at(base_a + kk * p.m + r.y),
+                           a_at(base_a + kk * p.m + r.z), a_at(base_a + kk * p.m + r.w));
+        let bv = vec4<f32>(b_at(base_b + kk * p.n + q.x), b_at(base_b + kk * p.n + q.y),
+                           b_at(base_b + kk * p.n + q.z), b_at(base_b + kk * p.n + q.w));
+        acc += mat4x4<f32>(av * bv.x, av * bv.y, av * bv.z, av * bv.w);
+    }
+
+    for (var i = 0u; i < 4u; i++) {
+        store_row(base_c, row0 + i, col0, vec4<f32>(acc[0][i], acc[1][i], acc[2][i], acc[3][i]));
+    }
+}
