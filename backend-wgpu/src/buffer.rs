@@ -8,9 +8,8 @@ use std::sync::mpsc;
 
 /// An owned device buffer of `len` elements of `T` (`f32` or `u32`).
 ///
-/// The allocation is rounded up to a multiple of 16 bytes, at least 16: wgpu cannot bind an
-/// empty buffer, and the vectorized GEMM binds operands as arrays of `vec4`. A zero-length
-/// buffer reports length 0 and no op touches it.
+/// The allocation is at least 4 bytes, because wgpu cannot bind an empty buffer, but a
+/// zero-length buffer reports length 0 and no op touches it.
 pub struct GpuBuf<T> {
     pub(crate) raw: wgpu::Buffer,
     len: usize,
@@ -40,9 +39,9 @@ impl<T> std::fmt::Debug for GpuBuf<T> {
     }
 }
 
-/// Longest buffer in elements of 4 bytes: one storage binding, allocated in 16-byte units.
+/// Longest buffer in elements of 4 bytes: one storage binding.
 pub(crate) fn max_len(gpu: &Gpu) -> usize {
-    usize::try_from(gpu.max_binding_bytes / 16 * 4).unwrap_or(usize::MAX)
+    usize::try_from(gpu.max_binding_bytes / 4).unwrap_or(usize::MAX)
 }
 
 /// A zero-filled buffer of `len` elements (wgpu zero-initializes every buffer).
@@ -61,7 +60,7 @@ pub(crate) fn alloc<T>(gpu: &Gpu, len: usize) -> BResult<GpuBuf<T>> {
     let raw = gpu.scoped(bytes, || {
         gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: None,
-            size: bytes.max(1).next_multiple_of(16) as u64,
+            size: bytes.max(4) as u64,
             usage: wgpu::BufferUsages::STORAGE
                 | wgpu::BufferUsages::COPY_SRC
                 | wgpu::BufferUsages::COPY_DST,

@@ -4,18 +4,8 @@ use crate::kernel::{word, Kernel, MAX_GROUPS};
 use crate::{Buf, WgpuBackend};
 use mae::backend::{BResult, Gemm};
 
-/// Rows and columns of C per workgroup: 8 x 8 invocations of 4 x 4 blocks.
-const TILE: usize = 32;
-
-/// Whether the operands can be read as `vec4`: the dimension each is contiguous along is a
-/// multiple of 4, and so is every batch item's offset. (A k-step of 4 then never straddles a
-/// row, and a vector never straddles two rows.)
-pub(crate) fn vectorizable(g: &Gemm) -> bool {
-    let a_contiguous = if g.trans_a { g.m } else { g.k };
-    let b_contiguous = if g.trans_b { g.k } else { g.n };
-    let strides = g.batch <= 1 || (g.stride_a % 4 == 0 && g.stride_b % 4 == 0);
-    a_contiguous % 4 == 0 && b_contiguous % 4 == 0 && strides
-}
+/// Rows and columns of C per workgroup: 8 x 8 invocations of 8 x 8 blocks.
+const TILE: usize = 64;
 
 pub(crate) fn gemm(be: &WgpuBackend, g: &Gemm, a: &Buf, b: &Buf, c: &mut Buf) -> BResult<()> {
     debug_assert!({
@@ -28,7 +18,6 @@ pub(crate) fn gemm(be: &WgpuBackend, g: &Gemm, a: &Buf, b: &Buf, c: &mut Buf) ->
     let kernel = Kernel::Gemm {
         trans_a: g.trans_a,
         trans_b: g.trans_b,
-        vec4: vectorizable(g),
     };
     let grid = [word(g.n.div_ceil(TILE))?, word(g.m.div_ceil(TILE))?];
     // The batch is the grid's z dimension, in launches of at most MAX_GROUPS items.

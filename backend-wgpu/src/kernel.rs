@@ -66,11 +66,7 @@ pub(crate) enum Kernel {
     Fill,
     Add,
     Scale,
-    Gemm {
-        trans_a: bool,
-        trans_b: bool,
-        vec4: bool,
-    },
+    Gemm { trans_a: bool, trans_b: bool },
     CopyRows,
     CopyRowsBackward,
     GatherRows,
@@ -99,8 +95,7 @@ impl Kernel {
             Kernel::Fill => (Family::Memory, "fill", &[W]),
             Kernel::Add => (Family::Memory, "add", &[R, W]),
             Kernel::Scale => (Family::Memory, "scale", &[W]),
-            Kernel::Gemm { vec4: false, .. } => (Family::Gemm, "gemm", &[R, R, W]),
-            Kernel::Gemm { vec4: true, .. } => (Family::Gemm, "gemm_vec4", &[R, R, W]),
+            Kernel::Gemm { .. } => (Family::Gemm, "gemm", &[R, R, W]),
             Kernel::CopyRows => (Family::Rows, "copy_rows", &[R, W]),
             Kernel::CopyRowsBackward => (Family::Rows, "copy_rows_backward", &[R, W]),
             Kernel::GatherRows => (Family::Rows, "gather_rows", &[R, R, W]),
@@ -130,9 +125,7 @@ impl Kernel {
     /// Values of the WGSL `override` constants.
     fn constants(self) -> Vec<(&'static str, f64)> {
         match self {
-            Kernel::Gemm {
-                trans_a, trans_b, ..
-            } => vec![
+            Kernel::Gemm { trans_a, trans_b } => vec![
                 ("TRANS_A", f64::from(u8::from(trans_a))),
                 ("TRANS_B", f64::from(u8::from(trans_b))),
             ],

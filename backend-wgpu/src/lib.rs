@@ -11,7 +11,7 @@
 //!   [`Backend::sync`] do.
 //! - Pipelines are compiled on first use and cached (`kernel.rs`). Each launch gets its scalar
 //!   parameters in a small uniform block.
-//! - GEMM is register-blocked: each invocation holds a 4 x 4 block of C and needs no workgroup
+//! - GEMM is register-blocked: each invocation holds an 8 x 8 block of C and needs no workgroup
 //!   memory or barriers, which are slow on lavapipe (see `shaders/gemm.wgsl`).
 //! - Reductions (LayerNorm statistics, softmax sums, parameter gradients, the loss) run in `f32`
 //!   with compensated summation in a fixed order: deterministic run to run, and within the
