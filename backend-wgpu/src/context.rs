@@ -48,8 +48,12 @@ impl Gpu {
     /// The first adapter wgpu picks by default (honouring `WGPU_BACKEND`, `WGPU_ADAPTER_NAME` and
     /// `WGPU_POWER_PREF`), with its own limits.
     pub(crate) fn new() -> BResult<Gpu> {
-        let instance =
-            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        Gpu::from_instance(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+    }
+
+    /// The default adapter of an instance built from `desc`.
+    pub(crate) fn from_instance(desc: wgpu::InstanceDescriptor) -> BResult<Gpu> {
+        let instance = wgpu::Instance::new(desc);
         let options = wgpu::RequestAdapterOptions {
             power_preference: wgpu::PowerPreference::from_env()
                 .unwrap_or(wgpu::PowerPreference::HighPerformance),

@@ -66,6 +66,18 @@ fn every_kernel_compiles() {
     be.sync().unwrap();
 }
 
+/// An instance with no graphics API enabled has no adapter: a typed error, not a panic. (This
+/// needs no GPU, so it runs everywhere.)
+#[test]
+fn no_adapter_is_a_no_device_error() {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    desc.backends = wgpu::Backends::empty();
+    match Gpu::from_instance(desc) {
+        Err(e) => assert_eq!(e.kind, BackendErrorKind::NoDevice, "{e}"),
+        Ok(_) => panic!("an adapter without any backend"),
+    }
+}
+
 #[test]
 fn empty_buffers_have_length_zero_and_work_with_every_memory_op() {
     let Some(be) = be() else { return };
