@@ -12,7 +12,7 @@ use std::io::Write;
 use std::sync::OnceLock;
 
 /// The backends this crate tests, by `--backend` name.
-pub const NAMES: &[&str] = &["cpu"];
+pub const NAMES: &[&str] = &["cpu", "wgpu"];
 
 /// The backends listed in `MAE_REQUIRE_BACKENDS` (comma-separated, trimmed, lower-case).
 pub fn required_backends() -> Vec<String> {
@@ -58,6 +58,13 @@ pub fn cpu() -> Option<&'static mae_backend_cpu::CpuBackend> {
     shared(&CELL, "cpu", || Ok(mae_backend_cpu::CpuBackend::new()))
 }
 
+/// The wgpu backend on the default adapter (`WGPU_BACKEND=vulkan` picks lavapipe on a machine
+/// without a GPU); `None` after a skip when there is no adapter.
+pub fn wgpu() -> Option<&'static mae_backend_wgpu::WgpuBackend> {
+    static CELL: OnceLock<Result<mae_backend_wgpu::WgpuBackend, String>> = OnceLock::new();
+    shared(&CELL, "wgpu", mae_backend_wgpu::WgpuBackend::new)
+}
+
 /// Why [`dispatch`] could not run a job.
 #[derive(Debug)]
 pub enum DispatchError {
@@ -91,6 +98,9 @@ pub fn dispatch<J: OnBackend>(name: &str, job: J) -> Result<J::Output, DispatchE
     let unavailable = |e: BackendError| DispatchError::Unavailable(name.to_string(), e.to_string());
     match name {
         "cpu" => Ok(job.run(&mae_backend_cpu::CpuBackend::new())),
+        "wgpu" => mae_backend_wgpu::WgpuBackend::new()
+            .map(|b| job.run(&b))
+            .map_err(unavailable),
         other => Err(DispatchError::Unknown(other.to_string())),
     }
 }

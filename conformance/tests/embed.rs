@@ -69,4 +69,4 @@ macro_rules! embed_tests {
     )*};
 }
 
-embed_tests!(cpu);
+embed_tests!(cpu, wgpu);

@@ -1,0 +1,65 @@
+//! Exact GELU and the attention softmax (`shaders/activation.wgsl`).
+
+use crate::kernel::{grid_1d, word, Kernel};
+use crate::{Buf, WgpuBackend};
+use mae::backend::BResult;
+
+pub(crate) fn gelu_forward(be: &WgpuBackend, x: &Buf, y: &mut Buf) -> BResult<()> {
+    let n = y.len();
+    debug_assert!(x.len() >= n);
+    be.launch(
+        Kernel::GeluForward,
+        &[word(n)?],
+        &[&x.raw, &y.raw],
+        grid_1d(n),
+    )
+}
+
+pub(crate) fn gelu_backward(be: &WgpuBackend, x: &Buf, dy: &Buf, dx: &mut Buf) -> BResult<()> {
+    let n = dx.len();
+    debug_assert!(x.len() >= n && dy.len() >= n);
+    be.launch(
+        Kernel::GeluBackward,
+        &[word(n)?],
+        &[&x.raw, &dy.raw, &dx.raw],
+        grid_1d(n),
+    )
+}
+
+fn row_params(rows: usize, cols: usize, scale: f32) -> BResult<[u32; 3]> {
+    word(rows * cols)?;
+    Ok([word(rows)?, word(cols)?, scale.to_bits()])
+}
+
+pub(crate) fn softmax_forward(
+    be: &WgpuBackend,
+    x: &Buf,
+    y: &mut Buf,
+    rows: usize,
+    cols: usize,
+    scale: f32,
+) -> BResult<()> {
+    be.launch(
+        Kernel::SoftmaxForward,
+        &row_params(rows, cols, scale)?,
+        &[&x.raw, &y.raw],
+        grid_1d(rows),
+    )
+}
+
+pub(crate) fn softmax_backward(
+    be: &WgpuBackend,
+    y: &Buf,
+    dy: &Buf,
+    dx: &mut Buf,
+    rows: usize,
+    cols: usize,
+    scale: f32,
+) -> BResult<()> {
+    be.launch(
+        Kernel::SoftmaxBackward,
+        &row_params(rows, cols, scale)?,
+        &[&y.raw, &dy.raw, &dx.raw],
+        grid_1d(rows),
+    )
+}

@@ -1,0 +1,361 @@
+//! # mae-backend-wgpu: the `mae` compute backend on any GPU through wgpu
+//!
+//! Every [`Backend`] op is a WGSL compute shader (`src/shaders/*.wgsl`, one file per op family,
+//! mirrored by one Rust module each), run through wgpu on Vulkan, Metal or DX12, or on Mesa's
+//! lavapipe, the Vulkan driver on the CPU that CI uses.
+//!
+//! How it works:
+//! - Buffers are [`GpuBuf`]s: a `wgpu::Buffer` and a length. Ops record compute passes into one
+//!   pending command encoder that is submitted every few dozen ops and before the host reads or
+//!   writes a buffer, so ops never wait for the device; [`Backend::download`] and
+//!   [`Backend::sync`] do.
+//! - Pipelines are compiled on first use and cached (`kernel.rs`). Each launch gets its scalar
+//!   parameters in a small uniform block.
+//! - GEMM is register-blocked: each invocation holds an 8 x 8 block of C and needs no workgroup
+//!   memory or barriers, which are slow on lavapipe (see `shaders/gemm.wgsl`).
+//! - Reductions (LayerNorm statistics, softmax sums, parameter gradients, the loss) run in `f32`
+//!   with compensated summation in a fixed order: deterministic run to run, and within the
+//!   conformance tolerances of the `f64`-accumulating CPU backend. GELU is the exact `erf` form.
+//! - Errors: no adapter is [`BackendErrorKind::NoDevice`]; a buffer longer than one storage
+//!   binding is [`BackendErrorKind::TooLarge`]; an allocation the device refuses is
+//!   [`BackendErrorKind::OutOfMemory`]; validation errors and device loss, which wgpu reports
+//!   asynchronously, become [`BackendErrorKind::Device`] at the next `sync` or `download`.
+//!   Nothing panics on these paths.
+//!
+//! ```
+//! use mae::backend::{Backend, Gemm};
+//! use mae_backend_wgpu::WgpuBackend;
+//!
+//! let gpu = match WgpuBackend::new() {
+//!     Ok(gpu) => gpu,
+//!     // No GPU and no lavapipe on this machine.
+//!     Err(e) => {
+//!         eprintln!("skipped: {e}");
+//!         return Ok(());
+//!     }
+//! };
+//! // A = [[1, 2, 3], [4, 5, 6]] (2 x 3), B = [[1, 0], [0, 1], [1, 1]] (3 x 2).
+//! let a = gpu.upload(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])?;
+//! let b = gpu.upload(&[1.0, 0.0, 0.0, 1.0, 1.0, 1.0])?;
+//! let mut c = gpu.alloc(4)?;
+//! gpu.gemm(&Gemm::new(2, 2, 3), &a, &b, &mut c)?;
+//!
+//! let mut host = [0.0f32; 4];
+//! gpu.download(&c, &mut host)?;
+//! assert_eq!(host, [4.0, 5.0, 10.0, 11.0]);
+//! # Ok::<(), mae::BackendError>(())
+//! ```
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+// The trait's signatures (llm.c style: buffers, then dimensions) carry many arguments.
+#![allow(clippy::too_many_arguments)]
+
+mod activation;
+mod adamw;
+mod buffer;
+mod context;
+mod gemm;
+mod kernel;
+mod loss;
+mod memory;
+mod norm;
+mod rows;
+
+pub use buffer::GpuBuf;
+
+use context::Gpu;
+use kernel::{Kernel, Kernels};
+use mae::backend::{AdamWStep, BResult, Backend, Gather, Gemm, Heads, Patchify, RowMap};
+
+/// A buffer of `f32`.
+pub type Buf = GpuBuf<f32>;
+/// A buffer of `u32` indices.
+pub type Idx = GpuBuf<u32>;
+
+/// The wgpu backend: a device, its queue, the compiled pipelines and the work not yet submitted.
+/// It is `Send + Sync`; ops from several threads are recorded in the order they take the lock.
+pub struct WgpuBackend {
+    gpu: Gpu,
+    kernels: Kernels,
+}
+
+impl std::fmt::Debug for WgpuBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WgpuBackend")
+            .field("adapter", &self.gpu.info.name)
+            .field("backend", &self.gpu.info.backend)
+            .finish()
+    }
+}
+
+impl WgpuBackend {
+    /// The backend on wgpu's default adapter (environment variables `WGPU_BACKEND`,
+    /// `WGPU_ADAPTER_NAME` and `WGPU_POWER_PREF` choose among several). Fails with
+    /// [`BackendErrorKind::NoDevice`](mae::BackendErrorKind::NoDevice) when there is none.
+    pub fn new() -> BResult<WgpuBackend> {
+        Ok(WgpuBackend::from_gpu(Gpu::new()?))
+    }
+
+    /// The backend on a given adapter (from `wgpu::Instance::enumerate_adapters`).
+    pub fn with_adapter(adapter: wgpu::Adapter) -> BResult<WgpuBackend> {
+        Ok(WgpuBackend::from_gpu(Gpu::with_adapter(adapter)?))
+    }
+
+    fn from_gpu(gpu: Gpu) -> WgpuBackend {
+        WgpuBackend {
+            gpu,
+            kernels: Kernels::new(),
+        }
+    }
+
+    /// The adapter in use: its name, driver and API.
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.gpu.info
+    }
+
+    fn launch(
+        &self,
+        kernel: Kernel,
+        params: &[u32],
+        bufs: &[&wgpu::Buffer],
+        groups: [u32; 3],
+    ) -> BResult<()> {
+        self.kernels.launch(&self.gpu, kernel, params, bufs, groups)
+    }
+
+    /// A fresh one-float buffer for an op's intermediate scalar.
+    fn scratch(&self) -> BResult<Buf> {
+        buffer::alloc(&self.gpu, 1)
+    }
+}
+
+impl Backend for WgpuBackend {
+    type Buf = Buf;
+    type Idx = Idx;
+
+    fn name(&self) -> &str {
+        "wgpu"
+    }
+
+    /// The longest buffer one storage binding can hold (128 MiB on lavapipe, so 32 Mi floats).
+    fn max_buf_len(&self) -> usize {
+        buffer::max_len(&self.gpu)
+    }
+
+    // ---- memory -----------------------------------------------------------------------------
+
+    fn alloc(&self, len: usize) -> BResult<Buf> {
+        buffer::alloc(&self.gpu, len)
+    }
+
+    fn upload(&self, host: &[f32]) -> BResult<Buf> {
+        buffer::upload(&self.gpu, &self.kernels, host)
+    }
+
+    fn write(&self, dst: &mut Buf, host: &[f32]) -> BResult<()> {
+        buffer::write(&self.gpu, &self.kernels, dst, host)
+    }
+
+    fn download(&self, src: &Buf, host: &mut [f32]) -> BResult<()> {
+        buffer::download(&self.gpu, &self.kernels, src, host)
+    }
+
+    fn len(&self, buf: &Buf) -> usize {
+        buf.len()
+    }
+
+    fn upload_idx(&self, host: &[u32]) -> BResult<Idx> {
+        buffer::upload(&self.gpu, &self.kernels, host)
+    }
+
+    fn write_idx(&self, dst: &mut Idx, host: &[u32]) -> BResult<()> {
+        buffer::write(&self.gpu, &self.kernels, dst, host)
+    }
+
+    fn idx_len(&self, idx: &Idx) -> usize {
+        idx.len()
+    }
+
+    fn fill(&self, dst: &mut Buf, value: f32) -> BResult<()> {
+        memory::fill(self, dst, value)
+    }
+
+    fn copy(&self, src: &Buf, dst: &mut Buf) -> BResult<()> {
+        memory::copy(self, src, dst)
+    }
+
+    fn sync(&self) -> BResult<()> {
+        self.kernels.flush(&self.gpu);
+        self.gpu.wait()
+    }
+
+    // ---- dense ------------------------------------------------------------------------------
+
+    fn gemm(&self, g: &Gemm, a: &Buf, b: &Buf, c: &mut Buf) -> BResult<()> {
+        gemm::gemm(self, g, a, b, c)
+    }
+
+    fn add(&self, src: &Buf, dst: &mut Buf) -> BResult<()> {
+        memory::add(self, src, dst)
+    }
+
+    fn scale(&self, buf: &mut Buf, s: f32) -> BResult<()> {
+        memory::scale(self, buf, s)
+    }
+
+    // ---- rows -------------------------------------------------------------------------------
+
+    fn copy_rows(&self, src: &Buf, dst: &mut Buf, map: &RowMap, accumulate: bool) -> BResult<()> {
+        rows::copy_rows(self, src, dst, map, accumulate)
+    }
+
+    fn copy_rows_backward(&self, d_dst: &Buf, d_src: &mut Buf, map: &RowMap) -> BResult<()> {
+        rows::copy_rows_backward(self, d_dst, d_src, map)
+    }
+
+    fn gather_rows(&self, src: &Buf, idx: &Idx, dst: &mut Buf, g: &Gather) -> BResult<()> {
+        rows::gather_rows(self, src, idx, dst, g)
+    }
+
+    fn gather_rows_backward(
+        &self,
+        d_dst: &Buf,
+        idx: &Idx,
+        d_src: &mut Buf,
+        g: &Gather,
+    ) -> BResult<()> {
+        rows::gather_rows_backward(self, d_dst, idx, d_src, g)
+    }
+
+    fn patchify(&self, imgs: &Buf, out: &mut Buf, p: &Patchify) -> BResult<()> {
+        rows::patchify(self, imgs, out, p)
+    }
+
+    fn split_heads(&self, x: &Buf, heads: &mut Buf, h: &Heads) -> BResult<()> {
+        rows::split_heads(self, x, heads, h)
+    }
+
+    fn merge_heads(&self, heads: &Buf, x: &mut Buf, h: &Heads) -> BResult<()> {
+        rows::merge_heads(self, heads, x, h)
+    }
+
+    // ---- normalization and activation -------------------------------------------------------
+
+    fn layernorm_forward(
+        &self,
+        x: &Buf,
+        gamma: &Buf,
+        beta: &Buf,
+        y: &mut Buf,
+        mean: &mut Buf,
+        rstd: &mut Buf,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> BResult<()> {
+        norm::layernorm_forward(self, x, gamma, beta, y, mean, rstd, rows, cols, eps)
+    }
+
+    fn layernorm_backward(
+        &self,
+        dy: &Buf,
+        x: &Buf,
+        gamma: &Buf,
+        mean: &Buf,
+        rstd: &Buf,
+        dx: &mut Buf,
+        dgamma: &mut Buf,
+        dbeta: &mut Buf,
+        rows: usize,
+        cols: usize,
+    ) -> BResult<()> {
+        norm::layernorm_backward(
+            self, dy, x, gamma, mean, rstd, dx, dgamma, dbeta, rows, cols,
+        )
+    }
+
+    fn gelu_forward(&self, x: &Buf, y: &mut Buf) -> BResult<()> {
+        activation::gelu_forward(self, x, y)
+    }
+
+    fn gelu_backward(&self, x: &Buf, dy: &Buf, dx: &mut Buf) -> BResult<()> {
+        activation::gelu_backward(self, x, dy, dx)
+    }
+
+    fn softmax_forward(
+        &self,
+        x: &Buf,
+        y: &mut Buf,
+        rows: usize,
+        cols: usize,
+        scale: f32,
+    ) -> BResult<()> {
+        activation::softmax_forward(self, x, y, rows, cols, scale)
+    }
+
+    fn softmax_backward(
+        &self,
+        y: &Buf,
+        dy: &Buf,
+        dx: &mut Buf,
+        rows: usize,
+        cols: usize,
+        scale: f32,
+    ) -> BResult<()> {
+        activation::softmax_backward(self, y, dy, dx, rows, cols, scale)
+    }
+
+    // ---- loss -------------------------------------------------------------------------------
+
+    fn normalize_rows(
+        &self,
+        x: &Buf,
+        y: &mut Buf,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> BResult<()> {
+        norm::normalize_rows(self, x, y, rows, cols, eps)
+    }
+
+    fn masked_mse_forward(
+        &self,
+        pred: &Buf,
+        target: &Buf,
+        mask: &Buf,
+        loss: &mut Buf,
+        rows: usize,
+        cols: usize,
+    ) -> BResult<()> {
+        loss::masked_mse_forward(self, pred, target, mask, loss, rows, cols)
+    }
+
+    fn masked_mse_backward(
+        &self,
+        pred: &Buf,
+        target: &Buf,
+        mask: &Buf,
+        d_pred: &mut Buf,
+        rows: usize,
+        cols: usize,
+        d_loss: f32,
+    ) -> BResult<()> {
+        loss::masked_mse_backward(self, pred, target, mask, d_pred, rows, cols, d_loss)
+    }
+
+    // ---- optimizer --------------------------------------------------------------------------
+
+    fn adamw(
+        &self,
+        param: &mut Buf,
+        grad: &Buf,
+        m: &mut Buf,
+        v: &mut Buf,
+        step: &AdamWStep,
+    ) -> BResult<()> {
+        adamw::adamw(self, param, grad, m, v, step)
+    }
+}
+
+#[cfg(test)]
+mod tests;

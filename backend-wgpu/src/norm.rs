@@ -1,0 +1,85 @@
+//! LayerNorm and the norm-pix target (`shaders/norm.wgsl`).
+
+use crate::kernel::{grid_1d, word, Kernel};
+use crate::{Buf, WgpuBackend};
+use mae::backend::BResult;
+
+fn params(rows: usize, cols: usize, eps: f32) -> BResult<[u32; 3]> {
+    word(rows * cols)?;
+    Ok([word(rows)?, word(cols)?, eps.to_bits()])
+}
+
+pub(crate) fn layernorm_forward(
+    be: &WgpuBackend,
+    x: &Buf,
+    gamma: &Buf,
+    beta: &Buf,
+    y: &mut Buf,
+    mean: &mut Buf,
+    rstd: &mut Buf,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> BResult<()> {
+    be.launch(
+        Kernel::LayerNormForward,
+        &params(rows, cols, eps)?,
+        &[&x.raw, &gamma.raw, &beta.raw, &y.raw, &mean.raw, &rstd.raw],
+        grid_1d(rows),
+    )
+}
+
+/// Two launches: `dx` per row, then `dgamma` and `dbeta` per column.
+pub(crate) fn layernorm_backward(
+    be: &WgpuBackend,
+    dy: &Buf,
+    x: &Buf,
+    gamma: &Buf,
+    mean: &Buf,
+    rstd: &Buf,
+    dx: &mut Buf,
+    dgamma: &mut Buf,
+    dbeta: &mut Buf,
+    rows: usize,
+    cols: usize,
+) -> BResult<()> {
+    let p = params(rows, cols, 0.0)?;
+    be.launch(
+        Kernel::LayerNormBackwardRows,
+        &p,
+        &[&dy.raw, &x.raw, &gamma.raw, &mean.raw, &rstd.raw, &dx.raw],
+        grid_1d(rows),
+    )?;
+    if rows == 0 {
+        return Ok(());
+    }
+    be.launch(
+        Kernel::LayerNormBackwardCols,
+        &p,
+        &[
+            &dy.raw,
+            &x.raw,
+            &mean.raw,
+            &rstd.raw,
+            &dgamma.raw,
+            &dbeta.raw,
+        ],
+        grid_1d(cols),
+    )
+}
+
+pub(crate) fn normalize_rows(
+    be: &WgpuBackend,
+    x: &Buf,
+    y: &mut Buf,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> BResult<()> {
+    be.launch(
+        Kernel::NormalizeRows,
+        &params(rows, cols, eps)?,
+        &[&x.raw, &y.raw],
+        grid_1d(rows),
+    )
+}

@@ -1,0 +1,152 @@
+// LayerNorm and the norm-pix target. Row statistics take one invocation per row, walking the
+// row in order with compensated sums (deterministic, and accurate to about one rounding); the
+// parameter gradients take one invocation per column, walking the rows in order.
+
+struct Params {
+    rows: u32,
+    cols: u32,
+    eps: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+// The row helpers read ln_x (binding 1), the input of both row kernels.
+
+// The row mean, refined by one correction pass: the mean of the residuals is added back, so a
+// row of equal values has exactly that mean and normalizes to exactly 0.
+fn row_mean(x_at: u32, n: u32) -> f32 {
+    var acc = sum_new();
+    for (var c = 0u; c < n; c++) {
+        acc = sum_add(acc, ln_x[x_at + c]);
+    }
+    let mean = sum_value(acc) / f32(n);
+    var res = sum_new();
+    for (var c = 0u; c < n; c++) {
+        res = sum_add(res, ln_x[x_at + c] - mean);
+    }
+    return mean + sum_value(res) / f32(n);
+}
+
+// Sum of squared deviations from `mean`.
+fn row_ssd(x_at: u32, n: u32, mean: f32) -> f32 {
+    var acc = sum_new();
+    for (var c = 0u; c < n; c++) {
+        let d = ln_x[x_at + c] - mean;
+        acc = sum_add(acc, d * d);
+    }
+    return sum_value(acc);
+}
+
+
+// ---- layernorm_forward --------------------------------------------------------------------------
+
+@group(0) @binding(1) var<storage, read> ln_x: array<f32>;
+@group(0) @binding(2) var<storage, read> ln_gamma: array<f32>;
+@group(0) @binding(3) var<storage, read> ln_beta: array<f32>;
+@group(0) @binding(4) var<storage, read_write> ln_y: array<f32>;
+@group(0) @binding(5) var<storage, read_write> ln_mean: array<f32>;
+@group(0) @binding(6) var<storage, read_write> ln_rstd: array<f32>;
+
+@compute @workgroup_size(WG)
+fn layernorm_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let r = flat_id(wg, nwg, lid);
+    if r >= p.rows {
+        return;
+    }
+    let at = r * p.cols;
+    let mean = row_mean(at, p.cols);
+    let rstd = 1.0 / sqrt(row_ssd(at, p.cols, mean) / f32(p.cols) + p.eps);
+    ln_mean[r] = mean;
+    ln_rstd[r] = rstd;
+    for (var c = 0u; c < p.cols; c++) {
+        ln_y[at + c] = (ln_x[at + c] - mean) * rstd * ln_gamma[c] + ln_beta[c];
+    }
+}
+
+// ---- layernorm_backward -----------------------------------------------------------------------
+
+@group(0) @binding(1) var<storage, read> lb_dy: array<f32>;
+@group(0) @binding(2) var<storage, read> lb_x: array<f32>;
+@group(0) @binding(3) var<storage, read> lb_gamma: array<f32>;
+@group(0) @binding(4) var<storage, read> lb_mean: array<f32>;
+@group(0) @binding(5) var<storage, read> lb_rstd: array<f32>;
+@group(0) @binding(6) var<storage, read_write> lb_dx: array<f32>;
+
+// dx += rstd (dy g - mean(dy g) - xhat mean(dy g xhat)), one invocation per row.
+@compute @workgroup_size(WG)
+fn layernorm_backward_rows(@builtin(workgroup_id) wg: vec3<u32>,
+                           @builtin(num_workgroups) nwg: vec3<u32>,
+                           @builtin(local_invocation_index) lid: u32) {
+    let r = flat_id(wg, nwg, lid);
+    if r >= p.rows {
+        return;
+    }
+    let at = r * p.cols;
+    let mean = lb_mean[r];
+    let rstd = lb_rstd[r];
+    var dnorm = sum_new();
+    var dnorm_xhat = sum_new();
+    for (var c = 0u; c < p.cols; c++) {
+        let dg = lb_dy[at + c] * lb_gamma[c];
+        dnorm = sum_add(dnorm, dg);
+        dnorm_xhat = sum_add(dnorm_xhat, dg * ((lb_x[at + c] - mean) * rstd));
+    }
+    let n = f32(p.cols);
+    let mean_dnorm = sum_value(dnorm) / n;
+    let mean_dnorm_xhat = sum_value(dnorm_xhat) / n;
+    for (var c = 0u; c < p.cols; c++) {
+        let xhat = (lb_x[at + c] - mean) * rstd;
+        let dg = lb_dy[at + c] * lb_gamma[c];
+        lb_dx[at + c] += rstd * (dg - mean_dnorm - xhat * mean_dnorm_xhat);
+    }
+}
+
+@group(0) @binding(1) var<storage, read> lc_dy: array<f32>;
+@group(0) @binding(2) var<storage, read> lc_x: array<f32>;
+@group(0) @binding(3) var<storage, read> lc_mean: array<f32>;
+@group(0) @binding(4) var<storage, read> lc_rstd: array<f32>;
+@group(0) @binding(5) var<storage, read_write> lc_dgamma: array<f32>;
+@group(0) @binding(6) var<storage, read_write> lc_dbeta: array<f32>;
+
+// dgamma += sum_r dy xhat, dbeta += sum_r dy, one invocation per column, rows in order.
+@compute @workgroup_size(WG)
+fn layernorm_backward_cols(@builtin(workgroup_id) wg: vec3<u32>,
+                           @builtin(num_workgroups) nwg: vec3<u32>,
+                           @builtin(local_invocation_index) lid: u32) {
+    let c = flat_id(wg, nwg, lid);
+    if c >= p.cols {
+        return;
+    }
+    var dg = sum_new();
+    var db = sum_new();
+    for (var r = 0u; r < p.rows; r++) {
+        let at = r * p.cols + c;
+        let d = lc_dy[at];
+        dg = sum_add(dg, d * ((lc_x[at] - lc_mean[r]) * lc_rstd[r]));
+        db = sum_add(db, d);
+    }
+    lc_dgamma[c] += sum_value(dg);
+    lc_dbeta[c] += sum_value(db);
+}
+
+// ---- normalize_rows ---------------------------------------------------------------------------
+
+// Binding 1 is x, read through ln_x as the row helpers do.
+@group(0) @binding(2) var<storage, read_write> nr_y: array<f32>;
+
+// (x - mean) / sqrt(var + eps) with the unbiased variance.
+@compute @workgroup_size(WG)
+fn normalize_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let r = flat_id(wg, nwg, lid);
+    if r >= p.rows {
+        return;
+    }
+    let at = r * p.cols;
+    let mean = row_mean(at, p.cols);
+    let sd = sqrt(row_ssd(at, p.cols, mean) / f32(p.cols - 1u) + p.eps);
+    for (var c = 0u; c < p.cols; c++) {
+        nr_y[at + c] = (ln_x[at + c] - mean) / sd;
+    }
+}
