@@ -32,9 +32,23 @@ impl Library {
         }
     }
 
-    /// The file names cudarc tries, in order (they depend on the `cuda-*` feature).
+    /// The file names cudarc tries on this platform, in order, without repeats (they depend
+    /// on the `cuda-*` feature: `libnvrtc.so.13` first with `cuda-13`).
     pub fn candidates(self) -> Vec<String> {
-        cudarc::get_lib_name_candidates(self.base_name())
+        let prefix = format!(
+            "{}{}{}",
+            std::env::consts::DLL_PREFIX,
+            self.base_name(),
+            std::env::consts::DLL_SUFFIX
+        );
+        let mut names: Vec<String> = Vec::new();
+        for name in cudarc::get_lib_name_candidates(self.base_name()) {
+            // cudarc also lists Windows-style names (`cuda64_13`); keep this platform's.
+            if name.starts_with(&prefix) && !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names
     }
 
     /// Whether the library can be loaded (this `dlopen`s it). Never panics.

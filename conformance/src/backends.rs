@@ -12,7 +12,7 @@ use std::io::Write;
 use std::sync::OnceLock;
 
 /// The backends this crate tests, by `--backend` name.
-pub const NAMES: &[&str] = &["cpu"];
+pub const NAMES: &[&str] = &["cpu", "cuda"];
 
 /// The backends listed in `MAE_REQUIRE_BACKENDS` (comma-separated, trimmed, lower-case).
 pub fn required_backends() -> Vec<String> {
@@ -58,6 +58,18 @@ pub fn cpu() -> Option<&'static mae_backend_cpu::CpuBackend> {
     shared(&CELL, "cpu", || Ok(mae_backend_cpu::CpuBackend::new()))
 }
 
+/// The CUDA backend on GPU 0, with f32 GEMMs; `None` (after a `SKIP cuda: ...` line) without
+/// a driver, the CUDA libraries or a GPU. Its kernels are compiled here, so a failed NVRTC
+/// compile fails every test instead of being taken for a missing device.
+pub fn cuda() -> Option<&'static mae_backend_cuda::CudaBackend> {
+    static CELL: OnceLock<Result<mae_backend_cuda::CudaBackend, String>> = OnceLock::new();
+    let backend = shared(&CELL, "cuda", || mae_backend_cuda::CudaBackend::new(0))?;
+    if let Err(e) = backend.compile_kernels() {
+        panic!("cuda: the device is present but its kernels do not build: {e}");
+    }
+    Some(backend)
+}
+
 /// Why [`dispatch`] could not run a job.
 #[derive(Debug)]
 pub enum DispatchError {
@@ -91,6 +103,10 @@ pub fn dispatch<J: OnBackend>(name: &str, job: J) -> Result<J::Output, DispatchE
     let unavailable = |e: BackendError| DispatchError::Unavailable(name.to_string(), e.to_string());
     match name {
         "cpu" => Ok(job.run(&mae_backend_cpu::CpuBackend::new())),
+        "cuda" => {
+            let b = mae_backend_cuda::CudaBackend::new(0).map_err(unavailable)?;
+            Ok(job.run(&b))
+        }
         other => Err(DispatchError::Unknown(other.to_string())),
     }
 }

@@ -710,4 +710,4 @@ macro_rules! gradient_tests {
     )*};
 }
 
-gradient_tests!(cpu);
+gradient_tests!(cpu, cuda);

@@ -268,4 +268,4 @@ macro_rules! training_tests {
     )*};
 }
 
-training_tests!(cpu);
+training_tests!(cpu, cuda);

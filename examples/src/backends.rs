@@ -32,6 +32,9 @@ pub fn compiled() -> Vec<&'static str> {
     if cfg!(feature = "cpu") {
         names.push("cpu");
     }
+    if cfg!(feature = "cuda") {
+        names.push("cuda");
+    }
     names
 }
 
@@ -74,6 +77,8 @@ pub fn dispatch<J: OnBackend>(name: &str, job: J) -> Result<J::Output, BackendCh
     match name {
         #[cfg(feature = "cpu")]
         "cpu" => Ok(job.run(&mae_backend_cpu::CpuBackend::new())),
+        #[cfg(feature = "cuda")]
+        "cuda" => Ok(job.run(&mae_backend_cuda::CudaBackend::new(0).map_err(unavailable)?)),
         n if KNOWN.contains(&n) => Err(BackendChoiceError::NotCompiled(n.to_string())),
         n => Err(BackendChoiceError::Unknown(n.to_string())),
     }
