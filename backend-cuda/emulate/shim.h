@@ -1,14 +1,13 @@
 // Just enough of CUDA C to run this crate's kernels on the host. Blocks run one after another, so
 // a function-local `static` stands in for __shared__ memory. `launch_rows` runs a block's threads
-// as real threads meeting at a real barrier (__syncthreads), so a missing barrier can show up as
-// a wrong result; `launch` runs kernels without barriers one thread after another.
+// as fibers meeting at real barriers (__syncthreads), so a missing barrier shows up as a wrong
+// result; `launch` runs kernels without barriers one thread after another.
 #pragma once
-#include <barrier>
+#include <ucontext.h>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
-#include <thread>
 #include <vector>
 
 struct Dim3 {
@@ -16,19 +15,21 @@ struct Dim3 {
 };
 inline thread_local Dim3 threadIdx, blockIdx;
 inline Dim3 blockDim, gridDim;
-inline std::barrier<>* block_barrier = nullptr;
+inline thread_local bool in_fibers = false;
 
 #define __global__
 #define __device__
 #define __shared__ static
 #include <cstdio>
 #include <cstdlib>
+struct Fiber;
+inline void yield_to_scheduler();
 inline void __syncthreads() {
-    if (block_barrier == nullptr) {
-        std::fprintf(stderr, "__syncthreads in a kernel launched without threads (launch_rows)\n");
+    if (!in_fibers) {
+        std::fprintf(stderr, "__syncthreads in a kernel launched without fibers (use launch_rows)\n");
         std::abort();
     }
-    block_barrier->arrive_and_wait();
+    yield_to_scheduler();
 }
 inline float __int_as_float(unsigned v) {
     float f;
@@ -42,7 +43,6 @@ inline float __int_as_float(unsigned v) {
 inline void launch(unsigned grid, unsigned block, const std::function<void()>& kernel) {
     gridDim.x = grid;
     blockDim.x = block;
-    block_barrier = nullptr;
     for (unsigned b = 0; b < grid; ++b) {
         for (unsigned t = 0; t < block; ++t) {
             blockIdx.x = b;
@@ -52,26 +52,56 @@ inline void launch(unsigned grid, unsigned block, const std::function<void()>& k
     }
 }
 
-// Runs `kernel` with each block's threads as real threads meeting at a real barrier: for the
-// row kernels, whose reductions synchronize.
+// Runs `kernel` with each block's threads as fibers (ucontext) on this OS thread: every fiber runs
+// until its next __syncthreads, in thread order, and a round ends when all have arrived, so a
+// barrier is a real barrier while the schedule stays deterministic (a missing barrier gives the
+// same wrong result every run).
+struct Fiber {
+    ucontext_t ctx;
+    bool done;
+};
+inline thread_local ucontext_t* scheduler = nullptr;
+inline thread_local Fiber* running = nullptr;
+inline thread_local const std::function<void()>* fiber_body = nullptr;
+
+inline void yield_to_scheduler() { swapcontext(&running->ctx, scheduler); }
+
+inline void fiber_entry() {
+    (*fiber_body)();
+    running->done = true;  // returning switches to uc_link, the scheduler
+}
+
 inline void launch_rows(unsigned grid, unsigned block, const std::function<void()>& kernel) {
     gridDim.x = grid;
     blockDim.x = block;
-    std::barrier<> bar(block);
-    block_barrier = &bar;
-    std::vector<std::thread> threads;
-    threads.reserve(block);
-    for (unsigned t = 0; t < block; ++t) {
-        threads.emplace_back([&, t] {
-            threadIdx.x = t;
-            for (unsigned b = 0; b < grid; ++b) {
-                blockIdx.x = b;
-                kernel();
-                // Block b ends for every thread before block b + 1 reuses the shared memory.
-                bar.arrive_and_wait();
+    const size_t stack_size = 64 * 1024;
+    std::vector<char> stacks(stack_size * block);
+    std::vector<Fiber> fibers(block);
+    ucontext_t sched;
+    scheduler = &sched;
+    fiber_body = &kernel;
+    in_fibers = true;
+    for (unsigned b = 0; b < grid; ++b) {
+        blockIdx.x = b;
+        for (unsigned t = 0; t < block; ++t) {
+            Fiber& f = fibers[t];
+            f.done = false;
+            getcontext(&f.ctx);
+            f.ctx.uc_stack.ss_sp = stacks.data() + t * stack_size;
+            f.ctx.uc_stack.ss_size = stack_size;
+            f.ctx.uc_link = &sched;
+            makecontext(&f.ctx, fiber_entry, 0);
+        }
+        for (bool any = true; any;) {
+            any = false;
+            for (unsigned t = 0; t < block; ++t) {
+                if (fibers[t].done) continue;
+                any = true;
+                threadIdx.x = t;
+                running = &fibers[t];
+                swapcontext(&sched, &fibers[t].ctx);
             }
-        });
+        }
     }
-    for (auto& th : threads) th.join();
-    block_barrier = nullptr;
+    in_fibers = false;
 }
