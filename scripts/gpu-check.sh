@@ -76,21 +76,24 @@ build() {
 
 # ---- run -----------------------------------------------------------------------------------
 
-# Puts the folders holding libnvrtc and libcublas on LD_LIBRARY_PATH when the dynamic loader
-# does not find them by itself (a toolkit outside ldconfig's folders, or pip's nvidia wheels).
+# Puts the folders holding libcuda, libnvrtc and libcublas on LD_LIBRARY_PATH when the dynamic
+# loader does not find them by itself (a driver or toolkit outside ldconfig's folders, or pip's
+# nvidia wheels).
 find_cuda_libraries() {
-    local lib dir
-    for lib in libnvrtc.so libcublas.so; do
-        if ldconfig -p 2>/dev/null | grep -q "$lib\.1[23]\b"; then
+    local pattern found
+    for pattern in 'libcuda.so.1' 'libnvrtc.so.1[23]' 'libcublas.so.1[23]'; do
+        if ldconfig -p 2>/dev/null | grep -q "${pattern//./\\.}\b"; then
             continue
         fi
-        dir=$(
-            find /usr/local/cuda*/lib64 /usr/local/cuda*/targets/*/lib /usr/lib/x86_64-linux-gnu \
-                /opt /usr/local/lib/python3* /usr/lib/python3* \
-                -name "$lib.1[23]*" -not -path '*/stubs/*' 2>/dev/null | sort -r | head -n 1
+        found=$(
+            find /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/local/cuda*/lib64 \
+                /usr/local/cuda*/targets/*/lib /usr/lib/x86_64-linux-gnu /opt \
+                /usr/local/lib/python3* /usr/lib/python3* \
+                -name "$pattern*" -not -path '*/stubs/*' 2>/dev/null | sort -r | head -n 1
         )
-        if [ -n "$dir" ]; then
-            export LD_LIBRARY_PATH="$(dirname "$dir")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        found=$(dirname "$found" 2>/dev/null)
+        if [ -n "$found" ] && [[ ":${LD_LIBRARY_PATH:-}:" != *":$found:"* ]]; then
+            export LD_LIBRARY_PATH="$found${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
         fi
     done
 }
