@@ -91,8 +91,9 @@ find_cuda_libraries() {
                 /usr/local/lib/python3* /usr/lib/python3* \
                 -name "$pattern*" -not -path '*/stubs/*' 2>/dev/null | sort -r | head -n 1
         )
-        found=$(dirname "$found" 2>/dev/null)
-        if [ -n "$found" ] && [[ ":${LD_LIBRARY_PATH:-}:" != *":$found:"* ]]; then
+        [ -n "$found" ] || continue
+        found=$(dirname "$found")
+        if [[ ":${LD_LIBRARY_PATH:-}:" != *":$found:"* ]]; then
             export LD_LIBRARY_PATH="$found${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
         fi
     done
