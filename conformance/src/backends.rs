@@ -12,7 +12,7 @@ use std::io::Write;
 use std::sync::OnceLock;
 
 /// The backends this crate tests, by `--backend` name.
-pub const NAMES: &[&str] = &["cpu", "wgpu"];
+pub const NAMES: &[&str] = &["cpu", "wgpu", "cuda"];
 
 /// The backends listed in `MAE_REQUIRE_BACKENDS` (comma-separated, trimmed, lower-case).
 pub fn required_backends() -> Vec<String> {
@@ -63,6 +63,16 @@ pub fn cpu() -> Option<&'static mae_backend_cpu::CpuBackend> {
 pub fn wgpu() -> Option<&'static mae_backend_wgpu::WgpuBackend> {
     static CELL: OnceLock<Result<mae_backend_wgpu::WgpuBackend, String>> = OnceLock::new();
     shared(&CELL, "wgpu", mae_backend_wgpu::WgpuBackend::new)
+/// The CUDA backend on GPU 0, with f32 GEMMs; `None` (after a `SKIP cuda: ...` line) without
+/// a driver, the CUDA libraries or a GPU. Its kernels are compiled here, so a failed NVRTC
+/// compile fails every test instead of being taken for a missing device.
+pub fn cuda() -> Option<&'static mae_backend_cuda::CudaBackend> {
+    static CELL: OnceLock<Result<mae_backend_cuda::CudaBackend, String>> = OnceLock::new();
+    let backend = shared(&CELL, "cuda", || mae_backend_cuda::CudaBackend::new(0))?;
+    if let Err(e) = backend.compile_kernels() {
+        panic!("cuda: the device is present but its kernels do not build: {e}");
+    }
+    Some(backend)
 }
 
 /// Why [`dispatch`] could not run a job.
@@ -101,6 +111,10 @@ pub fn dispatch<J: OnBackend>(name: &str, job: J) -> Result<J::Output, DispatchE
         "wgpu" => mae_backend_wgpu::WgpuBackend::new()
             .map(|b| job.run(&b))
             .map_err(unavailable),
+        "cuda" => {
+            let b = mae_backend_cuda::CudaBackend::new(0).map_err(unavailable)?;
+            Ok(job.run(&b))
+        }
         other => Err(DispatchError::Unknown(other.to_string())),
     }
 }

@@ -41,7 +41,7 @@ fn check_file<B: Backend>(b: &B, path: &Path) {
 }
 
 fn check_all<B: Backend>(b: &B) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/embed");
+    let dir = mae_conformance::dir().join("golden/embed");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -69,4 +69,4 @@ macro_rules! embed_tests {
     )*};
 }
 
-embed_tests!(cpu, wgpu);
+embed_tests!(cpu, wgpu, cuda);

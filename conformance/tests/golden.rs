@@ -22,7 +22,7 @@ fn safetensors_in(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn golden_files() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = &mae_conformance::dir();
     let shared = std::env::var_os("MAE_GOLDEN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("../../shared/golden"));
@@ -89,7 +89,7 @@ macro_rules! golden_tests {
     )*};
 }
 
-golden_tests!(cpu, wgpu);
+golden_tests!(cpu, wgpu, cuda);
 
 /// The `golden` program's interface (DESIGN.md): per-tensor lines, a closing
 /// `golden: N passed, M failed` line, and a non-zero exit when any file fails.

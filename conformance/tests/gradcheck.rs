@@ -710,4 +710,4 @@ macro_rules! gradient_tests {
     )*};
 }
 
-gradient_tests!(cpu, wgpu);
+gradient_tests!(cpu, wgpu, cuda);

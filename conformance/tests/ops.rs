@@ -1977,4 +1977,4 @@ macro_rules! op_tests {
     )*};
 }
 
-op_tests!(cpu, wgpu);
+op_tests!(cpu, wgpu, cuda);

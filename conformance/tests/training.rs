@@ -268,4 +268,4 @@ macro_rules! training_tests {
     )*};
 }
 
-training_tests!(cpu, wgpu);
+training_tests!(cpu, wgpu, cuda);

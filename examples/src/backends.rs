@@ -34,6 +34,8 @@ pub fn compiled() -> Vec<&'static str> {
     }
     if cfg!(feature = "wgpu") {
         names.push("wgpu");
+    if cfg!(feature = "cuda") {
+        names.push("cuda");
     }
     names
 }
@@ -81,6 +83,8 @@ pub fn dispatch<J: OnBackend>(name: &str, job: J) -> Result<J::Output, BackendCh
         "wgpu" => mae_backend_wgpu::WgpuBackend::new()
             .map(|b| job.run(&b))
             .map_err(unavailable),
+        #[cfg(feature = "cuda")]
+        "cuda" => Ok(job.run(&mae_backend_cuda::CudaBackend::new(0).map_err(unavailable)?)),
         n if KNOWN.contains(&n) => Err(BackendChoiceError::NotCompiled(n.to_string())),
         n => Err(BackendChoiceError::Unknown(n.to_string())),
     }

@@ -1,0 +1,428 @@
+// Runs every kernel of ../src/kernels on the host (shim.h) with the grids and argument lists
+// that ../src/ops.rs uses, and compares the results with naive references written from the
+// trait's contract (mae/src/backend.rs). A development check for machines without a GPU: it
+// finds wrong index arithmetic, reduction trees and barriers, not GPU-specific faults.
+// Build and run: backend-cuda/emulate/run.sh
+#include "shim.h"
+
+#include "../src/kernels/prelude.cuh"
+#include "../src/kernels/elementwise.cu"
+#include "../src/kernels/rows.cu"
+#include "../src/kernels/norm.cu"
+#include "../src/kernels/softmax.cu"
+#include "../src/kernels/loss.cu"
+
+#include <cstdio>
+#include <random>
+#include <string>
+
+static int failures = 0, checks = 0;
+static std::mt19937_64 rng(1234);
+
+static std::vector<float> random_vec(size_t n, float lo = -2.0f, float hi = 2.0f) {
+    std::uniform_real_distribution<float> d(lo, hi);
+    std::vector<float> v(n);
+    for (auto& x : v) x = d(rng);
+    return v;
+}
+
+static std::vector<float> int_vec(size_t n) {
+    std::uniform_int_distribution<int> d(-8, 8);
+    std::vector<float> v(n);
+    for (auto& x : v) x = (float)d(rng);
+    return v;
+}
+
+// |got - want| <= tol * max(1, |want|) everywhere (tol 0: bitwise, NaN matching NaN).
+static void expect_close(const std::string& what, const std::vector<float>& got,
+                         const std::vector<double>& want, double tol) {
+    ++checks;
+    for (size_t i = 0; i < want.size(); ++i) {
+        const double g = got[i], w = want[i];
+        const bool ok = (std::isnan(g) && std::isnan(w)) ||
+                        std::fabs(g - w) <= tol * std::fmax(1.0, std::fabs(w));
+        if (!ok) {
+            std::printf("FAIL %s: element %zu got %.9g want %.9g\n", what.c_str(), i, g, w);
+            ++failures;
+            return;
+        }
+    }
+}
+
+static std::vector<double> to_d(const std::vector<float>& v) {
+    return std::vector<double>(v.begin(), v.end());
+}
+
+// The grids of ../src/launch.rs.
+static const unsigned BLOCKS_MAX = 1u << 16;
+static unsigned grid_elementwise(u64 n) { return (unsigned)std::min<u64>((n + 255) / 256, BLOCKS_MAX); }
+static unsigned grid_rows(u64 rows) { return (unsigned)std::min<u64>(rows, BLOCKS_MAX); }
+static u64 chunks_of(u64 rows) { return std::max<u64>((rows + 31) / 32, 1); }
+
+// Each case runs with the production grid and with a small one (grid-stride loops).
+static std::vector<unsigned> grids(unsigned production) {
+    if (production <= 1) return {production};
+    return {production, 1};
+}
+
+static void test_elementwise() {
+    for (u64 n : {1ull, 255ull, 700ull}) {
+        for (unsigned g : grids(grid_elementwise(n))) {
+            std::string tag = " n=" + std::to_string(n) + " grid=" + std::to_string(g);
+            auto x = random_vec(n, -6, 6), y = random_vec(n), dx = random_vec(n), dy = random_vec(n);
+            std::vector<float> buf = x;
+            launch(g, 256, [&] { fill_f32(buf.data(), n, 0.5f); });
+            expect_close("fill" + tag, buf, std::vector<double>(n, 0.5), 0);
+            buf = y;
+            launch(g, 256, [&] { add_f32(x.data(), buf.data(), n); });
+            std::vector<double> want(n);
+            for (u64 i = 0; i < n; ++i) want[i] = (float)(y[i] + x[i]);
+            expect_close("add" + tag, buf, want, 0);
+            buf = y;
+            launch(g, 256, [&] { scale_f32(buf.data(), n, -1.5f); });
+            for (u64 i = 0; i < n; ++i) want[i] = (float)(y[i] * -1.5f);
+            expect_close("scale" + tag, buf, want, 0);
+            buf.assign(n, NAN);
+            launch(g, 256, [&] { gelu_forward(x.data(), buf.data(), n); });
+            for (u64 i = 0; i < n; ++i) want[i] = 0.5 * x[i] * (1.0 + std::erf(x[i] / std::sqrt(2.0)));
+            expect_close("gelu_forward" + tag, buf, want, 1e-6);
+            buf = dx;
+            launch(g, 256, [&] { gelu_backward(x.data(), dy.data(), buf.data(), n); });
+            for (u64 i = 0; i < n; ++i) {
+                const double v = x[i], h = 1e-5;
+                auto gelu = [](double t) { return 0.5 * t * (1.0 + std::erf(t / std::sqrt(2.0))); };
+                want[i] = dx[i] + dy[i] * (gelu(v + h) - gelu(v - h)) / (2 * h);
+            }
+            expect_close("gelu_backward" + tag, buf, want, 1e-6);
+
+            // AdamW, f32 as the CPU reference (bitwise: same operations, no contraction).
+            auto p = random_vec(n), gr = random_vec(n), m = random_vec(n), v = random_vec(n, 0, 1);
+            const float lr = 1e-2f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, wd = 0.05f, bc1 = 0.19f, bc2 = 0.0975f;
+            std::vector<float> pp = p, mm = m, vv = v;
+            launch(g, 256, [&] {
+                adamw(pp.data(), gr.data(), mm.data(), vv.data(), n, 1.0f - lr * wd, b1, b2,
+                      1.0f - b1, 1.0f - b2, lr / bc1, sqrtf(bc2), eps);
+            });
+            std::vector<double> wp(n), wm(n), wv(n);
+            for (u64 i = 0; i < n; ++i) {
+                float pi = p[i] * (1.0f - lr * wd);
+                const float mi = b1 * m[i] + (1.0f - b1) * gr[i];
+                const float vi = b2 * v[i] + (1.0f - b2) * gr[i] * gr[i];
+                pi -= (lr / bc1) * mi / (sqrtf(vi) / sqrtf(bc2) + eps);
+                wp[i] = pi, wm[i] = mi, wv[i] = vi;
+            }
+            expect_close("adamw param" + tag, pp, wp, 0);
+            expect_close("adamw m" + tag, mm, wm, 0);
+            expect_close("adamw v" + tag, vv, wv, 0);
+        }
+    }
+}
+
+struct Map {
+    u64 batch, count, cols, src_stride, src_start, src_step, dst_stride, dst_start;
+    u64 src_row(u64 b, u64 i) const { return b * src_stride + src_start + i * src_step; }
+    u64 dst_row(u64 b, u64 i) const { return b * dst_stride + dst_start + i; }
+    u64 src_len() const {
+        const u64 b = batch - 1, i = count - 1;
+        return (std::max(src_row(b, i), src_row(b, 0)) + 1) * cols;
+    }
+    u64 dst_len() const { return (dst_row(batch - 1, count - 1) + 1) * cols; }
+};
+
+static u64 max_readers(const Map& m) {
+    if (m.src_step == 0) return m.src_stride == 0 ? m.batch * m.count : m.count;
+    if (m.src_stride == 0) return m.batch;
+    return std::min(m.batch, (m.count - 1) / m.src_stride + 1);
+}
+
+static void test_copy_rows() {
+    int maps = 0;
+    for (u64 step : {0ull, 1ull})
+        for (u64 stride : {0ull, 1ull, 2ull, 3ull, 5ull})
+            for (auto bc : std::vector<std::pair<u64, u64>>{{1, 1}, {3, 2}, {4, 5}, {40, 3}, {2, 70}})
+                for (u64 cols : {1ull, 3ull, 300ull}) {
+                    const Map m{bc.first, bc.second, cols, stride, 1, step, bc.second + 1, 1};
+                    ++maps;
+                    const u64 ls = m.src_len(), ld = m.dst_len(), n = m.batch * m.count * cols;
+                    std::string tag = " step=" + std::to_string(step) + " stride=" +
+                                      std::to_string(stride) + " batch=" + std::to_string(m.batch) +
+                                      " count=" + std::to_string(m.count) + " cols=" + std::to_string(cols);
+                    auto src = int_vec(ls), dst0 = int_vec(ld);
+                    for (unsigned acc : {0u, 1u}) {
+                        std::vector<float> dst = dst0;
+                        launch(grid_elementwise(n), 256, [&] {
+                            copy_rows(src.data(), dst.data(), m.batch, m.count, m.cols, m.src_stride,
+                                      m.src_start, m.src_step, m.dst_stride, m.dst_start, acc);
+                        });
+                        std::vector<double> want = to_d(dst0);
+                        for (u64 b = 0; b < m.batch; ++b)
+                            for (u64 i = 0; i < m.count; ++i)
+                                for (u64 c = 0; c < cols; ++c) {
+                                    const double v = src[m.src_row(b, i) * cols + c];
+                                    double& o = want[m.dst_row(b, i) * cols + c];
+                                    o = acc ? o + v : v;
+                                }
+                        expect_close("copy_rows acc=" + std::to_string(acc) + tag, dst, want, 0);
+                    }
+                    // Backward: integer data, so every order of summation is exact.
+                    auto d_dst = int_vec(ld), d_src0 = int_vec(ls);
+                    const u64 src_rows = ls / cols, chunks = chunks_of(max_readers(m));
+                    std::vector<double> partial(chunks * src_rows * cols, NAN);
+                    std::vector<float> d_src = d_src0;
+                    launch(grid_elementwise(chunks * src_rows * cols), 256, [&] {
+                        copy_rows_backward_partials(d_dst.data(), partial.data(), m.batch, m.count,
+                                                    m.cols, m.src_stride, m.src_start, m.src_step,
+                                                    m.dst_stride, m.dst_start, src_rows, chunks, 32);
+                    });
+                    launch(grid_elementwise(src_rows * cols), 256, [&] {
+                        copy_rows_backward_finish(partial.data(), d_src.data(), m.batch, m.count,
+                                                  m.cols, m.src_stride, m.src_start, m.src_step,
+                                                  m.dst_stride, m.dst_start, src_rows, 32);
+                    });
+                    std::vector<double> want = to_d(d_src0);
+                    for (u64 b = 0; b < m.batch; ++b)
+                        for (u64 i = 0; i < m.count; ++i)
+                            for (u64 c = 0; c < cols; ++c)
+                                want[m.src_row(b, i) * cols + c] += d_dst[m.dst_row(b, i) * cols + c];
+                    expect_close("copy_rows_backward" + tag, d_src, want, 0);
+                }
+    std::printf("copy_rows: %d maps\n", maps);
+}
+
+static void test_gather() {
+    const u64 batch = 3, src_rows = 7, count = 4, dst_rows = 6, dst_start = 2;
+    for (u64 cols : {1ull, 5ull, 300ull}) {
+        std::vector<u32> idx;
+        for (u64 b = 0; b < batch; ++b) {
+            std::vector<u32> perm(src_rows);
+            for (u32 i = 0; i < src_rows; ++i) perm[i] = i;
+            std::shuffle(perm.begin(), perm.end(), rng);
+            idx.insert(idx.end(), perm.begin(), perm.begin() + count);
+        }
+        auto src = int_vec(batch * src_rows * cols), dst0 = int_vec(batch * dst_rows * cols);
+        std::vector<float> dst = dst0;
+        const u64 n = batch * count * cols;
+        for (unsigned g : grids(grid_elementwise(n))) {
+            dst = dst0;
+            launch(g, 256, [&] {
+                gather_rows(src.data(), idx.data(), dst.data(), batch, count, cols, src_rows,
+                            dst_rows, dst_start);
+            });
+            std::vector<double> want = to_d(dst0);
+            for (u64 b = 0; b < batch; ++b)
+                for (u64 j = 0; j < count; ++j)
+                    for (u64 c = 0; c < cols; ++c)
+                        want[(b * dst_rows + dst_start + j) * cols + c] =
+                            src[(b * src_rows + idx[b * count + j]) * cols + c];
+            expect_close("gather_rows cols=" + std::to_string(cols), dst, want, 0);
+            std::vector<float> ds = src;
+            launch(g, 256, [&] {
+                gather_rows_backward(dst0.data(), idx.data(), ds.data(), batch, count, cols,
+                                     src_rows, dst_rows, dst_start);
+            });
+            want = to_d(src);
+            for (u64 b = 0; b < batch; ++b)
+                for (u64 j = 0; j < count; ++j)
+                    for (u64 c = 0; c < cols; ++c)
+                        want[(b * src_rows + idx[b * count + j]) * cols + c] +=
+                            dst0[(b * dst_rows + dst_start + j) * cols + c];
+            expect_close("gather_rows_backward cols=" + std::to_string(cols), ds, want, 0);
+        }
+    }
+}
+
+static void test_patchify_and_heads() {
+    const u64 n = 2, c = 3, h = 7, w = 9, p = 3;  // 7 is not a multiple of 3: a row is ignored
+    auto imgs = random_vec(n * c * h * w);
+    for (u32 hwc : {0u, 1u}) {
+        const u64 L = (h / p) * (w / p), out_len = n * L * p * p * c;
+        std::vector<float> out(n * c * h * w, -7.0f);
+        launch(grid_elementwise(out_len), 256, [&] { patchify(imgs.data(), out.data(), n, c, h, w, p, hwc); });
+        std::vector<double> want(out.size(), -7.0);
+        for (u64 b = 0; b < n; ++b)
+            for (u64 ci = 0; ci < c; ++ci)
+                for (u64 y = 0; y < (h / p) * p; ++y)
+                    for (u64 x = 0; x < (w / p) * p; ++x) {
+                        const u64 patch = (y / p) * (w / p) + x / p, py = y % p, px = x % p;
+                        const u64 within = hwc ? (py * p + px) * c + ci : ci * p * p + py * p + px;
+                        want[(b * L + patch) * p * p * c + within] = imgs[((b * c + ci) * h + y) * w + x];
+                    }
+        expect_close("patchify hwc=" + std::to_string(hwc), out, want, 0);
+    }
+    const u64 B = 2, T = 5, H = 3, D = 4, W = 3 * H * D + 2, off = H * D + 1;
+    auto x = random_vec(B * T * W);
+    std::vector<float> heads(B * H * T * D, NAN);
+    launch(grid_elementwise(heads.size()), 256, [&] { split_heads(x.data(), heads.data(), B, T, H, D, W, off); });
+    std::vector<double> want(heads.size());
+    for (u64 b = 0; b < B; ++b)
+        for (u64 hh = 0; hh < H; ++hh)
+            for (u64 t = 0; t < T; ++t)
+                for (u64 j = 0; j < D; ++j)
+                    want[((b * H + hh) * T + t) * D + j] = x[(b * T + t) * W + off + hh * D + j];
+    expect_close("split_heads", heads, want, 0);
+    std::vector<float> back(x.size(), 3.0f);
+    launch(1, 256, [&] { merge_heads(heads.data(), back.data(), B, T, H, D, W, off); });
+    std::vector<double> wb(x.size());
+    for (u64 i = 0; i < x.size(); ++i) {
+        const u64 col = i % W;
+        wb[i] = (col >= off && col < off + H * D) ? x[i] : 3.0;
+    }
+    expect_close("merge_heads", back, wb, 0);
+}
+
+static void test_norms() {
+    for (auto rc : std::vector<std::pair<u64, u64>>{{1, 1}, {3, 5}, {70, 300}, {5, 600}, {40, 1000}}) {
+        const u64 rows = rc.first, cols = rc.second;
+        std::string tag = " rows=" + std::to_string(rows) + " cols=" + std::to_string(cols);
+        auto x = random_vec(rows * cols), g = random_vec(cols), bt = random_vec(cols), dy = random_vec(rows * cols);
+        for (auto& v : x) v += 100.0f;  // a large mean: two-pass statistics matter
+        for (unsigned gr : grids(grid_rows(rows))) {
+            std::vector<float> y(rows * cols, NAN), mean(rows, NAN), rstd(rows, NAN);
+            const float eps = 1e-6f;
+            launch_rows(gr, 256, [&] {
+                layernorm_forward(x.data(), g.data(), bt.data(), y.data(), mean.data(), rstd.data(), rows, cols, eps);
+            });
+            std::vector<double> wy(rows * cols), wmean(rows), wrstd(rows);
+            std::vector<double> xhat(rows * cols);
+            for (u64 r = 0; r < rows; ++r) {
+                double m = 0, v = 0;
+                for (u64 j = 0; j < cols; ++j) m += x[r * cols + j];
+                m /= cols;
+                for (u64 j = 0; j < cols; ++j) v += (x[r * cols + j] - m) * (x[r * cols + j] - m);
+                v /= cols;
+                wmean[r] = m;
+                wrstd[r] = 1.0 / std::sqrt(v + eps);
+                for (u64 j = 0; j < cols; ++j) {
+                    xhat[r * cols + j] = (x[r * cols + j] - m) * wrstd[r];
+                    wy[r * cols + j] = xhat[r * cols + j] * g[j] + bt[j];
+                }
+            }
+            // x carries ~1e-5 absolute rounding at 100: relative to a spread of ~1 that is 1e-5.
+            expect_close("layernorm_forward y" + tag, y, wy, 1e-4);
+            expect_close("layernorm_forward mean" + tag, mean, wmean, 1e-6);
+            expect_close("layernorm_forward rstd" + tag, rstd, wrstd, 1e-5);
+
+            auto dx0 = random_vec(rows * cols), dg0 = random_vec(cols), db0 = random_vec(cols);
+            std::vector<float> dx = dx0, dg = dg0, db = db0;
+            launch_rows(gr, 256, [&] {
+                layernorm_backward_dx(dy.data(), x.data(), g.data(), mean.data(), rstd.data(), dx.data(), rows, cols);
+            });
+            const u64 chunks = chunks_of(rows);
+            std::vector<double> pg(chunks * cols, NAN), pb(chunks * cols, NAN);
+            launch(grid_elementwise(chunks * cols), 256, [&] {
+                layernorm_param_partials(dy.data(), x.data(), mean.data(), rstd.data(), pg.data(), pb.data(), rows, cols, chunks, 32);
+            });
+            launch(grid_elementwise(cols), 256, [&] { column_sum_finish(pg.data(), dg.data(), chunks, cols); });
+            launch(grid_elementwise(cols), 256, [&] { column_sum_finish(pb.data(), db.data(), chunks, cols); });
+            std::vector<double> wdx = to_d(dx0), wdg = to_d(dg0), wdb = to_d(db0);
+            for (u64 r = 0; r < rows; ++r) {
+                double a = 0, b = 0;
+                for (u64 j = 0; j < cols; ++j) {
+                    a += dy[r * cols + j] * g[j];
+                    b += dy[r * cols + j] * g[j] * xhat[r * cols + j];
+                }
+                a /= cols, b /= cols;
+                for (u64 j = 0; j < cols; ++j) {
+                    const double d = dy[r * cols + j];
+                    wdx[r * cols + j] += wrstd[r] * (d * g[j] - a - xhat[r * cols + j] * b);
+                    wdg[j] += d * xhat[r * cols + j];
+                    wdb[j] += d;
+                }
+            }
+            expect_close("layernorm_backward dx" + tag, dx, wdx, 1e-3);
+            expect_close("layernorm_backward dgamma" + tag, dg, wdg, 1e-4 * std::sqrt((double)rows));
+            expect_close("layernorm_backward dbeta" + tag, db, wdb, 1e-5);
+
+            std::vector<float> ny(rows * cols, NAN);
+            if (cols >= 2) {
+                launch_rows(gr, 256, [&] { normalize_rows(x.data(), ny.data(), rows, cols, eps); });
+                std::vector<double> wn(rows * cols);
+                for (u64 r = 0; r < rows; ++r) {
+                    double m = wmean[r], v = 0;
+                    for (u64 j = 0; j < cols; ++j) v += (x[r * cols + j] - m) * (x[r * cols + j] - m);
+                    const double sd = std::sqrt(v / (cols - 1) + eps);
+                    for (u64 j = 0; j < cols; ++j) wn[r * cols + j] = (x[r * cols + j] - m) / sd;
+                }
+                expect_close("normalize_rows" + tag, ny, wn, 1e-4);
+            }
+
+            const float scale = 0.37f;
+            auto sx = random_vec(rows * cols, -20, 20);
+            std::vector<float> sy(rows * cols, NAN);
+            launch_rows(gr, 256, [&] { softmax_forward(sx.data(), sy.data(), rows, cols, scale); });
+            std::vector<double> wsy(rows * cols);
+            for (u64 r = 0; r < rows; ++r) {
+                double mx = -INFINITY, s = 0;
+                for (u64 j = 0; j < cols; ++j) mx = std::fmax(mx, (double)scale * sx[r * cols + j]);
+                for (u64 j = 0; j < cols; ++j) s += std::exp((double)scale * sx[r * cols + j] - mx);
+                for (u64 j = 0; j < cols; ++j) wsy[r * cols + j] = std::exp((double)scale * sx[r * cols + j] - mx) / s;
+            }
+            expect_close("softmax_forward" + tag, sy, wsy, 2e-6);
+            auto sdx0 = random_vec(rows * cols);
+            std::vector<float> sdx = sdx0;
+            launch_rows(gr, 256, [&] { softmax_backward(sy.data(), dy.data(), sdx.data(), rows, cols, scale); });
+            std::vector<double> wsdx = to_d(sdx0);
+            for (u64 r = 0; r < rows; ++r) {
+                double dot = 0;
+                for (u64 j = 0; j < cols; ++j) dot += (double)dy[r * cols + j] * sy[r * cols + j];
+                for (u64 j = 0; j < cols; ++j)
+                    wsdx[r * cols + j] += scale * sy[r * cols + j] * (dy[r * cols + j] - dot);
+            }
+            expect_close("softmax_backward" + tag, sdx, wsdx, 1e-5);
+        }
+    }
+}
+
+static void test_loss() {
+    for (auto rc : std::vector<std::pair<u64, u64>>{{1, 3}, {7, 48}, {600, 300}}) {
+        const u64 rows = rc.first, cols = rc.second;
+        std::string tag = " rows=" + std::to_string(rows) + " cols=" + std::to_string(cols);
+        auto pred = random_vec(rows * cols), target = random_vec(rows * cols);
+        std::vector<float> mask(rows);
+        for (u64 r = 0; r < rows; ++r) mask[r] = (r % 4 != 1) ? 1.0f : 0.0f;
+        std::vector<double> row_loss(rows, NAN);
+        std::vector<float> loss(1, NAN);
+        launch_rows(grid_rows(rows), 256, [&] { masked_mse_rows(pred.data(), target.data(), mask.data(), row_loss.data(), rows, cols); });
+        launch_rows(1, 256, [&] { masked_mse_total(row_loss.data(), mask.data(), loss.data(), rows); });
+        double num = 0, den = 0;
+        for (u64 r = 0; r < rows; ++r) {
+            double s = 0;
+            for (u64 j = 0; j < cols; ++j) {
+                const double d = (double)pred[r * cols + j] - target[r * cols + j];
+                s += d * d;
+            }
+            num += mask[r] * s / cols;
+            den += mask[r];
+        }
+        expect_close("masked_mse_forward" + tag, loss, {num / den}, 1e-7);
+        std::vector<double> msum(1, NAN);
+        auto dp0 = random_vec(rows * cols);
+        std::vector<float> dp = dp0;
+        const float d_loss = 0.25f;
+        launch_rows(1, 256, [&] { mask_sum(mask.data(), msum.data(), rows); });
+        launch(grid_elementwise(rows * cols), 256, [&] {
+            masked_mse_backward(pred.data(), target.data(), mask.data(), msum.data(), dp.data(), rows, cols, d_loss);
+        });
+        std::vector<double> want = to_d(dp0);
+        for (u64 e = 0; e < rows * cols; ++e)
+            want[e] += d_loss * mask[e / cols] * 2.0 * ((double)pred[e] - target[e]) / (cols * den);
+        expect_close("masked_mse_backward" + tag, dp, want, 1e-6);
+    }
+    // An all-zero mask gives NaN, as PyTorch does.
+    std::vector<float> p(6, 1.0f), t(6, 0.0f), m(3, 0.0f), loss(1, 0.0f);
+    std::vector<double> rl(3);
+    launch_rows(3, 256, [&] { masked_mse_rows(p.data(), t.data(), m.data(), rl.data(), 3, 2); });
+    launch_rows(1, 256, [&] { masked_mse_total(rl.data(), m.data(), loss.data(), 3); });
+    expect_close("masked_mse_forward all-zero mask", loss, {NAN}, 0);
+}
+
+int main() {
+    test_elementwise();
+    test_copy_rows();
+    test_gather();
+    test_patchify_and_heads();
+    test_norms();
+    test_loss();
+    std::printf("%d checks, %d failed\n", checks, failures);
+    return failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,110 @@
+// Just enough of CUDA C to run this crate's kernels on the host. Blocks run one after another, so
+// a function-local `static` stands in for __shared__ memory. `launch_rows` runs a block's threads
+// as fibers meeting at real barriers (__syncthreads), so a missing barrier shows up as a wrong
+// result; `launch` runs kernels without barriers one thread after another.
+#pragma once
+#include <ucontext.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+struct Dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+inline thread_local Dim3 threadIdx, blockIdx;
+inline Dim3 blockDim, gridDim;
+inline thread_local bool in_fibers = false;
+
+#define __global__
+#define __device__
+#define __shared__ static
+#include <cstdio>
+#include <cstdlib>
+struct Fiber;
+inline void yield_to_scheduler();
+inline void __syncthreads() {
+    if (!in_fibers) {
+        std::fprintf(stderr, "__syncthreads in a kernel launched without fibers (use launch_rows)\n");
+        std::abort();
+    }
+    yield_to_scheduler();
+}
+inline float __int_as_float(unsigned v) {
+    float f;
+    std::memcpy(&f, &v, 4);
+    return f;
+}
+#include <math.h>  // erfc, exp, expf, fmaxf, sqrt, sqrtf in the global namespace, as in CUDA
+
+// Runs `kernel` on a grid of `grid` blocks of `block` threads, one thread after another: for
+// kernels without barriers (a barrier aborts).
+inline void launch(unsigned grid, unsigned block, const std::function<void()>& kernel) {
+    gridDim.x = grid;
+    blockDim.x = block;
+    for (unsigned b = 0; b < grid; ++b) {
+        for (unsigned t = 0; t < block; ++t) {
+            blockIdx.x = b;
+            threadIdx.x = t;
+            kernel();
+        }
+    }
+}
+
+// Runs `kernel` with each block's threads as fibers (ucontext) on this OS thread: every fiber runs
+// until its next __syncthreads, in thread order, and a round ends when all have arrived, so a
+// barrier is a real barrier while the schedule stays deterministic (a missing barrier gives the
+// same wrong result every run).
+struct Fiber {
+    ucontext_t ctx;
+    bool done;
+};
+inline thread_local ucontext_t* scheduler = nullptr;
+inline thread_local Fiber* running = nullptr;
+inline thread_local const std::function<void()>* fiber_body = nullptr;
+
+inline void yield_to_scheduler() { swapcontext(&running->ctx, scheduler); }
+
+inline void fiber_entry() {
+    (*fiber_body)();
+    running->done = true;  // returning switches to uc_link, the scheduler
+}
+
+inline void launch_rows(unsigned grid, unsigned block, const std::function<void()>& kernel) {
+    gridDim.x = grid;
+    blockDim.x = block;
+    // Stacks and fibers are kept between launches: allocating 16 MiB per launch dominated.
+    const size_t stack_size = 64 * 1024;
+    static thread_local std::vector<char> stacks;
+    static thread_local std::vector<Fiber> fibers;
+    if (stacks.size() < stack_size * block) stacks.resize(stack_size * block);
+    if (fibers.size() < block) fibers.resize(block);
+    ucontext_t sched;
+    scheduler = &sched;
+    fiber_body = &kernel;
+    in_fibers = true;
+    for (unsigned b = 0; b < grid; ++b) {
+        blockIdx.x = b;
+        for (unsigned t = 0; t < block; ++t) {
+            Fiber& f = fibers[t];
+            f.done = false;
+            getcontext(&f.ctx);
+            f.ctx.uc_stack.ss_sp = stacks.data() + t * stack_size;
+            f.ctx.uc_stack.ss_size = stack_size;
+            f.ctx.uc_link = &sched;
+            makecontext(&f.ctx, fiber_entry, 0);
+        }
+        for (bool any = true; any;) {
+            any = false;
+            for (unsigned t = 0; t < block; ++t) {
+                if (fibers[t].done) continue;
+                any = true;
+                threadIdx.x = t;
+                running = &fibers[t];
+                swapcontext(&sched, &fibers[t].ctx);
+            }
+        }
+    }
+    in_fibers = false;
+}

@@ -1,0 +1,221 @@
+//! The backend value: one device, one stream, one cuBLAS handle, and the kernels compiled at
+//! first use.
+
+use crate::buffer::{addr, addr_mut, CudaBuf};
+use crate::device;
+use crate::error;
+use crate::kernels::{check_args, Arg, Compiled, Kernel};
+use cudarc::cublas::sys::cublasMath_t;
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{
+    CudaContext, CudaSlice, CudaStream, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
+use mae::backend::{BResult, BackendError};
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The arithmetic of the GEMMs (every other op is f32 with f64 reductions in every mode).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// IEEE f32 products (cuBLAS's default math mode, which never uses TF32 for sgemm): the
+    /// mode the conformance tolerances are written for.
+    #[default]
+    F32,
+    /// TF32 tensor cores for the GEMMs (10-bit mantissa products, f32 accumulation), several
+    /// times faster on Ampere and later, with relative errors around 1e-3. Opt-in.
+    Tf32,
+}
+
+/// The `mae` backend on one NVIDIA GPU.
+///
+/// Build it with [`CudaBackend::new`]; where there is no driver, library or device that returns
+/// a [`mae::BackendErrorKind::NoDevice`] error instead of panicking. The value is
+/// `Send + Sync`: every op is queued on the backend's one stream, from any thread.
+pub struct CudaBackend {
+    pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) stream: Arc<CudaStream>,
+    /// cuBLAS handles may be shared between threads, but calls that set state (the stream, the
+    /// math mode) race with GEMMs; one lock keeps the handle simple to reason about.
+    pub(crate) blas: Mutex<CudaBlas>,
+    kernels: OnceLock<Result<Compiled, BackendError>>,
+    arch: String,
+    device_name: String,
+    precision: Precision,
+    /// The device's memory in floats: no buffer can be longer.
+    pub(crate) max_len: usize,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("device", &self.device_name)
+            .field("ordinal", &self.ctx.ordinal())
+            .field("arch", &self.arch)
+            .field("precision", &self.precision)
+            .finish()
+    }
+}
+
+impl CudaBackend {
+    /// The backend on GPU `ordinal` (0 is the first), with f32 GEMMs.
+    pub fn new(ordinal: usize) -> BResult<CudaBackend> {
+        Self::with_precision(ordinal, Precision::F32)
+    }
+
+    /// The backend on GPU `ordinal` with the given GEMM precision.
+    pub fn with_precision(ordinal: usize, precision: Precision) -> BResult<CudaBackend> {
+        let ctx = device::open(ordinal)?;
+        device::no_panic(
+            "setting up the CUDA backend",
+            AssertUnwindSafe(|| Self::on_context(ctx, precision)),
+        )
+    }
+
+    fn on_context(ctx: Arc<CudaContext>, precision: Precision) -> BResult<CudaBackend> {
+        // SAFETY: every buffer and launch of this backend uses the one stream below, so stream
+        // order alone keeps uses before frees and writes before reads; cudarc's per-buffer
+        // events (two per allocation) would only add overhead.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| error::cublas(e, "cublasCreate"))?;
+        let mode = match precision {
+            Precision::F32 => cublasMath_t::CUBLAS_DEFAULT_MATH,
+            Precision::Tf32 => cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH,
+        };
+        // SAFETY: the handle is live (owned by `blas`) and the mode is a valid enum value.
+        unsafe { cudarc::cublas::sys::cublasSetMathMode(*blas.handle(), mode) }
+            .result()
+            .map_err(|e| error::cublas(e, "cublasSetMathMode"))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| error::driver(e, "reading the compute capability", 0))?;
+        let device_name = ctx
+            .name()
+            .map_err(|e| error::driver(e, "reading the device name", 0))?;
+        let total = ctx
+            .total_mem()
+            .map_err(|e| error::driver(e, "reading the device's memory size", 0))?;
+        Ok(CudaBackend {
+            max_len: total / size_of::<f32>(),
+            ctx,
+            stream,
+            blas: Mutex::new(blas),
+            kernels: OnceLock::new(),
+            arch: crate::kernels::arch_for(major, minor),
+            device_name,
+            precision,
+        })
+    }
+
+    /// The device's name, as the driver reports it (`NVIDIA H100 80GB HBM3`).
+    pub fn device_name(&self) -> &str {
+        &self.device_name
+    }
+
+    /// The virtual architecture the kernels are compiled for (`compute_90`).
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// The GEMM precision.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Compiles the kernels now instead of at the first op (NVRTC takes about a second), and
+    /// reports a compile failure.
+    pub fn compile_kernels(&self) -> BResult<()> {
+        self.compiled().map(|_| ())
+    }
+
+    fn compiled(&self) -> BResult<&Compiled> {
+        self.kernels
+            .get_or_init(|| {
+                device::no_panic(
+                    "compiling the kernels",
+                    AssertUnwindSafe(|| Compiled::build(&self.ctx, &self.arch)),
+                )
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    /// Launches `kernel` with `args` (checked against its parameter list), or does nothing when
+    /// `cfg` is `None` (no work).
+    pub(crate) fn launch(
+        &self,
+        kernel: Kernel,
+        cfg: Option<LaunchConfig>,
+        args: &[Arg],
+    ) -> BResult<()> {
+        let Some(cfg) = cfg else { return Ok(()) };
+        check_args(kernel, args)?;
+        let function = self.compiled()?.function(kernel);
+        let mut launch = self.stream.launch_builder(function);
+        for a in args {
+            match a {
+                Arg::Ptr(p) | Arg::U64(p) => launch.arg(p),
+                Arg::U32(v) => launch.arg(v),
+                Arg::F32(v) => launch.arg(v),
+            };
+        }
+        // SAFETY: the arguments match the kernel's parameter list in number and kind
+        // (`check_args`, whose table a unit test compares with the CUDA sources); pointers are
+        // addresses of live buffers of this context, each at least as long as the elements the
+        // kernel indexes (the callers check lengths before launching, see `need`), and the
+        // buffers outlive the kernel because frees are stream-ordered after it.
+        unsafe { launch.launch(cfg) }.map_err(|e| {
+            error::driver(
+                e,
+                &format!(
+                    "launching {} (grid {:?}, block {:?})",
+                    kernel.name(),
+                    cfg.grid_dim,
+                    cfg.block_dim
+                ),
+                0,
+            )
+        })?;
+        Ok(())
+    }
+
+    /// A scratch buffer of `len` doubles for two-pass reductions; freed (stream-ordered) when
+    /// dropped at the end of the op.
+    pub(crate) fn scratch(&self, len: usize) -> BResult<CudaSlice<f64>> {
+        let bytes = error::bytes_of::<f64>(len)?;
+        // SAFETY: the kernels that use scratch write every element they later read.
+        unsafe { self.stream.alloc::<f64>(len.max(1)) }
+            .map_err(|e| error::driver(e, "allocating reduction scratch", bytes))
+    }
+
+    pub(crate) fn ptr(&self, b: &CudaBuf) -> Arg {
+        Arg::Ptr(addr(&b.slice, &self.stream))
+    }
+
+    pub(crate) fn ptr_mut(&self, b: &mut CudaBuf) -> Arg {
+        Arg::Ptr(addr_mut(&mut b.slice, &self.stream))
+    }
+
+    pub(crate) fn scratch_ptr(&self, s: &mut CudaSlice<f64>) -> Arg {
+        Arg::Ptr(s.device_ptr_mut(&self.stream).0)
+    }
+}
+
+/// `buf` holds at least `len` floats, or a [`mae::BackendErrorKind::Device`] error naming the
+/// op: `mae` checks lengths before every call, so this only fires on a bug, but a kernel
+/// writing past a buffer would corrupt other allocations instead of failing.
+pub(crate) fn need(buf: &CudaBuf, len: usize, op: &str, what: &str) -> BResult<()> {
+    if buf.len() >= len {
+        Ok(())
+    } else {
+        Err(error::device(format!(
+            "bug: {op}: {what} holds {} floats, the op needs {len}",
+            buf.len()
+        )))
+    }
+}
+
+/// `value` as the `u64` kernels take.
+pub(crate) fn u(value: usize) -> Arg {
+    Arg::U64(value as u64)
+}

@@ -1,0 +1,54 @@
+// Elementwise ops: fill, add, scale, exact GELU and AdamW.
+
+extern "C" __global__ void fill_f32(float* dst, u64 n, float value) {
+    FOR_EACH(i, n) dst[i] = value;
+}
+
+extern "C" __global__ void add_f32(const float* src, float* dst, u64 n) {
+    FOR_EACH(i, n) dst[i] += src[i];
+}
+
+extern "C" __global__ void scale_f32(float* buf, u64 n, float s) {
+    FOR_EACH(i, n) buf[i] *= s;
+}
+
+// Phi(x) = erfc(-x / sqrt 2) / 2: no cancellation for negative x, where 1 + erf(x / sqrt 2)
+// would erase the digits of a tiny result. In double, rounded once, as the CPU reference does.
+__device__ double normal_cdf(double x) {
+    return 0.5 * erfc(-x * 0.70710678118654752440);
+}
+
+extern "C" __global__ void gelu_forward(const float* x, float* y, u64 n) {
+    FOR_EACH(i, n) {
+        const double v = (double)x[i];
+        y[i] = (float)(v * normal_cdf(v));
+    }
+}
+
+// dx += dy * (Phi(x) + x * exp(-x^2 / 2) / sqrt(2 pi)), in double, rounded once.
+extern "C" __global__ void gelu_backward(const float* x, const float* dy, float* dx, u64 n) {
+    FOR_EACH(i, n) {
+        const double v = (double)x[i];
+        const double grad = normal_cdf(v) + v * exp(-0.5 * v * v) * 0.39894228040143267794;
+        dx[i] = (float)((double)dx[i] + (double)dy[i] * grad);
+    }
+}
+
+// PyTorch's AdamW (single-tensor path). The per-step scalars (decay = 1 - lr * wd,
+// step_size = lr / bc1, bc2_sqrt = sqrt(bc2), 1 - beta1, 1 - beta2) are formed on the host in
+// f32, exactly as the CPU reference forms them.
+extern "C" __global__ void adamw(float* param, const float* grad, float* m, float* v, u64 n,
+                                 float decay, float beta1, float beta2, float one_minus_beta1,
+                                 float one_minus_beta2, float step_size, float bc2_sqrt,
+                                 float eps) {
+    FOR_EACH(i, n) {
+        const float g = grad[i];
+        float p = param[i] * decay;
+        const float mi = beta1 * m[i] + one_minus_beta1 * g;
+        const float vi = beta2 * v[i] + one_minus_beta2 * g * g;
+        p -= step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+        param[i] = p;
+        m[i] = mi;
+        v[i] = vi;
+    }
+}

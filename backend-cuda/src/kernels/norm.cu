@@ -1,0 +1,117 @@
+// LayerNorm forward and backward, and the norm-pix target. One block of BLOCK threads per row;
+// row statistics are two-pass (mean, then squared deviations from it) in double, as on the CPU.
+
+// Mean and sum of squared deviations of one row, in double. Every thread gets both.
+__device__ void mean_and_ssd(const float* row, u64 cols, double* scratch, double* mean,
+                             double* ssd) {
+    double acc = 0.0;
+    for (u64 j = threadIdx.x; j < cols; j += BLOCK) acc += (double)row[j];
+    const double m = block_sum(acc, scratch) / (double)cols;
+    acc = 0.0;
+    for (u64 j = threadIdx.x; j < cols; j += BLOCK) {
+        const double d = (double)row[j] - m;
+        acc += d * d;
+    }
+    *mean = m;
+    *ssd = block_sum(acc, scratch);
+}
+
+// y = (x - mean) * rstd * gamma + beta, from the f32 mean and rstd that are stored, so the
+// backward's xhat is bitwise the forward's.
+extern "C" __global__ void layernorm_forward(const float* x, const float* gamma,
+                                             const float* beta, float* y, float* mean,
+                                             float* rstd, u64 rows, u64 cols, float eps) {
+    __shared__ double scratch[BLOCK];
+    FOR_EACH_ROW(r, rows) {
+        const float* xr = x + r * cols;
+        double m64, ssd;
+        mean_and_ssd(xr, cols, scratch, &m64, &ssd);
+        const float m = (float)m64;
+        const float rs = (float)(1.0 / sqrt(ssd / (double)cols + (double)eps));
+        if (threadIdx.x == 0) {
+            mean[r] = m;
+            rstd[r] = rs;
+        }
+        float* yr = y + r * cols;
+        for (u64 j = threadIdx.x; j < cols; j += BLOCK) {
+            yr[j] = (xr[j] - m) * rs * gamma[j] + beta[j];
+        }
+    }
+}
+
+// dx += rstd * (dnorm - mean(dnorm) - xhat * mean(dnorm * xhat)), dnorm = dy * gamma (llm.c's
+// formula); the two row means are double sums. dgamma and dbeta are the column kernels below.
+extern "C" __global__ void layernorm_backward_dx(const float* dy, const float* x,
+                                                 const float* gamma, const float* mean,
+                                                 const float* rstd, float* dx, u64 rows,
+                                                 u64 cols) {
+    __shared__ double scratch[BLOCK];
+    FOR_EACH_ROW(r, rows) {
+        const float* dyr = dy + r * cols;
+        const float* xr = x + r * cols;
+        const float m = mean[r], rs = rstd[r];
+        double a = 0.0, b = 0.0;
+        for (u64 j = threadIdx.x; j < cols; j += BLOCK) {
+            const float dnorm = dyr[j] * gamma[j];
+            a += (double)dnorm;
+            b += (double)(dnorm * ((xr[j] - m) * rs));
+        }
+        const float mean_dnorm = (float)(block_sum(a, scratch) / (double)cols);
+        const float mean_dnorm_xhat = (float)(block_sum(b, scratch) / (double)cols);
+        float* dxr = dx + r * cols;
+        for (u64 j = threadIdx.x; j < cols; j += BLOCK) {
+            const float xhat = (xr[j] - m) * rs;
+            dxr[j] += rs * (dyr[j] * gamma[j] - mean_dnorm - xhat * mean_dnorm_xhat);
+        }
+    }
+}
+
+// Pass 1 of dgamma and dbeta, column sums over all rows without atomics: thread (chunk, c)
+// sums rows chunk * chunk_len ... in ascending order in double into partial_g/partial_b
+// [chunk][c].
+extern "C" __global__ void layernorm_param_partials(const float* dy, const float* x,
+                                                    const float* mean, const float* rstd,
+                                                    double* partial_g, double* partial_b,
+                                                    u64 rows, u64 cols, u64 chunks,
+                                                    u64 chunk_len) {
+    const u64 n = chunks * cols;
+    FOR_EACH(e, n) {
+        const u64 c = e % cols, chunk = e / cols;
+        const u64 r0 = chunk * chunk_len;
+        const u64 r1 = r0 + chunk_len < rows ? r0 + chunk_len : rows;
+        double g = 0.0, b = 0.0;
+        for (u64 r = r0; r < r1; ++r) {
+            const float d = dy[r * cols + c];
+            g += (double)(d * ((x[r * cols + c] - mean[r]) * rstd[r]));
+            b += (double)d;
+        }
+        partial_g[e] = g;
+        partial_b[e] = b;
+    }
+}
+
+// Pass 2 for one output: out[c] += sum over chunks in ascending order, rounded once. Also the
+// second pass of any other column sum laid out as partial[chunk][c].
+extern "C" __global__ void column_sum_finish(const double* partial, float* out, u64 chunks,
+                                             u64 cols) {
+    FOR_EACH(c, cols) {
+        double acc = 0.0;
+        for (u64 k = 0; k < chunks; ++k) acc += partial[k * cols + c];
+        out[c] = (float)((double)out[c] + acc);
+    }
+}
+
+// The official norm-pix target: (x - mean) / sqrt(var + eps) with the unbiased variance, in
+// double, rounded once. cols == 1 gives NaN (0 / 0), as PyTorch does.
+extern "C" __global__ void normalize_rows(const float* x, float* y, u64 rows, u64 cols,
+                                          float eps) {
+    __shared__ double scratch[BLOCK];
+    FOR_EACH_ROW(r, rows) {
+        const float* xr = x + r * cols;
+        double m, ssd;
+        mean_and_ssd(xr, cols, scratch, &m, &ssd);
+        const double std = sqrt(ssd / ((double)cols - 1.0) + (double)eps);
+        float* yr = y + r * cols;
+        for (u64 j = threadIdx.x; j < cols; j += BLOCK) yr[j] = (float)(((double)xr[j] - m) / std);
+    }
+}

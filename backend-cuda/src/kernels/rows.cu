@@ -1,0 +1,207 @@
+// Row movement: row maps, index gathers, patchify and the attention-head views. Each thread
+// moves one element; consecutive threads touch consecutive columns, so accesses coalesce.
+
+// A RowMap (see mae::backend::RowMap); strides and starts are in rows.
+struct RowMap {
+    u64 batch, count, cols, src_stride, src_start, src_step, dst_stride, dst_start;
+};
+
+__device__ RowMap row_map(u64 batch, u64 count, u64 cols, u64 src_stride, u64 src_start,
+                          u64 src_step, u64 dst_stride, u64 dst_start) {
+    RowMap m = {batch, count, cols, src_stride, src_start, src_step, dst_stride, dst_start};
+    return m;
+}
+
+extern "C" __global__ void copy_rows(const float* src, float* dst, u64 batch, u64 count,
+                                     u64 cols, u64 src_stride, u64 src_start, u64 src_step,
+                                     u64 dst_stride, u64 dst_start, u32 accumulate) {
+    const u64 n = batch * count * cols;
+    FOR_EACH(e, n) {
+        const u64 c = e % cols;
+        const u64 pair = e / cols;
+        const u64 i = pair % count, b = pair / count;
+        const float v = src[(b * src_stride + src_start + i * src_step) * cols + c];
+        float* d = &dst[(b * dst_stride + dst_start + i) * cols + c];
+        if (accumulate) {
+            *d += v;
+        } else {
+            *d = v;
+        }
+    }
+}
+
+// The pairs (b, i) that read source row `s`, in ascending (b, i) order: `*first_b`, and how
+// many there are. For src_step 0 or 1 (the host refuses others). The k-th reader is
+// `reader_dst_row(m, s, first_b, k)`.
+__device__ u64 readers_of(const RowMap& m, u64 s, u64* first_b) {
+    *first_b = 0;
+    if (s < m.src_start) return 0;
+    const u64 t = s - m.src_start;
+    if (m.src_step == 0) {
+        if (m.src_stride == 0) return t == 0 ? m.batch * m.count : 0;  // every pair
+        if (t % m.src_stride != 0 || t / m.src_stride >= m.batch) return 0;
+        *first_b = t / m.src_stride;  // every i of one item
+        return m.count;
+    }
+    // src_step 1: pair (b, i) reads row start + b * stride + i, so i = t - b * stride.
+    if (m.src_stride == 0) return t < m.count ? m.batch : 0;  // one i, every item
+    const u64 lo = t >= m.count ? (t - m.count) / m.src_stride + 1 : 0;  // i < count
+    u64 hi = t / m.src_stride;                                           // i >= 0
+    if (hi > m.batch - 1) hi = m.batch - 1;
+    *first_b = lo;
+    return hi >= lo ? hi - lo + 1 : 0;
+}
+
+__device__ u64 reader_dst_row(const RowMap& m, u64 s, u64 first_b, u64 k) {
+    u64 b, i;
+    if (m.src_step == 0) {
+        if (m.src_stride == 0) {
+            b = k / m.count;
+            i = k % m.count;
+        } else {
+            b = first_b;
+            i = k;
+        }
+    } else if (m.src_stride == 0) {
+        b = k;
+        i = s - m.src_start;
+    } else {
+        b = first_b + k;
+        i = (s - m.src_start) - b * m.src_stride;
+    }
+    return b * m.dst_stride + m.dst_start + i;
+}
+
+// Pass 1 of copy_rows_backward: partial[chunk][s][c] = sum, in double and ascending order, of
+// the d_dst rows of readers chunk * chunk_len ... (chunk + 1) * chunk_len - 1 of source row s.
+// Chunks past a row's last reader are not written (pass 2 does not read them).
+extern "C" __global__ void copy_rows_backward_partials(
+    const float* d_dst, double* partial, u64 batch, u64 count, u64 cols, u64 src_stride,
+    u64 src_start, u64 src_step, u64 dst_stride, u64 dst_start, u64 src_rows, u64 chunks,
+    u64 chunk_len) {
+    const RowMap m = row_map(batch, count, cols, src_stride, src_start, src_step, dst_stride,
+                             dst_start);
+    const u64 n = chunks * src_rows * cols;
+    FOR_EACH(e, n) {
+        const u64 c = e % cols;
+        const u64 s = (e / cols) % src_rows;
+        const u64 chunk = e / (cols * src_rows);
+        u64 first_b;
+        const u64 readers = readers_of(m, s, &first_b);
+        const u64 k0 = chunk * chunk_len;
+        if (k0 >= readers) continue;
+        const u64 k1 = k0 + chunk_len < readers ? k0 + chunk_len : readers;
+        double acc = 0.0;
+        for (u64 k = k0; k < k1; ++k) {
+            acc += (double)d_dst[reader_dst_row(m, s, first_b, k) * cols + c];
+        }
+        partial[e] = acc;
+    }
+}
+
+// Pass 2: d_src[s][c] += sum over the row's chunks, in ascending chunk order, rounded once.
+// Rows nobody reads are left untouched.
+extern "C" __global__ void copy_rows_backward_finish(
+    const double* partial, float* d_src, u64 batch, u64 count, u64 cols, u64 src_stride,
+    u64 src_start, u64 src_step, u64 dst_stride, u64 dst_start, u64 src_rows, u64 chunk_len) {
+    const RowMap m = row_map(batch, count, cols, src_stride, src_start, src_step, dst_stride,
+                             dst_start);
+    const u64 n = src_rows * cols;
+    FOR_EACH(e, n) {
+        u64 first_b;
+        const u64 readers = readers_of(m, e / cols, &first_b);
+        if (readers == 0) continue;
+        const u64 used = (readers + chunk_len - 1) / chunk_len;
+        double acc = 0.0;
+        for (u64 chunk = 0; chunk < used; ++chunk) acc += partial[chunk * n + e];
+        d_src[e] = (float)((double)d_src[e] + acc);
+    }
+}
+
+// Gather (see mae::backend::Gather). An index >= src_rows (a caller bug) moves nothing rather
+// than reading out of bounds.
+extern "C" __global__ void gather_rows(const float* src, const u32* idx, float* dst, u64 batch,
+                                       u64 count, u64 cols, u64 src_rows, u64 dst_rows,
+                                       u64 dst_start) {
+    const u64 n = batch * count * cols;
+    FOR_EACH(e, n) {
+        const u64 c = e % cols;
+        const u64 pair = e / cols;
+        const u64 j = pair % count, b = pair / count;
+        const u64 k = idx[pair];
+        if (k >= src_rows) continue;
+        dst[(b * dst_rows + dst_start + j) * cols + c] = src[(b * src_rows + k) * cols + c];
+    }
+}
+
+// The indices of one item are distinct, so no two threads add into one element.
+extern "C" __global__ void gather_rows_backward(const float* d_dst, const u32* idx, float* d_src,
+                                                u64 batch, u64 count, u64 cols, u64 src_rows,
+                                                u64 dst_rows, u64 dst_start) {
+    const u64 n = batch * count * cols;
+    FOR_EACH(e, n) {
+        const u64 c = e % cols;
+        const u64 pair = e / cols;
+        const u64 j = pair % count, b = pair / count;
+        const u64 k = idx[pair];
+        if (k >= src_rows) continue;
+        d_src[(b * src_rows + k) * cols + c] += d_dst[(b * dst_rows + dst_start + j) * cols + c];
+    }
+}
+
+// Images [batch, channels, height, width] to patches [batch, L, patch * patch * channels], one
+// thread per output element. `hwc` picks the order inside a patch: (y, x, c) when 1, (c, y, x)
+// when 0. Pixels past the last whole patch are ignored, as the stride-p Conv2d ignores them.
+extern "C" __global__ void patchify(const float* imgs, float* out, u64 batch, u64 channels,
+                                    u64 height, u64 width, u64 patch, u32 hwc) {
+    const u64 gw = width / patch, gh = height / patch;
+    const u64 plen = patch * patch * channels;
+    const u64 n = batch * gh * gw * plen;
+    FOR_EACH(e, n) {
+        const u64 within = e % plen;
+        const u64 l = (e / plen) % (gh * gw);
+        const u64 b = e / (plen * gh * gw);
+        u64 c, py, px;
+        if (hwc) {
+            c = within % channels;
+            py = (within / channels) / patch;
+            px = (within / channels) % patch;
+        } else {
+            c = within / (patch * patch);
+            py = (within / patch) % patch;
+            px = within % patch;
+        }
+        const u64 y = (l / gw) * patch + py, x = (l % gw) * patch + px;
+        out[e] = imgs[((b * channels + c) * height + y) * width + x];
+    }
+}
+
+// heads[b, h, t, j] = x[b * tokens + t, col_offset + h * head_dim + j], in heads order.
+extern "C" __global__ void split_heads(const float* x, float* heads, u64 batch, u64 tokens,
+                                       u64 num_heads, u64 head_dim, u64 row_width,
+                                       u64 col_offset) {
+    const u64 n = batch * num_heads * tokens * head_dim;
+    FOR_EACH(e, n) {
+        const u64 j = e % head_dim;
+        const u64 t = (e / head_dim) % tokens;
+        const u64 h = (e / (head_dim * tokens)) % num_heads;
+        const u64 b = e / (head_dim * tokens * num_heads);
+        heads[e] = x[(b * tokens + t) * row_width + col_offset + h * head_dim + j];
+    }
+}
+
+// The inverse, in token order (b, t, h, j) so the writes into x coalesce; columns outside
+// col_offset .. col_offset + num_heads * head_dim are left alone.
+extern "C" __global__ void merge_heads(const float* heads, float* x, u64 batch, u64 tokens,
+                                       u64 num_heads, u64 head_dim, u64 row_width,
+                                       u64 col_offset) {
+    const u64 n = batch * tokens * num_heads * head_dim;
+    FOR_EACH(e, n) {
+        const u64 j = e % head_dim;
+        const u64 h = (e / head_dim) % num_heads;
+        const u64 t = (e / (head_dim * num_heads)) % tokens;
+        const u64 b = e / (head_dim * num_heads * tokens);
+        x[(b * tokens + t) * row_width + col_offset + h * head_dim + j] =
+            heads[((b * num_heads + h) * tokens + t) * head_dim + j];
+    }
+}

@@ -1,0 +1,86 @@
+//! Grid and block sizes, and the chunking of column sums. Pure arithmetic, tested without a GPU.
+//!
+//! Every kernel loops over its work with a grid stride (see `kernels/prelude.cuh`), so a grid is
+//! only a choice of parallelism, never a correctness condition: grids are capped at
+//! [`MAX_BLOCKS`] whatever the size of the work.
+
+use cudarc::driver::LaunchConfig;
+
+/// Threads per block, for every kernel. The row kernels depend on it: `BLOCK` in
+/// `kernels/prelude.cuh` must be equal (a unit test reads the source to check).
+pub(crate) const BLOCK: u32 = 256;
+
+/// The most blocks one launch asks for: enough to fill any current GPU many times over
+/// (an H100 holds 132 SMs x 8 blocks of 256 threads), far below the 2^31 - 1 grid limit.
+pub(crate) const MAX_BLOCKS: u64 = 1 << 16;
+
+/// Rows summed by one thread in pass 1 of a column sum (bias, LayerNorm parameter and
+/// position-table gradients): short enough to spread a few thousand rows over many blocks,
+/// long enough that pass 2 reads few partials.
+pub(crate) const CHUNK_ROWS: u64 = 32;
+
+fn config(blocks: u64) -> LaunchConfig {
+    LaunchConfig {
+        // Cannot truncate: blocks <= MAX_BLOCKS < 2^32.
+        grid_dim: (blocks.clamp(1, MAX_BLOCKS) as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A launch over `n` independent elements, or `None` when there is no work.
+pub(crate) fn elementwise(n: u64) -> Option<LaunchConfig> {
+    (n > 0).then(|| config(n.div_ceil(BLOCK as u64)))
+}
+
+/// A launch of one block per row (grid-stride over rows), or `None` when there is no work.
+pub(crate) fn per_row(rows: u64, cols: u64) -> Option<LaunchConfig> {
+    (rows > 0 && cols > 0).then(|| config(rows))
+}
+
+/// One block, for the final fold of a reduction.
+pub(crate) fn single_block() -> LaunchConfig {
+    config(1)
+}
+
+/// How many chunks of [`CHUNK_ROWS`] cover `rows` (at least 1).
+pub(crate) fn chunks(rows: u64) -> u64 {
+    rows.div_ceil(CHUNK_ROWS).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_work_means_no_launch() {
+        assert!(elementwise(0).is_none());
+        assert!(per_row(0, 5).is_none());
+        assert!(per_row(5, 0).is_none());
+    }
+
+    #[test]
+    fn elementwise_grids_cover_small_work_exactly_and_cap_large_work() {
+        let c = elementwise(1).unwrap();
+        assert_eq!((c.grid_dim, c.block_dim), ((1, 1, 1), (256, 1, 1)));
+        assert_eq!(elementwise(256).unwrap().grid_dim.0, 1);
+        assert_eq!(elementwise(257).unwrap().grid_dim.0, 2);
+        assert_eq!(elementwise(1 << 40).unwrap().grid_dim.0, MAX_BLOCKS as u32);
+    }
+
+    #[test]
+    fn row_grids_have_one_block_per_row_up_to_the_cap() {
+        assert_eq!(per_row(7, 1000).unwrap().grid_dim.0, 7);
+        assert_eq!(per_row(u64::MAX, 1).unwrap().grid_dim.0, MAX_BLOCKS as u32);
+        assert_eq!(single_block().grid_dim.0, 1);
+    }
+
+    #[test]
+    fn chunks_cover_every_row_once() {
+        assert_eq!(chunks(0), 1);
+        assert_eq!(chunks(1), 1);
+        assert_eq!(chunks(CHUNK_ROWS), 1);
+        assert_eq!(chunks(CHUNK_ROWS + 1), 2);
+        assert_eq!(chunks(1576), 50);
+    }
+}

@@ -1,0 +1,78 @@
+//! # mae-backend-cuda: the `mae` compute backend on NVIDIA GPUs
+//!
+//! GEMMs go to cuBLAS (`sgemmStridedBatched`, f32 by default, TF32 as an opt-in
+//! [`Precision`]); every other op is a CUDA C kernel (`src/kernels/*.cu`) compiled with NVRTC for
+//! the device's architecture at the first op and kept for the backend's lifetime.
+//!
+//! The CUDA libraries are loaded at run time (cudarc's `dynamic-loading`), so this crate builds
+//! and its tests run on machines without CUDA: there [`CudaBackend::new`] returns a
+//! [`mae::BackendErrorKind::NoDevice`] error naming what is missing. The Cargo feature `cuda-13`
+//! (default) searches CUDA 13's library names first; `cuda-12` builds against the CUDA 12 API
+//! for older drivers.
+//!
+//! Numerics, beyond the [`Backend`] contract:
+//! - Deterministic: no floating-point atomics. Row reductions (LayerNorm, softmax, the loss) run
+//!   one block per row and sum in `f64` in a fixed tree order; column sums (bias, LayerNorm
+//!   parameter and position-table gradients) run in two passes, chunks of rows in `f64` then
+//!   the chunks in order. cuBLAS is deterministic for a given GPU model and library version.
+//! - The kernels round like the CPU reference: compiled without FMA contraction, IEEE division
+//!   and square root, GELU in `f64` from `erfc`.
+//! - Ops are queued on one stream; errors of a failed kernel surface at the next
+//!   [`Backend::sync`] or [`Backend::download`].
+//!
+//! ```
+//! use mae::backend::{Backend, Gemm};
+//! use mae_backend_cuda::CudaBackend;
+//!
+//! let gpu = match CudaBackend::new(0) {
+//!     Ok(gpu) => gpu,
+//!     Err(e) => {
+//!         eprintln!("no GPU here: {e}");
+//!         return Ok(());
+//!     }
+//! };
+//! // A = [[1, 2, 3], [4, 5, 6]] (2 x 3), B = [[1, 0], [0, 1], [1, 1]] (3 x 2).
+//! let a = gpu.upload(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])?;
+//! let b = gpu.upload(&[1.0, 0.0, 0.0, 1.0, 1.0, 1.0])?;
+//! let mut c = gpu.alloc(4)?;
+//! gpu.gemm(&Gemm::new(2, 2, 3), &a, &b, &mut c)?;
+//!
+//! let mut host = [0.0f32; 4];
+//! gpu.download(&c, &mut host)?;
+//! assert_eq!(host, [4.0, 5.0, 10.0, 11.0]);
+//! # Ok::<(), mae::BackendError>(())
+//! ```
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+#![warn(missing_docs)]
+// The trait's signatures (llm.c style: buffers, then dimensions) carry many arguments.
+#![allow(clippy::too_many_arguments)]
+
+mod backend;
+mod buffer;
+mod device;
+mod error;
+mod gemm;
+pub mod kernels;
+mod launch;
+mod ops;
+mod readers;
+
+pub use backend::{CudaBackend, Precision};
+pub use buffer::{CudaBuf, CudaIdx};
+pub use device::Library;
+
+#[allow(unused_imports)]
+use mae::backend::Backend;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_and_buffers_are_send_sync_static() {
+        fn check<T: Send + Sync + 'static>() {}
+        check::<CudaBackend>();
+        check::<CudaBuf>();
+        check::<CudaIdx>();
+    }
+}

@@ -1,0 +1,809 @@
+//! `impl Backend for CudaBackend`: argument checks and launches. The arithmetic lives in the
+//! kernels (`kernels/*.cu`) and cuBLAS; the semantics of each op are the trait's
+//! (`mae::backend`), with the CPU backend as the reference implementation.
+
+use crate::backend::{need, u, CudaBackend};
+use crate::buffer::{CudaBuf, CudaIdx};
+use crate::error;
+use crate::gemm::column_major;
+use crate::kernels::{Arg, Kernel};
+use crate::launch::{chunks, elementwise, per_row, single_block, CHUNK_ROWS};
+use crate::readers::max_readers;
+use cudarc::cublas::sys::{cublasOperation_t, cublasSgemmStridedBatched};
+use cudarc::driver::{DevicePtr, DevicePtrMut};
+use mae::backend::{
+    AdamWStep, BResult, Backend, BackendError, BackendErrorKind, Gather, Gemm, Heads, PatchOrder,
+    Patchify, RowMap,
+};
+
+/// Elements an operand of a batched GEMM spans: `(batch - 1) * stride + rows * cols`, checked.
+fn span(batch: usize, stride: usize, rows: usize, cols: usize) -> Option<usize> {
+    (batch - 1)
+        .checked_mul(stride)?
+        .checked_add(rows.checked_mul(cols)?)
+}
+
+fn gemm_need(buf: &CudaBuf, need: Option<usize>, g: &Gemm, what: &str) -> BResult<()> {
+    match need {
+        Some(n) if buf.len() >= n => Ok(()),
+        _ => Err(error::device(format!(
+            "bug: gemm: {what} holds {} floats, {g:?} needs {need:?}",
+            buf.len()
+        ))),
+    }
+}
+
+fn same_len(a: usize, b: usize, op: &str) -> BResult<()> {
+    if a == b {
+        Ok(())
+    } else {
+        Err(error::device(format!(
+            "bug: {op}: the device buffer holds {a} elements, the host slice {b}"
+        )))
+    }
+}
+
+fn op(kind: BackendErrorKind, message: String) -> BackendError {
+    BackendError::new(kind, message)
+}
+
+impl CudaBackend {
+    fn stream_error(
+        &self,
+        e: cudarc::driver::DriverError,
+        what: &str,
+        bytes: usize,
+    ) -> BackendError {
+        error::driver(e, what, bytes)
+    }
+
+    /// Waits for the stream, then reports errors cudarc recorded where it could not return
+    /// them (frees in `Drop`).
+    fn wait(&self) -> BResult<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| self.stream_error(e, "waiting for queued work", 0))?;
+        self.ctx
+            .check_err()
+            .map_err(|e| self.stream_error(e, "a deferred CUDA error", 0))
+    }
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaBuf;
+    type Idx = CudaIdx;
+
+    fn name(&self) -> &str {
+        "cuda"
+    }
+
+    fn max_buf_len(&self) -> usize {
+        self.max_len
+    }
+
+    // ---- memory -----------------------------------------------------------------------------
+
+    fn alloc(&self, len: usize) -> BResult<CudaBuf> {
+        if len == 0 {
+            return Ok(CudaBuf { slice: None });
+        }
+        let bytes = error::bytes_of::<f32>(len)?;
+        let slice = self
+            .stream
+            .alloc_zeros::<f32>(len)
+            .map_err(|e| self.stream_error(e, &format!("allocating {len} floats"), bytes))?;
+        Ok(CudaBuf { slice: Some(slice) })
+    }
+
+    fn upload(&self, host: &[f32]) -> BResult<CudaBuf> {
+        if host.is_empty() {
+            return Ok(CudaBuf { slice: None });
+        }
+        let bytes = error::bytes_of::<f32>(host.len())?;
+        let slice = self.stream.clone_htod(host).map_err(|e| {
+            self.stream_error(e, &format!("uploading {} floats", host.len()), bytes)
+        })?;
+        Ok(CudaBuf { slice: Some(slice) })
+    }
+
+    fn write(&self, dst: &mut CudaBuf, host: &[f32]) -> BResult<()> {
+        same_len(dst.len(), host.len(), "write")?;
+        let Some(slice) = dst.slice.as_mut() else {
+            return Ok(());
+        };
+        self.stream
+            .memcpy_htod(host, slice)
+            .map_err(|e| self.stream_error(e, &format!("writing {} floats", host.len()), 0))
+    }
+
+    fn download(&self, src: &CudaBuf, host: &mut [f32]) -> BResult<()> {
+        same_len(src.len(), host.len(), "download")?;
+        if let Some(slice) = src.slice.as_ref() {
+            self.stream.memcpy_dtoh(slice, host).map_err(|e| {
+                self.stream_error(e, &format!("downloading {} floats", host.len()), 0)
+            })?;
+        }
+        self.wait()
+    }
+
+    fn len(&self, buf: &CudaBuf) -> usize {
+        buf.len()
+    }
+
+    fn upload_idx(&self, host: &[u32]) -> BResult<CudaIdx> {
+        if host.is_empty() {
+            return Ok(CudaIdx { slice: None });
+        }
+        let bytes = error::bytes_of::<u32>(host.len())?;
+        let slice = self.stream.clone_htod(host).map_err(|e| {
+            self.stream_error(e, &format!("uploading {} indices", host.len()), bytes)
+        })?;
+        Ok(CudaIdx { slice: Some(slice) })
+    }
+
+    fn write_idx(&self, dst: &mut CudaIdx, host: &[u32]) -> BResult<()> {
+        same_len(dst.len(), host.len(), "write_idx")?;
+        let Some(slice) = dst.slice.as_mut() else {
+            return Ok(());
+        };
+        self.stream
+            .memcpy_htod(host, slice)
+            .map_err(|e| self.stream_error(e, &format!("writing {} indices", host.len()), 0))
+    }
+
+    fn idx_len(&self, idx: &CudaIdx) -> usize {
+        idx.len()
+    }
+
+    fn fill(&self, dst: &mut CudaBuf, value: f32) -> BResult<()> {
+        let n = dst.len();
+        let args = [self.ptr_mut(dst), u(n), Arg::F32(value)];
+        self.launch(Kernel::Fill, elementwise(n as u64), &args)
+    }
+
+    fn copy(&self, src: &CudaBuf, dst: &mut CudaBuf) -> BResult<()> {
+        same_len(dst.len(), src.len(), "copy")?;
+        let (Some(s), Some(d)) = (src.slice.as_ref(), dst.slice.as_mut()) else {
+            return Ok(());
+        };
+        self.stream
+            .memcpy_dtod(s, d)
+            .map_err(|e| self.stream_error(e, &format!("copying {} floats", s.len()), 0))
+    }
+
+    fn sync(&self) -> BResult<()> {
+        self.wait()
+    }
+
+    // ---- dense ------------------------------------------------------------------------------
+
+    fn gemm(&self, g: &Gemm, a: &CudaBuf, b: &CudaBuf, c: &mut CudaBuf) -> BResult<()> {
+        if g.batch == 0 || g.m == 0 || g.n == 0 {
+            return Ok(()); // C has no elements.
+        }
+        gemm_need(a, span(g.batch, g.stride_a, g.m, g.k), g, "A")?;
+        gemm_need(b, span(g.batch, g.stride_b, g.k, g.n), g, "B")?;
+        gemm_need(c, span(g.batch, g.stride_c, g.m, g.n), g, "C")?;
+        let cm = column_major(g);
+        let fit = |v: usize, what: &str| error::fit_i32(v, &format!("gemm {what} of {g:?}"));
+        let (m, n, k) = (fit(cm.m, "n")?, fit(cm.n, "m")?, fit(cm.k, "k")?);
+        let (ld1, ld2, ldc) = (
+            fit(cm.ld_first, "ldb")?,
+            fit(cm.ld_second, "lda")?,
+            fit(cm.ldc, "ldc")?,
+        );
+        let batch = fit(cm.batch, "batch")?;
+        // Strides are element counts below the buffers' lengths (checked above), which fit i64.
+        let stride = |s: usize| s as i64;
+        let op = |t: bool| {
+            if t {
+                cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let pa = a.slice.as_ref().map_or(0, |s| s.device_ptr(&self.stream).0);
+        let pb = b.slice.as_ref().map_or(0, |s| s.device_ptr(&self.stream).0);
+        let pc = c
+            .slice
+            .as_mut()
+            .map_or(0, |s| s.device_ptr_mut(&self.stream).0);
+        let blas = self
+            .blas
+            .lock()
+            .map_err(|_| error::device("the cuBLAS handle's lock is poisoned"))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| self.stream_error(e, "binding the CUDA context", 0))?;
+        // SAFETY: the handle is live and bound to this backend's stream; the pointers are
+        // device addresses of live buffers (or null for an empty A or B, which cuBLAS does not
+        // read: k == 0, since m, n >= 1 and the lengths were checked). The column-major call
+        // reads `first` (our B) over (batch - 1) * stride_b + k * n elements, `second` (our A)
+        // over (batch - 1) * stride_a + m * k and writes C over (batch - 1) * stride_c + m * n,
+        // all within the lengths checked above. alpha and beta are host values (the handle's
+        // default pointer mode) that live through the call.
+        unsafe {
+            cublasSgemmStridedBatched(
+                *blas.handle(),
+                op(cm.trans_first),
+                op(cm.trans_second),
+                m,
+                n,
+                k,
+                &g.alpha,
+                pb as *const f32,
+                ld1,
+                stride(cm.stride_first),
+                pa as *const f32,
+                ld2,
+                stride(cm.stride_second),
+                &g.beta,
+                pc as *mut f32,
+                ldc,
+                stride(cm.stride_c),
+                batch,
+            )
+        }
+        .result()
+        .map_err(|e| {
+            error::cublas(
+                e,
+                &format!(
+                    "cublasSgemmStridedBatched for {g:?} ({:?})",
+                    self.precision()
+                ),
+            )
+        })
+    }
+
+    fn add(&self, src: &CudaBuf, dst: &mut CudaBuf) -> BResult<()> {
+        let n = dst.len();
+        need(src, n, "add", "src")?;
+        let args = [self.ptr(src), self.ptr_mut(dst), u(n)];
+        self.launch(Kernel::Add, elementwise(n as u64), &args)
+    }
+
+    fn scale(&self, buf: &mut CudaBuf, s: f32) -> BResult<()> {
+        let n = buf.len();
+        let args = [self.ptr_mut(buf), u(n), Arg::F32(s)];
+        self.launch(Kernel::Scale, elementwise(n as u64), &args)
+    }
+
+    // ---- rows -------------------------------------------------------------------------------
+
+    fn copy_rows(
+        &self,
+        src: &CudaBuf,
+        dst: &mut CudaBuf,
+        map: &RowMap,
+        accumulate: bool,
+    ) -> BResult<()> {
+        let n = map.batch * map.count * map.cols;
+        if n == 0 {
+            return Ok(());
+        }
+        let (ls, ld) = map.lens();
+        need(src, ls, "copy_rows", "src")?;
+        need(dst, ld, "copy_rows", "dst")?;
+        let args = [
+            self.ptr(src),
+            self.ptr_mut(dst),
+            u(map.batch),
+            u(map.count),
+            u(map.cols),
+            u(map.src_stride),
+            u(map.src_start),
+            u(map.src_step),
+            u(map.dst_stride),
+            u(map.dst_start),
+            Arg::U32(accumulate as u32),
+        ];
+        self.launch(Kernel::CopyRows, elementwise(n as u64), &args)
+    }
+
+    /// Two passes, no atomics: each source row's readers are summed in chunks of
+    /// [`CHUNK_ROWS`] in f64 (pass 1, in parallel over chunks, rows and columns), then the
+    /// chunks in ascending order (pass 2), added to `d_src` with one rounding.
+    fn copy_rows_backward(
+        &self,
+        d_dst: &CudaBuf,
+        d_src: &mut CudaBuf,
+        map: &RowMap,
+    ) -> BResult<()> {
+        if map.src_step > 1 {
+            return Err(op(
+                BackendErrorKind::Unsupported,
+                format!(
+                    "copy_rows_backward with src_step {} (the trait allows 0 or 1)",
+                    map.src_step
+                ),
+            ));
+        }
+        if map.batch * map.count * map.cols == 0 {
+            return Ok(());
+        }
+        let (ls, ld) = map.lens();
+        need(d_dst, ld, "copy_rows_backward", "d_dst")?;
+        need(d_src, ls, "copy_rows_backward", "d_src")?;
+        let src_rows = ls / map.cols;
+        let chunk_count = chunks(max_readers(map) as u64);
+        let partial_len = chunk_count as usize * src_rows * map.cols;
+        let mut partial = self.scratch(partial_len)?;
+        let map_args = [
+            u(map.batch),
+            u(map.count),
+            u(map.cols),
+            u(map.src_stride),
+            u(map.src_start),
+            u(map.src_step),
+            u(map.dst_stride),
+            u(map.dst_start),
+            u(src_rows),
+        ];
+        let mut args = vec![self.ptr(d_dst), self.scratch_ptr(&mut partial)];
+        args.extend_from_slice(&map_args);
+        args.extend([Arg::U64(chunk_count), Arg::U64(CHUNK_ROWS)]);
+        self.launch(
+            Kernel::CopyRowsBackwardPartials,
+            elementwise(partial_len as u64),
+            &args,
+        )?;
+        let mut args = vec![self.scratch_ptr(&mut partial), self.ptr_mut(d_src)];
+        args.extend_from_slice(&map_args);
+        args.push(Arg::U64(CHUNK_ROWS));
+        self.launch(
+            Kernel::CopyRowsBackwardFinish,
+            elementwise((src_rows * map.cols) as u64),
+            &args,
+        )
+    }
+
+    fn gather_rows(
+        &self,
+        src: &CudaBuf,
+        idx: &CudaIdx,
+        dst: &mut CudaBuf,
+        g: &Gather,
+    ) -> BResult<()> {
+        self.gather(Kernel::GatherRows, src, idx, dst, g)
+    }
+
+    fn gather_rows_backward(
+        &self,
+        d_dst: &CudaBuf,
+        idx: &CudaIdx,
+        d_src: &mut CudaBuf,
+        g: &Gather,
+    ) -> BResult<()> {
+        let n = g.batch * g.count * g.cols;
+        if n == 0 {
+            return Ok(());
+        }
+        let (ls, li, ld) = g.lens();
+        need(d_dst, ld, "gather_rows_backward", "d_dst")?;
+        need(d_src, ls, "gather_rows_backward", "d_src")?;
+        need_idx(idx, li, "gather_rows_backward")?;
+        let args = [
+            self.ptr(d_dst),
+            self.idx_ptr(idx),
+            self.ptr_mut(d_src),
+            u(g.batch),
+            u(g.count),
+            u(g.cols),
+            u(g.src_rows),
+            u(g.dst_rows),
+            u(g.dst_start),
+        ];
+        self.launch(Kernel::GatherRowsBackward, elementwise(n as u64), &args)
+    }
+
+    fn patchify(&self, imgs: &CudaBuf, out: &mut CudaBuf, p: &Patchify) -> BResult<()> {
+        if p.patch == 0 {
+            return Ok(());
+        }
+        let (n_in, _) = p.lens();
+        let n_out = p.batch * p.num_patches() * p.patch * p.patch * p.channels;
+        need(imgs, n_in, "patchify", "imgs")?;
+        need(out, n_out, "patchify", "out")?;
+        let args = [
+            self.ptr(imgs),
+            self.ptr_mut(out),
+            u(p.batch),
+            u(p.channels),
+            u(p.height),
+            u(p.width),
+            u(p.patch),
+            Arg::U32((p.order == PatchOrder::Hwc) as u32),
+        ];
+        self.launch(Kernel::Patchify, elementwise(n_out as u64), &args)
+    }
+
+    fn split_heads(&self, x: &CudaBuf, heads: &mut CudaBuf, h: &Heads) -> BResult<()> {
+        let (lx, lh) = h.lens();
+        need(x, lx, "split_heads", "x")?;
+        need(heads, lh, "split_heads", "heads")?;
+        let args = [self.ptr(x), self.ptr_mut(heads)];
+        self.heads(Kernel::SplitHeads, args, h, lh)
+    }
+
+    fn merge_heads(&self, heads: &CudaBuf, x: &mut CudaBuf, h: &Heads) -> BResult<()> {
+        let (lx, lh) = h.lens();
+        need(x, lx, "merge_heads", "x")?;
+        need(heads, lh, "merge_heads", "heads")?;
+        let args = [self.ptr(heads), self.ptr_mut(x)];
+        self.heads(Kernel::MergeHeads, args, h, lh)
+    }
+
+    // ---- normalization and activation -------------------------------------------------------
+
+    fn layernorm_forward(
+        &self,
+        x: &CudaBuf,
+        gamma: &CudaBuf,
+        beta: &CudaBuf,
+        y: &mut CudaBuf,
+        mean: &mut CudaBuf,
+        rstd: &mut CudaBuf,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> BResult<()> {
+        let o = "layernorm_forward";
+        need(x, rows * cols, o, "x")?;
+        need(y, rows * cols, o, "y")?;
+        need(gamma, cols, o, "gamma")?;
+        need(beta, cols, o, "beta")?;
+        need(mean, rows, o, "mean")?;
+        need(rstd, rows, o, "rstd")?;
+        let args = [
+            self.ptr(x),
+            self.ptr(gamma),
+            self.ptr(beta),
+            self.ptr_mut(y),
+            self.ptr_mut(mean),
+            self.ptr_mut(rstd),
+            u(rows),
+            u(cols),
+            Arg::F32(eps),
+        ];
+        self.launch(
+            Kernel::LayerNormForward,
+            per_row(rows as u64, cols as u64),
+            &args,
+        )
+    }
+
+    /// `dx` one block per row; `dgamma` and `dbeta` as column sums in two passes (chunks of
+    /// [`CHUNK_ROWS`] rows in f64, then the chunks in ascending order), no atomics.
+    fn layernorm_backward(
+        &self,
+        dy: &CudaBuf,
+        x: &CudaBuf,
+        gamma: &CudaBuf,
+        mean: &CudaBuf,
+        rstd: &CudaBuf,
+        dx: &mut CudaBuf,
+        dgamma: &mut CudaBuf,
+        dbeta: &mut CudaBuf,
+        rows: usize,
+        cols: usize,
+    ) -> BResult<()> {
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let o = "layernorm_backward";
+        need(dy, rows * cols, o, "dy")?;
+        need(x, rows * cols, o, "x")?;
+        need(dx, rows * cols, o, "dx")?;
+        need(gamma, cols, o, "gamma")?;
+        need(dgamma, cols, o, "dgamma")?;
+        need(dbeta, cols, o, "dbeta")?;
+        need(mean, rows, o, "mean")?;
+        need(rstd, rows, o, "rstd")?;
+        let args = [
+            self.ptr(dy),
+            self.ptr(x),
+            self.ptr(gamma),
+            self.ptr(mean),
+            self.ptr(rstd),
+            self.ptr_mut(dx),
+            u(rows),
+            u(cols),
+        ];
+        self.launch(
+            Kernel::LayerNormBackwardDx,
+            per_row(rows as u64, cols as u64),
+            &args,
+        )?;
+
+        let chunk_count = chunks(rows as u64);
+        let partial_len = chunk_count as usize * cols;
+        let (mut pg, mut pb) = (self.scratch(partial_len)?, self.scratch(partial_len)?);
+        let args = [
+            self.ptr(dy),
+            self.ptr(x),
+            self.ptr(mean),
+            self.ptr(rstd),
+            self.scratch_ptr(&mut pg),
+            self.scratch_ptr(&mut pb),
+            u(rows),
+            u(cols),
+            Arg::U64(chunk_count),
+            Arg::U64(CHUNK_ROWS),
+        ];
+        self.launch(
+            Kernel::LayerNormParamPartials,
+            elementwise(partial_len as u64),
+            &args,
+        )?;
+        for (partial, out) in [(&mut pg, dgamma), (&mut pb, dbeta)] {
+            let args = [
+                self.scratch_ptr(partial),
+                self.ptr_mut(out),
+                Arg::U64(chunk_count),
+                u(cols),
+            ];
+            self.launch(Kernel::ColumnSumFinish, elementwise(cols as u64), &args)?;
+        }
+        Ok(())
+    }
+
+    fn gelu_forward(&self, x: &CudaBuf, y: &mut CudaBuf) -> BResult<()> {
+        let n = y.len();
+        need(x, n, "gelu_forward", "x")?;
+        let args = [self.ptr(x), self.ptr_mut(y), u(n)];
+        self.launch(Kernel::GeluForward, elementwise(n as u64), &args)
+    }
+
+    fn gelu_backward(&self, x: &CudaBuf, dy: &CudaBuf, dx: &mut CudaBuf) -> BResult<()> {
+        let n = dx.len();
+        need(x, n, "gelu_backward", "x")?;
+        need(dy, n, "gelu_backward", "dy")?;
+        let args = [self.ptr(x), self.ptr(dy), self.ptr_mut(dx), u(n)];
+        self.launch(Kernel::GeluBackward, elementwise(n as u64), &args)
+    }
+
+    fn softmax_forward(
+        &self,
+        x: &CudaBuf,
+        y: &mut CudaBuf,
+        rows: usize,
+        cols: usize,
+        scale: f32,
+    ) -> BResult<()> {
+        need(x, rows * cols, "softmax_forward", "x")?;
+        need(y, rows * cols, "softmax_forward", "y")?;
+        let args = [
+            self.ptr(x),
+            self.ptr_mut(y),
+            u(rows),
+            u(cols),
+            Arg::F32(scale),
+        ];
+        self.launch(
+            Kernel::SoftmaxForward,
+            per_row(rows as u64, cols as u64),
+            &args,
+        )
+    }
+
+    fn softmax_backward(
+        &self,
+        y: &CudaBuf,
+        dy: &CudaBuf,
+        dx: &mut CudaBuf,
+        rows: usize,
+        cols: usize,
+        scale: f32,
+    ) -> BResult<()> {
+        let o = "softmax_backward";
+        need(y, rows * cols, o, "y")?;
+        need(dy, rows * cols, o, "dy")?;
+        need(dx, rows * cols, o, "dx")?;
+        let args = [
+            self.ptr(y),
+            self.ptr(dy),
+            self.ptr_mut(dx),
+            u(rows),
+            u(cols),
+            Arg::F32(scale),
+        ];
+        self.launch(
+            Kernel::SoftmaxBackward,
+            per_row(rows as u64, cols as u64),
+            &args,
+        )
+    }
+
+    // ---- loss -------------------------------------------------------------------------------
+
+    fn normalize_rows(
+        &self,
+        x: &CudaBuf,
+        y: &mut CudaBuf,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> BResult<()> {
+        need(x, rows * cols, "normalize_rows", "x")?;
+        need(y, rows * cols, "normalize_rows", "y")?;
+        let args = [
+            self.ptr(x),
+            self.ptr_mut(y),
+            u(rows),
+            u(cols),
+            Arg::F32(eps),
+        ];
+        self.launch(
+            Kernel::NormalizeRows,
+            per_row(rows as u64, cols as u64),
+            &args,
+        )
+    }
+
+    fn masked_mse_forward(
+        &self,
+        pred: &CudaBuf,
+        target: &CudaBuf,
+        mask: &CudaBuf,
+        loss: &mut CudaBuf,
+        rows: usize,
+        cols: usize,
+    ) -> BResult<()> {
+        let o = "masked_mse_forward";
+        need(pred, rows * cols, o, "pred")?;
+        need(target, rows * cols, o, "target")?;
+        need(mask, rows, o, "mask")?;
+        need(loss, 1, o, "loss")?;
+        let mut row_loss = self.scratch(rows)?;
+        let args = [
+            self.ptr(pred),
+            self.ptr(target),
+            self.ptr(mask),
+            self.scratch_ptr(&mut row_loss),
+            u(rows),
+            u(cols),
+        ];
+        // Every row gets its entry even when cols == 0 (0 / 0 = NaN, as on the CPU).
+        self.launch(Kernel::MaskedMseRows, per_row(rows as u64, 1), &args)?;
+        let args = [
+            self.scratch_ptr(&mut row_loss),
+            self.ptr(mask),
+            self.ptr_mut(loss),
+            u(rows),
+        ];
+        self.launch(Kernel::MaskedMseTotal, Some(single_block()), &args)
+    }
+
+    fn masked_mse_backward(
+        &self,
+        pred: &CudaBuf,
+        target: &CudaBuf,
+        mask: &CudaBuf,
+        d_pred: &mut CudaBuf,
+        rows: usize,
+        cols: usize,
+        d_loss: f32,
+    ) -> BResult<()> {
+        let o = "masked_mse_backward";
+        need(pred, rows * cols, o, "pred")?;
+        need(target, rows * cols, o, "target")?;
+        need(d_pred, rows * cols, o, "d_pred")?;
+        need(mask, rows, o, "mask")?;
+        if rows * cols == 0 {
+            return Ok(());
+        }
+        let mut mask_sum = self.scratch(1)?;
+        let args = [self.ptr(mask), self.scratch_ptr(&mut mask_sum), u(rows)];
+        self.launch(Kernel::MaskSum, Some(single_block()), &args)?;
+        let args = [
+            self.ptr(pred),
+            self.ptr(target),
+            self.ptr(mask),
+            self.scratch_ptr(&mut mask_sum),
+            self.ptr_mut(d_pred),
+            u(rows),
+            u(cols),
+            Arg::F32(d_loss),
+        ];
+        self.launch(
+            Kernel::MaskedMseBackward,
+            elementwise((rows * cols) as u64),
+            &args,
+        )
+    }
+
+    // ---- optimizer --------------------------------------------------------------------------
+
+    fn adamw(
+        &self,
+        param: &mut CudaBuf,
+        grad: &CudaBuf,
+        m: &mut CudaBuf,
+        v: &mut CudaBuf,
+        s: &AdamWStep,
+    ) -> BResult<()> {
+        let n = param.len();
+        need(grad, n, "adamw", "grad")?;
+        need(m, n, "adamw", "m")?;
+        need(v, n, "adamw", "v")?;
+        // The per-step scalars in f32, formed exactly as the CPU reference forms them.
+        let args = [
+            self.ptr_mut(param),
+            self.ptr(grad),
+            self.ptr_mut(m),
+            self.ptr_mut(v),
+            u(n),
+            Arg::F32(1.0 - s.lr * s.weight_decay),
+            Arg::F32(s.beta1),
+            Arg::F32(s.beta2),
+            Arg::F32(1.0 - s.beta1),
+            Arg::F32(1.0 - s.beta2),
+            Arg::F32(s.lr / s.bias_correction1),
+            Arg::F32(s.bias_correction2.sqrt()),
+            Arg::F32(s.eps),
+        ];
+        self.launch(Kernel::AdamW, elementwise(n as u64), &args)
+    }
+}
+
+fn need_idx(idx: &CudaIdx, len: usize, op: &str) -> BResult<()> {
+    if idx.len() >= len {
+        Ok(())
+    } else {
+        Err(error::device(format!(
+            "bug: {op}: idx holds {} indices, the op needs {len}",
+            idx.len()
+        )))
+    }
+}
+
+impl CudaBackend {
+    fn idx_ptr(&self, idx: &CudaIdx) -> Arg {
+        Arg::Ptr(crate::buffer::addr(&idx.slice, &self.stream))
+    }
+
+    fn gather(
+        &self,
+        kernel: Kernel,
+        src: &CudaBuf,
+        idx: &CudaIdx,
+        dst: &mut CudaBuf,
+        g: &Gather,
+    ) -> BResult<()> {
+        let n = g.batch * g.count * g.cols;
+        if n == 0 {
+            return Ok(());
+        }
+        let (ls, li, ld) = g.lens();
+        need(src, ls, "gather_rows", "src")?;
+        need(dst, ld, "gather_rows", "dst")?;
+        need_idx(idx, li, "gather_rows")?;
+        let args = [
+            self.ptr(src),
+            self.idx_ptr(idx),
+            self.ptr_mut(dst),
+            u(g.batch),
+            u(g.count),
+            u(g.cols),
+            u(g.src_rows),
+            u(g.dst_rows),
+            u(g.dst_start),
+        ];
+        self.launch(kernel, elementwise(n as u64), &args)
+    }
+
+    fn heads(&self, kernel: Kernel, bufs: [Arg; 2], h: &Heads, n: usize) -> BResult<()> {
+        let args = [
+            bufs[0],
+            bufs[1],
+            u(h.batch),
+            u(h.tokens),
+            u(h.heads),
+            u(h.head_dim),
+            u(h.row_width),
+            u(h.col_offset),
+        ];
+        self.launch(kernel, elementwise(n as u64), &args)
+    }
+}

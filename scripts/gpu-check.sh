@@ -1,0 +1,228 @@
+#!/usr/bin/env bash
+# The GPU check of the CUDA backend in two steps (docs/gpu.md):
+#
+#   scripts/gpu-check.sh build
+#       Here, on the development machine (x86-64, no GPU needed): builds in release everything
+#       the check runs -- the `golden` and `bench` programs with the CUDA backend, the
+#       conformance test binaries and the backend's own tests -- and gathers them, stripped of
+#       debug info, with a copy of ../shared/golden, in gpu-check/ (git-ignored; carry it).
+#
+#   scripts/gpu-check.sh run [--golden DIR]...
+#       There, on the GPU machine, in the repository root, with gpu-check/ beside it: writes
+#       $OUT/report.md (device, driver, a verdict per step) and the raw logs, and exits non-zero
+#       if any step failed. Steps: the backend's tests and the conformance suite's cuda tests
+#       under MAE_REQUIRE_BACKENDS=cuda (so a missing device fails instead of skipping), the
+#       `golden` program with --backend cuda on every *.safetensors of each DIR (default
+#       ../shared/golden, else the copy in gpu-check/shared-golden), and
+#       `bench --case base224 --backend cuda`.
+#
+# Nothing in `run` compiles or fetches anything: the GPU machines reach no registry.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PACK=$ROOT/gpu-check
+
+usage() {
+    echo "usage: $0 build | run [--golden DIR]..." >&2
+    exit 2
+}
+
+# ---- build ---------------------------------------------------------------------------------
+
+# Test executables of a `cargo test --no-run` as "name path" lines (name = the test target).
+test_executables() {
+    cargo test --release --no-run --message-format=json "$@" |
+        jq -r 'select(.reason == "compiler-artifact" and .executable != null and .profile.test)
+               | "\(.target.name)-\(.target.kind[0]) \(.executable)"'
+}
+
+build() {
+    set -e
+    command -v jq >/dev/null || { echo "gpu-check build needs jq" >&2; exit 1; }
+    rm -rf "$PACK"
+    mkdir -p "$PACK/bin" "$PACK/tests"
+    echo "== building golden and bench (release, --features cuda)"
+    cargo build --release -p mae-conformance --bin golden
+    cargo build --release -p mae-examples --features cuda --bin bench
+    local target
+    target=$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
+    cp "$target/release/golden" "$target/release/bench" "$PACK/bin/"
+    echo "== building the test binaries"
+    local name path
+    while read -r name path; do
+        case "$name" in
+        # The conformance suites that instantiate every test per backend, and the backend's
+        # own unit and NVRTC tests; the others (alloc, errors, the golden program's unit
+        # tests) are CPU-only.
+        ops-test | gradcheck-test | golden-test | embed-test | training-test | \
+            mae_backend_cuda-lib | nvrtc_compile-test)
+            cp "$path" "$PACK/tests/$name"
+            ;;
+        esac
+    done < <(test_executables -p mae-conformance -p mae-backend-cuda)
+    strip --strip-debug "$PACK"/bin/* "$PACK"/tests/*
+    if [ -d ../shared/golden ]; then
+        mkdir -p "$PACK/shared-golden"
+        cp ../shared/golden/*.safetensors "$PACK/shared-golden/"
+    fi
+    git rev-parse HEAD >"$PACK/commit"
+    ls -la "$PACK"/bin "$PACK"/tests
+    local mib
+    mib=$(du -sm "$PACK" | cut -f1)
+    echo "gpu-check/: $mib MiB (the device tool carries at most 64 MiB with the working tree)"
+    [ "$mib" -lt 56 ] || { echo "gpu-check/ is too large to carry" >&2; exit 1; }
+    echo "next, on the GPU machine: scripts/gpu-check.sh run   (carry: gpu-check)"
+}
+
+# ---- run -----------------------------------------------------------------------------------
+
+# Puts the folders holding libcuda, libnvrtc and libcublas on LD_LIBRARY_PATH when the dynamic
+# loader does not find them by itself (a driver or toolkit outside ldconfig's folders, or pip's
+# nvidia wheels).
+find_cuda_libraries() {
+    local pattern found
+    for pattern in 'libcuda.so.1' 'libnvrtc.so.1[23]' 'libcublas.so.1[23]'; do
+        if ldconfig -p 2>/dev/null | grep -q "${pattern//./\\.}\b"; then
+            continue
+        fi
+        found=$(
+            find /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/local/cuda*/lib64 \
+                /usr/local/cuda*/targets/*/lib /usr/lib/x86_64-linux-gnu /opt \
+                /usr/local/lib/python3* /usr/lib/python3* \
+                -name "$pattern*" -not -path '*/stubs/*' 2>/dev/null | sort -r | head -n 1
+        )
+        [ -n "$found" ] || continue
+        found=$(dirname "$found")
+        if [[ ":${LD_LIBRARY_PATH:-}:" != *":$found:"* ]]; then
+            export LD_LIBRARY_PATH="$found${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        fi
+    done
+}
+
+run() {
+    local golden_dirs=()
+    while [ $# -gt 0 ]; do
+        case "$1" in
+        --golden)
+            [ $# -ge 2 ] || usage
+            golden_dirs+=("$2")
+            shift 2
+            ;;
+        *) usage ;;
+        esac
+    done
+    if [ ${#golden_dirs[@]} -eq 0 ]; then
+        if [ -d ../shared/golden ]; then
+            golden_dirs=(../shared/golden)
+        else
+            golden_dirs=("$PACK/shared-golden")
+        fi
+    fi
+    [ -d "$PACK/bin" ] || { echo "no $PACK: run '$0 build' first and carry gpu-check" >&2; exit 2; }
+
+    local out=${OUT:-$ROOT/gpu-check-out}
+    mkdir -p "$out"
+    local report=$out/report.md
+    local failed=0
+    find_cuda_libraries
+    export MAE_REQUIRE_BACKENDS=cuda
+    # The test binaries were built elsewhere: their files are in this checkout's conformance/.
+    export MAE_CONFORMANCE_DIR=$ROOT/conformance
+    export RUST_BACKTRACE=1
+
+    {
+        echo "# GPU check of the CUDA backend"
+        echo
+        echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+        echo "- commit built: $(cat "$PACK/commit" 2>/dev/null || echo unknown)"
+        echo "- device: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>&1 | head -n 1)"
+        echo "- driver: $(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>&1 | head -n 1)"
+        echo "- LD_LIBRARY_PATH: ${LD_LIBRARY_PATH:-(unset)}"
+        echo "- libraries: $(ldconfig -p 2>/dev/null | grep -oE 'lib(cuda|nvrtc|cublas)\.so\.[0-9]+' | sort -u | tr '\n' ' ')"
+        echo
+        echo "| step | verdict | seconds | log |"
+        echo "|---|---|---|---|"
+    } >"$report"
+
+    # One device command may run 10 minutes: every step gets at most what is left of
+    # GPU_CHECK_SECONDS (default 540), so the report is complete before the command is killed.
+    local budget=${GPU_CHECK_SECONDS:-540}
+
+    # step NAME LOG TIMEOUT COMMAND...: runs the command (output appended to LOG), adds a line
+    # to the report, and remembers failures.
+    step() {
+        local name=$1 log=$2 limit=$3
+        shift 3
+        local start=$SECONDS rc
+        local left=$((budget - SECONDS))
+        if [ "$left" -lt 10 ]; then
+            echo "| $name | FAIL (not run: the time budget of ${budget}s is spent) | 0 | - |" >>"$report"
+            failed=1
+            return
+        fi
+        [ "$limit" -le "$left" ] || limit=$left
+        echo "== $name" >>"$out/$log"
+        timeout "$limit" "$@" >>"$out/$log" 2>&1
+        rc=$?
+        local verdict=PASS
+        if [ $rc -ne 0 ]; then
+            verdict="FAIL (exit $rc$([ $rc -eq 124 ] && echo ", timed out after ${limit}s"))"
+            failed=1
+        fi
+        echo "| $name | $verdict | $((SECONDS - start)) | $log |" >>"$report"
+        echo "$name: $verdict"
+    }
+
+    step "backend unit tests" backend.log 120 "$PACK/tests/mae_backend_cuda-lib"
+    step "kernels compile with NVRTC" backend.log 120 "$PACK/tests/nvrtc_compile-test" --nocapture
+    # Only the cuda instances (test paths containing "cuda"); CI runs the CPU ones.
+    local suite
+    for suite in ops gradcheck embed golden training; do
+        step "conformance $suite (cuda)" conformance.log 300 \
+            env MAE_GOLDEN_DIR="${golden_dirs[0]}" "$PACK/tests/$suite-test" cuda
+    done
+    local dir files
+    for dir in "${golden_dirs[@]}"; do
+        files=("$dir"/*.safetensors)
+        if [ ! -e "${files[0]}" ]; then
+            echo "| golden $dir | FAIL (no *.safetensors) | 0 | golden.log |" >>"$report"
+            failed=1
+            continue
+        fi
+        step "golden --backend cuda on $dir (${#files[@]} files)" golden.log 300 \
+            "$PACK/bin/golden" --backend cuda "${files[@]}"
+    done
+    step "bench --case base224 --backend cuda" bench.log 300 \
+        "$PACK/bin/bench" --case base224 --backend cuda
+
+    {
+        echo
+        echo "## golden summary"
+        echo '```'
+        grep -E '^(==|golden|PASS|FAIL)' "$out/golden.log" 2>/dev/null
+        echo '```'
+        echo
+        echo "## bench"
+        echo '```'
+        grep -E '^\{' "$out/bench.log" 2>/dev/null || tail -n 5 "$out/bench.log"
+        echo '```'
+        echo
+        echo "## conformance summary"
+        echo '```'
+        grep -hE '^(==|test result|    cuda)' "$out/backend.log" "$out/conformance.log" 2>/dev/null | head -n 80
+        echo '```'
+        echo
+        echo "overall: $([ $failed -eq 0 ] && echo PASS || echo FAIL)"
+    } >>"$report"
+    cat "$report"
+    return $failed
+}
+
+case "${1:-}" in
+build) build ;;
+run)
+    shift
+    run "$@"
+    ;;
+*) usage ;;
+esac
