@@ -34,6 +34,7 @@ pub fn compiled() -> Vec<&'static str> {
     }
     if cfg!(feature = "wgpu") {
         names.push("wgpu");
+    }
     if cfg!(feature = "cuda") {
         names.push("cuda");
     }
