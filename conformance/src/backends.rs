@@ -63,6 +63,8 @@ pub fn cpu() -> Option<&'static mae_backend_cpu::CpuBackend> {
 pub fn wgpu() -> Option<&'static mae_backend_wgpu::WgpuBackend> {
     static CELL: OnceLock<Result<mae_backend_wgpu::WgpuBackend, String>> = OnceLock::new();
     shared(&CELL, "wgpu", mae_backend_wgpu::WgpuBackend::new)
+}
+
 /// The CUDA backend on GPU 0, with f32 GEMMs; `None` (after a `SKIP cuda: ...` line) without
 /// a driver, the CUDA libraries or a GPU. Its kernels are compiled here, so a failed NVRTC
 /// compile fails every test instead of being taken for a missing device.
