@@ -5,7 +5,8 @@
 #       Here, on the development machine (x86-64, no GPU needed): builds in release everything
 #       the check runs -- the `golden` and `bench` programs with the CUDA backend, the
 #       conformance test binaries and the backend's own tests -- and gathers them, stripped of
-#       debug info, with a copy of ../shared/golden, in gpu-check/ (git-ignored; carry it).
+#       debug info and compressed, with a copy of ../shared/golden, in gpu-check/ (git-ignored;
+#       carry it).
 #
 #   scripts/gpu-check.sh run [--golden DIR]...
 #       There, on the GPU machine, in the repository root, with gpu-check/ beside it: writes
@@ -61,12 +62,16 @@ build() {
         esac
     done < <(test_executables -p mae-conformance -p mae-backend-cuda)
     strip --strip-debug "$PACK"/bin/* "$PACK"/tests/*
+    ls -la "$PACK"/bin "$PACK"/tests
+    # Every test binary links all three backends (~45 MiB together); compressed they carry in
+    # a tenth of the device tool's 64 MiB.
+    tar -C "$PACK" -cJf "$PACK/binaries.tar.xz" bin tests
+    rm -rf "$PACK/bin" "$PACK/tests"
     if [ -d ../shared/golden ]; then
         mkdir -p "$PACK/shared-golden"
         cp ../shared/golden/*.safetensors "$PACK/shared-golden/"
     fi
     git rev-parse HEAD >"$PACK/commit"
-    ls -la "$PACK"/bin "$PACK"/tests
     local mib
     mib=$(du -sm "$PACK" | cut -f1)
     echo "gpu-check/: $mib MiB (the device tool carries at most 64 MiB with the working tree)"
@@ -118,7 +123,14 @@ run() {
             golden_dirs=("$PACK/shared-golden")
         fi
     fi
-    [ -d "$PACK/bin" ] || { echo "no $PACK: run '$0 build' first and carry gpu-check" >&2; exit 2; }
+    [ -f "$PACK/binaries.tar.xz" ] || {
+        echo "no $PACK/binaries.tar.xz: run '$0 build' first and carry gpu-check" >&2
+        exit 2
+    }
+    # Unpacked outside the carried folder, which may be read-only.
+    local bins
+    bins=$(mktemp -d)
+    tar -C "$bins" -xJf "$PACK/binaries.tar.xz" || { echo "cannot unpack the binaries" >&2; exit 2; }
 
     local out=${OUT:-$ROOT/gpu-check-out}
     mkdir -p "$out"
@@ -173,13 +185,13 @@ run() {
         echo "$name: $verdict"
     }
 
-    step "backend unit tests" backend.log 120 "$PACK/tests/mae_backend_cuda-lib"
-    step "kernels compile with NVRTC" backend.log 120 "$PACK/tests/nvrtc_compile-test" --nocapture
+    step "backend unit tests" backend.log 120 "$bins/tests/mae_backend_cuda-lib"
+    step "kernels compile with NVRTC" backend.log 120 "$bins/tests/nvrtc_compile-test" --nocapture
     # Only the cuda instances (test paths containing "cuda"); CI runs the CPU ones.
     local suite
     for suite in ops gradcheck embed golden training; do
         step "conformance $suite (cuda)" conformance.log 300 \
-            env MAE_GOLDEN_DIR="${golden_dirs[0]}" "$PACK/tests/$suite-test" cuda
+            env MAE_GOLDEN_DIR="${golden_dirs[0]}" "$bins/tests/$suite-test" cuda
     done
     local dir files
     for dir in "${golden_dirs[@]}"; do
@@ -190,10 +202,10 @@ run() {
             continue
         fi
         step "golden --backend cuda on $dir (${#files[@]} files)" golden.log 300 \
-            "$PACK/bin/golden" --backend cuda "${files[@]}"
+            "$bins/bin/golden" --backend cuda "${files[@]}"
     done
     step "bench --case base224 --backend cuda" bench.log 300 \
-        "$PACK/bin/bench" --case base224 --backend cuda
+        "$bins/bin/bench" --case base224 --backend cuda
 
     {
         echo
