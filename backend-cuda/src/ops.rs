@@ -365,7 +365,9 @@ impl Backend for CudaBackend {
         dst: &mut CudaBuf,
         g: &Gather,
     ) -> BResult<()> {
-        self.gather(Kernel::GatherRows, src, idx, dst, g)
+        let (ls, _, ld) = g.lens();
+        let op = ("gather_rows", "src", "dst");
+        self.gather(Kernel::GatherRows, op, (src, ls), idx, (dst, ld), g)
     }
 
     fn gather_rows_backward(
@@ -375,26 +377,16 @@ impl Backend for CudaBackend {
         d_src: &mut CudaBuf,
         g: &Gather,
     ) -> BResult<()> {
-        let n = g.batch * g.count * g.cols;
-        if n == 0 {
-            return Ok(());
-        }
-        let (ls, li, ld) = g.lens();
-        need(d_dst, ld, "gather_rows_backward", "d_dst")?;
-        need(d_src, ls, "gather_rows_backward", "d_src")?;
-        need_idx(idx, li, "gather_rows_backward")?;
-        let args = [
-            self.ptr(d_dst),
-            self.idx_ptr(idx),
-            self.ptr_mut(d_src),
-            u(g.batch),
-            u(g.count),
-            u(g.cols),
-            u(g.src_rows),
-            u(g.dst_rows),
-            u(g.dst_start),
-        ];
-        self.launch(Kernel::GatherRowsBackward, elementwise(n as u64), &args)
+        let (ls, _, ld) = g.lens();
+        let op = ("gather_rows_backward", "d_dst", "d_src");
+        self.gather(
+            Kernel::GatherRowsBackward,
+            op,
+            (d_dst, ld),
+            idx,
+            (d_src, ls),
+            g,
+        )
     }
 
     fn patchify(&self, imgs: &CudaBuf, out: &mut CudaBuf, p: &Patchify) -> BResult<()> {
@@ -763,26 +755,29 @@ impl CudaBackend {
         Arg::Ptr(crate::buffer::addr(&idx.slice, &self.stream))
     }
 
+    /// A gather kernel (forward or backward) reading `input` and writing `output` through `idx`;
+    /// `op` names the op and its two buffers in length errors.
     fn gather(
         &self,
         kernel: Kernel,
-        src: &CudaBuf,
+        op: (&str, &str, &str),
+        input: (&CudaBuf, usize),
         idx: &CudaIdx,
-        dst: &mut CudaBuf,
+        output: (&mut CudaBuf, usize),
         g: &Gather,
     ) -> BResult<()> {
         let n = g.batch * g.count * g.cols;
         if n == 0 {
             return Ok(());
         }
-        let (ls, li, ld) = g.lens();
-        need(src, ls, "gather_rows", "src")?;
-        need(dst, ld, "gather_rows", "dst")?;
-        need_idx(idx, li, "gather_rows")?;
+        let (_, li, _) = g.lens();
+        need(input.0, input.1, op.0, op.1)?;
+        need(output.0, output.1, op.0, op.2)?;
+        need_idx(idx, li, op.0)?;
         let args = [
-            self.ptr(src),
+            self.ptr(input.0),
             self.idx_ptr(idx),
-            self.ptr_mut(dst),
+            self.ptr_mut(output.0),
             u(g.batch),
             u(g.count),
             u(g.cols),
