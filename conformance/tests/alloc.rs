@@ -1,7 +1,9 @@
 //! The training step allocates nothing on the host after the first step, apart from the packing
 //! buffer matrixmultiply makes for each matrix product (one per product, inside the library, out
-//! of our control; the CPU-speed issue may replace it): every buffer of `mae` and every op of the
-//! CPU backend is allocated up front.
+//! of our control; a big product split over threads makes one per band, but this test's products
+//! are below the CPU backend's splitting threshold): every buffer of `mae` and every op of the CPU
+//! backend is allocated up front, and the CPU backend's thread pool and tables are made during
+//! the first step.
 
 use mae::init::init_params;
 use mae::train::{TrainOptions, Trainer};
