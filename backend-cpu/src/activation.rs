@@ -4,12 +4,9 @@
 //! than the platform's C library, so the CPU backend gives bitwise the same results on every
 //! operating system, and loops over them vectorize.
 
-use crate::fastmath::{exp_neg, Normal};
+use crate::fastmath::{exp_neg, wide, Normal};
 use crate::pool::{chunks1, rows_per_chunk, GRAIN};
 use crate::reduce::{fold2, sum};
-
-/// `1 / sqrt(2 pi)`, the standard normal density at 0.
-const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 
 /// `x * Phi(x)` in `f64`, rounded once, with `Phi` free of cancellation for negative `x` (where
 /// `1 + erf` would lose the digits of a tiny result).
@@ -18,11 +15,7 @@ pub(crate) fn gelu_forward(x: &[f32], y: &mut [f32]) {
     let x = &x[..n];
     let normal = Normal::new();
     chunks1(y, GRAIN, |i, yc| {
-        let xc = &x[i * GRAIN..i * GRAIN + yc.len()];
-        for (o, &v) in yc.iter_mut().zip(xc) {
-            let v = v as f64;
-            *o = (v * normal.cdf_and_gauss(v).0) as f32;
-        }
+        normal.gelu(&x[i * GRAIN..i * GRAIN + yc.len()], yc);
     });
 }
 
@@ -33,12 +26,7 @@ pub(crate) fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
     let normal = Normal::new();
     chunks1(dx, GRAIN, |i, dxc| {
         let span = i * GRAIN..i * GRAIN + dxc.len();
-        for ((o, &v), &d) in dxc.iter_mut().zip(&x[span.clone()]).zip(&dy[span]) {
-            let v = v as f64;
-            let (cdf, gauss) = normal.cdf_and_gauss(v);
-            let grad = cdf + v * gauss * FRAC_1_SQRT_2PI;
-            *o = (*o as f64 + d as f64 * grad) as f32;
-        }
+        normal.gelu_grad(&x[span.clone()], &dy[span], dxc);
     });
 }
 
@@ -51,15 +39,17 @@ pub(crate) fn softmax_forward(x: &[f32], y: &mut [f32], rows: usize, cols: usize
     let y = &mut y[..rows * cols];
     let rpc = rows_per_chunk(cols);
     chunks1(y, rpc * cols, |i, yc| {
-        for (r, yr) in yc.chunks_exact_mut(cols).enumerate() {
-            let row = i * rpc + r;
-            softmax_row(&x[row * cols..(row + 1) * cols], yr, scale);
-        }
+        wide(|| {
+            for (r, yr) in yc.chunks_exact_mut(cols).enumerate() {
+                let row = i * rpc + r;
+                softmax_row(&x[row * cols..(row + 1) * cols], yr, scale);
+            }
+        })
     });
 }
 
 /// One row of [`softmax_forward`].
-#[inline]
+#[inline(always)]
 pub(crate) fn softmax_row(xr: &[f32], yr: &mut [f32], scale: f32) {
     let max = xr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(scale * v));
     for (o, &v) in yr.iter_mut().zip(xr) {

@@ -128,10 +128,12 @@ pub(crate) fn gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
         // One big product at a time, its rows (or columns, when wider than tall) split into
         // bands. Each element of C is still one dot product over k, accumulated in the same
         // order whatever band it falls in, so the result does not depend on the split.
+        // Every band packs the whole of the operand that is not split, so cut the dimension
+        // whose other operand is smaller (rows of C when B is the smaller), into one band per
+        // thread.
         let split_rows = m >= n;
         let len = if split_rows { m } else { n };
-        let parts = if len >= 256 { 2 * threads } else { threads };
-        let band = len.div_ceil(parts).next_multiple_of(16);
+        let band = len.div_ceil(threads).next_multiple_of(16);
         let bands = len.div_ceil(band);
         for bi in 0..g.batch {
             crate::pool::for_each(bands, |p| {
