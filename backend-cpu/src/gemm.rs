@@ -1,18 +1,21 @@
-//! Strided-batched GEMM on `matrixmultiply::sgemm`.
+//! Strided-batched GEMM on the `gemm` crate (default) or `matrixmultiply::sgemm`
+//! (`MAE_CPU_GEMM=matrixmultiply`).
 //!
-//! matrixmultiply takes a row and a column stride per operand, so a stored transpose is only a
-//! swap of the two strides: no operand is ever copied. matrixmultiply itself runs
-//! single-threaded; the threads are the crate's [`crate::pool`], so GEMMs and the other ops share
-//! one set of threads and never oversubscribe the cores. A batch of products (attention heads)
-//! runs one product per task; a single big product is cut into bands of rows (or columns) of C.
-//! The `k` sum is never split, so every element of C is the same dot product, accumulated in the
-//! same order, whatever the thread count or the scheduling.
+//! Both kernels take a row and a column stride per operand, so a stored transpose is only a
+//! swap of the two strides: no operand is ever copied. The kernels run single-threaded; the
+//! threads are the crate's [`crate::pool`], so GEMMs and the other ops share one set of threads
+//! and never oversubscribe the cores. A batch of products (attention heads) runs one product per
+//! task; a single big product is cut into bands of rows (or columns) of C, one per thread. The
+//! `k` sum is never split, so every element of C is the same dot product, accumulated in the same
+//! order, whatever the thread count or the scheduling (a unit test checks the split products
+//! bitwise against unsplit ones).
 //!
-//! matrixmultiply allocates its packing buffers itself on each call: one allocation per product,
-//! or per band of a split product. That is the one allocation an op makes.
+//! The kernels allocate their packing buffers themselves on each call (the `gemm` crate also a
+//! small flags `Vec` for some shapes): the only allocations an op makes.
 
 use core::ops::Range;
 use mae::backend::Gemm;
+use std::sync::OnceLock;
 
 /// Elements one operand spans over the whole batch: `(batch - 1) * stride + rows * cols`.
 ///
@@ -83,6 +86,7 @@ pub(crate) fn gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
         let oa = bi * g.stride_a + rows.start * rsa;
         let ob = bi * g.stride_b + cols.start * csb;
         let oc = bi * g.stride_c + rows.start * n + cols.start;
+        let (mb, nb) = (rows.len(), cols.len());
         // SAFETY: the asserts above give `need_x <= x.len()` for each operand, where need_x is
         // computed without overflow. For batch item `bi`, matrixmultiply reads A at offsets
         // `bi*stride_a + i*rsa + p*csa` for i < m, p < k; the largest is `bi*stride_a + m*k - 1`
@@ -98,23 +102,53 @@ pub(crate) fn gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
         // anyway). Blocks run in parallel (below) write disjoint parts of C: disjoint row or
         // column ranges of one item, or items whose C blocks are disjoint because
         // `stride_c >= m*n` was checked.
-        unsafe {
-            matrixmultiply::sgemm(
-                rows.len(),
-                k,
-                cols.len(),
-                g.alpha,
-                ptrs.a.add(oa),
-                stride(rsa),
-                stride(csa),
-                ptrs.b.add(ob),
-                stride(rsb),
-                stride(csb),
-                g.beta,
-                ptrs.c.add(oc),
-                stride(n),
-                1,
-            );
+        let (pa, pb, pc) = unsafe { (ptrs.a.add(oa), ptrs.b.add(ob), ptrs.c.add(oc)) };
+        match kernel() {
+            // SAFETY: as above; gemm takes the same pointers and strides (column stride first)
+            // and computes `dst = alpha_dst * dst + beta_prod * lhs rhs`, reading dst only when
+            // `read_dst`.
+            Kernel::Gemm => unsafe {
+                gemm::gemm(
+                    mb,
+                    nb,
+                    k,
+                    pc,
+                    1,
+                    stride(n),
+                    g.beta != 0.0,
+                    pa,
+                    stride(csa),
+                    stride(rsa),
+                    pb,
+                    stride(csb),
+                    stride(rsb),
+                    g.beta,
+                    g.alpha,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            },
+            // SAFETY: as above.
+            Kernel::MatrixMultiply => unsafe {
+                matrixmultiply::sgemm(
+                    mb,
+                    k,
+                    nb,
+                    g.alpha,
+                    pa,
+                    stride(rsa),
+                    stride(csa),
+                    pb,
+                    stride(rsb),
+                    stride(csb),
+                    g.beta,
+                    pc,
+                    stride(n),
+                    1,
+                )
+            },
         }
     };
     let threads = crate::pool::threads();
@@ -146,6 +180,25 @@ pub(crate) fn gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
             });
         }
     }
+}
+
+/// The single-threaded GEMM kernel every block goes through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    /// The `gemm` crate (sarah-quinones), with its AVX-512 kernels where the CPU has them.
+    Gemm,
+    /// `matrixmultiply`.
+    MatrixMultiply,
+}
+
+/// `MAE_CPU_GEMM=matrixmultiply` picks matrixmultiply; anything else (or nothing) the `gemm`
+/// crate, which measured faster on this project's shapes (docs/results.md).
+fn kernel() -> Kernel {
+    static KERNEL: OnceLock<Kernel> = OnceLock::new();
+    *KERNEL.get_or_init(|| match std::env::var("MAE_CPU_GEMM").as_deref() {
+        Ok("matrixmultiply") => Kernel::MatrixMultiply,
+        _ => Kernel::Gemm,
+    })
 }
 
 /// Products with fewer multiply-adds than this run on the calling thread: splitting them costs
