@@ -153,7 +153,7 @@ pub(crate) fn gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
     };
     let threads = crate::pool::threads();
     let work = m * n * k.max(1);
-    if threads == 1 || work < SPLIT_WORK {
+    if threads == 1 || g.batch * work < SPLIT_WORK {
         (0..g.batch).for_each(|bi| block(bi, 0..m, 0..n));
     } else if g.batch > 1 && g.stride_c >= m * n {
         // A batch of products (attention heads): one product per task.
@@ -168,6 +168,8 @@ pub(crate) fn gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
         let split_rows = m >= n;
         let len = if split_rows { m } else { n };
         let band = len.div_ceil(threads).next_multiple_of(16);
+        // A product too small to be worth splitting gets a single band.
+        let band = if work < SPLIT_WORK { len } else { band };
         let bands = len.div_ceil(band);
         for bi in 0..g.batch {
             crate::pool::for_each(bands, |p| {
