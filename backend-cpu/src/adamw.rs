@@ -1,5 +1,6 @@
 //! AdamW with PyTorch's `torch.optim.AdamW` (single-tensor path) semantics.
 
+use crate::pool::GRAIN;
 use mae::backend::AdamWStep;
 
 /// The per-step scalars are formed in `f32` from the `f32` fields of [`AdamWStep`], as a GPU
@@ -14,17 +15,21 @@ pub(crate) fn adamw(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32
     let (one_minus_b1, one_minus_b2) = (1.0 - b1, 1.0 - b2);
     let step_size = s.lr / s.bias_correction1;
     let bc2_sqrt = s.bias_correction2.sqrt();
-    for (((p, &g), m), v) in param
-        .iter_mut()
-        .zip(grad)
-        .zip(m.iter_mut())
-        .zip(v.iter_mut())
-    {
-        *p *= decay;
-        *m = b1 * *m + one_minus_b1 * g;
-        *v = b2 * *v + one_minus_b2 * g * g;
-        *p -= step_size * *m / (v.sqrt() / bc2_sqrt + s.eps);
-    }
+    crate::pool::chunks3(
+        n.div_ceil(GRAIN),
+        (param, GRAIN),
+        (m, GRAIN),
+        (v, GRAIN),
+        |i, pc, mc, vc| {
+            let g = &grad[i * GRAIN..i * GRAIN + pc.len()];
+            for (((p, &g), m), v) in pc.iter_mut().zip(g).zip(mc.iter_mut()).zip(vc.iter_mut()) {
+                *p *= decay;
+                *m = b1 * *m + one_minus_b1 * g;
+                *v = b2 * *v + one_minus_b2 * g * g;
+                *p -= step_size * *m / (v.sqrt() / bc2_sqrt + s.eps);
+            }
+        },
+    );
 }
 
 #[cfg(test)]

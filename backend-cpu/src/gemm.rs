@@ -1,12 +1,21 @@
-//! Strided-batched GEMM on `matrixmultiply::sgemm`.
+//! Strided-batched GEMM on the `gemm` crate (default) or `matrixmultiply::sgemm`
+//! (`MAE_CPU_GEMM=matrixmultiply`).
 //!
-//! matrixmultiply takes a row and a column stride per operand, so a stored transpose is only a
-//! swap of the two strides: no operand is ever copied. The batch is a loop over pointer offsets;
-//! matrixmultiply parallelizes inside each product (threads from `MATMUL_NUM_THREADS`, default the
-//! physical cores) by splitting C, never the `k` sum, so results do not depend on the thread count.
-//! It allocates its packing buffers itself on each call; that is the one allocation an op makes.
+//! Both kernels take a row and a column stride per operand, so a stored transpose is only a
+//! swap of the two strides: no operand is ever copied. The kernels run single-threaded; the
+//! threads are the crate's [`crate::pool`], so GEMMs and the other ops share one set of threads
+//! and never oversubscribe the cores. A batch of products (attention heads) runs one product per
+//! task; a single big product is cut into bands of rows (or columns) of C, one per thread. The
+//! `k` sum is never split, so every element of C is the same dot product, accumulated in the same
+//! order, whatever the thread count or the scheduling (a unit test checks the split products
+//! bitwise against unsplit ones).
+//!
+//! The kernels allocate their packing buffers themselves on each call (the `gemm` crate also a
+//! small flags `Vec` for some shapes): the only allocations an op makes.
 
+use core::ops::Range;
 use mae::backend::Gemm;
+use std::sync::OnceLock;
 
 /// Elements one operand spans over the whole batch: `(batch - 1) * stride + rows * cols`.
 ///
@@ -62,44 +71,151 @@ pub(crate) fn gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
     // element (i, p) sits at p * m + i, so row stride 1, column stride m. Likewise for B.
     let (rsa, csa) = if g.trans_a { (1, m) } else { (k, 1) };
     let (rsb, csb) = if g.trans_b { (1, k) } else { (n, 1) };
-    let (rsa, csa, rsb, csb) = (stride(rsa), stride(csa), stride(rsb), stride(csb));
-    let (rsc, csc) = (stride(n), 1);
-
-    let (pa, pb, pc) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
-    for bi in 0..g.batch {
-        // Cannot overflow: bi * stride <= (batch - 1) * stride <= need <= len (checked above).
-        let (oa, ob, oc) = (bi * g.stride_a, bi * g.stride_b, bi * g.stride_c);
+    let ptrs = Ptrs {
+        a: a.as_ptr(),
+        b: b.as_ptr(),
+        c: c.as_mut_ptr(),
+    };
+    // Captured whole (a closure would otherwise capture the non-`Sync` fields one by one).
+    let ptrs = &ptrs;
+    // The block of rows `rows` and columns `cols` of C[bi], computed by one single-threaded
+    // matrixmultiply call.
+    let block = |bi: usize, rows: Range<usize>, cols: Range<usize>| {
+        // Cannot overflow: bi * stride <= (batch - 1) * stride <= need <= len (checked above), and
+        // every offset below is at most the offset of an element of that item's operand.
+        let oa = bi * g.stride_a + rows.start * rsa;
+        let ob = bi * g.stride_b + cols.start * csb;
+        let oc = bi * g.stride_c + rows.start * n + cols.start;
+        let (mb, nb) = (rows.len(), cols.len());
         // SAFETY: the asserts above give `need_x <= x.len()` for each operand, where need_x is
         // computed without overflow. For batch item `bi`, matrixmultiply reads A at offsets
-        // `oa + i*rsa + p*csa` for i < m, p < k; the largest is `oa + m*k - 1` in both layouts
-        // (`(m-1)*k + (k-1)` or `(k-1)*m + (m-1)`), which is below `(batch-1)*stride_a + m*k =
-        // need_a <= a.len()`; the same argument bounds B (k x n) and C (m x n). When k == 0 no
-        // element of A or B is read and `oa`, `ob` are at most the lengths, so the offset
-        // pointers stay within or one past their allocations, as `add` requires. C's strides
-        // (n, 1) with n >= 1 map distinct (i, j) to distinct elements, as sgemm requires. C is
-        // borrowed mutably and A, B shared, so C aliases neither. The strides fit `isize`
-        // (checked by `stride`). With beta == 0 sgemm does not read C, so stale or NaN contents
-        // are fine (and C is initialized memory anyway).
-        unsafe {
-            matrixmultiply::sgemm(
-                m,
-                k,
-                n,
-                g.alpha,
-                pa.add(oa),
-                rsa,
-                csa,
-                pb.add(ob),
-                rsb,
-                csb,
-                g.beta,
-                pc.add(oc),
-                rsc,
-                csc,
-            );
+        // `bi*stride_a + i*rsa + p*csa` for i < m, p < k; the largest is `bi*stride_a + m*k - 1`
+        // in both layouts (`(m-1)*k + (k-1)` or `(k-1)*m + (m-1)`), which is below
+        // `(batch-1)*stride_a + m*k = need_a <= a.len()`; a block reads the rows
+        // `rows` (within 0..m) of that, so a subset. The same argument bounds B (k x n, columns
+        // `cols` within 0..n) and C (m x n). When k == 0 no element of A or B is read and the
+        // offsets are at most the lengths, so the pointers stay within or one past their
+        // allocations, as `add` requires. C's strides (n, 1) with n >= 1 map distinct (i, j) to
+        // distinct elements, as sgemm requires. C is borrowed mutably and A, B shared, so C
+        // aliases neither. The strides fit `isize` (checked by `stride`). With beta == 0 sgemm
+        // does not read C, so stale or NaN contents are fine (and C is initialized memory
+        // anyway). Blocks run in parallel (below) write disjoint parts of C: disjoint row or
+        // column ranges of one item, or items whose C blocks are disjoint because
+        // `stride_c >= m*n` was checked.
+        let (pa, pb, pc) = unsafe { (ptrs.a.add(oa), ptrs.b.add(ob), ptrs.c.add(oc)) };
+        match kernel() {
+            // SAFETY: as above; gemm takes the same pointers and strides (column stride first)
+            // and computes `dst = alpha_dst * dst + beta_prod * lhs rhs`, reading dst only when
+            // `read_dst`.
+            Kernel::Gemm => unsafe {
+                gemm::gemm(
+                    mb,
+                    nb,
+                    k,
+                    pc,
+                    1,
+                    stride(n),
+                    g.beta != 0.0,
+                    pa,
+                    stride(csa),
+                    stride(rsa),
+                    pb,
+                    stride(csb),
+                    stride(rsb),
+                    g.beta,
+                    g.alpha,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            },
+            // SAFETY: as above.
+            Kernel::MatrixMultiply => unsafe {
+                matrixmultiply::sgemm(
+                    mb,
+                    k,
+                    nb,
+                    g.alpha,
+                    pa,
+                    stride(rsa),
+                    stride(csa),
+                    pb,
+                    stride(rsb),
+                    stride(csb),
+                    g.beta,
+                    pc,
+                    stride(n),
+                    1,
+                )
+            },
+        }
+    };
+    let threads = crate::pool::threads();
+    let work = m * n * k.max(1);
+    if threads == 1 || g.batch * work < SPLIT_WORK {
+        (0..g.batch).for_each(|bi| block(bi, 0..m, 0..n));
+    } else if g.batch > 1 && g.stride_c >= m * n {
+        // A batch of products (attention heads): one product per task.
+        crate::pool::for_each(g.batch, |bi| block(bi, 0..m, 0..n));
+    } else {
+        // One big product at a time, its rows (or columns, when wider than tall) split into
+        // bands. Each element of C is still one dot product over k, accumulated in the same
+        // order whatever band it falls in, so the result does not depend on the split.
+        // Every band packs the whole of the operand that is not split, so cut the dimension
+        // whose other operand is smaller (rows of C when B is the smaller), into one band per
+        // thread.
+        let split_rows = m >= n;
+        let len = if split_rows { m } else { n };
+        let band = len.div_ceil(threads).next_multiple_of(16);
+        // A product too small to be worth splitting gets a single band.
+        let band = if work < SPLIT_WORK { len } else { band };
+        let bands = len.div_ceil(band);
+        for bi in 0..g.batch {
+            crate::pool::for_each(bands, |p| {
+                let r = p * band..((p + 1) * band).min(len);
+                if split_rows {
+                    block(bi, r, 0..n)
+                } else {
+                    block(bi, 0..m, r)
+                }
+            });
         }
     }
 }
+
+/// The single-threaded GEMM kernel every block goes through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    /// The `gemm` crate (sarah-quinones), with its AVX-512 kernels where the CPU has them.
+    Gemm,
+    /// `matrixmultiply`.
+    MatrixMultiply,
+}
+
+/// `MAE_CPU_GEMM=matrixmultiply` picks matrixmultiply; anything else (or nothing) the `gemm`
+/// crate, which measured faster on this project's shapes (docs/results.md).
+fn kernel() -> Kernel {
+    static KERNEL: OnceLock<Kernel> = OnceLock::new();
+    *KERNEL.get_or_init(|| match std::env::var("MAE_CPU_GEMM").as_deref() {
+        Ok("matrixmultiply") => Kernel::MatrixMultiply,
+        _ => Kernel::Gemm,
+    })
+}
+
+/// Products with fewer multiply-adds than this run on the calling thread: splitting them costs
+/// more in waking threads and packing operands twice than it saves.
+const SPLIT_WORK: usize = 1 << 17;
+
+/// The operand pointers, shared by the tasks of a parallel product.
+struct Ptrs {
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+}
+
+// SAFETY: the tasks only read A and B, and write disjoint blocks of C (see `gemm`).
+unsafe impl Sync for Ptrs {}
 
 #[cfg(test)]
 mod tests {
@@ -246,6 +362,70 @@ mod tests {
                 let mut expect = c0.clone();
                 naive(&g, &a, &b, &mut expect);
                 assert_close(&run(&g, &a, &b, &c0), &expect, 1e-6);
+            }
+        }
+    }
+
+    /// One unsplit single-threaded matrixmultiply call per batch item: the reference the split
+    /// and parallel paths must reproduce bitwise.
+    fn unsplit(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+        let (rsa, csa) = if g.trans_a { (1, g.m) } else { (g.k, 1) };
+        let (rsb, csb) = if g.trans_b { (1, g.k) } else { (g.n, 1) };
+        for bi in 0..g.batch {
+            let (oa, ob, oc) = (bi * g.stride_a, bi * g.stride_b, bi * g.stride_c);
+            let (a, b, c) = (&a[oa..], &b[ob..], &mut c[oc..oc + g.m * g.n]);
+            // SAFETY: the slices start at the item's offsets and hold at least its m*k, k*n and
+            // m*n elements under these strides (the test sizes the buffers for the batch).
+            unsafe {
+                matrixmultiply::sgemm(
+                    g.m,
+                    g.k,
+                    g.n,
+                    g.alpha,
+                    a.as_ptr(),
+                    rsa as isize,
+                    csa as isize,
+                    b.as_ptr(),
+                    rsb as isize,
+                    csb as isize,
+                    g.beta,
+                    c.as_mut_ptr(),
+                    g.n as isize,
+                    1,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn split_and_batched_products_are_bitwise_the_unsplit_ones() {
+        // Big enough to be split into bands (rows when tall, columns when wide) and batches of
+        // products run in parallel, with every transpose flag and an accumulating beta.
+        for (m, n, k, batch) in [(301, 77, 129, 1), (45, 410, 97, 1), (70, 70, 40, 9)] {
+            let a: Vec<f32> = (0..batch * m * k)
+                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0)
+                .collect();
+            let b: Vec<f32> = (0..batch * k * n)
+                .map(|i| ((i * 104_729 % 2027) as f32 - 1013.0) / 211.0)
+                .collect();
+            let c0: Vec<f32> = (0..batch * m * n).map(|i| (i % 13) as f32 * 0.1).collect();
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                for beta in [0.0, 1.0] {
+                    let g = Gemm {
+                        trans_a: ta,
+                        trans_b: tb,
+                        alpha: 0.5,
+                        beta,
+                        ..Gemm::new(m, n, k).batched(batch, m * k, k * n, m * n)
+                    };
+                    let mut want = c0.clone();
+                    unsplit(&g, &a, &b, &mut want);
+                    let got = run(&g, &a, &b, &c0);
+                    assert!(
+                        got == want,
+                        "{g:?}: split result differs from the unsplit one"
+                    );
+                }
             }
         }
     }

@@ -1,19 +1,25 @@
 //! # mae-backend-cpu: the `mae` compute backend on the CPU
 //!
 //! Buffers are plain `Vec<f32>` / `Vec<u32>`, so "device" memory is host memory and every op runs
-//! synchronously. GEMM goes through [`matrixmultiply`] (multithreaded; set `MATMUL_NUM_THREADS`
-//! to choose the thread count, default the physical cores). Every other op is a single-threaded
-//! loop over contiguous rows.
+//! synchronously. GEMM goes through the `gemm` crate (or `matrixmultiply` with
+//! `MAE_CPU_GEMM=matrixmultiply`); every op, GEMM included, splits its work
+//! over one small thread pool ([`pool`]). The thread count comes from `MAE_CPU_THREADS`, else
+//! `MATMUL_NUM_THREADS`, else the number of CPUs the process may use; `MAE_CPU_THREADS=1` runs
+//! everything on the calling thread. Work is split in fixed pieces that never share an output
+//! element, and no sum is split across threads, so results are bitwise the same for any thread
+//! count and any scheduling.
 //!
 //! Numerics, beyond the [`Backend`] contract:
 //! - Row reductions (LayerNorm statistics, softmax sums, loss sums) and column sums over many rows
 //!   (bias and LayerNorm parameter gradients) accumulate in `f64` in a fixed order, so results are
 //!   bitwise repeatable run to run and independent of the GEMM thread count.
-//! - GELU is computed in `f64` from `libm`'s `erfc` and rounded once; `exp` is `libm`'s, so results
-//!   do not depend on the platform's C library either.
+//! - GELU is computed in `f64` (the normal CDF from a table of `libm`'s `erfc`, interpolated,
+//!   ~1e-10 relative error) and rounded once; `exp` is the crate's own, so results do not depend
+//!   on the platform's C library either, and the loops vectorize.
 //! - Ops never allocate: only [`Backend::alloc`], [`Backend::upload`] and
-//!   [`Backend::upload_idx`] do (and matrixmultiply's packing buffers inside a GEMM), and they
-//!   report failure as [`BackendErrorKind::OutOfMemory`] instead of aborting.
+//!   [`Backend::upload_idx`] do (and the GEMM kernel's packing buffers inside a GEMM, and the
+//!   thread pool and GELU table once, on first use), and they report failure as
+//!   [`BackendErrorKind::OutOfMemory`] instead of aborting.
 //! - Like every backend, this one trusts `mae` to pass buffers of the documented lengths. A wrong
 //!   length can panic (slice bounds) but never causes undefined behaviour: the one `unsafe` call,
 //!   the GEMM kernel, asserts its bounds first.
@@ -41,9 +47,11 @@
 
 mod activation;
 mod adamw;
+mod fastmath;
 mod gemm;
 mod loss;
 mod norm;
+pub mod pool;
 mod reduce;
 mod rows;
 
@@ -52,8 +60,9 @@ use mae::backend::{
     RowMap,
 };
 
-/// The CPU backend. It holds no state: buffers are `Vec`s owned by the caller and the GEMM thread
-/// pool is matrixmultiply's own, so the value is free to create, copy and share between threads.
+/// The CPU backend. It holds no state: buffers are `Vec`s owned by the caller and the thread pool
+/// is global (started on first use), so the value is free to create, copy and share between
+/// threads.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend {
     _private: (),
@@ -165,14 +174,19 @@ impl Backend for CpuBackend {
 
     fn add(&self, src: &Vec<f32>, dst: &mut Vec<f32>) -> BResult<()> {
         let n = dst.len();
-        rows::add_into(dst, &src[..n]);
+        let src = &src[..n];
+        pool::chunks1(dst, pool::GRAIN, |i, d| {
+            rows::add_into(d, &src[i * pool::GRAIN..]);
+        });
         Ok(())
     }
 
     fn scale(&self, buf: &mut Vec<f32>, s: f32) -> BResult<()> {
-        for x in buf.iter_mut() {
-            *x *= s;
-        }
+        pool::chunks1(buf, pool::GRAIN, |_, b| {
+            for x in b.iter_mut() {
+                *x *= s;
+            }
+        });
         Ok(())
     }
 

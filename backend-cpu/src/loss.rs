@@ -1,5 +1,6 @@
 //! The masked reconstruction loss: the per-patch MSE averaged over the removed patches only.
 
+use crate::pool::{chunks1, rows_per_chunk};
 use crate::reduce::fold2;
 
 /// Squared error of one row, in `f64` (the difference too, so it is exact).
@@ -47,14 +48,21 @@ pub(crate) fn masked_mse_backward(
     d_loss: f32,
 ) {
     let coef = d_loss as f64 * 2.0 / (cols as f64 * mask_sum(&mask[..rows]));
-    for (r, &m) in mask[..rows].iter().enumerate() {
-        let span = r * cols..(r + 1) * cols;
-        let k = coef * m as f64;
-        let (pr, tr) = (&pred[span.clone()], &target[span.clone()]);
-        for ((o, &p), &t) in d_pred[span].iter_mut().zip(pr).zip(tr) {
-            *o = (*o as f64 + k * (p as f64 - t as f64)) as f32;
-        }
+    if cols == 0 {
+        return;
     }
+    let rpc = rows_per_chunk(cols);
+    chunks1(&mut d_pred[..rows * cols], rpc * cols, |i, dc| {
+        for (r, dr) in dc.chunks_exact_mut(cols).enumerate() {
+            let row = i * rpc + r;
+            let span = row * cols..(row + 1) * cols;
+            let k = coef * mask[row] as f64;
+            let (pr, tr) = (&pred[span.clone()], &target[span]);
+            for ((o, &p), &t) in dr.iter_mut().zip(pr).zip(tr) {
+                *o = (*o as f64 + k * (p as f64 - t as f64)) as f32;
+            }
+        }
+    });
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //! Row statistics are two-pass (mean, then squared deviations from it) in `f64`: the one-pass
 //! `E[x^2] - E[x]^2` form loses most digits when a row's mean is large against its spread.
 
-use crate::reduce::{fold1, fold2, fold3, sum, COL_BLOCK};
+use crate::pool::{chunks1, chunks2, chunks3, rows_per_chunk};
+use crate::reduce::{col_block, fold1, fold2, fold3, sum, COL_BLOCK};
 
 /// Mean and the sum of squared deviations of one row, in `f64`.
 #[inline(always)]
@@ -17,7 +18,7 @@ fn mean_and_ssd(row: &[f32]) -> (f64, f64) {
 }
 
 /// `y` is computed from the `f32` `mean` and `rstd` it stores, so the backward's `xhat` is
-/// bitwise the forward's.
+/// bitwise the forward's. Rows are independent, so they are split over the pool's threads.
 pub(crate) fn layernorm_forward(
     x: &[f32],
     gamma: &[f32],
@@ -29,25 +30,41 @@ pub(crate) fn layernorm_forward(
     cols: usize,
     eps: f32,
 ) {
-    let (gamma, beta) = (&gamma[..cols], &beta[..cols]);
-    for r in 0..rows {
-        let xr = &x[r * cols..(r + 1) * cols];
-        let yr = &mut y[r * cols..(r + 1) * cols];
-        let (m, ssd) = mean_and_ssd(xr);
-        let var = ssd / cols as f64;
-        let (m, rs) = (m as f32, (1.0 / (var + eps as f64).sqrt()) as f32);
-        mean[r] = m;
-        rstd[r] = rs;
-        for (((o, &v), &g), &b) in yr.iter_mut().zip(xr).zip(gamma).zip(beta) {
-            *o = (v - m) * rs * g + b;
-        }
+    if cols == 0 {
+        return;
     }
+    let (gamma, beta) = (&gamma[..cols], &beta[..cols]);
+    let rpc = rows_per_chunk(cols);
+    let (y, mean, rstd) = (&mut y[..rows * cols], &mut mean[..rows], &mut rstd[..rows]);
+    let n = rows.div_ceil(rpc);
+    chunks3(
+        n,
+        (y, rpc * cols),
+        (mean, rpc),
+        (rstd, rpc),
+        |i, yc, mc, rc| {
+            for (r, yr) in yc.chunks_exact_mut(cols).enumerate() {
+                let row = i * rpc + r;
+                let xr = &x[row * cols..(row + 1) * cols];
+                let (m, ssd) = mean_and_ssd(xr);
+                let var = ssd / cols as f64;
+                let (m, rs) = (m as f32, (1.0 / (var + eps as f64).sqrt()) as f32);
+                mc[r] = m;
+                rc[r] = rs;
+                for (((o, &v), &g), &b) in yr.iter_mut().zip(xr).zip(gamma).zip(beta) {
+                    *o = (v - m) * rs * g + b;
+                }
+            }
+        },
+    );
 }
 
 /// llm.c's formula: with `dnorm = dy * gamma` and `xhat = (x - mean) * rstd`,
 /// `dx += rstd * (dnorm - mean(dnorm) - xhat * mean(dnorm * xhat))`. The two row means are
 /// `f64` sums. `dgamma` and `dbeta` are column sums over all rows, taken in a second pass by column
-/// blocks so each column's sum runs in `f64` over rows in ascending order without a heap buffer.
+/// blocks so each column's sum runs in `f64` over rows in ascending order without a heap buffer;
+/// rows (first pass) and column blocks (second pass) are split over the pool's threads, which
+/// changes no summation order.
 pub(crate) fn layernorm_backward(
     dy: &[f32],
     x: &[f32],
@@ -60,22 +77,31 @@ pub(crate) fn layernorm_backward(
     rows: usize,
     cols: usize,
 ) {
+    if cols == 0 {
+        return;
+    }
     let gamma = &gamma[..cols];
     let n = cols as f64;
-    for r in 0..rows {
-        let span = r * cols..(r + 1) * cols;
-        let (dyr, xr, dxr) = (&dy[span.clone()], &x[span.clone()], &mut dx[span]);
-        let (m, rs) = (mean[r], rstd[r]);
-        let mean_dnorm = (fold2(dyr, gamma, |d, g| (d * g) as f64) / n) as f32;
-        let mean_dnorm_xhat =
-            (fold3(dyr, gamma, xr, |d, g, v| ((d * g) * ((v - m) * rs)) as f64) / n) as f32;
-        for (((o, &d), &g), &v) in dxr.iter_mut().zip(dyr).zip(gamma).zip(xr) {
-            let xhat = (v - m) * rs;
-            *o += rs * (d * g - mean_dnorm - xhat * mean_dnorm_xhat);
+    let rpc = rows_per_chunk(cols);
+    chunks1(&mut dx[..rows * cols], rpc * cols, |i, dxc| {
+        for (r, dxr) in dxc.chunks_exact_mut(cols).enumerate() {
+            let row = i * rpc + r;
+            let span = row * cols..(row + 1) * cols;
+            let (dyr, xr) = (&dy[span.clone()], &x[span]);
+            let (m, rs) = (mean[row], rstd[row]);
+            let mean_dnorm = (fold2(dyr, gamma, |d, g| (d * g) as f64) / n) as f32;
+            let mean_dnorm_xhat =
+                (fold3(dyr, gamma, xr, |d, g, v| ((d * g) * ((v - m) * rs)) as f64) / n) as f32;
+            for (((o, &d), &g), &v) in dxr.iter_mut().zip(dyr).zip(gamma).zip(xr) {
+                let xhat = (v - m) * rs;
+                *o += rs * (d * g - mean_dnorm - xhat * mean_dnorm_xhat);
+            }
         }
-    }
-    for c0 in (0..cols).step_by(COL_BLOCK) {
-        let w = COL_BLOCK.min(cols - c0);
+    });
+    let w = col_block(cols);
+    let (dgamma, dbeta) = (&mut dgamma[..cols], &mut dbeta[..cols]);
+    chunks2(cols.div_ceil(w), dgamma, w, dbeta, w, |bi, dg, db| {
+        let (c0, w) = (bi * w, dg.len());
         let mut acc_g = [0.0f64; COL_BLOCK];
         let mut acc_b = [0.0f64; COL_BLOCK];
         let (acc_g, acc_b) = (&mut acc_g[..w], &mut acc_b[..w]);
@@ -88,27 +114,33 @@ pub(crate) fn layernorm_backward(
                 *ab += d as f64;
             }
         }
-        for (o, &a) in dgamma[c0..c0 + w].iter_mut().zip(acc_g.iter()) {
+        for (o, &a) in dg.iter_mut().zip(acc_g.iter()) {
             *o = (*o as f64 + a) as f32;
         }
-        for (o, &a) in dbeta[c0..c0 + w].iter_mut().zip(acc_b.iter()) {
+        for (o, &a) in db.iter_mut().zip(acc_b.iter()) {
             *o = (*o as f64 + a) as f32;
         }
-    }
+    });
 }
 
 /// The official `(target - mean) / (var + eps) ** 0.5` with `var` unbiased (`torch.var`'s
 /// default), all in `f64` and rounded once. `cols == 1` gives NaN (0 / 0), as PyTorch does.
 pub(crate) fn normalize_rows(x: &[f32], y: &mut [f32], rows: usize, cols: usize, eps: f32) {
-    for r in 0..rows {
-        let xr = &x[r * cols..(r + 1) * cols];
-        let yr = &mut y[r * cols..(r + 1) * cols];
-        let (m, ssd) = mean_and_ssd(xr);
-        let std = (ssd / (cols as f64 - 1.0) + eps as f64).sqrt();
-        for (o, &v) in yr.iter_mut().zip(xr) {
-            *o = ((v as f64 - m) / std) as f32;
-        }
+    if cols == 0 {
+        return;
     }
+    let rpc = rows_per_chunk(cols);
+    chunks1(&mut y[..rows * cols], rpc * cols, |i, yc| {
+        for (r, yr) in yc.chunks_exact_mut(cols).enumerate() {
+            let row = i * rpc + r;
+            let xr = &x[row * cols..(row + 1) * cols];
+            let (m, ssd) = mean_and_ssd(xr);
+            let std = (ssd / (cols as f64 - 1.0) + eps as f64).sqrt();
+            for (o, &v) in yr.iter_mut().zip(xr) {
+                *o = ((v as f64 - m) / std) as f32;
+            }
+        }
+    });
 }
 
 #[cfg(test)]

@@ -85,6 +85,14 @@ pub(crate) fn sum(a: &[f32]) -> f64 {
 /// partials of one block live on the stack (2 KiB), so column reductions need no heap buffer.
 pub(crate) const COL_BLOCK: usize = 256;
 
+/// Width of the column blocks (at most [`COL_BLOCK`]) in which a column reduction over `cols`
+/// columns is split over threads: narrow enough to give every thread several blocks. Each
+/// column's sum is the same whatever the width, so this only changes who computes it.
+pub(crate) fn col_block(cols: usize) -> usize {
+    let per_thread = cols.div_ceil(4 * crate::pool::threads());
+    per_thread.next_multiple_of(16).clamp(16, COL_BLOCK)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

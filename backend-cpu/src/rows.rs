@@ -4,7 +4,8 @@
 //! Everything here moves whole contiguous runs (a row, a head slice, a patch row), so the inner
 //! work is `copy_from_slice` or a short vectorizable add; indices are computed once per run.
 
-use crate::reduce::COL_BLOCK;
+use crate::pool::{chunks1, rows_per_chunk};
+use crate::reduce::{col_block, COL_BLOCK};
 use mae::backend::{Gather, Heads, PatchOrder, Patchify, RowMap};
 
 /// `dst += src`, elementwise.
@@ -21,15 +22,37 @@ pub(crate) fn copy_rows(src: &[f32], dst: &mut [f32], map: &RowMap, accumulate: 
         let (ls, ld) = map.lens();
         src.len() >= ls && dst.len() >= ld
     });
-    for b in 0..map.batch {
-        for i in 0..map.count {
-            let s = map.src_row(b, i) * cols;
-            let d = map.dst_row(b, i) * cols;
-            let (from, to) = (&src[s..s + cols], &mut dst[d..d + cols]);
-            if accumulate {
-                add_into(to, from);
-            } else {
-                to.copy_from_slice(from);
+    if map.batch == 0 || map.count == 0 || cols == 0 {
+        return;
+    }
+    let one = |b: usize, i: usize, to: &mut [f32]| {
+        let s = map.src_row(b, i) * cols;
+        let from = &src[s..s + cols];
+        if accumulate {
+            add_into(to, from);
+        } else {
+            to.copy_from_slice(from);
+        }
+    };
+    let stride = map.dst_stride;
+    if map.dst_start + map.count <= stride {
+        // Item b writes only inside rows [b * stride, (b + 1) * stride): items split over threads.
+        let items = rows_per_chunk(stride * cols);
+        let end = (map.batch * stride * cols).min(dst.len());
+        chunks1(&mut dst[..end], items * stride * cols, |k, part| {
+            for (ib, item) in part.chunks_mut(stride * cols).enumerate() {
+                let b = k * items + ib;
+                for i in 0..map.count {
+                    let d = (map.dst_start + i) * cols;
+                    one(b, i, &mut item[d..d + cols]);
+                }
+            }
+        });
+    } else {
+        for b in 0..map.batch {
+            for i in 0..map.count {
+                let d = map.dst_row(b, i) * cols;
+                one(b, i, &mut dst[d..d + cols]);
             }
         }
     }
@@ -98,6 +121,51 @@ pub(crate) fn copy_rows_backward(d_dst: &[f32], d_src: &mut [f32], map: &RowMap)
         }
         return;
     }
+    if map.batch == 0 || map.count == 0 || cols == 0 {
+        return;
+    }
+    // Sum the readers of one source row into `out`, the columns `c0..c0 + out.len()` of that row.
+    let sum_readers = |b: usize, i: usize, c0: usize, out: &mut [f32]| {
+        let w = out.len();
+        let mut acc = [0.0f64; COL_BLOCK];
+        let acc = &mut acc[..w];
+        for_each_reader(map, b, i, |d| {
+            let row = &d_dst[d * cols + c0..d * cols + c0 + w];
+            for (a, &x) in acc.iter_mut().zip(row) {
+                *a += x as f64;
+            }
+        });
+        for (o, &a) in out.iter_mut().zip(acc.iter()) {
+            *o = (*o as f64 + a) as f32;
+        }
+    };
+    if map.src_step == 0 && (map.src_stride == 0 || map.batch == 1) {
+        // One source row (a bias, a shared token): its column blocks split over threads.
+        let s = map.src_row(0, 0) * cols;
+        let w = col_block(cols);
+        chunks1(&mut d_src[s..s + cols], w, |k, out| {
+            sum_readers(0, 0, k * w, out)
+        });
+        return;
+    }
+    if map.src_step == 1 && map.src_stride == 0 {
+        // A shared table: rows src_start + i, first read by item 0, split over threads.
+        let s = map.src_start * cols;
+        let rpc = rows_per_chunk(cols * map.batch);
+        chunks1(
+            &mut d_src[s..s + map.count * cols],
+            rpc * cols,
+            |k, part| {
+                for (r, row) in part.chunks_exact_mut(cols).enumerate() {
+                    for c0 in (0..cols).step_by(COL_BLOCK) {
+                        let w = COL_BLOCK.min(cols - c0);
+                        sum_readers(0, k * rpc + r, c0, &mut row[c0..c0 + w]);
+                    }
+                }
+            },
+        );
+        return;
+    }
     for b in 0..map.batch {
         for i in 0..map.count {
             if !first_reader(map, b, i) {
@@ -138,28 +206,56 @@ fn gather_pair(g: &Gather, idx: &[u32], b: usize, j: usize) -> (usize, usize) {
     )
 }
 
+/// Items split over threads: item `b` writes only its own `dst_rows` rows.
 pub(crate) fn gather_rows(src: &[f32], idx: &[u32], dst: &mut [f32], g: &Gather) {
     debug_assert!(g.dst_start + g.count <= g.dst_rows);
     let cols = g.cols;
-    for b in 0..g.batch {
-        for j in 0..g.count {
-            let (s, d) = gather_pair(g, idx, b, j);
-            dst[d..d + cols].copy_from_slice(&src[s..s + cols]);
-        }
+    let per_item = g.dst_rows * cols;
+    if per_item == 0 {
+        return;
     }
+    let items = rows_per_chunk(per_item);
+    chunks1(
+        &mut dst[..g.batch * per_item],
+        items * per_item,
+        |k, part| {
+            for (ib, item) in part.chunks_exact_mut(per_item).enumerate() {
+                let b = k * items + ib;
+                for j in 0..g.count {
+                    let (s, d) = gather_pair(g, idx, b, j);
+                    let d = d - b * per_item;
+                    item[d..d + cols].copy_from_slice(&src[s..s + cols]);
+                }
+            }
+        },
+    );
 }
 
 /// Indices of one item are distinct, so each `d_src` row receives at most one `d_dst` row per
-/// call: a plain add, no reduction order to fix.
+/// call: a plain add, no reduction order to fix. Items split over threads: item `b` writes only
+/// its own `src_rows` rows.
 pub(crate) fn gather_rows_backward(d_dst: &[f32], idx: &[u32], d_src: &mut [f32], g: &Gather) {
     debug_assert!(g.dst_start + g.count <= g.dst_rows);
     let cols = g.cols;
-    for b in 0..g.batch {
-        for j in 0..g.count {
-            let (s, d) = gather_pair(g, idx, b, j);
-            add_into(&mut d_src[s..s + cols], &d_dst[d..d + cols]);
-        }
+    let per_item = g.src_rows * cols;
+    if per_item == 0 {
+        return;
     }
+    let items = rows_per_chunk(per_item);
+    chunks1(
+        &mut d_src[..g.batch * per_item],
+        items * per_item,
+        |k, part| {
+            for (ib, item) in part.chunks_exact_mut(per_item).enumerate() {
+                let b = k * items + ib;
+                for j in 0..g.count {
+                    let (s, d) = gather_pair(g, idx, b, j);
+                    let s = s - b * per_item;
+                    add_into(&mut item[s..s + cols], &d_dst[d..d + cols]);
+                }
+            }
+        },
+    );
 }
 
 /// Walks the image one pixel row at a time. For `Chw` each patch-wide run of a pixel row is one
@@ -176,12 +272,16 @@ pub(crate) fn patchify(imgs: &[f32], out: &mut [f32], p: &Patchify) {
     let num = gh * gw;
     let plen = ps * ps * ch;
     let plane = h * w;
-    for b in 0..p.batch {
+    let per_item = num * plen;
+    if per_item == 0 {
+        return;
+    }
+    chunks1(&mut out[..p.batch * per_item], per_item, |b, out| {
         let img = &imgs[b * ch * plane..(b + 1) * ch * plane];
         for y in 0..gh * ps {
             let (gy, py) = (y / ps, y % ps);
             for gx in 0..gw {
-                let patch = (b * num + gy * gw + gx) * plen;
+                let patch = (gy * gw + gx) * plen;
                 match p.order {
                     PatchOrder::Chw => {
                         for c in 0..ch {
@@ -203,7 +303,7 @@ pub(crate) fn patchify(imgs: &[f32], out: &mut [f32], p: &Patchify) {
                 }
             }
         }
-    }
+    });
 }
 
 /// Offsets of the token-matrix run and the per-head run of `(b, h, t)`, each `head_dim` long.
@@ -215,32 +315,46 @@ fn head_pair(hd: &Heads, b: usize, h: usize, t: usize) -> (usize, usize) {
     )
 }
 
-/// Writes the per-head tensor in order; the reads stride through the token rows.
+/// Writes the per-head tensor in order; the reads stride through the token rows. Items split
+/// over threads.
 pub(crate) fn split_heads(x: &[f32], heads: &mut [f32], hd: &Heads) {
     debug_assert!(hd.col_offset + hd.heads * hd.head_dim <= hd.row_width);
     let n = hd.head_dim;
-    for b in 0..hd.batch {
+    let per_item = hd.heads * hd.tokens * n;
+    if per_item == 0 {
+        return;
+    }
+    chunks1(&mut heads[..hd.batch * per_item], per_item, |b, item| {
         for h in 0..hd.heads {
             for t in 0..hd.tokens {
                 let (xo, ho) = head_pair(hd, b, h, t);
-                heads[ho..ho + n].copy_from_slice(&x[xo..xo + n]);
+                let ho = ho - b * per_item;
+                item[ho..ho + n].copy_from_slice(&x[xo..xo + n]);
             }
         }
-    }
+    });
 }
 
-/// Writes each token row in order (all heads of a token are adjacent in `x`).
+/// Writes each token row in order (all heads of a token are adjacent in `x`). Items split over
+/// threads.
 pub(crate) fn merge_heads(heads: &[f32], x: &mut [f32], hd: &Heads) {
     debug_assert!(hd.col_offset + hd.heads * hd.head_dim <= hd.row_width);
     let n = hd.head_dim;
-    for b in 0..hd.batch {
+    let per_item = hd.tokens * hd.row_width;
+    if per_item == 0 || n == 0 {
+        return;
+    }
+    // The last item's rows may end before its row width does; never cut past `x`.
+    let end = (hd.batch * per_item).min(x.len());
+    chunks1(&mut x[..end], per_item, |b, item| {
         for t in 0..hd.tokens {
             for h in 0..hd.heads {
                 let (xo, ho) = head_pair(hd, b, h, t);
-                x[xo..xo + n].copy_from_slice(&heads[ho..ho + n]);
+                let xo = xo - b * per_item;
+                item[xo..xo + n].copy_from_slice(&heads[ho..ho + n]);
             }
         }
-    }
+    });
 }
 
 #[cfg(test)]

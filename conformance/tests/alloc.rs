@@ -1,7 +1,13 @@
-//! The training step allocates nothing on the host after the first step, apart from the packing
-//! buffer matrixmultiply makes for each matrix product (one per product, inside the library, out
-//! of our control; the CPU-speed issue may replace it): every buffer of `mae` and every op of the
-//! CPU backend is allocated up front.
+//! The training step allocates nothing on the host after the first step except inside the GEMM
+//! kernel: every buffer of `mae` and every op of the CPU backend is allocated up front, and the
+//! CPU backend's thread pool and tables are made during the first step. The kernel (the `gemm`
+//! crate by default, `MAE_CPU_GEMM=matrixmultiply` for matrixmultiply) allocates on each call,
+//! inside the library and out of our control: matrixmultiply one packing buffer, the `gemm`
+//! crate one packing buffer plus, for some shapes, a small `Vec` of flags
+//! (`gemm_common::gemm::gemm_basic_generic`), so at most two per product. (A big product split
+//! over threads makes that per band, but this test's products are below the CPU backend's
+//! splitting threshold.) And every step after the first allocates exactly as often as the
+//! others: nothing grows.
 
 use mae::init::init_params;
 use mae::train::{TrainOptions, Trainer};
@@ -34,7 +40,7 @@ unsafe impl GlobalAlloc for Counting {
 static GLOBAL: Counting = Counting;
 
 #[test]
-fn steps_allocate_only_gemm_packing() {
+fn steps_allocate_only_inside_the_gemm_kernel() {
     let cfg = Config {
         img_size: 16,
         patch_size: 4,
@@ -68,7 +74,11 @@ fn steps_allocate_only_gemm_packing() {
         + 8;
     eprintln!("allocations per step: {per_step:?}, matrix products per step: {products}");
     assert!(
-        per_step.iter().all(|&n| n <= products),
-        "{per_step:?} allocations > {products} matrix products: something besides GEMM packing allocates"
+        per_step.iter().all(|&n| n <= 2 * products),
+        "{per_step:?} allocations > 2 x {products} matrix products: something besides the GEMM kernel allocates"
+    );
+    assert!(
+        per_step.iter().all(|&n| n == per_step[0]),
+        "{per_step:?}: the steps after the first do not allocate equally often"
     );
 }

@@ -5,6 +5,9 @@
 //! `bench --loader SPEC [--img-size 224] [--workers 2] [--batch N] [--channels 3] [--seconds S]`:
 //! the data loader alone (decoding, RandomResizedCrop, flip, normalization) on the dataset SPEC
 //! (as `pretrain --data`), printed as one JSON line with `loader_img_s`.
+//!
+//! The case line also carries `train_peak_rss_mb`: the process's peak resident memory (Linux
+//! `VmHWM`) measured after the training phase, before the embedding phase.
 
 use mae::backend::{Backend, OnBackend};
 use mae::embed::{Embedder, Pool};
@@ -66,6 +69,9 @@ fn run<B: Backend>(
     let train_steps = rate(seconds, || {
         trainer.train_step(b, &imgs, None, 1e-4).map(drop)
     })?;
+    // Peak resident memory so far: the process's high-water mark after the training phase, read
+    // before the embedding phase starts (Linux only; absent elsewhere).
+    let peak_mb = peak_rss_mb();
     drop(trainer);
     let mut embedder = Embedder::new(b, &cfg, &params.encoder, batch)?;
     let embed_calls = rate(seconds, || embedder.pooled(b, &imgs, Pool::Cls).map(drop))?;
@@ -73,13 +79,25 @@ fn run<B: Backend>(
     let keep = keep_count(cfg.num_patches(), 0.75);
     let train_img_s = train_steps * batch as f64;
     let embed_img_s = embed_calls * batch as f64;
+    let peak = peak_mb.map_or(String::new(), |mb| {
+        format!(",\"train_peak_rss_mb\":{mb:.1}")
+    });
     Ok(format!(
         "{{\"case\":\"{case}\",\"backend\":\"{}\",\"batch\":{batch},\"train_img_s\":{train_img_s:.3},\
-\"embed_img_s\":{embed_img_s:.3},\"train_gflop_s\":{:.2},\"embed_gflop_s\":{:.2}}}",
+\"embed_img_s\":{embed_img_s:.3},\"train_gflop_s\":{:.2},\"embed_gflop_s\":{:.2}{peak}}}",
         b.name(),
         train_img_s * flops::mae_train(&cfg, keep) / 1e9,
         embed_img_s * flops::encoder_forward(&cfg, cfg.num_patches()) / 1e9,
     ))
+}
+
+/// The process's peak resident set size in MiB (`VmHWM` of `/proc/self/status`), where the
+/// system reports one.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 /// Settings of the loader benchmark.

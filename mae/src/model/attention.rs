@@ -8,8 +8,6 @@ use crate::params::Linear;
 
 /// What one attention layer keeps for its backward.
 pub struct AttentionActs<B: Backend> {
-    /// `[rows, 3 D]`: q | k | v, each head-major.
-    pub qkv: B::Buf,
     /// `[N, H, T, hd]`.
     pub q: B::Buf,
     /// `[N, H, T, hd]`.
@@ -18,14 +16,18 @@ pub struct AttentionActs<B: Backend> {
     pub v: B::Buf,
     /// Attention probabilities `[N, H, T, T]`.
     pub att: B::Buf,
-    /// Per-head outputs `[N, H, T, hd]`.
-    pub heads_out: B::Buf,
     /// Heads concatenated `[rows, D]`: the input of `proj`.
     pub merged: B::Buf,
 }
 
-/// Buffers shared by every attention layer of a stack (never needed across layers).
+/// Buffers shared by every attention layer of a stack (never needed across layers). The
+/// forward's intermediates that the backward does not read live here rather than in
+/// [`AttentionActs`], so a training stack keeps one copy instead of one per block.
 pub struct AttentionScratch<B: Backend> {
+    /// The qkv projection `[rows, 3 D]` (q | k | v, each head-major), split into per-head q, k, v.
+    pub qkv: B::Buf,
+    /// Per-head outputs `[N, H, T, hd]`, merged into `AttentionActs::merged`.
+    pub heads_out: B::Buf,
     /// Scores before softmax (forward), then their gradient (backward), `[N, H, T, T]`.
     pub scores: B::Buf,
     /// Gradient of the probabilities, `[N, H, T, T]`.
@@ -50,12 +52,10 @@ impl<B: Backend> AttentionActs<B> {
         let (r, dim) = (d.rows(), d.dim);
         let scores = d.batch * d.heads * d.tokens * d.tokens;
         Ok(AttentionActs {
-            qkv: b.alloc(r * 3 * dim)?,
             q: b.alloc(r * dim)?,
             k: b.alloc(r * dim)?,
             v: b.alloc(r * dim)?,
             att: b.alloc(scores)?,
-            heads_out: b.alloc(r * dim)?,
             merged: b.alloc(r * dim)?,
         })
     }
@@ -68,6 +68,8 @@ impl<B: Backend> AttentionScratch<B> {
         let scores = d.batch * d.heads * d.tokens * d.tokens;
         let n = |len: usize| b.alloc(if backward { len } else { 0 });
         Ok(AttentionScratch {
+            qkv: b.alloc(r * 3 * dim)?,
+            heads_out: b.alloc(r * dim)?,
             scores: b.alloc(scores)?,
             d_att: n(scores)?,
             d_merged: n(r * dim)?,
@@ -113,10 +115,10 @@ pub fn attention_forward<B: Backend>(
     d: &StackDims,
 ) -> BResult<()> {
     let (r, dim, t, hd) = (d.rows(), d.dim, d.tokens, d.head_dim());
-    linear_forward(b, x, qkv, &mut acts.qkv, r, dim, 3 * dim, false)?;
-    b.split_heads(&acts.qkv, &mut acts.q, &heads_view(d, 3 * dim, 0))?;
-    b.split_heads(&acts.qkv, &mut acts.k, &heads_view(d, 3 * dim, dim))?;
-    b.split_heads(&acts.qkv, &mut acts.v, &heads_view(d, 3 * dim, 2 * dim))?;
+    linear_forward(b, x, qkv, &mut scratch.qkv, r, dim, 3 * dim, false)?;
+    b.split_heads(&scratch.qkv, &mut acts.q, &heads_view(d, 3 * dim, 0))?;
+    b.split_heads(&scratch.qkv, &mut acts.k, &heads_view(d, 3 * dim, dim))?;
+    b.split_heads(&scratch.qkv, &mut acts.v, &heads_view(d, 3 * dim, 2 * dim))?;
     // scores = q k^T; the scale is applied inside the softmax, after the product, as timm does.
     b.gemm(
         &per_head(d, t, t, hd).trans_b(),
@@ -135,9 +137,9 @@ pub fn attention_forward<B: Backend>(
         &per_head(d, t, hd, t),
         &acts.att,
         &acts.v,
-        &mut acts.heads_out,
+        &mut scratch.heads_out,
     )?;
-    b.merge_heads(&acts.heads_out, &mut acts.merged, &heads_view(d, dim, 0))?;
+    b.merge_heads(&scratch.heads_out, &mut acts.merged, &heads_view(d, dim, 0))?;
     linear_forward(b, &acts.merged, proj, out, r, dim, dim, true)
 }
 
