@@ -563,20 +563,8 @@ impl Backend for CudaBackend {
         cols: usize,
         scale: f32,
     ) -> BResult<()> {
-        need(x, rows * cols, "softmax_forward", "x")?;
-        need(y, rows * cols, "softmax_forward", "y")?;
-        let args = [
-            self.ptr(x),
-            self.ptr_mut(y),
-            u(rows),
-            u(cols),
-            Arg::F32(scale),
-        ];
-        self.launch(
-            Kernel::SoftmaxForward,
-            per_row(rows as u64, cols as u64),
-            &args,
-        )
+        let op = ("softmax_forward", Kernel::SoftmaxForward);
+        self.row_op(op, x, y, rows, cols, scale)
     }
 
     fn softmax_backward(
@@ -617,20 +605,8 @@ impl Backend for CudaBackend {
         cols: usize,
         eps: f32,
     ) -> BResult<()> {
-        need(x, rows * cols, "normalize_rows", "x")?;
-        need(y, rows * cols, "normalize_rows", "y")?;
-        let args = [
-            self.ptr(x),
-            self.ptr_mut(y),
-            u(rows),
-            u(cols),
-            Arg::F32(eps),
-        ];
-        self.launch(
-            Kernel::NormalizeRows,
-            per_row(rows as u64, cols as u64),
-            &args,
-        )
+        let op = ("normalize_rows", Kernel::NormalizeRows);
+        self.row_op(op, x, y, rows, cols, eps)
     }
 
     fn masked_mse_forward(
@@ -753,6 +729,29 @@ fn need_idx(idx: &CudaIdx, len: usize, op: &str) -> BResult<()> {
 impl CudaBackend {
     fn idx_ptr(&self, idx: &CudaIdx) -> Arg {
         Arg::Ptr(crate::buffer::addr(&idx.slice, &self.stream))
+    }
+
+    /// A kernel that maps each row of `x` to the same row of `y`, one block per row, with one
+    /// scalar setting (softmax's scale, normalize_rows' epsilon).
+    fn row_op(
+        &self,
+        (name, kernel): (&str, Kernel),
+        x: &CudaBuf,
+        y: &mut CudaBuf,
+        rows: usize,
+        cols: usize,
+        scalar: f32,
+    ) -> BResult<()> {
+        need(x, rows * cols, name, "x")?;
+        need(y, rows * cols, name, "y")?;
+        let args = [
+            self.ptr(x),
+            self.ptr_mut(y),
+            u(rows),
+            u(cols),
+            Arg::F32(scalar),
+        ];
+        self.launch(kernel, per_row(rows as u64, cols as u64), &args)
     }
 
     /// A gather kernel (forward or backward) reading `input` and writing `output` through `idx`;

@@ -453,7 +453,7 @@ fn reconstruction_panels_keep_visible_patches_and_blank_removed_ones() {
                     "a removed patch was not pasted"
                 );
                 // Blanked to the normalization's mean color.
-                let mean = [0.485f32, 0.456, 0.406];
+                let mean = mae_examples::data::IMAGENET_MEAN;
                 assert!(idx
                     .iter()
                     .all(|&k| (p.masked[k] - mean[k / (size * size) % 3]).abs() < 1e-6));
