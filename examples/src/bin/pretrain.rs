@@ -80,8 +80,9 @@ struct Args {
     /// Fraction of patches removed [default: 0.75]
     #[arg(long)]
     mask_ratio: Option<f64>,
-    /// Per-patch normalized pixel targets (true / false) [default: true]
-    #[arg(long)]
+    /// Per-patch normalized pixel targets: `--norm-pix-loss` (as the official flag) or
+    /// `--norm-pix-loss false` [default: true, as the recipe; a .json model's own value]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     norm_pix_loss: Option<bool>,
     /// Seed of initialization, masking, data order and augmentation [default: 0]
     #[arg(long)]
@@ -139,8 +140,12 @@ fn plan(a: &Args) -> Result<Plan, Failure> {
     }
     let model = a.model.clone().unwrap_or_else(|| "demo".into());
     let mut cfg = models::resolve(&model)?;
-    if let Some(n) = a.norm_pix_loss {
-        cfg.norm_pix_loss = n;
+    // The recipe trains with norm-pix loss (Table 7); the paper's model constructors default it
+    // off, so a preset gets it unless the flag says otherwise. A .json file says it itself.
+    match a.norm_pix_loss {
+        Some(n) => cfg.norm_pix_loss = n,
+        None if !model.ends_with(".json") => cfg.norm_pix_loss = true,
+        None => {}
     }
     cfg.validate()?;
     let spec = a.data.clone().unwrap_or_else(|| DEFAULT_DATA.into());
