@@ -190,6 +190,28 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn scale_rows(
+        &self,
+        src: &Vec<f32>,
+        scales: &Vec<f32>,
+        dst: &mut Vec<f32>,
+        rows_per_scale: usize,
+        cols: usize,
+        accumulate: bool,
+    ) -> BResult<()> {
+        let group = rows_per_scale * cols;
+        if group == 0 {
+            return Ok(());
+        }
+        pool::chunks1(dst, group, |i, d| {
+            let (s, f) = (&src[i * group..(i + 1) * group], scales[i]);
+            for (d, s) in d.iter_mut().zip(s) {
+                *d = if accumulate { *d + s * f } else { s * f };
+            }
+        });
+        Ok(())
+    }
+
     // ---- rows -------------------------------------------------------------------------------
 
     fn copy_rows(

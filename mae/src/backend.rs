@@ -393,6 +393,38 @@ pub trait Backend {
     fn add(&self, src: &Self::Buf, dst: &mut Self::Buf) -> BResult<()>;
     /// `buf *= s` elementwise.
     fn scale(&self, buf: &mut Self::Buf, s: f32) -> BResult<()>;
+    /// `dst[r] = src[r] * scales[r / rows_per_scale]` (or `+=` with `accumulate`) for every row
+    /// `r` of `cols` values: one factor per image, such as drop path's 0 or `1 / keep_prob`.
+    /// `src` and `dst` have the same length, `scales.len() * rows_per_scale * cols` of it.
+    ///
+    /// The default goes through the host, correct on any backend but slow; backends override it.
+    fn scale_rows(
+        &self,
+        src: &Self::Buf,
+        scales: &Self::Buf,
+        dst: &mut Self::Buf,
+        rows_per_scale: usize,
+        cols: usize,
+        accumulate: bool,
+    ) -> BResult<()> {
+        let (mut s, mut f, mut d) = (
+            alloc::vec![0.0; self.len(src)],
+            alloc::vec![0.0; self.len(scales)],
+            alloc::vec![0.0; self.len(dst)],
+        );
+        self.download(src, &mut s)?;
+        self.download(scales, &mut f)?;
+        if accumulate {
+            self.download(dst, &mut d)?;
+        }
+        let group = rows_per_scale * cols;
+        for ((d, s), f) in d.chunks_mut(group).zip(s.chunks(group)).zip(&f) {
+            for (d, s) in d.iter_mut().zip(s) {
+                *d = if accumulate { *d + s * f } else { s * f };
+            }
+        }
+        self.write(dst, &d)
+    }
 
     // ---- rows: tokens, biases, masking ----------------------------------------------------
 
