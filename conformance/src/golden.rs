@@ -342,7 +342,7 @@ pub fn run<B: Backend>(b: &B, case: &GoldenCase) -> mae::Result<Report> {
         batch_size: case.batch,
         mask_ratio: case.mask_ratio,
         adamw: case.adamw,
-        accum_steps: 1,
+        ..TrainOptions::new(case.batch)
     };
     let mut trainer = Trainer::new(b, &case.cfg, &case.params, opts, 0)?;
     let mut before = case.params.clone();

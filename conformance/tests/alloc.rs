@@ -54,6 +54,7 @@ fn steps_allocate_only_inside_the_gemm_kernel() {
         mlp_ratio: 2.0,
         norm_pix_loss: true,
         norm_eps: 1e-6,
+        encoder_mask_tokens: false,
     };
     let b = mae_backend_cpu::CpuBackend::new();
     let mut t = Trainer::new(&b, &cfg, &init_params(&cfg, 0), TrainOptions::new(2), 0).unwrap();

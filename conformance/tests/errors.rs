@@ -23,6 +23,7 @@ fn small() -> Config {
         mlp_ratio: 2.0,
         norm_pix_loss: false,
         norm_eps: 1e-6,
+        encoder_mask_tokens: false,
     }
 }
 

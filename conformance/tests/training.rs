@@ -24,6 +24,7 @@ fn small() -> Config {
         mlp_ratio: 2.0,
         norm_pix_loss: true,
         norm_eps: 1e-6,
+        encoder_mask_tokens: false,
     }
 }
 

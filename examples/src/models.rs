@@ -20,6 +20,7 @@ pub fn demo() -> Config {
         mlp_ratio: 4.0,
         norm_pix_loss: true,
         norm_eps: 1e-6,
+        encoder_mask_tokens: false,
     }
 }
 

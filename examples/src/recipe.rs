@@ -4,6 +4,7 @@
 //! data and seed. It is stored in every checkpoint, so `--resume` continues exactly the run that
 //! was saved.
 
+use mae::masking::MaskSampling;
 use mae::optim::{scaled_lr, AdamW, Schedule};
 use mae::train::TrainOptions;
 use serde::{Deserialize, Serialize};
@@ -41,6 +42,9 @@ pub struct Recipe {
     pub total_steps: u64,
     /// Fraction of patches removed.
     pub mask_ratio: f64,
+    /// Which patches are removed (`random` in recipes saved before the choice existed).
+    #[serde(default)]
+    pub mask_sampling: MaskSampling,
     /// AdamW settings.
     pub weight_decay: f64,
     /// AdamW beta1.
@@ -93,6 +97,7 @@ impl Recipe {
                 ..AdamW::default()
             },
             accum_steps: self.accum_iter,
+            mask_sampling: self.mask_sampling,
         }
     }
 

@@ -45,10 +45,19 @@ pub struct Config {
     /// LayerNorm epsilon (1e-6 in every official model).
     #[serde(default = "default_eps")]
     pub norm_eps: f64,
+    /// The ablation of Table 1c: the encoder sees every patch, a learned mask token (named
+    /// `encoder_mask_token`) standing in for each removed one, and the decoder gets no mask
+    /// tokens of its own. Off in every official model, and then absent from the JSON.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub encoder_mask_tokens: bool,
 }
 
 fn default_eps() -> f64 {
     1e-6
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Names accepted by [`Config::preset`].
@@ -80,6 +89,7 @@ impl Config {
             mlp_ratio: 4.0,
             norm_pix_loss: false,
             norm_eps: 1e-6,
+            encoder_mask_tokens: false,
         };
         let cfg = match name {
             "mae_vit_base_patch16" => paper(16, 768, 12, 12),
@@ -272,6 +282,10 @@ pub enum ConfigError {
     MaskRatio(f64),
     /// The mask ratio removes no patch of this image size, so there is nothing to reconstruct.
     MaskRemovesNothing { mask_ratio: f64, num_patches: usize },
+    /// A grid sampling keeps one patch per square cell, which this ratio and grid do not allow.
+    GridMask { mask_ratio: f64, num_patches: usize },
+    /// Not `random`, `block` or `grid`.
+    MaskSampling(String),
     /// A batch size of 0, or gradient accumulation of 0 steps.
     EmptyBatch,
     /// A hyper-parameter outside its domain (negative learning rate, beta outside [0, 1), ...).
@@ -320,6 +334,19 @@ impl fmt::Display for ConfigError {
             } => write!(
                 f,
                 "mask ratio {mask_ratio} removes none of the {num_patches} patches: nothing to reconstruct"
+            ),
+            ConfigError::GridMask {
+                mask_ratio,
+                num_patches,
+            } => write!(
+                f,
+                "grid masking keeps one patch per square cell: mask ratio {mask_ratio} on \
+                 {num_patches} patches is not 1 - 1/s^2 for a cell side s dividing the grid \
+                 (0.75 is)"
+            ),
+            ConfigError::MaskSampling(name) => write!(
+                f,
+                "unknown mask sampling `{name}` (random, block or grid)"
             ),
             ConfigError::EmptyBatch => write!(f, "batch size and accumulation steps must be >= 1"),
             ConfigError::Hyper { name, value } => {

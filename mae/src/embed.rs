@@ -59,7 +59,7 @@ impl<B: Backend> Embedder<B> {
         Ok(Embedder {
             params: encoder.try_map(|t| b.upload(t))?,
             imgs: b.alloc(batch * cfg.in_chans * cfg.img_size * cfg.img_size)?,
-            scratch: EncoderScratch::new(b, &shape, false)?,
+            scratch: EncoderScratch::new(b, &shape, false, false)?,
             pooled: b.alloc(batch * cfg.embed_dim)?,
             padded: vec![0.0; batch * cfg.in_chans * cfg.img_size * cfg.img_size],
             acts,

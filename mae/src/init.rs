@@ -43,7 +43,9 @@ fn init_tensor(cfg: &Config, spec: &TensorSpec, rng: &mut Rng) -> Vec<f32> {
     match spec.name.as_str() {
         "pos_embed" => sincos_2d(cfg.embed_dim, cfg.grid_size()),
         "decoder_pos_embed" => sincos_2d(cfg.decoder_embed_dim, cfg.grid_size()),
-        "cls_token" | "mask_token" => (0..n).map(|_| (0.02 * rng.normal()) as f32).collect(),
+        "cls_token" | "mask_token" | "encoder_mask_token" => {
+            (0..n).map(|_| (0.02 * rng.normal()) as f32).collect()
+        }
         "patch_embed.proj.bias" => {
             let fan_in = (cfg.patch_dim()) as f64;
             uniform(rng, 1.0 / libm::sqrt(fan_in))

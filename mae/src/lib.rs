@@ -15,6 +15,7 @@ pub mod backend;
 pub mod config;
 pub mod embed;
 pub mod error;
+pub mod finetune;
 pub mod init;
 pub mod masking;
 pub mod model;

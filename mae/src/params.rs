@@ -105,6 +105,8 @@ pub struct Encoder<T> {
     pub blocks: Vec<Block<T>>,
     /// `norm`.
     pub norm: Norm<T>,
+    /// `encoder_mask_token`, `[1, 1, D]`: only with [`Config::encoder_mask_tokens`].
+    pub mask_token: Option<T>,
 }
 
 /// The MAE decoder, used in pre-training only.
@@ -220,6 +222,7 @@ impl<T> Encoder<T> {
         .into_iter()
         .chain(self.blocks.iter().flat_map(|b| b.tensors()))
         .chain([&self.norm.weight, &self.norm.bias])
+        .chain(self.mask_token.as_ref())
     }
     /// Every tensor in the canonical order, mutably.
     pub fn tensors_mut(&mut self) -> impl Iterator<Item = &mut T> + '_ {
@@ -232,6 +235,7 @@ impl<T> Encoder<T> {
         .into_iter()
         .chain(self.blocks.iter_mut().flat_map(|b| b.tensors_mut()))
         .chain([&mut self.norm.weight, &mut self.norm.bias])
+        .chain(self.mask_token.as_mut())
     }
     /// Applies `f` to each tensor, in the canonical order.
     pub fn try_map<U, E>(&self, mut f: impl FnMut(&T) -> Result<U, E>) -> Result<Encoder<U>, E> {
@@ -242,6 +246,7 @@ impl<T> Encoder<T> {
             pos_embed: f(&self.pos_embed)?,
             blocks: map_blocks(&self.blocks, f)?,
             norm: self.norm.try_map(f)?,
+            mask_token: self.mask_token.as_ref().map(&mut *f).transpose()?,
         })
     }
 }
@@ -313,6 +318,70 @@ impl<T> MaeParams<T> {
     }
 }
 
+/// The classification head of fine-tuning (timm `VisionTransformer`, as `models_vit.py` uses it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Head<T> {
+    /// `fc_norm`: the LayerNorm after mean pooling (absent with cls-token pooling, which uses
+    /// the encoder's `norm` instead).
+    pub fc_norm: Option<Norm<T>>,
+    /// `head`, `[classes, D]`.
+    pub linear: Linear<T>,
+}
+
+impl<T> Head<T> {
+    /// Every tensor in the canonical order.
+    pub fn tensors(&self) -> impl Iterator<Item = &T> + '_ {
+        let norm = self.fc_norm.iter().flat_map(|n| [&n.weight, &n.bias]);
+        norm.chain([&self.linear.weight, &self.linear.bias])
+    }
+    /// Every tensor in the canonical order, mutably.
+    pub fn tensors_mut(&mut self) -> impl Iterator<Item = &mut T> + '_ {
+        let norm = self
+            .fc_norm
+            .iter_mut()
+            .flat_map(|n| [&mut n.weight, &mut n.bias]);
+        norm.chain([&mut self.linear.weight, &mut self.linear.bias])
+    }
+    /// Applies `f` to each tensor, in the canonical order.
+    pub fn try_map<U, E>(&self, mut f: impl FnMut(&T) -> Result<U, E>) -> Result<Head<U>, E> {
+        let f = &mut f;
+        Ok(Head {
+            fc_norm: self.fc_norm.as_ref().map(|n| n.try_map(f)).transpose()?,
+            linear: self.linear.try_map(f)?,
+        })
+    }
+}
+
+/// Every tensor of an image classifier: the ViT encoder and its head.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClassifierParams<T> {
+    /// The encoder (its `mask_token` is always absent).
+    pub encoder: Encoder<T>,
+    /// The head.
+    pub head: Head<T>,
+}
+
+impl<T> ClassifierParams<T> {
+    /// Every tensor, encoder first, in the canonical order.
+    pub fn tensors(&self) -> impl Iterator<Item = &T> + '_ {
+        self.encoder.tensors().chain(self.head.tensors())
+    }
+    /// Every tensor, mutably.
+    pub fn tensors_mut(&mut self) -> impl Iterator<Item = &mut T> + '_ {
+        self.encoder.tensors_mut().chain(self.head.tensors_mut())
+    }
+    /// Applies `f` to each tensor, in the canonical order.
+    pub fn try_map<U, E>(
+        &self,
+        mut f: impl FnMut(&T) -> Result<U, E>,
+    ) -> Result<ClassifierParams<U>, E> {
+        Ok(ClassifierParams {
+            encoder: self.encoder.try_map(&mut f)?,
+            head: self.head.try_map(&mut f)?,
+        })
+    }
+}
+
 fn block_specs(prefix: &str, dim: usize, hidden: usize) -> Block<TensorSpec> {
     let t = |name: &str, shape: Vec<usize>| TensorSpec::new(format!("{prefix}.{name}"), shape);
     Block {
@@ -361,6 +430,9 @@ pub fn encoder_specs(cfg: &Config) -> Encoder<TensorSpec> {
             weight: t("norm.weight", vec![d]),
             bias: t("norm.bias", vec![d]),
         },
+        mask_token: cfg
+            .encoder_mask_tokens
+            .then(|| t("encoder_mask_token", vec![1, 1, d])),
     }
 }
 
@@ -388,6 +460,43 @@ pub fn decoder_specs(cfg: &Config) -> Decoder<TensorSpec> {
         pred: Linear {
             weight: t("decoder_pred.weight", vec![cfg.patch_dim(), dd]),
             bias: t("decoder_pred.bias", vec![cfg.patch_dim()]),
+        },
+    }
+}
+
+/// Names, shapes and roles of a classifier's tensors as fine-tuning trains them (the official
+/// `param_groups_lrd`): the position table is learned, and neither it nor `cls_token` decays.
+/// With mean pooling (`fc_norm`, the paper's fine-tuning), the encoder's `norm` is unused and
+/// marked [`Role::Fixed`].
+pub fn classifier_specs(
+    cfg: &Config,
+    num_classes: usize,
+    mean_pool: bool,
+) -> ClassifierParams<TensorSpec> {
+    let d = cfg.embed_dim;
+    let t = |name: &str, shape: Vec<usize>| TensorSpec::new(name.into(), shape);
+    let mut encoder = encoder_specs(&Config {
+        encoder_mask_tokens: false,
+        ..cfg.clone()
+    });
+    for spec in [&mut encoder.pos_embed, &mut encoder.cls_token] {
+        spec.role = Role::NotDecayed;
+    }
+    if mean_pool {
+        encoder.norm.weight.role = Role::Fixed;
+        encoder.norm.bias.role = Role::Fixed;
+    }
+    ClassifierParams {
+        encoder,
+        head: Head {
+            fc_norm: mean_pool.then(|| Norm {
+                weight: t("fc_norm.weight", vec![d]),
+                bias: t("fc_norm.bias", vec![d]),
+            }),
+            linear: Linear {
+                weight: t("head.weight", vec![num_classes, d]),
+                bias: t("head.bias", vec![num_classes]),
+            },
         },
     }
 }

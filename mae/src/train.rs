@@ -11,12 +11,13 @@
 use crate::backend::{AdamWStep, Backend};
 use crate::config::{Config, ConfigError};
 use crate::error::{Error, Result};
-use crate::masking::{check_ratio, keep_count, Masking};
+use crate::masking::{check_ratio, keep_count, sample_noise, MaskSampling, Masking};
 use crate::model::decoder::{
     decoder_backward, decoder_forward, unshuffle_indices, DecoderActs, DecoderScratch, DecoderShape,
 };
 use crate::model::encoder::{
-    encoder_backward, encoder_forward, EncoderActs, EncoderScratch, EncoderShape,
+    encoder_backward, encoder_forward, mask_token_indices, EncoderActs, EncoderScratch,
+    EncoderShape,
 };
 use crate::model::loss::{loss_backward, loss_forward, LossActs, LossShape};
 use crate::optim::AdamW;
@@ -37,6 +38,8 @@ pub struct TrainOptions {
     pub adamw: AdamW,
     /// Micro-batches whose gradients are summed (each loss divided by this) before one update.
     pub accum_steps: usize,
+    /// Which patches are removed when the trainer draws the masking itself.
+    pub mask_sampling: MaskSampling,
 }
 
 impl TrainOptions {
@@ -47,6 +50,7 @@ impl TrainOptions {
             mask_ratio: 0.75,
             adamw: AdamW::default(),
             accum_steps: 1,
+            mask_sampling: MaskSampling::Random,
         }
     }
 
@@ -56,6 +60,7 @@ impl TrainOptions {
             return Err(ConfigError::EmptyBatch);
         }
         check_ratio(self.mask_ratio)?;
+        self.mask_sampling.check(cfg.grid_size(), self.mask_ratio)?;
         if keep_count(cfg.num_patches(), self.mask_ratio) >= cfg.num_patches() {
             return Err(ConfigError::MaskRemovesNothing {
                 mask_ratio: self.mask_ratio,
@@ -112,6 +117,7 @@ pub struct Trainer<B: Backend> {
     loss: LossActs<B>,
     d_latent: B::Buf,
     masking: Masking,
+    ids_keep: Vec<u32>,
     unshuffle: Vec<u32>,
     noise: Vec<f32>,
     rng: Rng,
@@ -137,8 +143,9 @@ impl<B: Backend> Trainer<B> {
         let l = cfg.num_patches();
         let masking = Masking::new(n, l, opts.mask_ratio)?;
         let keep = masking.len_keep;
-        let enc_shape = EncoderShape::new(cfg, n, keep);
-        let dec_shape = DecoderShape::new(cfg, n, keep);
+        let enc_shape = EncoderShape::pretraining(cfg, n, keep);
+        // With mask tokens in the encoder, the decoder receives every patch and adds none.
+        let dec_shape = DecoderShape::new(cfg, n, enc_shape.keep);
         let loss_shape = LossShape::new(cfg, n);
         let zeros_like = |s: &TensorSpec| b.alloc(s.numel());
         Ok(Trainer {
@@ -148,7 +155,8 @@ impl<B: Backend> Trainer<B> {
             v: specs.try_map(zeros_like)?,
             imgs: b.alloc(n * cfg.in_chans * cfg.img_size * cfg.img_size)?,
             enc: EncoderActs::new(b, &enc_shape, true, cfg.depth)?,
-            enc_scratch: EncoderScratch::new(b, &enc_shape, true)?,
+            enc_scratch: EncoderScratch::new(b, &enc_shape, true, false)?,
+            ids_keep: vec![0; n * enc_shape.keep],
             dec: DecoderActs::new(b, &dec_shape, cfg.decoder_depth)?,
             dec_scratch: DecoderScratch::new(b, &dec_shape)?,
             loss: LossActs::new(b, &loss_shape)?,
@@ -199,16 +207,24 @@ impl<B: Backend> Trainer<B> {
         match noise {
             Some(noise) => self.masking.apply_noise(noise)?,
             None => {
-                self.rng.fill_uniform(&mut self.noise);
+                let (sampling, grid) = (self.opts.mask_sampling, c.grid_size());
+                let ratio = self.opts.mask_ratio;
+                sample_noise(sampling, grid, ratio, &mut self.rng, &mut self.noise)?;
                 self.masking.apply_noise(&self.noise)?;
             }
         }
-        unshuffle_indices(
-            &self.masking.ids_restore,
-            c.num_patches(),
-            &mut self.unshuffle,
-        );
-        b.write_idx(&mut self.enc.ids_keep, &self.masking.ids_keep)?;
+        let l = c.num_patches();
+        if self.enc_shape.mask_tokens {
+            // Every patch stays in place: visible ones as tokens, removed ones as mask tokens.
+            mask_token_indices(&self.masking.mask, l, &mut self.ids_keep);
+            for (i, u) in self.unshuffle.iter_mut().enumerate() {
+                *u = (i % (l + 1)) as u32;
+            }
+        } else {
+            self.ids_keep.copy_from_slice(&self.masking.ids_keep);
+            unshuffle_indices(&self.masking.ids_restore, l, &mut self.unshuffle);
+        }
+        b.write_idx(&mut self.enc.ids_keep, &self.ids_keep)?;
         b.write_idx(&mut self.dec.ids_unshuffle, &self.unshuffle)?;
         b.write(&mut self.loss.mask, &self.masking.mask)?;
         b.write(&mut self.imgs, imgs)?;

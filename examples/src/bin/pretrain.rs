@@ -13,6 +13,7 @@
 
 use clap::Parser;
 use mae::backend::{Backend, OnBackend};
+use mae::masking::MaskSampling;
 use mae::train::{TrainState, Trainer};
 use mae::{Config, Error};
 use mae_examples::checkpoint::{self, write_atomic, TrainCheckpoint};
@@ -80,6 +81,20 @@ struct Args {
     /// Fraction of patches removed [default: 0.75]
     #[arg(long)]
     mask_ratio: Option<f64>,
+    /// Which patches are removed: random (the paper's), block (BEiT's blocks) or grid (one
+    /// patch kept per 2 x 2 cell at ratio 0.75), as Table 1f [default: random]
+    #[arg(long, value_parser = MaskSampling::parse)]
+    mask_sampling: Option<MaskSampling>,
+    /// The encoder sees every patch, a learned mask token standing in for each removed one
+    /// (the ablation of Table 1c; the decoder then adds no mask tokens)
+    #[arg(long)]
+    encoder_mask_tokens: bool,
+    /// Decoder blocks, overriding the model's (Table 1a)
+    #[arg(long)]
+    decoder_depth: Option<usize>,
+    /// Decoder width, overriding the model's (Table 1b; a multiple of 4 and of its heads)
+    #[arg(long)]
+    decoder_width: Option<usize>,
     /// Per-patch normalized pixel targets: `--norm-pix-loss` (as the official flag) or
     /// `--norm-pix-loss false` [default: true, as the recipe; a .json model's own value]
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
@@ -147,6 +162,9 @@ fn plan(a: &Args) -> Result<Plan, Failure> {
         None if !model.ends_with(".json") => cfg.norm_pix_loss = true,
         None => {}
     }
+    cfg.encoder_mask_tokens |= a.encoder_mask_tokens;
+    cfg.decoder_depth = a.decoder_depth.unwrap_or(cfg.decoder_depth);
+    cfg.decoder_embed_dim = a.decoder_width.unwrap_or(cfg.decoder_embed_dim);
     cfg.validate()?;
     let spec = a.data.clone().unwrap_or_else(|| DEFAULT_DATA.into());
     let dataset = data::open(&spec, cfg.in_chans)?;
@@ -191,6 +209,7 @@ fn plan(a: &Args) -> Result<Plan, Failure> {
             .steps
             .unwrap_or_else(|| Recipe::steps_for(epochs, batches_per_epoch, accum_iter)),
         mask_ratio: a.mask_ratio.unwrap_or(0.75),
+        mask_sampling: a.mask_sampling.unwrap_or_default(),
         weight_decay: a.weight_decay.unwrap_or(0.05),
         beta1: a.beta1.unwrap_or(0.9),
         beta2: a.beta2.unwrap_or(0.95),
@@ -244,6 +263,10 @@ fn plan_resume(a: &Args, from: &Path) -> Result<Plan, Failure> {
         ("--beta1", a.beta1.is_some()),
         ("--beta2", a.beta2.is_some()),
         ("--mask-ratio", a.mask_ratio.is_some()),
+        ("--mask-sampling", a.mask_sampling.is_some()),
+        ("--encoder-mask-tokens", a.encoder_mask_tokens),
+        ("--decoder-depth", a.decoder_depth.is_some()),
+        ("--decoder-width", a.decoder_width.is_some()),
         ("--norm-pix-loss", a.norm_pix_loss.is_some()),
         ("--seed", a.seed.is_some()),
     ];

@@ -1,4 +1,7 @@
 //! The pre-LN transformer block of timm: `x = x + attn(norm1(x)); x = x + mlp(norm2(x))`.
+//!
+//! In fine-tuning each branch may be dropped per image (drop path, stochastic depth):
+//! `x = x + s_i * branch(x)` with `s_i` either 0 or `1 / keep_prob`, drawn by the caller.
 
 use super::attention::{attention_backward, attention_forward, AttentionActs, AttentionScratch};
 use super::layernorm::{layernorm_backward, layernorm_forward, NormActs};
@@ -21,6 +24,18 @@ pub struct BlockActs<B: Backend> {
     pub mlp: MlpActs<B>,
     /// `res1 + mlp(norm2(res1))`.
     pub out: B::Buf,
+    /// Drop path's per-image factors, when this block drops paths in training.
+    pub drop: Option<DropPath<B>>,
+}
+
+/// Drop path of one block: one factor per image and branch, 0 (dropped) or `1 / keep_prob`.
+pub struct DropPath<B: Backend> {
+    /// Factors of the attention branch, `[N]`.
+    pub attn: B::Buf,
+    /// Factors of the MLP branch, `[N]`.
+    pub mlp: B::Buf,
+    /// Whether the factors apply (training) or not (evaluation).
+    pub active: bool,
 }
 
 /// Buffers one block needs while it runs, shared by all blocks of a stack.
@@ -33,6 +48,8 @@ pub struct BlockScratch<B: Backend> {
     pub d_res1: B::Buf,
     /// Gradient of a LayerNorm output.
     pub d_ln: B::Buf,
+    /// One branch's output, or its gradient, while drop path scales it (empty without).
+    pub branch: B::Buf,
 }
 
 /// Scratch of a whole stack.
@@ -54,6 +71,7 @@ impl<B: Backend> BlockActs<B> {
             ln2: NormActs::new(b, r, dim)?,
             mlp: MlpActs::new(b, d)?,
             out: b.alloc(r * dim)?,
+            drop: None,
         })
     }
 }
@@ -61,6 +79,11 @@ impl<B: Backend> BlockActs<B> {
 impl<B: Backend> StackScratch<B> {
     /// Scratch for a stack; `backward` allocates the gradient buffers.
     pub fn new(b: &B, d: &StackDims, backward: bool) -> BResult<Self> {
+        Self::with_drop_path(b, d, backward, false)
+    }
+
+    /// Scratch for a stack whose blocks may drop paths.
+    pub fn with_drop_path(b: &B, d: &StackDims, backward: bool, drop: bool) -> BResult<Self> {
         let len = if backward { d.rows() * d.dim } else { 0 };
         Ok(StackScratch {
             block: BlockScratch {
@@ -72,6 +95,7 @@ impl<B: Backend> StackScratch<B> {
                 },
                 d_res1: b.alloc(len)?,
                 d_ln: b.alloc(len)?,
+                branch: b.alloc(if drop { d.rows() * d.dim } else { 0 })?,
             },
             d_x: [b.alloc(len)?, b.alloc(len)?],
         })
@@ -84,33 +108,56 @@ pub fn block_forward<B: Backend>(
     x: &B::Buf,
     p: &Block<B::Buf>,
     acts: &mut BlockActs<B>,
-    scratch: &mut AttentionScratch<B>,
+    scratch: &mut BlockScratch<B>,
     d: &StackDims,
 ) -> BResult<()> {
     let (r, dim) = (d.rows(), d.dim);
+    let drop = acts.drop.as_ref().filter(|dp| dp.active);
     layernorm_forward(b, x, &p.norm1, &mut acts.ln1, r, dim, d.eps)?;
     b.copy(x, &mut acts.res1)?;
+    // Without drop path the branch accumulates straight into the residual stream.
+    let (out, attn_scratch) = match drop {
+        Some(_) => (&mut scratch.branch, &mut scratch.attn),
+        None => (&mut acts.res1, &mut scratch.attn),
+    };
+    if drop.is_some() {
+        b.fill(out, 0.0)?;
+    }
+    let (qkv, proj) = (&p.qkv, &p.proj);
     attention_forward(
         b,
         &acts.ln1.y,
-        &p.qkv,
-        &p.proj,
+        qkv,
+        proj,
         &mut acts.attn,
-        scratch,
-        &mut acts.res1,
+        attn_scratch,
+        out,
         d,
     )?;
+    if let Some(dp) = drop {
+        b.scale_rows(
+            &scratch.branch,
+            &dp.attn,
+            &mut acts.res1,
+            d.tokens,
+            dim,
+            true,
+        )?;
+    }
     layernorm_forward(b, &acts.res1, &p.norm2, &mut acts.ln2, r, dim, d.eps)?;
     b.copy(&acts.res1, &mut acts.out)?;
-    mlp_forward(
-        b,
-        &acts.ln2.y,
-        &p.fc1,
-        &p.fc2,
-        &mut acts.mlp,
-        &mut acts.out,
-        d,
-    )
+    let out = match drop {
+        Some(_) => &mut scratch.branch,
+        None => &mut acts.out,
+    };
+    if drop.is_some() {
+        b.fill(out, 0.0)?;
+    }
+    mlp_forward(b, &acts.ln2.y, &p.fc1, &p.fc2, &mut acts.mlp, out, d)?;
+    if let Some(dp) = drop {
+        b.scale_rows(&scratch.branch, &dp.mlp, &mut acts.out, d.tokens, dim, true)?;
+    }
+    Ok(())
 }
 
 /// Given `d_out`, the gradient of the block's output, accumulates the parameter gradients and
@@ -133,12 +180,20 @@ pub fn block_backward<B: Backend>(
             "block_backward on a stack allocated for inference",
         ));
     };
-    // out = res1 + mlp(norm2(res1))
+    let drop = acts.drop.as_ref().filter(|dp| dp.active);
+    // out = res1 + s_mlp * mlp(norm2(res1))
     b.copy(d_out, &mut s.d_res1)?;
+    let d_mlp = match drop {
+        Some(dp) => {
+            b.scale_rows(d_out, &dp.mlp, &mut s.branch, d.tokens, dim, false)?;
+            &s.branch
+        }
+        None => d_out,
+    };
     let (fc1, fc2) = (&p.fc1, &p.fc2);
     mlp_backward(
         b,
-        d_out,
+        d_mlp,
         &acts.ln2.y,
         fc1,
         fc2,
@@ -160,12 +215,19 @@ pub fn block_backward<B: Backend>(
         r,
         dim,
     )?;
-    // res1 = x + attn(norm1(x))
+    // res1 = x + s_attn * attn(norm1(x))
     b.copy(&s.d_res1, dx)?;
+    let d_attn = match drop {
+        Some(dp) => {
+            b.scale_rows(&s.d_res1, &dp.attn, &mut s.branch, d.tokens, dim, false)?;
+            &s.branch
+        }
+        None => &s.d_res1,
+    };
     let (qkv, proj) = (&p.qkv, &p.proj);
     attention_backward(
         b,
-        &s.d_res1,
+        d_attn,
         &acts.ln1.y,
         qkv,
         proj,
@@ -187,7 +249,7 @@ pub fn stack_forward<B: Backend>(
     input: &B::Buf,
     blocks: &[Block<B::Buf>],
     acts: &mut [BlockActs<B>],
-    scratch: &mut AttentionScratch<B>,
+    scratch: &mut BlockScratch<B>,
     d: &StackDims,
 ) -> BResult<usize> {
     let n = acts.len();
@@ -203,7 +265,9 @@ pub fn stack_forward<B: Backend>(
 }
 
 /// Backward through a training stack (one `BlockActs` per block): `d_top` is the gradient of the
-/// last block's output; returns which `scratch.d_x` holds the gradient of `input`.
+/// last block's output; returns which `scratch.d_x` holds the gradient of `input`. A slice of
+/// the top blocks (with the output of the block below as `input`) backpropagates through those
+/// only, as partial fine-tuning does.
 pub fn stack_backward<B: Backend>(
     b: &B,
     d_top: usize,

@@ -237,7 +237,7 @@ pub fn decoder_forward<B: Backend>(
         &sh.unshuffle(),
     )?;
     b.copy_rows(&p.pos_embed, &mut acts.x0, &sh.pos_rows(), true)?;
-    let attn = &mut scratch.stack.block.attn;
+    let attn = &mut scratch.stack.block;
     acts.last = stack_forward(b, &acts.x0, &p.blocks, &mut acts.blocks, attn, &sh.stack)?;
     let out = &acts.blocks[acts.last].out;
     layernorm_forward(b, out, &p.norm, &mut acts.norm, rows, dim, sh.stack.eps)?;

@@ -1,12 +1,19 @@
 //! The MAE encoder: patch embedding and position table on every patch, then masking keeps the
 //! visible ones (in noise order), the cls token goes in front, and only those tokens run through
 //! the ViT blocks. The encoder never sees mask tokens: that is where MAE's speed comes from.
+//!
+//! Two variants serve the paper's ablations and fine-tuning: with `mask_tokens` (Table 1c) every
+//! patch goes through, a removed one replaced by the learned `encoder_mask_token` plus its
+//! position; with `learn_pos_embed` (fine-tuning, where timm's ViT trains its position table) the
+//! table gets a gradient too.
 
 use super::block::{stack_backward, stack_forward, BlockActs, StackScratch};
 use super::layernorm::{layernorm_backward, layernorm_forward, NormActs};
 use super::linear::{linear_backward, linear_forward};
 use super::StackDims;
-use crate::backend::{BResult, Backend, Gather, PatchOrder, Patchify, RowMap};
+use crate::backend::{
+    BResult, Backend, BackendError, BackendErrorKind, Gather, PatchOrder, Patchify, RowMap,
+};
 use crate::config::Config;
 use crate::params::Encoder;
 use alloc::vec::Vec;
@@ -24,6 +31,10 @@ pub struct EncoderShape {
     pub patchify: Patchify,
     /// The blocks: `1 + keep` tokens per image.
     pub stack: StackDims,
+    /// Removed patches enter as mask tokens (then `keep == num_patches`).
+    pub mask_tokens: bool,
+    /// The position table is trained.
+    pub learn_pos_embed: bool,
 }
 
 impl EncoderShape {
@@ -42,6 +53,20 @@ impl EncoderShape {
                 hidden: cfg.mlp_hidden(cfg.embed_dim),
                 eps: cfg.norm_eps as f32,
             },
+            mask_tokens: false,
+            learn_pos_embed: false,
+        }
+    }
+    /// The shape for a pre-training step of `cfg` at `batch` images and `keep` visible patches:
+    /// with [`Config::encoder_mask_tokens`] every patch enters the blocks.
+    pub fn pretraining(cfg: &Config, batch: usize, keep: usize) -> Self {
+        if cfg.encoder_mask_tokens {
+            EncoderShape {
+                mask_tokens: true,
+                ..EncoderShape::new(cfg, batch, cfg.num_patches())
+            }
+        } else {
+            EncoderShape::new(cfg, batch, keep)
         }
     }
     fn batch(&self) -> usize {
@@ -73,16 +98,56 @@ impl EncoderShape {
             dst_start: 0,
         }
     }
-    /// Visible patch tokens into rows `1..=keep` of each image.
+    /// Visible patch tokens into rows `1..=keep` of each image; with mask tokens, each patch's
+    /// token or its mask token from the `[tokens, mask tokens]` candidates.
     fn keep_gather(&self) -> Gather {
         Gather {
             batch: self.batch(),
             count: self.keep,
             cols: self.stack.dim,
-            src_rows: self.num_patches,
+            src_rows: self.num_patches * if self.mask_tokens { 2 } else { 1 },
             dst_rows: self.stack.tokens,
             dst_start: 1,
         }
+    }
+    /// Patch tokens into the first `L` candidate rows of each image.
+    fn token_candidates(&self) -> RowMap {
+        RowMap {
+            batch: self.batch(),
+            count: self.num_patches,
+            cols: self.stack.dim,
+            src_stride: self.num_patches,
+            src_start: 0,
+            src_step: 1,
+            dst_stride: 2 * self.num_patches,
+            dst_start: 0,
+        }
+    }
+    /// The mask token into the last `L` candidate rows.
+    fn mask_candidates(&self) -> RowMap {
+        RowMap {
+            src_stride: 0,
+            src_step: 0,
+            dst_start: self.num_patches,
+            ..self.token_candidates()
+        }
+    }
+    /// Position rows `1..=L` onto the mask-token candidates.
+    fn mask_pos_candidates(&self) -> RowMap {
+        RowMap {
+            src_start: 1,
+            src_step: 1,
+            ..self.mask_candidates()
+        }
+    }
+}
+
+/// The encoder's gather indices with mask tokens: for each image and patch `j`, `j` when it is
+/// visible (`mask == 0`), else `L + j`, its mask-token candidate.
+pub fn mask_token_indices(mask: &[f32], num_patches: usize, out: &mut [u32]) {
+    for (o, (j, &m)) in out.iter_mut().zip(mask.iter().enumerate()) {
+        let j = (j % num_patches) as u32;
+        *o = if m == 0.0 { j } else { num_patches as u32 + j };
     }
 }
 
@@ -92,6 +157,8 @@ pub struct EncoderActs<B: Backend> {
     pub patches: B::Buf,
     /// Every patch embedded, plus its position: `[N L, D]`.
     pub tokens: B::Buf,
+    /// With mask tokens: each image's patch tokens, then its mask tokens, `[N 2L, D]`.
+    pub candidates: B::Buf,
     /// Encoder input: cls, then the visible tokens, `[N (1 + keep), D]`.
     pub x0: B::Buf,
     /// One per block (training) or two cycled (inference).
@@ -112,6 +179,7 @@ impl<B: Backend> EncoderActs<B> {
         Ok(EncoderActs {
             patches: b.alloc(n * l * sh.patch_dim)?,
             tokens: b.alloc(n * l * d)?,
+            candidates: b.alloc(if sh.mask_tokens { 2 * n * l * d } else { 0 })?,
             x0: b.alloc(sh.stack.rows() * d)?,
             blocks: (0..copies)
                 .map(|_| BlockActs::new(b, &sh.stack))
@@ -129,15 +197,24 @@ pub struct EncoderScratch<B: Backend> {
     pub stack: StackScratch<B>,
     /// Gradient of `tokens`.
     pub d_tokens: B::Buf,
+    /// Gradient of `candidates`.
+    pub d_candidates: B::Buf,
 }
 
 impl<B: Backend> EncoderScratch<B> {
-    /// Buffers for `sh`; `backward` allocates the gradient buffers.
-    pub fn new(b: &B, sh: &EncoderShape, backward: bool) -> BResult<Self> {
-        let len = sh.batch() * sh.num_patches * sh.stack.dim;
+    /// Buffers for `sh`; `backward` allocates the gradient buffers, `drop_path` the buffer of
+    /// a dropped branch.
+    pub fn new(b: &B, sh: &EncoderShape, backward: bool, drop_path: bool) -> BResult<Self> {
+        let len = if backward {
+            sh.batch() * sh.num_patches * sh.stack.dim
+        } else {
+            0
+        };
+        let candidates = if sh.mask_tokens { 2 * len } else { 0 };
         Ok(EncoderScratch {
-            stack: StackScratch::new(b, &sh.stack, backward)?,
-            d_tokens: b.alloc(if backward { len } else { 0 })?,
+            stack: StackScratch::with_drop_path(b, &sh.stack, backward, drop_path)?,
+            d_tokens: b.alloc(len)?,
+            d_candidates: b.alloc(candidates)?,
         })
     }
 }
@@ -167,12 +244,17 @@ pub fn encoder_forward<B: Backend>(
     )?;
     b.copy_rows(&p.pos_embed, &mut acts.tokens, &sh.patch_pos_rows(), true)?;
     // random_masking: keep the visible tokens, then prepend cls_token + pos_embed[0].
-    b.gather_rows(
-        &acts.tokens,
-        &acts.ids_keep,
-        &mut acts.x0,
-        &sh.keep_gather(),
-    )?;
+    if sh.mask_tokens {
+        let mask_token = encoder_mask_token(p)?;
+        let cand = &mut acts.candidates;
+        b.copy_rows(&acts.tokens, cand, &sh.token_candidates(), false)?;
+        b.copy_rows(mask_token, cand, &sh.mask_candidates(), false)?;
+        b.copy_rows(&p.pos_embed, cand, &sh.mask_pos_candidates(), true)?;
+        b.gather_rows(cand, &acts.ids_keep, &mut acts.x0, &sh.keep_gather())?;
+    } else {
+        let x0 = &mut acts.x0;
+        b.gather_rows(&acts.tokens, &acts.ids_keep, x0, &sh.keep_gather())?;
+    }
     b.copy_rows(&p.cls_token, &mut acts.x0, &sh.cls_rows(), false)?;
     b.copy_rows(&p.pos_embed, &mut acts.x0, &sh.cls_rows(), true)?;
     acts.last = stack_forward(
@@ -180,7 +262,7 @@ pub fn encoder_forward<B: Backend>(
         &acts.x0,
         &p.blocks,
         &mut acts.blocks,
-        &mut scratch.stack.block.attn,
+        &mut scratch.stack.block,
         &sh.stack,
     )?;
     let out = &acts.blocks[acts.last].out;
@@ -195,8 +277,17 @@ pub fn encoder_forward<B: Backend>(
     )
 }
 
+fn encoder_mask_token<T>(p: &Encoder<T>) -> BResult<&T> {
+    p.mask_token.as_ref().ok_or_else(|| {
+        BackendError::new(
+            BackendErrorKind::Unsupported,
+            "an encoder with mask tokens needs the encoder_mask_token tensor",
+        )
+    })
+}
+
 /// Given the gradient of the latent, accumulates the encoder's parameter gradients (the fixed
-/// position table gets none).
+/// position table gets none unless `sh.learn_pos_embed`).
 pub fn encoder_backward<B: Backend>(
     b: &B,
     d_latent: &B::Buf,
@@ -206,7 +297,7 @@ pub fn encoder_backward<B: Backend>(
     s: &mut EncoderScratch<B>,
     sh: &EncoderShape,
 ) -> BResult<()> {
-    let (d, rows) = (sh.stack.dim, sh.batch() * sh.num_patches);
+    let d = sh.stack.dim;
     let top = &mut s.stack.d_x[0];
     b.fill(top, 0.0)?;
     let out = &acts.blocks[acts.last].out;
@@ -222,21 +313,68 @@ pub fn encoder_backward<B: Backend>(
         tokens,
         d,
     )?;
+    encoder_body_backward(b, p, g, acts, s, sh, 0)
+}
+
+/// Backward from `s.stack.d_x[0]`, the gradient of the last block's output (before the final
+/// norm), through the blocks `first..` and, when `first == 0`, the embedding. Partial
+/// fine-tuning passes the first trained block.
+pub fn encoder_body_backward<B: Backend>(
+    b: &B,
+    p: &Encoder<B::Buf>,
+    g: &mut Encoder<B::Buf>,
+    acts: &EncoderActs<B>,
+    s: &mut EncoderScratch<B>,
+    sh: &EncoderShape,
+    first: usize,
+) -> BResult<()> {
+    let (d, rows) = (sh.stack.dim, sh.batch() * sh.num_patches);
+    let input = match first {
+        0 => &acts.x0,
+        _ => &acts.blocks[first - 1].out,
+    };
     let d_x0 = stack_backward(
         b,
         0,
-        &acts.x0,
-        &p.blocks,
-        &mut g.blocks,
-        &acts.blocks,
+        input,
+        &p.blocks[first..],
+        &mut g.blocks[first..],
+        &acts.blocks[first..],
         &mut s.stack,
         &sh.stack,
     )?;
+    if first > 0 {
+        return Ok(());
+    }
     let d_x0 = &s.stack.d_x[d_x0];
     b.copy_rows_backward(d_x0, &mut g.cls_token, &sh.cls_rows())?;
+    if sh.learn_pos_embed {
+        b.copy_rows_backward(d_x0, &mut g.pos_embed, &sh.cls_rows())?;
+    }
     // Removed patches get no gradient: their rows of d_tokens stay zero.
     b.fill(&mut s.d_tokens, 0.0)?;
-    b.gather_rows_backward(d_x0, &acts.ids_keep, &mut s.d_tokens, &sh.keep_gather())?;
+    if sh.mask_tokens {
+        let d_cand = &mut s.d_candidates;
+        b.fill(d_cand, 0.0)?;
+        b.gather_rows_backward(d_x0, &acts.ids_keep, d_cand, &sh.keep_gather())?;
+        b.copy_rows_backward(d_cand, &mut s.d_tokens, &sh.token_candidates())?;
+        let g_mask = g.mask_token.as_mut().ok_or_else(|| {
+            BackendError::new(
+                BackendErrorKind::Unsupported,
+                "no encoder_mask_token gradient",
+            )
+        })?;
+        b.copy_rows_backward(d_cand, g_mask, &sh.mask_candidates())?;
+        if sh.learn_pos_embed {
+            b.copy_rows_backward(d_cand, &mut g.pos_embed, &sh.mask_pos_candidates())?;
+        }
+    } else {
+        let d_tokens = &mut s.d_tokens;
+        b.gather_rows_backward(d_x0, &acts.ids_keep, d_tokens, &sh.keep_gather())?;
+    }
+    if sh.learn_pos_embed {
+        b.copy_rows_backward(&s.d_tokens, &mut g.pos_embed, &sh.patch_pos_rows())?;
+    }
     linear_backward(
         b,
         &s.d_tokens,

@@ -17,6 +17,7 @@ pub mod attention;
 pub mod block;
 pub mod decoder;
 pub mod encoder;
+pub mod head;
 pub mod layernorm;
 pub mod linear;
 pub mod loss;
