@@ -4,10 +4,12 @@
 pub mod backends;
 pub mod checkpoint;
 pub mod data;
+pub mod features;
 pub mod flops;
 pub mod metrics;
 pub mod models;
 pub mod picture;
+pub mod probe;
 pub mod progress;
 pub mod recipe;
 pub mod reconstruct;
