@@ -1,8 +1,11 @@
 //! The paper's pre-training augmentation (the official `main_pretrain.py` transforms):
 //! `RandomResizedCrop(size, scale=(0.2, 1.0), ratio=(3/4, 4/3), interpolation=BICUBIC)`,
 //! `RandomHorizontalFlip()`, `ToTensor()`, `Normalize(ImageNet mean, std)`, drawn from a seeded
-//! [`Rng`] so that every sample can be repeated.
+//! [`Rng`] so that every sample can be repeated; and the fine-tuning one (`main_finetune.py`,
+//! timm's `create_transform`), which adds RandAugment before normalizing and RandomErasing after.
 
+use super::erasing::RandomErasing;
+use super::randaugment::RandAugment;
 use super::resample::resize_region;
 use super::Image;
 use mae::rng::Rng;
@@ -34,6 +37,10 @@ pub struct Augment {
     /// RandomResizedCrop when true; otherwise resize the shorter side to `img_size` and take the
     /// centre square (deterministic, for evaluation and pictures).
     pub random_crop: bool,
+    /// RandAugment on the cropped, flipped `[0, 1]` image before normalizing (fine-tuning).
+    pub rand_augment: Option<RandAugment>,
+    /// RandomErasing on the normalized image (fine-tuning).
+    pub erasing: Option<RandomErasing>,
 }
 
 impl Augment {
@@ -49,6 +56,36 @@ impl Augment {
             mean,
             std,
             random_crop: true,
+            rand_augment: None,
+            erasing: None,
+        }
+    }
+
+    /// The MAE fine-tuning training transform, timm's `create_transform(is_training=True,
+    /// auto_augment='rand-m9-mstd0.5-inc1', interpolation='bicubic', re_prob=0.25,
+    /// re_mode='pixel', re_count=1)`: RandomResizedCrop with scale (0.08, 1), horizontal flip,
+    /// [`RandAugment::paper`], normalization with [`norm_stats`](super::norm_stats), then
+    /// [`RandomErasing::paper`].
+    ///
+    /// ```
+    /// use mae_examples::data::{Augment, Image};
+    /// use mae::rng::Rng;
+    ///
+    /// let aug = Augment::finetune(16, 3);
+    /// let img = Image { channels: 3, height: 20, width: 24, pixels: vec![0.5; 3 * 20 * 24] };
+    /// let mut a = vec![0.0; aug.output_len()];
+    /// let mut b = vec![0.0; aug.output_len()];
+    /// aug.apply(&img, &mut Rng::new(9), &mut a);
+    /// aug.apply(&img, &mut Rng::new(9), &mut b);
+    /// assert_eq!((a.len(), a), (3 * 16 * 16, b));
+    /// ```
+    pub fn finetune(img_size: usize, channels: usize) -> Augment {
+        let paper = Augment::paper(img_size, channels);
+        Augment {
+            scale: (0.08, 1.0),
+            rand_augment: Some(RandAugment::paper(&paper.mean)),
+            erasing: Some(RandomErasing::paper()),
+            ..paper
         }
     }
 
@@ -115,7 +152,8 @@ impl Augment {
     }
 
     /// Writes the augmented, normalized `img` to `out` (`channels x img_size x img_size`).
-    /// Random decisions are drawn from `rng` in torchvision's order: crop box, then flip.
+    /// Random decisions are drawn from `rng` in torchvision's order: crop box, flip, then those
+    /// of RandAugment and RandomErasing when present.
     ///
     /// # Panics
     /// If `img.channels` differs from `mean.len()` or `out` is not [`output_len`] long; the loader
@@ -145,11 +183,17 @@ impl Augment {
                 row.reverse();
             }
         }
+        if let Some(ra) = &self.rand_augment {
+            ra.apply(out, (c, size, size), rng);
+        }
         for (ch, plane) in out.chunks_mut(size * size).enumerate() {
             let (mean, inv_std) = (self.mean[ch], 1.0 / self.std[ch]);
             for v in plane {
                 *v = (*v - mean) * inv_std;
             }
+        }
+        if let Some(erasing) = &self.erasing {
+            erasing.apply(out, (c, size, size), rng);
         }
     }
 

@@ -1,5 +1,6 @@
 //! The data pipeline: datasets (embedded synthetic images, a folder of JPEG/PNG files, CIFAR-10
-//! binaries, MNIST IDX files), the paper's augmentation, and a multi-threaded loader whose batches
+//! binaries, MNIST IDX files), the paper's augmentations (pre-training; fine-tuning with
+//! RandAugment, RandomErasing and batch Mixup/CutMix), and a multi-threaded loader whose batches
 //! depend only on (dataset, seed, batch number).
 //!
 //! ```
@@ -18,19 +19,26 @@
 
 mod augment;
 mod cifar;
+mod erasing;
 mod error;
 mod folder;
 mod loader;
+mod mixup;
 mod mnist;
+pub mod pillow;
+mod randaugment;
 pub mod resample;
 pub mod synthetic;
 
 pub use augment::{Augment, CropBox};
 pub use cifar::Cifar10;
+pub use erasing::{EraseMode, RandomErasing};
 pub use error::DataError;
 pub use folder::ImageFolder;
 pub use loader::{load_items, Batch, Loader, LoaderOptions};
+pub use mixup::{sample_beta, sample_gamma, targets_without_mixing, Mixed, Mixup};
 pub use mnist::Mnist;
+pub use randaugment::{RandAugment, RandOp, RAND_INCREASING_OPS};
 pub use synthetic::Synthetic;
 
 use std::path::Path;
