@@ -3,6 +3,8 @@
 #
 #   scripts/study.sh STAGE...     stages: ratios sampling probe finetune speed (or all)
 #
+# A stage skips the runs whose results already exist, so an interrupted study continues.
+#
 # Every run writes to $STUDY_DIR (default runs/study) and logs its CPU time there; the
 # numbers in docs/results.md come from these logs. Release binaries are built first.
 set -euo pipefail
@@ -29,6 +31,60 @@ stage_ratios() { # Figure 5: mask ratio 0.25 .. 0.9, random sampling
         [ -f "$STUDY/mask-$r/checkpoint.safetensors" ] && continue
         timed "pretrain-mask-$r" $BIN/pretrain "${PRETRAIN[@]}" --mask-ratio $r --out "$STUDY/mask-$r"
     done
+}
+
+stage_sampling() { # Table 1f: block and grid sampling at ratio 0.75 (random is mask-0.75)
+    for m in block grid; do
+        [ -f "$STUDY/sampling-$m/checkpoint.safetensors" ] && continue
+        timed "pretrain-sampling-$m" $BIN/pretrain "${PRETRAIN[@]}" --mask-sampling $m \
+            --out "$STUDY/sampling-$m"
+    done
+}
+
+# Linear probing (Table 9's protocol on frozen cls features; see docs/results.md for the
+# settings): every pre-trained encoder, a random-init encoder and the raw pixels.
+PROBE=(--epochs 90 --warmup-epochs 10 --batch-size 256 --optimizer sgd --blr 0.1 --seed 0)
+ENCODERS=(mask-0.25 mask-0.5 mask-0.75 mask-0.9 sampling-block sampling-grid random-init pixels)
+
+embed_split() { # embed_split NAME SPLIT DATAFILE
+    local name=$1 split=$2 file=$3 source
+    case $name in
+        random-init) source=(--random-init --model demo --seed 0) ;;
+        pixels) source=(--pixels --model demo) ;;
+        *) source=(--checkpoint "$STUDY/$name") ;;
+    esac
+    [ -f "$STUDY/features/$name-$split.safetensors" ] && return 0
+    timed "embed-$name-$split" $BIN/embed "${source[@]}" --data "$DATA/$file" \
+        --out "$STUDY/features/$name-$split.safetensors"
+}
+
+stage_probe() {
+    mkdir -p "$STUDY/features" "$STUDY/probe"
+    for name in "${ENCODERS[@]}"; do
+        embed_split "$name" train train_10k.bin
+        embed_split "$name" test test.bin
+        timed "linprobe-$name" $BIN/linprobe "${PROBE[@]}" \
+            --train "$STUDY/features/$name-train.safetensors" \
+            --test "$STUDY/features/$name-test.safetensors" --out "$STUDY/probe/$name.json"
+    done
+}
+
+# Fine-tuning (Table 8's recipe, shortened): from the ratio-0.75 MAE and from scratch.
+FINETUNE=(--data "$DATA/train_10k.bin" --eval-data "$DATA/test.bin" --epochs 15 --warmup-epochs 2
+          --batch-size 64 --eval-every 5 --seed 0 --log-every 50)
+
+stage_finetune() {
+    [ -f "$STUDY/finetune-mae/result.json" ] ||
+        timed finetune-mae $BIN/finetune "${FINETUNE[@]}" --checkpoint "$STUDY/mask-0.75" \
+            --out "$STUDY/finetune-mae"
+    [ -f "$STUDY/finetune-scratch/result.json" ] ||
+        timed finetune-scratch $BIN/finetune "${FINETUNE[@]}" --model demo \
+            --out "$STUDY/finetune-scratch"
+}
+
+stage_speed() { # Table 2: encoder without vs with mask tokens, ViT-L/16 and the demo model
+    timed speed-vit-large $BIN/bench --mask-tokens mae_vit_large_patch16 --batch 2 --seconds 20
+    timed speed-demo $BIN/bench --mask-tokens demo --batch 64 --seconds 20
 }
 
 cargo build --release -p mae-examples --quiet

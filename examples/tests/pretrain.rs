@@ -463,3 +463,47 @@ fn reconstruction_panels_keep_visible_patches_and_blank_removed_ones() {
     // 64 patches, 16 kept: 48 removed per image.
     assert_eq!(removed, 3 * 48);
 }
+
+#[test]
+fn ablation_flags_shape_the_model_and_the_masking() {
+    let out = temp_dir("pretrain-ablations");
+    succeed(pretrain(
+        &[
+            "--data",
+            "synthetic:32",
+            "--batch-size",
+            "8",
+            "--steps",
+            "2",
+            "--vis-images",
+            "2",
+            "--mask-sampling",
+            "grid",
+            "--encoder-mask-tokens",
+            "--decoder-depth",
+            "1",
+            "--decoder-width",
+            "32",
+        ],
+        &out,
+    ));
+    let ck = TrainCheckpoint::load(&out.join(FILE_NAME)).unwrap();
+    assert!(ck.cfg.encoder_mask_tokens);
+    assert_eq!((ck.cfg.decoder_depth, ck.cfg.decoder_embed_dim), (1, 32));
+    assert_eq!(ck.recipe.mask_sampling, mae::masking::MaskSampling::Grid);
+    let token = ck.state.params.encoder.mask_token.as_ref();
+    assert_eq!(token.map(Vec::len), Some(ck.cfg.embed_dim));
+    fails_with(
+        pretrain(&["--mask-sampling", "grid", "--mask-ratio", "0.5"], &out),
+        &["grid masking keeps one patch per square cell"],
+    );
+    fails_with(
+        pretrain(&["--mask-sampling", "checkerboard"], &out),
+        &["unknown mask sampling `checkerboard`"],
+    );
+    fails_with(
+        pretrain(&["--decoder-width", "30"], &out),
+        &["decoder_embed_dim 30"],
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+}

@@ -6,6 +6,11 @@
 //! the data loader alone (decoding, RandomResizedCrop, flip, normalization) on the dataset SPEC
 //! (as `pretrain --data`), printed as one JSON line with `loader_img_s`.
 //!
+//! `bench --mask-tokens MODEL [--batch N] [--seconds S] [--backend NAME]`: the paper's Table 2,
+//! the wall-clock time of a pre-training step (mask 0.75) with the encoder seeing only the
+//! visible patches against the encoder seeing mask tokens too, on MODEL (`demo` or a preset such
+//! as `mae_vit_large_patch16`), printed as one JSON line with the speedup.
+//!
 //! The case line also carries `train_peak_rss_mb`: the process's peak resident memory (Linux
 //! `VmHWM`) measured after the training phase, before the embedding phase.
 
@@ -15,13 +20,14 @@ use mae::masking::keep_count;
 use mae::train::{TrainOptions, Trainer};
 use mae::Config;
 use mae_examples::data::{self, Augment, Loader, LoaderOptions};
-use mae_examples::{backends, flops, synthetic};
+use mae_examples::{backends, flops, models, synthetic};
 use std::process::ExitCode;
 use std::time::Instant;
 
 const USAGE: &str =
     "usage: bench --case tiny32|small64|base224 [--backend NAME] [--seconds S] [--batch N]
-       bench --loader SPEC [--img-size N] [--workers N] [--batch N] [--channels N] [--seconds S]";
+       bench --loader SPEC [--img-size N] [--workers N] [--batch N] [--channels N] [--seconds S]
+       bench --mask-tokens MODEL [--backend NAME] [--seconds S] [--batch N]";
 
 /// Runs `f` once to warm up, then repeatedly until `seconds` have passed (at least twice);
 /// returns calls per second.
@@ -91,6 +97,45 @@ fn run<B: Backend>(
     ))
 }
 
+/// Table 2: seconds per pre-training step without and with mask tokens in the encoder.
+struct MaskTokens {
+    cfg: Config,
+    model: String,
+    batch: usize,
+    seconds: f64,
+}
+
+impl OnBackend for MaskTokens {
+    type Output = Result<String, Box<dyn std::error::Error>>;
+    fn run<B: Backend>(self, b: &B) -> Self::Output {
+        let imgs = synthetic::batch(0, 0, self.batch, self.cfg.in_chans, self.cfg.img_size);
+        let mut step_s = [0.0; 2];
+        for (with, s) in [false, true].into_iter().zip(&mut step_s) {
+            let cfg = Config {
+                encoder_mask_tokens: with,
+                ..self.cfg.clone()
+            };
+            let params = mae::init::init_params(&cfg, 0);
+            let opts = TrainOptions::new(self.batch);
+            let mut trainer = Trainer::new(b, &cfg, &params, opts, 0)?;
+            let steps = rate(self.seconds, || {
+                trainer.train_step(b, &imgs, None, 1e-4).map(drop)
+            })?;
+            *s = 1.0 / steps;
+        }
+        Ok(format!(
+            "{{\"model\":\"{}\",\"backend\":\"{}\",\"batch\":{},\"step_s_encoder_visible_only\":{:.4},\
+\"step_s_encoder_with_mask_tokens\":{:.4},\"speedup\":{:.2}}}",
+            self.model,
+            b.name(),
+            self.batch,
+            step_s[0],
+            step_s[1],
+            step_s[1] / step_s[0]
+        ))
+    }
+}
+
 /// The process's peak resident set size in MiB (`VmHWM` of `/proc/self/status`), where the
 /// system reports one.
 fn peak_rss_mb() -> Option<f64> {
@@ -137,6 +182,7 @@ fn main() -> ExitCode {
     let (mut case, mut backend, mut seconds, mut batch) =
         (None, backends::default_name().to_string(), 10.0, None);
     let (mut loader, mut img_size, mut workers, mut channels) = (None, 224, 2, 3);
+    let mut mask_tokens = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let Some(value) = args.next() else {
@@ -153,6 +199,7 @@ fn main() -> ExitCode {
             "--case" => case = Some(value),
             "--backend" => backend = value,
             "--loader" => loader = Some(value),
+            "--mask-tokens" => mask_tokens = Some(value),
             "--img-size" => match count(&value) {
                 Ok(n) => img_size = n,
                 Err(code) => return code,
@@ -185,6 +232,22 @@ fn main() -> ExitCode {
             }
         }
     }
+    if let Some(model) = mask_tokens {
+        let cfg = match models::resolve(&model) {
+            Ok(cfg) => cfg,
+            Err(e) => {
+                eprintln!("bench: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let job = MaskTokens {
+            cfg,
+            model,
+            batch: batch.unwrap_or(8),
+            seconds,
+        };
+        return report(backends::dispatch(&backend, job));
+    }
     if let Some(spec) = loader {
         let job = LoaderBench {
             spec,
@@ -214,7 +277,14 @@ fn main() -> ExitCode {
         batch,
         seconds,
     };
-    let result = match backends::dispatch(&backend, job) {
+    report(backends::dispatch(&backend, job))
+}
+
+/// Prints a benchmark's JSON line, or why there is none.
+fn report(
+    result: Result<Result<String, Box<dyn std::error::Error>>, backends::BackendChoiceError>,
+) -> ExitCode {
+    let result = match result {
         Ok(r) => r,
         Err(e) => {
             eprintln!("bench: {e}");

@@ -17,15 +17,13 @@ use clap::{ArgGroup, Parser, ValueEnum};
 use mae::backend::{Backend, OnBackend};
 use mae::embed::{Embedder, Pool};
 use mae::params::Encoder;
-use mae::weights::WeightsFile;
 use mae::Config;
-use mae_examples::data::{self, load_items, Augment, Dataset};
+use mae_examples::data::{self, Augment, InOrder};
 use mae_examples::features::{FeatureSet, FeatureSource};
 use mae_examples::progress::human;
 use mae_examples::{backends, checkpoint, models};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::mpsc::sync_channel;
 use std::time::{Duration, Instant};
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
@@ -98,71 +96,6 @@ impl PoolArg {
     }
 }
 
-/// Decodes images `0..n` of a dataset in batches, ahead of their consumer, on worker threads.
-struct Images<'a> {
-    ds: &'a dyn Dataset,
-    augment: Augment,
-    n: usize,
-    batch: usize,
-    workers: usize,
-}
-
-impl Images<'_> {
-    /// Calls `consume(first, images)` for each batch in order; batch k+1 is decoded while
-    /// `consume` works on batch k.
-    fn for_each(
-        &self,
-        mut consume: impl FnMut(usize, &[f32]) -> Result<(), Failure>,
-    ) -> Result<(), Failure> {
-        std::thread::scope(|s| {
-            let (tx, rx) = sync_channel::<Result<(usize, Vec<f32>), Failure>>(2);
-            s.spawn(move || {
-                for first in (0..self.n).step_by(self.batch) {
-                    let end = (first + self.batch).min(self.n);
-                    if tx.send(self.decode(first, end)).is_err() {
-                        return; // the consumer stopped
-                    }
-                }
-            });
-            for batch in rx {
-                let (first, images) = batch?;
-                consume(first, &images)?;
-            }
-            Ok(())
-        })
-    }
-
-    /// Images `first..end`, split over the workers.
-    fn decode(&self, first: usize, end: usize) -> Result<(usize, Vec<f32>), Failure> {
-        let per = (end - first).div_ceil(self.workers.max(1));
-        let parts: Vec<Result<Vec<f32>, data::DataError>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (first..end)
-                .step_by(per)
-                .map(|a| {
-                    let items: Vec<usize> = (a..(a + per).min(end)).collect();
-                    // The eval transform draws nothing, so the seed is irrelevant.
-                    s.spawn(move || load_items(self.ds, &items, &self.augment, 0))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(data::DataError::Worker {
-                            why: "an image decoder panicked".into(),
-                        })
-                    })
-                })
-                .collect()
-        });
-        let mut out = Vec::with_capacity((end - first) * self.augment.output_len());
-        for p in parts {
-            out.extend(p?);
-        }
-        Ok((first, out))
-    }
-}
-
 /// Prints a progress line every few seconds and at the end.
 struct Meter {
     start: Instant,
@@ -203,7 +136,7 @@ struct Embed<'a> {
     cfg: Config,
     encoder: Encoder<Vec<f32>>,
     pool: Pool,
-    images: Images<'a>,
+    images: InOrder<'a>,
 }
 
 impl OnBackend for Embed<'_> {
@@ -227,24 +160,7 @@ impl OnBackend for Embed<'_> {
 fn encoder(a: &Args) -> Result<(Config, Encoder<Vec<f32>>, String), Failure> {
     let preset = a.model.as_deref().map(models::resolve).transpose()?;
     if let Some(given) = &a.checkpoint {
-        let path = if given.is_dir() {
-            given.join(checkpoint::FILE_NAME)
-        } else {
-            given.clone()
-        };
-        let bytes =
-            std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let file = WeightsFile::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-        let cfg = file.config_or(preset.as_ref()).map_err(|e| {
-            format!(
-                "{}: {e} (give --model for files without one)",
-                path.display()
-            )
-        })?;
-        let enc = file
-            .encoder(&cfg, "")
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        return Ok((cfg, enc, path.display().to_string()));
+        return Ok(checkpoint::load_encoder(given, preset.as_ref())?);
     }
     let cfg = preset.unwrap_or_else(models::demo);
     let enc = mae::init::init_params(&cfg, a.seed).encoder;
@@ -273,7 +189,7 @@ fn run(a: &Args) -> Result<(), Failure> {
         return Err("--limit 0 leaves no image to embed".into());
     }
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-    let images = Images {
+    let images = InOrder {
         ds: ds.as_ref(),
         augment: Augment::eval(cfg.img_size, cfg.in_chans),
         n,

@@ -25,6 +25,7 @@ mod folder;
 mod loader;
 mod mixup;
 mod mnist;
+mod ordered;
 pub mod pillow;
 mod randaugment;
 pub mod resample;
@@ -38,6 +39,7 @@ pub use folder::ImageFolder;
 pub use loader::{load_items, Batch, Loader, LoaderOptions};
 pub use mixup::{sample_beta, sample_gamma, targets_without_mixing, Mixed, Mixup};
 pub use mnist::Mnist;
+pub use ordered::InOrder;
 pub use randaugment::{RandAugment, RandOp, RAND_INCREASING_OPS};
 pub use synthetic::Synthetic;
 
