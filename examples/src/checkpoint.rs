@@ -217,6 +217,32 @@ impl TrainCheckpoint {
     }
 }
 
+/// The encoder of a checkpoint (a run folder or a safetensors file: a pre-training checkpoint,
+/// an encoder-only file, or a fine-tuned classifier), with its configuration (from the file, or
+/// `model` for files without one) and a description for logs and metadata.
+pub fn load_encoder(
+    given: &Path,
+    model: Option<&Config>,
+) -> Result<(Config, Encoder<Vec<f32>>, String), String> {
+    let path = if given.is_dir() {
+        given.join(FILE_NAME)
+    } else {
+        given.to_path_buf()
+    };
+    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let file = WeightsFile::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let cfg = file.config_or(model).map_err(|e| {
+        format!(
+            "{}: {e} (give --model for files without one)",
+            path.display()
+        )
+    })?;
+    let enc = file
+        .encoder(&cfg, "")
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((cfg, enc, path.display().to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +294,7 @@ mod tests {
                 batches_per_epoch: 5,
                 total_steps: 10,
                 mask_ratio: 0.75,
+                mask_sampling: Default::default(),
                 weight_decay: 0.05,
                 beta1: 0.9,
                 beta2: 0.95,
@@ -328,30 +355,4 @@ mod tests {
         assert!(matches!(e, CheckpointError::Io { .. }), "{e}");
         fs::remove_dir_all(&dir).unwrap();
     }
-}
-
-/// The encoder of a checkpoint (a run folder or a safetensors file: a pre-training checkpoint,
-/// an encoder-only file, or a fine-tuned classifier), with its configuration (from the file, or
-/// `model` for files without one) and a description for logs and metadata.
-pub fn load_encoder(
-    given: &Path,
-    model: Option<&Config>,
-) -> Result<(Config, Encoder<Vec<f32>>, String), String> {
-    let path = if given.is_dir() {
-        given.join(FILE_NAME)
-    } else {
-        given.to_path_buf()
-    };
-    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let file = WeightsFile::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-    let cfg = file.config_or(model).map_err(|e| {
-        format!(
-            "{}: {e} (give --model for files without one)",
-            path.display()
-        )
-    })?;
-    let enc = file
-        .encoder(&cfg, "")
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok((cfg, enc, path.display().to_string()))
 }

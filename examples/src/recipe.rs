@@ -131,6 +131,7 @@ mod tests {
             batches_per_epoch: 10,
             total_steps: Recipe::steps_for(4.0, 10, 2),
             mask_ratio: 0.75,
+            mask_sampling: Default::default(),
             weight_decay: 0.05,
             beta1: 0.9,
             beta2: 0.95,

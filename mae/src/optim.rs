@@ -90,6 +90,35 @@ impl Schedule {
     }
 }
 
+/// Layer-wise learning-rate decay (BEiT, the paper's Table 8): the learning-rate factor of the
+/// tensor `name` in a ViT of `depth` blocks, `decay^(depth + 1 - layer)` where the embedding
+/// (`cls_token`, `pos_embed`, `patch_embed.*`) is layer 0, `blocks.i.*` is layer `i + 1`, and
+/// everything after the blocks (norms, head) is layer `depth + 1`, as `util/lr_decay.py`.
+///
+/// ```
+/// use mae::optim::layer_decay_scale;
+/// assert_eq!(layer_decay_scale("head.weight", 12, 0.75), 1.0);
+/// assert_eq!(layer_decay_scale("blocks.11.mlp.fc1.weight", 12, 0.75), 0.75);
+/// assert_eq!(layer_decay_scale("patch_embed.proj.weight", 12, 0.75), 0.75f64.powi(13));
+/// ```
+pub fn layer_decay_scale(name: &str, depth: usize, decay: f64) -> f64 {
+    libm::pow(decay, (depth + 1 - layer_id(name, depth)) as f64)
+}
+
+/// The layer of the tensor `name` in [`layer_decay_scale`]'s numbering: 0 for the embedding,
+/// `i + 1` for block `i`, `depth + 1` after the blocks.
+pub fn layer_id(name: &str, depth: usize) -> usize {
+    let top = depth + 1;
+    if ["cls_token", "pos_embed"].contains(&name) || name.starts_with("patch_embed") {
+        0
+    } else if let Some(rest) = name.strip_prefix("blocks.") {
+        let index = rest.split('.').next().and_then(|i| i.parse::<usize>().ok());
+        index.map_or(top, |i| (i + 1).min(top))
+    } else {
+        top
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,34 +159,5 @@ mod tests {
                 value: 0.0
             })
         );
-    }
-}
-
-/// Layer-wise learning-rate decay (BEiT, the paper's Table 8): the learning-rate factor of the
-/// tensor `name` in a ViT of `depth` blocks, `decay^(depth + 1 - layer)` where the embedding
-/// (`cls_token`, `pos_embed`, `patch_embed.*`) is layer 0, `blocks.i.*` is layer `i + 1`, and
-/// everything after the blocks (norms, head) is layer `depth + 1`, as `util/lr_decay.py`.
-///
-/// ```
-/// use mae::optim::layer_decay_scale;
-/// assert_eq!(layer_decay_scale("head.weight", 12, 0.75), 1.0);
-/// assert_eq!(layer_decay_scale("blocks.11.mlp.fc1.weight", 12, 0.75), 0.75);
-/// assert_eq!(layer_decay_scale("patch_embed.proj.weight", 12, 0.75), 0.75f64.powi(13));
-/// ```
-pub fn layer_decay_scale(name: &str, depth: usize, decay: f64) -> f64 {
-    libm::pow(decay, (depth + 1 - layer_id(name, depth)) as f64)
-}
-
-/// The layer of the tensor `name` in [`layer_decay_scale`]'s numbering: 0 for the embedding,
-/// `i + 1` for block `i`, `depth + 1` after the blocks.
-pub fn layer_id(name: &str, depth: usize) -> usize {
-    let top = depth + 1;
-    if ["cls_token", "pos_embed"].contains(&name) || name.starts_with("patch_embed") {
-        0
-    } else if let Some(rest) = name.strip_prefix("blocks.") {
-        let index = rest.split('.').next().and_then(|i| i.parse::<usize>().ok());
-        index.map_or(top, |i| (i + 1).min(top))
-    } else {
-        top
     }
 }
