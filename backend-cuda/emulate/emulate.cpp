@@ -118,6 +118,37 @@ static void test_elementwise() {
     }
 }
 
+// scale_rows: one factor per group of rows_per_scale * cols elements (drop path's 0 or
+// 1 / keep_prob per image), overwriting (old NaN must not leak) or accumulating; bitwise, since
+// each element is one f32 product and at most one f32 sum.
+static void test_scale_rows() {
+    struct Case { u64 scales, rows_per_scale, cols; };
+    for (Case c : {Case{1, 1, 1}, Case{3, 2, 5}, Case{4, 3, 70}, Case{2, 197, 3}}) {
+        const u64 group = c.rows_per_scale * c.cols, n = c.scales * group;
+        for (unsigned g : grids(grid_elementwise(n))) {
+            std::string tag = " scales=" + std::to_string(c.scales) + " rows_per_scale=" +
+                              std::to_string(c.rows_per_scale) + " cols=" + std::to_string(c.cols) +
+                              " grid=" + std::to_string(g);
+            auto src = random_vec(n), prior = random_vec(n);
+            std::vector<float> scales(c.scales);
+            const float factors[] = {0.0f, 1.0f / 0.9f, -2.5f, 1.0f};
+            for (u64 k = 0; k < c.scales; ++k) scales[k] = factors[k % 4];
+            for (u32 acc : {0u, 1u}) {
+                std::vector<float> dst = acc ? prior : std::vector<float>(n, NAN);
+                launch(g, 256, [&] {
+                    scale_rows(src.data(), scales.data(), dst.data(), n, group, acc);
+                });
+                std::vector<double> want(n);
+                for (u64 i = 0; i < n; ++i) {
+                    const float v = src[i] * scales[i / group];
+                    want[i] = acc ? (float)(prior[i] + v) : v;
+                }
+                expect_close(std::string("scale_rows") + (acc ? " +=" : " =") + tag, dst, want, 0);
+            }
+        }
+    }
+}
+
 struct Map {
     u64 batch, count, cols, src_stride, src_start, src_step, dst_stride, dst_start;
     u64 src_row(u64 b, u64 i) const { return b * src_stride + src_start + i * src_step; }
@@ -418,6 +449,7 @@ static void test_loss() {
 
 int main() {
     test_elementwise();
+    test_scale_rows();
     test_copy_rows();
     test_gather();
     test_patchify_and_heads();

@@ -140,6 +140,7 @@ kernels! {
     Fill = "fill_f32" (Ptr, U64, F32);
     Add = "add_f32" (Ptr, Ptr, U64);
     Scale = "scale_f32" (Ptr, U64, F32);
+    ScaleRows = "scale_rows" (Ptr, Ptr, Ptr, U64, U64, U32);
     GeluForward = "gelu_forward" (Ptr, Ptr, U64);
     GeluBackward = "gelu_backward" (Ptr, Ptr, Ptr, U64);
     AdamW = "adamw" (Ptr, Ptr, Ptr, Ptr, U64, F32, F32, F32, F32, F32, F32, F32, F32);

@@ -43,6 +43,22 @@ fn same_len(a: usize, b: usize, op: &str) -> BResult<()> {
     }
 }
 
+fn scale_rows_lengths(
+    src: &CudaBuf,
+    scales: &CudaBuf,
+    dst: &CudaBuf,
+    rows_per_scale: usize,
+    cols: usize,
+) -> BackendError {
+    error::device(format!(
+        "bug: scale_rows: src holds {} floats and dst {}, but {} scales x {rows_per_scale} \
+         rows x {cols} columns need both to hold the product",
+        src.len(),
+        dst.len(),
+        scales.len()
+    ))
+}
+
 fn op(kind: BackendErrorKind, message: String) -> BackendError {
     BackendError::new(kind, message)
 }
@@ -267,6 +283,36 @@ impl Backend for CudaBackend {
         let n = buf.len();
         let args = [self.ptr_mut(buf), u(n), Arg::F32(s)];
         self.launch(Kernel::Scale, elementwise(n as u64), &args)
+    }
+
+    /// The lengths must be exactly `scales.len() * rows_per_scale * cols`: the `mae` caller
+    /// guarantees it, and a mismatch is refused here rather than read or written past the end.
+    fn scale_rows(
+        &self,
+        src: &CudaBuf,
+        scales: &CudaBuf,
+        dst: &mut CudaBuf,
+        rows_per_scale: usize,
+        cols: usize,
+        accumulate: bool,
+    ) -> BResult<()> {
+        let group = rows_per_scale.checked_mul(cols);
+        let n = group.and_then(|g| g.checked_mul(scales.len()));
+        let (Some(group), Some(n)) = (group, n) else {
+            return Err(scale_rows_lengths(src, scales, dst, rows_per_scale, cols));
+        };
+        if src.len() != n || dst.len() != n {
+            return Err(scale_rows_lengths(src, scales, dst, rows_per_scale, cols));
+        }
+        let args = [
+            self.ptr(src),
+            self.ptr(scales),
+            self.ptr_mut(dst),
+            u(n),
+            u(group),
+            Arg::U32(accumulate as u32),
+        ];
+        self.launch(Kernel::ScaleRows, elementwise(n as u64), &args)
     }
 
     // ---- rows -------------------------------------------------------------------------------

@@ -203,6 +203,18 @@ impl Backend for WgpuBackend {
         memory::scale(self, buf, s)
     }
 
+    fn scale_rows(
+        &self,
+        src: &Buf,
+        scales: &Buf,
+        dst: &mut Buf,
+        rows_per_scale: usize,
+        cols: usize,
+        accumulate: bool,
+    ) -> BResult<()> {
+        memory::scale_rows(self, src, scales, dst, rows_per_scale, cols, accumulate)
+    }
+
     // ---- rows -------------------------------------------------------------------------------
 
     fn copy_rows(&self, src: &Buf, dst: &mut Buf, map: &RowMap, accumulate: bool) -> BResult<()> {

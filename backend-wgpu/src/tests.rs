@@ -30,6 +30,7 @@ fn every_kernel_compiles() {
         Kernel::Fill,
         Kernel::Add,
         Kernel::Scale,
+        Kernel::ScaleRows,
         Kernel::Gemm {
             trans_a: false,
             trans_b: false,
@@ -132,6 +133,31 @@ fn mismatched_host_lengths_are_errors_not_panics() {
     assert!(be.write(&mut b, &[1.0, 2.0]).is_err());
     let mut host = [0.0; 4];
     assert!(be.download(&b, &mut host).is_err());
+}
+
+/// scale_rows with buffers that disagree with `scales.len() * rows_per_scale * cols` is a typed
+/// error that leaves `dst` as it was, not a read past the end or half an update.
+#[test]
+fn scale_rows_refuses_mismatched_lengths() {
+    let Some(be) = be() else { return };
+    let scales = be.upload(&[2.0, 3.0]).unwrap();
+    let (src6, src5) = (be.upload(&[1.0; 6]).unwrap(), be.upload(&[1.0; 5]).unwrap());
+    let mut dst = be.upload(&[7.0; 6]).unwrap();
+    let err = be
+        .scale_rows(&src5, &scales, &mut dst, 1, 3, false)
+        .unwrap_err();
+    assert_eq!(err.kind, BackendErrorKind::Device, "{err}");
+    assert!(err.message.contains("src holds 5"), "{err}");
+    let mut short = be.upload(&[7.0; 4]).unwrap();
+    assert!(be
+        .scale_rows(&src6, &scales, &mut short, 1, 3, true)
+        .is_err());
+    assert!(be
+        .scale_rows(&src6, &scales, &mut dst, usize::MAX, 2, false)
+        .is_err());
+    assert_eq!(down(be, &dst), [7.0; 6]);
+    be.scale_rows(&src6, &scales, &mut dst, 1, 3, true).unwrap();
+    assert_eq!(down(be, &dst), [9.0, 9.0, 9.0, 10.0, 10.0, 10.0]);
 }
 
 /// More than 65535 workgroups of 256: the launch folds into a 2-D grid and still covers every

@@ -170,6 +170,21 @@ pub mod run {
         down(b, &buf)
     }
 
+    pub fn scale_rows<B: Backend>(
+        b: &B,
+        src: &[f32],
+        scales: &[f32],
+        dst: &[f32],
+        rows_per_scale: usize,
+        cols: usize,
+        acc: bool,
+    ) -> Vec<f32> {
+        let (src, scales, mut dst) = (up(b, src), up(b, scales), up(b, dst));
+        let r = b.scale_rows(&src, &scales, &mut dst, rows_per_scale, cols, acc);
+        ok(b, r, "scale_rows");
+        down(b, &dst)
+    }
+
     pub fn copy_rows<B: Backend>(
         b: &B,
         src: &[f32],

@@ -59,6 +59,22 @@ pub fn scale(buf: &mut [f64], s: f32) {
     }
 }
 
+/// `dst[r] = src[r] * scales[r / rows_per_scale]` (or `+=` with `accumulate`) for every row `r`
+/// of `cols` values; overwriting never reads `dst`.
+pub fn scale_rows(
+    src: &[f64],
+    scales: &[f64],
+    dst: &mut [f64],
+    rows_per_scale: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    for (i, (d, s)) in dst.iter_mut().zip(src).enumerate() {
+        let v = s * scales[i / cols / rows_per_scale];
+        *d = if accumulate { *d + v } else { v };
+    }
+}
+
 // ---- rows -----------------------------------------------------------------------------------
 
 /// Destination rows of `map` get (`accumulate == false`) or are increased by their source rows.

@@ -236,6 +236,111 @@ fn check_scale<B: Backend>(b: &B, len: usize, s: f32, seed: u64, fill: Fill) -> 
     )
 }
 
+// ---- scale_rows ---------------------------------------------------------------------------------
+
+/// Drop path's factors (0 drops an image, `1 / keep_prob` rescales a kept one) and a few others.
+const ROW_FACTORS: [f32; 5] = [0.0, 1.0 / 0.9, 1.0 / 0.75, 1.0, -2.5];
+
+#[derive(Clone, Debug)]
+struct ScaleRowsCase {
+    /// One factor per group of `rows_per_scale` rows.
+    scales: Vec<f32>,
+    rows_per_scale: usize,
+    cols: usize,
+    accumulate: bool,
+    seed: u64,
+    fill: Fill,
+    init: Init,
+}
+
+fn scale_rows_case() -> impl Strategy<Value = ScaleRowsCase> {
+    (
+        proptest::collection::vec(select(ROW_FACTORS.to_vec()), 1..=5),
+        (1usize..=5, dim()),
+        (any::<bool>(), any::<u64>(), fill(), init()),
+    )
+        .prop_map(
+            |(scales, (rows_per_scale, cols), (accumulate, seed, fill, init))| ScaleRowsCase {
+                scales,
+                rows_per_scale,
+                cols,
+                accumulate,
+                seed,
+                fill,
+                init,
+            },
+        )
+}
+
+/// Overwriting: `dst` starts as NaN or garbage, which must not show. Accumulating: `dst` starts
+/// with values of either sign, so the sum can cancel (its `atol` scales with `|dst| + |src * f|`).
+fn check_scale_rows<B: Backend>(b: &B, c: &ScaleRowsCase) -> Check {
+    let n = c.scales.len() * c.rows_per_scale * c.cols;
+    let src = data(c.seed, n, c.cols, c.fill);
+    let dst = if c.accumulate {
+        prior(n, c.seed)
+    } else {
+        old_contents(c.init, n, c.seed)
+    };
+    let (rps, cols, acc) = (c.rows_per_scale, c.cols, c.accumulate);
+    let got = run::scale_rows(b, &src, &c.scales, &dst, rps, cols, acc);
+    let mut want = if acc { f64s(&dst) } else { vec![0.0; n] };
+    oracle::scale_rows(&f64s(&src), &f64s(&c.scales), &mut want, rps, cols, acc);
+    let mag = acc.then(|| {
+        let mut m = abs(&dst);
+        oracle::scale_rows(&abs(&src), &abs(&c.scales), &mut m, rps, cols, true);
+        m
+    });
+    let shape = format!(
+        "scales {:?}, {rps} rows of {cols} per scale, accumulate {acc}, {:?}, {:?}, seed {}",
+        c.scales, c.fill, c.init, c.seed
+    );
+    compare(
+        "scale_rows",
+        &shape,
+        &got,
+        &want,
+        Tol::ELEMENTWISE,
+        mag.as_deref(),
+    )
+}
+
+/// By hand: three images of two rows of two values, the first dropped (factor 0), the second
+/// doubled, the third halved; into NaN (overwrite) and into 100 (accumulate).
+fn check_scale_rows_fixed<B: Backend>(b: &B) -> Check {
+    let src: Vec<f32> = (1..=12).map(|v| v as f32).collect();
+    let scales = [0.0, 2.0, 0.5];
+    let got = run::scale_rows(b, &src, &scales, &[f32::NAN; 12], 2, 2, false);
+    let want = [
+        0.0, 0.0, 0.0, 0.0, 10.0, 12.0, 14.0, 16.0, 4.5, 5.0, 5.5, 6.0,
+    ];
+    compare("scale_rows", "3 x 2 x 2", &got, &want, Tol::EXACT, None)?;
+    let got = run::scale_rows(b, &src, &scales, &[100.0; 12], 2, 2, true);
+    let want = want.map(|w| w + 100.0);
+    compare(
+        "scale_rows accumulate",
+        "3 x 2 x 2",
+        &got,
+        &want,
+        Tol::EXACT,
+        None,
+    )?;
+    // Drop path in training: one factor per image over its tokens, on a real shape.
+    for accumulate in [false, true] {
+        let c = ScaleRowsCase {
+            scales: vec![0.0, 1.0 / 0.9, 1.0 / 0.9, 0.0],
+            rows_per_scale: 17,
+            cols: 64,
+            accumulate,
+            seed: 7,
+            fill: Fill::Uniform,
+            init: Init::Nan,
+        };
+        check_scale_rows(b, &c)?;
+    }
+    Ok(())
+}
+
 // ---- copy_rows ----------------------------------------------------------------------------------
 
 #[derive(Clone, Debug)]
@@ -1204,6 +1309,21 @@ fn check_accumulate_twice<B: Backend>(b: &B) -> Check {
     let r = twice(b, n, |d| b.add(&xb, d))?;
     check_twice("add", &format!("len {n}"), r, &x64, Tol::ELEMENTWISE, None)?;
 
+    // scale_rows with accumulate: 3 images of 7 rows of 11.
+    let factors = [2.0, 0.0, 1.0 / 0.9];
+    let mut want = vec![0.0; n];
+    oracle::scale_rows(&x64, &f64s(&factors), &mut want, 7, 11, true);
+    let fb = up(b, &factors);
+    let r = twice(b, n, |d| b.scale_rows(&xb, &fb, d, 7, 11, true))?;
+    check_twice(
+        "scale_rows accumulate",
+        "3 x 7 x 11",
+        r,
+        &want,
+        Tol::ELEMENTWISE,
+        None,
+    )?;
+
     // copy_rows with accumulate, and its backward.
     let map = RowMap {
         batch: 2,
@@ -1417,6 +1537,23 @@ fn check_overwrite<B: Backend>(b: &B) -> Check {
         &got,
         &want,
         Tol::gemm(cols, 1.0, 1.0),
+        None,
+    )?;
+
+    // scale_rows, one factor per row; a zero factor must give zeros, not the old NaN.
+    let factors = [0.0, 1.25, -2.0, 0.0, 1.0 / 0.9];
+    let fb = up(b, &factors);
+    let got = nan_vs_garbage(b, "scale_rows", n, |d| {
+        b.scale_rows(&xb, &fb, d, 1, cols, false)
+    })?;
+    let mut want = vec![0.0; n];
+    oracle::scale_rows(&x64, &f64s(&factors), &mut want, 1, cols, false);
+    compare(
+        "scale_rows",
+        "5 x 1 x 31",
+        &got,
+        &want,
+        Tol::ELEMENTWISE,
         None,
     )?;
 
@@ -1851,6 +1988,14 @@ macro_rules! op_tests {
                 property(b(), strategy, |b, (len, s, seed, fill)| {
                     check_scale(b, len, s, seed, fill)
                 });
+            }
+            #[test]
+            fn scale_rows() {
+                property(b(), scale_rows_case(), |b, c| check_scale_rows(b, &c));
+            }
+            #[test]
+            fn scale_rows_fixed_images() {
+                fixed(b(), check_scale_rows_fixed);
             }
             #[test]
             fn copy_rows() {

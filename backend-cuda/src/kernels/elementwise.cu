@@ -1,4 +1,4 @@
-// Elementwise ops: fill, add, scale, exact GELU and AdamW.
+// Elementwise ops: fill, add, scale, scale_rows, exact GELU and AdamW.
 
 extern "C" __global__ void fill_f32(float* dst, u64 n, float value) {
     FOR_EACH(i, n) dst[i] = value;
@@ -10,6 +10,16 @@ extern "C" __global__ void add_f32(const float* src, float* dst, u64 n) {
 
 extern "C" __global__ void scale_f32(float* buf, u64 n, float s) {
     FOR_EACH(i, n) buf[i] *= s;
+}
+
+// dst[i] = src[i] * scales[i / group] (or += with `accumulate`): one factor per group of
+// rows_per_scale * cols elements, an image's rows for drop path. Overwriting never reads dst.
+extern "C" __global__ void scale_rows(const float* src, const float* scales, float* dst, u64 n,
+                                      u64 group, u32 accumulate) {
+    FOR_EACH(i, n) {
+        const float v = src[i] * scales[i / group];
+        dst[i] = accumulate ? dst[i] + v : v;
+    }
 }
 
 // Phi(x) = erfc(-x / sqrt 2) / 2: no cancellation for negative x, where 1 + erf(x / sqrt 2)

@@ -1,4 +1,4 @@
-// Whole-buffer kernels: fill, add, scale. One invocation per element.
+// Whole-buffer kernels: fill, add, scale, scale_rows. One invocation per element.
 
 struct Params {
     n: u32,
@@ -40,5 +40,36 @@ fn scale(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let i = flat_id(wg, nwg, lid);
     if i < p.n {
         scale_buf[i] = scale_buf[i] * bitcast<f32>(p.value);
+    }
+}
+
+// scale_rows: dst[i] = src[i] * scales[i / group] (or +=), one factor per group of
+// rows_per_scale * cols elements (an image's rows, for drop path).
+struct ScaleRowsParams {
+    // Elements: scales.len() * group.
+    n: u32,
+    // Elements per factor: rows_per_scale * cols (non-zero when n is).
+    group: u32,
+    // 1 to add into dst, 0 to overwrite it (its old contents are then never read).
+    accumulate: u32,
+}
+
+@group(0) @binding(0) var<uniform> sr: ScaleRowsParams;
+@group(0) @binding(1) var<storage, read> sr_src: array<f32>;
+@group(0) @binding(2) var<storage, read> sr_scales: array<f32>;
+@group(0) @binding(3) var<storage, read_write> sr_dst: array<f32>;
+
+@compute @workgroup_size(WG)
+fn scale_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let i = flat_id(wg, nwg, lid);
+    if i >= sr.n {
+        return;
+    }
+    let v = sr_src[i] * sr_scales[i / sr.group];
+    if sr.accumulate != 0u {
+        sr_dst[i] = sr_dst[i] + v;
+    } else {
+        sr_dst[i] = v;
     }
 }
