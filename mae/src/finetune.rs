@@ -11,7 +11,7 @@
 //!  loss = soft-target cross-entropy(logits, targets) on the host; the same path backwards, then AdamW
 //! ```
 
-use crate::backend::{AdamWStep, Backend};
+use crate::backend::Backend;
 use crate::config::{Config, ConfigError};
 use crate::embed::Pool;
 use crate::error::{Error, Result};
@@ -21,7 +21,7 @@ use crate::model::encoder::{
 };
 use crate::model::head::{head_backward, head_forward, HeadActs, HeadScratch, HeadShape};
 use crate::model::layernorm::layernorm_backward;
-use crate::optim::{layer_decay_scale, layer_id, AdamW};
+use crate::optim::{adamw_update, layer_decay_scale, layer_id, AdamW};
 use crate::params::TensorSpec;
 use crate::params::{classifier_specs, ClassifierParams, Encoder, Head, Linear, Norm, Role};
 use crate::rng::Rng;
@@ -459,32 +459,19 @@ impl<B: Backend> Finetuner<B> {
     /// One AdamW update at peak learning rate `lr`, each tensor at its layer-decayed share; the
     /// gradients are then zeroed.
     pub fn update(&mut self, b: &B, lr: f64) -> Result<()> {
-        if !(lr.is_finite() && lr >= 0.0) {
-            return Err(ConfigError::Hyper {
-                name: "lr",
-                value: lr,
-            }
-            .into());
-        }
-        let h = self.opts.adamw;
         let t = self.updates + 1;
         let tensors = self
             .params
             .tensors_mut()
             .zip(self.grads.tensors_mut())
             .zip(self.m.tensors_mut().zip(self.v.tensors_mut()))
-            .zip(self.specs.tensors().zip(&self.lr_scales));
-        for (((p, g), (m, v)), (spec, &scale)) in tensors {
-            if scale > 0.0 {
-                let wd = match spec.role {
-                    Role::Decayed => h.weight_decay,
-                    _ => 0.0,
-                };
-                let step = AdamWStep::new(lr * scale, h.beta1, h.beta2, h.eps, wd, t);
-                b.adamw(p, g, m, v, &step)?;
-            }
-            b.fill(g, 0.0)?;
-        }
+            .zip(
+                self.specs
+                    .tensors()
+                    .map(|s| s.role)
+                    .zip(self.lr_scales.iter().copied()),
+            );
+        adamw_update(b, &self.opts.adamw, lr, t, tensors)?;
         self.updates = t;
         Ok(())
     }

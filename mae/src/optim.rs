@@ -1,6 +1,8 @@
 //! AdamW with the official parameter groups, and the per-iteration learning-rate schedule.
 
+use crate::backend::{AdamWStep, Backend};
 use crate::config::ConfigError;
+use crate::params::Role;
 
 /// AdamW hyper-parameters other than the learning rate (the paper's Table 7 by default).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -118,6 +120,44 @@ pub fn layer_id(name: &str, depth: usize) -> usize {
         top
     }
 }
+
+/// One AdamW update of every tensor `((param, grad), (m, v))` at `lr` times its factor (0: the
+/// tensor does not train), with weight decay for the [`Role::Decayed`] ones; every gradient is
+/// zeroed afterwards. `step` counts updates from 1 (bias correction).
+pub(crate) fn adamw_update<'a, B: Backend + 'a>(
+    b: &B,
+    h: &AdamW,
+    lr: f64,
+    step: u64,
+    tensors: impl Iterator<Item = (BufQuad<'a, B>, (Role, f64))>,
+) -> crate::error::Result<()> {
+    if !(lr.is_finite() && lr >= 0.0) {
+        return Err(ConfigError::Hyper {
+            name: "lr",
+            value: lr,
+        }
+        .into());
+    }
+    for (((p, g), (m, v)), (role, factor)) in tensors {
+        if factor > 0.0 && role != Role::Fixed {
+            let wd = if role == Role::Decayed {
+                h.weight_decay
+            } else {
+                0.0
+            };
+            let adamw = AdamWStep::new(lr * factor, h.beta1, h.beta2, h.eps, wd, step);
+            b.adamw(p, g, m, v, &adamw)?;
+        }
+        b.fill(g, 0.0)?;
+    }
+    Ok(())
+}
+
+/// A tensor, its gradient and its two AdamW moments.
+pub(crate) type BufQuad<'a, B> = (
+    (&'a mut <B as Backend>::Buf, &'a mut <B as Backend>::Buf),
+    (&'a mut <B as Backend>::Buf, &'a mut <B as Backend>::Buf),
+);
 
 #[cfg(test)]
 mod tests {

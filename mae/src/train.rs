@@ -8,7 +8,7 @@
 //!   └────────── the same path backwards, then AdamW ──────────────────────────────►
 //! ```
 
-use crate::backend::{AdamWStep, Backend};
+use crate::backend::Backend;
 use crate::config::{Config, ConfigError};
 use crate::error::{Error, Result};
 use crate::masking::{check_ratio, keep_count, sample_noise, MaskSampling, Masking};
@@ -20,8 +20,8 @@ use crate::model::encoder::{
     EncoderShape,
 };
 use crate::model::loss::{loss_backward, loss_forward, LossActs, LossShape};
-use crate::optim::AdamW;
-use crate::params::{mae_specs, MaeParams, Role, TensorSpec};
+use crate::optim::{adamw_update, AdamW};
+use crate::params::{mae_specs, MaeParams, TensorSpec};
 use crate::rng::Rng;
 use crate::weights::check_lengths;
 use alloc::vec;
@@ -313,35 +313,14 @@ impl<B: Backend> Trainer<B> {
     /// One AdamW update at learning rate `lr` from the accumulated gradients, which are then
     /// zeroed.
     pub fn update(&mut self, b: &B, lr: f64) -> Result<()> {
-        if !(lr.is_finite() && lr >= 0.0) {
-            return Err(ConfigError::Hyper {
-                name: "lr",
-                value: lr,
-            }
-            .into());
-        }
-        let h = self.opts.adamw;
         let t = self.updates + 1;
-        let decayed = AdamWStep::new(lr, h.beta1, h.beta2, h.eps, h.weight_decay, t);
-        let plain = AdamWStep {
-            weight_decay: 0.0,
-            ..decayed
-        };
         let tensors = self
             .params
             .tensors_mut()
             .zip(self.grads.tensors_mut())
             .zip(self.m.tensors_mut().zip(self.v.tensors_mut()))
-            .zip(self.specs.tensors());
-        for (((p, g), (m, v)), spec) in tensors {
-            let step = match spec.role {
-                Role::Fixed => continue,
-                Role::Decayed => &decayed,
-                Role::NotDecayed => &plain,
-            };
-            b.adamw(p, g, m, v, step)?;
-            b.fill(g, 0.0)?;
-        }
+            .zip(self.specs.tensors().map(|s| (s.role, 1.0)));
+        adamw_update(b, &self.opts.adamw, lr, t, tensors)?;
         self.updates = t;
         self.pending = 0;
         Ok(())
