@@ -70,7 +70,7 @@ stage_probe() {
 }
 
 # Fine-tuning (Table 8's recipe, shortened): from the ratio-0.75 MAE and from scratch.
-FINETUNE=(--data "$DATA/train_10k.bin" --eval-data "$DATA/test.bin" --epochs 15 --warmup-epochs 2
+FINETUNE=(--data "$DATA/train_10k.bin" --eval-data "$DATA/test.bin" --epochs 25 --warmup-epochs 3
           --batch-size 64 --eval-every 5 --seed 0 --log-every 50)
 
 stage_finetune() {

@@ -14,5 +14,5 @@ for lib in libcuda.so libnvrtc.so libcublas.so; do ln -sf libfakecuda.so "$fake/
 cd ../..
 export LD_LIBRARY_PATH="$fake${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export MAE_REQUIRE_BACKENDS=cuda
-cargo test --release --no-fail-fast -p mae-conformance --test ops --test gradcheck --test embed --test golden \
+cargo test --release --no-fail-fast -p mae-conformance --test ops --test gradcheck --test embed --test golden --test variants \
     --test training -- cuda "$@"

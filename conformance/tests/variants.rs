@@ -154,6 +154,28 @@ fn check_finetune_step_lowers_loss<B: Backend>(b: &B) {
     );
 }
 
+fn check_layer_decay_rates<B: Backend>(b: &B) {
+    let cfg = tiny();
+    let params = classifier(&cfg, init_params(&cfg, 1).encoder, 3, Pool::Mean, 2e-5, 0);
+    let ft = Finetuner::new(b, &cfg, &params, FinetuneOptions::new(2, 3), 0).unwrap();
+    // depth 2: embedding 0.75^3, block 0 0.75^2, block 1 0.75, head and fc_norm 1; the
+    // encoder's norm is unused with mean pooling and does not train.
+    let expected = |name: &str| match name {
+        "cls_token" | "pos_embed" => 0.421875,
+        n if n.starts_with("patch_embed") => 0.421875,
+        n if n.starts_with("blocks.0.") => 0.5625,
+        n if n.starts_with("blocks.1.") => 0.75,
+        n if n.starts_with("norm.") => 0.0,
+        _ => 1.0,
+    };
+    let mut seen = 0;
+    for (name, scale) in ft.lr_scales() {
+        assert_eq!(scale, expected(name), "{name}");
+        seen += 1;
+    }
+    assert_eq!(seen, params.tensors().count());
+}
+
 fn check_encoder_mask_tokens<B: Backend>(b: &B) {
     let cfg = Config {
         encoder_mask_tokens: true,
@@ -243,6 +265,12 @@ macro_rules! variant_tests {
             fn finetune_step_lowers_the_loss() {
                 if let Some(b) = mae_conformance::backends::$backend() {
                     check_finetune_step_lowers_loss(b);
+                }
+            }
+            #[test]
+            fn layer_decay_assigns_the_documented_rates() {
+                if let Some(b) = mae_conformance::backends::$backend() {
+                    check_layer_decay_rates(b);
                 }
             }
             #[test]
