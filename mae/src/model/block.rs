@@ -115,14 +115,7 @@ pub fn block_forward<B: Backend>(
     let drop = acts.drop.as_ref().filter(|dp| dp.active);
     layernorm_forward(b, x, &p.norm1, &mut acts.ln1, r, dim, d.eps)?;
     b.copy(x, &mut acts.res1)?;
-    // Without drop path the branch accumulates straight into the residual stream.
-    let (out, attn_scratch) = match drop {
-        Some(_) => (&mut scratch.branch, &mut scratch.attn),
-        None => (&mut acts.res1, &mut scratch.attn),
-    };
-    if drop.is_some() {
-        b.fill(out, 0.0)?;
-    }
+    let out = branch_output(b, drop.is_some(), &mut acts.res1, &mut scratch.branch)?;
     let (qkv, proj) = (&p.qkv, &p.proj);
     attention_forward(
         b,
@@ -130,7 +123,7 @@ pub fn block_forward<B: Backend>(
         qkv,
         proj,
         &mut acts.attn,
-        attn_scratch,
+        &mut scratch.attn,
         out,
         d,
     )?;
@@ -146,18 +139,28 @@ pub fn block_forward<B: Backend>(
     }
     layernorm_forward(b, &acts.res1, &p.norm2, &mut acts.ln2, r, dim, d.eps)?;
     b.copy(&acts.res1, &mut acts.out)?;
-    let out = match drop {
-        Some(_) => &mut scratch.branch,
-        None => &mut acts.out,
-    };
-    if drop.is_some() {
-        b.fill(out, 0.0)?;
-    }
+    let out = branch_output(b, drop.is_some(), &mut acts.out, &mut scratch.branch)?;
     mlp_forward(b, &acts.ln2.y, &p.fc1, &p.fc2, &mut acts.mlp, out, d)?;
     if let Some(dp) = drop {
         b.scale_rows(&scratch.branch, &dp.mlp, &mut acts.out, d.tokens, dim, true)?;
     }
     Ok(())
+}
+
+/// Where a branch accumulates its output: straight into the residual stream, or, under drop
+/// path, into the zeroed `branch` buffer that is then scaled into the stream per image.
+fn branch_output<'a, B: Backend>(
+    b: &B,
+    dropping: bool,
+    residual: &'a mut B::Buf,
+    branch: &'a mut B::Buf,
+) -> BResult<&'a mut B::Buf> {
+    if dropping {
+        b.fill(branch, 0.0)?;
+        Ok(branch)
+    } else {
+        Ok(residual)
+    }
 }
 
 /// Given `d_out`, the gradient of the block's output, accumulates the parameter gradients and
