@@ -217,6 +217,9 @@ impl TrainCheckpoint {
     }
 }
 
+/// The file a `finetune` run folder holds its classifier in.
+pub const CLASSIFIER_FILE: &str = "classifier.safetensors";
+
 /// The encoder of a checkpoint (a run folder or a safetensors file: a pre-training checkpoint,
 /// an encoder-only file, or a fine-tuned classifier), with its configuration (from the file, or
 /// `model` for files without one) and a description for logs and metadata.
@@ -224,10 +227,14 @@ pub fn load_encoder(
     given: &Path,
     model: Option<&Config>,
 ) -> Result<(Config, Encoder<Vec<f32>>, String), String> {
-    let path = if given.is_dir() {
-        given.join(FILE_NAME)
-    } else {
-        given.to_path_buf()
+    // A pre-training run folder holds checkpoint.safetensors, a fine-tuning one
+    // classifier.safetensors.
+    let path = match given.is_dir() {
+        true if !given.join(FILE_NAME).exists() && given.join(CLASSIFIER_FILE).exists() => {
+            given.join(CLASSIFIER_FILE)
+        }
+        true => given.join(FILE_NAME),
+        false => given.to_path_buf(),
     };
     let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let file = WeightsFile::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;

@@ -20,7 +20,7 @@ use mae::finetune::{classifier, FinetuneOptions, Finetuner};
 use mae::optim::{scaled_lr, AdamW, Schedule};
 use mae::weights::save_tensors;
 use mae::Config;
-use mae_examples::checkpoint::{load_encoder, write_atomic};
+use mae_examples::checkpoint::{load_encoder, write_atomic, CLASSIFIER_FILE};
 use mae_examples::data::{
     self, targets_without_mixing, Augment, Dataset, InOrder, Loader, LoaderOptions, Mixup,
 };
@@ -299,7 +299,7 @@ fn save<B: Backend>(
     let classes = run.train.classes().join(",");
     let meta = [("format", "mae-classifier"), ("classes", classes.as_str())];
     let bytes = save_tensors(ft.config(), tensors, &meta)?;
-    write_atomic(&run.out.join("classifier.safetensors"), &bytes)?;
+    write_atomic(&run.out.join(CLASSIFIER_FILE), &bytes)?;
     let a = &run.args;
     let result = json!({
         "top1": last.map(|x| x.top1),
