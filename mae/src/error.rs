@@ -78,3 +78,13 @@ impl From<WeightsError> for Error {
 
 /// Result with [`Error`].
 pub type Result<T> = core::result::Result<T, Error>;
+
+/// `loss` when it is finite, else [`Error::NonFiniteLoss`] at update `step`: a run stops there,
+/// before a backward would spread the NaN into the weights.
+pub(crate) fn finite_loss(loss: f32, step: u64) -> Result<f32> {
+    if loss.is_finite() {
+        Ok(loss)
+    } else {
+        Err(Error::NonFiniteLoss { step, loss })
+    }
+}

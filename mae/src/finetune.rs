@@ -14,7 +14,7 @@
 use crate::backend::Backend;
 use crate::config::{Config, ConfigError};
 use crate::embed::Pool;
-use crate::error::{Error, Result};
+use crate::error::{finite_loss, Error, Result};
 use crate::model::block::DropPath;
 use crate::model::encoder::{
     encoder_body_backward, encoder_forward, EncoderActs, EncoderScratch, EncoderShape,
@@ -480,13 +480,8 @@ impl<B: Backend> Finetuner<B> {
     /// backward with [`Error::NonFiniteLoss`].
     pub fn train_step(&mut self, b: &B, imgs: &[f32], targets: &[f32], lr: f64) -> Result<f32> {
         let loss = self.forward(b, imgs, targets)?;
-        if !loss.is_finite() {
-            self.forward_done = false;
-            return Err(Error::NonFiniteLoss {
-                step: self.updates,
-                loss,
-            });
-        }
+        self.forward_done = loss.is_finite();
+        let loss = finite_loss(loss, self.updates)?;
         self.backward(b)?;
         self.update(b, lr)?;
         Ok(loss)

@@ -10,7 +10,7 @@
 
 use crate::backend::Backend;
 use crate::config::{Config, ConfigError};
-use crate::error::{Error, Result};
+use crate::error::{finite_loss, Error, Result};
 use crate::masking::{check_ratio, keep_count, sample_noise, MaskSampling, Masking};
 use crate::model::decoder::{
     decoder_backward, decoder_forward, unshuffle_indices, DecoderActs, DecoderScratch, DecoderShape,
@@ -299,13 +299,8 @@ impl<B: Backend> Trainer<B> {
     /// backward with [`Error::NonFiniteLoss`].
     pub fn forward_backward(&mut self, b: &B, imgs: &[f32], noise: Option<&[f32]>) -> Result<f32> {
         let loss = self.forward(b, imgs, noise)?;
-        if !loss.is_finite() {
-            self.forward_done = false;
-            return Err(Error::NonFiniteLoss {
-                step: self.updates,
-                loss,
-            });
-        }
+        self.forward_done = loss.is_finite();
+        let loss = finite_loss(loss, self.updates)?;
         self.backward(b)?;
         Ok(loss)
     }
