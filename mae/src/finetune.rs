@@ -17,7 +17,8 @@ use crate::embed::Pool;
 use crate::error::{finite_loss, Error, Result};
 use crate::model::block::DropPath;
 use crate::model::encoder::{
-    encoder_body_backward, encoder_forward, EncoderActs, EncoderScratch, EncoderShape,
+    encoder_body_backward, encoder_body_forward, encoder_forward, EncoderActs, EncoderScratch,
+    EncoderShape,
 };
 use crate::model::head::{head_backward, head_forward, HeadActs, HeadScratch, HeadShape};
 use crate::model::layernorm::layernorm_backward;
@@ -357,10 +358,17 @@ impl<B: Backend> Finetuner<B> {
     fn run(&mut self, b: &B) -> Result<()> {
         let p = &self.params;
         let (enc, scratch) = (&mut self.enc, &mut self.enc_scratch);
-        encoder_forward(b, &self.imgs, &p.encoder, enc, scratch, &self.enc_shape)?;
+        let (imgs, sh) = (&self.imgs, &self.enc_shape);
+        // Mean pooling reads the last block's output (fc_norm replaces the final norm).
         let tokens = match self.opts.pool {
-            Pool::Mean => &enc.blocks[enc.last].out,
-            Pool::Cls => &enc.norm.y,
+            Pool::Mean => {
+                encoder_body_forward(b, imgs, &p.encoder, enc, scratch, sh)?;
+                &enc.blocks[enc.last].out
+            }
+            Pool::Cls => {
+                encoder_forward(b, imgs, &p.encoder, enc, scratch, sh)?;
+                &enc.norm.y
+            }
         };
         head_forward(b, tokens, &p.head, &mut self.head, &self.head_shape)?;
         b.download(&self.head.logits, &mut self.logits)?;

@@ -117,7 +117,8 @@ pub struct Trainer<B: Backend> {
     loss: LossActs<B>,
     d_latent: B::Buf,
     masking: Masking,
-    ids_keep: Vec<u32>,
+    /// With mask tokens in the encoder: its gather indices (`j` or `L + j` per patch).
+    mask_token_ids: Vec<u32>,
     unshuffle: Vec<u32>,
     noise: Vec<f32>,
     rng: Rng,
@@ -147,6 +148,11 @@ impl<B: Backend> Trainer<B> {
         // With mask tokens in the encoder, the decoder receives every patch and adds none.
         let dec_shape = DecoderShape::new(cfg, n, enc_shape.keep);
         let loss_shape = LossShape::new(cfg, n);
+        let mut dec = DecoderActs::new(b, &dec_shape, cfg.decoder_depth)?;
+        if enc_shape.mask_tokens {
+            let identity: Vec<u32> = (0..n).flat_map(|_| 0..=l as u32).collect();
+            b.write_idx(&mut dec.ids_unshuffle, &identity)?;
+        }
         let zeros_like = |s: &TensorSpec| b.alloc(s.numel());
         Ok(Trainer {
             params: params.try_map(|t| b.upload(t))?,
@@ -156,8 +162,8 @@ impl<B: Backend> Trainer<B> {
             imgs: b.alloc(n * cfg.in_chans * cfg.img_size * cfg.img_size)?,
             enc: EncoderActs::new(b, &enc_shape, true, cfg.depth)?,
             enc_scratch: EncoderScratch::new(b, &enc_shape, true, false)?,
-            ids_keep: vec![0; n * enc_shape.keep],
-            dec: DecoderActs::new(b, &dec_shape, cfg.decoder_depth)?,
+            mask_token_ids: vec![0; if enc_shape.mask_tokens { n * l } else { 0 }],
+            dec,
             dec_scratch: DecoderScratch::new(b, &dec_shape)?,
             loss: LossActs::new(b, &loss_shape)?,
             d_latent: b.alloc(enc_shape.stack.rows() * cfg.embed_dim)?,
@@ -215,17 +221,15 @@ impl<B: Backend> Trainer<B> {
         }
         let l = c.num_patches();
         if self.enc_shape.mask_tokens {
-            // Every patch stays in place: visible ones as tokens, removed ones as mask tokens.
-            mask_token_indices(&self.masking.mask, l, &mut self.ids_keep);
-            for (i, u) in self.unshuffle.iter_mut().enumerate() {
-                *u = (i % (l + 1)) as u32;
-            }
+            // Every patch stays in place: visible ones as tokens, removed ones as mask tokens;
+            // the decoder's unshuffle is the identity, written once in `new`.
+            mask_token_indices(&self.masking.mask, l, &mut self.mask_token_ids);
+            b.write_idx(&mut self.enc.ids_keep, &self.mask_token_ids)?;
         } else {
-            self.ids_keep.copy_from_slice(&self.masking.ids_keep);
             unshuffle_indices(&self.masking.ids_restore, l, &mut self.unshuffle);
+            b.write_idx(&mut self.enc.ids_keep, &self.masking.ids_keep)?;
+            b.write_idx(&mut self.dec.ids_unshuffle, &self.unshuffle)?;
         }
-        b.write_idx(&mut self.enc.ids_keep, &self.ids_keep)?;
-        b.write_idx(&mut self.dec.ids_unshuffle, &self.unshuffle)?;
         b.write(&mut self.loss.mask, &self.masking.mask)?;
         b.write(&mut self.imgs, imgs)?;
 

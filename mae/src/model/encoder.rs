@@ -229,6 +229,22 @@ pub fn encoder_forward<B: Backend>(
     scratch: &mut EncoderScratch<B>,
     sh: &EncoderShape,
 ) -> BResult<()> {
+    encoder_body_forward(b, imgs, p, acts, scratch, sh)?;
+    let out = &acts.blocks[acts.last].out;
+    let (rows, d, eps) = (sh.stack.rows(), sh.stack.dim, sh.stack.eps);
+    layernorm_forward(b, out, &p.norm, &mut acts.norm, rows, d, eps)
+}
+
+/// The encoder up to its last block, `acts.blocks[acts.last].out`, without the final norm:
+/// what mean-pooled fine-tuning reads (`fc_norm` replaces `norm` there).
+pub fn encoder_body_forward<B: Backend>(
+    b: &B,
+    imgs: &B::Buf,
+    p: &Encoder<B::Buf>,
+    acts: &mut EncoderActs<B>,
+    scratch: &mut EncoderScratch<B>,
+    sh: &EncoderShape,
+) -> BResult<()> {
     let (d, rows) = (sh.stack.dim, sh.batch() * sh.num_patches);
     // The Conv2d with stride = kernel = p is a GEMM over CHW-ordered patches.
     b.patchify(imgs, &mut acts.patches, &sh.patchify)?;
@@ -265,16 +281,7 @@ pub fn encoder_forward<B: Backend>(
         &mut scratch.stack.block,
         &sh.stack,
     )?;
-    let out = &acts.blocks[acts.last].out;
-    layernorm_forward(
-        b,
-        out,
-        &p.norm,
-        &mut acts.norm,
-        sh.stack.rows(),
-        d,
-        sh.stack.eps,
-    )
+    Ok(())
 }
 
 fn encoder_mask_token<T>(p: &Encoder<T>) -> BResult<&T> {
