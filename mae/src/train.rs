@@ -373,6 +373,12 @@ impl<B: Backend> Trainer<B> {
         &self.grads
     }
 
+    /// The accumulated gradients, to change between [`Trainer::backward`] and
+    /// [`Trainer::update`]: data-parallel training averages them across processes there.
+    pub fn grads_mut(&mut self) -> &mut MaeParams<B::Buf> {
+        &mut self.grads
+    }
+
     /// Downloads a collection of device tensors.
     pub fn download(&self, b: &B, t: &MaeParams<B::Buf>) -> Result<MaeParams<Vec<f32>>> {
         let mut host = self
