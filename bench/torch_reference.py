@@ -1,19 +1,28 @@
 #!/usr/bin/env python3
 """PyTorch reference for `bench`: the official MAE (facebookresearch/mae models_mae.py, timm
-`Block`s) in eager float32 on the CPU, timed on the three cases of DESIGN.md with the same recipe
-(mask ratio 0.75, norm-pix loss, AdamW) and the same FLOP counting rule as `bench`.
+`Block`s) in eager mode, timed on the cases of DESIGN.md with the same recipe (mask ratio 0.75,
+norm-pix loss, AdamW) and the same FLOP counting rule as `bench`.
 
 Prints one JSON line per case with the fields of `bench`: case, backend ("torch"), batch,
 train_img_s, embed_img_s, train_gflop_s, embed_gflop_s, plus train_peak_rss_mb (the process's
-peak resident set size, VmHWM, read right after the training phase).
+peak resident set size, VmHWM, read right after the training phase) on the CPU, or
+train_peak_gpu_mb (torch.cuda.max_memory_allocated) on a GPU.
 
   python bench/torch_reference.py --case base224 [--seconds 10] [--batch N] [--threads 2]
+  python bench/torch_reference.py --case base224 --device cuda --amp bf16 --batch 256,128,64
+
+On the GPU everything (images, masking noise, loss) stays on the device, as in the official
+training loop; --amp bf16 runs the forward under torch.autocast(dtype=torch.bfloat16) (no loss
+scaler, as bf16 needs none). A comma list after --batch tries each batch in turn and keeps the
+first that fits in memory (the issue's "largest of 64, 128, 256 that fits": list them largest
+first). --case also takes the paper's model names (mae_vit_large_patch16, ...).
 
 Threads: --threads, else MAE_CPU_THREADS, else MATMUL_NUM_THREADS, else 2.
 """
 import argparse
 import json
 import os
+import sys
 import time
 from functools import partial
 
@@ -26,6 +35,9 @@ CASES = {
     "tiny32": (32, 4, 192, 12, 3, 128, 4, 4, 64),
     "small64": (64, 8, 384, 12, 6, 256, 4, 8, 32),
     "base224": (224, 16, 768, 12, 12, 512, 8, 16, 8),
+    "mae_vit_base_patch16": (224, 16, 768, 12, 12, 512, 8, 16, 8),
+    "mae_vit_large_patch16": (224, 16, 1024, 24, 16, 512, 8, 16, 8),
+    "mae_vit_huge_patch14": (224, 14, 1280, 32, 16, 512, 8, 16, 8),
 }
 
 
@@ -68,12 +80,12 @@ class MAE(nn.Module):
     def random_masking(self, x, mask_ratio):
         N, L, D = x.shape
         len_keep = int(L * (1 - mask_ratio))
-        noise = torch.rand(N, L)
+        noise = torch.rand(N, L, device=x.device)
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = ids_shuffle[:, :len_keep]
         x_masked = torch.gather(x, 1, ids_keep.unsqueeze(-1).repeat(1, 1, D))
-        mask = torch.ones([N, L])
+        mask = torch.ones([N, L], device=x.device)
         mask[:, :len_keep] = 0
         mask = torch.gather(mask, 1, ids_restore)
         return x_masked, mask, ids_restore
@@ -132,12 +144,14 @@ def flops(case):
     return 3.0 * fwd, enc(L)
 
 
-def rate(seconds, f):
+def rate(seconds, f, sync=lambda: None):
     f()
+    sync()
     start, calls = time.perf_counter(), 0
     while calls < 2 or time.perf_counter() - start < seconds:
         f()
         calls += 1
+    sync()
     return calls / (time.perf_counter() - start)
 
 
@@ -149,21 +163,12 @@ def peak_rss_mb():
     return float("nan")
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--case", required=True, choices=sorted(CASES))
-    ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--batch", type=int)
-    ap.add_argument("--threads", type=int)
-    a = ap.parse_args()
-    threads = a.threads or int(os.environ.get("MAE_CPU_THREADS")
-                               or os.environ.get("MATMUL_NUM_THREADS") or 2)
-    torch.set_num_threads(threads)
+def measure(a, batch, device, threads):
+    """One case at one batch: the JSON fields of `bench`."""
     torch.manual_seed(0)
-    img, p, D, depth, H, Dd, ddepth, Hd, batch = CASES[a.case]
-    batch = a.batch or batch
-    model = MAE(img, p, D, depth, H, Dd, ddepth, Hd)
-    imgs = torch.randn(batch, 3, img, img)
+    img, p, D, depth, H, Dd, ddepth, Hd, _ = CASES[a.case]
+    model = MAE(img, p, D, depth, H, Dd, ddepth, Hd).to(device)
+    imgs = torch.randn(batch, 3, img, img, device=device)
     # The official recipe: AdamW(betas=(0.9, 0.95)), weight decay 0.05 on weights only.
     decay = [q for n, q in model.named_parameters() if q.requires_grad and q.ndim > 1
              and not n.endswith("token")]
@@ -172,32 +177,77 @@ def main():
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=1e-4, betas=(0.9, 0.95))
+    gpu = device.type == "cuda"
+    amp = a.amp == "bf16"
+
+    def autocast():
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp)
+
+    def sync():
+        if gpu:
+            torch.cuda.synchronize()
 
     def step():
-        loss = model(imgs, 0.75)
+        with autocast():
+            loss = model(imgs, 0.75)
         opt.zero_grad(set_to_none=False)
         loss.backward()
         opt.step()
+        # The training loop reads the loss every step (to stop on NaN), as `bench` does.
+        loss.item()
 
-    train = rate(a.seconds, step) * batch
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    train = rate(a.seconds, step, sync) * batch
     peak = peak_rss_mb()
+    gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if gpu else None
     model.eval()
 
     def embed():
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             latent, _, _ = model.forward_encoder(imgs, 0.0)
             latent[:, 0].contiguous()
 
-    emb = rate(a.seconds, embed) * batch
+    emb = rate(a.seconds, embed, sync) * batch
     f_train, f_embed = flops(a.case)
-    print(json.dumps({
-        "case": a.case, "backend": "torch", "batch": batch, "threads": threads,
-        "torch": torch.__version__,
+    out = {
+        "case": a.case, "backend": "torch", "device": device.type, "amp": a.amp,
+        "batch": batch, "threads": threads, "torch": torch.__version__,
         "train_img_s": round(train, 3), "embed_img_s": round(emb, 3),
         "train_gflop_s": round(train * f_train / 1e9, 2),
         "embed_gflop_s": round(emb * f_embed / 1e9, 2),
-        "train_peak_rss_mb": round(peak, 1),
-    }))
+    }
+    if gpu:
+        out["gpu"] = torch.cuda.get_device_name(device)
+        out["train_peak_gpu_mb"] = round(gpu_peak, 1)
+    else:
+        out["train_peak_rss_mb"] = round(peak, 1)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--case", required=True, choices=sorted(CASES))
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--batch", help="a batch size, or a comma list tried in turn until one fits")
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--amp", default="none", choices=["none", "bf16"])
+    a = ap.parse_args()
+    threads = a.threads or int(os.environ.get("MAE_CPU_THREADS")
+                               or os.environ.get("MATMUL_NUM_THREADS") or 2)
+    torch.set_num_threads(threads)
+    device = torch.device(a.device)
+    batches = [int(b) for b in a.batch.split(",")] if a.batch else [CASES[a.case][-1]]
+    for i, batch in enumerate(batches):
+        try:
+            print(json.dumps(measure(a, batch, device, threads)), flush=True)
+            return
+        except torch.cuda.OutOfMemoryError:
+            if i + 1 == len(batches):
+                raise
+            print(f"batch {batch} does not fit, trying {batches[i + 1]}", file=sys.stderr)
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

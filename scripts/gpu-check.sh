@@ -15,7 +15,10 @@
 #       under MAE_REQUIRE_BACKENDS=cuda (so a missing device fails instead of skipping), the
 #       `golden` program with --backend cuda on every *.safetensors of each DIR (default
 #       ../shared/golden, else the copy in gpu-check/shared-golden), and
-#       `bench --case base224 --backend cuda`.
+#       speed: `bench` at base224 in f32, TF32 and bf16 (batches 64 to 256) and ViT-L/16 at
+#       batch 128 next to bench/torch_reference.py (PyTorch eager, bf16 autocast and f32) on the
+#       same card, each with its peak device memory; a MAE_CUDA_PROFILE table; and the wgpu
+#       backend on the GPU where the machine has a Vulkan driver.
 #
 # Nothing in `run` compiles or fetches anything: the GPU machines reach no registry.
 set -uo pipefail
@@ -44,7 +47,7 @@ build() {
     mkdir -p "$PACK/bin" "$PACK/tests"
     echo "== building golden and bench (release, --features cuda)"
     cargo build --release -p mae-conformance --bin golden
-    cargo build --release -p mae-examples --features cuda --bin bench
+    cargo build --release -p mae-examples --features cuda,wgpu --bin bench
     local target
     target=$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
     cp "$target/release/golden" "$target/release/bench" "$PACK/bin/"
@@ -55,7 +58,7 @@ build() {
         # The conformance suites that instantiate every test per backend, and the backend's
         # own unit and NVRTC tests; the others (alloc, errors, the golden program's unit
         # tests) are CPU-only.
-        ops-test | gradcheck-test | golden-test | embed-test | training-test | \
+        ops-test | gradcheck-test | golden-test | embed-test | training-test | variants-test | \
             mae_backend_cuda-lib | nvrtc_compile-test)
             cp "$path" "$PACK/tests/$name"
             ;;
@@ -137,7 +140,7 @@ run() {
     local report=$out/report.md
     local failed=0
     find_cuda_libraries
-    export MAE_REQUIRE_BACKENDS=cuda
+    export MAE_REQUIRE_BACKENDS=cuda,cuda-bf16
     # The test binaries were built elsewhere: their files are in this checkout's conformance/.
     export MAE_CONFORMANCE_DIR=$ROOT/conformance
     export RUST_BACKTRACE=1
@@ -185,14 +188,27 @@ run() {
         echo "$name: $verdict"
     }
 
+    # measure NAME COMMAND...: a `step` logging to bench.log whose JSON line gains the peak
+    # device memory in use (MiB) that nvidia-smi sampled every 100 ms while it ran.
+    measure() {
+        local name=$1
+        shift
+        local mem=$out/mem.$RANDOM.csv
+        nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$mem" 2>/dev/null &
+        local sampler=$!
+        local before
+        before=$(wc -l <"$out/bench.log" 2>/dev/null || echo 0)
+        step "$name" bench.log 150 "$@"
+        kill "$sampler" 2>/dev/null
+        wait "$sampler" 2>/dev/null
+        local peak
+        peak=$(sort -n "$mem" | tail -n 1)
+        # Append the peak to the JSON line(s) the step printed.
+        sed -i "$((before + 1)),\$ s/^\({.*\)}\$/\1, \"peak_gpu_mb\": ${peak:-null}}/" "$out/bench.log"
+    }
+
     step "backend unit tests" backend.log 120 "$bins/tests/mae_backend_cuda-lib"
     step "kernels compile with NVRTC" backend.log 120 "$bins/tests/nvrtc_compile-test" --nocapture
-    # Only the cuda instances (test paths containing "cuda"); CI runs the CPU ones.
-    local suite
-    for suite in ops gradcheck embed golden training; do
-        step "conformance $suite (cuda)" conformance.log 300 \
-            env MAE_GOLDEN_DIR="${golden_dirs[0]}" "$bins/tests/$suite-test" cuda
-    done
     local dir files
     for dir in "${golden_dirs[@]}"; do
         files=("$dir"/*.safetensors)
@@ -204,8 +220,51 @@ run() {
         step "golden --backend cuda on $dir (${#files[@]} files)" golden.log 300 \
             "$bins/bin/golden" --backend cuda "${files[@]}"
     done
-    step "bench --case base224 --backend cuda" bench.log 300 \
-        "$bins/bin/bench" --case base224 --backend cuda
+    for dir in "${golden_dirs[@]}"; do
+        step "golden --backend cuda-bf16 on $dir" golden.log 120 \
+            "$bins/bin/golden" --backend cuda-bf16 "$dir"/*.safetensors
+    done
+
+    # Speed (issue 6): ours in f32, TF32 and bf16 next to PyTorch eager on the same card, each
+    # with the peak device memory nvidia-smi saw while it ran.
+    local s=${BENCH_SECONDS:-3}
+    local backend batch
+    for backend in cuda cuda-tf32; do
+        measure "bench base224 $backend b64" "$bins/bin/bench" --case base224 --backend "$backend" \
+            --batch 64 --seconds "$s"
+    done
+    for batch in 64 128 256; do
+        measure "bench base224 cuda-bf16 b$batch" "$bins/bin/bench" --case base224 \
+            --backend cuda-bf16 --batch "$batch" --seconds "$s"
+    done
+    measure "bench ViT-L/16 cuda-bf16 b128" "$bins/bin/bench" --case mae_vit_large_patch16 \
+        --backend cuda-bf16 --batch 128 --seconds "$s"
+    if python3 -c 'import torch, timm' 2>/dev/null; then
+        measure "torch base224 bf16 autocast" python3 bench/torch_reference.py --case base224 \
+            --device cuda --amp bf16 --batch 256,128,64 --seconds "$s"
+        measure "torch base224 f32 b64" python3 bench/torch_reference.py --case base224 \
+            --device cuda --batch 64 --seconds "$s"
+        measure "torch ViT-L/16 bf16 b128" python3 bench/torch_reference.py \
+            --case mae_vit_large_patch16 --device cuda --amp bf16 --batch 128 --seconds "$s"
+    else
+        echo "| torch | FAIL (python3 cannot import torch and timm) | 0 | - |" >>"$report"
+        failed=1
+    fi
+    # Where the device time goes: MAE_CUDA_PROFILE's table (printed when the backend drops).
+    step "profile base224 cuda-bf16 b128" profile.log 120 \
+        env MAE_CUDA_PROFILE=1 "$bins/bin/bench" --case base224 --backend cuda-bf16 --batch 128 \
+        --seconds 2
+    # The wgpu backend on this GPU, where the machine has a Vulkan driver for it (issue 4).
+    step "bench base224 wgpu b64" wgpu.log 90 \
+        "$bins/bin/bench" --case base224 --backend wgpu --batch 64 --seconds "$s"
+
+    # Last, with what is left of the budget: the suites, which take longest.
+    # Only the cuda instances (test paths containing "cuda"); CI runs the CPU ones.
+    local suite
+    for suite in ops gradcheck embed golden variants training; do
+        step "conformance $suite (cuda)" conformance.log 90 \
+            env MAE_GOLDEN_DIR="${golden_dirs[0]}" "$bins/tests/$suite-test" cuda
+    done
 
     {
         echo
@@ -214,9 +273,14 @@ run() {
         grep -E '^(==|golden|PASS|FAIL)' "$out/golden.log" 2>/dev/null
         echo '```'
         echo
-        echo "## bench"
+        echo "## bench (peak_gpu_mb: the most nvidia-smi saw in use while the step ran)"
         echo '```'
-        grep -E '^\{' "$out/bench.log" 2>/dev/null || tail -n 5 "$out/bench.log"
+        grep -hE '^\{' "$out/bench.log" "$out/wgpu.log" 2>/dev/null || tail -n 5 "$out/bench.log"
+        echo '```'
+        echo
+        echo "## profile"
+        echo '```'
+        grep -A 40 'MAE_CUDA_PROFILE' "$out/profile.log" 2>/dev/null | head -n 45
         echo '```'
         echo
         echo "## conformance summary"

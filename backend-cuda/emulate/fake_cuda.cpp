@@ -14,6 +14,8 @@
 #include "../src/kernels/softmax.cu"
 #include "../src/kernels/loss.cu"
 
+#include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -155,12 +157,25 @@ int cublasDestroy_v2(void*) { return 0; }
 int cublasSetStream_v2(void*, void*) { return 0; }
 int cublasSetMathMode(void*, int) { return 0; }
 
+// The operand rounding of cuBLAS's f32 compute types: none for CUBLAS_COMPUTE_32F (68), to
+// bf16 for CUBLAS_COMPUTE_32F_FAST_16BF (75) and to TF32 for CUBLAS_COMPUTE_32F_FAST_TF32 (77),
+// round to nearest even, as the tensor cores receive them; products accumulate in f32.
+static float round_mantissa(float x, int dropped_bits) {
+    if (dropped_bits == 0 || !std::isfinite(x)) return x;
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    const uint32_t half = (1u << (dropped_bits - 1)) - 1;
+    u += half + ((u >> dropped_bits) & 1u);
+    u &= ~((1u << dropped_bits) - 1u);
+    std::memcpy(&x, &u, 4);
+    return x;
+}
+
 // Column-major C[b] = alpha op(A[b]) op(B[b]) + beta C[b], op(A) m x k, op(B) k x n; with
 // beta == 0, C is not read. CUBLAS_OP_N = 0, CUBLAS_OP_T = 1.
-int cublasSgemmStridedBatched(void*, int ta, int tb, int m, int n, int k, const float* alpha,
-                              const float* A, int lda, long long sa, const float* B, int ldb,
-                              long long sb, const float* beta, float* C, int ldc, long long sc,
-                              int batch) {
+static int gemm(int ta, int tb, int m, int n, int k, float alpha, const float* A, int lda,
+                long long sa, const float* B, int ldb, long long sb, float beta, float* C, int ldc,
+                long long sc, int batch, int dropped_bits) {
     if (m < 0 || n < 0 || k < 0 || batch < 0) return 7;  // CUBLAS_STATUS_INVALID_VALUE
     if (lda < (ta ? std::max(1, k) : std::max(1, m)) || ldb < (tb ? std::max(1, n) : std::max(1, k)) ||
         ldc < std::max(1, m))
@@ -176,13 +191,38 @@ int cublasSgemmStridedBatched(void*, int ta, int tb, int m, int n, int k, const 
                 for (int p = 0; p < k; ++p) {
                     const float av = ta ? a[i * (long long)lda + p] : a[p * (long long)lda + i];
                     const float bv = tb ? bb[p * (long long)ldb + j] : bb[j * (long long)ldb + p];
-                    acc += av * bv;
+                    acc += round_mantissa(av, dropped_bits) * round_mantissa(bv, dropped_bits);
                 }
                 float& out = c[j * (long long)ldc + i];
-                out = *beta == 0.0f ? *alpha * acc : *alpha * acc + *beta * out;
+                out = beta == 0.0f ? alpha * acc : alpha * acc + beta * out;
             }
     }
     return 0;
+}
+
+int cublasSgemmStridedBatched(void*, int ta, int tb, int m, int n, int k, const float* alpha,
+                              const float* A, int lda, long long sa, const float* B, int ldb,
+                              long long sb, const float* beta, float* C, int ldc, long long sc,
+                              int batch) {
+    return gemm(ta, tb, m, n, k, *alpha, A, lda, sa, B, ldb, sb, *beta, C, ldc, sc, batch, 0);
+}
+
+// Only what the backend calls: f32 matrices (CUDA_R_32F = 0) with an f32 compute type.
+int cublasGemmStridedBatchedEx(void*, int ta, int tb, int m, int n, int k, const void* alpha,
+                               const void* A, int atype, int lda, long long sa, const void* B,
+                               int btype, int ldb, long long sb, const void* beta, void* C,
+                               int ctype, int ldc, long long sc, int batch, int compute, int) {
+    if (atype != 0 || btype != 0 || ctype != 0) return 15;  // CUBLAS_STATUS_NOT_SUPPORTED
+    int dropped_bits;
+    switch (compute) {
+    case 68: dropped_bits = 0; break;
+    case 75: dropped_bits = 16; break;
+    case 77: dropped_bits = 13; break;
+    default: return 15;
+    }
+    return gemm(ta, tb, m, n, k, *static_cast<const float*>(alpha), static_cast<const float*>(A),
+                lda, sa, static_cast<const float*>(B), ldb, sb, *static_cast<const float*>(beta),
+                static_cast<float*>(C), ldc, sc, batch, dropped_bits);
 }
 
 }  // extern "C"

@@ -5,7 +5,8 @@ use crate::buffer::{addr, addr_mut, CudaBuf};
 use crate::device;
 use crate::error;
 use crate::kernels::{check_args, Arg, Compiled, Kernel};
-use cudarc::cublas::sys::cublasMath_t;
+use crate::profile::Profile;
+use cudarc::cublas::sys::{cublasComputeType_t, cublasMath_t};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
     CudaContext, CudaSlice, CudaStream, DevicePtrMut, LaunchConfig, PushKernelArg,
@@ -24,6 +25,43 @@ pub enum Precision {
     /// TF32 tensor cores for the GEMMs (10-bit mantissa products, f32 accumulation), several
     /// times faster on Ampere and later, with relative errors around 1e-3. Opt-in.
     Tf32,
+    /// bf16 tensor cores for the GEMMs: cuBLAS rounds each f32 operand to bf16 (8-bit
+    /// mantissa) and accumulates the products in f32. Weights, optimizer state, activations and
+    /// every other op stay f32, so no loss scaling is needed; golden-file errors grow to the
+    /// bounds of `mae_conformance::golden::Tolerances::REDUCED`. Opt-in.
+    Bf16,
+}
+
+impl Precision {
+    /// Every mode, f32 first.
+    pub const ALL: [Precision; 3] = [Precision::F32, Precision::Tf32, Precision::Bf16];
+
+    /// The backend's name in this mode (`cuda`, `cuda-tf32`, `cuda-bf16`), as programs take it
+    /// after `--backend`.
+    pub fn backend_name(self) -> &'static str {
+        match self {
+            Precision::F32 => "cuda",
+            Precision::Tf32 => "cuda-tf32",
+            Precision::Bf16 => "cuda-bf16",
+        }
+    }
+
+    /// The mode called `name` by [`Precision::backend_name`].
+    pub fn from_backend_name(name: &str) -> Option<Precision> {
+        Precision::ALL
+            .into_iter()
+            .find(|p| p.backend_name() == name)
+    }
+
+    /// The compute type of `cublasGemmStridedBatchedEx` for the reduced modes; `None` for f32,
+    /// which calls `cublasSgemmStridedBatched`.
+    pub(crate) fn compute_type(self) -> Option<cublasComputeType_t> {
+        match self {
+            Precision::F32 => None,
+            Precision::Tf32 => Some(cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32),
+            Precision::Bf16 => Some(cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF),
+        }
+    }
 }
 
 /// The `mae` backend on one NVIDIA GPU.
@@ -41,6 +79,8 @@ pub struct CudaBackend {
     arch: String,
     device_name: String,
     precision: Precision,
+    /// Device time per op when `MAE_CUDA_PROFILE` is set (printed when the backend is dropped).
+    pub(crate) profile: Option<Profile>,
     /// The device's memory in floats: no buffer can be longer.
     pub(crate) max_len: usize,
 }
@@ -78,10 +118,9 @@ impl CudaBackend {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone()).map_err(|e| error::cublas(e, "cublasCreate"))?;
-        let mode = match precision {
-            Precision::F32 => cublasMath_t::CUBLAS_DEFAULT_MATH,
-            Precision::Tf32 => cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH,
-        };
+        // The reduced modes choose their arithmetic per call (the compute type of
+        // `cublasGemmStridedBatchedEx`); the default mode keeps sgemm in IEEE f32.
+        let mode = cublasMath_t::CUBLAS_DEFAULT_MATH;
         // SAFETY: the handle is live (owned by `blas`) and the mode is a valid enum value.
         unsafe { cudarc::cublas::sys::cublasSetMathMode(*blas.handle(), mode) }
             .result()
@@ -104,6 +143,7 @@ impl CudaBackend {
             arch: crate::kernels::arch_for(major, minor),
             device_name,
             precision,
+            profile: Profile::from_env(),
         })
     }
 
@@ -151,6 +191,7 @@ impl CudaBackend {
         let Some(cfg) = cfg else { return Ok(()) };
         check_args(kernel, args)?;
         let function = self.compiled()?.function(kernel);
+        let timer = self.profile.as_ref().map(|p| p.start(&self.stream));
         let mut launch = self.stream.launch_builder(function);
         for a in args {
             match a {
@@ -176,6 +217,9 @@ impl CudaBackend {
                 0,
             )
         })?;
+        if let (Some(p), Some(t)) = (&self.profile, timer) {
+            p.end(&self.stream, t, kernel.name());
+        }
         Ok(())
     }
 
@@ -198,6 +242,14 @@ impl CudaBackend {
 
     pub(crate) fn scratch_ptr(&self, s: &mut CudaSlice<f64>) -> Arg {
         Arg::Ptr(s.device_ptr_mut(&self.stream).0)
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        if let Some(p) = &self.profile {
+            eprint!("{}", p.report());
+        }
     }
 }
 

@@ -55,6 +55,7 @@ mod gemm;
 pub mod kernels;
 mod launch;
 mod ops;
+mod profile;
 mod readers;
 
 pub use backend::{CudaBackend, Precision};

@@ -9,12 +9,16 @@ use crate::gemm::column_major;
 use crate::kernels::{Arg, Kernel};
 use crate::launch::{chunks, elementwise, per_row, single_block, CHUNK_ROWS};
 use crate::readers::max_readers;
-use cudarc::cublas::sys::{cublasOperation_t, cublasSgemmStridedBatched};
+use cudarc::cublas::sys::{
+    cublasGemmAlgo_t, cublasGemmStridedBatchedEx, cublasOperation_t, cublasSgemmStridedBatched,
+    cudaDataType,
+};
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 use mae::backend::{
     AdamWStep, BResult, Backend, BackendError, BackendErrorKind, Gather, Gemm, Heads, PatchOrder,
     Patchify, RowMap,
 };
+use std::ffi::c_void;
 
 /// Elements an operand of a batched GEMM spans: `(batch - 1) * stride + rows * cols`, checked.
 fn span(batch: usize, stride: usize, rows: usize, cols: usize) -> Option<usize> {
@@ -90,7 +94,7 @@ impl Backend for CudaBackend {
     type Idx = CudaIdx;
 
     fn name(&self) -> &str {
-        "cuda"
+        self.precision().backend_name()
     }
 
     fn max_buf_len(&self) -> usize {
@@ -238,38 +242,80 @@ impl Backend for CudaBackend {
         // over (batch - 1) * stride_a + m * k and writes C over (batch - 1) * stride_c + m * n,
         // all within the lengths checked above. alpha and beta are host values (the handle's
         // default pointer mode) that live through the call.
-        unsafe {
-            cublasSgemmStridedBatched(
-                *blas.handle(),
-                op(cm.trans_first),
-                op(cm.trans_second),
-                m,
-                n,
-                k,
-                &g.alpha,
-                pb as *const f32,
-                ld1,
-                stride(cm.stride_first),
-                pa as *const f32,
-                ld2,
-                stride(cm.stride_second),
-                &g.beta,
-                pc as *mut f32,
-                ldc,
-                stride(cm.stride_c),
-                batch,
-            )
+        let timer = self.profile.as_ref().map(|p| p.start(&self.stream));
+        let (call, status) = match self.precision().compute_type() {
+            // SAFETY: the handle is live and bound to this backend's stream; the pointers are
+            // device addresses of live buffers (or null for an empty A or B, which cuBLAS does
+            // not read: k == 0, since m, n >= 1 and the lengths were checked). The
+            // column-major call reads `first` (our B) over (batch - 1) * stride_b + k * n
+            // elements, `second` (our A) over (batch - 1) * stride_a + m * k and writes C over
+            // (batch - 1) * stride_c + m * n, all within the lengths checked above. alpha and
+            // beta are host values (the handle's default pointer mode) that live through the
+            // call.
+            None => ("cublasSgemmStridedBatched", unsafe {
+                cublasSgemmStridedBatched(
+                    *blas.handle(),
+                    op(cm.trans_first),
+                    op(cm.trans_second),
+                    m,
+                    n,
+                    k,
+                    &g.alpha,
+                    pb as *const f32,
+                    ld1,
+                    stride(cm.stride_first),
+                    pa as *const f32,
+                    ld2,
+                    stride(cm.stride_second),
+                    &g.beta,
+                    pc as *mut f32,
+                    ldc,
+                    stride(cm.stride_c),
+                    batch,
+                )
+            }),
+            // SAFETY: as above; the three matrices are f32 (CUDA_R_32F) as the buffers are, and
+            // alpha and beta are f32 as the f32 compute types require.
+            Some(compute) => ("cublasGemmStridedBatchedEx", unsafe {
+                cublasGemmStridedBatchedEx(
+                    *blas.handle(),
+                    op(cm.trans_first),
+                    op(cm.trans_second),
+                    m,
+                    n,
+                    k,
+                    (&g.alpha as *const f32).cast(),
+                    pb as *const c_void,
+                    cudaDataType::CUDA_R_32F,
+                    ld1,
+                    stride(cm.stride_first),
+                    pa as *const c_void,
+                    cudaDataType::CUDA_R_32F,
+                    ld2,
+                    stride(cm.stride_second),
+                    (&g.beta as *const f32).cast(),
+                    pc as *mut c_void,
+                    cudaDataType::CUDA_R_32F,
+                    ldc,
+                    stride(cm.stride_c),
+                    batch,
+                    compute,
+                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }),
+        };
+        status
+            .result()
+            .map_err(|e| error::cublas(e, &format!("{call} for {g:?} ({:?})", self.precision())))?;
+        if let (Some(p), Some(t)) = (&self.profile, timer) {
+            let (ta, tb) = (
+                if g.trans_a { "T" } else { "N" },
+                if g.trans_b { "T" } else { "N" },
+            );
+            let label = format!("gemm {}x{}x{} {ta}{tb} x{}", g.m, g.n, g.k, g.batch);
+            p.end(&self.stream, t, label);
         }
-        .result()
-        .map_err(|e| {
-            error::cublas(
-                e,
-                &format!(
-                    "cublasSgemmStridedBatched for {g:?} ({:?})",
-                    self.precision()
-                ),
-            )
-        })
+        Ok(())
     }
 
     fn add(&self, src: &CudaBuf, dst: &mut CudaBuf) -> BResult<()> {

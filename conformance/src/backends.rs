@@ -12,7 +12,7 @@ use std::io::Write;
 use std::sync::OnceLock;
 
 /// The backends this crate tests, by `--backend` name.
-pub const NAMES: &[&str] = &["cpu", "wgpu", "cuda"];
+pub const NAMES: &[&str] = &["cpu", "wgpu", "cuda", "cuda-tf32", "cuda-bf16"];
 
 /// The backends listed in `MAE_REQUIRE_BACKENDS` (comma-separated, trimmed, lower-case).
 pub fn required_backends() -> Vec<String> {
@@ -77,6 +77,19 @@ pub fn cuda() -> Option<&'static mae_backend_cuda::CudaBackend> {
     Some(backend)
 }
 
+/// The CUDA backend on GPU 0 with bf16 GEMMs (`cuda-bf16`), held to
+/// [`crate::golden::Tolerances::REDUCED`]; skipped as [`cuda`] is.
+pub fn cuda_bf16() -> Option<&'static mae_backend_cuda::CudaBackend> {
+    static CELL: OnceLock<Result<mae_backend_cuda::CudaBackend, String>> = OnceLock::new();
+    let backend = shared(&CELL, "cuda-bf16", || {
+        mae_backend_cuda::CudaBackend::with_precision(0, mae_backend_cuda::Precision::Bf16)
+    })?;
+    if let Err(e) = backend.compile_kernels() {
+        panic!("cuda-bf16: the device is present but its kernels do not build: {e}");
+    }
+    Some(backend)
+}
+
 /// Why [`dispatch`] could not run a job.
 #[derive(Debug)]
 pub enum DispatchError {
@@ -113,8 +126,10 @@ pub fn dispatch<J: OnBackend>(name: &str, job: J) -> Result<J::Output, DispatchE
         "wgpu" => mae_backend_wgpu::WgpuBackend::new()
             .map(|b| job.run(&b))
             .map_err(unavailable),
-        "cuda" => {
-            let b = mae_backend_cuda::CudaBackend::new(0).map_err(unavailable)?;
+        n if mae_backend_cuda::Precision::from_backend_name(n).is_some() => {
+            let precision = mae_backend_cuda::Precision::from_backend_name(n).unwrap_or_default();
+            let b =
+                mae_backend_cuda::CudaBackend::with_precision(0, precision).map_err(unavailable)?;
             Ok(job.run(&b))
         }
         other => Err(DispatchError::Unknown(other.to_string())),

@@ -24,6 +24,59 @@ pub const TOL_UPDATE: f64 = 5e-3;
 /// qkv bias, turn float rounding into a full Adam step).
 pub const UPDATE_MASK_FRACTION: f64 = 1e-3;
 
+/// The bounds a backend's errors are held to.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tolerances {
+    /// Relative error of the loss.
+    pub loss: f64,
+    /// Relative L2 error of the latent and the prediction.
+    pub output: f64,
+    /// Relative L2 error of every gradient.
+    pub grad: f64,
+    /// Relative L2 error of every parameter update (see [`update_error`]).
+    pub update: f64,
+    /// The update comparison leaves out elements whose expected gradient is below this fraction
+    /// of the tensor's gradient RMS: Adam's first step is about `lr * sign(g)`, so where the
+    /// arithmetic's own gradient error can flip a sign, the update is noise, not a bug.
+    pub update_mask: f64,
+}
+
+impl Tolerances {
+    /// f32 arithmetic: the official tolerances of `golden/README.md`.
+    pub const F32: Tolerances = Tolerances {
+        loss: TOL_LOSS,
+        output: TOL_OUTPUT,
+        grad: TOL_GRAD,
+        update: TOL_UPDATE,
+        update_mask: UPDATE_MASK_FRACTION,
+    };
+
+    /// GEMMs with bf16 (or TF32) operands and f32 accumulation, everything else f32: the CUDA
+    /// backend's `cuda-bf16` and `cuda-tf32` modes. bf16 keeps 8 significant bits, so each
+    /// operand carries a relative rounding error up to 2^-9; the bounds are about three times
+    /// the worst error measured on the golden files (host emulation of bf16 operand rounding:
+    /// loss 7.4e-4, latent and prediction 5.7e-3, gradients 9.7e-3; docs/results-gpu.md).
+    /// Updates are compared where the expected gradient is at least 3 % of the tensor's RMS,
+    /// the gradient bound.
+    pub const REDUCED: Tolerances = Tolerances {
+        loss: 3e-3,
+        output: 2e-2,
+        grad: 3e-2,
+        update: TOL_UPDATE * 10.0,
+        update_mask: 3e-2,
+    };
+
+    /// The bounds for the backend called `name`: [`Tolerances::REDUCED`] for the reduced
+    /// precision modes (names ending in `-bf16` or `-tf32`), else [`Tolerances::F32`].
+    pub fn for_backend(name: &str) -> Tolerances {
+        if name.ends_with("-bf16") || name.ends_with("-tf32") {
+            Tolerances::REDUCED
+        } else {
+            Tolerances::F32
+        }
+    }
+}
+
 /// Why a golden file cannot be read.
 #[derive(Debug)]
 pub struct GoldenError(pub String);
@@ -267,19 +320,20 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// Relative L2 error of the update `after - before` over the elements whose expected gradient
-/// is at least `UPDATE_MASK_FRACTION` times the tensor's gradient RMS.
+/// is at least `mask_fraction` times the tensor's gradient RMS.
 pub fn update_error(
     got_after: &[f32],
     got_before: &[f32],
     want_after: &[f32],
     want_before: &[f32],
     want_grad: &[f32],
+    mask_fraction: f64,
 ) -> f64 {
     let n = want_grad.len().max(1) as f64;
     let rms = (want_grad.iter().map(|&g| (g as f64).powi(2)).sum::<f64>() / n).sqrt();
     let (mut num, mut den) = (0.0f64, 0.0f64);
     for i in 0..want_grad.len() {
-        if (want_grad[i] as f64).abs() < UPDATE_MASK_FRACTION * rms || rms == 0.0 {
+        if (want_grad[i] as f64).abs() < mask_fraction * rms || rms == 0.0 {
             continue;
         }
         let got = got_after[i] as f64 - got_before[i] as f64;
@@ -294,8 +348,10 @@ pub fn update_error(
     }
 }
 
-/// Replays the two steps of `case` on backend `b` and compares everything.
+/// Replays the two steps of `case` on backend `b` and compares everything, within the
+/// tolerances of [`Tolerances::for_backend`].
 pub fn run<B: Backend>(b: &B, case: &GoldenCase) -> mae::Result<Report> {
+    let tol = Tolerances::for_backend(b.name());
     let mut checks = Vec::new();
     let specs = mae_specs(&case.cfg);
 
@@ -353,7 +409,7 @@ pub fn run<B: Backend>(b: &B, case: &GoldenCase) -> mae::Result<Report> {
         push(
             format!("step {step} loss"),
             (loss as f64 - want.loss).abs() / want.loss.abs(),
-            TOL_LOSS,
+            tol.loss,
         );
         let m = trainer.masking();
         push(
@@ -370,12 +426,12 @@ pub fn run<B: Backend>(b: &B, case: &GoldenCase) -> mae::Result<Report> {
         push(
             format!("step {step} latent"),
             rel_l2(&trainer.latent(b)?, &want.latent),
-            TOL_OUTPUT,
+            tol.output,
         );
         push(
             format!("step {step} pred"),
             rel_l2(&trainer.pred(b)?, &want.pred),
-            TOL_OUTPUT,
+            tol.output,
         );
         let grads = trainer.download(b, trainer.grads())?;
         for ((spec, got), exp) in specs
@@ -387,7 +443,7 @@ pub fn run<B: Backend>(b: &B, case: &GoldenCase) -> mae::Result<Report> {
                 push(
                     format!("step {step} grad {}", spec.name),
                     rel_l2(got, exp),
-                    TOL_GRAD,
+                    tol.grad,
                 );
             }
         }
@@ -405,8 +461,8 @@ pub fn run<B: Backend>(b: &B, case: &GoldenCase) -> mae::Result<Report> {
             .zip(want.grads.tensors());
         for (((spec, (ga, gb)), (wa, wb)), wg) in rows {
             if spec.role != Role::Fixed {
-                let e = update_error(ga, gb, wa, wb, wg);
-                push(format!("step {step} update {}", spec.name), e, TOL_UPDATE);
+                let e = update_error(ga, gb, wa, wb, wg, tol.update_mask);
+                push(format!("step {step} update {}", spec.name), e, tol.update);
             }
         }
         before = after;

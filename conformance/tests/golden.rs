@@ -89,7 +89,7 @@ macro_rules! golden_tests {
     )*};
 }
 
-golden_tests!(cpu, wgpu, cuda);
+golden_tests!(cpu, wgpu, cuda, cuda_bf16);
 
 /// The `golden` program's interface (DESIGN.md): per-tensor lines, a closing
 /// `golden: N passed, M failed` line, and a non-zero exit when any file fails.

@@ -24,7 +24,9 @@ use mae::backend::{BackendError, OnBackend};
 use std::fmt;
 
 /// Every backend name the project knows, compiled in or not.
-pub const KNOWN: &[&str] = &["cpu", "wgpu", "cuda"];
+/// `cuda-tf32` and `cuda-bf16` are the CUDA backend with its GEMMs on tensor cores
+/// ([`mae_backend_cuda::Precision`]).
+pub const KNOWN: &[&str] = &["cpu", "wgpu", "cuda", "cuda-tf32", "cuda-bf16"];
 
 /// The backends this build has, in order of preference.
 pub fn compiled() -> Vec<&'static str> {
@@ -36,7 +38,7 @@ pub fn compiled() -> Vec<&'static str> {
         names.push("wgpu");
     }
     if cfg!(feature = "cuda") {
-        names.push("cuda");
+        names.extend(["cuda", "cuda-tf32", "cuda-bf16"]);
     }
     names
 }
@@ -62,7 +64,9 @@ impl fmt::Display for BackendChoiceError {
             ),
             BackendChoiceError::NotCompiled(n) => write!(
                 f,
-                "backend {n} is not compiled in: rebuild with `--features {n}` (this build has {})",
+                "backend {n} is not compiled in: rebuild with `--features {}` (this build has {})",
+                // `cuda-bf16` is a mode of the `cuda` feature.
+                n.split('-').next().unwrap_or(n),
                 compiled().join(", ")
             ),
             BackendChoiceError::Unavailable(n, e) => write!(f, "backend {n} is not available: {e}"),
@@ -85,7 +89,11 @@ pub fn dispatch<J: OnBackend>(name: &str, job: J) -> Result<J::Output, BackendCh
             .map(|b| job.run(&b))
             .map_err(unavailable),
         #[cfg(feature = "cuda")]
-        "cuda" => Ok(job.run(&mae_backend_cuda::CudaBackend::new(0).map_err(unavailable)?)),
+        n if mae_backend_cuda::Precision::from_backend_name(n).is_some() => {
+            let precision = mae_backend_cuda::Precision::from_backend_name(n).unwrap_or_default();
+            let b = mae_backend_cuda::CudaBackend::with_precision(0, precision);
+            Ok(job.run(&b.map_err(unavailable)?))
+        }
         n if KNOWN.contains(&n) => Err(BackendChoiceError::NotCompiled(n.to_string())),
         n => Err(BackendChoiceError::Unknown(n.to_string())),
     }
