@@ -47,6 +47,16 @@ impl GradAverager<mae_backend_cuda::CudaBackend> for mae_backend_cuda::nccl::Dat
     }
 }
 
+/// A process's place in a data-parallel job and how it averages gradients with the others.
+pub struct Rank<'a, B: Backend> {
+    /// This process's rank, `0..world_size`.
+    pub rank: usize,
+    /// Processes in the job.
+    pub world_size: usize,
+    /// The gradient averaging across the job.
+    pub averager: &'a mut dyn GradAverager<B>,
+}
+
 /// One rank's part of a data-parallel run: the shared masking generator and the gradient
 /// averaging around a [`Trainer`] built for the rank's batch.
 pub struct Replica<'a, B: Backend> {
@@ -58,22 +68,27 @@ pub struct Replica<'a, B: Backend> {
 }
 
 impl<'a, B: Backend> Replica<'a, B> {
-    /// Rank `rank` of `world_size`, drawing masks from a generator in state `masking_state`
-    /// (the same on every rank: the seed a single process would give its trainer, or the state
-    /// saved in a checkpoint).
-    pub fn new(
-        rank: usize,
-        world_size: usize,
-        masking_state: u64,
-        averager: &'a mut dyn GradAverager<B>,
-    ) -> Replica<'a, B> {
+    /// The replica of `rank`, drawing masks from a generator in state `masking_state` (the
+    /// same on every rank: the seed a single process would give its trainer, or the state saved
+    /// in a checkpoint).
+    pub fn new(rank: Rank<'a, B>, masking_state: u64) -> Replica<'a, B> {
         Replica {
-            rank,
-            world_size,
+            rank: rank.rank,
+            world_size: rank.world_size,
             masking: Rng::new(masking_state),
             noise: Vec::new(),
-            averager,
+            averager: rank.averager,
         }
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Processes in the job.
+    pub fn world_size(&self) -> usize {
+        self.world_size
     }
 
     /// The masking generator's state, the same on every rank (for checkpoints).
@@ -132,7 +147,12 @@ mod tests {
         let mut single = Trainer::new(&b, &cfg, &params, opts, seed).unwrap();
         let mut replica_trainer = Trainer::new(&b, &cfg, &params, opts, seed).unwrap();
         let mut alone = Alone;
-        let mut replica = Replica::new(0, 1, seed, &mut alone);
+        let rank = Rank {
+            rank: 0,
+            world_size: 1,
+            averager: &mut alone,
+        };
+        let mut replica = Replica::new(rank, seed);
         for k in 0..4 {
             let imgs: Vec<f32> = (0..2 * 3 * 32 * 32)
                 .map(|i| ((i * 31 + k * 7) % 97) as f32 / 50.0 - 1.0)
