@@ -1,11 +1,11 @@
 //! `libnccl` loaded at run time, with the few entry points data-parallel training calls.
 //!
-//! cudarc's NCCL bindings are not used: its dynamic loader searches `libnccl.so`, `libnccl.so.12`,
-//! `libnccl.so.11`, ... but never `libnccl.so.2`, the only name under which NCCL ships in NVIDIA's
-//! `libnccl2` package and in PyTorch's `nvidia-nccl-cu12` wheel (the unversioned `libnccl.so`
-//! comes only with the development package), and it panics where the library is missing. This
-//! loader searches `$MAE_NCCL_LIBRARY`, then `libnccl.so.2`, then `libnccl.so`, and reports a
-//! missing library or symbol as [`BackendErrorKind::NoDevice`].
+//! cudarc's NCCL bindings are not used: its dynamic loader searches `libnccl.so`,
+//! `libnccl.so.12`, `libnccl.so.11`, ... but never `libnccl.so.2`, the only name under which NCCL
+//! ships in NVIDIA's `libnccl2` package and in PyTorch's `nvidia-nccl-cu12`/`-cu13` wheels (the
+//! unversioned `libnccl.so` comes only with the development package), and it panics where the
+//! library is missing. This loader searches `$MAE_NCCL_LIBRARY`, then `libnccl.so.2`, then
+//! `libnccl.so`, and reports a missing library or symbol as [`BackendErrorKind::NoDevice`].
 
 use mae::backend::{BackendError, BackendErrorKind};
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -106,12 +106,16 @@ fn load() -> Result<Nccl, BackendError> {
         // state; it is loaded once per process (the OnceLock above) and never unloaded.
         match unsafe { libloading::Library::new(name) } {
             Ok(lib) => return from_library(lib, name),
-            Err(e) => failures.push(format!("{name}: {e}")),
+            // libloading's message is "dlopen failed"; dlerror's (the source) says why.
+            Err(e) => failures.push(
+                std::error::Error::source(&e)
+                    .map_or_else(|| format!("{name}: {e}"), |s| s.to_string()),
+            ),
         }
     }
     Err(no_device(format!(
         "libnccl.so.2 not found (searched {}): install NCCL (the `libnccl2` package, or the \
-         `nvidia-nccl-cu12` wheel's site-packages/nvidia/nccl/lib on LD_LIBRARY_PATH) or set \
+         `nvidia-nccl-cu12` or `-cu13` wheel's site-packages/nvidia/nccl/lib on LD_LIBRARY_PATH) or set \
          {LIBRARY_ENV} to the library file [{}]",
         names.join(", "),
         failures.join("; ")

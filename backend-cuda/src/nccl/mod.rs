@@ -273,6 +273,58 @@ mod tests {
         assert_eq!(NcclId::from_bytes(bytes).to_bytes(), bytes);
     }
 
+    /// A GPU and NCCL, or `None` after printing why the test skips (a failure where
+    /// `MAE_REQUIRE_BACKENDS` names cuda).
+    fn gpu_and_id() -> Option<(CudaBackend, NcclId)> {
+        let ready = CudaBackend::new(0).and_then(|gpu| Ok((gpu, NcclId::new()?)));
+        match ready {
+            Ok(ready) => Some(ready),
+            Err(e) => {
+                let required = std::env::var("MAE_REQUIRE_BACKENDS")
+                    .unwrap_or_default()
+                    .split(',')
+                    .any(|b| b.trim().eq_ignore_ascii_case("cuda"));
+                assert!(!required, "cuda is required by MAE_REQUIRE_BACKENDS: {e}");
+                eprintln!("SKIP cuda nccl: {e}");
+                None
+            }
+        }
+    }
+
+    /// One rank's average is its own gradient, bit for bit, through many buckets (16-byte
+    /// buckets: one group per tensor), empty tensors included.
+    #[test]
+    fn one_rank_averages_to_its_own_gradients_in_many_buckets() {
+        use mae::backend::Backend;
+        let Some((gpu, id)) = gpu_and_id() else {
+            return;
+        };
+        let dp = DataParallel::new(&gpu, 0, 1, &id)
+            .unwrap()
+            .with_bucket_bytes(16);
+        let host: Vec<Vec<f32>> = [5usize, 0, 1, 4, 1000, 3]
+            .iter()
+            .enumerate()
+            .map(|(t, &n)| {
+                (0..n)
+                    .map(|i| (i as f32 * 0.37 - t as f32).sin() * 1e-3)
+                    .collect()
+            })
+            .collect();
+        let mut bufs: Vec<CudaBuf> = host.iter().map(|h| gpu.upload(h).unwrap()).collect();
+        dp.all_reduce_mean(bufs.iter_mut()).unwrap();
+        dp.all_reduce_mean(bufs.iter_mut()).unwrap();
+        for (h, b) in host.iter().zip(&bufs) {
+            let mut back = vec![0.0f32; h.len()];
+            gpu.download(b, &mut back).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&back), bits(h));
+        }
+        assert!(dp.nccl_version().starts_with("2."), "{dp:?}");
+        let e = DataParallel::new(&gpu, 1, 1, &id).unwrap_err();
+        assert!(e.message.contains("RANK=1"), "{e}");
+    }
+
     /// Without NCCL drawing an id is a NoDevice error naming the library; with it, an id.
     #[test]
     fn drawing_an_id_never_panics() {
