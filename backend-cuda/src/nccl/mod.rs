@@ -14,6 +14,7 @@
 //! library, and nothing else changes.
 //!
 //! ```no_run
+//! use mae::backend::Backend;
 //! use mae_backend_cuda::nccl::{exchange_id, DataParallel, NcclId, RankEnv, DEFAULT_ID_TIMEOUT};
 //! use mae_backend_cuda::CudaBackend;
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
