@@ -414,13 +414,11 @@ fn train<B: Backend>(
     loader_opts.shard = shard;
     let mut loader = Loader::new(dataset.clone(), loader_opts, start_step * accum)?;
     let title = format!("{} on {}", recipe.model, recipe.data);
-    let mut log = match lead {
-        true => Some(MetricsLog::open(
-            &out,
-            resume.as_ref().map(|_| start_step),
-            &title,
-        )?),
-        false => None,
+    let resumed_at = resume.as_ref().map(|_| start_step);
+    let mut log = if lead {
+        Some(MetricsLog::open(&out, resumed_at, &title)?)
+    } else {
+        None
     };
     // Ranks other than 0 train silently.
     macro_rules! say {
