@@ -20,6 +20,9 @@
 //! - Ops are queued on one stream; errors of a failed kernel surface at the next
 //!   [`Backend::sync`] or [`Backend::download`].
 //!
+//! Several GPUs train one model data-parallel through [`nccl`] (`libnccl` loaded at run time
+//! too): one process per GPU, gradients averaged with NCCL all-reduces.
+//!
 //! ```
 //! use mae::backend::{Backend, Gemm};
 //! use mae_backend_cuda::CudaBackend;
@@ -54,6 +57,7 @@ mod error;
 mod gemm;
 pub mod kernels;
 mod launch;
+pub mod nccl;
 mod ops;
 mod profile;
 mod readers;

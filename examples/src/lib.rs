@@ -8,6 +8,7 @@ pub mod features;
 pub mod flops;
 pub mod metrics;
 pub mod models;
+pub mod parallel;
 pub mod picture;
 pub mod probe;
 pub mod progress;

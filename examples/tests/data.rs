@@ -5,7 +5,7 @@
 
 use mae::rng::Rng;
 use mae_examples::data::{
-    self, resample, Augment, DataError, Dataset, Image, Loader, LoaderOptions,
+    self, resample, Augment, DataError, Dataset, Image, Loader, LoaderOptions, Shard,
 };
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -651,6 +651,91 @@ fn each_epoch_is_a_fresh_permutation_and_the_seed_matters() {
     let mut ordered = options(4, 8, 3, 2);
     ordered.shuffle = false;
     assert_eq!(batches(ds, ordered, 0, 1)[0].items, vec![0, 1, 2, 3]);
+}
+
+/// The loaders of shards `0..count`, batches `start..start + n` of each.
+fn shards(
+    ds: &Arc<dyn Dataset>,
+    opts: &LoaderOptions,
+    count: usize,
+    start: u64,
+    n: usize,
+) -> Vec<Vec<data::Batch>> {
+    (0..count)
+        .map(|index| {
+            let mut o = opts.clone();
+            o.shard = Shard { index, count };
+            batches(ds.clone(), o, start, n)
+        })
+        .collect()
+}
+
+#[test]
+fn shards_of_a_batch_put_together_are_the_whole_batch() {
+    let ds = data::open("synthetic:50:16", 3).unwrap();
+    // Batches of 12 in 3 shards of 4: 4 batches per epoch, 6 batches cross into epoch 1.
+    let whole = batches(ds.clone(), options(12, 8, 3, 2), 0, 6);
+    for workers in [1, 3] {
+        let parts = shards(&ds, &options(12, 8, 3, workers), 3, 0, 6);
+        for (k, batch) in whole.iter().enumerate() {
+            let pieces: Vec<&data::Batch> = parts.iter().map(|p| &p[k]).collect();
+            assert!(pieces
+                .iter()
+                .all(|p| p.index == batch.index && p.epoch == batch.epoch));
+            assert!(pieces
+                .iter()
+                .all(|p| p.items.len() == 4 && p.labels.len() == 4));
+            let items: Vec<usize> = pieces.iter().flat_map(|p| p.items.clone()).collect();
+            let images: Vec<f32> = pieces.iter().flat_map(|p| p.images.clone()).collect();
+            assert_eq!(items, batch.items, "batch {k}");
+            assert!(
+                images == batch.images,
+                "batch {k}: the augmentations differ"
+            );
+        }
+    }
+    // A shard resumed at batch 5 continues as it would have.
+    let mut o = options(12, 8, 3, 2);
+    o.shard = Shard { index: 2, count: 3 };
+    assert_eq!(
+        batches(ds.clone(), o, 5, 1)[0],
+        shards(&ds, &options(12, 8, 3, 2), 3, 0, 6)[2][5]
+    );
+}
+
+#[test]
+fn across_shards_every_sample_is_seen_once_per_epoch() {
+    let ds = data::open("synthetic:64:8", 3).unwrap();
+    // 8 shards (ranks) of 2: batches of 16, 4 per epoch, two epochs.
+    let parts = shards(&ds, &options(16, 8, 3, 2), 8, 0, 8);
+    for epoch in 0..2 {
+        let mut seen: Vec<usize> = parts
+            .iter()
+            .flat_map(|p| {
+                p[epoch * 4..epoch * 4 + 4]
+                    .iter()
+                    .flat_map(|b| b.items.clone())
+            })
+            .collect();
+        seen.sort();
+        assert_eq!(seen, (0..64).collect::<Vec<_>>(), "epoch {epoch}");
+    }
+    // Each rank's own data differs from every other's.
+    assert_ne!(parts[0][0].items, parts[1][0].items);
+}
+
+#[test]
+fn shards_that_do_not_divide_the_batch_are_refused() {
+    let ds = data::open("synthetic:64:8", 3).unwrap();
+    for (index, count) in [(0, 3), (2, 2), (0, 0)] {
+        let mut o = options(16, 8, 3, 2);
+        o.shard = Shard { index, count };
+        match Loader::new(ds.clone(), o, 0) {
+            Err(DataError::Options { why }) => assert!(why.contains("shard"), "{why}"),
+            Err(e) => panic!("shard {index} of {count}: {e}"),
+            Ok(_) => panic!("shard {index} of {count} accepted"),
+        }
+    }
 }
 
 #[test]

@@ -10,6 +10,13 @@
 //!     --model tiny32 --epochs 30 --out runs/cifar
 //! cargo run --release -p mae-examples --bin pretrain -- --resume runs/cifar
 //! ```
+//!
+//! Data-parallel on several GPUs (built with `--features cuda`; one process per GPU, gradients
+//! averaged through NCCL, see `docs/gpu.md`):
+//!
+//! ```text
+//! scripts/launch-dp.sh 8 -- target/release/pretrain --backend cuda --batch-size 64 ...
+//! ```
 
 use clap::Parser;
 use mae::backend::{Backend, OnBackend};
@@ -17,8 +24,9 @@ use mae::masking::MaskSampling;
 use mae::train::{TrainState, Trainer};
 use mae::{Config, Error};
 use mae_examples::checkpoint::{self, write_atomic, TrainCheckpoint};
-use mae_examples::data::{self, Augment, Dataset, Loader, LoaderOptions};
+use mae_examples::data::{self, Augment, Dataset, Loader, LoaderOptions, Shard};
 use mae_examples::metrics::{MetricsLog, Record};
+use mae_examples::parallel::{Rank, Replica};
 use mae_examples::progress::{Progress, Status};
 use mae_examples::recipe::{Recipe, PAPER_BLR, PAPER_WARMUP_FRACTION};
 use mae_examples::{backends, models, picture, reconstruct};
@@ -54,7 +62,8 @@ struct Args {
     /// Linear warmup in epochs [default: 5 % of the run, the paper's 40 of 800]
     #[arg(long)]
     warmup_epochs: Option<f64>,
-    /// Images per micro-batch [default: 64]
+    /// Images per micro-batch; per rank with --data-parallel, where the run's batch is this
+    /// times WORLD_SIZE [default: 64]
     #[arg(long)]
     batch_size: Option<usize>,
     /// Micro-batches whose gradients are summed per update [default: 1]
@@ -129,6 +138,12 @@ struct Args {
     /// Images in the final reconstruction picture (0: none)
     #[arg(long, default_value_t = 8)]
     vis_images: usize,
+    /// Data-parallel training, one process per GPU, as rank RANK of WORLD_SIZE on GPU
+    /// LOCAL_RANK, meeting through the file MAE_NCCL_ID_FILE (scripts/launch-dp.sh sets them);
+    /// on by itself when WORLD_SIZE is above 1. Needs --backend cuda. Only rank 0 writes
+    /// outputs
+    #[arg(long)]
+    data_parallel: bool,
 }
 
 /// The default data: a synthetic set sized so the default run is a few minutes.
@@ -149,7 +164,9 @@ struct Plan {
 
 /// Resolves flags (or the checkpoint to resume) into a [`Plan`], checking everything that can be
 /// checked before the backend starts: model, recipe values, dataset, output folder.
-fn plan(a: &Args) -> Result<Plan, Failure> {
+///
+/// `world_size` processes train data-parallel: the run's batch is `--batch-size` times that.
+fn plan(a: &Args, world_size: usize) -> Result<Plan, Failure> {
     if let Some(from) = &a.resume {
         return plan_resume(a, from);
     }
@@ -168,11 +185,15 @@ fn plan(a: &Args) -> Result<Plan, Failure> {
     cfg.validate()?;
     let spec = a.data.clone().unwrap_or_else(|| DEFAULT_DATA.into());
     let dataset = data::open(&spec, cfg.in_chans)?;
-    let batch_size = a.batch_size.unwrap_or(64);
     let accum_iter = a.accum_iter.unwrap_or(1);
-    if batch_size == 0 || accum_iter == 0 {
+    if a.batch_size == Some(0) || accum_iter == 0 {
         return Err("--batch-size and --accum-iter must be at least 1".into());
     }
+    let batch_size = a
+        .batch_size
+        .unwrap_or(64)
+        .checked_mul(world_size)
+        .ok_or("--batch-size times WORLD_SIZE overflows")?;
     let batches_per_epoch = (dataset.len() / batch_size) as u64;
     if batches_per_epoch == 0 {
         return Err(format!(
@@ -333,11 +354,18 @@ struct Train<'a> {
 impl OnBackend for Train<'_> {
     type Output = Result<(), Failure>;
     fn run<B: Backend>(self, b: &B) -> Self::Output {
-        train(b, self.plan, self.args)
+        train(b, self.plan, self.args, None)
     }
 }
 
-fn train<B: Backend>(b: &B, plan: Plan, a: &Args) -> Result<(), Failure> {
+/// Trains on `b`, alone (`rank` None) or as one rank of a data-parallel job, where only rank 0
+/// prints, logs and saves.
+fn train<B: Backend>(
+    b: &B,
+    plan: Plan,
+    a: &Args,
+    rank: Option<Rank<'_, B>>,
+) -> Result<(), Failure> {
     let Plan {
         cfg,
         recipe,
@@ -346,7 +374,13 @@ fn train<B: Backend>(b: &B, plan: Plan, a: &Args) -> Result<(), Failure> {
         resume,
     } = plan;
     let ckpt_path = out.join(checkpoint::FILE_NAME);
-    let opts = recipe.train_options();
+    let shard = rank.as_ref().map_or(Shard::WHOLE, |r| Shard {
+        index: r.rank,
+        count: r.world_size,
+    });
+    let lead = shard.index == 0;
+    let mut opts = recipe.train_options();
+    opts.batch_size = shard.range(recipe.batch_size).len();
     let mut trainer = match &resume {
         Some(state) => Trainer::from_state(b, &cfg, state, opts)?,
         None => {
@@ -354,6 +388,12 @@ fn train<B: Backend>(b: &B, plan: Plan, a: &Args) -> Result<(), Failure> {
             Trainer::new(b, &cfg, &params, opts, masking_seed(recipe.seed))?
         }
     };
+    // Data-parallel: every rank draws the masks of the whole global batch from one generator,
+    // which starts where a single process's would.
+    let masking_state = resume
+        .as_ref()
+        .map_or(masking_seed(recipe.seed), |s| s.rng_state);
+    let mut replica = rank.map(|r| Replica::new(r, masking_state));
     let start_step = trainer.updates();
     let end = recipe
         .total_steps
@@ -371,18 +411,28 @@ fn train<B: Backend>(b: &B, plan: Plan, a: &Args) -> Result<(), Failure> {
         recipe.seed,
     );
     loader_opts.workers = workers;
+    loader_opts.shard = shard;
     let mut loader = Loader::new(dataset.clone(), loader_opts, start_step * accum)?;
     let title = format!("{} on {}", recipe.model, recipe.data);
-    let mut log = MetricsLog::open(&out, resume.as_ref().map(|_| start_step), &title)?;
+    let resumed_at = resume.as_ref().map(|_| start_step);
+    let mut log = if lead {
+        Some(MetricsLog::open(&out, resumed_at, &title)?)
+    } else {
+        None
+    };
+    // Ranks other than 0 train silently.
+    macro_rules! say {
+        ($($t:tt)*) => { if lead { println!($($t)*) } };
+    }
 
-    println!(
+    say!(
         "pretrain: model {} ({} patches, {} visible), {}",
         recipe.model,
         cfg.num_patches(),
         trainer.masking().len_keep,
         dataset.describe()
     );
-    println!(
+    say!(
         "  batch {} x {} accumulated, {} updates ({:.2} epochs of {} batches), peak lr {:.3e} \
          (blr {:.2e}), warmup {:.2} epochs, mask {}, norm-pix {}, backend {}, {} loader workers",
         recipe.batch_size,
@@ -398,24 +448,36 @@ fn train<B: Backend>(b: &B, plan: Plan, a: &Args) -> Result<(), Failure> {
         b.name(),
         workers
     );
+    if shard.count > 1 || replica.is_some() {
+        say!(
+            "  data-parallel over {} rank(s) of {} images each",
+            shard.count,
+            opts.batch_size
+        );
+    }
     if start_step > 0 {
-        println!(
+        say!(
             "  resuming at update {start_step} from {}",
             ckpt_path.display()
         );
     }
-    println!("  writing to {}", out.display());
+    say!("  writing to {}", out.display());
 
     let progress = Progress::new(a.log_every);
     let started = Instant::now();
     let mut window = Window::new();
     let mut skipped = 0u64;
     let mut last_saved = resume.as_ref().map(|s| s.updates);
-    let save = |trainer: &Trainer<B>| -> Result<u64, Failure> {
+    let save = |trainer: &Trainer<B>, replica: &Option<Replica<'_, B>>| -> Result<u64, Failure> {
+        let mut state = trainer.state(b)?;
+        if let Some(r) = replica {
+            // The masks came from the replica's generator, not the trainer's.
+            state.rng_state = r.masking_state();
+        }
         let ck = TrainCheckpoint {
             cfg: cfg.clone(),
             recipe: recipe.clone(),
-            state: trainer.state(b)?,
+            state,
         };
         ck.save(&ckpt_path)?;
         Ok(ck.state.updates)
@@ -428,7 +490,11 @@ fn train<B: Backend>(b: &B, plan: Plan, a: &Args) -> Result<(), Failure> {
             eprintln!("warning: skipped unreadable image: {why}; {skipped} skipped so far");
         }
         let lr = recipe.lr_at_batch(batch.index);
-        let loss = match trainer.train_step(b, &batch.images, None, lr) {
+        let step = match &mut replica {
+            Some(r) => r.step(&mut trainer, b, &batch.images, lr),
+            None => trainer.train_step(b, &batch.images, None, lr),
+        };
+        let loss = match step {
             Ok(loss) => loss,
             Err(Error::NonFiniteLoss { loss, .. }) => {
                 progress.finish_line();
@@ -442,10 +508,11 @@ fn train<B: Backend>(b: &B, plan: Plan, a: &Args) -> Result<(), Failure> {
         }
         let step = trainer.updates();
         let epoch = (step * accum) as f64 / recipe.batches_per_epoch as f64;
-        if step % a.log_every.max(1) == 0 || step == end {
+        if lead && (step % a.log_every.max(1) == 0 || step == end) {
             let (mean_loss, img_per_s) = window.take();
             let elapsed = started.elapsed();
             let per_step = elapsed.as_secs_f64() / (step - start_step) as f64;
+            let log = log.as_mut().ok_or("bug: rank 0 without a metrics log")?;
             log.record(&Record {
                 step,
                 epoch,
@@ -465,12 +532,15 @@ fn train<B: Backend>(b: &B, plan: Plan, a: &Args) -> Result<(), Failure> {
                 eta: Duration::from_secs_f64(per_step * (recipe.total_steps - step) as f64),
             });
         }
-        if a.save_every > 0 && step % a.save_every == 0 && step != end {
-            last_saved = Some(save(&trainer)?);
+        if lead && a.save_every > 0 && step % a.save_every == 0 && step != end {
+            last_saved = Some(save(&trainer, &replica)?);
         }
     }
+    if !lead {
+        return Ok(());
+    }
     if last_saved != Some(trainer.updates()) {
-        save(&trainer)?;
+        save(&trainer, &replica)?;
     }
     println!(
         "saved {} (update {} of {}) after {:.1} s",
@@ -486,6 +556,7 @@ fn train<B: Backend>(b: &B, plan: Plan, a: &Args) -> Result<(), Failure> {
         );
     }
     drop(loader);
+    drop(replica);
     if a.vis_images > 0 {
         let params = trainer.download(b, trainer.params())?;
         drop(trainer);
@@ -551,7 +622,30 @@ impl Window {
 }
 
 fn run(a: &Args) -> Result<(), Failure> {
-    let plan = plan(a)?;
+    if wants_data_parallel(a) {
+        #[cfg(feature = "cuda")]
+        return data_parallel::run(a);
+        #[cfg(not(feature = "cuda"))]
+        return Err(
+            "data-parallel training (--data-parallel, or WORLD_SIZE above 1) runs on \
+                    --backend cuda, which this pretrain was built without: build it with \
+                    `cargo build --release -p mae-examples --features cuda --bin pretrain`"
+                .into(),
+        );
+    }
+    let plan = plan(a, 1)?;
+    prepare_output(&plan)?;
+    backends::dispatch(&a.backend, Train { plan, args: a })?
+}
+
+/// Whether to train data-parallel: asked with the flag, or launched as one of several ranks.
+fn wants_data_parallel(a: &Args) -> bool {
+    let launched = std::env::var("WORLD_SIZE").is_ok_and(|w| !matches!(w.trim(), "" | "1"));
+    a.data_parallel || launched
+}
+
+/// Creates the output folder and writes `run.json` (rank 0's job).
+fn prepare_output(plan: &Plan) -> Result<(), Failure> {
     // An unusable output folder fails now, not after the training it would hold.
     std::fs::create_dir_all(&plan.out)
         .map_err(|e| format!("cannot create output folder {}: {e}", plan.out.display()))?;
@@ -561,7 +655,66 @@ fn run(a: &Args) -> Result<(), Failure> {
     }
     write_atomic(&plan.out.join("run.json"), plan.recipe.to_json().as_bytes())
         .map_err(|e| format!("cannot write to {}: {e}", plan.out.display()))?;
-    backends::dispatch(&a.backend, Train { plan, args: a })?
+    Ok(())
+}
+
+/// One rank of a data-parallel job on GPU `LOCAL_RANK`, gradients averaged through NCCL.
+#[cfg(feature = "cuda")]
+mod data_parallel {
+    use super::{plan, prepare_output, train, Args, Failure};
+    use mae_backend_cuda::nccl::{
+        exchange_id, DataParallel, NcclId, RankEnv, DEFAULT_ID_TIMEOUT, ID_FILE_ENV,
+    };
+    use mae_backend_cuda::CudaBackend;
+    use mae_examples::parallel::Rank;
+    use std::path::PathBuf;
+
+    pub(super) fn run(a: &Args) -> Result<(), Failure> {
+        if a.backend != "cuda" {
+            return Err(format!(
+                "data-parallel training runs on --backend cuda, not {}",
+                a.backend
+            )
+            .into());
+        }
+        let env = RankEnv::from_env()?;
+        let plan = plan(a, env.world_size)?;
+        if plan.recipe.batch_size % env.world_size != 0 {
+            return Err(format!(
+                "the run's batch of {} images does not split over WORLD_SIZE={} ranks",
+                plan.recipe.batch_size, env.world_size
+            )
+            .into());
+        }
+        let gpu = CudaBackend::new(env.local_rank)
+            .map_err(|e| format!("rank {}: GPU {}: {e}", env.rank, env.local_rank))?;
+        let id_file = std::env::var_os(ID_FILE_ENV).map(PathBuf::from);
+        let id = exchange_id::<Failure>(&env, id_file.as_deref(), DEFAULT_ID_TIMEOUT, || {
+            Ok(NcclId::new()?.to_bytes())
+        })?;
+        let mut dp = DataParallel::new(&gpu, env.rank, env.world_size, &NcclId::from_bytes(id))
+            .map_err(|e| format!("rank {}: {e}", env.rank))?;
+        if env.rank == 0 {
+            prepare_output(&plan)?;
+            // Every rank has joined: the id is used up, and a later launch with the same path
+            // must not read it.
+            if let Some(path) = &id_file {
+                let _ = std::fs::remove_file(path);
+            }
+            println!(
+                "data-parallel: {} rank(s), NCCL {}, rank 0 on {}",
+                env.world_size,
+                dp.nccl_version(),
+                gpu.device_name()
+            );
+        }
+        let rank = Rank {
+            rank: env.rank,
+            world_size: env.world_size,
+            averager: &mut dp,
+        };
+        train(&gpu, plan, a, Some(rank)).map_err(|e| format!("rank {}: {e}", env.rank).into())
+    }
 }
 
 fn main() -> ExitCode {

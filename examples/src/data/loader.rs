@@ -7,6 +7,11 @@
 //! order. So the worker count does not change a batch, and a run resumed at batch `k` sees exactly
 //! the batches an uninterrupted run would have.
 //!
+//! Data-parallel training splits every batch into [`Shard`]s: the loader of shard `r` of `n`
+//! builds only samples `r * b .. (r + 1) * b` of each batch (`b = batch_size / n`), with the same
+//! items and generators as the whole batch, so the `n` processes of a job see together exactly
+//! the batches one process would, each sample once.
+//!
 //! Unreadable items (a corrupt JPEG) are replaced by the next item of the epoch's permutation
 //! that decodes, augmented with the replaced sample's generator, and listed in [`Batch::skipped`];
 //! a batch in which more attempts fail than succeed is an error.
@@ -30,8 +35,9 @@ const MAX_TRIES_PER_SAMPLE: usize = 16;
 /// How the loader batches, shuffles and augments.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoaderOptions {
-    /// Images per batch; the last partial batch of an epoch is dropped, as the official loader
-    /// does (`drop_last=True`).
+    /// Images per batch (of the whole batch when sharded: each shard gets `batch_size /
+    /// shard.count`); the last partial batch of an epoch is dropped, as the official loader does
+    /// (`drop_last=True`).
     pub batch_size: usize,
     /// Worker threads decoding and augmenting.
     pub workers: usize,
@@ -42,6 +48,28 @@ pub struct LoaderOptions {
     /// Visit each epoch in a fresh random order (else in dataset order).
     pub shuffle: bool,
     pub augment: Augment,
+    /// The part of every batch this loader builds ([`Shard::WHOLE`] unless data-parallel).
+    pub shard: Shard,
+}
+
+/// One of `count` equal slices of every batch: data-parallel rank `index` of `count`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    /// Which slice, `0..count`.
+    pub index: usize,
+    /// Slices per batch; it must divide the batch size.
+    pub count: usize,
+}
+
+impl Shard {
+    /// The whole batch.
+    pub const WHOLE: Shard = Shard { index: 0, count: 1 };
+
+    /// The positions within a batch of `batch_size` that this shard builds.
+    pub fn range(&self, batch_size: usize) -> std::ops::Range<usize> {
+        let per = batch_size / self.count.max(1);
+        self.index * per..(self.index + 1) * per
+    }
 }
 
 impl LoaderOptions {
@@ -56,11 +84,12 @@ impl LoaderOptions {
             seed,
             shuffle: true,
             augment,
+            shard: Shard::WHOLE,
         }
     }
 }
 
-/// One batch of augmented, normalized images.
+/// One batch of augmented, normalized images (this loader's shard of it).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Batch {
     /// Global batch number, counted from the start of training across epochs.
@@ -157,8 +186,9 @@ impl Shared {
     fn build(&self, batch: u64, chunk: usize, perm: &[usize]) -> Result<Chunk, DataError> {
         let bs = self.opts.batch_size;
         let epoch = batch / self.batches_per_epoch;
-        let first = chunk * self.chunk;
-        let samples = first..(first + self.chunk).min(bs);
+        let mine = self.opts.shard.range(bs);
+        let first = mine.start + chunk * self.chunk;
+        let samples = first..(first + self.chunk).min(mine.end);
         let per_image = self.opts.augment.output_len();
         let mut out = Chunk {
             images: vec![0.0; samples.len() * per_image],
@@ -322,9 +352,18 @@ impl Loader {
                 opts.batch_size
             ));
         }
+        let shard = opts.shard;
+        if shard.count == 0 || shard.index >= shard.count || opts.batch_size % shard.count != 0 {
+            return options(format!(
+                "shard {} of {} of batches of {}: the shard count must divide the batch size, \
+                 the index be below the count",
+                shard.index, shard.count, opts.batch_size
+            ));
+        }
         let batches_per_epoch = (ds.len() / opts.batch_size) as u64;
-        let chunk = opts.batch_size.div_ceil(opts.workers).clamp(1, MAX_CHUNK);
-        let chunks_per_batch = opts.batch_size.div_ceil(chunk);
+        let per_shard = opts.batch_size / shard.count;
+        let chunk = per_shard.div_ceil(opts.workers).clamp(1, MAX_CHUNK);
+        let chunks_per_batch = per_shard.div_ceil(chunk);
         let workers = opts.workers;
         let shared = Arc::new(Shared {
             ds,
@@ -429,7 +468,12 @@ impl Loader {
         index: u64,
         chunks: Vec<Option<Result<Chunk, DataError>>>,
     ) -> Result<Batch, DataError> {
-        let bs = self.shared.opts.batch_size;
+        let bs = self
+            .shared
+            .opts
+            .shard
+            .range(self.shared.opts.batch_size)
+            .len();
         let mut batch = Batch {
             index,
             epoch: index / self.shared.batches_per_epoch,

@@ -36,7 +36,7 @@ pub use cifar::Cifar10;
 pub use erasing::{EraseMode, RandomErasing};
 pub use error::DataError;
 pub use folder::ImageFolder;
-pub use loader::{load_items, Batch, Loader, LoaderOptions};
+pub use loader::{load_items, Batch, Loader, LoaderOptions, Shard};
 pub use mixup::{sample_beta, sample_gamma, targets_without_mixing, Mixed, Mixup};
 pub use mnist::Mnist;
 pub use ordered::InOrder;
