@@ -18,7 +18,8 @@
 #       speed: `bench` at base224 in f32, TF32 and bf16 (batches 64 to 256) and ViT-L/16 at
 #       batch 128 next to bench/torch_reference.py (PyTorch eager, bf16 autocast and f32) on the
 #       same card, each with its peak device memory; a MAE_CUDA_PROFILE table; and the wgpu
-#       backend on the GPU where the machine has a Vulkan driver.
+#       backend on the GPU where the machine has a Vulkan driver; and scripts/dp-check.sh (one
+#       NCCL rank against a single process).
 #
 # Nothing in `run` compiles or fetches anything: the GPU machines reach no registry.
 set -uo pipefail
@@ -47,10 +48,10 @@ build() {
     mkdir -p "$PACK/bin" "$PACK/tests"
     echo "== building golden and bench (release, --features cuda)"
     cargo build --release -p mae-conformance --bin golden
-    cargo build --release -p mae-examples --features cuda,wgpu --bin bench
+    cargo build --release -p mae-examples --features cuda,wgpu --bin bench --bin pretrain
     local target
     target=$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
-    cp "$target/release/golden" "$target/release/bench" "$PACK/bin/"
+    cp "$target/release/golden" "$target/release/bench" "$target/release/pretrain" "$PACK/bin/"
     echo "== building the test binaries"
     local name path
     while read -r name path; do
@@ -203,6 +204,7 @@ run() {
         wait "$sampler" 2>/dev/null
         local peak
         peak=$(sort -n "$mem" | tail -n 1)
+        rm -f "$mem"
         # Append the peak to the JSON line(s) the step printed.
         sed -i "$((before + 1)),\$ s/^\({.*\)}\$/\1, \"peak_gpu_mb\": ${peak:-null}}/" "$out/bench.log"
     }
@@ -258,6 +260,9 @@ run() {
     step "bench base224 wgpu b64" wgpu.log 90 \
         "$bins/bin/bench" --case base224 --backend wgpu --batch 64 --seconds "$s"
 
+    # Data parallel through NCCL with one rank: bitwise the single-process run.
+    step "dp-check (NCCL, one rank)" dp.log 120 env OUT=/tmp scripts/dp-check.sh "$bins/bin/pretrain"
+
     # Last, with what is left of the budget: the suites, which take longest.
     # Only the cuda instances (test paths containing "cuda"); CI runs the CPU ones.
     local suite
@@ -276,6 +281,11 @@ run() {
         echo "## bench (peak_gpu_mb: the most nvidia-smi saw in use while the step ran)"
         echo '```'
         grep -hE '^\{' "$out/bench.log" "$out/wgpu.log" 2>/dev/null || tail -n 5 "$out/bench.log"
+        echo '```'
+        echo
+        echo "## wgpu and dp-check"
+        echo '```'
+        tail -n 3 "$out/wgpu.log" "$out/dp.log" 2>/dev/null
         echo '```'
         echo
         echo "## profile"

@@ -13,6 +13,6 @@ g++ -std=c++20 -O2 -pthread -ffp-contract=off -fPIC -shared -Wall -Wno-unused-fu
 for lib in libcuda.so libnvrtc.so libcublas.so; do ln -sf libfakecuda.so "$fake/$lib"; done
 cd ../..
 export LD_LIBRARY_PATH="$fake${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export MAE_REQUIRE_BACKENDS=cuda
+export MAE_REQUIRE_BACKENDS=cuda,cuda-bf16
 cargo test --release --no-fail-fast -p mae-conformance --test ops --test gradcheck --test embed --test golden --test variants \
     --test training -- cuda "$@"

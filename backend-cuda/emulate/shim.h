@@ -19,6 +19,7 @@ inline thread_local bool in_fibers = false;
 
 #define __global__
 #define __device__
+#define __forceinline__ inline
 #define __shared__ static
 #include <cstdio>
 #include <cstdlib>
@@ -30,6 +31,19 @@ inline void __syncthreads() {
         std::abort();
     }
     yield_to_scheduler();
+}
+// A warp shuffle as two barriers around a per-thread slot: correct where every thread of the
+// block makes the same shuffles, as this crate's reductions do (the lanes of a real warp are
+// threads 32w .. 32w + 31, so `lane ^ o` with o < 32 stays inside the warp).
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, unsigned o) {
+    static thread_local std::vector<T> slots;
+    if (slots.size() < blockDim.x) slots.resize(blockDim.x);
+    slots[threadIdx.x] = v;
+    __syncthreads();
+    const T other = slots[threadIdx.x ^ o];
+    __syncthreads();
+    return other;
 }
 inline float __int_as_float(unsigned v) {
     float f;

@@ -5,7 +5,7 @@
 extern "C" __global__ void masked_mse_rows(const float* pred, const float* target,
                                            const float* mask, double* row_loss, u64 rows,
                                            u64 cols) {
-    __shared__ double scratch[BLOCK];
+    __shared__ double scratch[BLOCK / 32];
     FOR_EACH_ROW(r, rows) {
         double acc = 0.0;
         for (u64 j = threadIdx.x; j < cols; j += BLOCK) {
@@ -21,7 +21,7 @@ extern "C" __global__ void masked_mse_rows(const float* pred, const float* targe
 // PyTorch's (loss * mask).sum() / mask.sum().
 extern "C" __global__ void masked_mse_total(const double* row_loss, const float* mask,
                                             float* loss, u64 rows) {
-    __shared__ double scratch[BLOCK];
+    __shared__ double scratch[BLOCK / 32];
     double num = 0.0, den = 0.0;
     for (u64 r = threadIdx.x; r < rows; r += BLOCK) {
         num += row_loss[r];
@@ -34,7 +34,7 @@ extern "C" __global__ void masked_mse_total(const double* row_loss, const float*
 
 // One block: mask_sum[0] = sum(mask) in double, for the backward.
 extern "C" __global__ void mask_sum(const float* mask, double* mask_sum, u64 rows) {
-    __shared__ double scratch[BLOCK];
+    __shared__ double scratch[BLOCK / 32];
     double acc = 0.0;
     for (u64 r = threadIdx.x; r < rows; r += BLOCK) acc += (double)mask[r];
     acc = block_sum(acc, scratch);
@@ -50,7 +50,7 @@ extern "C" __global__ void masked_mse_backward(const float* pred, const float* t
     const double coef = (double)d_loss * 2.0 / ((double)cols * mask_sum[0]);
     const u64 n = rows * cols;
     FOR_EACH(e, n) {
-        const double k = coef * (double)mask[e / cols];
+        const double k = coef * (double)mask[div_u(e, cols)];
         d_pred[e] = (float)((double)d_pred[e] + k * ((double)pred[e] - (double)target[e]));
     }
 }

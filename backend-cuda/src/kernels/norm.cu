@@ -21,7 +21,7 @@ __device__ void mean_and_ssd(const float* row, u64 cols, double* scratch, double
 extern "C" __global__ void layernorm_forward(const float* x, const float* gamma,
                                              const float* beta, float* y, float* mean,
                                              float* rstd, u64 rows, u64 cols, float eps) {
-    __shared__ double scratch[BLOCK];
+    __shared__ double scratch[BLOCK / 32];
     FOR_EACH_ROW(r, rows) {
         const float* xr = x + r * cols;
         double m64, ssd;
@@ -45,7 +45,7 @@ extern "C" __global__ void layernorm_backward_dx(const float* dy, const float* x
                                                  const float* gamma, const float* mean,
                                                  const float* rstd, float* dx, u64 rows,
                                                  u64 cols) {
-    __shared__ double scratch[BLOCK];
+    __shared__ double scratch[BLOCK / 32];
     FOR_EACH_ROW(r, rows) {
         const float* dyr = dy + r * cols;
         const float* xr = x + r * cols;
@@ -76,7 +76,7 @@ extern "C" __global__ void layernorm_param_partials(const float* dy, const float
                                                     u64 chunk_len) {
     const u64 n = chunks * cols;
     FOR_EACH(e, n) {
-        const u64 c = e % cols, chunk = e / cols;
+        const u64 chunk = div_u(e, cols), c = e - chunk * cols;
         const u64 r0 = chunk * chunk_len;
         const u64 r1 = r0 + chunk_len < rows ? r0 + chunk_len : rows;
         double g = 0.0, b = 0.0;
@@ -105,7 +105,7 @@ extern "C" __global__ void column_sum_finish(const double* partial, float* out, 
 // double, rounded once. cols == 1 gives NaN (0 / 0), as PyTorch does.
 extern "C" __global__ void normalize_rows(const float* x, float* y, u64 rows, u64 cols,
                                           float eps) {
-    __shared__ double scratch[BLOCK];
+    __shared__ double scratch[BLOCK / 32];
     FOR_EACH_ROW(r, rows) {
         const float* xr = x + r * cols;
         double m, ssd;

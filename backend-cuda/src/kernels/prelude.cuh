@@ -6,8 +6,8 @@
 // - Elementwise kernels use grid-stride loops: any grid size is correct, the host caps it.
 // - Row kernels run one block of exactly BLOCK threads per row (grid-stride over rows), and
 //   reduce in `double` in a fixed order: thread t folds elements t, t + BLOCK, ... in ascending
-//   order, then a fixed shared-memory tree combines the BLOCK partials. The order depends only on
-//   the row length, so results are bitwise repeatable. No kernel uses floating-point atomics.
+//   order, then a warp butterfly and a fixed fold of the warp sums combine the BLOCK partials
+//   (`block_sum`). The order depends only on the row length, so results are bitwise repeatable. No kernel uses floating-point atomics.
 // - The program is compiled with --fmad=false: `a * b + c` is rounded twice, as on the CPU
 //   reference, instead of being contracted into an FMA.
 
@@ -28,31 +28,48 @@ typedef unsigned int u32;
 // The grid-stride loop over `rows`, one block per row.
 #define FOR_EACH_ROW(r, rows) for (u64 r = blockIdx.x; r < (rows); r += gridDim.x)
 
-// Sum of every thread's `v` over the block, combined in a fixed tree order. Every thread
-// returns the same value. `scratch` is BLOCK doubles of shared memory.
+// a / d and a % d: 64-bit integer division is a long software routine on NVIDIA GPUs, 32-bit
+// division a few instructions, and almost every index of this crate fits 32 bits.
+__device__ __forceinline__ u64 div_u(u64 a, u64 d) {
+    return ((a | d) >> 32) == 0 ? (u64)((u32)a / (u32)d) : a / d;
+}
+__device__ __forceinline__ u64 mod_u(u64 a, u64 d) {
+    return ((a | d) >> 32) == 0 ? (u64)((u32)a % (u32)d) : a % d;
+}
+
+// Sum of `v` over the 32 lanes of a warp by a butterfly: at every stage both partners add the
+// same two values (in swapped order, which is exact), so every lane ends with the bitwise same
+// total, in an order that depends only on the lane numbers.
+__device__ double warp_sum(double v) {
+    for (u32 o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ float warp_max(float v) {
+    for (u32 o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum of every thread's `v` over the block, in a fixed order: each warp's butterfly, then every
+// thread adds the BLOCK / 32 warp sums in warp order. Every thread returns the same value.
+// `scratch` is at least BLOCK / 32 doubles of shared memory; every thread of the block must call.
 __device__ double block_sum(double v, double* scratch) {
-    const u32 t = threadIdx.x;
-    scratch[t] = v;
+    v = warp_sum(v);
+    if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
     __syncthreads();
-    for (u32 s = BLOCK / 2; s > 0; s >>= 1) {
-        if (t < s) scratch[t] += scratch[t + s];
-        __syncthreads();
-    }
-    const double total = scratch[0];
+    double total = 0.0;
+    for (u32 w = 0; w < BLOCK / 32; ++w) total += scratch[w];
     __syncthreads();  // the caller may reuse scratch right away
     return total;
 }
 
 // Maximum of every thread's `v` over the block (fmaxf ignores NaN, as f32::max does).
 __device__ float block_max(float v, float* scratch) {
-    const u32 t = threadIdx.x;
-    scratch[t] = v;
+    v = warp_max(v);
+    if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
     __syncthreads();
-    for (u32 s = BLOCK / 2; s > 0; s >>= 1) {
-        if (t < s) scratch[t] = fmaxf(scratch[t], scratch[t + s]);
-        __syncthreads();
-    }
-    const float m = scratch[0];
+    float m = scratch[0];
+    for (u32 w = 1; w < BLOCK / 32; ++w) m = fmaxf(m, scratch[w]);
     __syncthreads();
     return m;
 }

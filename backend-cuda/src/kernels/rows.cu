@@ -17,9 +17,9 @@ extern "C" __global__ void copy_rows(const float* src, float* dst, u64 batch, u6
                                      u64 dst_stride, u64 dst_start, u32 accumulate) {
     const u64 n = batch * count * cols;
     FOR_EACH(e, n) {
-        const u64 c = e % cols;
-        const u64 pair = e / cols;
-        const u64 i = pair % count, b = pair / count;
+        const u64 c = mod_u(e, cols);
+        const u64 pair = div_u(e, cols);
+        const u64 i = mod_u(pair, count), b = div_u(pair, count);
         const float v = src[(b * src_stride + src_start + i * src_step) * cols + c];
         float* d = &dst[(b * dst_stride + dst_start + i) * cols + c];
         if (accumulate) {
@@ -39,14 +39,14 @@ __device__ u64 readers_of(const RowMap& m, u64 s, u64* first_b) {
     const u64 t = s - m.src_start;
     if (m.src_step == 0) {
         if (m.src_stride == 0) return t == 0 ? m.batch * m.count : 0;  // every pair
-        if (t % m.src_stride != 0 || t / m.src_stride >= m.batch) return 0;
-        *first_b = t / m.src_stride;  // every i of one item
+        if (mod_u(t, m.src_stride) != 0 || div_u(t, m.src_stride) >= m.batch) return 0;
+        *first_b = div_u(t, m.src_stride);  // every i of one item
         return m.count;
     }
     // src_step 1: pair (b, i) reads row start + b * stride + i, so i = t - b * stride.
     if (m.src_stride == 0) return t < m.count ? m.batch : 0;  // one i, every item
-    const u64 lo = t >= m.count ? (t - m.count) / m.src_stride + 1 : 0;  // i < count
-    u64 hi = t / m.src_stride;                                           // i >= 0
+    const u64 lo = t >= m.count ? div_u(t - m.count, m.src_stride) + 1 : 0;  // i < count
+    u64 hi = div_u(t, m.src_stride);                                           // i >= 0
     if (hi > m.batch - 1) hi = m.batch - 1;
     *first_b = lo;
     return hi >= lo ? hi - lo + 1 : 0;
@@ -56,8 +56,8 @@ __device__ u64 reader_dst_row(const RowMap& m, u64 s, u64 first_b, u64 k) {
     u64 b, i;
     if (m.src_step == 0) {
         if (m.src_stride == 0) {
-            b = k / m.count;
-            i = k % m.count;
+            b = div_u(k, m.count);
+            i = mod_u(k, m.count);
         } else {
             b = first_b;
             i = k;
@@ -83,9 +83,9 @@ extern "C" __global__ void copy_rows_backward_partials(
                              dst_start);
     const u64 n = chunks * src_rows * cols;
     FOR_EACH(e, n) {
-        const u64 c = e % cols;
-        const u64 s = (e / cols) % src_rows;
-        const u64 chunk = e / (cols * src_rows);
+        const u64 c = mod_u(e, cols);
+        const u64 s = mod_u(div_u(e, cols), src_rows);
+        const u64 chunk = div_u(e, cols * src_rows);
         u64 first_b;
         const u64 readers = readers_of(m, s, &first_b);
         const u64 k0 = chunk * chunk_len;
@@ -109,7 +109,7 @@ extern "C" __global__ void copy_rows_backward_finish(
     const u64 n = src_rows * cols;
     FOR_EACH(e, n) {
         u64 first_b;
-        const u64 readers = readers_of(m, e / cols, &first_b);
+        const u64 readers = readers_of(m, div_u(e, cols), &first_b);
         if (readers == 0) continue;
         const u64 used = (readers + chunk_len - 1) / chunk_len;
         double acc = 0.0;
@@ -125,9 +125,9 @@ extern "C" __global__ void gather_rows(const float* src, const u32* idx, float* 
                                        u64 dst_start) {
     const u64 n = batch * count * cols;
     FOR_EACH(e, n) {
-        const u64 c = e % cols;
-        const u64 pair = e / cols;
-        const u64 j = pair % count, b = pair / count;
+        const u64 c = mod_u(e, cols);
+        const u64 pair = div_u(e, cols);
+        const u64 j = mod_u(pair, count), b = div_u(pair, count);
         const u64 k = idx[pair];
         if (k >= src_rows) continue;
         dst[(b * dst_rows + dst_start + j) * cols + c] = src[(b * src_rows + k) * cols + c];
@@ -140,9 +140,9 @@ extern "C" __global__ void gather_rows_backward(const float* d_dst, const u32* i
                                                 u64 dst_rows, u64 dst_start) {
     const u64 n = batch * count * cols;
     FOR_EACH(e, n) {
-        const u64 c = e % cols;
-        const u64 pair = e / cols;
-        const u64 j = pair % count, b = pair / count;
+        const u64 c = mod_u(e, cols);
+        const u64 pair = div_u(e, cols);
+        const u64 j = mod_u(pair, count), b = div_u(pair, count);
         const u64 k = idx[pair];
         if (k >= src_rows) continue;
         d_src[(b * src_rows + k) * cols + c] += d_dst[(b * dst_rows + dst_start + j) * cols + c];
@@ -158,9 +158,9 @@ extern "C" __global__ void patchify(const float* imgs, float* out, u64 batch, u6
     const u64 plen = patch * patch * channels;
     const u64 n = batch * gh * gw * plen;
     FOR_EACH(e, n) {
-        const u64 within = e % plen;
-        const u64 l = (e / plen) % (gh * gw);
-        const u64 b = e / (plen * gh * gw);
+        const u64 within = mod_u(e, plen);
+        const u64 l = mod_u(div_u(e, plen), gh * gw);
+        const u64 b = div_u(e, plen * gh * gw);
         u64 c, py, px;
         if (hwc) {
             c = within % channels;
@@ -182,10 +182,9 @@ extern "C" __global__ void split_heads(const float* x, float* heads, u64 batch, 
                                        u64 col_offset) {
     const u64 n = batch * num_heads * tokens * head_dim;
     FOR_EACH(e, n) {
-        const u64 j = e % head_dim;
-        const u64 t = (e / head_dim) % tokens;
-        const u64 h = (e / (head_dim * tokens)) % num_heads;
-        const u64 b = e / (head_dim * tokens * num_heads);
+        const u64 row = div_u(e, head_dim), j = e - row * head_dim;
+        const u64 bh = div_u(row, tokens), t = row - bh * tokens;
+        const u64 b = div_u(bh, num_heads), h = bh - b * num_heads;
         heads[e] = x[(b * tokens + t) * row_width + col_offset + h * head_dim + j];
     }
 }
@@ -197,10 +196,9 @@ extern "C" __global__ void merge_heads(const float* heads, float* x, u64 batch, 
                                        u64 col_offset) {
     const u64 n = batch * tokens * num_heads * head_dim;
     FOR_EACH(e, n) {
-        const u64 j = e % head_dim;
-        const u64 h = (e / head_dim) % num_heads;
-        const u64 t = (e / (head_dim * num_heads)) % tokens;
-        const u64 b = e / (head_dim * num_heads * tokens);
+        const u64 bth = div_u(e, head_dim), j = e - bth * head_dim;
+        const u64 bt = div_u(bth, num_heads), h = bth - bt * num_heads;
+        const u64 b = div_u(bt, tokens), t = bt - b * tokens;
         x[(b * tokens + t) * row_width + col_offset + h * head_dim + j] =
             heads[((b * num_heads + h) * tokens + t) * head_dim + j];
     }
