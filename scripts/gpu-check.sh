@@ -66,11 +66,16 @@ build() {
         esac
     done < <(test_executables -p mae-conformance -p mae-backend-cuda)
     strip --strip-debug "$PACK"/bin/* "$PACK"/tests/*
+    # The Vulkan loader, for the wgpu step on GPU machines that have NVIDIA's Vulkan driver but
+    # no loader (containers often mount the driver's libraries without libvulkan).
+    mkdir -p "$PACK/lib"
+    cp -L "$(ldconfig -p | grep -oE '/[^ ]*/libvulkan\.so\.1$' | head -n 1)" "$PACK/lib/" ||
+        echo "no libvulkan.so.1 here: the wgpu step will rely on the GPU machine's" >&2
     ls -la "$PACK"/bin "$PACK"/tests
     # Every test binary links all three backends (~45 MiB together); compressed they carry in
     # a tenth of the device tool's 64 MiB.
-    tar -C "$PACK" -cJf "$PACK/binaries.tar.xz" bin tests
-    rm -rf "$PACK/bin" "$PACK/tests"
+    tar -C "$PACK" -cJf "$PACK/binaries.tar.xz" bin tests lib
+    rm -rf "$PACK/bin" "$PACK/tests" "$PACK/lib"
     if [ -d ../shared/golden ]; then
         mkdir -p "$PACK/shared-golden"
         cp ../shared/golden/*.safetensors "$PACK/shared-golden/"
@@ -209,6 +214,26 @@ run() {
         sed -i "$((before + 1)),\$ s/^\({.*\)}\$/\1, \"peak_gpu_mb\": ${peak:-null}}/" "$out/bench.log"
     }
 
+    # vulkan_setup: NVIDIA's Vulkan driver lives in libGLX_nvidia.so.0; where the machine has it
+    # but no ICD file or no loader, write the ICD file and use the carried libvulkan.so.1.
+    vulkan_setup() {
+        echo "== vulkan: $(ls /usr/share/vulkan/icd.d /etc/vulkan/icd.d 2>/dev/null | tr '\n' ' ')"
+        local nv
+        nv=$(ldconfig -p 2>/dev/null | grep -oE '/[^ ]*/libGLX_nvidia\.so\.0$' | head -n 1)
+        nv=${nv:-$(find /usr/lib/x86_64-linux-gnu /usr/local/nvidia -name 'libGLX_nvidia.so.0' 2>/dev/null | head -n 1)}
+        echo "== NVIDIA Vulkan driver: ${nv:-none}"
+        if ! ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1\b' && [ -f "$bins/lib/libvulkan.so.1" ]; then
+            export LD_LIBRARY_PATH="$bins/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+            echo "== using the carried libvulkan.so.1"
+        fi
+        if [ -n "$nv" ] && ! grep -qs nvidia /usr/share/vulkan/icd.d/* /etc/vulkan/icd.d/*; then
+            printf '{"file_format_version":"1.0.0","ICD":{"library_path":"%s","api_version":"1.3.0"}}\n' \
+                "$nv" >"$bins/nvidia_icd.json"
+            export VK_ICD_FILENAMES=$bins/nvidia_icd.json
+            echo "== wrote $VK_ICD_FILENAMES"
+        fi
+    }
+
     step "backend unit tests" backend.log 120 "$bins/tests/mae_backend_cuda-lib"
     step "kernels compile with NVRTC" backend.log 120 "$bins/tests/nvrtc_compile-test" --nocapture
     local dir files
@@ -256,7 +281,8 @@ run() {
     step "profile base224 cuda-bf16 b128" profile.log 120 \
         env MAE_CUDA_PROFILE=1 "$bins/bin/bench" --case base224 --backend cuda-bf16 --batch 128 \
         --seconds 2
-    # The wgpu backend on this GPU, where the machine has a Vulkan driver for it (issue 4).
+    # The wgpu backend on this GPU, where the machine has NVIDIA's Vulkan driver (issue 4).
+    vulkan_setup >>"$out/wgpu.log" 2>&1
     step "bench base224 wgpu b64" wgpu.log 90 \
         "$bins/bin/bench" --case base224 --backend wgpu --batch 64 --seconds "$s"
 

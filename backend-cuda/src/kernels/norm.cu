@@ -16,11 +16,55 @@ __device__ void mean_and_ssd(const float* row, u64 cols, double* scratch, double
     *ssd = block_sum(acc, scratch);
 }
 
+// Rows of up to 32 * LN_HELD columns (the widths of ViT-B and ViT-L, and every decoder) run
+// one warp per row from registers.
+#define LN_HELD 32
+
+__device__ void layernorm_forward_warp(const float* x, const float* gamma, const float* beta,
+                                       float* y, float* mean, float* rstd, u64 rows, u64 cols,
+                                       float eps) {
+    const u32 lane = threadIdx.x % 32;
+    FOR_EACH_WARP_ROW(r, rows) {
+        const float* xr = x + r * cols;
+        float v[LN_HELD];
+        double acc = 0.0;
+        for (u32 k = 0; k < LN_HELD; ++k) {
+            const u64 j = lane + 32 * k;
+            v[k] = j < cols ? xr[j] : 0.0f;
+            acc += (double)v[k];
+        }
+        const double m64 = warp_sum(acc) / (double)cols;
+        acc = 0.0;
+        for (u32 k = 0; k < LN_HELD; ++k) {
+            if (lane + 32 * k < cols) {
+                const double d = (double)v[k] - m64;
+                acc += d * d;
+            }
+        }
+        const double ssd = warp_sum(acc);
+        const float m = (float)m64;
+        const float rs = (float)(1.0 / sqrt(ssd / (double)cols + (double)eps));
+        if (lane == 0) {
+            mean[r] = m;
+            rstd[r] = rs;
+        }
+        float* yr = y + r * cols;
+        for (u32 k = 0; k < LN_HELD; ++k) {
+            const u64 j = lane + 32 * k;
+            if (j < cols) yr[j] = (v[k] - m) * rs * gamma[j] + beta[j];
+        }
+    }
+}
+
 // y = (x - mean) * rstd * gamma + beta, from the f32 mean and rstd that are stored, so the
 // backward's xhat is bitwise the forward's.
 extern "C" __global__ void layernorm_forward(const float* x, const float* gamma,
                                              const float* beta, float* y, float* mean,
                                              float* rstd, u64 rows, u64 cols, float eps) {
+    if (cols <= 32 * LN_HELD) {
+        layernorm_forward_warp(x, gamma, beta, y, mean, rstd, rows, cols, eps);
+        return;
+    }
     __shared__ double scratch[BLOCK / 32];
     FOR_EACH_ROW(r, rows) {
         const float* xr = x + r * cols;

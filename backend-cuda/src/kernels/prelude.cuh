@@ -28,6 +28,14 @@ typedef unsigned int u32;
 // The grid-stride loop over `rows`, one block per row.
 #define FOR_EACH_ROW(r, rows) for (u64 r = blockIdx.x; r < (rows); r += gridDim.x)
 
+// Warps per block, and the grid-stride loop over `rows` with one warp per row: for rows short
+// enough to sit in a warp's registers, where a block per row would leave most threads idle and
+// wait on barriers. Every lane of a warp takes the same rows.
+#define WARPS (BLOCK / 32)
+#define FOR_EACH_WARP_ROW(r, rows)                                                            \
+    for (u64 r = (u64)blockIdx.x * WARPS + threadIdx.x / 32; r < (rows);                      \
+         r += (u64)gridDim.x * WARPS)
+
 // a / d and a % d: 64-bit integer division is a long software routine on NVIDIA GPUs, 32-bit
 // division a few instructions, and almost every index of this crate fits 32 bits.
 __device__ __forceinline__ u64 div_u(u64 a, u64 d) {
