@@ -5,8 +5,9 @@
 //! operating system, and loops over them vectorize.
 
 use crate::fastmath::{exp_neg, wide, Normal};
-use crate::pool::{chunks1, rows_per_chunk, GRAIN};
+use crate::pool::{chunks1, chunks2, rows_per_chunk, GRAIN};
 use crate::reduce::{fold2, sum};
+use crate::rows::add_into;
 
 /// `x * Phi(x)` in `f64`, rounded once, with `Phi` free of cancellation for negative `x` (where
 /// `1 + erf` would lose the digits of a tiny result).
@@ -16,6 +17,32 @@ pub(crate) fn gelu_forward(x: &[f32], y: &mut [f32]) {
     let normal = Normal::new();
     chunks1(y, GRAIN, |i, yc| {
         normal.gelu(&x[i * GRAIN..i * GRAIN + yc.len()], yc);
+    });
+}
+
+/// The MLP's `fc1` epilogue: `pre[r] += bias` for every row `r`, then `act = gelu(pre)`, one row
+/// at a time, so each row is still in cache for its GELU and the matrix is read and written once
+/// instead of twice. The add is [`add_into`] (what `copy_rows` accumulating a bias does) and the
+/// GELU is [`gelu_forward`]'s, so the result is bitwise that of the two ops in turn.
+pub(crate) fn bias_gelu_forward(
+    bias: &[f32],
+    pre: &mut [f32],
+    act: &mut [f32],
+    rows: usize,
+    cols: usize,
+) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let (n, bias) = (rows * cols, &bias[..cols]);
+    let chunk = rows_per_chunk(cols) * cols;
+    let normal = Normal::new();
+    let (pre, act) = (&mut pre[..n], &mut act[..n]);
+    chunks2(n.div_ceil(chunk), pre, chunk, act, chunk, |_, pc, ac| {
+        for (pr, ar) in pc.chunks_exact_mut(cols).zip(ac.chunks_exact_mut(cols)) {
+            add_into(pr, bias);
+            normal.gelu(pr, ar);
+        }
     });
 }
 
@@ -152,6 +179,27 @@ mod tests {
             })
             .collect();
         assert_close(&dx, &expect, 1e-6);
+    }
+
+    #[test]
+    fn bias_gelu_forward_is_bitwise_bias_then_gelu() {
+        // 37 rows of 1001 columns: several parallel chunks of whole rows, and rows whose length
+        // is no multiple of the vector width.
+        let be = be();
+        let (rows, cols) = (37, 1001);
+        let wave =
+            |n: usize, k: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * k).sin() * 4.0).collect() };
+        let (bias, x) = (up(&wave(cols, 0.37)), up(&wave(rows * cols, 0.011)));
+        let (mut pre, mut act) = (x.clone(), up(&vec![f32::NAN; rows * cols]));
+        be.bias_gelu_forward(&bias, &mut pre, &mut act, rows, cols)
+            .unwrap();
+        let (mut want_pre, mut want_act) = (x, up(&vec![f32::NAN; rows * cols]));
+        let map = mae::backend::RowMap::bias(rows, cols);
+        be.copy_rows(&bias, &mut want_pre, &map, true).unwrap();
+        be.gelu_forward(&want_pre, &mut want_act).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&pre), bits(&want_pre));
+        assert_eq!(bits(&act), bits(&want_act));
     }
 
     #[test]

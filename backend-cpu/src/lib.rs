@@ -312,6 +312,18 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn bias_gelu_forward(
+        &self,
+        bias: &Vec<f32>,
+        pre: &mut Vec<f32>,
+        act: &mut Vec<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> BResult<()> {
+        activation::bias_gelu_forward(bias, pre, act, rows, cols);
+        Ok(())
+    }
+
     fn gelu_backward(&self, x: &Vec<f32>, dy: &Vec<f32>, dx: &mut Vec<f32>) -> BResult<()> {
         activation::gelu_backward(x, dy, dx);
         Ok(())

@@ -149,6 +149,39 @@ static void test_scale_rows() {
     }
 }
 
+// bias_gelu_forward: pre += bias per row (the f32 add, bitwise), act = gelu(pre) against the
+// erf definition, and bitwise the copy_rows + gelu_forward pair it replaces. Rows of 1, 3 and 70
+// columns put column wrap-arounds inside and across warps and blocks.
+static void test_bias_gelu() {
+    struct Case { u64 rows, cols; };
+    for (Case c : {Case{1, 1}, Case{3, 5}, Case{7, 70}, Case{197, 3}, Case{2, 300}}) {
+        const u64 n = c.rows * c.cols;
+        for (unsigned g : grids(grid_elementwise(n))) {
+            std::string tag = " rows=" + std::to_string(c.rows) + " cols=" +
+                              std::to_string(c.cols) + " grid=" + std::to_string(g);
+            auto bias = random_vec(c.cols), pre0 = random_vec(n, -4, 4);
+            std::vector<float> pre = pre0, act(n, NAN);
+            launch(g, 256, [&] { bias_gelu_forward(bias.data(), pre.data(), act.data(), n, c.cols); });
+            std::vector<double> want_pre(n), want_act(n);
+            for (u64 i = 0; i < n; ++i) {
+                const float p = pre0[i] + bias[i % c.cols];
+                want_pre[i] = p;
+                want_act[i] = 0.5 * p * (1.0 + std::erf(p / std::sqrt(2.0)));
+            }
+            expect_close("bias_gelu_forward pre" + tag, pre, want_pre, 0);
+            expect_close("bias_gelu_forward act" + tag, act, want_act, 1e-6);
+
+            std::vector<float> two_pre = pre0, two_act(n, NAN);
+            launch(g, 256, [&] {
+                copy_rows(bias.data(), two_pre.data(), c.rows, 1, c.cols, 0, 0, 0, 1, 0, 1);
+            });
+            launch(g, 256, [&] { gelu_forward(two_pre.data(), two_act.data(), n); });
+            expect_close("bias_gelu_forward pre vs copy_rows" + tag, pre, to_d(two_pre), 0);
+            expect_close("bias_gelu_forward act vs gelu_forward" + tag, act, to_d(two_act), 0);
+        }
+    }
+}
+
 struct Map {
     u64 batch, count, cols, src_stride, src_start, src_step, dst_stride, dst_start;
     u64 src_row(u64 b, u64 i) const { return b * src_stride + src_start + i * src_step; }
@@ -451,6 +484,7 @@ static void test_loss() {
 int main() {
     test_elementwise();
     test_scale_rows();
+    test_bias_gelu();
     test_copy_rows();
     test_gather();
     test_patchify_and_heads();

@@ -142,6 +142,7 @@ kernels! {
     Scale = "scale_f32" (Ptr, U64, F32);
     ScaleRows = "scale_rows" (Ptr, Ptr, Ptr, U64, U64, U32);
     GeluForward = "gelu_forward" (Ptr, Ptr, U64);
+    BiasGeluForward = "bias_gelu_forward" (Ptr, Ptr, Ptr, U64, U64);
     GeluBackward = "gelu_backward" (Ptr, Ptr, Ptr, U64);
     AdamW = "adamw" (Ptr, Ptr, Ptr, Ptr, U64, F32, F32, F32, F32, F32, F32, F32, F32);
     CopyRows = "copy_rows" (Ptr, Ptr, U64, U64, U64, U64, U64, U64, U64, U64, U32);

@@ -639,6 +639,38 @@ impl Backend for CudaBackend {
         self.launch(Kernel::GeluForward, elementwise(n as u64), &args)
     }
 
+    /// One pass instead of `copy_rows` then `gelu_forward`: the kernel computes the same f32 add
+    /// and the same GELU, so the result is bitwise theirs.
+    fn bias_gelu_forward(
+        &self,
+        bias: &CudaBuf,
+        pre: &mut CudaBuf,
+        act: &mut CudaBuf,
+        rows: usize,
+        cols: usize,
+    ) -> BResult<()> {
+        let o = "bias_gelu_forward";
+        let Some(n) = rows.checked_mul(cols) else {
+            return Err(error::device(format!(
+                "bug: {o}: {rows} rows x {cols} columns overflow"
+            )));
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        need(bias, cols, o, "bias")?;
+        need(pre, n, o, "pre")?;
+        need(act, n, o, "act")?;
+        let args = [
+            self.ptr(bias),
+            self.ptr_mut(pre),
+            self.ptr_mut(act),
+            u(n),
+            u(cols),
+        ];
+        self.launch(Kernel::BiasGeluForward, elementwise(n as u64), &args)
+    }
+
     fn gelu_backward(&self, x: &CudaBuf, dy: &CudaBuf, dx: &mut CudaBuf) -> BResult<()> {
         let n = dx.len();
         need(x, n, "gelu_backward", "x")?;

@@ -323,6 +323,21 @@ pub mod run {
         down(b, &y)
     }
 
+    /// Returns `(pre, act)` after the op: `pre` with the bias added, `act = gelu(pre)`.
+    pub fn bias_gelu_forward<B: Backend>(
+        b: &B,
+        bias: &[f32],
+        pre: &[f32],
+        act: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (bias, mut pre, mut act) = (up(b, bias), up(b, pre), up(b, act));
+        let r = b.bias_gelu_forward(&bias, &mut pre, &mut act, rows, cols);
+        ok(b, r, "bias_gelu_forward");
+        (down(b, &pre), down(b, &act))
+    }
+
     pub fn gelu_backward<B: Backend>(b: &B, x: &[f32], dy: &[f32], dx: &[f32]) -> Vec<f32> {
         let (x, dy, mut dx) = (up(b, x), up(b, dy), up(b, dx));
         ok(b, b.gelu_backward(&x, &dy, &mut dx), "gelu_backward");

@@ -852,6 +852,89 @@ fn check_gelu_forward<B: Backend>(b: &B, len: usize, seed: u64, fill: Fill, init
     )
 }
 
+/// Inputs of `bias_gelu_forward` on `rows x cols`: `(bias, pre, act)`, `pre` spread over
+/// [-4, 4) (x4 is exact) so the GELU's curved part and both tails are exercised, `act` holding
+/// what `init` says (the op overwrites it).
+fn bias_gelu_inputs(
+    rows: usize,
+    cols: usize,
+    seed: u64,
+    fill: Fill,
+    init: Init,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let bias = data(seed ^ 1, cols, cols, fill);
+    let pre: Vec<f32> = data(seed, rows * cols, cols, fill)
+        .iter()
+        .map(|x| 4.0 * x)
+        .collect();
+    (bias, pre, old_contents(init, rows * cols, seed ^ 2))
+}
+
+fn check_bias_gelu_forward<B: Backend>(
+    b: &B,
+    (rows, cols): (usize, usize),
+    seed: u64,
+    fill: Fill,
+    init: Init,
+) -> Check {
+    let (bias, pre0, act0) = bias_gelu_inputs(rows, cols, seed, fill, init);
+    let (pre, act) = run::bias_gelu_forward(b, &bias, &pre0, &act0, rows, cols);
+    let mut want_pre = f64s(&pre0);
+    for row in want_pre.chunks_exact_mut(cols) {
+        for (p, &bv) in row.iter_mut().zip(&bias) {
+            *p += bv as f64;
+        }
+    }
+    let mut want_act = vec![0.0; rows * cols];
+    oracle::gelu_forward(&want_pre, &mut want_act);
+    let shape = format!("{rows} x {cols}, {fill:?}, {init:?}, seed {seed}");
+    // The f32 `pre` is the sum rounded once (relative error <= 2^-24), and |x gelu'(x)| stays
+    // below 1.3 |gelu(x)| for x > 0 and below 0.3 for x < 0: the GELU of the rounded sum is
+    // within the elementwise tolerance of the GELU of the exact one.
+    compare(
+        "bias_gelu_forward pre",
+        &shape,
+        &pre,
+        &want_pre,
+        Tol::ELEMENTWISE,
+        None,
+    )?;
+    compare(
+        "bias_gelu_forward act",
+        &shape,
+        &act,
+        &want_act,
+        Tol::ELEMENTWISE,
+        None,
+    )
+}
+
+/// The fused op against the two ops it replaces, on the same backend: bitwise equal, since it
+/// promises the same f32 add and the same GELU.
+fn check_bias_gelu_is_bias_then_gelu<B: Backend>(
+    b: &B,
+    (rows, cols): (usize, usize),
+    seed: u64,
+    fill: Fill,
+    init: Init,
+) -> Check {
+    let (bias, pre0, act0) = bias_gelu_inputs(rows, cols, seed, fill, init);
+    let (pre, act) = run::bias_gelu_forward(b, &bias, &pre0, &act0, rows, cols);
+    let two_pre = run::copy_rows(b, &bias, &pre0, &RowMap::bias(rows, cols), true);
+    let two_act = run::gelu_forward(b, &two_pre, &act0);
+    let shape = format!("{rows} x {cols}, {fill:?}, {init:?}, seed {seed}");
+    for (what, fused, two) in [("pre", &pre, &two_pre), ("act", &act, &two_act)] {
+        if let Some(i) = (0..fused.len()).find(|&i| fused[i].to_bits() != two[i].to_bits()) {
+            return Err(format!(
+                "bias_gelu_forward {what} ({shape}): element {i} is {} fused, {} from copy_rows \
+                 + gelu_forward",
+                fused[i], two[i]
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn check_gelu_backward<B: Backend>(b: &B, len: usize, seed: u64, fill: Fill) -> Check {
     let x = data(seed, len, 1, fill);
     let dy = data(seed ^ 1, len, 1, fill);
@@ -2048,6 +2131,20 @@ macro_rules! op_tests {
                 let strategy = (1usize..=500, any::<u64>(), fill(), init());
                 property(b(), strategy, |b, (len, seed, fill, init)| {
                     check_gelu_forward(b, len, seed, fill, init)
+                });
+            }
+            #[test]
+            fn bias_gelu_forward() {
+                let strategy = ((dim(), dim()), any::<u64>(), fill(), init());
+                property(b(), strategy, |b, (shape, seed, fill, init)| {
+                    check_bias_gelu_forward(b, shape, seed, fill, init)
+                });
+            }
+            #[test]
+            fn bias_gelu_forward_is_bias_then_gelu() {
+                let strategy = ((dim(), dim()), any::<u64>(), fill(), init());
+                property(b(), strategy, |b, (shape, seed, fill, init)| {
+                    check_bias_gelu_is_bias_then_gelu(b, shape, seed, fill, init)
                 });
             }
             #[test]

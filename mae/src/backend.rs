@@ -503,6 +503,25 @@ pub trait Backend {
     ) -> BResult<()>;
     /// Exact GELU, `0.5 x (1 + erf(x / sqrt 2))`. Overwrites `y`.
     fn gelu_forward(&self, x: &Self::Buf, y: &mut Self::Buf) -> BResult<()>;
+    /// The MLP's `fc1` epilogue in one op: `pre[r][c] += bias[c]` (one `f32` add, as
+    /// [`Backend::copy_rows`] accumulating a [`RowMap::bias`] does), then `act = gelu(pre)` with
+    /// the GELU of [`Backend::gelu_forward`], for `r < rows`, `c < cols`. `bias` holds `cols`
+    /// values, `pre` and `act` (distinct buffers) exactly `rows * cols`; `pre` is updated in place (the
+    /// backward reads it) and `act` overwritten. The result equals bitwise those two ops in turn.
+    ///
+    /// The default is exactly those two ops; backends override it to read and write the matrix
+    /// once instead of twice.
+    fn bias_gelu_forward(
+        &self,
+        bias: &Self::Buf,
+        pre: &mut Self::Buf,
+        act: &mut Self::Buf,
+        rows: usize,
+        cols: usize,
+    ) -> BResult<()> {
+        self.copy_rows(bias, pre, &RowMap::bias(rows, cols), true)?;
+        self.gelu_forward(pre, act)
+    }
     /// Accumulates `dy * gelu'(x)` into `dx`.
     fn gelu_backward(&self, x: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf) -> BResult<()>;
     /// Row softmax of `scale * x` (attention scores, scale `head_dim^-0.5` applied after the

@@ -1,6 +1,6 @@
 //! The block's MLP: `fc2(GELU(fc1(x)))`, exact-erf GELU.
 
-use super::linear::{linear_backward, linear_forward};
+use super::linear::{linear_backward, linear_forward, linear_matmul};
 use super::StackDims;
 use crate::backend::{BResult, Backend};
 use crate::params::Linear;
@@ -41,7 +41,8 @@ impl<B: Backend> MlpScratch<B> {
     }
 }
 
-/// `out += fc2(GELU(fc1(x)))`.
+/// `out += fc2(GELU(fc1(x)))`; `fc1`'s bias is added by the fused
+/// [`Backend::bias_gelu_forward`], which also applies the GELU.
 pub fn mlp_forward<B: Backend>(
     b: &B,
     x: &B::Buf,
@@ -51,9 +52,10 @@ pub fn mlp_forward<B: Backend>(
     out: &mut B::Buf,
     d: &StackDims,
 ) -> BResult<()> {
-    linear_forward(b, x, fc1, &mut acts.pre, d.rows(), d.dim, d.hidden, false)?;
-    b.gelu_forward(&acts.pre, &mut acts.act)?;
-    linear_forward(b, &acts.act, fc2, out, d.rows(), d.hidden, d.dim, true)
+    let (rows, hidden) = (d.rows(), d.hidden);
+    linear_matmul(b, x, fc1, &mut acts.pre, rows, d.dim, hidden, false)?;
+    b.bias_gelu_forward(&fc1.bias, &mut acts.pre, &mut acts.act, rows, hidden)?;
+    linear_forward(b, &acts.act, fc2, out, rows, hidden, d.dim, true)
 }
 
 /// Accumulates the parameter gradients; overwrites `dx`, the gradient of the input `x`.
