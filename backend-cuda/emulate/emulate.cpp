@@ -86,6 +86,9 @@ static void test_elementwise() {
             launch(g, 256, [&] { gelu_forward(x.data(), buf.data(), n); });
             for (u64 i = 0; i < n; ++i) want[i] = 0.5 * x[i] * (1.0 + std::erf(x[i] / std::sqrt(2.0)));
             expect_close("gelu_forward" + tag, buf, want, 1e-6);
+            buf.assign(n, NAN);
+            launch(g, 256, [&] { gelu_forward_f32(x.data(), buf.data(), n); });
+            expect_close("gelu_forward_f32" + tag, buf, want, 1e-6);
             buf = dx;
             launch(g, 256, [&] { gelu_backward(x.data(), dy.data(), buf.data(), n); });
             for (u64 i = 0; i < n; ++i) {
@@ -94,6 +97,9 @@ static void test_elementwise() {
                 want[i] = dx[i] + dy[i] * (gelu(v + h) - gelu(v - h)) / (2 * h);
             }
             expect_close("gelu_backward" + tag, buf, want, 1e-6);
+            buf = dx;
+            launch(g, 256, [&] { gelu_backward_f32(x.data(), dy.data(), buf.data(), n); });
+            expect_close("gelu_backward_f32" + tag, buf, want, 1e-6);
 
             // AdamW, f32 as the CPU reference (bitwise: same operations, no contraction).
             auto p = random_vec(n), gr = random_vec(n), m = random_vec(n), v = random_vec(n, 0, 1);
@@ -170,6 +176,10 @@ static void test_bias_gelu() {
             }
             expect_close("bias_gelu_forward pre" + tag, pre, want_pre, 0);
             expect_close("bias_gelu_forward act" + tag, act, want_act, 1e-6);
+            std::vector<float> pre32 = pre0, act32(n, NAN);
+            launch(g, 256, [&] { bias_gelu_forward_f32(bias.data(), pre32.data(), act32.data(), n, c.cols); });
+            expect_close("bias_gelu_forward_f32 pre" + tag, pre32, want_pre, 0);
+            expect_close("bias_gelu_forward_f32 act" + tag, act32, want_act, 1e-6);
 
             std::vector<float> two_pre = pre0, two_act(n, NAN);
             launch(g, 256, [&] {

@@ -144,6 +144,9 @@ kernels! {
     GeluForward = "gelu_forward" (Ptr, Ptr, U64);
     BiasGeluForward = "bias_gelu_forward" (Ptr, Ptr, Ptr, U64, U64);
     GeluBackward = "gelu_backward" (Ptr, Ptr, Ptr, U64);
+    GeluForwardF32 = "gelu_forward_f32" (Ptr, Ptr, U64);
+    BiasGeluForwardF32 = "bias_gelu_forward_f32" (Ptr, Ptr, Ptr, U64, U64);
+    GeluBackwardF32 = "gelu_backward_f32" (Ptr, Ptr, Ptr, U64);
     AdamW = "adamw" (Ptr, Ptr, Ptr, Ptr, U64, F32, F32, F32, F32, F32, F32, F32, F32);
     CopyRows = "copy_rows" (Ptr, Ptr, U64, U64, U64, U64, U64, U64, U64, U64, U32);
     CopyRowsBackwardPartials = "copy_rows_backward_partials"

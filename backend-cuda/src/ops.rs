@@ -2,7 +2,7 @@
 //! kernels (`kernels/*.cu`) and cuBLAS; the semantics of each op are the trait's
 //! (`mae::backend`), with the CPU backend as the reference implementation.
 
-use crate::backend::{need, u, CudaBackend};
+use crate::backend::{need, u, CudaBackend, Precision};
 use crate::buffer::{CudaBuf, CudaIdx};
 use crate::error;
 use crate::gemm::column_major;
@@ -68,6 +68,20 @@ fn op(kind: BackendErrorKind, message: String) -> BackendError {
 }
 
 impl CudaBackend {
+    /// The GELU kernel of this precision: f64 internally in [`Precision::F32`], as the CPU
+    /// reference computes it; f32 (`erfcf`) in the reduced modes.
+    fn gelu_kernel(&self, f64_kernel: Kernel) -> Kernel {
+        if self.precision() == Precision::F32 {
+            return f64_kernel;
+        }
+        match f64_kernel {
+            Kernel::GeluForward => Kernel::GeluForwardF32,
+            Kernel::BiasGeluForward => Kernel::BiasGeluForwardF32,
+            Kernel::GeluBackward => Kernel::GeluBackwardF32,
+            other => other,
+        }
+    }
+
     fn stream_error(
         &self,
         e: cudarc::driver::DriverError,
@@ -636,7 +650,11 @@ impl Backend for CudaBackend {
         let n = y.len();
         need(x, n, "gelu_forward", "x")?;
         let args = [self.ptr(x), self.ptr_mut(y), u(n)];
-        self.launch(Kernel::GeluForward, elementwise(n as u64), &args)
+        self.launch(
+            self.gelu_kernel(Kernel::GeluForward),
+            elementwise(n as u64),
+            &args,
+        )
     }
 
     /// One pass instead of `copy_rows` then `gelu_forward`: the kernel computes the same f32 add
@@ -668,7 +686,11 @@ impl Backend for CudaBackend {
             u(n),
             u(cols),
         ];
-        self.launch(Kernel::BiasGeluForward, elementwise(n as u64), &args)
+        self.launch(
+            self.gelu_kernel(Kernel::BiasGeluForward),
+            elementwise(n as u64),
+            &args,
+        )
     }
 
     fn gelu_backward(&self, x: &CudaBuf, dy: &CudaBuf, dx: &mut CudaBuf) -> BResult<()> {
@@ -676,7 +698,11 @@ impl Backend for CudaBackend {
         need(x, n, "gelu_backward", "x")?;
         need(dy, n, "gelu_backward", "dy")?;
         let args = [self.ptr(x), self.ptr(dy), self.ptr_mut(dx), u(n)];
-        self.launch(Kernel::GeluBackward, elementwise(n as u64), &args)
+        self.launch(
+            self.gelu_kernel(Kernel::GeluBackward),
+            elementwise(n as u64),
+            &args,
+        )
     }
 
     fn softmax_forward(
