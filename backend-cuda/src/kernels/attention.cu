@@ -17,8 +17,17 @@
 
 // Threads per block of the attention kernels: the host launches exactly this many.
 #define ATT_THREADS 64
-// Rows per tile staged through shared memory: 2 * ATT_TILE * 128 floats is 32 KiB.
+// Rows per tile staged through shared memory, and the widest head.
 #define ATT_TILE 32
+#define ATT_MAX_HD 128
+
+// The two staged tiles of a kernel, `ta` and `tb`, 2 * ATT_TILE * ATT_MAX_HD floats (32 KiB),
+// declared once in the kernel and handed to its HD instantiations: shared arrays declared in
+// each instantiation would all be allocated side by side, past the 48 KiB of static shared
+// memory a block may have.
+#define ATT_SHARED_TILES                                                                      \
+    __shared__ float ta[ATT_TILE * ATT_MAX_HD];                                               \
+    __shared__ float tb[ATT_TILE * ATT_MAX_HD]
 
 // The (image, head) pair and the first row of block `blk`, `tiles` row tiles per pair.
 struct AttBlock {
@@ -66,9 +75,8 @@ __device__ __forceinline__ float att_dot(const float* a, const float* b) {
 // rescales its running sum and output once to the new maximum, then adds the tile's terms.
 template <int HD>
 __device__ void attention_forward_block(const float* qkv, float* out, float* lse, u64 tokens,
-                                        u64 heads, u32 hd, float scale, AttBlock blk) {
-    __shared__ float ks[ATT_TILE * HD];
-    __shared__ float vs[ATT_TILE * HD];
+                                        u64 heads, u32 hd, float scale, AttBlock blk, float* ks,
+                                        float* vs) {
     const u64 dim = heads * hd, width = 3 * dim;
     const u64 i = blk.row0 + threadIdx.x;
     const bool valid = i < tokens;
@@ -110,18 +118,20 @@ __device__ void attention_forward_block(const float* qkv, float* out, float* lse
 }
 
 // out = softmax(scale * q k^T) v per (image, head), lse = log of each row's sum of exponentials.
-// The block functions use __syncthreads: every thread of a block runs every tile.
 extern "C" __global__ void attention_forward(const float* qkv, float* out, float* lse, u64 batch,
                                              u64 tokens, u64 heads, u64 hd, float scale) {
+    // The block functions use __syncthreads: every thread of a block runs every tile.
+    ATT_SHARED_TILES;
     const u64 tiles = (tokens + ATT_THREADS - 1) / ATT_THREADS;
     for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
         const AttBlock blk = att_block(g, tiles, heads);
+        const u32 h = (u32)hd;
         if (hd <= 32) {
-            attention_forward_block<32>(qkv, out, lse, tokens, heads, (u32)hd, scale, blk);
+            attention_forward_block<32>(qkv, out, lse, tokens, heads, h, scale, blk, ta, tb);
         } else if (hd <= 64) {
-            attention_forward_block<64>(qkv, out, lse, tokens, heads, (u32)hd, scale, blk);
+            attention_forward_block<64>(qkv, out, lse, tokens, heads, h, scale, blk, ta, tb);
         } else {
-            attention_forward_block<128>(qkv, out, lse, tokens, heads, (u32)hd, scale, blk);
+            attention_forward_block<128>(qkv, out, lse, tokens, heads, h, scale, blk, ta, tb);
         }
     }
 }
@@ -132,9 +142,8 @@ extern "C" __global__ void attention_forward(const float* qkv, float* out, float
 template <int HD>
 __device__ void attention_dq_block(const float* qkv, const float* out, const float* lse,
                                    const float* d_out, float* d_qkv, float* drow, u64 tokens,
-                                   u64 heads, u32 hd, float scale, AttBlock blk) {
-    __shared__ float ks[ATT_TILE * HD];
-    __shared__ float vs[ATT_TILE * HD];
+                                   u64 heads, u32 hd, float scale, AttBlock blk, float* ks,
+                                   float* vs) {
     const u64 dim = heads * hd, width = 3 * dim;
     const u64 i = blk.row0 + threadIdx.x;
     const bool valid = i < tokens;
@@ -176,17 +185,20 @@ extern "C" __global__ void attention_backward_dq(const float* qkv, const float* 
                                                  float* d_qkv, float* drow, u64 batch,
                                                  u64 tokens, u64 heads, u64 hd, float scale) {
     // The block functions use __syncthreads: every thread of a block runs every tile.
+    ATT_SHARED_TILES;
     const u64 tiles = (tokens + ATT_THREADS - 1) / ATT_THREADS;
     for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
         const AttBlock blk = att_block(g, tiles, heads);
         const u32 h = (u32)hd;
         if (hd <= 32) {
-            attention_dq_block<32>(qkv, out, lse, d_out, d_qkv, drow, tokens, heads, h, scale, blk);
+            attention_dq_block<32>(qkv, out, lse, d_out, d_qkv, drow, tokens, heads, h, scale, blk,
+                                   ta, tb);
         } else if (hd <= 64) {
-            attention_dq_block<64>(qkv, out, lse, d_out, d_qkv, drow, tokens, heads, h, scale, blk);
+            attention_dq_block<64>(qkv, out, lse, d_out, d_qkv, drow, tokens, heads, h, scale, blk,
+                                   ta, tb);
         } else {
             attention_dq_block<128>(qkv, out, lse, d_out, d_qkv, drow, tokens, heads, h, scale,
-                                    blk);
+                                    blk, ta, tb);
         }
     }
 }
@@ -197,11 +209,8 @@ extern "C" __global__ void attention_backward_dq(const float* qkv, const float* 
 template <int HD>
 __device__ void attention_dkv_block(const float* qkv, const float* lse, const float* d_out,
                                     const float* drow, float* d_qkv, u64 tokens, u64 heads,
-                                    u32 hd, float scale, AttBlock blk) {
-    __shared__ float qs[ATT_TILE * HD];
-    __shared__ float dos[ATT_TILE * HD];
-    __shared__ float ls[ATT_TILE];
-    __shared__ float ds_row[ATT_TILE];
+                                    u32 hd, float scale, AttBlock blk, float* qs, float* dos,
+                                    float* ls, float* ds_row) {
     const u64 dim = heads * hd, width = 3 * dim;
     const u64 j = blk.row0 + threadIdx.x;
     const bool valid = j < tokens;
@@ -252,16 +261,22 @@ extern "C" __global__ void attention_backward_dkv(const float* qkv, const float*
                                                   float* d_qkv, u64 batch, u64 tokens, u64 heads,
                                                   u64 hd, float scale) {
     // The block functions use __syncthreads: every thread of a block runs every tile.
+    ATT_SHARED_TILES;
+    __shared__ float lse_tile[ATT_TILE];
+    __shared__ float drow_tile[ATT_TILE];
     const u64 tiles = (tokens + ATT_THREADS - 1) / ATT_THREADS;
     for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
         const AttBlock blk = att_block(g, tiles, heads);
         const u32 h = (u32)hd;
         if (hd <= 32) {
-            attention_dkv_block<32>(qkv, lse, d_out, drow, d_qkv, tokens, heads, h, scale, blk);
+            attention_dkv_block<32>(qkv, lse, d_out, drow, d_qkv, tokens, heads, h, scale, blk, ta,
+                                    tb, lse_tile, drow_tile);
         } else if (hd <= 64) {
-            attention_dkv_block<64>(qkv, lse, d_out, drow, d_qkv, tokens, heads, h, scale, blk);
+            attention_dkv_block<64>(qkv, lse, d_out, drow, d_qkv, tokens, heads, h, scale, blk, ta,
+                                    tb, lse_tile, drow_tile);
         } else {
-            attention_dkv_block<128>(qkv, lse, d_out, drow, d_qkv, tokens, heads, h, scale, blk);
+            attention_dkv_block<128>(qkv, lse, d_out, drow, d_qkv, tokens, heads, h, scale, blk,
+                                     ta, tb, lse_tile, drow_tile);
         }
     }
 }

@@ -94,27 +94,29 @@ impl<B: Backend> AttentionScratch<B> {
     /// Buffers for a stack; `backward` adds the gradient buffers.
     pub fn new(b: &B, d: &StackDims, backward: bool) -> BResult<Self> {
         let (r, dim) = (d.rows(), d.dim);
-        let composed = !b.fused_attention(&fused_dims(d));
+        let fused = b.fused_attention(&fused_dims(d));
         let scores = d.batch * d.heads * d.tokens * d.tokens;
-        // `composed_only` buffers are empty on the fused path, `grad` ones without a backward.
-        let alloc = |len: usize, composed_only: bool, grad: bool| {
-            b.alloc(if (composed || !composed_only) && (backward || !grad) {
+        // Composed-path buffers, empty on the fused path.
+        let composed = |len: usize| b.alloc(if fused { 0 } else { len });
+        // Gradients: empty without a backward, and on the fused path unless it uses them too.
+        let grad = |len: usize, fused_uses: bool| {
+            b.alloc(if backward && (fused_uses || !fused) {
                 len
             } else {
                 0
             })
         };
         Ok(AttentionScratch {
-            qkv: alloc(r * 3 * dim, true, false)?,
-            heads_out: alloc(r * dim, true, false)?,
-            scores: alloc(scores, true, false)?,
-            d_att: alloc(scores, true, true)?,
-            d_merged: alloc(r * dim, false, true)?,
-            d_heads_out: alloc(r * dim, true, true)?,
-            d_q: alloc(r * dim, true, true)?,
-            d_k: alloc(r * dim, true, true)?,
-            d_v: alloc(r * dim, true, true)?,
-            d_qkv: alloc(r * 3 * dim, false, true)?,
+            qkv: composed(r * 3 * dim)?,
+            heads_out: composed(r * dim)?,
+            scores: composed(scores)?,
+            d_att: grad(scores, false)?,
+            d_merged: grad(r * dim, true)?,
+            d_heads_out: grad(r * dim, false)?,
+            d_q: grad(r * dim, false)?,
+            d_k: grad(r * dim, false)?,
+            d_v: grad(r * dim, false)?,
+            d_qkv: grad(r * 3 * dim, true)?,
         })
     }
 }
