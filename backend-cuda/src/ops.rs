@@ -692,7 +692,12 @@ impl Backend for CudaBackend {
     // ---- fused attention ------------------------------------------------------------------
 
     fn fused_attention(&self, a: &Attention) -> bool {
-        (1..=ATTENTION_MAX_HEAD_DIM).contains(&a.head_dim)
+        // Not in bf16 mode (yet): its golden errors were measured with the attention's GEMMs in
+        // bf16, and one of them (odd_r50, an Adam update of a bias whose gradient is near zero
+        // at step 2) sits at 0.99 of its bound; the fused attention, f32 throughout, moves that
+        // noise to 1.2 while lowering the others. Enabling it there needs the bounds re-measured.
+        self.precision() != crate::Precision::Bf16
+            && (1..=ATTENTION_MAX_HEAD_DIM).contains(&a.head_dim)
     }
 
     fn attention_forward(
