@@ -1164,8 +1164,8 @@ fn attention_oracle(qkv: &[f64], d_out: &[f64], a: &Attention) -> AttentionWant 
             let p = |j: usize| att[(g * t + i) * t + j];
             let dp_abs: Vec<f64> = (0..t).map(|j| dot_abs(doi, &v[row(j)])).collect();
             let drow_abs: f64 = (0..t).map(|j| p(j) * dp_abs[j]).sum();
-            for j in 0..t {
-                let (pc, ds) = (c * p(j), c * p(j) * (dp_abs[j] + drow_abs));
+            for (j, dp) in dp_abs.iter().enumerate() {
+                let (pc, ds) = (c * p(j), c * p(j) * (dp + drow_abs));
                 for col in 0..hd {
                     let (ii, jj) = ((g * t + i) * hd + col, (g * t + j) * hd + col);
                     out_mag[ii] += pc * v[jj].abs();
