@@ -13,6 +13,7 @@
 #include "../src/kernels/norm.cu"
 #include "../src/kernels/softmax.cu"
 #include "../src/kernels/loss.cu"
+#include "../src/kernels/attention.cu"
 
 #include <cmath>
 #include <cstdint>

@@ -21,6 +21,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("norm.cu", include_str!("kernels/norm.cu")),
     ("softmax.cu", include_str!("kernels/softmax.cu")),
     ("loss.cu", include_str!("kernels/loss.cu")),
+    ("attention.cu", include_str!("kernels/attention.cu")),
 ];
 
 /// The whole program: every file of [`SOURCES`], each introduced by a `#line` directive so
@@ -170,6 +171,11 @@ kernels! {
     MaskedMseTotal = "masked_mse_total" (Ptr, Ptr, Ptr, U64);
     MaskSum = "mask_sum" (Ptr, Ptr, U64);
     MaskedMseBackward = "masked_mse_backward" (Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, F32);
+    AttentionForward = "attention_forward" (Ptr, Ptr, Ptr, U64, U64, U64, U64, F32);
+    AttentionBackwardDq = "attention_backward_dq"
+        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32);
+    AttentionBackwardDkv = "attention_backward_dkv"
+        (Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32);
 }
 
 /// Checks `args` against the parameter list of `kernel`: a mismatch is a bug in this crate,
@@ -285,6 +291,15 @@ mod tests {
         assert!(
             program_source().contains(&want),
             "prelude must say {want:?}"
+        );
+    }
+
+    #[test]
+    fn attention_block_size_agrees_with_the_cuda_source() {
+        let want = format!("#define ATT_THREADS {}\n", crate::launch::ATTENTION_THREADS);
+        assert!(
+            program_source().contains(&want),
+            "attention.cu must say {want:?}"
         );
     }
 

@@ -10,6 +10,15 @@ use cudarc::driver::LaunchConfig;
 /// `kernels/prelude.cuh` must be equal (a unit test reads the source to check).
 pub(crate) const BLOCK: u32 = 256;
 
+/// Threads per block of the attention kernels, one query (or key) row each: `ATT_THREADS` in
+/// `kernels/attention.cu` must be equal (a unit test reads the source to check). Fewer than
+/// [`BLOCK`] so that the encoder's 50 tokens leave few threads idle.
+pub(crate) const ATTENTION_THREADS: u32 = 64;
+
+/// The head widths the attention kernels hold in registers (`attention.cu` instantiates
+/// 32, 64 and 128 and takes the smallest that fits).
+pub(crate) const ATTENTION_MAX_HEAD_DIM: usize = 128;
+
 /// The most blocks one launch asks for: enough to fill any current GPU many times over
 /// (an H100 holds 132 SMs x 8 blocks of 256 threads), far below the 2^31 - 1 grid limit.
 pub(crate) const MAX_BLOCKS: u64 = 1 << 16;
@@ -36,6 +45,17 @@ pub(crate) fn elementwise(n: u64) -> Option<LaunchConfig> {
 /// A launch of one block per row (grid-stride over rows), or `None` when there is no work.
 pub(crate) fn per_row(rows: u64, cols: u64) -> Option<LaunchConfig> {
     (rows > 0 && cols > 0).then(|| config(rows))
+}
+
+/// A launch of the attention kernels: one block of [`ATTENTION_THREADS`] per tile of that many
+/// rows of one of `pairs` (image, head) pairs (grid-stride beyond the cap), or `None` when there
+/// is no work.
+pub(crate) fn attention(pairs: u64, tokens: u64) -> Option<LaunchConfig> {
+    let tiles = tokens.div_ceil(ATTENTION_THREADS as u64);
+    (pairs > 0 && tokens > 0).then(|| LaunchConfig {
+        block_dim: (ATTENTION_THREADS, 1, 1),
+        ..config(pairs.saturating_mul(tiles))
+    })
 }
 
 /// One block, for the final fold of a reduction.
@@ -73,6 +93,18 @@ mod tests {
         assert_eq!(per_row(7, 1000).unwrap().grid_dim.0, 7);
         assert_eq!(per_row(u64::MAX, 1).unwrap().grid_dim.0, MAX_BLOCKS as u32);
         assert_eq!(single_block().grid_dim.0, 1);
+    }
+
+    #[test]
+    fn attention_grids_have_one_block_per_row_tile_up_to_the_cap() {
+        assert!(attention(0, 5).is_none());
+        assert!(attention(5, 0).is_none());
+        let c = attention(24, 197).unwrap();
+        assert_eq!((c.grid_dim, c.block_dim), ((24 * 4, 1, 1), (64, 1, 1)));
+        assert_eq!(
+            attention(u64::MAX, 65).unwrap().grid_dim.0,
+            MAX_BLOCKS as u32
+        );
     }
 
     #[test]

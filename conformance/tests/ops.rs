@@ -15,7 +15,9 @@
 //!
 //! `PROPTEST_CASES` overrides the number of cases per property (default 64).
 
-use mae::backend::{AdamWStep, Backend, Gather, Gemm, Heads, PatchOrder, Patchify, RowMap};
+use mae::backend::{
+    AdamWStep, Attention, Backend, Gather, Gemm, Heads, PatchOrder, Patchify, RowMap,
+};
 use mae_conformance::backends::{down, run, up, up_idx};
 use mae_conformance::oracle::{
     self, compare, data, f32s, f64s, max_abs, untouched, Fill, Rng, Tol, FILLS,
@@ -23,6 +25,7 @@ use mae_conformance::oracle::{
 use proptest::prelude::*;
 use proptest::sample::select;
 use proptest::test_runner::{FileFailurePersistence, TestError, TestRunner};
+use std::io::Write;
 
 type Check = Result<(), String>;
 
@@ -1150,6 +1153,224 @@ fn check_adamw<B: Backend>(b: &B, c: &AdamCase) -> Check {
     compare("adamw v", &shape, &gv, &wv, Tol::ADAMW, None)
 }
 
+// ---- fused attention ----------------------------------------------------------------------------
+
+/// `(batch, heads, tokens, head_dim)` of the fused attention checks: the encoder's 50 and the
+/// decoder's 197 tokens, a single token, a count below one tile, and the head widths of the
+/// paper's decoder (32) and ViT-B/L (64) and a narrow one (8).
+const ATTENTION_SHAPES: [(usize, usize, usize, usize); 7] = [
+    (2, 3, 1, 8),
+    (1, 2, 7, 32),
+    (2, 2, 7, 8),
+    (2, 2, 50, 64),
+    (3, 1, 50, 32),
+    (1, 3, 197, 64),
+    (2, 2, 197, 8),
+];
+
+/// The composed attention in f64 (the oracle's `split_heads`, `gemm`, `softmax_*`,
+/// `merge_heads`, as `mae::model::attention` composes them), and per output the magnitude that
+/// bounds its rounding error (see [`check_fused_attention`]).
+struct AttentionWant {
+    out: Vec<f64>,
+    lse: Vec<f64>,
+    d_qkv: Vec<f64>,
+    out_mag: Vec<f64>,
+    lse_mag: Vec<f64>,
+    d_qkv_mag: Vec<f64>,
+}
+
+fn attention_oracle(qkv: &[f64], d_out: &[f64], a: &Attention) -> AttentionWant {
+    let (n, t, hd, dim) = (a.batch * a.heads, a.tokens, a.head_dim, a.dim());
+    let view = |row_width, col_offset| Heads {
+        batch: a.batch,
+        tokens: t,
+        heads: a.heads,
+        head_dim: hd,
+        row_width,
+        col_offset,
+    };
+    let per_head = |m, nn, k| Gemm::new(m, nn, k).batched(n, m * k, k * nn, m * nn);
+    let split = |x: &[f64], h: &Heads| {
+        let mut y = vec![0.0; n * t * hd];
+        oracle::split_heads(x, &mut y, h);
+        y
+    };
+    let (q, k, v) = (
+        split(qkv, &view(3 * dim, 0)),
+        split(qkv, &view(3 * dim, dim)),
+        split(qkv, &view(3 * dim, 2 * dim)),
+    );
+    let d_heads = split(d_out, &view(dim, 0));
+    let mut scores = vec![0.0; n * t * t];
+    oracle::gemm(&per_head(t, t, hd).trans_b(), &q, &k, &mut scores);
+    let mut att = vec![0.0; n * t * t];
+    oracle::softmax_forward(&scores, &mut att, n * t, t, a.scale);
+    let mut heads_out = vec![0.0; n * t * hd];
+    oracle::gemm(&per_head(t, hd, t), &att, &v, &mut heads_out);
+    let mut d_att = vec![0.0; n * t * t];
+    oracle::gemm(&per_head(t, t, hd).trans_b(), &d_heads, &v, &mut d_att);
+    let mut d_v = vec![0.0; n * t * hd];
+    oracle::gemm(&per_head(t, hd, t).trans_a(), &att, &d_heads, &mut d_v);
+    let mut d_scores = vec![0.0; n * t * t];
+    oracle::softmax_backward(&att, &d_att, &mut d_scores, n * t, t, a.scale);
+    let (mut d_q, mut d_k) = (vec![0.0; n * t * hd], vec![0.0; n * t * hd]);
+    oracle::gemm(&per_head(t, hd, t), &d_scores, &k, &mut d_q);
+    oracle::gemm(&per_head(t, hd, t).trans_a(), &d_scores, &q, &mut d_k);
+
+    let s = a.scale as f64;
+    let mut lse = vec![0.0; n * t];
+    for (r, l) in lse.iter_mut().enumerate() {
+        let row = &scores[r * t..(r + 1) * t];
+        let max = row.iter().map(|x| s * x).fold(f64::NEG_INFINITY, f64::max);
+        *l = max + row.iter().map(|x| (s * x - max).exp()).sum::<f64>().ln();
+    }
+    // The magnitudes: each output evaluated with every operand replaced by its absolute value
+    // and every difference by a sum, times `c_i = 1 + max_j |scale| sum |q_i| |k_j|`, the
+    // magnitude of the error of score row i (which multiplies its probabilities).
+    let (mut out_mag, mut lse_mag) = (vec![0.0; n * t * hd], vec![0.0; n * t]);
+    let (mut dq_mag, mut dk_mag, mut dv_mag) = (
+        vec![0.0; n * t * hd],
+        vec![0.0; n * t * hd],
+        vec![0.0; n * t * hd],
+    );
+    let dot_abs = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(x, y)| (x * y).abs()).sum::<f64>();
+    for g in 0..n {
+        let row = |i: usize| (g * t + i) * hd..(g * t + i + 1) * hd;
+        for i in 0..t {
+            let (qi, doi) = (&q[row(i)], &d_heads[row(i)]);
+            let c = 1.0
+                + (0..t)
+                    .map(|j| s.abs() * dot_abs(qi, &k[row(j)]))
+                    .fold(0.0, f64::max);
+            lse_mag[g * t + i] = c;
+            let p = |j: usize| att[(g * t + i) * t + j];
+            let dp_abs: Vec<f64> = (0..t).map(|j| dot_abs(doi, &v[row(j)])).collect();
+            let drow_abs: f64 = (0..t).map(|j| p(j) * dp_abs[j]).sum();
+            for (j, dp) in dp_abs.iter().enumerate() {
+                let (pc, ds) = (c * p(j), c * p(j) * (dp + drow_abs));
+                for col in 0..hd {
+                    let (ii, jj) = ((g * t + i) * hd + col, (g * t + j) * hd + col);
+                    out_mag[ii] += pc * v[jj].abs();
+                    dq_mag[ii] += s.abs() * ds * k[jj].abs();
+                    dk_mag[jj] += s.abs() * ds * q[ii].abs();
+                    dv_mag[jj] += pc * d_heads[ii].abs();
+                }
+            }
+        }
+    }
+    let merge = |parts: [&[f64]; 3], width: usize| {
+        let mut x = vec![0.0; a.batch * t * width];
+        for (part, m) in parts.iter().enumerate() {
+            oracle::merge_heads(m, &mut x, &view(width, part * dim));
+        }
+        x
+    };
+    let merge1 = |m: &[f64]| {
+        let mut x = vec![0.0; a.batch * t * dim];
+        oracle::merge_heads(m, &mut x, &view(dim, 0));
+        x
+    };
+    AttentionWant {
+        out: merge1(&heads_out),
+        lse,
+        d_qkv: merge([&d_q, &d_k, &d_v], 3 * dim),
+        out_mag: merge1(&out_mag),
+        lse_mag,
+        d_qkv_mag: merge([&dq_mag, &dk_mag, &dv_mag], 3 * dim),
+    }
+}
+
+/// `attention_forward` and `attention_backward` against the composed attention in f64, on
+/// backends that have them. The fused kernels accumulate in f32 in a different order than the
+/// composed ops (online softmax, recomputed probabilities), so the bound is the standard one for
+/// f32 sums rather than bitwise equality: per element `(T + hd) eps_f32` times the magnitude
+/// `attention_oracle` computes (each output is a sum over T rows of dot products of hd terms,
+/// with the scores' rounding multiplying every probability), plus `1e-5` relative. Outputs start
+/// as NaN: the ops overwrite. The backward runs on the backend's own forward results, as the
+/// model does, and twice, bitwise equal.
+fn check_fused_attention<B: Backend>(b: &B) -> Check {
+    let mut skipped = Vec::new();
+    for (i, &(batch, heads, tokens, head_dim)) in ATTENTION_SHAPES.iter().enumerate() {
+        let a = Attention {
+            batch,
+            tokens,
+            heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        };
+        if !b.fused_attention(&a) {
+            skipped.push(format!("{a:?}"));
+            continue;
+        }
+        let shape = format!("N{batch} H{heads} T{tokens} hd{head_dim}");
+        let (lq, lo, ll) = a.lens();
+        let qkv = data(100 + i as u64, lq, 3 * a.dim(), Fill::Uniform);
+        let d_out = data(200 + i as u64, lo, a.dim(), Fill::Uniform);
+        let want = attention_oracle(&f64s(&qkv), &f64s(&d_out), &a);
+        let tol = Tol {
+            atol: (tokens + head_dim) as f64 * f32::EPSILON as f64,
+            rtol: 1e-5,
+        };
+        let qkv_b = up(b, &qkv);
+        let (mut out, mut lse) = (up(b, &vec![f32::NAN; lo]), up(b, &vec![f32::NAN; ll]));
+        b.attention_forward(&qkv_b, &mut out, &mut lse, &a)
+            .map_err(|e| format!("attention_forward [{shape}]: {e}"))?;
+        let out_h = down(b, &out);
+        compare(
+            "attention_forward out",
+            &shape,
+            &out_h,
+            &want.out,
+            tol,
+            Some(&want.out_mag),
+        )?;
+        compare(
+            "attention_forward lse",
+            &shape,
+            &down(b, &lse),
+            &want.lse,
+            tol,
+            Some(&want.lse_mag),
+        )?;
+        let d_out_b = up(b, &d_out);
+        let backward = || -> Result<Vec<f32>, String> {
+            let mut d_qkv = up(b, &vec![f32::NAN; lq]);
+            b.attention_backward(&qkv_b, &out, &lse, &d_out_b, &mut d_qkv, &a)
+                .map_err(|e| format!("attention_backward [{shape}]: {e}"))?;
+            Ok(down(b, &d_qkv))
+        };
+        let d_qkv = backward()?;
+        compare(
+            "attention_backward d_qkv",
+            &shape,
+            &d_qkv,
+            &want.d_qkv,
+            tol,
+            Some(&want.d_qkv_mag),
+        )?;
+        if backward()?
+            .iter()
+            .map(|x| x.to_bits())
+            .ne(d_qkv.iter().map(|x| x.to_bits()))
+        {
+            return Err(format!("attention_backward [{shape}]: two runs differ"));
+        }
+    }
+    if !skipped.is_empty() {
+        // Straight to stderr, as `backends::skip` does: libtest captures `eprintln!`.
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP {} fused attention for {} of {} shapes: the backend composes attention \
+             (fused_attention is false)",
+            b.name(),
+            skipped.len(),
+            ATTENTION_SHAPES.len()
+        );
+    }
+    Ok(())
+}
+
 // ---- fixed cases ----------------------------------------------------------------------------------
 
 /// Shapes that broke other projects' GEMMs (burn: `(1, 128, 512)` transposed, `(1024, 64, 8)`)
@@ -2214,6 +2435,10 @@ macro_rules! op_tests {
             #[test]
             fn ops_are_deterministic() {
                 fixed(b(), check_deterministic);
+            }
+            #[test]
+            fn fused_attention_equals_the_composed_ops() {
+                fixed(b(), check_fused_attention);
             }
         }
     )*};

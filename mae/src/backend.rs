@@ -219,6 +219,35 @@ impl Heads {
     }
 }
 
+/// Fused multi-head self-attention over timm's qkv projection (see [`Backend::attention_forward`]):
+/// `batch` images of `tokens` tokens, `heads` heads of `head_dim` columns, the scores scaled by
+/// `scale` (`head_dim^-0.5`) after the product `q k^T`, as timm does.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Attention {
+    pub batch: usize,
+    pub tokens: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
+impl Attention {
+    /// Width of q (and of k, v and the merged output): `heads * head_dim`.
+    pub fn dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+    /// Lengths of `qkv` (`[batch * tokens, 3 * dim]`), of `out` (`[batch * tokens, dim]`) and of
+    /// `lse` (`[batch * heads * tokens]`).
+    pub fn lens(&self) -> (usize, usize, usize) {
+        let rows = self.batch * self.tokens;
+        (
+            rows * 3 * self.dim(),
+            rows * self.dim(),
+            self.batch * self.heads * self.tokens,
+        )
+    }
+}
+
 /// The value order inside one flattened patch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PatchOrder {
@@ -544,6 +573,54 @@ pub trait Backend {
         cols: usize,
         scale: f32,
     ) -> BResult<()>;
+
+    // ---- fused attention ----------------------------------------------------------------------
+
+    /// Whether this backend implements [`Backend::attention_forward`] and
+    /// [`Backend::attention_backward`] for the dims `a`; the model composes attention from
+    /// `split_heads`, `gemm`, `softmax_*` and `merge_heads` where it does not.
+    fn fused_attention(&self, a: &Attention) -> bool {
+        let _ = a;
+        false
+    }
+    /// Multi-head self-attention without the `[tokens, tokens]` score matrices in memory.
+    /// `qkv` is the qkv projection `[batch * tokens, 3 D]` (`D = heads * head_dim`): q, k, v side
+    /// by side, each head-major (column `s * D + h * head_dim + j` for `s` in q, k, v). Overwrites
+    /// `out` `[batch * tokens, D]` with the heads concatenated, `softmax(scale * q k^T) v` in
+    /// columns `h * head_dim ..`, and `lse` `[batch, heads, tokens]` with each score row's
+    /// `log(sum(exp(scale * q k^T)))`, which the backward reuses.
+    fn attention_forward(
+        &self,
+        qkv: &Self::Buf,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+        a: &Attention,
+    ) -> BResult<()> {
+        let _ = (qkv, out, lse, a);
+        Err(BackendError::new(
+            BackendErrorKind::Unsupported,
+            alloc::format!("{} has no fused attention ({a:?})", self.name()),
+        ))
+    }
+    /// The backward of [`Backend::attention_forward`], given its inputs and outputs and `d_out`,
+    /// the gradient of `out`. Unlike the other backward ops it **overwrites** `d_qkv`
+    /// (`[batch * tokens, 3 D]`, the qkv layout) with the gradients of q, k and v: `qkv` has no
+    /// other consumer, so there is nothing to add to.
+    fn attention_backward(
+        &self,
+        qkv: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        d_out: &Self::Buf,
+        d_qkv: &mut Self::Buf,
+        a: &Attention,
+    ) -> BResult<()> {
+        let _ = (qkv, out, lse, d_out, d_qkv, a);
+        Err(BackendError::new(
+            BackendErrorKind::Unsupported,
+            alloc::format!("{} has no fused attention ({a:?})", self.name()),
+        ))
+    }
 
     // ---- loss ---------------------------------------------------------------------------------
 

@@ -3,26 +3,45 @@
 
 use super::linear::{linear_backward, linear_forward};
 use super::StackDims;
-use crate::backend::{BResult, Backend, Gemm, Heads};
+use crate::backend::{Attention, BResult, Backend, Gemm, Heads};
 use crate::params::Linear;
 
 /// What one attention layer keeps for its backward.
 pub struct AttentionActs<B: Backend> {
-    /// `[N, H, T, hd]`.
-    pub q: B::Buf,
-    /// `[N, H, T, hd]`.
-    pub k: B::Buf,
-    /// `[N, H, T, hd]`.
-    pub v: B::Buf,
-    /// Attention probabilities `[N, H, T, T]`.
-    pub att: B::Buf,
     /// Heads concatenated `[rows, D]`: the input of `proj`.
     pub merged: B::Buf,
+    /// What the attention itself keeps, per path.
+    pub saved: Saved<B>,
+}
+
+/// The attention's saved tensors: the composed path keeps the per-head tensors and the
+/// probabilities, the fused path (a backend with [`Backend::fused_attention`]) only its input
+/// and one log-sum-exp per score row, and recomputes the probabilities in the backward.
+pub enum Saved<B: Backend> {
+    /// Attention composed of `split_heads`, `gemm`, `softmax_*` and `merge_heads`.
+    Composed {
+        /// `[N, H, T, hd]`.
+        q: B::Buf,
+        /// `[N, H, T, hd]`.
+        k: B::Buf,
+        /// `[N, H, T, hd]`.
+        v: B::Buf,
+        /// Attention probabilities `[N, H, T, T]`.
+        att: B::Buf,
+    },
+    /// [`Backend::attention_forward`] and [`Backend::attention_backward`].
+    Fused {
+        /// This layer's qkv projection `[rows, 3 D]`.
+        qkv: B::Buf,
+        /// Log-sum-exp of each scaled score row, `[N, H, T]`.
+        lse: B::Buf,
+    },
 }
 
 /// Buffers shared by every attention layer of a stack (never needed across layers). The
 /// forward's intermediates that the backward does not read live here rather than in
-/// [`AttentionActs`], so a training stack keeps one copy instead of one per block.
+/// [`AttentionActs`], so a training stack keeps one copy instead of one per block. On the fused
+/// path only `d_merged` and `d_qkv` are used; the others are empty.
 pub struct AttentionScratch<B: Backend> {
     /// The qkv projection `[rows, 3 D]` (q | k | v, each head-major), split into per-head q, k, v.
     pub qkv: B::Buf,
@@ -47,16 +66,26 @@ pub struct AttentionScratch<B: Backend> {
 }
 
 impl<B: Backend> AttentionActs<B> {
-    /// Buffers for one layer.
+    /// Buffers for one layer, for the path `b` takes at these dims.
     pub fn new(b: &B, d: &StackDims) -> BResult<Self> {
         let (r, dim) = (d.rows(), d.dim);
-        let scores = d.batch * d.heads * d.tokens * d.tokens;
+        let saved = if b.fused_attention(&fused_dims(d)) {
+            Saved::Fused {
+                qkv: b.alloc(r * 3 * dim)?,
+                lse: b.alloc(d.batch * d.heads * d.tokens)?,
+            }
+        } else {
+            let scores = d.batch * d.heads * d.tokens * d.tokens;
+            Saved::Composed {
+                q: b.alloc(r * dim)?,
+                k: b.alloc(r * dim)?,
+                v: b.alloc(r * dim)?,
+                att: b.alloc(scores)?,
+            }
+        };
         Ok(AttentionActs {
-            q: b.alloc(r * dim)?,
-            k: b.alloc(r * dim)?,
-            v: b.alloc(r * dim)?,
-            att: b.alloc(scores)?,
             merged: b.alloc(r * dim)?,
+            saved,
         })
     }
 }
@@ -65,20 +94,41 @@ impl<B: Backend> AttentionScratch<B> {
     /// Buffers for a stack; `backward` adds the gradient buffers.
     pub fn new(b: &B, d: &StackDims, backward: bool) -> BResult<Self> {
         let (r, dim) = (d.rows(), d.dim);
+        let fused = b.fused_attention(&fused_dims(d));
         let scores = d.batch * d.heads * d.tokens * d.tokens;
-        let n = |len: usize| b.alloc(if backward { len } else { 0 });
+        // Composed-path buffers, empty on the fused path.
+        let composed = |len: usize| b.alloc(if fused { 0 } else { len });
+        // Gradients: empty without a backward, and on the fused path unless it uses them too.
+        let grad = |len: usize, fused_uses: bool| {
+            b.alloc(if backward && (fused_uses || !fused) {
+                len
+            } else {
+                0
+            })
+        };
         Ok(AttentionScratch {
-            qkv: b.alloc(r * 3 * dim)?,
-            heads_out: b.alloc(r * dim)?,
-            scores: b.alloc(scores)?,
-            d_att: n(scores)?,
-            d_merged: n(r * dim)?,
-            d_heads_out: n(r * dim)?,
-            d_q: n(r * dim)?,
-            d_k: n(r * dim)?,
-            d_v: n(r * dim)?,
-            d_qkv: n(r * 3 * dim)?,
+            qkv: composed(r * 3 * dim)?,
+            heads_out: composed(r * dim)?,
+            scores: composed(scores)?,
+            d_att: grad(scores, false)?,
+            d_merged: grad(r * dim, true)?,
+            d_heads_out: grad(r * dim, false)?,
+            d_q: grad(r * dim, false)?,
+            d_k: grad(r * dim, false)?,
+            d_v: grad(r * dim, false)?,
+            d_qkv: grad(r * 3 * dim, true)?,
         })
+    }
+}
+
+/// The stack's attention as [`Backend::attention_forward`] describes it.
+fn fused_dims(d: &StackDims) -> Attention {
+    Attention {
+        batch: d.batch,
+        tokens: d.tokens,
+        heads: d.heads,
+        head_dim: d.head_dim(),
+        scale: scale(d),
     }
 }
 
@@ -114,33 +164,39 @@ pub fn attention_forward<B: Backend>(
     out: &mut B::Buf,
     d: &StackDims,
 ) -> BResult<()> {
-    let (r, dim, t, hd) = (d.rows(), d.dim, d.tokens, d.head_dim());
-    linear_forward(b, x, qkv, &mut scratch.qkv, r, dim, 3 * dim, false)?;
-    b.split_heads(&scratch.qkv, &mut acts.q, &heads_view(d, 3 * dim, 0))?;
-    b.split_heads(&scratch.qkv, &mut acts.k, &heads_view(d, 3 * dim, dim))?;
-    b.split_heads(&scratch.qkv, &mut acts.v, &heads_view(d, 3 * dim, 2 * dim))?;
-    // scores = q k^T; the scale is applied inside the softmax, after the product, as timm does.
-    b.gemm(
-        &per_head(d, t, t, hd).trans_b(),
-        &acts.q,
-        &acts.k,
-        &mut scratch.scores,
-    )?;
-    b.softmax_forward(
-        &scratch.scores,
-        &mut acts.att,
-        d.batch * d.heads * t,
-        t,
-        scale(d),
-    )?;
-    b.gemm(
-        &per_head(d, t, hd, t),
-        &acts.att,
-        &acts.v,
-        &mut scratch.heads_out,
-    )?;
-    b.merge_heads(&scratch.heads_out, &mut acts.merged, &heads_view(d, dim, 0))?;
+    let (r, dim) = (d.rows(), d.dim);
+    let merged = &mut acts.merged;
+    match &mut acts.saved {
+        Saved::Fused { qkv: q, lse } => {
+            linear_forward(b, x, qkv, q, r, dim, 3 * dim, false)?;
+            b.attention_forward(q, merged, lse, &fused_dims(d))?;
+        }
+        Saved::Composed { q, k, v, att } => {
+            linear_forward(b, x, qkv, &mut scratch.qkv, r, dim, 3 * dim, false)?;
+            composed_forward(b, [q, k, v], att, merged, scratch, d)?;
+        }
+    }
     linear_forward(b, &acts.merged, proj, out, r, dim, dim, true)
+}
+
+/// `merged = attention(scratch.qkv)` from per-head tensors and the `[N, H, T, T]` scores.
+fn composed_forward<B: Backend>(
+    b: &B,
+    [q, k, v]: [&mut B::Buf; 3],
+    att: &mut B::Buf,
+    merged: &mut B::Buf,
+    scratch: &mut AttentionScratch<B>,
+    d: &StackDims,
+) -> BResult<()> {
+    let (dim, t, hd) = (d.dim, d.tokens, d.head_dim());
+    b.split_heads(&scratch.qkv, q, &heads_view(d, 3 * dim, 0))?;
+    b.split_heads(&scratch.qkv, k, &heads_view(d, 3 * dim, dim))?;
+    b.split_heads(&scratch.qkv, v, &heads_view(d, 3 * dim, 2 * dim))?;
+    // scores = q k^T; the scale is applied inside the softmax, after the product, as timm does.
+    b.gemm(&per_head(d, t, t, hd).trans_b(), q, k, &mut scratch.scores)?;
+    b.softmax_forward(&scratch.scores, att, d.batch * d.heads * t, t, scale(d))?;
+    b.gemm(&per_head(d, t, hd, t), att, v, &mut scratch.heads_out)?;
+    b.merge_heads(&scratch.heads_out, merged, &heads_view(d, dim, 0))
 }
 
 /// Given `d_out`, the gradient of the attention branch's output, accumulates the parameter
@@ -158,7 +214,7 @@ pub fn attention_backward<B: Backend>(
     dx: &mut B::Buf,
     d: &StackDims,
 ) -> BResult<()> {
-    let (r, dim, t, hd) = (d.rows(), d.dim, d.tokens, d.head_dim());
+    let (r, dim) = (d.rows(), d.dim);
     linear_backward(
         b,
         d_out,
@@ -170,24 +226,47 @@ pub fn attention_backward<B: Backend>(
         dim,
         dim,
     )?;
+    match &acts.saved {
+        Saved::Fused { qkv: q, lse } => b.attention_backward(
+            q,
+            &acts.merged,
+            lse,
+            &s.d_merged,
+            &mut s.d_qkv,
+            &fused_dims(d),
+        )?,
+        Saved::Composed { q, k, v, att } => composed_backward(b, [q, k, v], att, s, d)?,
+    }
+    linear_backward(b, &s.d_qkv, x, qkv, g_qkv, Some(dx), r, dim, 3 * dim)
+}
+
+/// `s.d_qkv` from `s.d_merged` through the per-head tensors and the `[N, H, T, T]` scores.
+fn composed_backward<B: Backend>(
+    b: &B,
+    [q, k, v]: [&B::Buf; 3],
+    att: &B::Buf,
+    s: &mut AttentionScratch<B>,
+    d: &StackDims,
+) -> BResult<()> {
+    let (dim, t, hd) = (d.dim, d.tokens, d.head_dim());
     b.split_heads(&s.d_merged, &mut s.d_heads_out, &heads_view(d, dim, 0))?;
     // heads_out = att v
     b.gemm(
         &per_head(d, t, t, hd).trans_b(),
         &s.d_heads_out,
-        &acts.v,
+        v,
         &mut s.d_att,
     )?;
     b.gemm(
         &per_head(d, t, hd, t).trans_a(),
-        &acts.att,
+        att,
         &s.d_heads_out,
         &mut s.d_v,
     )?;
     // att = softmax(scale * scores); `scores` now holds d(scores).
     b.fill(&mut s.scores, 0.0)?;
     b.softmax_backward(
-        &acts.att,
+        att,
         &s.d_att,
         &mut s.scores,
         d.batch * d.heads * t,
@@ -195,15 +274,9 @@ pub fn attention_backward<B: Backend>(
         scale(d),
     )?;
     // scores = q k^T
-    b.gemm(&per_head(d, t, hd, t), &s.scores, &acts.k, &mut s.d_q)?;
-    b.gemm(
-        &per_head(d, t, hd, t).trans_a(),
-        &s.scores,
-        &acts.q,
-        &mut s.d_k,
-    )?;
+    b.gemm(&per_head(d, t, hd, t), &s.scores, k, &mut s.d_q)?;
+    b.gemm(&per_head(d, t, hd, t).trans_a(), &s.scores, q, &mut s.d_k)?;
     b.merge_heads(&s.d_q, &mut s.d_qkv, &heads_view(d, 3 * dim, 0))?;
     b.merge_heads(&s.d_k, &mut s.d_qkv, &heads_view(d, 3 * dim, dim))?;
-    b.merge_heads(&s.d_v, &mut s.d_qkv, &heads_view(d, 3 * dim, 2 * dim))?;
-    linear_backward(b, &s.d_qkv, x, qkv, g_qkv, Some(dx), r, dim, 3 * dim)
+    b.merge_heads(&s.d_v, &mut s.d_qkv, &heads_view(d, 3 * dim, 2 * dim))
 }
