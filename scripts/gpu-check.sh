@@ -266,6 +266,16 @@ run() {
     done
     measure "bench ViT-L/16 cuda-bf16 b128" "$bins/bin/bench" --case mae_vit_large_patch16 \
         --backend cuda-bf16 --batch 128 --seconds "$s"
+    # The attention paths against each other (MAE_CUDA_ATTENTION): f32 takes the fused kernels
+    # by default, bf16 the composed ops.
+    measure "bench base224 cuda b64 composed attention" env MAE_CUDA_ATTENTION=composed \
+        "$bins/bin/bench" --case base224 --backend cuda --batch 64 --seconds "$s"
+    for batch in 128 256; do
+        measure "bench base224 cuda-bf16 b$batch fused attention" env MAE_CUDA_ATTENTION=fused \
+            "$bins/bin/bench" --case base224 --backend cuda-bf16 --batch "$batch" --seconds "$s"
+    done
+    measure "bench ViT-L/16 cuda-bf16 b128 fused attention" env MAE_CUDA_ATTENTION=fused \
+        "$bins/bin/bench" --case mae_vit_large_patch16 --backend cuda-bf16 --batch 128 --seconds "$s"
     if python3 -c 'import torch, timm' 2>/dev/null; then
         measure "torch base224 bf16 autocast" python3 bench/torch_reference.py --case base224 \
             --device cuda --amp bf16 --batch 256,128,64 --seconds "$s"
@@ -278,9 +288,12 @@ run() {
         failed=1
     fi
     # Where the device time goes: MAE_CUDA_PROFILE's table (printed when the backend drops).
-    step "profile base224 cuda-bf16 b128" profile.log 120 \
-        env MAE_CUDA_PROFILE=1 "$bins/bin/bench" --case base224 --backend cuda-bf16 --batch 128 \
-        --seconds 2
+    local attention
+    for attention in composed fused; do
+        step "profile base224 cuda-bf16 b128 $attention attention" profile.log 120 \
+            env MAE_CUDA_PROFILE=1 MAE_CUDA_ATTENTION=$attention "$bins/bin/bench" --case base224 \
+            --backend cuda-bf16 --batch 128 --seconds 2
+    done
     # The wgpu backend on this GPU, where the machine has NVIDIA's Vulkan driver (issue 4).
     vulkan_setup >>"$out/wgpu.log" 2>&1
     step "bench base224 wgpu b64" wgpu.log 90 \
@@ -316,7 +329,7 @@ run() {
         echo
         echo "## profile"
         echo '```'
-        grep -A 40 'MAE_CUDA_PROFILE' "$out/profile.log" 2>/dev/null | head -n 45
+        grep -E -A 30 '^(==|MAE_CUDA_PROFILE)' "$out/profile.log" 2>/dev/null | grep -v '^\{' | head -n 70
         echo '```'
         echo
         echo "## conformance summary"

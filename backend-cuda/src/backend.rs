@@ -81,6 +81,9 @@ pub struct CudaBackend {
     precision: Precision,
     /// Device time per op when `MAE_CUDA_PROFILE` is set (printed when the backend is dropped).
     pub(crate) profile: Option<Profile>,
+    /// `MAE_CUDA_ATTENTION=fused|composed`: the attention path chosen by hand, for measuring
+    /// one against the other; `None` takes the default of the precision.
+    pub(crate) attention_choice: Option<bool>,
     /// The device's memory in floats: no buffer can be longer.
     pub(crate) max_len: usize,
 }
@@ -144,6 +147,7 @@ impl CudaBackend {
             device_name,
             precision,
             profile: Profile::from_env(),
+            attention_choice: attention_choice()?,
         })
     }
 
@@ -242,6 +246,20 @@ impl CudaBackend {
 
     pub(crate) fn scratch_ptr(&self, s: &mut CudaSlice<f64>) -> Arg {
         Arg::Ptr(s.device_ptr_mut(&self.stream).0)
+    }
+}
+
+/// Reads `MAE_CUDA_ATTENTION`: `fused` forces the fused attention kernels, `composed` the
+/// split-heads, GEMM and softmax ops; unset leaves the choice to the precision.
+fn attention_choice() -> BResult<Option<bool>> {
+    match std::env::var("MAE_CUDA_ATTENTION") {
+        Err(_) => Ok(None),
+        Ok(v) if v == "fused" => Ok(Some(true)),
+        Ok(v) if v == "composed" => Ok(Some(false)),
+        Ok(v) => Err(BackendError::new(
+            mae::backend::BackendErrorKind::Unsupported,
+            format!("MAE_CUDA_ATTENTION={v:?}: expected `fused` or `composed`"),
+        )),
     }
 }
 

@@ -754,7 +754,9 @@ impl Backend for CudaBackend {
         // bf16, and one of them (odd_r50, an Adam update of a bias whose gradient is near zero
         // at step 2) sits at 0.99 of its bound; the fused attention, f32 throughout, moves that
         // noise to 1.2 while lowering the others. Enabling it there needs the bounds re-measured.
-        self.precision() != crate::Precision::Bf16
+        // MAE_CUDA_ATTENTION=fused|composed overrides the default, to time one against the other.
+        let default = self.precision() != crate::Precision::Bf16;
+        self.attention_choice.unwrap_or(default)
             && (1..=ATTENTION_MAX_HEAD_DIM).contains(&a.head_dim)
     }
 
