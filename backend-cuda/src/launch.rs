@@ -16,8 +16,8 @@ pub(crate) const BLOCK: u32 = 256;
 pub(crate) const ATTENTION_THREADS: u32 = 64;
 
 /// The head widths the attention kernels hold in registers (`attention.cu` instantiates
-/// 32, 64 and 128 and takes the smallest that fits).
-pub(crate) const ATTENTION_MAX_HEAD_DIM: usize = 128;
+/// 32 and 64 and takes the smallest that fits; wider heads take the composed ops).
+pub(crate) const ATTENTION_MAX_HEAD_DIM: usize = 64;
 
 /// The most blocks one launch asks for: enough to fill any current GPU many times over
 /// (an H100 holds 132 SMs x 8 blocks of 256 threads), far below the 2^31 - 1 grid limit.

@@ -10,8 +10,10 @@
 // as timm does.
 //
 // Blocks: ATT_THREADS threads take ATT_THREADS consecutive rows of one (image, head); blocks
-// grid-stride over (image, head, row tile). The head width is a template parameter HD (32, 64
-// or 128, the smallest that holds hd) so that the per-thread arrays stay in registers; columns
+// grid-stride over (image, head, row tile). The head width is a template parameter HD (32 or
+// 64, the smallest that holds hd; the host sends wider heads, such as ViT-H's 80, to the
+// composed ops) so that the per-thread arrays stay in registers: a 128-wide instantiation in the
+// same kernel set every kernel's register count and spilled to memory. Columns
 // hd .. HD are zero in every staged row and register, which adds exact zeros to the dot
 // products and keeps their order that of the hd columns.
 
@@ -19,9 +21,9 @@
 #define ATT_THREADS 64
 // Rows per tile staged through shared memory, and the widest head.
 #define ATT_TILE 32
-#define ATT_MAX_HD 128
+#define ATT_MAX_HD 64
 
-// The two staged tiles of a kernel, `ta` and `tb`, 2 * ATT_TILE * ATT_MAX_HD floats (32 KiB),
+// The two staged tiles of a kernel, `ta` and `tb`, 2 * ATT_TILE * ATT_MAX_HD floats (16 KiB),
 // declared once in the kernel and handed to its HD instantiations: shared arrays declared in
 // each instantiation would all be allocated side by side, past the 48 KiB of static shared
 // memory a block may have.
@@ -128,10 +130,8 @@ extern "C" __global__ void attention_forward(const float* qkv, float* out, float
         const u32 h = (u32)hd;
         if (hd <= 32) {
             attention_forward_block<32>(qkv, out, lse, tokens, heads, h, scale, blk, ta, tb);
-        } else if (hd <= 64) {
-            attention_forward_block<64>(qkv, out, lse, tokens, heads, h, scale, blk, ta, tb);
         } else {
-            attention_forward_block<128>(qkv, out, lse, tokens, heads, h, scale, blk, ta, tb);
+            attention_forward_block<64>(qkv, out, lse, tokens, heads, h, scale, blk, ta, tb);
         }
     }
 }
@@ -193,12 +193,9 @@ extern "C" __global__ void attention_backward_dq(const float* qkv, const float* 
         if (hd <= 32) {
             attention_dq_block<32>(qkv, out, lse, d_out, d_qkv, drow, tokens, heads, h, scale, blk,
                                    ta, tb);
-        } else if (hd <= 64) {
+        } else {
             attention_dq_block<64>(qkv, out, lse, d_out, d_qkv, drow, tokens, heads, h, scale, blk,
                                    ta, tb);
-        } else {
-            attention_dq_block<128>(qkv, out, lse, d_out, d_qkv, drow, tokens, heads, h, scale,
-                                    blk, ta, tb);
         }
     }
 }
@@ -271,12 +268,9 @@ extern "C" __global__ void attention_backward_dkv(const float* qkv, const float*
         if (hd <= 32) {
             attention_dkv_block<32>(qkv, lse, d_out, drow, d_qkv, tokens, heads, h, scale, blk, ta,
                                     tb, lse_tile, drow_tile);
-        } else if (hd <= 64) {
+        } else {
             attention_dkv_block<64>(qkv, lse, d_out, drow, d_qkv, tokens, heads, h, scale, blk, ta,
                                     tb, lse_tile, drow_tile);
-        } else {
-            attention_dkv_block<128>(qkv, lse, d_out, drow, d_qkv, tokens, heads, h, scale, blk,
-                                     ta, tb, lse_tile, drow_tile);
         }
     }
 }
