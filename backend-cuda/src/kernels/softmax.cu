@@ -1,8 +1,10 @@
-// The attention softmax. Rows of up to 32 * WARP_HELD columns (every attention row of the
-// paper's models: 50 to 257 tokens) run one warp per row from registers; longer rows one block
-// of BLOCK threads per row, from registers up to SOFTMAX_HELD * BLOCK columns, else in two
-// passes over memory. Each lane (thread) folds its elements in ascending order in double, then
-// the warp (block) combines the partials in a fixed order.
+// The attention softmax. The forward runs rows of up to 32 * WARP_HELD columns (every attention
+// row of the paper's models: 50 to 257 tokens) one warp per row from registers, 2.6x faster on
+// an H200 than a block per row; longer rows, and the backward (whose warp version measured 25 %
+// slower, docs/results-gpu.md), run one block of BLOCK threads per row, from registers up to
+// SOFTMAX_HELD * BLOCK columns, else in two passes over memory. Each lane (thread) folds its
+// elements in ascending order in double, then the warp (block) combines the partials in a
+// fixed order.
 
 #define WARP_HELD 16
 #define SOFTMAX_HELD 4
@@ -31,29 +33,6 @@ __device__ void softmax_forward_warp(const float* x, float* y, u64 rows, u64 col
         for (u32 k = 0; k < WARP_HELD; ++k) {
             const u64 j = lane + 32 * k;
             if (j < cols) yr[j] = (float)((double)v[k] * inv);
-        }
-    }
-}
-
-__device__ void softmax_backward_warp(const float* y, const float* dy, float* dx, u64 rows,
-                                      u64 cols, float scale) {
-    const u32 lane = threadIdx.x % 32;
-    FOR_EACH_WARP_ROW(r, rows) {
-        const float* yr = y + r * cols;
-        const float* dyr = dy + r * cols;
-        float* dxr = dx + r * cols;
-        float yv[WARP_HELD], dyv[WARP_HELD];
-        double acc = 0.0;
-        for (u32 k = 0; k < WARP_HELD; ++k) {
-            const u64 j = lane + 32 * k;
-            yv[k] = j < cols ? yr[j] : 0.0f;
-            dyv[k] = j < cols ? dyr[j] : 0.0f;
-            if (j < cols) acc += (double)dyv[k] * (double)yv[k];
-        }
-        const float dot = (float)warp_sum(acc);
-        for (u32 k = 0; k < WARP_HELD; ++k) {
-            const u64 j = lane + 32 * k;
-            if (j < cols) dxr[j] += scale * yv[k] * (dyv[k] - dot);
         }
     }
 }
@@ -115,10 +94,6 @@ extern "C" __global__ void softmax_forward(const float* x, float* y, u64 rows, u
 // dx += scale * y * (dy - sum(dy * y)), the row dot product in double.
 extern "C" __global__ void softmax_backward(const float* y, const float* dy, float* dx, u64 rows,
                                             u64 cols, float scale) {
-    if (cols <= 32 * WARP_HELD) {
-        softmax_backward_warp(y, dy, dx, rows, cols, scale);
-        return;
-    }
     __shared__ double scratch[BLOCK / 32];
     const bool held = cols <= SOFTMAX_HELD * BLOCK;
     FOR_EACH_ROW(r, rows) {
