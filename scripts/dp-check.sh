@@ -21,22 +21,9 @@ if [ -z "$pretrain" ]; then
 fi
 [ -x "${pretrain:-}" ] || { echo "dp-check: no pretrain binary; pass its path" >&2; exit 2; }
 
-for pattern in 'libcuda.so.1' 'libnvrtc.so.1[23]' 'libcublas.so.1[23]' 'libnccl.so.2'; do
-    if ldconfig -p 2>/dev/null | grep -q "${pattern//./\\.}\b"; then
-        continue
-    fi
-    found=$(
-        find /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/local/cuda*/lib64 \
-            /usr/local/cuda*/targets/*/lib /usr/lib/x86_64-linux-gnu /opt \
-            /usr/local/lib/python3* /usr/lib/python3* \
-            -name "$pattern*" -not -path '*/stubs/*' 2>/dev/null | sort -r | head -n 1
-    )
-    [ -n "$found" ] || continue
-    found=$(dirname "$found")
-    if [[ ":${LD_LIBRARY_PATH:-}:" != *":$found:"* ]]; then
-        export LD_LIBRARY_PATH="$found${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    fi
-done
+# shellcheck source=cuda-libraries.sh
+source "$(dirname "$0")/cuda-libraries.sh"
+find_cuda_libraries 'libcuda.so.1' 'libnvrtc.so.1[23]' 'libcublas.so.1[23]' 'libnccl.so.2'
 echo "dp-check: LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
 
 work=${OUT:-/tmp}/dp-check

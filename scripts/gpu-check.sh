@@ -90,28 +90,8 @@ build() {
 
 # ---- run -----------------------------------------------------------------------------------
 
-# Puts the folders holding libcuda, libnvrtc and libcublas on LD_LIBRARY_PATH when the dynamic
-# loader does not find them by itself (a driver or toolkit outside ldconfig's folders, or pip's
-# nvidia wheels).
-find_cuda_libraries() {
-    local pattern found
-    for pattern in 'libcuda.so.1' 'libnvrtc.so.1[23]' 'libcublas.so.1[23]'; do
-        if ldconfig -p 2>/dev/null | grep -q "${pattern//./\\.}\b"; then
-            continue
-        fi
-        found=$(
-            find /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/local/cuda*/lib64 \
-                /usr/local/cuda*/targets/*/lib /usr/lib/x86_64-linux-gnu /opt \
-                /usr/local/lib/python3* /usr/lib/python3* \
-                -name "$pattern*" -not -path '*/stubs/*' 2>/dev/null | sort -r | head -n 1
-        )
-        [ -n "$found" ] || continue
-        found=$(dirname "$found")
-        if [[ ":${LD_LIBRARY_PATH:-}:" != *":$found:"* ]]; then
-            export LD_LIBRARY_PATH="$found${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-        fi
-    done
-}
+# find_cuda_libraries, shared with dp-check.sh.
+source "$ROOT/scripts/cuda-libraries.sh"
 
 run() {
     local golden_dirs=()
@@ -145,7 +125,7 @@ run() {
     mkdir -p "$out"
     local report=$out/report.md
     local failed=0
-    find_cuda_libraries
+    find_cuda_libraries 'libcuda.so.1' 'libnvrtc.so.1[23]' 'libcublas.so.1[23]'
     export MAE_REQUIRE_BACKENDS=cuda,cuda-bf16
     # The test binaries were built elsewhere: their files are in this checkout's conformance/.
     export MAE_CONFORMANCE_DIR=$ROOT/conformance

@@ -1,8 +1,12 @@
 //! # mae-backend-cuda: the `mae` compute backend on NVIDIA GPUs
 //!
-//! GEMMs go to cuBLAS (`sgemmStridedBatched`, f32 by default, TF32 as an opt-in
-//! [`Precision`]); every other op is a CUDA C kernel (`src/kernels/*.cu`) compiled with NVRTC for
-//! the device's architecture at the first op and kept for the backend's lifetime.
+//! GEMMs go to cuBLAS (`sgemmStridedBatched` in f32 by default; TF32 or bf16 tensor cores as an
+//! opt-in [`Precision`], backend names `cuda-tf32` and `cuda-bf16`); every other op is a CUDA C
+//! kernel (`src/kernels/*.cu`) compiled with NVRTC for the device's architecture at the first op
+//! and kept for the backend's lifetime. Attention runs as fused kernels (no score matrix in
+//! memory) in f32 and TF32, as split-heads, GEMM and softmax ops in bf16, where they are faster;
+//! `MAE_CUDA_ATTENTION=fused|composed` overrides. `MAE_CUDA_PROFILE=1` prints the device time per
+//! kernel when the backend is dropped.
 //!
 //! The CUDA libraries are loaded at run time (cudarc's `dynamic-loading`), so this crate builds
 //! and its tests run on machines without CUDA: there [`CudaBackend::new`] returns a

@@ -224,10 +224,15 @@ impl Heads {
 /// `scale` (`head_dim^-0.5`) after the product `q k^T`, as timm does.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Attention {
+    /// Images.
     pub batch: usize,
+    /// Tokens per image (cls included).
     pub tokens: usize,
+    /// Attention heads.
     pub heads: usize,
+    /// Columns per head.
     pub head_dim: usize,
+    /// Factor on `q k^T` before the softmax.
     pub scale: f32,
 }
 
