@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 fake=${TMPDIR:-/tmp}/mae-fake-cuda
 mkdir -p "$fake"
 python3 gen_dispatch.py ../src/kernels/*.cu >"$fake/dispatch.inc"
-g++ -std=c++20 -O2 -pthread -ffp-contract=off -fPIC -shared -Wall -Wno-unused-function \
+g++ -std=c++20 -O2 -pthread -ffp-contract=off -fno-strict-aliasing -fPIC -shared -Wall -Wno-unused-function \
     -I"$fake" -o "$fake/libfakecuda.so" fake_cuda.cpp
 for lib in libcuda.so libnvrtc.so libcublas.so; do ln -sf libfakecuda.so "$fake/$lib"; done
 cd ../..

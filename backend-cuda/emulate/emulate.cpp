@@ -324,25 +324,30 @@ static void test_patchify_and_heads() {
                     }
         expect_close("patchify hwc=" + std::to_string(hwc), out, want, 0);
     }
-    const u64 B = 2, T = 5, H = 3, D = 4, W = 3 * H * D + 2, off = H * D + 1;
-    auto x = random_vec(B * T * W);
-    std::vector<float> heads(B * H * T * D, NAN);
-    launch(grid_elementwise(heads.size()), 256, [&] { split_heads(x.data(), heads.data(), B, T, H, D, W, off); });
-    std::vector<double> want(heads.size());
-    for (u64 b = 0; b < B; ++b)
-        for (u64 hh = 0; hh < H; ++hh)
-            for (u64 t = 0; t < T; ++t)
-                for (u64 j = 0; j < D; ++j)
-                    want[((b * H + hh) * T + t) * D + j] = x[(b * T + t) * W + off + hh * D + j];
-    expect_close("split_heads", heads, want, 0);
-    std::vector<float> back(x.size(), 3.0f);
-    launch(1, 256, [&] { merge_heads(heads.data(), back.data(), B, T, H, D, W, off); });
-    std::vector<double> wb(x.size());
-    for (u64 i = 0; i < x.size(); ++i) {
-        const u64 col = i % W;
-        wb[i] = (col >= off && col < off + H * D) ? x[i] : 3.0;
+    // Rows of 38 columns at offset 13 move one float at a time; 48 at offset 16, four at a time.
+    struct Case { u64 B, T, H, D, W, off; };
+    for (Case k : {Case{2, 5, 3, 4, 38, 13}, Case{2, 5, 2, 8, 48, 16}}) {
+        const u64 B = k.B, T = k.T, H = k.H, D = k.D, W = k.W, off = k.off;
+        const std::string tag = " W=" + std::to_string(W);
+        auto x = random_vec(B * T * W);
+        std::vector<float> heads(B * H * T * D, NAN);
+        launch(grid_elementwise(heads.size()), 256, [&] { split_heads(x.data(), heads.data(), B, T, H, D, W, off); });
+        std::vector<double> want(heads.size());
+        for (u64 b = 0; b < B; ++b)
+            for (u64 hh = 0; hh < H; ++hh)
+                for (u64 t = 0; t < T; ++t)
+                    for (u64 j = 0; j < D; ++j)
+                        want[((b * H + hh) * T + t) * D + j] = x[(b * T + t) * W + off + hh * D + j];
+        expect_close("split_heads" + tag, heads, want, 0);
+        std::vector<float> back(x.size(), 3.0f);
+        launch(1, 256, [&] { merge_heads(heads.data(), back.data(), B, T, H, D, W, off); });
+        std::vector<double> wb(x.size());
+        for (u64 i = 0; i < x.size(); ++i) {
+            const u64 col = i % W;
+            wb[i] = (col >= off && col < off + H * D) ? x[i] : 3.0;
+        }
+        expect_close("merge_heads" + tag, back, wb, 0);
     }
-    expect_close("merge_heads", back, wb, 0);
 }
 
 static void test_norms() {

@@ -45,6 +45,10 @@ inline T __shfl_xor_sync(unsigned, T v, unsigned o) {
     __syncthreads();
     return other;
 }
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 inline float __int_as_float(unsigned v) {
     float f;
     std::memcpy(&f, &v, 4);
