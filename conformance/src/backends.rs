@@ -70,22 +70,27 @@ pub fn wgpu() -> Option<&'static mae_backend_wgpu::WgpuBackend> {
 /// compile fails every test instead of being taken for a missing device.
 pub fn cuda() -> Option<&'static mae_backend_cuda::CudaBackend> {
     static CELL: OnceLock<Result<mae_backend_cuda::CudaBackend, String>> = OnceLock::new();
-    let backend = shared(&CELL, "cuda", || mae_backend_cuda::CudaBackend::new(0))?;
-    if let Err(e) = backend.compile_kernels() {
-        panic!("cuda: the device is present but its kernels do not build: {e}");
-    }
-    Some(backend)
+    cuda_in(&CELL, mae_backend_cuda::Precision::F32)
 }
 
 /// The CUDA backend on GPU 0 with bf16 GEMMs (`cuda-bf16`), held to
 /// [`crate::golden::Tolerances::REDUCED`]; skipped as [`cuda`] is.
 pub fn cuda_bf16() -> Option<&'static mae_backend_cuda::CudaBackend> {
     static CELL: OnceLock<Result<mae_backend_cuda::CudaBackend, String>> = OnceLock::new();
-    let backend = shared(&CELL, "cuda-bf16", || {
-        mae_backend_cuda::CudaBackend::with_precision(0, mae_backend_cuda::Precision::Bf16)
+    cuda_in(&CELL, mae_backend_cuda::Precision::Bf16)
+}
+
+/// The CUDA backend in `precision`, built once in `cell`, its kernels compiled.
+fn cuda_in(
+    cell: &'static OnceLock<Result<mae_backend_cuda::CudaBackend, String>>,
+    precision: mae_backend_cuda::Precision,
+) -> Option<&'static mae_backend_cuda::CudaBackend> {
+    let name = precision.backend_name();
+    let backend = shared(cell, name, || {
+        mae_backend_cuda::CudaBackend::with_precision(0, precision)
     })?;
     if let Err(e) = backend.compile_kernels() {
-        panic!("cuda-bf16: the device is present but its kernels do not build: {e}");
+        panic!("{name}: the device is present but its kernels do not build: {e}");
     }
     Some(backend)
 }
@@ -121,17 +126,15 @@ pub fn dispatch<J: OnBackend>(name: &str, job: J) -> Result<J::Output, DispatchE
     // Each arm builds its backend afresh: a program wants the device's own error, not a skip.
     #[allow(unused)]
     let unavailable = |e: BackendError| DispatchError::Unavailable(name.to_string(), e.to_string());
+    if let Some(precision) = mae_backend_cuda::Precision::from_backend_name(name) {
+        let b = mae_backend_cuda::CudaBackend::with_precision(0, precision).map_err(unavailable)?;
+        return Ok(job.run(&b));
+    }
     match name {
         "cpu" => Ok(job.run(&mae_backend_cpu::CpuBackend::new())),
         "wgpu" => mae_backend_wgpu::WgpuBackend::new()
             .map(|b| job.run(&b))
             .map_err(unavailable),
-        n if mae_backend_cuda::Precision::from_backend_name(n).is_some() => {
-            let precision = mae_backend_cuda::Precision::from_backend_name(n).unwrap_or_default();
-            let b =
-                mae_backend_cuda::CudaBackend::with_precision(0, precision).map_err(unavailable)?;
-            Ok(job.run(&b))
-        }
         other => Err(DispatchError::Unknown(other.to_string())),
     }
 }

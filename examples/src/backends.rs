@@ -81,6 +81,12 @@ pub fn dispatch<J: OnBackend>(name: &str, job: J) -> Result<J::Output, BackendCh
     // Each arm is compiled only with its feature; the rest fall through to the errors below.
     #[allow(unused)]
     let unavailable = |e: BackendError| BackendChoiceError::Unavailable(name.to_string(), e);
+    // `cuda`, `cuda-tf32` and `cuda-bf16`: one backend in three precisions.
+    #[cfg(feature = "cuda")]
+    if let Some(precision) = mae_backend_cuda::Precision::from_backend_name(name) {
+        let b = mae_backend_cuda::CudaBackend::with_precision(0, precision).map_err(unavailable)?;
+        return Ok(job.run(&b));
+    }
     match name {
         #[cfg(feature = "cpu")]
         "cpu" => Ok(job.run(&mae_backend_cpu::CpuBackend::new())),
@@ -88,12 +94,6 @@ pub fn dispatch<J: OnBackend>(name: &str, job: J) -> Result<J::Output, BackendCh
         "wgpu" => mae_backend_wgpu::WgpuBackend::new()
             .map(|b| job.run(&b))
             .map_err(unavailable),
-        #[cfg(feature = "cuda")]
-        n if mae_backend_cuda::Precision::from_backend_name(n).is_some() => {
-            let precision = mae_backend_cuda::Precision::from_backend_name(n).unwrap_or_default();
-            let b = mae_backend_cuda::CudaBackend::with_precision(0, precision);
-            Ok(job.run(&b.map_err(unavailable)?))
-        }
         n if KNOWN.contains(&n) => Err(BackendChoiceError::NotCompiled(n.to_string())),
         n => Err(BackendChoiceError::Unknown(n.to_string())),
     }

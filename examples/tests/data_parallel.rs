@@ -7,6 +7,8 @@
 use mae_examples::checkpoint::{TrainCheckpoint, FILE_NAME};
 use mae_examples::metrics::read_records;
 use std::path::{Path, PathBuf};
+mod common;
+use common::text;
 use std::process::{Command, Output};
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -14,15 +16,6 @@ fn temp_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// Runs `pretrain` with `args` and the data-parallel variables `env` (the others removed).

@@ -3,6 +3,8 @@
 
 use mae::weights::WeightsFile;
 use std::path::{Path, PathBuf};
+mod common;
+use common::text;
 use std::process::{Command, Output};
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -28,15 +30,6 @@ fn finetune(args: &[&str], out: &Path) -> Output {
         .arg(out)
         .output()
         .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn result(out: &Path) -> serde_json::Value {

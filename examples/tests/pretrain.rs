@@ -6,6 +6,8 @@ use mae_examples::checkpoint::{TrainCheckpoint, FILE_NAME};
 use mae_examples::metrics::read_records;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+mod common;
+use common::text;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -23,15 +25,6 @@ fn pretrain(args: &[&str], out: &Path) -> Output {
         .arg(out)
         .output()
         .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn succeed(o: Output) -> String {

@@ -7,7 +7,9 @@ use mae_examples::data::{self, load_items, Augment};
 use mae_examples::features::{FeatureSet, FeatureSource, FeaturesError};
 use mae_examples::probe::{self, BatchNorm, Optimizer, ProbeOptions, Samples};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+use common::text;
+use std::process::Command;
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("mae-{name}-{}", std::process::id()));
@@ -346,15 +348,6 @@ fn damaged_feature_files_give_typed_errors() {
     assert!(matches!(short, Err(FeaturesError::LengthMismatch { .. })));
     let e = FeatureSet::load(Path::new("/nonexistent/f.safetensors")).unwrap_err();
     assert!(matches!(e, FeaturesError::Io { .. }) && e.to_string().contains("nonexistent"));
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn run_ok(exe: &str, args: &[&str]) -> String {

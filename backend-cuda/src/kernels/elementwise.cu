@@ -39,24 +39,15 @@ extern "C" __global__ void gelu_forward(const float* x, float* y, u64 n) {
     FOR_EACH(i, n) y[i] = gelu(x[i]);
 }
 
-// One element of bias_gelu_forward: the f32 add of copy_rows, then gelu_forward's GELU.
-__device__ void bias_gelu_one(const float* bias, float* pre, float* act, u64 i, u64 col) {
-    const float p = pre[i] + bias[col];
-    pre[i] = p;
-    act[i] = gelu(p);
-}
-
-// The MLP's fc1 epilogue over rows x cols = n elements: pre[r][c] += bias[c], act = gelu(pre),
-// one read and two writes per element instead of the two passes of copy_rows and gelu_forward.
-// The column of element i is i % cols; in 32 bits when every index fits, since a 64-bit
-// division costs many times a 32-bit one on the GPU.
+// The MLP's fc1 epilogue over rows x cols = n elements: pre[r][c] += bias[c] (the f32 add of
+// copy_rows), act = gelu(pre) (gelu_forward's GELU), one read and two writes per element instead
+// of the two passes of copy_rows and gelu_forward.
 extern "C" __global__ void bias_gelu_forward(const float* bias, float* pre, float* act, u64 n,
                                              u64 cols) {
-    if (n <= 0xffffffffull) {
-        const u32 cols32 = (u32)cols;
-        FOR_EACH(i, n) bias_gelu_one(bias, pre, act, i, (u32)i % cols32);
-    } else {
-        FOR_EACH(i, n) bias_gelu_one(bias, pre, act, i, i % cols);
+    FOR_EACH(i, n) {
+        const float p = pre[i] + bias[mod_u(i, cols)];
+        pre[i] = p;
+        act[i] = gelu(p);
     }
 }
 
