@@ -103,53 +103,17 @@ pub(crate) fn gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
         // column ranges of one item, or items whose C blocks are disjoint because
         // `stride_c >= m*n` was checked.
         let (pa, pb, pc) = unsafe { (ptrs.a.add(oa), ptrs.b.add(ob), ptrs.c.add(oc)) };
-        match kernel() {
-            // SAFETY: as above; gemm takes the same pointers and strides (column stride first)
-            // and computes `dst = alpha_dst * dst + beta_prod * lhs rhs`, reading dst only when
-            // `read_dst`.
-            Kernel::Gemm => unsafe {
-                gemm::gemm(
-                    mb,
-                    nb,
-                    k,
-                    pc,
-                    1,
-                    stride(n),
-                    g.beta != 0.0,
-                    pa,
-                    stride(csa),
-                    stride(rsa),
-                    pb,
-                    stride(csb),
-                    stride(rsb),
-                    g.beta,
-                    g.alpha,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                )
-            },
-            // SAFETY: as above.
-            Kernel::MatrixMultiply => unsafe {
-                matrixmultiply::sgemm(
-                    mb,
-                    k,
-                    nb,
-                    g.alpha,
-                    pa,
-                    stride(rsa),
-                    stride(csa),
-                    pb,
-                    stride(rsb),
-                    stride(csb),
-                    g.beta,
-                    pc,
-                    stride(n),
-                    1,
-                )
-            },
-        }
+        // SAFETY: as above.
+        unsafe {
+            kernel(
+                (mb, nb, k),
+                g.alpha,
+                (pa, rsa, csa),
+                (pb, rsb, csb),
+                g.beta,
+                (pc, n),
+            )
+        };
     };
     let threads = crate::pool::threads();
     let work = m * n * k.max(1);
@@ -184,6 +148,146 @@ pub(crate) fn gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
     }
 }
 
+/// A strided read-only matrix: element `(i, j)` is `data[i * row_stride + j * col_stride]`.
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(test), allow(dead_code))] // until an op runs its own small products
+pub(crate) struct MatRef<'a> {
+    pub(crate) data: &'a [f32],
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) row_stride: usize,
+    pub(crate) col_stride: usize,
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+impl MatRef<'_> {
+    /// Whether every element lies inside `data` (the last one is the farthest).
+    fn fits(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1)
+                .checked_mul(self.row_stride)
+                .zip((self.cols - 1).checked_mul(self.col_stride))
+                .and_then(|(r, c)| r.checked_add(c))
+                .is_some_and(|last| last < self.data.len())
+    }
+}
+
+/// `C = alpha * A * B + beta * C` on the calling thread, for strided views (C's columns
+/// contiguous, `c_row_stride` apart; `beta == 0` never reads C). For ops that run many small
+/// products inside their own parallel tasks (the fused attention).
+///
+/// # Panics
+/// If the shapes disagree or a view reaches past its slice.
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) fn product(
+    alpha: f32,
+    a: MatRef,
+    b: MatRef,
+    beta: f32,
+    c: &mut [f32],
+    c_row_stride: usize,
+) {
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    assert_eq!(b.rows, k, "product: A is {m} x {k}, B has {} rows", b.rows);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        a.fits() && b.fits(),
+        "product: A or B reaches past its slice"
+    );
+    let c_view = MatRef {
+        data: c,
+        rows: m,
+        cols: n,
+        row_stride: c_row_stride,
+        col_stride: 1,
+    };
+    assert!(
+        c_view.fits() && (m == 1 || c_row_stride >= n),
+        "product: C ({m} x {n}, row stride {c_row_stride}) reaches past its {} elements or \
+         overlaps itself",
+        c.len()
+    );
+    // SAFETY: `fits` checked that every element of A, B and C lies inside its slice; C's rows
+    // (stride >= n) do not overlap, and C is borrowed mutably, so it aliases neither A nor B.
+    unsafe {
+        kernel(
+            (m, n, k),
+            alpha,
+            (a.data.as_ptr(), a.row_stride, a.col_stride),
+            (b.data.as_ptr(), b.row_stride, b.col_stride),
+            beta,
+            (c.as_mut_ptr(), c_row_stride),
+        )
+    }
+}
+
+/// One single-threaded product `C = alpha * A * B + beta * C` of an `m x k` A and a `k x n` B,
+/// each given as (pointer, row stride, column stride), into C given as (pointer, row stride).
+///
+/// # Safety
+/// Every element `(i, j)` of each operand, at `ptr + i * row_stride + j * col_stride`, must be
+/// inside one allocation; C's elements must be distinct (row stride >= n when m > 1) and must
+/// not overlap A or B; with `beta == 0` C is only written. With `k == 0` A and B are not read.
+unsafe fn kernel(
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    (pa, rsa, csa): (*const f32, usize, usize),
+    (pb, rsb, csb): (*const f32, usize, usize),
+    beta: f32,
+    (pc, rsc): (*mut f32, usize),
+) {
+    match kernel_choice() {
+        // SAFETY: the caller's contract; gemm takes the same pointers and strides (column
+        // stride first) and computes `dst = alpha_dst * dst + beta_prod * lhs rhs`, reading dst
+        // only when `read_dst`.
+        Kernel::Gemm => unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                pc,
+                1,
+                stride(rsc),
+                beta != 0.0,
+                pa,
+                stride(csa),
+                stride(rsa),
+                pb,
+                stride(csb),
+                stride(rsb),
+                beta,
+                alpha,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        },
+        // SAFETY: the caller's contract.
+        Kernel::MatrixMultiply => unsafe {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                alpha,
+                pa,
+                stride(rsa),
+                stride(csa),
+                pb,
+                stride(rsb),
+                stride(csb),
+                beta,
+                pc,
+                stride(rsc),
+                1,
+            )
+        },
+    }
+}
+
 /// The single-threaded GEMM kernel every block goes through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kernel {
@@ -195,7 +299,7 @@ enum Kernel {
 
 /// `MAE_CPU_GEMM=matrixmultiply` picks matrixmultiply; anything else (or nothing) the `gemm`
 /// crate, which measured faster on this project's shapes (docs/results.md).
-fn kernel() -> Kernel {
+fn kernel_choice() -> Kernel {
     static KERNEL: OnceLock<Kernel> = OnceLock::new();
     *KERNEL.get_or_init(|| match std::env::var("MAE_CPU_GEMM").as_deref() {
         Ok("matrixmultiply") => Kernel::MatrixMultiply,
@@ -428,6 +532,72 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn product_reads_strided_views_like_the_naive_loop() {
+        // q and k of one head inside a [tokens, 3 * dim] qkv row layout, and C with padded rows:
+        // S = 0.5 * q k^T, then S += q k^T, checked element by element.
+        use super::{product, MatRef};
+        let (tokens, dim, hd, off) = (7, 12, 4, 4);
+        let qkv: Vec<f32> = (0..tokens * 3 * dim)
+            .map(|i| ((i * 37 % 29) as f32 - 14.0) / 8.0)
+            .collect();
+        let q = MatRef {
+            data: &qkv[off..],
+            rows: tokens,
+            cols: hd,
+            row_stride: 3 * dim,
+            col_stride: 1,
+        };
+        // k^T: element (p, j) is k[j][p].
+        let kt = MatRef {
+            data: &qkv[dim + off..],
+            rows: hd,
+            cols: tokens,
+            row_stride: 1,
+            col_stride: 3 * dim,
+        };
+        let ldc = tokens + 3;
+        let mut c = vec![f32::NAN; (tokens - 1) * ldc + tokens];
+        product(0.5, q, kt, 0.0, &mut c, ldc);
+        product(1.0, q, kt, 1.0, &mut c, ldc);
+        for i in 0..tokens {
+            for j in 0..tokens {
+                let dot: f64 = (0..hd)
+                    .map(|p| {
+                        qkv[i * 3 * dim + off + p] as f64 * qkv[j * 3 * dim + dim + off + p] as f64
+                    })
+                    .sum();
+                let got = c[i * ldc + j] as f64;
+                assert!(
+                    (got - 1.5 * dot).abs() < 1e-5,
+                    "({i}, {j}): {got} vs {}",
+                    1.5 * dot
+                );
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "reaches past")]
+    fn product_refuses_a_view_past_its_slice() {
+        use super::{product, MatRef};
+        let a = MatRef {
+            data: &A,
+            rows: 2,
+            cols: 3,
+            row_stride: 4,
+            col_stride: 1,
+        };
+        let b = MatRef {
+            data: &B,
+            rows: 3,
+            cols: 2,
+            row_stride: 2,
+            col_stride: 1,
+        };
+        product(1.0, a, b, 0.0, &mut [0.0; 4], 2);
     }
 
     #[test]
