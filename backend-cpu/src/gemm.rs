@@ -13,6 +13,9 @@
 //! The kernels allocate their packing buffers themselves on each call (the `gemm` crate also a
 //! small flags `Vec` for some shapes): the only allocations an op makes.
 
+#[cfg(target_arch = "x86_64")]
+mod packed;
+
 use core::ops::Range;
 use mae::backend::Gemm;
 use std::sync::OnceLock;
@@ -239,7 +242,55 @@ unsafe fn kernel(
     beta: f32,
     (pc, rsc): (*mut f32, usize),
 ) {
-    match kernel_choice() {
+    // SAFETY: the caller's contract.
+    unsafe {
+        kernel_with(
+            kernel_choice(),
+            (m, n, k),
+            alpha,
+            (pa, rsa, csa),
+            (pb, rsb, csb),
+            beta,
+            (pc, rsc),
+        )
+    }
+}
+
+/// [`kernel`] with the kernel named.
+///
+/// # Safety
+/// As [`kernel`]; `Packed` only where `packed::available()`.
+unsafe fn kernel_with(
+    choice: Kernel,
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    (pa, rsa, csa): (*const f32, usize, usize),
+    (pb, rsb, csb): (*const f32, usize, usize),
+    beta: f32,
+    (pc, rsc): (*mut f32, usize),
+) {
+    match choice {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller's contract; `kernel_choice` picks Packed only where `available`.
+        Kernel::Packed => unsafe {
+            packed::gemm(
+                (m, n, k),
+                alpha,
+                packed::Operand {
+                    ptr: pa,
+                    rs: rsa,
+                    cs: csa,
+                },
+                packed::Operand {
+                    ptr: pb,
+                    rs: rsb,
+                    cs: csb,
+                },
+                beta,
+                pc,
+                rsc,
+            )
+        },
         // SAFETY: the caller's contract; gemm takes the same pointers and strides (column
         // stride first) and computes `dst = alpha_dst * dst + beta_prod * lhs rhs`, reading dst
         // only when `read_dst`.
@@ -291,18 +342,36 @@ unsafe fn kernel(
 /// The single-threaded GEMM kernel every block goes through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kernel {
+    /// The crate's own ([`packed`]), on x86-64 with AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    Packed,
     /// The `gemm` crate (sarah-quinones), with its AVX-512 kernels where the CPU has them.
     Gemm,
     /// `matrixmultiply`.
     MatrixMultiply,
 }
 
-/// `MAE_CPU_GEMM=matrixmultiply` picks matrixmultiply; anything else (or nothing) the `gemm`
-/// crate, which measured faster on this project's shapes (docs/results.md).
+/// The GEMM kernel this process uses: `"packed"` (the crate's own), `"gemm"` or
+/// `"matrixmultiply"`.
+pub(crate) fn kernel_name() -> &'static str {
+    match kernel_choice() {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Packed => "packed",
+        Kernel::Gemm => "gemm",
+        Kernel::MatrixMultiply => "matrixmultiply",
+    }
+}
+
+/// `MAE_CPU_GEMM=gemm` or `=matrixmultiply` picks that crate; anything else (or nothing) the
+/// crate's own kernel where the CPU has AVX2 and FMA (it measured fastest on this project's
+/// shapes, docs/results.md), else the `gemm` crate.
 fn kernel_choice() -> Kernel {
     static KERNEL: OnceLock<Kernel> = OnceLock::new();
     *KERNEL.get_or_init(|| match std::env::var("MAE_CPU_GEMM").as_deref() {
         Ok("matrixmultiply") => Kernel::MatrixMultiply,
+        Ok("gemm") => Kernel::Gemm,
+        #[cfg(target_arch = "x86_64")]
+        _ if packed::available() => Kernel::Packed,
         _ => Kernel::Gemm,
     })
 }
@@ -446,32 +515,36 @@ mod tests {
 
     #[test]
     fn matches_naive_loop_for_every_flag_combination() {
-        let (m, n, k, batch) = (5, 7, 9, 3);
-        let a: Vec<f32> = (0..batch * m * k)
-            .map(|i| ((i * 7 % 11) as f32 - 5.0) / 4.0)
-            .collect();
-        let b: Vec<f32> = (0..batch * k * n)
-            .map(|i| ((i * 5 % 13) as f32 - 6.0) / 8.0)
-            .collect();
-        let c0: Vec<f32> = (0..batch * m * n).map(|i| (i % 3) as f32).collect();
-        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-            for beta in [0.0, 1.0] {
-                let g = Gemm {
-                    trans_a: ta,
-                    trans_b: tb,
-                    alpha: 0.75,
-                    beta,
-                    ..Gemm::new(m, n, k).batched(batch, m * k, k * n, m * n)
-                };
-                let mut expect = c0.clone();
-                naive(&g, &a, &b, &mut expect);
-                assert_close(&run(&g, &a, &b, &c0), &expect, 1e-6);
+        // The second shape has partial register tiles in both directions and k past one packed
+        // block (256). The values are multiples of 1/4 and 1/8, so every sum is exact in f32
+        // and only alpha and beta round.
+        for (m, n, k, batch) in [(5, 7, 9, 3), (13, 35, 300, 2)] {
+            let a: Vec<f32> = (0..batch * m * k)
+                .map(|i| ((i * 7 % 11) as f32 - 5.0) / 4.0)
+                .collect();
+            let b: Vec<f32> = (0..batch * k * n)
+                .map(|i| ((i * 5 % 13) as f32 - 6.0) / 8.0)
+                .collect();
+            let c0: Vec<f32> = (0..batch * m * n).map(|i| (i % 3) as f32).collect();
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                for beta in [0.0, 1.0] {
+                    let g = Gemm {
+                        trans_a: ta,
+                        trans_b: tb,
+                        alpha: 0.75,
+                        beta,
+                        ..Gemm::new(m, n, k).batched(batch, m * k, k * n, m * n)
+                    };
+                    let mut expect = c0.clone();
+                    naive(&g, &a, &b, &mut expect);
+                    assert_close(&run(&g, &a, &b, &c0), &expect, 1e-6);
+                }
             }
         }
     }
 
-    /// One unsplit single-threaded matrixmultiply call per batch item: the reference the split
-    /// and parallel paths must reproduce bitwise.
+    /// One unsplit single-threaded kernel call per batch item (the kernel the backend uses):
+    /// the reference the split and parallel paths must reproduce bitwise.
     fn unsplit(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
         let (rsa, csa) = if g.trans_a { (1, g.m) } else { (g.k, 1) };
         let (rsb, csb) = if g.trans_b { (1, g.k) } else { (g.n, 1) };
@@ -481,21 +554,13 @@ mod tests {
             // SAFETY: the slices start at the item's offsets and hold at least its m*k, k*n and
             // m*n elements under these strides (the test sizes the buffers for the batch).
             unsafe {
-                matrixmultiply::sgemm(
-                    g.m,
-                    g.k,
-                    g.n,
+                super::kernel(
+                    (g.m, g.n, g.k),
                     g.alpha,
-                    a.as_ptr(),
-                    rsa as isize,
-                    csa as isize,
-                    b.as_ptr(),
-                    rsb as isize,
-                    csb as isize,
+                    (a.as_ptr(), rsa, csa),
+                    (b.as_ptr(), rsb, csb),
                     g.beta,
-                    c.as_mut_ptr(),
-                    g.n as isize,
-                    1,
+                    (c.as_mut_ptr(), g.n),
                 );
             }
         }
@@ -505,7 +570,7 @@ mod tests {
     fn split_and_batched_products_are_bitwise_the_unsplit_ones() {
         // Big enough to be split into bands (rows when tall, columns when wide) and batches of
         // products run in parallel, with every transpose flag and an accumulating beta.
-        for (m, n, k, batch) in [(301, 77, 129, 1), (45, 410, 97, 1), (70, 70, 40, 9)] {
+        for (m, n, k, batch) in [(301, 77, 300, 1), (45, 410, 97, 1), (70, 70, 40, 9)] {
             let a: Vec<f32> = (0..batch * m * k)
                 .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0)
                 .collect();
@@ -631,5 +696,80 @@ mod tests {
     fn overflowing_dimensions_panic_instead_of_wrapping() {
         let huge = 1usize << (usize::BITS / 2 + 1);
         run(&Gemm::new(huge, 1, huge), &A, &B, &[0.0; 4]);
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::{kernel_with, Kernel};
+
+    /// Nanoseconds this thread has run on a CPU (Linux's schedstat): unlike wall time, it does
+    /// not count the time other processes hold the core.
+    fn cpu_ns() -> f64 {
+        let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+        s.split_whitespace()
+            .next()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(f64::NAN)
+    }
+
+    /// Single-threaded GFLOP/s of each kernel on the ViT-B/16 step's shapes (half of a batch-8
+    /// token block, as one thread gets it) per second of this thread's CPU time, alternating
+    /// kernels and keeping each one's best of several runs, so that a busy machine disturbs the
+    /// comparison less. Timing only:
+    /// `cargo test --release -p mae-backend-cpu -- --ignored --nocapture gemm_speed`.
+    #[test]
+    #[ignore]
+    fn gemm_speed() {
+        let mut kernels = vec![
+            ("gemm", Kernel::Gemm),
+            ("matrixmultiply", Kernel::MatrixMultiply),
+        ];
+        #[cfg(target_arch = "x86_64")]
+        if super::packed::available() {
+            kernels.insert(0, ("packed", Kernel::Packed));
+        }
+        // (m, n, k, B stored transposed): qkv / proj / fc1 / fc2 forward (x W^T), a weight
+        // gradient (dY^T X: A stored transposed) and an input gradient (dY W).
+        for (m, n, k, ta, tb) in [
+            (788, 2304, 768, false, true),
+            (788, 768, 768, false, true),
+            (788, 3072, 768, false, true),
+            (788, 768, 3072, false, true),
+            (768, 768, 1576, true, false),
+            (788, 768, 2304, false, false),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|i| (i % 17) as f32 * 0.01).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (i % 13) as f32 * 0.01).collect();
+            let mut c = vec![0.0f32; m * n];
+            let (rsa, csa) = if ta { (1, m) } else { (k, 1) };
+            let (rsb, csb) = if tb { (1, k) } else { (n, 1) };
+            let mut best = vec![f64::INFINITY; kernels.len()];
+            for _ in 0..15 {
+                for (t, &(_, kernel)) in best.iter_mut().zip(&kernels) {
+                    let start = cpu_ns();
+                    // SAFETY: the buffers hold the m x k, k x n and m x n elements the strides
+                    // address; Packed is only listed where available.
+                    unsafe {
+                        kernel_with(
+                            kernel,
+                            (m, n, k),
+                            1.0,
+                            (a.as_ptr(), rsa, csa),
+                            (b.as_ptr(), rsb, csb),
+                            0.0,
+                            (c.as_mut_ptr(), n),
+                        )
+                    };
+                    *t = t.min((cpu_ns() - start) * 1e-9);
+                }
+            }
+            let rates: Vec<String> = kernels
+                .iter()
+                .zip(&best)
+                .map(|((name, _), t)| format!("{name} {:.1}", 2.0 * (m * n * k) as f64 / t / 1e9))
+                .collect();
+            println!("{m}x{n}x{k} ta={ta} tb={tb}: GFLOP/s {}", rates.join(", "));
+        }
     }
 }

@@ -75,6 +75,19 @@ impl CpuBackend {
     }
 }
 
+/// The single-threaded GEMM kernel every product runs on: `"packed"`, the crate's own (x86-64
+/// with AVX2 and FMA; it allocates nothing after a thread's first product), else `"gemm"`
+/// (the `gemm` crate) or `"matrixmultiply"`, both of which allocate their packing buffers on
+/// every call. `MAE_CPU_GEMM=gemm|matrixmultiply` overrides the choice.
+///
+/// ```
+/// let kernel = mae_backend_cpu::gemm_kernel();
+/// assert!(["packed", "gemm", "matrixmultiply"].contains(&kernel));
+/// ```
+pub fn gemm_kernel() -> &'static str {
+    gemm::kernel_name()
+}
+
 /// An empty `Vec` with room for `len` elements, or the error the contract asks for instead of
 /// the allocation-failure abort of `Vec::with_capacity`.
 fn try_vec<T>(len: usize) -> BResult<Vec<T>> {

@@ -1,0 +1,417 @@
+//! The crate's own single-threaded GEMM for x86-64 with AVX2 and FMA: the BLIS loop nest
+//! (Goto & van de Geijn, "Anatomy of high-performance matrix multiplication", 2008) around a
+//! 6 x 16 register-tile micro-kernel.
+//!
+//! Why our own, when the `gemm` crate has the same kind of kernel (and single-threaded the same
+//! speed on this project's shapes, see the `gemm_speed` timing in `gemm.rs`): it packs into
+//! buffers it allocates on every call, the only allocations left in a training step, and the
+//! fresh pages cost page faults. Here the packing buffers are one per thread, allocated on the
+//! thread's first product and reused by every later one. Packing a stored transpose (the weight
+//! matrices) goes through 8 x 8 register transposes.
+//!
+//! The loop nest, for `C = alpha A B + beta C` (A is m x k, B is k x n):
+//!
+//! ```text
+//! for jc in steps of NC over n:              B's columns, a panel that stays in L3
+//!   for pc in steps of KC over k:            pack B[pc.., jc..] (KC x NC, 16-column strips)
+//!     for ic in steps of MC over m:          pack A[ic.., pc..] (MC x KC, 6-row strips), in L2
+//!       for jr in steps of 16 over NC:       one B strip (KC x 16, in L1)
+//!         for ir in steps of 6 over MC:      micro-kernel: a 6 x 16 tile of C in 12 registers
+//! ```
+//!
+//! Numerics: every element of C is one chain of fused multiply-adds over `p = 0..k` in
+//! ascending order, restarted at each KC block: the first block stores `alpha * acc + beta * C`,
+//! later ones `alpha * acc + C`. The value of an element depends only on its own row of A and
+//! column of B, not on where its tile or the caller's band falls, so splitting C among threads
+//! changes no bit.
+
+use core::arch::x86_64::*;
+use std::cell::RefCell;
+
+/// Rows of the register tile.
+const MR: usize = 6;
+/// Columns of the register tile: two 8-float AVX registers.
+const NR: usize = 16;
+/// Depth of a packed block: a 16-column B strip of KC rows is 16 KiB, half of L1.
+const KC: usize = 256;
+/// Rows of A packed at once (a multiple of MR): 120 x 256 floats = 120 KiB, inside L2.
+const MC: usize = 120;
+/// Columns of B packed at once (a multiple of NR): up to 3 MiB, inside L3; as wide as the
+/// widest weight matrix of ViT-B and ViT-L (3072 and 4096 columns) needs in one or two panels.
+const NC: usize = 3072;
+
+/// Whether this CPU runs the kernel (checked once by the caller).
+pub(super) fn available() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}
+
+/// One cache line of floats: the packing buffers are made of these so that every strip starts
+/// on a line and no 32-byte load of the micro-kernel straddles two lines (which measured ~20 %
+/// slower with the allocator's 16-byte alignment).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+thread_local! {
+    /// This thread's packing buffers: packed A (MC x KC) then packed B (KC x NC). Grown on the
+    /// thread's first product to the size the largest product needs and kept, so a training
+    /// step allocates nothing here after the first.
+    static WORKSPACE: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The workspace's floats.
+fn floats(lines: &mut [Line]) -> &mut [f32] {
+    // SAFETY: `Line` is `repr(C)` around `[f32; 16]` with no padding (64 bytes either way), so
+    // the lines are `16 * len` consecutive, initialized floats, borrowed mutably for as long.
+    unsafe { core::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<f32>(), lines.len() * 16) }
+}
+
+/// A strided operand: element `(i, j)` at `ptr + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+pub(super) struct Operand {
+    pub(super) ptr: *const f32,
+    pub(super) rs: usize,
+    pub(super) cs: usize,
+}
+
+/// `C = alpha * A * B + beta * C` for an `m x k` A and a `k x n` B; C has contiguous columns
+/// and row stride `rsc`.
+///
+/// # Safety
+/// [`available`] returned true. Every element of A, B and C addressed by the shapes and strides
+/// is inside one allocation; C's elements are distinct and overlap neither A nor B. With
+/// `beta == 0` C is only written; with `k == 0` A and B are not read.
+pub(super) unsafe fn gemm(
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    a: Operand,
+    b: Operand,
+    beta: f32,
+    c: *mut f32,
+    rsc: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        // SAFETY: the caller's contract on C.
+        unsafe { scale(m, n, beta, c, rsc) };
+        return;
+    }
+    let kc_max = k.min(KC);
+    // Rounded up to a line, so that packed B starts on one too (its 16-column strips are whole
+    // lines; A's strips are read one float at a time).
+    let a_len = (m.min(MC).next_multiple_of(MR) * kc_max).next_multiple_of(16);
+    let b_len = n.min(NC).next_multiple_of(NR) * kc_max;
+    WORKSPACE.with(|ws| {
+        // Not reentrant: the loop nest below calls nothing that multiplies again.
+        let mut ws = ws.borrow_mut();
+        if ws.len() * 16 < a_len + b_len {
+            // Rounded up to the full panel sizes, so that later, larger products on this thread
+            // rarely need to grow it again.
+            let want = (a_len + b_len).max(MC * KC + KC * NC.min(n.next_multiple_of(NR)));
+            ws.resize(want.div_ceil(16), Line([0.0; 16]));
+        }
+        let (a_pack, rest) = floats(&mut ws).split_at_mut(a_len);
+        let b_pack = &mut rest[..b_len];
+        for jc in (0..n).step_by(NC) {
+            let nc = NC.min(n - jc);
+            for pc in (0..k).step_by(KC) {
+                let kc = KC.min(k - pc);
+                // SAFETY: the block's elements lie inside B (caller's contract).
+                unsafe { pack_b(kc, nc, offset(b, pc, jc), b_pack) };
+                let beta_block = if pc == 0 { beta } else { 1.0 };
+                for ic in (0..m).step_by(MC) {
+                    let mc = MC.min(m - ic);
+                    // SAFETY: as above, for A.
+                    unsafe { pack_a(mc, kc, offset(a, ic, pc), a_pack) };
+                    for jr in (0..nc).step_by(NR) {
+                        let b_strip = &b_pack[jr * kc..(jr + NR) * kc];
+                        for ir in (0..mc).step_by(MR) {
+                            let a_strip = &a_pack[ir * kc..(ir + MR) * kc];
+                            // SAFETY: the tile (ic + ir .., jc + jr ..), clipped to m x n, is
+                            // inside C (caller's contract); `available` was checked.
+                            unsafe {
+                                let tile = c.add((ic + ir) * rsc + jc + jr);
+                                let rows = MR.min(mc - ir);
+                                let cols = NR.min(nc - jr);
+                                let edge = (rows, cols);
+                                micro_kernel(
+                                    kc, a_strip, b_strip, tile, rsc, edge, alpha, beta_block,
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The operand moved to element `(i, j)`.
+///
+/// # Safety
+/// `(i, j)` is an element of the operand (or `i`/`j` equal a dimension with nothing read there).
+unsafe fn offset(x: Operand, i: usize, j: usize) -> Operand {
+    Operand {
+        // SAFETY: the caller's contract: the address is inside (or one past) the allocation.
+        ptr: unsafe { x.ptr.add(i * x.rs + j * x.cs) },
+        ..x
+    }
+}
+
+/// `C = beta * C` (zero when `beta == 0`, whatever C held): the product of an empty sum.
+///
+/// # Safety
+/// The m x n elements of C are valid for writes (and reads when `beta != 0`).
+unsafe fn scale(m: usize, n: usize, beta: f32, c: *mut f32, rsc: usize) {
+    for i in 0..m {
+        for j in 0..n {
+            // SAFETY: the caller's contract.
+            unsafe {
+                let e = c.add(i * rsc + j);
+                *e = if beta == 0.0 { 0.0 } else { beta * *e };
+            }
+        }
+    }
+}
+
+/// Packs the `mc x kc` block of A at `a` into 6-row strips: strip `s` holds, for each `p`, the
+/// six values `A[6s + 0..6][p]` (zeros past row `mc`).
+///
+/// # Safety
+/// Every element `(i, p)`, `i < mc`, `p < kc`, of `a` is readable.
+unsafe fn pack_a(mc: usize, kc: usize, a: Operand, dst: &mut [f32]) {
+    for (s, strip) in dst[..mc.next_multiple_of(MR) * kc]
+        .chunks_exact_mut(MR * kc)
+        .enumerate()
+    {
+        let rows = MR.min(mc - s * MR);
+        if rows < MR {
+            strip.fill(0.0);
+        }
+        if a.rs == 1 {
+            // A stored transpose (a gradient `dY^T`): the strip's six values of each `p` are
+            // contiguous.
+            for p in 0..kc {
+                // SAFETY: column p < kc, rows 6s .. 6s + rows <= mc.
+                let src =
+                    unsafe { core::slice::from_raw_parts(a.ptr.add(p * a.cs + s * MR), rows) };
+                strip[p * MR..p * MR + rows].copy_from_slice(src);
+            }
+        } else {
+            // Rows of A are contiguous (`cs == 1` in the model's products): walk the strip's
+            // rows side by side, so that the strip is written in order.
+            let mut src = [a.ptr; MR];
+            for (i, row) in src.iter_mut().enumerate().take(rows) {
+                // SAFETY: row `6s + i < mc` of the block.
+                *row = unsafe { a.ptr.add((s * MR + i) * a.rs) };
+            }
+            for p in 0..kc {
+                for i in 0..rows {
+                    // SAFETY: element (6s + i, p) of the block, p < kc.
+                    strip[p * MR + i] = unsafe { *src[i].add(p * a.cs) };
+                }
+            }
+        }
+    }
+}
+
+/// Packs the `kc x nc` block of B at `b` into 16-column strips: strip `s` holds, for each `p`,
+/// the sixteen values `B[p][16s + 0..16]` (zeros past column `nc`).
+///
+/// # Safety
+/// Every element `(p, j)`, `p < kc`, `j < nc`, of `b` is readable.
+unsafe fn pack_b(kc: usize, nc: usize, b: Operand, dst: &mut [f32]) {
+    for (s, strip) in dst[..nc.next_multiple_of(NR) * kc]
+        .chunks_exact_mut(NR * kc)
+        .enumerate()
+    {
+        let cols = NR.min(nc - s * NR);
+        if cols < NR {
+            strip.fill(0.0);
+        }
+        if b.cs == 1 {
+            // Rows of B are contiguous: copy 16 (or fewer) floats per row.
+            for p in 0..kc {
+                // SAFETY: row p < kc, columns 16s .. 16s + cols < nc.
+                let src =
+                    unsafe { core::slice::from_raw_parts(b.ptr.add(p * b.rs + s * NR), cols) };
+                strip[p * NR..p * NR + cols].copy_from_slice(src);
+            }
+        } else if cols == NR && b.rs == 1 {
+            // A stored transpose (a weight matrix `[n, k]`): sixteen contiguous columns of B,
+            // turned into rows of the strip eight by eight.
+            for p in (0..kc - kc % 8).step_by(8) {
+                for h in 0..2 {
+                    // SAFETY: columns 16s + 8h .. + 8 < nc and rows p .. p + 8 <= kc; AVX2 is
+                    // available (the kernel's precondition).
+                    unsafe {
+                        let src = b.ptr.add((s * NR + 8 * h) * b.cs + p);
+                        transpose_8x8(src, b.cs, strip.as_mut_ptr().add(p * NR + 8 * h), NR)
+                    };
+                }
+            }
+            for p in kc - kc % 8..kc {
+                for j in 0..NR {
+                    // SAFETY: element (p, 16s + j) of the block.
+                    strip[p * NR + j] = unsafe { *b.ptr.add((s * NR + j) * b.cs + p) };
+                }
+            }
+        } else {
+            for j in 0..cols {
+                // SAFETY: column 16s + j < nc; p < kc below.
+                let col = unsafe { b.ptr.add((s * NR + j) * b.cs) };
+                for p in 0..kc {
+                    // SAFETY: as above.
+                    strip[p * NR + j] = unsafe { *col.add(p * b.rs) };
+                }
+            }
+        }
+    }
+}
+
+/// Writes the transpose of the 8 x 8 block at `src` (rows `src_stride` apart) to `dst` (rows
+/// `dst_stride` apart): `dst[j][i] = src[i][j]`.
+///
+/// # Safety
+/// AVX2 is available; the 8 rows of 8 floats at `src` are readable and those at `dst`
+/// writable.
+#[target_feature(enable = "avx2")]
+unsafe fn transpose_8x8(src: *const f32, src_stride: usize, dst: *mut f32, dst_stride: usize) {
+    // SAFETY: the caller's contract bounds every load and store.
+    unsafe {
+        let r: [__m256; 8] = core::array::from_fn(|i| _mm256_loadu_ps(src.add(i * src_stride)));
+        // Interleave pairs of rows, then pairs of pairs, then swap 128-bit halves.
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        let out = [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ];
+        for (j, v) in out.into_iter().enumerate() {
+            _mm256_storeu_ps(dst.add(j * dst_stride), v);
+        }
+    }
+}
+
+/// The 6 x 16 tile `sum_p a_strip[p] (6 values) x b_strip[p] (16 values)`, accumulated by FMA
+/// in ascending `p` in 12 AVX registers (row `i`'s two halves at `2i`, `2i + 1`), then written
+/// to the `rows x cols` corner of C at `c` by [`store`].
+///
+/// # Safety
+/// AVX2 and FMA are available; the strips hold `6 * kc` and `16 * kc` values; the corner is
+/// valid as [`store`] requires.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn micro_kernel(
+    kc: usize,
+    a_strip: &[f32],
+    b_strip: &[f32],
+    c: *mut f32,
+    rsc: usize,
+    (rows, cols): (usize, usize),
+    alpha: f32,
+    beta: f32,
+) {
+    debug_assert!(a_strip.len() >= MR * kc && b_strip.len() >= NR * kc);
+    // C's rows are far apart and usually out of L1 (or L2): ask for them now, so that they have
+    // arrived when the tile is stored after the k loop.
+    for i in 0..rows {
+        // SAFETY: a prefetch is only a hint and never faults; the address is inside C.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(c.add(i * rsc).cast::<i8>()) };
+    }
+    let (a, b) = (a_strip.as_ptr(), b_strip.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 12];
+    for p in 0..kc {
+        // SAFETY: p < kc, so the 16 values of B's row and 6 of A's column are in the strips.
+        unsafe {
+            let b0 = _mm256_loadu_ps(b.add(p * NR));
+            let b1 = _mm256_loadu_ps(b.add(p * NR + 8));
+            for i in 0..MR {
+                let ai = _mm256_broadcast_ss(&*a.add(p * MR + i));
+                acc[2 * i] = _mm256_fmadd_ps(ai, b0, acc[2 * i]);
+                acc[2 * i + 1] = _mm256_fmadd_ps(ai, b1, acc[2 * i + 1]);
+            }
+        }
+    }
+    // SAFETY: the caller's contract.
+    unsafe { store(&acc, c, rsc, rows, cols, alpha, beta) }
+}
+
+/// Writes `alpha * acc + beta * C` into the `rows x cols` corner of the tile at `c` (C not read
+/// when `beta == 0`). Full tiles go straight from the registers; edge tiles through a stack
+/// copy, with the same operations (a multiply, then a fused multiply-add), so an element gets
+/// the same bits whichever kind of tile it falls in.
+///
+/// # Safety
+/// AVX2 and FMA are available; the `rows x cols` elements at `c` (row stride `rsc`) are valid.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn store(
+    acc: &[__m256; 12],
+    c: *mut f32,
+    rsc: usize,
+    rows: usize,
+    cols: usize,
+    alpha: f32,
+    beta: f32,
+) {
+    let va = _mm256_set1_ps(alpha);
+    let vb = _mm256_set1_ps(beta);
+    if rows == MR && cols == NR {
+        for i in 0..MR {
+            for h in 0..2 {
+                // SAFETY: a full tile: row i < 6, columns 8h .. 8h + 8 < 16 are in C.
+                unsafe {
+                    let e = c.add(i * rsc + 8 * h);
+                    let mut v = _mm256_mul_ps(va, acc[2 * i + h]);
+                    if beta != 0.0 {
+                        v = _mm256_fmadd_ps(vb, _mm256_loadu_ps(e), v);
+                    }
+                    _mm256_storeu_ps(e, v);
+                }
+            }
+        }
+        return;
+    }
+    let mut tile = [0.0f32; MR * NR];
+    for (i, pair) in acc.chunks_exact(2).enumerate() {
+        for (h, &v) in pair.iter().enumerate() {
+            // SAFETY: 8 floats at row i, column 8h of the 6 x 16 stack tile.
+            unsafe { _mm256_storeu_ps(tile.as_mut_ptr().add(i * NR + 8 * h), v) };
+        }
+    }
+    for i in 0..rows {
+        for j in 0..cols {
+            // SAFETY: i < rows, j < cols: inside the caller's valid corner.
+            unsafe {
+                let e = c.add(i * rsc + j);
+                let mut v = alpha * tile[i * NR + j];
+                if beta != 0.0 {
+                    v = beta.mul_add(*e, v);
+                }
+                *e = v;
+            }
+        }
+    }
+}
