@@ -200,14 +200,27 @@ unsafe fn pack_a(mc: usize, kc: usize, a: Operand, dst: &mut [f32]) {
                 strip[p * MR..p * MR + rows].copy_from_slice(src);
             }
         } else {
-            // Rows of A are contiguous (`cs == 1` in the model's products): walk the strip's
-            // rows side by side, so that the strip is written in order.
-            let mut src = [a.ptr; MR];
+            // Rows of A are contiguous (`cs == 1` in the model's products): eight values of
+            // each of the strip's rows at a time, turned into eight columns of six by a
+            // register transpose (rows 6 and 7 of it repeat row 0 and are dropped); a partial
+            // strip goes value by value, leaving its missing rows zero.
+            let mut src = [a.ptr; 8];
             for (i, row) in src.iter_mut().enumerate().take(rows) {
                 // SAFETY: row `6s + i < mc` of the block.
                 *row = unsafe { a.ptr.add((s * MR + i) * a.rs) };
             }
-            for p in 0..kc {
+            let whole = if a.cs == 1 && rows == MR { kc - kc % 8 } else { 0 };
+            let mut block = [0.0f32; 64];
+            for p in (0..whole).step_by(8) {
+                // SAFETY: elements (6s + i, p .. p + 8) of the block, contiguous since cs == 1;
+                // AVX2 is available (the kernel's precondition).
+                unsafe { transpose_8x8(src.map(|r| r.add(p)), block.as_mut_ptr(), 8) };
+                for q in 0..8 {
+                    strip[(p + q) * MR..(p + q + 1) * MR]
+                        .copy_from_slice(&block[q * 8..q * 8 + MR]);
+                }
+            }
+            for p in whole..kc {
                 for i in 0..rows {
                     // SAFETY: element (6s + i, p) of the block, p < kc.
                     strip[p * MR + i] = unsafe { *src[i].add(p * a.cs) };
@@ -247,8 +260,9 @@ unsafe fn pack_b(kc: usize, nc: usize, b: Operand, dst: &mut [f32]) {
                     // SAFETY: columns 16s + 8h .. + 8 < nc and rows p .. p + 8 <= kc; AVX2 is
                     // available (the kernel's precondition).
                     unsafe {
-                        let src = b.ptr.add((s * NR + 8 * h) * b.cs + p);
-                        transpose_8x8(src, b.cs, strip.as_mut_ptr().add(p * NR + 8 * h), NR)
+                        let first = b.ptr.add((s * NR + 8 * h) * b.cs + p);
+                        let src = core::array::from_fn(|j| first.add(j * b.cs));
+                        transpose_8x8(src, strip.as_mut_ptr().add(p * NR + 8 * h), NR)
                     };
                 }
             }
@@ -271,17 +285,17 @@ unsafe fn pack_b(kc: usize, nc: usize, b: Operand, dst: &mut [f32]) {
     }
 }
 
-/// Writes the transpose of the 8 x 8 block at `src` (rows `src_stride` apart) to `dst` (rows
+/// Writes the transpose of the 8 x 8 block whose rows start at `src` to `dst` (rows
 /// `dst_stride` apart): `dst[j][i] = src[i][j]`.
 ///
 /// # Safety
-/// AVX2 is available; the 8 rows of 8 floats at `src` are readable and those at `dst`
-/// writable.
+/// AVX2 is available; the 8 floats at each `src[i]` are readable and the 8 rows of 8 floats at
+/// `dst` writable.
 #[target_feature(enable = "avx2")]
-unsafe fn transpose_8x8(src: *const f32, src_stride: usize, dst: *mut f32, dst_stride: usize) {
+unsafe fn transpose_8x8(src: [*const f32; 8], dst: *mut f32, dst_stride: usize) {
     // SAFETY: the caller's contract bounds every load and store.
     unsafe {
-        let r: [__m256; 8] = core::array::from_fn(|i| _mm256_loadu_ps(src.add(i * src_stride)));
+        let r: [__m256; 8] = src.map(|row| _mm256_loadu_ps(row));
         // Interleave pairs of rows, then pairs of pairs, then swap 128-bit halves.
         let t0 = _mm256_unpacklo_ps(r[0], r[1]);
         let t1 = _mm256_unpackhi_ps(r[0], r[1]);
