@@ -195,9 +195,9 @@ unsafe fn pack_a(mc: usize, kc: usize, a: Operand, dst: &mut [f32]) {
             // contiguous.
             for p in 0..kc {
                 // SAFETY: column p < kc, rows 6s .. 6s + rows <= mc.
-                let src =
-                    unsafe { core::slice::from_raw_parts(a.ptr.add(p * a.cs + s * MR), rows) };
-                strip[p * MR..p * MR + rows].copy_from_slice(src);
+                unsafe {
+                    copy_run::<MR>(a.ptr.add(p * a.cs + s * MR), &mut strip[p * MR..][..rows])
+                };
             }
         } else {
             // Rows of A are contiguous (`cs == 1` in the model's products): eight values of
@@ -209,7 +209,11 @@ unsafe fn pack_a(mc: usize, kc: usize, a: Operand, dst: &mut [f32]) {
                 // SAFETY: row `6s + i < mc` of the block.
                 *row = unsafe { a.ptr.add((s * MR + i) * a.rs) };
             }
-            let whole = if a.cs == 1 && rows == MR { kc - kc % 8 } else { 0 };
+            let whole = if a.cs == 1 && rows == MR {
+                kc - kc % 8
+            } else {
+                0
+            };
             let mut block = [0.0f32; 64];
             for p in (0..whole).step_by(8) {
                 // SAFETY: elements (6s + i, p .. p + 8) of the block, contiguous since cs == 1;
@@ -248,9 +252,9 @@ unsafe fn pack_b(kc: usize, nc: usize, b: Operand, dst: &mut [f32]) {
             // Rows of B are contiguous: copy 16 (or fewer) floats per row.
             for p in 0..kc {
                 // SAFETY: row p < kc, columns 16s .. 16s + cols < nc.
-                let src =
-                    unsafe { core::slice::from_raw_parts(b.ptr.add(p * b.rs + s * NR), cols) };
-                strip[p * NR..p * NR + cols].copy_from_slice(src);
+                unsafe {
+                    copy_run::<NR>(b.ptr.add(p * b.rs + s * NR), &mut strip[p * NR..][..cols])
+                };
             }
         } else if cols == NR && b.rs == 1 {
             // A stored transpose (a weight matrix `[n, k]`): sixteen contiguous columns of B,
@@ -282,6 +286,22 @@ unsafe fn pack_b(kc: usize, nc: usize, b: Operand, dst: &mut [f32]) {
                 }
             }
         }
+    }
+}
+
+/// Copies `dst.len()` floats from `src`. A strip's full rows (`N` floats) take a fixed-size
+/// copy, which compiles to a few register moves instead of a call to `memcpy` per row.
+///
+/// # Safety
+/// `dst.len()` floats at `src` are readable.
+#[inline(always)]
+unsafe fn copy_run<const N: usize>(src: *const f32, dst: &mut [f32]) {
+    if let Ok(full) = <&mut [f32; N]>::try_from(&mut *dst) {
+        // SAFETY: the caller's contract, with `dst.len() == N`.
+        *full = unsafe { src.cast::<[f32; N]>().read_unaligned() };
+    } else {
+        // SAFETY: the caller's contract.
+        dst.copy_from_slice(unsafe { core::slice::from_raw_parts(src, dst.len()) });
     }
 }
 
