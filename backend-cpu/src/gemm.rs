@@ -1,8 +1,9 @@
-//! Strided-batched GEMM on the `gemm` crate (default) or `matrixmultiply::sgemm`
-//! (`MAE_CPU_GEMM=matrixmultiply`).
+//! Strided-batched GEMM on one of three single-threaded kernels: the crate's own ([`packed`],
+//! x86-64 with AVX2 and FMA, the default there), the `gemm` crate (the default elsewhere, or
+//! `MAE_CPU_GEMM=gemm`) or `matrixmultiply::sgemm` (`MAE_CPU_GEMM=matrixmultiply`).
 //!
-//! Both kernels take a row and a column stride per operand, so a stored transpose is only a
-//! swap of the two strides: no operand is ever copied. The kernels run single-threaded; the
+//! Every kernel takes a row and a column stride per operand, so a stored transpose is only a
+//! swap of the two strides: no operand is copied before the kernel packs it. The kernels run single-threaded; the
 //! threads are the crate's [`crate::pool`], so GEMMs and the other ops share one set of threads
 //! and never oversubscribe the cores. A batch of products (attention heads) runs one product per
 //! task; a single big product is cut into bands of rows (or columns) of C, one per thread. The
@@ -10,8 +11,9 @@
 //! order, whatever the thread count or the scheduling (a unit test checks the split products
 //! bitwise against unsplit ones).
 //!
-//! The kernels allocate their packing buffers themselves on each call (the `gemm` crate also a
-//! small flags `Vec` for some shapes): the only allocations an op makes.
+//! The crate's own kernel packs into per-thread buffers made on a thread's first product; the
+//! two libraries allocate their packing buffers on each call (the `gemm` crate also a small
+//! flags `Vec` for some shapes), the only allocations an op then makes.
 
 #[cfg(target_arch = "x86_64")]
 mod packed;
@@ -82,7 +84,7 @@ pub(crate) fn gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
     // Captured whole (a closure would otherwise capture the non-`Sync` fields one by one).
     let ptrs = &ptrs;
     // The block of rows `rows` and columns `cols` of C[bi], computed by one single-threaded
-    // matrixmultiply call.
+    // kernel call.
     let block = |bi: usize, rows: Range<usize>, cols: Range<usize>| {
         // Cannot overflow: bi * stride <= (batch - 1) * stride <= need <= len (checked above), and
         // every offset below is at most the offset of an element of that item's operand.
@@ -91,7 +93,7 @@ pub(crate) fn gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
         let oc = bi * g.stride_c + rows.start * n + cols.start;
         let (mb, nb) = (rows.len(), cols.len());
         // SAFETY: the asserts above give `need_x <= x.len()` for each operand, where need_x is
-        // computed without overflow. For batch item `bi`, matrixmultiply reads A at offsets
+        // computed without overflow. For batch item `bi`, the kernel reads A at offsets
         // `bi*stride_a + i*rsa + p*csa` for i < m, p < k; the largest is `bi*stride_a + m*k - 1`
         // in both layouts (`(m-1)*k + (k-1)` or `(k-1)*m + (m-1)`), which is below
         // `(batch-1)*stride_a + m*k = need_a <= a.len()`; a block reads the rows

@@ -1,8 +1,8 @@
 //! # mae-backend-cpu: the `mae` compute backend on the CPU
 //!
 //! Buffers are plain `Vec<f32>` / `Vec<u32>`, so "device" memory is host memory and every op runs
-//! synchronously. GEMM goes through the `gemm` crate (or `matrixmultiply` with
-//! `MAE_CPU_GEMM=matrixmultiply`); every op, GEMM included, splits its work
+//! synchronously. GEMM runs on the crate's own AVX2/FMA kernel on x86-64 (the `gemm` crate
+//! elsewhere; see [`gemm_kernel`]); every op, GEMM included, splits its work
 //! over one small thread pool ([`pool`]). The thread count comes from `MAE_CPU_THREADS`, else
 //! `MATMUL_NUM_THREADS`, else the number of CPUs the process may use; `MAE_CPU_THREADS=1` runs
 //! everything on the calling thread. Work is split in fixed pieces that never share an output
@@ -17,12 +17,12 @@
 //!   ~1e-10 relative error) and rounded once; `exp` is the crate's own, so results do not depend
 //!   on the platform's C library either, and the loops vectorize.
 //! - Ops never allocate: only [`Backend::alloc`], [`Backend::upload`] and
-//!   [`Backend::upload_idx`] do (and the GEMM kernel's packing buffers inside a GEMM, and the
-//!   thread pool and GELU table once, on first use), and they report failure as
+//!   [`Backend::upload_idx`] do (and the thread pool, GELU table and each thread's GEMM packing
+//!   buffers once, on first use; the fallback GEMM libraries on every product), and they report failure as
 //!   [`BackendErrorKind::OutOfMemory`] instead of aborting.
 //! - Like every backend, this one trusts `mae` to pass buffers of the documented lengths. A wrong
-//!   length can panic (slice bounds) but never causes undefined behaviour: the one `unsafe` call,
-//!   the GEMM kernel, asserts its bounds first.
+//!   length can panic (slice bounds) but never causes undefined behaviour: the GEMM, the one
+//!   `unsafe` code, asserts its bounds first.
 //!
 //! ```
 //! use mae::backend::{Backend, Gemm};
