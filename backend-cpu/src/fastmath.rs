@@ -140,7 +140,7 @@ fn exp_parts<L: Lanes>(a: L, lo: L) -> (L, L) {
     const LN2_LO: f32 = -2.121_944_4e-4;
     // Cephes' `expf` minimax polynomial: exp(r) = 1 + r + r^2 P(r) on |r| <= ln(2) / 2.
     const P: [f32; 6] = [
-        5.000_000_1e-1,
+        0.5,
         1.666_666_5e-1,
         4.166_579_6e-2,
         8.333_452e-3,
@@ -455,16 +455,10 @@ mod avx2 {
 const GRAD_ULPS: f64 = 5.3;
 
 /// Whether the CPU has AVX2 and FMA (cached by the standard library after the first call).
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
 /// Runs `f` compiled for AVX2 when the CPU has it, else as is: for loops the compiler
