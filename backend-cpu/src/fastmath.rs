@@ -15,8 +15,8 @@
 //! - GELU `x Phi(x) = x (1 + erf(x / sqrt 2)) / 2`: at most 1 ulp for `x >= 0`, 3 ulp for
 //!   `-1 <= x < 0`, 5 ulp for `x < -1` (tiny results keep their relative accuracy down into the
 //!   subnormals; below about -14.5 the result is -0). Beyond `|x| = 16` it is `x` or -0 exactly.
-//! - GELU gradient `Phi(x) + x phi(x)`: absolute error at most 1.29e-7 (~1 ulp of 1, near
-//!   `x = 1.5` where the gradient is 1.1), and at most 4.9 ulps of the larger of its two terms
+//! - GELU gradient `Phi(x) + x phi(x)`: absolute error at most 1.29e-7 (~1 ulp of values
+//!   near 1; the gradient peaks at 1.13), and at most 4.9 ulps of the larger of its two terms
 //!   (the terms cancel where the gradient crosses zero, at x = -0.7518, so relative to the
 //!   gradient itself the error grows there).
 
