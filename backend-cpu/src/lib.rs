@@ -13,16 +13,17 @@
 //! - Row reductions (LayerNorm statistics, softmax sums, loss sums) and column sums over many rows
 //!   (bias and LayerNorm parameter gradients) accumulate in `f64` in a fixed order, so results are
 //!   bitwise repeatable run to run and independent of the GEMM thread count.
-//! - GELU is computed in `f64` (the normal CDF from a table of `libm`'s `erfc`, interpolated,
-//!   ~1e-10 relative error) and rounded once; `exp` is the crate's own, so results do not depend
-//!   on the platform's C library either, and the loops vectorize.
+//! - GELU, its gradient and the softmax's `exp` are the crate's own branch-free `f32` routines
+//!   (eight lanes with AVX2 + FMA, bitwise the same on the scalar fallback), within a few ulp of
+//!   the correctly rounded value (measured bounds in `fastmath.rs`), so results do not depend on
+//!   the platform's C library either.
 //! - Ops never allocate: only [`Backend::alloc`], [`Backend::upload`] and
-//!   [`Backend::upload_idx`] do (and the thread pool, GELU table and each thread's GEMM packing
-//!   buffers once, on first use; the fallback GEMM libraries on every product), and they report failure as
+//!   [`Backend::upload_idx`] do (and the thread pool and each thread's GEMM packing buffers once,
+//!   on first use; the fallback GEMM libraries on every product), and they report failure as
 //!   [`BackendErrorKind::OutOfMemory`] instead of aborting.
 //! - Like every backend, this one trusts `mae` to pass buffers of the documented lengths. A wrong
-//!   length can panic (slice bounds) but never causes undefined behaviour: the GEMM, the one
-//!   `unsafe` code, asserts its bounds first.
+//!   length can panic (slice bounds) but never causes undefined behaviour: the `unsafe` code (the
+//!   GEMM, the AVX2 loads and stores in `fastmath.rs`) asserts its bounds first.
 //!
 //! ```
 //! use mae::backend::{Backend, Gemm};
