@@ -65,12 +65,16 @@ pub(crate) fn softmax_forward(x: &[f32], y: &mut [f32], rows: usize, cols: usize
     let y = &mut y[..rows * cols];
     let rpc = rows_per_chunk(cols);
     chunks1(y, rpc * cols, |i, yc| {
-        wide(|| {
-            for (r, yr) in yc.chunks_exact_mut(cols).enumerate() {
-                let row = i * rpc + r;
-                softmax_row(&x[row * cols..(row + 1) * cols], yr, scale);
-            }
-        })
+        // `inline(always)`: a closure left out of line is compiled without AVX2 (see `wide`).
+        wide(
+            #[inline(always)]
+            || {
+                for (r, yr) in yc.chunks_exact_mut(cols).enumerate() {
+                    let row = i * rpc + r;
+                    softmax_row(&x[row * cols..(row + 1) * cols], yr, scale);
+                }
+            },
+        )
     });
 }
 

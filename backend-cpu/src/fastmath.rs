@@ -463,7 +463,8 @@ fn has_avx2_fma() -> bool {
 
 /// Runs `f` compiled for AVX2 when the CPU has it, else as is: for loops the compiler
 /// vectorizes itself (the softmax's `f64` sums), whose results do not depend on the vector width
-/// (Rust never contracts `a * b + c` into an FMA nor reorders float operations).
+/// (Rust never contracts `a * b + c` into an FMA nor reorders float operations). Pass the
+/// closure with `#[inline(always)]`: one that LLVM leaves out of line is compiled without AVX2.
 #[inline(always)]
 pub(crate) fn wide<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]

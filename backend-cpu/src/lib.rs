@@ -9,6 +9,13 @@
 //! element, and no sum is split across threads, so results are bitwise the same for any thread
 //! count and any scheduling.
 //!
+//! Attention is fused ([`Backend::fused_attention`] is true): per image and head, blocks of query
+//! rows go through `q k^T`, the softmax and `P v` in a small per-thread scratch, straight from
+//! and into the qkv layout, and the backward recomputes the probabilities from one saved
+//! log-sum-exp per row, so no `[N, H, T, T]` tensor is ever in memory. `MAE_CPU_ATTENTION=composed`
+//! makes the model compose attention from `split_heads`, `gemm`, `softmax_*` and `merge_heads`
+//! instead (to compare the two; the fused ops stay callable).
+//!
 //! Numerics, beyond the [`Backend`] contract:
 //! - Row reductions (LayerNorm statistics, softmax sums, loss sums) and column sums over many rows
 //!   (bias and LayerNorm parameter gradients) accumulate in `f64` in a fixed order, so results are
@@ -17,9 +24,14 @@
 //!   (eight lanes with AVX2 + FMA, bitwise the same on the scalar fallback), within a few ulp of
 //!   the correctly rounded value (measured bounds in `fastmath.rs`), so results do not depend on
 //!   the platform's C library either.
+//! - The fused attention turns scores into probabilities with `softmax_forward`'s arithmetic
+//!   and takes `dS` with `softmax_backward`'s; its backward recomputes the probabilities from the
+//!   `f32` log-sum-exp, which moves them by that rounding (~1e-7 relative per unit of
+//!   log-sum-exp).
 //! - Ops never allocate: only [`Backend::alloc`], [`Backend::upload`] and
 //!   [`Backend::upload_idx`] do (and the thread pool and each thread's GEMM packing buffers once,
-//!   on first use; the fallback GEMM libraries on every product), and they report failure as
+//!   on first use, the fused attention's per-thread score scratch when a call needs more than any
+//!   before, and the fallback GEMM libraries on every product), and they report failure as
 //!   [`BackendErrorKind::OutOfMemory`] instead of aborting.
 //! - Like every backend, this one trusts `mae` to pass buffers of the documented lengths. A wrong
 //!   length can panic (slice bounds) but never causes undefined behaviour: the `unsafe` code (the
@@ -48,6 +60,7 @@
 
 mod activation;
 mod adamw;
+mod attention;
 mod fastmath;
 mod gemm;
 mod loss;
@@ -57,8 +70,8 @@ mod reduce;
 mod rows;
 
 use mae::backend::{
-    AdamWStep, BResult, Backend, BackendError, BackendErrorKind, Gather, Gemm, Heads, Patchify,
-    RowMap,
+    AdamWStep, Attention, BResult, Backend, BackendError, BackendErrorKind, Gather, Gemm, Heads,
+    Patchify, RowMap,
 };
 
 /// The CPU backend. It holds no state: buffers are `Vec`s owned by the caller and the thread pool
@@ -366,6 +379,37 @@ impl Backend for CpuBackend {
     ) -> BResult<()> {
         activation::softmax_backward(y, dy, dx, rows, cols, scale);
         Ok(())
+    }
+
+    // ---- fused attention --------------------------------------------------------------------
+
+    /// True for every shape unless `MAE_CPU_ATTENTION=composed` (see the crate docs).
+    fn fused_attention(&self, a: &Attention) -> bool {
+        let _ = a;
+        attention::enabled()
+    }
+
+    fn attention_forward(
+        &self,
+        qkv: &Vec<f32>,
+        out: &mut Vec<f32>,
+        lse: &mut Vec<f32>,
+        a: &Attention,
+    ) -> BResult<()> {
+        attention::forward(qkv, out, lse, a)
+    }
+
+    fn attention_backward(
+        &self,
+        qkv: &Vec<f32>,
+        out: &Vec<f32>,
+        lse: &Vec<f32>,
+        d_out: &Vec<f32>,
+        d_qkv: &mut Vec<f32>,
+        a: &Attention,
+    ) -> BResult<()> {
+        let _ = out; // the backward's row sums come from the recomputed probabilities
+        attention::backward(qkv, lse, d_out, d_qkv, a)
     }
 
     // ---- loss -------------------------------------------------------------------------------
