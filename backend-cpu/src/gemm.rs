@@ -155,7 +155,6 @@ pub(crate) fn gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
 
 /// A strided read-only matrix: element `(i, j)` is `data[i * row_stride + j * col_stride]`.
 #[derive(Clone, Copy, Debug)]
-#[cfg_attr(not(test), allow(dead_code))] // until an op runs its own small products
 pub(crate) struct MatRef<'a> {
     pub(crate) data: &'a [f32],
     pub(crate) rows: usize,
@@ -164,7 +163,6 @@ pub(crate) struct MatRef<'a> {
     pub(crate) col_stride: usize,
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
 impl MatRef<'_> {
     /// Whether every element lies inside `data` (the last one is the farthest).
     fn fits(&self) -> bool {
@@ -184,7 +182,6 @@ impl MatRef<'_> {
 ///
 /// # Panics
 /// If the shapes disagree or a view reaches past its slice.
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn product(
     alpha: f32,
     a: MatRef,

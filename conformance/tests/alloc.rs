@@ -10,6 +10,7 @@
 //! test's products are below the CPU backend's splitting threshold.) With them the test checks
 //! that bound, and that every step after the first allocates exactly as often as the others.
 
+use mae::backend::{Attention, Backend};
 use mae::init::init_params;
 use mae::train::{TrainOptions, Trainer};
 use mae::Config;
@@ -68,9 +69,18 @@ fn steps_after_the_first_allocate_nothing() {
         per_step.push(ALLOCS.load(Ordering::Relaxed) - before);
     }
     // Matrix products of one step. Per block: 4 linear layers forward and 8 backward (dx, dW),
-    // 2 attention products forward and 4 backward, each batched over images x heads. Outside the
+    // and per image and head (this test's sequences are one query block of the fused attention)
+    // 2 attention products forward and 5 backward when fused, 2 and 4 when composed. Outside the
     // blocks: patch embedding 1 + 1 (no dx), decoder embedding 1 + 2, prediction 1 + 2.
-    let per_block = |heads: usize| 12 + 6 * 2 * heads;
+    let attention = Attention {
+        batch: 2,
+        tokens: 5,
+        heads: 2,
+        head_dim: 16,
+        scale: 0.25,
+    };
+    let per_head = if b.fused_attention(&attention) { 7 } else { 6 };
+    let per_block = |heads: usize| 12 + per_head * 2 * heads;
     let products = cfg.depth * per_block(cfg.num_heads)
         + cfg.decoder_depth * per_block(cfg.decoder_num_heads)
         + 8;
