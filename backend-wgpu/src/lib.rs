@@ -93,8 +93,8 @@ pub struct WgpuBackend {
     /// Whether the model's attention takes the fused kernels (`attention.rs`).
     attention_path: AttentionPath,
     /// Invocations per workgroup of the attention kernels: one SIMD register of rows on a CPU
-    /// adapter (8 lanes of 32 bits on lavapipe's 256-bit vectors), so that the invocations past
-    /// the last row of a short sequence cost nothing; 64 on GPUs.
+    /// adapter (8 lanes of 32 bits on lavapipe's 256-bit vectors: fewer idle invocations past
+    /// the last row of a short sequence, though lavapipe measured no difference), 64 on GPUs.
     attention_wg: u32,
 }
 
@@ -380,7 +380,8 @@ impl Backend for WgpuBackend {
         self.attention_path == AttentionPath::Fused && attention::supported(a)
     }
 
-    /// Runs wherever [`attention::supported`] holds, whichever path the model takes.
+    /// Runs for head widths up to 64 and at most 65535 (image, head) pairs, whichever path the
+    /// model takes; other dims are an `Unsupported` error.
     fn attention_forward(
         &self,
         qkv: &Buf,
