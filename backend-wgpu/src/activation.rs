@@ -1,4 +1,4 @@
-//! Exact GELU and the attention softmax (`shaders/activation.wgsl`).
+//! Exact GELU, the fused bias + GELU epilogue and the attention softmax (`shaders/activation.wgsl`).
 
 use crate::kernel::{grid_1d, word, Kernel};
 use crate::{Buf, WgpuBackend};
@@ -11,6 +11,28 @@ pub(crate) fn gelu_forward(be: &WgpuBackend, x: &Buf, y: &mut Buf) -> BResult<()
         Kernel::GeluForward,
         &[word(n)?],
         &[&x.raw, &y.raw],
+        grid_1d(n),
+    )
+}
+
+/// `pre += bias` per row, then `act = gelu(pre)`, in one pass (one invocation per element).
+pub(crate) fn bias_gelu_forward(
+    be: &WgpuBackend,
+    bias: &Buf,
+    pre: &mut Buf,
+    act: &mut Buf,
+    rows: usize,
+    cols: usize,
+) -> BResult<()> {
+    let n = rows.saturating_mul(cols);
+    if n == 0 {
+        return Ok(());
+    }
+    debug_assert!(bias.len() >= cols && pre.len() >= n && act.len() >= n);
+    be.launch(
+        Kernel::BiasGelu,
+        &[word(n)?, word(cols)?],
+        &[&bias.raw, &pre.raw, &act.raw],
         grid_1d(n),
     )
 }

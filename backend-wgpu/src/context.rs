@@ -27,6 +27,8 @@ pub(crate) struct Gpu {
     pub(crate) info: wgpu::AdapterInfo,
     /// Largest buffer, in bytes, that can be bound as one storage binding.
     pub(crate) max_binding_bytes: u64,
+    /// The device's limits (the adapter's own, requested in full).
+    pub(crate) limits: wgpu::Limits,
     deferred: Arc<Mutex<Deferred>>,
 }
 
@@ -102,6 +104,7 @@ impl Gpu {
             queue,
             info,
             max_binding_bytes,
+            limits,
             deferred,
         })
     }

@@ -1,13 +1,95 @@
-//! Strided-batched GEMM (`shaders/gemm.wgsl`).
+//! Strided-batched GEMM: two kernels and the choice between them.
+//!
+//! - [`GemmKernel::Register`] (`shaders/gemm.wgsl`): each invocation holds an 8 x 8 block of C in
+//!   registers and reads A and B straight from the storage buffers, with no workgroup memory
+//!   and no barriers. This is what is fast on lavapipe, where barriers are expensive and loads
+//!   set the pace.
+//! - [`GemmKernel::Tiled`] (`shaders/gemm_tiled.wgsl`): 64 x 64 blocks of C per workgroup of
+//!   256 invocations, 64 x 16 and 16 x 64 tiles of A and B staged in workgroup memory, a 4 x 4
+//!   register block per invocation. This is what real GPUs want: each value read from memory
+//!   feeds 64 multiply-adds instead of 8.
+//!
+//! The backend takes the tiled kernel on GPU adapters (discrete, integrated, virtual) and the
+//! register kernel on CPU adapters such as lavapipe; `MAE_WGPU_GEMM=tiled|register` overrides
+//! that, and a device whose limits cannot hold the tiled kernel's workgroup gets the register
+//! kernel either way. Both kernels sum each value's k products in ascending order.
 
 use crate::kernel::{word, Kernel, MAX_GROUPS};
 use crate::{Buf, WgpuBackend};
-use mae::backend::{BResult, Gemm};
+use mae::backend::{BResult, BackendError, BackendErrorKind, Gemm};
 
-/// Rows and columns of C per workgroup: 8 x 8 invocations of 8 x 8 blocks.
+/// Rows and columns of C per workgroup, in both kernels.
 const TILE: usize = 64;
+/// Workgroup memory of the tiled kernel: two tiles of 16 rows of 65 floats.
+const TILED_SHARED_BYTES: u32 = 2 * 16 * 65 * 4;
+/// Invocations per workgroup of the tiled kernel (16 x 16).
+const TILED_INVOCATIONS: u32 = 256;
 
+/// Which GEMM kernel the backend runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmKernel {
+    /// Register blocks without workgroup memory (`shaders/gemm.wgsl`): for CPU adapters.
+    Register,
+    /// Workgroup-shared tiles (`shaders/gemm_tiled.wgsl`): for GPUs.
+    Tiled,
+}
+
+impl GemmKernel {
+    /// The kernel for an adapter: `requested` (from `MAE_WGPU_GEMM`) if given, else the tiled
+    /// kernel on anything but a CPU adapter; the register kernel where the device's limits
+    /// cannot hold the tiled one.
+    pub(crate) fn choose(
+        requested: Option<GemmKernel>,
+        device_type: wgpu::DeviceType,
+        limits: &wgpu::Limits,
+    ) -> GemmKernel {
+        let wanted = requested.unwrap_or(if device_type == wgpu::DeviceType::Cpu {
+            GemmKernel::Register
+        } else {
+            GemmKernel::Tiled
+        });
+        if wanted == GemmKernel::Tiled && !tiled_fits(limits) {
+            return GemmKernel::Register;
+        }
+        wanted
+    }
+
+    /// Reads `MAE_WGPU_GEMM`: `tiled`, `register`, or unset for the adapter's default.
+    pub(crate) fn from_env() -> BResult<Option<GemmKernel>> {
+        match std::env::var("MAE_WGPU_GEMM") {
+            Err(_) => Ok(None),
+            Ok(v) if v == "tiled" => Ok(Some(GemmKernel::Tiled)),
+            Ok(v) if v == "register" => Ok(Some(GemmKernel::Register)),
+            Ok(v) => Err(BackendError::new(
+                BackendErrorKind::Unsupported,
+                format!("MAE_WGPU_GEMM={v:?}: expected `tiled` or `register`"),
+            )),
+        }
+    }
+}
+
+/// Whether a workgroup of the tiled kernel fits the device's limits.
+pub(crate) fn tiled_fits(limits: &wgpu::Limits) -> bool {
+    limits.max_compute_workgroup_storage_size >= TILED_SHARED_BYTES
+        && limits.max_compute_invocations_per_workgroup >= TILED_INVOCATIONS
+        && limits.max_compute_workgroup_size_x >= 16
+        && limits.max_compute_workgroup_size_y >= 16
+}
+
+/// `g` with the backend's kernel.
 pub(crate) fn gemm(be: &WgpuBackend, g: &Gemm, a: &Buf, b: &Buf, c: &mut Buf) -> BResult<()> {
+    gemm_with(be, be.gemm_kernel, g, a, b, c)
+}
+
+/// `g` with a given kernel (the caller checked that it fits the device).
+pub(crate) fn gemm_with(
+    be: &WgpuBackend,
+    which: GemmKernel,
+    g: &Gemm,
+    a: &Buf,
+    b: &Buf,
+    c: &mut Buf,
+) -> BResult<()> {
     debug_assert!({
         let (la, lb, lc) = g.lens();
         a.len() >= la && b.len() >= lb && c.len() >= lc
@@ -15,9 +97,10 @@ pub(crate) fn gemm(be: &WgpuBackend, g: &Gemm, a: &Buf, b: &Buf, c: &mut Buf) ->
     if g.m == 0 || g.n == 0 || g.batch == 0 {
         return Ok(());
     }
-    let kernel = Kernel::Gemm {
-        trans_a: g.trans_a,
-        trans_b: g.trans_b,
+    let (trans_a, trans_b) = (g.trans_a, g.trans_b);
+    let kernel = match which {
+        GemmKernel::Register => Kernel::Gemm { trans_a, trans_b },
+        GemmKernel::Tiled => Kernel::GemmTiled { trans_a, trans_b },
     };
     let grid = [word(g.n.div_ceil(TILE))?, word(g.m.div_ceil(TILE))?];
     // The batch is the grid's z dimension, in launches of at most MAX_GROUPS items.

@@ -31,6 +31,8 @@ const COMMON: &str = include_str!("shaders/common.wgsl");
 pub(crate) enum Family {
     Memory,
     Gemm,
+    GemmTiled,
+    Attention,
     Rows,
     Norm,
     Activation,
@@ -43,6 +45,8 @@ impl Family {
         match self {
             Family::Memory => include_str!("shaders/memory.wgsl"),
             Family::Gemm => include_str!("shaders/gemm.wgsl"),
+            Family::GemmTiled => include_str!("shaders/gemm_tiled.wgsl"),
+            Family::Attention => include_str!("shaders/attention.wgsl"),
             Family::Rows => include_str!("shaders/rows.wgsl"),
             Family::Norm => include_str!("shaders/norm.wgsl"),
             Family::Activation => include_str!("shaders/activation.wgsl"),
@@ -67,7 +71,27 @@ pub(crate) enum Kernel {
     Add,
     Scale,
     ScaleRows,
-    Gemm { trans_a: bool, trans_b: bool },
+    Gemm {
+        trans_a: bool,
+        trans_b: bool,
+    },
+    GemmTiled {
+        trans_a: bool,
+        trans_b: bool,
+    },
+    /// Fused attention for one head width, with `wg` invocations per workgroup.
+    AttentionForward {
+        head_dim: u32,
+        wg: u32,
+    },
+    AttentionBackwardDq {
+        head_dim: u32,
+        wg: u32,
+    },
+    AttentionBackwardDkv {
+        head_dim: u32,
+        wg: u32,
+    },
     CopyRows,
     CopyRowsBackward,
     GatherRows,
@@ -80,6 +104,7 @@ pub(crate) enum Kernel {
     LayerNormBackwardCols,
     NormalizeRows,
     GeluForward,
+    BiasGelu,
     GeluBackward,
     SoftmaxForward,
     SoftmaxBackward,
@@ -98,6 +123,18 @@ impl Kernel {
             Kernel::Scale => (Family::Memory, "scale", &[W]),
             Kernel::ScaleRows => (Family::Memory, "scale_rows", &[R, R, W]),
             Kernel::Gemm { .. } => (Family::Gemm, "gemm", &[R, R, W]),
+            Kernel::GemmTiled { .. } => (Family::GemmTiled, "gemm_tiled", &[R, R, W]),
+            Kernel::AttentionForward { .. } => (Family::Attention, "attention_forward", &[R, W, W]),
+            Kernel::AttentionBackwardDq { .. } => (
+                Family::Attention,
+                "attention_backward_dq",
+                &[R, R, R, R, W, W],
+            ),
+            Kernel::AttentionBackwardDkv { .. } => (
+                Family::Attention,
+                "attention_backward_dkv",
+                &[R, R, R, R, W],
+            ),
             Kernel::CopyRows => (Family::Rows, "copy_rows", &[R, W]),
             Kernel::CopyRowsBackward => (Family::Rows, "copy_rows_backward", &[R, W]),
             Kernel::GatherRows => (Family::Rows, "gather_rows", &[R, R, W]),
@@ -114,6 +151,7 @@ impl Kernel {
             }
             Kernel::NormalizeRows => (Family::Norm, "normalize_rows", &[R, W]),
             Kernel::GeluForward => (Family::Activation, "gelu_forward", &[R, W]),
+            Kernel::BiasGelu => (Family::Activation, "bias_gelu_forward", &[R, W, W]),
             Kernel::GeluBackward => (Family::Activation, "gelu_backward", &[R, R, W]),
             Kernel::SoftmaxForward => (Family::Activation, "softmax_forward", &[R, W]),
             Kernel::SoftmaxBackward => (Family::Activation, "softmax_backward", &[R, R, W]),
@@ -127,10 +165,15 @@ impl Kernel {
     /// Values of the WGSL `override` constants.
     fn constants(self) -> Vec<(&'static str, f64)> {
         match self {
-            Kernel::Gemm { trans_a, trans_b } => vec![
+            Kernel::Gemm { trans_a, trans_b } | Kernel::GemmTiled { trans_a, trans_b } => vec![
                 ("TRANS_A", f64::from(u8::from(trans_a))),
                 ("TRANS_B", f64::from(u8::from(trans_b))),
             ],
+            Kernel::AttentionForward { head_dim, wg }
+            | Kernel::AttentionBackwardDq { head_dim, wg }
+            | Kernel::AttentionBackwardDkv { head_dim, wg } => {
+                vec![("HD", f64::from(head_dim)), ("ATT_WG", f64::from(wg))]
+            }
             _ => Vec::new(),
         }
     }

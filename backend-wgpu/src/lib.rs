@@ -11,8 +11,16 @@
 //!   [`Backend::sync`] do.
 //! - Pipelines are compiled on first use and cached (`kernel.rs`). Each launch gets its scalar
 //!   parameters in a small uniform block.
-//! - GEMM is register-blocked: each invocation holds an 8 x 8 block of C and needs no workgroup
-//!   memory or barriers, which are slow on lavapipe (see `shaders/gemm.wgsl`).
+//! - GEMM has two kernels ([`GemmKernel`], `gemm.rs`): on GPUs, 64 x 64 tiles of C per
+//!   workgroup with A and B staged in workgroup memory and a 4 x 4 register block per invocation
+//!   (`shaders/gemm_tiled.wgsl`); on CPU adapters such as lavapipe, where barriers are slow, an
+//!   8 x 8 register block per invocation without workgroup memory (`shaders/gemm.wgsl`).
+//!   `MAE_WGPU_GEMM=tiled|register` overrides the choice.
+//! - Fused ops: `bias_gelu_forward` is one pass (bitwise the two-op default), and attention is
+//!   fused ([`AttentionPath`], `attention.rs`): an online-softmax forward that keeps one
+//!   log-sum-exp per score row instead of the `[tokens, tokens]` probabilities, and a
+//!   deterministic two-pass backward; the model takes it on GPUs and composes attention on CPU
+//!   adapters, where it measured slower. `MAE_WGPU_ATTENTION=fused|composed` overrides.
 //! - Reductions (LayerNorm statistics, softmax sums, parameter gradients, the loss) run in `f32`
 //!   with compensated summation in a fixed order: deterministic run to run, and within the
 //!   conformance tolerances of the `f64`-accumulating CPU backend. GELU is the exact `erf` form.
@@ -52,6 +60,7 @@
 
 mod activation;
 mod adamw;
+mod attention;
 mod buffer;
 mod context;
 mod gemm;
@@ -61,11 +70,13 @@ mod memory;
 mod norm;
 mod rows;
 
+pub use attention::AttentionPath;
 pub use buffer::GpuBuf;
+pub use gemm::GemmKernel;
 
 use context::Gpu;
 use kernel::{Kernel, Kernels};
-use mae::backend::{AdamWStep, BResult, Backend, Gather, Gemm, Heads, Patchify, RowMap};
+use mae::backend::{AdamWStep, Attention, BResult, Backend, Gather, Gemm, Heads, Patchify, RowMap};
 
 /// A buffer of `f32`.
 pub type Buf = GpuBuf<f32>;
@@ -77,6 +88,14 @@ pub type Idx = GpuBuf<u32>;
 pub struct WgpuBackend {
     gpu: Gpu,
     kernels: Kernels,
+    /// The GEMM kernel for this adapter (`gemm.rs`).
+    gemm_kernel: GemmKernel,
+    /// Whether the model's attention takes the fused kernels (`attention.rs`).
+    attention_path: AttentionPath,
+    /// Invocations per workgroup of the attention kernels: one SIMD register of rows on a CPU
+    /// adapter (8 lanes of 32 bits on lavapipe's 256-bit vectors: fewer idle invocations past
+    /// the last row of a short sequence, though lavapipe measured no difference), 64 on GPUs.
+    attention_wg: u32,
 }
 
 impl std::fmt::Debug for WgpuBackend {
@@ -84,6 +103,8 @@ impl std::fmt::Debug for WgpuBackend {
         f.debug_struct("WgpuBackend")
             .field("adapter", &self.gpu.info.name)
             .field("backend", &self.gpu.info.backend)
+            .field("gemm", &self.gemm_kernel)
+            .field("attention", &self.attention_path)
             .finish()
     }
 }
@@ -91,21 +112,44 @@ impl std::fmt::Debug for WgpuBackend {
 impl WgpuBackend {
     /// The backend on wgpu's default adapter (environment variables `WGPU_BACKEND`,
     /// `WGPU_ADAPTER_NAME` and `WGPU_POWER_PREF` choose among several). Fails with
-    /// [`BackendErrorKind::NoDevice`](mae::BackendErrorKind::NoDevice) when there is none.
+    /// [`BackendErrorKind::NoDevice`](mae::BackendErrorKind::NoDevice) when there is none, and
+    /// with [`BackendErrorKind::Unsupported`](mae::BackendErrorKind::Unsupported) when
+    /// `MAE_WGPU_GEMM` or `MAE_WGPU_ATTENTION` holds an unknown value.
     pub fn new() -> BResult<WgpuBackend> {
-        Ok(WgpuBackend::from_gpu(Gpu::new()?))
+        WgpuBackend::from_gpu(Gpu::new()?)
     }
 
     /// The backend on a given adapter (from `wgpu::Instance::enumerate_adapters`).
     pub fn with_adapter(adapter: wgpu::Adapter) -> BResult<WgpuBackend> {
-        Ok(WgpuBackend::from_gpu(Gpu::with_adapter(adapter)?))
+        WgpuBackend::from_gpu(Gpu::with_adapter(adapter)?)
     }
 
-    fn from_gpu(gpu: Gpu) -> WgpuBackend {
-        WgpuBackend {
+    /// The backend on `gpu`, its kernels chosen from the adapter and the environment
+    /// (`MAE_WGPU_GEMM`, `MAE_WGPU_ATTENTION`, read here once).
+    fn from_gpu(gpu: Gpu) -> BResult<WgpuBackend> {
+        let cpu = gpu.info.device_type == wgpu::DeviceType::Cpu;
+        let gemm_kernel =
+            GemmKernel::choose(GemmKernel::from_env()?, gpu.info.device_type, &gpu.limits);
+        Ok(WgpuBackend {
+            gemm_kernel,
+            attention_path: AttentionPath::choose(AttentionPath::from_env()?, gpu.info.device_type),
+            attention_wg: if cpu { 8 } else { 64 },
             gpu,
             kernels: Kernels::new(),
-        }
+        })
+    }
+
+    /// The GEMM kernel in use: [`GemmKernel::Tiled`] on GPUs, [`GemmKernel::Register`] on CPU
+    /// adapters such as lavapipe (`MAE_WGPU_GEMM=tiled|register` overrides).
+    pub fn gemm_kernel(&self) -> GemmKernel {
+        self.gemm_kernel
+    }
+
+    /// How the model computes attention here: [`AttentionPath::Fused`] on GPUs,
+    /// [`AttentionPath::Composed`] on CPU adapters such as lavapipe, where the fused kernels
+    /// measured slower (`MAE_WGPU_ATTENTION=fused|composed` overrides).
+    pub fn attention_path(&self) -> AttentionPath {
+        self.attention_path
     }
 
     /// The adapter in use: its name, driver and API.
@@ -290,6 +334,18 @@ impl Backend for WgpuBackend {
         activation::gelu_forward(self, x, y)
     }
 
+    /// One pass: the bias add and the GELU of the two-op default, bitwise.
+    fn bias_gelu_forward(
+        &self,
+        bias: &Buf,
+        pre: &mut Buf,
+        act: &mut Buf,
+        rows: usize,
+        cols: usize,
+    ) -> BResult<()> {
+        activation::bias_gelu_forward(self, bias, pre, act, rows, cols)
+    }
+
     fn gelu_backward(&self, x: &Buf, dy: &Buf, dx: &mut Buf) -> BResult<()> {
         activation::gelu_backward(self, x, dy, dx)
     }
@@ -315,6 +371,37 @@ impl Backend for WgpuBackend {
         scale: f32,
     ) -> BResult<()> {
         activation::softmax_backward(self, y, dy, dx, rows, cols, scale)
+    }
+
+    // ---- fused attention ------------------------------------------------------------------
+
+    /// True on the fused path for head widths up to 64 and at most 65535 (image, head) pairs.
+    fn fused_attention(&self, a: &Attention) -> bool {
+        self.attention_path == AttentionPath::Fused && attention::supported(a)
+    }
+
+    /// Runs for head widths up to 64 and at most 65535 (image, head) pairs, whichever path the
+    /// model takes; other dims are an `Unsupported` error.
+    fn attention_forward(
+        &self,
+        qkv: &Buf,
+        out: &mut Buf,
+        lse: &mut Buf,
+        a: &Attention,
+    ) -> BResult<()> {
+        attention::forward(self, qkv, out, lse, a)
+    }
+
+    fn attention_backward(
+        &self,
+        qkv: &Buf,
+        out: &Buf,
+        lse: &Buf,
+        d_out: &Buf,
+        d_qkv: &mut Buf,
+        a: &Attention,
+    ) -> BResult<()> {
+        attention::backward(self, qkv, out, lse, d_out, d_qkv, a)
     }
 
     // ---- loss -------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 //! Each test skips (and says so) when no adapter exists.
 
 use super::*;
-use mae::backend::BackendErrorKind;
+use mae::backend::{Attention, BackendErrorKind};
 use std::sync::OnceLock;
 
 fn be() -> Option<&'static WgpuBackend> {
@@ -39,6 +39,23 @@ fn every_kernel_compiles() {
             trans_a: true,
             trans_b: true,
         },
+        Kernel::GemmTiled {
+            trans_a: false,
+            trans_b: true,
+        },
+        Kernel::GemmTiled {
+            trans_a: true,
+            trans_b: false,
+        },
+        Kernel::AttentionForward {
+            head_dim: 64,
+            wg: 64,
+        },
+        Kernel::AttentionBackwardDq { head_dim: 1, wg: 8 },
+        Kernel::AttentionBackwardDkv {
+            head_dim: 32,
+            wg: 64,
+        },
         Kernel::CopyRows,
         Kernel::CopyRowsBackward,
         Kernel::GatherRows,
@@ -51,6 +68,7 @@ fn every_kernel_compiles() {
         Kernel::LayerNormBackwardCols,
         Kernel::NormalizeRows,
         Kernel::GeluForward,
+        Kernel::BiasGelu,
         Kernel::GeluBackward,
         Kernel::SoftmaxForward,
         Kernel::SoftmaxBackward,
@@ -200,61 +218,442 @@ fn the_adapter_is_named() {
     assert!(format!("{be:?}").contains(&be.adapter_info().name));
 }
 
-/// GEMM on every transpose combination, on blocks cut by the edges of C (8 x 8 per invocation,
-/// 64 x 64 per workgroup), with a padded batch, a broadcast operand, alpha and beta, against a
-/// plain host product.
+/// `g` on `kernel` against a plain `f64` host product, with pseudo-random A, B and C.
+fn check_gemm_on(be: &WgpuBackend, kernel: GemmKernel, g: &Gemm) {
+    let (m, n, k) = (g.m, g.n, g.k);
+    let (la, lb, lc) = g.lens();
+    let val = |i: usize, s: usize| ((i * s % 23) as f32 - 11.0) / 8.0;
+    let a: Vec<f32> = (0..la).map(|i| val(i, 7)).collect();
+    let b: Vec<f32> = (0..lb).map(|i| val(i, 5)).collect();
+    let c0: Vec<f32> = (0..lc).map(|i| val(i, 3)).collect();
+    // With beta 0, C starts as NaN: the old contents must be ignored, not multiplied by 0.
+    let start: Vec<f32> = if g.beta == 0.0 {
+        vec![f32::NAN; lc]
+    } else {
+        c0.clone()
+    };
+    // The values between batch items (stride_c > m n) must keep their old value.
+    let mut want = start.clone();
+    // Per value, the magnitude that bounds its rounding error: alpha sum |a b| + |beta c|.
+    let mut mag = vec![0.0f64; lc];
+    for item in 0..g.batch {
+        let (base_a, base_b) = (item * g.stride_a, item * g.stride_b);
+        for i in 0..m {
+            for j in 0..n {
+                let (mut s, mut abs) = (0.0f64, 0.0f64);
+                for t in 0..k {
+                    let av = a[base_a + if g.trans_a { t * m + i } else { i * k + t }];
+                    let bv = b[base_b + if g.trans_b { j * k + t } else { t * n + j }];
+                    s += av as f64 * bv as f64;
+                    abs += (av as f64 * bv as f64).abs();
+                }
+                let at = item * g.stride_c + i * n + j;
+                let old = if g.beta == 0.0 {
+                    0.0
+                } else {
+                    g.beta as f64 * c0[at] as f64
+                };
+                want[at] = (g.alpha as f64 * s + old) as f32;
+                mag[at] = (g.alpha as f64).abs() * abs + old.abs();
+            }
+        }
+    }
+    let (ab, bb, mut cb) = (
+        be.upload(&a).unwrap(),
+        be.upload(&b).unwrap(),
+        be.upload(&start).unwrap(),
+    );
+    gemm::gemm_with(be, kernel, g, &ab, &bb, &mut cb).unwrap();
+    let got = down(be, &cb);
+    for (i, (x, y)) in got.iter().zip(&want).enumerate() {
+        let bound = (k as f64 + 2.0) * f64::from(f32::EPSILON) * mag[i] + 1e-30;
+        assert!(
+            f64::from((x - y).abs()) <= bound || (x.is_nan() && y.is_nan()),
+            "{kernel:?} {g:?} at {i}: {x} vs {y}"
+        );
+    }
+}
+
+/// GEMM on every transpose combination, on blocks cut by the edges of C (8 x 8 per invocation
+/// and 64 x 64 per workgroup in the register kernel, 4 x 4 and 64 x 64 in the tiled one, steps
+/// of 16 along k in the tiled one), with k shorter than one step, a padded batch, a broadcast
+/// operand, alpha and beta, against a plain host product; on both kernels, whichever the adapter
+/// would choose.
 #[test]
-fn gemm_matches_the_host_product_across_block_edges() {
+fn both_gemm_kernels_match_the_host_product_across_block_edges() {
     let Some(be) = be() else { return };
-    for (ta, tb, m, n, k) in [
-        (false, false, 8, 8, 8),
-        (true, false, 9, 70, 7),
-        (false, true, 67, 13, 12),
-        (true, true, 3, 129, 5),
-    ] {
-        let batch = 2;
-        let mut g = Gemm::new(m, n, k)
-            .alpha(0.5)
-            .batched(batch, m * k + 3, 0, m * n + 1);
-        g.trans_a = ta;
-        g.trans_b = tb;
-        g.beta = 1.0;
-        let (la, lb, lc) = g.lens();
-        let val = |i: usize, s: usize| ((i * s % 23) as f32 - 11.0) / 8.0;
-        let a: Vec<f32> = (0..la).map(|i| val(i, 7)).collect();
-        let b: Vec<f32> = (0..lb).map(|i| val(i, 5)).collect();
-        let c0: Vec<f32> = (0..lc).map(|i| val(i, 3)).collect();
-        let mut want = c0.clone();
-        for item in 0..batch {
-            for i in 0..m {
-                for j in 0..n {
-                    let mut s = 0.0f64;
-                    for t in 0..k {
-                        let av = if ta {
-                            a[item * g.stride_a + t * m + i]
-                        } else {
-                            a[item * g.stride_a + i * k + t]
-                        };
-                        let bv = if tb { b[j * k + t] } else { b[t * n + j] };
-                        s += av as f64 * bv as f64;
+    let mut kernels = vec![GemmKernel::Register];
+    if gemm::tiled_fits(&be.gpu.limits) {
+        kernels.push(GemmKernel::Tiled);
+    } else {
+        eprintln!(
+            "SKIP the tiled GEMM: it does not fit {}'s limits",
+            be.adapter_info().name
+        );
+    }
+    let shapes = [
+        (8, 8, 8),
+        (9, 70, 7),
+        (67, 13, 33),
+        (3, 129, 5),
+        (65, 64, 16),
+        (1, 1, 1),
+    ];
+    let mut cases = 0;
+    for kernel in kernels {
+        for (s, &(m, n, k)) in shapes.iter().enumerate() {
+            for (t, (ta, tb)) in [(false, false), (true, false), (false, true), (true, true)]
+                .into_iter()
+                .enumerate()
+            {
+                // Rotate alpha, beta and the batch layout over the cases.
+                let mut g = Gemm::new(m, n, k);
+                g.trans_a = ta;
+                g.trans_b = tb;
+                match (s + t) % 3 {
+                    0 => {}
+                    1 => {
+                        g = g
+                            .alpha(0.5)
+                            .accumulate()
+                            .batched(2, m * k + 3, 0, m * n + 1)
                     }
-                    let at = item * g.stride_c + i * n + j;
-                    want[at] = (0.5 * s + c0[at] as f64) as f32;
+                    _ => g = g.alpha(-1.25).batched(3, 0, k * n, m * n),
+                }
+                check_gemm_on(be, kernel, &g);
+                cases += 1;
+            }
+        }
+    }
+    assert!(cases >= 24);
+}
+
+/// The fused bias + GELU equals `copy_rows` accumulating the bias, then `gelu_forward`, bit for
+/// bit, on rows whose length is no multiple of the workgroup.
+#[test]
+fn bias_gelu_forward_is_bitwise_bias_then_gelu() {
+    let Some(be) = be() else { return };
+    let (rows, cols) = (37, 1001);
+    let wave =
+        |n: usize, k: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * k).sin() * 4.0).collect() };
+    let (bias, x) = (
+        be.upload(&wave(cols, 0.37)).unwrap(),
+        wave(rows * cols, 0.011),
+    );
+    let (mut pre, mut act) = (
+        be.upload(&x).unwrap(),
+        be.upload(&vec![f32::NAN; rows * cols]).unwrap(),
+    );
+    be.bias_gelu_forward(&bias, &mut pre, &mut act, rows, cols)
+        .unwrap();
+    let (mut want_pre, mut want_act) = (
+        be.upload(&x).unwrap(),
+        be.upload(&vec![f32::NAN; rows * cols]).unwrap(),
+    );
+    be.copy_rows(&bias, &mut want_pre, &RowMap::bias(rows, cols), true)
+        .unwrap();
+    be.gelu_forward(&want_pre, &mut want_act).unwrap();
+    let bits = |b: &Buf| down(be, b).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&pre), bits(&want_pre));
+    assert_eq!(bits(&act), bits(&want_act));
+    assert!(down(be, &act).iter().all(|v| v.is_finite()));
+    // An empty matrix is no work and no error.
+    be.bias_gelu_forward(&bias, &mut pre, &mut act, 0, cols)
+        .unwrap();
+}
+
+/// Attention composed of the backend's own ops, as `mae::model::attention` composes it:
+/// `out`, and `d_qkv` given `d_out`.
+fn composed_attention(
+    be: &WgpuBackend,
+    qkv: &Buf,
+    d_out: &Buf,
+    a: &Attention,
+) -> (Vec<f32>, Vec<f32>) {
+    let (n, t, hd) = (a.batch * a.heads, a.tokens, a.head_dim);
+    let dim = a.dim();
+    let (lq, lo, _) = a.lens();
+    let view = |row_width, col_offset| Heads {
+        batch: a.batch,
+        tokens: t,
+        heads: a.heads,
+        head_dim: hd,
+        row_width,
+        col_offset,
+    };
+    let per_head =
+        |m: usize, nn: usize, k: usize| Gemm::new(m, nn, k).batched(n, m * k, k * nn, m * nn);
+    let alloc = |len: usize| be.alloc(len).unwrap();
+    let (mut q, mut k, mut v) = (alloc(lo), alloc(lo), alloc(lo));
+    be.split_heads(qkv, &mut q, &view(3 * dim, 0)).unwrap();
+    be.split_heads(qkv, &mut k, &view(3 * dim, dim)).unwrap();
+    be.split_heads(qkv, &mut v, &view(3 * dim, 2 * dim))
+        .unwrap();
+    let (mut scores, mut att, mut heads_out, mut out) =
+        (alloc(n * t * t), alloc(n * t * t), alloc(lo), alloc(lo));
+    be.gemm(&per_head(t, t, hd).trans_b(), &q, &k, &mut scores)
+        .unwrap();
+    be.softmax_forward(&scores, &mut att, n * t, t, a.scale)
+        .unwrap();
+    be.gemm(&per_head(t, hd, t), &att, &v, &mut heads_out)
+        .unwrap();
+    be.merge_heads(&heads_out, &mut out, &view(dim, 0)).unwrap();
+
+    let (mut d_heads_out, mut d_att) = (alloc(lo), alloc(n * t * t));
+    let (mut d_q, mut d_k, mut d_v, mut d_qkv) = (alloc(lo), alloc(lo), alloc(lo), alloc(lq));
+    be.split_heads(d_out, &mut d_heads_out, &view(dim, 0))
+        .unwrap();
+    be.gemm(&per_head(t, t, hd).trans_b(), &d_heads_out, &v, &mut d_att)
+        .unwrap();
+    be.gemm(&per_head(t, hd, t).trans_a(), &att, &d_heads_out, &mut d_v)
+        .unwrap();
+    be.fill(&mut scores, 0.0).unwrap();
+    be.softmax_backward(&att, &d_att, &mut scores, n * t, t, a.scale)
+        .unwrap();
+    be.gemm(&per_head(t, hd, t), &scores, &k, &mut d_q).unwrap();
+    be.gemm(&per_head(t, hd, t).trans_a(), &scores, &q, &mut d_k)
+        .unwrap();
+    be.merge_heads(&d_q, &mut d_qkv, &view(3 * dim, 0)).unwrap();
+    be.merge_heads(&d_k, &mut d_qkv, &view(3 * dim, dim))
+        .unwrap();
+    be.merge_heads(&d_v, &mut d_qkv, &view(3 * dim, 2 * dim))
+        .unwrap();
+    (down(be, &out), down(be, &d_qkv))
+}
+
+/// The fused attention kernels, with the workgroup sizes of both CPU and GPU adapters and
+/// whichever path the backend takes by default, equal the composed ops within the rounding of
+/// sums over `tokens + head_dim` terms; the log-sum-exp equals an `f64` host value; the backward
+/// repeats bitwise.
+#[test]
+fn fused_attention_equals_the_composed_ops_at_both_workgroup_sizes() {
+    let Some(be) = be() else { return };
+    for &(batch, heads, tokens, head_dim) in &[(2, 2, 17, 8), (2, 2, 50, 64), (1, 3, 9, 1)] {
+        let a = Attention {
+            batch,
+            tokens,
+            heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        };
+        let (lq, lo, ll) = a.lens();
+        let wave =
+            |n: usize, k: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * k).sin()).collect() };
+        let (qkv_h, d_out_h) = (wave(lq, 0.731), wave(lo, 0.377));
+        let (qkv, d_out) = (be.upload(&qkv_h).unwrap(), be.upload(&d_out_h).unwrap());
+        let (want_out, want_d_qkv) = composed_attention(be, &qkv, &d_out, &a);
+        // The log-sum-exp of every score row in f64.
+        let dim = a.dim();
+        let mut want_lse = vec![0.0f32; ll];
+        for b in 0..batch {
+            for h in 0..heads {
+                for i in 0..tokens {
+                    let q = &qkv_h[(b * tokens + i) * 3 * dim + h * head_dim..][..head_dim];
+                    let s: Vec<f64> = (0..tokens)
+                        .map(|j| {
+                            let k = &qkv_h[(b * tokens + j) * 3 * dim + dim + h * head_dim..]
+                                [..head_dim];
+                            let dot: f64 =
+                                q.iter().zip(k).map(|(x, y)| *x as f64 * *y as f64).sum();
+                            a.scale as f64 * dot
+                        })
+                        .collect();
+                    let mx = s.iter().cloned().fold(f64::MIN, f64::max);
+                    let sum: f64 = s.iter().map(|x| (x - mx).exp()).sum();
+                    want_lse[(b * heads + h) * tokens + i] = (mx + sum.ln()) as f32;
                 }
             }
         }
-        let (ab, bb, mut cb) = (
-            be.upload(&a).unwrap(),
-            be.upload(&b).unwrap(),
-            be.upload(&c0).unwrap(),
-        );
-        be.gemm(&g, &ab, &bb, &mut cb).unwrap();
-        let got = down(be, &cb);
-        for (i, (x, y)) in got.iter().zip(&want).enumerate() {
+        let tol = (tokens + head_dim) as f32 * f32::EPSILON * 4.0;
+        let close = |what: &str, wg: u32, got: &[f32], want: &[f32]| {
+            for (i, (x, y)) in got.iter().zip(want).enumerate() {
+                assert!(
+                    (x - y).abs() <= tol * (1.0 + y.abs()),
+                    "{what} wg {wg} {a:?} at {i}: fused {x} vs {y}"
+                );
+            }
+        };
+        for wg in [8, 64] {
+            let (mut out, mut lse) = (
+                be.upload(&vec![f32::NAN; lo]).unwrap(),
+                be.upload(&vec![f32::NAN; ll]).unwrap(),
+            );
+            attention::forward_with(be, wg, &qkv, &mut out, &mut lse, &a).unwrap();
+            close("out", wg, &down(be, &out), &want_out);
+            close("lse", wg, &down(be, &lse), &want_lse);
+            let backward = || {
+                let mut d_qkv = be.upload(&vec![f32::NAN; lq]).unwrap();
+                attention::backward_with(be, wg, &qkv, &out, &lse, &d_out, &mut d_qkv, &a).unwrap();
+                down(be, &d_qkv)
+            };
+            let d_qkv = backward();
+            close("d_qkv", wg, &d_qkv, &want_d_qkv);
+            let again = backward();
             assert!(
-                (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
-                "{g:?} at {i}: {x} vs {y}"
+                d_qkv
+                    .iter()
+                    .zip(&again)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "two backward runs differ"
             );
         }
+    }
+}
+
+/// Head widths past the kernels' private arrays are refused, typed: `fused_attention` is false
+/// there, so the model composes; calling the fused ops anyway is an error, not a panic.
+#[test]
+fn fused_attention_refuses_heads_wider_than_64() {
+    let Some(be) = be() else { return };
+    let a = Attention {
+        batch: 1,
+        tokens: 3,
+        heads: 1,
+        head_dim: 80,
+        scale: 1.0,
+    };
+    assert!(!be.fused_attention(&a));
+    let (lq, lo, ll) = a.lens();
+    let qkv = be.alloc(lq).unwrap();
+    let (mut out, mut lse) = (be.alloc(lo).unwrap(), be.alloc(ll).unwrap());
+    let err = be
+        .attention_forward(&qkv, &mut out, &mut lse, &a)
+        .unwrap_err();
+    assert_eq!(err.kind, BackendErrorKind::Unsupported, "{err}");
+    let mut d_qkv = be.alloc(lq).unwrap();
+    let err = be
+        .attention_backward(&qkv, &out, &lse, &out, &mut d_qkv, &a)
+        .unwrap_err();
+    assert_eq!(err.kind, BackendErrorKind::Unsupported, "{err}");
+}
+
+/// The adapter decides the GEMM kernel: the register kernel on CPU adapters (lavapipe), the
+/// tiled one on GPUs; `MAE_WGPU_GEMM` overrides, unless the tile does not fit.
+#[test]
+fn the_gemm_kernel_follows_the_adapter_and_the_limits() {
+    let ok = wgpu::Limits::default();
+    let choose = |req, ty| GemmKernel::choose(req, ty, &ok);
+    assert_eq!(choose(None, wgpu::DeviceType::Cpu), GemmKernel::Register);
+    assert_eq!(
+        choose(None, wgpu::DeviceType::DiscreteGpu),
+        GemmKernel::Tiled
+    );
+    assert_eq!(
+        choose(None, wgpu::DeviceType::IntegratedGpu),
+        GemmKernel::Tiled
+    );
+    assert_eq!(
+        choose(Some(GemmKernel::Tiled), wgpu::DeviceType::Cpu),
+        GemmKernel::Tiled
+    );
+    assert_eq!(
+        choose(Some(GemmKernel::Register), wgpu::DeviceType::DiscreteGpu),
+        GemmKernel::Register
+    );
+    let small = wgpu::Limits {
+        max_compute_workgroup_storage_size: 4096,
+        ..wgpu::Limits::default()
+    };
+    assert_eq!(
+        GemmKernel::choose(
+            Some(GemmKernel::Tiled),
+            wgpu::DeviceType::DiscreteGpu,
+            &small
+        ),
+        GemmKernel::Register
+    );
+    let Some(be) = be() else { return };
+    let cpu = be.adapter_info().device_type == wgpu::DeviceType::Cpu;
+    if std::env::var_os("MAE_WGPU_GEMM").is_none() {
+        assert_eq!(be.gemm_kernel() == GemmKernel::Register, cpu, "{be:?}");
+    }
+    if std::env::var_os("MAE_WGPU_ATTENTION").is_none() {
+        assert_eq!(
+            be.attention_path() == AttentionPath::Composed,
+            cpu,
+            "{be:?}"
+        );
+    }
+}
+
+/// Attention is fused on GPUs and composed on CPU adapters unless `MAE_WGPU_ATTENTION` says
+/// otherwise.
+#[test]
+fn the_attention_path_follows_the_adapter() {
+    use wgpu::DeviceType::{Cpu, DiscreteGpu, VirtualGpu};
+    assert_eq!(AttentionPath::choose(None, Cpu), AttentionPath::Composed);
+    assert_eq!(
+        AttentionPath::choose(None, DiscreteGpu),
+        AttentionPath::Fused
+    );
+    assert_eq!(
+        AttentionPath::choose(None, VirtualGpu),
+        AttentionPath::Fused
+    );
+    let fused = Some(AttentionPath::Fused);
+    assert_eq!(AttentionPath::choose(fused, Cpu), AttentionPath::Fused);
+    let composed = Some(AttentionPath::Composed);
+    assert_eq!(
+        AttentionPath::choose(composed, DiscreteGpu),
+        AttentionPath::Composed
+    );
+}
+
+/// Seconds per forward + backward of the fused kernels (at workgroup sizes 8 and 64) and of the
+/// composed ops, at the attention shapes of the `tiny32` bench case (encoder: 17 tokens, 3 heads
+/// of 64; decoder: 65 tokens, 4 heads of 32; batch 64). How the default path was chosen:
+/// `cargo test --release -p mae-backend-wgpu timing -- --ignored --nocapture`.
+#[test]
+#[ignore = "a timing, not a check"]
+fn timing_fused_and_composed_attention() {
+    let Some(be) = be() else { return };
+    for (tokens, heads, head_dim) in [(17, 3, 64), (65, 4, 32)] {
+        let a = Attention {
+            batch: 64,
+            tokens,
+            heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        };
+        let (lq, lo, ll) = a.lens();
+        let wave =
+            |n: usize, k: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * k).sin()).collect() };
+        let (qkv, d_out) = (
+            be.upload(&wave(lq, 0.731)).unwrap(),
+            be.upload(&wave(lo, 0.377)).unwrap(),
+        );
+        let (mut out, mut lse, mut d_qkv) = (
+            be.alloc(lo).unwrap(),
+            be.alloc(ll).unwrap(),
+            be.alloc(lq).unwrap(),
+        );
+        let time = |f: &mut dyn FnMut()| {
+            f();
+            be.sync().unwrap();
+            let start = std::time::Instant::now();
+            for _ in 0..3 {
+                f();
+            }
+            be.sync().unwrap();
+            start.elapsed().as_secs_f64() / 3.0
+        };
+        for wg in [8, 64] {
+            let s = time(&mut || {
+                attention::forward_with(be, wg, &qkv, &mut out, &mut lse, &a).unwrap();
+            });
+            println!(
+                "{a:?}: fused forward, workgroups of {wg}: {:.1} ms",
+                s * 1e3
+            );
+            let s = time(&mut || {
+                attention::forward_with(be, wg, &qkv, &mut out, &mut lse, &a).unwrap();
+                attention::backward_with(be, wg, &qkv, &out, &lse, &d_out, &mut d_qkv, &a).unwrap();
+            });
+            println!("{a:?}: fused, workgroups of {wg}: {:.1} ms", s * 1e3);
+        }
+        let s = time(&mut || {
+            composed_attention(be, &qkv, &d_out, &a);
+        });
+        println!("{a:?}: composed: {:.1} ms", s * 1e3);
     }
 }

@@ -1,4 +1,5 @@
-// Exact GELU (elementwise) and the attention softmax (one invocation per row).
+// Exact GELU (elementwise), bias + GELU fused (elementwise) and the attention softmax (one
+// invocation per row).
 
 // ---- gelu -----------------------------------------------------------------------------------
 
@@ -56,6 +57,32 @@ fn gelu_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) 
         let x = gelu_x[i];
         let grad = phi(x) + x * exp(-0.5 * x * x) * FRAC_1_SQRT_2PI;
         gelu_dx[i] += gelu_dy[i] * grad;
+    }
+}
+
+// ---- bias + gelu (the MLP's fc1 epilogue) ---------------------------------------------------
+
+struct BiasGeluParams {
+    n: u32,
+    cols: u32,
+}
+
+@group(0) @binding(0) var<uniform> bgp: BiasGeluParams;
+@group(0) @binding(1) var<storage, read> bg_bias: array<f32>;
+@group(0) @binding(2) var<storage, read_write> bg_pre: array<f32>;
+@group(0) @binding(3) var<storage, read_write> bg_act: array<f32>;
+
+// pre += bias (one f32 add, as copy_rows accumulating a bias row does), then act = gelu(pre) as
+// gelu_forward computes it: bitwise those two kernels in turn, reading and writing pre once.
+@compute @workgroup_size(WG)
+fn bias_gelu_forward(@builtin(workgroup_id) wg: vec3<u32>,
+                     @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let i = flat_id(wg, nwg, lid);
+    if i < bgp.n {
+        let x = bg_pre[i] + bg_bias[i % bgp.cols];
+        bg_pre[i] = x;
+        bg_act[i] = x * phi(x);
     }
 }
 
