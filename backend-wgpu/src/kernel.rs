@@ -44,8 +44,14 @@ impl Family {
     fn source(self) -> &'static str {
         match self {
             Family::Memory => include_str!("shaders/memory.wgsl"),
-            Family::Gemm => include_str!("shaders/gemm.wgsl"),
-            Family::GemmTiled => include_str!("shaders/gemm_tiled.wgsl"),
+            Family::Gemm => concat!(
+                include_str!("shaders/gemm_common.wgsl"),
+                include_str!("shaders/gemm.wgsl")
+            ),
+            Family::GemmTiled => concat!(
+                include_str!("shaders/gemm_common.wgsl"),
+                include_str!("shaders/gemm_tiled.wgsl")
+            ),
             Family::Attention => include_str!("shaders/attention.wgsl"),
             Family::Rows => include_str!("shaders/rows.wgsl"),
             Family::Norm => include_str!("shaders/norm.wgsl"),

@@ -1,4 +1,5 @@
-// Strided-batched GEMM, C = alpha op(A) op(B) + beta C (mae::backend::Gemm).
+// Strided-batched GEMM, C = alpha op(A) op(B) + beta C (mae::backend::Gemm); parameters,
+// bindings and element access in gemm_common.wgsl.
 //
 // Register blocking without workgroup memory: each invocation computes an 8 x 8 block of C in
 // registers, loading a column of 8 A values and a row of 8 B values per step of k, so every
@@ -15,47 +16,10 @@
 // Edges: rows and columns past m and n are clamped to the last one for loading (valid memory,
 // values never stored), so the inner loop has no branches.
 
-override TRANS_A: bool = false;
-override TRANS_B: bool = false;
-
-struct Params {
-    m: u32,
-    n: u32,
-    k: u32,
-    // First batch item of this launch (batches beyond 65535 take several launches).
-    batch_base: u32,
-    stride_a: u32,
-    stride_b: u32,
-    stride_c: u32,
-    alpha: f32,
-    beta: f32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
-@group(0) @binding(3) var<storage, read_write> c: array<f32>;
-
-// op(A)[row, kk] for the item starting at `base`.
-fn load_a(base: u32, row: u32, kk: u32) -> f32 {
-    if TRANS_A {
-        return a[base + kk * p.m + row];
-    }
-    return a[base + row * p.k + kk];
-}
-
-// op(B)[kk, col] for the item starting at `base`.
-fn load_b(base: u32, kk: u32, col: u32) -> f32 {
-    if TRANS_B {
-        return b[base + col * p.k + kk];
-    }
-    return b[base + kk * p.n + col];
-}
-
 // op(B)[kk, q.x .. q.w] as a vector.
 fn load_b4(base: u32, kk: u32, q: vec4<u32>) -> vec4<f32> {
-    return vec4<f32>(load_b(base, kk, q.x), load_b(base, kk, q.y), load_b(base, kk, q.z),
-                     load_b(base, kk, q.w));
+    return vec4<f32>(stored_b(base, kk, q.x), stored_b(base, kk, q.y), stored_b(base, kk, q.z),
+                     stored_b(base, kk, q.w));
 }
 
 @compute @workgroup_size(8, 8, 1)
@@ -102,28 +66,28 @@ fn gemm(@builtin(global_invocation_id) gid: vec3<u32>) {
     for (var kk = 0u; kk < p.k; kk++) {
         let blo = load_b4(base_b, kk, q_lo);
         let bhi = load_b4(base_b, kk, q_hi);
-        let a0 = load_a(base_a, r0, kk);
+        let a0 = stored_a(base_a, r0, kk);
         lo0 += a0 * blo;
         hi0 += a0 * bhi;
-        let a1 = load_a(base_a, r1, kk);
+        let a1 = stored_a(base_a, r1, kk);
         lo1 += a1 * blo;
         hi1 += a1 * bhi;
-        let a2 = load_a(base_a, r2, kk);
+        let a2 = stored_a(base_a, r2, kk);
         lo2 += a2 * blo;
         hi2 += a2 * bhi;
-        let a3 = load_a(base_a, r3, kk);
+        let a3 = stored_a(base_a, r3, kk);
         lo3 += a3 * blo;
         hi3 += a3 * bhi;
-        let a4 = load_a(base_a, r4, kk);
+        let a4 = stored_a(base_a, r4, kk);
         lo4 += a4 * blo;
         hi4 += a4 * bhi;
-        let a5 = load_a(base_a, r5, kk);
+        let a5 = stored_a(base_a, r5, kk);
         lo5 += a5 * blo;
         hi5 += a5 * bhi;
-        let a6 = load_a(base_a, r6, kk);
+        let a6 = stored_a(base_a, r6, kk);
         lo6 += a6 * blo;
         hi6 += a6 * bhi;
-        let a7 = load_a(base_a, r7, kk);
+        let a7 = stored_a(base_a, r7, kk);
         lo7 += a7 * blo;
         hi7 += a7 * bhi;
     }

@@ -1,5 +1,5 @@
 // Strided-batched GEMM for real GPUs, C = alpha op(A) op(B) + beta C (mae::backend::Gemm), with
-// the parameters and semantics of gemm.wgsl.
+// the parameters and semantics of gemm.wgsl (both start with gemm_common.wgsl).
 //
 // Workgroup-shared tiles: a workgroup of 16 x 16 invocations owns a 64 x 64 block of C. Per
 // step of BK = 16 along k it stages a 64 x 16 tile of op(A) and a 16 x 64 tile of op(B) in
@@ -20,33 +20,12 @@
 // Summation order: each C value sums its k products in ascending order, one rounding per step,
 // as the register kernel does. The zeros past k add exact zeros.
 
-override TRANS_A: bool = false;
-override TRANS_B: bool = false;
-
 // Block of C per workgroup (BM x BM), step along k, padded tile row.
 const BM: u32 = 64u;
 const BK: u32 = 16u;
 const TS: u32 = 65u;
 // Invocations per workgroup (16 x 16).
 const THREADS: u32 = 256u;
-
-struct Params {
-    m: u32,
-    n: u32,
-    k: u32,
-    // First batch item of this launch (batches beyond 65535 take several launches).
-    batch_base: u32,
-    stride_a: u32,
-    stride_b: u32,
-    stride_c: u32,
-    alpha: f32,
-    beta: f32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
-@group(0) @binding(3) var<storage, read_write> c: array<f32>;
 
 // tile_a[kk * TS + r] = op(A)[row0 + r, k0 + kk]; tile_b[kk * TS + j] = op(B)[k0 + kk, col0 + j].
 var<workgroup> tile_a: array<f32, BK * TS>;
@@ -57,10 +36,7 @@ fn load_a(base: u32, row: u32, kk: u32) -> f32 {
     if row >= p.m || kk >= p.k {
         return 0.0;
     }
-    if TRANS_A {
-        return a[base + kk * p.m + row];
-    }
-    return a[base + row * p.k + kk];
+    return stored_a(base, row, kk);
 }
 
 // op(B)[kk, col] of the item starting at `base`, zero outside the matrix.
@@ -68,10 +44,7 @@ fn load_b(base: u32, kk: u32, col: u32) -> f32 {
     if kk >= p.k || col >= p.n {
         return 0.0;
     }
-    if TRANS_B {
-        return b[base + col * p.k + kk];
-    }
-    return b[base + kk * p.n + col];
+    return stored_b(base, kk, col);
 }
 
 @compute @workgroup_size(16, 16, 1)

@@ -1,0 +1,40 @@
+// What both GEMM kernels (gemm.wgsl, gemm_tiled.wgsl) share: the transposes as override
+// constants, the parameters (mae::backend::Gemm, as gemm.rs writes them), the
+// bindings, and element access to op(A) and op(B) of one batch item.
+
+override TRANS_A: bool = false;
+override TRANS_B: bool = false;
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    // First batch item of this launch (batches beyond 65535 take several launches).
+    batch_base: u32,
+    stride_a: u32,
+    stride_b: u32,
+    stride_c: u32,
+    alpha: f32,
+    beta: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> c: array<f32>;
+
+// op(A)[row, kk] for the item starting at `base` (inside the matrix).
+fn stored_a(base: u32, row: u32, kk: u32) -> f32 {
+    if TRANS_A {
+        return a[base + kk * p.m + row];
+    }
+    return a[base + row * p.k + kk];
+}
+
+// op(B)[kk, col] for the item starting at `base` (inside the matrix).
+fn stored_b(base: u32, kk: u32, col: u32) -> f32 {
+    if TRANS_B {
+        return b[base + col * p.k + kk];
+    }
+    return b[base + kk * p.n + col];
+}
