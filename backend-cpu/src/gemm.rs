@@ -72,10 +72,7 @@ pub(crate) fn gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
         "gemm: C blocks of a batch overlap ({g:?})"
     );
 
-    // op(A) is m x k. Stored m x k: row stride k, column stride 1. Stored k x m (trans_a):
-    // element (i, p) sits at p * m + i, so row stride 1, column stride m. Likewise for B.
-    let (rsa, csa) = if g.trans_a { (1, m) } else { (k, 1) };
-    let (rsb, csb) = if g.trans_b { (1, k) } else { (n, 1) };
+    let [(rsa, csa), (rsb, csb)] = operand_strides(g);
     let ptrs = Ptrs {
         a: a.as_ptr(),
         b: b.as_ptr(),
@@ -151,6 +148,16 @@ pub(crate) fn gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
             });
         }
     }
+}
+
+/// The (row, column) strides of op(A) and op(B) of one batch item. op(A) is m x k: stored
+/// m x k, row stride k and column stride 1; stored k x m (`trans_a`), element (i, p) sits at
+/// p * m + i, so row stride 1 and column stride m. Likewise for B.
+fn operand_strides(g: &Gemm) -> [(usize, usize); 2] {
+    [
+        if g.trans_a { (1, g.m) } else { (g.k, 1) },
+        if g.trans_b { (1, g.k) } else { (g.n, 1) },
+    ]
 }
 
 /// A strided read-only matrix: element `(i, j)` is `data[i * row_stride + j * col_stride]`.
@@ -512,6 +519,24 @@ mod tests {
         assert_eq!(c, [4.0, 5.0, 10.0, 11.0, 12.0, 15.0, 30.0, 33.0]);
     }
 
+    /// `g` with every combination of the transpose flags, with `alpha` and a `beta` of 0 (C
+    /// not read) and 1 (accumulate).
+    fn every_layout(g: Gemm, alpha: f32) -> Vec<Gemm> {
+        let mut all = Vec::new();
+        for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
+            for beta in [0.0, 1.0] {
+                all.push(Gemm {
+                    trans_a,
+                    trans_b,
+                    alpha,
+                    beta,
+                    ..g
+                });
+            }
+        }
+        all
+    }
+
     #[test]
     fn matches_naive_loop_for_every_flag_combination() {
         // The second shape has partial register tiles in both directions and k past one packed
@@ -525,19 +550,10 @@ mod tests {
                 .map(|i| ((i * 5 % 13) as f32 - 6.0) / 8.0)
                 .collect();
             let c0: Vec<f32> = (0..batch * m * n).map(|i| (i % 3) as f32).collect();
-            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-                for beta in [0.0, 1.0] {
-                    let g = Gemm {
-                        trans_a: ta,
-                        trans_b: tb,
-                        alpha: 0.75,
-                        beta,
-                        ..Gemm::new(m, n, k).batched(batch, m * k, k * n, m * n)
-                    };
-                    let mut expect = c0.clone();
-                    naive(&g, &a, &b, &mut expect);
-                    assert_close(&run(&g, &a, &b, &c0), &expect, 1e-6);
-                }
+            for g in every_layout(Gemm::new(m, n, k).batched(batch, m * k, k * n, m * n), 0.75) {
+                let mut expect = c0.clone();
+                naive(&g, &a, &b, &mut expect);
+                assert_close(&run(&g, &a, &b, &c0), &expect, 1e-6);
             }
         }
     }
@@ -545,8 +561,7 @@ mod tests {
     /// One unsplit single-threaded kernel call per batch item (the kernel the backend uses):
     /// the reference the split and parallel paths must reproduce bitwise.
     fn unsplit(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
-        let (rsa, csa) = if g.trans_a { (1, g.m) } else { (g.k, 1) };
-        let (rsb, csb) = if g.trans_b { (1, g.k) } else { (g.n, 1) };
+        let [(rsa, csa), (rsb, csb)] = super::operand_strides(g);
         for bi in 0..g.batch {
             let (oa, ob, oc) = (bi * g.stride_a, bi * g.stride_b, bi * g.stride_c);
             let (a, b, c) = (&a[oa..], &b[ob..], &mut c[oc..oc + g.m * g.n]);
@@ -577,23 +592,14 @@ mod tests {
                 .map(|i| ((i * 104_729 % 2027) as f32 - 1013.0) / 211.0)
                 .collect();
             let c0: Vec<f32> = (0..batch * m * n).map(|i| (i % 13) as f32 * 0.1).collect();
-            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-                for beta in [0.0, 1.0] {
-                    let g = Gemm {
-                        trans_a: ta,
-                        trans_b: tb,
-                        alpha: 0.5,
-                        beta,
-                        ..Gemm::new(m, n, k).batched(batch, m * k, k * n, m * n)
-                    };
-                    let mut want = c0.clone();
-                    unsplit(&g, &a, &b, &mut want);
-                    let got = run(&g, &a, &b, &c0);
-                    assert!(
-                        got == want,
-                        "{g:?}: split result differs from the unsplit one"
-                    );
-                }
+            for g in every_layout(Gemm::new(m, n, k).batched(batch, m * k, k * n, m * n), 0.5) {
+                let mut want = c0.clone();
+                unsplit(&g, &a, &b, &mut want);
+                let got = run(&g, &a, &b, &c0);
+                assert!(
+                    got == want,
+                    "{g:?}: split result differs from the unsplit one"
+                );
             }
         }
     }
