@@ -85,11 +85,21 @@ pub(crate) fn softmax_row(xr: &[f32], yr: &mut [f32], scale: f32) {
     for (o, &v) in yr.iter_mut().zip(xr) {
         *o = scale * v - max;
     }
-    exp_in_place(yr);
-    let inv = 1.0 / sum(yr);
-    for o in yr.iter_mut() {
+    exp_normalize(yr);
+}
+
+/// The tail of a softmax row that holds `scale * x - max`: exponentials, their sum in `f64`
+/// (returned: at least 1, the maximum's term being exactly 1) and the division by it. The fused
+/// attention shares it, so its probabilities are bitwise the composed softmax's.
+#[inline(always)]
+pub(crate) fn exp_normalize(row: &mut [f32]) -> f64 {
+    exp_in_place(row);
+    let total = sum(row);
+    let inv = 1.0 / total;
+    for o in row.iter_mut() {
         *o = (*o as f64 * inv) as f32;
     }
+    total
 }
 
 /// `dx += scale * y * (dy - sum(dy * y))`, the row dot product in `f64`.

@@ -47,10 +47,11 @@
 //! attention from `split_heads`, `gemm`, `softmax_*` and `merge_heads` again, to compare the
 //! two paths; the fused ops themselves stay callable.
 
+use crate::activation::exp_normalize;
 use crate::fastmath::{exp_in_place, wide};
 use crate::gemm::{product, MatRef};
 use crate::pool;
-use crate::reduce::{fold2, sum};
+use crate::reduce::fold2;
 use core::ops::Range;
 use mae::backend::{Attention, BResult, BackendError, BackendErrorKind};
 use std::sync::{Mutex, MutexGuard, OnceLock, TryLockError};
@@ -146,13 +147,8 @@ fn softmax_rows(p: &mut [f32], lse: &mut [f32], t: usize, scale: f32) {
         for x in row.iter_mut() {
             *x = scale * *x - max;
         }
-        exp_in_place(row);
-        // At least 1 (the maximum's term is exactly 1), so the log is finite and non-negative.
-        let total = sum(row);
-        let inv = 1.0 / total;
-        for x in row.iter_mut() {
-            *x = (*x as f64 * inv) as f32;
-        }
+        // At least 1, so the log is finite and non-negative.
+        let total = exp_normalize(row);
         *l = (max as f64 + libm::log(total)) as f32;
     }
 }
