@@ -36,6 +36,8 @@ const NR: usize = 16;
 const KC: usize = 256;
 /// Rows of A packed at once (a multiple of MR): 120 x 256 floats = 120 KiB, inside L2.
 const MC: usize = 120;
+/// Floats after packed A that [`pack_a`]'s overlapping stores may write (and nothing reads).
+const A_SLACK: usize = 8;
 /// Columns of B packed at once (a multiple of NR): up to 3 MiB, inside L3; as wide as the
 /// widest weight matrix of ViT-B and ViT-L (3072 and 4096 columns) needs in one or two panels.
 const NC: usize = 3072;
@@ -101,7 +103,7 @@ pub(super) unsafe fn gemm(
     let kc_max = k.min(KC);
     // Rounded up to a line, so that packed B starts on one too (its 16-column strips are whole
     // lines; A's strips are read one float at a time).
-    let a_len = (m.min(MC).next_multiple_of(MR) * kc_max).next_multiple_of(16);
+    let a_len = (m.min(MC).next_multiple_of(MR) * kc_max + A_SLACK).next_multiple_of(16);
     let b_len = n.min(NC).next_multiple_of(NR) * kc_max;
     WORKSPACE.with(|ws| {
         // Not reentrant: the loop nest below calls nothing that multiplies again.
@@ -109,7 +111,7 @@ pub(super) unsafe fn gemm(
         if ws.len() * 16 < a_len + b_len {
             // Rounded up to the full panel sizes, so that later, larger products on this thread
             // rarely need to grow it again.
-            let want = (a_len + b_len).max(MC * KC + KC * NC.min(n.next_multiple_of(NR)));
+            let want = (a_len + b_len).max(MC * KC + A_SLACK + KC * NC.min(n.next_multiple_of(NR)));
             ws.resize(want.div_ceil(16), Line([0.0; 16]));
         }
         let (a_pack, rest) = floats(&mut ws).split_at_mut(a_len);
@@ -182,13 +184,17 @@ unsafe fn scale(m: usize, n: usize, beta: f32, c: *mut f32, rsc: usize) {
 /// # Safety
 /// Every element `(i, p)`, `i < mc`, `p < kc`, of `a` is readable.
 unsafe fn pack_a(mc: usize, kc: usize, a: Operand, dst: &mut [f32]) {
-    for (s, strip) in dst[..mc.next_multiple_of(MR) * kc]
-        .chunks_exact_mut(MR * kc)
-        .enumerate()
-    {
+    let used = mc.next_multiple_of(MR) * kc;
+    // The register transposes below store eight floats for each six they keep.
+    assert!(
+        dst.len() >= used + A_SLACK,
+        "pack_a: no slack after the strips"
+    );
+    for s in 0..mc.div_ceil(MR) {
+        let strip = &mut dst[s * MR * kc..][..MR * kc + A_SLACK];
         let rows = MR.min(mc - s * MR);
         if rows < MR {
-            strip.fill(0.0);
+            strip[..MR * kc].fill(0.0);
         }
         if a.rs == 1 {
             // A stored transpose (a gradient `dY^T`): the strip's six values of each `p` are
@@ -202,7 +208,10 @@ unsafe fn pack_a(mc: usize, kc: usize, a: Operand, dst: &mut [f32]) {
         } else {
             // Rows of A are contiguous (`cs == 1` in the model's products): eight values of
             // each of the strip's rows at a time, turned into eight columns of six by a
-            // register transpose (rows 6 and 7 of it repeat row 0 and are dropped); a partial
+            // register transpose (rows 6 and 7 of it repeat row 0). Its eight output rows are
+            // stored six floats apart, in order, so each store's two extra floats are
+            // overwritten by the next one; the last store's two land past the eight columns,
+            // where later writes (the next columns, the next strip, or the slack) go. A partial
             // strip goes value by value, leaving its missing rows zero.
             let mut src = [a.ptr; 8];
             for (i, row) in src.iter_mut().enumerate().take(rows) {
@@ -214,15 +223,11 @@ unsafe fn pack_a(mc: usize, kc: usize, a: Operand, dst: &mut [f32]) {
             } else {
                 0
             };
-            let mut block = [0.0f32; 64];
             for p in (0..whole).step_by(8) {
                 // SAFETY: elements (6s + i, p .. p + 8) of the block, contiguous since cs == 1;
-                // AVX2 is available (the kernel's precondition).
-                unsafe { transpose_8x8(src.map(|r| r.add(p)), block.as_mut_ptr(), 8) };
-                for q in 0..8 {
-                    strip[(p + q) * MR..(p + q + 1) * MR]
-                        .copy_from_slice(&block[q * 8..q * 8 + MR]);
-                }
+                // the stores end at float `6 p + 7 * 6 + 8 <= 6 kc + 2` of the strip, inside its
+                // `A_SLACK` extra floats; AVX2 is available (the kernel's precondition).
+                unsafe { transpose_8x8(src.map(|r| r.add(p)), strip.as_mut_ptr().add(p * MR), MR) };
             }
             for p in whole..kc {
                 for i in 0..rows {
@@ -370,9 +375,14 @@ unsafe fn micro_kernel(
     debug_assert!(a_strip.len() >= MR * kc && b_strip.len() >= NR * kc);
     // C's rows are far apart and usually out of L1 (or L2): ask for them now, so that they have
     // arrived when the tile is stored after the k loop.
+    // A row's 16 floats span two cache lines unless C is 64-byte aligned, so ask for the line
+    // of its first and of its last float.
     for i in 0..rows {
-        // SAFETY: a prefetch is only a hint and never faults; the address is inside C.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(c.add(i * rsc).cast::<i8>()) };
+        // SAFETY: a prefetch is only a hint and never faults; the addresses are inside C.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(c.add(i * rsc).cast::<i8>());
+            _mm_prefetch::<_MM_HINT_T0>(c.add(i * rsc + cols - 1).cast::<i8>());
+        }
     }
     let (a, b) = (a_strip.as_ptr(), b_strip.as_ptr());
     let mut acc = [_mm256_setzero_ps(); 12];
@@ -389,7 +399,7 @@ unsafe fn micro_kernel(
         }
     }
     // SAFETY: the caller's contract.
-    unsafe { store(&acc, c, rsc, rows, cols, alpha, beta) }
+    unsafe { store(acc, c, rsc, rows, cols, alpha, beta) }
 }
 
 /// Writes `alpha * acc + beta * C` into the `rows x cols` corner of the tile at `c` (C not read
@@ -402,7 +412,7 @@ unsafe fn micro_kernel(
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn store(
-    acc: &[__m256; 12],
+    acc: [__m256; 12],
     c: *mut f32,
     rsc: usize,
     rows: usize,
