@@ -428,6 +428,13 @@ mod avx2 {
         }
     }
 
+    /// GELU of eight lanes in a register, for the GEMM's epilogue.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(crate) fn gelu_m256(x: __m256) -> __m256 {
+        super::gelu(V8(x)).0
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn gelu_grad(x: &[f32], dy: &[f32], dx: &mut [f32]) {
         let n = dx.len();
@@ -493,6 +500,14 @@ pub(crate) fn exp_in_place(y: &mut [f32]) {
         *v = exp(*v);
     }
 }
+
+/// GELU of one value: bitwise a lane of `gelu_m256`, for the GEMM epilogue's edge tiles.
+pub(crate) fn gelu_scalar(x: f32) -> f32 {
+    gelu(x)
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx2::gelu_m256;
 
 /// `y = x Phi(x)` elementwise over `y.len()` elements (see [`gelu`]).
 pub(crate) fn gelu_forward(x: &[f32], y: &mut [f32]) {

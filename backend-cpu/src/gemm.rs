@@ -45,7 +45,48 @@ fn stride(x: usize) -> isize {
 /// `mae` checks lengths before calling, so this only fires on a bug; it is an `assert!`, not a
 /// `debug_assert!`, because the unsafe kernel call below relies on it.
 pub(crate) fn gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+    gemm_with(g, a, b, c, None, None);
+}
+
+/// [`gemm`] of a single product followed by its epilogue, tile by tile as the kernel finishes
+/// them: `C[i][j] += bias[j]`, then `act = gelu(C)` when `act` is given (`Backend::gemm_bias`
+/// and `Backend::gemm_bias_gelu`). Without `bias` this is [`gemm`] (and `act` must be absent).
+///
+/// # Panics
+/// As [`gemm`]; also if the epilogue is asked of a batch, `bias` is shorter than `n` or `act`
+/// shorter than `m * n`.
+pub(crate) fn gemm_with(
+    g: &Gemm,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    bias: Option<&[f32]>,
+    act: Option<&mut [f32]>,
+) {
     let (m, n, k) = (g.m, g.n, g.k);
+    assert!(
+        bias.is_some() || act.is_none(),
+        "gemm: a GELU epilogue without a bias"
+    );
+    if let Some(bias) = bias {
+        assert!(
+            g.batch == 1 && bias.len() >= n,
+            "gemm: an epilogue needs a single product and {n} bias values ({g:?}, {})",
+            bias.len()
+        );
+    }
+    if let Some(act) = &act {
+        assert!(
+            act.len() >= m * n,
+            "gemm: act has {} of {} elements",
+            act.len(),
+            m * n
+        );
+    }
+    let epilogue = Epilogue {
+        bias: bias.map_or(core::ptr::null(), <[f32]>::as_ptr),
+        act: act.map_or(core::ptr::null_mut(), <[f32]>::as_mut_ptr),
+    };
     if g.batch == 0 || m == 0 || n == 0 {
         return; // C has no elements.
     }
@@ -77,6 +118,7 @@ pub(crate) fn gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
         a: a.as_ptr(),
         b: b.as_ptr(),
         c: c.as_mut_ptr(),
+        epilogue,
     };
     // Captured whole (a closure would otherwise capture the non-`Sync` fields one by one).
     let ptrs = &ptrs;
@@ -105,6 +147,9 @@ pub(crate) fn gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
         // column ranges of one item, or items whose C blocks are disjoint because
         // `stride_c >= m*n` was checked.
         let (pa, pb, pc) = unsafe { (ptrs.a.add(oa), ptrs.b.add(ob), ptrs.c.add(oc)) };
+        // SAFETY: an epilogue comes only with a single product (bi == 0, so oc < m * n), its
+        // bias holding n values and its act m * n (asserted above).
+        let epilogue = unsafe { ptrs.epilogue.at(cols.start, oc) };
         // SAFETY: as above.
         unsafe {
             kernel(
@@ -114,6 +159,7 @@ pub(crate) fn gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
                 (pb, rsb, csb),
                 g.beta,
                 (pc, n),
+                epilogue,
             )
         };
     };
@@ -229,6 +275,7 @@ pub(crate) fn product(
             (b.data.as_ptr(), b.row_stride, b.col_stride),
             beta,
             (c.as_mut_ptr(), c_row_stride),
+            Epilogue::NONE,
         )
     }
 }
@@ -240,6 +287,8 @@ pub(crate) fn product(
 /// Every element `(i, j)` of each operand, at `ptr + i * row_stride + j * col_stride`, must be
 /// inside one allocation; C's elements must be distinct (row stride >= n when m > 1) and must
 /// not overlap A or B; with `beta == 0` C is only written. With `k == 0` A and B are not read.
+/// The epilogue's pointers are null or valid as [`Epilogue`] says, for this `m x n` block with
+/// C's row stride.
 unsafe fn kernel(
     (m, n, k): (usize, usize, usize),
     alpha: f32,
@@ -247,6 +296,7 @@ unsafe fn kernel(
     (pb, rsb, csb): (*const f32, usize, usize),
     beta: f32,
     (pc, rsc): (*mut f32, usize),
+    epilogue: Epilogue,
 ) {
     // SAFETY: the caller's contract.
     unsafe {
@@ -258,6 +308,7 @@ unsafe fn kernel(
             (pb, rsb, csb),
             beta,
             (pc, rsc),
+            epilogue,
         )
     }
 }
@@ -274,6 +325,7 @@ unsafe fn kernel_with(
     (pb, rsb, csb): (*const f32, usize, usize),
     beta: f32,
     (pc, rsc): (*mut f32, usize),
+    epilogue: Epilogue,
 ) {
     match choice {
         #[cfg(target_arch = "x86_64")]
@@ -295,6 +347,7 @@ unsafe fn kernel_with(
                 beta,
                 pc,
                 rsc,
+                epilogue,
             )
         },
         // SAFETY: the caller's contract; gemm takes the same pointers and strides (column
@@ -343,6 +396,12 @@ unsafe fn kernel_with(
             )
         },
     }
+    #[cfg(target_arch = "x86_64")]
+    if choice == Kernel::Packed {
+        return; // Its tiles took the epilogue as they were stored.
+    }
+    // SAFETY: the caller's contract on C and the epilogue.
+    unsafe { epilogue.apply(m, n, pc, rsc) };
 }
 
 /// The single-threaded GEMM kernel every block goes through.
@@ -386,11 +445,95 @@ fn kernel_choice() -> Kernel {
 /// more in waking threads and packing operands twice than it saves.
 const SPLIT_WORK: usize = 1 << 17;
 
+/// Every kernel this CPU runs, named (for the tests).
+#[cfg(test)]
+fn kernels() -> Vec<(&'static str, Kernel)> {
+    let mut kernels = vec![
+        ("gemm", Kernel::Gemm),
+        ("matrixmultiply", Kernel::MatrixMultiply),
+    ];
+    #[cfg(target_arch = "x86_64")]
+    if packed::available() {
+        kernels.insert(0, ("packed", Kernel::Packed));
+    }
+    kernels
+}
+
 /// The operand pointers, shared by the tasks of a parallel product.
 struct Ptrs {
     a: *const f32,
     b: *const f32,
     c: *mut f32,
+    epilogue: Epilogue,
+}
+
+/// A product's epilogue at one block of C: `bias` points at the block's first column's bias
+/// (null: no epilogue), `act` at the block's first element of the GELU output, laid out as C
+/// (null: no GELU).
+#[derive(Clone, Copy)]
+pub(crate) struct Epilogue {
+    pub(crate) bias: *const f32,
+    pub(crate) act: *mut f32,
+}
+
+impl Epilogue {
+    /// Nothing after the product.
+    pub(crate) const NONE: Epilogue = Epilogue {
+        bias: core::ptr::null(),
+        act: core::ptr::null_mut(),
+    };
+
+    /// Moved to the block whose first column is `col` and first element `elem` (C's layout).
+    ///
+    /// # Safety
+    /// Both offsets stay inside (or one past) the allocations the non-null pointers point into.
+    pub(crate) unsafe fn at(self, col: usize, elem: usize) -> Epilogue {
+        // SAFETY: the caller's contract; a null pointer is never offset.
+        unsafe {
+            Epilogue {
+                bias: if self.bias.is_null() {
+                    self.bias
+                } else {
+                    self.bias.add(col)
+                },
+                act: if self.act.is_null() {
+                    self.act
+                } else {
+                    self.act.add(elem)
+                },
+            }
+        }
+    }
+
+    /// The epilogue as a pass over an `m x n` block of C (row stride `rsc`) that a kernel left
+    /// without it: per element one `f32` add of the column's bias, then the GELU of the row,
+    /// the same operations the packed kernel applies in registers (bitwise the same results).
+    ///
+    /// # Safety
+    /// The block's elements of C (and of `act`, same layout) are valid and distinct; the bias
+    /// holds the block's `n` columns.
+    pub(crate) unsafe fn apply(self, m: usize, n: usize, c: *mut f32, rsc: usize) {
+        if self.bias.is_null() {
+            return;
+        }
+        for i in 0..m {
+            // SAFETY: the caller's contract: row i of the block, n elements from column 0.
+            let (row, bias) = unsafe {
+                (
+                    core::slice::from_raw_parts_mut(c.add(i * rsc), n),
+                    core::slice::from_raw_parts(self.bias, n),
+                )
+            };
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v += b;
+            }
+            if !self.act.is_null() {
+                // SAFETY: as above, for act, which does not overlap C.
+                let act = unsafe { core::slice::from_raw_parts_mut(self.act.add(i * rsc), n) };
+                crate::fastmath::gelu_forward(row, act);
+            }
+        }
+    }
 }
 
 // SAFETY: the tasks only read A and B, and write disjoint blocks of C (see `gemm`).
@@ -575,7 +718,84 @@ mod tests {
                     (b.as_ptr(), rsb, csb),
                     g.beta,
                     (c.as_mut_ptr(), g.n),
+                    super::Epilogue::NONE,
                 );
+            }
+        }
+    }
+
+    /// `c[i][j] += bias[j]` (one f32 add each), then `act = gelu(c)`: the composed ops the
+    /// epilogue replaces.
+    fn bias_then_gelu(c: &mut [f32], bias: &[f32]) -> Vec<f32> {
+        for row in c.chunks_mut(bias.len()) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v += b;
+            }
+        }
+        let mut act = vec![0.0; c.len()];
+        crate::fastmath::gelu_forward(c, &mut act);
+        act
+    }
+
+    #[test]
+    fn epilogue_is_bitwise_the_product_then_bias_then_gelu() {
+        // Edge tiles with k past one packed block, products split into row and column bands,
+        // and an empty sum; every transpose flag, overwriting and accumulating.
+        for (m, n, k) in [(13, 35, 300), (301, 77, 300), (45, 410, 97), (4, 5, 0)] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 1970.0)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 104_729 % 2027) as f32 - 1013.0) / 2110.0)
+                .collect();
+            let c0: Vec<f32> = (0..m * n).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
+            let bias: Vec<f32> = (0..n).map(|j| (j % 7) as f32 * 0.3 - 0.9).collect();
+            for g in every_layout(Gemm::new(m, n, k), 0.5) {
+                // Through the backend's threaded path, with the kernel this CPU uses.
+                let mut want = run(&g, &a, &b, &c0);
+                let want_act = bias_then_gelu(&mut want, &bias);
+                let mut pre = c0.clone();
+                let mut act = vec![f32::NAN; m * n];
+                super::gemm_with(&g, &a, &b, &mut pre, Some(&bias), Some(&mut act));
+                assert!(
+                    pre == want && act == want_act,
+                    "{g:?}: bias + GELU epilogue"
+                );
+                let mut pre = c0.clone();
+                super::gemm_with(&g, &a, &b, &mut pre, Some(&bias), None);
+                assert!(pre == want, "{g:?}: bias epilogue");
+                // Each kernel unsplit, against the same kernel without the epilogue.
+                let [(rsa, csa), (rsb, csb)] = super::operand_strides(&g);
+                for (name, kernel) in super::kernels() {
+                    let mut c = [c0.clone(), c0.clone()];
+                    let mut act = vec![f32::NAN; m * n];
+                    for (c, epilogue) in c.iter_mut().zip([
+                        super::Epilogue::NONE,
+                        super::Epilogue {
+                            bias: bias.as_ptr(),
+                            act: act.as_mut_ptr(),
+                        },
+                    ]) {
+                        // SAFETY: the buffers hold the m x k, k x n and m x n elements these
+                        // strides address, bias n and act m x n; only available kernels are
+                        // listed.
+                        unsafe {
+                            super::kernel_with(
+                                kernel,
+                                (m, n, k),
+                                g.alpha,
+                                (a.as_ptr(), rsa, csa),
+                                (b.as_ptr(), rsb, csb),
+                                g.beta,
+                                (c.as_mut_ptr(), n),
+                                epilogue,
+                            )
+                        };
+                    }
+                    let [mut want, got] = c;
+                    let want_act = bias_then_gelu(&mut want, &bias);
+                    assert!(got == want && act == want_act, "{name} {g:?}: epilogue");
+                }
             }
         }
     }
@@ -706,7 +926,7 @@ mod tests {
 
 #[cfg(test)]
 mod speed {
-    use super::{kernel_with, Kernel};
+    use super::{kernel_with, kernels, Epilogue};
 
     /// Nanoseconds this thread has run on a CPU (Linux's schedstat): unlike wall time, it does
     /// not count the time other processes hold the core.
@@ -733,14 +953,7 @@ mod speed {
     #[test]
     #[ignore]
     fn gemm_speed() {
-        let mut kernels = vec![
-            ("gemm", Kernel::Gemm),
-            ("matrixmultiply", Kernel::MatrixMultiply),
-        ];
-        #[cfg(target_arch = "x86_64")]
-        if super::packed::available() {
-            kernels.insert(0, ("packed", Kernel::Packed));
-        }
+        let kernels = kernels();
         // (m, n, k, B stored transposed): qkv / proj / fc1 / fc2 forward (x W^T), a weight
         // gradient (dY^T X: A stored transposed) and an input gradient (dY W).
         for (m, n, k, ta, tb) in [
@@ -777,6 +990,7 @@ mod speed {
                                 (b.as_ptr(), rsb, csb),
                                 0.0,
                                 (c.as_mut_ptr(), n),
+                                Epilogue::NONE,
                             )
                         };
                     }

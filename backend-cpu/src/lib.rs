@@ -199,6 +199,31 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn gemm_bias(
+        &self,
+        g: &Gemm,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        bias: &Vec<f32>,
+        c: &mut Vec<f32>,
+    ) -> BResult<()> {
+        gemm::gemm_with(g, a, b, c, Some(bias), None);
+        Ok(())
+    }
+
+    fn gemm_bias_gelu(
+        &self,
+        g: &Gemm,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        bias: &Vec<f32>,
+        pre: &mut Vec<f32>,
+        act: &mut Vec<f32>,
+    ) -> BResult<()> {
+        gemm::gemm_with(g, a, b, pre, Some(bias), Some(act));
+        Ok(())
+    }
+
     fn add(&self, src: &Vec<f32>, dst: &mut Vec<f32>) -> BResult<()> {
         let n = dst.len();
         let src = &src[..n];

@@ -176,6 +176,34 @@ pub mod run {
         down(b, &c)
     }
 
+    pub fn gemm_bias<B: Backend>(
+        b: &B,
+        g: &Gemm,
+        (a, bm): (&[f32], &[f32]),
+        bias: &[f32],
+        c: &[f32],
+    ) -> Vec<f32> {
+        let (a, bm, bias, mut c) = (up(b, a), up(b, bm), up(b, bias), up(b, c));
+        ok(b, b.gemm_bias(g, &a, &bm, &bias, &mut c), "gemm_bias");
+        down(b, &c)
+    }
+
+    /// Returns `(pre, act)` after the op.
+    pub fn gemm_bias_gelu<B: Backend>(
+        b: &B,
+        g: &Gemm,
+        (a, bm): (&[f32], &[f32]),
+        bias: &[f32],
+        pre: &[f32],
+        act: &[f32],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (a, bm, bias) = (up(b, a), up(b, bm), up(b, bias));
+        let (mut pre, mut act) = (up(b, pre), up(b, act));
+        let r = b.gemm_bias_gelu(g, &a, &bm, &bias, &mut pre, &mut act);
+        ok(b, r, "gemm_bias_gelu");
+        (down(b, &pre), down(b, &act))
+    }
+
     pub fn add<B: Backend>(b: &B, src: &[f32], dst: &[f32]) -> Vec<f32> {
         let (src, mut dst) = (up(b, src), up(b, dst));
         ok(b, b.add(&src, &mut dst), "add");

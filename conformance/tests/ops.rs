@@ -204,6 +204,43 @@ fn check_gemm<B: Backend>(b: &B, c: &GemmCase) -> Check {
     untouched("gemm", &shape, &got, &c0, &touched)
 }
 
+/// The GEMM epilogues (`gemm_bias`, `gemm_bias_gelu`) against the ops they replace, on the same
+/// backend: bitwise equal, as the trait promises (the same product, f32 add and GELU). A single
+/// product of the case (its batch and padding dropped).
+fn check_gemm_epilogues<B: Backend>(b: &B, c: &GemmCase) -> Check {
+    let g = GemmCase {
+        batch: 1,
+        pad: 0,
+        ..c.clone()
+    }
+    .desc();
+    let (la, lb, lc) = g.lens();
+    let a = data(c.seed, la, g.k, c.fill);
+    let bm = data(c.seed ^ 1, lb, g.n, c.fill);
+    let c0 = data(c.seed ^ 2, lc, g.n, c.fill);
+    let bias = data(c.seed ^ 3, g.n, g.n, c.fill);
+    let act0 = vec![f32::NAN; lc];
+    let shape = format!("{g:?}, {:?}, seed {}", c.fill, c.seed);
+    let product = run::gemm(b, &g, &a, &bm, &c0);
+    let two_pre = run::copy_rows(b, &bias, &product, &RowMap::bias(g.m, g.n), true);
+    let (_, two_act) = run::bias_gelu_forward(b, &bias, &product, &act0, g.m, g.n);
+    let fused = run::gemm_bias(b, &g, (&a, &bm), &bias, &c0);
+    let (pre, act) = run::gemm_bias_gelu(b, &g, (&a, &bm), &bias, &c0, &act0);
+    for (what, fused, two) in [
+        ("gemm_bias", &fused, &two_pre),
+        ("gemm_bias_gelu pre", &pre, &two_pre),
+        ("gemm_bias_gelu act", &act, &two_act),
+    ] {
+        if let Some(i) = (0..fused.len()).find(|&i| fused[i].to_bits() != two[i].to_bits()) {
+            return Err(format!(
+                "{what} ({shape}): element {i} is {} fused, {} from the composed ops",
+                fused[i], two[i]
+            ));
+        }
+    }
+    Ok(())
+}
+
 // ---- add, scale ---------------------------------------------------------------------------------
 
 fn check_add<B: Backend>(b: &B, len: usize, seed: u64, fill: Fill) -> Check {
@@ -2279,6 +2316,10 @@ macro_rules! op_tests {
             #[test]
             fn gemm() {
                 property(b(), gemm_case(), |b, c| check_gemm(b, &c));
+            }
+            #[test]
+            fn gemm_epilogues_are_the_composed_ops() {
+                property(b(), gemm_case(), |b, c| check_gemm_epilogues(b, &c));
             }
             #[test]
             fn add() {

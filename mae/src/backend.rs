@@ -423,6 +423,45 @@ pub trait Backend {
 
     /// Strided-batched GEMM, see [`Gemm`]. `c` is overwritten or accumulated per `beta`.
     fn gemm(&self, g: &Gemm, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf) -> BResult<()>;
+    /// A Linear's forward in one op: the single product `g` (`batch == 1`) into `c`, then
+    /// `c[r][j] += bias[j]` for every row `r < m` and column `j < n` (one `f32` add, as
+    /// [`Backend::copy_rows`] accumulating a [`RowMap::bias`] does). `bias` holds `n` values.
+    /// The result equals bitwise those two ops in turn.
+    ///
+    /// The default is exactly those two ops; backends override it to add the bias while the
+    /// product is still in registers instead of in a second pass over `c`.
+    fn gemm_bias(
+        &self,
+        g: &Gemm,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        bias: &Self::Buf,
+        c: &mut Self::Buf,
+    ) -> BResult<()> {
+        debug_assert_eq!(g.batch, 1, "gemm_bias: a single product");
+        self.gemm(g, a, b, c)?;
+        self.copy_rows(bias, c, &RowMap::bias(g.m, g.n), true)
+    }
+    /// The MLP's `fc1` in one op: [`Backend::gemm_bias`] into `pre`, then `act = gelu(pre)`
+    /// with the GELU of [`Backend::gelu_forward`] (`pre` and `act` are `m x n`, distinct; the
+    /// backward reads `pre`). The result equals bitwise [`Backend::gemm`] followed by
+    /// [`Backend::bias_gelu_forward`].
+    ///
+    /// The default is exactly those two ops; backends override it to apply bias and GELU to
+    /// each tile of the product as it is computed, instead of reading `pre` back from memory.
+    fn gemm_bias_gelu(
+        &self,
+        g: &Gemm,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        bias: &Self::Buf,
+        pre: &mut Self::Buf,
+        act: &mut Self::Buf,
+    ) -> BResult<()> {
+        debug_assert_eq!(g.batch, 1, "gemm_bias_gelu: a single product");
+        self.gemm(g, a, b, pre)?;
+        self.bias_gelu_forward(bias, pre, act, g.m, g.n)
+    }
     /// `dst += src` elementwise over `dst`'s length.
     fn add(&self, src: &Self::Buf, dst: &mut Self::Buf) -> BResult<()>;
     /// `buf *= s` elementwise.

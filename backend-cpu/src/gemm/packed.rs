@@ -25,6 +25,8 @@
 //! column of B, not on where its tile or the caller's band falls, so splitting C among threads
 //! changes no bit.
 
+use super::Epilogue;
+use crate::fastmath;
 use core::arch::x86_64::*;
 use std::cell::RefCell;
 
@@ -91,13 +93,17 @@ pub(super) unsafe fn gemm(
     beta: f32,
     c: *mut f32,
     rsc: usize,
+    epilogue: Epilogue,
 ) {
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
-        // SAFETY: the caller's contract on C.
-        unsafe { scale(m, n, beta, c, rsc) };
+        // SAFETY: the caller's contract on C and the epilogue.
+        unsafe {
+            scale(m, n, beta, c, rsc);
+            epilogue.apply(m, n, c, rsc);
+        }
         return;
     }
     let kc_max = k.min(KC);
@@ -123,6 +129,8 @@ pub(super) unsafe fn gemm(
                 // SAFETY: the block's elements lie inside B (caller's contract).
                 unsafe { pack_b(kc, nc, offset(b, pc, jc), b_pack) };
                 let beta_block = if pc == 0 { beta } else { 1.0 };
+                // The epilogue goes with the last block, when C holds the whole sum.
+                let last = pc + kc == k;
                 for ic in (0..m).step_by(MC) {
                     let mc = MC.min(m - ic);
                     // SAFETY: as above, for A.
@@ -132,14 +140,25 @@ pub(super) unsafe fn gemm(
                         for ir in (0..mc).step_by(MR) {
                             let a_strip = &a_pack[ir * kc..(ir + MR) * kc];
                             // SAFETY: the tile (ic + ir .., jc + jr ..), clipped to m x n, is
-                            // inside C (caller's contract); `available` was checked.
+                            // inside C and the epilogue's arrays (caller's contract);
+                            // `available` was checked.
                             unsafe {
-                                let tile = c.add((ic + ir) * rsc + jc + jr);
+                                let at = (ic + ir) * rsc + jc + jr;
                                 let rows = MR.min(mc - ir);
                                 let cols = NR.min(nc - jr);
-                                let edge = (rows, cols);
+                                let epilogue = if last {
+                                    epilogue.at(jc + jr, at)
+                                } else {
+                                    Epilogue::NONE
+                                };
                                 micro_kernel(
-                                    kc, a_strip, b_strip, tile, rsc, edge, alpha, beta_block,
+                                    kc,
+                                    a_strip,
+                                    b_strip,
+                                    (c.add(at), rsc, rows, cols),
+                                    alpha,
+                                    beta_block,
+                                    epilogue,
                                 );
                             }
                         }
@@ -356,21 +375,20 @@ unsafe fn transpose_8x8(src: [*const f32; 8], dst: *mut f32, dst_stride: usize) 
 
 /// The 6 x 16 tile `sum_p a_strip[p] (6 values) x b_strip[p] (16 values)`, accumulated by FMA
 /// in ascending `p` in 12 AVX registers (row `i`'s two halves at `2i`, `2i + 1`), then written
-/// to the `rows x cols` corner of C at `c` by [`store`].
+/// to the `rows x cols` corner of C at `c`, with the epilogue, by [`store`].
 ///
 /// # Safety
-/// AVX2 and FMA are available; the strips hold `6 * kc` and `16 * kc` values; the corner is
-/// valid as [`store`] requires.
+/// AVX2 and FMA are available; the strips hold `6 * kc` and `16 * kc` values; the corner and
+/// the epilogue are valid as [`store`] requires.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn micro_kernel(
     kc: usize,
     a_strip: &[f32],
     b_strip: &[f32],
-    c: *mut f32,
-    rsc: usize,
-    (rows, cols): (usize, usize),
+    (c, rsc, rows, cols): (*mut f32, usize, usize, usize),
     alpha: f32,
     beta: f32,
+    epilogue: Epilogue,
 ) {
     debug_assert!(a_strip.len() >= MR * kc && b_strip.len() >= NR * kc);
     // C's rows are far apart and usually out of L1 (or L2): ask for them now, so that they have
@@ -399,40 +417,48 @@ unsafe fn micro_kernel(
         }
     }
     // SAFETY: the caller's contract.
-    unsafe { store(acc, c, rsc, rows, cols, alpha, beta) }
+    unsafe { store(acc, (c, rsc, rows, cols), alpha, beta, epilogue) }
 }
 
 /// Writes `alpha * acc + beta * C` into the `rows x cols` corner of the tile at `c` (C not read
-/// when `beta == 0`). Full tiles go straight from the registers; edge tiles through a stack
-/// copy, with the same operations (a multiply, then a fused multiply-add), so an element gets
-/// the same bits whichever kind of tile it falls in.
+/// when `beta == 0`), then the epilogue: `+ bias[j]` (one add) and `act = gelu(C)`. Full tiles
+/// go straight from the registers; edge tiles through a stack copy, with the same operations (a
+/// multiply, a fused multiply-add, an add, and a GELU whose vector and scalar forms are bitwise
+/// equal), so an element gets the same bits whichever kind of tile it falls in, and the same
+/// as [`Epilogue::apply`] gives after the other kernels.
 ///
 /// # Safety
-/// AVX2 and FMA are available; the `rows x cols` elements at `c` (row stride `rsc`) are valid.
+/// AVX2 and FMA are available; the `rows x cols` elements at `c` (row stride `rsc`) are valid,
+/// and so are the epilogue's `cols` bias values and `rows x cols` act elements (C's layout).
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn store(
     acc: [__m256; 12],
-    c: *mut f32,
-    rsc: usize,
-    rows: usize,
-    cols: usize,
+    (c, rsc, rows, cols): (*mut f32, usize, usize, usize),
     alpha: f32,
     beta: f32,
+    Epilogue { bias, act }: Epilogue,
 ) {
     let va = _mm256_set1_ps(alpha);
     let vb = _mm256_set1_ps(beta);
     if rows == MR && cols == NR {
         for i in 0..MR {
             for h in 0..2 {
-                // SAFETY: a full tile: row i < 6, columns 8h .. 8h + 8 < 16 are in C.
+                // SAFETY: a full tile: row i < 6, columns 8h .. 8h + 8 < 16 are in C, and in
+                // the bias and act when they are given.
                 unsafe {
                     let e = c.add(i * rsc + 8 * h);
                     let mut v = _mm256_mul_ps(va, acc[2 * i + h]);
                     if beta != 0.0 {
                         v = _mm256_fmadd_ps(vb, _mm256_loadu_ps(e), v);
                     }
+                    if !bias.is_null() {
+                        v = _mm256_add_ps(v, _mm256_loadu_ps(bias.add(8 * h)));
+                    }
                     _mm256_storeu_ps(e, v);
+                    if !act.is_null() {
+                        _mm256_storeu_ps(act.add(i * rsc + 8 * h), fastmath::gelu_m256(v));
+                    }
                 }
             }
         }
@@ -447,14 +473,20 @@ unsafe fn store(
     }
     for i in 0..rows {
         for j in 0..cols {
-            // SAFETY: i < rows, j < cols: inside the caller's valid corner.
+            // SAFETY: i < rows, j < cols: inside the caller's valid corner (and bias, act).
             unsafe {
                 let e = c.add(i * rsc + j);
                 let mut v = alpha * tile[i * NR + j];
                 if beta != 0.0 {
                     v = beta.mul_add(*e, v);
                 }
+                if !bias.is_null() {
+                    v += *bias.add(j);
+                }
                 *e = v;
+                if !act.is_null() {
+                    *act.add(i * rsc + j) = fastmath::gelu_scalar(v);
+                }
             }
         }
     }

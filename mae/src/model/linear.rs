@@ -4,6 +4,7 @@ use crate::backend::{BResult, Backend, Gemm, RowMap};
 use crate::params::Linear;
 
 /// `y = x W^T + b` over `rows` rows; with `accumulate`, `y += x W^T + b` (a residual branch).
+/// The bias is added by the product's epilogue ([`Backend::gemm_bias`]).
 pub fn linear_forward<B: Backend>(
     b: &B,
     x: &B::Buf,
@@ -14,27 +15,24 @@ pub fn linear_forward<B: Backend>(
     out_dim: usize,
     accumulate: bool,
 ) -> BResult<()> {
-    linear_matmul(b, x, lin, y, rows, in_dim, out_dim, accumulate)?;
-    b.copy_rows(&lin.bias, y, &RowMap::bias(rows, out_dim), true)
+    b.gemm_bias(
+        &linear_gemm(rows, in_dim, out_dim, accumulate),
+        x,
+        &lin.weight,
+        &lin.bias,
+        y,
+    )
 }
 
-/// `y = x W^T` without the bias (`y += x W^T` with `accumulate`): for a caller that adds the
-/// bias in a fused epilogue, as the MLP's `fc1` does with [`Backend::bias_gelu_forward`].
-pub fn linear_matmul<B: Backend>(
-    b: &B,
-    x: &B::Buf,
-    lin: &Linear<B::Buf>,
-    y: &mut B::Buf,
-    rows: usize,
-    in_dim: usize,
-    out_dim: usize,
-    accumulate: bool,
-) -> BResult<()> {
-    let mut g = Gemm::new(rows, out_dim, in_dim).trans_b();
+/// The product `x W^T` of a Linear with PyTorch's `[out, in]` weights (`y += x W^T` with
+/// `accumulate`).
+pub fn linear_gemm(rows: usize, in_dim: usize, out_dim: usize, accumulate: bool) -> Gemm {
+    let g = Gemm::new(rows, out_dim, in_dim).trans_b();
     if accumulate {
-        g = g.accumulate();
+        g.accumulate()
+    } else {
+        g
     }
-    b.gemm(&g, x, &lin.weight, y)
 }
 
 /// Accumulates `dW += dy^T x`, `db += sum_rows dy`; overwrites `dx = dy W` when asked.

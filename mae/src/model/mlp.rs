@@ -1,6 +1,6 @@
 //! The block's MLP: `fc2(GELU(fc1(x)))`, exact-erf GELU.
 
-use super::linear::{linear_backward, linear_forward, linear_matmul};
+use super::linear::{linear_backward, linear_forward, linear_gemm};
 use super::StackDims;
 use crate::backend::{BResult, Backend};
 use crate::params::Linear;
@@ -41,8 +41,8 @@ impl<B: Backend> MlpScratch<B> {
     }
 }
 
-/// `out += fc2(GELU(fc1(x)))`; `fc1`'s bias is added by the fused
-/// [`Backend::bias_gelu_forward`], which also applies the GELU.
+/// `out += fc2(GELU(fc1(x)))`; `fc1`'s bias and the GELU are the epilogue of its product
+/// ([`Backend::gemm_bias_gelu`]).
 pub fn mlp_forward<B: Backend>(
     b: &B,
     x: &B::Buf,
@@ -53,8 +53,8 @@ pub fn mlp_forward<B: Backend>(
     d: &StackDims,
 ) -> BResult<()> {
     let (rows, hidden) = (d.rows(), d.hidden);
-    linear_matmul(b, x, fc1, &mut acts.pre, rows, d.dim, hidden, false)?;
-    b.bias_gelu_forward(&fc1.bias, &mut acts.pre, &mut acts.act, rows, hidden)?;
+    let g = linear_gemm(rows, d.dim, hidden, false);
+    b.gemm_bias_gelu(&g, x, &fc1.weight, &fc1.bias, &mut acts.pre, &mut acts.act)?;
     linear_forward(b, &acts.act, fc2, out, rows, hidden, d.dim, true)
 }
 
