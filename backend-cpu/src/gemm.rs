@@ -929,7 +929,9 @@ mod speed {
     use super::{kernel_with, kernels, Epilogue};
 
     /// Nanoseconds this thread has run on a CPU (Linux's schedstat): unlike wall time, it does
-    /// not count the time other processes hold the core.
+    /// not count the time other processes hold the core. Its clock advances in steps of
+    /// milliseconds on some VMs, too coarse to see 2 % differences: with `GEMM_SPEED_WALL` set,
+    /// wall time since the first call instead (for an idle machine).
     fn cpu_ns() -> f64 {
         if std::env::var_os("GEMM_SPEED_WALL").is_some() {
             static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();

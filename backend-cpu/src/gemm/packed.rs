@@ -491,3 +491,86 @@ unsafe fn store(
         }
     }
 }
+
+#[cfg(test)]
+mod speed {
+    use super::{available, micro_kernel, Epilogue, KC, MR, NR};
+    use core::arch::x86_64::*;
+    use std::hint::black_box;
+    use std::time::Instant;
+
+    /// GFLOP/s of `f` (which does `flops` each call), best of five timed batches of calls.
+    fn best_rate(flops: f64, mut f: impl FnMut()) -> f64 {
+        (0..5)
+            .map(|_| {
+                let start = Instant::now();
+                for _ in 0..200 {
+                    f();
+                }
+                200.0 * flops / start.elapsed().as_secs_f64() / 1e9
+            })
+            .fold(0.0, f64::max)
+    }
+
+    /// Twelve independent chains of `n` FMAs on eight lanes: the core's FMA throughput.
+    #[target_feature(enable = "avx2,fma")]
+    fn fma_chains(n: usize) -> f32 {
+        let mut acc = [_mm256_set1_ps(1.0); 12];
+        let (x, y) = (black_box(_mm256_set1_ps(0.999)), _mm256_set1_ps(1e-3));
+        for _ in 0..black_box(n) {
+            for a in &mut acc {
+                *a = _mm256_fmadd_ps(*a, x, y);
+            }
+        }
+        let mut out = [0.0f32; 8];
+        // SAFETY: eight floats into an array of eight.
+        unsafe {
+            _mm256_storeu_ps(
+                out.as_mut_ptr(),
+                acc.iter().fold(acc[0], |s, &a| _mm256_add_ps(s, a)),
+            )
+        };
+        out[0]
+    }
+
+    /// The measured FMA peak of one core next to the micro-kernel on strips that stay in L1:
+    /// the ceiling every product (and docs/results.md's efficiency figures) is measured
+    /// against. Timing only, on an idle machine:
+    /// `cargo test --release -p mae-backend-cpu --lib -- --ignored --nocapture micro_kernel_peak`.
+    #[test]
+    #[ignore]
+    fn micro_kernel_peak() {
+        if !available() {
+            println!("SKIP micro_kernel_peak: no AVX2/FMA");
+            return;
+        }
+        const N: usize = 100_000;
+        // SAFETY: AVX2 and FMA are available (checked above).
+        let peak = best_rate((N * 12 * 16) as f64, || {
+            black_box(unsafe { fma_chains(N) });
+        });
+        let a = vec![0.5f32; MR * KC];
+        let b = vec![0.25f32; NR * KC];
+        let mut c = [0.0f32; MR * NR];
+        let kernel = best_rate((2 * MR * NR * KC) as f64, || {
+            // SAFETY: the strips hold 6 and 16 values per p < KC; C is one full 6 x 16 tile.
+            unsafe {
+                micro_kernel(
+                    KC,
+                    &a,
+                    &b,
+                    (c.as_mut_ptr(), NR, MR, NR),
+                    1.0,
+                    0.0,
+                    Epilogue::NONE,
+                )
+            };
+            black_box(&mut c);
+        });
+        println!(
+            "one core: FMA peak {peak:.1} GFLOP/s, micro-kernel on L1-resident strips {kernel:.1} \
+             GFLOP/s ({:.1} %)",
+            100.0 * kernel / peak
+        );
+    }
+}
