@@ -545,8 +545,8 @@ mod speed {
             return;
         }
         const N: usize = 100_000;
-        // SAFETY: AVX2 and FMA are available (checked above).
         let peak = best_rate((N * 12 * 16) as f64, || {
+            // SAFETY: AVX2 and FMA are available (checked above).
             black_box(unsafe { fma_chains(N) });
         });
         let a = vec![0.5f32; MR * KC];
