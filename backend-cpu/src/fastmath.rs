@@ -708,6 +708,47 @@ mod tests {
         assert_eq!(y[x.len() - 1].to_bits(), (-0.0f32).to_bits());
     }
 
+    /// Single-threaded ns per element of [`gelu_forward`] and [`gelu_backward`] on 2^20 standard
+    /// normal inputs (the spread of pre-activations), the best of several calls. Timing only:
+    /// `cargo test --release -p mae-backend-cpu --lib -- --ignored --nocapture gelu_speed`.
+    #[test]
+    #[ignore = "a timing, not a check: run it by hand in release"]
+    fn gelu_speed() {
+        let n = 1 << 20;
+        // Box-Muller on a 64-bit LCG: a fixed, dependency-free N(0, 1) sample.
+        let mut state = 0x853c_49e6_748f_ea9bu64;
+        let mut uniform = move || {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        };
+        let x: Vec<f32> = (0..n)
+            .map(|_| {
+                let (u, v) = (uniform(), uniform());
+                ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+            })
+            .collect();
+        let dy: Vec<f32> = (0..n).map(|i| ((i % 13) as f32 - 6.0) * 0.1).collect();
+        let (mut y, mut dx) = (vec![0.0f32; n], vec![0.0f32; n]);
+        // Wall-clock time of single calls (~1.5 ms each), the best of many: short enough that
+        // most samples run without being preempted on a shared machine.
+        let best = |f: &mut dyn FnMut()| {
+            f();
+            (0..25)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    f();
+                    t.elapsed().as_nanos() as f64 / n as f64
+                })
+                .fold(f64::INFINITY, f64::min)
+        };
+        let forward = best(&mut || gelu_forward(&x, &mut y));
+        let backward = best(&mut || gelu_backward(&x, &dy, &mut dx));
+        std::hint::black_box((&y, &dx));
+        println!("ns/element, one thread: gelu_forward {forward:.3} gelu_backward {backward:.3}");
+    }
+
     #[test]
     fn vector_results_are_bitwise_the_scalar_results() {
         let mut x: Vec<f32> = (0..40_001)
