@@ -45,7 +45,7 @@ pub(crate) fn bias_gelu_forward(
 }
 
 /// `dx += dy * (Phi(x) + x * exp(-x^2 / 2) / sqrt(2 pi))`: the gradient in `f32` (absolute
-/// error below 1e-7, see [`crate::fastmath`]), then one FMA.
+/// error at most 1.26e-7, see [`crate::fastmath`]), then one FMA.
 pub(crate) fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
     let n = dx.len();
     let (x, dy) = (&x[..n], &dy[..n]);
