@@ -38,8 +38,6 @@ const NR: usize = 16;
 const KC: usize = 256;
 /// Rows of A packed at once (a multiple of MR): 120 x 256 floats = 120 KiB, inside L2.
 const MC: usize = 120;
-/// Floats after packed A that [`pack_a`]'s overlapping stores may write (and nothing reads).
-const A_SLACK: usize = 8;
 /// Columns of B packed at once (a multiple of NR): up to 3 MiB, inside L3; as wide as the
 /// widest weight matrix of ViT-B and ViT-L (3072 and 4096 columns) needs in one or two panels.
 const NC: usize = 3072;
@@ -107,9 +105,10 @@ pub(super) unsafe fn gemm(
         return;
     }
     let kc_max = k.min(KC);
+    let layout = StripLayout::of(a);
     // Rounded up to a line, so that packed B starts on one too (its 16-column strips are whole
     // lines; A's strips are read one float at a time).
-    let a_len = (m.min(MC).next_multiple_of(MR) * kc_max + A_SLACK).next_multiple_of(16);
+    let a_len = (m.min(MC).next_multiple_of(MR) * kc_max).next_multiple_of(16);
     let b_len = n.min(NC).next_multiple_of(NR) * kc_max;
     WORKSPACE.with(|ws| {
         // Not reentrant: the loop nest below calls nothing that multiplies again.
@@ -117,7 +116,7 @@ pub(super) unsafe fn gemm(
         if ws.len() * 16 < a_len + b_len {
             // Rounded up to the full panel sizes, so that later, larger products on this thread
             // rarely need to grow it again.
-            let want = (a_len + b_len).max(MC * KC + A_SLACK + KC * NC.min(n.next_multiple_of(NR)));
+            let want = (a_len + b_len).max(MC * KC + KC * NC.min(n.next_multiple_of(NR)));
             ws.resize(want.div_ceil(16), Line([0.0; 16]));
         }
         let (a_pack, rest) = floats(&mut ws).split_at_mut(a_len);
@@ -151,7 +150,11 @@ pub(super) unsafe fn gemm(
                                 } else {
                                     Epilogue::NONE
                                 };
-                                micro_kernel(
+                                let kernel = match layout {
+                                    StripLayout::RowMajor => micro_kernel::<true>,
+                                    StripLayout::ColumnMajor => micro_kernel::<false>,
+                                };
+                                kernel(
                                     kc,
                                     a_strip,
                                     b_strip,
@@ -197,61 +200,71 @@ unsafe fn scale(m: usize, n: usize, beta: f32, c: *mut f32, rsc: usize) {
     }
 }
 
-/// Packs the `mc x kc` block of A at `a` into 6-row strips: strip `s` holds, for each `p`, the
-/// six values `A[6s + 0..6][p]` (zeros past row `mc`).
+/// How [`pack_a`] lays out a 6-row strip of A, and so how the micro-kernel reads it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StripLayout {
+    /// For each `p`, the six values `A[6s + 0..6][p]`: what a stored transpose (a gradient
+    /// `dY^T`, whose columns are contiguous) copies into directly.
+    ColumnMajor,
+    /// The six rows one after the other, `kc` values each: what row-major activations copy into
+    /// directly. The micro-kernel broadcasts from six rows as fast as from one (each cache line
+    /// serves sixteen `p`; `micro_kernel_peak` measured both within 1 %), so row-major A needs
+    /// no register transposes, which a column-major strip of it would (they were 7 % of the
+    /// tiny32 embedding's time).
+    RowMajor,
+}
+
+impl StripLayout {
+    /// Row-major strips where A's rows are contiguous (and it is not also a column).
+    fn of(a: Operand) -> StripLayout {
+        if a.cs == 1 && a.rs != 1 {
+            StripLayout::RowMajor
+        } else {
+            StripLayout::ColumnMajor
+        }
+    }
+}
+
+/// Packs the `mc x kc` block of A at `a` into 6-row strips of `6 * kc` values each, laid out as
+/// [`StripLayout::of`] says; rows past `mc` are zeros.
 ///
 /// # Safety
 /// Every element `(i, p)`, `i < mc`, `p < kc`, of `a` is readable.
 unsafe fn pack_a(mc: usize, kc: usize, a: Operand, dst: &mut [f32]) {
-    let used = mc.next_multiple_of(MR) * kc;
-    // The register transposes below store eight floats for each six they keep.
-    assert!(
-        dst.len() >= used + A_SLACK,
-        "pack_a: no slack after the strips"
-    );
-    for s in 0..mc.div_ceil(MR) {
-        let strip = &mut dst[s * MR * kc..][..MR * kc + A_SLACK];
+    let layout = StripLayout::of(a);
+    for (s, strip) in dst[..mc.next_multiple_of(MR) * kc]
+        .chunks_exact_mut(MR * kc)
+        .enumerate()
+    {
         let rows = MR.min(mc - s * MR);
         if rows < MR {
-            strip[..MR * kc].fill(0.0);
+            strip.fill(0.0);
         }
-        if a.rs == 1 {
-            // A stored transpose (a gradient `dY^T`): the strip's six values of each `p` are
-            // contiguous.
-            for p in 0..kc {
-                // SAFETY: column p < kc, rows 6s .. 6s + rows <= mc.
-                unsafe {
-                    copy_run::<MR>(a.ptr.add(p * a.cs + s * MR), &mut strip[p * MR..][..rows])
-                };
+        match layout {
+            StripLayout::RowMajor => {
+                for (i, row) in strip.chunks_exact_mut(kc).take(rows).enumerate() {
+                    // SAFETY: row 6s + i < mc of the block, its kc values contiguous (cs == 1).
+                    let src =
+                        unsafe { core::slice::from_raw_parts(a.ptr.add((s * MR + i) * a.rs), kc) };
+                    row.copy_from_slice(src);
+                }
             }
-        } else {
-            // Rows of A are contiguous (`cs == 1` in the model's products): eight values of
-            // each of the strip's rows at a time, turned into eight columns of six by a
-            // register transpose (rows 6 and 7 of it repeat row 0). Its eight output rows are
-            // stored six floats apart, in order, so each store's two extra floats are
-            // overwritten by the next one; the last store's two land past the eight columns,
-            // where later writes (the next columns, the next strip, or the slack) go. A partial
-            // strip goes value by value, leaving its missing rows zero.
-            let mut src = [a.ptr; 8];
-            for (i, row) in src.iter_mut().enumerate().take(rows) {
-                // SAFETY: row `6s + i < mc` of the block.
-                *row = unsafe { a.ptr.add((s * MR + i) * a.rs) };
+            StripLayout::ColumnMajor if a.rs == 1 => {
+                // The strip's six values of each `p` are contiguous in A.
+                for p in 0..kc {
+                    // SAFETY: column p < kc, rows 6s .. 6s + rows <= mc.
+                    unsafe {
+                        copy_run::<MR>(a.ptr.add(p * a.cs + s * MR), &mut strip[p * MR..][..rows])
+                    };
+                }
             }
-            let whole = if a.cs == 1 && rows == MR {
-                kc - kc % 8
-            } else {
-                0
-            };
-            for p in (0..whole).step_by(8) {
-                // SAFETY: elements (6s + i, p .. p + 8) of the block, contiguous since cs == 1;
-                // the stores end at float `6 p + 7 * 6 + 8 <= 6 kc + 2` of the strip, inside its
-                // `A_SLACK` extra floats; AVX2 is available (the kernel's precondition).
-                unsafe { transpose_8x8(src.map(|r| r.add(p)), strip.as_mut_ptr().add(p * MR), MR) };
-            }
-            for p in whole..kc {
-                for i in 0..rows {
-                    // SAFETY: element (6s + i, p) of the block, p < kc.
-                    strip[p * MR + i] = unsafe { *src[i].add(p * a.cs) };
+            StripLayout::ColumnMajor => {
+                // Neither rows nor columns contiguous (no product of the model): value by value.
+                for p in 0..kc {
+                    for i in 0..rows {
+                        // SAFETY: element (6s + i, p) of the block.
+                        strip[p * MR + i] = unsafe { *a.ptr.add((s * MR + i) * a.rs + p * a.cs) };
+                    }
                 }
             }
         }
@@ -375,13 +388,14 @@ unsafe fn transpose_8x8(src: [*const f32; 8], dst: *mut f32, dst_stride: usize) 
 
 /// The 6 x 16 tile `sum_p a_strip[p] (6 values) x b_strip[p] (16 values)`, accumulated by FMA
 /// in ascending `p` in 12 AVX registers (row `i`'s two halves at `2i`, `2i + 1`), then written
-/// to the `rows x cols` corner of C at `c`, with the epilogue, by [`store`].
+/// to the `rows x cols` corner of C at `c`, with the epilogue, by [`store`]. The A strip is
+/// [`StripLayout::RowMajor`] when `ROW_MAJOR_A`, else column-major.
 ///
 /// # Safety
 /// AVX2 and FMA are available; the strips hold `6 * kc` and `16 * kc` values; the corner and
 /// the epilogue are valid as [`store`] requires.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn micro_kernel(
+unsafe fn micro_kernel<const ROW_MAJOR_A: bool>(
     kc: usize,
     a_strip: &[f32],
     b_strip: &[f32],
@@ -403,6 +417,8 @@ unsafe fn micro_kernel(
         }
     }
     let (a, b) = (a_strip.as_ptr(), b_strip.as_ptr());
+    // Element (i, p) of the A strip is at `a + i * rs + p * cs`.
+    let (rs, cs) = if ROW_MAJOR_A { (kc, 1) } else { (1, MR) };
     let mut acc = [_mm256_setzero_ps(); 12];
     for p in 0..kc {
         // SAFETY: p < kc, so the 16 values of B's row and 6 of A's column are in the strips.
@@ -410,7 +426,7 @@ unsafe fn micro_kernel(
             let b0 = _mm256_loadu_ps(b.add(p * NR));
             let b1 = _mm256_loadu_ps(b.add(p * NR + 8));
             for i in 0..MR {
-                let ai = _mm256_broadcast_ss(&*a.add(p * MR + i));
+                let ai = _mm256_broadcast_ss(&*a.add(i * rs + p * cs));
                 acc[2 * i] = _mm256_fmadd_ps(ai, b0, acc[2 * i]);
                 acc[2 * i + 1] = _mm256_fmadd_ps(ai, b1, acc[2 * i + 1]);
             }
@@ -427,11 +443,13 @@ unsafe fn micro_kernel(
 /// equal), so an element gets the same bits whichever kind of tile it falls in, and the same
 /// as [`Epilogue::apply`] gives after the other kernels.
 ///
+/// Always inlined into [`micro_kernel`], whose AVX2 and FMA it is compiled with (a function of
+/// its own would take the accumulators through memory).
+///
 /// # Safety
 /// AVX2 and FMA are available; the `rows x cols` elements at `c` (row stride `rsc`) are valid,
 /// and so are the epilogue's `cols` bias values and `rows x cols` act elements (C's layout).
-#[target_feature(enable = "avx2,fma")]
-#[inline]
+#[inline(always)]
 unsafe fn store(
     acc: [__m256; 12],
     (c, rsc, rows, cols): (*mut f32, usize, usize, usize),
@@ -439,14 +457,15 @@ unsafe fn store(
     beta: f32,
     Epilogue { bias, act }: Epilogue,
 ) {
-    let va = _mm256_set1_ps(alpha);
-    let vb = _mm256_set1_ps(beta);
-    if rows == MR && cols == NR {
-        for i in 0..MR {
-            for h in 0..2 {
-                // SAFETY: a full tile: row i < 6, columns 8h .. 8h + 8 < 16 are in C, and in
-                // the bias and act when they are given.
-                unsafe {
+    // SAFETY: the intrinsics need AVX2 and FMA, which the caller guarantees; every load and
+    // store below addresses an element of the caller's valid corner of C, of the bias (columns
+    // < cols) or of act (same layout as C), or of the 6 x 16 stack tile.
+    unsafe {
+        let va = _mm256_set1_ps(alpha);
+        let vb = _mm256_set1_ps(beta);
+        if rows == MR && cols == NR {
+            for i in 0..MR {
+                for h in 0..2 {
                     let e = c.add(i * rsc + 8 * h);
                     let mut v = _mm256_mul_ps(va, acc[2 * i + h]);
                     if beta != 0.0 {
@@ -461,20 +480,16 @@ unsafe fn store(
                     }
                 }
             }
+            return;
         }
-        return;
-    }
-    let mut tile = [0.0f32; MR * NR];
-    for (i, pair) in acc.chunks_exact(2).enumerate() {
-        for (h, &v) in pair.iter().enumerate() {
-            // SAFETY: 8 floats at row i, column 8h of the 6 x 16 stack tile.
-            unsafe { _mm256_storeu_ps(tile.as_mut_ptr().add(i * NR + 8 * h), v) };
+        let mut tile = [0.0f32; MR * NR];
+        for (i, pair) in acc.chunks_exact(2).enumerate() {
+            for (h, &v) in pair.iter().enumerate() {
+                _mm256_storeu_ps(tile.as_mut_ptr().add(i * NR + 8 * h), v);
+            }
         }
-    }
-    for i in 0..rows {
-        for j in 0..cols {
-            // SAFETY: i < rows, j < cols: inside the caller's valid corner (and bias, act).
-            unsafe {
+        for i in 0..rows {
+            for j in 0..cols {
                 let e = c.add(i * rsc + j);
                 let mut v = alpha * tile[i * NR + j];
                 if beta != 0.0 {
@@ -555,7 +570,7 @@ mod speed {
         let kernel = best_rate((2 * MR * NR * KC) as f64, || {
             // SAFETY: the strips hold 6 and 16 values per p < KC; C is one full 6 x 16 tile.
             unsafe {
-                micro_kernel(
+                micro_kernel::<false>(
                     KC,
                     &a,
                     &b,
