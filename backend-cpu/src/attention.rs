@@ -403,7 +403,7 @@ fn with_slot<R>(f: impl FnOnce(&mut [f32]) -> R) -> R {
 mod tests {
     use super::*;
     use crate::test_util::*;
-    use mae::backend::{Backend, Gemm, Heads};
+    use mae::backend::{Backend, Gemm};
 
     fn dims(batch: usize, heads: usize, tokens: usize, head_dim: usize) -> Attention {
         Attention {
@@ -449,14 +449,7 @@ mod tests {
         fn run(&mut self, qkv: &Vec<f32>, d_out: &Vec<f32>) -> (&[f32], &[f32]) {
             let (be, a) = (be(), &self.a);
             let (n, t, hd, dim) = (a.batch * a.heads, a.tokens, a.head_dim, a.dim());
-            let view = |row_width, col_offset| Heads {
-                batch: a.batch,
-                tokens: t,
-                heads: a.heads,
-                head_dim: hd,
-                row_width,
-                col_offset,
-            };
+            let view = |row_width, col_offset| a.heads(row_width, col_offset);
             let per_head = |m, nn, k| Gemm::new(m, nn, k).batched(n, m * k, k * nn, m * nn);
             let [q, k, v, heads_out, out, d_heads_out, d_q, d_k, d_v] = &mut self.small;
             let [scores, att, d_att] = &mut self.scores;

@@ -373,14 +373,7 @@ fn composed_attention(
     let (n, t, hd) = (a.batch * a.heads, a.tokens, a.head_dim);
     let dim = a.dim();
     let (lq, lo, _) = a.lens();
-    let view = |row_width, col_offset| Heads {
-        batch: a.batch,
-        tokens: t,
-        heads: a.heads,
-        head_dim: hd,
-        row_width,
-        col_offset,
-    };
+    let view = |row_width, col_offset| a.heads(row_width, col_offset);
     let per_head =
         |m: usize, nn: usize, k: usize| Gemm::new(m, nn, k).batched(n, m * k, k * nn, m * nn);
     let alloc = |len: usize| be.alloc(len).unwrap();

@@ -1219,14 +1219,7 @@ struct AttentionWant {
 
 fn attention_oracle(qkv: &[f64], d_out: &[f64], a: &Attention) -> AttentionWant {
     let (n, t, hd, dim) = (a.batch * a.heads, a.tokens, a.head_dim, a.dim());
-    let view = |row_width, col_offset| Heads {
-        batch: a.batch,
-        tokens: t,
-        heads: a.heads,
-        head_dim: hd,
-        row_width,
-        col_offset,
-    };
+    let view = |row_width, col_offset| a.heads(row_width, col_offset);
     let per_head = |m, nn, k| Gemm::new(m, nn, k).batched(n, m * k, k * nn, m * nn);
     let split = |x: &[f64], h: &Heads| {
         let mut y = vec![0.0; n * t * hd];

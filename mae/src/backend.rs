@@ -241,6 +241,19 @@ impl Attention {
     pub fn dim(&self) -> usize {
         self.heads * self.head_dim
     }
+    /// The [`Heads`] view of this attention's heads inside rows of `row_width` columns, starting
+    /// at column `col_offset`: q, k, v of `qkv` are `(3 * dim, 0 | dim | 2 * dim)`, the merged
+    /// output `(dim, 0)`. For composing the attention from `split_heads` / `merge_heads`.
+    pub fn heads(&self, row_width: usize, col_offset: usize) -> Heads {
+        Heads {
+            batch: self.batch,
+            tokens: self.tokens,
+            heads: self.heads,
+            head_dim: self.head_dim,
+            row_width,
+            col_offset,
+        }
+    }
     /// Lengths of `qkv` (`[batch * tokens, 3 * dim]`), of `out` (`[batch * tokens, dim]`) and of
     /// `lse` (`[batch * heads * tokens]`).
     pub fn lens(&self) -> (usize, usize, usize) {

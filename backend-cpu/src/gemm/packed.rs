@@ -133,7 +133,7 @@ pub(super) unsafe fn gemm(
                 for ic in (0..m).step_by(MC) {
                     let mc = MC.min(m - ic);
                     // SAFETY: as above, for A.
-                    unsafe { pack_a(mc, kc, offset(a, ic, pc), a_pack) };
+                    unsafe { pack_a(mc, kc, offset(a, ic, pc), layout, a_pack) };
                     for jr in (0..nc).step_by(NR) {
                         let b_strip = &b_pack[jr * kc..(jr + NR) * kc];
                         for ir in (0..mc).step_by(MR) {
@@ -226,12 +226,12 @@ impl StripLayout {
 }
 
 /// Packs the `mc x kc` block of A at `a` into 6-row strips of `6 * kc` values each, laid out as
-/// [`StripLayout::of`] says; rows past `mc` are zeros.
+/// `layout` (which is [`StripLayout::of`] `a`) says; rows past `mc` are zeros.
 ///
 /// # Safety
 /// Every element `(i, p)`, `i < mc`, `p < kc`, of `a` is readable.
-unsafe fn pack_a(mc: usize, kc: usize, a: Operand, dst: &mut [f32]) {
-    let layout = StripLayout::of(a);
+unsafe fn pack_a(mc: usize, kc: usize, a: Operand, layout: StripLayout, dst: &mut [f32]) {
+    debug_assert!(layout == StripLayout::of(a));
     for (s, strip) in dst[..mc.next_multiple_of(MR) * kc]
         .chunks_exact_mut(MR * kc)
         .enumerate()
@@ -406,9 +406,8 @@ unsafe fn micro_kernel<const ROW_MAJOR_A: bool>(
 ) {
     debug_assert!(a_strip.len() >= MR * kc && b_strip.len() >= NR * kc);
     // C's rows are far apart and usually out of L1 (or L2): ask for them now, so that they have
-    // arrived when the tile is stored after the k loop.
-    // A row's 16 floats span two cache lines unless C is 64-byte aligned, so ask for the line
-    // of its first and of its last float.
+    // arrived when the tile is stored after the k loop. A row's 16 floats span two cache lines
+    // unless C is 64-byte aligned, so ask for the lines of its first and of its last float.
     for i in 0..rows {
         // SAFETY: a prefetch is only a hint and never faults; the addresses are inside C.
         unsafe {
