@@ -66,16 +66,16 @@ build() {
         esac
     done < <(test_executables -p mae-conformance -p mae-backend-cuda)
     strip --strip-debug "$PACK"/bin/* "$PACK"/tests/*
-    # The Vulkan loader, for the wgpu step on GPU machines that have NVIDIA's Vulkan driver but
-    # no loader (containers often mount the driver's libraries without libvulkan).
-    mkdir -p "$PACK/lib"
-    cp -L "$(ldconfig -p | grep -oE '/[^ ]*/libvulkan\.so\.1$' | head -n 1)" "$PACK/lib/" ||
-        echo "no libvulkan.so.1 here: the wgpu step will rely on the GPU machine's" >&2
+    # The Vulkan loader and GL dispatch libraries as Debian packages, for the wgpu step: the GPU
+    # machines mount NVIDIA's Vulkan driver but have no loader (`run` unpacks them into /).
+    mkdir -p "$PACK/gl"
+    (cd "$PACK/gl" && apt-get download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 \
+        libgles2) || echo "apt-get download failed: the wgpu step will rely on the GPU machine's loader" >&2
     ls -la "$PACK"/bin "$PACK"/tests
     # Every test binary links all three backends (~45 MiB together); compressed they carry in
     # a tenth of the device tool's 64 MiB.
-    tar -C "$PACK" -cJf "$PACK/binaries.tar.xz" bin tests lib
-    rm -rf "$PACK/bin" "$PACK/tests" "$PACK/lib"
+    tar -C "$PACK" -cJf "$PACK/binaries.tar.xz" bin tests
+    rm -rf "$PACK/bin" "$PACK/tests"
     if [ -d ../shared/golden ]; then
         mkdir -p "$PACK/shared-golden"
         cp ../shared/golden/*.safetensors "$PACK/shared-golden/"
@@ -194,24 +194,27 @@ run() {
         sed -i "$((before + 1)),\$ s/^\({.*\)}\$/\1, \"peak_gpu_mb\": ${peak:-null}}/" "$out/bench.log"
     }
 
-    # vulkan_setup: NVIDIA's Vulkan driver lives in libGLX_nvidia.so.0; where the machine has it
-    # but no ICD file or no loader, write the ICD file and use the carried libvulkan.so.1.
+    # vulkan_setup: NVIDIA's Vulkan driver is mounted under /usr/local/nvidia, but the machine
+    # has no Vulkan loader: unpack the carried Debian packages into / (the machine is bare and
+    # given back after the call) and point the loader at NVIDIA's ICD file.
     vulkan_setup() {
-        echo "== vulkan: $(ls /usr/share/vulkan/icd.d /etc/vulkan/icd.d 2>/dev/null | tr '\n' ' ')"
-        local nv
-        nv=$(ldconfig -p 2>/dev/null | grep -oE '/[^ ]*/libGLX_nvidia\.so\.0$' | head -n 1)
-        nv=${nv:-$(find /usr/lib/x86_64-linux-gnu /usr/local/nvidia -name 'libGLX_nvidia.so.0' 2>/dev/null | head -n 1)}
-        echo "== NVIDIA Vulkan driver: ${nv:-none}"
-        if ! ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1\b' && [ -f "$bins/lib/libvulkan.so.1" ]; then
-            export LD_LIBRARY_PATH="$bins/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-            echo "== using the carried libvulkan.so.1"
+        if ! ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1\b'; then
+            local deb
+            for deb in "$PACK"/gl/*.deb; do
+                [ -e "$deb" ] && dpkg -x "$deb" / && echo "== unpacked $(basename "$deb")"
+            done
+            ldconfig
         fi
-        if [ -n "$nv" ] && ! grep -qs nvidia /usr/share/vulkan/icd.d/* /etc/vulkan/icd.d/*; then
-            printf '{"file_format_version":"1.0.0","ICD":{"library_path":"%s","api_version":"1.3.0"}}\n' \
-                "$nv" >"$bins/nvidia_icd.json"
-            export VK_ICD_FILENAMES=$bins/nvidia_icd.json
-            echo "== wrote $VK_ICD_FILENAMES"
-        fi
+        local icd
+        for icd in /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json \
+            /usr/share/vulkan/icd.d/nvidia_icd.json /etc/vulkan/icd.d/nvidia_icd.json; do
+            if [ -f "$icd" ]; then
+                export VK_DRIVER_FILES=$icd
+                echo "== VK_DRIVER_FILES=$icd: $(tr -d '\n ' <"$icd")"
+                break
+            fi
+        done
+        echo "== loader: $(ldconfig -p 2>/dev/null | grep -oE 'libvulkan\.so\.1 .*' | head -n 1)"
     }
 
     step "backend unit tests" backend.log 120 "$bins/tests/mae_backend_cuda-lib"
@@ -230,32 +233,28 @@ run() {
     for dir in "${golden_dirs[@]}"; do
         step "golden --backend cuda-bf16 on $dir" golden.log 120 \
             "$bins/bin/golden" --backend cuda-bf16 "$dir"/*.safetensors
+        step "golden --backend cuda-bf16 on $dir, MAE_CUDA_BF16_GEMM=copies" golden.log 120 \
+            env MAE_CUDA_BF16_GEMM=copies "$bins/bin/golden" --backend cuda-bf16 "$dir"/*.safetensors
     done
+    # The op suite early: it holds the bf16 GEMM's rounding checks (both routes, bf16.rs).
+    step "conformance ops (cuda)" conformance.log 90 \
+        env MAE_GOLDEN_DIR="${golden_dirs[0]}" "$bins/tests/ops-test" cuda
 
-    # Speed (issue 6): ours in f32, TF32 and bf16 next to PyTorch eager on the same card, each
-    # with the peak device memory nvidia-smi saw while it ran.
+    # Speed (issue 6): ours in f32 and bf16 next to PyTorch eager on the same card, each with
+    # the peak device memory nvidia-smi saw while it ran. bf16 multiplies bf16 copies of the
+    # Linear layers' operands by default; MAE_CUDA_BF16_GEMM=fast is the route before them.
     local s=${BENCH_SECONDS:-3}
-    local backend batch
-    for backend in cuda cuda-tf32; do
-        measure "bench base224 $backend b64" "$bins/bin/bench" --case base224 --backend "$backend" \
-            --batch 64 --seconds "$s"
-    done
-    for batch in 64 128 256; do
+    local batch
+    measure "bench base224 cuda b64" "$bins/bin/bench" --case base224 --backend cuda \
+        --batch 64 --seconds "$s"
+    for batch in 256 128 64; do
         measure "bench base224 cuda-bf16 b$batch" "$bins/bin/bench" --case base224 \
             --backend cuda-bf16 --batch "$batch" --seconds "$s"
     done
+    measure "bench base224 cuda-bf16 b256 MAE_CUDA_BF16_GEMM=fast" env MAE_CUDA_BF16_GEMM=fast \
+        "$bins/bin/bench" --case base224 --backend cuda-bf16 --batch 256 --seconds "$s"
     measure "bench ViT-L/16 cuda-bf16 b128" "$bins/bin/bench" --case mae_vit_large_patch16 \
         --backend cuda-bf16 --batch 128 --seconds "$s"
-    # The attention paths against each other (MAE_CUDA_ATTENTION): f32 takes the fused kernels
-    # by default, bf16 the composed ops.
-    measure "bench base224 cuda b64 composed attention" env MAE_CUDA_ATTENTION=composed \
-        "$bins/bin/bench" --case base224 --backend cuda --batch 64 --seconds "$s"
-    for batch in 128 256; do
-        measure "bench base224 cuda-bf16 b$batch fused attention" env MAE_CUDA_ATTENTION=fused \
-            "$bins/bin/bench" --case base224 --backend cuda-bf16 --batch "$batch" --seconds "$s"
-    done
-    measure "bench ViT-L/16 cuda-bf16 b128 fused attention" env MAE_CUDA_ATTENTION=fused \
-        "$bins/bin/bench" --case mae_vit_large_patch16 --backend cuda-bf16 --batch 128 --seconds "$s"
     if python3 -c 'import torch, timm' 2>/dev/null; then
         measure "torch base224 bf16 autocast" python3 bench/torch_reference.py --case base224 \
             --device cuda --amp bf16 --batch 256,128,64 --seconds "$s"
@@ -268,16 +267,24 @@ run() {
         failed=1
     fi
     # Where the device time goes: MAE_CUDA_PROFILE's table (printed when the backend drops).
-    local attention
-    for attention in composed fused; do
-        step "profile base224 cuda-bf16 b128 $attention attention" profile.log 120 \
-            env MAE_CUDA_PROFILE=1 MAE_CUDA_ATTENTION=$attention "$bins/bin/bench" --case base224 \
-            --backend cuda-bf16 --batch 128 --seconds 2
-    done
-    # The wgpu backend on this GPU, where the machine has NVIDIA's Vulkan driver (issue 4).
+    step "profile base224 cuda-bf16 b128" profile.log 120 \
+        env MAE_CUDA_PROFILE=1 "$bins/bin/bench" --case base224 --backend cuda-bf16 --batch 128 \
+        --seconds 2
+
+    # The wgpu backend on this GPU through NVIDIA's Vulkan driver (issue 4), its GEMM and
+    # attention paths each way (backend-wgpu: MAE_WGPU_GEMM, MAE_WGPU_ATTENTION), next to
+    # `cuda` (f32) at the same batch above.
     vulkan_setup >>"$out/wgpu.log" 2>&1
-    step "bench base224 wgpu b64" wgpu.log 90 \
-        "$bins/bin/bench" --case base224 --backend wgpu --batch 64 --seconds "$s"
+    local gemm attention
+    for gemm in tiled register; do
+        for attention in fused composed; do
+            step "bench base224 wgpu b64 gemm=$gemm attention=$attention" wgpu.log 75 \
+                env MAE_WGPU_GEMM=$gemm MAE_WGPU_ATTENTION=$attention "$bins/bin/bench" \
+                --case base224 --backend wgpu --batch 64 --seconds "$s"
+            # No adapter: the other ways would fail the same way.
+            grep -q 'no wgpu adapter\|NoDevice' "$out/wgpu.log" && break 2
+        done
+    done
 
     # Data parallel through NCCL with one rank: bitwise the single-process run.
     step "dp-check (NCCL, one rank)" dp.log 120 env OUT=/tmp scripts/dp-check.sh "$bins/bin/pretrain"
@@ -285,7 +292,7 @@ run() {
     # Last, with what is left of the budget: the suites, which take longest.
     # Only the cuda instances (test paths containing "cuda"); CI runs the CPU ones.
     local suite
-    for suite in ops gradcheck embed golden variants training; do
+    for suite in gradcheck embed golden variants training; do
         step "conformance $suite (cuda)" conformance.log 90 \
             env MAE_GOLDEN_DIR="${golden_dirs[0]}" "$bins/tests/$suite-test" cuda
     done
@@ -299,12 +306,14 @@ run() {
         echo
         echo "## bench (peak_gpu_mb: the most nvidia-smi saw in use while the step ran)"
         echo '```'
-        grep -hE '^\{' "$out/bench.log" "$out/wgpu.log" 2>/dev/null || tail -n 5 "$out/bench.log"
+        grep -hE '^(\{|== bench)' "$out/bench.log" "$out/wgpu.log" 2>/dev/null || tail -n 5 "$out/bench.log"
         echo '```'
         echo
         echo "## wgpu and dp-check"
         echo '```'
-        tail -n 3 "$out/wgpu.log" "$out/dp.log" 2>/dev/null
+        grep -E '^== (VK|loader|unpacked)' "$out/wgpu.log" 2>/dev/null
+        grep -vE '^(\{|==)' "$out/wgpu.log" 2>/dev/null | tail -n 8
+        tail -n 3 "$out/dp.log" 2>/dev/null
         echo '```'
         echo
         echo "## profile"

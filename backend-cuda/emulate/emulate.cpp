@@ -596,8 +596,68 @@ static void test_attention() {
     }
 }
 
+// The nearest bf16 to a finite x, ties to the even mantissa, found by comparing the two bf16
+// neighbours in double: an oracle independent of the kernel's integer rounding.
+static uint16_t nearest_bf16(float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    const uint32_t down = u & 0xffff0000u, up = down + 0x10000u;
+    float fd, fu;
+    std::memcpy(&fd, &down, 4);
+    std::memcpy(&fu, &up, 4);
+    // Above the largest bf16 the upper neighbour is 2^128 with an unbounded exponent, which
+    // rounds to infinity.
+    const double fu_d = (up & 0x7fffffffu) == 0x7f800000u ? std::copysign(std::ldexp(1.0, 128), x) : fu;
+    const double dd = std::fabs((double)x - fd), du = std::fabs((double)x - fu_d);
+    if (dd < du || (dd == du && ((down >> 16) & 1u) == 0)) return (uint16_t)(down >> 16);
+    return (uint16_t)(up >> 16);
+}
+
+static void test_round_to_bf16() {
+    std::vector<float> x = {0.0f, -0.0f, 1.0f, 1.00390625f, 1.01171875f, 1.0f + 1.0f / 512,
+                            3.0e38f, 3.4028235e38f, INFINITY, -INFINITY, 1e-40f, -1e-45f};
+    std::uniform_int_distribution<uint32_t> bits;
+    while (x.size() < 1001) {
+        uint32_t u = bits(rng);
+        if ((u & 0x7f800000u) == 0x7f800000u) continue;  // the specials are listed above
+        float f;
+        std::memcpy(&f, &u, 4);
+        x.push_back(f);
+    }
+    x.push_back(NAN);
+    for (u64 n : {1ull, 2ull, 1002ull, 1001ull}) {
+        for (unsigned g : grids(grid_elementwise((n + 1) / 2))) {
+            std::vector<uint32_t> pairs((n + 1) / 2, 0xdeadbeefu);
+            launch(g, 256, [&] { round_to_bf16(x.data(), pairs.data(), n); });
+            ++checks;
+            for (u64 i = 0; i < 2 * pairs.size(); ++i) {
+                const uint16_t got = (uint16_t)(pairs[i / 2] >> (16 * (i % 2)));
+                bool ok;
+                if (i >= n) {
+                    ok = got == 0;
+                } else if (std::isnan(x[i])) {
+                    ok = (got & 0x7f80u) == 0x7f80u && (got & 0x7fu) != 0;
+                } else if (std::isinf(x[i])) {
+                    uint32_t u;
+                    std::memcpy(&u, &x[i], 4);
+                    ok = got == (uint16_t)(u >> 16);
+                } else {
+                    ok = got == nearest_bf16(x[i]);
+                }
+                if (!ok) {
+                    std::printf("FAIL round_to_bf16 n=%llu grid=%u: element %llu (%.9g) got %04x\n",
+                                n, g, i, i < n ? x[i] : 0.0f, got);
+                    ++failures;
+                    break;
+                }
+            }
+        }
+    }
+}
+
 int main() {
     test_elementwise();
+    test_round_to_bf16();
     test_scale_rows();
     test_bias_gelu();
     test_copy_rows();

@@ -208,11 +208,35 @@ int cublasSgemmStridedBatched(void*, int ta, int tb, int m, int n, int k, const 
     return gemm(ta, tb, m, n, k, *alpha, A, lda, sa, B, ldb, sb, *beta, C, ldc, sc, batch, 0);
 }
 
-// Only what the backend calls: f32 matrices (CUDA_R_32F = 0) with an f32 compute type.
+// The f32 values of a column-major bf16 operand (CUDA_R_16BF: the upper halves of f32s) of
+// `rows x cols` per batch, leading dimension `ld`, batch stride `stride`.
+static std::vector<float> widen_bf16(const void* p, int rows, int cols, int ld, long long stride,
+                                     int batch) {
+    if (rows == 0 || cols == 0 || batch == 0) return {};
+    const size_t len = (size_t)((batch - 1) * stride + (long long)(cols - 1) * ld + rows);
+    const uint16_t* h = static_cast<const uint16_t*>(p);
+    std::vector<float> out(len);
+    for (size_t i = 0; i < len; ++i) {
+        const uint32_t u = (uint32_t)h[i] << 16;
+        std::memcpy(&out[i], &u, 4);
+    }
+    return out;
+}
+
+// What the backend calls: f32 matrices (CUDA_R_32F = 0) with an f32 compute type, or bf16 A
+// and B (CUDA_R_16BF = 14) with f32 C and CUBLAS_COMPUTE_32F, whose products are exact.
 int cublasGemmStridedBatchedEx(void*, int ta, int tb, int m, int n, int k, const void* alpha,
                                const void* A, int atype, int lda, long long sa, const void* B,
                                int btype, int ldb, long long sb, const void* beta, void* C,
                                int ctype, int ldc, long long sc, int batch, int compute, int) {
+    const float a = *static_cast<const float*>(alpha), b = *static_cast<const float*>(beta);
+    float* c = static_cast<float*>(C);
+    if (atype == 14 && btype == 14 && ctype == 0 && compute == 68) {
+        const std::vector<float> wa = widen_bf16(A, ta ? k : m, ta ? m : k, lda, sa, batch);
+        const std::vector<float> wb = widen_bf16(B, tb ? n : k, tb ? k : n, ldb, sb, batch);
+        return gemm(ta, tb, m, n, k, a, wa.data(), lda, sa, wb.data(), ldb, sb, b, c, ldc, sc,
+                    batch, 0);
+    }
     if (atype != 0 || btype != 0 || ctype != 0) return 15;  // CUBLAS_STATUS_NOT_SUPPORTED
     int dropped_bits;
     switch (compute) {
@@ -221,9 +245,8 @@ int cublasGemmStridedBatchedEx(void*, int ta, int tb, int m, int n, int k, const
     case 77: dropped_bits = 13; break;
     default: return 15;
     }
-    return gemm(ta, tb, m, n, k, *static_cast<const float*>(alpha), static_cast<const float*>(A),
-                lda, sa, static_cast<const float*>(B), ldb, sb, *static_cast<const float*>(beta),
-                static_cast<float*>(C), ldc, sc, batch, dropped_bits);
+    return gemm(ta, tb, m, n, k, a, static_cast<const float*>(A), lda, sa,
+                static_cast<const float*>(B), ldb, sb, b, c, ldc, sc, batch, dropped_bits);
 }
 
 }  // extern "C"

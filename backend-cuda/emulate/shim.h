@@ -54,6 +54,11 @@ inline float __int_as_float(unsigned v) {
     std::memcpy(&f, &v, 4);
     return f;
 }
+inline unsigned __float_as_uint(float f) {
+    unsigned v;
+    std::memcpy(&v, &f, 4);
+    return v;
+}
 #include <math.h>  // erfc, exp, expf, fmaxf, sqrt, sqrtf in the global namespace, as in CUDA
 
 // Runs `kernel` on a grid of `grid` blocks of `block` threads, one thread after another: for

@@ -1,6 +1,7 @@
 //! The backend value: one device, one stream, one cuBLAS handle, and the kernels compiled at
 //! first use.
 
+use crate::bf16::Bf16Gemm;
 use crate::buffer::{addr, addr_mut, CudaBuf};
 use crate::device;
 use crate::error;
@@ -84,6 +85,12 @@ pub struct CudaBackend {
     /// `MAE_CUDA_ATTENTION=fused|composed`: the attention path chosen by hand, for measuring
     /// one against the other; `None` takes the default of the precision.
     pub(crate) attention_choice: Option<bool>,
+    /// `MAE_CUDA_BF16_GEMM`: where the bf16 mode rounds GEMM operands (`bf16.rs`).
+    pub(crate) bf16_gemm: Bf16Gemm,
+    /// The bf16 copies of a GEMM's A and B (two per u32), grown to the largest operand seen.
+    /// Locked from the copies' launch until the GEMM that reads them is queued, so that two
+    /// threads' GEMMs cannot overwrite each other's copies.
+    pub(crate) bf16_copies: Mutex<[Option<CudaSlice<u32>>; 2]>,
     /// The device's memory in floats: no buffer can be longer.
     pub(crate) max_len: usize,
 }
@@ -148,6 +155,8 @@ impl CudaBackend {
             precision,
             profile: Profile::from_env(),
             attention_choice: attention_choice()?,
+            bf16_gemm: Bf16Gemm::from_env()?,
+            bf16_copies: Mutex::new([None, None]),
         })
     }
 

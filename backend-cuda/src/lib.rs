@@ -55,6 +55,7 @@
 #![allow(clippy::too_many_arguments)]
 
 mod backend;
+mod bf16;
 mod buffer;
 mod device;
 mod error;

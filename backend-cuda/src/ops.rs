@@ -12,8 +12,8 @@ use crate::launch::{
 };
 use crate::readers::max_readers;
 use cudarc::cublas::sys::{
-    cublasGemmAlgo_t, cublasGemmStridedBatchedEx, cublasOperation_t, cublasSgemmStridedBatched,
-    cudaDataType,
+    cublasComputeType_t, cublasGemmAlgo_t, cublasGemmStridedBatchedEx, cublasOperation_t,
+    cublasSgemmStridedBatched, cudaDataType,
 };
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 use mae::backend::{
@@ -217,9 +217,13 @@ impl Backend for CudaBackend {
         if g.batch == 0 || g.m == 0 || g.n == 0 {
             return Ok(()); // C has no elements.
         }
-        gemm_need(a, span(g.batch, g.stride_a, g.m, g.k), g, "A")?;
-        gemm_need(b, span(g.batch, g.stride_b, g.k, g.n), g, "B")?;
+        let a_len = span(g.batch, g.stride_a, g.m, g.k);
+        let b_len = span(g.batch, g.stride_b, g.k, g.n);
+        gemm_need(a, a_len, g, "A")?;
+        gemm_need(b, b_len, g, "B")?;
         gemm_need(c, span(g.batch, g.stride_c, g.m, g.n), g, "C")?;
+        // Checked by gemm_need: both spans exist.
+        let (a_len, b_len) = (a_len.unwrap_or(0), b_len.unwrap_or(0));
         let cm = column_major(g);
         let fit = |v: usize, what: &str| error::fit_i32(v, &format!("gemm {what} of {g:?}"));
         let (m, n, k) = (fit(cm.m, "n")?, fit(cm.n, "m")?, fit(cm.k, "k")?);
@@ -238,8 +242,25 @@ impl Backend for CudaBackend {
                 cublasOperation_t::CUBLAS_OP_N
             }
         };
-        let pa = a.slice.as_ref().map_or(0, |s| s.device_ptr(&self.stream).0);
-        let pb = b.slice.as_ref().map_or(0, |s| s.device_ptr(&self.stream).0);
+        // The bf16 mode multiplies bf16 copies of the operands where they pay (bf16.rs); the
+        // copies stay locked until the GEMM reading them is queued.
+        let mut copies = None;
+        let copied = self.precision() == Precision::Bf16 && self.bf16_gemm.copies(g, a_len, b_len);
+        let (pa, pb, operand_type, compute) = if copied {
+            let guard = copies.insert(
+                self.bf16_copies
+                    .lock()
+                    .map_err(|_| error::device("the bf16 copies' lock is poisoned"))?,
+            );
+            let [pa, pb] = self.round_to_bf16(guard, [(a, a_len), (b, b_len)])?;
+            let exact = cublasComputeType_t::CUBLAS_COMPUTE_32F;
+            (pa, pb, cudaDataType::CUDA_R_16BF, Some(exact))
+        } else {
+            let pa = a.slice.as_ref().map_or(0, |s| s.device_ptr(&self.stream).0);
+            let pb = b.slice.as_ref().map_or(0, |s| s.device_ptr(&self.stream).0);
+            let compute = self.precision().compute_type();
+            (pa, pb, cudaDataType::CUDA_R_32F, compute)
+        };
         let pc = c
             .slice
             .as_mut()
@@ -251,15 +272,8 @@ impl Backend for CudaBackend {
         self.ctx
             .bind_to_thread()
             .map_err(|e| self.stream_error(e, "binding the CUDA context", 0))?;
-        // SAFETY: the handle is live and bound to this backend's stream; the pointers are
-        // device addresses of live buffers (or null for an empty A or B, which cuBLAS does not
-        // read: k == 0, since m, n >= 1 and the lengths were checked). The column-major call
-        // reads `first` (our B) over (batch - 1) * stride_b + k * n elements, `second` (our A)
-        // over (batch - 1) * stride_a + m * k and writes C over (batch - 1) * stride_c + m * n,
-        // all within the lengths checked above. alpha and beta are host values (the handle's
-        // default pointer mode) that live through the call.
         let timer = self.profile.as_ref().map(|p| p.start(&self.stream));
-        let (call, status) = match self.precision().compute_type() {
+        let (call, status) = match compute {
             // SAFETY: the handle is live and bound to this backend's stream; the pointers are
             // device addresses of live buffers (or null for an empty A or B, which cuBLAS does
             // not read: k == 0, since m, n >= 1 and the lengths were checked). The
@@ -290,8 +304,11 @@ impl Backend for CudaBackend {
                     batch,
                 )
             }),
-            // SAFETY: as above; the three matrices are f32 (CUDA_R_32F) as the buffers are, and
-            // alpha and beta are f32 as the f32 compute types require.
+            // SAFETY: as above, where A and B are either the f32 buffers (CUDA_R_32F) or their
+            // bf16 copies (CUDA_R_16BF), which hold the same number of elements (a_len and
+            // b_len, written by `round_to_bf16` earlier on this stream and locked until this
+            // call is queued); C is f32, and alpha and beta are f32 as the f32 compute types
+            // require.
             Some(compute) => ("cublasGemmStridedBatchedEx", unsafe {
                 cublasGemmStridedBatchedEx(
                     *blas.handle(),
@@ -302,11 +319,11 @@ impl Backend for CudaBackend {
                     k,
                     (&g.alpha as *const f32).cast(),
                     pb as *const c_void,
-                    cudaDataType::CUDA_R_32F,
+                    operand_type,
                     ld1,
                     stride(cm.stride_first),
                     pa as *const c_void,
-                    cudaDataType::CUDA_R_32F,
+                    operand_type,
                     ld2,
                     stride(cm.stride_second),
                     (&g.beta as *const f32).cast(),
@@ -320,6 +337,7 @@ impl Backend for CudaBackend {
                 )
             }),
         };
+        drop(copies);
         status
             .result()
             .map_err(|e| error::cublas(e, &format!("{call} for {g:?} ({:?})", self.precision())))?;
@@ -328,7 +346,8 @@ impl Backend for CudaBackend {
                 if g.trans_a { "T" } else { "N" },
                 if g.trans_b { "T" } else { "N" },
             );
-            let label = format!("gemm {}x{}x{} {ta}{tb} x{}", g.m, g.n, g.k, g.batch);
+            let copies = if copied { " bf16 copies" } else { "" };
+            let label = format!("gemm {}x{}x{} {ta}{tb} x{}{copies}", g.m, g.n, g.k, g.batch);
             p.end(&self.stream, t, label);
         }
         Ok(())

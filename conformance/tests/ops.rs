@@ -180,6 +180,11 @@ fn gemm_touched(g: &Gemm, len: usize) -> Vec<bool> {
 }
 
 fn check_gemm<B: Backend>(b: &B, c: &GemmCase) -> Check {
+    check_gemm_of(b, c, |x| x)
+}
+
+/// [`check_gemm`] against the product of the operands as `operand` rounds them.
+fn check_gemm_of<B: Backend>(b: &B, c: &GemmCase, operand: impl Fn(f32) -> f32) -> Check {
     let g = c.desc();
     let (la, lb, lc) = g.lens();
     let a = data(c.seed, la + c.pad, g.k, c.fill);
@@ -196,6 +201,10 @@ fn check_gemm<B: Backend>(b: &B, c: &GemmCase) -> Check {
         }
     }
     let got = run::gemm(b, &g, &a, &bm, &c0);
+    let (a, bm): (Vec<f32>, Vec<f32>) = (
+        a.iter().map(|&x| operand(x)).collect(),
+        bm.iter().map(|&x| operand(x)).collect(),
+    );
     let mut want = f64s(&c0);
     oracle::gemm(&g, &f64s(&a), &f64s(&bm), &mut want);
     let shape = format!("{g:?}, {:?}, seed {}", c.fill, c.seed);
@@ -2479,3 +2488,87 @@ macro_rules! op_tests {
 }
 
 op_tests!(cpu, wgpu, cuda);
+
+/// `x` rounded to the nearest bf16 (an f32 with 8 significant bits), ties to the even one,
+/// found by comparing its two bf16 neighbours in f64; infinities and NaN stay.
+fn bf16_nearest(x: f32) -> f32 {
+    if !x.is_finite() {
+        return x;
+    }
+    let down = x.to_bits() & 0xffff_0000;
+    let up = down + 0x1_0000;
+    // Past the largest bf16 the upper neighbour is 2^128 (which rounds to infinity).
+    let up_value = if up & 0x7fff_ffff == 0x7f80_0000 {
+        2f64.powi(128).copysign(x as f64)
+    } else {
+        f32::from_bits(up) as f64
+    };
+    let (dd, du) = (
+        (x as f64 - f32::from_bits(down) as f64).abs(),
+        (x as f64 - up_value).abs(),
+    );
+    if dd < du || (dd == du && (down >> 16) & 1 == 0) {
+        f32::from_bits(down)
+    } else {
+        f32::from_bits(up)
+    }
+}
+
+/// The CUDA backend's bf16 mode: every GEMM multiplies its operands rounded to bf16 (nearest,
+/// ties to even) and accumulates in f32, whether cuBLAS rounds f32 operands itself (the
+/// random shapes, too small for copies) or multiplies the backend's bf16 copies (the fixed
+/// shapes, which are large enough to take them: backend-cuda/src/bf16.rs). The f32 accumulation
+/// is held to the f32 GEMM tolerance against that product; multiplying unrounded operands, or
+/// rounding them otherwise, misses it by far.
+mod cuda_bf16 {
+    use super::*;
+
+    fn b() -> Option<&'static impl Backend> {
+        mae_conformance::backends::cuda_bf16()
+    }
+
+    #[test]
+    fn gemm_multiplies_operands_rounded_to_bf16() {
+        property(b(), gemm_case(), |b, c| check_gemm_of(b, &c, bf16_nearest));
+    }
+
+    #[test]
+    fn large_gemm_multiplies_operands_rounded_to_bf16() {
+        fixed(b(), |b| {
+            // 2mn/(m + n) FLOPs per operand element, 606 and 800: above the copies' threshold.
+            for (m, n, k, batch, bcast_b) in [(640, 576, 64, 1, false), (600, 600, 40, 2, true)] {
+                for (trans_a, trans_b) in
+                    [(false, false), (false, true), (true, false), (true, true)]
+                {
+                    let c = GemmCase {
+                        m,
+                        n,
+                        k,
+                        trans_a,
+                        trans_b,
+                        alpha: 1.0,
+                        beta: if batch == 1 { 0.0 } else { 0.5 },
+                        batch,
+                        bcast_a: false,
+                        bcast_b,
+                        pad: 3,
+                        seed: m as u64,
+                        fill: Fill::Uniform,
+                    };
+                    check_gemm_of(b, &c, bf16_nearest)?;
+                }
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bf16_nearest_rounds_to_nearest_even() {
+        assert_eq!(bf16_nearest(1.0 + 1.0 / 256.0), 1.0); // a tie, to even
+        assert_eq!(bf16_nearest(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0); // a tie, to even
+        assert_eq!(bf16_nearest(1.0 + 1.0 / 512.0), 1.0);
+        assert_eq!(bf16_nearest(-(1.0 + 5.0 / 512.0)), -(1.0 + 1.0 / 128.0));
+        assert_eq!(bf16_nearest(f32::MAX), f32::INFINITY);
+        assert!(bf16_nearest(f32::NAN).is_nan());
+    }
+}

@@ -104,3 +104,22 @@ extern "C" __global__ void adamw(float* param, const float* grad, float* m, floa
         v[i] = vi;
     }
 }
+
+// The bf16 copy of a GEMM operand, two values per u32 (the first in the low half, as they lie
+// in memory): the upper 16 bits of each f32, rounded to nearest even as the tensor cores round
+// the operands of CUBLAS_COMPUTE_32F_FAST_16BF; infinities stay, NaN stays NaN (quiet). With
+// `n` odd the last word's high half is 0. cuBLAS's bf16 kernels on such copies run much closer
+// to the tensor cores' peak than its FAST_16BF kernels on f32 operands (ops.rs, `gemm`).
+__device__ __forceinline__ u32 bf16_bits(float x) {
+    const u32 u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
+extern "C" __global__ void round_to_bf16(const float* x, u32* pairs, u64 n) {
+    FOR_EACH(i, (n + 1) / 2) {
+        const u32 lo = bf16_bits(x[2 * i]);
+        const u32 hi = 2 * i + 1 < n ? bf16_bits(x[2 * i + 1]) : 0u;
+        pairs[i] = lo | (hi << 16);
+    }
+}
