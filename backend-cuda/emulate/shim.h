@@ -54,6 +54,7 @@ inline float __int_as_float(unsigned v) {
     std::memcpy(&f, &v, 4);
     return f;
 }
+inline float __uint_as_float(unsigned v) { return __int_as_float(v); }
 #include <math.h>  // erfc, exp, expf, fmaxf, sqrt, sqrtf in the global namespace, as in CUDA
 
 // Runs `kernel` on a grid of `grid` blocks of `block` threads, one thread after another: for
