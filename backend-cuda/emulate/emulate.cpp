@@ -125,6 +125,66 @@ static void test_elementwise() {
     }
 }
 
+// adamw_many: one launch over a table of tensors (lengths 0, 1, across chunk boundaries), some
+// training with their own constants, some only zeroing their gradient; bitwise equal to adamw
+// and fill_f32 per tensor, with the production grid and with a single block (grid stride).
+static void test_adamw_many() {
+    struct Tensor {
+        std::vector<float> p, g, m, v;
+        bool trains;
+        float lr, wd;
+    };
+    const u64 lens[] = {700, 0, 1, 1024, 1025, 3000, 255, 0};
+    const float b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, bc1 = 0.19f, bc2 = 0.0975f;
+    std::vector<Tensor> base;
+    for (size_t k = 0; k < std::size(lens); ++k) {
+        const u64 n = lens[k];
+        base.push_back({random_vec(n), random_vec(n), random_vec(n), random_vec(n, 0, 1), k % 3 != 2,
+                        1e-3f * (float)(k + 1), k % 2 ? 0.05f : 0.0f});
+    }
+    // The composition, per tensor.
+    std::vector<Tensor> want = base;
+    for (auto& t : want) {
+        const u64 n = t.g.size();
+        if (t.trains && n > 0) {
+            launch(grid_elementwise(n), 256, [&] {
+                adamw(t.p.data(), t.g.data(), t.m.data(), t.v.data(), n, 1.0f - t.lr * t.wd, b1, b2,
+                      1.0f - b1, 1.0f - b2, t.lr / bc1, sqrtf(bc2), eps);
+            });
+        }
+        if (n > 0) launch(grid_elementwise(n), 256, [&] { fill_f32(t.g.data(), n, 0.0f); });
+    }
+    auto bits = [](float x) {
+        uint32_t u;
+        std::memcpy(&u, &x, 4);
+        return (u64)u;
+    };
+    u64 chunks = 0;
+    for (u64 n : lens) chunks += (n + ADAMW_CHUNK - 1) / ADAMW_CHUNK;
+    for (unsigned g : grids((unsigned)chunks)) {
+        std::vector<Tensor> got = base;
+        std::vector<u64> table;
+        u64 first = 0;
+        for (auto& t : got) {
+            const u64 n = t.g.size();
+            const float scalars[8] = {1.0f - t.lr * t.wd, b1, b2, 1.0f - b1, 1.0f - b2, t.lr / bc1,
+                                      sqrtf(bc2), eps};
+            table.insert(table.end(), {(u64)t.p.data(), (u64)t.g.data(), (u64)t.m.data(),
+                                       (u64)t.v.data(), n, first, (u64)t.trains});
+            for (float x : scalars) table.push_back(t.trains ? bits(x) : 0);
+            first += (n + ADAMW_CHUNK - 1) / ADAMW_CHUNK;
+        }
+        launch(g, 256, [&] { adamw_many(table.data(), got.size(), chunks); });
+        for (size_t k = 0; k < got.size(); ++k) {
+            const std::string tag = " tensor " + std::to_string(k) + " grid=" + std::to_string(g);
+            expect_close("adamw_many param" + tag, got[k].p, to_d(want[k].p), 0);
+            expect_close("adamw_many grad" + tag, got[k].g, to_d(want[k].g), 0);
+            expect_close("adamw_many m" + tag, got[k].m, to_d(want[k].m), 0);
+            expect_close("adamw_many v" + tag, got[k].v, to_d(want[k].v), 0);
+        }
+    }
+}
+
 // scale_rows: one factor per group of rows_per_scale * cols elements (drop path's 0 or
 // 1 / keep_prob per image), overwriting (old NaN must not leak) or accumulating; bitwise, since
 // each element is one f32 product and at most one f32 sum.
@@ -657,6 +717,7 @@ static void test_round_to_bf16() {
 
 int main() {
     test_elementwise();
+    test_adamw_many();
     test_round_to_bf16();
     test_scale_rows();
     test_bias_gelu();

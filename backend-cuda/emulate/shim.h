@@ -59,6 +59,7 @@ inline unsigned __float_as_uint(float f) {
     std::memcpy(&v, &f, 4);
     return v;
 }
+inline float __uint_as_float(unsigned v) { return __int_as_float(v); }
 #include <math.h>  // erfc, exp, expf, fmaxf, sqrt, sqrtf in the global namespace, as in CUDA
 
 // Runs `kernel` on a grid of `grid` blocks of `block` threads, one thread after another: for

@@ -149,6 +149,7 @@ kernels! {
     BiasGeluForwardF32 = "bias_gelu_forward_f32" (Ptr, Ptr, Ptr, U64, U64);
     GeluBackwardF32 = "gelu_backward_f32" (Ptr, Ptr, Ptr, U64);
     AdamW = "adamw" (Ptr, Ptr, Ptr, Ptr, U64, F32, F32, F32, F32, F32, F32, F32, F32);
+    AdamWMany = "adamw_many" (Ptr, U64, U64);
     RoundToBf16 = "round_to_bf16" (Ptr, Ptr, U64);
     CopyRows = "copy_rows" (Ptr, Ptr, U64, U64, U64, U64, U64, U64, U64, U64, U32);
     CopyRowsBackwardPartials = "copy_rows_backward_partials"

@@ -47,6 +47,12 @@ pub(crate) fn per_row(rows: u64, cols: u64) -> Option<LaunchConfig> {
     (rows > 0 && cols > 0).then(|| config(rows))
 }
 
+/// A launch of one block per unit of work, such as a chunk of elements (grid-stride beyond
+/// the cap), or `None` when there is no work.
+pub(crate) fn per_block(units: u64) -> Option<LaunchConfig> {
+    (units > 0).then(|| config(units))
+}
+
 /// A launch of the attention kernels: one block of [`ATTENTION_THREADS`] per tile of that many
 /// rows of one of `pairs` (image, head) pairs (grid-stride beyond the cap), or `None` when there
 /// is no work.
@@ -77,6 +83,7 @@ mod tests {
         assert!(elementwise(0).is_none());
         assert!(per_row(0, 5).is_none());
         assert!(per_row(5, 0).is_none());
+        assert!(per_block(0).is_none());
     }
 
     #[test]
@@ -93,6 +100,8 @@ mod tests {
         assert_eq!(per_row(7, 1000).unwrap().grid_dim.0, 7);
         assert_eq!(per_row(u64::MAX, 1).unwrap().grid_dim.0, MAX_BLOCKS as u32);
         assert_eq!(single_block().grid_dim.0, 1);
+        assert_eq!(per_block(3).unwrap().grid_dim.0, 3);
+        assert_eq!(per_block(u64::MAX).unwrap().grid_dim.0, MAX_BLOCKS as u32);
     }
 
     #[test]

@@ -54,6 +54,7 @@
 // The trait's signatures (llm.c style: buffers, then dimensions) carry many arguments.
 #![allow(clippy::too_many_arguments)]
 
+mod adamw_many;
 mod backend;
 mod bf16;
 mod buffer;

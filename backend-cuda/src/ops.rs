@@ -936,23 +936,28 @@ impl Backend for CudaBackend {
         need(grad, n, "adamw", "grad")?;
         need(m, n, "adamw", "m")?;
         need(v, n, "adamw", "v")?;
-        // The per-step scalars in f32, formed exactly as the CPU reference forms them.
+        let [decay, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, bc2_sqrt, eps] =
+            crate::adamw_many::scalars(s);
         let args = [
             self.ptr_mut(param),
             self.ptr(grad),
             self.ptr_mut(m),
             self.ptr_mut(v),
             u(n),
-            Arg::F32(1.0 - s.lr * s.weight_decay),
-            Arg::F32(s.beta1),
-            Arg::F32(s.beta2),
-            Arg::F32(1.0 - s.beta1),
-            Arg::F32(1.0 - s.beta2),
-            Arg::F32(s.lr / s.bias_correction1),
-            Arg::F32(s.bias_correction2.sqrt()),
-            Arg::F32(s.eps),
+            Arg::F32(decay),
+            Arg::F32(beta1),
+            Arg::F32(beta2),
+            Arg::F32(one_minus_beta1),
+            Arg::F32(one_minus_beta2),
+            Arg::F32(step_size),
+            Arg::F32(bc2_sqrt),
+            Arg::F32(eps),
         ];
         self.launch(Kernel::AdamW, elementwise(n as u64), &args)
+    }
+
+    fn adamw_many(&self, tensors: &mut [mae::backend::AdamWTensor<'_, CudaBuf>]) -> BResult<()> {
+        self.adamw_in_one_launch(tensors)
     }
 }
 

@@ -41,6 +41,7 @@ fn every_kernel_compiles_for_each_target_architecture() {
         for k in [
             "fill_f32",
             "adamw",
+            "adamw_many",
             "copy_rows_backward_partials",
             "layernorm_backward_dx",
             "softmax_forward",

@@ -168,7 +168,7 @@ fn ok<B: Backend, T>(b: &B, r: mae::backend::BResult<T>, op: &str) -> T {
 /// Tests written with them run unchanged on every backend.
 pub mod run {
     use super::{down, ok, up, up_idx};
-    use mae::backend::{AdamWStep, Backend, Gather, Gemm, Heads, Patchify, RowMap};
+    use mae::backend::{AdamWStep, AdamWTensor, Backend, Gather, Gemm, Heads, Patchify, RowMap};
 
     pub fn gemm<B: Backend>(b: &B, g: &Gemm, a: &[f32], bm: &[f32], c: &[f32]) -> Vec<f32> {
         let (a, bm, mut c) = (up(b, a), up(b, bm), up(b, c));
@@ -476,5 +476,57 @@ pub mod run {
         let (mut p, g, mut m, mut v) = (up(b, param), up(b, grad), up(b, m), up(b, v));
         ok(b, b.adamw(&mut p, &g, &mut m, &mut v, s), "adamw");
         (down(b, &p), down(b, &m), down(b, &v))
+    }
+
+    /// One tensor of [`adamw_many`] on the host: its four buffers and its update (`None`: it
+    /// does not train).
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct AdamWHost {
+        pub param: Vec<f32>,
+        pub grad: Vec<f32>,
+        pub m: Vec<f32>,
+        pub v: Vec<f32>,
+        pub step: Option<AdamWStep>,
+    }
+
+    /// `tensors` after one [`Backend::adamw_many`] call (`one_op`), or after what it stands
+    /// for: per tensor in order, [`Backend::adamw`] where it has a step, then
+    /// [`Backend::fill`] of its gradient with 0.
+    pub fn adamw_many<B: Backend>(b: &B, tensors: &[AdamWHost], one_op: bool) -> Vec<AdamWHost> {
+        let mut bufs: Vec<[B::Buf; 4]> = tensors
+            .iter()
+            .map(|t| [up(b, &t.param), up(b, &t.grad), up(b, &t.m), up(b, &t.v)])
+            .collect();
+        if one_op {
+            let mut all: Vec<AdamWTensor<'_, B::Buf>> = bufs
+                .iter_mut()
+                .zip(tensors)
+                .map(|([param, grad, m, v], t)| AdamWTensor {
+                    param,
+                    grad,
+                    m,
+                    v,
+                    step: t.step,
+                })
+                .collect();
+            ok(b, b.adamw_many(&mut all), "adamw_many");
+        } else {
+            for ([p, g, m, v], t) in bufs.iter_mut().zip(tensors) {
+                if let Some(s) = &t.step {
+                    ok(b, b.adamw(p, g, m, v, s), "adamw");
+                }
+                ok(b, b.fill(g, 0.0), "fill");
+            }
+        }
+        bufs.iter()
+            .zip(tensors)
+            .map(|([p, g, m, v], t)| AdamWHost {
+                param: down(b, p),
+                grad: down(b, g),
+                m: down(b, m),
+                v: down(b, v),
+                step: t.step,
+            })
+            .collect()
     }
 }

@@ -1158,38 +1158,47 @@ struct AdamCase {
     fill: Fill,
 }
 
-fn adam_case() -> impl Strategy<Value = AdamCase> {
+/// The constants of one update: learning rates from the paper's range and above, both beta2
+/// choices, with and without weight decay, early and late steps (bias correction).
+fn adam_step() -> impl Strategy<Value = AdamWStep> {
     (
-        1usize..=300,
         select(vec![1e-3f64, 1.5e-4, 0.1]),
         select(vec![(0.9f64, 0.95f64), (0.9, 0.999)]),
         select(vec![0.0f64, 0.05]),
         1u64..=1000,
-        any::<u64>(),
-        fill(),
     )
-        .prop_map(|(len, lr, (b1, b2), wd, t, seed, fill)| AdamCase {
-            len,
-            step: AdamWStep::new(lr, b1, b2, 1e-8, wd, t),
-            seed,
-            fill,
-        })
+        .prop_map(|(lr, (b1, b2), wd, t)| AdamWStep::new(lr, b1, b2, 1e-8, wd, t))
 }
 
-fn check_adamw<B: Backend>(b: &B, c: &AdamCase) -> Check {
-    let len = c.len;
-    let p = data(c.seed, len, 1, c.fill);
-    let g = data(c.seed ^ 1, len, 1, c.fill);
-    let m = data(c.seed ^ 2, len, 1, c.fill)
+fn adam_case() -> impl Strategy<Value = AdamCase> {
+    (1usize..=300, adam_step(), any::<u64>(), fill()).prop_map(|(len, step, seed, fill)| AdamCase {
+        len,
+        step,
+        seed,
+        fill,
+    })
+}
+
+/// `(param, grad, m, v)` of an AdamW check.
+fn adam_inputs(len: usize, seed: u64, fill: Fill) -> [Vec<f32>; 4] {
+    let p = data(seed, len, 1, fill);
+    let g = data(seed ^ 1, len, 1, fill);
+    let m = data(seed ^ 2, len, 1, fill)
         .iter()
         .map(|x| x * 0.1)
         .collect::<Vec<_>>();
     // v is a running mean of squares: non-negative, some exactly zero.
-    let v: Vec<f32> = data(c.seed ^ 3, len, 1, c.fill)
+    let v: Vec<f32> = data(seed ^ 3, len, 1, fill)
         .iter()
         .enumerate()
         .map(|(i, x)| if i % 5 == 0 { 0.0 } else { x * x * 0.01 })
         .collect();
+    [p, g, m, v]
+}
+
+fn check_adamw<B: Backend>(b: &B, c: &AdamCase) -> Check {
+    let len = c.len;
+    let [p, g, m, v] = adam_inputs(len, c.seed, c.fill);
     let (gp, gm, gv) = run::adamw(b, &p, &g, &m, &v, &c.step);
     let (mut wp, mut wm, mut wv) = (f64s(&p), f64s(&m), f64s(&v));
     oracle::adamw(&mut wp, &f64s(&g), &mut wm, &mut wv, &c.step);
@@ -1197,6 +1206,60 @@ fn check_adamw<B: Backend>(b: &B, c: &AdamCase) -> Check {
     compare("adamw param", &shape, &gp, &wp, Tol::ADAMW, None)?;
     compare("adamw m", &shape, &gm, &wm, Tol::ADAMW, None)?;
     compare("adamw v", &shape, &gv, &wv, Tol::ADAMW, None)
+}
+
+/// The tensors of one `adamw_many` call, `(length, update)` each (no update: the tensor only
+/// has its gradient zeroed): empty and one-element tensors, lengths on both sides of the CUDA
+/// kernel's 256-thread blocks and 1024-element chunks, and any length up to two chunks.
+fn adam_many_case() -> impl Strategy<Value = (Vec<(usize, Option<AdamWStep>)>, u64, Fill)> {
+    let edges = select(vec![0usize, 1, 255, 256, 257, 1023, 1024, 1025]);
+    let len = prop_oneof![edges, 0usize..=2100];
+    let tensor = (len, proptest::option::of(adam_step()));
+    (
+        proptest::collection::vec(tensor, 1..=7),
+        any::<u64>(),
+        fill(),
+    )
+}
+
+fn check_adamw_many<B: Backend>(
+    b: &B,
+    (tensors, seed, fill): (Vec<(usize, Option<AdamWStep>)>, u64, Fill),
+) -> Check {
+    let host: Vec<run::AdamWHost> = tensors
+        .iter()
+        .enumerate()
+        .map(|(k, &(len, step))| {
+            let [param, grad, m, v] = adam_inputs(len, seed ^ ((k as u64) << 8), fill);
+            run::AdamWHost {
+                param,
+                grad,
+                m,
+                v,
+                step,
+            }
+        })
+        .collect();
+    let one = run::adamw_many(b, &host, true);
+    let composed = run::adamw_many(b, &host, false);
+    for (k, (one, composed)) in one.iter().zip(&composed).enumerate() {
+        let buffers = [
+            ("param", &one.param, &composed.param),
+            ("grad", &one.grad, &composed.grad),
+            ("m", &one.m, &composed.m),
+            ("v", &one.v, &composed.v),
+        ];
+        for (what, got, want) in buffers {
+            if let Some(i) = (0..want.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+                return Err(format!(
+                    "adamw_many {what} of tensor {k} ({tensors:?}, {fill:?}, seed {seed}): \
+                     element {i} is {} in one op, {} from adamw + fill",
+                    got[i], want[i]
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 // ---- fused attention ----------------------------------------------------------------------------
@@ -2450,6 +2513,10 @@ macro_rules! op_tests {
             #[test]
             fn adamw() {
                 property(b(), adam_case(), |b, c| check_adamw(b, &c));
+            }
+            #[test]
+            fn adamw_many_is_adamw_then_fill_per_tensor() {
+                property(b(), adam_many_case(), check_adamw_many);
             }
             #[test]
             fn gemm_fixed_shapes() {

@@ -8,8 +8,8 @@
 //!   write into them. Rust's borrows rule out aliasing: an output is a `&mut` that no input shares.
 //! - Each op says whether it **overwrites** its output or **accumulates** (`+=`) into it. Backward
 //!   ops accumulate into every gradient they produce, so several consumers of one value (a
-//!   residual branch, a shared token) add up without extra passes; gradients are zeroed with
-//!   [`Backend::fill`] once per step.
+//!   residual branch, a shared token) add up without extra passes; gradients are zeroed once
+//!   per step, by [`Backend::adamw_many`] after the update.
 //! - `mae` checks every length before calling an op (see the `*_lens` helpers of the descriptor
 //!   types); backends may `debug_assert!` and otherwise trust the caller.
 //! - Results are deterministic: no floating-point atomics, fixed reduction orders, so two runs of
@@ -330,6 +330,18 @@ impl AdamWStep {
             bias_correction2: (1.0 - libm::pow(beta2, t as f64)) as f32,
         }
     }
+}
+
+/// One tensor of [`Backend::adamw_many`]: a parameter, its gradient, its two AdamW moments
+/// (all of one length) and the update to apply, `None` for a tensor that does not train (only
+/// its gradient is zeroed, and `param`, `m` and `v` are left as they are).
+#[derive(Debug)]
+pub struct AdamWTensor<'a, Buf> {
+    pub param: &'a mut Buf,
+    pub grad: &'a mut Buf,
+    pub m: &'a mut Buf,
+    pub v: &'a mut Buf,
+    pub step: Option<AdamWStep>,
 }
 
 /// What went wrong inside a backend.
@@ -726,6 +738,22 @@ pub trait Backend {
         v: &mut Self::Buf,
         step: &AdamWStep,
     ) -> BResult<()>;
+    /// The optimizer step of a whole model in one op: for each tensor in order,
+    /// [`Backend::adamw`] with its `step` when it has one, then its gradient zeroed
+    /// ([`Backend::fill`] with `0.0`). The result equals bitwise that composition, tensor by
+    /// tensor; the tensors are distinct buffers (the `&mut` borrows say so).
+    ///
+    /// The default is exactly that composition; backends override it to update every tensor in
+    /// one launch instead of two per tensor.
+    fn adamw_many(&self, tensors: &mut [AdamWTensor<'_, Self::Buf>]) -> BResult<()> {
+        for t in tensors.iter_mut() {
+            if let Some(step) = &t.step {
+                self.adamw(t.param, t.grad, t.m, t.v, step)?;
+            }
+            self.fill(t.grad, 0.0)?;
+        }
+        Ok(())
+    }
 }
 
 /// Work that runs on whichever backend a program picks at run time: written once, generic over

@@ -1,8 +1,9 @@
 //! AdamW with the official parameter groups, and the per-iteration learning-rate schedule.
 
-use crate::backend::{AdamWStep, Backend};
+use crate::backend::{AdamWStep, AdamWTensor, Backend};
 use crate::config::ConfigError;
 use crate::params::Role;
+use alloc::vec::Vec;
 
 /// AdamW hyper-parameters other than the learning rate (the paper's Table 7 by default).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -123,7 +124,8 @@ pub fn layer_id(name: &str, depth: usize) -> usize {
 
 /// One AdamW update of every tensor `((param, grad), (m, v))` at `lr` times its factor (0: the
 /// tensor does not train), with weight decay for the [`Role::Decayed`] ones; every gradient is
-/// zeroed afterwards. `step` counts updates from 1 (bias correction).
+/// zeroed afterwards. `step` counts updates from 1 (bias correction). All tensors go to the
+/// backend in one [`Backend::adamw_many`] call.
 pub(crate) fn adamw_update<'a, B: Backend + 'a>(
     b: &B,
     h: &AdamW,
@@ -138,18 +140,27 @@ pub(crate) fn adamw_update<'a, B: Backend + 'a>(
         }
         .into());
     }
-    for (((p, g), (m, v)), (role, factor)) in tensors {
-        if factor > 0.0 && role != Role::Fixed {
-            let wd = if role == Role::Decayed {
-                h.weight_decay
-            } else {
-                0.0
-            };
-            let adamw = AdamWStep::new(lr * factor, h.beta1, h.beta2, h.eps, wd, step);
-            b.adamw(p, g, m, v, &adamw)?;
-        }
-        b.fill(g, 0.0)?;
-    }
+    let mut all: Vec<AdamWTensor<'a, B::Buf>> = tensors
+        .map(|(((param, grad), (m, v)), (role, factor))| {
+            let trains = factor > 0.0 && role != Role::Fixed;
+            let update = trains.then(|| {
+                let wd = if role == Role::Decayed {
+                    h.weight_decay
+                } else {
+                    0.0
+                };
+                AdamWStep::new(lr * factor, h.beta1, h.beta2, h.eps, wd, step)
+            });
+            AdamWTensor {
+                param,
+                grad,
+                m,
+                v,
+                step: update,
+            }
+        })
+        .collect();
+    b.adamw_many(&mut all)?;
     Ok(())
 }
 

@@ -86,22 +86,81 @@ extern "C" __global__ void gelu_backward_f32(const float* x, const float* dy, fl
     }
 }
 
-// PyTorch's AdamW (single-tensor path). The per-step scalars (decay = 1 - lr * wd,
-// step_size = lr / bc1, bc2_sqrt = sqrt(bc2), 1 - beta1, 1 - beta2) are formed on the host in
-// f32, exactly as the CPU reference forms them.
+// The per-step scalars of one AdamW update (decay = 1 - lr * wd, step_size = lr / bc1,
+// bc2_sqrt = sqrt(bc2), 1 - beta1, 1 - beta2), formed on the host in f32, exactly as the CPU
+// reference forms them.
+struct AdamWScalars {
+    float decay, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, bc2_sqrt, eps;
+};
+
+// PyTorch's AdamW (single-tensor path) on element i with gradient g: the one arithmetic of
+// `adamw` and `adamw_many`, so that both round alike.
+__device__ __forceinline__ void adamw_element(float* param, float* m, float* v, u64 i, float g,
+                                              const AdamWScalars& s) {
+    float p = param[i] * s.decay;
+    const float mi = s.beta1 * m[i] + s.one_minus_beta1 * g;
+    const float vi = s.beta2 * v[i] + s.one_minus_beta2 * g * g;
+    p -= s.step_size * mi / (sqrtf(vi) / s.bc2_sqrt + s.eps);
+    param[i] = p;
+    m[i] = mi;
+    v[i] = vi;
+}
+
 extern "C" __global__ void adamw(float* param, const float* grad, float* m, float* v, u64 n,
                                  float decay, float beta1, float beta2, float one_minus_beta1,
                                  float one_minus_beta2, float step_size, float bc2_sqrt,
                                  float eps) {
-    FOR_EACH(i, n) {
-        const float g = grad[i];
-        float p = param[i] * decay;
-        const float mi = beta1 * m[i] + one_minus_beta1 * g;
-        const float vi = beta2 * v[i] + one_minus_beta2 * g * g;
-        p -= step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
-        param[i] = p;
-        m[i] = mi;
-        v[i] = vi;
+    const AdamWScalars s = {decay,           beta1,     beta2,    one_minus_beta1,
+                            one_minus_beta2, step_size, bc2_sqrt, eps};
+    FOR_EACH(i, n) adamw_element(param, m, v, i, grad[i], s);
+}
+
+// `adamw_many`'s description of one tensor, ADAMW_WORDS words of the table the host uploads
+// (backend-cuda/src/adamw_many.rs writes it): the device addresses of param, grad, m and v,
+// the length n, the tensor's first chunk (the chunks of ADAMW_CHUNK elements of the tensors
+// before it), whether it trains (0: its gradient is only zeroed), then the eight AdamWScalars
+// in their order, each an f32 bit pattern in the low half of a word.
+#define ADAMW_WORDS 15
+#define ADAMW_CHUNK 1024
+#define ADAMW_FIRST_CHUNK 5
+
+// The optimizer step of a whole model in one launch: for each of `tensors` tensors, `adamw` on
+// its elements when it trains, and its gradient zeroed (as `fill_f32` with 0). Grid-stride over
+// the `chunks` chunks of all tensors, a block per chunk; every element belongs to one chunk and
+// one thread, so the result does not depend on the grid.
+extern "C" __global__ void adamw_many(const u64* table, u64 tensors, u64 chunks) {
+    for (u64 c = blockIdx.x; c < chunks; c += gridDim.x) {
+        // The tensor owning chunk c: the last whose first chunk is <= c. A tensor without
+        // elements owns no chunk and shares its first chunk with the next, which the search
+        // prefers. The first chunks ascend; tensor 0's is 0.
+        u64 lo = 0, hi = tensors - 1;
+        while (lo < hi) {
+            const u64 mid = hi - (hi - lo) / 2;  // the upper middle, so that lo advances
+            if (table[mid * ADAMW_WORDS + ADAMW_FIRST_CHUNK] <= c) {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        const u64* d = table + lo * ADAMW_WORDS;
+        float* param = (float*)d[0];
+        float* grad = (float*)d[1];
+        float* m = (float*)d[2];
+        float* v = (float*)d[3];
+        const u64 n = d[4];
+        const bool trains = d[6] != 0;
+        const AdamWScalars s = {
+            __uint_as_float((u32)d[7]),  __uint_as_float((u32)d[8]),
+            __uint_as_float((u32)d[9]),  __uint_as_float((u32)d[10]),
+            __uint_as_float((u32)d[11]), __uint_as_float((u32)d[12]),
+            __uint_as_float((u32)d[13]), __uint_as_float((u32)d[14])};
+        const u64 start = (c - d[ADAMW_FIRST_CHUNK]) * ADAMW_CHUNK;
+        const u64 end = n - start < ADAMW_CHUNK ? n : start + ADAMW_CHUNK;
+        for (u64 i = start + threadIdx.x; i < end; i += blockDim.x) {
+            const float g = grad[i];
+            if (trains) adamw_element(param, m, v, i, g, s);
+            grad[i] = 0.0f;
+        }
     }
 }
 
