@@ -10,9 +10,11 @@
 //! [`MAX_PENDING`] ops or whenever the host needs the queue in order (a write, a download, a sync).
 
 use crate::context::{lock, Gpu};
+use crate::profile::Profile;
 use mae::backend::{BResult, BackendError, BackendErrorKind};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use wgpu::util::DeviceExt;
 
 /// Invocations per workgroup of the 1-D kernels (`WG` in `common.wgsl`).
@@ -203,6 +205,8 @@ pub(crate) struct Kernels {
     modules: Mutex<HashMap<Family, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<Kernel, Arc<Pipeline>>>,
     pending: Mutex<Pending>,
+    /// `MAE_WGPU_PROFILE`: wall time per kernel, printed when dropped.
+    profile: Option<Profile>,
 }
 
 /// Workgroup counts `(x, y)` covering `threads` invocations of a 1-D kernel with [`WG`]
@@ -236,6 +240,7 @@ impl Kernels {
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
             pending: Mutex::new(Pending::default()),
+            profile: Profile::from_env(),
         }
     }
 
@@ -378,13 +383,28 @@ impl Kernels {
             layout: &pipeline.layout,
             entries: &entries,
         });
+        let start = match &self.profile {
+            Some(_) => Some(self.drain(gpu)?),
+            None => None,
+        };
         self.record(gpu, |encoder| {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
             pass.set_pipeline(&pipeline.pipeline);
             pass.set_bind_group(0, &bind_group, &[]);
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         });
+        if let (Some(p), Some(start)) = (&self.profile, start) {
+            self.drain(gpu)?;
+            p.add(format!("{kernel:?} {groups:?}"), start.elapsed());
+        }
         Ok(())
+    }
+
+    /// Submits what is pending and waits for the queue to go idle (for the profile).
+    fn drain(&self, gpu: &Gpu) -> BResult<Instant> {
+        self.flush(gpu);
+        gpu.wait()?;
+        Ok(Instant::now())
     }
 
     /// Records commands into the pending encoder, submitting it when it is full.
@@ -411,5 +431,13 @@ impl Kernels {
     /// Submits everything recorded so far.
     pub(crate) fn flush(&self, gpu: &Gpu) {
         Self::submit(gpu, &mut lock(&self.pending));
+    }
+}
+
+impl Drop for Kernels {
+    fn drop(&mut self) {
+        if let Some(p) = &self.profile {
+            eprint!("{}", p.report());
+        }
     }
 }

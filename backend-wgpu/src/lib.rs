@@ -21,6 +21,8 @@
 //!   log-sum-exp per score row instead of the `[tokens, tokens]` probabilities, and a
 //!   deterministic two-pass backward; the model takes it on GPUs and composes attention on CPU
 //!   adapters, where it measured slower. `MAE_WGPU_ATTENTION=fused|composed` overrides.
+//! - `MAE_WGPU_PROFILE=1` prints the wall time per kernel and grid when the backend is dropped
+//!   (`profile.rs`; each launch then waits for the queue, so the run is slower).
 //! - Reductions (LayerNorm statistics, softmax sums, parameter gradients, the loss) run in `f32`
 //!   with compensated summation in a fixed order: deterministic run to run, and within the
 //!   conformance tolerances of the `f64`-accumulating CPU backend. GELU is the exact `erf` form.
@@ -68,6 +70,7 @@ mod kernel;
 mod loss;
 mod memory;
 mod norm;
+mod profile;
 mod rows;
 
 pub use attention::AttentionPath;
