@@ -37,6 +37,7 @@ pub(crate) enum Family {
     Attention,
     Rows,
     Norm,
+    Columns,
     Activation,
     Loss,
     AdamW,
@@ -57,6 +58,7 @@ impl Family {
             Family::Attention => include_str!("shaders/attention.wgsl"),
             Family::Rows => include_str!("shaders/rows.wgsl"),
             Family::Norm => include_str!("shaders/norm.wgsl"),
+            Family::Columns => include_str!("shaders/columns.wgsl"),
             Family::Activation => include_str!("shaders/activation.wgsl"),
             Family::Loss => include_str!("shaders/loss.wgsl"),
             Family::AdamW => include_str!("shaders/adamw.wgsl"),
@@ -109,7 +111,9 @@ pub(crate) enum Kernel {
     MergeHeads,
     LayerNormForward,
     LayerNormBackwardRows,
-    LayerNormBackwardCols,
+    ColumnPartials,
+    LayerNormParamPartials,
+    ColumnSumFinish,
     NormalizeRows,
     GeluForward,
     BiasGelu,
@@ -154,9 +158,13 @@ impl Kernel {
             Kernel::LayerNormBackwardRows => {
                 (Family::Norm, "layernorm_backward_rows", &[R, R, R, R, R, W])
             }
-            Kernel::LayerNormBackwardCols => {
-                (Family::Norm, "layernorm_backward_cols", &[R, R, R, R, W, W])
-            }
+            Kernel::ColumnPartials => (Family::Columns, "column_partials", &[R, W]),
+            Kernel::LayerNormParamPartials => (
+                Family::Columns,
+                "layernorm_param_partials",
+                &[R, R, R, R, W],
+            ),
+            Kernel::ColumnSumFinish => (Family::Columns, "column_sum_finish", &[R, W]),
             Kernel::NormalizeRows => (Family::Norm, "normalize_rows", &[R, W]),
             Kernel::GeluForward => (Family::Activation, "gelu_forward", &[R, W]),
             Kernel::BiasGelu => (Family::Activation, "bias_gelu_forward", &[R, W, W]),

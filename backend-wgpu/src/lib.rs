@@ -64,6 +64,7 @@ mod activation;
 mod adamw;
 mod attention;
 mod buffer;
+mod columns;
 mod context;
 mod gemm;
 mod kernel;

@@ -1,5 +1,6 @@
 //! LayerNorm and the norm-pix target (`shaders/norm.wgsl`).
 
+use crate::columns;
 use crate::kernel::{grid_1d, word, Kernel};
 use crate::{Buf, WgpuBackend};
 use mae::backend::BResult;
@@ -29,7 +30,7 @@ pub(crate) fn layernorm_forward(
     )
 }
 
-/// Two launches: `dx` per row, then `dgamma` and `dbeta` per column.
+/// `dx` per row, then `dgamma` and `dbeta` as column sums in two passes (`columns.rs`).
 pub(crate) fn layernorm_backward(
     be: &WgpuBackend,
     dy: &Buf,
@@ -50,21 +51,13 @@ pub(crate) fn layernorm_backward(
         &[&dy.raw, &x.raw, &gamma.raw, &mean.raw, &rstd.raw, &dx.raw],
         grid_1d(rows),
     )?;
-    if rows == 0 {
-        return Ok(());
-    }
-    be.launch(
-        Kernel::LayerNormBackwardCols,
-        &p,
-        &[
-            &dy.raw,
-            &x.raw,
-            &mean.raw,
-            &rstd.raw,
-            &dgamma.raw,
-            &dbeta.raw,
-        ],
-        grid_1d(cols),
+    columns::layernorm_params(
+        be,
+        [dy, x, mean, rstd],
+        dgamma,
+        dbeta,
+        rows,
+        cols,
     )
 }
 

@@ -1,5 +1,6 @@
 //! Row movement: row maps, gathers, patchify, attention heads (`shaders/rows.wgsl`).
 
+use crate::columns::{sum_columns, RowView};
 use crate::kernel::{grid_1d, word, Kernel};
 use crate::{Buf, Idx, WgpuBackend};
 use mae::backend::{BResult, Gather, Heads, PatchOrder, Patchify, RowMap};
@@ -36,7 +37,10 @@ pub(crate) fn copy_rows(
     )
 }
 
-/// One invocation per element of the source rows the map reads (`lens().0` floats).
+/// A map that broadcasts one source row to all its destination rows (a bias: `src_step` 0,
+/// and one batch item or all items reading the same row) is a column sum, in two passes
+/// (`columns.rs`); any other map takes one invocation per element of the source rows it reads
+/// (`lens().0` floats), each summing the few destination elements its element was copied to.
 pub(crate) fn copy_rows_backward(
     be: &WgpuBackend,
     d_dst: &Buf,
@@ -45,6 +49,16 @@ pub(crate) fn copy_rows_backward(
 ) -> BResult<()> {
     if map.cols == 0 {
         return Ok(());
+    }
+    if map.src_step == 0 && (map.src_stride == 0 || map.batch == 1) {
+        let view = RowView {
+            rows: map.batch * map.count,
+            cols: map.cols,
+            count: map.count,
+            stride: map.dst_stride,
+            start: map.dst_start,
+        };
+        return sum_columns(be, d_dst, view, d_src, map.src_start * map.cols);
     }
     let (src_len, _) = map.lens();
     word(src_len)?;

@@ -1542,6 +1542,30 @@ fn check_copy_rows_fixed<B: Backend>(b: &B) -> Check {
             dst_stride: 5,
             dst_start: 1,
         },
+        // Broadcasts over more rows than one partial sum of a two-pass column sum (64 in
+        // wgpu's): a bias over 300 rows, a cls token over 150 sequences, and one row onto 130
+        // rows of one batch item read through a source stride.
+        RowMap::bias(300, 33),
+        RowMap {
+            batch: 150,
+            count: 1,
+            cols: 8,
+            src_stride: 0,
+            src_start: 0,
+            src_step: 0,
+            dst_stride: 5,
+            dst_start: 0,
+        },
+        RowMap {
+            batch: 1,
+            count: 130,
+            cols: 5,
+            src_stride: 3,
+            src_start: 2,
+            src_step: 0,
+            dst_stride: 140,
+            dst_start: 4,
+        },
     ];
     for (i, map) in maps.into_iter().enumerate() {
         for accumulate in [false, true] {

@@ -1,6 +1,6 @@
 // LayerNorm and the norm-pix target. Row statistics take one invocation per row, walking the
 // row in order with compensated sums (deterministic, and accurate to about one rounding); the
-// parameter gradients take one invocation per column, walking the rows in order.
+// parameter gradients are column sums (columns.wgsl).
 
 struct Params {
     rows: u32,
@@ -100,34 +100,6 @@ fn layernorm_backward_rows(@builtin(workgroup_id) wg: vec3<u32>,
         let dg = lb_dy[at + c] * lb_gamma[c];
         lb_dx[at + c] += rstd * (dg - mean_dnorm - xhat * mean_dnorm_xhat);
     }
-}
-
-@group(0) @binding(1) var<storage, read> lc_dy: array<f32>;
-@group(0) @binding(2) var<storage, read> lc_x: array<f32>;
-@group(0) @binding(3) var<storage, read> lc_mean: array<f32>;
-@group(0) @binding(4) var<storage, read> lc_rstd: array<f32>;
-@group(0) @binding(5) var<storage, read_write> lc_dgamma: array<f32>;
-@group(0) @binding(6) var<storage, read_write> lc_dbeta: array<f32>;
-
-// dgamma += sum_r dy xhat, dbeta += sum_r dy, one invocation per column, rows in order.
-@compute @workgroup_size(WG)
-fn layernorm_backward_cols(@builtin(workgroup_id) wg: vec3<u32>,
-                           @builtin(num_workgroups) nwg: vec3<u32>,
-                           @builtin(local_invocation_index) lid: u32) {
-    let c = flat_id(wg, nwg, lid);
-    if c >= p.cols {
-        return;
-    }
-    var dg = sum_new();
-    var db = sum_new();
-    for (var r = 0u; r < p.rows; r++) {
-        let at = r * p.cols + c;
-        let d = lc_dy[at];
-        dg = sum_add(dg, d * ((lc_x[at] - lc_mean[r]) * lc_rstd[r]));
-        db = sum_add(db, d);
-    }
-    lc_dgamma[c] += sum_value(dg);
-    lc_dbeta[c] += sum_value(db);
 }
 
 // ---- normalize_rows ---------------------------------------------------------------------------
