@@ -8,20 +8,27 @@
 //!   256 invocations, 64 x 16 and 16 x 64 tiles of A and B staged in workgroup memory, a 4 x 4
 //!   register block per invocation. This is what real GPUs want: each value read from memory
 //!   feeds 64 multiply-adds instead of 8.
+//! - [`GemmKernel::Wide`] (`shaders/gemm_wide.wgsl`): the tiled scheme with 128 x 128 blocks of C
+//!   and an 8 x 8 register block per invocation, twice the multiply-adds per staged value.
 //!
 //! The backend takes the tiled kernel on GPU adapters (discrete, integrated, virtual) and the
-//! register kernel on CPU adapters such as lavapipe; `MAE_WGPU_GEMM=tiled|register` overrides
-//! that, and a device whose limits cannot hold the tiled kernel's workgroup gets the register
-//! kernel either way. Both kernels sum each value's k products in ascending order.
+//! register kernel on CPU adapters such as lavapipe; `MAE_WGPU_GEMM=tiled|wide|register`
+//! overrides that, and a device whose limits cannot hold a tiled kernel's workgroup gets the
+//! register kernel either way. Both kernels sum each value's k products in ascending order.
 
 use crate::kernel::{word, Kernel, MAX_GROUPS};
 use crate::{Buf, WgpuBackend};
 use mae::backend::{BResult, BackendError, BackendErrorKind, Gemm};
 
-/// Rows and columns of C per workgroup, in both kernels.
+/// Rows and columns of C per workgroup of the register and tiled kernels.
 const TILE: usize = 64;
+/// Rows and columns of C per workgroup of the wide kernel.
+const WIDE_TILE: usize = 128;
 /// Workgroup memory of the tiled kernel: two tiles of 16 rows of 65 floats.
 const TILED_SHARED_BYTES: u32 = 2 * 16 * 65 * 4;
+/// Workgroup memory of the wide kernel: two tiles of 16 rows of 129 floats, just over
+/// WebGPU's default limit of 16 KiB (GPUs' own limits are larger).
+const WIDE_SHARED_BYTES: u32 = 2 * 16 * 129 * 4;
 /// Invocations per workgroup of the tiled kernel (16 x 16).
 const TILED_INVOCATIONS: u32 = 256;
 
@@ -32,12 +39,14 @@ pub enum GemmKernel {
     Register,
     /// Workgroup-shared tiles (`shaders/gemm_tiled.wgsl`): for GPUs.
     Tiled,
+    /// Workgroup-shared 128 x 128 tiles (`shaders/gemm_wide.wgsl`): for GPUs.
+    Wide,
 }
 
 impl GemmKernel {
     /// The kernel for an adapter: `requested` (from `MAE_WGPU_GEMM`) if given, else the tiled
-    /// kernel on anything but a CPU adapter; the register kernel where the device's limits
-    /// cannot hold the tiled one.
+    /// kernel on anything but a CPU adapter; the next smaller kernel where the device's limits
+    /// cannot hold the one wanted.
     pub(crate) fn choose(
         requested: Option<GemmKernel>,
         device_type: wgpu::DeviceType,
@@ -48,10 +57,11 @@ impl GemmKernel {
         } else {
             GemmKernel::Tiled
         });
-        if wanted == GemmKernel::Tiled && !tiled_fits(limits) {
-            return GemmKernel::Register;
+        match wanted {
+            GemmKernel::Wide if fits(WIDE_SHARED_BYTES, limits) => GemmKernel::Wide,
+            GemmKernel::Wide | GemmKernel::Tiled if tiled_fits(limits) => GemmKernel::Tiled,
+            _ => GemmKernel::Register,
         }
-        wanted
     }
 
     /// Reads `MAE_WGPU_GEMM`: `tiled`, `register`, or unset for the adapter's default.
@@ -59,10 +69,11 @@ impl GemmKernel {
         match std::env::var("MAE_WGPU_GEMM") {
             Err(_) => Ok(None),
             Ok(v) if v == "tiled" => Ok(Some(GemmKernel::Tiled)),
+            Ok(v) if v == "wide" => Ok(Some(GemmKernel::Wide)),
             Ok(v) if v == "register" => Ok(Some(GemmKernel::Register)),
             Ok(v) => Err(BackendError::new(
                 BackendErrorKind::Unsupported,
-                format!("MAE_WGPU_GEMM={v:?}: expected `tiled` or `register`"),
+                format!("MAE_WGPU_GEMM={v:?}: expected `tiled`, `wide` or `register`"),
             )),
         }
     }
@@ -70,7 +81,17 @@ impl GemmKernel {
 
 /// Whether a workgroup of the tiled kernel fits the device's limits.
 pub(crate) fn tiled_fits(limits: &wgpu::Limits) -> bool {
-    limits.max_compute_workgroup_storage_size >= TILED_SHARED_BYTES
+    fits(TILED_SHARED_BYTES, limits)
+}
+
+/// Whether a workgroup of the wide kernel fits the device's limits.
+pub(crate) fn wide_fits(limits: &wgpu::Limits) -> bool {
+    fits(WIDE_SHARED_BYTES, limits)
+}
+
+/// Whether a 16 x 16 workgroup using `shared` bytes of workgroup memory fits.
+fn fits(shared: u32, limits: &wgpu::Limits) -> bool {
+    limits.max_compute_workgroup_storage_size >= shared
         && limits.max_compute_invocations_per_workgroup >= TILED_INVOCATIONS
         && limits.max_compute_workgroup_size_x >= 16
         && limits.max_compute_workgroup_size_y >= 16
@@ -98,11 +119,12 @@ pub(crate) fn gemm_with(
         return Ok(());
     }
     let (trans_a, trans_b) = (g.trans_a, g.trans_b);
-    let kernel = match which {
-        GemmKernel::Register => Kernel::Gemm { trans_a, trans_b },
-        GemmKernel::Tiled => Kernel::GemmTiled { trans_a, trans_b },
+    let (kernel, tile) = match which {
+        GemmKernel::Register => (Kernel::Gemm { trans_a, trans_b }, TILE),
+        GemmKernel::Tiled => (Kernel::GemmTiled { trans_a, trans_b }, TILE),
+        GemmKernel::Wide => (Kernel::GemmWide { trans_a, trans_b }, WIDE_TILE),
     };
-    let grid = [word(g.n.div_ceil(TILE))?, word(g.m.div_ceil(TILE))?];
+    let grid = [word(g.n.div_ceil(tile))?, word(g.m.div_ceil(tile))?];
     // The batch is the grid's z dimension, in launches of at most MAX_GROUPS items.
     let mut first = 0;
     while first < g.batch {

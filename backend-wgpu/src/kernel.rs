@@ -34,6 +34,7 @@ pub(crate) enum Family {
     Memory,
     Gemm,
     GemmTiled,
+    GemmWide,
     Attention,
     Rows,
     Norm,
@@ -54,6 +55,10 @@ impl Family {
             Family::GemmTiled => concat!(
                 include_str!("shaders/gemm_common.wgsl"),
                 include_str!("shaders/gemm_tiled.wgsl")
+            ),
+            Family::GemmWide => concat!(
+                include_str!("shaders/gemm_common.wgsl"),
+                include_str!("shaders/gemm_wide.wgsl")
             ),
             Family::Attention => include_str!("shaders/attention.wgsl"),
             Family::Rows => include_str!("shaders/rows.wgsl"),
@@ -86,6 +91,10 @@ pub(crate) enum Kernel {
         trans_b: bool,
     },
     GemmTiled {
+        trans_a: bool,
+        trans_b: bool,
+    },
+    GemmWide {
         trans_a: bool,
         trans_b: bool,
     },
@@ -136,6 +145,7 @@ impl Kernel {
             Kernel::ScaleRows => (Family::Memory, "scale_rows", &[R, R, W]),
             Kernel::Gemm { .. } => (Family::Gemm, "gemm", &[R, R, W]),
             Kernel::GemmTiled { .. } => (Family::GemmTiled, "gemm_tiled", &[R, R, W]),
+            Kernel::GemmWide { .. } => (Family::GemmWide, "gemm_wide", &[R, R, W]),
             Kernel::AttentionForward { .. } => (Family::Attention, "attention_forward", &[R, W, W]),
             Kernel::AttentionBackwardDq { .. } => (
                 Family::Attention,
@@ -181,7 +191,9 @@ impl Kernel {
     /// Values of the WGSL `override` constants.
     fn constants(self) -> Vec<(&'static str, f64)> {
         match self {
-            Kernel::Gemm { trans_a, trans_b } | Kernel::GemmTiled { trans_a, trans_b } => vec![
+            Kernel::Gemm { trans_a, trans_b }
+            | Kernel::GemmTiled { trans_a, trans_b }
+            | Kernel::GemmWide { trans_a, trans_b } => vec![
                 ("TRANS_A", f64::from(u8::from(trans_a))),
                 ("TRANS_B", f64::from(u8::from(trans_b))),
             ],

@@ -51,14 +51,7 @@ pub(crate) fn layernorm_backward(
         &[&dy.raw, &x.raw, &gamma.raw, &mean.raw, &rstd.raw, &dx.raw],
         grid_1d(rows),
     )?;
-    columns::layernorm_params(
-        be,
-        [dy, x, mean, rstd],
-        dgamma,
-        dbeta,
-        rows,
-        cols,
-    )
+    columns::layernorm_params(be, [dy, x, mean, rstd], dgamma, dbeta, rows, cols)
 }
 
 pub(crate) fn normalize_rows(

@@ -47,6 +47,10 @@ fn every_kernel_compiles() {
             trans_a: true,
             trans_b: false,
         },
+        Kernel::GemmWide {
+            trans_a: true,
+            trans_b: true,
+        },
         Kernel::AttentionForward {
             head_dim: 64,
             wg: 64,
@@ -277,8 +281,8 @@ fn check_gemm_on(be: &WgpuBackend, kernel: GemmKernel, g: &Gemm) {
 }
 
 /// GEMM on every transpose combination, on blocks cut by the edges of C (8 x 8 per invocation
-/// and 64 x 64 per workgroup in the register kernel, 4 x 4 and 64 x 64 in the tiled one, steps
-/// of 16 along k in the tiled one), with k shorter than one step, a padded batch, a broadcast
+/// and 64 x 64 per workgroup in the register kernel, 4 x 4 and 64 x 64 in the tiled one, 8 x 8
+/// and 128 x 128 in the wide one, steps of 16 along k in both tiled ones), with k shorter than one step, a padded batch, a broadcast
 /// operand, alpha and beta, against a plain host product; on both kernels, whichever the adapter
 /// would choose.
 #[test]
@@ -287,9 +291,14 @@ fn both_gemm_kernels_match_the_host_product_across_block_edges() {
     let mut kernels = vec![GemmKernel::Register];
     if gemm::tiled_fits(&be.gpu.limits) {
         kernels.push(GemmKernel::Tiled);
-    } else {
+    }
+    if gemm::wide_fits(&be.gpu.limits) {
+        kernels.push(GemmKernel::Wide);
+    }
+    if kernels.len() < 3 {
         eprintln!(
-            "SKIP the tiled GEMM: it does not fit {}'s limits",
+            "SKIP {} of the tiled GEMM kernels: they do not fit {}'s limits",
+            3 - kernels.len(),
             be.adapter_info().name
         );
     }
@@ -300,6 +309,8 @@ fn both_gemm_kernels_match_the_host_product_across_block_edges() {
         (3, 129, 5),
         (65, 64, 16),
         (1, 1, 1),
+        (130, 257, 20),
+        (129, 128, 33),
     ];
     let mut cases = 0;
     for kernel in kernels {
@@ -544,6 +555,24 @@ fn the_gemm_kernel_follows_the_adapter_and_the_limits() {
     assert_eq!(
         choose(Some(GemmKernel::Register), wgpu::DeviceType::DiscreteGpu),
         GemmKernel::Register
+    );
+    // WebGPU's default limits hold the tiled kernel's 8 KiB of workgroup memory, not the wide
+    // one's 16.1 KiB.
+    assert_eq!(
+        choose(Some(GemmKernel::Wide), wgpu::DeviceType::DiscreteGpu),
+        GemmKernel::Tiled
+    );
+    let roomy = wgpu::Limits {
+        max_compute_workgroup_storage_size: 32768,
+        ..wgpu::Limits::default()
+    };
+    assert_eq!(
+        GemmKernel::choose(
+            Some(GemmKernel::Wide),
+            wgpu::DeviceType::DiscreteGpu,
+            &roomy
+        ),
+        GemmKernel::Wide
     );
     let small = wgpu::Limits {
         max_compute_workgroup_storage_size: 4096,

@@ -38,3 +38,20 @@ fn stored_b(base: u32, kk: u32, col: u32) -> f32 {
     }
     return b[base + kk * p.n + col];
 }
+
+// op(A)[row, kk] of the item starting at `base`, zero outside the matrix (the tiled kernels'
+// staging, which pads edge tiles with zeros).
+fn load_a(base: u32, row: u32, kk: u32) -> f32 {
+    if row >= p.m || kk >= p.k {
+        return 0.0;
+    }
+    return stored_a(base, row, kk);
+}
+
+// op(B)[kk, col] of the item starting at `base`, zero outside the matrix.
+fn load_b(base: u32, kk: u32, col: u32) -> f32 {
+    if kk >= p.k || col >= p.n {
+        return 0.0;
+    }
+    return stored_b(base, kk, col);
+}

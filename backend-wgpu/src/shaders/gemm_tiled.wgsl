@@ -31,22 +31,6 @@ const THREADS: u32 = 256u;
 var<workgroup> tile_a: array<f32, BK * TS>;
 var<workgroup> tile_b: array<f32, BK * TS>;
 
-// op(A)[row, kk] of the item starting at `base`, zero outside the matrix.
-fn load_a(base: u32, row: u32, kk: u32) -> f32 {
-    if row >= p.m || kk >= p.k {
-        return 0.0;
-    }
-    return stored_a(base, row, kk);
-}
-
-// op(B)[kk, col] of the item starting at `base`, zero outside the matrix.
-fn load_b(base: u32, kk: u32, col: u32) -> f32 {
-    if kk >= p.k || col >= p.n {
-        return 0.0;
-    }
-    return stored_b(base, kk, col);
-}
-
 @compute @workgroup_size(16, 16, 1)
 fn gemm_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) l: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
