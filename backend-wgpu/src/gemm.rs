@@ -14,10 +14,15 @@
 //! The backend takes the tiled kernel on GPU adapters (discrete, integrated, virtual) and the
 //! register kernel on CPU adapters such as lavapipe; `MAE_WGPU_GEMM=tiled|wide|register`
 //! overrides that, and a device whose limits cannot hold a tiled kernel's workgroup gets the
-//! register kernel either way. Both kernels sum each value's k products in ascending order.
+//! register kernel either way. Every kernel sums each value's k products in ascending order.
+//!
+//! A weight gradient (`dW = dY^T X`, A transposed) has few blocks of C and a long k, the batch's
+//! token count: on a GPU its few workgroups would each walk all of k while most of the device
+//! idles. The tiled kernels run such a product split along k ([`k_splits`]): one batched launch
+//! over slices of k writes each slice's product, and a second pass adds the slices in order.
 
-use crate::kernel::{word, Kernel, MAX_GROUPS};
-use crate::{Buf, WgpuBackend};
+use crate::kernel::{grid_1d, word, Kernel, MAX_GROUPS};
+use crate::{buffer, Buf, WgpuBackend};
 use mae::backend::{BResult, BackendError, BackendErrorKind, Gemm};
 
 /// Rows and columns of C per workgroup of the register and tiled kernels.
@@ -125,6 +130,13 @@ pub(crate) fn gemm_with(
         GemmKernel::Wide => (Kernel::GemmWide { trans_a, trans_b }, WIDE_TILE),
     };
     let grid = [word(g.n.div_ceil(tile))?, word(g.m.div_ceil(tile))?];
+    let splits = match which {
+        GemmKernel::Register => 1,
+        GemmKernel::Tiled | GemmKernel::Wide => k_splits(g, tile),
+    };
+    if splits > 1 {
+        return split_along_k(be, kernel, grid, g, splits, [a, b], c);
+    }
     // The batch is the grid's z dimension, in launches of at most MAX_GROUPS items.
     let mut first = 0;
     while first < g.batch {
@@ -149,4 +161,70 @@ pub(crate) fn gemm_with(
         first += items;
     }
     Ok(())
+}
+
+/// Blocks of C that keep a GPU busy (a few per multiprocessor of a large GPU).
+const BUSY_BLOCKS: usize = 1024;
+/// The shortest slice of k worth its own product.
+const MIN_SLICE: usize = 256;
+
+/// Slices of k for `g` on a kernel with `tile` x `tile` blocks: 1 (no split) unless `g` is one
+/// product with A transposed and B not, the layout in which a slice of k is a block of rows of
+/// both stored operands (so the slices are a batch with strides); then the number of slices,
+/// a power of two dividing k, is doubled while the blocks stay below [`BUSY_BLOCKS`] and each
+/// slice keeps at least [`MIN_SLICE`] of k.
+pub(crate) fn k_splits(g: &Gemm, tile: usize) -> usize {
+    if g.batch != 1 || !g.trans_a || g.trans_b {
+        return 1;
+    }
+    let blocks = g.m.div_ceil(tile) * g.n.div_ceil(tile);
+    let mut splits = 1;
+    while blocks * splits < BUSY_BLOCKS
+        && g.k % (2 * splits) == 0
+        && g.k / (2 * splits) >= MIN_SLICE
+        && splits < MAX_GROUPS as usize / 2
+    {
+        splits *= 2;
+    }
+    splits
+}
+
+/// `g` as `splits` products over slices of k into a scratch buffer (the batch of one launch:
+/// slice `s` reads rows `s * k / splits ..` of the stored A and B), then `c = sum of slices +
+/// beta c` in slice order.
+fn split_along_k(
+    be: &WgpuBackend,
+    kernel: Kernel,
+    grid: [u32; 2],
+    g: &Gemm,
+    splits: usize,
+    [a, b]: [&Buf; 2],
+    c: &mut Buf,
+) -> BResult<()> {
+    let slice = g.k / splits;
+    let len = g.m * g.n;
+    let partials: Buf = buffer::alloc(&be.gpu, splits * len)?;
+    let params = [
+        word(g.m)?,
+        word(g.n)?,
+        word(slice)?,
+        0,
+        word(slice * g.m)?,
+        word(slice * g.n)?,
+        word(len)?,
+        g.alpha.to_bits(),
+        0f32.to_bits(),
+    ];
+    be.launch(
+        kernel,
+        &params,
+        &[&a.raw, &b.raw, &partials.raw],
+        [grid[0], grid[1], word(splits)?],
+    )?;
+    be.launch(
+        Kernel::SumSlices,
+        &[word(len)?, word(splits)?, g.beta.to_bits()],
+        &[&partials.raw, &c.raw],
+        grid_1d(len),
+    )
 }

@@ -86,6 +86,7 @@ pub(crate) enum Kernel {
     Add,
     Scale,
     ScaleRows,
+    SumSlices,
     Gemm {
         trans_a: bool,
         trans_b: bool,
@@ -143,6 +144,7 @@ impl Kernel {
             Kernel::Add => (Family::Memory, "add", &[R, W]),
             Kernel::Scale => (Family::Memory, "scale", &[W]),
             Kernel::ScaleRows => (Family::Memory, "scale_rows", &[R, R, W]),
+            Kernel::SumSlices => (Family::Memory, "sum_slices", &[R, W]),
             Kernel::Gemm { .. } => (Family::Gemm, "gemm", &[R, R, W]),
             Kernel::GemmTiled { .. } => (Family::GemmTiled, "gemm_tiled", &[R, R, W]),
             Kernel::GemmWide { .. } => (Family::GemmWide, "gemm_wide", &[R, R, W]),

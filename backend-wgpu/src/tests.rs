@@ -341,6 +341,39 @@ fn both_gemm_kernels_match_the_host_product_across_block_edges() {
     assert!(cases >= 24);
 }
 
+/// A weight gradient's layout (A transposed, one product, long k) splits along k on the tiled
+/// kernels: into 4 and 2 slices here (and none for an odd k), with and without beta, against
+/// the host product.
+#[test]
+fn products_split_along_k_match_the_host_product() {
+    assert_eq!(gemm::k_splits(&Gemm::new(70, 50, 1024).trans_a(), 64), 4);
+    assert_eq!(gemm::k_splits(&Gemm::new(70, 50, 1000).trans_a(), 64), 2);
+    assert_eq!(gemm::k_splits(&Gemm::new(70, 50, 1001).trans_a(), 64), 1);
+    assert_eq!(gemm::k_splits(&Gemm::new(70, 50, 1024), 64), 1);
+    assert_eq!(
+        gemm::k_splits(&Gemm::new(70, 50, 1024).trans_a().trans_b(), 64),
+        1
+    );
+    // ViT-B's fc1 weight gradient at batch 64 (12,608 token rows): 576 blocks of 64 x 64
+    // become 1,152; its 768 x 768 ones (144 blocks) become 1,152 too.
+    assert_eq!(
+        gemm::k_splits(&Gemm::new(3072, 768, 12608).trans_a(), 64),
+        2
+    );
+    assert_eq!(gemm::k_splits(&Gemm::new(768, 768, 12608).trans_a(), 64), 8);
+    let Some(be) = be() else { return };
+    for kernel in [GemmKernel::Tiled, GemmKernel::Wide] {
+        for (m, n, k) in [(70, 50, 1024), (129, 3, 1000), (5, 65, 1001)] {
+            check_gemm_on(be, kernel, &Gemm::new(m, n, k).trans_a());
+            check_gemm_on(
+                be,
+                kernel,
+                &Gemm::new(m, n, k).trans_a().alpha(0.5).accumulate(),
+            );
+        }
+    }
+}
+
 /// The fused bias + GELU equals `copy_rows` accumulating the bias, then `gelu_forward`, bit for
 /// bit, on rows whose length is no multiple of the workgroup.
 #[test]

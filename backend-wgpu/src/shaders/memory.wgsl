@@ -73,3 +73,32 @@ fn scale_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg
         sr_dst[i] = v;
     }
 }
+
+// The second pass of a GEMM split along k (gemm.rs): c[i] = the sum of the slices' products
+// partials[s * n + i] in slice order, plus beta c[i] (c is not read when beta is 0).
+struct SliceParams {
+    n: u32,
+    slices: u32,
+    beta: f32,
+}
+
+@group(0) @binding(0) var<uniform> sp: SliceParams;
+@group(0) @binding(1) var<storage, read> slices_partials: array<f32>;
+@group(0) @binding(2) var<storage, read_write> slices_c: array<f32>;
+
+@compute @workgroup_size(WG)
+fn sum_slices(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let i = flat_id(wg, nwg, lid);
+    if i >= sp.n {
+        return;
+    }
+    var x = slices_partials[i];
+    for (var s = 1u; s < sp.slices; s++) {
+        x += slices_partials[s * sp.n + i];
+    }
+    if sp.beta != 0.0 {
+        x += sp.beta * slices_c[i];
+    }
+    slices_c[i] = x;
+}
