@@ -60,11 +60,11 @@ build() {
         # own unit and NVRTC tests; the others (alloc, errors, the golden program's unit
         # tests) are CPU-only.
         ops-test | gradcheck-test | golden-test | embed-test | training-test | variants-test | \
-            mae_backend_cuda-lib | nvrtc_compile-test)
+            mae_backend_cuda-lib | mae_backend_wgpu-lib | nvrtc_compile-test)
             cp "$path" "$PACK/tests/$name"
             ;;
         esac
-    done < <(test_executables -p mae-conformance -p mae-backend-cuda)
+    done < <(test_executables -p mae-conformance -p mae-backend-cuda -p mae-backend-wgpu)
     strip --strip-debug "$PACK"/bin/* "$PACK"/tests/*
     # The Vulkan loader and GL dispatch libraries as Debian packages, for the wgpu step: the GPU
     # machines mount NVIDIA's Vulkan driver but have no loader (`run` unpacks them into /).
@@ -271,20 +271,35 @@ run() {
         env MAE_CUDA_PROFILE=1 "$bins/bin/bench" --case base224 --backend cuda-bf16 --batch 128 \
         --seconds 2
 
-    # The wgpu backend on this GPU through NVIDIA's Vulkan driver (issue 4), its GEMM and
-    # attention paths each way (backend-wgpu: MAE_WGPU_GEMM, MAE_WGPU_ATTENTION), next to
-    # `cuda` (f32) at the same batch above.
+    # The wgpu backend on this GPU through NVIDIA's Vulkan driver (issue 4): its own tests (which
+    # force every GEMM kernel and row-kernel variant) and the conformance suites' wgpu
+    # instances, then `bench` with each tiled GEMM kernel and attention path (MAE_WGPU_GEMM,
+    # MAE_WGPU_ATTENTION), once with the row kernels one invocation per row (MAE_WGPU_ROWS,
+    # the CPU adapters' way), next to `cuda` (f32) above, and a MAE_WGPU_PROFILE table.
     vulkan_setup >>"$out/wgpu.log" 2>&1
+    step "wgpu backend unit tests" wgpu.log 60 env MAE_REQUIRE_BACKENDS=wgpu \
+        "$bins/tests/mae_backend_wgpu-lib"
+    for suite in ops gradcheck golden; do
+        step "conformance $suite (wgpu)" wgpu.log 60 env MAE_REQUIRE_BACKENDS=wgpu \
+            MAE_GOLDEN_DIR="${golden_dirs[0]}" "$bins/tests/$suite-test" wgpu
+    done
+    step "golden --backend wgpu on ${golden_dirs[0]}" wgpu.log 60 \
+        "$bins/bin/golden" --backend wgpu "${golden_dirs[0]}"/*.safetensors
     local gemm attention
-    for gemm in tiled register; do
+    for gemm in tiled wide; do
         for attention in fused composed; do
-            step "bench base224 wgpu b64 gemm=$gemm attention=$attention" wgpu.log 75 \
+            measure "bench base224 wgpu b64 gemm=$gemm attention=$attention" \
                 env MAE_WGPU_GEMM=$gemm MAE_WGPU_ATTENTION=$attention "$bins/bin/bench" \
                 --case base224 --backend wgpu --batch 64 --seconds "$s"
             # No adapter: the other ways would fail the same way.
-            grep -q 'no wgpu adapter\|NoDevice' "$out/wgpu.log" && break 2
+            grep -q 'no wgpu adapter\|NoDevice' "$out/bench.log" && break 2
         done
     done
+    measure "bench base224 wgpu b64 MAE_WGPU_ROWS=invocation" env MAE_WGPU_ROWS=invocation \
+        "$bins/bin/bench" --case base224 --backend wgpu --batch 64 --seconds "$s"
+    step "profile base224 wgpu b64 gemm=wide" profile.log 90 \
+        env MAE_WGPU_PROFILE=1 MAE_WGPU_GEMM=wide "$bins/bin/bench" --case base224 \
+        --backend wgpu --batch 64 --seconds 1
 
     # Data parallel through NCCL with one rank: bitwise the single-process run.
     step "dp-check (NCCL, one rank)" dp.log 120 env OUT=/tmp scripts/dp-check.sh "$bins/bin/pretrain"
@@ -318,12 +333,13 @@ run() {
         echo
         echo "## profile"
         echo '```'
-        grep -E -A 30 '^(==|MAE_CUDA_PROFILE)' "$out/profile.log" 2>/dev/null | grep -v '^\{' | head -n 70
+        grep -E -A 30 '^(==|MAE_CUDA_PROFILE|MAE_WGPU_PROFILE)' "$out/profile.log" 2>/dev/null | grep -v '^\{' | head -n 80
         echo '```'
         echo
         echo "## conformance summary"
         echo '```'
-        grep -hE '^(==|test result|    cuda)' "$out/backend.log" "$out/conformance.log" 2>/dev/null | head -n 80
+        grep -hE '^(==|test result|    cuda|    wgpu|    tests::)' "$out/backend.log" \
+            "$out/conformance.log" "$out/wgpu.log" 2>/dev/null | head -n 100
         echo '```'
         echo
         echo "overall: $([ $failed -eq 0 ] && echo PASS || echo FAIL)"
