@@ -5,8 +5,10 @@
 //! kernel (`src/kernels/*.cu`) compiled with NVRTC for the device's architecture at the first op
 //! and kept for the backend's lifetime. Attention runs as fused kernels (no score matrix in
 //! memory) in f32 and TF32, as split-heads, GEMM and softmax ops in bf16, where they are faster;
-//! `MAE_CUDA_ATTENTION=fused|composed` overrides. `MAE_CUDA_PROFILE=1` prints the device time per
-//! kernel when the backend is dropped.
+//! `MAE_CUDA_ATTENTION=fused|composed` overrides. In bf16 the Linear layers' GEMMs multiply bf16
+//! copies of their operands written by a rounding kernel, the others let cuBLAS round the f32
+//! operands (`bf16.rs`; `MAE_CUDA_BF16_GEMM=auto|copies|fast`). `MAE_CUDA_PROFILE=1` prints the
+//! device time per kernel when the backend is dropped.
 //!
 //! The CUDA libraries are loaded at run time (cudarc's `dynamic-loading`), so this crate builds
 //! and its tests run on machines without CUDA: there [`CudaBackend::new`] returns a
