@@ -1,6 +1,7 @@
 //! LayerNorm and the norm-pix target (`shaders/norm.wgsl`).
 
 use crate::kernel::{grid_1d, word, Kernel};
+use crate::per_row::launch_rows;
 use crate::{Buf, WgpuBackend};
 use mae::backend::BResult;
 
@@ -21,11 +22,12 @@ pub(crate) fn layernorm_forward(
     cols: usize,
     eps: f32,
 ) -> BResult<()> {
-    be.launch(
+    launch_rows(
+        be,
         Kernel::LayerNormForward,
         &params(rows, cols, eps)?,
         &[&x.raw, &gamma.raw, &beta.raw, &y.raw, &mean.raw, &rstd.raw],
-        grid_1d(rows),
+        rows,
     )
 }
 
@@ -44,11 +46,12 @@ pub(crate) fn layernorm_backward(
     cols: usize,
 ) -> BResult<()> {
     let p = params(rows, cols, 0.0)?;
-    be.launch(
+    launch_rows(
+        be,
         Kernel::LayerNormBackwardRows,
         &p,
         &[&dy.raw, &x.raw, &gamma.raw, &mean.raw, &rstd.raw, &dx.raw],
-        grid_1d(rows),
+        rows,
     )?;
     if rows == 0 {
         return Ok(());
@@ -76,10 +79,11 @@ pub(crate) fn normalize_rows(
     cols: usize,
     eps: f32,
 ) -> BResult<()> {
-    be.launch(
+    launch_rows(
+        be,
         Kernel::NormalizeRows,
         &params(rows, cols, eps)?,
         &[&x.raw, &y.raw],
-        grid_1d(rows),
+        rows,
     )
 }
