@@ -1,5 +1,5 @@
 // Exact GELU (elementwise), bias + GELU fused (elementwise) and the attention softmax (one
-// invocation per row).
+// invocation per row, or one workgroup per row in the `_group` kernels at the end).
 
 // ---- gelu -----------------------------------------------------------------------------------
 

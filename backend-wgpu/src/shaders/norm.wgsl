@@ -1,6 +1,7 @@
 // LayerNorm and the norm-pix target. Row statistics take one invocation per row, walking the
-// row in order with compensated sums (deterministic, and accurate to about one rounding); the
-// parameter gradients take one invocation per column, walking the rows in order.
+// row in order with compensated sums (deterministic, and accurate to about one rounding), or, in
+// the `_group` kernels at the end, one workgroup per row; the parameter gradients take one
+// invocation per column, walking the rows in order.
 
 struct Params {
     rows: u32,
