@@ -1,6 +1,7 @@
 //! Exact GELU, the fused bias + GELU epilogue and the attention softmax (`shaders/activation.wgsl`).
 
 use crate::kernel::{grid_1d, word, Kernel};
+use crate::per_row::launch_rows;
 use crate::{Buf, WgpuBackend};
 use mae::backend::BResult;
 
@@ -61,11 +62,12 @@ pub(crate) fn softmax_forward(
     cols: usize,
     scale: f32,
 ) -> BResult<()> {
-    be.launch(
+    launch_rows(
+        be,
         Kernel::SoftmaxForward,
         &row_params(rows, cols, scale)?,
         &[&x.raw, &y.raw],
-        grid_1d(rows),
+        rows,
     )
 }
 
@@ -78,10 +80,11 @@ pub(crate) fn softmax_backward(
     cols: usize,
     scale: f32,
 ) -> BResult<()> {
-    be.launch(
+    launch_rows(
+        be,
         Kernel::SoftmaxBackward,
         &row_params(rows, cols, scale)?,
         &[&y.raw, &dy.raw, &dx.raw],
-        grid_1d(rows),
+        rows,
     )
 }

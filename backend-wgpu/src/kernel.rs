@@ -62,9 +62,15 @@ impl Family {
             ),
             Family::Attention => include_str!("shaders/attention.wgsl"),
             Family::Rows => include_str!("shaders/rows.wgsl"),
-            Family::Norm => include_str!("shaders/norm.wgsl"),
+            Family::Norm => concat!(
+                include_str!("shaders/row_group.wgsl"),
+                include_str!("shaders/norm.wgsl")
+            ),
             Family::Columns => include_str!("shaders/columns.wgsl"),
-            Family::Activation => include_str!("shaders/activation.wgsl"),
+            Family::Activation => concat!(
+                include_str!("shaders/row_group.wgsl"),
+                include_str!("shaders/activation.wgsl")
+            ),
             Family::Loss => include_str!("shaders/loss.wgsl"),
             Family::AdamW => include_str!("shaders/adamw.wgsl"),
         }
@@ -125,6 +131,12 @@ pub(crate) enum Kernel {
     LayerNormParamPartials,
     ColumnSumFinish,
     NormalizeRows,
+    /// The row kernels with one workgroup per row (`per_row.rs`).
+    LayerNormForwardGroup,
+    LayerNormBackwardRowsGroup,
+    NormalizeRowsGroup,
+    SoftmaxForwardGroup,
+    SoftmaxBackwardGroup,
     GeluForward,
     BiasGelu,
     GeluBackward,
@@ -178,11 +190,24 @@ impl Kernel {
             ),
             Kernel::ColumnSumFinish => (Family::Columns, "column_sum_finish", &[R, W]),
             Kernel::NormalizeRows => (Family::Norm, "normalize_rows", &[R, W]),
+            Kernel::LayerNormForwardGroup => {
+                (Family::Norm, "layernorm_forward_group", &[R, R, R, W, W, W])
+            }
+            Kernel::LayerNormBackwardRowsGroup => (
+                Family::Norm,
+                "layernorm_backward_rows_group",
+                &[R, R, R, R, R, W],
+            ),
+            Kernel::NormalizeRowsGroup => (Family::Norm, "normalize_rows_group", &[R, W]),
             Kernel::GeluForward => (Family::Activation, "gelu_forward", &[R, W]),
             Kernel::BiasGelu => (Family::Activation, "bias_gelu_forward", &[R, W, W]),
             Kernel::GeluBackward => (Family::Activation, "gelu_backward", &[R, R, W]),
             Kernel::SoftmaxForward => (Family::Activation, "softmax_forward", &[R, W]),
             Kernel::SoftmaxBackward => (Family::Activation, "softmax_backward", &[R, R, W]),
+            Kernel::SoftmaxForwardGroup => (Family::Activation, "softmax_forward_group", &[R, W]),
+            Kernel::SoftmaxBackwardGroup => {
+                (Family::Activation, "softmax_backward_group", &[R, R, W])
+            }
             Kernel::MseForward => (Family::Loss, "mse_forward", &[R, R, R, W]),
             Kernel::MseCoefficient => (Family::Loss, "mse_coefficient", &[R, W]),
             Kernel::MseBackward => (Family::Loss, "mse_backward", &[R, R, R, R, W]),

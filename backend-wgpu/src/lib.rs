@@ -22,6 +22,11 @@
 //!   log-sum-exp per score row instead of the `[tokens, tokens]` probabilities, and a
 //!   deterministic two-pass backward; the model takes it on GPUs and composes attention on CPU
 //!   adapters, where it measured slower. `MAE_WGPU_ATTENTION=fused|composed` overrides.
+//! - Row kernels ([`RowKernel`], `per_row.rs`): LayerNorm, the norm-pix target and softmax
+//!   take one workgroup of 64 invocations per row on GPUs, each invocation striding over the
+//!   columns so that reads coalesce, the partial sums combined by a fixed tree in workgroup
+//!   memory (`shaders/row_group.wgsl`); on CPU adapters one invocation walks each row, without
+//!   barriers. `MAE_WGPU_ROWS=workgroup|invocation` overrides.
 //! - `MAE_WGPU_PROFILE=1` prints the wall time per kernel and grid when the backend is dropped
 //!   (`profile.rs`; each launch then waits for the queue, so the run is slower).
 //! - Reductions (LayerNorm statistics, softmax sums, parameter gradients, the loss) run in `f32`
@@ -72,12 +77,14 @@ mod kernel;
 mod loss;
 mod memory;
 mod norm;
+mod per_row;
 mod profile;
 mod rows;
 
 pub use attention::AttentionPath;
 pub use buffer::GpuBuf;
 pub use gemm::GemmKernel;
+pub use per_row::RowKernel;
 
 use context::Gpu;
 use kernel::{Kernel, Kernels};
@@ -101,6 +108,8 @@ pub struct WgpuBackend {
     /// adapter (8 lanes of 32 bits on lavapipe's 256-bit vectors: fewer idle invocations past
     /// the last row of a short sequence, though lavapipe measured no difference), 64 on GPUs.
     attention_wg: u32,
+    /// The variant of the row kernels for this adapter (`per_row.rs`).
+    row_kernel: RowKernel,
 }
 
 impl std::fmt::Debug for WgpuBackend {
@@ -110,6 +119,7 @@ impl std::fmt::Debug for WgpuBackend {
             .field("backend", &self.gpu.info.backend)
             .field("gemm", &self.gemm_kernel)
             .field("attention", &self.attention_path)
+            .field("rows", &self.row_kernel)
             .finish()
     }
 }
@@ -119,7 +129,7 @@ impl WgpuBackend {
     /// `WGPU_ADAPTER_NAME` and `WGPU_POWER_PREF` choose among several). Fails with
     /// [`BackendErrorKind::NoDevice`](mae::BackendErrorKind::NoDevice) when there is none, and
     /// with [`BackendErrorKind::Unsupported`](mae::BackendErrorKind::Unsupported) when
-    /// `MAE_WGPU_GEMM` or `MAE_WGPU_ATTENTION` holds an unknown value.
+    /// `MAE_WGPU_GEMM`, `MAE_WGPU_ATTENTION` or `MAE_WGPU_ROWS` holds an unknown value.
     pub fn new() -> BResult<WgpuBackend> {
         WgpuBackend::from_gpu(Gpu::new()?)
     }
@@ -130,7 +140,7 @@ impl WgpuBackend {
     }
 
     /// The backend on `gpu`, its kernels chosen from the adapter and the environment
-    /// (`MAE_WGPU_GEMM`, `MAE_WGPU_ATTENTION`, read here once).
+    /// (`MAE_WGPU_GEMM`, `MAE_WGPU_ATTENTION`, `MAE_WGPU_ROWS`, read here once).
     fn from_gpu(gpu: Gpu) -> BResult<WgpuBackend> {
         let cpu = gpu.info.device_type == wgpu::DeviceType::Cpu;
         let gemm_kernel =
@@ -139,6 +149,7 @@ impl WgpuBackend {
             gemm_kernel,
             attention_path: AttentionPath::choose(AttentionPath::from_env()?, gpu.info.device_type),
             attention_wg: if cpu { 8 } else { 64 },
+            row_kernel: RowKernel::choose(RowKernel::from_env()?, gpu.info.device_type),
             gpu,
             kernels: Kernels::new(),
         })
@@ -155,6 +166,13 @@ impl WgpuBackend {
     /// measured slower (`MAE_WGPU_ATTENTION=fused|composed` overrides).
     pub fn attention_path(&self) -> AttentionPath {
         self.attention_path
+    }
+
+    /// The variant of the row kernels in use: [`RowKernel::Workgroup`] on GPUs,
+    /// [`RowKernel::Invocation`] on CPU adapters such as lavapipe
+    /// (`MAE_WGPU_ROWS=workgroup|invocation` overrides).
+    pub fn row_kernel(&self) -> RowKernel {
+        self.row_kernel
     }
 
     /// The adapter in use: its name, driver and API.

@@ -2,6 +2,7 @@
 
 use crate::columns;
 use crate::kernel::{grid_1d, word, Kernel};
+use crate::per_row::launch_rows;
 use crate::{Buf, WgpuBackend};
 use mae::backend::BResult;
 
@@ -22,11 +23,12 @@ pub(crate) fn layernorm_forward(
     cols: usize,
     eps: f32,
 ) -> BResult<()> {
-    be.launch(
+    launch_rows(
+        be,
         Kernel::LayerNormForward,
         &params(rows, cols, eps)?,
         &[&x.raw, &gamma.raw, &beta.raw, &y.raw, &mean.raw, &rstd.raw],
-        grid_1d(rows),
+        rows,
     )
 }
 
@@ -45,11 +47,12 @@ pub(crate) fn layernorm_backward(
     cols: usize,
 ) -> BResult<()> {
     let p = params(rows, cols, 0.0)?;
-    be.launch(
+    launch_rows(
+        be,
         Kernel::LayerNormBackwardRows,
         &p,
         &[&dy.raw, &x.raw, &gamma.raw, &mean.raw, &rstd.raw, &dx.raw],
-        grid_1d(rows),
+        rows,
     )?;
     columns::layernorm_params(be, [dy, x, mean, rstd], dgamma, dbeta, rows, cols)
 }
@@ -62,10 +65,11 @@ pub(crate) fn normalize_rows(
     cols: usize,
     eps: f32,
 ) -> BResult<()> {
-    be.launch(
+    launch_rows(
+        be,
         Kernel::NormalizeRows,
         &params(rows, cols, eps)?,
         &[&x.raw, &y.raw],
-        grid_1d(rows),
+        rows,
     )
 }

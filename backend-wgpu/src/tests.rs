@@ -73,6 +73,11 @@ fn every_kernel_compiles() {
         Kernel::LayerNormParamPartials,
         Kernel::ColumnSumFinish,
         Kernel::NormalizeRows,
+        Kernel::LayerNormForwardGroup,
+        Kernel::LayerNormBackwardRowsGroup,
+        Kernel::NormalizeRowsGroup,
+        Kernel::SoftmaxForwardGroup,
+        Kernel::SoftmaxBackwardGroup,
         Kernel::GeluForward,
         Kernel::BiasGelu,
         Kernel::GeluBackward,
@@ -631,6 +636,9 @@ fn the_gemm_kernel_follows_the_adapter_and_the_limits() {
             "{be:?}"
         );
     }
+    if std::env::var_os("MAE_WGPU_ROWS").is_none() {
+        assert_eq!(be.row_kernel() == RowKernel::Invocation, cpu, "{be:?}");
+    }
 }
 
 /// Attention is fused on GPUs and composed on CPU adapters unless `MAE_WGPU_ATTENTION` says
@@ -712,5 +720,300 @@ fn timing_fused_and_composed_attention() {
             composed_attention(be, &qkv, &d_out, &a);
         });
         println!("{a:?}: composed: {:.1} ms", s * 1e3);
+    }
+}
+
+// ---- row kernels (per_row.rs) -------------------------------------------------------------------
+
+/// The row kernels run one workgroup per row on GPUs and one invocation per row on CPU adapters
+/// unless `MAE_WGPU_ROWS` says otherwise.
+#[test]
+fn the_row_kernel_follows_the_adapter() {
+    use wgpu::DeviceType::{Cpu, DiscreteGpu, IntegratedGpu};
+    assert_eq!(RowKernel::choose(None, Cpu), RowKernel::Invocation);
+    assert_eq!(RowKernel::choose(None, DiscreteGpu), RowKernel::Workgroup);
+    assert_eq!(RowKernel::choose(None, IntegratedGpu), RowKernel::Workgroup);
+    let group = Some(RowKernel::Workgroup);
+    assert_eq!(RowKernel::choose(group, Cpu), RowKernel::Workgroup);
+    let single = Some(RowKernel::Invocation);
+    assert_eq!(
+        RowKernel::choose(single, DiscreteGpu),
+        RowKernel::Invocation
+    );
+}
+
+/// Two backends of their own on the default adapter, one per row-kernel variant:
+/// `(invocation, workgroup)`.
+fn row_kernel_backends() -> Option<(WgpuBackend, WgpuBackend)> {
+    be()?;
+    let with = |k: RowKernel| {
+        let mut be = WgpuBackend::new().unwrap();
+        be.row_kernel = k;
+        be
+    };
+    Some((with(RowKernel::Invocation), with(RowKernel::Workgroup)))
+}
+
+/// Values that are neither symmetric nor centred: a wave on an offset, so the LayerNorm mean
+/// and its refinement matter.
+fn row_values(n: usize, k: f64, offset: f64) -> Vec<f32> {
+    (0..n)
+        .map(|i| (offset + 2.5 * (i as f64 * k).sin() + 0.5 * (i as f64 * k * 3.7).cos()) as f32)
+        .collect()
+}
+
+/// Every `got[i]` within `ulps` roundings of `mag[i]`, the magnitude of the terms that make it.
+fn assert_close(what: &str, got: &[f32], want: &[f64], mag: &[f64], ulps: f64) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, ((&g, &w), &m)) in got.iter().zip(want).zip(mag).enumerate() {
+        let bound = ulps * f64::from(f32::EPSILON) * m + 1e-30;
+        assert!(
+            (f64::from(g) - w).abs() <= bound,
+            "{what} at {i}: {g} vs {w} (bound {bound:e})"
+        );
+    }
+}
+
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| f64::from(x)).collect()
+}
+
+/// The LayerNorm statistics `(mean, rstd)` of [`run_row_ops`]'s rows, from f64 rounded to f32:
+/// the backward takes these rather than the forward's, so that its reference has the very same
+/// inputs (rows of 3 values can be nearly constant, and then a rounding of the mean moves dx).
+fn row_stats(rows: usize, cols: usize) -> (Vec<f32>, Vec<f32>) {
+    let x = f64s(&row_values(rows * cols, 0.731, 3.0));
+    x.chunks(cols.max(1))
+        .take(rows)
+        .map(|xs| {
+            let m = xs.iter().sum::<f64>() / cols as f64;
+            let ssd = xs.iter().map(|v| (v - m) * (v - m)).sum::<f64>();
+            (m as f32, (1.0 / (ssd / cols as f64 + 1e-5).sqrt()) as f32)
+        })
+        .unzip()
+}
+
+/// Outputs of the row ops on one backend, all as host vectors, in a fixed order:
+/// layernorm y, mean, rstd, dx, dgamma, dbeta; softmax y, dx; normalize_rows y.
+fn run_row_ops(be: &WgpuBackend, rows: usize, cols: usize, scale: f32) -> Vec<Vec<f32>> {
+    let n = rows * cols;
+    let x = row_values(n, 0.731, 3.0);
+    let dy = row_values(n, 0.417, -0.25);
+    let gamma = row_values(cols, 1.3, 1.0);
+    let beta = row_values(cols, 0.9, 0.0);
+    let dx0 = row_values(n, 0.123, 0.5);
+    let up = |v: &[f32]| be.upload(v).unwrap();
+    let (xb, dyb, gb, bb) = (up(&x), up(&dy), up(&gamma), up(&beta));
+    let (mut y, mut mean, mut rstd) = (up(&vec![f32::NAN; n]), up(&[0.0]), up(&[0.0]));
+    if rows > 0 {
+        mean = up(&vec![f32::NAN; rows]);
+        rstd = up(&vec![f32::NAN; rows]);
+    }
+    be.layernorm_forward(
+        &xb, &gb, &bb, &mut y, &mut mean, &mut rstd, rows, cols, 1e-5,
+    )
+    .unwrap();
+    let (mut dx, mut dg, mut db) = (up(&dx0), up(&vec![0.25; cols]), up(&vec![-0.5; cols]));
+    let (host_mean, host_rstd) = row_stats(rows, cols);
+    if rows > 0 {
+        let (mb, rb) = (up(&host_mean), up(&host_rstd));
+        be.layernorm_backward(
+            &dyb, &xb, &gb, &mb, &rb, &mut dx, &mut dg, &mut db, rows, cols,
+        )
+        .unwrap();
+    }
+    let mut sy = up(&vec![f32::NAN; n]);
+    be.softmax_forward(&xb, &mut sy, rows, cols, scale).unwrap();
+    let mut sdx = up(&dx0);
+    be.softmax_backward(&sy, &dyb, &mut sdx, rows, cols, scale)
+        .unwrap();
+    let mut ny = up(&vec![f32::NAN; n]);
+    if cols >= 2 {
+        be.normalize_rows(&xb, &mut ny, rows, cols, 1e-6).unwrap();
+    }
+    [&y, &mean, &rstd, &dx, &dg, &db, &sy, &sdx, &ny]
+        .iter()
+        .map(|b| down(be, b))
+        .collect()
+}
+
+/// The f64 reference of [`run_row_ops`] (given the device's softmax output for the softmax
+/// backward, as the op takes it): `(values, magnitudes)` per output, the magnitude of each
+/// value being the size of the terms that make it, which bounds its rounding error.
+// One index walks x, dy, gamma, beta and the outputs together, as the formulas read.
+#[allow(clippy::needless_range_loop)]
+fn row_ops_reference(
+    rows: usize,
+    cols: usize,
+    scale: f32,
+    softmax_y: &[f32],
+) -> Vec<(Vec<f64>, Vec<f64>)> {
+    let n = rows * cols;
+    let x = f64s(&row_values(n, 0.731, 3.0));
+    let dy = f64s(&row_values(n, 0.417, -0.25));
+    let g = f64s(&row_values(cols, 1.3, 1.0));
+    let b = f64s(&row_values(cols, 0.9, 0.0));
+    let dx0 = f64s(&row_values(n, 0.123, 0.5));
+    let sy = f64s(softmax_y);
+    let (stat_mean, stat_rstd) = row_stats(rows, cols);
+    let s = f64::from(scale);
+    let zeros = || (vec![0.0; n], vec![0.0; n]);
+    let (mut y, mut dx, mut smy, mut smdx, mut ny) = (zeros(), zeros(), zeros(), zeros(), zeros());
+    let (mut mean, mut rstd) = (
+        (vec![0.0; rows], vec![0.0; rows]),
+        (vec![0.0; rows], vec![0.0; rows]),
+    );
+    let (mut dg, mut db) = (
+        (vec![0.25; cols], vec![0.25; cols]),
+        (vec![-0.5; cols], vec![0.5; cols]),
+    );
+    for r in 0..rows {
+        let row = r * cols..(r + 1) * cols;
+        let xs = &x[row.clone()];
+        let m = xs.iter().sum::<f64>() / cols as f64;
+        let ssd = xs.iter().map(|v| (v - m) * (v - m)).sum::<f64>();
+        let rs = 1.0 / (ssd / cols as f64 + 1e-5).sqrt();
+        mean.0[r] = m;
+        mean.1[r] = xs.iter().map(|v| v.abs()).sum::<f64>() / cols as f64;
+        rstd.0[r] = rs;
+        rstd.1[r] = rs;
+        let (mut mdg, mut mdgx, mut adg, mut adgx) = (0.0, 0.0, 0.0, 0.0);
+        for c in 0..cols {
+            let i = r * cols + c;
+            y.0[i] = (x[i] - m) * rs * g[c] + b[c];
+            y.1[i] = (x[i].abs() + m.abs()) * rs * g[c].abs() + b[c].abs();
+        }
+        // The backward's statistics, as run_row_ops passes them.
+        let (m, rs) = (f64::from(stat_mean[r]), f64::from(stat_rstd[r]));
+        for c in 0..cols {
+            let i = r * cols + c;
+            let xhat = (x[i] - m) * rs;
+            let d = dy[i] * g[c];
+            mdg += d / cols as f64;
+            mdgx += d * xhat / cols as f64;
+            adg += d.abs() / cols as f64;
+            adgx += (d * xhat).abs() / cols as f64;
+            dg.0[c] += dy[i] * xhat;
+            dg.1[c] += (dy[i] * xhat).abs();
+            db.0[c] += dy[i];
+            db.1[c] += dy[i].abs();
+        }
+        for c in 0..cols {
+            let i = r * cols + c;
+            let xhat = (x[i] - m) * rs;
+            let d = dy[i] * g[c];
+            dx.0[i] = dx0[i] + rs * (d - mdg - xhat * mdgx);
+            dx.1[i] = dx0[i].abs() + rs * (d.abs() + adg + xhat.abs() * adgx);
+        }
+        let mx = xs.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(s * v));
+        let total = xs.iter().map(|v| (s * v - mx).exp()).sum::<f64>();
+        let dot = (0..cols)
+            .map(|c| dy[r * cols + c] * sy[r * cols + c])
+            .sum::<f64>();
+        let adot = (0..cols)
+            .map(|c| (dy[r * cols + c] * sy[r * cols + c]).abs())
+            .sum::<f64>();
+        let m = mean.0[r];
+        let sd = (ssd / (cols as f64 - 1.0) + 1e-6).sqrt();
+        for c in 0..cols {
+            let i = r * cols + c;
+            smy.0[i] = (s * x[i] - mx).exp() / total;
+            // exp(s x - max) carries the rounding of its argument, about |s x| + |max|.
+            smy.1[i] = smy.0[i] * (1.0 + (s * x[i]).abs() + mx.abs());
+            smdx.0[i] = dx0[i] + s * sy[i] * (dy[i] - dot);
+            smdx.1[i] = dx0[i].abs() + (s * sy[i]).abs() * (dy[i].abs() + adot);
+            ny.0[i] = (x[i] - m) / sd;
+            ny.1[i] = (x[i].abs() + m.abs()) / sd;
+        }
+    }
+    vec![y, mean, rstd, dx, dg, db, smy, smdx, ny]
+}
+
+const ROW_OUTPUTS: [&str; 9] = [
+    "layernorm y",
+    "layernorm mean",
+    "layernorm rstd",
+    "layernorm dx",
+    "layernorm dgamma",
+    "layernorm dbeta",
+    "softmax y",
+    "softmax dx",
+    "normalize_rows y",
+];
+
+/// Both row-kernel variants on rows of 1 to 1000 values (one value, fewer than a workgroup's
+/// invocations, odd lengths past one and several strides of 64), against an f64 reference and
+/// against each other, and each bitwise the same on a second run.
+#[test]
+fn both_row_kernels_match_the_f64_reference_each_other_and_themselves() {
+    let Some((single, group)) = row_kernel_backends() else {
+        return;
+    };
+    let cases = [
+        (1, 1),
+        (300, 1),
+        (3, 31),
+        (65, 50),
+        (1, 64),
+        (130, 197),
+        (7, 768),
+        (2, 1000),
+        (0, 50),
+    ];
+    for (rows, cols) in cases {
+        let scale = 0.125;
+        let a = run_row_ops(&single, rows, cols, scale);
+        let b = run_row_ops(&group, rows, cols, scale);
+        let again = run_row_ops(&group, rows, cols, scale);
+        let reference = row_ops_reference(rows, cols, scale, &b[6]);
+        for (k, what) in ROW_OUTPUTS.iter().enumerate() {
+            // normalize_rows needs 2 values a row; no rows have no statistics.
+            if (k == 8 && cols < 2) || (rows == 0 && (k == 1 || k == 2)) {
+                continue;
+            }
+            let what = format!("{what} ({rows} x {cols})");
+            let (want, mag) = &reference[k];
+            let (got, other) = (&b[k], f64s(&a[k]));
+            // Against f64: a few roundings of each term (the tolerance of conformance's
+            // REDUCTION class is far wider); against the other variant: about as close.
+            assert_close(&format!("workgroup {what}"), got, want, mag, 32.0);
+            assert_close(&format!("invocation {what}"), &a[k], want, mag, 32.0);
+            assert_close(
+                &format!("workgroup vs invocation {what}"),
+                got,
+                &other,
+                mag,
+                8.0,
+            );
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(got), bits(&again[k]), "repeat {what}");
+        }
+    }
+}
+
+/// More rows than one grid dimension holds (65535 workgroups): the workgroup kernels fold the
+/// grid and still compute every row once.
+#[test]
+fn workgroup_row_kernels_cover_more_than_65535_rows() {
+    let Some((single, group)) = row_kernel_backends() else {
+        return;
+    };
+    let (rows, cols) = (65_535 + 70, 3);
+    let a = run_row_ops(&single, rows, cols, 1.0);
+    let b = run_row_ops(&group, rows, cols, 1.0);
+    let reference = row_ops_reference(rows, cols, 1.0, &b[6]);
+    // dgamma and dbeta (outputs 4 and 5) are two-pass column sums in chunks of 64 rows: no
+    // loop walks all the rows, which on lavapipe would stop after 65535 iterations (llvmpipe's
+    // loop limit; the one-invocation-per-column kernel that summed them before did).
+    for (k, what) in ROW_OUTPUTS.iter().enumerate() {
+        let (want, mag) = &reference[k];
+        assert_close(&format!("workgroup {what}"), &b[k], want, mag, 32.0);
+        assert_close(
+            &format!("vs invocation {what}"),
+            &b[k],
+            &f64s(&a[k]),
+            mag,
+            8.0,
+        );
     }
 }

@@ -1,5 +1,5 @@
 // Exact GELU (elementwise), bias + GELU fused (elementwise) and the attention softmax (one
-// invocation per row).
+// invocation per row, or one workgroup per row in the `_group` kernels at the end).
 
 // ---- gelu -----------------------------------------------------------------------------------
 
@@ -144,6 +144,56 @@ fn softmax_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
     }
     let dot = sum_value(acc);
     for (var c = 0u; c < rp.cols; c++) {
+        sb_dx[at + c] += rp.scale * sb_y[at + c] * (sb_dy[at + c] - dot);
+    }
+}
+
+// ---- softmax, one workgroup per row (per_row.rs `RowKernel::Workgroup`) ---------------------
+//
+// The kernels above with a workgroup of ROW_WG invocations per row (`row_group.wgsl`). Each
+// invocation scales the exponentials it stored itself, so the last pass needs no barrier.
+
+@compute @workgroup_size(ROW_WG)
+fn softmax_forward_group(@builtin(workgroup_id) wg: vec3<u32>,
+                         @builtin(num_workgroups) nwg: vec3<u32>,
+                         @builtin(local_invocation_index) lid: u32) {
+    let r = group_row(wg, nwg);
+    if r >= rp.rows {
+        return;
+    }
+    let at = r * rp.cols;
+    var part_max = -3.40282347e38;
+    for (var c = lid; c < rp.cols; c += ROW_WG) {
+        part_max = max(part_max, rp.scale * sm_x[at + c]);
+    }
+    let mx = group_max(lid, part_max);
+    var acc = sum_new();
+    for (var c = lid; c < rp.cols; c += ROW_WG) {
+        let e = exp(rp.scale * sm_x[at + c] - mx);
+        sm_y[at + c] = e;
+        acc = sum_add(acc, e);
+    }
+    let inv = 1.0 / sum_value(group_sum(lid, acc));
+    for (var c = lid; c < rp.cols; c += ROW_WG) {
+        sm_y[at + c] *= inv;
+    }
+}
+
+@compute @workgroup_size(ROW_WG)
+fn softmax_backward_group(@builtin(workgroup_id) wg: vec3<u32>,
+                          @builtin(num_workgroups) nwg: vec3<u32>,
+                          @builtin(local_invocation_index) lid: u32) {
+    let r = group_row(wg, nwg);
+    if r >= rp.rows {
+        return;
+    }
+    let at = r * rp.cols;
+    var acc = sum_new();
+    for (var c = lid; c < rp.cols; c += ROW_WG) {
+        acc = sum_add(acc, sb_dy[at + c] * sb_y[at + c]);
+    }
+    let dot = sum_value(group_sum(lid, acc));
+    for (var c = lid; c < rp.cols; c += ROW_WG) {
         sb_dx[at + c] += rp.scale * sb_y[at + c] * (sb_dy[at + c] - dot);
     }
 }
