@@ -63,7 +63,7 @@ impl GemmKernel {
             GemmKernel::Tiled
         });
         match wanted {
-            GemmKernel::Wide if fits(WIDE_SHARED_BYTES, limits) => GemmKernel::Wide,
+            GemmKernel::Wide if wide_fits(limits) => GemmKernel::Wide,
             GemmKernel::Wide | GemmKernel::Tiled if tiled_fits(limits) => GemmKernel::Tiled,
             _ => GemmKernel::Register,
         }

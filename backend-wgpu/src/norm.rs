@@ -1,7 +1,7 @@
 //! LayerNorm and the norm-pix target (`shaders/norm.wgsl`).
 
 use crate::columns;
-use crate::kernel::{grid_1d, word, Kernel};
+use crate::kernel::{word, Kernel};
 use crate::per_row::launch_rows;
 use crate::{Buf, WgpuBackend};
 use mae::backend::BResult;
