@@ -3,9 +3,9 @@
 //! two passes (dQ per query row, then dK and dV per key row) that recompute the probabilities
 //! from it. Deterministic: every sum runs in ascending row order, without atomics.
 //!
-//! Whether the model uses it is [`AttentionPath`]: fused on GPUs, composed on CPU adapters such
-//! as lavapipe, where it measured slower (see [`AttentionPath::choose`]);
-//! `MAE_WGPU_ATTENTION=fused|composed` overrides.
+//! Whether the model uses it is [`AttentionPath`]: by default it does not, because the composed
+//! ops measured faster on both lavapipe and an H200 (see [`AttentionPath::choose`]);
+//! `MAE_WGPU_ATTENTION=fused` takes it, for the memory of the scores it saves.
 
 use crate::kernel::{word, Kernel, MAX_GROUPS};
 use crate::{Buf, WgpuBackend};
@@ -24,21 +24,15 @@ pub enum AttentionPath {
 }
 
 impl AttentionPath {
-    /// The path for an adapter: `requested` (from `MAE_WGPU_ATTENTION`) if given, else composed
-    /// on CPU adapters and fused on GPUs. On lavapipe the fused kernels took 2 to 3 times as
-    /// long as the composed ops at the `tiny32` shapes (`timing_fused_and_composed_attention`
-    /// in `tests.rs`): llvmpipe runs the composed GEMMs' register blocks well and has no
-    /// workgroup of threads to spread one row's work over. GPUs take the fused path for what it
-    /// saves, the `[N, H, T, T]` scores and probabilities and the passes over them.
-    pub(crate) fn choose(
-        requested: Option<AttentionPath>,
-        device_type: wgpu::DeviceType,
-    ) -> AttentionPath {
-        requested.unwrap_or(if device_type == wgpu::DeviceType::Cpu {
-            AttentionPath::Composed
-        } else {
-            AttentionPath::Fused
-        })
+    /// The path: `requested` (from `MAE_WGPU_ATTENTION`) if given, else composed. The fused
+    /// kernels run one invocation per query or key row in f32, with no workgroup tiles and no
+    /// matrix units, and were slower wherever they were measured: on lavapipe 2 to 3 times as
+    /// long as the composed ops at the `tiny32` shapes (`timing_fused_and_composed_attention` in
+    /// `tests.rs`), on an H200 (Vulkan) ViT-B/16 training at batch 64 ran at 116 img/s fused
+    /// against 164 composed (docs/results-gpu.md). They save the `[N, H, T, T]` scores: 5 %
+    /// of the peak memory there.
+    pub(crate) fn choose(requested: Option<AttentionPath>) -> AttentionPath {
+        requested.unwrap_or(AttentionPath::Composed)
     }
 
     /// Reads `MAE_WGPU_ATTENTION`: `fused`, `composed`, or unset for the adapter's default.

@@ -17,11 +17,11 @@
 //!   (`shaders/gemm_wide.wgsl`); on CPU adapters such as lavapipe, where barriers are slow, an
 //!   8 x 8 register block per invocation without workgroup memory (`shaders/gemm.wgsl`).
 //!   `MAE_WGPU_GEMM=tiled|wide|register` overrides the choice.
-//! - Fused ops: `bias_gelu_forward` is one pass (bitwise the two-op default), and attention is
-//!   fused ([`AttentionPath`], `attention.rs`): an online-softmax forward that keeps one
+//! - Fused ops: `bias_gelu_forward` is one pass (bitwise the two-op default), and attention can
+//!   be fused ([`AttentionPath`], `attention.rs`): an online-softmax forward that keeps one
 //!   log-sum-exp per score row instead of the `[tokens, tokens]` probabilities, and a
-//!   deterministic two-pass backward; the model takes it on GPUs and composes attention on CPU
-//!   adapters, where it measured slower. `MAE_WGPU_ATTENTION=fused|composed` overrides.
+//!   deterministic two-pass backward. The model composes attention by default, which measured
+//!   faster on lavapipe and on an H200; `MAE_WGPU_ATTENTION=fused|composed` overrides.
 //! - Row kernels ([`RowKernel`], `per_row.rs`): LayerNorm, the norm-pix target and softmax
 //!   take one workgroup of 64 invocations per row on GPUs, each invocation striding over the
 //!   columns so that reads coalesce, the partial sums combined by a fixed tree in workgroup
@@ -147,7 +147,7 @@ impl WgpuBackend {
             GemmKernel::choose(GemmKernel::from_env()?, gpu.info.device_type, &gpu.limits);
         Ok(WgpuBackend {
             gemm_kernel,
-            attention_path: AttentionPath::choose(AttentionPath::from_env()?, gpu.info.device_type),
+            attention_path: AttentionPath::choose(AttentionPath::from_env()?),
             attention_wg: if cpu { 8 } else { 64 },
             row_kernel: RowKernel::choose(RowKernel::from_env()?, gpu.info.device_type),
             gpu,
@@ -161,9 +161,9 @@ impl WgpuBackend {
         self.gemm_kernel
     }
 
-    /// How the model computes attention here: [`AttentionPath::Fused`] on GPUs,
-    /// [`AttentionPath::Composed`] on CPU adapters such as lavapipe, where the fused kernels
-    /// measured slower (`MAE_WGPU_ATTENTION=fused|composed` overrides).
+    /// How the model computes attention here: [`AttentionPath::Composed`] unless
+    /// `MAE_WGPU_ATTENTION=fused` asks for the fused kernels, which measured slower on lavapipe
+    /// and on an H200.
     pub fn attention_path(&self) -> AttentionPath {
         self.attention_path
     }

@@ -630,38 +630,21 @@ fn the_gemm_kernel_follows_the_adapter_and_the_limits() {
         assert_eq!(be.gemm_kernel() == GemmKernel::Register, cpu, "{be:?}");
     }
     if std::env::var_os("MAE_WGPU_ATTENTION").is_none() {
-        assert_eq!(
-            be.attention_path() == AttentionPath::Composed,
-            cpu,
-            "{be:?}"
-        );
+        assert_eq!(be.attention_path(), AttentionPath::Composed, "{be:?}");
     }
     if std::env::var_os("MAE_WGPU_ROWS").is_none() {
         assert_eq!(be.row_kernel() == RowKernel::Invocation, cpu, "{be:?}");
     }
 }
 
-/// Attention is fused on GPUs and composed on CPU adapters unless `MAE_WGPU_ATTENTION` says
-/// otherwise.
+/// Attention is composed unless `MAE_WGPU_ATTENTION` asks for the fused kernels.
 #[test]
-fn the_attention_path_follows_the_adapter() {
-    use wgpu::DeviceType::{Cpu, DiscreteGpu, VirtualGpu};
-    assert_eq!(AttentionPath::choose(None, Cpu), AttentionPath::Composed);
-    assert_eq!(
-        AttentionPath::choose(None, DiscreteGpu),
-        AttentionPath::Fused
-    );
-    assert_eq!(
-        AttentionPath::choose(None, VirtualGpu),
-        AttentionPath::Fused
-    );
+fn the_attention_path_is_composed_unless_asked() {
+    assert_eq!(AttentionPath::choose(None), AttentionPath::Composed);
     let fused = Some(AttentionPath::Fused);
-    assert_eq!(AttentionPath::choose(fused, Cpu), AttentionPath::Fused);
+    assert_eq!(AttentionPath::choose(fused), AttentionPath::Fused);
     let composed = Some(AttentionPath::Composed);
-    assert_eq!(
-        AttentionPath::choose(composed, DiscreteGpu),
-        AttentionPath::Composed
-    );
+    assert_eq!(AttentionPath::choose(composed), AttentionPath::Composed);
 }
 
 /// Seconds per forward + backward of the fused kernels (at workgroup sizes 8 and 64) and of the

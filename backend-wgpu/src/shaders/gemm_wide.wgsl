@@ -27,12 +27,25 @@ fn gemm_wide(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id)
     let tx = l.x;
     let ty = l.y;
 
-    // acc[i][h]: row ty + 16 i, columns tx + 16 (4 h + lane).
-    var acc: array<array<vec4<f32>, 2>, 8>;
-    for (var i = 0u; i < 8u; i++) {
-        acc[i][0] = vec4<f32>(0.0);
-        acc[i][1] = vec4<f32>(0.0);
-    }
+    // accIH: row ty + 16 I of the block, columns tx + 16 (4 H + lane). Sixteen named vectors,
+    // not an array: with an array indexed in loops the kernel ran 5x slower than the 64 x 64
+    // one on an H200 (most likely the array went to local memory).
+    var acc00 = vec4<f32>(0.0);
+    var acc01 = vec4<f32>(0.0);
+    var acc10 = vec4<f32>(0.0);
+    var acc11 = vec4<f32>(0.0);
+    var acc20 = vec4<f32>(0.0);
+    var acc21 = vec4<f32>(0.0);
+    var acc30 = vec4<f32>(0.0);
+    var acc31 = vec4<f32>(0.0);
+    var acc40 = vec4<f32>(0.0);
+    var acc41 = vec4<f32>(0.0);
+    var acc50 = vec4<f32>(0.0);
+    var acc51 = vec4<f32>(0.0);
+    var acc60 = vec4<f32>(0.0);
+    var acc61 = vec4<f32>(0.0);
+    var acc70 = vec4<f32>(0.0);
+    var acc71 = vec4<f32>(0.0);
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
         workgroupBarrier();
         for (var s = 0u; s < 8u; s++) {
@@ -65,28 +78,64 @@ fn gemm_wide(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id)
                                tile_b[at + tx + 48u]);
             let b1 = vec4<f32>(tile_b[at + tx + 64u], tile_b[at + tx + 80u],
                                tile_b[at + tx + 96u], tile_b[at + tx + 112u]);
-            for (var i = 0u; i < 8u; i++) {
-                let av = tile_a[at + ty + 16u * i];
-                acc[i][0] += av * b0;
-                acc[i][1] += av * b1;
-            }
+            let a0 = tile_a[at + ty + 0u];
+            let a1 = tile_a[at + ty + 16u];
+            let a2 = tile_a[at + ty + 32u];
+            let a3 = tile_a[at + ty + 48u];
+            let a4 = tile_a[at + ty + 64u];
+            let a5 = tile_a[at + ty + 80u];
+            let a6 = tile_a[at + ty + 96u];
+            let a7 = tile_a[at + ty + 112u];
+            acc00 += a0 * b0;
+            acc01 += a0 * b1;
+            acc10 += a1 * b0;
+            acc11 += a1 * b1;
+            acc20 += a2 * b0;
+            acc21 += a2 * b1;
+            acc30 += a3 * b0;
+            acc31 += a3 * b1;
+            acc40 += a4 * b0;
+            acc41 += a4 * b1;
+            acc50 += a5 * b0;
+            acc51 += a5 * b1;
+            acc60 += a6 * b0;
+            acc61 += a6 * b1;
+            acc70 += a7 * b0;
+            acc71 += a7 * b1;
         }
     }
 
-    for (var i = 0u; i < 8u; i++) {
-        let row = row0 + ty + 16u * i;
-        if row < p.m {
-            for (var j = 0u; j < 8u; j++) {
-                let col = col0 + tx + 16u * j;
-                if col < p.n {
-                    let at = base_c + row * p.n + col;
-                    var x = p.alpha * acc[i][j / 4u][j % 4u];
-                    if p.beta != 0.0 {
-                        x += p.beta * c[at];
-                    }
-                    c[at] = x;
-                }
+    store_row8(base_c, row0 + ty + 0u, col0 + tx, acc00, acc01);
+    store_row8(base_c, row0 + ty + 16u, col0 + tx, acc10, acc11);
+    store_row8(base_c, row0 + ty + 32u, col0 + tx, acc20, acc21);
+    store_row8(base_c, row0 + ty + 48u, col0 + tx, acc30, acc31);
+    store_row8(base_c, row0 + ty + 64u, col0 + tx, acc40, acc41);
+    store_row8(base_c, row0 + ty + 80u, col0 + tx, acc50, acc51);
+    store_row8(base_c, row0 + ty + 96u, col0 + tx, acc60, acc61);
+    store_row8(base_c, row0 + ty + 112u, col0 + tx, acc70, acc71);
+}
+
+// Writes the in-range values of one row of the register block, columns col + 16 j (j < 8):
+// lo holds j < 4, hi the rest. With beta == 0 the old C is not read.
+fn store_row8(base_c: u32, row: u32, col: u32, lo: vec4<f32>, hi: vec4<f32>) {
+    if row >= p.m {
+        return;
+    }
+    for (var j = 0u; j < 8u; j++) {
+        let cj = col + 16u * j;
+        if cj < p.n {
+            let at = base_c + row * p.n + cj;
+            var v: f32;
+            if j < 4u {
+                v = lo[j];
+            } else {
+                v = hi[j - 4u];
             }
+            var x = p.alpha * v;
+            if p.beta != 0.0 {
+                x += p.beta * c[at];
+            }
+            c[at] = x;
         }
     }
 }
