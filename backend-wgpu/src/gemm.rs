@@ -1,4 +1,4 @@
-//! Strided-batched GEMM: two kernels and the choice between them.
+//! Strided-batched GEMM: three kernels and the choice between them.
 //!
 //! - [`GemmKernel::Register`] (`shaders/gemm.wgsl`): each invocation holds an 8 x 8 block of C in
 //!   registers and reads A and B straight from the storage buffers, with no workgroup memory
@@ -10,11 +10,15 @@
 //!   feeds 64 multiply-adds instead of 8.
 //! - [`GemmKernel::Wide`] (`shaders/gemm_wide.wgsl`): the tiled scheme with 128 x 128 blocks of C
 //!   and an 8 x 8 register block per invocation, twice the multiply-adds per staged value.
+//! - [`GemmKernel::Mixed`]: the wide kernel for single products (the Linear layers), the tiled
+//!   one for batched products (attention's, whose 197 x 197 items fill 128 x 128 blocks
+//!   poorly and come in fewer workgroups). On an H200 the wide kernel ran the Linear layers'
+//!   products up to 24 % faster and attention's up to 40 % slower (docs/results-gpu.md).
 //!
-//! The backend takes the tiled kernel on GPU adapters (discrete, integrated, virtual) and the
-//! register kernel on CPU adapters such as lavapipe; `MAE_WGPU_GEMM=tiled|wide|register`
-//! overrides that, and a device whose limits cannot hold a tiled kernel's workgroup gets the
-//! register kernel either way. Every kernel sums each value's k products in ascending order.
+//! The backend takes the mixed kernels on GPU adapters (discrete, integrated, virtual) and the
+//! register kernel on CPU adapters such as lavapipe; `MAE_WGPU_GEMM=mixed|tiled|wide|register`
+//! overrides that, and a device whose limits cannot hold a kernel's workgroup gets the next
+//! smaller one. Every kernel sums each value's k products in ascending order.
 //!
 //! A weight gradient (`dW = dY^T X`, A transposed) has few blocks of C and a long k, the batch's
 //! token count: on a GPU its few workgroups would each walk all of k while most of the device
@@ -46,11 +50,14 @@ pub enum GemmKernel {
     Tiled,
     /// Workgroup-shared 128 x 128 tiles (`shaders/gemm_wide.wgsl`): for GPUs.
     Wide,
+    /// [`GemmKernel::Wide`] for single products, [`GemmKernel::Tiled`] for batched ones: for
+    /// GPUs.
+    Mixed,
 }
 
 impl GemmKernel {
-    /// The kernel for an adapter: `requested` (from `MAE_WGPU_GEMM`) if given, else the tiled
-    /// kernel on anything but a CPU adapter; the next smaller kernel where the device's limits
+    /// The kernel for an adapter: `requested` (from `MAE_WGPU_GEMM`) if given, else the mixed
+    /// kernels on anything but a CPU adapter; the next smaller kernel where the device's limits
     /// cannot hold the one wanted.
     pub(crate) fn choose(
         requested: Option<GemmKernel>,
@@ -60,25 +67,39 @@ impl GemmKernel {
         let wanted = requested.unwrap_or(if device_type == wgpu::DeviceType::Cpu {
             GemmKernel::Register
         } else {
-            GemmKernel::Tiled
+            GemmKernel::Mixed
         });
         match wanted {
-            GemmKernel::Wide if wide_fits(limits) => GemmKernel::Wide,
-            GemmKernel::Wide | GemmKernel::Tiled if tiled_fits(limits) => GemmKernel::Tiled,
+            GemmKernel::Wide | GemmKernel::Mixed if wide_fits(limits) => wanted,
+            GemmKernel::Wide | GemmKernel::Mixed | GemmKernel::Tiled if tiled_fits(limits) => {
+                GemmKernel::Tiled
+            }
             _ => GemmKernel::Register,
         }
     }
 
-    /// Reads `MAE_WGPU_GEMM`: `tiled`, `register`, or unset for the adapter's default.
+    /// The kernel that runs `g`: [`GemmKernel::Mixed`] resolved by `g`'s batch, any other
+    /// kernel itself.
+    pub(crate) fn for_product(self, g: &Gemm) -> GemmKernel {
+        match self {
+            GemmKernel::Mixed if g.batch == 1 => GemmKernel::Wide,
+            GemmKernel::Mixed => GemmKernel::Tiled,
+            other => other,
+        }
+    }
+
+    /// Reads `MAE_WGPU_GEMM`: `mixed`, `tiled`, `wide`, `register`, or unset for the adapter's
+    /// default.
     pub(crate) fn from_env() -> BResult<Option<GemmKernel>> {
         match std::env::var("MAE_WGPU_GEMM") {
             Err(_) => Ok(None),
             Ok(v) if v == "tiled" => Ok(Some(GemmKernel::Tiled)),
             Ok(v) if v == "wide" => Ok(Some(GemmKernel::Wide)),
+            Ok(v) if v == "mixed" => Ok(Some(GemmKernel::Mixed)),
             Ok(v) if v == "register" => Ok(Some(GemmKernel::Register)),
             Ok(v) => Err(BackendError::new(
                 BackendErrorKind::Unsupported,
-                format!("MAE_WGPU_GEMM={v:?}: expected `tiled`, `wide` or `register`"),
+                format!("MAE_WGPU_GEMM={v:?}: expected `mixed`, `tiled`, `wide` or `register`"),
             )),
         }
     }
@@ -124,15 +145,15 @@ pub(crate) fn gemm_with(
         return Ok(());
     }
     let (trans_a, trans_b) = (g.trans_a, g.trans_b);
-    let (kernel, tile) = match which {
+    let (kernel, tile) = match which.for_product(g) {
         GemmKernel::Register => (Kernel::Gemm { trans_a, trans_b }, TILE),
         GemmKernel::Tiled => (Kernel::GemmTiled { trans_a, trans_b }, TILE),
-        GemmKernel::Wide => (Kernel::GemmWide { trans_a, trans_b }, WIDE_TILE),
+        _ => (Kernel::GemmWide { trans_a, trans_b }, WIDE_TILE),
     };
     let grid = [word(g.n.div_ceil(tile))?, word(g.m.div_ceil(tile))?];
     let splits = match which {
         GemmKernel::Register => 1,
-        GemmKernel::Tiled | GemmKernel::Wide => k_splits(g, tile),
+        _ => k_splits(g, tile),
     };
     if splits > 1 {
         return split_along_k(be, kernel, grid, g, splits, [a, b], c);

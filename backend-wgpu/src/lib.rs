@@ -11,12 +11,13 @@
 //!   [`Backend::sync`] do.
 //! - Pipelines are compiled on first use and cached (`kernel.rs`). Each launch gets its scalar
 //!   parameters in a small uniform block.
-//! - GEMM has three kernels ([`GemmKernel`], `gemm.rs`): on GPUs, 64 x 64 tiles of C per
-//!   workgroup with A and B staged in workgroup memory and a 4 x 4 register block per invocation
-//!   (`shaders/gemm_tiled.wgsl`), or 128 x 128 tiles with 8 x 8 per invocation
-//!   (`shaders/gemm_wide.wgsl`); on CPU adapters such as lavapipe, where barriers are slow, an
-//!   8 x 8 register block per invocation without workgroup memory (`shaders/gemm.wgsl`).
-//!   `MAE_WGPU_GEMM=tiled|wide|register` overrides the choice.
+//! - GEMM has three kernels ([`GemmKernel`], `gemm.rs`): on GPUs, 128 x 128 tiles of C per
+//!   workgroup with A and B staged in workgroup memory and an 8 x 8 register block per
+//!   invocation for single products (`shaders/gemm_wide.wgsl`), 64 x 64 tiles with 4 x 4 per
+//!   invocation for batched ones (`shaders/gemm_tiled.wgsl`), weight gradients split along k;
+//!   on CPU adapters such as lavapipe, where barriers are slow, an 8 x 8 register block per
+//!   invocation without workgroup memory (`shaders/gemm.wgsl`).
+//!   `MAE_WGPU_GEMM=mixed|tiled|wide|register` overrides the choice.
 //! - Fused ops: `bias_gelu_forward` is one pass (bitwise the two-op default), and attention can
 //!   be fused ([`AttentionPath`], `attention.rs`): an online-softmax forward that keeps one
 //!   log-sum-exp per score row instead of the `[tokens, tokens]` probabilities, and a
@@ -155,8 +156,9 @@ impl WgpuBackend {
         })
     }
 
-    /// The GEMM kernel in use: [`GemmKernel::Tiled`] on GPUs, [`GemmKernel::Register`] on CPU
-    /// adapters such as lavapipe (`MAE_WGPU_GEMM=tiled|register` overrides).
+    /// The GEMM kernel in use: [`GemmKernel::Mixed`] on GPUs (where the limits hold it),
+    /// [`GemmKernel::Register`] on CPU adapters such as lavapipe
+    /// (`MAE_WGPU_GEMM=mixed|tiled|wide|register` overrides).
     pub fn gemm_kernel(&self) -> GemmKernel {
         self.gemm_kernel
     }

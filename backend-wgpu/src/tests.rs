@@ -612,6 +612,16 @@ fn the_gemm_kernel_follows_the_adapter_and_the_limits() {
         ),
         GemmKernel::Wide
     );
+    assert_eq!(
+        GemmKernel::choose(None, wgpu::DeviceType::DiscreteGpu, &roomy),
+        GemmKernel::Mixed
+    );
+    // Mixed: the wide kernel for single products, the tiled one for batched ones.
+    let single = Gemm::new(300, 200, 100);
+    let batched = single.batched(2, 0, 0, 300 * 200);
+    assert_eq!(GemmKernel::Mixed.for_product(&single), GemmKernel::Wide);
+    assert_eq!(GemmKernel::Mixed.for_product(&batched), GemmKernel::Tiled);
+    assert_eq!(GemmKernel::Tiled.for_product(&single), GemmKernel::Tiled);
     let small = wgpu::Limits {
         max_compute_workgroup_storage_size: 4096,
         ..wgpu::Limits::default()
