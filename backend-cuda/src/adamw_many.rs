@@ -75,14 +75,13 @@ pub(crate) fn table(entries: &[Entry]) -> (Vec<u64>, u64) {
 
 impl CudaBackend {
     /// [`mae::backend::Backend::adamw_many`]: one upload of the table, one launch.
-    pub(crate) fn adamw_in_one_launch(
+    pub(crate) fn adamw_in_one_launch<'a>(
         &self,
-        tensors: &mut [AdamWTensor<'_, CudaBuf>],
+        tensors: impl Iterator<Item = AdamWTensor<'a, CudaBuf>>,
     ) -> BResult<()> {
         let entries = tensors
-            .iter_mut()
             .enumerate()
-            .map(|(k, t)| self.entry(k, t))
+            .map(|(k, mut t)| self.entry(k, &mut t))
             .collect::<BResult<Vec<_>>>()?;
         let (table, chunks) = table(&entries);
         let Some(cfg) = launch::per_block(chunks) else {

@@ -956,7 +956,13 @@ impl Backend for CudaBackend {
         self.launch(Kernel::AdamW, elementwise(n as u64), &args)
     }
 
-    fn adamw_many(&self, tensors: &mut [mae::backend::AdamWTensor<'_, CudaBuf>]) -> BResult<()> {
+    fn adamw_many<'a>(
+        &self,
+        tensors: impl Iterator<Item = mae::backend::AdamWTensor<'a, CudaBuf>>,
+    ) -> BResult<()>
+    where
+        CudaBuf: 'a,
+    {
         self.adamw_in_one_launch(tensors)
     }
 }

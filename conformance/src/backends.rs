@@ -498,7 +498,7 @@ pub mod run {
             .map(|t| [up(b, &t.param), up(b, &t.grad), up(b, &t.m), up(b, &t.v)])
             .collect();
         if one_op {
-            let mut all: Vec<AdamWTensor<'_, B::Buf>> = bufs
+            let all = bufs
                 .iter_mut()
                 .zip(tensors)
                 .map(|([param, grad, m, v], t)| AdamWTensor {
@@ -507,9 +507,8 @@ pub mod run {
                     m,
                     v,
                     step: t.step,
-                })
-                .collect();
-            ok(b, b.adamw_many(&mut all), "adamw_many");
+                });
+            ok(b, b.adamw_many(all), "adamw_many");
         } else {
             for ([p, g, m, v], t) in bufs.iter_mut().zip(tensors) {
                 if let Some(s) = &t.step {

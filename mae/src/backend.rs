@@ -745,8 +745,17 @@ pub trait Backend {
     ///
     /// The default is exactly that composition; backends override it to update every tensor in
     /// one launch instead of two per tensor.
-    fn adamw_many(&self, tensors: &mut [AdamWTensor<'_, Self::Buf>]) -> BResult<()> {
-        for t in tensors.iter_mut() {
+    ///
+    /// The tensors come as an iterator, so that a caller need not collect them into a list on
+    /// every step.
+    fn adamw_many<'a>(
+        &self,
+        tensors: impl Iterator<Item = AdamWTensor<'a, Self::Buf>>,
+    ) -> BResult<()>
+    where
+        Self::Buf: 'a,
+    {
+        for t in tensors {
             if let Some(step) = &t.step {
                 self.adamw(t.param, t.grad, t.m, t.v, step)?;
             }

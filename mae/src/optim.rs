@@ -3,7 +3,6 @@
 use crate::backend::{AdamWStep, AdamWTensor, Backend};
 use crate::config::ConfigError;
 use crate::params::Role;
-use alloc::vec::Vec;
 
 /// AdamW hyper-parameters other than the learning rate (the paper's Table 7 by default).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -140,27 +139,27 @@ pub(crate) fn adamw_update<'a, B: Backend + 'a>(
         }
         .into());
     }
-    let mut all: Vec<AdamWTensor<'a, B::Buf>> = tensors
-        .map(|(((param, grad), (m, v)), (role, factor))| {
-            let trains = factor > 0.0 && role != Role::Fixed;
-            let update = trains.then(|| {
-                let wd = if role == Role::Decayed {
-                    h.weight_decay
-                } else {
-                    0.0
-                };
-                AdamWStep::new(lr * factor, h.beta1, h.beta2, h.eps, wd, step)
-            });
-            AdamWTensor {
-                param,
-                grad,
-                m,
-                v,
-                step: update,
-            }
-        })
-        .collect();
-    b.adamw_many(&mut all)?;
+    // An iterator, not a collected list: steps after the first allocate nothing on the host
+    // (conformance/tests/alloc.rs).
+    let all = tensors.map(|(((param, grad), (m, v)), (role, factor))| {
+        let trains = factor > 0.0 && role != Role::Fixed;
+        let update = trains.then(|| {
+            let wd = if role == Role::Decayed {
+                h.weight_decay
+            } else {
+                0.0
+            };
+            AdamWStep::new(lr * factor, h.beta1, h.beta2, h.eps, wd, step)
+        });
+        AdamWTensor {
+            param,
+            grad,
+            m,
+            v,
+            step: update,
+        }
+    });
+    b.adamw_many(all)?;
     Ok(())
 }
 

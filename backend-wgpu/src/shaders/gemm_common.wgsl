@@ -55,3 +55,22 @@ fn load_b(base: u32, kk: u32, col: u32) -> f32 {
     }
     return stored_b(base, kk, col);
 }
+
+// The staging of the tiled kernels' steps along k: each of a workgroup's invocations loads
+// elements e, e + THREADS, ... of a step's `bm` x 16 tile of op(A) and 16 x `bm` tile of
+// op(B), with consecutive e at consecutive addresses of whichever layout A and B are stored in.
+// (row, kk) of element e of the op(A) tile:
+fn staged_a(e: u32, bm: u32) -> vec2<u32> {
+    if TRANS_A {
+        return vec2<u32>(e % bm, e / bm);
+    }
+    return vec2<u32>(e / 16u, e % 16u);
+}
+
+// (kk, col) of element e of the op(B) tile.
+fn staged_b(e: u32, bm: u32) -> vec2<u32> {
+    if TRANS_B {
+        return vec2<u32>(e % 16u, e / 16u);
+    }
+    return vec2<u32>(e / bm, e % bm);
+}

@@ -50,26 +50,10 @@ fn gemm_wide(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id)
         workgroupBarrier();
         for (var s = 0u; s < 8u; s++) {
             let e = lid + s * THREADS;
-            var ra: u32;
-            var ka: u32;
-            if TRANS_A {
-                ra = e % BM;
-                ka = e / BM;
-            } else {
-                ka = e % BK;
-                ra = e / BK;
-            }
-            tile_a[ka * TS + ra] = load_a(base_a, row0 + ra, k0 + ka);
-            var cb: u32;
-            var kb: u32;
-            if TRANS_B {
-                kb = e % BK;
-                cb = e / BK;
-            } else {
-                cb = e % BM;
-                kb = e / BM;
-            }
-            tile_b[kb * TS + cb] = load_b(base_b, k0 + kb, col0 + cb);
+            let a_at = staged_a(e, BM);
+            tile_a[a_at.y * TS + a_at.x] = load_a(base_a, row0 + a_at.x, k0 + a_at.y);
+            let b_at = staged_b(e, BM);
+            tile_b[b_at.x * TS + b_at.y] = load_b(base_b, k0 + b_at.x, col0 + b_at.y);
         }
         workgroupBarrier();
         for (var kk = 0u; kk < BK; kk++) {
