@@ -56,7 +56,7 @@ pub(crate) fn sum_columns(
     be: &WgpuBackend,
     src: &Buf,
     view: RowView,
-    acc: &Buf,
+    acc: &mut Buf,
     acc_at: usize,
 ) -> BResult<()> {
     if view.rows == 0 || view.cols == 0 {
@@ -83,8 +83,8 @@ pub(crate) fn sum_columns(
 pub(crate) fn layernorm_params(
     be: &WgpuBackend,
     [dy, x, mean, rstd]: [&Buf; 4],
-    dgamma: &Buf,
-    dbeta: &Buf,
+    dgamma: &mut Buf,
+    dbeta: &mut Buf,
     rows: usize,
     cols: usize,
 ) -> BResult<()> {
