@@ -145,16 +145,20 @@ pub(crate) fn gemm_with(
         return Ok(());
     }
     let (trans_a, trans_b) = (g.trans_a, g.trans_b);
-    let (kernel, tile) = match which.for_product(g) {
-        GemmKernel::Register => (Kernel::Gemm { trans_a, trans_b }, TILE),
-        GemmKernel::Tiled => (Kernel::GemmTiled { trans_a, trans_b }, TILE),
-        _ => (Kernel::GemmWide { trans_a, trans_b }, WIDE_TILE),
+    let (kernel, tile, splits) = match which.for_product(g) {
+        GemmKernel::Register => (Kernel::Gemm { trans_a, trans_b }, TILE, 1),
+        GemmKernel::Tiled => (
+            Kernel::GemmTiled { trans_a, trans_b },
+            TILE,
+            k_splits(g, TILE),
+        ),
+        _ => (
+            Kernel::GemmWide { trans_a, trans_b },
+            WIDE_TILE,
+            k_splits(g, WIDE_TILE),
+        ),
     };
     let grid = [word(g.n.div_ceil(tile))?, word(g.m.div_ceil(tile))?];
-    let splits = match which {
-        GemmKernel::Register => 1,
-        _ => k_splits(g, tile),
-    };
     if splits > 1 {
         return split_along_k(be, kernel, grid, g, splits, [a, b], c);
     }
@@ -200,10 +204,10 @@ pub(crate) fn k_splits(g: &Gemm, tile: usize) -> usize {
     }
     let blocks = g.m.div_ceil(tile) * g.n.div_ceil(tile);
     let mut splits = 1;
+    // BUSY_BLOCKS bounds the slices far below MAX_GROUPS, the batch one launch holds.
     while blocks * splits < BUSY_BLOCKS
         && g.k % (2 * splits) == 0
         && g.k / (2 * splits) >= MIN_SLICE
-        && splits < MAX_GROUPS as usize / 2
     {
         splits *= 2;
     }
