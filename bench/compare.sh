@@ -11,6 +11,12 @@
 #   MAE_CPU_THREADS  threads for both programs (default 2; also sets MATMUL_NUM_THREADS for the
 #                    GEMM and torch.set_num_threads)
 #   SECONDS_PER_RUN  timing window of each phase (default 10)
+#   ROUNDS           how many times each program runs per case, alternating (default 3)
+#
+# A shared VM's speed drifts by tens of percent within minutes (other tenants' load), so one
+# run of each program can compare two different machines. The rounds alternate the programs,
+# and the summary line gives, per phase, the median of the rounds' ratios (each one of two
+# neighbouring runs) and the ratio of each program's best run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +24,7 @@ cases=("$@")
 [ ${#cases[@]} -eq 0 ] && cases=(tiny32 small64 base224)
 threads="${MAE_CPU_THREADS:-2}"
 seconds="${SECONDS_PER_RUN:-10}"
+rounds="${ROUNDS:-3}"
 venv="${MAE_TORCH_VENV:-bench/.venv}"
 
 if [ ! -x "$venv/bin/python" ]; then
@@ -37,20 +44,33 @@ bench="${CARGO_TARGET_DIR:-target}/release/bench"
 export MAE_CPU_THREADS="$threads" MATMUL_NUM_THREADS="$threads"
 echo "== $(nproc) CPUs, load average: $(cut -d' ' -f1-3 /proc/loadavg), threads $threads" >&2
 for case in "${cases[@]}"; do
-    ours=$("$bench" --case "$case" --seconds "$seconds")
-    torch=$("$venv/bin/python" bench/torch_reference.py --case "$case" --seconds "$seconds" \
-        --threads "$threads")
-    echo "$ours"
-    echo "$torch"
-    python3 - "$ours" "$torch" <<'PY'
-import json, sys
-a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-line = f"{a['case']}: train {a['train_img_s']:.2f} vs {b['train_img_s']:.2f} img/s " \
-       f"= {a['train_img_s'] / b['train_img_s']:.2f}x, " \
-       f"embed {a['embed_img_s']:.2f} vs {b['embed_img_s']:.2f} img/s " \
-       f"= {a['embed_img_s'] / b['embed_img_s']:.2f}x"
-if "train_peak_rss_mb" in a and "train_peak_rss_mb" in b:
-    line += f", training peak RSS {a['train_peak_rss_mb']:.0f} vs {b['train_peak_rss_mb']:.0f} MiB"
+    lines=()
+    for _ in $(seq "$rounds"); do
+        ours=$("$bench" --case "$case" --seconds "$seconds")
+        torch=$("$venv/bin/python" bench/torch_reference.py --case "$case" --seconds "$seconds" \
+            --threads "$threads")
+        echo "$ours"
+        echo "$torch"
+        lines+=("$ours" "$torch")
+    done
+    python3 - "${lines[@]}" <<'PY'
+import json, statistics, sys
+runs = [json.loads(line) for line in sys.argv[1:]]
+ours, torch = runs[0::2], runs[1::2]
+case = ours[0]["case"]
+parts = []
+for phase in ("train", "embed"):
+    key = f"{phase}_img_s"
+    ratios = [a[key] / b[key] for a, b in zip(ours, torch)]
+    best_a, best_b = max(a[key] for a in ours), max(b[key] for b in torch)
+    parts.append(
+        f"{phase} {best_a:.2f} vs {best_b:.2f} img/s (best runs) = {best_a / best_b:.2f}x, "
+        f"median of {len(ratios)} paired ratios {statistics.median(ratios):.2f}x "
+        f"({', '.join(f'{r:.2f}' for r in ratios)})")
+line = f"{case}: " + "; ".join(parts)
+if all("train_peak_rss_mb" in r for r in runs):
+    line += (f"; training peak RSS {max(a['train_peak_rss_mb'] for a in ours):.0f} vs "
+             f"{max(b['train_peak_rss_mb'] for b in torch):.0f} MiB")
 print(line)
 PY
 done
