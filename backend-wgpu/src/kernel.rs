@@ -71,7 +71,10 @@ impl Family {
                 include_str!("shaders/row_group.wgsl"),
                 include_str!("shaders/activation.wgsl")
             ),
-            Family::Loss => include_str!("shaders/loss.wgsl"),
+            Family::Loss => concat!(
+                include_str!("shaders/row_group.wgsl"),
+                include_str!("shaders/loss.wgsl")
+            ),
             Family::AdamW => include_str!("shaders/adamw.wgsl"),
         }
     }
@@ -142,6 +145,9 @@ pub(crate) enum Kernel {
     GeluBackward,
     SoftmaxForward,
     SoftmaxBackward,
+    /// Each row's mean squared error, one invocation or one workgroup per row (`per_row.rs`).
+    MseRows,
+    MseRowsGroup,
     MseForward,
     MseCoefficient,
     MseBackward,
@@ -208,7 +214,9 @@ impl Kernel {
             Kernel::SoftmaxBackwardGroup => {
                 (Family::Activation, "softmax_backward_group", &[R, R, W])
             }
-            Kernel::MseForward => (Family::Loss, "mse_forward", &[R, R, R, W]),
+            Kernel::MseRows => (Family::Loss, "mse_rows", &[R, R, W]),
+            Kernel::MseRowsGroup => (Family::Loss, "mse_rows_group", &[R, R, W]),
+            Kernel::MseForward => (Family::Loss, "mse_forward", &[R, R, W]),
             Kernel::MseCoefficient => (Family::Loss, "mse_coefficient", &[R, W]),
             Kernel::MseBackward => (Family::Loss, "mse_backward", &[R, R, R, R, W]),
             Kernel::AdamW => (Family::AdamW, "adamw", &[W, R, W, W]),

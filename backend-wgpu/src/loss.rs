@@ -1,6 +1,8 @@
 //! The masked MSE loss (`shaders/loss.wgsl`).
 
+use crate::buffer;
 use crate::kernel::{grid_1d, word, Kernel};
+use crate::per_row::launch_rows;
 use crate::{Buf, WgpuBackend};
 use mae::backend::BResult;
 
@@ -9,7 +11,9 @@ fn params(rows: usize, cols: usize, d_loss: f32) -> BResult<[u32; 3]> {
     Ok([word(rows)?, word(cols)?, d_loss.to_bits()])
 }
 
-/// One workgroup reduces everything (see the shader), so the launch is a single group.
+/// Each row's mean squared error into a scratch buffer (in parallel over rows), then one
+/// workgroup adds the masked errors. The first version was that workgroup alone, each of its
+/// invocations walking whole rows: 11 ms a call on an H200 (docs/results-gpu.md).
 pub(crate) fn masked_mse_forward(
     be: &WgpuBackend,
     pred: &Buf,
@@ -19,16 +23,25 @@ pub(crate) fn masked_mse_forward(
     rows: usize,
     cols: usize,
 ) -> BResult<()> {
+    let p = params(rows, cols, 0.0)?;
+    let row_err: Buf = buffer::alloc(&be.gpu, rows)?;
+    launch_rows(
+        be,
+        Kernel::MseRows,
+        &p,
+        &[&pred.raw, &target.raw, &row_err.raw],
+        rows,
+    )?;
     be.launch(
         Kernel::MseForward,
-        &params(rows, cols, 0.0)?,
-        &[&pred.raw, &target.raw, &mask.raw, &loss.raw],
+        &p,
+        &[&row_err.raw, &mask.raw, &loss.raw],
         [1, 1, 1],
     )
 }
 
-/// The coefficient `d_loss * 2 / (cols * sum(mask))` goes through a one-float scratch buffer,
-/// then every element is updated in parallel.
+/// The coefficient `d_loss * 2 / (cols * sum(mask))` goes through a one-float scratch buffer
+/// (one workgroup sums the mask), then every element is updated in parallel.
 pub(crate) fn masked_mse_backward(
     be: &WgpuBackend,
     pred: &Buf,

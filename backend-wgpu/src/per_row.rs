@@ -1,5 +1,5 @@
 //! The row kernels (LayerNorm forward and its `dx`, the norm-pix target, softmax forward and
-//! backward) in two variants, and the choice between them.
+//! backward, the loss's per-row errors) in two variants, and the choice between them.
 //!
 //! - [`RowKernel::Invocation`]: one invocation walks a whole row, in order. No workgroup memory
 //!   and no barriers, which suits CPU adapters such as lavapipe, where each invocation is a SIMD
@@ -61,6 +61,7 @@ fn workgroup_variant(kernel: Kernel) -> Kernel {
         Kernel::NormalizeRows => Kernel::NormalizeRowsGroup,
         Kernel::SoftmaxForward => Kernel::SoftmaxForwardGroup,
         Kernel::SoftmaxBackward => Kernel::SoftmaxBackwardGroup,
+        Kernel::MseRows => Kernel::MseRowsGroup,
         other => other,
     }
 }

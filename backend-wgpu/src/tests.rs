@@ -83,6 +83,8 @@ fn every_kernel_compiles() {
         Kernel::GeluBackward,
         Kernel::SoftmaxForward,
         Kernel::SoftmaxBackward,
+        Kernel::MseRows,
+        Kernel::MseRowsGroup,
         Kernel::MseForward,
         Kernel::MseCoefficient,
         Kernel::MseBackward,
@@ -1008,5 +1010,57 @@ fn workgroup_row_kernels_cover_more_than_65535_rows() {
             mag,
             8.0,
         );
+    }
+}
+
+/// The masked MSE loss and its gradient with both variants of the per-row errors, against f64:
+/// rows of one value to 768, fewer rows than one workgroup's invocations and more than 65,535
+/// (the mask's sums once walked every row in one invocation, which llvmpipe stops after 65,535
+/// iterations), and the forward bitwise the same on a second run.
+#[test]
+fn masked_mse_matches_f64_with_either_row_kernel() {
+    let Some((single, group)) = row_kernel_backends() else {
+        return;
+    };
+    for (rows, cols) in [(1, 1), (3, 768), (300, 7), (65_535 + 70, 3)] {
+        let pred = row_values(rows * cols, 0.731, 0.5);
+        let target = row_values(rows * cols, 0.417, -0.25);
+        // Every third row masked out, so the sums of the mask and of the errors differ.
+        let mask: Vec<f32> = (0..rows).map(|r| f32::from(r % 3 != 1)).collect();
+        let (p64, t64) = (f64s(&pred), f64s(&target));
+        let (mut num, mut den) = (0.0f64, 0.0f64);
+        for r in 0..rows {
+            let sse: f64 = (0..cols)
+                .map(|c| (p64[r * cols + c] - t64[r * cols + c]).powi(2))
+                .sum();
+            num += f64::from(mask[r]) * sse / cols as f64;
+            den += f64::from(mask[r]);
+        }
+        let (want_loss, d_loss) = (num / den, 0.5f32);
+        let coef = f64::from(d_loss) * 2.0 / (cols as f64 * den);
+        let want_grad: Vec<f64> = (0..rows * cols)
+            .map(|i| coef * f64::from(mask[i / cols]) * (p64[i] - t64[i]))
+            .collect();
+        let grad_mag: Vec<f64> = want_grad.iter().map(|g| g.abs()).collect();
+        for (name, be) in [("invocation", &single), ("workgroup", &group)] {
+            let up = |v: &[f32]| be.upload(v).unwrap();
+            let (pb, tb, mb) = (up(&pred), up(&target), up(&mask));
+            let mut loss = up(&[f32::NAN]);
+            let mut runs = Vec::new();
+            for _ in 0..2 {
+                be.masked_mse_forward(&pb, &tb, &mb, &mut loss, rows, cols)
+                    .unwrap();
+                runs.push(down(be, &loss)[0]);
+            }
+            let what = format!("{name} loss ({rows} x {cols})");
+            assert_close(&what, &runs[..1], &[want_loss], &[want_loss], 32.0);
+            assert_eq!(runs[0].to_bits(), runs[1].to_bits(), "repeat {what}");
+            let mut d_pred = up(&vec![0.0; rows * cols]);
+            be.masked_mse_backward(&pb, &tb, &mb, &mut d_pred, rows, cols, d_loss)
+                .unwrap();
+            let what = format!("{name} d_pred ({rows} x {cols})");
+            let got = down(be, &d_pred);
+            assert_close(&what, &got, &want_grad, &grad_mag, 32.0);
+        }
     }
 }
