@@ -102,8 +102,7 @@ fn gemm(@builtin(global_invocation_id) gid: vec3<u32>) {
     store_row(base_c, row0 + 7u, col0, lo7, hi7);
 }
 
-// Writes the in-range part of one row of a block. With beta == 0 the old C is not read, so a
-// NaN there does not leak into the result.
+// Writes the in-range part of one row of a block.
 fn store_row(base_c: u32, row: u32, col0: u32, lo: vec4<f32>, hi: vec4<f32>) {
     if row >= p.m {
         return;
@@ -111,17 +110,11 @@ fn store_row(base_c: u32, row: u32, col0: u32, lo: vec4<f32>, hi: vec4<f32>) {
     for (var j = 0u; j < 8u; j++) {
         let col = col0 + j;
         if col < p.n {
-            let at = base_c + row * p.n + col;
-            var v: f32;
             if j < 4u {
-                v = p.alpha * lo[j];
+                store_c(base_c + row * p.n + col, lo[j]);
             } else {
-                v = p.alpha * hi[j - 4u];
+                store_c(base_c + row * p.n + col, hi[j - 4u]);
             }
-            if p.beta != 0.0 {
-                v += p.beta * c[at];
-            }
-            c[at] = v;
         }
     }
 }

@@ -1,6 +1,6 @@
-// What both GEMM kernels (gemm.wgsl, gemm_tiled.wgsl) share: the transposes as override
-// constants, the parameters (mae::backend::Gemm, as gemm.rs writes them), the
-// bindings, and element access to op(A) and op(B) of one batch item.
+// What the GEMM kernels (gemm.wgsl, gemm_tiled.wgsl, gemm_wide.wgsl) share: the transposes as
+// override constants, the parameters (mae::backend::Gemm, as gemm.rs writes them), the
+// bindings, element access to op(A) and op(B) of one batch item, and the store to C.
 
 override TRANS_A: bool = false;
 override TRANS_B: bool = false;
@@ -73,4 +73,14 @@ fn staged_b(e: u32, bm: u32) -> vec2<u32> {
         return vec2<u32>(e % 16u, e / 16u);
     }
     return vec2<u32>(e / bm, e % bm);
+}
+
+// C[at] = alpha v + beta C[at]. With beta == 0 the old C is not read, so a NaN there does not
+// leak into the result.
+fn store_c(at: u32, v: f32) {
+    var x = p.alpha * v;
+    if p.beta != 0.0 {
+        x += p.beta * c[at];
+    }
+    c[at] = x;
 }

@@ -78,8 +78,7 @@ fn gemm_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
     store_row(base_c, row0 + ty + 48u, col0 + tx, acc3);
 }
 
-// Writes the in-range values of one row of the register block, columns col + 16 j. With
-// beta == 0 the old C is not read, so a NaN there does not leak into the result.
+// Writes the in-range values of one row of the register block, columns col + 16 j.
 fn store_row(base_c: u32, row: u32, col: u32, v: vec4<f32>) {
     if row >= p.m {
         return;
@@ -87,12 +86,7 @@ fn store_row(base_c: u32, row: u32, col: u32, v: vec4<f32>) {
     for (var j = 0u; j < 4u; j++) {
         let cj = col + 16u * j;
         if cj < p.n {
-            let at = base_c + row * p.n + cj;
-            var x = p.alpha * v[j];
-            if p.beta != 0.0 {
-                x += p.beta * c[at];
-            }
-            c[at] = x;
+            store_c(base_c + row * p.n + cj, v[j]);
         }
     }
 }

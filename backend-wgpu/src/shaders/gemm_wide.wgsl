@@ -100,7 +100,7 @@ fn gemm_wide(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id)
 }
 
 // Writes the in-range values of one row of the register block, columns col + 16 j (j < 8):
-// lo holds j < 4, hi the rest. With beta == 0 the old C is not read.
+// lo holds j < 4, hi the rest.
 fn store_row8(base_c: u32, row: u32, col: u32, lo: vec4<f32>, hi: vec4<f32>) {
     if row >= p.m {
         return;
@@ -108,18 +108,11 @@ fn store_row8(base_c: u32, row: u32, col: u32, lo: vec4<f32>, hi: vec4<f32>) {
     for (var j = 0u; j < 8u; j++) {
         let cj = col + 16u * j;
         if cj < p.n {
-            let at = base_c + row * p.n + cj;
-            var v: f32;
             if j < 4u {
-                v = lo[j];
+                store_c(base_c + row * p.n + cj, lo[j]);
             } else {
-                v = hi[j - 4u];
+                store_c(base_c + row * p.n + cj, hi[j - 4u]);
             }
-            var x = p.alpha * v;
-            if p.beta != 0.0 {
-                x += p.beta * c[at];
-            }
-            c[at] = x;
         }
     }
 }
