@@ -10,26 +10,87 @@ use mae::backend::AdamWStep;
 pub(crate) fn adamw(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], s: &AdamWStep) {
     let n = param.len();
     let (grad, m, v) = (&grad[..n], &mut m[..n], &mut v[..n]);
-    let decay = 1.0 - s.lr * s.weight_decay;
-    let (b1, b2) = (s.beta1, s.beta2);
-    let (one_minus_b1, one_minus_b2) = (1.0 - b1, 1.0 - b2);
-    let step_size = s.lr / s.bias_correction1;
-    let bc2_sqrt = s.bias_correction2.sqrt();
+    let k = Scalars::of(s);
     crate::pool::chunks3(
         n.div_ceil(GRAIN),
         (param, GRAIN),
         (m, GRAIN),
         (v, GRAIN),
         |i, pc, mc, vc| {
-            let g = &grad[i * GRAIN..i * GRAIN + pc.len()];
-            for (((p, &g), m), v) in pc.iter_mut().zip(g).zip(mc.iter_mut()).zip(vc.iter_mut()) {
-                *p *= decay;
-                *m = b1 * *m + one_minus_b1 * g;
-                *v = b2 * *v + one_minus_b2 * g * g;
-                *p -= step_size * *m / (v.sqrt() / bc2_sqrt + s.eps);
-            }
+            crate::fastmath::wide(
+                #[inline(always)]
+                || k.update(pc, &grad[i * GRAIN..i * GRAIN + pc.len()], mc, vc),
+            )
         },
     );
+}
+
+/// [`adamw`], then `grad = 0`, chunk by chunk: each gradient chunk is zeroed while it is still
+/// in cache from the update, which saves the separate pass over every gradient that a step's
+/// `fill` was (the CPU's `adamw_many`).
+pub(crate) fn adamw_then_zero_grad(
+    param: &mut [f32],
+    grad: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    s: &AdamWStep,
+) {
+    let n = param.len();
+    let (grad, m, v) = (&mut grad[..n], &mut m[..n], &mut v[..n]);
+    let k = Scalars::of(s);
+    crate::pool::zip_chunks(
+        n.div_ceil(GRAIN),
+        [(param, GRAIN), (grad, GRAIN), (m, GRAIN), (v, GRAIN)],
+        |_, [pc, gc, mc, vc]| {
+            crate::fastmath::wide(
+                #[inline(always)]
+                || {
+                    k.update(pc, gc, mc, vc);
+                    gc.fill(0.0);
+                },
+            )
+        },
+    );
+}
+
+/// The per-step scalars of one tensor's update.
+struct Scalars {
+    decay: f32,
+    b1: f32,
+    b2: f32,
+    one_minus_b1: f32,
+    one_minus_b2: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+    eps: f32,
+}
+
+impl Scalars {
+    fn of(s: &AdamWStep) -> Scalars {
+        Scalars {
+            decay: 1.0 - s.lr * s.weight_decay,
+            b1: s.beta1,
+            b2: s.beta2,
+            one_minus_b1: 1.0 - s.beta1,
+            one_minus_b2: 1.0 - s.beta2,
+            step_size: s.lr / s.bias_correction1,
+            bc2_sqrt: s.bias_correction2.sqrt(),
+            eps: s.eps,
+        }
+    }
+
+    /// The update of one chunk (all four of one length). Callers run it inside
+    /// [`crate::fastmath::wide`]: eight-wide square roots and divisions, and the same bits, as
+    /// every operation is a correctly rounded IEEE one (no FMA contraction).
+    #[inline(always)]
+    fn update(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            *p *= self.decay;
+            *m = self.b1 * *m + self.one_minus_b1 * g;
+            *v = self.b2 * *v + self.one_minus_b2 * g * g;
+            *p -= self.step_size * *m / (v.sqrt() / self.bc2_sqrt + self.eps);
+        }
+    }
 }
 
 #[cfg(test)]

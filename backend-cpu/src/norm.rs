@@ -3,6 +3,7 @@
 //! Row statistics are two-pass (mean, then squared deviations from it) in `f64`: the one-pass
 //! `E[x^2] - E[x]^2` form loses most digits when a row's mean is large against its spread.
 
+use crate::fastmath::wide;
 use crate::pool::{chunks1, chunks2, chunks3, rows_per_chunk};
 use crate::reduce::{col_block, fold1, fold2, fold3, sum, COL_BLOCK};
 
@@ -43,18 +44,23 @@ pub(crate) fn layernorm_forward(
         (mean, rpc),
         (rstd, rpc),
         |i, yc, mc, rc| {
-            for (r, yr) in yc.chunks_exact_mut(cols).enumerate() {
-                let row = i * rpc + r;
-                let xr = &x[row * cols..(row + 1) * cols];
-                let (m, ssd) = mean_and_ssd(xr);
-                let var = ssd / cols as f64;
-                let (m, rs) = (m as f32, (1.0 / (var + eps as f64).sqrt()) as f32);
-                mc[r] = m;
-                rc[r] = rs;
-                for (((o, &v), &g), &b) in yr.iter_mut().zip(xr).zip(gamma).zip(beta) {
-                    *o = (v - m) * rs * g + b;
-                }
-            }
+            wide(
+                #[inline(always)]
+                || {
+                    for (r, yr) in yc.chunks_exact_mut(cols).enumerate() {
+                        let row = i * rpc + r;
+                        let xr = &x[row * cols..(row + 1) * cols];
+                        let (m, ssd) = mean_and_ssd(xr);
+                        let var = ssd / cols as f64;
+                        let (m, rs) = (m as f32, (1.0 / (var + eps as f64).sqrt()) as f32);
+                        mc[r] = m;
+                        rc[r] = rs;
+                        for (((o, &v), &g), &b) in yr.iter_mut().zip(xr).zip(gamma).zip(beta) {
+                            *o = (v - m) * rs * g + b;
+                        }
+                    }
+                },
+            )
         },
     );
 }
@@ -84,42 +90,54 @@ pub(crate) fn layernorm_backward(
     let n = cols as f64;
     let rpc = rows_per_chunk(cols);
     chunks1(&mut dx[..rows * cols], rpc * cols, |i, dxc| {
-        for (r, dxr) in dxc.chunks_exact_mut(cols).enumerate() {
-            let row = i * rpc + r;
-            let span = row * cols..(row + 1) * cols;
-            let (dyr, xr) = (&dy[span.clone()], &x[span]);
-            let (m, rs) = (mean[row], rstd[row]);
-            let mean_dnorm = (fold2(dyr, gamma, |d, g| (d * g) as f64) / n) as f32;
-            let mean_dnorm_xhat =
-                (fold3(dyr, gamma, xr, |d, g, v| ((d * g) * ((v - m) * rs)) as f64) / n) as f32;
-            for (((o, &d), &g), &v) in dxr.iter_mut().zip(dyr).zip(gamma).zip(xr) {
-                let xhat = (v - m) * rs;
-                *o += rs * (d * g - mean_dnorm - xhat * mean_dnorm_xhat);
-            }
-        }
+        wide(
+            #[inline(always)]
+            || {
+                for (r, dxr) in dxc.chunks_exact_mut(cols).enumerate() {
+                    let row = i * rpc + r;
+                    let span = row * cols..(row + 1) * cols;
+                    let (dyr, xr) = (&dy[span.clone()], &x[span]);
+                    let (m, rs) = (mean[row], rstd[row]);
+                    let mean_dnorm = (fold2(dyr, gamma, |d, g| (d * g) as f64) / n) as f32;
+                    let mean_dnorm_xhat =
+                        (fold3(dyr, gamma, xr, |d, g, v| ((d * g) * ((v - m) * rs)) as f64) / n)
+                            as f32;
+                    for (((o, &d), &g), &v) in dxr.iter_mut().zip(dyr).zip(gamma).zip(xr) {
+                        let xhat = (v - m) * rs;
+                        *o += rs * (d * g - mean_dnorm - xhat * mean_dnorm_xhat);
+                    }
+                }
+            },
+        )
     });
     let w = col_block(cols);
     let (dgamma, dbeta) = (&mut dgamma[..cols], &mut dbeta[..cols]);
     chunks2(cols.div_ceil(w), dgamma, w, dbeta, w, |bi, dg, db| {
-        let (c0, w) = (bi * w, dg.len());
-        let mut acc_g = [0.0f64; COL_BLOCK];
-        let mut acc_b = [0.0f64; COL_BLOCK];
-        let (acc_g, acc_b) = (&mut acc_g[..w], &mut acc_b[..w]);
-        for r in 0..rows {
-            let (m, rs) = (mean[r], rstd[r]);
-            let off = r * cols + c0;
-            let (dyr, xr) = (&dy[off..off + w], &x[off..off + w]);
-            for (((ag, ab), &d), &v) in acc_g.iter_mut().zip(acc_b.iter_mut()).zip(dyr).zip(xr) {
-                *ag += (d * ((v - m) * rs)) as f64;
-                *ab += d as f64;
-            }
-        }
-        for (o, &a) in dg.iter_mut().zip(acc_g.iter()) {
-            *o = (*o as f64 + a) as f32;
-        }
-        for (o, &a) in db.iter_mut().zip(acc_b.iter()) {
-            *o = (*o as f64 + a) as f32;
-        }
+        wide(
+            #[inline(always)]
+            || {
+                let (c0, w) = (bi * w, dg.len());
+                let mut acc_g = [0.0f64; COL_BLOCK];
+                let mut acc_b = [0.0f64; COL_BLOCK];
+                let (acc_g, acc_b) = (&mut acc_g[..w], &mut acc_b[..w]);
+                for r in 0..rows {
+                    let (m, rs) = (mean[r], rstd[r]);
+                    let off = r * cols + c0;
+                    let (dyr, xr) = (&dy[off..off + w], &x[off..off + w]);
+                    let accs = acc_g.iter_mut().zip(acc_b.iter_mut());
+                    for (((ag, ab), &d), &v) in accs.zip(dyr).zip(xr) {
+                        *ag += (d * ((v - m) * rs)) as f64;
+                        *ab += d as f64;
+                    }
+                }
+                for (o, &a) in dg.iter_mut().zip(acc_g.iter()) {
+                    *o = (*o as f64 + a) as f32;
+                }
+                for (o, &a) in db.iter_mut().zip(acc_b.iter()) {
+                    *o = (*o as f64 + a) as f32;
+                }
+            },
+        )
     });
 }
 

@@ -299,6 +299,20 @@ pub fn chunks3<A: Send, B: Send, C: Send>(
     });
 }
 
+/// `f(i, [chunk_i of each slice])` for `i` in `0..n`, in parallel: any number of slices of one
+/// element type, each cut into chunks of its own length.
+pub fn zip_chunks<T: Send, const K: usize>(
+    n: usize,
+    slices: [(&mut [T], usize); K],
+    f: impl Fn(usize, [&mut [T]; K]) + Sync,
+) {
+    let chunks = slices.map(|(s, c)| Chunks::new(s, c));
+    for_each(n, |i| {
+        // SAFETY: `for_each` calls each index exactly once.
+        f(i, chunks.each_ref().map(|c| unsafe { c.take(i) }))
+    });
+}
+
 /// Rows per parallel chunk for rows of `cols` elements: about `GRAIN` elements, at least one row.
 pub fn rows_per_chunk(cols: usize) -> usize {
     (GRAIN / cols.max(1)).max(1)

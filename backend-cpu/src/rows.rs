@@ -100,8 +100,8 @@ fn for_each_reader(map: &RowMap, b0: usize, i0: usize, mut f: impl FnMut(usize))
 }
 
 /// Every source row gets the sum of the `d_dst` rows it was copied to. The sum runs over its
-/// readers in ascending `(b, i)` in `f64`, per block of [`COL_BLOCK`] columns so that the partial
-/// sums live on the stack, and is then added to `d_src` with one rounding. This is the bias
+/// readers in ascending `(b, i)` in `f64` (see [`add_reader_sums`]), and is then added to `d_src`
+/// with one rounding. This is the bias
 /// gradient (one source row, every destination row) as well as the position-table and token
 /// gradients, so the long sums are the common case.
 pub(crate) fn copy_rows_backward(d_dst: &[f32], d_src: &mut [f32], map: &RowMap) {
@@ -124,20 +124,8 @@ pub(crate) fn copy_rows_backward(d_dst: &[f32], d_src: &mut [f32], map: &RowMap)
     if map.batch == 0 || map.count == 0 || cols == 0 {
         return;
     }
-    // Sum the readers of one source row into `out`, the columns `c0..c0 + out.len()` of that row.
     let sum_readers = |b: usize, i: usize, c0: usize, out: &mut [f32]| {
-        let w = out.len();
-        let mut acc = [0.0f64; COL_BLOCK];
-        let acc = &mut acc[..w];
-        for_each_reader(map, b, i, |d| {
-            let row = &d_dst[d * cols + c0..d * cols + c0 + w];
-            for (a, &x) in acc.iter_mut().zip(row) {
-                *a += x as f64;
-            }
-        });
-        for (o, &a) in out.iter_mut().zip(acc.iter()) {
-            *o = (*o as f64 + a) as f32;
-        }
+        add_reader_sums(d_dst, map, (b, i), c0, out);
     };
     if map.src_step == 0 && (map.src_stride == 0 || map.batch == 1) {
         // One source row (a bias, a shared token): its column blocks split over threads.
@@ -157,10 +145,7 @@ pub(crate) fn copy_rows_backward(d_dst: &[f32], d_src: &mut [f32], map: &RowMap)
             rpc * cols,
             |k, part| {
                 for (r, row) in part.chunks_exact_mut(cols).enumerate() {
-                    for c0 in (0..cols).step_by(COL_BLOCK) {
-                        let w = COL_BLOCK.min(cols - c0);
-                        sum_readers(0, k * rpc + r, c0, &mut row[c0..c0 + w]);
-                    }
+                    sum_readers(0, k * rpc + r, 0, row);
                 }
             },
         );
@@ -172,23 +157,39 @@ pub(crate) fn copy_rows_backward(d_dst: &[f32], d_src: &mut [f32], map: &RowMap)
                 continue;
             }
             let s = map.src_row(b, i) * cols;
-            let out = &mut d_src[s..s + cols];
-            for c0 in (0..cols).step_by(COL_BLOCK) {
-                let w = COL_BLOCK.min(cols - c0);
+            sum_readers(b, i, 0, &mut d_src[s..s + cols]);
+        }
+    }
+}
+
+/// `out[j] += ` the sum of column `c0 + j` over the `d_dst` rows that read source row
+/// `(b, i)`'s, in reader order and in `f64`, with one rounding at the end. Columns go in
+/// groups of 32 whose `f64` partials stay in eight AVX registers while the rows stream by (the
+/// loop compiled for AVX2); each column's sum is the same whatever group it falls in.
+fn add_reader_sums(
+    d_dst: &[f32],
+    map: &RowMap,
+    reader: (usize, usize),
+    c0: usize,
+    out: &mut [f32],
+) {
+    let ((b, i), cols) = (reader, map.cols);
+    crate::fastmath::wide(
+        #[inline(always)]
+        || {
+            for (g, out) in out.chunks_mut(COL_BLOCK).enumerate() {
+                let (c, w) = (c0 + g * COL_BLOCK, out.len());
                 let mut acc = [0.0f64; COL_BLOCK];
-                let acc = &mut acc[..w];
                 for_each_reader(map, b, i, |d| {
-                    let row = &d_dst[d * cols + c0..d * cols + c0 + w];
-                    for (a, &x) in acc.iter_mut().zip(row) {
-                        *a += x as f64;
-                    }
+                    let row = &d_dst[d * cols + c..][..w];
+                    acc.iter_mut().zip(row).for_each(|(a, &x)| *a += x as f64);
                 });
-                for (o, &a) in out[c0..c0 + w].iter_mut().zip(acc.iter()) {
+                for (o, &a) in out.iter_mut().zip(&acc) {
                     *o = (*o as f64 + a) as f32;
                 }
             }
-        }
-    }
+        },
+    );
 }
 
 /// Offsets (in floats) of the source and destination rows of pair `(b, j)`.

@@ -1218,9 +1218,12 @@ fn check_adamw<B: Backend>(b: &B, c: &AdamCase) -> Check {
 
 /// The tensors of one `adamw_many` call, `(length, update)` each (no update: the tensor only
 /// has its gradient zeroed): empty and one-element tensors, lengths on both sides of the CUDA
-/// kernel's 256-thread blocks and 1024-element chunks, and any length up to two chunks.
+/// kernel's 256-thread blocks and 1024-element chunks and of the CPU's 16,384-element chunks,
+/// and any length up to two CUDA chunks.
 fn adam_many_case() -> impl Strategy<Value = (Vec<(usize, Option<AdamWStep>)>, u64, Fill)> {
-    let edges = select(vec![0usize, 1, 255, 256, 257, 1023, 1024, 1025]);
+    let edges = select(vec![
+        0usize, 1, 255, 256, 257, 1023, 1024, 1025, 16_385, 40_000,
+    ]);
     let len = prop_oneof![edges, 0usize..=2100];
     let tensor = (len, proptest::option::of(adam_step()));
     (
