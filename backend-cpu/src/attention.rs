@@ -403,6 +403,7 @@ fn with_slot<R>(f: impl FnOnce(&mut [f32]) -> R) -> R {
 mod tests {
     use super::*;
     use crate::test_util::*;
+    use crate::CpuBuf;
     use mae::backend::{Backend, Gemm};
 
     fn dims(batch: usize, heads: usize, tokens: usize, head_dim: usize) -> Attention {
@@ -427,10 +428,10 @@ mod tests {
     struct Composed {
         a: Attention,
         /// q, k, v, heads_out, out, d_heads_out, d_q, d_k, d_v `[N, H, T, hd]` or `[N T, D]`.
-        small: [Vec<f32>; 9],
+        small: [CpuBuf; 9],
         /// scores, att, d_att `[N, H, T, T]`.
-        scores: [Vec<f32>; 3],
-        d_qkv: Vec<f32>,
+        scores: [CpuBuf; 3],
+        d_qkv: CpuBuf,
     }
 
     impl Composed {
@@ -439,14 +440,14 @@ mod tests {
             let ls = a.batch * a.heads * a.tokens * a.tokens;
             Composed {
                 a: *a,
-                small: std::array::from_fn(|_| vec![0.0; lo]),
-                scores: std::array::from_fn(|_| vec![0.0; ls]),
-                d_qkv: vec![0.0; lq],
+                small: std::array::from_fn(|_| up(&vec![0.0; lo])),
+                scores: std::array::from_fn(|_| up(&vec![0.0; ls])),
+                d_qkv: up(&vec![0.0; lq]),
             }
         }
 
         /// `(out, d_qkv)`.
-        fn run(&mut self, qkv: &Vec<f32>, d_out: &Vec<f32>) -> (&[f32], &[f32]) {
+        fn run(&mut self, qkv: &CpuBuf, d_out: &CpuBuf) -> (&[f32], &[f32]) {
             let (be, a) = (be(), &self.a);
             let (n, t, hd, dim) = (a.batch * a.heads, a.tokens, a.head_dim, a.dim());
             let view = |row_width, col_offset| a.heads(row_width, col_offset);
@@ -507,7 +508,7 @@ mod tests {
         lse
     }
 
-    fn fused(qkv: &[f32], d_out: &[f32], a: &Attention) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    fn fused(qkv: &[f32], d_out: &[f32], a: &Attention) -> (CpuBuf, CpuBuf, CpuBuf) {
         let be = be();
         let (lq, lo, ll) = a.lens();
         let qkv = up(qkv);

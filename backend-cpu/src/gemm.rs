@@ -575,7 +575,7 @@ mod tests {
         }
     }
 
-    fn run(g: &Gemm, a: &[f32], b: &[f32], c0: &[f32]) -> Vec<f32> {
+    fn run(g: &Gemm, a: &[f32], b: &[f32], c0: &[f32]) -> crate::CpuBuf {
         let be = be();
         let mut c = up(c0);
         be.gemm(g, &up(a), &up(b), &mut c).unwrap();
@@ -758,12 +758,12 @@ mod tests {
                 let mut act = vec![f32::NAN; m * n];
                 super::gemm_with(&g, &a, &b, &mut pre, Some(&bias), Some(&mut act));
                 assert!(
-                    pre == want && act == want_act,
+                    *pre == *want && act == want_act,
                     "{g:?}: bias + GELU epilogue"
                 );
                 let mut pre = c0.clone();
                 super::gemm_with(&g, &a, &b, &mut pre, Some(&bias), None);
-                assert!(pre == want, "{g:?}: bias epilogue");
+                assert!(*pre == *want, "{g:?}: bias epilogue");
                 // Each kernel unsplit, against the same kernel without the epilogue.
                 let [(rsa, csa), (rsb, csb)] = super::operand_strides(&g);
                 for (name, kernel) in super::kernels() {

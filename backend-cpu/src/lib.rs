@@ -1,9 +1,9 @@
 //! # mae-backend-cpu: the `mae` compute backend on the CPU
 //!
-//! Buffers are plain `Vec<f32>` / `Vec<u32>`, so "device" memory is host memory and every op runs
-//! synchronously. GEMM runs on the crate's own AVX2/FMA kernel on x86-64 (the `gemm` crate
-//! elsewhere; see [`gemm_kernel`]); every op, GEMM included, splits its work
-//! over one small thread pool ([`pool`]). The thread count comes from `MAE_CPU_THREADS`, else
+//! Buffers are host memory ([`CpuBuf`]: floats on 64-byte boundaries, which the GEMM wants;
+//! `Vec<u32>` for indices), and every op runs synchronously. GEMM runs on the crate's own
+//! AVX2/FMA kernel on x86-64 (the `gemm` crate elsewhere; see [`gemm_kernel`]); every op, GEMM
+//! included, splits its work over one small thread pool ([`pool`]). The thread count comes from `MAE_CPU_THREADS`, else
 //! `MATMUL_NUM_THREADS`, else the number of CPUs the process may use; `MAE_CPU_THREADS=1` runs
 //! everything on the calling thread. Work is split in fixed pieces that never share an output
 //! element, and no sum is split across threads, so results are bitwise the same for any thread
@@ -61,6 +61,7 @@
 mod activation;
 mod adamw;
 mod attention;
+mod buf;
 mod fastmath;
 mod gemm;
 mod loss;
@@ -69,12 +70,13 @@ pub mod pool;
 mod reduce;
 mod rows;
 
+pub use buf::CpuBuf;
 use mae::backend::{
     AdamWStep, AdamWTensor, Attention, BResult, Backend, BackendError, BackendErrorKind, Gather,
     Gemm, Heads, Patchify, RowMap,
 };
 
-/// The CPU backend. It holds no state: buffers are `Vec`s owned by the caller and the thread pool
+/// The CPU backend. It holds no state: buffers are owned by the caller and the thread pool
 /// is global (started on first use), so the value is free to create, copy and share between
 /// threads.
 #[derive(Clone, Copy, Debug, Default)]
@@ -127,7 +129,7 @@ fn try_copy<T: Copy>(host: &[T]) -> BResult<Vec<T>> {
 }
 
 impl Backend for CpuBackend {
-    type Buf = Vec<f32>;
+    type Buf = CpuBuf;
     type Idx = Vec<u32>;
 
     fn name(&self) -> &str {
@@ -140,27 +142,37 @@ impl Backend for CpuBackend {
 
     // ---- memory -----------------------------------------------------------------------------
 
-    fn alloc(&self, len: usize) -> BResult<Vec<f32>> {
-        let mut v = try_vec(len)?;
-        v.resize(len, 0.0);
-        Ok(v)
+    fn alloc(&self, len: usize) -> BResult<CpuBuf> {
+        let max = self.max_buf_len();
+        if len > max {
+            return Err(BackendError::new(
+                BackendErrorKind::TooLarge { len, max },
+                "a buffer holds at most isize::MAX bytes",
+            ));
+        }
+        CpuBuf::try_zeroed(len).map_err(|e| {
+            let bytes = len.saturating_mul(size_of::<f32>());
+            BackendError::new(BackendErrorKind::OutOfMemory { bytes }, e.to_string())
+        })
     }
 
-    fn upload(&self, host: &[f32]) -> BResult<Vec<f32>> {
-        try_copy(host)
+    fn upload(&self, host: &[f32]) -> BResult<CpuBuf> {
+        let mut buf = self.alloc(host.len())?;
+        buf.copy_from_slice(host);
+        Ok(buf)
     }
 
-    fn write(&self, dst: &mut Vec<f32>, host: &[f32]) -> BResult<()> {
+    fn write(&self, dst: &mut CpuBuf, host: &[f32]) -> BResult<()> {
         dst.copy_from_slice(host);
         Ok(())
     }
 
-    fn download(&self, src: &Vec<f32>, host: &mut [f32]) -> BResult<()> {
+    fn download(&self, src: &CpuBuf, host: &mut [f32]) -> BResult<()> {
         host.copy_from_slice(src);
         Ok(())
     }
 
-    fn len(&self, buf: &Vec<f32>) -> usize {
+    fn len(&self, buf: &CpuBuf) -> usize {
         buf.len()
     }
 
@@ -179,12 +191,12 @@ impl Backend for CpuBackend {
 
     /// Threaded, like `copy`: the backward zeroes its scratch gradients (about 75 MB a step at
     /// small64), which one thread did while the other waited.
-    fn fill(&self, dst: &mut Vec<f32>, value: f32) -> BResult<()> {
+    fn fill(&self, dst: &mut CpuBuf, value: f32) -> BResult<()> {
         pool::chunks1(dst, pool::GRAIN, |_, d| d.fill(value));
         Ok(())
     }
 
-    fn copy(&self, src: &Vec<f32>, dst: &mut Vec<f32>) -> BResult<()> {
+    fn copy(&self, src: &CpuBuf, dst: &mut CpuBuf) -> BResult<()> {
         // The contract's equal lengths, checked as `copy_from_slice` did before the split.
         assert_eq!(
             src.len(),
@@ -204,7 +216,7 @@ impl Backend for CpuBackend {
 
     // ---- dense ------------------------------------------------------------------------------
 
-    fn gemm(&self, g: &Gemm, a: &Vec<f32>, b: &Vec<f32>, c: &mut Vec<f32>) -> BResult<()> {
+    fn gemm(&self, g: &Gemm, a: &CpuBuf, b: &CpuBuf, c: &mut CpuBuf) -> BResult<()> {
         gemm::gemm(g, a, b, c);
         Ok(())
     }
@@ -212,10 +224,10 @@ impl Backend for CpuBackend {
     fn gemm_bias(
         &self,
         g: &Gemm,
-        a: &Vec<f32>,
-        b: &Vec<f32>,
-        bias: &Vec<f32>,
-        c: &mut Vec<f32>,
+        a: &CpuBuf,
+        b: &CpuBuf,
+        bias: &CpuBuf,
+        c: &mut CpuBuf,
     ) -> BResult<()> {
         gemm::gemm_with(g, a, b, c, Some(bias), None);
         Ok(())
@@ -224,17 +236,17 @@ impl Backend for CpuBackend {
     fn gemm_bias_gelu(
         &self,
         g: &Gemm,
-        a: &Vec<f32>,
-        b: &Vec<f32>,
-        bias: &Vec<f32>,
-        pre: &mut Vec<f32>,
-        act: &mut Vec<f32>,
+        a: &CpuBuf,
+        b: &CpuBuf,
+        bias: &CpuBuf,
+        pre: &mut CpuBuf,
+        act: &mut CpuBuf,
     ) -> BResult<()> {
         gemm::gemm_with(g, a, b, pre, Some(bias), Some(act));
         Ok(())
     }
 
-    fn add(&self, src: &Vec<f32>, dst: &mut Vec<f32>) -> BResult<()> {
+    fn add(&self, src: &CpuBuf, dst: &mut CpuBuf) -> BResult<()> {
         let n = dst.len();
         let src = &src[..n];
         pool::chunks1(dst, pool::GRAIN, |i, d| {
@@ -243,7 +255,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn scale(&self, buf: &mut Vec<f32>, s: f32) -> BResult<()> {
+    fn scale(&self, buf: &mut CpuBuf, s: f32) -> BResult<()> {
         pool::chunks1(buf, pool::GRAIN, |_, b| {
             for x in b.iter_mut() {
                 *x *= s;
@@ -254,9 +266,9 @@ impl Backend for CpuBackend {
 
     fn scale_rows(
         &self,
-        src: &Vec<f32>,
-        scales: &Vec<f32>,
-        dst: &mut Vec<f32>,
+        src: &CpuBuf,
+        scales: &CpuBuf,
+        dst: &mut CpuBuf,
         rows_per_scale: usize,
         cols: usize,
         accumulate: bool,
@@ -278,8 +290,8 @@ impl Backend for CpuBackend {
 
     fn copy_rows(
         &self,
-        src: &Vec<f32>,
-        dst: &mut Vec<f32>,
+        src: &CpuBuf,
+        dst: &mut CpuBuf,
         map: &RowMap,
         accumulate: bool,
     ) -> BResult<()> {
@@ -287,21 +299,16 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn copy_rows_backward(
-        &self,
-        d_dst: &Vec<f32>,
-        d_src: &mut Vec<f32>,
-        map: &RowMap,
-    ) -> BResult<()> {
+    fn copy_rows_backward(&self, d_dst: &CpuBuf, d_src: &mut CpuBuf, map: &RowMap) -> BResult<()> {
         rows::copy_rows_backward(d_dst, d_src, map);
         Ok(())
     }
 
     fn gather_rows(
         &self,
-        src: &Vec<f32>,
+        src: &CpuBuf,
         idx: &Vec<u32>,
-        dst: &mut Vec<f32>,
+        dst: &mut CpuBuf,
         g: &Gather,
     ) -> BResult<()> {
         rows::gather_rows(src, idx, dst, g);
@@ -310,26 +317,26 @@ impl Backend for CpuBackend {
 
     fn gather_rows_backward(
         &self,
-        d_dst: &Vec<f32>,
+        d_dst: &CpuBuf,
         idx: &Vec<u32>,
-        d_src: &mut Vec<f32>,
+        d_src: &mut CpuBuf,
         g: &Gather,
     ) -> BResult<()> {
         rows::gather_rows_backward(d_dst, idx, d_src, g);
         Ok(())
     }
 
-    fn patchify(&self, imgs: &Vec<f32>, out: &mut Vec<f32>, p: &Patchify) -> BResult<()> {
+    fn patchify(&self, imgs: &CpuBuf, out: &mut CpuBuf, p: &Patchify) -> BResult<()> {
         rows::patchify(imgs, out, p);
         Ok(())
     }
 
-    fn split_heads(&self, x: &Vec<f32>, heads: &mut Vec<f32>, h: &Heads) -> BResult<()> {
+    fn split_heads(&self, x: &CpuBuf, heads: &mut CpuBuf, h: &Heads) -> BResult<()> {
         rows::split_heads(x, heads, h);
         Ok(())
     }
 
-    fn merge_heads(&self, heads: &Vec<f32>, x: &mut Vec<f32>, h: &Heads) -> BResult<()> {
+    fn merge_heads(&self, heads: &CpuBuf, x: &mut CpuBuf, h: &Heads) -> BResult<()> {
         rows::merge_heads(heads, x, h);
         Ok(())
     }
@@ -338,12 +345,12 @@ impl Backend for CpuBackend {
 
     fn layernorm_forward(
         &self,
-        x: &Vec<f32>,
-        gamma: &Vec<f32>,
-        beta: &Vec<f32>,
-        y: &mut Vec<f32>,
-        mean: &mut Vec<f32>,
-        rstd: &mut Vec<f32>,
+        x: &CpuBuf,
+        gamma: &CpuBuf,
+        beta: &CpuBuf,
+        y: &mut CpuBuf,
+        mean: &mut CpuBuf,
+        rstd: &mut CpuBuf,
         rows: usize,
         cols: usize,
         eps: f32,
@@ -354,14 +361,14 @@ impl Backend for CpuBackend {
 
     fn layernorm_backward(
         &self,
-        dy: &Vec<f32>,
-        x: &Vec<f32>,
-        gamma: &Vec<f32>,
-        mean: &Vec<f32>,
-        rstd: &Vec<f32>,
-        dx: &mut Vec<f32>,
-        dgamma: &mut Vec<f32>,
-        dbeta: &mut Vec<f32>,
+        dy: &CpuBuf,
+        x: &CpuBuf,
+        gamma: &CpuBuf,
+        mean: &CpuBuf,
+        rstd: &CpuBuf,
+        dx: &mut CpuBuf,
+        dgamma: &mut CpuBuf,
+        dbeta: &mut CpuBuf,
         rows: usize,
         cols: usize,
     ) -> BResult<()> {
@@ -369,16 +376,16 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn gelu_forward(&self, x: &Vec<f32>, y: &mut Vec<f32>) -> BResult<()> {
+    fn gelu_forward(&self, x: &CpuBuf, y: &mut CpuBuf) -> BResult<()> {
         activation::gelu_forward(x, y);
         Ok(())
     }
 
     fn bias_gelu_forward(
         &self,
-        bias: &Vec<f32>,
-        pre: &mut Vec<f32>,
-        act: &mut Vec<f32>,
+        bias: &CpuBuf,
+        pre: &mut CpuBuf,
+        act: &mut CpuBuf,
         rows: usize,
         cols: usize,
     ) -> BResult<()> {
@@ -386,15 +393,15 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn gelu_backward(&self, x: &Vec<f32>, dy: &Vec<f32>, dx: &mut Vec<f32>) -> BResult<()> {
+    fn gelu_backward(&self, x: &CpuBuf, dy: &CpuBuf, dx: &mut CpuBuf) -> BResult<()> {
         activation::gelu_backward(x, dy, dx);
         Ok(())
     }
 
     fn softmax_forward(
         &self,
-        x: &Vec<f32>,
-        y: &mut Vec<f32>,
+        x: &CpuBuf,
+        y: &mut CpuBuf,
         rows: usize,
         cols: usize,
         scale: f32,
@@ -405,9 +412,9 @@ impl Backend for CpuBackend {
 
     fn softmax_backward(
         &self,
-        y: &Vec<f32>,
-        dy: &Vec<f32>,
-        dx: &mut Vec<f32>,
+        y: &CpuBuf,
+        dy: &CpuBuf,
+        dx: &mut CpuBuf,
         rows: usize,
         cols: usize,
         scale: f32,
@@ -426,9 +433,9 @@ impl Backend for CpuBackend {
 
     fn attention_forward(
         &self,
-        qkv: &Vec<f32>,
-        out: &mut Vec<f32>,
-        lse: &mut Vec<f32>,
+        qkv: &CpuBuf,
+        out: &mut CpuBuf,
+        lse: &mut CpuBuf,
         a: &Attention,
     ) -> BResult<()> {
         attention::forward(qkv, out, lse, a)
@@ -436,11 +443,11 @@ impl Backend for CpuBackend {
 
     fn attention_backward(
         &self,
-        qkv: &Vec<f32>,
-        out: &Vec<f32>,
-        lse: &Vec<f32>,
-        d_out: &Vec<f32>,
-        d_qkv: &mut Vec<f32>,
+        qkv: &CpuBuf,
+        out: &CpuBuf,
+        lse: &CpuBuf,
+        d_out: &CpuBuf,
+        d_qkv: &mut CpuBuf,
         a: &Attention,
     ) -> BResult<()> {
         let _ = out; // the backward's row sums come from the recomputed probabilities
@@ -451,8 +458,8 @@ impl Backend for CpuBackend {
 
     fn normalize_rows(
         &self,
-        x: &Vec<f32>,
-        y: &mut Vec<f32>,
+        x: &CpuBuf,
+        y: &mut CpuBuf,
         rows: usize,
         cols: usize,
         eps: f32,
@@ -463,10 +470,10 @@ impl Backend for CpuBackend {
 
     fn masked_mse_forward(
         &self,
-        pred: &Vec<f32>,
-        target: &Vec<f32>,
-        mask: &Vec<f32>,
-        loss: &mut Vec<f32>,
+        pred: &CpuBuf,
+        target: &CpuBuf,
+        mask: &CpuBuf,
+        loss: &mut CpuBuf,
         rows: usize,
         cols: usize,
     ) -> BResult<()> {
@@ -476,10 +483,10 @@ impl Backend for CpuBackend {
 
     fn masked_mse_backward(
         &self,
-        pred: &Vec<f32>,
-        target: &Vec<f32>,
-        mask: &Vec<f32>,
-        d_pred: &mut Vec<f32>,
+        pred: &CpuBuf,
+        target: &CpuBuf,
+        mask: &CpuBuf,
+        d_pred: &mut CpuBuf,
         rows: usize,
         cols: usize,
         d_loss: f32,
@@ -492,10 +499,10 @@ impl Backend for CpuBackend {
 
     fn adamw(
         &self,
-        param: &mut Vec<f32>,
-        grad: &Vec<f32>,
-        m: &mut Vec<f32>,
-        v: &mut Vec<f32>,
+        param: &mut CpuBuf,
+        grad: &CpuBuf,
+        m: &mut CpuBuf,
+        v: &mut CpuBuf,
         step: &AdamWStep,
     ) -> BResult<()> {
         adamw::adamw(param, grad, m, v, step);
@@ -506,7 +513,7 @@ impl Backend for CpuBackend {
     /// the chunk is still in cache, instead of by a second pass over every gradient.
     fn adamw_many<'a>(
         &self,
-        tensors: impl Iterator<Item = AdamWTensor<'a, Vec<f32>>>,
+        tensors: impl Iterator<Item = AdamWTensor<'a, CpuBuf>>,
     ) -> BResult<()> {
         for t in tensors {
             match &t.step {
@@ -521,7 +528,7 @@ impl Backend for CpuBackend {
 /// Helpers shared by the unit tests of every module.
 #[cfg(test)]
 pub(crate) mod test_util {
-    use super::CpuBackend;
+    use super::{CpuBackend, CpuBuf};
     use mae::backend::Backend;
 
     pub(crate) fn be() -> CpuBackend {
@@ -529,7 +536,7 @@ pub(crate) mod test_util {
     }
 
     /// A buffer holding `host`, made through the backend.
-    pub(crate) fn up(host: &[f32]) -> Vec<f32> {
+    pub(crate) fn up(host: &[f32]) -> CpuBuf {
         be().upload(host).unwrap()
     }
 

@@ -182,7 +182,7 @@ mod two_ranks {
     use mae::backend::{Backend, BackendError};
     use mae::params::MaeParams;
     use mae::train::Trainer;
-    use mae_backend_cpu::CpuBackend;
+    use mae_backend_cpu::{CpuBackend, CpuBuf};
     use mae_examples::data::{self, Augment, Loader, LoaderOptions, Shard};
     use mae_examples::parallel::{GradAverager, Rank, Replica};
     use std::sync::{Arc, Barrier, Mutex};
@@ -199,9 +199,9 @@ mod two_ranks {
         fn average(
             &mut self,
             b: &CpuBackend,
-            grads: &mut MaeParams<Vec<f32>>,
+            grads: &mut MaeParams<CpuBuf>,
         ) -> Result<(), BackendError> {
-            let mine: Grads = grads.tensors().cloned().collect();
+            let mine: Grads = grads.tensors().map(|g| g.to_vec()).collect();
             self.slots.lock().unwrap()[self.rank] = mine;
             self.barrier.wait();
             let mean: Grads = {

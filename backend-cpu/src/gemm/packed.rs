@@ -26,6 +26,7 @@
 //! changes no bit.
 
 use super::Epilogue;
+use crate::buf::{floats_mut, Line};
 use crate::fastmath;
 use core::arch::x86_64::*;
 use std::cell::RefCell;
@@ -47,25 +48,11 @@ pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
-/// One cache line of floats: the packing buffers are made of these so that every strip starts
-/// on a line and no 32-byte load of the micro-kernel straddles two lines (the allocator only
-/// promises 16 bytes; on this project's development CPU the difference was below the noise).
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([f32; 16]);
-
 thread_local! {
     /// This thread's packing buffers: packed A (MC x KC) then packed B (KC x NC). Grown on the
     /// thread's first product to the size the largest product needs and kept, so a training
     /// step allocates nothing here after the first.
     static WORKSPACE: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
-}
-
-/// The workspace's floats.
-fn floats(lines: &mut [Line]) -> &mut [f32] {
-    // SAFETY: `Line` is `repr(C)` around `[f32; 16]` with no padding (64 bytes either way), so
-    // the lines are `16 * len` consecutive, initialized floats, borrowed mutably for as long.
-    unsafe { core::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<f32>(), lines.len() * 16) }
 }
 
 /// A strided operand: element `(i, j)` at `ptr + i * rs + j * cs`.
@@ -119,7 +106,7 @@ pub(super) unsafe fn gemm(
             let want = (a_len + b_len).max(MC * KC + KC * NC.min(n.next_multiple_of(NR)));
             ws.resize(want.div_ceil(16), Line([0.0; 16]));
         }
-        let (a_pack, rest) = floats(&mut ws).split_at_mut(a_len);
+        let (a_pack, rest) = floats_mut(&mut ws).split_at_mut(a_len);
         let b_pack = &mut rest[..b_len];
         for jc in (0..n).step_by(NC) {
             let nc = NC.min(n - jc);
