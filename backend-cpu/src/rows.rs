@@ -101,9 +101,8 @@ fn for_each_reader(map: &RowMap, b0: usize, i0: usize, mut f: impl FnMut(usize))
 
 /// Every source row gets the sum of the `d_dst` rows it was copied to. The sum runs over its
 /// readers in ascending `(b, i)` in `f64` (see [`add_reader_sums`]), and is then added to `d_src`
-/// with one rounding. This is the bias
-/// gradient (one source row, every destination row) as well as the position-table and token
-/// gradients, so the long sums are the common case.
+/// with one rounding. This is the bias gradient (one source row, every destination row) as well
+/// as the position-table and token gradients, so the long sums are the common case.
 pub(crate) fn copy_rows_backward(d_dst: &[f32], d_src: &mut [f32], map: &RowMap) {
     let cols = map.cols;
     debug_assert!({
@@ -163,9 +162,11 @@ pub(crate) fn copy_rows_backward(d_dst: &[f32], d_src: &mut [f32], map: &RowMap)
 }
 
 /// `out[j] += ` the sum of column `c0 + j` over the `d_dst` rows that read source row
-/// `(b, i)`'s, in reader order and in `f64`, with one rounding at the end. Columns go in
-/// groups of 32 whose `f64` partials stay in eight AVX registers while the rows stream by (the
-/// loop compiled for AVX2); each column's sum is the same whatever group it falls in.
+/// `(b, i)`'s, in reader order and in `f64`, with one rounding at the end. Columns go in blocks
+/// of [`COL_BLOCK`] whose `f64` partials live on the stack, the loop compiled for AVX2 (as SSE2
+/// code it ran at half the speed); each column's sum is the same whatever block it falls in.
+/// Blocks of 32 columns, whose partials would stay in registers, were twice as slow: each pass
+/// over the rows then reads only two cache lines of each.
 fn add_reader_sums(
     d_dst: &[f32],
     map: &RowMap,
