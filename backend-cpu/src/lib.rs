@@ -3,11 +3,11 @@
 //! Buffers are host memory ([`CpuBuf`]: floats on 64-byte boundaries, which the GEMM wants;
 //! `Vec<u32>` for indices), and every op runs synchronously. GEMM runs on the crate's own
 //! AVX2/FMA kernel on x86-64 (the `gemm` crate elsewhere; see [`gemm_kernel`]); every op, GEMM
-//! included, splits its work over one small thread pool ([`pool`]). The thread count comes from `MAE_CPU_THREADS`, else
-//! `MATMUL_NUM_THREADS`, else the number of CPUs the process may use; `MAE_CPU_THREADS=1` runs
-//! everything on the calling thread. Work is split in fixed pieces that never share an output
-//! element, and no sum is split across threads, so results are bitwise the same for any thread
-//! count and any scheduling.
+//! included, splits its work over one small thread pool ([`pool`]). The thread count comes from
+//! `MAE_CPU_THREADS`, else `MATMUL_NUM_THREADS`, else the number of CPUs the process may use;
+//! `MAE_CPU_THREADS=1` runs everything on the calling thread. Work is split in fixed pieces that
+//! never share an output element, and no sum is split across threads, so results are bitwise
+//! the same for any thread count and any scheduling.
 //!
 //! Attention is fused ([`Backend::fused_attention`] is true): per image and head, blocks of query
 //! rows go through `q k^T`, the softmax and `P v` in a small per-thread scratch, straight from
@@ -104,20 +104,31 @@ pub fn gemm_kernel() -> &'static str {
     gemm::kernel_name()
 }
 
-/// An empty `Vec` with room for `len` elements, or the error the contract asks for instead of
-/// the allocation-failure abort of `Vec::with_capacity`.
-fn try_vec<T>(len: usize) -> BResult<Vec<T>> {
-    let bytes = len.saturating_mul(size_of::<T>());
+/// The bytes of `len` elements of `T`, or the contract's error for a buffer past `isize::MAX`
+/// bytes (which no allocation can hold).
+fn checked_bytes<T>(len: usize) -> BResult<usize> {
     let max = isize::MAX as usize / size_of::<T>();
     if len > max {
         return Err(BackendError::new(
             BackendErrorKind::TooLarge { len, max },
-            "a Vec holds at most isize::MAX bytes",
+            "a buffer holds at most isize::MAX bytes",
         ));
     }
+    Ok(len * size_of::<T>())
+}
+
+/// The contract's error for an allocation of `bytes` that failed, instead of an abort.
+fn out_of_memory(bytes: usize, e: std::collections::TryReserveError) -> BackendError {
+    BackendError::new(BackendErrorKind::OutOfMemory { bytes }, e.to_string())
+}
+
+/// An empty `Vec` with room for `len` elements, failing as [`checked_bytes`] and
+/// [`out_of_memory`] say.
+fn try_vec<T>(len: usize) -> BResult<Vec<T>> {
+    let bytes = checked_bytes::<T>(len)?;
     let mut v = Vec::new();
     v.try_reserve_exact(len)
-        .map_err(|e| BackendError::new(BackendErrorKind::OutOfMemory { bytes }, e.to_string()))?;
+        .map_err(|e| out_of_memory(bytes, e))?;
     Ok(v)
 }
 
@@ -143,17 +154,8 @@ impl Backend for CpuBackend {
     // ---- memory -----------------------------------------------------------------------------
 
     fn alloc(&self, len: usize) -> BResult<CpuBuf> {
-        let max = self.max_buf_len();
-        if len > max {
-            return Err(BackendError::new(
-                BackendErrorKind::TooLarge { len, max },
-                "a buffer holds at most isize::MAX bytes",
-            ));
-        }
-        CpuBuf::try_zeroed(len).map_err(|e| {
-            let bytes = len.saturating_mul(size_of::<f32>());
-            BackendError::new(BackendErrorKind::OutOfMemory { bytes }, e.to_string())
-        })
+        let bytes = checked_bytes::<f32>(len)?;
+        CpuBuf::try_zeroed(len).map_err(|e| out_of_memory(bytes, e))
     }
 
     fn upload(&self, host: &[f32]) -> BResult<CpuBuf> {

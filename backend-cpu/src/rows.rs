@@ -123,15 +123,12 @@ pub(crate) fn copy_rows_backward(d_dst: &[f32], d_src: &mut [f32], map: &RowMap)
     if map.batch == 0 || map.count == 0 || cols == 0 {
         return;
     }
-    let sum_readers = |b: usize, i: usize, c0: usize, out: &mut [f32]| {
-        add_reader_sums(d_dst, map, (b, i), c0, out);
-    };
     if map.src_step == 0 && (map.src_stride == 0 || map.batch == 1) {
         // One source row (a bias, a shared token): its column blocks split over threads.
         let s = map.src_row(0, 0) * cols;
         let w = col_block(cols);
         chunks1(&mut d_src[s..s + cols], w, |k, out| {
-            sum_readers(0, 0, k * w, out)
+            add_reader_sums(d_dst, map, (0, 0), k * w, out)
         });
         return;
     }
@@ -144,7 +141,7 @@ pub(crate) fn copy_rows_backward(d_dst: &[f32], d_src: &mut [f32], map: &RowMap)
             rpc * cols,
             |k, part| {
                 for (r, row) in part.chunks_exact_mut(cols).enumerate() {
-                    sum_readers(0, k * rpc + r, 0, row);
+                    add_reader_sums(d_dst, map, (0, k * rpc + r), 0, row);
                 }
             },
         );
@@ -156,7 +153,7 @@ pub(crate) fn copy_rows_backward(d_dst: &[f32], d_src: &mut [f32], map: &RowMap)
                 continue;
             }
             let s = map.src_row(b, i) * cols;
-            sum_readers(b, i, 0, &mut d_src[s..s + cols]);
+            add_reader_sums(d_dst, map, (b, i), 0, &mut d_src[s..s + cols]);
         }
     }
 }
