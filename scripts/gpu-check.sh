@@ -233,35 +233,50 @@ run() {
     for dir in "${golden_dirs[@]}"; do
         step "golden --backend cuda-bf16 on $dir" golden.log 120 \
             "$bins/bin/golden" --backend cuda-bf16 "$dir"/*.safetensors
-        step "golden --backend cuda-bf16 on $dir, MAE_CUDA_BF16_GEMM=copies" golden.log 120 \
-            env MAE_CUDA_BF16_GEMM=copies "$bins/bin/golden" --backend cuda-bf16 "$dir"/*.safetensors
+        step "golden --backend cuda-bf16 on $dir, MAE_CUDA_ATTENTION=composed" golden.log 120 \
+            env MAE_CUDA_ATTENTION=composed "$bins/bin/golden" --backend cuda-bf16 "$dir"/*.safetensors
     done
-    # The op suite early: it holds the bf16 GEMM's rounding checks (both routes, bf16.rs).
+    # The op suite early: it holds the bf16 GEMM's rounding checks (both routes, bf16.rs) and
+    # the bf16 mode's tensor-core attention against the f64 oracle.
     step "conformance ops (cuda)" conformance.log 90 \
         env MAE_GOLDEN_DIR="${golden_dirs[0]}" "$bins/tests/ops-test" cuda
 
     # Speed (issue 6): ours in f32 and bf16 next to PyTorch eager on the same card, each with
-    # the peak device memory nvidia-smi saw while it ran. bf16 multiplies bf16 copies of the
-    # Linear layers' operands by default; MAE_CUDA_BF16_GEMM=fast is the route before them.
+    # the peak device memory nvidia-smi saw while it ran; bf16 (tensor-core attention) also with
+    # the composed attention it replaced (MAE_CUDA_ATTENTION=composed).
+    # GPU_CHECK_BATCHES (default "256 128 64") lists the bf16 batches, largest first;
+    # GPU_CHECK_LARGE=0 skips ViT-L/16.
     local s=${BENCH_SECONDS:-3}
-    local batch
+    local batches=${GPU_CHECK_BATCHES:-256 128 64}
+    local batch largest=${batches%% *}
     measure "bench base224 cuda b64" "$bins/bin/bench" --case base224 --backend cuda \
         --batch 64 --seconds "$s"
-    for batch in 256 128 64; do
+    for batch in $batches; do
         measure "bench base224 cuda-bf16 b$batch" "$bins/bin/bench" --case base224 \
             --backend cuda-bf16 --batch "$batch" --seconds "$s"
     done
-    measure "bench base224 cuda-bf16 b256 MAE_CUDA_BF16_GEMM=fast" env MAE_CUDA_BF16_GEMM=fast \
-        "$bins/bin/bench" --case base224 --backend cuda-bf16 --batch 256 --seconds "$s"
-    measure "bench ViT-L/16 cuda-bf16 b128" "$bins/bin/bench" --case mae_vit_large_patch16 \
-        --backend cuda-bf16 --batch 128 --seconds "$s"
+    for batch in $batches; do
+        measure "bench base224 cuda-bf16 b$batch MAE_CUDA_ATTENTION=composed" \
+            env MAE_CUDA_ATTENTION=composed "$bins/bin/bench" --case base224 --backend cuda-bf16 \
+            --batch "$batch" --seconds "$s"
+    done
+    if [ "${GPU_CHECK_LARGE:-1}" != 0 ]; then
+        measure "bench ViT-L/16 cuda-bf16 b128" "$bins/bin/bench" --case mae_vit_large_patch16 \
+            --backend cuda-bf16 --batch 128 --seconds "$s"
+        measure "bench ViT-L/16 cuda-bf16 b128 MAE_CUDA_ATTENTION=composed" \
+            env MAE_CUDA_ATTENTION=composed \
+            "$bins/bin/bench" --case mae_vit_large_patch16 --backend cuda-bf16 --batch 128 \
+            --seconds "$s"
+    fi
     if python3 -c 'import torch, timm' 2>/dev/null; then
         measure "torch base224 bf16 autocast" python3 bench/torch_reference.py --case base224 \
-            --device cuda --amp bf16 --batch 256,128,64 --seconds "$s"
+            --device cuda --amp bf16 --batch "$(echo "$batches" | tr ' ' ',')" --seconds "$s"
         measure "torch base224 f32 b64" python3 bench/torch_reference.py --case base224 \
             --device cuda --batch 64 --seconds "$s"
-        measure "torch ViT-L/16 bf16 b128" python3 bench/torch_reference.py \
-            --case mae_vit_large_patch16 --device cuda --amp bf16 --batch 128 --seconds "$s"
+        if [ "${GPU_CHECK_LARGE:-1}" != 0 ]; then
+            measure "torch ViT-L/16 bf16 b128" python3 bench/torch_reference.py \
+                --case mae_vit_large_patch16 --device cuda --amp bf16 --batch 128 --seconds "$s"
+        fi
     else
         echo "| torch | FAIL (python3 cannot import torch and timm) | 0 | - |" >>"$report"
         failed=1
@@ -273,9 +288,8 @@ run() {
 
     # The wgpu backend on this GPU through NVIDIA's Vulkan driver (issue 4): its own tests (which
     # force every GEMM kernel and row-kernel variant) and the conformance suites' wgpu
-    # instances, then `bench` with each tiled GEMM kernel and attention path (MAE_WGPU_GEMM,
-    # MAE_WGPU_ATTENTION), once with the row kernels one invocation per row (MAE_WGPU_ROWS,
-    # the CPU adapters' way), next to `cuda` (f32) above, and a MAE_WGPU_PROFILE table.
+    # instances, then `bench` with the default GEMM choice and with each GPU kernel
+    # (MAE_WGPU_GEMM), next to `cuda` (f32) above, and a MAE_WGPU_PROFILE table.
     vulkan_setup >>"$out/wgpu.log" 2>&1
     step "wgpu backend unit tests" wgpu.log 60 env MAE_REQUIRE_BACKENDS=wgpu \
         "$bins/tests/mae_backend_wgpu-lib"
@@ -285,21 +299,24 @@ run() {
     done
     step "golden --backend wgpu on ${golden_dirs[0]}" wgpu.log 60 \
         "$bins/bin/golden" --backend wgpu "${golden_dirs[0]}"/*.safetensors
-    local gemm attention
-    for gemm in tiled wide; do
-        for attention in fused composed; do
-            measure "bench base224 wgpu b64 gemm=$gemm attention=$attention" \
-                env MAE_WGPU_GEMM=$gemm MAE_WGPU_ATTENTION=$attention "$bins/bin/bench" \
-                --case base224 --backend wgpu --batch 64 --seconds "$s"
-            # No adapter: the other ways would fail the same way.
-            grep -q 'no wgpu adapter\|NoDevice' "$out/bench.log" && break 2
-        done
+    # Each GPU GEMM kernel on the products of one base224 batch-64 step, side by side.
+    step "wgpu GEMM kernels per product" wgpu.log 60 env MAE_REQUIRE_BACKENDS=wgpu \
+        "$bins/tests/mae_backend_wgpu-lib" timing_gemm --ignored --nocapture
+    local gemm
+    for gemm in default ${GPU_CHECK_WGPU_GEMMS:-fast wide tiled}; do
+        if [ "$gemm" = default ]; then
+            measure "bench base224 wgpu b64" "$bins/bin/bench" --case base224 --backend wgpu \
+                --batch 64 --seconds "$s"
+        else
+            measure "bench base224 wgpu b64 MAE_WGPU_GEMM=$gemm" env MAE_WGPU_GEMM=$gemm \
+                "$bins/bin/bench" --case base224 --backend wgpu --batch 64 --seconds "$s"
+        fi
+        # No adapter: the other ways would fail the same way.
+        grep -q 'no wgpu adapter\|NoDevice' "$out/bench.log" && break
     done
-    measure "bench base224 wgpu b64 MAE_WGPU_ROWS=invocation" env MAE_WGPU_ROWS=invocation \
-        "$bins/bin/bench" --case base224 --backend wgpu --batch 64 --seconds "$s"
-    step "profile base224 wgpu b64 gemm=wide" profile.log 90 \
-        env MAE_WGPU_PROFILE=1 MAE_WGPU_GEMM=wide "$bins/bin/bench" --case base224 \
-        --backend wgpu --batch 64 --seconds 1
+    step "profile base224 wgpu b64" profile.log 90 \
+        env MAE_WGPU_PROFILE=1 "$bins/bin/bench" --case base224 --backend wgpu --batch 64 \
+        --seconds 1
 
     # Data parallel through NCCL with one rank: bitwise the single-process run.
     step "dp-check (NCCL, one rank)" dp.log 120 env OUT=/tmp scripts/dp-check.sh "$bins/bin/pretrain"

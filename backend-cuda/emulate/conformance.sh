@@ -3,6 +3,7 @@
 # `golden` program on the real CUDA backend over a fake CUDA (fake_cuda.cpp: the kernels on the
 # host, cuBLAS as a loop). Checks everything the GPU check checks except the GPU itself: NVRTC's
 # compile (see tests/nvrtc_compile.rs), the PTX, real cuBLAS and the device. Needs g++ >= 11.
+# MAE_EMULATE_FILTER (default `cuda`) selects the tests by name.
 set -euo pipefail
 cd "$(dirname "$0")"
 fake=${TMPDIR:-/tmp}/mae-fake-cuda
@@ -15,4 +16,4 @@ cd ../..
 export LD_LIBRARY_PATH="$fake${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export MAE_REQUIRE_BACKENDS=cuda,cuda-bf16
 cargo test --release --no-fail-fast -p mae-conformance --test ops --test gradcheck --test embed --test golden --test variants \
-    --test training -- cuda "$@"
+    --test training -- "${MAE_EMULATE_FILTER:-cuda}" "$@"

@@ -12,6 +12,7 @@
 #include "../src/kernels/softmax.cu"
 #include "../src/kernels/loss.cu"
 #include "../src/kernels/attention.cu"
+#include "../src/kernels/attention_mma.cu"
 
 #include <cstdio>
 #include <random>
@@ -614,6 +615,45 @@ static AttentionRef attention_reference(const std::vector<float>& qkv, const std
     return r;
 }
 
+static float bf16_value(float x) {
+    const uint32_t bits = bf16_bits(x) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+// The tensor-core kernels (attention_mma.cu) against the naive reference of their inputs
+// rounded to bf16: what is left is f32 accumulation and the rounding of the probabilities and
+// score gradients to bf16 before their products, up to 2^-8 of each term. The output is a
+// weighted mean (within 4e-3 of the reference); a gradient sums up to T terms of either sign,
+// whose roundings add up past the result's own size where they cancel (within 1e-2). One block
+// of MMA_THREADS per MMA_ROWS rows, or a striding grid of 2 blocks.
+static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, std::vector<float> qkv,
+                               std::vector<float> d_out, float scale, const std::string& tag) {
+    for (float& x : qkv) x = bf16_value(x);
+    for (float& x : d_out) x = bf16_value(x);
+    const AttentionRef ref = attention_reference(qkv, d_out, B, T, H, hd, scale);
+    const u64 D = H * hd, rows = B * T;
+    const unsigned grid = small_grid ? 2 : (unsigned)(B * H * ((T + MMA_ROWS - 1) / MMA_ROWS));
+    std::vector<float> out(rows * D, NAN), lse(B * H * T, NAN);
+    launch_rows(grid, MMA_THREADS, [&] {
+        attention_forward_mma(qkv.data(), out.data(), lse.data(), B, T, H, hd, scale);
+    });
+    expect_close("attention_forward_mma out" + tag, out, ref.out, 4e-3);
+    expect_close("attention_forward_mma lse" + tag, lse, ref.lse, 1e-5);
+    std::vector<float> ref_out(ref.out.begin(), ref.out.end()), ref_lse(ref.lse.begin(), ref.lse.end());
+    std::vector<float> d_qkv(rows * 3 * D, NAN), drow(B * H * T, NAN);
+    launch_rows(grid, MMA_THREADS, [&] {
+        attention_backward_dq_mma(qkv.data(), ref_out.data(), ref_lse.data(), d_out.data(), d_qkv.data(),
+                                  drow.data(), B, T, H, hd, scale);
+    });
+    launch_rows(grid, MMA_THREADS, [&] {
+        attention_backward_dkv_mma(qkv.data(), ref_lse.data(), d_out.data(), drow.data(), d_qkv.data(), B, T,
+                                   H, hd, scale);
+    });
+    expect_close("attention_backward_mma d_qkv" + tag, d_qkv, ref.d_qkv, 1e-2);
+}
+
 // The fused attention kernels against the naive reference, on the grids ops.rs launches (one
 // block of ATT_THREADS per row tile of each (image, head)) and on a smaller grid that makes the
 // blocks stride. Token counts straddle the 32-row staging tile and the 64-row thread tile; head
@@ -653,7 +693,12 @@ static void test_attention() {
                                    k.T, k.H, k.hd, scale);
         });
         expect_close("attention_backward d_qkv" + tag, d_qkv, ref.d_qkv, 1e-4);
+        test_attention_mma(k.B, k.T, k.H, k.hd, k.small_grid, qkv, d_out, scale, tag);
     }
+    // Several key tiles of the tensor-core kernels, the last one partial.
+    const u64 B = 1, T = 197, H = 2, hd = 32;
+    test_attention_mma(B, T, H, hd, false, random_vec(B * T * 3 * H * hd), random_vec(B * T * H * hd),
+                       1.0f / std::sqrt((float)hd), " B1 T197 H2 hd32");
 }
 
 // The nearest bf16 to a finite x, ties to the even mantissa, found by comparing the two bf16

@@ -14,6 +14,7 @@
 #include "../src/kernels/softmax.cu"
 #include "../src/kernels/loss.cu"
 #include "../src/kernels/attention.cu"
+#include "../src/kernels/attention_mma.cu"
 
 #include <cmath>
 #include <cstdint>

@@ -62,6 +62,47 @@ inline unsigned __float_as_uint(float f) {
 inline float __uint_as_float(unsigned v) { return __int_as_float(v); }
 #include <math.h>  // erfc, exp, expf, fmaxf, sqrt, sqrtf in the global namespace, as in CUDA
 
+// The kernels take this shim's stand-ins for inline PTX (attention_mma.cu).
+#define MAE_HOST_SHIM 1
+
+// mma.sync.m16n8k16 with bf16 A and B and f32 accumulators, across each warp: every lane
+// publishes its fragments, and after a barrier computes its own four outputs from the whole
+// warp's, placed as the PTX ISA lays the fragments out (lane = 4 g + t; A register j: row
+// g + 8 (j % 2), columns 8 (j / 2) + 2 t and + 1; B register j: rows 8 j + 2 t and + 1 of column
+// g; C element i: row g + 8 (i / 2), column 2 t + i % 2). Products of bf16 values are exact in
+// f32; they are summed in ascending k, then added to the accumulator. Correct where every
+// thread of the block makes the same calls, as the attention kernels do.
+inline void host_mma_bf16(float* d, const unsigned* a, unsigned b0, unsigned b1) {
+    struct Fragments {
+        unsigned a[4], b[2];
+    };
+    static thread_local std::vector<Fragments> slots;
+    if (slots.size() < blockDim.x) slots.resize(blockDim.x);
+    slots[threadIdx.x] = Fragments{{a[0], a[1], a[2], a[3]}, {b0, b1}};
+    __syncthreads();
+    const unsigned lane = threadIdx.x % 32, warp = threadIdx.x - lane;
+    auto half = [](unsigned w, unsigned high) {
+        return __uint_as_float(high ? w & 0xffff0000u : w << 16);
+    };
+    auto at_a = [&](unsigned r, unsigned k) {
+        const Fragments& f = slots[warp + (r % 8) * 4 + (k % 8) / 2];
+        return half(f.a[(k / 8) * 2 + r / 8], k % 2);
+    };
+    auto at_b = [&](unsigned k, unsigned n) {
+        const Fragments& f = slots[warp + n * 4 + (k % 8) / 2];
+        return half(f.b[k / 8], k % 2);
+    };
+    float out[4];
+    for (unsigned i = 0; i < 4; ++i) {
+        const unsigned r = lane / 4 + 8 * (i / 2), n = 2 * (lane % 4) + i % 2;
+        float sum = 0.0f;
+        for (unsigned k = 0; k < 16; ++k) sum += at_a(r, k) * at_b(k, n);
+        out[i] = d[i] + sum;
+    }
+    __syncthreads();
+    for (unsigned i = 0; i < 4; ++i) d[i] = out[i];
+}
+
 // Runs `kernel` on a grid of `grid` blocks of `block` threads, one thread after another: for
 // kernels without barriers (a barrier aborts).
 inline void launch(unsigned grid, unsigned block, const std::function<void()>& kernel) {

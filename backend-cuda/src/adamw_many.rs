@@ -121,14 +121,14 @@ impl CudaBackend {
         let stream = &self.stream;
         let addr = |b: &mut CudaBuf| {
             if trains {
-                addr_mut(&mut b.slice, stream)
+                addr_mut(b.slice_mut(), stream)
             } else {
                 0
             }
         };
         Ok(Entry {
             param: addr(t.param),
-            grad: addr_mut(&mut t.grad.slice, stream),
+            grad: addr_mut(t.grad.slice_mut(), stream),
             m: addr(t.m),
             v: addr(t.v),
             len: len as u64,

@@ -65,6 +65,21 @@ impl Precision {
     }
 }
 
+/// How the backend runs multi-head attention (`MAE_CUDA_ATTENTION` chooses by hand).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionPath {
+    /// `composed`: split-heads, GEMM and softmax ops, with an `[N, H, T, T]` score tensor.
+    Composed,
+    /// `fused`: the flash-attention kernels of `kernels/attention.cu`, f32 throughout (one
+    /// thread per row, no tensor cores).
+    Fused,
+    /// `mma`: the flash-attention kernels of `kernels/attention_mma.cu`, whose products run on
+    /// bf16 tensor cores (compute capability 8.0 and later). The bf16 mode only: the f32 and
+    /// TF32 modes, whose tolerances bf16 products would break, take [`AttentionPath::Fused`]
+    /// when asked for it.
+    TensorCores,
+}
+
 /// The `mae` backend on one NVIDIA GPU.
 ///
 /// Build it with [`CudaBackend::new`]; where there is no driver, library or device that returns
@@ -82,15 +97,17 @@ pub struct CudaBackend {
     precision: Precision,
     /// Device time per op when `MAE_CUDA_PROFILE` is set (printed when the backend is dropped).
     pub(crate) profile: Option<Profile>,
-    /// `MAE_CUDA_ATTENTION=fused|composed`: the attention path chosen by hand, for measuring
-    /// one against the other; `None` takes the default of the precision.
-    pub(crate) attention_choice: Option<bool>,
+    /// `MAE_CUDA_ATTENTION=fused|composed|mma`: the attention path chosen by hand, for
+    /// measuring one against the other; `None` takes the default of the precision.
+    attention_choice: Option<AttentionPath>,
+    /// Compute capability 8.0 or later: bf16 `mma.sync` for the tensor-core attention.
+    bf16_tensor_cores: bool,
     /// `MAE_CUDA_BF16_GEMM`: where the bf16 mode rounds GEMM operands (`bf16.rs`).
     pub(crate) bf16_gemm: Bf16Gemm,
     /// The bf16 copies of a GEMM's A and B (two per u32), grown to the largest operand seen.
     /// Locked from the copies' launch until the GEMM that reads them is queued, so that two
     /// threads' GEMMs cannot overwrite each other's copies.
-    pub(crate) bf16_copies: Mutex<[Option<CudaSlice<u32>>; 2]>,
+    pub(crate) bf16_copies: Mutex<[Option<crate::bf16::Bf16Copy>; 2]>,
     /// The device's memory in floats: no buffer can be longer.
     pub(crate) max_len: usize,
 }
@@ -154,7 +171,8 @@ impl CudaBackend {
             device_name,
             precision,
             profile: Profile::from_env(),
-            attention_choice: attention_choice()?,
+            attention_choice: attention_choice(major, minor)?,
+            bf16_tensor_cores: major >= 8,
             bf16_gemm: Bf16Gemm::from_env()?,
             bf16_copies: Mutex::new([None, None]),
         })
@@ -173,6 +191,22 @@ impl CudaBackend {
     /// The GEMM precision.
     pub fn precision(&self) -> Precision {
         self.precision
+    }
+
+    /// How attention runs: `MAE_CUDA_ATTENTION` if set, else the fused f32 kernels in the f32
+    /// and TF32 modes, and in bf16 the tensor-core kernels (the composed ops on devices older
+    /// than compute capability 8.0). Heads wider than the kernels take (64) are composed
+    /// whatever the path.
+    pub fn attention_path(&self) -> AttentionPath {
+        match (self.attention_choice, self.precision) {
+            (Some(AttentionPath::TensorCores), Precision::F32 | Precision::Tf32) => {
+                AttentionPath::Fused
+            }
+            (Some(path), _) => path,
+            (None, Precision::Bf16) if self.bf16_tensor_cores => AttentionPath::TensorCores,
+            (None, Precision::Bf16) => AttentionPath::Composed,
+            (None, _) => AttentionPath::Fused,
+        }
     }
 
     /// Compiles the kernels now instead of at the first op (NVRTC takes about a second), and
@@ -246,11 +280,11 @@ impl CudaBackend {
     }
 
     pub(crate) fn ptr(&self, b: &CudaBuf) -> Arg {
-        Arg::Ptr(addr(&b.slice, &self.stream))
+        Arg::Ptr(addr(b.slice(), &self.stream))
     }
 
     pub(crate) fn ptr_mut(&self, b: &mut CudaBuf) -> Arg {
-        Arg::Ptr(addr_mut(&mut b.slice, &self.stream))
+        Arg::Ptr(addr_mut(b.slice_mut(), &self.stream))
     }
 
     pub(crate) fn scratch_ptr(&self, s: &mut CudaSlice<f64>) -> Arg {
@@ -258,17 +292,23 @@ impl CudaBackend {
     }
 }
 
-/// Reads `MAE_CUDA_ATTENTION`: `fused` forces the fused attention kernels, `composed` the
-/// split-heads, GEMM and softmax ops; unset leaves the choice to the precision.
-fn attention_choice() -> BResult<Option<bool>> {
-    match std::env::var("MAE_CUDA_ATTENTION") {
+/// Reads `MAE_CUDA_ATTENTION` (`fused`, `composed` or `mma`, see [`AttentionPath`]) on a
+/// device of compute capability `major.minor`; unset leaves the choice to the precision.
+fn attention_choice(major: i32, minor: i32) -> BResult<Option<AttentionPath>> {
+    let unsupported =
+        |message: String| BackendError::new(mae::backend::BackendErrorKind::Unsupported, message);
+    match std::env::var("MAE_CUDA_ATTENTION").as_deref() {
         Err(_) => Ok(None),
-        Ok(v) if v == "fused" => Ok(Some(true)),
-        Ok(v) if v == "composed" => Ok(Some(false)),
-        Ok(v) => Err(BackendError::new(
-            mae::backend::BackendErrorKind::Unsupported,
-            format!("MAE_CUDA_ATTENTION={v:?}: expected `fused` or `composed`"),
-        )),
+        Ok("fused") => Ok(Some(AttentionPath::Fused)),
+        Ok("composed") => Ok(Some(AttentionPath::Composed)),
+        Ok("mma") if major >= 8 => Ok(Some(AttentionPath::TensorCores)),
+        Ok("mma") => Err(unsupported(format!(
+            "MAE_CUDA_ATTENTION=mma needs bf16 tensor cores (compute capability 8.0 or later); \
+             this device has {major}.{minor}"
+        ))),
+        Ok(v) => Err(unsupported(format!(
+            "MAE_CUDA_ATTENTION={v:?}: expected `fused`, `composed` or `mma`"
+        ))),
     }
 }
 

@@ -83,21 +83,31 @@ pub(crate) fn copies_pay(g: &Gemm, a_len: usize, b_len: usize) -> bool {
     copied > 0 && flops >= COPY_MIN_FLOPS_PER_ELEMENT * copied
 }
 
+/// The bf16 copy of one GEMM operand (A or B): the scratch, two values per u32, and which
+/// contents it holds.
+pub(crate) struct Bf16Copy {
+    words: CudaSlice<u32>,
+    /// [`CudaBuf::contents`] and length of the operand last copied here. A GEMM whose operand
+    /// still has those contents (the same buffer, not written since) multiplies the copy
+    /// again: a Linear layer's input-gradient and weight-gradient products both read dY as A.
+    of: Option<(u64, usize)>,
+}
+
 impl CudaBackend {
     /// Queues bf16 copies of the first `len` elements of each operand into `copies` (grown to
-    /// fit; the old buffer's free is stream-ordered after the work that reads it) and returns
-    /// the copies' device addresses. The caller holds `copies` locked until the GEMM that reads
-    /// them is queued.
+    /// fit; the old buffer's free is stream-ordered after the work that reads it), unless the
+    /// slot already holds a copy of those contents, and returns the copies' device addresses.
+    /// The caller holds `copies` locked until the GEMM that reads them is queued.
     pub(crate) fn round_to_bf16(
         &self,
-        copies: &mut [Option<CudaSlice<u32>>; 2],
+        copies: &mut [Option<Bf16Copy>; 2],
         operands: [(&CudaBuf, usize); 2],
     ) -> BResult<[u64; 2]> {
         let mut addrs = [0u64; 2];
         for ((slot, (buf, len)), addr) in copies.iter_mut().zip(operands).zip(&mut addrs) {
             let words = len.div_ceil(2).max(1);
             let copy = match slot {
-                Some(s) if s.len() >= words => s,
+                Some(c) if c.words.len() >= words => c,
                 _ => {
                     *slot = None;
                     let bytes = error::bytes_of::<u32>(words)?;
@@ -106,16 +116,25 @@ impl CudaBackend {
                     let fresh = unsafe { self.stream.alloc::<u32>(words) }.map_err(|e| {
                         error::driver(e, "allocating the bf16 copies of GEMM operands", bytes)
                     })?;
-                    slot.insert(fresh)
+                    slot.insert(Bf16Copy {
+                        words: fresh,
+                        of: None,
+                    })
                 }
             };
-            *addr = copy.device_ptr_mut(&self.stream).0;
+            *addr = copy.words.device_ptr_mut(&self.stream).0;
+            let contents = Some((buf.contents(), len));
+            if copy.of == contents {
+                continue;
+            }
+            copy.of = None;
             let args = [self.ptr(buf), Arg::Ptr(*addr), u(len)];
             self.launch(
                 Kernel::RoundToBf16,
                 elementwise(len.div_ceil(2) as u64),
                 &args,
             )?;
+            copy.of = contents;
         }
         Ok(addrs)
     }

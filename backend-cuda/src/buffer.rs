@@ -2,12 +2,20 @@
 //! `mae` allocates empty gradient slots for inference-only models.
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// An owned device buffer of `f32` (the backend's `Buf`).
 #[derive(Debug)]
 pub struct CudaBuf {
-    pub(crate) slice: Option<CudaSlice<f32>>,
+    slice: Option<CudaSlice<f32>>,
+    /// Names the buffer's contents: a number no other buffer and no earlier contents had,
+    /// renewed by every access that may write ([`CudaBuf::slice_mut`]), so that a copy of the
+    /// contents (`bf16.rs`) can tell whether it still is one.
+    contents: u64,
 }
+
+/// The next [`CudaBuf::contents`] number.
+static NEXT_CONTENTS: AtomicU64 = AtomicU64::new(1);
 
 /// An owned device buffer of `u32` indices (the backend's `Idx`).
 #[derive(Debug)]
@@ -16,6 +24,28 @@ pub struct CudaIdx {
 }
 
 impl CudaBuf {
+    pub(crate) fn new(slice: Option<CudaSlice<f32>>) -> CudaBuf {
+        CudaBuf {
+            slice,
+            contents: NEXT_CONTENTS.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn slice(&self) -> &Option<CudaSlice<f32>> {
+        &self.slice
+    }
+
+    /// The slice, for an op that writes it: the buffer's contents get a new name.
+    pub(crate) fn slice_mut(&mut self) -> &mut Option<CudaSlice<f32>> {
+        self.contents = NEXT_CONTENTS.fetch_add(1, Ordering::Relaxed);
+        &mut self.slice
+    }
+
+    /// The name of the buffer's current contents (see the field).
+    pub(crate) fn contents(&self) -> u64 {
+        self.contents
+    }
+
     /// Length in floats.
     pub fn len(&self) -> usize {
         self.slice.as_ref().map_or(0, CudaSlice::len)

@@ -22,6 +22,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("softmax.cu", include_str!("kernels/softmax.cu")),
     ("loss.cu", include_str!("kernels/loss.cu")),
     ("attention.cu", include_str!("kernels/attention.cu")),
+    ("attention_mma.cu", include_str!("kernels/attention_mma.cu")),
 ];
 
 /// The whole program: every file of [`SOURCES`], each introduced by a `#line` directive so
@@ -178,6 +179,11 @@ kernels! {
         (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32);
     AttentionBackwardDkv = "attention_backward_dkv"
         (Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32);
+    AttentionForwardMma = "attention_forward_mma" (Ptr, Ptr, Ptr, U64, U64, U64, U64, F32);
+    AttentionBackwardDqMma = "attention_backward_dq_mma"
+        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32);
+    AttentionBackwardDkvMma = "attention_backward_dkv_mma"
+        (Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32);
 }
 
 /// Checks `args` against the parameter list of `kernel`: a mismatch is a bug in this crate,
@@ -303,6 +309,22 @@ mod tests {
             program_source().contains(&want),
             "attention.cu must say {want:?}"
         );
+    }
+
+    #[test]
+    fn tensor_core_attention_sizes_agree_with_the_cuda_source() {
+        for want in [
+            format!(
+                "#define MMA_THREADS {}\n",
+                crate::launch::ATTENTION_MMA_THREADS
+            ),
+            format!("#define MMA_ROWS {}\n", crate::launch::ATTENTION_MMA_ROWS),
+        ] {
+            assert!(
+                program_source().contains(&want),
+                "attention_mma.cu must say {want:?}"
+            );
+        }
     }
 
     #[test]

@@ -19,6 +19,13 @@ pub(crate) const ATTENTION_THREADS: u32 = 64;
 /// 32 and 64 and takes the smallest that fits; wider heads take the composed ops).
 pub(crate) const ATTENTION_MAX_HEAD_DIM: usize = 64;
 
+/// Threads per block of the tensor-core attention kernels (`MMA_THREADS` in
+/// `kernels/attention_mma.cu`, checked by a unit test): four warps of 16 rows each.
+pub(crate) const ATTENTION_MMA_THREADS: u32 = 128;
+
+/// Rows of one (image, head) per block of the tensor-core attention kernels (`MMA_ROWS`).
+pub(crate) const ATTENTION_MMA_ROWS: u64 = 64;
+
 /// The most blocks one launch asks for: enough to fill any current GPU many times over
 /// (an H100 holds 132 SMs x 8 blocks of 256 threads), far below the 2^31 - 1 grid limit.
 pub(crate) const MAX_BLOCKS: u64 = 1 << 16;
@@ -60,6 +67,17 @@ pub(crate) fn attention(pairs: u64, tokens: u64) -> Option<LaunchConfig> {
     let tiles = tokens.div_ceil(ATTENTION_THREADS as u64);
     (pairs > 0 && tokens > 0).then(|| LaunchConfig {
         block_dim: (ATTENTION_THREADS, 1, 1),
+        ..config(pairs.saturating_mul(tiles))
+    })
+}
+
+/// A launch of the tensor-core attention kernels: one block of [`ATTENTION_MMA_THREADS`] per
+/// [`ATTENTION_MMA_ROWS`] rows of one of `pairs` (image, head) pairs (grid-stride beyond the
+/// cap), or `None` when there is no work.
+pub(crate) fn attention_mma(pairs: u64, tokens: u64) -> Option<LaunchConfig> {
+    let tiles = tokens.div_ceil(ATTENTION_MMA_ROWS);
+    (pairs > 0 && tokens > 0).then(|| LaunchConfig {
+        block_dim: (ATTENTION_MMA_THREADS, 1, 1),
         ..config(pairs.saturating_mul(tiles))
     })
 }
@@ -112,6 +130,19 @@ mod tests {
         assert_eq!((c.grid_dim, c.block_dim), ((24 * 4, 1, 1), (64, 1, 1)));
         assert_eq!(
             attention(u64::MAX, 65).unwrap().grid_dim.0,
+            MAX_BLOCKS as u32
+        );
+    }
+
+    #[test]
+    fn tensor_core_attention_grids_have_one_block_per_64_rows_up_to_the_cap() {
+        assert!(attention_mma(0, 5).is_none());
+        assert!(attention_mma(5, 0).is_none());
+        let c = attention_mma(24, 197).unwrap();
+        assert_eq!((c.grid_dim, c.block_dim), ((24 * 4, 1, 1), (128, 1, 1)));
+        assert_eq!(attention_mma(3, 64).unwrap().grid_dim.0, 3);
+        assert_eq!(
+            attention_mma(u64::MAX, 65).unwrap().grid_dim.0,
             MAX_BLOCKS as u32
         );
     }

@@ -4,11 +4,13 @@
 //! opt-in [`Precision`], backend names `cuda-tf32` and `cuda-bf16`); every other op is a CUDA C
 //! kernel (`src/kernels/*.cu`) compiled with NVRTC for the device's architecture at the first op
 //! and kept for the backend's lifetime. Attention runs as fused kernels (no score matrix in
-//! memory) in f32 and TF32, as split-heads, GEMM and softmax ops in bf16, where they are faster;
-//! `MAE_CUDA_ATTENTION=fused|composed` overrides. In bf16 the Linear layers' GEMMs multiply bf16
-//! copies of their operands written by a rounding kernel, the others let cuBLAS round the f32
-//! operands (`bf16.rs`; `MAE_CUDA_BF16_GEMM=auto|copies|fast`). `MAE_CUDA_PROFILE=1` prints the
-//! device time per kernel when the backend is dropped.
+//! memory): f32 SIMT kernels in f32 and TF32, tensor-core (`mma.sync`, bf16 operands, f32
+//! accumulation) kernels in bf16 on compute capability 8.0 and later, split-heads, GEMM and
+//! softmax ops before that; `MAE_CUDA_ATTENTION=fused|composed|mma` overrides ([`AttentionPath`]).
+//! In bf16 the Linear layers' GEMMs multiply bf16 copies of their operands written by a rounding
+//! kernel, the others let cuBLAS round the f32 operands (`bf16.rs`;
+//! `MAE_CUDA_BF16_GEMM=auto|copies|fast`). `MAE_CUDA_PROFILE=1` prints the device time per
+//! kernel when the backend is dropped.
 //!
 //! The CUDA libraries are loaded at run time (cudarc's `dynamic-loading`), so this crate builds
 //! and its tests run on machines without CUDA: there [`CudaBackend::new`] returns a
@@ -70,7 +72,7 @@ mod ops;
 mod profile;
 mod readers;
 
-pub use backend::{CudaBackend, Precision};
+pub use backend::{AttentionPath, CudaBackend, Precision};
 pub use buffer::{CudaBuf, CudaIdx};
 pub use device::Library;
 

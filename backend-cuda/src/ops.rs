@@ -2,20 +2,20 @@
 //! kernels (`kernels/*.cu`) and cuBLAS; the semantics of each op are the trait's
 //! (`mae::backend`), with the CPU backend as the reference implementation.
 
-use crate::backend::{need, u, CudaBackend, Precision};
+use crate::backend::{need, u, AttentionPath, CudaBackend, Precision};
 use crate::buffer::{CudaBuf, CudaIdx};
 use crate::error;
 use crate::gemm::column_major;
 use crate::kernels::{Arg, Kernel};
 use crate::launch::{
-    attention, chunks, elementwise, per_row, single_block, ATTENTION_MAX_HEAD_DIM, CHUNK_ROWS,
+    attention, attention_mma, chunks, elementwise, per_row, single_block, ATTENTION_MAX_HEAD_DIM,
+    CHUNK_ROWS,
 };
 use crate::readers::max_readers;
 use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasGemmStridedBatchedEx, cublasOperation_t,
     cublasSgemmStridedBatched, cudaDataType,
 };
-use cudarc::driver::{DevicePtr, DevicePtrMut};
 use mae::backend::{
     AdamWStep, Attention, BResult, Backend, BackendError, BackendErrorKind, Gather, Gemm, Heads,
     PatchOrder, Patchify, RowMap,
@@ -121,30 +121,30 @@ impl Backend for CudaBackend {
 
     fn alloc(&self, len: usize) -> BResult<CudaBuf> {
         if len == 0 {
-            return Ok(CudaBuf { slice: None });
+            return Ok(CudaBuf::new(None));
         }
         let bytes = error::bytes_of::<f32>(len)?;
         let slice = self
             .stream
             .alloc_zeros::<f32>(len)
             .map_err(|e| self.stream_error(e, &format!("allocating {len} floats"), bytes))?;
-        Ok(CudaBuf { slice: Some(slice) })
+        Ok(CudaBuf::new(Some(slice)))
     }
 
     fn upload(&self, host: &[f32]) -> BResult<CudaBuf> {
         if host.is_empty() {
-            return Ok(CudaBuf { slice: None });
+            return Ok(CudaBuf::new(None));
         }
         let bytes = error::bytes_of::<f32>(host.len())?;
         let slice = self.stream.clone_htod(host).map_err(|e| {
             self.stream_error(e, &format!("uploading {} floats", host.len()), bytes)
         })?;
-        Ok(CudaBuf { slice: Some(slice) })
+        Ok(CudaBuf::new(Some(slice)))
     }
 
     fn write(&self, dst: &mut CudaBuf, host: &[f32]) -> BResult<()> {
         same_len(dst.len(), host.len(), "write")?;
-        let Some(slice) = dst.slice.as_mut() else {
+        let Some(slice) = dst.slice_mut().as_mut() else {
             return Ok(());
         };
         self.stream
@@ -154,7 +154,7 @@ impl Backend for CudaBackend {
 
     fn download(&self, src: &CudaBuf, host: &mut [f32]) -> BResult<()> {
         same_len(src.len(), host.len(), "download")?;
-        if let Some(slice) = src.slice.as_ref() {
+        if let Some(slice) = src.slice().as_ref() {
             self.stream.memcpy_dtoh(slice, host).map_err(|e| {
                 self.stream_error(e, &format!("downloading {} floats", host.len()), 0)
             })?;
@@ -199,7 +199,7 @@ impl Backend for CudaBackend {
 
     fn copy(&self, src: &CudaBuf, dst: &mut CudaBuf) -> BResult<()> {
         same_len(dst.len(), src.len(), "copy")?;
-        let (Some(s), Some(d)) = (src.slice.as_ref(), dst.slice.as_mut()) else {
+        let (Some(s), Some(d)) = (src.slice().as_ref(), dst.slice_mut().as_mut()) else {
             return Ok(());
         };
         self.stream
@@ -256,15 +256,12 @@ impl Backend for CudaBackend {
             let exact = cublasComputeType_t::CUBLAS_COMPUTE_32F;
             (pa, pb, cudaDataType::CUDA_R_16BF, Some(exact))
         } else {
-            let pa = a.slice.as_ref().map_or(0, |s| s.device_ptr(&self.stream).0);
-            let pb = b.slice.as_ref().map_or(0, |s| s.device_ptr(&self.stream).0);
+            let pa = crate::buffer::addr(a.slice(), &self.stream);
+            let pb = crate::buffer::addr(b.slice(), &self.stream);
             let compute = self.precision().compute_type();
             (pa, pb, cudaDataType::CUDA_R_32F, compute)
         };
-        let pc = c
-            .slice
-            .as_mut()
-            .map_or(0, |s| s.device_ptr_mut(&self.stream).0);
+        let pc = crate::buffer::addr_mut(c.slice_mut(), &self.stream);
         let blas = self
             .blas
             .lock()
@@ -769,13 +766,7 @@ impl Backend for CudaBackend {
     // ---- fused attention ------------------------------------------------------------------
 
     fn fused_attention(&self, a: &Attention) -> bool {
-        // Not in bf16 mode (yet): its golden errors were measured with the attention's GEMMs in
-        // bf16, and one of them (odd_r50, an Adam update of a bias whose gradient is near zero
-        // at step 2) sits at 0.99 of its bound; the fused attention, f32 throughout, moves that
-        // noise to 1.2 while lowering the others. Enabling it there needs the bounds re-measured.
-        // MAE_CUDA_ATTENTION=fused|composed overrides the default, to time one against the other.
-        let default = self.precision() != crate::Precision::Bf16;
-        self.attention_choice.unwrap_or(default)
+        self.attention_path() != AttentionPath::Composed
             && (1..=ATTENTION_MAX_HEAD_DIM).contains(&a.head_dim)
     }
 
@@ -793,7 +784,8 @@ impl Backend for CudaBackend {
         need(lse, ll, "attention_forward", "lse")?;
         let mut args = vec![self.ptr(qkv), self.ptr_mut(out), self.ptr_mut(lse)];
         args.extend(attention_dims(a));
-        self.launch(Kernel::AttentionForward, attention_launch(a), &args)
+        let [forward, _, _] = self.attention_kernels();
+        self.launch(forward, self.attention_launch(a), &args)
     }
 
     fn attention_backward(
@@ -824,7 +816,8 @@ impl Backend for CudaBackend {
             self.ptr_mut(&mut drow),
         ];
         args.extend(attention_dims(a));
-        self.launch(Kernel::AttentionBackwardDq, attention_launch(a), &args)?;
+        let [_, dq, dkv] = self.attention_kernels();
+        self.launch(dq, self.attention_launch(a), &args)?;
         let mut args = vec![
             self.ptr(qkv),
             self.ptr(lse),
@@ -833,7 +826,7 @@ impl Backend for CudaBackend {
             self.ptr_mut(d_qkv),
         ];
         args.extend(attention_dims(a));
-        self.launch(Kernel::AttentionBackwardDkv, attention_launch(a), &args)
+        self.launch(dkv, self.attention_launch(a), &args)
     }
 
     // ---- loss -------------------------------------------------------------------------------
@@ -978,10 +971,6 @@ fn attention_dims(a: &Attention) -> [Arg; 5] {
     ]
 }
 
-fn attention_launch(a: &Attention) -> Option<cudarc::driver::LaunchConfig> {
-    attention((a.batch * a.heads) as u64, a.tokens as u64)
-}
-
 fn need_idx(idx: &CudaIdx, len: usize, op: &str) -> BResult<()> {
     if idx.len() >= len {
         Ok(())
@@ -994,6 +983,32 @@ fn need_idx(idx: &CudaIdx, len: usize, op: &str) -> BResult<()> {
 }
 
 impl CudaBackend {
+    /// The forward, dQ and dK-dV kernels of the fused attention path.
+    fn attention_kernels(&self) -> [Kernel; 3] {
+        if self.attention_path() == AttentionPath::TensorCores {
+            [
+                Kernel::AttentionForwardMma,
+                Kernel::AttentionBackwardDqMma,
+                Kernel::AttentionBackwardDkvMma,
+            ]
+        } else {
+            [
+                Kernel::AttentionForward,
+                Kernel::AttentionBackwardDq,
+                Kernel::AttentionBackwardDkv,
+            ]
+        }
+    }
+
+    fn attention_launch(&self, a: &Attention) -> Option<cudarc::driver::LaunchConfig> {
+        let (pairs, tokens) = ((a.batch * a.heads) as u64, a.tokens as u64);
+        if self.attention_path() == AttentionPath::TensorCores {
+            attention_mma(pairs, tokens)
+        } else {
+            attention(pairs, tokens)
+        }
+    }
+
     /// The attention kernels hold a row of up to [`ATTENTION_MAX_HEAD_DIM`] in registers.
     fn attention_supported(&self, a: &Attention) -> BResult<()> {
         if self.fused_attention(a) {

@@ -1,4 +1,4 @@
-//! Strided-batched GEMM: three kernels and the choice between them.
+//! Strided-batched GEMM: four kernels and the choice between them.
 //!
 //! - [`GemmKernel::Register`] (`shaders/gemm.wgsl`): each invocation holds an 8 x 8 block of C in
 //!   registers and reads A and B straight from the storage buffers, with no workgroup memory
@@ -10,20 +10,29 @@
 //!   feeds 64 multiply-adds instead of 8.
 //! - [`GemmKernel::Wide`] (`shaders/gemm_wide.wgsl`): the tiled scheme with 128 x 128 blocks of C
 //!   and an 8 x 8 register block per invocation, twice the multiply-adds per staged value.
+//! - [`GemmKernel::Fast`] (`shaders/gemm_fast.wgsl`): 128 x 128 blocks and 8 x 8 per invocation
+//!   as in the wide kernel, with what NVIDIA GPUs want from a shader SGEMM: tiles read as
+//!   vectors (4 vector loads per step of k instead of 16 scalar ones), the next step's values
+//!   loaded into registers while the current one is multiplied out, two copies of the tiles in
+//!   workgroup memory (one barrier per step instead of two), no bounds checks inside the
+//!   operands (16.5 KiB of workgroup memory). For every product, single or batched; opt-in
+//!   until measured on a GPU.
 //! - [`GemmKernel::Mixed`]: the wide kernel for single products (the Linear layers), the tiled
 //!   one for batched products (attention's, whose 197 x 197 items fill 128 x 128 blocks
 //!   poorly and come in fewer workgroups). On an H200 the wide kernel ran the Linear layers'
 //!   products up to 24 % faster and attention's up to 40 % slower (docs/results-gpu.md).
 //!
 //! The backend takes the mixed kernels on GPU adapters (discrete, integrated, virtual) and the
-//! register kernel on CPU adapters such as lavapipe; `MAE_WGPU_GEMM=mixed|tiled|wide|register`
-//! overrides that, and a device whose limits cannot hold a kernel's workgroup gets the next
-//! smaller one. Every kernel sums each value's k products in ascending order.
+//! register kernel on CPU adapters such as lavapipe;
+//! `MAE_WGPU_GEMM=mixed|tiled|wide|fast|register` overrides that, and a device whose limits
+//! cannot hold a kernel's workgroup gets the next smaller one (fast, wide, tiled, register).
+//! Every kernel sums each value's k products in ascending order.
 //!
 //! A weight gradient (`dW = dY^T X`, A transposed) has few blocks of C and a long k, the batch's
 //! token count: on a GPU its few workgroups would each walk all of k while most of the device
-//! idles. The tiled kernels run such a product split along k ([`k_splits`]): one batched launch
-//! over slices of k writes each slice's product, and a second pass adds the slices in order.
+//! idles. The workgroup-memory kernels run such a product split along k ([`k_splits`]): one
+//! batched launch over slices of k writes each slice's product, and a second pass adds the
+//! slices in order.
 
 use crate::kernel::{grid_1d, word, Kernel, MAX_GROUPS};
 use crate::{buffer, Buf, WgpuBackend};
@@ -31,14 +40,16 @@ use mae::backend::{BResult, BackendError, BackendErrorKind, Gemm};
 
 /// Rows and columns of C per workgroup of the register and tiled kernels.
 const TILE: usize = 64;
-/// Rows and columns of C per workgroup of the wide kernel.
+/// Rows and columns of C per workgroup of the wide and fast kernels.
 const WIDE_TILE: usize = 128;
 /// Workgroup memory of the tiled kernel: two tiles of 16 rows of 65 floats.
 const TILED_SHARED_BYTES: u32 = 2 * 16 * 65 * 4;
 /// Workgroup memory of the wide kernel: two tiles of 16 rows of 129 floats, just over
 /// WebGPU's default limit of 16 KiB (GPUs' own limits are larger).
 const WIDE_SHARED_BYTES: u32 = 2 * 16 * 129 * 4;
-/// Invocations per workgroup of the tiled kernel (16 x 16).
+/// Workgroup memory of the fast kernel: two copies of two tiles of 8 rows of 33 vec4s.
+const FAST_SHARED_BYTES: u32 = 2 * 2 * 8 * 33 * 16;
+/// Invocations per workgroup of the workgroup-memory kernels (16 x 16).
 const TILED_INVOCATIONS: u32 = 256;
 
 /// Which GEMM kernel the backend runs.
@@ -50,6 +61,9 @@ pub enum GemmKernel {
     Tiled,
     /// Workgroup-shared 128 x 128 tiles (`shaders/gemm_wide.wgsl`): for GPUs.
     Wide,
+    /// [`GemmKernel::Wide`]'s blocks with vector tile reads, register prefetch and double
+    /// buffered tiles (`shaders/gemm_fast.wgsl`): for GPUs, opt-in.
+    Fast,
     /// [`GemmKernel::Wide`] for single products, [`GemmKernel::Tiled`] for batched ones: for
     /// GPUs.
     Mixed,
@@ -70,8 +84,12 @@ impl GemmKernel {
             GemmKernel::Mixed
         });
         match wanted {
+            GemmKernel::Fast if fast_fits(limits) => wanted,
+            GemmKernel::Fast if wide_fits(limits) => GemmKernel::Wide,
             GemmKernel::Wide | GemmKernel::Mixed if wide_fits(limits) => wanted,
-            GemmKernel::Wide | GemmKernel::Mixed | GemmKernel::Tiled if tiled_fits(limits) => {
+            GemmKernel::Fast | GemmKernel::Wide | GemmKernel::Mixed | GemmKernel::Tiled
+                if tiled_fits(limits) =>
+            {
                 GemmKernel::Tiled
             }
             _ => GemmKernel::Register,
@@ -88,18 +106,21 @@ impl GemmKernel {
         }
     }
 
-    /// Reads `MAE_WGPU_GEMM`: `mixed`, `tiled`, `wide`, `register`, or unset for the adapter's
-    /// default.
+    /// Reads `MAE_WGPU_GEMM`: `mixed`, `tiled`, `wide`, `fast`, `register`, or unset for the
+    /// adapter's default.
     pub(crate) fn from_env() -> BResult<Option<GemmKernel>> {
         match std::env::var("MAE_WGPU_GEMM") {
             Err(_) => Ok(None),
             Ok(v) if v == "tiled" => Ok(Some(GemmKernel::Tiled)),
             Ok(v) if v == "wide" => Ok(Some(GemmKernel::Wide)),
+            Ok(v) if v == "fast" => Ok(Some(GemmKernel::Fast)),
             Ok(v) if v == "mixed" => Ok(Some(GemmKernel::Mixed)),
             Ok(v) if v == "register" => Ok(Some(GemmKernel::Register)),
             Ok(v) => Err(BackendError::new(
                 BackendErrorKind::Unsupported,
-                format!("MAE_WGPU_GEMM={v:?}: expected `mixed`, `tiled`, `wide` or `register`"),
+                format!(
+                    "MAE_WGPU_GEMM={v:?}: expected `mixed`, `tiled`, `wide`, `fast` or `register`"
+                ),
             )),
         }
     }
@@ -113,6 +134,11 @@ pub(crate) fn tiled_fits(limits: &wgpu::Limits) -> bool {
 /// Whether a workgroup of the wide kernel fits the device's limits.
 pub(crate) fn wide_fits(limits: &wgpu::Limits) -> bool {
     fits(WIDE_SHARED_BYTES, limits)
+}
+
+/// Whether a workgroup of the fast kernel fits the device's limits.
+pub(crate) fn fast_fits(limits: &wgpu::Limits) -> bool {
+    fits(FAST_SHARED_BYTES, limits)
 }
 
 /// Whether a 16 x 16 workgroup using `shared` bytes of workgroup memory fits.
@@ -151,6 +177,11 @@ pub(crate) fn gemm_with(
             Kernel::GemmTiled { trans_a, trans_b },
             TILE,
             k_splits(g, TILE),
+        ),
+        GemmKernel::Fast => (
+            Kernel::GemmFast { trans_a, trans_b },
+            WIDE_TILE,
+            k_splits(g, WIDE_TILE),
         ),
         _ => (
             Kernel::GemmWide { trans_a, trans_b },

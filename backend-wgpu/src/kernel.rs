@@ -35,6 +35,7 @@ pub(crate) enum Family {
     Gemm,
     GemmTiled,
     GemmWide,
+    GemmFast,
     Attention,
     Rows,
     Norm,
@@ -59,6 +60,10 @@ impl Family {
             Family::GemmWide => concat!(
                 include_str!("shaders/gemm_common.wgsl"),
                 include_str!("shaders/gemm_wide.wgsl")
+            ),
+            Family::GemmFast => concat!(
+                include_str!("shaders/gemm_common.wgsl"),
+                include_str!("shaders/gemm_fast.wgsl")
             ),
             Family::Attention => include_str!("shaders/attention.wgsl"),
             Family::Rows => include_str!("shaders/rows.wgsl"),
@@ -105,6 +110,10 @@ pub(crate) enum Kernel {
         trans_b: bool,
     },
     GemmWide {
+        trans_a: bool,
+        trans_b: bool,
+    },
+    GemmFast {
         trans_a: bool,
         trans_b: bool,
     },
@@ -166,6 +175,7 @@ impl Kernel {
             Kernel::Gemm { .. } => (Family::Gemm, "gemm", &[R, R, W]),
             Kernel::GemmTiled { .. } => (Family::GemmTiled, "gemm_tiled", &[R, R, W]),
             Kernel::GemmWide { .. } => (Family::GemmWide, "gemm_wide", &[R, R, W]),
+            Kernel::GemmFast { .. } => (Family::GemmFast, "gemm_fast", &[R, R, W]),
             Kernel::AttentionForward { .. } => (Family::Attention, "attention_forward", &[R, W, W]),
             Kernel::AttentionBackwardDq { .. } => (
                 Family::Attention,
@@ -228,7 +238,8 @@ impl Kernel {
         match self {
             Kernel::Gemm { trans_a, trans_b }
             | Kernel::GemmTiled { trans_a, trans_b }
-            | Kernel::GemmWide { trans_a, trans_b } => vec![
+            | Kernel::GemmWide { trans_a, trans_b }
+            | Kernel::GemmFast { trans_a, trans_b } => vec![
                 ("TRANS_A", f64::from(u8::from(trans_a))),
                 ("TRANS_B", f64::from(u8::from(trans_b))),
             ],

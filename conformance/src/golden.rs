@@ -321,20 +321,37 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// Relative L2 error of the update `after - before` over the elements whose expected gradient
-/// is at least `mask_fraction` times the tensor's gradient RMS.
+/// at every step so far (`want_grads`, steps 1 ..= s of this tensor) is at least
+/// `mask_fraction` times that step's gradient RMS.
+///
+/// Every step counts, not only the last: Adam's moments carry each earlier gradient into the
+/// update, so an element whose step-1 gradient was noise (below the mask) has a noisy first
+/// moment at step 2 as well. In `conformance/golden/odd_r50`, element 35 of
+/// `decoder_blocks.1.mlp.fc1.bias` has a step-1 gradient at 1.1 % of the RMS and a step-2
+/// gradient at 4.6 %, of the opposite sign: its step-2 first moment is 1.2 % of the tensor's,
+/// and bf16 arithmetic (composed or fused attention alike) gets its update 80-90 % wrong.
 pub fn update_error(
     got_after: &[f32],
     got_before: &[f32],
     want_after: &[f32],
     want_before: &[f32],
-    want_grad: &[f32],
+    want_grads: &[&[f32]],
     mask_fraction: f64,
 ) -> f64 {
-    let n = want_grad.len().max(1) as f64;
-    let rms = (want_grad.iter().map(|&g| (g as f64).powi(2)).sum::<f64>() / n).sqrt();
+    let floors: Vec<f64> = want_grads
+        .iter()
+        .map(|g| {
+            let n = g.len().max(1) as f64;
+            mask_fraction * (g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / n).sqrt()
+        })
+        .collect();
     let (mut num, mut den) = (0.0f64, 0.0f64);
-    for i in 0..want_grad.len() {
-        if (want_grad[i] as f64).abs() < mask_fraction * rms || rms == 0.0 {
+    for i in 0..want_after.len() {
+        let noise = want_grads
+            .iter()
+            .zip(&floors)
+            .any(|(g, &floor)| floor == 0.0 || (g[i] as f64).abs() < floor);
+        if noise {
             continue;
         }
         let got = got_after[i] as f64 - got_before[i] as f64;
@@ -453,13 +470,20 @@ pub fn run<B: Backend>(b: &B, case: &GoldenCase) -> mae::Result<Report> {
         let want_before = if s == 0 {
             &case.params
         } else {
-            &case.expected[0].params
+            &case.expected[s - 1].params
         };
+        // Per tensor, its expected gradients of steps 1 ..= s.
+        let mut grads_so_far: Vec<Vec<&[f32]>> = specs.tensors().map(|_| Vec::new()).collect();
+        for earlier in &case.expected[..=s] {
+            for (list, g) in grads_so_far.iter_mut().zip(earlier.grads.tensors()) {
+                list.push(g);
+            }
+        }
         let rows = specs
             .tensors()
             .zip(after.tensors().zip(before.tensors()))
             .zip(want.params.tensors().zip(want_before.tensors()))
-            .zip(want.grads.tensors());
+            .zip(&grads_so_far);
         for (((spec, (ga, gb)), (wa, wb)), wg) in rows {
             if spec.role != Role::Fixed {
                 let e = update_error(ga, gb, wa, wb, wg, tol.update_mask);
@@ -473,4 +497,26 @@ pub fn run<B: Backend>(b: &B, case: &GoldenCase) -> mae::Result<Report> {
         backend: b.name().to_string(),
         checks,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::update_error;
+
+    #[test]
+    fn update_error_leaves_out_elements_whose_gradient_was_noise_at_any_step() {
+        let before = [0.0f32; 4];
+        let want_after = [1.0f32, -1.0, 1.0, 1.0];
+        // Element 2 is 100 % wrong; element 3 is 10 % wrong.
+        let got_after = [1.0f32, -1.0, -1.0, 0.9];
+        let step1: &[f32] = &[1.0, 1.0, 1e-6, 1.0];
+        let step2: &[f32] = &[1.0, 1.0, 1.0, 1.0];
+        let e =
+            |grads: &[&[f32]]| update_error(&got_after, &before, &want_after, &before, grads, 1e-3);
+        // At step 1 alone element 2's gradient is below the mask: only element 3's error counts.
+        assert!((e(&[step1]) - (0.01f64 / 3.0).sqrt()).abs() < 1e-6);
+        // Step 2's gradient alone would count element 2, but its step-1 gradient was noise.
+        assert!((e(&[step1, step2]) - e(&[step1])).abs() < 1e-12);
+        assert!((e(&[step2]) - (4.01f64 / 4.0).sqrt()).abs() < 1e-6);
+    }
 }

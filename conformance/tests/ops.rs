@@ -1403,6 +1403,13 @@ fn attention_oracle(qkv: &[f64], d_out: &[f64], a: &Attention) -> AttentionWant 
 /// as NaN: the ops overwrite. The backward runs on the backend's own forward results, as the
 /// model does, and twice, bitwise equal.
 fn check_fused_attention<B: Backend>(b: &B) -> Check {
+    check_fused_attention_of(b, |x| x, 0.0)
+}
+
+/// [`check_fused_attention`] on inputs passed through `round` (which the backend's own rounding
+/// then leaves unchanged), with `extra` more relative error per unit of magnitude: for kernels
+/// that round the probabilities and score gradients before their products.
+fn check_fused_attention_of<B: Backend>(b: &B, round: fn(f32) -> f32, extra: f64) -> Check {
     let mut skipped = Vec::new();
     for (i, &(batch, heads, tokens, head_dim)) in ATTENTION_SHAPES.iter().enumerate() {
         let a = Attention {
@@ -1418,11 +1425,12 @@ fn check_fused_attention<B: Backend>(b: &B) -> Check {
         }
         let shape = format!("N{batch} H{heads} T{tokens} hd{head_dim}");
         let (lq, lo, ll) = a.lens();
-        let qkv = data(100 + i as u64, lq, 3 * a.dim(), Fill::Uniform);
-        let d_out = data(200 + i as u64, lo, a.dim(), Fill::Uniform);
+        let rounded = |x: Vec<f32>| x.into_iter().map(round).collect::<Vec<_>>();
+        let qkv = rounded(data(100 + i as u64, lq, 3 * a.dim(), Fill::Uniform));
+        let d_out = rounded(data(200 + i as u64, lo, a.dim(), Fill::Uniform));
         let want = attention_oracle(&f64s(&qkv), &f64s(&d_out), &a);
         let tol = Tol {
-            atol: (tokens + head_dim) as f64 * f32::EPSILON as f64,
+            atol: (tokens + head_dim) as f64 * f32::EPSILON as f64 + extra,
             rtol: 1e-5,
         };
         let qkv_b = up(b, &qkv);
@@ -2631,6 +2639,17 @@ mod cuda_bf16 {
         mae_conformance::backends::cuda_bf16()
     }
 
+    /// The tensor-core attention (the bf16 mode's default on compute capability 8.0 and later)
+    /// on bf16 inputs, which it multiplies exactly: it rounds the probabilities before their
+    /// product with v and dO, and the score gradients before theirs with q and k, each term
+    /// within 2^-8, so two such roundings per unit of magnitude on top of the f32 bound.
+    #[test]
+    fn fused_attention_rounds_only_probabilities_and_score_gradients() {
+        fixed(b(), |b| {
+            check_fused_attention_of(b, bf16_nearest, 2.0 * 2f64.powi(-8))
+        });
+    }
+
     #[test]
     fn gemm_is_within_a_bf16_rounding_of_each_operand() {
         // (1 + 2^-7)^2 - 1 < 2^-6: both operands of a product one bf16 ulp away.
@@ -2668,6 +2687,71 @@ mod cuda_bf16 {
             }
             Ok(())
         });
+    }
+
+    /// The bf16 mode multiplies its copy of an operand again while the buffer is unchanged
+    /// (a Linear layer's two gradient products read dY): a product after the operand was
+    /// overwritten, or after another product copied other operands, uses the new values, and
+    /// one after nothing changed gives bitwise the same result.
+    #[test]
+    fn gemm_copies_follow_their_operands_contents() {
+        fixed(b(), check_gemm_copies);
+    }
+
+    fn check_gemm_copies<B: Backend>(b: &B) -> Check {
+        let g = Gemm::new(640, 576, 64);
+        let (la, lb, lc) = g.lens();
+        let host_a = [1, 2].map(|seed| data(seed, la, g.k, Fill::Uniform));
+        let host_b = data(3, lb, g.n, Fill::Uniform);
+        let product = |a: &B::Buf, bm: &B::Buf| -> Result<Vec<f32>, String> {
+            let mut c = up(b, &vec![f32::NAN; lc]);
+            b.gemm(&g, a, bm, &mut c).map_err(|e| e.to_string())?;
+            Ok(down(b, &c))
+        };
+        let want = |a: &[f32]| {
+            let r = |v: &[f32]| {
+                v.iter()
+                    .map(|&x| bf16_nearest(x) as f64)
+                    .collect::<Vec<_>>()
+            };
+            let mut c = vec![0.0; lc];
+            oracle::gemm(&g, &r(a), &r(&host_b), &mut c);
+            c
+        };
+        let tol = Tol::gemm(g.k, 1.0, 1.0);
+        let (mut a, bm) = (up(b, &host_a[0]), up(b, &host_b));
+        let first = product(&a, &bm)?;
+        compare("gemm", "first", &first, &want(&host_a[0]), tol, None)?;
+        if product(&a, &bm)? != first {
+            return Err("the same product twice differs".into());
+        }
+        b.write(&mut a, &host_a[1]).map_err(|e| e.to_string())?;
+        let changed = product(&a, &bm)?;
+        compare(
+            "gemm",
+            "A overwritten",
+            &changed,
+            &want(&host_a[1]),
+            tol,
+            None,
+        )?;
+        let other = up(b, &host_a[0]);
+        compare(
+            "gemm",
+            "another A",
+            &product(&other, &bm)?,
+            &want(&host_a[0]),
+            tol,
+            None,
+        )?;
+        compare(
+            "gemm",
+            "A again",
+            &product(&a, &bm)?,
+            &want(&host_a[1]),
+            tol,
+            None,
+        )
     }
 
     #[test]

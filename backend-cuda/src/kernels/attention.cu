@@ -31,14 +31,14 @@
     __shared__ float ta[ATT_TILE * ATT_MAX_HD];                                               \
     __shared__ float tb[ATT_TILE * ATT_MAX_HD]
 
-// The (image, head) pair and the first row of block `blk`, `tiles` row tiles per pair.
+// The (image, head) pair and the first row of block `blk`, `tiles` tiles of `rows` rows per pair.
 struct AttBlock {
     u64 b, h, row0;
 };
-__device__ __forceinline__ AttBlock att_block(u64 blk, u64 tiles, u64 heads) {
+__device__ __forceinline__ AttBlock att_block(u64 blk, u64 tiles, u64 heads, u64 rows) {
     const u64 pair = div_u(blk, tiles);
     AttBlock a;
-    a.row0 = mod_u(blk, tiles) * ATT_THREADS;
+    a.row0 = mod_u(blk, tiles) * rows;
     a.b = div_u(pair, heads);
     a.h = mod_u(pair, heads);
     return a;
@@ -126,7 +126,7 @@ extern "C" __global__ void attention_forward(const float* qkv, float* out, float
     ATT_SHARED_TILES;
     const u64 tiles = (tokens + ATT_THREADS - 1) / ATT_THREADS;
     for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
-        const AttBlock blk = att_block(g, tiles, heads);
+        const AttBlock blk = att_block(g, tiles, heads, ATT_THREADS);
         const u32 h = (u32)hd;
         if (hd <= 32) {
             attention_forward_block<32>(qkv, out, lse, tokens, heads, h, scale, blk, ta, tb);
@@ -188,7 +188,7 @@ extern "C" __global__ void attention_backward_dq(const float* qkv, const float* 
     ATT_SHARED_TILES;
     const u64 tiles = (tokens + ATT_THREADS - 1) / ATT_THREADS;
     for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
-        const AttBlock blk = att_block(g, tiles, heads);
+        const AttBlock blk = att_block(g, tiles, heads, ATT_THREADS);
         const u32 h = (u32)hd;
         if (hd <= 32) {
             attention_dq_block<32>(qkv, out, lse, d_out, d_qkv, drow, tokens, heads, h, scale, blk,
@@ -263,7 +263,7 @@ extern "C" __global__ void attention_backward_dkv(const float* qkv, const float*
     __shared__ float drow_tile[ATT_TILE];
     const u64 tiles = (tokens + ATT_THREADS - 1) / ATT_THREADS;
     for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
-        const AttBlock blk = att_block(g, tiles, heads);
+        const AttBlock blk = att_block(g, tiles, heads, ATT_THREADS);
         const u32 h = (u32)hd;
         if (hd <= 32) {
             attention_dkv_block<32>(qkv, lse, d_out, drow, d_qkv, tokens, heads, h, scale, blk, ta,

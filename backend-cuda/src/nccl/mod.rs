@@ -219,7 +219,7 @@ impl DataParallel {
             self.lib.check(started, "ncclGroupStart")?;
             let mut queued = Ok(());
             for &i in &bucket {
-                let ptr = addr_mut(&mut bufs[i].slice, &self.stream) as *mut std::ffi::c_void;
+                let ptr = addr_mut(bufs[i].slice_mut(), &self.stream) as *mut std::ffi::c_void;
                 // SAFETY: `ptr` addresses a live allocation of `lens[i]` f32 on this
                 // communicator's device (the buffer is borrowed mutably until we return, and
                 // frees are stream-ordered after the collective); reducing in place is allowed;

@@ -1,0 +1,437 @@
+// Flash attention on the tensor cores, for the bf16 mode: attention.cu's algorithm (same
+// layouts, same outputs, online softmax forward, the two-kernel backward without atomics) with
+// every product on `mma.sync.m16n8k16` (bf16 operands rounded to nearest, f32 accumulation).
+// Scores, probabilities, their gradients and the softmax statistics stay f32 in registers; only
+// the operands of the products are rounded, as in the bf16 mode's GEMMs.
+//
+// A block of MMA_THREADS (4 warps) takes MMA_ROWS rows of one (image, head), 16 per warp, and
+// walks the other side's rows in tiles of MMA_TILE, staged in shared memory as bf16: row-major
+// ([row][feature], for products that contract over features) and transposed ([feature][row],
+// for products that contract over rows), each row padded by MMA_PAD so that the fragment reads
+// of a warp hit 32 different banks. The warp's own 16 rows are loaded straight into A
+// fragments. Accumulators of a product over the tile (16 x MMA_TILE) have the layout of the A
+// fragments of the next product (`mma_c_to_a`), so probabilities never leave registers.
+//
+// PTX fragment layouts of m16n8k16 (lane = 4 g + t): A (16 x 16) register j holds row
+// g + 8 (j % 2), columns 8 (j / 2) + 2 t and + 1; B (16 x 8) register j holds rows (k)
+// 8 j + 2 t and + 1 of column g; C (16 x 8) element i is row g + 8 (i / 2), column 2 t + i % 2.
+// Columns hd .. HD of every operand are zero, and rows past `tokens` are zero (masked to -inf
+// where they are keys of a softmax).
+
+#define MMA_THREADS 128
+#define MMA_ROWS 64
+#define MMA_TILE 64
+#define MMA_PAD 8
+// 32-bit words of one staged tile, either layout, for the widest head (64).
+#define MMA_TILE_WORDS (MMA_TILE * (64 + MMA_PAD) / 2)
+
+typedef unsigned short u16;
+
+#ifdef MAE_HOST_SHIM
+#define UNROLL
+#else
+#define UNROLL _Pragma("unroll")
+#endif
+
+// d += a b for one m16n8k16 product of bf16 fragments with f32 accumulators.
+__device__ __forceinline__ void mma_bf16(float* d, const u32* a, u32 b0, u32 b1) {
+#ifdef MAE_HOST_SHIM
+    host_mma_bf16(d, a, b0, b1);
+#elif __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    // Not reached: the host selects these kernels on compute capability 8.0 and above only.
+    asm volatile("trap;");
+#endif
+}
+
+// Two floats rounded to nearest bf16 (bf16_bits, elementwise.cu), `lo` in the low half.
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    return bf16_bits(lo) | (bf16_bits(hi) << 16);
+}
+
+__device__ __forceinline__ u32 word_at(const u16* p) { return *(const u32*)p; }
+
+// Max and sum over the four lanes of a group (lanes 4 g .. 4 g + 3 share rows g and g + 8).
+__device__ __forceinline__ float group_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float group_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// Stages rows r0 .. r0 + MMA_TILE of one head as bf16, row-major into `rm` and transposed into
+// `tr` (either may be null): `src` points at the head's column 0 in row 0, rows `stride` floats
+// apart, `rows` of them valid. Every thread of the block calls it between barriers.
+template <int HD>
+__device__ void mma_stage(u16* rm, u16* tr, const float* src, u64 stride, u64 r0, u64 rows,
+                          u32 hd) {
+    for (u32 e = threadIdx.x; e < MMA_TILE * HD; e += MMA_THREADS) {
+        const u32 r = e / HD, c = e % HD;
+        const u16 v = r0 + r < rows && c < hd ? (u16)bf16_bits(src[(r0 + r) * stride + c]) : 0;
+        if (rm) rm[r * (HD + MMA_PAD) + c] = v;
+        if (tr) tr[c * (MMA_TILE + MMA_PAD) + r] = v;
+    }
+}
+
+// The A fragments of this warp's 16 rows row0 .. row0 + 16 of one head (`src`, `stride` and
+// `rows` as in mma_stage), one per 16 features.
+template <int HD>
+__device__ void mma_load_a(u32 (*a)[4], const float* src, u64 stride, u64 row0, u64 rows,
+                           u32 hd) {
+    const u32 lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    UNROLL
+    for (u32 kk = 0; kk < HD / 16; ++kk) {
+        UNROLL
+        for (u32 j = 0; j < 4; ++j) {
+            const u64 r = row0 + g + 8 * (j % 2);
+            const u32 c = 16 * kk + 8 * (j / 2) + 2 * t;
+            const float* p = src + r * stride + c;
+            const bool in = r < rows;
+            a[kk][j] = pack_bf16(in && c < hd ? p[0] : 0.0f, in && c + 1 < hd ? p[1] : 0.0f);
+        }
+    }
+}
+
+// s = a x^T over the HD features: the warp's 16 rows (A fragments) against the MMA_TILE rows
+// of a row-major tile `rm`, as 16 x MMA_TILE accumulators (s[n] holds columns 8 n .. 8 n + 8).
+template <int HD>
+__device__ void mma_scores(float (*s)[4], const u32 (*a)[4], const u16* rm) {
+    const u32 lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    UNROLL
+    for (u32 n = 0; n < MMA_TILE / 8; ++n) {
+        UNROLL
+        for (u32 i = 0; i < 4; ++i) s[n][i] = 0.0f;
+        const u16* row = rm + (8 * n + g) * (HD + MMA_PAD) + 2 * t;
+        UNROLL
+        for (u32 kk = 0; kk < HD / 16; ++kk) {
+            mma_bf16(s[n], a[kk], word_at(row + 16 * kk), word_at(row + 16 * kk + 8));
+        }
+    }
+}
+
+// acc += p x over the tile's MMA_TILE rows: p (A fragments of 16 x MMA_TILE) times the tile
+// transposed in `tr`, into 16 x HD accumulators (acc[n] holds features 8 n .. 8 n + 8).
+template <int HD>
+__device__ void mma_accumulate(float (*acc)[4], const u32 (*p)[4], const u16* tr) {
+    const u32 lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    UNROLL
+    for (u32 n = 0; n < HD / 8; ++n) {
+        const u16* col = tr + (8 * n + g) * (MMA_TILE + MMA_PAD) + 2 * t;
+        UNROLL
+        for (u32 kk = 0; kk < MMA_TILE / 16; ++kk) {
+            mma_bf16(acc[n], p[kk], word_at(col + 16 * kk), word_at(col + 16 * kk + 8));
+        }
+    }
+}
+
+// The A fragments (bf16) of 16 x MMA_TILE accumulators: n-tiles 2 kk and 2 kk + 1 are k-step kk.
+__device__ __forceinline__ void mma_c_to_a(u32 (*a)[4], const float (*c)[4]) {
+    UNROLL
+    for (u32 kk = 0; kk < MMA_TILE / 16; ++kk) {
+        a[kk][0] = pack_bf16(c[2 * kk][0], c[2 * kk][1]);
+        a[kk][1] = pack_bf16(c[2 * kk][2], c[2 * kk][3]);
+        a[kk][2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+        a[kk][3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+    }
+}
+
+// Writes 16 x HD accumulators times `scale` to this warp's rows of one head of `dst` (row
+// stride `stride`), rows below `rows` and columns below `hd` only.
+template <int HD>
+__device__ void mma_store(float* dst, u64 stride, u64 row0, u64 rows, u32 hd,
+                          const float (*acc)[4], float scale) {
+    const u32 lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    UNROLL
+    for (u32 n = 0; n < HD / 8; ++n) {
+        UNROLL
+        for (u32 i = 0; i < 4; ++i) {
+            const u64 r = row0 + g + 8 * (i / 2);
+            const u32 c = 8 * n + 2 * t + i % 2;
+            if (r < rows && c < hd) dst[r * stride + c] = scale * acc[n][i];
+        }
+    }
+}
+
+// Forward for one block: per key tile, the scores on the tensor cores, the running maximum and
+// sum per row (rows g and g + 8 of the warp, each spread over a group's four lanes), and the
+// output rescaled once per tile. The row sum adds the f32 exponentials, so lse is as exact as
+// the scores; their bf16 roundings in the product with v weigh each v_j within 2^-8 of it.
+template <int HD>
+__device__ void mma_forward_block(const float* qkv, float* out, float* lse, u64 tokens,
+                                  u64 heads, u32 hd, float scale, AttBlock blk, u16* ks,
+                                  u16* vt) {
+    const u64 dim = heads * hd, width = 3 * dim;
+    const u32 lane = threadIdx.x % 32, t = lane % 4;
+    const u64 row0 = blk.row0 + 16 * (threadIdx.x / 32);
+    const float* base = qkv + blk.b * tokens * width + blk.h * hd;
+    u32 q[HD / 16][4];
+    mma_load_a<HD>(q, base, width, row0, tokens, hd);
+    float o[HD / 8][4];
+    UNROLL
+    for (u32 n = 0; n < HD / 8; ++n) {
+        UNROLL
+        for (u32 i = 0; i < 4; ++i) o[n][i] = 0.0f;
+    }
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
+    for (u64 j0 = 0; j0 < tokens; j0 += MMA_TILE) {
+        __syncthreads();  // the previous tile is no longer read
+        mma_stage<HD>(ks, nullptr, base + dim, width, j0, tokens, hd);
+        mma_stage<HD>(nullptr, vt, base + 2 * dim, width, j0, tokens, hd);
+        __syncthreads();
+        float s[MMA_TILE / 8][4];
+        mma_scores<HD>(s, q, ks);
+        float tile_max[2] = {NEG_INF, NEG_INF};
+        UNROLL
+        for (u32 n = 0; n < MMA_TILE / 8; ++n) {
+            UNROLL
+            for (u32 i = 0; i < 4; ++i) {
+                const bool key = j0 + 8 * n + 2 * t + i % 2 < tokens;
+                s[n][i] = key ? scale * s[n][i] : NEG_INF;
+                tile_max[i / 2] = fmaxf(tile_max[i / 2], s[n][i]);
+            }
+        }
+        UNROLL
+        for (u32 r = 0; r < 2; ++r) {
+            const float m_new = fmaxf(m[r], group_max(tile_max[r]));
+            // exp(-inf) = 0 on the first tile, where l and o are still 0.
+            const float corr = expf(m[r] - m_new);
+            l[r] *= corr;
+            UNROLL
+            for (u32 n = 0; n < HD / 8; ++n) {
+                o[n][2 * r] *= corr;
+                o[n][2 * r + 1] *= corr;
+            }
+            m[r] = m_new;
+        }
+        UNROLL
+        for (u32 n = 0; n < MMA_TILE / 8; ++n) {
+            UNROLL
+            for (u32 i = 0; i < 4; ++i) {
+                // Masked keys: exp(-inf) = 0.
+                s[n][i] = expf(s[n][i] - m[i / 2]);
+                l[i / 2] += s[n][i];
+            }
+        }
+        u32 p[MMA_TILE / 16][4];
+        mma_c_to_a(p, s);
+        mma_accumulate<HD>(o, p, vt);
+    }
+    const float total[2] = {group_sum(l[0]), group_sum(l[1])};
+    UNROLL
+    for (u32 n = 0; n < HD / 8; ++n) {
+        UNROLL
+        for (u32 i = 0; i < 4; ++i) o[n][i] /= total[i / 2];
+    }
+    mma_store<HD>(out + blk.b * tokens * dim + blk.h * hd, dim, row0, tokens, hd, o, 1.0f);
+    if (t == 0) {
+        UNROLL
+        for (u32 r = 0; r < 2; ++r) {
+            const u64 i = row0 + lane / 4 + 8 * r;
+            if (i < tokens) lse[(blk.b * heads + blk.h) * tokens + i] = m[r] + logf(total[r]);
+        }
+    }
+}
+
+// out = softmax(scale * q k^T) v per (image, head), lse = log of each row's sum of exponentials.
+extern "C" __global__ void attention_forward_mma(const float* qkv, float* out, float* lse,
+                                                 u64 batch, u64 tokens, u64 heads, u64 hd,
+                                                 float scale) {
+    // The block functions use __syncthreads: every thread of a block runs every tile.
+    __shared__ u32 ta[MMA_TILE_WORDS];
+    __shared__ u32 tb[MMA_TILE_WORDS];
+    const u64 tiles = (tokens + MMA_ROWS - 1) / MMA_ROWS;
+    for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
+        const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
+        const u32 h = (u32)hd;
+        if (hd <= 32) {
+            mma_forward_block<32>(qkv, out, lse, tokens, heads, h, scale, blk, (u16*)ta, (u16*)tb);
+        } else {
+            mma_forward_block<64>(qkv, out, lse, tokens, heads, h, scale, blk, (u16*)ta, (u16*)tb);
+        }
+    }
+}
+
+// dQ for one block: Drow_i = dO_i . O_i in f32, then per key tile p = exp(scale q_i . k_j -
+// lse_i), ds = p (dO_i . v_j - Drow_i), dq += ds k_j on the tensor cores; dq is scaled once at
+// the end. Writes Drow for the dK, dV kernel.
+template <int HD>
+__device__ void mma_dq_block(const float* qkv, const float* out, const float* lse,
+                             const float* d_out, float* d_qkv, float* drow, u64 tokens,
+                             u64 heads, u32 hd, float scale, AttBlock blk, u16* ks, u16* kt,
+                             u16* vs) {
+    const u64 dim = heads * hd, width = 3 * dim;
+    const u32 lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const u64 row0 = blk.row0 + 16 * (threadIdx.x / 32);
+    const float* base = qkv + blk.b * tokens * width + blk.h * hd;
+    const float* dout_base = d_out + blk.b * tokens * dim + blk.h * hd;
+    const float* out_base = out + blk.b * tokens * dim + blk.h * hd;
+    const u64 lbase = (blk.b * heads + blk.h) * tokens;
+    float d[2], li[2];
+    UNROLL
+    for (u32 r = 0; r < 2; ++r) {
+        const u64 i = row0 + g + 8 * r;
+        float acc = 0.0f;
+        if (i < tokens) {
+            for (u32 c = t; c < hd; c += 4) acc += dout_base[i * dim + c] * out_base[i * dim + c];
+        }
+        d[r] = group_sum(acc);
+        li[r] = i < tokens ? lse[lbase + i] : 0.0f;
+    }
+    u32 q[HD / 16][4], dout[HD / 16][4];
+    mma_load_a<HD>(q, base, width, row0, tokens, hd);
+    mma_load_a<HD>(dout, dout_base, dim, row0, tokens, hd);
+    float dq[HD / 8][4];
+    UNROLL
+    for (u32 n = 0; n < HD / 8; ++n) {
+        UNROLL
+        for (u32 i = 0; i < 4; ++i) dq[n][i] = 0.0f;
+    }
+    for (u64 j0 = 0; j0 < tokens; j0 += MMA_TILE) {
+        __syncthreads();
+        mma_stage<HD>(ks, kt, base + dim, width, j0, tokens, hd);
+        mma_stage<HD>(vs, nullptr, base + 2 * dim, width, j0, tokens, hd);
+        __syncthreads();
+        float s[MMA_TILE / 8][4], dp[MMA_TILE / 8][4];
+        mma_scores<HD>(s, q, ks);
+        mma_scores<HD>(dp, dout, vs);
+        UNROLL
+        for (u32 n = 0; n < MMA_TILE / 8; ++n) {
+            UNROLL
+            for (u32 i = 0; i < 4; ++i) {
+                const bool key = j0 + 8 * n + 2 * t + i % 2 < tokens;
+                const float p = key ? expf(scale * s[n][i] - li[i / 2]) : 0.0f;
+                s[n][i] = p * (dp[n][i] - d[i / 2]);
+            }
+        }
+        u32 ds[MMA_TILE / 16][4];
+        mma_c_to_a(ds, s);
+        mma_accumulate<HD>(dq, ds, kt);
+    }
+    mma_store<HD>(d_qkv + blk.b * tokens * width + blk.h * hd, width, row0, tokens, hd, dq, scale);
+    if (t == 0) {
+        UNROLL
+        for (u32 r = 0; r < 2; ++r) {
+            const u64 i = row0 + g + 8 * r;
+            if (i < tokens) drow[lbase + i] = d[r];
+        }
+    }
+}
+
+// Gradient of q into the q columns of d_qkv (overwritten), and Drow [batch, heads, tokens].
+extern "C" __global__ void attention_backward_dq_mma(const float* qkv, const float* out,
+                                                     const float* lse, const float* d_out,
+                                                     float* d_qkv, float* drow, u64 batch,
+                                                     u64 tokens, u64 heads, u64 hd,
+                                                     float scale) {
+    // The block functions use __syncthreads: every thread of a block runs every tile.
+    __shared__ u32 ta[MMA_TILE_WORDS];
+    __shared__ u32 tb[MMA_TILE_WORDS];
+    __shared__ u32 tc[MMA_TILE_WORDS];
+    const u64 tiles = (tokens + MMA_ROWS - 1) / MMA_ROWS;
+    for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
+        const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
+        const u32 h = (u32)hd;
+        if (hd <= 32) {
+            mma_dq_block<32>(qkv, out, lse, d_out, d_qkv, drow, tokens, heads, h, scale, blk,
+                             (u16*)ta, (u16*)tb, (u16*)tc);
+        } else {
+            mma_dq_block<64>(qkv, out, lse, d_out, d_qkv, drow, tokens, heads, h, scale, blk,
+                             (u16*)ta, (u16*)tb, (u16*)tc);
+        }
+    }
+}
+
+// dK, dV for one block, the warp's 16 key rows against query tiles: s^T = k q^T and
+// dp^T = v dO^T on the tensor cores, p = exp(scale s - lse_i) per query column (a query past
+// `tokens` has lse +inf, so p = 0), dv += p^T dO, ds = p (dp - Drow_i), dk += ds^T q; dk is
+// scaled once at the end.
+template <int HD>
+__device__ void mma_dkv_block(const float* qkv, const float* lse, const float* d_out,
+                              const float* drow, float* d_qkv, u64 tokens, u64 heads, u32 hd,
+                              float scale, AttBlock blk, u16* qs, u16* qt, u16* dos, u16* dot,
+                              float* ls, float* ds_row) {
+    const u64 dim = heads * hd, width = 3 * dim;
+    const u32 t = threadIdx.x % 4;
+    const u64 row0 = blk.row0 + 16 * (threadIdx.x / 32);
+    const float* base = qkv + blk.b * tokens * width + blk.h * hd;
+    const float* dout_base = d_out + blk.b * tokens * dim + blk.h * hd;
+    const u64 lbase = (blk.b * heads + blk.h) * tokens;
+    u32 k[HD / 16][4], v[HD / 16][4];
+    mma_load_a<HD>(k, base + dim, width, row0, tokens, hd);
+    mma_load_a<HD>(v, base + 2 * dim, width, row0, tokens, hd);
+    float dk[HD / 8][4], dv[HD / 8][4];
+    UNROLL
+    for (u32 n = 0; n < HD / 8; ++n) {
+        UNROLL
+        for (u32 i = 0; i < 4; ++i) {
+            dk[n][i] = 0.0f;
+            dv[n][i] = 0.0f;
+        }
+    }
+    for (u64 i0 = 0; i0 < tokens; i0 += MMA_TILE) {
+        __syncthreads();
+        mma_stage<HD>(qs, qt, base, width, i0, tokens, hd);
+        mma_stage<HD>(dos, dot, dout_base, dim, i0, tokens, hd);
+        for (u32 r = threadIdx.x; r < MMA_TILE; r += MMA_THREADS) {
+            const bool in = i0 + r < tokens;
+            ls[r] = in ? lse[lbase + i0 + r] : __int_as_float(0x7f800000);
+            ds_row[r] = in ? drow[lbase + i0 + r] : 0.0f;
+        }
+        __syncthreads();
+        float s[MMA_TILE / 8][4], dp[MMA_TILE / 8][4];
+        mma_scores<HD>(s, k, qs);
+        mma_scores<HD>(dp, v, dos);
+        UNROLL
+        for (u32 n = 0; n < MMA_TILE / 8; ++n) {
+            UNROLL
+            for (u32 i = 0; i < 4; ++i) {
+                const u32 c = 8 * n + 2 * t + i % 2;
+                const float p = expf(scale * s[n][i] - ls[c]);
+                s[n][i] = p;
+                dp[n][i] = p * (dp[n][i] - ds_row[c]);
+            }
+        }
+        u32 pa[MMA_TILE / 16][4], dsa[MMA_TILE / 16][4];
+        mma_c_to_a(pa, s);
+        mma_c_to_a(dsa, dp);
+        mma_accumulate<HD>(dv, pa, dot);
+        mma_accumulate<HD>(dk, dsa, qt);
+    }
+    float* dst = d_qkv + blk.b * tokens * width + blk.h * hd;
+    mma_store<HD>(dst + dim, width, row0, tokens, hd, dk, scale);
+    mma_store<HD>(dst + 2 * dim, width, row0, tokens, hd, dv, 1.0f);
+}
+
+// Gradients of k and v into the k and v columns of d_qkv (overwritten), given the dQ kernel's
+// Drow.
+extern "C" __global__ void attention_backward_dkv_mma(const float* qkv, const float* lse,
+                                                      const float* d_out, const float* drow,
+                                                      float* d_qkv, u64 batch, u64 tokens,
+                                                      u64 heads, u64 hd, float scale) {
+    // The block functions use __syncthreads: every thread of a block runs every tile.
+    __shared__ u32 ta[MMA_TILE_WORDS];
+    __shared__ u32 tb[MMA_TILE_WORDS];
+    __shared__ u32 tc[MMA_TILE_WORDS];
+    __shared__ u32 td[MMA_TILE_WORDS];
+    __shared__ float lse_tile[MMA_TILE];
+    __shared__ float drow_tile[MMA_TILE];
+    const u64 tiles = (tokens + MMA_ROWS - 1) / MMA_ROWS;
+    for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
+        const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
+        const u32 h = (u32)hd;
+        if (hd <= 32) {
+            mma_dkv_block<32>(qkv, lse, d_out, drow, d_qkv, tokens, heads, h, scale, blk,
+                              (u16*)ta, (u16*)tb, (u16*)tc, (u16*)td, lse_tile, drow_tile);
+        } else {
+            mma_dkv_block<64>(qkv, lse, d_out, drow, d_qkv, tokens, heads, h, scale, blk,
+                              (u16*)ta, (u16*)tb, (u16*)tc, (u16*)td, lse_tile, drow_tile);
+        }
+    }
+}
