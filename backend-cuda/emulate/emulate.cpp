@@ -657,15 +657,16 @@ static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, std
 // The fused attention kernels against the naive reference, on the grids ops.rs launches (one
 // block of ATT_THREADS per row tile of each (image, head)) and on a smaller grid that makes the
 // blocks stride. Token counts straddle the 32-row staging tile and the 64-row thread tile; head
-// widths fill the 32 and 64 instantiations exactly and partly (8, 16, 48). The backward
-// runs on the reference out and lse, so each kernel is checked on its own.
+// widths fill the 32 and 64 instantiations exactly and partly (6, 8, 16, 48; 6 is not a multiple
+// of the tensor-core kernels' four-float loads). The backward runs on the reference out and
+// lse, so each kernel is checked on its own.
 static void test_attention() {
     struct Case {
         u64 B, T, H, hd;
         bool small_grid;
     };
-    const Case cases[] = {{2, 7, 3, 8, false}, {1, 70, 2, 64, false}, {2, 33, 2, 48, false},
-                          {3, 1, 2, 32, false}, {2, 50, 3, 16, true}};
+    const Case cases[] = {{2, 7, 3, 8, false},  {1, 70, 2, 64, false}, {2, 33, 2, 48, false},
+                          {3, 1, 2, 32, false}, {2, 50, 3, 16, true},  {2, 9, 2, 6, false}};
     for (const Case& k : cases) {
         const u64 D = k.H * k.hd, W = 3 * D, rows = k.B * k.T;
         const float scale = 1.0f / std::sqrt((float)k.hd);

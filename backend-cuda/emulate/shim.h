@@ -18,6 +18,7 @@ inline Dim3 blockDim, gridDim;
 inline thread_local bool in_fibers = false;
 
 #define __global__
+#define __launch_bounds__(...)
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static

@@ -242,7 +242,11 @@ mod tests {
         let mut out = Vec::new();
         let mut rest = src;
         while let Some(at) = rest.find("extern \"C\" __global__ void ") {
-            rest = &rest[at + "extern \"C\" __global__ void ".len()..];
+            rest = rest[at + "extern \"C\" __global__ void ".len()..].trim_start();
+            // An occupancy hint between the return type and the name.
+            if let Some(hinted) = rest.strip_prefix("__launch_bounds__(") {
+                rest = hinted[hinted.find(')').unwrap() + 1..].trim_start();
+            }
             let open = rest.find('(').unwrap();
             let close = rest.find(')').unwrap();
             let name = rest[..open].trim().to_string();

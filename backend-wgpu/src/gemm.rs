@@ -15,12 +15,12 @@
 //!   vectors (4 vector loads per step of k instead of 16 scalar ones), the next step's values
 //!   loaded into registers while the current one is multiplied out, two copies of the tiles in
 //!   workgroup memory (one barrier per step instead of two), no bounds checks inside the
-//!   operands (16.5 KiB of workgroup memory). For every product, single or batched; opt-in
-//!   until measured on a GPU.
-//! - [`GemmKernel::Mixed`]: the wide kernel for single products (the Linear layers), the tiled
-//!   one for batched products (attention's, whose 197 x 197 items fill 128 x 128 blocks
-//!   poorly and come in fewer workgroups). On an H200 the wide kernel ran the Linear layers'
-//!   products up to 24 % faster and attention's up to 40 % slower (docs/results-gpu.md).
+//!   operands (16.5 KiB of workgroup memory).
+//! - [`GemmKernel::Mixed`]: the fast kernel, except for weight gradients (A transposed, one
+//!   product, split along k), which take the tiled one. On an H200 the fast kernel ran the
+//!   Linear layers' forward and input-gradient products 1.5-2x as fast as the wide one (24-30
+//!   TFLOP/s) and attention's batched ones as fast as the tiled one or faster, but the weight
+//!   gradients 1.2-1.7x slower than the tiled kernel (docs/results-gpu.md).
 //!
 //! The backend takes the mixed kernels on GPU adapters (discrete, integrated, virtual) and the
 //! register kernel on CPU adapters such as lavapipe;
@@ -62,10 +62,10 @@ pub enum GemmKernel {
     /// Workgroup-shared 128 x 128 tiles (`shaders/gemm_wide.wgsl`): for GPUs.
     Wide,
     /// [`GemmKernel::Wide`]'s blocks with vector tile reads, register prefetch and double
-    /// buffered tiles (`shaders/gemm_fast.wgsl`): for GPUs, opt-in.
+    /// buffered tiles (`shaders/gemm_fast.wgsl`): for GPUs.
     Fast,
-    /// [`GemmKernel::Wide`] for single products, [`GemmKernel::Tiled`] for batched ones: for
-    /// GPUs.
+    /// [`GemmKernel::Tiled`] for weight gradients, [`GemmKernel::Fast`] for every other
+    /// product: for GPUs.
     Mixed,
 }
 
@@ -84,9 +84,10 @@ impl GemmKernel {
             GemmKernel::Mixed
         });
         match wanted {
-            GemmKernel::Fast if fast_fits(limits) => wanted,
-            GemmKernel::Fast if wide_fits(limits) => GemmKernel::Wide,
-            GemmKernel::Wide | GemmKernel::Mixed if wide_fits(limits) => wanted,
+            GemmKernel::Fast | GemmKernel::Mixed if fast_fits(limits) => wanted,
+            GemmKernel::Fast | GemmKernel::Mixed | GemmKernel::Wide if wide_fits(limits) => {
+                GemmKernel::Wide
+            }
             GemmKernel::Fast | GemmKernel::Wide | GemmKernel::Mixed | GemmKernel::Tiled
                 if tiled_fits(limits) =>
             {
@@ -96,12 +97,12 @@ impl GemmKernel {
         }
     }
 
-    /// The kernel that runs `g`: [`GemmKernel::Mixed`] resolved by `g`'s batch, any other
-    /// kernel itself.
+    /// The kernel that runs `g`: [`GemmKernel::Mixed`] resolved by `g`'s kind (a weight
+    /// gradient is one product with A transposed), any other kernel itself.
     pub(crate) fn for_product(self, g: &Gemm) -> GemmKernel {
         match self {
-            GemmKernel::Mixed if g.batch == 1 => GemmKernel::Wide,
-            GemmKernel::Mixed => GemmKernel::Tiled,
+            GemmKernel::Mixed if g.trans_a && g.batch == 1 => GemmKernel::Tiled,
+            GemmKernel::Mixed => GemmKernel::Fast,
             other => other,
         }
     }

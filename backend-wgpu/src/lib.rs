@@ -12,15 +12,14 @@
 //! - Pipelines are compiled on first use and cached (`kernel.rs`). Each launch gets its scalar
 //!   parameters in a small uniform block.
 //! - GEMM has four kernels ([`GemmKernel`], `gemm.rs`): on GPUs, 128 x 128 tiles of C per
-//!   workgroup with A and B staged in workgroup memory and an 8 x 8 register block per
-//!   invocation for single products (`shaders/gemm_wide.wgsl`), 64 x 64 tiles with 4 x 4 per
-//!   invocation for batched ones (`shaders/gemm_tiled.wgsl`), weight gradients split along k;
-//!   on CPU adapters such as lavapipe, where barriers are slow, an 8 x 8 register block per
-//!   invocation without workgroup memory (`shaders/gemm.wgsl`).
-//!   `MAE_WGPU_GEMM=mixed|tiled|wide|fast|register` overrides the choice; `fast`
-//!   (`shaders/gemm_fast.wgsl`, opt-in until measured on a GPU) is the wide kernel's blocking
-//!   with vector reads of the tiles, register prefetch of the next step and double-buffered
-//!   tiles, for every product.
+//!   workgroup with A and B staged in workgroup memory as vectors, double-buffered, the next
+//!   step prefetched into registers, and an 8 x 8 register block per invocation
+//!   (`shaders/gemm_fast.wgsl`), except for weight gradients, which take 64 x 64 tiles with
+//!   4 x 4 per invocation (`shaders/gemm_tiled.wgsl`) split along k; on CPU adapters such as
+//!   lavapipe, where barriers are slow, an 8 x 8 register block per invocation without
+//!   workgroup memory (`shaders/gemm.wgsl`). `MAE_WGPU_GEMM=mixed|tiled|wide|fast|register`
+//!   overrides the choice (`wide`, `shaders/gemm_wide.wgsl`, is the fast kernel's blocking
+//!   with scalar tile reads and no prefetch).
 //! - Fused ops: `bias_gelu_forward` is one pass (bitwise the two-op default), and attention can
 //!   be fused ([`AttentionPath`], `attention.rs`): an online-softmax forward that keeps one
 //!   log-sum-exp per score row instead of the `[tokens, tokens]` probabilities, and a

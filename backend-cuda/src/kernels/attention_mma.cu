@@ -18,6 +18,9 @@
 // Columns hd .. HD of every operand are zero, and rows past `tokens` are zero (masked to -inf
 // where they are keys of a softmax).
 
+// The kernels ask for 3 or 4 resident blocks per multiprocessor (__launch_bounds__), which caps
+// their registers at 168 or 128 (a few dozen bytes spilled, by ptxas -v for sm_90): unbounded
+// they took 170-224 registers, two blocks, too few warps to hide the staging's loads.
 #define MMA_THREADS 128
 #define MMA_ROWS 64
 #define MMA_TILE 64
@@ -26,6 +29,11 @@
 #define MMA_TILE_WORDS (MMA_TILE * (64 + MMA_PAD) / 2)
 
 typedef unsigned short u16;
+
+// e^x as 2^(x log2 e): one `ex2` instruction instead of expf's range reduction. Its error, a few
+// ulps of f32, is far below the rounding of the probabilities to bf16 for their products.
+#define LOG2E 1.4426950408889634f
+__device__ __forceinline__ float exp_fast(float x) { return exp2f(x * LOG2E); }
 
 #ifdef MAE_HOST_SHIM
 #define UNROLL
@@ -68,13 +76,38 @@ __device__ __forceinline__ float group_sum(float v) {
 
 // Stages rows r0 .. r0 + MMA_TILE of one head as bf16, row-major into `rm` and transposed into
 // `tr` (either may be null): `src` points at the head's column 0 in row 0, rows `stride` floats
-// apart, `rows` of them valid. Every thread of the block calls it between barriers.
+// apart, `rows` of them valid. Every thread of the block calls it between barriers. Heads whose
+// rows start on 16 bytes (hd and the row stride multiples of 4, as in every ViT) move four
+// floats per load.
 template <int HD>
 __device__ void mma_stage(u16* rm, u16* tr, const float* src, u64 stride, u64 r0, u64 rows,
                           u32 hd) {
+    const float* first = src + r0 * stride;
+    const u32 valid = (u32)(rows - r0 < MMA_TILE ? rows - r0 : MMA_TILE);
+    if (hd % 4 == 0 && stride % 4 == 0 && ((u64)first & 15) == 0) {
+        for (u32 e = threadIdx.x; e < MMA_TILE * HD / 4; e += MMA_THREADS) {
+            const u32 r = e / (HD / 4), c = 4 * (e % (HD / 4));
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (r < valid && c < hd) v = *(const float4*)(first + r * stride + c);
+            const u32 lo = pack_bf16(v.x, v.y), hi = pack_bf16(v.z, v.w);
+            if (rm) {
+                u32* w = (u32*)(rm + r * (HD + MMA_PAD) + c);
+                w[0] = lo;
+                w[1] = hi;
+            }
+            if (tr) {
+                u16* t = tr + c * (MMA_TILE + MMA_PAD) + r;
+                t[0] = (u16)lo;
+                t[MMA_TILE + MMA_PAD] = (u16)(lo >> 16);
+                t[2 * (MMA_TILE + MMA_PAD)] = (u16)hi;
+                t[3 * (MMA_TILE + MMA_PAD)] = (u16)(hi >> 16);
+            }
+        }
+        return;
+    }
     for (u32 e = threadIdx.x; e < MMA_TILE * HD; e += MMA_THREADS) {
         const u32 r = e / HD, c = e % HD;
-        const u16 v = r0 + r < rows && c < hd ? (u16)bf16_bits(src[(r0 + r) * stride + c]) : 0;
+        const u16 v = r < valid && c < hd ? (u16)bf16_bits(first[r * stride + c]) : 0;
         if (rm) rm[r * (HD + MMA_PAD) + c] = v;
         if (tr) tr[c * (MMA_TILE + MMA_PAD) + r] = v;
     }
@@ -201,7 +234,7 @@ __device__ void mma_forward_block(const float* qkv, float* out, float* lse, u64 
         for (u32 r = 0; r < 2; ++r) {
             const float m_new = fmaxf(m[r], group_max(tile_max[r]));
             // exp(-inf) = 0 on the first tile, where l and o are still 0.
-            const float corr = expf(m[r] - m_new);
+            const float corr = exp_fast(m[r] - m_new);
             l[r] *= corr;
             UNROLL
             for (u32 n = 0; n < HD / 8; ++n) {
@@ -215,7 +248,7 @@ __device__ void mma_forward_block(const float* qkv, float* out, float* lse, u64 
             UNROLL
             for (u32 i = 0; i < 4; ++i) {
                 // Masked keys: exp(-inf) = 0.
-                s[n][i] = expf(s[n][i] - m[i / 2]);
+                s[n][i] = exp_fast(s[n][i] - m[i / 2]);
                 l[i / 2] += s[n][i];
             }
         }
@@ -240,9 +273,9 @@ __device__ void mma_forward_block(const float* qkv, float* out, float* lse, u64 
 }
 
 // out = softmax(scale * q k^T) v per (image, head), lse = log of each row's sum of exponentials.
-extern "C" __global__ void attention_forward_mma(const float* qkv, float* out, float* lse,
-                                                 u64 batch, u64 tokens, u64 heads, u64 hd,
-                                                 float scale) {
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
+    attention_forward_mma(const float* qkv, float* out, float* lse, u64 batch, u64 tokens,
+                          u64 heads, u64 hd, float scale) {
     // The block functions use __syncthreads: every thread of a block runs every tile.
     __shared__ u32 ta[MMA_TILE_WORDS];
     __shared__ u32 tb[MMA_TILE_WORDS];
@@ -306,7 +339,7 @@ __device__ void mma_dq_block(const float* qkv, const float* out, const float* ls
             UNROLL
             for (u32 i = 0; i < 4; ++i) {
                 const bool key = j0 + 8 * n + 2 * t + i % 2 < tokens;
-                const float p = key ? expf(scale * s[n][i] - li[i / 2]) : 0.0f;
+                const float p = key ? exp_fast(scale * s[n][i] - li[i / 2]) : 0.0f;
                 s[n][i] = p * (dp[n][i] - d[i / 2]);
             }
         }
@@ -325,11 +358,10 @@ __device__ void mma_dq_block(const float* qkv, const float* out, const float* ls
 }
 
 // Gradient of q into the q columns of d_qkv (overwritten), and Drow [batch, heads, tokens].
-extern "C" __global__ void attention_backward_dq_mma(const float* qkv, const float* out,
-                                                     const float* lse, const float* d_out,
-                                                     float* d_qkv, float* drow, u64 batch,
-                                                     u64 tokens, u64 heads, u64 hd,
-                                                     float scale) {
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
+    attention_backward_dq_mma(const float* qkv, const float* out, const float* lse,
+                              const float* d_out, float* d_qkv, float* drow, u64 batch,
+                              u64 tokens, u64 heads, u64 hd, float scale) {
     // The block functions use __syncthreads: every thread of a block runs every tile.
     __shared__ u32 ta[MMA_TILE_WORDS];
     __shared__ u32 tb[MMA_TILE_WORDS];
@@ -393,7 +425,7 @@ __device__ void mma_dkv_block(const float* qkv, const float* lse, const float* d
             UNROLL
             for (u32 i = 0; i < 4; ++i) {
                 const u32 c = 8 * n + 2 * t + i % 2;
-                const float p = expf(scale * s[n][i] - ls[c]);
+                const float p = exp_fast(scale * s[n][i] - ls[c]);
                 s[n][i] = p;
                 dp[n][i] = p * (dp[n][i] - ds_row[c]);
             }
@@ -411,10 +443,10 @@ __device__ void mma_dkv_block(const float* qkv, const float* lse, const float* d
 
 // Gradients of k and v into the k and v columns of d_qkv (overwritten), given the dQ kernel's
 // Drow.
-extern "C" __global__ void attention_backward_dkv_mma(const float* qkv, const float* lse,
-                                                      const float* d_out, const float* drow,
-                                                      float* d_qkv, u64 batch, u64 tokens,
-                                                      u64 heads, u64 hd, float scale) {
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
+    attention_backward_dkv_mma(const float* qkv, const float* lse, const float* d_out,
+                               const float* drow, float* d_qkv, u64 batch, u64 tokens,
+                               u64 heads, u64 hd, float scale) {
     // The block functions use __syncthreads: every thread of a block runs every tile.
     __shared__ u32 ta[MMA_TILE_WORDS];
     __shared__ u32 tb[MMA_TILE_WORDS];
