@@ -303,7 +303,7 @@ run() {
     step "wgpu GEMM kernels per product" wgpu.log 60 env MAE_REQUIRE_BACKENDS=wgpu \
         "$bins/tests/mae_backend_wgpu-lib" timing_gemm --ignored --nocapture
     local gemm
-    for gemm in default ${GPU_CHECK_WGPU_GEMMS:-fast wide tiled}; do
+    for gemm in default ${GPU_CHECK_WGPU_GEMMS:-wide tiled}; do
         if [ "$gemm" = default ]; then
             measure "bench base224 wgpu b64" "$bins/bin/bench" --case base224 --backend wgpu \
                 --batch 64 --seconds "$s"

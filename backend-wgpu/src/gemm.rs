@@ -16,16 +16,14 @@
 //!   loaded into registers while the current one is multiplied out, two copies of the tiles in
 //!   workgroup memory (one barrier per step instead of two), no bounds checks inside the
 //!   operands (16.5 KiB of workgroup memory).
-//! - [`GemmKernel::Mixed`]: the fast kernel, except for weight gradients (A transposed, one
-//!   product, split along k), which take the tiled one. On an H200 the fast kernel ran the
-//!   Linear layers' forward and input-gradient products 1.5-2x as fast as the wide one (24-30
-//!   TFLOP/s) and attention's batched ones as fast as the tiled one or faster, but the weight
-//!   gradients 1.2-1.7x slower than the tiled kernel (docs/results-gpu.md).
 //!
-//! The backend takes the mixed kernels on GPU adapters (discrete, integrated, virtual) and the
-//! register kernel on CPU adapters such as lavapipe;
-//! `MAE_WGPU_GEMM=mixed|tiled|wide|fast|register` overrides that, and a device whose limits
-//! cannot hold a kernel's workgroup gets the next smaller one (fast, wide, tiled, register).
+//! The backend takes the fast kernel on GPU adapters (discrete, integrated, virtual) and the
+//! register kernel on CPU adapters such as lavapipe; `MAE_WGPU_GEMM=fast|wide|tiled|register`
+//! overrides that, and a device whose limits cannot hold a kernel's workgroup gets the next
+//! smaller one (fast, wide, tiled, register). On an H200 the fast kernel ran the Linear
+//! layers' products 1.5-2x as fast as the wide one (24-30 TFLOP/s) and a whole ViT-B/16
+//! training step 1.4x as fast as the wide kernel for single products with the tiled one for
+//! batched ones, the default before it (docs/results-gpu.md).
 //! Every kernel sums each value's k products in ascending order.
 //!
 //! A weight gradient (`dW = dY^T X`, A transposed) has few blocks of C and a long k, the batch's
@@ -64,14 +62,11 @@ pub enum GemmKernel {
     /// [`GemmKernel::Wide`]'s blocks with vector tile reads, register prefetch and double
     /// buffered tiles (`shaders/gemm_fast.wgsl`): for GPUs.
     Fast,
-    /// [`GemmKernel::Tiled`] for weight gradients, [`GemmKernel::Fast`] for every other
-    /// product: for GPUs.
-    Mixed,
 }
 
 impl GemmKernel {
-    /// The kernel for an adapter: `requested` (from `MAE_WGPU_GEMM`) if given, else the mixed
-    /// kernels on anything but a CPU adapter; the next smaller kernel where the device's limits
+    /// The kernel for an adapter: `requested` (from `MAE_WGPU_GEMM`) if given, else the fast
+    /// kernel on anything but a CPU adapter; the next smaller kernel where the device's limits
     /// cannot hold the one wanted.
     pub(crate) fn choose(
         requested: Option<GemmKernel>,
@@ -81,47 +76,30 @@ impl GemmKernel {
         let wanted = requested.unwrap_or(if device_type == wgpu::DeviceType::Cpu {
             GemmKernel::Register
         } else {
-            GemmKernel::Mixed
+            GemmKernel::Fast
         });
         match wanted {
-            GemmKernel::Fast | GemmKernel::Mixed if fast_fits(limits) => wanted,
-            GemmKernel::Fast | GemmKernel::Mixed | GemmKernel::Wide if wide_fits(limits) => {
-                GemmKernel::Wide
-            }
-            GemmKernel::Fast | GemmKernel::Wide | GemmKernel::Mixed | GemmKernel::Tiled
-                if tiled_fits(limits) =>
-            {
+            GemmKernel::Fast if fast_fits(limits) => wanted,
+            GemmKernel::Fast | GemmKernel::Wide if wide_fits(limits) => GemmKernel::Wide,
+            GemmKernel::Fast | GemmKernel::Wide | GemmKernel::Tiled if tiled_fits(limits) => {
                 GemmKernel::Tiled
             }
             _ => GemmKernel::Register,
         }
     }
 
-    /// The kernel that runs `g`: [`GemmKernel::Mixed`] resolved by `g`'s kind (a weight
-    /// gradient is one product with A transposed), any other kernel itself.
-    pub(crate) fn for_product(self, g: &Gemm) -> GemmKernel {
-        match self {
-            GemmKernel::Mixed if g.trans_a && g.batch == 1 => GemmKernel::Tiled,
-            GemmKernel::Mixed => GemmKernel::Fast,
-            other => other,
-        }
-    }
-
-    /// Reads `MAE_WGPU_GEMM`: `mixed`, `tiled`, `wide`, `fast`, `register`, or unset for the
-    /// adapter's default.
+    /// Reads `MAE_WGPU_GEMM`: `fast`, `wide`, `tiled`, `register`, or unset for the adapter's
+    /// default.
     pub(crate) fn from_env() -> BResult<Option<GemmKernel>> {
         match std::env::var("MAE_WGPU_GEMM") {
             Err(_) => Ok(None),
             Ok(v) if v == "tiled" => Ok(Some(GemmKernel::Tiled)),
             Ok(v) if v == "wide" => Ok(Some(GemmKernel::Wide)),
             Ok(v) if v == "fast" => Ok(Some(GemmKernel::Fast)),
-            Ok(v) if v == "mixed" => Ok(Some(GemmKernel::Mixed)),
             Ok(v) if v == "register" => Ok(Some(GemmKernel::Register)),
             Ok(v) => Err(BackendError::new(
                 BackendErrorKind::Unsupported,
-                format!(
-                    "MAE_WGPU_GEMM={v:?}: expected `mixed`, `tiled`, `wide`, `fast` or `register`"
-                ),
+                format!("MAE_WGPU_GEMM={v:?}: expected `fast`, `wide`, `tiled` or `register`"),
             )),
         }
     }
@@ -172,7 +150,7 @@ pub(crate) fn gemm_with(
         return Ok(());
     }
     let (trans_a, trans_b) = (g.trans_a, g.trans_b);
-    let (kernel, tile, splits) = match which.for_product(g) {
+    let (kernel, tile, splits) = match which {
         GemmKernel::Register => (Kernel::Gemm { trans_a, trans_b }, TILE, 1),
         GemmKernel::Tiled => (
             Kernel::GemmTiled { trans_a, trans_b },
@@ -184,7 +162,7 @@ pub(crate) fn gemm_with(
             WIDE_TILE,
             k_splits(g, WIDE_TILE),
         ),
-        _ => (
+        GemmKernel::Wide => (
             Kernel::GemmWide { trans_a, trans_b },
             WIDE_TILE,
             k_splits(g, WIDE_TILE),

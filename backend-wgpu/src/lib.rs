@@ -14,12 +14,12 @@
 //! - GEMM has four kernels ([`GemmKernel`], `gemm.rs`): on GPUs, 128 x 128 tiles of C per
 //!   workgroup with A and B staged in workgroup memory as vectors, double-buffered, the next
 //!   step prefetched into registers, and an 8 x 8 register block per invocation
-//!   (`shaders/gemm_fast.wgsl`), except for weight gradients, which take 64 x 64 tiles with
-//!   4 x 4 per invocation (`shaders/gemm_tiled.wgsl`) split along k; on CPU adapters such as
+//!   (`shaders/gemm_fast.wgsl`), weight gradients split along k; on CPU adapters such as
 //!   lavapipe, where barriers are slow, an 8 x 8 register block per invocation without
-//!   workgroup memory (`shaders/gemm.wgsl`). `MAE_WGPU_GEMM=mixed|tiled|wide|fast|register`
+//!   workgroup memory (`shaders/gemm.wgsl`). `MAE_WGPU_GEMM=fast|wide|tiled|register`
 //!   overrides the choice (`wide`, `shaders/gemm_wide.wgsl`, is the fast kernel's blocking
-//!   with scalar tile reads and no prefetch).
+//!   with scalar tile reads and no prefetch; `tiled`, `shaders/gemm_tiled.wgsl`, 64 x 64
+//!   blocks with 4 x 4 per invocation).
 //! - Fused ops: `bias_gelu_forward` is one pass (bitwise the two-op default), and attention can
 //!   be fused ([`AttentionPath`], `attention.rs`): an online-softmax forward that keeps one
 //!   log-sum-exp per score row instead of the `[tokens, tokens]` probabilities, and a
@@ -158,9 +158,9 @@ impl WgpuBackend {
         })
     }
 
-    /// The GEMM kernel in use: [`GemmKernel::Mixed`] on GPUs (where the limits hold it),
+    /// The GEMM kernel in use: [`GemmKernel::Fast`] on GPUs (where the limits hold it),
     /// [`GemmKernel::Register`] on CPU adapters such as lavapipe
-    /// (`MAE_WGPU_GEMM=mixed|tiled|wide|fast|register` overrides).
+    /// (`MAE_WGPU_GEMM=fast|wide|tiled|register` overrides).
     pub fn gemm_kernel(&self) -> GemmKernel {
         self.gemm_kernel
     }

@@ -689,7 +689,7 @@ fn the_gemm_kernel_follows_the_adapter_and_the_limits() {
     );
     assert_eq!(
         GemmKernel::choose(None, wgpu::DeviceType::DiscreteGpu, &roomy),
-        GemmKernel::Mixed
+        GemmKernel::Fast
     );
     // The fast kernel's 16.5 KiB: on roomy limits itself, else the next smaller kernel.
     assert_eq!(
@@ -720,23 +720,6 @@ fn the_gemm_kernel_follows_the_adapter_and_the_limits() {
         choose(Some(GemmKernel::Fast), wgpu::DeviceType::DiscreteGpu),
         GemmKernel::Tiled
     );
-    // Mixed: the tiled kernel for weight gradients, the fast one for the other products.
-    let single = Gemm::new(300, 200, 100);
-    let batched = single.batched(2, 0, 0, 300 * 200);
-    let weight_gradient = Gemm::new(200, 100, 300).trans_a().accumulate();
-    assert_eq!(GemmKernel::Mixed.for_product(&single), GemmKernel::Fast);
-    assert_eq!(GemmKernel::Mixed.for_product(&batched), GemmKernel::Fast);
-    assert_eq!(
-        GemmKernel::Mixed.for_product(&batched.trans_a()),
-        GemmKernel::Fast
-    );
-    assert_eq!(
-        GemmKernel::Mixed.for_product(&weight_gradient),
-        GemmKernel::Tiled
-    );
-    assert_eq!(GemmKernel::Tiled.for_product(&single), GemmKernel::Tiled);
-    assert_eq!(GemmKernel::Fast.for_product(&single), GemmKernel::Fast);
-    assert_eq!(GemmKernel::Fast.for_product(&batched), GemmKernel::Fast);
     let small = wgpu::Limits {
         max_compute_workgroup_storage_size: 4096,
         ..wgpu::Limits::default()
