@@ -15,11 +15,12 @@
 #       under MAE_REQUIRE_BACKENDS=cuda (so a missing device fails instead of skipping), the
 #       `golden` program with --backend cuda on every *.safetensors of each DIR (default
 #       ../shared/golden, else the copy in gpu-check/shared-golden), and
-#       speed: `bench` at base224 in f32, TF32 and bf16 (batches 64 to 256) and ViT-L/16 at
-#       batch 128 next to bench/torch_reference.py (PyTorch eager, bf16 autocast and f32) on the
-#       same card, each with its peak device memory; a MAE_CUDA_PROFILE table; and the wgpu
-#       backend on the GPU where the machine has a Vulkan driver; and scripts/dp-check.sh (one
-#       NCCL rank against a single process).
+#       speed: `bench` at base224 in f32 and bf16 (batches 64 to 256, GPU_CHECK_BATCHES; bf16
+#       also with the composed attention) and ViT-L/16 at batch 128 next to
+#       bench/torch_reference.py (PyTorch eager, bf16 autocast and f32) on the same card, each
+#       with its peak device memory; a MAE_CUDA_PROFILE table; and the wgpu backend on the GPU
+#       where the machine has a Vulkan driver; and scripts/dp-check.sh (one NCCL rank against a
+#       single process). A full run took 195-213 s on an H200 (2026-11-27).
 #
 # Nothing in `run` compiles or fetches anything: the GPU machines reach no registry.
 set -uo pipefail

@@ -3,7 +3,7 @@
 //! (`mae::backend`), with the CPU backend as the reference implementation.
 
 use crate::backend::{need, u, AttentionPath, CudaBackend, Precision};
-use crate::buffer::{CudaBuf, CudaIdx};
+use crate::buffer::{addr, addr_mut, CudaBuf, CudaIdx};
 use crate::error;
 use crate::gemm::column_major;
 use crate::kernels::{Arg, Kernel};
@@ -256,12 +256,12 @@ impl Backend for CudaBackend {
             let exact = cublasComputeType_t::CUBLAS_COMPUTE_32F;
             (pa, pb, cudaDataType::CUDA_R_16BF, Some(exact))
         } else {
-            let pa = crate::buffer::addr(a.slice(), &self.stream);
-            let pb = crate::buffer::addr(b.slice(), &self.stream);
+            let pa = addr(a.slice(), &self.stream);
+            let pb = addr(b.slice(), &self.stream);
             let compute = self.precision().compute_type();
             (pa, pb, cudaDataType::CUDA_R_32F, compute)
         };
-        let pc = crate::buffer::addr_mut(c.slice_mut(), &self.stream);
+        let pc = addr_mut(c.slice_mut(), &self.stream);
         let blas = self
             .blas
             .lock()
@@ -1026,7 +1026,7 @@ impl CudaBackend {
     }
 
     fn idx_ptr(&self, idx: &CudaIdx) -> Arg {
-        Arg::Ptr(crate::buffer::addr(&idx.slice, &self.stream))
+        Arg::Ptr(addr(&idx.slice, &self.stream))
     }
 
     /// A kernel that maps each row of `x` to the same row of `y`, one block per row, with one

@@ -164,6 +164,16 @@ __device__ void mma_accumulate(float (*acc)[4], const u32 (*p)[4], const u16* tr
     }
 }
 
+// Zeroes 16 x HD accumulators.
+template <int HD>
+__device__ __forceinline__ void mma_zero(float (*acc)[4]) {
+    UNROLL
+    for (u32 n = 0; n < HD / 8; ++n) {
+        UNROLL
+        for (u32 i = 0; i < 4; ++i) acc[n][i] = 0.0f;
+    }
+}
+
 // The A fragments (bf16) of 16 x MMA_TILE accumulators: n-tiles 2 kk and 2 kk + 1 are k-step kk.
 __device__ __forceinline__ void mma_c_to_a(u32 (*a)[4], const float (*c)[4]) {
     UNROLL
@@ -207,11 +217,7 @@ __device__ void mma_forward_block(const float* qkv, float* out, float* lse, u64 
     u32 q[HD / 16][4];
     mma_load_a<HD>(q, base, width, row0, tokens, hd);
     float o[HD / 8][4];
-    UNROLL
-    for (u32 n = 0; n < HD / 8; ++n) {
-        UNROLL
-        for (u32 i = 0; i < 4; ++i) o[n][i] = 0.0f;
-    }
+    mma_zero<HD>(o);
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
     for (u64 j0 = 0; j0 < tokens; j0 += MMA_TILE) {
         __syncthreads();  // the previous tile is no longer read
@@ -321,11 +327,7 @@ __device__ void mma_dq_block(const float* qkv, const float* out, const float* ls
     mma_load_a<HD>(q, base, width, row0, tokens, hd);
     mma_load_a<HD>(dout, dout_base, dim, row0, tokens, hd);
     float dq[HD / 8][4];
-    UNROLL
-    for (u32 n = 0; n < HD / 8; ++n) {
-        UNROLL
-        for (u32 i = 0; i < 4; ++i) dq[n][i] = 0.0f;
-    }
+    mma_zero<HD>(dq);
     for (u64 j0 = 0; j0 < tokens; j0 += MMA_TILE) {
         __syncthreads();
         mma_stage<HD>(ks, kt, base + dim, width, j0, tokens, hd);
@@ -399,14 +401,8 @@ __device__ void mma_dkv_block(const float* qkv, const float* lse, const float* d
     mma_load_a<HD>(k, base + dim, width, row0, tokens, hd);
     mma_load_a<HD>(v, base + 2 * dim, width, row0, tokens, hd);
     float dk[HD / 8][4], dv[HD / 8][4];
-    UNROLL
-    for (u32 n = 0; n < HD / 8; ++n) {
-        UNROLL
-        for (u32 i = 0; i < 4; ++i) {
-            dk[n][i] = 0.0f;
-            dv[n][i] = 0.0f;
-        }
-    }
+    mma_zero<HD>(dk);
+    mma_zero<HD>(dv);
     for (u64 i0 = 0; i0 < tokens; i0 += MMA_TILE) {
         __syncthreads();
         mma_stage<HD>(qs, qt, base, width, i0, tokens, hd);
