@@ -21,7 +21,7 @@
 //! register kernel on CPU adapters such as lavapipe; `MAE_WGPU_GEMM=fast|wide|tiled|register`
 //! overrides that, and a device whose limits cannot hold a kernel's workgroup gets the next
 //! smaller one (fast, wide, tiled, register). On an H200 the fast kernel ran the Linear
-//! layers' products 1.5-2x as fast as the wide one (24-30 TFLOP/s) and a whole ViT-B/16
+//! layers' products 1.5-1.8x as fast as the wide one (18-30 TFLOP/s) and a whole ViT-B/16
 //! training step 1.4x as fast as the wide kernel for single products with the tiled one for
 //! batched ones, the default before it (docs/results-gpu.md).
 //! Every kernel sums each value's k products in ascending order.

@@ -20,7 +20,7 @@
 
 // The kernels ask for 3 or 4 resident blocks per multiprocessor (__launch_bounds__), which caps
 // their registers at 168 or 128 (a few dozen bytes spilled, by ptxas -v for sm_90): unbounded
-// they took 170-224 registers, two blocks, too few warps to hide the staging's loads.
+// they took 168-228 registers, two blocks, too few warps to hide the staging's loads.
 #define MMA_THREADS 128
 #define MMA_ROWS 64
 #define MMA_TILE 64
