@@ -60,25 +60,24 @@ pub(crate) fn per_block(units: u64) -> Option<LaunchConfig> {
     (units > 0).then(|| config(units))
 }
 
-/// A launch of the attention kernels: one block of [`ATTENTION_THREADS`] per tile of that many
-/// rows of one of `pairs` (image, head) pairs (grid-stride beyond the cap), or `None` when there
-/// is no work.
+/// A launch of the f32 attention kernels: one block of [`ATTENTION_THREADS`] per tile of that
+/// many rows of one of `pairs` (image, head) pairs (grid-stride beyond the cap), or `None` when
+/// there is no work.
 pub(crate) fn attention(pairs: u64, tokens: u64) -> Option<LaunchConfig> {
-    let tiles = tokens.div_ceil(ATTENTION_THREADS as u64);
-    (pairs > 0 && tokens > 0).then(|| LaunchConfig {
-        block_dim: (ATTENTION_THREADS, 1, 1),
-        ..config(pairs.saturating_mul(tiles))
-    })
+    row_tiles(pairs, tokens, ATTENTION_THREADS as u64, ATTENTION_THREADS)
 }
 
 /// A launch of the tensor-core attention kernels: one block of [`ATTENTION_MMA_THREADS`] per
-/// [`ATTENTION_MMA_ROWS`] rows of one of `pairs` (image, head) pairs (grid-stride beyond the
-/// cap), or `None` when there is no work.
+/// [`ATTENTION_MMA_ROWS`] rows of one of `pairs` (image, head) pairs.
 pub(crate) fn attention_mma(pairs: u64, tokens: u64) -> Option<LaunchConfig> {
-    let tiles = tokens.div_ceil(ATTENTION_MMA_ROWS);
+    row_tiles(pairs, tokens, ATTENTION_MMA_ROWS, ATTENTION_MMA_THREADS)
+}
+
+/// One block of `threads` per `rows` of `tokens` of each of `pairs` (image, head) pairs.
+fn row_tiles(pairs: u64, tokens: u64, rows: u64, threads: u32) -> Option<LaunchConfig> {
     (pairs > 0 && tokens > 0).then(|| LaunchConfig {
-        block_dim: (ATTENTION_MMA_THREADS, 1, 1),
-        ..config(pairs.saturating_mul(tiles))
+        block_dim: (threads, 1, 1),
+        ..config(pairs.saturating_mul(tokens.div_ceil(rows)))
     })
 }
 

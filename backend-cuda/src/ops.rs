@@ -784,8 +784,8 @@ impl Backend for CudaBackend {
         need(lse, ll, "attention_forward", "lse")?;
         let mut args = vec![self.ptr(qkv), self.ptr_mut(out), self.ptr_mut(lse)];
         args.extend(attention_dims(a));
-        let [forward, _, _] = self.attention_kernels();
-        self.launch(forward, self.attention_launch(a), &args)
+        let ([forward, _, _], cfg) = self.attention_kernels(a);
+        self.launch(forward, cfg, &args)
     }
 
     fn attention_backward(
@@ -816,8 +816,8 @@ impl Backend for CudaBackend {
             self.ptr_mut(&mut drow),
         ];
         args.extend(attention_dims(a));
-        let [_, dq, dkv] = self.attention_kernels();
-        self.launch(dq, self.attention_launch(a), &args)?;
+        let ([_, dq, dkv], cfg) = self.attention_kernels(a);
+        self.launch(dq, cfg, &args)?;
         let mut args = vec![
             self.ptr(qkv),
             self.ptr(lse),
@@ -826,7 +826,7 @@ impl Backend for CudaBackend {
             self.ptr_mut(d_qkv),
         ];
         args.extend(attention_dims(a));
-        self.launch(dkv, self.attention_launch(a), &args)
+        self.launch(dkv, cfg, &args)
     }
 
     // ---- loss -------------------------------------------------------------------------------
@@ -983,29 +983,26 @@ fn need_idx(idx: &CudaIdx, len: usize, op: &str) -> BResult<()> {
 }
 
 impl CudaBackend {
-    /// The forward, dQ and dK-dV kernels of the fused attention path.
-    fn attention_kernels(&self) -> [Kernel; 3] {
+    /// The forward, dQ and dK-dV kernels of the fused attention path, and their launch.
+    fn attention_kernels(
+        &self,
+        a: &Attention,
+    ) -> ([Kernel; 3], Option<cudarc::driver::LaunchConfig>) {
+        let (pairs, tokens) = ((a.batch * a.heads) as u64, a.tokens as u64);
         if self.attention_path() == AttentionPath::TensorCores {
-            [
+            let kernels = [
                 Kernel::AttentionForwardMma,
                 Kernel::AttentionBackwardDqMma,
                 Kernel::AttentionBackwardDkvMma,
-            ]
+            ];
+            (kernels, attention_mma(pairs, tokens))
         } else {
-            [
+            let kernels = [
                 Kernel::AttentionForward,
                 Kernel::AttentionBackwardDq,
                 Kernel::AttentionBackwardDkv,
-            ]
-        }
-    }
-
-    fn attention_launch(&self, a: &Attention) -> Option<cudarc::driver::LaunchConfig> {
-        let (pairs, tokens) = ((a.batch * a.heads) as u64, a.tokens as u64);
-        if self.attention_path() == AttentionPath::TensorCores {
-            attention_mma(pairs, tokens)
-        } else {
-            attention(pairs, tokens)
+            ];
+            (kernels, attention(pairs, tokens))
         }
     }
 
