@@ -21,6 +21,9 @@
 #       with its peak device memory; a MAE_CUDA_PROFILE table; and the wgpu backend on the GPU
 #       where the machine has a Vulkan driver; and scripts/dp-check.sh (one NCCL rank against a
 #       single process). A full run took 195-213 s on an H200 (2026-11-27).
+#       GPU_CHECK_QUICK=1 keeps what a change to the bf16 mode needs, in about half the time:
+#       the backend's tests, bf16 golden and ops, bf16 bench at GPU_CHECK_BATCHES (the composed
+#       attention and PyTorch bf16 at the largest), the profile; no f32, ViT-L, wgpu or NCCL.
 #
 # Nothing in `run` compiles or fetches anything: the GPU machines reach no registry.
 set -uo pipefail
@@ -149,6 +152,7 @@ run() {
     # One device command may run 10 minutes: every step gets at most what is left of
     # GPU_CHECK_SECONDS (default 540), so the report is complete before the command is killed.
     local budget=${GPU_CHECK_SECONDS:-540}
+    local quick=${GPU_CHECK_QUICK:-0}
 
     # step NAME LOG TIMEOUT COMMAND...: runs the command (output appended to LOG), adds a line
     # to the report, and remembers failures.
@@ -222,6 +226,7 @@ run() {
     step "kernels compile with NVRTC" backend.log 120 "$bins/tests/nvrtc_compile-test" --nocapture
     local dir files
     for dir in "${golden_dirs[@]}"; do
+        [ "$quick" = 1 ] && break
         files=("$dir"/*.safetensors)
         if [ ! -e "${files[0]}" ]; then
             echo "| golden $dir | FAIL (no *.safetensors) | 0 | golden.log |" >>"$report"
@@ -249,19 +254,24 @@ run() {
     # GPU_CHECK_LARGE=0 skips ViT-L/16.
     local s=${BENCH_SECONDS:-3}
     local batches=${GPU_CHECK_BATCHES:-256 128 64}
-    local batch largest=${batches%% *}
-    measure "bench base224 cuda b64" "$bins/bin/bench" --case base224 --backend cuda \
-        --batch 64 --seconds "$s"
+    local batch largest=${batches%% *} large=${GPU_CHECK_LARGE:-1} composed=$batches
+    if [ "$quick" = 1 ]; then
+        large=0
+        composed=$largest
+    else
+        measure "bench base224 cuda b64" "$bins/bin/bench" --case base224 --backend cuda \
+            --batch 64 --seconds "$s"
+    fi
     for batch in $batches; do
         measure "bench base224 cuda-bf16 b$batch" "$bins/bin/bench" --case base224 \
             --backend cuda-bf16 --batch "$batch" --seconds "$s"
     done
-    for batch in $batches; do
+    for batch in $composed; do
         measure "bench base224 cuda-bf16 b$batch MAE_CUDA_ATTENTION=composed" \
             env MAE_CUDA_ATTENTION=composed "$bins/bin/bench" --case base224 --backend cuda-bf16 \
             --batch "$batch" --seconds "$s"
     done
-    if [ "${GPU_CHECK_LARGE:-1}" != 0 ]; then
+    if [ "$large" != 0 ]; then
         measure "bench ViT-L/16 cuda-bf16 b128" "$bins/bin/bench" --case mae_vit_large_patch16 \
             --backend cuda-bf16 --batch 128 --seconds "$s"
         measure "bench ViT-L/16 cuda-bf16 b128 MAE_CUDA_ATTENTION=composed" \
@@ -270,11 +280,14 @@ run() {
             --seconds "$s"
     fi
     if python3 -c 'import torch, timm' 2>/dev/null; then
+        local torch_batches
+        torch_batches=$(echo "$batches" | tr ' ' ',')
+        [ "$quick" = 1 ] && torch_batches=$largest
         measure "torch base224 bf16 autocast" python3 bench/torch_reference.py --case base224 \
-            --device cuda --amp bf16 --batch "$(echo "$batches" | tr ' ' ',')" --seconds "$s"
-        measure "torch base224 f32 b64" python3 bench/torch_reference.py --case base224 \
-            --device cuda --batch 64 --seconds "$s"
-        if [ "${GPU_CHECK_LARGE:-1}" != 0 ]; then
+            --device cuda --amp bf16 --batch "$torch_batches" --seconds "$s"
+        [ "$quick" = 1 ] || measure "torch base224 f32 b64" python3 bench/torch_reference.py \
+            --case base224 --device cuda --batch 64 --seconds "$s"
+        if [ "$large" != 0 ]; then
             measure "torch ViT-L/16 bf16 b128" python3 bench/torch_reference.py \
                 --case mae_vit_large_patch16 --device cuda --amp bf16 --batch 128 --seconds "$s"
         fi
@@ -286,6 +299,8 @@ run() {
     step "profile base224 cuda-bf16 b128" profile.log 120 \
         env MAE_CUDA_PROFILE=1 "$bins/bin/bench" --case base224 --backend cuda-bf16 --batch 128 \
         --seconds 2
+
+    [ "$quick" = 1 ] && { summary; return $failed; }
 
     # The wgpu backend on this GPU through NVIDIA's Vulkan driver (issue 4): its own tests (which
     # force every GEMM kernel and row-kernel variant) and the conformance suites' wgpu
@@ -330,6 +345,12 @@ run() {
             env MAE_GOLDEN_DIR="${golden_dirs[0]}" "$bins/tests/$suite-test" cuda
     done
 
+    summary
+    return $failed
+}
+
+# The report's summaries of the logs of `run`, and the verdict (uses run's locals).
+summary() {
     {
         echo
         echo "## golden summary"
@@ -363,7 +384,6 @@ run() {
         echo "overall: $([ $failed -eq 0 ] && echo PASS || echo FAIL)"
     } >>"$report"
     cat "$report"
-    return $failed
 }
 
 case "${1:-}" in

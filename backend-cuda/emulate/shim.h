@@ -22,6 +22,7 @@ inline thread_local bool in_fibers = false;
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 #include <cstdio>
 #include <cstdlib>
 struct Fiber;
@@ -50,6 +51,10 @@ struct alignas(16) float4 {
     float x, y, z, w;
 };
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+struct alignas(8) uint2 {
+    unsigned x, y;
+};
+inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
 inline float __int_as_float(unsigned v) {
     float f;
     std::memcpy(&f, &v, 4);

@@ -74,42 +74,91 @@ __device__ __forceinline__ float group_sum(float v) {
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-// Stages rows r0 .. r0 + MMA_TILE of one head as bf16, row-major into `rm` and transposed into
-// `tr` (either may be null): `src` points at the head's column 0 in row 0, rows `stride` floats
-// apart, `rows` of them valid. Every thread of the block calls it between barriers. Heads whose
-// rows start on 16 bytes (hd and the row stride multiples of 4, as in every ViT) move four
-// floats per load.
+// Staging: rows r0 .. r0 + MMA_TILE of one head, as bf16, into shared memory. `src` points at
+// the head's column 0 in row 0, rows `stride` floats apart, `rows` of them valid; rows past
+// `rows` and columns past `hd` are staged as zeros. Every thread of the block calls a staging
+// function between barriers. Heads whose rows start on 16 bytes (hd and the row stride
+// multiples of 4, as in every ViT) move four floats per load, and each thread issues all of its
+// loads before its first store, so that they are in flight together: a load from L2 or memory
+// takes hundreds of cycles, and a loop of load-then-store waits that long per element.
+
+// Whether the tile's rows can be read as float4.
+__device__ __forceinline__ bool mma_stage_aligned(const float* first, u64 stride, u32 hd) {
+    return hd % 4 == 0 && stride % 4 == 0 && ((u64)first & 15) == 0;
+}
+
+__device__ __forceinline__ u32 mma_stage_valid(u64 r0, u64 rows) {
+    return (u32)(rows - r0 < MMA_TILE ? rows - r0 : MMA_TILE);
+}
+
+// Row-major ([row][feature], rows HD + MMA_PAD apart) into `rm`. Consecutive threads take
+// consecutive four-feature groups of a row: coalesced loads, and 8-byte stores that each half
+// warp spreads over the 32 banks.
 template <int HD>
-__device__ void mma_stage(u16* rm, u16* tr, const float* src, u64 stride, u64 r0, u64 rows,
-                          u32 hd) {
+__device__ void mma_stage_rows(u16* rm, const float* src, u64 stride, u64 r0, u64 rows,
+                               u32 hd) {
     const float* first = src + r0 * stride;
-    const u32 valid = (u32)(rows - r0 < MMA_TILE ? rows - r0 : MMA_TILE);
-    if (hd % 4 == 0 && stride % 4 == 0 && ((u64)first & 15) == 0) {
-        for (u32 e = threadIdx.x; e < MMA_TILE * HD / 4; e += MMA_THREADS) {
-            const u32 r = e / (HD / 4), c = 4 * (e % (HD / 4));
-            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (r < valid && c < hd) v = *(const float4*)(first + r * stride + c);
-            const u32 lo = pack_bf16(v.x, v.y), hi = pack_bf16(v.z, v.w);
-            if (rm) {
-                u32* w = (u32*)(rm + r * (HD + MMA_PAD) + c);
-                w[0] = lo;
-                w[1] = hi;
-            }
-            if (tr) {
-                u16* t = tr + c * (MMA_TILE + MMA_PAD) + r;
-                t[0] = (u16)lo;
-                t[MMA_TILE + MMA_PAD] = (u16)(lo >> 16);
-                t[2 * (MMA_TILE + MMA_PAD)] = (u16)hi;
-                t[3 * (MMA_TILE + MMA_PAD)] = (u16)(hi >> 16);
-            }
+    const u32 valid = mma_stage_valid(r0, rows);
+    if (mma_stage_aligned(first, stride, hd)) {
+        constexpr u32 PER = MMA_TILE * HD / 4 / MMA_THREADS;
+        float4 v[PER];
+        UNROLL
+        for (u32 k = 0; k < PER; ++k) {
+            const u32 e = threadIdx.x + k * MMA_THREADS, r = e / (HD / 4), c = 4 * (e % (HD / 4));
+            v[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (r < valid && c < hd) v[k] = *(const float4*)(first + r * stride + c);
+        }
+        UNROLL
+        for (u32 k = 0; k < PER; ++k) {
+            const u32 e = threadIdx.x + k * MMA_THREADS, r = e / (HD / 4), c = 4 * (e % (HD / 4));
+            *(uint2*)(rm + r * (HD + MMA_PAD) + c) =
+                make_uint2(pack_bf16(v[k].x, v[k].y), pack_bf16(v[k].z, v[k].w));
         }
         return;
     }
     for (u32 e = threadIdx.x; e < MMA_TILE * HD; e += MMA_THREADS) {
         const u32 r = e / HD, c = e % HD;
-        const u16 v = r < valid && c < hd ? (u16)bf16_bits(first[r * stride + c]) : 0;
-        if (rm) rm[r * (HD + MMA_PAD) + c] = v;
-        if (tr) tr[c * (MMA_TILE + MMA_PAD) + r] = v;
+        rm[r * (HD + MMA_PAD) + c] = r < valid && c < hd ? (u16)bf16_bits(first[r * stride + c]) : 0;
+    }
+}
+
+// Transposed ([feature][row], rows MMA_TILE + MMA_PAD apart) into `tr`. A thread takes the
+// same four features of two consecutive rows and stores them as four words (row pairs), the 32
+// lanes of a warp 32 row pairs of the same features: consecutive words, no bank conflicts.
+template <int HD>
+__device__ void mma_stage_cols(u16* tr, const float* src, u64 stride, u64 r0, u64 rows,
+                               u32 hd) {
+    const float* first = src + r0 * stride;
+    const u32 valid = mma_stage_valid(r0, rows);
+    constexpr u32 LINE = (MMA_TILE + MMA_PAD) / 2;  // words from one feature's row to the next
+    if (mma_stage_aligned(first, stride, hd)) {
+        constexpr u32 PER = MMA_TILE / 2 * (HD / 4) / MMA_THREADS;
+        float4 lo[PER], hi[PER];
+        UNROLL
+        for (u32 k = 0; k < PER; ++k) {
+            const u32 e = threadIdx.x + k * MMA_THREADS;
+            const u32 r = 2 * (e % (MMA_TILE / 2)), c = 4 * (e / (MMA_TILE / 2));
+            lo[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            hi[k] = lo[k];
+            if (r < valid && c < hd) lo[k] = *(const float4*)(first + r * stride + c);
+            if (r + 1 < valid && c < hd) hi[k] = *(const float4*)(first + (r + 1) * stride + c);
+        }
+        UNROLL
+        for (u32 k = 0; k < PER; ++k) {
+            const u32 e = threadIdx.x + k * MMA_THREADS;
+            const u32 r = 2 * (e % (MMA_TILE / 2)), c = 4 * (e / (MMA_TILE / 2));
+            u32* w = (u32*)(tr + c * (MMA_TILE + MMA_PAD) + r);
+            w[0] = pack_bf16(lo[k].x, hi[k].x);
+            w[LINE] = pack_bf16(lo[k].y, hi[k].y);
+            w[2 * LINE] = pack_bf16(lo[k].z, hi[k].z);
+            w[3 * LINE] = pack_bf16(lo[k].w, hi[k].w);
+        }
+        return;
+    }
+    for (u32 e = threadIdx.x; e < MMA_TILE * HD; e += MMA_THREADS) {
+        const u32 r = e % MMA_TILE, c = e / MMA_TILE;
+        tr[c * (MMA_TILE + MMA_PAD) + r] =
+            r < valid && c < hd ? (u16)bf16_bits(first[r * stride + c]) : 0;
     }
 }
 
@@ -221,8 +270,8 @@ __device__ void mma_forward_block(const float* qkv, float* out, float* lse, u64 
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
     for (u64 j0 = 0; j0 < tokens; j0 += MMA_TILE) {
         __syncthreads();  // the previous tile is no longer read
-        mma_stage<HD>(ks, nullptr, base + dim, width, j0, tokens, hd);
-        mma_stage<HD>(nullptr, vt, base + 2 * dim, width, j0, tokens, hd);
+        mma_stage_rows<HD>(ks, base + dim, width, j0, tokens, hd);
+        mma_stage_cols<HD>(vt, base + 2 * dim, width, j0, tokens, hd);
         __syncthreads();
         float s[MMA_TILE / 8][4];
         mma_scores<HD>(s, q, ks);
@@ -283,8 +332,8 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
     attention_forward_mma(const float* qkv, float* out, float* lse, u64 batch, u64 tokens,
                           u64 heads, u64 hd, float scale) {
     // The block functions use __syncthreads: every thread of a block runs every tile.
-    __shared__ u32 ta[MMA_TILE_WORDS];
-    __shared__ u32 tb[MMA_TILE_WORDS];
+    __shared__ __align__(16) u32 ta[MMA_TILE_WORDS];
+    __shared__ __align__(16) u32 tb[MMA_TILE_WORDS];
     const u64 tiles = (tokens + MMA_ROWS - 1) / MMA_ROWS;
     for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
         const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
@@ -330,8 +379,9 @@ __device__ void mma_dq_block(const float* qkv, const float* out, const float* ls
     mma_zero<HD>(dq);
     for (u64 j0 = 0; j0 < tokens; j0 += MMA_TILE) {
         __syncthreads();
-        mma_stage<HD>(ks, kt, base + dim, width, j0, tokens, hd);
-        mma_stage<HD>(vs, nullptr, base + 2 * dim, width, j0, tokens, hd);
+        mma_stage_rows<HD>(ks, base + dim, width, j0, tokens, hd);
+        mma_stage_cols<HD>(kt, base + dim, width, j0, tokens, hd);
+        mma_stage_rows<HD>(vs, base + 2 * dim, width, j0, tokens, hd);
         __syncthreads();
         float s[MMA_TILE / 8][4], dp[MMA_TILE / 8][4];
         mma_scores<HD>(s, q, ks);
@@ -365,9 +415,9 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
                               const float* d_out, float* d_qkv, float* drow, u64 batch,
                               u64 tokens, u64 heads, u64 hd, float scale) {
     // The block functions use __syncthreads: every thread of a block runs every tile.
-    __shared__ u32 ta[MMA_TILE_WORDS];
-    __shared__ u32 tb[MMA_TILE_WORDS];
-    __shared__ u32 tc[MMA_TILE_WORDS];
+    __shared__ __align__(16) u32 ta[MMA_TILE_WORDS];
+    __shared__ __align__(16) u32 tb[MMA_TILE_WORDS];
+    __shared__ __align__(16) u32 tc[MMA_TILE_WORDS];
     const u64 tiles = (tokens + MMA_ROWS - 1) / MMA_ROWS;
     for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
         const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
@@ -405,8 +455,10 @@ __device__ void mma_dkv_block(const float* qkv, const float* lse, const float* d
     mma_zero<HD>(dv);
     for (u64 i0 = 0; i0 < tokens; i0 += MMA_TILE) {
         __syncthreads();
-        mma_stage<HD>(qs, qt, base, width, i0, tokens, hd);
-        mma_stage<HD>(dos, dot, dout_base, dim, i0, tokens, hd);
+        mma_stage_rows<HD>(qs, base, width, i0, tokens, hd);
+        mma_stage_cols<HD>(qt, base, width, i0, tokens, hd);
+        mma_stage_rows<HD>(dos, dout_base, dim, i0, tokens, hd);
+        mma_stage_cols<HD>(dot, dout_base, dim, i0, tokens, hd);
         for (u32 r = threadIdx.x; r < MMA_TILE; r += MMA_THREADS) {
             const bool in = i0 + r < tokens;
             ls[r] = in ? lse[lbase + i0 + r] : __int_as_float(0x7f800000);
@@ -444,10 +496,10 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
                                const float* drow, float* d_qkv, u64 batch, u64 tokens,
                                u64 heads, u64 hd, float scale) {
     // The block functions use __syncthreads: every thread of a block runs every tile.
-    __shared__ u32 ta[MMA_TILE_WORDS];
-    __shared__ u32 tb[MMA_TILE_WORDS];
-    __shared__ u32 tc[MMA_TILE_WORDS];
-    __shared__ u32 td[MMA_TILE_WORDS];
+    __shared__ __align__(16) u32 ta[MMA_TILE_WORDS];
+    __shared__ __align__(16) u32 tb[MMA_TILE_WORDS];
+    __shared__ __align__(16) u32 tc[MMA_TILE_WORDS];
+    __shared__ __align__(16) u32 td[MMA_TILE_WORDS];
     __shared__ float lse_tile[MMA_TILE];
     __shared__ float drow_tile[MMA_TILE];
     const u64 tiles = (tokens + MMA_ROWS - 1) / MMA_ROWS;
