@@ -413,7 +413,7 @@ static void test_patchify_and_heads() {
 
 static void test_norms() {
     // Up to 1024 columns LayerNorm runs a warp per row, past it a block per row.
-    for (auto rc : std::vector<std::pair<u64, u64>>{{1, 1}, {3, 5}, {70, 300}, {5, 600}, {40, 1000}, {3, 1500}}) {
+    for (auto rc : std::vector<std::pair<u64, u64>>{{1, 1}, {3, 5}, {70, 300}, {5, 600}, {9, 768}, {40, 1000}, {3, 1500}}) {
         const u64 rows = rc.first, cols = rc.second;
         std::string tag = " rows=" + std::to_string(rows) + " cols=" + std::to_string(cols);
         auto x = random_vec(rows * cols), g = random_vec(cols), bt = random_vec(cols), dy = random_vec(rows * cols);

@@ -332,6 +332,15 @@ mod tests {
     }
 
     #[test]
+    fn layernorm_row_width_agrees_with_the_cuda_source() {
+        let want = format!(
+            "#define LN_HELD {}\n",
+            crate::launch::LAYERNORM_WARP_COLS / 32
+        );
+        assert!(program_source().contains(&want), "norm.cu must say {want:?}");
+    }
+
+    #[test]
     fn mismatched_arguments_are_refused() {
         let ok = [Arg::Ptr(0), Arg::U64(3), Arg::F32(1.0)];
         check_args(Kernel::Fill, &ok).unwrap();

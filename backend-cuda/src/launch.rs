@@ -54,6 +54,19 @@ pub(crate) fn per_row(rows: u64, cols: u64) -> Option<LaunchConfig> {
     (rows > 0 && cols > 0).then(|| config(rows))
 }
 
+/// The widest row the warp-per-row LayerNorm holds in registers (`32 * LN_HELD` in
+/// `kernels/norm.cu`, checked by a unit test); wider rows run a block per row.
+pub(crate) const LAYERNORM_WARP_COLS: u64 = 1024;
+
+/// The launch of `layernorm_forward`: one warp per row ([`BLOCK`] / 32 rows per block) for
+/// rows of up to [`LAYERNORM_WARP_COLS`], else one block per row; `None` when there is no work.
+pub(crate) fn layernorm_rows(rows: u64, cols: u64) -> Option<LaunchConfig> {
+    if cols > LAYERNORM_WARP_COLS {
+        return per_row(rows, cols);
+    }
+    (rows > 0 && cols > 0).then(|| config(rows.div_ceil(BLOCK as u64 / 32)))
+}
+
 /// A launch of one block per unit of work, such as a chunk of elements (grid-stride beyond
 /// the cap), or `None` when there is no work.
 pub(crate) fn per_block(units: u64) -> Option<LaunchConfig> {
@@ -144,6 +157,15 @@ mod tests {
             attention_mma(u64::MAX, 65).unwrap().grid_dim.0,
             MAX_BLOCKS as u32
         );
+    }
+
+    #[test]
+    fn layernorm_grids_have_a_warp_per_row_up_to_the_held_width() {
+        assert!(layernorm_rows(0, 768).is_none());
+        assert!(layernorm_rows(5, 0).is_none());
+        assert_eq!(layernorm_rows(25216, 768).unwrap().grid_dim.0, 25216 / 8);
+        assert_eq!(layernorm_rows(9, 1024).unwrap().grid_dim.0, 2);
+        assert_eq!(layernorm_rows(9, 1025).unwrap().grid_dim.0, 9);
     }
 
     #[test]

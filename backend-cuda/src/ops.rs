@@ -8,7 +8,7 @@ use crate::error;
 use crate::gemm::column_major;
 use crate::kernels::{Arg, Kernel};
 use crate::launch::{
-    attention, attention_mma, chunks, elementwise, per_row, single_block, ATTENTION_MAX_HEAD_DIM,
+    attention, attention_mma, chunks, elementwise, layernorm_rows, per_row, single_block, ATTENTION_MAX_HEAD_DIM,
     CHUNK_ROWS,
 };
 use crate::readers::max_readers;
@@ -584,7 +584,7 @@ impl Backend for CudaBackend {
         ];
         self.launch(
             Kernel::LayerNormForward,
-            per_row(rows as u64, cols as u64),
+            layernorm_rows(rows as u64, cols as u64),
             &args,
         )
     }

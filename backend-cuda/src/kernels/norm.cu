@@ -17,26 +17,51 @@ __device__ void mean_and_ssd(const float* row, u64 cols, double* scratch, double
 }
 
 // Rows of up to 32 * LN_HELD columns (the widths of ViT-B and ViT-L, and every decoder) run
-// one warp per row from registers.
+// one warp per row from registers (the host launches launch::per_warp_row's grid for them).
 #define LN_HELD 32
+
+// The column of a lane's k-th held value: four consecutive columns per lane and step where the
+// rows are read as float4 (`wide`), else one.
+__device__ __forceinline__ u64 ln_col(u32 lane, u32 k, bool wide) {
+    return wide ? 4 * (lane + 32 * (k / 4)) + k % 4 : lane + 32 * k;
+}
 
 __device__ void layernorm_forward_warp(const float* x, const float* gamma, const float* beta,
                                        float* y, float* mean, float* rstd, u64 rows, u64 cols,
                                        float eps) {
     const u32 lane = threadIdx.x % 32;
+    // float4 rows take a fifth of the loads and their addresses; the row's statistics are
+    // double sums whatever the order, so the two layouts give the same f32 results but for
+    // the last bit of a double.
+    const bool wide = cols % 4 == 0 && (((u64)x | (u64)gamma | (u64)beta | (u64)y) & 15) == 0;
     FOR_EACH_WARP_ROW(r, rows) {
         const float* xr = x + r * cols;
         float v[LN_HELD];
-        double acc = 0.0;
-        for (u32 k = 0; k < LN_HELD; ++k) {
-            const u64 j = lane + 32 * k;
-            v[k] = j < cols ? xr[j] : 0.0f;
-            acc += (double)v[k];
+        if (wide) {
+#pragma unroll
+            for (u32 k = 0; k < LN_HELD; k += 4) {
+                const u64 j = ln_col(lane, k, true);
+                const float4 f = j < cols ? *(const float4*)(xr + j) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                v[k] = f.x;
+                v[k + 1] = f.y;
+                v[k + 2] = f.z;
+                v[k + 3] = f.w;
+            }
+        } else {
+#pragma unroll
+            for (u32 k = 0; k < LN_HELD; ++k) {
+                const u64 j = ln_col(lane, k, false);
+                v[k] = j < cols ? xr[j] : 0.0f;
+            }
         }
+        double acc = 0.0;
+#pragma unroll
+        for (u32 k = 0; k < LN_HELD; ++k) acc += (double)v[k];  // zeros past the row
         const double m64 = warp_sum(acc) / (double)cols;
         acc = 0.0;
+#pragma unroll
         for (u32 k = 0; k < LN_HELD; ++k) {
-            if (lane + 32 * k < cols) {
+            if (ln_col(lane, k, wide) < cols) {
                 const double d = (double)v[k] - m64;
                 acc += d * d;
             }
@@ -49,16 +74,32 @@ __device__ void layernorm_forward_warp(const float* x, const float* gamma, const
             rstd[r] = rs;
         }
         float* yr = y + r * cols;
-        for (u32 k = 0; k < LN_HELD; ++k) {
-            const u64 j = lane + 32 * k;
-            if (j < cols) yr[j] = (v[k] - m) * rs * gamma[j] + beta[j];
+        if (wide) {
+#pragma unroll
+            for (u32 k = 0; k < LN_HELD; k += 4) {
+                const u64 j = ln_col(lane, k, true);
+                if (j >= cols) continue;
+                const float4 g = *(const float4*)(gamma + j), b = *(const float4*)(beta + j);
+                *(float4*)(yr + j) = make_float4((v[k] - m) * rs * g.x + b.x,
+                                                 (v[k + 1] - m) * rs * g.y + b.y,
+                                                 (v[k + 2] - m) * rs * g.z + b.z,
+                                                 (v[k + 3] - m) * rs * g.w + b.w);
+            }
+        } else {
+#pragma unroll
+            for (u32 k = 0; k < LN_HELD; ++k) {
+                const u64 j = ln_col(lane, k, false);
+                if (j < cols) yr[j] = (v[k] - m) * rs * gamma[j] + beta[j];
+            }
         }
     }
 }
 
 // y = (x - mean) * rstd * gamma + beta, from the f32 mean and rstd that are stored, so the
 // backward's xhat is bitwise the forward's.
-extern "C" __global__ void layernorm_forward(const float* x, const float* gamma,
+// Three blocks per multiprocessor at least (85 registers): unbounded, the unrolled rows took
+// 157 registers, one block of 8 warps per multiprocessor, too few loads in flight.
+extern "C" __global__ void __launch_bounds__(BLOCK, 3) layernorm_forward(const float* x, const float* gamma,
                                              const float* beta, float* y, float* mean,
                                              float* rstd, u64 rows, u64 cols, float eps) {
     if (cols <= 32 * LN_HELD) {
