@@ -30,15 +30,24 @@
 
 typedef unsigned short u16;
 
-// e^x as 2^(x log2 e): one `ex2` instruction instead of expf's range reduction. Its error, a few
-// ulps of f32, is far below the rounding of the probabilities to bf16 for their products.
+// These kernels are bound by instructions issued, not by the tensor cores (a block's tile took
+// thousands of cycles for 256 `mma`), so the softmax works in base 2: scores are scaled by
+// scale log2(e) once, and every exponential is one `ex2` (2^x, a few ulps of f32, flushing
+// results below 2^-126 to zero: far below the bf16 rounding of the probabilities for their
+// products) instead of expf's range reduction.
 #define LOG2E 1.4426950408889634f
-__device__ __forceinline__ float exp_fast(float x) { return exp2f(x * LOG2E); }
+#define LN2 0.6931471805599453f
 
 #ifdef MAE_HOST_SHIM
 #define UNROLL
+__device__ __forceinline__ float exp2_fast(float x) { return exp2f(x); }
 #else
 #define UNROLL _Pragma("unroll")
+__device__ __forceinline__ float exp2_fast(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 #endif
 
 // d += a b for one m16n8k16 product of bf16 fragments with f32 accumulators.
@@ -57,9 +66,17 @@ __device__ __forceinline__ void mma_bf16(float* d, const u32* a, u32 b0, u32 b1)
 #endif
 }
 
-// Two floats rounded to nearest bf16 (bf16_bits, elementwise.cu), `lo` in the low half.
+// Two floats rounded to nearest bf16, `lo` in the low half: one `cvt` on compute capability 8.0
+// and later, which rounds as bf16_bits (elementwise.cu) does but for NaN payloads; bf16_bits
+// elsewhere (these kernels only run on 8.0 and later, but compile for every device).
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+#if !defined(MAE_HOST_SHIM) && __CUDA_ARCH__ >= 800
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
     return bf16_bits(lo) | (bf16_bits(hi) << 16);
+#endif
 }
 
 __device__ __forceinline__ u32 word_at(const u16* p) { return *(const u32*)p; }
@@ -251,6 +268,12 @@ __device__ void mma_store(float* dst, u64 stride, u64 row0, u64 rows, u32 hd,
     }
 }
 
+// The tile's keys at or past `keys` (only the last tile of a row has fewer than MMA_TILE), as
+// seen by this lane's score accumulators: whether column i of n-tile n is one of them.
+__device__ __forceinline__ bool mma_key_out(u32 n, u32 i, u32 keys) {
+    return 8 * n + 2 * (threadIdx.x % 4) + i % 2 >= keys;
+}
+
 // Forward for one block: per key tile, the scores on the tensor cores, the running maximum and
 // sum per row (rows g and g + 8 of the warp, each spread over a group's four lanes), and the
 // output rescaled once per tile. The row sum adds the f32 exponentials, so lse is as exact as
@@ -267,6 +290,8 @@ __device__ void mma_forward_block(const float* qkv, float* out, float* lse, u64 
     mma_load_a<HD>(q, base, width, row0, tokens, hd);
     float o[HD / 8][4];
     mma_zero<HD>(o);
+    // Scores, their running maxima m and the exponentials in base 2 (scaled by scale log2 e).
+    const float scale2 = scale * LOG2E;
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
     for (u64 j0 = 0; j0 < tokens; j0 += MMA_TILE) {
         __syncthreads();  // the previous tile is no longer read
@@ -275,21 +300,22 @@ __device__ void mma_forward_block(const float* qkv, float* out, float* lse, u64 
         __syncthreads();
         float s[MMA_TILE / 8][4];
         mma_scores<HD>(s, q, ks);
+        const u32 keys = (u32)(tokens - j0 < MMA_TILE ? tokens - j0 : MMA_TILE);
         float tile_max[2] = {NEG_INF, NEG_INF};
         UNROLL
         for (u32 n = 0; n < MMA_TILE / 8; ++n) {
             UNROLL
             for (u32 i = 0; i < 4; ++i) {
-                const bool key = j0 + 8 * n + 2 * t + i % 2 < tokens;
-                s[n][i] = key ? scale * s[n][i] : NEG_INF;
+                s[n][i] *= scale2;
+                if (keys < MMA_TILE && mma_key_out(n, i, keys)) s[n][i] = NEG_INF;
                 tile_max[i / 2] = fmaxf(tile_max[i / 2], s[n][i]);
             }
         }
         UNROLL
         for (u32 r = 0; r < 2; ++r) {
             const float m_new = fmaxf(m[r], group_max(tile_max[r]));
-            // exp(-inf) = 0 on the first tile, where l and o are still 0.
-            const float corr = exp_fast(m[r] - m_new);
+            // 2^-inf = 0 on the first tile, where l and o are still 0.
+            const float corr = exp2_fast(m[r] - m_new);
             l[r] *= corr;
             UNROLL
             for (u32 n = 0; n < HD / 8; ++n) {
@@ -302,8 +328,8 @@ __device__ void mma_forward_block(const float* qkv, float* out, float* lse, u64 
         for (u32 n = 0; n < MMA_TILE / 8; ++n) {
             UNROLL
             for (u32 i = 0; i < 4; ++i) {
-                // Masked keys: exp(-inf) = 0.
-                s[n][i] = exp_fast(s[n][i] - m[i / 2]);
+                // Masked keys: 2^-inf = 0.
+                s[n][i] = exp2_fast(s[n][i] - m[i / 2]);
                 l[i / 2] += s[n][i];
             }
         }
@@ -322,7 +348,7 @@ __device__ void mma_forward_block(const float* qkv, float* out, float* lse, u64 
         UNROLL
         for (u32 r = 0; r < 2; ++r) {
             const u64 i = row0 + lane / 4 + 8 * r;
-            if (i < tokens) lse[(blk.b * heads + blk.h) * tokens + i] = m[r] + logf(total[r]);
+            if (i < tokens) lse[(blk.b * heads + blk.h) * tokens + i] = m[r] * LN2 + logf(total[r]);
         }
     }
 }
@@ -370,13 +396,14 @@ __device__ void mma_dq_block(const float* qkv, const float* out, const float* ls
             for (u32 c = t; c < hd; c += 4) acc += dout_base[i * dim + c] * out_base[i * dim + c];
         }
         d[r] = group_sum(acc);
-        li[r] = i < tokens ? lse[lbase + i] : 0.0f;
+        li[r] = i < tokens ? lse[lbase + i] * LOG2E : 0.0f;  // base 2, as the exponents below
     }
     u32 q[HD / 16][4], dout[HD / 16][4];
     mma_load_a<HD>(q, base, width, row0, tokens, hd);
     mma_load_a<HD>(dout, dout_base, dim, row0, tokens, hd);
     float dq[HD / 8][4];
     mma_zero<HD>(dq);
+    const float scale2 = scale * LOG2E;
     for (u64 j0 = 0; j0 < tokens; j0 += MMA_TILE) {
         __syncthreads();
         mma_stage_rows<HD>(ks, base + dim, width, j0, tokens, hd);
@@ -386,12 +413,13 @@ __device__ void mma_dq_block(const float* qkv, const float* out, const float* ls
         float s[MMA_TILE / 8][4], dp[MMA_TILE / 8][4];
         mma_scores<HD>(s, q, ks);
         mma_scores<HD>(dp, dout, vs);
+        const u32 keys = (u32)(tokens - j0 < MMA_TILE ? tokens - j0 : MMA_TILE);
         UNROLL
         for (u32 n = 0; n < MMA_TILE / 8; ++n) {
             UNROLL
             for (u32 i = 0; i < 4; ++i) {
-                const bool key = j0 + 8 * n + 2 * t + i % 2 < tokens;
-                const float p = key ? exp_fast(scale * s[n][i] - li[i / 2]) : 0.0f;
+                float p = exp2_fast(fmaf(s[n][i], scale2, -li[i / 2]));
+                if (keys < MMA_TILE && mma_key_out(n, i, keys)) p = 0.0f;
                 s[n][i] = p * (dp[n][i] - d[i / 2]);
             }
         }
@@ -447,6 +475,7 @@ __device__ void mma_dkv_block(const float* qkv, const float* lse, const float* d
     const float* base = qkv + blk.b * tokens * width + blk.h * hd;
     const float* dout_base = d_out + blk.b * tokens * dim + blk.h * hd;
     const u64 lbase = (blk.b * heads + blk.h) * tokens;
+    const float scale2 = scale * LOG2E;
     u32 k[HD / 16][4], v[HD / 16][4];
     mma_load_a<HD>(k, base + dim, width, row0, tokens, hd);
     mma_load_a<HD>(v, base + 2 * dim, width, row0, tokens, hd);
@@ -461,7 +490,8 @@ __device__ void mma_dkv_block(const float* qkv, const float* lse, const float* d
         mma_stage_cols<HD>(dot, dout_base, dim, i0, tokens, hd);
         for (u32 r = threadIdx.x; r < MMA_TILE; r += MMA_THREADS) {
             const bool in = i0 + r < tokens;
-            ls[r] = in ? lse[lbase + i0 + r] : __int_as_float(0x7f800000);
+            // Base 2, as the exponents below; +inf past the rows gives p = 0.
+            ls[r] = in ? lse[lbase + i0 + r] * LOG2E : __int_as_float(0x7f800000);
             ds_row[r] = in ? drow[lbase + i0 + r] : 0.0f;
         }
         __syncthreads();
@@ -473,7 +503,7 @@ __device__ void mma_dkv_block(const float* qkv, const float* lse, const float* d
             UNROLL
             for (u32 i = 0; i < 4; ++i) {
                 const u32 c = 8 * n + 2 * t + i % 2;
-                const float p = exp_fast(scale * s[n][i] - ls[c]);
+                const float p = exp2_fast(fmaf(s[n][i], scale2, -ls[c]));
                 s[n][i] = p;
                 dp[n][i] = p * (dp[n][i] - ds_row[c]);
             }
