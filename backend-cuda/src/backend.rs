@@ -235,6 +235,18 @@ impl CudaBackend {
         cfg: Option<LaunchConfig>,
         args: &[Arg],
     ) -> BResult<()> {
+        self.launch_described(kernel, cfg, args, String::new)
+    }
+
+    /// [`CudaBackend::launch`], with `detail` (such as the shape) after the kernel's name in
+    /// the profile's label, so that calls of one kernel on different shapes are told apart.
+    pub(crate) fn launch_described(
+        &self,
+        kernel: Kernel,
+        cfg: Option<LaunchConfig>,
+        args: &[Arg],
+        detail: impl FnOnce() -> String,
+    ) -> BResult<()> {
         let Some(cfg) = cfg else { return Ok(()) };
         check_args(kernel, args)?;
         let function = self.compiled()?.function(kernel);
@@ -265,7 +277,12 @@ impl CudaBackend {
             )
         })?;
         if let (Some(p), Some(t)) = (&self.profile, timer) {
-            p.end(&self.stream, t, kernel.name());
+            let detail = detail();
+            if detail.is_empty() {
+                p.end(&self.stream, t, kernel.name());
+            } else {
+                p.end(&self.stream, t, format!("{} {detail}", kernel.name()));
+            }
         }
         Ok(())
     }

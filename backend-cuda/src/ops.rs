@@ -785,7 +785,7 @@ impl Backend for CudaBackend {
         let mut args = vec![self.ptr(qkv), self.ptr_mut(out), self.ptr_mut(lse)];
         args.extend(attention_dims(a));
         let ([forward, _, _], cfg) = self.attention_kernels(a);
-        self.launch(forward, cfg, &args)
+        self.launch_described(forward, cfg, &args, || attention_shape(a))
     }
 
     fn attention_backward(
@@ -817,7 +817,7 @@ impl Backend for CudaBackend {
         ];
         args.extend(attention_dims(a));
         let ([_, dq, dkv], cfg) = self.attention_kernels(a);
-        self.launch(dq, cfg, &args)?;
+        self.launch_described(dq, cfg, &args, || attention_shape(a))?;
         let mut args = vec![
             self.ptr(qkv),
             self.ptr(lse),
@@ -826,7 +826,7 @@ impl Backend for CudaBackend {
             self.ptr_mut(d_qkv),
         ];
         args.extend(attention_dims(a));
-        self.launch(dkv, cfg, &args)
+        self.launch_described(dkv, cfg, &args, || attention_shape(a))
     }
 
     // ---- loss -------------------------------------------------------------------------------
@@ -969,6 +969,11 @@ fn attention_dims(a: &Attention) -> [Arg; 5] {
         u(a.head_dim),
         Arg::F32(a.scale),
     ]
+}
+
+/// The profile's detail of an attention call: tokens, head width and (image, head) pairs.
+fn attention_shape(a: &Attention) -> String {
+    format!("T{} hd{} x{}", a.tokens, a.head_dim, a.batch * a.heads)
 }
 
 fn need_idx(idx: &CudaIdx, len: usize, op: &str) -> BResult<()> {
