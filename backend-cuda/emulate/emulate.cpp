@@ -515,6 +515,32 @@ static void test_norms() {
     }
 }
 
+// Bias gradients: dense column sums over a window of rows in chunks, then the chunks folded in.
+static void test_column_sums() {
+    struct Case { u64 first, rows, cols, chunk_len; };
+    for (Case c : {Case{0, 1, 1, 32}, Case{0, 70, 5, 32}, Case{3, 100, 300, 7}, Case{1, 33, 768, 32}}) {
+        std::string tag = " first=" + std::to_string(c.first) + " rows=" + std::to_string(c.rows) +
+                          " cols=" + std::to_string(c.cols) + " chunk=" + std::to_string(c.chunk_len);
+        // Rows on both sides of the window must not be summed.
+        auto x = random_vec((c.first + c.rows + 2) * c.cols);
+        const u64 chunks = (c.rows + c.chunk_len - 1) / c.chunk_len;
+        for (unsigned g : grids(grid_elementwise(chunks * c.cols))) {
+            std::vector<double> partial(chunks * c.cols, NAN);
+            launch(g, 256, [&] {
+                column_sum_partials(x.data(), partial.data(), c.first, c.rows, c.cols, chunks, c.chunk_len);
+            });
+            const auto out0 = random_vec(c.cols);
+            std::vector<float> out = out0;
+            launch(grid_elementwise(c.cols), 256, [&] { column_sum_finish(partial.data(), out.data(), chunks, c.cols); });
+            std::vector<double> want = to_d(out0);
+            for (u64 r = c.first; r < c.first + c.rows; ++r) {
+                for (u64 j = 0; j < c.cols; ++j) want[j] += x[r * c.cols + j];
+            }
+            expect_close("column_sum_partials" + tag + " grid=" + std::to_string(g), out, want, 1e-6);
+        }
+    }
+}
+
 static void test_loss() {
     for (auto rc : std::vector<std::pair<u64, u64>>{{1, 3}, {7, 48}, {600, 300}}) {
         const u64 rows = rc.first, cols = rc.second;
@@ -771,6 +797,7 @@ int main() {
     test_gather();
     test_patchify_and_heads();
     test_norms();
+    test_column_sums();
     test_loss();
     test_attention();
     std::printf("%d checks, %d failed\n", checks, failures);

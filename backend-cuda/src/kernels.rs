@@ -166,6 +166,7 @@ kernels! {
     LayerNormBackwardDx = "layernorm_backward_dx" (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64);
     LayerNormParamPartials = "layernorm_param_partials"
         (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64);
+    ColumnSumPartials = "column_sum_partials" (Ptr, Ptr, U64, U64, U64, U64, U64);
     ColumnSumFinish = "column_sum_finish" (Ptr, Ptr, U64, U64);
     NormalizeRows = "normalize_rows" (Ptr, Ptr, U64, U64, F32);
     SoftmaxForward = "softmax_forward" (Ptr, Ptr, U64, U64, F32);

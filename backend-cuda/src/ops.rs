@@ -8,8 +8,8 @@ use crate::error;
 use crate::gemm::column_major;
 use crate::kernels::{Arg, Kernel};
 use crate::launch::{
-    attention, attention_mma, chunks, elementwise, layernorm_rows, per_row, single_block, ATTENTION_MAX_HEAD_DIM,
-    CHUNK_ROWS,
+    attention, attention_mma, column_chunks, elementwise, layernorm_rows, per_row, single_block,
+    ATTENTION_MAX_HEAD_DIM,
 };
 use crate::readers::max_readers;
 use cudarc::cublas::sys::{
@@ -425,9 +425,11 @@ impl Backend for CudaBackend {
         self.launch(Kernel::CopyRows, elementwise(n as u64), &args)
     }
 
-    /// Two passes, no atomics: each source row's readers are summed in chunks of
-    /// [`CHUNK_ROWS`] in f64 (pass 1, in parallel over chunks, rows and columns), then the
-    /// chunks in ascending order (pass 2), added to `d_src` with one rounding.
+    /// Two passes, no atomics: each source row's readers are summed in chunks ([`column_chunks`])
+    /// in f64 (pass 1, in parallel over chunks, rows and columns), then the chunks in ascending
+    /// order (pass 2), added to `d_src` with one rounding. A bias map (every row of `d_dst`
+    /// reads the one source row) takes plain column sums, without the general map's index
+    /// arithmetic per element.
     fn copy_rows_backward(
         &self,
         d_dst: &CudaBuf,
@@ -450,9 +452,30 @@ impl Backend for CudaBackend {
         need(d_dst, ld, "copy_rows_backward", "d_dst")?;
         need(d_src, ls, "copy_rows_backward", "d_src")?;
         let src_rows = ls / map.cols;
-        let chunk_count = chunks(max_readers(map) as u64);
+        let (chunk_count, chunk_len) =
+            column_chunks(max_readers(map) as u64, (src_rows * map.cols) as u64);
         let partial_len = chunk_count as usize * src_rows * map.cols;
         let mut partial = self.scratch(partial_len)?;
+        if is_bias(map) {
+            // Row b of d_dst (b < batch) is the bias's b-th reader: plain column sums.
+            let args = [
+                self.ptr(d_dst),
+                self.scratch_ptr(&mut partial),
+                u(map.dst_start),
+                u(map.batch),
+                u(map.cols),
+                Arg::U64(chunk_count),
+                Arg::U64(chunk_len),
+            ];
+            self.launch(Kernel::ColumnSumPartials, elementwise(partial_len as u64), &args)?;
+            let args = [
+                self.scratch_ptr(&mut partial),
+                self.ptr_mut(d_src),
+                Arg::U64(chunk_count),
+                u(map.cols),
+            ];
+            return self.launch(Kernel::ColumnSumFinish, elementwise(map.cols as u64), &args);
+        }
         let map_args = [
             u(map.batch),
             u(map.count),
@@ -466,7 +489,7 @@ impl Backend for CudaBackend {
         ];
         let mut args = vec![self.ptr(d_dst), self.scratch_ptr(&mut partial)];
         args.extend_from_slice(&map_args);
-        args.extend([Arg::U64(chunk_count), Arg::U64(CHUNK_ROWS)]);
+        args.extend([Arg::U64(chunk_count), Arg::U64(chunk_len)]);
         self.launch(
             Kernel::CopyRowsBackwardPartials,
             elementwise(partial_len as u64),
@@ -474,7 +497,7 @@ impl Backend for CudaBackend {
         )?;
         let mut args = vec![self.scratch_ptr(&mut partial), self.ptr_mut(d_src)];
         args.extend_from_slice(&map_args);
-        args.push(Arg::U64(CHUNK_ROWS));
+        args.push(Arg::U64(chunk_len));
         self.launch(
             Kernel::CopyRowsBackwardFinish,
             elementwise((src_rows * map.cols) as u64),
@@ -590,7 +613,7 @@ impl Backend for CudaBackend {
     }
 
     /// `dx` one block per row; `dgamma` and `dbeta` as column sums in two passes (chunks of
-    /// [`CHUNK_ROWS`] rows in f64, then the chunks in ascending order), no atomics.
+    /// [`column_chunks`] rows in f64, then the chunks in ascending order), no atomics.
     fn layernorm_backward(
         &self,
         dy: &CudaBuf,
@@ -632,7 +655,7 @@ impl Backend for CudaBackend {
             &args,
         )?;
 
-        let chunk_count = chunks(rows as u64);
+        let (chunk_count, chunk_len) = column_chunks(rows as u64, cols as u64);
         let partial_len = chunk_count as usize * cols;
         let (mut pg, mut pb) = (self.scratch(partial_len)?, self.scratch(partial_len)?);
         let args = [
@@ -645,7 +668,7 @@ impl Backend for CudaBackend {
             u(rows),
             u(cols),
             Arg::U64(chunk_count),
-            Arg::U64(CHUNK_ROWS),
+            Arg::U64(chunk_len),
         ];
         self.launch(
             Kernel::LayerNormParamPartials,
@@ -969,6 +992,16 @@ fn attention_dims(a: &Attention) -> [Arg; 5] {
         u(a.head_dim),
         Arg::F32(a.scale),
     ]
+}
+
+/// Whether every row of the map's destination reads source row 0, the rows in order (a
+/// [`RowMap::bias`], or the same over a window of rows): its backward is a plain column sum.
+fn is_bias(map: &RowMap) -> bool {
+    map.src_stride == 0
+        && map.src_start == 0
+        && map.src_step == 0
+        && map.count == 1
+        && map.dst_stride == 1
 }
 
 /// The profile's detail of an attention call: tokens, head width and (image, head) pairs.

@@ -175,6 +175,25 @@ extern "C" __global__ void layernorm_param_partials(const float* dy, const float
     }
 }
 
+// Pass 1 of the column sums of dense rows (bias gradients: copy_rows_backward of a bias map):
+// thread (chunk, c) sums x[first + r][c] over rows r = chunk * chunk_len ... (below `rows`) in
+// ascending order in double into partial[chunk][c]. Four rows per step of the loop keep four
+// loads in flight.
+extern "C" __global__ void column_sum_partials(const float* x, double* partial, u64 first,
+                                               u64 rows, u64 cols, u64 chunks, u64 chunk_len) {
+    const u64 n = chunks * cols;
+    FOR_EACH(e, n) {
+        const u64 chunk = div_u(e, cols), c = e - chunk * cols;
+        const u64 r0 = chunk * chunk_len;
+        const u64 r1 = r0 + chunk_len < rows ? r0 + chunk_len : rows;
+        const float* p = x + (first + r0) * cols + c;
+        double acc = 0.0;
+#pragma unroll 4
+        for (u64 r = r0; r < r1; ++r, p += cols) acc += (double)*p;
+        partial[e] = acc;
+    }
+}
+
 // Pass 2 for one output: out[c] += sum over chunks in ascending order, rounded once. Also the
 // second pass of any other column sum laid out as partial[chunk][c].
 extern "C" __global__ void column_sum_finish(const double* partial, float* out, u64 chunks,
