@@ -109,6 +109,33 @@ inline void host_mma_bf16(float* d, const unsigned* a, unsigned b0, unsigned b1)
     for (unsigned i = 0; i < 4; ++i) d[i] = out[i];
 }
 
+// ldmatrix.sync.aligned.m8n8.x2(.trans).shared.b16 across each warp: every lane publishes its
+// row address, and after a barrier takes its two registers from the warp's (lanes 8 i .. 8 i + 7
+// address matrix i's rows; register i of lane 4 g + t is row g, columns 2 t and 2 t + 1 of
+// matrix i, or with `trans` of its transpose: rows 2 t and 2 t + 1 of column g). Lanes 16 .. 31
+// give addresses that are not read. Correct where every thread of the block makes the same
+// calls, as the attention kernels do.
+inline void host_ldmatrix_x2(unsigned* r, const unsigned short* row, bool trans) {
+    static thread_local std::vector<const unsigned short*> slots;
+    if (slots.size() < blockDim.x) slots.resize(blockDim.x);
+    if (threadIdx.x % 32 < 16 && ((uintptr_t)row & 15) != 0) {
+        std::fprintf(stderr, "ldmatrix: row address not 16-byte aligned\n");
+        std::abort();
+    }
+    slots[threadIdx.x] = row;
+    __syncthreads();
+    const unsigned lane = threadIdx.x % 32, warp = threadIdx.x - lane, g = lane / 4, t = lane % 4;
+    unsigned out[2];
+    for (unsigned i = 0; i < 2; ++i) {
+        const unsigned short* const* m = &slots[warp + 8 * i];
+        const unsigned lo = trans ? m[2 * t][g] : m[g][2 * t];
+        const unsigned hi = trans ? m[2 * t + 1][g] : m[g][2 * t + 1];
+        out[i] = lo | (hi << 16);
+    }
+    __syncthreads();
+    for (unsigned i = 0; i < 2; ++i) r[i] = out[i];
+}
+
 // Runs `kernel` on a grid of `grid` blocks of `block` threads, one thread after another: for
 // kernels without barriers (a barrier aborts).
 inline void launch(unsigned grid, unsigned block, const std::function<void()>& kernel) {

@@ -5,11 +5,12 @@
 // the operands of the products are rounded, as in the bf16 mode's GEMMs.
 //
 // A block of MMA_THREADS (4 warps) takes MMA_ROWS rows of one (image, head), 16 per warp, and
-// walks the other side's rows in tiles of MMA_TILE, staged in shared memory as bf16: row-major
-// ([row][feature], for products that contract over features) and transposed ([feature][row],
-// for products that contract over rows), each row padded by MMA_PAD so that the fragment reads
-// of a warp hit 32 different banks. The warp's own 16 rows are loaded straight into A
-// fragments. Accumulators of a product over the tile (16 x MMA_TILE) have the layout of the A
+// walks the other side's rows in tiles of MMA_TILE, staged in shared memory as bf16, row-major
+// ([row][feature]), each row padded by MMA_PAD so that the eight rows of each 8 x 8 matrix that
+// `ldmatrix` reads fall in eight different groups of four banks. `ldmatrix` gives the B fragments
+// of products that contract over features, `ldmatrix.trans` those that contract over rows
+// (probabilities times v, score gradients times k or q), so one staged layout serves both. The
+// warp's own 16 rows are loaded straight into A fragments. Accumulators of a product over the tile (16 x MMA_TILE) have the layout of the A
 // fragments of the next product (`mma_c_to_a`), so probabilities never leave registers.
 //
 // PTX fragment layouts of m16n8k16 (lane = 4 g + t): A (16 x 16) register j holds row
@@ -25,7 +26,7 @@
 #define MMA_ROWS 64
 #define MMA_TILE 64
 #define MMA_PAD 8
-// 32-bit words of one staged tile, either layout, for the widest head (64).
+// 32-bit words of one staged tile for the widest head (64).
 #define MMA_TILE_WORDS (MMA_TILE * (64 + MMA_PAD) / 2)
 
 typedef unsigned short u16;
@@ -39,10 +40,8 @@ typedef unsigned short u16;
 #define LN2 0.6931471805599453f
 
 #ifdef MAE_HOST_SHIM
-#define UNROLL
 __device__ __forceinline__ float exp2_fast(float x) { return exp2f(x); }
 #else
-#define UNROLL _Pragma("unroll")
 __device__ __forceinline__ float exp2_fast(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -79,7 +78,32 @@ __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
 #endif
 }
 
-__device__ __forceinline__ u32 word_at(const u16* p) { return *(const u32*)p; }
+// Two 8 x 8 matrices of b16 from shared memory, one `ldmatrix.x2`: lanes 8 i .. 8 i + 7 (i < 2)
+// give the addresses of matrix i's eight rows (16 bytes each, 16-byte aligned; the other lanes'
+// addresses are not read), and register i of lane 4 g + t receives row g, columns 2 t and
+// 2 t + 1 of matrix i; with `trans`, of matrix i transposed (its rows 2 t and 2 t + 1 of column
+// g). This lane's row is element `at` of the shared `tile`: the tile's shared-window address is
+// the same for every call (computed once), and offsets that unrolling makes constant fold into
+// the instruction, where an address per call took a register each and spilled.
+template <bool TRANS>
+__device__ __forceinline__ void ldsm_x2(u32* r, const u16* tile, u32 at) {
+#ifdef MAE_HOST_SHIM
+    host_ldmatrix_x2(r, tile + at, TRANS);
+#else
+    u32 base;
+    asm("{ .reg .u64 s; cvta.to.shared.u64 s, %1; cvt.u32.u64 %0, s; }" : "=r"(base) : "l"(tile));
+    const u32 a = base + 2 * at;
+    if (TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
+                     : "=r"(r[0]), "=r"(r[1])
+                     : "r"(a));
+    } else {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];"
+                     : "=r"(r[0]), "=r"(r[1])
+                     : "r"(a));
+    }
+#endif
+}
 
 // Max and sum over the four lanes of a group (lanes 4 g .. 4 g + 3 share rows g and g + 8).
 __device__ __forceinline__ float group_max(float v) {
@@ -139,46 +163,6 @@ __device__ void mma_stage_rows(u16* rm, const float* src, u64 stride, u64 r0, u6
     }
 }
 
-// Transposed ([feature][row], rows MMA_TILE + MMA_PAD apart) into `tr`. A thread takes the
-// same four features of two consecutive rows and stores them as four words (row pairs), the 32
-// lanes of a warp 32 row pairs of the same features: consecutive words, no bank conflicts.
-template <int HD>
-__device__ void mma_stage_cols(u16* tr, const float* src, u64 stride, u64 r0, u64 rows,
-                               u32 hd) {
-    const float* first = src + r0 * stride;
-    const u32 valid = mma_stage_valid(r0, rows);
-    constexpr u32 LINE = (MMA_TILE + MMA_PAD) / 2;  // words from one feature's row to the next
-    if (mma_stage_aligned(first, stride, hd)) {
-        constexpr u32 PER = MMA_TILE / 2 * (HD / 4) / MMA_THREADS;
-        float4 lo[PER], hi[PER];
-        UNROLL
-        for (u32 k = 0; k < PER; ++k) {
-            const u32 e = threadIdx.x + k * MMA_THREADS;
-            const u32 r = 2 * (e % (MMA_TILE / 2)), c = 4 * (e / (MMA_TILE / 2));
-            lo[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            hi[k] = lo[k];
-            if (r < valid && c < hd) lo[k] = *(const float4*)(first + r * stride + c);
-            if (r + 1 < valid && c < hd) hi[k] = *(const float4*)(first + (r + 1) * stride + c);
-        }
-        UNROLL
-        for (u32 k = 0; k < PER; ++k) {
-            const u32 e = threadIdx.x + k * MMA_THREADS;
-            const u32 r = 2 * (e % (MMA_TILE / 2)), c = 4 * (e / (MMA_TILE / 2));
-            u32* w = (u32*)(tr + c * (MMA_TILE + MMA_PAD) + r);
-            w[0] = pack_bf16(lo[k].x, hi[k].x);
-            w[LINE] = pack_bf16(lo[k].y, hi[k].y);
-            w[2 * LINE] = pack_bf16(lo[k].z, hi[k].z);
-            w[3 * LINE] = pack_bf16(lo[k].w, hi[k].w);
-        }
-        return;
-    }
-    for (u32 e = threadIdx.x; e < MMA_TILE * HD; e += MMA_THREADS) {
-        const u32 r = e % MMA_TILE, c = e / MMA_TILE;
-        tr[c * (MMA_TILE + MMA_PAD) + r] =
-            r < valid && c < hd ? (u16)bf16_bits(first[r * stride + c]) : 0;
-    }
-}
-
 // The A fragments of this warp's 16 rows row0 .. row0 + 16 of one head (`src`, `stride` and
 // `rows` as in mma_stage), one per 16 features.
 template <int HD>
@@ -200,32 +184,40 @@ __device__ void mma_load_a(u32 (*a)[4], const float* src, u64 stride, u64 row0, 
 
 // s = a x^T over the HD features: the warp's 16 rows (A fragments) against the MMA_TILE rows
 // of a row-major tile `rm`, as 16 x MMA_TILE accumulators (s[n] holds columns 8 n .. 8 n + 8).
+// The B fragments of rows 8 n .. 8 n + 8 come from `ldmatrix`: lane l points at row
+// 8 n + l % 8, features 16 kk + 8 (l / 8 % 2).
 template <int HD>
 __device__ void mma_scores(float (*s)[4], const u32 (*a)[4], const u16* rm) {
-    const u32 lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const u32 lane = threadIdx.x % 32;
     UNROLL
     for (u32 n = 0; n < MMA_TILE / 8; ++n) {
         UNROLL
         for (u32 i = 0; i < 4; ++i) s[n][i] = 0.0f;
-        const u16* row = rm + (8 * n + g) * (HD + MMA_PAD) + 2 * t;
+        const u32 row = (8 * n + lane % 8) * (HD + MMA_PAD) + 8 * (lane / 8 % 2);
         UNROLL
         for (u32 kk = 0; kk < HD / 16; ++kk) {
-            mma_bf16(s[n], a[kk], word_at(row + 16 * kk), word_at(row + 16 * kk + 8));
+            u32 b[2];
+            ldsm_x2<false>(b, rm, row + 16 * kk);
+            mma_bf16(s[n], a[kk], b[0], b[1]);
         }
     }
 }
 
-// acc += p x over the tile's MMA_TILE rows: p (A fragments of 16 x MMA_TILE) times the tile
-// transposed in `tr`, into 16 x HD accumulators (acc[n] holds features 8 n .. 8 n + 8).
+// acc += p x over the tile's MMA_TILE rows: p (A fragments of 16 x MMA_TILE) times the
+// row-major tile `rm`, into 16 x HD accumulators (acc[n] holds features 8 n .. 8 n + 8). The B
+// fragments are the tile's 8 x 8 blocks transposed (`ldmatrix.trans`): lane l points at row
+// 16 kk + l % 16, features 8 n .. 8 n + 8.
 template <int HD>
-__device__ void mma_accumulate(float (*acc)[4], const u32 (*p)[4], const u16* tr) {
-    const u32 lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+__device__ void mma_accumulate(float (*acc)[4], const u32 (*p)[4], const u16* rm) {
+    const u32 lane = threadIdx.x % 32;
     UNROLL
     for (u32 n = 0; n < HD / 8; ++n) {
-        const u16* col = tr + (8 * n + g) * (MMA_TILE + MMA_PAD) + 2 * t;
+        const u32 col = (lane % 16) * (HD + MMA_PAD) + 8 * n;
         UNROLL
         for (u32 kk = 0; kk < MMA_TILE / 16; ++kk) {
-            mma_bf16(acc[n], p[kk], word_at(col + 16 * kk), word_at(col + 16 * kk + 8));
+            u32 b[2];
+            ldsm_x2<true>(b, rm, col + 16 * kk * (HD + MMA_PAD));
+            mma_bf16(acc[n], p[kk], b[0], b[1]);
         }
     }
 }
@@ -281,7 +273,7 @@ __device__ __forceinline__ bool mma_key_out(u32 n, u32 i, u32 keys) {
 template <int HD>
 __device__ void mma_forward_block(const float* qkv, float* out, float* lse, u64 tokens,
                                   u64 heads, u32 hd, float scale, AttBlock blk, u16* ks,
-                                  u16* vt) {
+                                  u16* vs) {
     const u64 dim = heads * hd, width = 3 * dim;
     const u32 lane = threadIdx.x % 32, t = lane % 4;
     const u64 row0 = blk.row0 + 16 * (threadIdx.x / 32);
@@ -296,7 +288,7 @@ __device__ void mma_forward_block(const float* qkv, float* out, float* lse, u64 
     for (u64 j0 = 0; j0 < tokens; j0 += MMA_TILE) {
         __syncthreads();  // the previous tile is no longer read
         mma_stage_rows<HD>(ks, base + dim, width, j0, tokens, hd);
-        mma_stage_cols<HD>(vt, base + 2 * dim, width, j0, tokens, hd);
+        mma_stage_rows<HD>(vs, base + 2 * dim, width, j0, tokens, hd);
         __syncthreads();
         float s[MMA_TILE / 8][4];
         mma_scores<HD>(s, q, ks);
@@ -335,7 +327,7 @@ __device__ void mma_forward_block(const float* qkv, float* out, float* lse, u64 
         }
         u32 p[MMA_TILE / 16][4];
         mma_c_to_a(p, s);
-        mma_accumulate<HD>(o, p, vt);
+        mma_accumulate<HD>(o, p, vs);
     }
     const float total[2] = {group_sum(l[0]), group_sum(l[1])};
     UNROLL
@@ -378,7 +370,7 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
 template <int HD>
 __device__ void mma_dq_block(const float* qkv, const float* out, const float* lse,
                              const float* d_out, float* d_qkv, float* drow, u64 tokens,
-                             u64 heads, u32 hd, float scale, AttBlock blk, u16* ks, u16* kt,
+                             u64 heads, u32 hd, float scale, AttBlock blk, u16* ks,
                              u16* vs) {
     const u64 dim = heads * hd, width = 3 * dim;
     const u32 lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -407,7 +399,6 @@ __device__ void mma_dq_block(const float* qkv, const float* out, const float* ls
     for (u64 j0 = 0; j0 < tokens; j0 += MMA_TILE) {
         __syncthreads();
         mma_stage_rows<HD>(ks, base + dim, width, j0, tokens, hd);
-        mma_stage_cols<HD>(kt, base + dim, width, j0, tokens, hd);
         mma_stage_rows<HD>(vs, base + 2 * dim, width, j0, tokens, hd);
         __syncthreads();
         float s[MMA_TILE / 8][4], dp[MMA_TILE / 8][4];
@@ -425,7 +416,7 @@ __device__ void mma_dq_block(const float* qkv, const float* out, const float* ls
         }
         u32 ds[MMA_TILE / 16][4];
         mma_c_to_a(ds, s);
-        mma_accumulate<HD>(dq, ds, kt);
+        mma_accumulate<HD>(dq, ds, ks);
     }
     mma_store<HD>(d_qkv + blk.b * tokens * width + blk.h * hd, width, row0, tokens, hd, dq, scale);
     if (t == 0) {
@@ -445,17 +436,16 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
     // The block functions use __syncthreads: every thread of a block runs every tile.
     __shared__ __align__(16) u32 ta[MMA_TILE_WORDS];
     __shared__ __align__(16) u32 tb[MMA_TILE_WORDS];
-    __shared__ __align__(16) u32 tc[MMA_TILE_WORDS];
     const u64 tiles = (tokens + MMA_ROWS - 1) / MMA_ROWS;
     for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
         const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
         const u32 h = (u32)hd;
         if (hd <= 32) {
             mma_dq_block<32>(qkv, out, lse, d_out, d_qkv, drow, tokens, heads, h, scale, blk,
-                             (u16*)ta, (u16*)tb, (u16*)tc);
+                             (u16*)ta, (u16*)tb);
         } else {
             mma_dq_block<64>(qkv, out, lse, d_out, d_qkv, drow, tokens, heads, h, scale, blk,
-                             (u16*)ta, (u16*)tb, (u16*)tc);
+                             (u16*)ta, (u16*)tb);
         }
     }
 }
@@ -467,8 +457,8 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
 template <int HD>
 __device__ void mma_dkv_block(const float* qkv, const float* lse, const float* d_out,
                               const float* drow, float* d_qkv, u64 tokens, u64 heads, u32 hd,
-                              float scale, AttBlock blk, u16* qs, u16* qt, u16* dos, u16* dot,
-                              float* ls, float* ds_row) {
+                              float scale, AttBlock blk, u16* qs, u16* dos, float* ls,
+                              float* ds_row) {
     const u64 dim = heads * hd, width = 3 * dim;
     const u32 t = threadIdx.x % 4;
     const u64 row0 = blk.row0 + 16 * (threadIdx.x / 32);
@@ -485,9 +475,7 @@ __device__ void mma_dkv_block(const float* qkv, const float* lse, const float* d
     for (u64 i0 = 0; i0 < tokens; i0 += MMA_TILE) {
         __syncthreads();
         mma_stage_rows<HD>(qs, base, width, i0, tokens, hd);
-        mma_stage_cols<HD>(qt, base, width, i0, tokens, hd);
         mma_stage_rows<HD>(dos, dout_base, dim, i0, tokens, hd);
-        mma_stage_cols<HD>(dot, dout_base, dim, i0, tokens, hd);
         for (u32 r = threadIdx.x; r < MMA_TILE; r += MMA_THREADS) {
             const bool in = i0 + r < tokens;
             // Base 2, as the exponents below; +inf past the rows gives p = 0.
@@ -511,8 +499,8 @@ __device__ void mma_dkv_block(const float* qkv, const float* lse, const float* d
         u32 pa[MMA_TILE / 16][4], dsa[MMA_TILE / 16][4];
         mma_c_to_a(pa, s);
         mma_c_to_a(dsa, dp);
-        mma_accumulate<HD>(dv, pa, dot);
-        mma_accumulate<HD>(dk, dsa, qt);
+        mma_accumulate<HD>(dv, pa, dos);
+        mma_accumulate<HD>(dk, dsa, qs);
     }
     float* dst = d_qkv + blk.b * tokens * width + blk.h * hd;
     mma_store<HD>(dst + dim, width, row0, tokens, hd, dk, scale);
@@ -528,8 +516,6 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
     // The block functions use __syncthreads: every thread of a block runs every tile.
     __shared__ __align__(16) u32 ta[MMA_TILE_WORDS];
     __shared__ __align__(16) u32 tb[MMA_TILE_WORDS];
-    __shared__ __align__(16) u32 tc[MMA_TILE_WORDS];
-    __shared__ __align__(16) u32 td[MMA_TILE_WORDS];
     __shared__ float lse_tile[MMA_TILE];
     __shared__ float drow_tile[MMA_TILE];
     const u64 tiles = (tokens + MMA_ROWS - 1) / MMA_ROWS;
@@ -538,10 +524,10 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
         const u32 h = (u32)hd;
         if (hd <= 32) {
             mma_dkv_block<32>(qkv, lse, d_out, drow, d_qkv, tokens, heads, h, scale, blk,
-                              (u16*)ta, (u16*)tb, (u16*)tc, (u16*)td, lse_tile, drow_tile);
+                              (u16*)ta, (u16*)tb, lse_tile, drow_tile);
         } else {
             mma_dkv_block<64>(qkv, lse, d_out, drow, d_qkv, tokens, heads, h, scale, blk,
-                              (u16*)ta, (u16*)tb, (u16*)tc, (u16*)td, lse_tile, drow_tile);
+                              (u16*)ta, (u16*)tb, lse_tile, drow_tile);
         }
     }
 }

@@ -38,7 +38,7 @@ __device__ void layernorm_forward_warp(const float* x, const float* gamma, const
         const float* xr = x + r * cols;
         float v[LN_HELD];
         if (wide) {
-#pragma unroll
+UNROLL
             for (u32 k = 0; k < LN_HELD; k += 4) {
                 const u64 j = ln_col(lane, k, true);
                 const float4 f = j < cols ? *(const float4*)(xr + j) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -48,18 +48,18 @@ __device__ void layernorm_forward_warp(const float* x, const float* gamma, const
                 v[k + 3] = f.w;
             }
         } else {
-#pragma unroll
+UNROLL
             for (u32 k = 0; k < LN_HELD; ++k) {
                 const u64 j = ln_col(lane, k, false);
                 v[k] = j < cols ? xr[j] : 0.0f;
             }
         }
         double acc = 0.0;
-#pragma unroll
+UNROLL
         for (u32 k = 0; k < LN_HELD; ++k) acc += (double)v[k];  // zeros past the row
         const double m64 = warp_sum(acc) / (double)cols;
         acc = 0.0;
-#pragma unroll
+UNROLL
         for (u32 k = 0; k < LN_HELD; ++k) {
             if (ln_col(lane, k, wide) < cols) {
                 const double d = (double)v[k] - m64;
@@ -75,7 +75,7 @@ __device__ void layernorm_forward_warp(const float* x, const float* gamma, const
         }
         float* yr = y + r * cols;
         if (wide) {
-#pragma unroll
+UNROLL
             for (u32 k = 0; k < LN_HELD; k += 4) {
                 const u64 j = ln_col(lane, k, true);
                 if (j >= cols) continue;
@@ -86,7 +86,7 @@ __device__ void layernorm_forward_warp(const float* x, const float* gamma, const
                                                  (v[k + 3] - m) * rs * g.w + b.w);
             }
         } else {
-#pragma unroll
+UNROLL
             for (u32 k = 0; k < LN_HELD; ++k) {
                 const u64 j = ln_col(lane, k, false);
                 if (j < cols) yr[j] = (v[k] - m) * rs * gamma[j] + beta[j];
@@ -188,7 +188,7 @@ extern "C" __global__ void column_sum_partials(const float* x, double* partial, 
         const u64 r1 = r0 + chunk_len < rows ? r0 + chunk_len : rows;
         const float* p = x + (first + r0) * cols + c;
         double acc = 0.0;
-#pragma unroll 4
+UNROLL_BY(4)
         for (u64 r = r0; r < r1; ++r, p += cols) acc += (double)*p;
         partial[e] = acc;
     }

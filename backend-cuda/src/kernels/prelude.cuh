@@ -17,6 +17,16 @@ typedef unsigned int u32;
 // Threads per block of the row kernels; the host launches exactly this many (power of two).
 #define BLOCK 256
 
+// Loop unrolling, a no-op in the host emulator (emulate/shim.h), where g++ knows no such pragma.
+#ifdef MAE_HOST_SHIM
+#define UNROLL
+#define UNROLL_BY(n)
+#else
+#define UNROLL _Pragma("unroll")
+#define MAE_PRAGMA(x) _Pragma(#x)
+#define UNROLL_BY(n) MAE_PRAGMA(unroll n)
+#endif
+
 // -infinity, without the host headers NVRTC does not have.
 #define NEG_INF (__int_as_float(0xff800000))
 
