@@ -104,10 +104,6 @@ pub struct CudaBackend {
     bf16_tensor_cores: bool,
     /// `MAE_CUDA_BF16_GEMM`: where the bf16 mode rounds GEMM operands (`bf16.rs`).
     pub(crate) bf16_gemm: Bf16Gemm,
-    /// The bf16 copies of a GEMM's A and B (two per u32), grown to the largest operand seen.
-    /// Locked from the copies' launch until the GEMM that reads them is queued, so that two
-    /// threads' GEMMs cannot overwrite each other's copies.
-    pub(crate) bf16_copies: Mutex<[Option<crate::bf16::Bf16Copy>; 2]>,
     /// The device's memory in floats: no buffer can be longer.
     pub(crate) max_len: usize,
 }
@@ -174,7 +170,6 @@ impl CudaBackend {
             attention_choice: attention_choice(major, minor)?,
             bf16_tensor_cores: major >= 8,
             bf16_gemm: Bf16Gemm::from_env()?,
-            bf16_copies: Mutex::new([None, None]),
         })
     }
 

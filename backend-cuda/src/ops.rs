@@ -29,6 +29,22 @@ fn span(batch: usize, stride: usize, rows: usize, cols: usize) -> Option<usize> 
         .checked_add(rows.checked_mul(cols)?)
 }
 
+/// The elements `g`'s A and B span, having checked that A, B and C hold their spans.
+pub(crate) fn gemm_lens(
+    g: &Gemm,
+    a: &CudaBuf,
+    b: &CudaBuf,
+    c: &CudaBuf,
+) -> BResult<(usize, usize)> {
+    let a_len = span(g.batch, g.stride_a, g.m, g.k);
+    let b_len = span(g.batch, g.stride_b, g.k, g.n);
+    gemm_need(a, a_len, g, "A")?;
+    gemm_need(b, b_len, g, "B")?;
+    gemm_need(c, span(g.batch, g.stride_c, g.m, g.n), g, "C")?;
+    // Checked by gemm_need: both spans exist.
+    Ok((a_len.unwrap_or(0), b_len.unwrap_or(0)))
+}
+
 fn gemm_need(buf: &CudaBuf, need: Option<usize>, g: &Gemm, what: &str) -> BResult<()> {
     match need {
         Some(n) if buf.len() >= n => Ok(()),
@@ -217,13 +233,7 @@ impl Backend for CudaBackend {
         if g.batch == 0 || g.m == 0 || g.n == 0 {
             return Ok(()); // C has no elements.
         }
-        let a_len = span(g.batch, g.stride_a, g.m, g.k);
-        let b_len = span(g.batch, g.stride_b, g.k, g.n);
-        gemm_need(a, a_len, g, "A")?;
-        gemm_need(b, b_len, g, "B")?;
-        gemm_need(c, span(g.batch, g.stride_c, g.m, g.n), g, "C")?;
-        // Checked by gemm_need: both spans exist.
-        let (a_len, b_len) = (a_len.unwrap_or(0), b_len.unwrap_or(0));
+        let (a_len, b_len) = gemm_lens(g, a, b, c)?;
         let cm = column_major(g);
         let fit = |v: usize, what: &str| error::fit_i32(v, &format!("gemm {what} of {g:?}"));
         let (m, n, k) = (fit(cm.m, "n")?, fit(cm.n, "m")?, fit(cm.k, "k")?);
@@ -247,12 +257,9 @@ impl Backend for CudaBackend {
         let mut copies = None;
         let copied = self.precision() == Precision::Bf16 && self.bf16_gemm.copies(g, a_len, b_len);
         let (pa, pb, operand_type, compute) = if copied {
-            let guard = copies.insert(
-                self.bf16_copies
-                    .lock()
-                    .map_err(|_| error::device("the bf16 copies' lock is poisoned"))?,
-            );
-            let [pa, pb] = self.round_to_bf16(guard, [(a, a_len), (b, b_len)])?;
+            let [pa, pb] = copies
+                .insert(self.bf16_operands((a, a_len), (b, b_len))?)
+                .addrs;
             let exact = cublasComputeType_t::CUBLAS_COMPUTE_32F;
             (pa, pb, cudaDataType::CUDA_R_16BF, Some(exact))
         } else {
@@ -302,10 +309,10 @@ impl Backend for CudaBackend {
                 )
             }),
             // SAFETY: as above, where A and B are either the f32 buffers (CUDA_R_32F) or their
-            // bf16 copies (CUDA_R_16BF), which hold the same number of elements (a_len and
-            // b_len, written by `round_to_bf16` earlier on this stream and locked until this
-            // call is queued); C is f32, and alpha and beta are f32 as the f32 compute types
-            // require.
+            // bf16 copies (CUDA_R_16BF), which hold at least the same number of elements (a_len
+            // and b_len, written by `round_to_bf16` earlier on this stream and locked in their
+            // buffers until this call is queued); C is f32, and alpha and beta are f32 as the
+            // f32 compute types require.
             Some(compute) => ("cublasGemmStridedBatchedEx", unsafe {
                 cublasGemmStridedBatchedEx(
                     *blas.handle(),

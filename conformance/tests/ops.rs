@@ -2689,44 +2689,59 @@ mod cuda_bf16 {
         });
     }
 
-    /// The bf16 mode multiplies its copy of an operand again while the buffer is unchanged
-    /// (a Linear layer's two gradient products read dY): a product after the operand was
-    /// overwritten, or after another product copied other operands, uses the new values, and
-    /// one after nothing changed gives bitwise the same result.
+    /// The bf16 mode keeps a buffer's bf16 copy with the buffer and multiplies it again while
+    /// the buffer is unchanged (a Linear layer's weight in its forward and input-gradient
+    /// products, dY in both gradient products): a product after the operand was overwritten
+    /// uses the new values, one after nothing changed gives bitwise the same result.
     #[test]
     fn gemm_copies_follow_their_operands_contents() {
         fixed(b(), check_gemm_copies);
     }
 
+    /// A copy made by one GEMM serves a later GEMM that reads the buffer in another role and
+    /// layout, after other operands were copied in between, and a copy is renewed when its
+    /// buffer is written: a Linear layer's forward `Y = X W^T`, another layer's product, the
+    /// input gradient `dX = dY W`, then `W` overwritten and `dX` again; and one buffer as both
+    /// operands (`X X^T`), overwritten between two products.
+    #[test]
+    fn gemm_copies_outlive_other_gemms() {
+        fixed(b(), check_gemm_copies_across_gemms);
+    }
+
+    /// The oracle of `g` on the operands rounded to nearest bf16.
+    fn bf16_product(g: &Gemm, a: &[f32], bm: &[f32]) -> Vec<f64> {
+        let r = |v: &[f32]| {
+            v.iter()
+                .map(|&x| bf16_nearest(x) as f64)
+                .collect::<Vec<_>>()
+        };
+        let mut c = vec![0.0; g.lens().2];
+        oracle::gemm(g, &r(a), &r(bm), &mut c);
+        c
+    }
+
+    /// `g` on the backend into a fresh C (NaN before).
+    fn product<B: Backend>(b: &B, g: &Gemm, a: &B::Buf, bm: &B::Buf) -> Result<Vec<f32>, String> {
+        let mut c = up(b, &vec![f32::NAN; g.lens().2]);
+        b.gemm(g, a, bm, &mut c).map_err(|e| e.to_string())?;
+        Ok(down(b, &c))
+    }
+
     fn check_gemm_copies<B: Backend>(b: &B) -> Check {
         let g = Gemm::new(640, 576, 64);
-        let (la, lb, lc) = g.lens();
+        let (la, lb, _) = g.lens();
         let host_a = [1, 2].map(|seed| data(seed, la, g.k, Fill::Uniform));
         let host_b = data(3, lb, g.n, Fill::Uniform);
-        let product = |a: &B::Buf, bm: &B::Buf| -> Result<Vec<f32>, String> {
-            let mut c = up(b, &vec![f32::NAN; lc]);
-            b.gemm(&g, a, bm, &mut c).map_err(|e| e.to_string())?;
-            Ok(down(b, &c))
-        };
-        let want = |a: &[f32]| {
-            let r = |v: &[f32]| {
-                v.iter()
-                    .map(|&x| bf16_nearest(x) as f64)
-                    .collect::<Vec<_>>()
-            };
-            let mut c = vec![0.0; lc];
-            oracle::gemm(&g, &r(a), &r(&host_b), &mut c);
-            c
-        };
+        let want = |a: &[f32]| bf16_product(&g, a, &host_b);
         let tol = Tol::gemm(g.k, 1.0, 1.0);
         let (mut a, bm) = (up(b, &host_a[0]), up(b, &host_b));
-        let first = product(&a, &bm)?;
+        let first = product(b, &g, &a, &bm)?;
         compare("gemm", "first", &first, &want(&host_a[0]), tol, None)?;
-        if product(&a, &bm)? != first {
+        if product(b, &g, &a, &bm)? != first {
             return Err("the same product twice differs".into());
         }
         b.write(&mut a, &host_a[1]).map_err(|e| e.to_string())?;
-        let changed = product(&a, &bm)?;
+        let changed = product(b, &g, &a, &bm)?;
         compare(
             "gemm",
             "A overwritten",
@@ -2739,7 +2754,7 @@ mod cuda_bf16 {
         compare(
             "gemm",
             "another A",
-            &product(&other, &bm)?,
+            &product(b, &g, &other, &bm)?,
             &want(&host_a[0]),
             tol,
             None,
@@ -2747,11 +2762,62 @@ mod cuda_bf16 {
         compare(
             "gemm",
             "A again",
-            &product(&a, &bm)?,
+            &product(b, &g, &a, &bm)?,
             &want(&host_a[1]),
             tol,
             None,
         )
+    }
+
+    fn check_gemm_copies_across_gemms<B: Backend>(b: &B) -> Check {
+        // A Linear layer of 576 -> 640 features on 600 rows, and another of 512 -> 448: every
+        // product above the copies' threshold.
+        let (rows, inp, out) = (600, 576, 640);
+        let forward = Gemm::new(rows, out, inp).trans_b();
+        let input_grad = Gemm::new(rows, inp, out);
+        let other = Gemm::new(rows, 448, 512).trans_b();
+        let host_x = data(11, rows * inp, inp, Fill::Uniform);
+        let host_w = [12, 13].map(|seed| data(seed, out * inp, inp, Fill::Uniform));
+        let host_dy = data(14, rows * out, out, Fill::Uniform);
+        let (host_p, host_q) = (
+            data(15, rows * 512, 512, Fill::Uniform),
+            data(16, 448 * 512, 512, Fill::Uniform),
+        );
+        let (x, mut w, dy) = (up(b, &host_x), up(b, &host_w[0]), up(b, &host_dy));
+        let (p, q) = (up(b, &host_p), up(b, &host_q));
+        let check = |what: &str, g: &Gemm, got: Vec<f32>, a: &[f32], bm: &[f32]| {
+            let tol = Tol::gemm(g.k, 1.0, 1.0);
+            compare("gemm", what, &got, &bf16_product(g, a, bm), tol, None)
+        };
+        let y = product(b, &forward, &x, &w)?;
+        check("forward", &forward, y, &host_x, &host_w[0])?;
+        let pq = product(b, &other, &p, &q)?;
+        check("another layer", &other, pq, &host_p, &host_q)?;
+        let dx = product(b, &input_grad, &dy, &w)?;
+        check(
+            "input gradient",
+            &input_grad,
+            dx.clone(),
+            &host_dy,
+            &host_w[0],
+        )?;
+        if product(b, &input_grad, &dy, &w)? != dx {
+            return Err("the input gradient twice differs".into());
+        }
+        b.write(&mut w, &host_w[1]).map_err(|e| e.to_string())?;
+        let dx = product(b, &input_grad, &dy, &w)?;
+        check("W overwritten", &input_grad, dx, &host_dy, &host_w[1])?;
+
+        // X X^T: one buffer as A and as B.
+        let gram = Gemm::new(rows, rows, inp).trans_b();
+        let mut x = x;
+        let xx = product(b, &gram, &x, &x)?;
+        check("X X^T", &gram, xx, &host_x, &host_x)?;
+        b.write(&mut x, &host_w[1][..rows * inp])
+            .map_err(|e| e.to_string())?;
+        let xx = product(b, &gram, &x, &x)?;
+        let new_x = &host_w[1][..rows * inp];
+        check("X X^T, X overwritten", &gram, xx, new_x, new_x)
     }
 
     #[test]
