@@ -6,6 +6,7 @@ use crate::buffer::{addr, addr_mut, CudaBuf};
 use crate::device;
 use crate::error;
 use crate::kernels::{check_args, Arg, Compiled, Kernel};
+use crate::lt::{GemmBias, Lt};
 use crate::profile::Profile;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasMath_t};
 use cudarc::cublas::CudaBlas;
@@ -104,6 +105,11 @@ pub struct CudaBackend {
     bf16_tensor_cores: bool,
     /// `MAE_CUDA_BF16_GEMM`: where the bf16 mode rounds GEMM operands (`bf16.rs`).
     pub(crate) bf16_gemm: Bf16Gemm,
+    /// `MAE_CUDA_GEMM_BIAS`: whether `gemm_bias` adds the bias in cuBLASLt's epilogue (`lt.rs`).
+    pub(crate) gemm_bias: GemmBias,
+    /// The cuBLASLt handle and workspace, opened at the first `gemm_bias`; `None` where
+    /// `libcublasLt` is missing (the composed ops run).
+    pub(crate) lt: OnceLock<Option<Mutex<Lt>>>,
     /// The device's memory in floats: no buffer can be longer.
     pub(crate) max_len: usize,
 }
@@ -170,6 +176,8 @@ impl CudaBackend {
             attention_choice: attention_choice(major, minor)?,
             bf16_tensor_cores: major >= 8,
             bf16_gemm: Bf16Gemm::from_env()?,
+            gemm_bias: GemmBias::from_env()?,
+            lt: OnceLock::new(),
         })
     }
 

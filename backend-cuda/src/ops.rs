@@ -357,6 +357,49 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    /// The bias in cuBLASLt's epilogue where it can (`lt.rs`), else `gemm` then `copy_rows`.
+    /// cuBLASLt's kernels need not sum the products in `gemm`'s order: its result is the same
+    /// product within the GEMM tolerance, not always bitwise the composed ops'.
+    fn gemm_bias(
+        &self,
+        g: &Gemm,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        bias: &CudaBuf,
+        c: &mut CudaBuf,
+    ) -> BResult<()> {
+        if self.gemm_bias_lt(g, a, b, bias, c)? {
+            return Ok(());
+        }
+        self.gemm(g, a, b, c)?;
+        self.copy_rows(bias, c, &RowMap::bias(g.m, g.n), true)
+    }
+
+    /// [`Backend::gemm_bias`] into `pre` (cuBLASLt's epilogue where it can), then the GELU of
+    /// `gelu_forward`, which `bias_gelu_forward` applies too; else the composed default.
+    fn gemm_bias_gelu(
+        &self,
+        g: &Gemm,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        bias: &CudaBuf,
+        pre: &mut CudaBuf,
+        act: &mut CudaBuf,
+    ) -> BResult<()> {
+        // gelu_forward writes all of act, which the trait makes exactly m x n.
+        if Some(act.len()) != g.m.checked_mul(g.n) {
+            return Err(error::device(format!(
+                "bug: gemm_bias_gelu: act holds {} floats, {g:?} writes m x n",
+                act.len()
+            )));
+        }
+        if self.gemm_bias_lt(g, a, b, bias, pre)? {
+            return self.gelu_forward(pre, act);
+        }
+        self.gemm(g, a, b, pre)?;
+        self.bias_gelu_forward(bias, pre, act, g.m, g.n)
+    }
+
     fn add(&self, src: &CudaBuf, dst: &mut CudaBuf) -> BResult<()> {
         let n = dst.len();
         need(src, n, "add", "src")?;

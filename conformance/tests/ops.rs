@@ -258,6 +258,85 @@ fn check_gemm_epilogues<B: Backend>(b: &B, c: &GemmCase) -> Check {
     Ok(())
 }
 
+/// `gemm_bias` (the single product of the case, batch and padding dropped) against the f64
+/// oracle of `alpha op(A) op(B) + beta C + bias`, on the operands as `operand` rounds them, with
+/// gemm's tolerance (and `slack` as in [`check_gemm_of`]): a backend may add the bias in the
+/// GEMM's epilogue (cuBLASLt), whose sums need not be bitwise `gemm`'s. `beta == 1` is the
+/// accumulating product: the bias is added once.
+fn check_gemm_bias_of<B: Backend>(
+    b: &B,
+    c: &GemmCase,
+    operand: impl Fn(f32) -> f32,
+    slack: f64,
+) -> Check {
+    let g = GemmCase {
+        batch: 1,
+        pad: 0,
+        ..c.clone()
+    }
+    .desc();
+    let (la, lb, lc) = g.lens();
+    let a = data(c.seed, la, g.k, c.fill);
+    let bm = data(c.seed ^ 1, lb, g.n, c.fill);
+    let mut c0 = data(c.seed ^ 2, lc, g.n, c.fill);
+    if g.beta == 0.0 {
+        c0.fill(f32::NAN); // must be ignored
+    }
+    let bias = data(c.seed ^ 3, g.n, g.n, c.fill);
+    let got = run::gemm_bias(b, &g, (&a, &bm), &bias, &c0);
+    let (a, bm): (Vec<f32>, Vec<f32>) = (
+        a.iter().map(|&x| operand(x)).collect(),
+        bm.iter().map(|&x| operand(x)).collect(),
+    );
+    let mut want = f64s(&c0);
+    oracle::gemm(&g, &f64s(&a), &f64s(&bm), &mut want);
+    for (i, w) in want.iter_mut().enumerate() {
+        *w += bias[i % g.n] as f64;
+    }
+    let shape = format!("{g:?}, {:?}, seed {}", c.fill, c.seed);
+    let (max_a, max_b) = (max_abs(&f64s(&a)), max_abs(&f64s(&bm)));
+    let mut tol = Tol::gemm(g.k, max_a, max_b);
+    tol.atol += slack * (g.alpha.abs() as f64) * g.k as f64 * max_a * max_b;
+    compare("gemm_bias", &shape, &got, &want, tol, None)
+}
+
+/// [`check_gemm_bias_of`] on fixed shapes of `(m, n, k)`, each with every transpose and both an
+/// overwriting and an accumulating (`beta = 1`) product.
+fn check_gemm_bias_shapes<B: Backend>(
+    b: &B,
+    shapes: &[(usize, usize, usize)],
+    operand: impl Fn(f32) -> f32 + Copy,
+    slack: f64,
+) -> Check {
+    for &(m, n, k) in shapes {
+        for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
+            for beta in [0.0, 1.0] {
+                let c = GemmCase {
+                    m,
+                    n,
+                    k,
+                    trans_a,
+                    trans_b,
+                    alpha: 1.0,
+                    beta,
+                    batch: 1,
+                    bcast_a: false,
+                    bcast_b: false,
+                    pad: 0,
+                    seed: (m * n * k) as u64,
+                    fill: Fill::Uniform,
+                };
+                check_gemm_bias_of(b, &c, operand, slack)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Odd shapes (no dimension a multiple of 8) and a Linear layer's; the largest takes the bf16
+/// mode's copies.
+const GEMM_BIAS_SHAPES: [(usize, usize, usize); 3] = [(33, 65, 31), (197, 96, 48), (601, 577, 67)];
+
 // ---- add, scale ---------------------------------------------------------------------------------
 
 fn check_add<B: Backend>(b: &B, len: usize, seed: u64, fill: Fill) -> Check {
@@ -2430,6 +2509,14 @@ macro_rules! op_tests {
                 property(b(), gemm_case(), |b, c| check_gemm_epilogues(b, &c));
             }
             #[test]
+            fn gemm_bias_is_the_product_plus_bias() {
+                property(b(), gemm_case(), |b, c| check_gemm_bias_of(b, &c, |x| x, 0.0));
+            }
+            #[test]
+            fn gemm_bias_fixed_shapes() {
+                fixed(b(), |b| check_gemm_bias_shapes(b, &GEMM_BIAS_SHAPES, |x| x, 0.0));
+            }
+            #[test]
             fn add() {
                 property(b(), (1usize..=300, any::<u64>(), fill()), |b, (len, seed, fill)| {
                     check_add(b, len, seed, fill)
@@ -2656,6 +2743,23 @@ mod cuda_bf16 {
         let slack = 2f64.powi(-6);
         property(b(), gemm_case(), |b, c| {
             check_gemm_of(b, &c, bf16_nearest, slack)
+        });
+    }
+
+    #[test]
+    fn gemm_bias_is_within_a_bf16_rounding_of_each_operand() {
+        let slack = 2f64.powi(-6);
+        property(b(), gemm_case(), |b, c| {
+            check_gemm_bias_of(b, &c, bf16_nearest, slack)
+        });
+    }
+
+    /// The shape that takes the copies (2mn/(m + n) = 588 FLOPs per operand element) multiplies
+    /// operands rounded to nearest, epilogue or not.
+    #[test]
+    fn large_gemm_bias_multiplies_operands_rounded_to_nearest_bf16() {
+        fixed(b(), |b| {
+            check_gemm_bias_shapes(b, &GEMM_BIAS_SHAPES[2..], bf16_nearest, 0.0)
         });
     }
 
