@@ -8,8 +8,8 @@
 #   scripts/dp-check.sh [PRETRAIN]
 #
 # PRETRAIN is a `pretrain` built with `--features cuda` (default: dp-check/pretrain, else
-# target/release/pretrain). When libcuda, libnvrtc, libcublas or libnccl is not in the loader's
-# cache, their folders (a toolkit, /opt, Python's nvidia wheels) are put on LD_LIBRARY_PATH.
+# target/release/pretrain). When libcuda, libnvrtc, libcublas, libcublasLt or libnccl is not in the
+# loader's cache, their folders (a toolkit, /opt, Python's nvidia wheels) are put on LD_LIBRARY_PATH.
 # Writes under ${OUT:-/tmp}/dp-check; prints "dp-check: OK ..." and exits 0 when the runs agree.
 set -euo pipefail
 
@@ -23,7 +23,7 @@ fi
 
 # shellcheck source=cuda-libraries.sh
 source "$(dirname "$0")/cuda-libraries.sh"
-find_cuda_libraries 'libcuda.so.1' 'libnvrtc.so.1[23]' 'libcublas.so.1[23]' 'libnccl.so.2'
+find_cuda_libraries 'libcuda.so.1' 'libnvrtc.so.1[23]' 'libcublas.so.1[23]' 'libcublasLt.so.1[23]' 'libnccl.so.2'
 echo "dp-check: LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
 
 work=${OUT:-/tmp}/dp-check

@@ -129,7 +129,7 @@ run() {
     mkdir -p "$out"
     local report=$out/report.md
     local failed=0
-    find_cuda_libraries 'libcuda.so.1' 'libnvrtc.so.1[23]' 'libcublas.so.1[23]'
+    find_cuda_libraries 'libcuda.so.1' 'libnvrtc.so.1[23]' 'libcublas.so.1[23]' 'libcublasLt.so.1[23]'
     export MAE_REQUIRE_BACKENDS=cuda,cuda-bf16
     # The test binaries were built elsewhere: their files are in this checkout's conformance/.
     export MAE_CONFORMANCE_DIR=$ROOT/conformance
@@ -143,7 +143,7 @@ run() {
         echo "- device: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>&1 | head -n 1)"
         echo "- driver: $(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>&1 | head -n 1)"
         echo "- LD_LIBRARY_PATH: ${LD_LIBRARY_PATH:-(unset)}"
-        echo "- libraries: $(ldconfig -p 2>/dev/null | grep -oE 'lib(cuda|nvrtc|cublas)\.so\.[0-9]+' | sort -u | tr '\n' ' ')"
+        echo "- libraries: $(ldconfig -p 2>/dev/null | grep -oE 'lib(cuda|nvrtc|cublas|cublasLt)\.so\.[0-9]+' | sort -u | tr '\n' ' ')"
         echo
         echo "| step | verdict | seconds | log |"
         echo "|---|---|---|---|"

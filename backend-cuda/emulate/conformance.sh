@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the conformance suite's cuda tests (ops, gradcheck, embed, golden, training) and the
 # `golden` program on the real CUDA backend over a fake CUDA (fake_cuda.cpp: the kernels on the
-# host, cuBLAS as a loop). Checks everything the GPU check checks except the GPU itself: NVRTC's
-# compile (see tests/nvrtc_compile.rs), the PTX, real cuBLAS and the device. Needs g++ >= 11.
+# host, cuBLAS and cuBLASLt as loops). Checks everything the GPU check checks except the GPU
+# itself: NVRTC's compile (see tests/nvrtc_compile.rs), the PTX, real cuBLAS and the device.
+# Needs g++ >= 11.
 # MAE_EMULATE_FILTER (default `cuda`) selects the tests by name.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -11,7 +12,7 @@ mkdir -p "$fake"
 python3 gen_dispatch.py ../src/kernels/*.cu >"$fake/dispatch.inc"
 g++ -std=c++20 -O2 -pthread -ffp-contract=off -fno-strict-aliasing -fPIC -shared -Wall -Wno-unused-function \
     -I"$fake" -o "$fake/libfakecuda.so" fake_cuda.cpp
-for lib in libcuda.so libnvrtc.so libcublas.so; do ln -sf libfakecuda.so "$fake/$lib"; done
+for lib in libcuda.so libnvrtc.so libcublas.so libcublasLt.so; do ln -sf libfakecuda.so "$fake/$lib"; done
 cd ../..
 export LD_LIBRARY_PATH="$fake${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export MAE_REQUIRE_BACKENDS=cuda,cuda-bf16

@@ -1,4 +1,4 @@
-// A stand-in for libcuda, libnvrtc and libcublas that runs this crate's kernels on the host
+// A stand-in for libcuda, libnvrtc, libcublas and libcublasLt that runs this crate's kernels on the host
 // (shim.h), so that the real backend -- its Rust host code, cudarc, argument packing, launch
 // sizes, scratch buffers -- runs the whole conformance suite on a machine without a GPU.
 // Device pointers are host pointers; the stream is synchronous; "PTX" is ignored and kernels are
@@ -248,6 +248,181 @@ int cublasGemmStridedBatchedEx(void*, int ta, int tb, int m, int n, int k, const
     }
     return gemm(ta, tb, m, n, k, a, static_cast<const float*>(A), lda, sa,
                 static_cast<const float*>(B), ldb, sb, b, c, ldc, sc, batch, dropped_bits);
+}
+
+
+// ---- cuBLASLt -----------------------------------------------------------------------------------
+// The calls `lt.rs` makes, with every attribute it sets stored and honoured; an attribute or
+// value this fake does not implement is refused (CUBLAS_STATUS_NOT_SUPPORTED = 15,
+// CUBLAS_STATUS_INVALID_VALUE = 7) rather than ignored, so that the emulation cannot pass a
+// call whose meaning it would get wrong. The product is the fake cublasGemm*'s (the same loop,
+// bf16 operands widened exactly), then `+ bias[row]` as a separate f32 add after alpha and beta.
+static const int LT_NOT_SUPPORTED = 15, LT_INVALID = 7;
+static int lt_handle;
+
+struct LtDesc {
+    int compute, scale;
+    int transa = 0, transb = 0;
+    int epilogue = 1;               // CUBLASLT_EPILOGUE_DEFAULT
+    const float* bias = nullptr;    // CUBLASLT_MATMUL_DESC_BIAS_POINTER
+    int bias_type = -1;             // CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, -1: D's type
+};
+struct LtLayout {
+    int type;
+    uint64_t rows, cols;
+    int64_t ld;
+};
+struct LtPref {
+    uint64_t workspace = 0;
+};
+// What the fake heuristic writes into cublasLtMatmulAlgo_t, checked by cublasLtMatmul.
+static const uint64_t LT_ALGO_MAGIC = 0x6d61652d66616b65ull;
+struct LtHeuristic {
+    uint64_t algo[8];
+    size_t workspace;
+    int state;
+    float waves;
+    int reserved[4];
+};
+
+}  // extern "C"
+
+template <class T>
+static int read_attr(T* out, const void* buf, size_t size) {
+    if (size != sizeof(T)) return LT_INVALID;
+    std::memcpy(out, buf, sizeof(T));
+    return 0;
+}
+
+extern "C" {
+
+int cublasLtCreate(void** handle) { *handle = &lt_handle; return 0; }
+int cublasLtDestroy(void* handle) { return handle == &lt_handle ? 0 : LT_INVALID; }
+
+int cublasLtMatmulDescCreate(LtDesc** desc, int compute, int scale) {
+    *desc = new LtDesc{compute, scale};
+    return 0;
+}
+int cublasLtMatmulDescDestroy(LtDesc* desc) { delete desc; return 0; }
+int cublasLtMatmulDescSetAttribute(LtDesc* d, int attr, const void* buf, size_t size) {
+    int v = 0;
+    switch (attr) {
+    case 2:  // POINTER_MODE: host alpha and beta only
+        if (int e = read_attr(&v, buf, size)) return e;
+        return v == 0 ? 0 : LT_NOT_SUPPORTED;
+    case 3: case 4:  // TRANSA, TRANSB: CUBLAS_OP_N or CUBLAS_OP_T
+        if (int e = read_attr(&v, buf, size)) return e;
+        if (v != 0 && v != 1) return LT_NOT_SUPPORTED;
+        (attr == 3 ? d->transa : d->transb) = v;
+        return 0;
+    case 7:  // EPILOGUE: DEFAULT or BIAS
+        if (int e = read_attr(&v, buf, size)) return e;
+        if (v != 1 && v != 4) return LT_NOT_SUPPORTED;
+        d->epilogue = v;
+        return 0;
+    case 8:  // BIAS_POINTER
+        return read_attr(&d->bias, buf, size);
+    case 26:  // BIAS_DATA_TYPE: f32 only
+        if (int e = read_attr(&v, buf, size)) return e;
+        if (v != 0) return LT_NOT_SUPPORTED;
+        d->bias_type = v;
+        return 0;
+    default: return LT_NOT_SUPPORTED;
+    }
+}
+
+int cublasLtMatrixLayoutCreate(LtLayout** layout, int type, uint64_t rows, uint64_t cols,
+                               int64_t ld) {
+    *layout = new LtLayout{type, rows, cols, ld};
+    return 0;
+}
+int cublasLtMatrixLayoutDestroy(LtLayout* layout) { delete layout; return 0; }
+int cublasLtMatrixLayoutSetAttribute(LtLayout*, int, const void*, size_t) {
+    return LT_NOT_SUPPORTED;  // column order and one matrix: what Create describes
+}
+
+int cublasLtMatmulPreferenceCreate(LtPref** pref) { *pref = new LtPref; return 0; }
+int cublasLtMatmulPreferenceDestroy(LtPref* pref) { delete pref; return 0; }
+int cublasLtMatmulPreferenceSetAttribute(LtPref* p, int attr, const void* buf, size_t size) {
+    if (attr != 1) return LT_NOT_SUPPORTED;  // MAX_WORKSPACE_BYTES
+    return read_attr(&p->workspace, buf, size);
+}
+
+// Whether the fake computes this call: the types lt.rs uses, dimensions that agree, C = D's
+// layout, a bias where the epilogue adds one.
+static int lt_check(const LtDesc* d, const LtLayout* a, const LtLayout* b, const LtLayout* c,
+                    const LtLayout* dl) {
+    if (!d || !a || !b || !c || !dl) return LT_INVALID;
+    if (d->scale != 0 || c->type != 0 || dl->type != 0 || a->type != b->type) return LT_NOT_SUPPORTED;
+    if (a->type == 14) {
+        if (d->compute != 68) return LT_NOT_SUPPORTED;
+    } else if (a->type != 0 || (d->compute != 68 && d->compute != 75 && d->compute != 77)) {
+        return LT_NOT_SUPPORTED;
+    }
+    const uint64_t m = d->transa ? a->cols : a->rows, k = d->transa ? a->rows : a->cols;
+    const uint64_t kb = d->transb ? b->cols : b->rows, n = d->transb ? b->rows : b->cols;
+    if (k != kb || m != dl->rows || n != dl->cols) return LT_INVALID;
+    if (c->rows != dl->rows || c->cols != dl->cols || c->ld != dl->ld) return LT_NOT_SUPPORTED;
+    if (a->ld < (int64_t)std::max<uint64_t>(1, a->rows) || b->ld < (int64_t)std::max<uint64_t>(1, b->rows) ||
+        dl->ld < (int64_t)std::max<uint64_t>(1, dl->rows))
+        return LT_INVALID;
+    if (m > INT32_MAX || n > INT32_MAX || k > INT32_MAX) return LT_NOT_SUPPORTED;
+    if (d->epilogue == 4 && !d->bias) return LT_INVALID;
+    return 0;
+}
+
+int cublasLtMatmulAlgoGetHeuristic(void* handle, const LtDesc* d, const LtLayout* a,
+                                   const LtLayout* b, const LtLayout* c, const LtLayout* dl,
+                                   const LtPref* pref, int requested, LtHeuristic* results,
+                                   int* count) {
+    if (handle != &lt_handle || !pref || requested < 1 || !results || !count) return LT_INVALID;
+    if (int e = lt_check(d, a, b, c, dl)) {
+        *count = 0;
+        return e;
+    }
+    std::memset(&results[0], 0, sizeof(LtHeuristic));
+    results[0].algo[0] = LT_ALGO_MAGIC;
+    results[0].workspace = 0;
+    results[0].state = 0;
+    results[0].waves = 1.0f;
+    *count = 1;
+    return 0;
+}
+
+int cublasLtMatmul(void* handle, const LtDesc* d, const void* alpha, const void* A,
+                   const LtLayout* a, const void* B, const LtLayout* b, const void* beta,
+                   const void* C, const LtLayout* c, void* D, const LtLayout* dl,
+                   const uint64_t* algo, void* workspace, size_t workspace_size, void*) {
+    if (handle != &lt_handle || !algo || algo[0] != LT_ALGO_MAGIC) return LT_INVALID;
+    if (workspace_size > 0 && !workspace) return LT_INVALID;
+    if (int e = lt_check(d, a, b, c, dl)) return e;
+    const int m = (int)dl->rows, n = (int)dl->cols, k = (int)(d->transa ? a->rows : a->cols);
+    const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+    // The real library on an H200 got alpha = 0 with beta = 1 wrong (lt.rs never asks it).
+    if (al == 0.0f) return LT_NOT_SUPPORTED;
+    float* out = static_cast<float*>(D);
+    const int ldd = (int)dl->ld;
+    if (be != 0.0f && C != D) {
+        for (int j = 0; j < n; ++j)
+            std::memcpy(out + (size_t)j * ldd, static_cast<const float*>(C) + (size_t)j * c->ld,
+                        m * sizeof(float));
+    }
+    int status;
+    if (a->type == 14) {
+        const std::vector<float> wa = widen_bf16(A, (int)a->rows, (int)a->cols, (int)a->ld, 0, 1);
+        const std::vector<float> wb = widen_bf16(B, (int)b->rows, (int)b->cols, (int)b->ld, 0, 1);
+        status = gemm(d->transa, d->transb, m, n, k, al, wa.data(), (int)a->ld, 0, wb.data(),
+                      (int)b->ld, 0, be, out, ldd, 0, 1, 0);
+    } else {
+        const int dropped_bits = d->compute == 75 ? 16 : d->compute == 77 ? 13 : 0;
+        status = gemm(d->transa, d->transb, m, n, k, al, static_cast<const float*>(A), (int)a->ld,
+                      0, static_cast<const float*>(B), (int)b->ld, 0, be, out, ldd, 0, 1,
+                      dropped_bits);
+    }
+    if (status != 0 || d->epilogue != 4) return status;
+    for (int j = 0; j < n; ++j)
+        for (int i = 0; i < m; ++i) out[(size_t)j * ldd + i] += d->bias[i];
+    return 0;
 }
 
 }  // extern "C"

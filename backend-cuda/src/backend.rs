@@ -6,6 +6,7 @@ use crate::buffer::{addr, addr_mut, CudaBuf};
 use crate::device;
 use crate::error;
 use crate::kernels::{check_args, Arg, Compiled, Kernel};
+use crate::lt::{GemmBias, Lt};
 use crate::profile::Profile;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasMath_t};
 use cudarc::cublas::CudaBlas;
@@ -104,10 +105,11 @@ pub struct CudaBackend {
     bf16_tensor_cores: bool,
     /// `MAE_CUDA_BF16_GEMM`: where the bf16 mode rounds GEMM operands (`bf16.rs`).
     pub(crate) bf16_gemm: Bf16Gemm,
-    /// The bf16 copies of a GEMM's A and B (two per u32), grown to the largest operand seen.
-    /// Locked from the copies' launch until the GEMM that reads them is queued, so that two
-    /// threads' GEMMs cannot overwrite each other's copies.
-    pub(crate) bf16_copies: Mutex<[Option<crate::bf16::Bf16Copy>; 2]>,
+    /// `MAE_CUDA_GEMM_BIAS`: whether `gemm_bias` adds the bias in cuBLASLt's epilogue (`lt.rs`).
+    pub(crate) gemm_bias: GemmBias,
+    /// The cuBLASLt handle and workspace, opened at the first `gemm_bias`; `None` where
+    /// `libcublasLt` is missing (the composed ops run).
+    pub(crate) lt: OnceLock<Option<Mutex<Lt>>>,
     /// The device's memory in floats: no buffer can be longer.
     pub(crate) max_len: usize,
 }
@@ -174,7 +176,8 @@ impl CudaBackend {
             attention_choice: attention_choice(major, minor)?,
             bf16_tensor_cores: major >= 8,
             bf16_gemm: Bf16Gemm::from_env()?,
-            bf16_copies: Mutex::new([None, None]),
+            gemm_bias: GemmBias::from_env()?,
+            lt: OnceLock::new(),
         })
     }
 

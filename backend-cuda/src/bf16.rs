@@ -2,10 +2,10 @@
 //!
 //! Both routes compute the same function, the products of operands rounded to bf16 (nearest,
 //! ties to even) accumulated in f32:
-//! - **copies**: a kernel (`round_to_bf16`) writes bf16 copies of A and B into scratch, and
-//!   cuBLAS multiplies those (`CUDA_R_16BF` operands, `CUBLAS_COMPUTE_32F`). cuBLAS's bf16
-//!   kernels stream half the bytes and run near the tensor cores' peak; the copies cost one
-//!   pass over each operand.
+//! - **copies**: a kernel (`round_to_bf16`) writes bf16 copies of A and B, and cuBLAS
+//!   multiplies those (`CUDA_R_16BF` operands, `CUBLAS_COMPUTE_32F`). cuBLAS's bf16 kernels
+//!   stream half the bytes and run near the tensor cores' peak; a copy costs one pass over its
+//!   operand, paid once per contents of the buffer (see below).
 //! - **fast**: cuBLAS reads the f32 operands and rounds them itself
 //!   (`CUBLAS_COMPUTE_32F_FAST_16BF`), without the extra pass; its kernels for f32 operands ran
 //!   at about a third of the bf16 peak on an H200 (docs/results-gpu.md).
@@ -14,6 +14,16 @@
 //! FLOPs per operand element) and not where it is memory-bound (attention's `T x T x head`
 //! products: a few hundred). `MAE_CUDA_BF16_GEMM=auto|copies|fast` chooses; `auto` (the
 //! default) decides per GEMM by [`copies_pay`].
+//!
+//! Each buffer holds its own copy ([`CudaBuf::bf16`]), made at the first GEMM that multiplies
+//! it as a bf16 operand and kept with the [`CudaBuf::contents`] number it was made from: a
+//! later GEMM multiplies it again while the buffer is unchanged, whatever other operands were
+//! copied in between. So a Linear layer's weight, copied for the forward, is not copied again
+//! for the input gradient (`dX = dY W`), nor its input for the weight gradient (`dW = dY^T X`),
+//! and dY once serves both. The price is memory: a copy takes half the bytes of the f32 buffer
+//! it copies and lives as long as that buffer, so in training every weight and activation that
+//! a Linear layer multiplies carries 50 % more device memory (a written buffer keeps its
+//! allocation and recopies at its next GEMM).
 
 use crate::backend::{u, CudaBackend};
 use crate::buffer::CudaBuf;
@@ -22,6 +32,7 @@ use crate::kernels::{Arg, Kernel};
 use crate::launch::elementwise;
 use cudarc::driver::{CudaSlice, DevicePtrMut};
 use mae::backend::{BResult, BackendError, BackendErrorKind, Gemm};
+use std::sync::MutexGuard;
 
 /// How the bf16 mode rounds the operands of its GEMMs (`MAE_CUDA_BF16_GEMM`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -83,60 +94,103 @@ pub(crate) fn copies_pay(g: &Gemm, a_len: usize, b_len: usize) -> bool {
     copied > 0 && flops >= COPY_MIN_FLOPS_PER_ELEMENT * copied
 }
 
-/// The bf16 copy of one GEMM operand (A or B): the scratch, two values per u32, and which
-/// contents it holds.
+/// The bf16 copy of a buffer (held in [`CudaBuf::bf16`]): room for the whole buffer, two
+/// values per u32, and which contents it holds.
+#[derive(Debug)]
 pub(crate) struct Bf16Copy {
     words: CudaSlice<u32>,
-    /// [`CudaBuf::contents`] and length of the operand last copied here. A GEMM whose operand
-    /// still has those contents (the same buffer, not written since) multiplies the copy
-    /// again: a Linear layer's input-gradient and weight-gradient products both read dY as A.
+    /// [`CudaBuf::contents`] of the buffer when it was copied, and how many of its first
+    /// elements were. A GEMM whose operand still has those contents (not written since) and
+    /// spans no more elements multiplies the copy again.
     of: Option<(u64, usize)>,
 }
 
+/// The bf16 copies of one GEMM's A and B, locked until the GEMM that reads them is queued,
+/// so that no other thread's GEMM replaces a copy under it.
+pub(crate) struct Bf16Operands<'a> {
+    /// The device addresses of A's copy and B's copy (the same copy when A is B).
+    pub(crate) addrs: [u64; 2],
+    _locks: Vec<MutexGuard<'a, Option<Bf16Copy>>>,
+}
+
+fn lock(buf: &CudaBuf) -> BResult<MutexGuard<'_, Option<Bf16Copy>>> {
+    buf.bf16
+        .lock()
+        .map_err(|_| error::device("a buffer's bf16 copy lock is poisoned"))
+}
+
 impl CudaBackend {
-    /// Queues bf16 copies of the first `len` elements of each operand into `copies` (grown to
-    /// fit; the old buffer's free is stream-ordered after the work that reads it), unless the
-    /// slot already holds a copy of those contents, and returns the copies' device addresses.
-    /// The caller holds `copies` locked until the GEMM that reads them is queued.
-    pub(crate) fn round_to_bf16(
+    /// The bf16 copies of the first `a.1` elements of `a.0` and the first `b.1` of `b.0`,
+    /// locked: each buffer's copy is reused while the buffer's contents are unchanged and
+    /// cover the span, else (re)written by `round_to_bf16`, queued on the stream before the
+    /// GEMM. One buffer passed as both operands is locked once and copied once.
+    pub(crate) fn bf16_operands<'a>(
         &self,
-        copies: &mut [Option<Bf16Copy>; 2],
-        operands: [(&CudaBuf, usize); 2],
-    ) -> BResult<[u64; 2]> {
-        let mut addrs = [0u64; 2];
-        for ((slot, (buf, len)), addr) in copies.iter_mut().zip(operands).zip(&mut addrs) {
-            let words = len.div_ceil(2).max(1);
-            let copy = match slot {
-                Some(c) if c.words.len() >= words => c,
-                _ => {
-                    *slot = None;
-                    let bytes = error::bytes_of::<u32>(words)?;
-                    // SAFETY: uninitialised device memory; `round_to_bf16` writes the first
-                    // `words` elements before the GEMM, which reads no further, runs.
-                    let fresh = unsafe { self.stream.alloc::<u32>(words) }.map_err(|e| {
-                        error::driver(e, "allocating the bf16 copies of GEMM operands", bytes)
-                    })?;
-                    slot.insert(Bf16Copy {
-                        words: fresh,
-                        of: None,
-                    })
-                }
-            };
-            *addr = copy.words.device_ptr_mut(&self.stream).0;
-            let contents = Some((buf.contents(), len));
-            if copy.of == contents {
-                continue;
-            }
-            copy.of = None;
-            let args = [self.ptr(buf), Arg::Ptr(*addr), u(len)];
-            self.launch(
-                Kernel::RoundToBf16,
-                elementwise(len.div_ceil(2) as u64),
-                &args,
-            )?;
-            copy.of = contents;
+        a: (&'a CudaBuf, usize),
+        b: (&'a CudaBuf, usize),
+    ) -> BResult<Bf16Operands<'a>> {
+        if std::ptr::eq(a.0, b.0) {
+            let mut copy = lock(a.0)?;
+            let addr = self.copy_to_bf16(&mut copy, a.0, a.1.max(b.1))?;
+            return Ok(Bf16Operands {
+                addrs: [addr, addr],
+                _locks: vec![copy],
+            });
         }
-        Ok(addrs)
+        // Locked in address order: two threads multiplying the same two buffers in opposite
+        // roles would otherwise each hold one lock and wait for the other.
+        let a_first = (a.0 as *const CudaBuf) < (b.0 as *const CudaBuf);
+        let (first, second) = if a_first { (a, b) } else { (b, a) };
+        let (mut copy1, mut copy2) = (lock(first.0)?, lock(second.0)?);
+        let addr1 = self.copy_to_bf16(&mut copy1, first.0, first.1)?;
+        let addr2 = self.copy_to_bf16(&mut copy2, second.0, second.1)?;
+        Ok(Bf16Operands {
+            addrs: if a_first {
+                [addr1, addr2]
+            } else {
+                [addr2, addr1]
+            },
+            _locks: vec![copy1, copy2],
+        })
+    }
+
+    /// Makes `slot` a bf16 copy of at least the first `len` elements of `buf`'s current
+    /// contents (allocating room for the whole buffer the first time; a replaced allocation's
+    /// free is stream-ordered after the work that reads it) and returns its device address.
+    fn copy_to_bf16(&self, slot: &mut Option<Bf16Copy>, buf: &CudaBuf, len: usize) -> BResult<u64> {
+        let words = buf.len().max(len).div_ceil(2).max(1);
+        let copy = match slot {
+            Some(c) if c.words.len() >= words => c,
+            _ => {
+                *slot = None;
+                let bytes = error::bytes_of::<u32>(words)?;
+                // SAFETY: uninitialised device memory; `round_to_bf16` writes the first
+                // `len.div_ceil(2)` elements (recorded in `of`) before any GEMM, which reads
+                // no further, runs.
+                let fresh = unsafe { self.stream.alloc::<u32>(words) }.map_err(|e| {
+                    error::driver(e, "allocating the bf16 copy of a GEMM operand", bytes)
+                })?;
+                slot.insert(Bf16Copy {
+                    words: fresh,
+                    of: None,
+                })
+            }
+        };
+        let addr = copy.words.device_ptr_mut(&self.stream).0;
+        if let Some((contents, copied)) = copy.of {
+            if contents == buf.contents() && copied >= len {
+                return Ok(addr);
+            }
+        }
+        copy.of = None;
+        let args = [self.ptr(buf), Arg::Ptr(addr), u(len)];
+        self.launch(
+            Kernel::RoundToBf16,
+            elementwise(len.div_ceil(2) as u64),
+            &args,
+        )?;
+        copy.of = Some((buf.contents(), len));
+        Ok(addr)
     }
 }
 

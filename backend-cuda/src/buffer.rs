@@ -1,8 +1,14 @@
 //! Device buffers. An empty buffer holds no allocation: `cuMemAlloc` refuses zero bytes, and
 //! `mae` allocates empty gradient slots for inference-only models.
+//!
+//! In the bf16 mode a buffer that a GEMM multiplied as a bf16 operand also holds that bf16
+//! copy (`bf16.rs`): half the bytes of the floats it copies, allocated at the first such GEMM
+//! and freed with the buffer.
 
+use crate::bf16::Bf16Copy;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 /// An owned device buffer of `f32` (the backend's `Buf`).
 #[derive(Debug)]
@@ -12,6 +18,10 @@ pub struct CudaBuf {
     /// renewed by every access that may write ([`CudaBuf::slice_mut`]), so that a copy of the
     /// contents (`bf16.rs`) can tell whether it still is one.
     contents: u64,
+    /// The bf16 copy that the bf16 mode's GEMMs multiply instead of the floats (`bf16.rs`),
+    /// made at the first such GEMM and kept, with the contents it copies, for the next. Locked
+    /// from the copy's launch until the GEMM reading it is queued.
+    pub(crate) bf16: Mutex<Option<Bf16Copy>>,
 }
 
 /// The next [`CudaBuf::contents`] number.
@@ -28,6 +38,7 @@ impl CudaBuf {
         CudaBuf {
             slice,
             contents: NEXT_CONTENTS.fetch_add(1, Ordering::Relaxed),
+            bf16: Mutex::new(None),
         }
     }
 

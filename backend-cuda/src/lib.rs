@@ -9,8 +9,10 @@
 //! softmax ops before that; `MAE_CUDA_ATTENTION=fused|composed|mma` overrides ([`AttentionPath`]).
 //! In bf16 the Linear layers' GEMMs multiply bf16 copies of their operands written by a rounding
 //! kernel, the others let cuBLAS round the f32 operands (`bf16.rs`;
-//! `MAE_CUDA_BF16_GEMM=auto|copies|fast`). `MAE_CUDA_PROFILE=1` prints the device time per
-//! kernel when the backend is dropped.
+//! `MAE_CUDA_BF16_GEMM=auto|copies|fast`). A Linear layer's bias is added by cuBLASLt's GEMM
+//! epilogue where `libcublasLt` is found and takes the shape, else by a second pass (`lt.rs`;
+//! `MAE_CUDA_GEMM_BIAS=lt|composed`). `MAE_CUDA_PROFILE=1` prints the device time per kernel
+//! when the backend is dropped.
 //!
 //! The CUDA libraries are loaded at run time (cudarc's `dynamic-loading`), so this crate builds
 //! and its tests run on machines without CUDA: there [`CudaBackend::new`] returns a
@@ -67,6 +69,7 @@ mod error;
 mod gemm;
 pub mod kernels;
 mod launch;
+mod lt;
 pub mod nccl;
 mod ops;
 mod profile;

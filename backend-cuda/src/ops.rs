@@ -29,6 +29,22 @@ fn span(batch: usize, stride: usize, rows: usize, cols: usize) -> Option<usize> 
         .checked_add(rows.checked_mul(cols)?)
 }
 
+/// The elements `g`'s A and B span, having checked that A, B and C hold their spans.
+pub(crate) fn gemm_lens(
+    g: &Gemm,
+    a: &CudaBuf,
+    b: &CudaBuf,
+    c: &CudaBuf,
+) -> BResult<(usize, usize)> {
+    let a_len = span(g.batch, g.stride_a, g.m, g.k);
+    let b_len = span(g.batch, g.stride_b, g.k, g.n);
+    gemm_need(a, a_len, g, "A")?;
+    gemm_need(b, b_len, g, "B")?;
+    gemm_need(c, span(g.batch, g.stride_c, g.m, g.n), g, "C")?;
+    // Checked by gemm_need: both spans exist.
+    Ok((a_len.unwrap_or(0), b_len.unwrap_or(0)))
+}
+
 fn gemm_need(buf: &CudaBuf, need: Option<usize>, g: &Gemm, what: &str) -> BResult<()> {
     match need {
         Some(n) if buf.len() >= n => Ok(()),
@@ -217,13 +233,7 @@ impl Backend for CudaBackend {
         if g.batch == 0 || g.m == 0 || g.n == 0 {
             return Ok(()); // C has no elements.
         }
-        let a_len = span(g.batch, g.stride_a, g.m, g.k);
-        let b_len = span(g.batch, g.stride_b, g.k, g.n);
-        gemm_need(a, a_len, g, "A")?;
-        gemm_need(b, b_len, g, "B")?;
-        gemm_need(c, span(g.batch, g.stride_c, g.m, g.n), g, "C")?;
-        // Checked by gemm_need: both spans exist.
-        let (a_len, b_len) = (a_len.unwrap_or(0), b_len.unwrap_or(0));
+        let (a_len, b_len) = gemm_lens(g, a, b, c)?;
         let cm = column_major(g);
         let fit = |v: usize, what: &str| error::fit_i32(v, &format!("gemm {what} of {g:?}"));
         let (m, n, k) = (fit(cm.m, "n")?, fit(cm.n, "m")?, fit(cm.k, "k")?);
@@ -247,12 +257,9 @@ impl Backend for CudaBackend {
         let mut copies = None;
         let copied = self.precision() == Precision::Bf16 && self.bf16_gemm.copies(g, a_len, b_len);
         let (pa, pb, operand_type, compute) = if copied {
-            let guard = copies.insert(
-                self.bf16_copies
-                    .lock()
-                    .map_err(|_| error::device("the bf16 copies' lock is poisoned"))?,
-            );
-            let [pa, pb] = self.round_to_bf16(guard, [(a, a_len), (b, b_len)])?;
+            let [pa, pb] = copies
+                .insert(self.bf16_operands((a, a_len), (b, b_len))?)
+                .addrs;
             let exact = cublasComputeType_t::CUBLAS_COMPUTE_32F;
             (pa, pb, cudaDataType::CUDA_R_16BF, Some(exact))
         } else {
@@ -302,10 +309,10 @@ impl Backend for CudaBackend {
                 )
             }),
             // SAFETY: as above, where A and B are either the f32 buffers (CUDA_R_32F) or their
-            // bf16 copies (CUDA_R_16BF), which hold the same number of elements (a_len and
-            // b_len, written by `round_to_bf16` earlier on this stream and locked until this
-            // call is queued); C is f32, and alpha and beta are f32 as the f32 compute types
-            // require.
+            // bf16 copies (CUDA_R_16BF), which hold at least the same number of elements (a_len
+            // and b_len, written by `round_to_bf16` earlier on this stream and locked in their
+            // buffers until this call is queued); C is f32, and alpha and beta are f32 as the
+            // f32 compute types require.
             Some(compute) => ("cublasGemmStridedBatchedEx", unsafe {
                 cublasGemmStridedBatchedEx(
                     *blas.handle(),
@@ -348,6 +355,49 @@ impl Backend for CudaBackend {
             p.end(&self.stream, t, label);
         }
         Ok(())
+    }
+
+    /// The bias in cuBLASLt's epilogue where it can (`lt.rs`), else `gemm` then `copy_rows`.
+    /// cuBLASLt's kernels need not sum the products in `gemm`'s order: its result is the same
+    /// product within the GEMM tolerance, not always bitwise the composed ops'.
+    fn gemm_bias(
+        &self,
+        g: &Gemm,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        bias: &CudaBuf,
+        c: &mut CudaBuf,
+    ) -> BResult<()> {
+        if self.gemm_bias_lt(g, a, b, bias, c)? {
+            return Ok(());
+        }
+        self.gemm(g, a, b, c)?;
+        self.copy_rows(bias, c, &RowMap::bias(g.m, g.n), true)
+    }
+
+    /// [`Backend::gemm_bias`] into `pre` (cuBLASLt's epilogue where it can), then the GELU of
+    /// `gelu_forward`, which `bias_gelu_forward` applies too; else the composed default.
+    fn gemm_bias_gelu(
+        &self,
+        g: &Gemm,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        bias: &CudaBuf,
+        pre: &mut CudaBuf,
+        act: &mut CudaBuf,
+    ) -> BResult<()> {
+        // gelu_forward writes all of act, which the trait makes exactly m x n.
+        if Some(act.len()) != g.m.checked_mul(g.n) {
+            return Err(error::device(format!(
+                "bug: gemm_bias_gelu: act holds {} floats, {g:?} writes m x n",
+                act.len()
+            )));
+        }
+        if self.gemm_bias_lt(g, a, b, bias, pre)? {
+            return self.gelu_forward(pre, act);
+        }
+        self.gemm(g, a, b, pre)?;
+        self.bias_gelu_forward(bias, pre, act, g.m, g.n)
     }
 
     fn add(&self, src: &CudaBuf, dst: &mut CudaBuf) -> BResult<()> {

@@ -258,6 +258,85 @@ fn check_gemm_epilogues<B: Backend>(b: &B, c: &GemmCase) -> Check {
     Ok(())
 }
 
+/// `gemm_bias` (the single product of the case, batch and padding dropped) against the f64
+/// oracle of `alpha op(A) op(B) + beta C + bias`, on the operands as `operand` rounds them, with
+/// gemm's tolerance (and `slack` as in [`check_gemm_of`]): a backend may add the bias in the
+/// GEMM's epilogue (cuBLASLt), whose sums need not be bitwise `gemm`'s. `beta == 1` is the
+/// accumulating product: the bias is added once.
+fn check_gemm_bias_of<B: Backend>(
+    b: &B,
+    c: &GemmCase,
+    operand: impl Fn(f32) -> f32,
+    slack: f64,
+) -> Check {
+    let g = GemmCase {
+        batch: 1,
+        pad: 0,
+        ..c.clone()
+    }
+    .desc();
+    let (la, lb, lc) = g.lens();
+    let a = data(c.seed, la, g.k, c.fill);
+    let bm = data(c.seed ^ 1, lb, g.n, c.fill);
+    let mut c0 = data(c.seed ^ 2, lc, g.n, c.fill);
+    if g.beta == 0.0 {
+        c0.fill(f32::NAN); // must be ignored
+    }
+    let bias = data(c.seed ^ 3, g.n, g.n, c.fill);
+    let got = run::gemm_bias(b, &g, (&a, &bm), &bias, &c0);
+    let (a, bm): (Vec<f32>, Vec<f32>) = (
+        a.iter().map(|&x| operand(x)).collect(),
+        bm.iter().map(|&x| operand(x)).collect(),
+    );
+    let mut want = f64s(&c0);
+    oracle::gemm(&g, &f64s(&a), &f64s(&bm), &mut want);
+    for (i, w) in want.iter_mut().enumerate() {
+        *w += bias[i % g.n] as f64;
+    }
+    let shape = format!("{g:?}, {:?}, seed {}", c.fill, c.seed);
+    let (max_a, max_b) = (max_abs(&f64s(&a)), max_abs(&f64s(&bm)));
+    let mut tol = Tol::gemm(g.k, max_a, max_b);
+    tol.atol += slack * (g.alpha.abs() as f64) * g.k as f64 * max_a * max_b;
+    compare("gemm_bias", &shape, &got, &want, tol, None)
+}
+
+/// [`check_gemm_bias_of`] on fixed shapes of `(m, n, k)`, each with every transpose and both an
+/// overwriting and an accumulating (`beta = 1`) product.
+fn check_gemm_bias_shapes<B: Backend>(
+    b: &B,
+    shapes: &[(usize, usize, usize)],
+    operand: impl Fn(f32) -> f32 + Copy,
+    slack: f64,
+) -> Check {
+    for &(m, n, k) in shapes {
+        for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
+            for beta in [0.0, 1.0] {
+                let c = GemmCase {
+                    m,
+                    n,
+                    k,
+                    trans_a,
+                    trans_b,
+                    alpha: 1.0,
+                    beta,
+                    batch: 1,
+                    bcast_a: false,
+                    bcast_b: false,
+                    pad: 0,
+                    seed: (m * n * k) as u64,
+                    fill: Fill::Uniform,
+                };
+                check_gemm_bias_of(b, &c, operand, slack)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Odd shapes (no dimension a multiple of 8) and a Linear layer's; the largest takes the bf16
+/// mode's copies.
+const GEMM_BIAS_SHAPES: [(usize, usize, usize); 3] = [(33, 65, 31), (197, 96, 48), (601, 577, 67)];
+
 // ---- add, scale ---------------------------------------------------------------------------------
 
 fn check_add<B: Backend>(b: &B, len: usize, seed: u64, fill: Fill) -> Check {
@@ -2430,6 +2509,14 @@ macro_rules! op_tests {
                 property(b(), gemm_case(), |b, c| check_gemm_epilogues(b, &c));
             }
             #[test]
+            fn gemm_bias_is_the_product_plus_bias() {
+                property(b(), gemm_case(), |b, c| check_gemm_bias_of(b, &c, |x| x, 0.0));
+            }
+            #[test]
+            fn gemm_bias_fixed_shapes() {
+                fixed(b(), |b| check_gemm_bias_shapes(b, &GEMM_BIAS_SHAPES, |x| x, 0.0));
+            }
+            #[test]
             fn add() {
                 property(b(), (1usize..=300, any::<u64>(), fill()), |b, (len, seed, fill)| {
                     check_add(b, len, seed, fill)
@@ -2660,6 +2747,23 @@ mod cuda_bf16 {
     }
 
     #[test]
+    fn gemm_bias_is_within_a_bf16_rounding_of_each_operand() {
+        let slack = 2f64.powi(-6);
+        property(b(), gemm_case(), |b, c| {
+            check_gemm_bias_of(b, &c, bf16_nearest, slack)
+        });
+    }
+
+    /// The shape that takes the copies (2mn/(m + n) = 588 FLOPs per operand element) multiplies
+    /// operands rounded to nearest, epilogue or not.
+    #[test]
+    fn large_gemm_bias_multiplies_operands_rounded_to_nearest_bf16() {
+        fixed(b(), |b| {
+            check_gemm_bias_shapes(b, &GEMM_BIAS_SHAPES[2..], bf16_nearest, 0.0)
+        });
+    }
+
+    #[test]
     fn large_gemm_multiplies_operands_rounded_to_nearest_bf16() {
         fixed(b(), |b| {
             // 2mn/(m + n) FLOPs per operand element, 606 and 800: above the copies' threshold.
@@ -2689,44 +2793,59 @@ mod cuda_bf16 {
         });
     }
 
-    /// The bf16 mode multiplies its copy of an operand again while the buffer is unchanged
-    /// (a Linear layer's two gradient products read dY): a product after the operand was
-    /// overwritten, or after another product copied other operands, uses the new values, and
-    /// one after nothing changed gives bitwise the same result.
+    /// The bf16 mode keeps a buffer's bf16 copy with the buffer and multiplies it again while
+    /// the buffer is unchanged (a Linear layer's weight in its forward and input-gradient
+    /// products, dY in both gradient products): a product after the operand was overwritten
+    /// uses the new values, one after nothing changed gives bitwise the same result.
     #[test]
     fn gemm_copies_follow_their_operands_contents() {
         fixed(b(), check_gemm_copies);
     }
 
+    /// A copy made by one GEMM serves a later GEMM that reads the buffer in another role and
+    /// layout, after other operands were copied in between, and a copy is renewed when its
+    /// buffer is written: a Linear layer's forward `Y = X W^T`, another layer's product, the
+    /// input gradient `dX = dY W`, then `W` overwritten and `dX` again; and one buffer as both
+    /// operands (`X X^T`), overwritten between two products.
+    #[test]
+    fn gemm_copies_outlive_other_gemms() {
+        fixed(b(), check_gemm_copies_across_gemms);
+    }
+
+    /// The oracle of `g` on the operands rounded to nearest bf16.
+    fn bf16_product(g: &Gemm, a: &[f32], bm: &[f32]) -> Vec<f64> {
+        let r = |v: &[f32]| {
+            v.iter()
+                .map(|&x| bf16_nearest(x) as f64)
+                .collect::<Vec<_>>()
+        };
+        let mut c = vec![0.0; g.lens().2];
+        oracle::gemm(g, &r(a), &r(bm), &mut c);
+        c
+    }
+
+    /// `g` on the backend into a fresh C (NaN before).
+    fn product<B: Backend>(b: &B, g: &Gemm, a: &B::Buf, bm: &B::Buf) -> Result<Vec<f32>, String> {
+        let mut c = up(b, &vec![f32::NAN; g.lens().2]);
+        b.gemm(g, a, bm, &mut c).map_err(|e| e.to_string())?;
+        Ok(down(b, &c))
+    }
+
     fn check_gemm_copies<B: Backend>(b: &B) -> Check {
         let g = Gemm::new(640, 576, 64);
-        let (la, lb, lc) = g.lens();
+        let (la, lb, _) = g.lens();
         let host_a = [1, 2].map(|seed| data(seed, la, g.k, Fill::Uniform));
         let host_b = data(3, lb, g.n, Fill::Uniform);
-        let product = |a: &B::Buf, bm: &B::Buf| -> Result<Vec<f32>, String> {
-            let mut c = up(b, &vec![f32::NAN; lc]);
-            b.gemm(&g, a, bm, &mut c).map_err(|e| e.to_string())?;
-            Ok(down(b, &c))
-        };
-        let want = |a: &[f32]| {
-            let r = |v: &[f32]| {
-                v.iter()
-                    .map(|&x| bf16_nearest(x) as f64)
-                    .collect::<Vec<_>>()
-            };
-            let mut c = vec![0.0; lc];
-            oracle::gemm(&g, &r(a), &r(&host_b), &mut c);
-            c
-        };
+        let want = |a: &[f32]| bf16_product(&g, a, &host_b);
         let tol = Tol::gemm(g.k, 1.0, 1.0);
         let (mut a, bm) = (up(b, &host_a[0]), up(b, &host_b));
-        let first = product(&a, &bm)?;
+        let first = product(b, &g, &a, &bm)?;
         compare("gemm", "first", &first, &want(&host_a[0]), tol, None)?;
-        if product(&a, &bm)? != first {
+        if product(b, &g, &a, &bm)? != first {
             return Err("the same product twice differs".into());
         }
         b.write(&mut a, &host_a[1]).map_err(|e| e.to_string())?;
-        let changed = product(&a, &bm)?;
+        let changed = product(b, &g, &a, &bm)?;
         compare(
             "gemm",
             "A overwritten",
@@ -2739,7 +2858,7 @@ mod cuda_bf16 {
         compare(
             "gemm",
             "another A",
-            &product(&other, &bm)?,
+            &product(b, &g, &other, &bm)?,
             &want(&host_a[0]),
             tol,
             None,
@@ -2747,11 +2866,62 @@ mod cuda_bf16 {
         compare(
             "gemm",
             "A again",
-            &product(&a, &bm)?,
+            &product(b, &g, &a, &bm)?,
             &want(&host_a[1]),
             tol,
             None,
         )
+    }
+
+    fn check_gemm_copies_across_gemms<B: Backend>(b: &B) -> Check {
+        // A Linear layer of 576 -> 640 features on 600 rows, and another of 512 -> 448: every
+        // product above the copies' threshold.
+        let (rows, inp, out) = (600, 576, 640);
+        let forward = Gemm::new(rows, out, inp).trans_b();
+        let input_grad = Gemm::new(rows, inp, out);
+        let other = Gemm::new(rows, 448, 512).trans_b();
+        let host_x = data(11, rows * inp, inp, Fill::Uniform);
+        let host_w = [12, 13].map(|seed| data(seed, out * inp, inp, Fill::Uniform));
+        let host_dy = data(14, rows * out, out, Fill::Uniform);
+        let (host_p, host_q) = (
+            data(15, rows * 512, 512, Fill::Uniform),
+            data(16, 448 * 512, 512, Fill::Uniform),
+        );
+        let (x, mut w, dy) = (up(b, &host_x), up(b, &host_w[0]), up(b, &host_dy));
+        let (p, q) = (up(b, &host_p), up(b, &host_q));
+        let check = |what: &str, g: &Gemm, got: Vec<f32>, a: &[f32], bm: &[f32]| {
+            let tol = Tol::gemm(g.k, 1.0, 1.0);
+            compare("gemm", what, &got, &bf16_product(g, a, bm), tol, None)
+        };
+        let y = product(b, &forward, &x, &w)?;
+        check("forward", &forward, y, &host_x, &host_w[0])?;
+        let pq = product(b, &other, &p, &q)?;
+        check("another layer", &other, pq, &host_p, &host_q)?;
+        let dx = product(b, &input_grad, &dy, &w)?;
+        check(
+            "input gradient",
+            &input_grad,
+            dx.clone(),
+            &host_dy,
+            &host_w[0],
+        )?;
+        if product(b, &input_grad, &dy, &w)? != dx {
+            return Err("the input gradient twice differs".into());
+        }
+        b.write(&mut w, &host_w[1]).map_err(|e| e.to_string())?;
+        let dx = product(b, &input_grad, &dy, &w)?;
+        check("W overwritten", &input_grad, dx, &host_dy, &host_w[1])?;
+
+        // X X^T: one buffer as A and as B.
+        let gram = Gemm::new(rows, rows, inp).trans_b();
+        let mut x = x;
+        let xx = product(b, &gram, &x, &x)?;
+        check("X X^T", &gram, xx, &host_x, &host_x)?;
+        b.write(&mut x, &host_w[1][..rows * inp])
+            .map_err(|e| e.to_string())?;
+        let xx = product(b, &gram, &x, &x)?;
+        let new_x = &host_w[1][..rows * inp];
+        check("X X^T, X overwritten", &gram, xx, new_x, new_x)
     }
 
     #[test]

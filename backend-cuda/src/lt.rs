@@ -1,0 +1,473 @@
+//! `gemm_bias` on cuBLASLt: the Linear layer's bias added by the GEMM's epilogue
+//! (`CUBLASLT_EPILOGUE_BIAS`) while the product is still in registers, instead of a second
+//! pass over the output (`copy_rows`, about 7 % of a ViT-B training step on an H200 in bf16).
+//!
+//! The product is the one `gemm` computes, in cuBLASLt's terms: the row-major `C = op(A) op(B)`
+//! is the column-major `C^T = op(B)^T op(A)^T` (`gemm.rs`), so cuBLASLt's first operand is our
+//! B and its output `D` is `n x m` column-major; our bias, one value per column of the
+//! row-major `C`, is one per row of `D`, which is what the epilogue broadcasts. With
+//! `accumulate` (beta = 1) C and D are the same matrix: cuBLASLt computes
+//! `D = alpha op(B)^T op(A)^T + beta C + bias`, so the bias is added once, as in the composed
+//! ops. The operands are what `gemm` multiplies in each precision: f32 (`CUBLAS_COMPUTE_32F`,
+//! or the TF32 and bf16 `FAST` compute types) or, in bf16 where the copies pay, the buffers'
+//! bf16 copies (`bf16.rs`) with f32 C, D and bias.
+//!
+//! cuBLASLt sums the products in its own kernels' order, which need not be the order of the
+//! kernel `cublasGemmEx` picks for the same shape: the result is the same product within the
+//! GEMM tolerance, not always bitwise that of `gemm` then `copy_rows`.
+//!
+//! Where `libcublasLt` is missing, or it has no algorithm for a shape (the heuristic finds
+//! none, or the call answers `NOT_SUPPORTED`), `gemm_bias` runs the composed ops instead,
+//! without an error. `MAE_CUDA_GEMM_BIAS=composed` chooses the composed ops by hand (`lt`, the
+//! default, takes cuBLASLt where it can).
+
+use crate::backend::{CudaBackend, Precision};
+use crate::buffer::{addr, addr_mut, CudaBuf};
+use crate::error;
+use crate::gemm::{column_major, ColumnMajor};
+use cudarc::cublaslt::result::{self as lt, CublasError};
+use cudarc::cublaslt::sys::{
+    self, cublasComputeType_t, cublasLtEpilogue_t, cublasLtMatmulAlgo_t,
+    cublasLtMatmulDescAttributes_t as DescAttr, cublasLtMatmulPreferenceAttributes_t as PrefAttr,
+    cublasStatus_t, cudaDataType,
+};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut};
+use mae::backend::{BResult, BackendError, BackendErrorKind, Gemm};
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::panic::catch_unwind;
+use std::sync::{Arc, Mutex};
+
+/// The workspace cuBLASLt's kernels may use (split-K partial sums and the like): allocated
+/// once per backend, the size NVIDIA recommends for Hopper.
+const WORKSPACE_BYTES: usize = 32 << 20;
+
+/// Where `gemm_bias` adds the bias (`MAE_CUDA_GEMM_BIAS`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum GemmBias {
+    /// cuBLASLt's bias epilogue where the library and the shape allow, else the composed ops.
+    #[default]
+    Lt,
+    /// Always `gemm` then `copy_rows` (the trait's default).
+    Composed,
+}
+
+impl GemmBias {
+    /// Reads `MAE_CUDA_GEMM_BIAS`; unset is [`GemmBias::Lt`].
+    pub(crate) fn from_env() -> BResult<GemmBias> {
+        match std::env::var("MAE_CUDA_GEMM_BIAS") {
+            Err(_) => Ok(GemmBias::Lt),
+            Ok(v) => Self::parse(&v),
+        }
+    }
+
+    fn parse(v: &str) -> BResult<GemmBias> {
+        match v {
+            "lt" => Ok(GemmBias::Lt),
+            "composed" => Ok(GemmBias::Composed),
+            _ => Err(BackendError::new(
+                BackendErrorKind::Unsupported,
+                format!("MAE_CUDA_GEMM_BIAS={v:?}: expected `lt` or `composed`"),
+            )),
+        }
+    }
+}
+
+/// What the heuristic's choice depends on: the column-major call and the operands' type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Shape {
+    cm: ColumnMajorKey,
+    bf16_copies: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct ColumnMajorKey {
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_first: bool,
+    trans_second: bool,
+    ld_first: usize,
+    ld_second: usize,
+    ldc: usize,
+}
+
+impl From<&ColumnMajor> for ColumnMajorKey {
+    fn from(c: &ColumnMajor) -> Self {
+        ColumnMajorKey {
+            m: c.m,
+            n: c.n,
+            k: c.k,
+            trans_first: c.trans_first,
+            trans_second: c.trans_second,
+            ld_first: c.ld_first,
+            ld_second: c.ld_second,
+            ldc: c.ldc,
+        }
+    }
+}
+
+/// A cuBLASLt handle, its workspace, and the algorithm chosen per shape (`None`: cuBLASLt has
+/// none, the composed ops run).
+pub(crate) struct Lt {
+    handle: sys::cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
+    algos: HashMap<Shape, Option<cublasLtMatmulAlgo_t>>,
+}
+
+// SAFETY: the handle is only used under the backend's `Mutex<Lt>`, one thread at a time, and
+// cuBLASLt handles are not tied to the thread that created them (NVIDIA documents them as
+// usable from any host thread, with the device's context current, which callers bind).
+unsafe impl Send for Lt {}
+
+impl Drop for Lt {
+    fn drop(&mut self) {
+        // SAFETY: the handle was created by `create_handle` and is destroyed only here; work
+        // queued with it is stream-ordered before the workspace's (stream-ordered) free.
+        let _ = unsafe { lt::destroy_handle(self.handle) };
+    }
+}
+
+impl Lt {
+    /// A handle and workspace, or `None` where `libcublasLt` is missing or refuses to start:
+    /// the caller then composes `gemm` and `copy_rows`.
+    pub(crate) fn open(stream: &Arc<CudaStream>) -> Option<Lt> {
+        // SAFETY: `is_culib_present` only tries `dlopen` on cudarc's candidate names and
+        // closes the handles again.
+        let present = catch_unwind(|| unsafe { sys::is_culib_present() }).unwrap_or(false);
+        if !present {
+            return None;
+        }
+        // cudarc panics where a symbol is missing (a library older than its bindings).
+        let handle = catch_unwind(lt::create_handle).ok()?.ok()?;
+        // SAFETY: cuBLASLt's kernels write the workspace before they read it; nothing else
+        // reads it.
+        match unsafe { stream.alloc::<u8>(WORKSPACE_BYTES) } {
+            Ok(workspace) => Some(Lt {
+                handle,
+                workspace,
+                algos: HashMap::new(),
+            }),
+            Err(_) => {
+                // SAFETY: created just above, used by nothing yet.
+                let _ = unsafe { lt::destroy_handle(handle) };
+                None
+            }
+        }
+    }
+}
+
+/// A matmul descriptor, destroyed when dropped.
+struct Desc(sys::cublasLtMatmulDesc_t);
+
+impl Drop for Desc {
+    fn drop(&mut self) {
+        // SAFETY: created by `create_matmul_desc`, destroyed only here.
+        let _ = unsafe { lt::destroy_matmul_desc(self.0) };
+    }
+}
+
+impl Desc {
+    fn set<T>(&self, attr: DescAttr, value: &T) -> Result<(), CublasError> {
+        // SAFETY: the descriptor is live (owned by `self`); cuBLASLt copies `size_of::<T>()`
+        // bytes from `value`, which the callers give the type the attribute documents.
+        unsafe {
+            lt::set_matmul_desc_attribute(self.0, attr, (value as *const T).cast(), size_of::<T>())
+        }
+    }
+}
+
+/// A matrix layout, destroyed when dropped.
+struct Layout(sys::cublasLtMatrixLayout_t);
+
+impl Drop for Layout {
+    fn drop(&mut self) {
+        // SAFETY: created by `create_matrix_layout`, destroyed only here.
+        let _ = unsafe { lt::destroy_matrix_layout(self.0) };
+    }
+}
+
+impl Layout {
+    /// A column-major `rows x cols` matrix of `ty` with leading dimension `ld`.
+    fn new(ty: cudaDataType, rows: usize, cols: usize, ld: usize) -> Result<Layout, CublasError> {
+        lt::create_matrix_layout(ty, rows as u64, cols as u64, ld as i64).map(Layout)
+    }
+}
+
+/// A heuristic preference, destroyed when dropped.
+struct Pref(sys::cublasLtMatmulPreference_t);
+
+impl Drop for Pref {
+    fn drop(&mut self) {
+        // SAFETY: created by `create_matmul_pref`, destroyed only here.
+        let _ = unsafe { lt::destroy_matmul_pref(self.0) };
+    }
+}
+
+/// The descriptors of one `gemm_bias` call.
+struct Call {
+    desc: Desc,
+    /// cuBLASLt's A (our B), B (our A), and C = D.
+    first: Layout,
+    second: Layout,
+    out: Layout,
+}
+
+/// The operand type and compute type of the product in `precision`: the bf16 copies with
+/// exact products, or f32 operands with the precision's compute type.
+fn types(precision: Precision, bf16_copies: bool) -> (cudaDataType, cublasComputeType_t) {
+    use cublasComputeType_t as C;
+    match (precision, bf16_copies) {
+        (_, true) => (cudaDataType::CUDA_R_16BF, C::CUBLAS_COMPUTE_32F),
+        (Precision::F32, false) => (cudaDataType::CUDA_R_32F, C::CUBLAS_COMPUTE_32F),
+        (Precision::Tf32, false) => (cudaDataType::CUDA_R_32F, C::CUBLAS_COMPUTE_32F_FAST_TF32),
+        (Precision::Bf16, false) => (cudaDataType::CUDA_R_32F, C::CUBLAS_COMPUTE_32F_FAST_16BF),
+    }
+}
+
+/// The descriptors for `cm` with the bias epilogue reading `bias` (a device address).
+fn describe(
+    cm: &ColumnMajor,
+    operand: cudaDataType,
+    compute: cublasComputeType_t,
+    bias: u64,
+) -> Result<Call, CublasError> {
+    let desc = Desc(lt::create_matmul_desc(compute, cudaDataType::CUDA_R_32F)?);
+    // cublasOperation_t as cuBLASLt's attributes take it: an int32, N = 0, T = 1.
+    let op = |t: bool| -> i32 { t as i32 };
+    desc.set(DescAttr::CUBLASLT_MATMUL_DESC_TRANSA, &op(cm.trans_first))?;
+    desc.set(DescAttr::CUBLASLT_MATMUL_DESC_TRANSB, &op(cm.trans_second))?;
+    desc.set(
+        DescAttr::CUBLASLT_MATMUL_DESC_EPILOGUE,
+        &cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+    )?;
+    let bias_ptr = bias as *const c_void;
+    desc.set(DescAttr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr)?;
+    // f32, the type of D (the default), said explicitly: bf16 operands must not make it bf16.
+    desc.set(
+        DescAttr::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+        &cudaDataType::CUDA_R_32F,
+    )?;
+    // Stored shapes: op(first) is m x k, op(second) is k x n.
+    let (rows1, cols1) = if cm.trans_first {
+        (cm.k, cm.m)
+    } else {
+        (cm.m, cm.k)
+    };
+    let (rows2, cols2) = if cm.trans_second {
+        (cm.n, cm.k)
+    } else {
+        (cm.k, cm.n)
+    };
+    Ok(Call {
+        desc,
+        first: Layout::new(operand, rows1, cols1, cm.ld_first)?,
+        second: Layout::new(operand, rows2, cols2, cm.ld_second)?,
+        out: Layout::new(cudaDataType::CUDA_R_32F, cm.m, cm.n, cm.ldc)?,
+    })
+}
+
+impl Lt {
+    /// The algorithm for `shape` (asked of the heuristic once, then remembered), or `None`
+    /// where cuBLASLt has none.
+    fn algo(&mut self, shape: Shape, call: &Call) -> Option<cublasLtMatmulAlgo_t> {
+        if let Some(known) = self.algos.get(&shape) {
+            return *known;
+        }
+        let found = self.heuristic(call).ok();
+        self.algos.insert(shape, found);
+        found
+    }
+
+    fn heuristic(&self, call: &Call) -> Result<cublasLtMatmulAlgo_t, CublasError> {
+        let pref = Pref(lt::create_matmul_pref()?);
+        let bytes = WORKSPACE_BYTES as u64;
+        // SAFETY: the preference is live (owned by `pref`); the attribute takes a uint64,
+        // copied from `bytes`.
+        unsafe {
+            lt::set_matmul_pref_attribute(
+                pref.0,
+                PrefAttr::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&bytes as *const u64).cast(),
+                size_of::<u64>(),
+            )
+        }?;
+        // SAFETY: the handle and the descriptors are live; C and D share the `out` layout.
+        let found = unsafe {
+            lt::get_matmul_algo_heuristic(
+                self.handle,
+                call.desc.0,
+                call.first.0,
+                call.second.0,
+                call.out.0,
+                call.out.0,
+                pref.0,
+            )
+        }?;
+        Ok(found.algo)
+    }
+}
+
+/// A failed cuBLASLt call while doing `what`.
+fn lt_error(e: CublasError, what: &str) -> BackendError {
+    let kind = match e.0 {
+        cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED => BackendErrorKind::OutOfMemory { bytes: 0 },
+        _ => BackendErrorKind::Device,
+    };
+    BackendError::new(kind, format!("{what}: {:?}", e.0))
+}
+
+impl CudaBackend {
+    /// `gemm_bias` on cuBLASLt: queues `c = alpha op(A) op(B) + beta c + bias` (bias per
+    /// column) and returns `true`, or returns `false` having queued nothing that changes `c`
+    /// where cuBLASLt is off, missing, or has no algorithm for the shape: the caller then
+    /// composes `gemm` and `copy_rows`. (Bf16 copies of A and B may have been made by then;
+    /// the composed `gemm` multiplies them.)
+    pub(crate) fn gemm_bias_lt(
+        &self,
+        g: &Gemm,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        bias: &CudaBuf,
+        c: &mut CudaBuf,
+    ) -> BResult<bool> {
+        // A batch, or an empty product (which cuBLASLt may refuse), takes the composed ops; so
+        // does alpha = 0, for which cuBLASLt on an H200 returned something other than C + bias
+        // (a 1 x 1 x 1 product with beta = 1; seen in `gemm_bias_is_the_product_plus_bias`).
+        let empty = g.m == 0 || g.n == 0 || g.k == 0 || g.alpha == 0.0;
+        if self.gemm_bias != GemmBias::Lt || g.batch != 1 || empty {
+            return Ok(false);
+        }
+        let Some(lt) = self
+            .lt
+            .get_or_init(|| Lt::open(&self.stream).map(Mutex::new))
+        else {
+            return Ok(false);
+        };
+        let (a_len, b_len) = crate::ops::gemm_lens(g, a, b, c)?;
+        crate::backend::need(bias, g.n, "gemm_bias", "bias")?;
+        let cm = column_major(g);
+        let bf16_copies =
+            self.precision() == Precision::Bf16 && self.bf16_gemm.copies(g, a_len, b_len);
+        let (operand, compute) = types(self.precision(), bf16_copies);
+        let pbias = addr(bias.slice(), &self.stream);
+        let call = describe(&cm, operand, compute, pbias)
+            .map_err(|e| lt_error(e, &format!("describing gemm_bias {g:?} to cuBLASLt")))?;
+        let mut lt = lt
+            .lock()
+            .map_err(|_| error::device("the cuBLASLt handle's lock is poisoned"))?;
+        let shape = Shape {
+            cm: (&cm).into(),
+            bf16_copies,
+        };
+        let Some(algo) = lt.algo(shape, &call) else {
+            return Ok(false);
+        };
+        // The copies stay locked until the product reading them is queued (bf16.rs).
+        let mut copies = None;
+        let (pa, pb) = if bf16_copies {
+            let [pa, pb] = copies
+                .insert(self.bf16_operands((a, a_len), (b, b_len))?)
+                .addrs;
+            (pa, pb)
+        } else {
+            (addr(a.slice(), &self.stream), addr(b.slice(), &self.stream))
+        };
+        let pc = addr_mut(c.slice_mut(), &self.stream);
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| error::driver(e, "binding the CUDA context", 0))?;
+        let timer = self.profile.as_ref().map(|p| p.start(&self.stream));
+        let lt = &mut *lt;
+        let workspace = lt.workspace.device_ptr_mut(&self.stream).0;
+        // SAFETY: the handle and descriptors are live; `algo` came from the heuristic for
+        // these descriptors. A (our B) and B (our A) are device addresses of live buffers, or
+        // of their bf16 copies (locked in `copies` until this returns), holding at least the
+        // k x n and m x k elements their layouts span (checked by `gemm_lens`); C = D is `c`,
+        // m x n, checked likewise, and the bias holds n floats (checked above). alpha and
+        // beta are host f32 values (the default pointer mode, scale type f32) that live
+        // through the call; the workspace holds `WORKSPACE_BYTES`, the most the heuristic was
+        // allowed to ask for. The work is queued on the backend's stream.
+        let status = unsafe {
+            lt::matmul(
+                lt.handle,
+                call.desc.0,
+                (&g.alpha as *const f32).cast(),
+                (&g.beta as *const f32).cast(),
+                pb as *const c_void,
+                call.first.0,
+                pa as *const c_void,
+                call.second.0,
+                pc as *const c_void,
+                call.out.0,
+                pc as *mut c_void,
+                call.out.0,
+                &algo,
+                workspace as *mut c_void,
+                WORKSPACE_BYTES,
+                self.stream.cu_stream() as sys::cudaStream_t,
+            )
+        };
+        drop(copies);
+        match status {
+            Ok(()) => {}
+            Err(CublasError(cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => {
+                lt.algos.insert(shape, None);
+                return Ok(false);
+            }
+            Err(e) => {
+                return Err(lt_error(
+                    e,
+                    &format!(
+                        "cublasLtMatmul for gemm_bias {g:?} ({:?})",
+                        self.precision()
+                    ),
+                ))
+            }
+        }
+        if let (Some(p), Some(t)) = (&self.profile, timer) {
+            let (ta, tb) = (
+                if g.trans_a { "T" } else { "N" },
+                if g.trans_b { "T" } else { "N" },
+            );
+            let copies = if bf16_copies { " bf16 copies" } else { "" };
+            let label = format!("gemm_bias {}x{}x{} {ta}{tb} lt{copies}", g.m, g.n, g.k);
+            p.end(&self.stream, t, label);
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_choice_parses_and_refuses_unknown_values() {
+        assert_eq!(GemmBias::parse("lt"), Ok(GemmBias::Lt));
+        assert_eq!(GemmBias::parse("composed"), Ok(GemmBias::Composed));
+        let e = GemmBias::parse("cublaslt").unwrap_err();
+        assert_eq!(e.kind, BackendErrorKind::Unsupported);
+    }
+
+    #[test]
+    fn operands_and_compute_follow_the_precision() {
+        use cublasComputeType_t as C;
+        assert_eq!(
+            types(Precision::Bf16, true),
+            (cudaDataType::CUDA_R_16BF, C::CUBLAS_COMPUTE_32F)
+        );
+        assert_eq!(
+            types(Precision::F32, false),
+            (cudaDataType::CUDA_R_32F, C::CUBLAS_COMPUTE_32F)
+        );
+        assert_eq!(
+            types(Precision::Tf32, false).1,
+            C::CUBLAS_COMPUTE_32F_FAST_TF32
+        );
+        assert_eq!(
+            types(Precision::Bf16, false).1,
+            C::CUBLAS_COMPUTE_32F_FAST_16BF
+        );
+    }
+}
