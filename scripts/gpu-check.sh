@@ -24,6 +24,7 @@
 #       GPU_CHECK_QUICK=1 keeps what a change to the bf16 mode needs, in about half the time:
 #       the backend's tests, bf16 golden and ops, bf16 bench at GPU_CHECK_BATCHES (the composed
 #       attention and PyTorch bf16 at the largest), the profile; no f32, ViT-L, wgpu or NCCL.
+#       GPU_CHECK_WGPU=0 skips the wgpu steps of a full run.
 #
 # Nothing in `run` compiles or fetches anything: the GPU machines reach no registry.
 set -uo pipefail
@@ -306,33 +307,36 @@ run() {
     # force every GEMM kernel and row-kernel variant) and the conformance suites' wgpu
     # instances, then `bench` with the default GEMM choice and with each GPU kernel
     # (MAE_WGPU_GEMM), next to `cuda` (f32) above, and a MAE_WGPU_PROFILE table.
-    vulkan_setup >>"$out/wgpu.log" 2>&1
-    step "wgpu backend unit tests" wgpu.log 60 env MAE_REQUIRE_BACKENDS=wgpu \
-        "$bins/tests/mae_backend_wgpu-lib"
-    for suite in ops gradcheck golden; do
-        step "conformance $suite (wgpu)" wgpu.log 60 env MAE_REQUIRE_BACKENDS=wgpu \
-            MAE_GOLDEN_DIR="${golden_dirs[0]}" "$bins/tests/$suite-test" wgpu
-    done
-    step "golden --backend wgpu on ${golden_dirs[0]}" wgpu.log 60 \
-        "$bins/bin/golden" --backend wgpu "${golden_dirs[0]}"/*.safetensors
-    # Each GPU GEMM kernel on the products of one base224 batch-64 step, side by side.
-    step "wgpu GEMM kernels per product" wgpu.log 60 env MAE_REQUIRE_BACKENDS=wgpu \
-        "$bins/tests/mae_backend_wgpu-lib" timing_gemm --ignored --nocapture
-    local gemm
-    for gemm in default ${GPU_CHECK_WGPU_GEMMS:-wide tiled}; do
-        if [ "$gemm" = default ]; then
-            measure "bench base224 wgpu b64" "$bins/bin/bench" --case base224 --backend wgpu \
-                --batch 64 --seconds "$s"
-        else
-            measure "bench base224 wgpu b64 MAE_WGPU_GEMM=$gemm" env MAE_WGPU_GEMM=$gemm \
-                "$bins/bin/bench" --case base224 --backend wgpu --batch 64 --seconds "$s"
-        fi
-        # No adapter: the other ways would fail the same way.
-        grep -q 'no wgpu adapter\|NoDevice' "$out/bench.log" && break
-    done
-    step "profile base224 wgpu b64" profile.log 90 \
-        env MAE_WGPU_PROFILE=1 "$bins/bin/bench" --case base224 --backend wgpu --batch 64 \
-        --seconds 1
+    # GPU_CHECK_WGPU=0 skips this part (a change that leaves the wgpu backend alone).
+    if [ "${GPU_CHECK_WGPU:-1}" != 0 ]; then
+        vulkan_setup >>"$out/wgpu.log" 2>&1
+        step "wgpu backend unit tests" wgpu.log 60 env MAE_REQUIRE_BACKENDS=wgpu \
+            "$bins/tests/mae_backend_wgpu-lib"
+        for suite in ops gradcheck golden; do
+            step "conformance $suite (wgpu)" wgpu.log 60 env MAE_REQUIRE_BACKENDS=wgpu \
+                MAE_GOLDEN_DIR="${golden_dirs[0]}" "$bins/tests/$suite-test" wgpu
+        done
+        step "golden --backend wgpu on ${golden_dirs[0]}" wgpu.log 60 \
+            "$bins/bin/golden" --backend wgpu "${golden_dirs[0]}"/*.safetensors
+        # Each GPU GEMM kernel on the products of one base224 batch-64 step, side by side.
+        step "wgpu GEMM kernels per product" wgpu.log 60 env MAE_REQUIRE_BACKENDS=wgpu \
+            "$bins/tests/mae_backend_wgpu-lib" timing_gemm --ignored --nocapture
+        local gemm
+        for gemm in default ${GPU_CHECK_WGPU_GEMMS:-wide tiled}; do
+            if [ "$gemm" = default ]; then
+                measure "bench base224 wgpu b64" "$bins/bin/bench" --case base224 --backend wgpu \
+                    --batch 64 --seconds "$s"
+            else
+                measure "bench base224 wgpu b64 MAE_WGPU_GEMM=$gemm" env MAE_WGPU_GEMM=$gemm \
+                    "$bins/bin/bench" --case base224 --backend wgpu --batch 64 --seconds "$s"
+            fi
+            # No adapter: the other ways would fail the same way.
+            grep -q 'no wgpu adapter\|NoDevice' "$out/bench.log" && break
+        done
+        step "profile base224 wgpu b64" profile.log 90 \
+            env MAE_WGPU_PROFILE=1 "$bins/bin/bench" --case base224 --backend wgpu --batch 64 \
+            --seconds 1
+    fi
 
     # Data parallel through NCCL with one rank: bitwise the single-process run.
     step "dp-check (NCCL, one rank)" dp.log 120 env OUT=/tmp scripts/dp-check.sh "$bins/bin/pretrain"
