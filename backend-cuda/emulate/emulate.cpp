@@ -51,6 +51,35 @@ static void expect_close(const std::string& what, const std::vector<float>& got,
     }
 }
 
+static uint16_t nearest_bf16(float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    const uint32_t down = u & 0xffff0000u, up = down + 0x10000u;
+    float fd, fu;
+    std::memcpy(&fd, &down, 4);
+    std::memcpy(&fu, &up, 4);
+    // Above the largest bf16 the upper neighbour is 2^128 with an unbounded exponent, which
+    // rounds to infinity.
+    const double fu_d = (up & 0x7fffffffu) == 0x7f800000u ? std::copysign(std::ldexp(1.0, 128), x) : fu;
+    const double dd = std::fabs((double)x - fd), du = std::fabs((double)x - fu_d);
+    if (dd < du || (dd == du && ((down >> 16) & 1u) == 0)) return (uint16_t)(down >> 16);
+    return (uint16_t)(up >> 16);
+}
+
+// The bf16 copy that a kernel wrote beside its f32 output `f`: each element f's nearest bf16.
+static void expect_bf16_copy(const std::string& what, const std::vector<uint16_t>& copy,
+                             const std::vector<float>& f) {
+    ++checks;
+    for (size_t i = 0; i < f.size(); ++i) {
+        if (copy[i] != nearest_bf16(f[i])) {
+            std::printf("FAIL %s: element %zu is 0x%04x, the nearest bf16 of %.9g is 0x%04x\n",
+                        what.c_str(), i, copy[i], f[i], nearest_bf16(f[i]));
+            ++failures;
+            return;
+        }
+    }
+}
+
 static std::vector<double> to_d(const std::vector<float>& v) {
     return std::vector<double>(v.begin(), v.end());
 }
@@ -85,14 +114,17 @@ static void test_elementwise() {
             for (u64 i = 0; i < n; ++i) want[i] = (float)(y[i] * -1.5f);
             expect_close("scale" + tag, buf, want, 0);
             buf.assign(n, NAN);
-            launch(g, 256, [&] { gelu_forward(x.data(), buf.data(), n); });
+            // The f64 kernels without a bf16 copy (null), the f32 ones with one.
+            std::vector<uint16_t> copy(n, 0xdead);
+            launch(g, 256, [&] { gelu_forward(x.data(), buf.data(), nullptr, n); });
             for (u64 i = 0; i < n; ++i) want[i] = 0.5 * x[i] * (1.0 + std::erf(x[i] / std::sqrt(2.0)));
             expect_close("gelu_forward" + tag, buf, want, 1e-6);
             buf.assign(n, NAN);
-            launch(g, 256, [&] { gelu_forward_f32(x.data(), buf.data(), n); });
+            launch(g, 256, [&] { gelu_forward_f32(x.data(), buf.data(), copy.data(), n); });
             expect_close("gelu_forward_f32" + tag, buf, want, 1e-6);
+            expect_bf16_copy("gelu_forward_f32 copy" + tag, copy, buf);
             buf = dx;
-            launch(g, 256, [&] { gelu_backward(x.data(), dy.data(), buf.data(), n); });
+            launch(g, 256, [&] { gelu_backward(x.data(), dy.data(), buf.data(), nullptr, n); });
             for (u64 i = 0; i < n; ++i) {
                 const double v = x[i], h = 1e-5;
                 auto gelu = [](double t) { return 0.5 * t * (1.0 + std::erf(t / std::sqrt(2.0))); };
@@ -100,8 +132,10 @@ static void test_elementwise() {
             }
             expect_close("gelu_backward" + tag, buf, want, 1e-6);
             buf = dx;
-            launch(g, 256, [&] { gelu_backward_f32(x.data(), dy.data(), buf.data(), n); });
+            copy.assign(n, 0xdead);
+            launch(g, 256, [&] { gelu_backward_f32(x.data(), dy.data(), buf.data(), copy.data(), n); });
             expect_close("gelu_backward_f32" + tag, buf, want, 1e-6);
+            expect_bf16_copy("gelu_backward_f32 copy" + tag, copy, buf);
 
             // AdamW, f32 as the CPU reference (bitwise: same operations, no contraction).
             auto p = random_vec(n), gr = random_vec(n), m = random_vec(n), v = random_vec(n, 0, 1);
@@ -229,7 +263,8 @@ static void test_bias_gelu() {
                               std::to_string(c.cols) + " grid=" + std::to_string(g);
             auto bias = random_vec(c.cols), pre0 = random_vec(n, -4, 4);
             std::vector<float> pre = pre0, act(n, NAN);
-            launch(g, 256, [&] { bias_gelu_forward(bias.data(), pre.data(), act.data(), n, c.cols); });
+            std::vector<uint16_t> copy(n, 0xdead);
+            launch(g, 256, [&] { bias_gelu_forward(bias.data(), pre.data(), act.data(), copy.data(), n, c.cols); });
             std::vector<double> want_pre(n), want_act(n);
             for (u64 i = 0; i < n; ++i) {
                 const float p = pre0[i] + bias[i % c.cols];
@@ -238,8 +273,9 @@ static void test_bias_gelu() {
             }
             expect_close("bias_gelu_forward pre" + tag, pre, want_pre, 0);
             expect_close("bias_gelu_forward act" + tag, act, want_act, 1e-6);
+            expect_bf16_copy("bias_gelu_forward act copy" + tag, copy, act);
             std::vector<float> pre32 = pre0, act32(n, NAN);
-            launch(g, 256, [&] { bias_gelu_forward_f32(bias.data(), pre32.data(), act32.data(), n, c.cols); });
+            launch(g, 256, [&] { bias_gelu_forward_f32(bias.data(), pre32.data(), act32.data(), nullptr, n, c.cols); });
             expect_close("bias_gelu_forward_f32 pre" + tag, pre32, want_pre, 0);
             expect_close("bias_gelu_forward_f32 act" + tag, act32, want_act, 1e-6);
 
@@ -247,7 +283,7 @@ static void test_bias_gelu() {
             launch(g, 256, [&] {
                 copy_rows(bias.data(), two_pre.data(), c.rows, 1, c.cols, 0, 0, 0, 1, 0, 1);
             });
-            launch(g, 256, [&] { gelu_forward(two_pre.data(), two_act.data(), n); });
+            launch(g, 256, [&] { gelu_forward(two_pre.data(), two_act.data(), nullptr, n); });
             expect_close("bias_gelu_forward pre vs copy_rows" + tag, pre, to_d(two_pre), 0);
             expect_close("bias_gelu_forward act vs gelu_forward" + tag, act, to_d(two_act), 0);
         }
@@ -420,10 +456,12 @@ static void test_norms() {
         for (auto& v : x) v += 100.0f;  // a large mean: two-pass statistics matter
         for (unsigned gr : grids(grid_rows(rows))) {
             std::vector<float> y(rows * cols, NAN), mean(rows, NAN), rstd(rows, NAN);
+            std::vector<uint16_t> y16(rows * cols, 0xdead);
             const float eps = 1e-6f;
             launch_rows(gr, 256, [&] {
-                layernorm_forward(x.data(), g.data(), bt.data(), y.data(), mean.data(), rstd.data(), rows, cols, eps);
+                layernorm_forward(x.data(), g.data(), bt.data(), y.data(), y16.data(), mean.data(), rstd.data(), rows, cols, eps);
             });
+            expect_bf16_copy("layernorm_forward y copy" + tag, y16, y);
             std::vector<double> wy(rows * cols), wmean(rows), wrstd(rows);
             std::vector<double> xhat(rows * cols);
             for (u64 r = 0; r < rows; ++r) {
@@ -730,21 +768,6 @@ static void test_attention() {
 
 // The nearest bf16 to a finite x, ties to the even mantissa, found by comparing the two bf16
 // neighbours in double: an oracle independent of the kernel's integer rounding.
-static uint16_t nearest_bf16(float x) {
-    uint32_t u;
-    std::memcpy(&u, &x, 4);
-    const uint32_t down = u & 0xffff0000u, up = down + 0x10000u;
-    float fd, fu;
-    std::memcpy(&fd, &down, 4);
-    std::memcpy(&fu, &up, 4);
-    // Above the largest bf16 the upper neighbour is 2^128 with an unbounded exponent, which
-    // rounds to infinity.
-    const double fu_d = (up & 0x7fffffffu) == 0x7f800000u ? std::copysign(std::ldexp(1.0, 128), x) : fu;
-    const double dd = std::fabs((double)x - fd), du = std::fabs((double)x - fu_d);
-    if (dd < du || (dd == du && ((down >> 16) & 1u) == 0)) return (uint16_t)(down >> 16);
-    return (uint16_t)(up >> 16);
-}
-
 static void test_round_to_bf16() {
     std::vector<float> x = {0.0f, -0.0f, 1.0f, 1.00390625f, 1.01171875f, 1.0f + 1.0f / 512,
                             3.0e38f, 3.4028235e38f, INFINITY, -INFINITY, 1e-40f, -1e-45f};

@@ -25,7 +25,7 @@
 //! a Linear layer multiplies carries 50 % more device memory (a written buffer keeps its
 //! allocation and recopies at its next GEMM).
 
-use crate::backend::{u, CudaBackend};
+use crate::backend::{u, CudaBackend, Precision};
 use crate::buffer::CudaBuf;
 use crate::error;
 use crate::kernels::{Arg, Kernel};
@@ -158,24 +158,7 @@ impl CudaBackend {
     /// contents (allocating room for the whole buffer the first time; a replaced allocation's
     /// free is stream-ordered after the work that reads it) and returns its device address.
     fn copy_to_bf16(&self, slot: &mut Option<Bf16Copy>, buf: &CudaBuf, len: usize) -> BResult<u64> {
-        let words = buf.len().max(len).div_ceil(2).max(1);
-        let copy = match slot {
-            Some(c) if c.words.len() >= words => c,
-            _ => {
-                *slot = None;
-                let bytes = error::bytes_of::<u32>(words)?;
-                // SAFETY: uninitialised device memory; `round_to_bf16` writes the first
-                // `len.div_ceil(2)` elements (recorded in `of`) before any GEMM, which reads
-                // no further, runs.
-                let fresh = unsafe { self.stream.alloc::<u32>(words) }.map_err(|e| {
-                    error::driver(e, "allocating the bf16 copy of a GEMM operand", bytes)
-                })?;
-                slot.insert(Bf16Copy {
-                    words: fresh,
-                    of: None,
-                })
-            }
-        };
+        let copy = self.copy_room(slot, buf.len().max(len))?;
         let addr = copy.words.device_ptr_mut(&self.stream).0;
         if let Some((contents, copied)) = copy.of {
             if contents == buf.contents() && copied >= len {
@@ -191,6 +174,70 @@ impl CudaBackend {
         )?;
         copy.of = Some((buf.contents(), len));
         Ok(addr)
+    }
+
+    /// The copy in `slot`, with room for `len` elements: the one there if it is large enough,
+    /// else a new allocation (holding no contents yet).
+    fn copy_room<'s>(
+        &self,
+        slot: &'s mut Option<Bf16Copy>,
+        len: usize,
+    ) -> BResult<&'s mut Bf16Copy> {
+        let words = len.div_ceil(2).max(1);
+        if slot.as_ref().is_none_or(|c| c.words.len() < words) {
+            *slot = None;
+            let bytes = error::bytes_of::<u32>(words)?;
+            // SAFETY: uninitialised device memory; a copy's contents are recorded in `of` only
+            // once `round_to_bf16` or a producing kernel has written them, and GEMMs read no
+            // further than that.
+            let fresh = unsafe { self.stream.alloc::<u32>(words) }.map_err(|e| {
+                error::driver(e, "allocating the bf16 copy of a GEMM operand", bytes)
+            })?;
+            *slot = Some(Bf16Copy {
+                words: fresh,
+                of: None,
+            });
+        }
+        slot.as_mut()
+            .ok_or_else(|| error::device("bug: a bf16 copy slot emptied while locked"))
+    }
+
+    /// The bf16 copy that a kernel writing `buf` writes as well (one more 2-byte store per
+    /// element, where a later copy would read the floats back and write the same): in the bf16
+    /// mode where GEMMs multiply copies, `buf`'s own copy, with room for the whole buffer and
+    /// locked until [`ProducedCopy::written`]; `None` elsewhere (the kernel gets a null
+    /// pointer and writes none). Call it after the access that renews `buf`'s contents.
+    pub(crate) fn produced_copy<'a>(&self, buf: &'a CudaBuf) -> BResult<Option<ProducedCopy<'a>>> {
+        if self.precision() != Precision::Bf16 || self.bf16_gemm == Bf16Gemm::Fast {
+            return Ok(None);
+        }
+        let mut slot = lock(buf)?;
+        let copy = self.copy_room(&mut slot, buf.len())?;
+        copy.of = None;
+        let addr = copy.words.device_ptr_mut(&self.stream).0;
+        Ok(Some(ProducedCopy { slot, addr }))
+    }
+}
+
+/// A buffer's bf16 copy that the kernel about to be queued writes along with the buffer
+/// ([`CudaBackend::produced_copy`]).
+pub(crate) struct ProducedCopy<'a> {
+    slot: MutexGuard<'a, Option<Bf16Copy>>,
+    addr: u64,
+}
+
+impl ProducedCopy<'_> {
+    /// The kernel argument: the copy's device address, or null for no copy.
+    pub(crate) fn arg(copy: &Option<ProducedCopy<'_>>) -> Arg {
+        Arg::Ptr(copy.as_ref().map_or(0, |c| c.addr))
+    }
+
+    /// Records, once the kernel is queued, that the copy holds the first `len` elements of the
+    /// buffer's `contents` (the stream orders it before any GEMM that reads it).
+    pub(crate) fn written(mut self, contents: u64, len: usize) {
+        if let Some(copy) = self.slot.as_mut() {
+            copy.of = Some((contents, len));
+        }
     }
 }
 

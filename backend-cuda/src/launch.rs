@@ -183,7 +183,10 @@ mod tests {
             let (chunks, len) = column_chunks(rows, cols);
             assert!(len >= CHUNK_ROWS && chunks >= 1, "{rows} x {cols}");
             assert!(chunks * len >= rows, "{rows} x {cols}: rows left out");
-            assert!((chunks - 1) * len < rows.max(1), "{rows} x {cols}: an empty chunk");
+            assert!(
+                (chunks - 1) * len < rows.max(1),
+                "{rows} x {cols}: an empty chunk"
+            );
         }
         assert_eq!(column_chunks(33, 1), (2, 32));
         // ViT-B/16 at batch 128: 170 chunks of 149 rows (pass 1 on 130,560 threads), not 788.

@@ -3,6 +3,7 @@
 //! (`mae::backend`), with the CPU backend as the reference implementation.
 
 use crate::backend::{need, u, AttentionPath, CudaBackend, Precision};
+use crate::bf16::ProducedCopy;
 use crate::buffer::{addr, addr_mut, CudaBuf, CudaIdx};
 use crate::error;
 use crate::gemm::column_major;
@@ -517,7 +518,11 @@ impl Backend for CudaBackend {
                 Arg::U64(chunk_count),
                 Arg::U64(chunk_len),
             ];
-            self.launch(Kernel::ColumnSumPartials, elementwise(partial_len as u64), &args)?;
+            self.launch(
+                Kernel::ColumnSumPartials,
+                elementwise(partial_len as u64),
+                &args,
+            )?;
             let args = [
                 self.scratch_ptr(&mut partial),
                 self.ptr_mut(d_src),
@@ -644,11 +649,15 @@ impl Backend for CudaBackend {
         need(beta, cols, o, "beta")?;
         need(mean, rows, o, "mean")?;
         need(rstd, rows, o, "rstd")?;
+        // In the bf16 mode the kernel also writes y's bf16 copy: y is the input of a Linear.
+        let y_ptr = self.ptr_mut(y);
+        let copy = self.produced_copy(y)?;
         let args = [
             self.ptr(x),
             self.ptr(gamma),
             self.ptr(beta),
-            self.ptr_mut(y),
+            y_ptr,
+            ProducedCopy::arg(&copy),
             self.ptr_mut(mean),
             self.ptr_mut(rstd),
             u(rows),
@@ -659,7 +668,11 @@ impl Backend for CudaBackend {
             Kernel::LayerNormForward,
             layernorm_rows(rows as u64, cols as u64),
             &args,
-        )
+        )?;
+        if let Some(copy) = copy {
+            copy.written(y.contents(), rows * cols);
+        }
+        Ok(())
     }
 
     /// `dx` one block per row; `dgamma` and `dbeta` as column sums in two passes (chunks of
@@ -737,19 +750,28 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    /// In the bf16 mode the kernel also writes y's bf16 copy, for the GEMM that reads it
+    /// (`fc2`).
     fn gelu_forward(&self, x: &CudaBuf, y: &mut CudaBuf) -> BResult<()> {
         let n = y.len();
         need(x, n, "gelu_forward", "x")?;
-        let args = [self.ptr(x), self.ptr_mut(y), u(n)];
+        let y_ptr = self.ptr_mut(y);
+        let copy = self.produced_copy(y)?;
+        let args = [self.ptr(x), y_ptr, ProducedCopy::arg(&copy), u(n)];
         self.launch(
             self.gelu_kernel(Kernel::GeluForward),
             elementwise(n as u64),
             &args,
-        )
+        )?;
+        if let Some(copy) = copy {
+            copy.written(y.contents(), n);
+        }
+        Ok(())
     }
 
     /// One pass instead of `copy_rows` then `gelu_forward`: the kernel computes the same f32 add
-    /// and the same GELU, so the result is bitwise theirs.
+    /// and the same GELU, so the result is bitwise theirs (with act's bf16 copy in the bf16
+    /// mode, as `gelu_forward`).
     fn bias_gelu_forward(
         &self,
         bias: &CudaBuf,
@@ -770,10 +792,13 @@ impl Backend for CudaBackend {
         need(bias, cols, o, "bias")?;
         need(pre, n, o, "pre")?;
         need(act, n, o, "act")?;
+        let act_ptr = self.ptr_mut(act);
+        let copy = self.produced_copy(act)?;
         let args = [
             self.ptr(bias),
             self.ptr_mut(pre),
-            self.ptr_mut(act),
+            act_ptr,
+            ProducedCopy::arg(&copy),
             u(n),
             u(cols),
         ];
@@ -781,19 +806,37 @@ impl Backend for CudaBackend {
             self.gelu_kernel(Kernel::BiasGeluForward),
             elementwise(n as u64),
             &args,
-        )
+        )?;
+        if let Some(copy) = copy {
+            copy.written(act.contents(), n);
+        }
+        Ok(())
     }
 
+    /// In the bf16 mode the kernel also writes dx's bf16 copy, for the two GEMMs of fc1's
+    /// backward that read it.
     fn gelu_backward(&self, x: &CudaBuf, dy: &CudaBuf, dx: &mut CudaBuf) -> BResult<()> {
         let n = dx.len();
         need(x, n, "gelu_backward", "x")?;
         need(dy, n, "gelu_backward", "dy")?;
-        let args = [self.ptr(x), self.ptr(dy), self.ptr_mut(dx), u(n)];
+        let dx_ptr = self.ptr_mut(dx);
+        let copy = self.produced_copy(dx)?;
+        let args = [
+            self.ptr(x),
+            self.ptr(dy),
+            dx_ptr,
+            ProducedCopy::arg(&copy),
+            u(n),
+        ];
         self.launch(
             self.gelu_kernel(Kernel::GeluBackward),
             elementwise(n as u64),
             &args,
-        )
+        )?;
+        if let Some(copy) = copy {
+            copy.written(dx.contents(), n);
+        }
+        Ok(())
     }
 
     fn softmax_forward(

@@ -2924,6 +2924,62 @@ mod cuda_bf16 {
         check("X X^T, X overwritten", &gram, xx, new_x, new_x)
     }
 
+    /// LayerNorm, GELU (alone and after a bias) and the GELU gradient write the bf16 copy of
+    /// their output as they write it (the bf16 mode's producing kernels): a product that reads
+    /// such an output multiplies bitwise what it multiplies from the same values uploaded into a
+    /// fresh buffer (copied by `round_to_bf16`), again after the producer overwrites it.
+    #[test]
+    fn produced_copies_are_the_copies_of_the_outputs() {
+        fixed(b(), check_produced_copies);
+    }
+
+    fn check_produced_copies<B: Backend>(b: &B) -> Check {
+        // 640 rows of 64 features into 576: above the copies' threshold.
+        let (rows, cols) = (640, 64);
+        let g = Gemm::new(rows, 576, cols).trans_b();
+        let w = up(b, &data(21, 576 * cols, cols, Fill::Uniform));
+        let n = rows * cols;
+        let host = |seed| data(seed, n, cols, Fill::Uniform);
+        let same_as_fresh = |what: &str, y: &B::Buf| -> Check {
+            let produced = product(b, &g, y, &w)?;
+            let fresh = product(b, &g, &up(b, &down(b, y)), &w)?;
+            match (0..produced.len()).find(|&i| produced[i].to_bits() != fresh[i].to_bits()) {
+                Some(i) => Err(format!(
+                    "{what}: element {i} of the product is {} from the produced copy, {} from a \
+                     fresh one",
+                    produced[i], fresh[i]
+                )),
+                None => Ok(()),
+            }
+        };
+        let (gamma, beta) = (
+            up(b, &data(22, cols, cols, Fill::Uniform)),
+            up(b, &data(23, cols, cols, Fill::Uniform)),
+        );
+        let bias = up(b, &data(24, cols, cols, Fill::Uniform));
+        let (mut mean, mut rstd) = (up(b, &vec![0.0; rows]), up(b, &vec![0.0; rows]));
+        let mut y = up(b, &vec![f32::NAN; n]);
+        let mut pre = up(b, &host(25));
+        let fail = |e: mae::backend::BackendError| e.to_string();
+        for seed in [26, 27] {
+            let x = up(b, &host(seed));
+            b.layernorm_forward(
+                &x, &gamma, &beta, &mut y, &mut mean, &mut rstd, rows, cols, 1e-6,
+            )
+            .map_err(fail)?;
+            same_as_fresh(&format!("layernorm_forward, input {seed}"), &y)?;
+            b.gelu_forward(&x, &mut y).map_err(fail)?;
+            same_as_fresh(&format!("gelu_forward, input {seed}"), &y)?;
+            b.bias_gelu_forward(&bias, &mut pre, &mut y, rows, cols)
+                .map_err(fail)?;
+            same_as_fresh(&format!("bias_gelu_forward, input {seed}"), &y)?;
+            let dy = up(b, &host(seed + 10));
+            b.gelu_backward(&x, &dy, &mut y).map_err(fail)?;
+            same_as_fresh(&format!("gelu_backward (accumulating), input {seed}"), &y)?;
+        }
+        Ok(())
+    }
+
     #[test]
     fn bf16_nearest_rounds_to_nearest_even() {
         assert_eq!(bf16_nearest(1.0 + 1.0 / 256.0), 1.0); // a tie, to even

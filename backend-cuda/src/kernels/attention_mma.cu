@@ -29,7 +29,6 @@
 // 32-bit words of one staged tile for the widest head (64).
 #define MMA_TILE_WORDS (MMA_TILE * (64 + MMA_PAD) / 2)
 
-typedef unsigned short u16;
 
 // These kernels are bound by instructions issued, not by the tensor cores (a block's tile took
 // thousands of cycles for 256 `mma`), so the softmax works in base 2: scores are scaled by

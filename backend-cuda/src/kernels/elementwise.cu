@@ -35,28 +35,39 @@ __device__ float gelu(float x) {
     return (float)(v * normal_cdf(v));
 }
 
-extern "C" __global__ void gelu_forward(const float* x, float* y, u64 n) {
-    FOR_EACH(i, n) y[i] = gelu(x[i]);
+// `y16`, where not null, receives the bf16 copy of y (bf16.rs, `produced_copy`): so do `act16`
+// and `dx16` below.
+extern "C" __global__ void gelu_forward(const float* x, float* y, u16* y16, u64 n) {
+    FOR_EACH(i, n) {
+        const float v = gelu(x[i]);
+        y[i] = v;
+        if (y16) y16[i] = (u16)bf16_bits(v);
+    }
 }
 
 // The MLP's fc1 epilogue over rows x cols = n elements: pre[r][c] += bias[c] (the f32 add of
 // copy_rows), act = gelu(pre) (gelu_forward's GELU), one read and two writes per element instead
 // of the two passes of copy_rows and gelu_forward.
-extern "C" __global__ void bias_gelu_forward(const float* bias, float* pre, float* act, u64 n,
-                                             u64 cols) {
+extern "C" __global__ void bias_gelu_forward(const float* bias, float* pre, float* act,
+                                             u16* act16, u64 n, u64 cols) {
     FOR_EACH(i, n) {
         const float p = pre[i] + bias[mod_u(i, cols)];
         pre[i] = p;
-        act[i] = gelu(p);
+        const float a = gelu(p);
+        act[i] = a;
+        if (act16) act16[i] = (u16)bf16_bits(a);
     }
 }
 
 // dx += dy * (Phi(x) + x * exp(-x^2 / 2) / sqrt(2 pi)), in double, rounded once.
-extern "C" __global__ void gelu_backward(const float* x, const float* dy, float* dx, u64 n) {
+extern "C" __global__ void gelu_backward(const float* x, const float* dy, float* dx, u16* dx16,
+                                         u64 n) {
     FOR_EACH(i, n) {
         const double v = (double)x[i];
         const double grad = normal_cdf(v) + v * exp(-0.5 * v * v) * 0.39894228040143267794;
-        dx[i] = (float)((double)dx[i] + (double)dy[i] * grad);
+        const float d = (float)((double)dx[i] + (double)dy[i] * grad);
+        dx[i] = d;
+        if (dx16) dx16[i] = (u16)bf16_bits(d);
     }
 }
 
@@ -65,24 +76,33 @@ extern "C" __global__ void gelu_backward(const float* x, const float* dy, float*
 // (a few f32 ulps) is far below that of the bf16 GEMM operands around them.
 __device__ float gelu_f32(float x) { return 0.5f * x * erfcf(-x * 0.70710678f); }
 
-extern "C" __global__ void gelu_forward_f32(const float* x, float* y, u64 n) {
-    FOR_EACH(i, n) y[i] = gelu_f32(x[i]);
-}
-
-extern "C" __global__ void bias_gelu_forward_f32(const float* bias, float* pre, float* act, u64 n,
-                                                 u64 cols) {
+extern "C" __global__ void gelu_forward_f32(const float* x, float* y, u16* y16, u64 n) {
     FOR_EACH(i, n) {
-        const float p = pre[i] + bias[mod_u(i, cols)];
-        pre[i] = p;
-        act[i] = gelu_f32(p);
+        const float v = gelu_f32(x[i]);
+        y[i] = v;
+        if (y16) y16[i] = (u16)bf16_bits(v);
     }
 }
 
-extern "C" __global__ void gelu_backward_f32(const float* x, const float* dy, float* dx, u64 n) {
+extern "C" __global__ void bias_gelu_forward_f32(const float* bias, float* pre, float* act,
+                                                 u16* act16, u64 n, u64 cols) {
+    FOR_EACH(i, n) {
+        const float p = pre[i] + bias[mod_u(i, cols)];
+        pre[i] = p;
+        const float a = gelu_f32(p);
+        act[i] = a;
+        if (act16) act16[i] = (u16)bf16_bits(a);
+    }
+}
+
+extern "C" __global__ void gelu_backward_f32(const float* x, const float* dy, float* dx,
+                                             u16* dx16, u64 n) {
     FOR_EACH(i, n) {
         const float v = x[i];
         const float grad = 0.5f * erfcf(-v * 0.70710678f) + v * expf(-0.5f * v * v) * 0.39894228f;
-        dx[i] += dy[i] * grad;
+        const float d = dx[i] + dy[i] * grad;
+        dx[i] = d;
+        if (dx16) dx16[i] = (u16)bf16_bits(d);
     }
 }
 
@@ -165,15 +185,9 @@ extern "C" __global__ void adamw_many(const u64* table, u64 tensors, u64 chunks)
 }
 
 // The bf16 copy of a GEMM operand, two values per u32 (the first in the low half, as they lie
-// in memory): the upper 16 bits of each f32, rounded to nearest even as the tensor cores round
-// the operands of CUBLAS_COMPUTE_32F_FAST_16BF; infinities stay, NaN stays NaN (quiet). With
-// `n` odd the last word's high half is 0. cuBLAS's bf16 kernels on such copies run much closer
-// to the tensor cores' peak than its FAST_16BF kernels on f32 operands (ops.rs, `gemm`).
-__device__ __forceinline__ u32 bf16_bits(float x) {
-    const u32 u = __float_as_uint(x);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
-    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-}
+// in memory), each rounded by bf16_bits. With `n` odd the last word's high half is 0. cuBLAS's
+// bf16 kernels on such copies run much closer to the tensor cores' peak than its FAST_16BF
+// kernels on f32 operands (ops.rs, `gemm`).
 
 extern "C" __global__ void round_to_bf16(const float* x, u32* pairs, u64 n) {
     FOR_EACH(i, (n + 1) / 2) {

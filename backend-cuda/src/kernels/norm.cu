@@ -27,8 +27,8 @@ __device__ __forceinline__ u64 ln_col(u32 lane, u32 k, bool wide) {
 }
 
 __device__ void layernorm_forward_warp(const float* x, const float* gamma, const float* beta,
-                                       float* y, float* mean, float* rstd, u64 rows, u64 cols,
-                                       float eps) {
+                                       float* y, u16* y16, float* mean, float* rstd, u64 rows,
+                                       u64 cols, float eps) {
     const u32 lane = threadIdx.x % 32;
     // float4 rows take a fifth of the loads and their addresses; the row's statistics are
     // double sums whatever the order, so the two layouts give the same f32 results but for
@@ -80,30 +80,41 @@ UNROLL
                 const u64 j = ln_col(lane, k, true);
                 if (j >= cols) continue;
                 const float4 g = *(const float4*)(gamma + j), b = *(const float4*)(beta + j);
-                *(float4*)(yr + j) = make_float4((v[k] - m) * rs * g.x + b.x,
-                                                 (v[k + 1] - m) * rs * g.y + b.y,
-                                                 (v[k + 2] - m) * rs * g.z + b.z,
-                                                 (v[k + 3] - m) * rs * g.w + b.w);
+                const float4 o = make_float4((v[k] - m) * rs * g.x + b.x,
+                                             (v[k + 1] - m) * rs * g.y + b.y,
+                                             (v[k + 2] - m) * rs * g.z + b.z,
+                                             (v[k + 3] - m) * rs * g.w + b.w);
+                *(float4*)(yr + j) = o;
+                if (y16) {
+                    // Element r * cols + j is a multiple of 4: its four bf16 fill two words.
+                    *(uint2*)(y16 + r * cols + j) =
+                        make_uint2(bf16_bits(o.x) | bf16_bits(o.y) << 16,
+                                   bf16_bits(o.z) | bf16_bits(o.w) << 16);
+                }
             }
         } else {
 UNROLL
             for (u32 k = 0; k < LN_HELD; ++k) {
                 const u64 j = ln_col(lane, k, false);
-                if (j < cols) yr[j] = (v[k] - m) * rs * gamma[j] + beta[j];
+                if (j >= cols) continue;
+                const float o = (v[k] - m) * rs * gamma[j] + beta[j];
+                yr[j] = o;
+                if (y16) y16[r * cols + j] = (u16)bf16_bits(o);
             }
         }
     }
 }
 
 // y = (x - mean) * rstd * gamma + beta, from the f32 mean and rstd that are stored, so the
-// backward's xhat is bitwise the forward's.
+// backward's xhat is bitwise the forward's. `y16`, where not null, receives y's bf16 copy (the
+// operand of the Linear layer that reads y: bf16.rs, `produced_copy`).
 // Three blocks per multiprocessor at least (85 registers): unbounded, the unrolled rows took
 // 157 registers, one block of 8 warps per multiprocessor, too few loads in flight.
-extern "C" __global__ void __launch_bounds__(BLOCK, 3) layernorm_forward(const float* x, const float* gamma,
-                                             const float* beta, float* y, float* mean,
-                                             float* rstd, u64 rows, u64 cols, float eps) {
+extern "C" __global__ void __launch_bounds__(BLOCK, 3)
+    layernorm_forward(const float* x, const float* gamma, const float* beta, float* y, u16* y16,
+                      float* mean, float* rstd, u64 rows, u64 cols, float eps) {
     if (cols <= 32 * LN_HELD) {
-        layernorm_forward_warp(x, gamma, beta, y, mean, rstd, rows, cols, eps);
+        layernorm_forward_warp(x, gamma, beta, y, y16, mean, rstd, rows, cols, eps);
         return;
     }
     __shared__ double scratch[BLOCK / 32];
@@ -119,7 +130,9 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 3) layernorm_forward(const f
         }
         float* yr = y + r * cols;
         for (u64 j = threadIdx.x; j < cols; j += BLOCK) {
-            yr[j] = (xr[j] - m) * rs * gamma[j] + beta[j];
+            const float o = (xr[j] - m) * rs * gamma[j] + beta[j];
+            yr[j] = o;
+            if (y16) y16[r * cols + j] = (u16)bf16_bits(o);
         }
     }
 }

@@ -13,6 +13,16 @@
 
 typedef unsigned long long u64;
 typedef unsigned int u32;
+typedef unsigned short u16;
+
+// An f32 rounded to bf16 (its upper 16 bits, rounded to nearest even, as the tensor cores round
+// the operands of CUBLAS_COMPUTE_32F_FAST_16BF; infinities stay, NaN stays NaN, made quiet): the
+// bits of a bf16 GEMM operand's copy (bf16.rs), whichever kernel writes it.
+__device__ __forceinline__ u32 bf16_bits(float x) {
+    const u32 u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
 
 // Threads per block of the row kernels; the host launches exactly this many (power of two).
 #define BLOCK 256
