@@ -492,8 +492,8 @@ static void test_norms() {
             launch(grid_elementwise(chunks * cols), 256, [&] {
                 layernorm_param_partials(dy.data(), x.data(), mean.data(), rstd.data(), pg.data(), pb.data(), rows, cols, chunks, 32);
             });
-            launch(grid_elementwise(cols), 256, [&] { column_sum_finish(pg.data(), dg.data(), chunks, cols); });
-            launch(grid_elementwise(cols), 256, [&] { column_sum_finish(pb.data(), db.data(), chunks, cols); });
+            launch_rows(grid_rows(cols), 256, [&] { column_sum_finish(pg.data(), dg.data(), chunks, cols); });
+            launch_rows(grid_rows(cols), 256, [&] { column_sum_finish(pb.data(), db.data(), chunks, cols); });
             std::vector<double> wdx = to_d(dx0), wdg = to_d(dg0), wdb = to_d(db0);
             for (u64 r = 0; r < rows; ++r) {
                 double a = 0, b = 0;
@@ -556,7 +556,9 @@ static void test_norms() {
 // Bias gradients: dense column sums over a window of rows in chunks, then the chunks folded in.
 static void test_column_sums() {
     struct Case { u64 first, rows, cols, chunk_len; };
-    for (Case c : {Case{0, 1, 1, 32}, Case{0, 70, 5, 32}, Case{3, 100, 300, 7}, Case{1, 33, 768, 32}}) {
+    // 286 chunks: more than a warp's lanes, the last ones partial.
+    for (Case c : {Case{0, 1, 1, 32}, Case{0, 70, 5, 32}, Case{3, 100, 300, 7}, Case{1, 33, 768, 32},
+                   Case{2, 2000, 5, 7}}) {
         std::string tag = " first=" + std::to_string(c.first) + " rows=" + std::to_string(c.rows) +
                           " cols=" + std::to_string(c.cols) + " chunk=" + std::to_string(c.chunk_len);
         // Rows on both sides of the window must not be summed.
@@ -568,13 +570,17 @@ static void test_column_sums() {
                 column_sum_partials(x.data(), partial.data(), c.first, c.rows, c.cols, chunks, c.chunk_len);
             });
             const auto out0 = random_vec(c.cols);
-            std::vector<float> out = out0;
-            launch(grid_elementwise(c.cols), 256, [&] { column_sum_finish(partial.data(), out.data(), chunks, c.cols); });
             std::vector<double> want = to_d(out0);
             for (u64 r = c.first; r < c.first + c.rows; ++r) {
                 for (u64 j = 0; j < c.cols; ++j) want[j] += x[r * c.cols + j];
             }
-            expect_close("column_sum_partials" + tag + " grid=" + std::to_string(g), out, want, 1e-6);
+            // A warp per column; one block takes every column in turn.
+            for (unsigned fg : {1u, grid_rows(c.cols)}) {
+                std::vector<float> out = out0;
+                launch_rows(fg, 256, [&] { column_sum_finish(partial.data(), out.data(), chunks, c.cols); });
+                expect_close("column_sum_partials" + tag + " grid=" + std::to_string(g) + "/" + std::to_string(fg),
+                             out, want, 1e-6);
+            }
         }
     }
 }

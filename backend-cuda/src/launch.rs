@@ -63,13 +63,19 @@ pub(crate) fn per_row(rows: u64, cols: u64) -> Option<LaunchConfig> {
 /// `kernels/norm.cu`, checked by a unit test); wider rows run a block per row.
 pub(crate) const LAYERNORM_WARP_COLS: u64 = 1024;
 
-/// The launch of `layernorm_forward`: one warp per row ([`BLOCK`] / 32 rows per block) for
-/// rows of up to [`LAYERNORM_WARP_COLS`], else one block per row; `None` when there is no work.
+/// The launch of `layernorm_forward`: one warp per row for rows of up to
+/// [`LAYERNORM_WARP_COLS`], else one block per row; `None` when there is no work.
 pub(crate) fn layernorm_rows(rows: u64, cols: u64) -> Option<LaunchConfig> {
     if cols > LAYERNORM_WARP_COLS {
         return per_row(rows, cols);
     }
-    (rows > 0 && cols > 0).then(|| config(rows.div_ceil(BLOCK as u64 / 32)))
+    per_warp(if cols > 0 { rows } else { 0 })
+}
+
+/// A launch of one warp per unit of work ([`BLOCK`] / 32 per block, grid-stride beyond the
+/// cap), or `None` when there is no work.
+pub(crate) fn per_warp(units: u64) -> Option<LaunchConfig> {
+    (units > 0).then(|| config(units.div_ceil(BLOCK as u64 / 32)))
 }
 
 /// A launch of one block per unit of work, such as a chunk of elements (grid-stride beyond
@@ -175,6 +181,14 @@ mod tests {
         assert_eq!(layernorm_rows(25216, 768).unwrap().grid_dim.0, 25216 / 8);
         assert_eq!(layernorm_rows(9, 1024).unwrap().grid_dim.0, 2);
         assert_eq!(layernorm_rows(9, 1025).unwrap().grid_dim.0, 9);
+    }
+
+    #[test]
+    fn warp_grids_have_a_block_per_eight_units() {
+        assert!(per_warp(0).is_none());
+        assert_eq!(per_warp(1).unwrap().grid_dim.0, 1);
+        assert_eq!(per_warp(768).unwrap().grid_dim.0, 96);
+        assert_eq!(per_warp(769).unwrap().grid_dim.0, 97);
     }
 
     #[test]

@@ -9,8 +9,8 @@ use crate::error;
 use crate::gemm::column_major;
 use crate::kernels::{Arg, Kernel};
 use crate::launch::{
-    attention, attention_mma, column_chunks, elementwise, layernorm_rows, per_row, single_block,
-    ATTENTION_MAX_HEAD_DIM,
+    attention, attention_mma, column_chunks, elementwise, layernorm_rows, per_row, per_warp,
+    single_block, ATTENTION_MAX_HEAD_DIM,
 };
 use crate::readers::max_readers;
 use cudarc::cublas::sys::{
@@ -529,7 +529,7 @@ impl Backend for CudaBackend {
                 Arg::U64(chunk_count),
                 u(map.cols),
             ];
-            return self.launch(Kernel::ColumnSumFinish, elementwise(map.cols as u64), &args);
+            return self.launch(Kernel::ColumnSumFinish, per_warp(map.cols as u64), &args);
         }
         let map_args = [
             u(map.batch),
@@ -745,7 +745,7 @@ impl Backend for CudaBackend {
                 Arg::U64(chunk_count),
                 u(cols),
             ];
-            self.launch(Kernel::ColumnSumFinish, elementwise(cols as u64), &args)?;
+            self.launch(Kernel::ColumnSumFinish, per_warp(cols as u64), &args)?;
         }
         Ok(())
     }
