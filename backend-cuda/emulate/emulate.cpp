@@ -697,7 +697,8 @@ static float bf16_value(float x) {
 // score gradients to bf16 before their products, up to 2^-8 of each term. The output is a
 // weighted mean (within 4e-3 of the reference); a gradient sums up to T terms of either sign,
 // whose roundings add up past the result's own size where they cancel (within 1e-2). One block
-// of MMA_THREADS per MMA_ROWS rows, or a striding grid of 2 blocks.
+// of MMA_THREADS per MMA_ROWS rows, or a striding grid of 2 blocks. The bf16 copies of out and
+// d_qkv that the kernels write beside them are each element's nearest bf16.
 static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, std::vector<float> qkv,
                                std::vector<float> d_out, float scale, const std::string& tag) {
     for (float& x : qkv) x = bf16_value(x);
@@ -706,22 +707,37 @@ static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, std
     const u64 D = H * hd, rows = B * T;
     const unsigned grid = small_grid ? 2 : (unsigned)(B * H * ((T + MMA_ROWS - 1) / MMA_ROWS));
     std::vector<float> out(rows * D, NAN), lse(B * H * T, NAN);
+    std::vector<uint16_t> out16(rows * D, 0xdead);
     launch_rows(grid, MMA_THREADS, [&] {
-        attention_forward_mma(qkv.data(), out.data(), lse.data(), B, T, H, hd, scale);
+        attention_forward_mma(qkv.data(), out.data(), out16.data(), lse.data(), B, T, H, hd, scale);
     });
     expect_close("attention_forward_mma out" + tag, out, ref.out, 4e-3);
+    expect_bf16_copy("attention_forward_mma out copy" + tag, out16, out);
     expect_close("attention_forward_mma lse" + tag, lse, ref.lse, 1e-5);
     std::vector<float> ref_out(ref.out.begin(), ref.out.end()), ref_lse(ref.lse.begin(), ref.lse.end());
     std::vector<float> d_qkv(rows * 3 * D, NAN), drow(B * H * T, NAN);
+    std::vector<uint16_t> d_qkv16(rows * 3 * D, 0xdead);
     launch_rows(grid, MMA_THREADS, [&] {
         attention_backward_dq_mma(qkv.data(), ref_out.data(), ref_lse.data(), d_out.data(), d_qkv.data(),
-                                  drow.data(), B, T, H, hd, scale);
+                                  d_qkv16.data(), drow.data(), B, T, H, hd, scale);
     });
     launch_rows(grid, MMA_THREADS, [&] {
-        attention_backward_dkv_mma(qkv.data(), ref_lse.data(), d_out.data(), drow.data(), d_qkv.data(), B, T,
-                                   H, hd, scale);
+        attention_backward_dkv_mma(qkv.data(), ref_lse.data(), d_out.data(), drow.data(), d_qkv.data(),
+                                   d_qkv16.data(), B, T, H, hd, scale);
     });
     expect_close("attention_backward_mma d_qkv" + tag, d_qkv, ref.d_qkv, 1e-2);
+    expect_bf16_copy("attention_backward_mma d_qkv copy" + tag, d_qkv16, d_qkv);
+    // Without copies (null): the same gradients.
+    std::vector<float> plain(rows * 3 * D, NAN);
+    launch_rows(grid, MMA_THREADS, [&] {
+        attention_backward_dq_mma(qkv.data(), ref_out.data(), ref_lse.data(), d_out.data(), plain.data(),
+                                  nullptr, drow.data(), B, T, H, hd, scale);
+    });
+    launch_rows(grid, MMA_THREADS, [&] {
+        attention_backward_dkv_mma(qkv.data(), ref_lse.data(), d_out.data(), drow.data(), plain.data(),
+                                   nullptr, B, T, H, hd, scale);
+    });
+    expect_close("attention_backward_mma d_qkv without copies" + tag, plain, to_d(d_qkv), 0);
 }
 
 // The fused attention kernels against the naive reference, on the grids ops.rs launches (one

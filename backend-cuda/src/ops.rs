@@ -898,10 +898,27 @@ impl Backend for CudaBackend {
         need(qkv, lq, "attention_forward", "qkv")?;
         need(out, lo, "attention_forward", "out")?;
         need(lse, ll, "attention_forward", "lse")?;
-        let mut args = vec![self.ptr(qkv), self.ptr_mut(out), self.ptr_mut(lse)];
-        args.extend(attention_dims(a));
         let ([forward, _, _], cfg) = self.attention_kernels(a);
-        self.launch_described(forward, cfg, &args, || attention_shape(a))
+        // The tensor-core kernels (the bf16 mode's) also write out's bf16 copy: the input of
+        // `proj`.
+        let tensor_cores = forward == Kernel::AttentionForwardMma;
+        let out_ptr = self.ptr_mut(out);
+        let copy = if tensor_cores {
+            self.produced_copy(out)?
+        } else {
+            None
+        };
+        let mut args = vec![self.ptr(qkv), out_ptr];
+        if tensor_cores {
+            args.push(ProducedCopy::arg(&copy));
+        }
+        args.push(self.ptr_mut(lse));
+        args.extend(attention_dims(a));
+        self.launch_described(forward, cfg, &args, || attention_shape(a))?;
+        if let Some(copy) = copy {
+            copy.written(out.contents(), lo);
+        }
+        Ok(())
     }
 
     fn attention_backward(
@@ -923,26 +940,39 @@ impl Backend for CudaBackend {
         need(d_qkv, lq, o, "d_qkv")?;
         // Drow_i = dO_i . O_i for every score row, written by the dQ kernel, read by dK, dV.
         let mut drow = self.alloc(ll)?;
-        let mut args = vec![
-            self.ptr(qkv),
-            self.ptr(out),
-            self.ptr(lse),
-            self.ptr(d_out),
-            self.ptr_mut(d_qkv),
-            self.ptr_mut(&mut drow),
-        ];
-        args.extend(attention_dims(a));
         let ([_, dq, dkv], cfg) = self.attention_kernels(a);
+        // The tensor-core kernels also write d_qkv's bf16 copy (dQ its q columns, dK-dV the
+        // others): d_qkv is dY of the qkv Linear, whose two gradient products read it.
+        let tensor_cores = dq == Kernel::AttentionBackwardDqMma;
+        let d_qkv_ptr = self.ptr_mut(d_qkv);
+        let copy = if tensor_cores {
+            self.produced_copy(d_qkv)?
+        } else {
+            None
+        };
+        let d_qkv_args = if tensor_cores {
+            vec![d_qkv_ptr, ProducedCopy::arg(&copy)]
+        } else {
+            vec![d_qkv_ptr]
+        };
+        let mut args = vec![self.ptr(qkv), self.ptr(out), self.ptr(lse), self.ptr(d_out)];
+        args.extend_from_slice(&d_qkv_args);
+        args.push(self.ptr_mut(&mut drow));
+        args.extend(attention_dims(a));
         self.launch_described(dq, cfg, &args, || attention_shape(a))?;
         let mut args = vec![
             self.ptr(qkv),
             self.ptr(lse),
             self.ptr(d_out),
             self.ptr(&drow),
-            self.ptr_mut(d_qkv),
         ];
+        args.extend_from_slice(&d_qkv_args);
         args.extend(attention_dims(a));
-        self.launch_described(dkv, cfg, &args, || attention_shape(a))
+        self.launch_described(dkv, cfg, &args, || attention_shape(a))?;
+        if let Some(copy) = copy {
+            copy.written(d_qkv.contents(), lq);
+        }
+        Ok(())
     }
 
     // ---- loss -------------------------------------------------------------------------------

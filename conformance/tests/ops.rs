@@ -2924,23 +2924,22 @@ mod cuda_bf16 {
         check("X X^T, X overwritten", &gram, xx, new_x, new_x)
     }
 
-    /// LayerNorm, GELU (alone and after a bias) and the GELU gradient write the bf16 copy of
-    /// their output as they write it (the bf16 mode's producing kernels): a product that reads
-    /// such an output multiplies bitwise what it multiplies from the same values uploaded into a
-    /// fresh buffer (copied by `round_to_bf16`), again after the producer overwrites it.
+    /// LayerNorm, GELU (alone and after a bias), the GELU gradient and the tensor-core
+    /// attention (its output and d_qkv) write the bf16 copy of their output as they write it
+    /// (the bf16 mode's producing kernels): a product that reads such an output multiplies
+    /// bitwise what it multiplies from the same values uploaded into a fresh buffer (copied by
+    /// `round_to_bf16`), again after the producer overwrites it.
     #[test]
     fn produced_copies_are_the_copies_of_the_outputs() {
         fixed(b(), check_produced_copies);
     }
 
     fn check_produced_copies<B: Backend>(b: &B) -> Check {
-        // 640 rows of 64 features into 576: above the copies' threshold.
+        // 640 rows of `cols` features into 576: above the copies' threshold for any `cols`.
         let (rows, cols) = (640, 64);
-        let g = Gemm::new(rows, 576, cols).trans_b();
-        let w = up(b, &data(21, 576 * cols, cols, Fill::Uniform));
-        let n = rows * cols;
-        let host = |seed| data(seed, n, cols, Fill::Uniform);
-        let same_as_fresh = |what: &str, y: &B::Buf| -> Check {
+        let same_as_fresh_of = |what: &str, y: &B::Buf, cols: usize| -> Check {
+            let g = Gemm::new(rows, 576, cols).trans_b();
+            let w = up(b, &data(21, 576 * cols, cols, Fill::Uniform));
             let produced = product(b, &g, y, &w)?;
             let fresh = product(b, &g, &up(b, &down(b, y)), &w)?;
             match (0..produced.len()).find(|&i| produced[i].to_bits() != fresh[i].to_bits()) {
@@ -2952,6 +2951,9 @@ mod cuda_bf16 {
                 None => Ok(()),
             }
         };
+        let same_as_fresh = |what: &str, y: &B::Buf| same_as_fresh_of(what, y, cols);
+        let n = rows * cols;
+        let host = |seed| data(seed, n, cols, Fill::Uniform);
         let (gamma, beta) = (
             up(b, &data(22, cols, cols, Fill::Uniform)),
             up(b, &data(23, cols, cols, Fill::Uniform)),
@@ -2976,6 +2978,31 @@ mod cuda_bf16 {
             let dy = up(b, &host(seed + 10));
             b.gelu_backward(&x, &dy, &mut y).map_err(fail)?;
             same_as_fresh(&format!("gelu_backward (accumulating), input {seed}"), &y)?;
+        }
+        // 4 images of 160 tokens, 2 heads of 32: out is 640 x 64, d_qkv 640 x 192.
+        let a = Attention {
+            batch: 4,
+            tokens: 160,
+            heads: 2,
+            head_dim: 32,
+            scale: 32f32.powf(-0.5),
+        };
+        let (lq, lo, ll) = a.lens();
+        let (mut out, mut lse) = (up(b, &vec![f32::NAN; lo]), up(b, &vec![f32::NAN; ll]));
+        let mut d_qkv = up(b, &vec![f32::NAN; lq]);
+        for seed in [31, 32] {
+            let qkv = up(b, &data(seed, lq, 3 * cols, Fill::Uniform));
+            b.attention_forward(&qkv, &mut out, &mut lse, &a)
+                .map_err(fail)?;
+            same_as_fresh(&format!("attention_forward out, input {seed}"), &out)?;
+            let d_out = up(b, &data(seed + 10, lo, cols, Fill::Uniform));
+            b.attention_backward(&qkv, &out, &lse, &d_out, &mut d_qkv, &a)
+                .map_err(fail)?;
+            same_as_fresh_of(
+                &format!("attention_backward d_qkv, input {seed}"),
+                &d_qkv,
+                3 * cols,
+            )?;
         }
         Ok(())
     }

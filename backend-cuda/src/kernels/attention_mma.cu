@@ -243,9 +243,11 @@ __device__ __forceinline__ void mma_c_to_a(u32 (*a)[4], const float (*c)[4]) {
 }
 
 // Writes 16 x HD accumulators times `scale` to this warp's rows of one head of `dst` (row
-// stride `stride`), rows below `rows` and columns below `hd` only.
+// stride `stride`), rows below `rows` and columns below `hd` only; where `dst16` is not null,
+// also their bf16 copy at the same places (the operand of the Linear layer that reads `dst`:
+// bf16.rs, `produced_copy`).
 template <int HD>
-__device__ void mma_store(float* dst, u64 stride, u64 row0, u64 rows, u32 hd,
+__device__ void mma_store(float* dst, u16* dst16, u64 stride, u64 row0, u64 rows, u32 hd,
                           const float (*acc)[4], float scale) {
     const u32 lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     UNROLL
@@ -254,7 +256,11 @@ __device__ void mma_store(float* dst, u64 stride, u64 row0, u64 rows, u32 hd,
         for (u32 i = 0; i < 4; ++i) {
             const u64 r = row0 + g + 8 * (i / 2);
             const u32 c = 8 * n + 2 * t + i % 2;
-            if (r < rows && c < hd) dst[r * stride + c] = scale * acc[n][i];
+            if (r < rows && c < hd) {
+                const float v = scale * acc[n][i];
+                dst[r * stride + c] = v;
+                if (dst16) dst16[r * stride + c] = (u16)bf16_bits(v);
+            }
         }
     }
 }
@@ -270,7 +276,7 @@ __device__ __forceinline__ bool mma_key_out(u32 n, u32 i, u32 keys) {
 // output rescaled once per tile. The row sum adds the f32 exponentials, so lse is as exact as
 // the scores; their bf16 roundings in the product with v weigh each v_j within 2^-8 of it.
 template <int HD>
-__device__ void mma_forward_block(const float* qkv, float* out, float* lse, u64 tokens,
+__device__ void mma_forward_block(const float* qkv, float* out, u16* out16, float* lse, u64 tokens,
                                   u64 heads, u32 hd, float scale, AttBlock blk, u16* ks,
                                   u16* vs) {
     const u64 dim = heads * hd, width = 3 * dim;
@@ -334,7 +340,8 @@ __device__ void mma_forward_block(const float* qkv, float* out, float* lse, u64 
         UNROLL
         for (u32 i = 0; i < 4; ++i) o[n][i] /= total[i / 2];
     }
-    mma_store<HD>(out + blk.b * tokens * dim + blk.h * hd, dim, row0, tokens, hd, o, 1.0f);
+    const u64 at = blk.b * tokens * dim + blk.h * hd;
+    mma_store<HD>(out + at, out16 ? out16 + at : nullptr, dim, row0, tokens, hd, o, 1.0f);
     if (t == 0) {
         UNROLL
         for (u32 r = 0; r < 2; ++r) {
@@ -344,10 +351,11 @@ __device__ void mma_forward_block(const float* qkv, float* out, float* lse, u64 
     }
 }
 
-// out = softmax(scale * q k^T) v per (image, head), lse = log of each row's sum of exponentials.
+// out = softmax(scale * q k^T) v per (image, head), lse = log of each row's sum of exponentials;
+// out16, where not null, receives out's bf16 copy (the input of `proj`).
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
-    attention_forward_mma(const float* qkv, float* out, float* lse, u64 batch, u64 tokens,
-                          u64 heads, u64 hd, float scale) {
+    attention_forward_mma(const float* qkv, float* out, u16* out16, float* lse, u64 batch,
+                          u64 tokens, u64 heads, u64 hd, float scale) {
     // The block functions use __syncthreads: every thread of a block runs every tile.
     __shared__ __align__(16) u32 ta[MMA_TILE_WORDS];
     __shared__ __align__(16) u32 tb[MMA_TILE_WORDS];
@@ -356,9 +364,11 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
         const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
         const u32 h = (u32)hd;
         if (hd <= 32) {
-            mma_forward_block<32>(qkv, out, lse, tokens, heads, h, scale, blk, (u16*)ta, (u16*)tb);
+            mma_forward_block<32>(qkv, out, out16, lse, tokens, heads, h, scale, blk, (u16*)ta,
+                                  (u16*)tb);
         } else {
-            mma_forward_block<64>(qkv, out, lse, tokens, heads, h, scale, blk, (u16*)ta, (u16*)tb);
+            mma_forward_block<64>(qkv, out, out16, lse, tokens, heads, h, scale, blk, (u16*)ta,
+                                  (u16*)tb);
         }
     }
 }
@@ -368,7 +378,8 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
 // the end. Writes Drow for the dK, dV kernel.
 template <int HD>
 __device__ void mma_dq_block(const float* qkv, const float* out, const float* lse,
-                             const float* d_out, float* d_qkv, float* drow, u64 tokens,
+                             const float* d_out, float* d_qkv, u16* d_qkv16, float* drow,
+                             u64 tokens,
                              u64 heads, u32 hd, float scale, AttBlock blk, u16* ks,
                              u16* vs) {
     const u64 dim = heads * hd, width = 3 * dim;
@@ -417,7 +428,9 @@ __device__ void mma_dq_block(const float* qkv, const float* out, const float* ls
         mma_c_to_a(ds, s);
         mma_accumulate<HD>(dq, ds, ks);
     }
-    mma_store<HD>(d_qkv + blk.b * tokens * width + blk.h * hd, width, row0, tokens, hd, dq, scale);
+    const u64 at = blk.b * tokens * width + blk.h * hd;
+    mma_store<HD>(d_qkv + at, d_qkv16 ? d_qkv16 + at : nullptr, width, row0, tokens, hd, dq,
+                  scale);
     if (t == 0) {
         UNROLL
         for (u32 r = 0; r < 2; ++r) {
@@ -427,11 +440,12 @@ __device__ void mma_dq_block(const float* qkv, const float* out, const float* ls
     }
 }
 
-// Gradient of q into the q columns of d_qkv (overwritten), and Drow [batch, heads, tokens].
+// Gradient of q into the q columns of d_qkv (overwritten), and Drow [batch, heads, tokens];
+// d_qkv16, where not null, receives those columns' bf16 copy (d_qkv is dY of the qkv Linear).
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
     attention_backward_dq_mma(const float* qkv, const float* out, const float* lse,
-                              const float* d_out, float* d_qkv, float* drow, u64 batch,
-                              u64 tokens, u64 heads, u64 hd, float scale) {
+                              const float* d_out, float* d_qkv, u16* d_qkv16, float* drow,
+                              u64 batch, u64 tokens, u64 heads, u64 hd, float scale) {
     // The block functions use __syncthreads: every thread of a block runs every tile.
     __shared__ __align__(16) u32 ta[MMA_TILE_WORDS];
     __shared__ __align__(16) u32 tb[MMA_TILE_WORDS];
@@ -440,10 +454,12 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
         const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
         const u32 h = (u32)hd;
         if (hd <= 32) {
-            mma_dq_block<32>(qkv, out, lse, d_out, d_qkv, drow, tokens, heads, h, scale, blk,
+            mma_dq_block<32>(qkv, out, lse, d_out, d_qkv, d_qkv16, drow, tokens, heads, h, scale,
+                             blk,
                              (u16*)ta, (u16*)tb);
         } else {
-            mma_dq_block<64>(qkv, out, lse, d_out, d_qkv, drow, tokens, heads, h, scale, blk,
+            mma_dq_block<64>(qkv, out, lse, d_out, d_qkv, d_qkv16, drow, tokens, heads, h, scale,
+                             blk,
                              (u16*)ta, (u16*)tb);
         }
     }
@@ -455,7 +471,8 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
 // scaled once at the end.
 template <int HD>
 __device__ void mma_dkv_block(const float* qkv, const float* lse, const float* d_out,
-                              const float* drow, float* d_qkv, u64 tokens, u64 heads, u32 hd,
+                              const float* drow, float* d_qkv, u16* d_qkv16, u64 tokens,
+                              u64 heads, u32 hd,
                               float scale, AttBlock blk, u16* qs, u16* dos, float* ls,
                               float* ds_row) {
     const u64 dim = heads * hd, width = 3 * dim;
@@ -501,17 +518,19 @@ __device__ void mma_dkv_block(const float* qkv, const float* lse, const float* d
         mma_accumulate<HD>(dv, pa, dos);
         mma_accumulate<HD>(dk, dsa, qs);
     }
-    float* dst = d_qkv + blk.b * tokens * width + blk.h * hd;
-    mma_store<HD>(dst + dim, width, row0, tokens, hd, dk, scale);
-    mma_store<HD>(dst + 2 * dim, width, row0, tokens, hd, dv, 1.0f);
+    const u64 at = blk.b * tokens * width + blk.h * hd;
+    mma_store<HD>(d_qkv + at + dim, d_qkv16 ? d_qkv16 + at + dim : nullptr, width, row0, tokens,
+                  hd, dk, scale);
+    mma_store<HD>(d_qkv + at + 2 * dim, d_qkv16 ? d_qkv16 + at + 2 * dim : nullptr, width, row0,
+                  tokens, hd, dv, 1.0f);
 }
 
 // Gradients of k and v into the k and v columns of d_qkv (overwritten), given the dQ kernel's
-// Drow.
+// Drow; d_qkv16 as in the dQ kernel.
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
     attention_backward_dkv_mma(const float* qkv, const float* lse, const float* d_out,
-                               const float* drow, float* d_qkv, u64 batch, u64 tokens,
-                               u64 heads, u64 hd, float scale) {
+                               const float* drow, float* d_qkv, u16* d_qkv16, u64 batch,
+                               u64 tokens, u64 heads, u64 hd, float scale) {
     // The block functions use __syncthreads: every thread of a block runs every tile.
     __shared__ __align__(16) u32 ta[MMA_TILE_WORDS];
     __shared__ __align__(16) u32 tb[MMA_TILE_WORDS];
@@ -522,10 +541,10 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
         const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
         const u32 h = (u32)hd;
         if (hd <= 32) {
-            mma_dkv_block<32>(qkv, lse, d_out, drow, d_qkv, tokens, heads, h, scale, blk,
+            mma_dkv_block<32>(qkv, lse, d_out, drow, d_qkv, d_qkv16, tokens, heads, h, scale, blk,
                               (u16*)ta, (u16*)tb, lse_tile, drow_tile);
         } else {
-            mma_dkv_block<64>(qkv, lse, d_out, drow, d_qkv, tokens, heads, h, scale, blk,
+            mma_dkv_block<64>(qkv, lse, d_out, drow, d_qkv, d_qkv16, tokens, heads, h, scale, blk,
                               (u16*)ta, (u16*)tb, lse_tile, drow_tile);
         }
     }
