@@ -484,9 +484,12 @@ static void test_norms() {
 
             auto dx0 = random_vec(rows * cols), dg0 = random_vec(cols), db0 = random_vec(cols);
             std::vector<float> dx = dx0, dg = dg0, db = db0;
+            std::vector<uint16_t> dx16(rows * cols, 0xdead);
             launch_rows(gr, 256, [&] {
-                layernorm_backward_dx(dy.data(), x.data(), g.data(), mean.data(), rstd.data(), dx.data(), rows, cols);
+                layernorm_backward_dx(dy.data(), x.data(), g.data(), mean.data(), rstd.data(), dx.data(),
+                                      dx16.data(), rows, cols);
             });
+            expect_bf16_copy("layernorm_backward dx copy" + tag, dx16, dx);
             const u64 chunks = chunks_of(rows);
             std::vector<double> pg(chunks * cols, NAN), pb(chunks * cols, NAN);
             launch(grid_elementwise(chunks * cols), 256, [&] {

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the fake driver's kernel table: for every `extern "C" __global__` function of the CUDA
 sources, a call that reads its arguments from cuLaunchKernel's parameter array with the declared
-types, and whether it needs real threads and barriers (it reduces across a block)."""
+types, and whether it needs real threads and barriers (it reduces across a block or a warp)."""
 import re
 import sys
 
@@ -13,7 +13,8 @@ for n, m in enumerate(heads):
     name, params = m.group(1), m.group(2)
     body_end = heads[n + 1].start() if n + 1 < len(heads) else len(src)
     body = src[m.end():body_end]
-    syncs = any(k in body for k in ("block_sum", "block_max", "mean_and_ssd", "__syncthreads"))
+    syncs = any(k in body for k in (
+        "block_sum", "block_max", "mean_and_ssd", "__syncthreads", "warp_sum", "warp_max", "__shfl"))
     args = []
     for i, p in enumerate(params.split(",")):
         p = " ".join(p.split())

@@ -163,7 +163,7 @@ kernels! {
     SplitHeads = "split_heads" (Ptr, Ptr, U64, U64, U64, U64, U64, U64);
     MergeHeads = "merge_heads" (Ptr, Ptr, U64, U64, U64, U64, U64, U64);
     LayerNormForward = "layernorm_forward" (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, F32);
-    LayerNormBackwardDx = "layernorm_backward_dx" (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64);
+    LayerNormBackwardDx = "layernorm_backward_dx" (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64);
     LayerNormParamPartials = "layernorm_param_partials"
         (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64);
     ColumnSumPartials = "column_sum_partials" (Ptr, Ptr, U64, U64, U64, U64, U64);

@@ -702,13 +702,18 @@ impl Backend for CudaBackend {
         need(dbeta, cols, o, "dbeta")?;
         need(mean, rows, o, "mean")?;
         need(rstd, rows, o, "rstd")?;
+        // In the bf16 mode the kernel also writes dx's bf16 copy: dx is the residual stream's
+        // gradient, dY of the Linear layers (proj, fc2) that write into the stream.
+        let dx_ptr = self.ptr_mut(dx);
+        let copy = self.produced_copy(dx)?;
         let args = [
             self.ptr(dy),
             self.ptr(x),
             self.ptr(gamma),
             self.ptr(mean),
             self.ptr(rstd),
-            self.ptr_mut(dx),
+            dx_ptr,
+            ProducedCopy::arg(&copy),
             u(rows),
             u(cols),
         ];
@@ -717,6 +722,9 @@ impl Backend for CudaBackend {
             per_row(rows as u64, cols as u64),
             &args,
         )?;
+        if let Some(copy) = copy {
+            copy.written(dx.contents(), rows * cols);
+        }
 
         let (chunk_count, chunk_len) = column_chunks(rows as u64, cols as u64);
         let partial_len = chunk_count as usize * cols;

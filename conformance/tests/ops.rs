@@ -2924,8 +2924,8 @@ mod cuda_bf16 {
         check("X X^T, X overwritten", &gram, xx, new_x, new_x)
     }
 
-    /// LayerNorm, GELU (alone and after a bias), the GELU gradient and the tensor-core
-    /// attention (its output and d_qkv) write the bf16 copy of their output as they write it
+    /// LayerNorm (y, and dx in its backward), GELU (alone and after a bias), the GELU gradient
+    /// and the tensor-core attention (its output and d_qkv) write the bf16 copy of their output as they write it
     /// (the bf16 mode's producing kernels): a product that reads such an output multiplies
     /// bitwise what it multiplies from the same values uploaded into a fresh buffer (copied by
     /// `round_to_bf16`), again after the producer overwrites it.
@@ -2978,6 +2978,24 @@ mod cuda_bf16 {
             let dy = up(b, &host(seed + 10));
             b.gelu_backward(&x, &dy, &mut y).map_err(fail)?;
             same_as_fresh(&format!("gelu_backward (accumulating), input {seed}"), &y)?;
+            let (mut dgamma, mut dbeta) = (up(b, &vec![0.0; cols]), up(b, &vec![0.0; cols]));
+            b.layernorm_backward(
+                &dy,
+                &x,
+                &gamma,
+                &mean,
+                &rstd,
+                &mut y,
+                &mut dgamma,
+                &mut dbeta,
+                rows,
+                cols,
+            )
+            .map_err(fail)?;
+            same_as_fresh(
+                &format!("layernorm_backward dx (accumulating), input {seed}"),
+                &y,
+            )?;
         }
         // 4 images of 160 tokens, 2 heads of 32: out is 640 x 64, d_qkv 640 x 192.
         let a = Attention {

@@ -139,10 +139,11 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 3)
 
 // dx += rstd * (dnorm - mean(dnorm) - xhat * mean(dnorm * xhat)), dnorm = dy * gamma (llm.c's
 // formula); the two row means are double sums. dgamma and dbeta are the column kernels below.
+// `dx16`, where not null, receives dx's bf16 copy (bf16.rs, `produced_copy`).
 extern "C" __global__ void layernorm_backward_dx(const float* dy, const float* x,
                                                  const float* gamma, const float* mean,
-                                                 const float* rstd, float* dx, u64 rows,
-                                                 u64 cols) {
+                                                 const float* rstd, float* dx, u16* dx16,
+                                                 u64 rows, u64 cols) {
     __shared__ double scratch[BLOCK / 32];
     FOR_EACH_ROW(r, rows) {
         const float* dyr = dy + r * cols;
@@ -159,7 +160,9 @@ extern "C" __global__ void layernorm_backward_dx(const float* dy, const float* x
         float* dxr = dx + r * cols;
         for (u64 j = threadIdx.x; j < cols; j += BLOCK) {
             const float xhat = (xr[j] - m) * rs;
-            dxr[j] += rs * (dyr[j] * gamma[j] - mean_dnorm - xhat * mean_dnorm_xhat);
+            const float d = dxr[j] + rs * (dyr[j] * gamma[j] - mean_dnorm - xhat * mean_dnorm_xhat);
+            dxr[j] = d;
+            if (dx16) dx16[r * cols + j] = (u16)bf16_bits(d);
         }
     }
 }
