@@ -76,7 +76,18 @@ extern "C" __global__ void gelu_backward(const float* x, const float* dy, float*
 // (a few f32 ulps) is far below that of the bf16 GEMM operands around them.
 __device__ float gelu_f32(float x) { return 0.5f * x * erfcf(-x * 0.70710678f); }
 
+// The f32 GELU and its gradient move four elements per thread where the buffers allow
+// (by_fours): a quarter of the loop's index arithmetic and memory instructions per element.
 extern "C" __global__ void gelu_forward_f32(const float* x, float* y, u16* y16, u64 n) {
+    if (by_fours(n, (u64)x | (u64)y, (u64)y16)) {
+        FOR_EACH(q, n / 4) {
+            const float4 v = ((const float4*)x)[q];
+            const float4 o = make_float4(gelu_f32(v.x), gelu_f32(v.y), gelu_f32(v.z), gelu_f32(v.w));
+            ((float4*)y)[q] = o;
+            if (y16) ((uint2*)y16)[q] = bf16_quad(o);
+        }
+        return;
+    }
     FOR_EACH(i, n) {
         const float v = gelu_f32(x[i]);
         y[i] = v;
@@ -95,12 +106,25 @@ extern "C" __global__ void bias_gelu_forward_f32(const float* bias, float* pre, 
     }
 }
 
+__device__ __forceinline__ float gelu_grad_f32(float v) {
+    return 0.5f * erfcf(-v * 0.70710678f) + v * expf(-0.5f * v * v) * 0.39894228f;
+}
+
 extern "C" __global__ void gelu_backward_f32(const float* x, const float* dy, float* dx,
                                              u16* dx16, u64 n) {
+    if (by_fours(n, (u64)x | (u64)dy | (u64)dx, (u64)dx16)) {
+        FOR_EACH(q, n / 4) {
+            const float4 v = ((const float4*)x)[q], g = ((const float4*)dy)[q];
+            const float4 o = ((const float4*)dx)[q];
+            const float4 d = make_float4(o.x + g.x * gelu_grad_f32(v.x), o.y + g.y * gelu_grad_f32(v.y),
+                                         o.z + g.z * gelu_grad_f32(v.z), o.w + g.w * gelu_grad_f32(v.w));
+            ((float4*)dx)[q] = d;
+            if (dx16) ((uint2*)dx16)[q] = bf16_quad(d);
+        }
+        return;
+    }
     FOR_EACH(i, n) {
-        const float v = x[i];
-        const float grad = 0.5f * erfcf(-v * 0.70710678f) + v * expf(-0.5f * v * v) * 0.39894228f;
-        const float d = dx[i] + dy[i] * grad;
+        const float d = dx[i] + dy[i] * gelu_grad_f32(x[i]);
         dx[i] = d;
         if (dx16) dx16[i] = (u16)bf16_bits(d);
     }

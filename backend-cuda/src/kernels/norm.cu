@@ -85,12 +85,8 @@ UNROLL
                                              (v[k + 2] - m) * rs * g.z + b.z,
                                              (v[k + 3] - m) * rs * g.w + b.w);
                 *(float4*)(yr + j) = o;
-                if (y16) {
-                    // Element r * cols + j is a multiple of 4: its four bf16 fill two words.
-                    *(uint2*)(y16 + r * cols + j) =
-                        make_uint2(bf16_bits(o.x) | bf16_bits(o.y) << 16,
-                                   bf16_bits(o.z) | bf16_bits(o.w) << 16);
-                }
+                // Element r * cols + j is a multiple of 4: its four bf16 fill two words.
+                if (y16) *(uint2*)(y16 + r * cols + j) = bf16_quad(o);
             }
         } else {
 UNROLL

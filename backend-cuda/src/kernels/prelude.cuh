@@ -24,6 +24,17 @@ __device__ __forceinline__ u32 bf16_bits(float x) {
     return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
 }
 
+// Four floats as four bf16 (bf16_bits) in two words, the first in the low half: where they lie.
+__device__ __forceinline__ uint2 bf16_quad(float4 v) {
+    return make_uint2(bf16_bits(v.x) | bf16_bits(v.y) << 16, bf16_bits(v.z) | bf16_bits(v.w) << 16);
+}
+
+// Whether n elements of these buffers can be moved four at a time: n a multiple of 4, the float
+// buffers 16-byte and the bf16 one 8-byte aligned (device allocations are 256-byte aligned).
+__device__ __forceinline__ bool by_fours(u64 n, u64 floats, u64 halves) {
+    return n % 4 == 0 && (floats & 15) == 0 && (halves & 7) == 0;
+}
+
 // Threads per block of the row kernels; the host launches exactly this many (power of two).
 #define BLOCK 256
 
