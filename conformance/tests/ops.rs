@@ -222,8 +222,11 @@ fn check_gemm_of<B: Backend>(
 }
 
 /// The GEMM epilogues (`gemm_bias`, `gemm_bias_gelu`) against the ops they replace, on the same
-/// backend: bitwise equal, as the trait promises (the same product, f32 add and GELU). A single
-/// product of the case (its batch and padding dropped).
+/// backend: bitwise equal (the same product, f32 add and GELU). The trait promises that where
+/// the override sums the product in `gemm`'s order; CUDA's cuBLASLt epilogue need not, but
+/// chose the same order as `cublasGemmEx` for every shape of this suite on an H200 (2026-11-27),
+/// and `check_gemm_bias_of` holds it to the f64 oracle whatever the order. A single product of
+/// the case (its batch and padding dropped).
 fn check_gemm_epilogues<B: Backend>(b: &B, c: &GemmCase) -> Check {
     let g = GemmCase {
         batch: 1,

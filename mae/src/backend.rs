@@ -451,7 +451,9 @@ pub trait Backend {
     /// A Linear's forward in one op: the single product `g` (`batch == 1`) into `c`, then
     /// `c[r][j] += bias[j]` for every row `r < m` and column `j < n` (one `f32` add, as
     /// [`Backend::copy_rows`] accumulating a [`RowMap::bias`] does). `bias` holds `n` values.
-    /// The result equals bitwise those two ops in turn.
+    /// The result equals bitwise those two ops in turn, where the override sums the product
+    /// in `gemm`'s order; one that runs a library's own GEMM kernel with a bias epilogue (CUDA's
+    /// cuBLASLt) may sum in another order, and then equals them within the GEMM's tolerance.
     ///
     /// The default is exactly those two ops; backends override it to add the bias while the
     /// product is still in registers instead of in a second pass over `c`.
