@@ -477,9 +477,10 @@ impl Backend for CudaBackend {
     }
 
     /// Two passes, no atomics: each source row's readers are summed in chunks ([`column_chunks`])
-    /// in f64 (pass 1, in parallel over chunks, rows and columns), then the chunks in ascending
-    /// order (pass 2), added to `d_src` with one rounding. A bias map (every row of `d_dst`
-    /// reads the one source row) takes plain column sums, without the general map's index
+    /// in f64 (pass 1, in parallel over chunks, rows and columns), then the chunks (pass 2),
+    /// added to `d_src` with one rounding; every order depends only on the map, so results
+    /// repeat bitwise. A bias map (every row of `d_dst` reads the one source row) takes plain
+    /// column sums (`column_sum_partials`, `column_sum_finish`), without the general map's index
     /// arithmetic per element.
     fn copy_rows_backward(
         &self,
@@ -676,7 +677,7 @@ impl Backend for CudaBackend {
     }
 
     /// `dx` one block per row; `dgamma` and `dbeta` as column sums in two passes (chunks of
-    /// [`column_chunks`] rows in f64, then the chunks in ascending order), no atomics.
+    /// [`column_chunks`] rows in f64, then the chunks, a warp per column), no atomics.
     fn layernorm_backward(
         &self,
         dy: &CudaBuf,

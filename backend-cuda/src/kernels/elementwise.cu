@@ -35,28 +35,39 @@ __device__ float gelu(float x) {
     return (float)(v * normal_cdf(v));
 }
 
-// `y16`, where not null, receives the bf16 copy of y (bf16.rs, `produced_copy`): so do `act16`
-// and `dx16` below.
-extern "C" __global__ void gelu_forward(const float* x, float* y, u16* y16, u64 n) {
+// y = G(x) elementwise, G one of the GELUs. `y16`, where not null, receives the bf16 copy of y
+// (bf16.rs, `produced_copy`): so do `act16` and `dx16` below.
+template <float (*G)(float)>
+__device__ void gelu_forward_of(const float* x, float* y, u16* y16, u64 n) {
     FOR_EACH(i, n) {
-        const float v = gelu(x[i]);
+        const float v = G(x[i]);
         y[i] = v;
         if (y16) y16[i] = (u16)bf16_bits(v);
     }
 }
 
 // The MLP's fc1 epilogue over rows x cols = n elements: pre[r][c] += bias[c] (the f32 add of
-// copy_rows), act = gelu(pre) (gelu_forward's GELU), one read and two writes per element instead
+// copy_rows), act = G(pre) (gelu_forward's GELU), one read and two writes per element instead
 // of the two passes of copy_rows and gelu_forward.
-extern "C" __global__ void bias_gelu_forward(const float* bias, float* pre, float* act,
-                                             u16* act16, u64 n, u64 cols) {
+template <float (*G)(float)>
+__device__ void bias_gelu_forward_of(const float* bias, float* pre, float* act, u16* act16, u64 n,
+                                     u64 cols) {
     FOR_EACH(i, n) {
         const float p = pre[i] + bias[mod_u(i, cols)];
         pre[i] = p;
-        const float a = gelu(p);
+        const float a = G(p);
         act[i] = a;
         if (act16) act16[i] = (u16)bf16_bits(a);
     }
+}
+
+extern "C" __global__ void gelu_forward(const float* x, float* y, u16* y16, u64 n) {
+    gelu_forward_of<gelu>(x, y, y16, n);
+}
+
+extern "C" __global__ void bias_gelu_forward(const float* bias, float* pre, float* act,
+                                             u16* act16, u64 n, u64 cols) {
+    bias_gelu_forward_of<gelu>(bias, pre, act, act16, n, cols);
 }
 
 // dx += dy * (Phi(x) + x * exp(-x^2 / 2) / sqrt(2 pi)), in double, rounded once.
@@ -88,22 +99,12 @@ extern "C" __global__ void gelu_forward_f32(const float* x, float* y, u16* y16, 
         }
         return;
     }
-    FOR_EACH(i, n) {
-        const float v = gelu_f32(x[i]);
-        y[i] = v;
-        if (y16) y16[i] = (u16)bf16_bits(v);
-    }
+    gelu_forward_of<gelu_f32>(x, y, y16, n);
 }
 
 extern "C" __global__ void bias_gelu_forward_f32(const float* bias, float* pre, float* act,
                                                  u16* act16, u64 n, u64 cols) {
-    FOR_EACH(i, n) {
-        const float p = pre[i] + bias[mod_u(i, cols)];
-        pre[i] = p;
-        const float a = gelu_f32(p);
-        act[i] = a;
-        if (act16) act16[i] = (u16)bf16_bits(a);
-    }
+    bias_gelu_forward_of<gelu_f32>(bias, pre, act, act16, n, cols);
 }
 
 __device__ __forceinline__ float gelu_grad_f32(float v) {
