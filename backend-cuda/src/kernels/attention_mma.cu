@@ -10,8 +10,9 @@
 // `ldmatrix` reads fall in eight different groups of four banks. `ldmatrix` gives the B fragments
 // of products that contract over features, `ldmatrix.trans` those that contract over rows
 // (probabilities times v, score gradients times k or q), so one staged layout serves both. The
-// warp's own 16 rows are loaded straight into A fragments. Accumulators of a product over the tile (16 x MMA_TILE) have the layout of the A
-// fragments of the next product (`mma_c_to_a`), so probabilities never leave registers.
+// warp's own 16 rows are loaded straight into A fragments. Accumulators of a product over the
+// tile (16 x MMA_TILE) have the layout of the A fragments of the next product (`mma_c_to_a`), so
+// probabilities never leave registers.
 //
 // PTX fragment layouts of m16n8k16 (lane = 4 g + t): A (16 x 16) register j holds row
 // g + 8 (j % 2), columns 8 (j / 2) + 2 t and + 1; B (16 x 8) register j holds rows (k)
@@ -158,7 +159,8 @@ __device__ void mma_stage_rows(u16* rm, const float* src, u64 stride, u64 r0, u6
     }
     for (u32 e = threadIdx.x; e < MMA_TILE * HD; e += MMA_THREADS) {
         const u32 r = e / HD, c = e % HD;
-        rm[r * (HD + MMA_PAD) + c] = r < valid && c < hd ? (u16)bf16_bits(first[r * stride + c]) : 0;
+        const bool in = r < valid && c < hd;
+        rm[r * (HD + MMA_PAD) + c] = in ? (u16)bf16_bits(first[r * stride + c]) : 0;
     }
 }
 
@@ -276,9 +278,9 @@ __device__ __forceinline__ bool mma_key_out(u32 n, u32 i, u32 keys) {
 // output rescaled once per tile. The row sum adds the f32 exponentials, so lse is as exact as
 // the scores; their bf16 roundings in the product with v weigh each v_j within 2^-8 of it.
 template <int HD>
-__device__ void mma_forward_block(const float* qkv, float* out, u16* out16, float* lse, u64 tokens,
-                                  u64 heads, u32 hd, float scale, AttBlock blk, u16* ks,
-                                  u16* vs) {
+__device__ void mma_forward_block(const float* qkv, float* out, u16* out16, float* lse,
+                                  u64 tokens, u64 heads, u32 hd, float scale, AttBlock blk,
+                                  u16* ks, u16* vs) {
     const u64 dim = heads * hd, width = 3 * dim;
     const u32 lane = threadIdx.x % 32, t = lane % 4;
     const u64 row0 = blk.row0 + 16 * (threadIdx.x / 32);
@@ -379,8 +381,7 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
 template <int HD>
 __device__ void mma_dq_block(const float* qkv, const float* out, const float* lse,
                              const float* d_out, float* d_qkv, u16* d_qkv16, float* drow,
-                             u64 tokens,
-                             u64 heads, u32 hd, float scale, AttBlock blk, u16* ks,
+                             u64 tokens, u64 heads, u32 hd, float scale, AttBlock blk, u16* ks,
                              u16* vs) {
     const u64 dim = heads * hd, width = 3 * dim;
     const u32 lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -455,12 +456,10 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
         const u32 h = (u32)hd;
         if (hd <= 32) {
             mma_dq_block<32>(qkv, out, lse, d_out, d_qkv, d_qkv16, drow, tokens, heads, h, scale,
-                             blk,
-                             (u16*)ta, (u16*)tb);
+                             blk, (u16*)ta, (u16*)tb);
         } else {
             mma_dq_block<64>(qkv, out, lse, d_out, d_qkv, d_qkv16, drow, tokens, heads, h, scale,
-                             blk,
-                             (u16*)ta, (u16*)tb);
+                             blk, (u16*)ta, (u16*)tb);
         }
     }
 }
@@ -472,9 +471,8 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
 template <int HD>
 __device__ void mma_dkv_block(const float* qkv, const float* lse, const float* d_out,
                               const float* drow, float* d_qkv, u16* d_qkv16, u64 tokens,
-                              u64 heads, u32 hd,
-                              float scale, AttBlock blk, u16* qs, u16* dos, float* ls,
-                              float* ds_row) {
+                              u64 heads, u32 hd, float scale, AttBlock blk, u16* qs, u16* dos,
+                              float* ls, float* ds_row) {
     const u64 dim = heads * hd, width = 3 * dim;
     const u32 t = threadIdx.x % 4;
     const u64 row0 = blk.row0 + 16 * (threadIdx.x / 32);

@@ -93,7 +93,8 @@ extern "C" __global__ void gelu_forward_f32(const float* x, float* y, u16* y16, 
     if (by_fours(n, (u64)x | (u64)y, (u64)y16)) {
         FOR_EACH(q, n / 4) {
             const float4 v = ((const float4*)x)[q];
-            const float4 o = make_float4(gelu_f32(v.x), gelu_f32(v.y), gelu_f32(v.z), gelu_f32(v.w));
+            const float4 o =
+                make_float4(gelu_f32(v.x), gelu_f32(v.y), gelu_f32(v.z), gelu_f32(v.w));
             ((float4*)y)[q] = o;
             if (y16) ((uint2*)y16)[q] = bf16_quad(o);
         }
@@ -117,8 +118,9 @@ extern "C" __global__ void gelu_backward_f32(const float* x, const float* dy, fl
         FOR_EACH(q, n / 4) {
             const float4 v = ((const float4*)x)[q], g = ((const float4*)dy)[q];
             const float4 o = ((const float4*)dx)[q];
-            const float4 d = make_float4(o.x + g.x * gelu_grad_f32(v.x), o.y + g.y * gelu_grad_f32(v.y),
-                                         o.z + g.z * gelu_grad_f32(v.z), o.w + g.w * gelu_grad_f32(v.w));
+            const float4 d = make_float4(
+                o.x + g.x * gelu_grad_f32(v.x), o.y + g.y * gelu_grad_f32(v.y),
+                o.z + g.z * gelu_grad_f32(v.z), o.w + g.w * gelu_grad_f32(v.w));
             ((float4*)dx)[q] = d;
             if (dx16) ((uint2*)dx16)[q] = bf16_quad(d);
         }

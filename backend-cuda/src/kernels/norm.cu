@@ -41,7 +41,8 @@ __device__ void layernorm_forward_warp(const float* x, const float* gamma, const
 UNROLL
             for (u32 k = 0; k < LN_HELD; k += 4) {
                 const u64 j = ln_col(lane, k, true);
-                const float4 f = j < cols ? *(const float4*)(xr + j) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                float4 f = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (j < cols) f = *(const float4*)(xr + j);
                 v[k] = f.x;
                 v[k + 1] = f.y;
                 v[k + 2] = f.z;

@@ -26,7 +26,8 @@ __device__ __forceinline__ u32 bf16_bits(float x) {
 
 // Four floats as four bf16 (bf16_bits) in two words, the first in the low half: where they lie.
 __device__ __forceinline__ uint2 bf16_quad(float4 v) {
-    return make_uint2(bf16_bits(v.x) | bf16_bits(v.y) << 16, bf16_bits(v.z) | bf16_bits(v.w) << 16);
+    return make_uint2(bf16_bits(v.x) | bf16_bits(v.y) << 16,
+                      bf16_bits(v.z) | bf16_bits(v.w) << 16);
 }
 
 // Whether n elements of these buffers can be moved four at a time: n a multiple of 4, the float
