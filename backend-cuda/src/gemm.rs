@@ -9,7 +9,7 @@
 use mae::backend::Gemm;
 
 /// One cuBLAS `sgemmStridedBatched` call, in cuBLAS's (column-major) terms.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct ColumnMajor {
     /// Rows of the result (`n` of the row-major product).
     pub m: usize,

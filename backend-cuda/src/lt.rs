@@ -76,35 +76,8 @@ impl GemmBias {
 /// What the heuristic's choice depends on: the column-major call and the operands' type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Shape {
-    cm: ColumnMajorKey,
+    cm: ColumnMajor,
     bf16_copies: bool,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct ColumnMajorKey {
-    m: usize,
-    n: usize,
-    k: usize,
-    trans_first: bool,
-    trans_second: bool,
-    ld_first: usize,
-    ld_second: usize,
-    ldc: usize,
-}
-
-impl From<&ColumnMajor> for ColumnMajorKey {
-    fn from(c: &ColumnMajor) -> Self {
-        ColumnMajorKey {
-            m: c.m,
-            n: c.n,
-            k: c.k,
-            trans_first: c.trans_first,
-            trans_second: c.trans_second,
-            ld_first: c.ld_first,
-            ld_second: c.ld_second,
-            ldc: c.ldc,
-        }
-    }
 }
 
 /// A cuBLASLt handle, its workspace, and the algorithm chosen per shape (`None`: cuBLASLt has
@@ -356,10 +329,7 @@ impl CudaBackend {
         let mut lt = lt
             .lock()
             .map_err(|_| error::device("the cuBLASLt handle's lock is poisoned"))?;
-        let shape = Shape {
-            cm: (&cm).into(),
-            bf16_copies,
-        };
+        let shape = Shape { cm, bf16_copies };
         let Some(algo) = lt.algo(shape, &call) else {
             return Ok(false);
         };
