@@ -69,37 +69,57 @@ pub(crate) fn softmax_forward(x: &[f32], y: &mut [f32], rows: usize, cols: usize
         wide(
             #[inline(always)]
             || {
-                for (r, yr) in yc.chunks_exact_mut(cols).enumerate() {
-                    let row = i * rpc + r;
-                    softmax_row(&x[row * cols..(row + 1) * cols], yr, scale);
+                let x = &x[i * rpc * cols..][..yc.len()];
+                for (xr, yr) in x.chunks_exact(cols).zip(yc.chunks_exact_mut(cols)) {
+                    let max = scaled_max(xr, scale);
+                    for (o, &v) in yr.iter_mut().zip(xr) {
+                        *o = scale * v - max;
+                    }
                 }
+                exp_normalize_rows(yc, cols, |_, _| ());
             },
         )
     });
 }
 
-/// One row of [`softmax_forward`].
+/// `max_j scale * x[j]` (negative infinity for an empty row), in eight running maxima so that
+/// it vectorizes; the maximum does not depend on the order.
 #[inline(always)]
-pub(crate) fn softmax_row(xr: &[f32], yr: &mut [f32], scale: f32) {
-    let max = xr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(scale * v));
-    for (o, &v) in yr.iter_mut().zip(xr) {
-        *o = scale * v - max;
+pub(crate) fn scaled_max(x: &[f32], scale: f32) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let groups = x.chunks_exact(8);
+    let rest = groups.remainder();
+    for g in groups {
+        for (m, &v) in lanes.iter_mut().zip(g) {
+            *m = m.max(scale * v);
+        }
     }
-    exp_normalize(yr);
+    let max = rest
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(scale * v));
+    lanes.iter().fold(max, |m, &v| m.max(v))
 }
 
-/// The tail of a softmax row that holds `scale * x - max`: exponentials, their sum in `f64`
-/// (returned: at least 1, the maximum's term being exactly 1) and the division by it. The fused
-/// attention shares it, so its probabilities are bitwise the composed softmax's.
+/// The tail of the softmax for a block of rows (`cols` each) that hold `scale * x - max`:
+/// the exponentials of the whole block in one pass (a row's last partial group of eight would
+/// otherwise take the padded path once per row), then each row's sum in `f64`, at least 1 (the
+/// maximum's term is exactly 1), passed to `total` with the row's index, and the division by
+/// it. The fused attention shares it, so its probabilities are bitwise the composed softmax's.
 #[inline(always)]
-pub(crate) fn exp_normalize(row: &mut [f32]) -> f64 {
-    exp_in_place(row);
-    let total = sum(row);
-    let inv = 1.0 / total;
-    for o in row.iter_mut() {
-        *o = (*o as f64 * inv) as f32;
+pub(crate) fn exp_normalize_rows(
+    block: &mut [f32],
+    cols: usize,
+    mut total: impl FnMut(usize, f64),
+) {
+    exp_in_place(block);
+    for (r, row) in block.chunks_exact_mut(cols).enumerate() {
+        let sum = sum(row);
+        let inv = 1.0 / sum;
+        for o in row.iter_mut() {
+            *o = (*o as f64 * inv) as f32;
+        }
+        total(r, sum);
     }
-    total
 }
 
 /// `dx += scale * y * (dy - sum(dy * y))`, the row dot product in `f64`.

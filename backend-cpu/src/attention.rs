@@ -47,7 +47,7 @@
 //! attention from `split_heads`, `gemm`, `softmax_*` and `merge_heads` again, to compare the
 //! two paths; the fused ops themselves stay callable.
 
-use crate::activation::exp_normalize;
+use crate::activation::{exp_normalize_rows, scaled_max};
 use crate::fastmath::{exp_in_place, wide};
 use crate::gemm::{product, MatRef};
 use crate::pool;
@@ -142,15 +142,19 @@ fn forward_image(
 /// (SSE2 code, which made the fused attention slower than the composed ops).
 #[inline(always)]
 fn softmax_rows(p: &mut [f32], lse: &mut [f32], t: usize, scale: f32) {
-    for (row, l) in p.chunks_exact_mut(t).zip(lse) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(scale * v));
+    let rows = lse.len();
+    for (row, l) in p.chunks_exact_mut(t).zip(lse.iter_mut()) {
+        let max = scaled_max(row, scale);
         for x in row.iter_mut() {
             *x = scale * *x - max;
         }
-        // At least 1, so the log is finite and non-negative.
-        let total = exp_normalize(row);
-        *l = (max as f64 + libm::log(total)) as f32;
+        // The row maximum, until its log-sum-exp replaces it below.
+        *l = max;
     }
+    exp_normalize_rows(&mut p[..rows * t], t, |r, total| {
+        // `total` is at least 1, so the log is finite and non-negative.
+        lse[r] = (lse[r] as f64 + libm::log(total)) as f32;
+    });
 }
 
 // ---- backward -----------------------------------------------------------------------------------
@@ -243,8 +247,10 @@ fn probabilities(p: &mut [f32], lse: &[f32], t: usize, scale: f32) {
             // row's largest score, where `exp` is 1 to within that rounding anyway.
             *x = (scale * *x - l).min(0.0);
         }
-        exp_in_place(row);
     }
+    // One pass over the block: per row, the last partial group of eight would take the padded
+    // path each time.
+    exp_in_place(&mut p[..lse.len() * t]);
 }
 
 /// Each row of `dp` becomes `scale * p * (dp - sum(dp * p))`, bitwise what `softmax_backward`
@@ -607,6 +613,50 @@ mod tests {
         // What the shapes of `fused_equals_the_composed_ops` rely on.
         let count = |tokens| query_blocks(tokens).count();
         assert_eq!((count(64), count(197), count(301)), (1, 2, 3));
+    }
+
+    /// Single-threaded GFLOP/s of the forward and the backward (model FLOPs: `4 T^2 hd` per
+    /// head forward, twice that backward) on the attention shapes of the three benchmark cases,
+    /// best of five batches, wall time (run it on an idle machine):
+    /// `cargo test --release -p mae-backend-cpu --lib -- --ignored --nocapture attention_speed`.
+    #[test]
+    #[ignore]
+    fn attention_speed() {
+        // (tokens, head_dim, heads, label)
+        for (t, hd, heads, label) in [
+            (17, 64, 6, "small64 encoder, training"),
+            (65, 32, 8, "small64 decoder"),
+            (65, 64, 6, "small64 embedding"),
+            (65, 64, 3, "tiny32 embedding"),
+            (50, 64, 12, "base224 encoder, training"),
+            (197, 32, 16, "base224 decoder"),
+            (197, 64, 12, "base224 embedding"),
+        ] {
+            let a = dims(1, heads, t, hd);
+            let (lq, lo, ll) = a.lens();
+            let (qkv, d_out) = (values(1, lq), values(2, lo));
+            let (mut out, mut lse, mut d_qkv) = (vec![0.0; lo], vec![0.0; ll], vec![0.0; lq]);
+            let mut scratch = vec![0.0; 2 * block_rows(t) * t];
+            let flops = (4 * t * t * hd * heads) as f64;
+            let reps = (2e8 / flops).ceil() as usize;
+            let rate = |f: &mut dyn FnMut()| {
+                (0..5)
+                    .map(|_| {
+                        let start = std::time::Instant::now();
+                        for _ in 0..reps {
+                            f();
+                        }
+                        reps as f64 / start.elapsed().as_secs_f64() / 1e9
+                    })
+                    .fold(0.0, f64::max)
+            };
+            let fwd =
+                flops * rate(&mut || forward_image(&qkv, &mut out, &mut lse, &a, &mut scratch));
+            let bwd = 2.0
+                * flops
+                * rate(&mut || backward_image(&qkv, &lse, &d_out, &mut d_qkv, &a, &mut scratch));
+            println!("T {t:3} hd {hd:2} ({label}): forward {fwd:5.1}, backward {bwd:5.1} GFLOP/s");
+        }
     }
 
     #[test]

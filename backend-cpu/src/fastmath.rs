@@ -727,11 +727,6 @@ pub(crate) fn exp_in_place(y: &mut [f32]) {
     }
 }
 
-/// GELU of one value: bitwise a lane of `gelu_m256`, for the GEMM epilogue's edge tiles.
-pub(crate) fn gelu_scalar(x: f32) -> f32 {
-    gelu(x)
-}
-
 #[cfg(target_arch = "x86_64")]
 pub(crate) use avx2::gelu_m256;
 

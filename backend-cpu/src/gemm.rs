@@ -38,27 +38,21 @@ fn stride(x: usize) -> isize {
     isize::try_from(x).expect("gemm stride exceeds isize::MAX")
 }
 
-/// `C[b] = alpha * op(A[b]) * op(B[b]) + beta * C[b]`, see [`Gemm`].
+/// `C[b] = alpha * op(A[b]) * op(B[b]) + beta * C[b]`, see [`Gemm`]; for a single product,
+/// followed by its epilogue when `bias` is given, tile by tile as the kernel finishes them:
+/// `C[i][j] += bias[j]`, then `act = gelu(C)` when `act` is given (`Backend::gemm_bias` and
+/// `Backend::gemm_bias_gelu`). B comes with its buffer's [`PackCache`] where it has one.
 ///
 /// # Panics
 /// If a buffer is shorter than the descriptor needs (or the needed length overflows `usize`).
 /// `mae` checks lengths before calling, so this only fires on a bug; it is an `assert!`, not a
-/// `debug_assert!`, because the unsafe kernel call below relies on it.
-pub(crate) fn gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
-    gemm_with(g, a, b, c, None, None);
-}
-
-/// [`gemm`] of a single product followed by its epilogue, tile by tile as the kernel finishes
-/// them: `C[i][j] += bias[j]`, then `act = gelu(C)` when `act` is given (`Backend::gemm_bias`
-/// and `Backend::gemm_bias_gelu`). Without `bias` this is [`gemm`] (and `act` must be absent).
-///
-/// # Panics
-/// As [`gemm`]; also if the epilogue is asked of a batch, `bias` is shorter than `n` or `act`
-/// shorter than `m * n`.
-pub(crate) fn gemm_with(
+/// `debug_assert!`, because the unsafe kernel call below relies on it. Also if the epilogue is
+/// asked of a batch, `bias` is shorter than `n`, `act` shorter than `m * n`, or `act` comes
+/// without `bias`.
+pub(crate) fn gemm(
     g: &Gemm,
     a: &[f32],
-    b: &[f32],
+    (b, b_cache): (&[f32], Option<&PackCache>),
     c: &mut [f32],
     bias: Option<&[f32]>,
     act: Option<&mut [f32]>,
@@ -114,6 +108,12 @@ pub(crate) fn gemm_with(
     );
 
     let [(rsa, csa), (rsb, csb)] = operand_strides(g);
+    // Held until the product is done, so the panel cannot go while the tasks read it.
+    let mut cache = match b_cache {
+        Some(cache) if g.batch == 1 => cache.lock(),
+        _ => None,
+    };
+    let panel = cache.as_mut().and_then(|c| c.panel(g, b, (rsb, csb)));
     let ptrs = Ptrs {
         a: a.as_ptr(),
         b: b.as_ptr(),
@@ -150,6 +150,33 @@ pub(crate) fn gemm_with(
         // SAFETY: an epilogue comes only with a single product (bi == 0, so oc < m * n), its
         // bias holding n values and its act m * n (asserted above).
         let epilogue = unsafe { ptrs.epilogue.at(cols.start, oc) };
+        #[cfg(target_arch = "x86_64")]
+        if let Some(panel) = panel {
+            // SAFETY: as above for A and C; the panel is the packing of this product's whole B
+            // (`PackedB::packs` checked its shape and strides), and a band of columns starts on
+            // a multiple of 16, so on one of its strips. The panel exists only where the kernel
+            // is the packed one, so `available()` holds.
+            unsafe {
+                packed::gemm(
+                    (mb, nb, k),
+                    g.alpha,
+                    packed::Operand {
+                        ptr: pa,
+                        rs: rsa,
+                        cs: csa,
+                    },
+                    packed::BSource::Packed {
+                        panel,
+                        first_strip: cols.start / 16,
+                    },
+                    g.beta,
+                    pc,
+                    n,
+                    epilogue,
+                )
+            };
+            return;
+        }
         // SAFETY: as above.
         unsafe {
             kernel(
@@ -195,6 +222,93 @@ pub(crate) fn gemm_with(
         }
     }
 }
+
+/// A buffer's B operand packed once for many products ([`packed::PackedB`]), kept while the
+/// buffer does not change.
+///
+/// Nothing says which buffers are constant (the weights while a model only runs forward), so
+/// the cache learns it: the first product that reads the buffer as B notes the layout, a second
+/// one in the same layout with no write in between packs the whole of B into a panel and keeps
+/// it, and later ones read that panel. Any write (every mutable borrow of the buffer's floats)
+/// drops both ([`PackCache::clear`]). In a training step every weight is written by AdamW and
+/// read as B once in each of two layouts (`x W^T` forward, `dY W` backward), so training never
+/// keeps a panel (and allocates nothing for one); an encoder that only embeds packs its weights
+/// on its second call and never again. The panel costs as much memory as the buffer.
+#[derive(Default)]
+pub(crate) struct PackCache(std::sync::Mutex<PackState>);
+
+#[derive(Default)]
+pub(crate) struct PackState {
+    /// The `(k, n, row stride, column stride)` of the last product that read the buffer as B.
+    seen: Option<(usize, usize, usize, usize)>,
+    #[cfg(target_arch = "x86_64")]
+    panel: Option<packed::PackedB>,
+}
+
+impl PackCache {
+    /// Forgets what was seen and packed: the buffer is about to change.
+    pub(crate) fn clear(&mut self) {
+        let state = self.0.get_mut().unwrap_or_else(|e| e.into_inner());
+        if state.seen.is_some() {
+            *state = PackState::default();
+        }
+    }
+
+    /// The state, unless another thread is using it (that product then packs as usual).
+    fn lock(&self) -> Option<std::sync::MutexGuard<'_, PackState>> {
+        match self.0.try_lock() {
+            Ok(state) => Some(state),
+            // The state is only a record of B's layout and a copy of B: still valid.
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+}
+
+impl PackState {
+    /// The packed panel of `b` (read as `g`'s B with strides `(rsb, csb)`) if it has one or this
+    /// is the second product in a row to read it so; records the layout otherwise.
+    #[cfg(target_arch = "x86_64")]
+    fn panel(
+        &mut self,
+        g: &Gemm,
+        b: &[f32],
+        (rsb, csb): (usize, usize),
+    ) -> Option<&packed::PackedB> {
+        if kernel_choice() != Kernel::Packed || g.k == 0 {
+            return None;
+        }
+        let key = (g.k, g.n, rsb, csb);
+        let operand = packed::Operand {
+            ptr: b.as_ptr(),
+            rs: rsb,
+            cs: csb,
+        };
+        let fresh = !self
+            .panel
+            .as_ref()
+            .is_some_and(|p| p.packs(g.k, g.n, operand));
+        if fresh {
+            if self.seen != Some(key) {
+                self.seen = Some(key);
+                return None;
+            }
+            // SAFETY: `gemm` checked that B holds the k x n elements these strides address;
+            // the kernel is the packed one, so `available()` holds.
+            self.panel = unsafe { packed::PackedB::pack(g.k, g.n, operand) };
+        }
+        self.panel.as_ref()
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn panel(&mut self, _: &Gemm, _: &[f32], _: (usize, usize)) -> Option<&Never> {
+        None
+    }
+}
+
+/// The panel type where there is no packed kernel: never made.
+#[cfg(not(target_arch = "x86_64"))]
+enum Never {}
 
 /// The (row, column) strides of op(A) and op(B) of one batch item. op(A) is m x k: stored
 /// m x k, row stride k and column stride 1; stored k x m (`trans_a`), element (i, p) sits at
@@ -339,11 +453,11 @@ unsafe fn kernel_with(
                     rs: rsa,
                     cs: csa,
                 },
-                packed::Operand {
+                packed::BSource::Strided(packed::Operand {
                     ptr: pb,
                     rs: rsb,
                     cs: csb,
-                },
+                }),
                 beta,
                 pc,
                 rsc,
@@ -756,13 +870,13 @@ mod tests {
                 let want_act = bias_then_gelu(&mut want, &bias);
                 let mut pre = c0.clone();
                 let mut act = vec![f32::NAN; m * n];
-                super::gemm_with(&g, &a, &b, &mut pre, Some(&bias), Some(&mut act));
+                super::gemm(&g, &a, (&b, None), &mut pre, Some(&bias), Some(&mut act));
                 assert!(
                     *pre == *want && act == want_act,
                     "{g:?}: bias + GELU epilogue"
                 );
                 let mut pre = c0.clone();
-                super::gemm_with(&g, &a, &b, &mut pre, Some(&bias), None);
+                super::gemm(&g, &a, (&b, None), &mut pre, Some(&bias), None);
                 assert!(*pre == *want, "{g:?}: bias epilogue");
                 // Each kernel unsplit, against the same kernel without the epilogue.
                 let [(rsa, csa), (rsb, csb)] = super::operand_strides(&g);
@@ -822,6 +936,86 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Whether `b`'s cache holds a packed panel.
+    fn has_panel(b: &crate::CpuBuf) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return b.packed.0.lock().unwrap().panel.is_some();
+        #[cfg(not(target_arch = "x86_64"))]
+        return false;
+    }
+
+    /// Whether this process multiplies with the packed kernel, the one that keeps panels.
+    fn packs() -> bool {
+        super::kernel_choice() == super::Kernel::Packed
+    }
+
+    #[test]
+    fn a_b_read_unchanged_is_packed_once_and_gives_the_same_bits() {
+        // Row bands (tall C), column bands (wide C: the second band starts on strip 7), `k`
+        // past one KC block with a remainder, `n` not a multiple of 16, every transpose flag.
+        for (m, n, k) in [(301, 77, 300), (45, 410, 297)] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 104_729 % 2027) as f32 - 1013.0) / 211.0)
+                .collect();
+            let c0: Vec<f32> = (0..m * n).map(|i| (i % 13) as f32 * 0.1).collect();
+            for g in every_layout(Gemm::new(m, n, k), 0.5) {
+                // Fresh buffers every time: never a panel.
+                let want = run(&g, &a, &b, &c0);
+                let (be, a, b) = (be(), up(&a), up(&b));
+                for call in 0..3 {
+                    let mut c = up(&c0);
+                    be.gemm(&g, &a, &b, &mut c).unwrap();
+                    assert!(
+                        c == want,
+                        "{g:?}, call {call}: differs from the unpacked product"
+                    );
+                    // The first call notes B's layout, the second packs it, the third reads
+                    // the panel.
+                    assert_eq!(has_panel(&b), call > 0 && packs(), "{g:?}, call {call}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_write_to_b_or_another_layout_drops_the_panel() {
+        let (m, n, k) = (64, 48, 40);
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 - 3.0).collect();
+        let mut host: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.5).collect();
+        let (be, a_buf, mut b) = (be(), up(&a), up(&host));
+        let g = Gemm::new(m, n, k);
+        let product = |b: &crate::CpuBuf| {
+            let mut c = up(&vec![0.0; m * n]);
+            be.gemm(&g, &a_buf, b, &mut c).unwrap();
+            c
+        };
+        product(&b);
+        product(&b);
+        assert_eq!(has_panel(&b), packs());
+        // A write through the buffer's floats: the next product must see it.
+        b[3] = 100.0;
+        host[3] = 100.0;
+        assert!(!has_panel(&b));
+        for _ in 0..3 {
+            assert!(product(&b) == run(&g, &a, &host, &vec![0.0; m * n]));
+        }
+        // The same floats read as a stored transpose (`n x k`): a different packing, not the
+        // panel of the other layout.
+        let gt = Gemm::new(m, k, n).trans_b();
+        let at: Vec<f32> = (0..m * n).map(|i| (i % 3) as f32).collect();
+        let at_buf = up(&at);
+        for _ in 0..3 {
+            let mut c = up(&vec![0.0; m * k]);
+            be.gemm(&gt, &at_buf, &b, &mut c).unwrap();
+            assert!(c == run(&gt, &at, &host, &vec![0.0; m * k]));
+        }
+        // A clone shares no panel.
+        assert!(!has_panel(&b.clone()));
     }
 
     #[test]
@@ -967,6 +1161,14 @@ mod speed {
             (788, 768, 2304, false, false),
             // tiny32's fc2 (half of batch 64's 4,160 rows): a narrow C, so packing A weighs most.
             (2080, 192, 768, false, true),
+            // small64's encoder in training (half of 544 rows per thread): fc1 and fc2
+            // forward, fc1's weight gradient (k = 544 rows) and fc2's input gradient.
+            (272, 1536, 384, false, true),
+            (272, 384, 1536, false, true),
+            (1536, 384, 544, true, false),
+            (272, 1536, 384, false, false),
+            // Its decoder (half of 2,080 rows): fc1 forward.
+            (1040, 1024, 256, false, true),
         ] {
             let a: Vec<f32> = (0..m * k).map(|i| (i % 17) as f32 * 0.01).collect();
             let b: Vec<f32> = (0..k * n).map(|i| (i % 13) as f32 * 0.01).collect();

@@ -219,7 +219,7 @@ impl Backend for CpuBackend {
     // ---- dense ------------------------------------------------------------------------------
 
     fn gemm(&self, g: &Gemm, a: &CpuBuf, b: &CpuBuf, c: &mut CpuBuf) -> BResult<()> {
-        gemm::gemm(g, a, b, c);
+        gemm::gemm(g, a, (b, Some(&b.packed)), c, None, None);
         Ok(())
     }
 
@@ -231,7 +231,7 @@ impl Backend for CpuBackend {
         bias: &CpuBuf,
         c: &mut CpuBuf,
     ) -> BResult<()> {
-        gemm::gemm_with(g, a, b, c, Some(bias), None);
+        gemm::gemm(g, a, (b, Some(&b.packed)), c, Some(bias), None);
         Ok(())
     }
 
@@ -244,7 +244,7 @@ impl Backend for CpuBackend {
         pre: &mut CpuBuf,
         act: &mut CpuBuf,
     ) -> BResult<()> {
-        gemm::gemm_with(g, a, b, pre, Some(bias), Some(act));
+        gemm::gemm(g, a, (b, Some(&b.packed)), pre, Some(bias), Some(act));
         Ok(())
     }
 

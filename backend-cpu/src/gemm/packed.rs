@@ -2,8 +2,8 @@
 //! (Goto & van de Geijn, "Anatomy of high-performance matrix multiplication", 2008) around a
 //! 6 x 16 register-tile micro-kernel.
 //!
-//! Why our own, when the `gemm` crate has the same kind of kernel (and single-threaded the same
-//! speed on this project's shapes, see the `gemm_speed` timing in `gemm.rs`): it packs into
+//! Why our own, when the `gemm` crate has the same kind of kernel (single-threaded within about
+//! 2 % of it on this project's shapes, see the `gemm_speed` timing in `gemm.rs`): it packs into
 //! buffers it allocates on every call, the only allocations left in a training step, and the
 //! fresh pages cost page faults. Here the packing buffers are one per thread, allocated on the
 //! thread's first product and reused by every later one. Packing a stored transpose (the weight
@@ -13,20 +13,29 @@
 //!
 //! ```text
 //! for jc in steps of NC over n:              B's columns, a panel that stays in L3
-//!   for pc in steps of KC over k:            pack B[pc.., jc..] (KC x NC, 16-column strips)
-//!     for ic in steps of MC over m:          pack A[ic.., pc..] (MC x KC, 6-row strips), in L2
-//!       for jr in steps of 16 over NC:       one B strip (KC x 16, in L1)
-//!         for ir in steps of 6 over MC:      micro-kernel: a 6 x 16 tile of C in 12 registers
+//!   for pc in blocks of at most KC over k:   pack B[pc.., jc..] (kc x NC, 16-column strips)
+//!     for ic in steps of MC over m:          pack A[ic.., pc..] (MC x kc, 6-row strips), in L2
+//!       for jb in steps of NB over NC:       a block of B (kc x NB) that stays in L2
+//!         for ir in steps of 6 over MC:      one A strip (6 x kc, in L1)
+//!           for jr in steps of 16 over NB:   micro-kernel: a 6 x 16 tile of C in 12 registers
 //! ```
 //!
+//! `k` is cut into blocks of equal depth, at most [`KC`] (a 544-deep product into two of 272,
+//! not 256 + 256 + 32): C is read and written once per block, so few and even blocks waste least.
+//! The A strip stays in L1 while the B strips of a block stream from L2, and consecutive tiles
+//! lie side by side in the same six rows of C. Against the earlier order (256-deep blocks, a B
+//! strip in L1, A strips streamed), products ran 1.5-2 % faster on their own (`gemm_speed`,
+//! relative to the `gemm` crate in the same run) and training 1.4-2.5 %, embedding 2.2-3.5 %
+//! (small64 and tiny32, in-process; docs/results.md).
+//!
 //! Numerics: every element of C is one chain of fused multiply-adds over `p = 0..k` in
-//! ascending order, restarted at each KC block: the first block stores `alpha * acc + beta * C`,
+//! ascending order, restarted at each block of `k`: the first block stores `alpha * acc + beta * C`,
 //! later ones `alpha * acc + C`. The value of an element depends only on its own row of A and
 //! column of B, not on where its tile or the caller's band falls, so splitting C among threads
 //! changes no bit.
 
 use super::Epilogue;
-use crate::buf::{floats_mut, Line};
+use crate::buf::{floats, floats_mut, Line};
 use crate::fastmath;
 use core::arch::x86_64::*;
 use std::cell::RefCell;
@@ -35,13 +44,23 @@ use std::cell::RefCell;
 const MR: usize = 6;
 /// Columns of the register tile: two 8-float AVX registers.
 const NR: usize = 16;
-/// Depth of a packed block: a 16-column B strip of KC rows is 16 KiB, half of L1.
-const KC: usize = 256;
-/// Rows of A packed at once (a multiple of MR): 120 x 256 floats = 120 KiB, inside L2.
+/// Most depth of a packed block: an A strip of 6 x 512 floats is 12 KiB, a third of L1, and a
+/// B block of NB columns 256 KiB, half of L2.
+const KC: usize = 512;
+/// Rows of A packed at once (a multiple of MR): 120 x 512 floats = 240 KiB, in L2 or L3.
 const MC: usize = 120;
-/// Columns of B packed at once (a multiple of NR): up to 3 MiB, inside L3; as wide as the
+/// Columns of B read per A strip (a multiple of NR): 128 x 512 floats = 256 KiB, in L2.
+/// 64 and 256 (and MC 60 or 240) measured the same within the noise.
+const NB: usize = 128;
+/// Columns of B packed at once (a multiple of NR): up to 6 MiB, inside L3; as wide as the
 /// widest weight matrix of ViT-B and ViT-L (3072 and 4096 columns) needs in one or two panels.
 const NC: usize = 3072;
+
+/// The depth of `k`'s blocks: as few as [`KC`] allows, of equal depth (rounded up, so the last
+/// may be a little shallower).
+fn kc_step(k: usize) -> usize {
+    k.div_ceil(k.div_ceil(KC).max(1)).max(1)
+}
 
 /// Whether this CPU runs the kernel (checked once by the caller).
 pub(super) fn available() -> bool {
@@ -49,7 +68,7 @@ pub(super) fn available() -> bool {
 }
 
 thread_local! {
-    /// This thread's packing buffers: packed A (MC x KC) then packed B (KC x NC). Grown on the
+    /// This thread's packing buffers: packed A (MC x kc) then packed B (kc x NC). Grown on the
     /// thread's first product to the size the largest product needs and kept, so a training
     /// step allocates nothing here after the first.
     static WORKSPACE: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
@@ -63,18 +82,82 @@ pub(super) struct Operand {
     pub(super) cs: usize,
 }
 
+/// Where the micro-kernel's B strips come from.
+#[derive(Clone, Copy)]
+pub(super) enum BSource<'a> {
+    /// Packed from the operand block by block, into this thread's workspace.
+    Strided(Operand),
+    /// Read from a panel packed before, whose 16-column strip `first_strip` is this product's
+    /// first (the panel of a whole B, and a band of its columns that starts on a strip).
+    Packed {
+        panel: &'a PackedB,
+        first_strip: usize,
+    },
+}
+
+/// A whole `k x n` B packed as [`gemm`] packs it block by block: for each block of `k` in
+/// turn, every 16-column strip of `n` (zeros past it), `kc x 16` values each. The block that
+/// starts at `pc` therefore starts at `pc * n16` (`n16` = `n` rounded up to 16), and its strip
+/// `s` at `s * kc * 16` after that. Made for a B that many products read unchanged (the
+/// weights of a model that is only run forward): they then skip the packing and its 8 x 8
+/// transposes, which each thread otherwise repeats for every product.
+pub(crate) struct PackedB {
+    /// `(k, n, row stride, column stride)` of the operand it was packed from.
+    key: (usize, usize, usize, usize),
+    lines: Vec<Line>,
+}
+
+impl PackedB {
+    /// Packs the `k x n` B at `b`, or `None` when the memory cannot be had (the caller then
+    /// packs as usual).
+    ///
+    /// # Safety
+    /// [`available`] returned true; every element `(p, j)`, `p < k`, `j < n`, of `b` is readable.
+    pub(super) unsafe fn pack(k: usize, n: usize, b: Operand) -> Option<PackedB> {
+        let n16 = n.next_multiple_of(NR);
+        let mut lines = Vec::new();
+        lines.try_reserve_exact(n16 * k / 16).ok()?;
+        lines.resize(n16 * k / 16, Line([0.0; 16]));
+        let floats = floats_mut(&mut lines);
+        let step = kc_step(k);
+        for pc in (0..k).step_by(step) {
+            let kc = step.min(k - pc);
+            // SAFETY: the block's elements lie inside B (the caller's contract); the block's
+            // `n16 * kc` floats at `pc * n16` are inside the panel (`n16 * k` floats).
+            unsafe { pack_b(kc, n, offset(b, pc, 0), &mut floats[pc * n16..][..n16 * kc]) };
+        }
+        Some(PackedB {
+            key: (k, n, b.rs, b.cs),
+            lines,
+        })
+    }
+
+    /// Whether this is the packing of a `k x n` B with B's strides.
+    pub(super) fn packs(&self, k: usize, n: usize, b: Operand) -> bool {
+        self.key == (k, n, b.rs, b.cs)
+    }
+
+    /// The `kc x nc` block at `(pc, 16 * first_strip + jc)`, as [`pack_b`] would have packed it.
+    fn block(&self, first_strip: usize, pc: usize, jc: usize, kc: usize, nc: usize) -> &[f32] {
+        let n16 = self.key.1.next_multiple_of(NR);
+        let start = pc * n16 + (first_strip * NR + jc) * kc;
+        &floats(&self.lines)[start..start + nc.next_multiple_of(NR) * kc]
+    }
+}
+
 /// `C = alpha * A * B + beta * C` for an `m x k` A and a `k x n` B; C has contiguous columns
 /// and row stride `rsc`.
 ///
 /// # Safety
 /// [`available`] returned true. Every element of A, B and C addressed by the shapes and strides
 /// is inside one allocation; C's elements are distinct and overlap neither A nor B. With
-/// `beta == 0` C is only written; with `k == 0` A and B are not read.
+/// `beta == 0` C is only written; with `k == 0` A and B are not read. A packed B holds this
+/// product's `k` rows and its `n` columns from its first strip on.
 pub(super) unsafe fn gemm(
     (m, n, k): (usize, usize, usize),
     alpha: f32,
     a: Operand,
-    b: Operand,
+    b: BSource,
     beta: f32,
     c: *mut f32,
     rsc: usize,
@@ -91,7 +174,7 @@ pub(super) unsafe fn gemm(
         }
         return;
     }
-    let kc_max = k.min(KC);
+    let kc_max = kc_step(k);
     let layout = StripLayout::of(a);
     // Rounded up to a line, so that packed B starts on one too (its 16-column strips are whole
     // lines; A's strips are read one float at a time).
@@ -103,17 +186,25 @@ pub(super) unsafe fn gemm(
         if ws.len() * 16 < a_len + b_len {
             // Rounded up to the full panel sizes, so that later, larger products on this thread
             // rarely need to grow it again.
-            let want = (a_len + b_len).max(MC * KC + KC * NC.min(n.next_multiple_of(NR)));
+            let want = (a_len + b_len).max(MC * kc_max + kc_max * NC.min(n.next_multiple_of(NR)));
             ws.resize(want.div_ceil(16), Line([0.0; 16]));
         }
         let (a_pack, rest) = floats_mut(&mut ws).split_at_mut(a_len);
-        let b_pack = &mut rest[..b_len];
+        let b_space = &mut rest[..b_len];
         for jc in (0..n).step_by(NC) {
             let nc = NC.min(n - jc);
-            for pc in (0..k).step_by(KC) {
-                let kc = KC.min(k - pc);
-                // SAFETY: the block's elements lie inside B (caller's contract).
-                unsafe { pack_b(kc, nc, offset(b, pc, jc), b_pack) };
+            for pc in (0..k).step_by(kc_max) {
+                let kc = kc_max.min(k - pc);
+                let b_pack: &[f32] = match b {
+                    BSource::Strided(b) => {
+                        // SAFETY: the block's elements lie inside B (caller's contract).
+                        unsafe { pack_b(kc, nc, offset(b, pc, jc), b_space) };
+                        b_space
+                    }
+                    BSource::Packed { panel, first_strip } => {
+                        panel.block(first_strip, pc, jc, kc, nc)
+                    }
+                };
                 let beta_block = if pc == 0 { beta } else { 1.0 };
                 // The epilogue goes with the last block, when C holds the whole sum.
                 let last = pc + kc == k;
@@ -121,35 +212,40 @@ pub(super) unsafe fn gemm(
                     let mc = MC.min(m - ic);
                     // SAFETY: as above, for A.
                     unsafe { pack_a(mc, kc, offset(a, ic, pc), layout, a_pack) };
-                    for jr in (0..nc).step_by(NR) {
-                        let b_strip = &b_pack[jr * kc..(jr + NR) * kc];
+                    for jb in (0..nc).step_by(NB) {
                         for ir in (0..mc).step_by(MR) {
                             let a_strip = &a_pack[ir * kc..(ir + MR) * kc];
-                            // SAFETY: the tile (ic + ir .., jc + jr ..), clipped to m x n, is
-                            // inside C and the epilogue's arrays (caller's contract);
-                            // `available` was checked.
-                            unsafe {
+                            for jr in (jb..nc.min(jb + NB)).step_by(NR) {
+                                let b_strip = &b_pack[jr * kc..(jr + NR) * kc];
                                 let at = (ic + ir) * rsc + jc + jr;
-                                let rows = MR.min(mc - ir);
-                                let cols = NR.min(nc - jr);
-                                let epilogue = if last {
-                                    epilogue.at(jc + jr, at)
-                                } else {
-                                    Epilogue::NONE
+                                let (rows, cols) = (MR.min(mc - ir), NR.min(nc - jr));
+                                // SAFETY: the tile (ic + ir .., jc + jr ..), clipped to m x n,
+                                // is inside C and the epilogue's arrays (caller's contract).
+                                let epilogue = match last {
+                                    true => unsafe { epilogue.at(jc + jr, at) },
+                                    false => Epilogue::NONE,
                                 };
-                                let kernel = match layout {
-                                    StripLayout::RowMajor => micro_kernel::<true>,
-                                    StripLayout::ColumnMajor => micro_kernel::<false>,
+                                // A strip of at most eight columns (a product whose n is not a
+                                // multiple of 16, as attention's T = 16 k + 1 keys) takes half
+                                // the FMAs on one register per row.
+                                let kernel = match (layout, cols <= NR / 2) {
+                                    (StripLayout::RowMajor, false) => micro_kernel::<true, 2>,
+                                    (StripLayout::ColumnMajor, false) => micro_kernel::<false, 2>,
+                                    (StripLayout::RowMajor, true) => micro_kernel::<true, 1>,
+                                    (StripLayout::ColumnMajor, true) => micro_kernel::<false, 1>,
                                 };
-                                kernel(
-                                    kc,
-                                    a_strip,
-                                    b_strip,
-                                    (c.add(at), rsc, rows, cols),
-                                    alpha,
-                                    beta_block,
-                                    epilogue,
-                                );
+                                // SAFETY: as above; `available` was checked.
+                                unsafe {
+                                    kernel(
+                                        kc,
+                                        a_strip,
+                                        b_strip,
+                                        (c.add(at), rsc, rows, cols),
+                                        alpha,
+                                        beta_block,
+                                        epilogue,
+                                    )
+                                };
                             }
                         }
                     }
@@ -376,13 +472,15 @@ unsafe fn transpose_8x8(src: [*const f32; 8], dst: *mut f32, dst_stride: usize) 
 /// The 6 x 16 tile `sum_p a_strip[p] (6 values) x b_strip[p] (16 values)`, accumulated by FMA
 /// in ascending `p` in 12 AVX registers (row `i`'s two halves at `2i`, `2i + 1`), then written
 /// to the `rows x cols` corner of C at `c`, with the epilogue, by [`store`]. The A strip is
-/// [`StripLayout::RowMajor`] when `ROW_MAJOR_A`, else column-major.
+/// [`StripLayout::RowMajor`] when `ROW_MAJOR_A`, else column-major. With `HALVES == 1` only the
+/// first eight columns are computed (the corner must be at most eight wide), with the same FMAs
+/// in the same order for each of them, so the bits do not depend on the kernel either.
 ///
 /// # Safety
 /// AVX2 and FMA are available; the strips hold `6 * kc` and `16 * kc` values; the corner and
-/// the epilogue are valid as [`store`] requires.
+/// the epilogue are valid as [`store`] requires; `HALVES` is 1 or 2, and `cols <= 8` when 1.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn micro_kernel<const ROW_MAJOR_A: bool>(
+unsafe fn micro_kernel<const ROW_MAJOR_A: bool, const HALVES: usize>(
     kc: usize,
     a_strip: &[f32],
     b_strip: &[f32],
@@ -392,6 +490,7 @@ unsafe fn micro_kernel<const ROW_MAJOR_A: bool>(
     epilogue: Epilogue,
 ) {
     debug_assert!(a_strip.len() >= MR * kc && b_strip.len() >= NR * kc);
+    debug_assert!(HALVES == 2 || (HALVES == 1 && cols <= NR / 2));
     // C's rows are far apart and usually out of L1 (or L2): ask for them now, so that they have
     // arrived when the tile is stored after the k loop. A row's 16 floats span two cache lines
     // unless C is 64-byte aligned, so ask for the lines of its first and of its last float.
@@ -412,26 +511,27 @@ unsafe fn micro_kernel<const ROW_MAJOR_A: bool>(
     while p + 4 <= kc {
         for q in p..p + 4 {
             // SAFETY: q < kc, so the 16 values of B's row and 6 of A's column are in the strips.
-            unsafe { fma_step(&mut acc, a, b, q, (rs, cs)) };
+            unsafe { fma_step::<HALVES>(&mut acc, a, b, q, (rs, cs)) };
         }
         p += 4;
     }
     for q in p..kc {
         // SAFETY: as above.
-        unsafe { fma_step(&mut acc, a, b, q, (rs, cs)) };
+        unsafe { fma_step::<HALVES>(&mut acc, a, b, q, (rs, cs)) };
     }
     // SAFETY: the caller's contract.
     unsafe { store(acc, (c, rsc, rows, cols), alpha, beta, epilogue) }
 }
 
 /// One step of the micro-kernel: the outer product of A's six values at `p` (element `(i, p)`
-/// at `a + i * rs + p * cs`) and B's sixteen (at `b + 16 p`), added into the accumulators by
-/// FMA. Always inlined into [`micro_kernel`], whose AVX2 and FMA it is compiled with.
+/// at `a + i * rs + p * cs`) and B's sixteen (at `b + 16 p`; the first eight when `HALVES` is
+/// 1), added into the accumulators by FMA. Always inlined into [`micro_kernel`], whose AVX2 and
+/// FMA it is compiled with.
 ///
 /// # Safety
 /// AVX2 and FMA are available; the six values of A and sixteen of B at `p` are readable.
 #[inline(always)]
-unsafe fn fma_step(
+unsafe fn fma_step<const HALVES: usize>(
     acc: &mut [__m256; 12],
     a: *const f32,
     b: *const f32,
@@ -445,17 +545,19 @@ unsafe fn fma_step(
         for i in 0..MR {
             let ai = _mm256_broadcast_ss(&*a.add(i * rs + p * cs));
             acc[2 * i] = _mm256_fmadd_ps(ai, b0, acc[2 * i]);
-            acc[2 * i + 1] = _mm256_fmadd_ps(ai, b1, acc[2 * i + 1]);
+            if HALVES == 2 {
+                acc[2 * i + 1] = _mm256_fmadd_ps(ai, b1, acc[2 * i + 1]);
+            }
         }
     }
 }
 
 /// Writes `alpha * acc + beta * C` into the `rows x cols` corner of the tile at `c` (C not read
-/// when `beta == 0`), then the epilogue: `+ bias[j]` (one add) and `act = gelu(C)`. Full tiles
-/// go straight from the registers; edge tiles through a stack copy, with the same operations (a
-/// multiply, a fused multiply-add, an add, and a GELU whose vector and scalar forms are bitwise
-/// equal), so an element gets the same bits whichever kind of tile it falls in, and the same
-/// as [`Epilogue::apply`] gives after the other kernels.
+/// when `beta == 0`), then the epilogue: `+ bias[j]` (one add) and `act = gelu(C)`. Eight
+/// columns at a time, the last group of an edge tile through masked loads and stores, with the
+/// same operations (a multiply, a fused multiply-add, an add, and the vector GELU that
+/// [`Epilogue::apply`] also uses), so an element gets the same bits whichever kind of tile it
+/// falls in, and the same as [`Epilogue::apply`] gives after the other kernels.
 ///
 /// Always inlined into [`micro_kernel`], whose AVX2 and FMA it is compiled with (a function of
 /// its own would take the accumulators through memory).
@@ -471,51 +573,88 @@ unsafe fn store(
     beta: f32,
     Epilogue { bias, act }: Epilogue,
 ) {
-    // SAFETY: the intrinsics need AVX2 and FMA, which the caller guarantees; every load and
-    // store below addresses an element of the caller's valid corner of C, of the bias (columns
-    // < cols) or of act (same layout as C), or of the 6 x 16 stack tile.
+    // SAFETY: the intrinsics need AVX2 and FMA, which the caller guarantees; a group's loads
+    // and stores touch only its first `lanes` elements (the mask's), which are elements of the
+    // caller's valid corner of C, of the bias (columns < cols) or of act (C's layout).
     unsafe {
         let va = _mm256_set1_ps(alpha);
         let vb = _mm256_set1_ps(beta);
-        if rows == MR && cols == NR {
-            for i in 0..MR {
-                for h in 0..2 {
-                    let e = c.add(i * rsc + 8 * h);
-                    let mut v = _mm256_mul_ps(va, acc[2 * i + h]);
-                    if beta != 0.0 {
-                        v = _mm256_fmadd_ps(vb, _mm256_loadu_ps(e), v);
-                    }
-                    if !bias.is_null() {
-                        v = _mm256_add_ps(v, _mm256_loadu_ps(bias.add(8 * h)));
-                    }
-                    _mm256_storeu_ps(e, v);
-                    if !act.is_null() {
-                        _mm256_storeu_ps(act.add(i * rsc + 8 * h), fastmath::gelu_m256(v));
-                    }
-                }
+        for h in 0..2 {
+            let lanes = cols.saturating_sub(8 * h).min(8);
+            if lanes == 0 {
+                break;
             }
-            return;
-        }
-        let mut tile = [0.0f32; MR * NR];
-        for (i, pair) in acc.chunks_exact(2).enumerate() {
-            for (h, &v) in pair.iter().enumerate() {
-                _mm256_storeu_ps(tile.as_mut_ptr().add(i * NR + 8 * h), v);
-            }
-        }
-        for i in 0..rows {
-            for j in 0..cols {
-                let e = c.add(i * rsc + j);
-                let mut v = alpha * tile[i * NR + j];
+            let group = Lanes::first(lanes);
+            let bias = (!bias.is_null()).then(|| group.load(bias.add(8 * h)));
+            for i in 0..rows {
+                let e = c.add(i * rsc + 8 * h);
+                let mut v = _mm256_mul_ps(va, acc[2 * i + h]);
                 if beta != 0.0 {
-                    v = beta.mul_add(*e, v);
+                    v = _mm256_fmadd_ps(vb, group.load(e), v);
                 }
-                if !bias.is_null() {
-                    v += *bias.add(j);
+                if let Some(bias) = bias {
+                    v = _mm256_add_ps(v, bias);
                 }
-                *e = v;
+                group.store(e, v);
                 if !act.is_null() {
-                    *act.add(i * rsc + j) = fastmath::gelu_scalar(v);
+                    group.store(act.add(i * rsc + 8 * h), fastmath::gelu_m256(v));
                 }
+            }
+        }
+    }
+}
+
+/// The first `n` of a group of eight consecutive floats (`1 <= n <= 8`): plain loads and stores
+/// for a whole group, masked ones (which touch no other element) for the part of one.
+#[derive(Clone, Copy)]
+struct Lanes {
+    n: usize,
+    mask: __m256i,
+}
+
+impl Lanes {
+    /// # Safety
+    /// AVX2 is available.
+    #[inline(always)]
+    unsafe fn first(n: usize) -> Lanes {
+        // SAFETY: the caller's contract (the intrinsics need AVX2).
+        let mask = unsafe {
+            _mm256_cmpgt_epi32(
+                _mm256_set1_epi32(n as i32),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            )
+        };
+        Lanes { n, mask }
+    }
+
+    /// The group at `p`, zeros past the first `n`.
+    ///
+    /// # Safety
+    /// AVX2; the first `n` floats at `p` are readable.
+    #[inline(always)]
+    unsafe fn load(self, p: *const f32) -> __m256 {
+        // SAFETY: the caller's contract; a masked load does not touch masked-off elements.
+        unsafe {
+            if self.n == 8 {
+                _mm256_loadu_ps(p)
+            } else {
+                _mm256_maskload_ps(p, self.mask)
+            }
+        }
+    }
+
+    /// Writes the first `n` lanes of `v` to `p`.
+    ///
+    /// # Safety
+    /// AVX2; the first `n` floats at `p` are writable.
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32, v: __m256) {
+        // SAFETY: the caller's contract; a masked store does not touch masked-off elements.
+        unsafe {
+            if self.n == 8 {
+                _mm256_storeu_ps(p, v)
+            } else {
+                _mm256_maskstore_ps(p, self.mask, v)
             }
         }
     }
@@ -523,7 +662,10 @@ unsafe fn store(
 
 #[cfg(test)]
 mod speed {
-    use super::{available, micro_kernel, Epilogue, KC, MR, NR};
+    use super::{available, micro_kernel, Epilogue, MR, NR};
+
+    /// Strips of this depth (16 + 6 KiB) stay in L1 together.
+    const DEPTH: usize = 256;
     use core::arch::x86_64::*;
     use std::hint::black_box;
     use std::time::Instant;
@@ -578,16 +720,16 @@ mod speed {
             // SAFETY: AVX2 and FMA are available (checked above).
             black_box(unsafe { fma_chains(N) });
         });
-        let a = vec![0.5f32; MR * KC];
-        let b = vec![0.25f32; NR * KC];
+        let a = vec![0.5f32; MR * DEPTH];
+        let b = vec![0.25f32; NR * DEPTH];
         let mut c = [0.0f32; MR * NR];
         let mut rate = |kernel: unsafe fn(usize, &[f32], &[f32], _, f32, f32, Epilogue)| {
-            best_rate((2 * MR * NR * KC) as f64, || {
-                // SAFETY: the strips hold 6 and 16 values per p < KC (either layout); C is one
+            best_rate((2 * MR * NR * DEPTH) as f64, || {
+                // SAFETY: the strips hold 6 and 16 values per p < DEPTH (either layout); C is one
                 // full 6 x 16 tile; AVX2 and FMA are available.
                 unsafe {
                     kernel(
-                        KC,
+                        DEPTH,
                         &a,
                         &b,
                         (c.as_mut_ptr(), NR, MR, NR),
@@ -599,7 +741,10 @@ mod speed {
                 black_box(&mut c);
             })
         };
-        let (column_major, row_major) = (rate(micro_kernel::<false>), rate(micro_kernel::<true>));
+        let (column_major, row_major) = (
+            rate(micro_kernel::<false, 2>),
+            rate(micro_kernel::<true, 2>),
+        );
         println!(
             "one core: FMA peak {peak:.1} GFLOP/s; micro-kernel on L1-resident strips: \
              column-major A {column_major:.1} GFLOP/s ({:.1} %), row-major A {row_major:.1} \
