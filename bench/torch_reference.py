@@ -145,6 +145,8 @@ def flops(case):
 
 
 def rate(seconds, f, sync=lambda: None):
+    # Two warm-up calls, as `bench` makes (the CPU backend packs its weight panels on the second).
+    f()
     f()
     sync()
     start, calls = time.perf_counter(), 0

@@ -1,6 +1,8 @@
 //! The training step allocates nothing on the host after the first step: every buffer of `mae`
 //! and every op of the CPU backend is allocated up front, and the CPU backend's thread pool,
-//! tables and per-thread GEMM packing buffers are made during the first step.
+//! tables and per-thread GEMM packing buffers are made during the first step. An encoder that
+//! only embeds allocates, from its third call on, only the vector it returns: its second call
+//! packs each weight matrix into a panel that later calls read (the CPU backend's `PackCache`).
 //!
 //! That holds for the backend's own GEMM kernel (`gemm_kernel() == "packed"`, the default on
 //! x86-64 with AVX2 and FMA). The fallback kernels allocate on each call, inside the library and
@@ -11,6 +13,7 @@
 //! that bound, and that every step after the first allocates exactly as often as the others.
 
 use mae::backend::{Attention, Backend};
+use mae::embed::{Embedder, Pool};
 use mae::init::init_params;
 use mae::train::{TrainOptions, Trainer};
 use mae::Config;
@@ -41,9 +44,12 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-#[test]
-fn steps_after_the_first_allocate_nothing() {
-    let cfg = Config {
+/// The counter is global: one test at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A small model: two encoder blocks of 32 on 16 x 16 images.
+fn small() -> Config {
+    Config {
         img_size: 16,
         patch_size: 4,
         in_chans: 3,
@@ -57,7 +63,13 @@ fn steps_after_the_first_allocate_nothing() {
         norm_pix_loss: true,
         norm_eps: 1e-6,
         encoder_mask_tokens: false,
-    };
+    }
+}
+
+#[test]
+fn steps_after_the_first_allocate_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cfg = small();
     let b = mae_backend_cpu::CpuBackend::new();
     let mut t = Trainer::new(&b, &cfg, &init_params(&cfg, 0), TrainOptions::new(2), 0).unwrap();
     let imgs = vec![0.25f32; 2 * 3 * 16 * 16];
@@ -101,4 +113,32 @@ fn steps_after_the_first_allocate_nothing() {
         per_step.iter().all(|&n| n == per_step[0]),
         "{per_step:?}: the steps after the first do not allocate equally often"
     );
+}
+
+#[test]
+fn embedding_packs_its_weights_on_the_second_call_then_allocates_only_its_output() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cfg = small();
+    let b = mae_backend_cpu::CpuBackend::new();
+    let params = init_params(&cfg, 0);
+    let mut e = Embedder::new(&b, &cfg, &params.encoder, 2).unwrap();
+    let imgs = vec![0.25f32; 2 * 3 * 16 * 16];
+    let per_call: Vec<usize> = (0..5)
+        .map(|_| {
+            let before = ALLOCS.load(Ordering::Relaxed);
+            let out = e.pooled(&b, &imgs, Pool::Cls).unwrap();
+            assert_eq!(out.len(), 2 * cfg.embed_dim);
+            ALLOCS.load(Ordering::Relaxed) - before
+        })
+        .collect();
+    let kernel = mae_backend_cpu::gemm_kernel();
+    eprintln!("allocations per call: {per_call:?}, GEMM kernel: {kernel}");
+    if kernel != "packed" {
+        println!("SKIP embedding allocation counts: the {kernel} kernel allocates per product");
+        return;
+    }
+    // The returned vector; the third call on.
+    assert_eq!(per_call[2..], [1, 1, 1], "{per_call:?}");
+    // The second call packs the patch embedding's weight and the four of each block.
+    assert_eq!(per_call[1], 1 + 1 + 4 * cfg.depth, "{per_call:?}");
 }

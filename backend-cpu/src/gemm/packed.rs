@@ -118,13 +118,33 @@ impl PackedB {
         let mut lines = Vec::new();
         lines.try_reserve_exact(n16 * k / 16).ok()?;
         lines.resize(n16 * k / 16, Line([0.0; 16]));
+        /// B, read by the packing tasks.
+        struct Shared(Operand);
+        // SAFETY: the tasks only read B's elements, which nothing writes meanwhile (the
+        // caller's contract).
+        unsafe impl Sync for Shared {}
+        // Captured whole (a closure would otherwise capture the non-`Sync` field).
+        let shared = &Shared(b);
         let floats = floats_mut(&mut lines);
         let step = kc_step(k);
         for pc in (0..k).step_by(step) {
             let kc = step.min(k - pc);
-            // SAFETY: the block's elements lie inside B (the caller's contract); the block's
-            // `n16 * kc` floats at `pc * n16` are inside the panel (`n16 * k` floats).
-            unsafe { pack_b(kc, n, offset(b, pc, 0), &mut floats[pc * n16..][..n16 * kc]) };
+            // The block's strips in groups of eight, packed by the pool's threads.
+            let block = &mut floats[pc * n16..][..n16 * kc];
+            crate::pool::chunks1(block, 8 * NR * kc, |i, strips| {
+                let first = 8 * NR * i;
+                // SAFETY: rows pc .. pc + kc and columns first .. first + 8 * 16 (clipped to
+                // n) lie inside B (the caller's contract); `strips` holds their 16-column
+                // strips (the block's last group holds the rest of n, rounded up to 16).
+                unsafe {
+                    pack_b(
+                        kc,
+                        (8 * NR).min(n - first),
+                        offset(shared.0, pc, first),
+                        strips,
+                    )
+                };
+            });
         }
         Some(PackedB {
             key: (k, n, b.rs, b.cs),
