@@ -239,9 +239,10 @@ pub(super) unsafe fn gemm(
                                 let b_strip = &b_pack[jr * kc..(jr + NR) * kc];
                                 let at = (ic + ir) * rsc + jc + jr;
                                 let (rows, cols) = (MR.min(mc - ir), NR.min(nc - jr));
-                                // SAFETY: the tile (ic + ir .., jc + jr ..), clipped to m x n,
-                                // is inside C and the epilogue's arrays (caller's contract).
                                 let epilogue = match last {
+                                    // SAFETY: the tile (ic + ir .., jc + jr ..), clipped to
+                                    // m x n, is inside C and the epilogue's arrays (caller's
+                                    // contract).
                                     true => unsafe { epilogue.at(jc + jr, at) },
                                     false => Epilogue::NONE,
                                 };
