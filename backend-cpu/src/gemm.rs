@@ -794,12 +794,27 @@ mod tests {
         all
     }
 
+    /// Deterministic A and B values for `batch` products, spread over about `+-scale`.
+    fn operands(
+        batch: usize,
+        (m, n, k): (usize, usize, usize),
+        scale: f32,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let a = (0..batch * m * k)
+            .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 506.0 * scale)
+            .collect();
+        let b = (0..batch * k * n)
+            .map(|i| ((i * 104_729 % 2027) as f32 - 1013.0) / 1013.0 * scale)
+            .collect();
+        (a, b)
+    }
+
     #[test]
     fn matches_naive_loop_for_every_flag_combination() {
-        // The second shape has partial register tiles in both directions and k past one packed
-        // block (256). The values are multiples of 1/4 and 1/8, so every sum is exact in f32
+        // The second shape has partial register tiles in both directions and k in two packed
+        // blocks (of 300). The values are multiples of 1/4 and 1/8, so every sum is exact in f32
         // and only alpha and beta round.
-        for (m, n, k, batch) in [(5, 7, 9, 3), (13, 35, 300, 2)] {
+        for (m, n, k, batch) in [(5, 7, 9, 3), (13, 35, 600, 2)] {
             let a: Vec<f32> = (0..batch * m * k)
                 .map(|i| ((i * 7 % 11) as f32 - 5.0) / 4.0)
                 .collect();
@@ -855,13 +870,8 @@ mod tests {
     fn epilogue_is_bitwise_the_product_then_bias_then_gelu() {
         // Edge tiles with k past one packed block, products split into row and column bands,
         // and an empty sum; every transpose flag, overwriting and accumulating.
-        for (m, n, k) in [(13, 35, 300), (301, 77, 300), (45, 410, 97), (4, 5, 0)] {
-            let a: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 1970.0)
-                .collect();
-            let b: Vec<f32> = (0..k * n)
-                .map(|i| ((i * 104_729 % 2027) as f32 - 1013.0) / 2110.0)
-                .collect();
+        for (m, n, k) in [(13, 35, 600), (301, 77, 300), (45, 410, 97), (4, 5, 0)] {
+            let (a, b) = operands(1, (m, n, k), 0.25);
             let c0: Vec<f32> = (0..m * n).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
             let bias: Vec<f32> = (0..n).map(|j| (j % 7) as f32 * 0.3 - 0.9).collect();
             for g in every_layout(Gemm::new(m, n, k), 0.5) {
@@ -919,12 +929,7 @@ mod tests {
         // Big enough to be split into bands (rows when tall, columns when wide) and batches of
         // products run in parallel, with every transpose flag and an accumulating beta.
         for (m, n, k, batch) in [(301, 77, 300, 1), (45, 410, 97, 1), (70, 70, 40, 9)] {
-            let a: Vec<f32> = (0..batch * m * k)
-                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0)
-                .collect();
-            let b: Vec<f32> = (0..batch * k * n)
-                .map(|i| ((i * 104_729 % 2027) as f32 - 1013.0) / 211.0)
-                .collect();
+            let (a, b) = operands(batch, (m, n, k), 5.0);
             let c0: Vec<f32> = (0..batch * m * n).map(|i| (i % 13) as f32 * 0.1).collect();
             for g in every_layout(Gemm::new(m, n, k).batched(batch, m * k, k * n, m * n), 0.5) {
                 let mut want = c0.clone();
@@ -953,15 +958,11 @@ mod tests {
 
     #[test]
     fn a_b_read_unchanged_is_packed_once_and_gives_the_same_bits() {
-        // Row bands (tall C), column bands (wide C: the second band starts on strip 7), `k`
-        // past one KC block with a remainder, `n` not a multiple of 16, every transpose flag.
-        for (m, n, k) in [(301, 77, 300), (45, 410, 297)] {
-            let a: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0)
-                .collect();
-            let b: Vec<f32> = (0..k * n)
-                .map(|i| ((i * 104_729 % 2027) as f32 - 1013.0) / 211.0)
-                .collect();
+        // Row bands (tall C), column bands (wide C: the second band starts on strip 7, and the
+        // panel's strips are packed in groups of eight with a short last one), `k` in three
+        // packed blocks (367, 367, 366) or one, `n` not a multiple of 16, every transpose flag.
+        for (m, n, k) in [(301, 77, 1100), (45, 410, 297)] {
+            let (a, b) = operands(1, (m, n, k), 5.0);
             let c0: Vec<f32> = (0..m * n).map(|i| (i % 13) as f32 * 0.1).collect();
             for g in every_layout(Gemm::new(m, n, k), 0.5) {
                 // Fresh buffers every time: never a panel.
