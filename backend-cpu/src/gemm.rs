@@ -113,6 +113,7 @@ pub(crate) fn gemm(
         Some(cache) if g.batch == 1 => cache.lock(),
         _ => None,
     };
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     let panel = cache.as_mut().and_then(|c| c.panel(g, b, (rsb, csb)));
     let ptrs = Ptrs {
         a: a.as_ptr(),
