@@ -315,21 +315,48 @@ impl CudaBackend {
 /// Reads `MAE_CUDA_ATTENTION` (`fused`, `composed` or `mma`, see [`AttentionPath`]) on a
 /// device of compute capability `major.minor`; unset leaves the choice to the precision.
 fn attention_choice(major: i32, minor: i32) -> BResult<Option<AttentionPath>> {
-    let unsupported =
-        |message: String| BackendError::new(mae::backend::BackendErrorKind::Unsupported, message);
-    match std::env::var("MAE_CUDA_ATTENTION").as_deref() {
-        Err(_) => Ok(None),
-        Ok("fused") => Ok(Some(AttentionPath::Fused)),
-        Ok("composed") => Ok(Some(AttentionPath::Composed)),
-        Ok("mma") if major >= 8 => Ok(Some(AttentionPath::TensorCores)),
-        Ok("mma") => Err(unsupported(format!(
-            "MAE_CUDA_ATTENTION=mma needs bf16 tensor cores (compute capability 8.0 or later); \
-             this device has {major}.{minor}"
-        ))),
-        Ok(v) => Err(unsupported(format!(
-            "MAE_CUDA_ATTENTION={v:?}: expected `fused`, `composed` or `mma`"
-        ))),
+    let choices = [
+        ("fused", AttentionPath::Fused),
+        ("composed", AttentionPath::Composed),
+        ("mma", AttentionPath::TensorCores),
+    ];
+    match env_choice("MAE_CUDA_ATTENTION", &choices)? {
+        Some(AttentionPath::TensorCores) if major < 8 => Err(BackendError::new(
+            mae::backend::BackendErrorKind::Unsupported,
+            format!(
+                "MAE_CUDA_ATTENTION=mma needs bf16 tensor cores (compute capability 8.0 or \
+                 later); this device has {major}.{minor}"
+            ),
+        )),
+        path => Ok(path),
     }
+}
+
+/// The backend switch `name` (an environment variable): the value of `choices` its setting
+/// names, `None` when it is unset.
+pub(crate) fn env_choice<T: Copy>(name: &str, choices: &[(&str, T)]) -> BResult<Option<T>> {
+    match std::env::var(name) {
+        Err(_) => Ok(None),
+        Ok(v) => choice(name, &v, choices).map(Some),
+    }
+}
+
+/// The value of `choices` that `v`, the setting of the switch `name`, names; an
+/// `Unsupported` error listing the accepted settings for any other.
+pub(crate) fn choice<T: Copy>(name: &str, v: &str, choices: &[(&str, T)]) -> BResult<T> {
+    if let Some(&(_, value)) = choices.iter().find(|(setting, _)| *setting == v) {
+        return Ok(value);
+    }
+    let names: Vec<String> = choices.iter().map(|(s, _)| format!("`{s}`")).collect();
+    let expected = match names.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    };
+    Err(BackendError::new(
+        mae::backend::BackendErrorKind::Unsupported,
+        format!("{name}={v:?}: expected {expected}"),
+    ))
 }
 
 impl Drop for CudaBackend {

@@ -25,13 +25,15 @@
 //! a Linear layer multiplies carries 50 % more device memory (a written buffer keeps its
 //! allocation and recopies at its next GEMM).
 
-use crate::backend::{u, CudaBackend, Precision};
+#[cfg(test)]
+use crate::backend::choice;
+use crate::backend::{env_choice, u, CudaBackend, Precision};
 use crate::buffer::CudaBuf;
 use crate::error;
 use crate::kernels::{Arg, Kernel};
 use crate::launch::elementwise;
 use cudarc::driver::{CudaSlice, DevicePtrMut};
-use mae::backend::{BResult, BackendError, BackendErrorKind, Gemm};
+use mae::backend::{BResult, Gemm};
 use std::sync::MutexGuard;
 
 /// How the bf16 mode rounds the operands of its GEMMs (`MAE_CUDA_BF16_GEMM`).
@@ -47,24 +49,20 @@ pub(crate) enum Bf16Gemm {
 }
 
 impl Bf16Gemm {
+    const CHOICES: [(&'static str, Bf16Gemm); 3] = [
+        ("auto", Bf16Gemm::Auto),
+        ("copies", Bf16Gemm::Copies),
+        ("fast", Bf16Gemm::Fast),
+    ];
+
     /// Reads `MAE_CUDA_BF16_GEMM`; unset is [`Bf16Gemm::Auto`].
     pub(crate) fn from_env() -> BResult<Bf16Gemm> {
-        match std::env::var("MAE_CUDA_BF16_GEMM") {
-            Err(_) => Ok(Bf16Gemm::Auto),
-            Ok(v) => Self::parse(&v),
-        }
+        Ok(env_choice("MAE_CUDA_BF16_GEMM", &Self::CHOICES)?.unwrap_or_default())
     }
 
+    #[cfg(test)]
     fn parse(v: &str) -> BResult<Bf16Gemm> {
-        match v {
-            "auto" => Ok(Bf16Gemm::Auto),
-            "copies" => Ok(Bf16Gemm::Copies),
-            "fast" => Ok(Bf16Gemm::Fast),
-            _ => Err(BackendError::new(
-                BackendErrorKind::Unsupported,
-                format!("MAE_CUDA_BF16_GEMM={v:?}: expected `auto`, `copies` or `fast`"),
-            )),
-        }
+        choice("MAE_CUDA_BF16_GEMM", v, &Self::CHOICES)
     }
 
     /// Whether the GEMM `g`, whose operands span `a_len` and `b_len` elements, multiplies
@@ -244,6 +242,7 @@ impl ProducedCopy<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mae::backend::BackendErrorKind;
 
     fn pays(g: &Gemm) -> bool {
         let (a, b, _) = g.lens();

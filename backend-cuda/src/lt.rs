@@ -21,7 +21,9 @@
 //! without an error. `MAE_CUDA_GEMM_BIAS=composed` chooses the composed ops by hand (`lt`, the
 //! default, takes cuBLASLt where it can).
 
-use crate::backend::{CudaBackend, Precision};
+#[cfg(test)]
+use crate::backend::choice;
+use crate::backend::{env_choice, CudaBackend, Precision};
 use crate::buffer::{addr, addr_mut, CudaBuf};
 use crate::error;
 use crate::gemm::{column_major, ColumnMajor};
@@ -53,23 +55,17 @@ pub(crate) enum GemmBias {
 }
 
 impl GemmBias {
+    const CHOICES: [(&'static str, GemmBias); 2] =
+        [("lt", GemmBias::Lt), ("composed", GemmBias::Composed)];
+
     /// Reads `MAE_CUDA_GEMM_BIAS`; unset is [`GemmBias::Lt`].
     pub(crate) fn from_env() -> BResult<GemmBias> {
-        match std::env::var("MAE_CUDA_GEMM_BIAS") {
-            Err(_) => Ok(GemmBias::Lt),
-            Ok(v) => Self::parse(&v),
-        }
+        Ok(env_choice("MAE_CUDA_GEMM_BIAS", &Self::CHOICES)?.unwrap_or_default())
     }
 
+    #[cfg(test)]
     fn parse(v: &str) -> BResult<GemmBias> {
-        match v {
-            "lt" => Ok(GemmBias::Lt),
-            "composed" => Ok(GemmBias::Composed),
-            _ => Err(BackendError::new(
-                BackendErrorKind::Unsupported,
-                format!("MAE_CUDA_GEMM_BIAS={v:?}: expected `lt` or `composed`"),
-            )),
-        }
+        choice("MAE_CUDA_GEMM_BIAS", v, &Self::CHOICES)
     }
 }
 
