@@ -1,5 +1,6 @@
 //! Strided-batched GEMM on one of three single-threaded kernels: the crate's own ([`packed`],
-//! x86-64 with AVX2 and FMA, the default there), the `gemm` crate (the default elsewhere, or
+//! x86-64 with AVX2 and FMA, with AVX-512 tiles where the CPU has AVX-512F, the default there;
+//! `MAE_CPU_GEMM=packed-avx2` keeps it to AVX2), the `gemm` crate (the default elsewhere, or
 //! `MAE_CPU_GEMM=gemm`) or `matrixmultiply::sgemm` (`MAE_CPU_GEMM=matrixmultiply`).
 //!
 //! Every kernel takes a row and a column stride per operand, so a stored transpose is only a
@@ -152,13 +153,14 @@ pub(crate) fn gemm(
         // bias holding n values and its act m * n (asserted above).
         let epilogue = unsafe { ptrs.epilogue.at(cols.start, oc) };
         #[cfg(target_arch = "x86_64")]
-        if let Some(panel) = panel {
+        if let (Some(panel), Kernel::Packed(isa)) = (panel, kernel_choice()) {
             // SAFETY: as above for A and C; the panel is the packing of this product's whole B
             // (`PackedB::packs` checked its shape and strides), and a band of columns starts on
-            // a multiple of 16, so on one of its strips. The panel exists only where the kernel
-            // is the packed one, so `available()` holds.
+            // a multiple of 16, so on one of its strips. `kernel_choice` picks an `isa` that
+            // runs here.
             unsafe {
                 packed::gemm(
+                    isa,
                     (mb, nb, k),
                     g.alpha,
                     packed::Operand {
@@ -276,7 +278,7 @@ impl PackState {
         b: &[f32],
         (rsb, csb): (usize, usize),
     ) -> Option<&packed::PackedB> {
-        if kernel_choice() != Kernel::Packed || g.k == 0 {
+        if !matches!(kernel_choice(), Kernel::Packed(_)) || g.k == 0 {
             return None;
         }
         let key = (g.k, g.n, rsb, csb);
@@ -295,7 +297,7 @@ impl PackState {
                 return None;
             }
             // SAFETY: `gemm` checked that B holds the k x n elements these strides address;
-            // the kernel is the packed one, so `available()` holds.
+            // the kernel is a packed one, so `available()` holds.
             self.panel = unsafe { packed::PackedB::pack(g.k, g.n, operand) };
         }
         self.panel.as_ref()
@@ -431,7 +433,7 @@ unsafe fn kernel(
 /// [`kernel`] with the kernel named.
 ///
 /// # Safety
-/// As [`kernel`]; `Packed` only where `packed::available()`.
+/// As [`kernel`]; `Packed(isa)` only where `isa` runs.
 unsafe fn kernel_with(
     choice: Kernel,
     (m, n, k): (usize, usize, usize),
@@ -444,9 +446,10 @@ unsafe fn kernel_with(
 ) {
     match choice {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller's contract; `kernel_choice` picks Packed only where `available`.
-        Kernel::Packed => unsafe {
+        // SAFETY: the caller's contract.
+        Kernel::Packed(isa) => unsafe {
             packed::gemm(
+                isa,
                 (m, n, k),
                 alpha,
                 packed::Operand {
@@ -512,7 +515,7 @@ unsafe fn kernel_with(
         },
     }
     #[cfg(target_arch = "x86_64")]
-    if choice == Kernel::Packed {
+    if matches!(choice, Kernel::Packed(_)) {
         return; // Its tiles took the epilogue as they were stored.
     }
     // SAFETY: the caller's contract on C and the epilogue.
@@ -522,37 +525,53 @@ unsafe fn kernel_with(
 /// The single-threaded GEMM kernel every block goes through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kernel {
-    /// The crate's own ([`packed`]), on x86-64 with AVX2 and FMA.
+    /// The crate's own ([`packed`]), on x86-64 with AVX2 and FMA, with AVX-512 tiles where the
+    /// CPU has AVX-512F.
     #[cfg(target_arch = "x86_64")]
-    Packed,
+    Packed(packed::Isa),
     /// The `gemm` crate (sarah-quinones), with its AVX-512 kernels where the CPU has them.
     Gemm,
     /// `matrixmultiply`.
     MatrixMultiply,
 }
 
-/// The GEMM kernel this process uses: `"packed"` (the crate's own), `"gemm"` or
-/// `"matrixmultiply"`.
+/// The GEMM kernel this process uses: `"packed-avx512"` or `"packed-avx2"` (the crate's own),
+/// `"gemm"` or `"matrixmultiply"`.
 pub(crate) fn kernel_name() -> &'static str {
     match kernel_choice() {
         #[cfg(target_arch = "x86_64")]
-        Kernel::Packed => "packed",
+        Kernel::Packed(packed::Isa::Avx512) => "packed-avx512",
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Packed(packed::Isa::Avx2) => "packed-avx2",
         Kernel::Gemm => "gemm",
         Kernel::MatrixMultiply => "matrixmultiply",
     }
 }
 
-/// `MAE_CPU_GEMM=gemm` or `=matrixmultiply` picks that crate; anything else (or nothing) the
-/// crate's own kernel where the CPU has AVX2 and FMA (it measured fastest on this project's
-/// shapes, docs/results.md), else the `gemm` crate.
+/// `MAE_CPU_GEMM=gemm` or `=matrixmultiply` picks that crate, `=packed-avx2` the crate's own
+/// kernel without its AVX-512 tiles (to compare them); anything else (or nothing) the crate's
+/// own kernel, with AVX-512 tiles where the CPU has AVX-512F, where the CPU has AVX2 and FMA
+/// (it measured fastest on this project's shapes, docs/results.md), else the `gemm` crate.
 fn kernel_choice() -> Kernel {
     static KERNEL: OnceLock<Kernel> = OnceLock::new();
-    *KERNEL.get_or_init(|| match std::env::var("MAE_CPU_GEMM").as_deref() {
-        Ok("matrixmultiply") => Kernel::MatrixMultiply,
-        Ok("gemm") => Kernel::Gemm,
+    *KERNEL.get_or_init(|| {
+        let choice = std::env::var("MAE_CPU_GEMM");
+        match choice.as_deref() {
+            Ok("matrixmultiply") => return Kernel::MatrixMultiply,
+            Ok("gemm") => return Kernel::Gemm,
+            _ => {}
+        }
         #[cfg(target_arch = "x86_64")]
-        _ if packed::available() => Kernel::Packed,
-        _ => Kernel::Gemm,
+        {
+            let isa = match choice.as_deref() {
+                Ok("packed-avx2") => packed::available().then_some(packed::Isa::Avx2),
+                _ => packed::Isa::best(),
+            };
+            if let Some(isa) = isa {
+                return Kernel::Packed(isa);
+            }
+        }
+        Kernel::Gemm
     })
 }
 
@@ -568,8 +587,13 @@ fn kernels() -> Vec<(&'static str, Kernel)> {
         ("matrixmultiply", Kernel::MatrixMultiply),
     ];
     #[cfg(target_arch = "x86_64")]
-    if packed::available() {
-        kernels.insert(0, ("packed", Kernel::Packed));
+    for (name, isa) in [
+        ("packed-avx512", packed::Isa::Avx512),
+        ("packed-avx2", packed::Isa::Avx2),
+    ] {
+        if isa.runs_here() {
+            kernels.insert(0, (name, Kernel::Packed(isa)));
+        }
     }
     kernels
 }
@@ -925,6 +949,80 @@ mod tests {
         }
     }
 
+    /// The AVX-512 tiles compute every element as the AVX2 tiles do (the same FMA chain, the
+    /// same rounding in the store and the epilogue), so the two kernels give the same bits.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx512_tiles_give_the_bits_of_the_avx2_tiles() {
+        use super::packed::Isa;
+        if !(Isa::Avx2.runs_here() && Isa::Avx512.runs_here()) {
+            println!("SKIP avx512_tiles_give_the_bits_of_the_avx2_tiles: no AVX-512F here");
+            return;
+        }
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        // Last tiles of every kind: 1 to 8 columns (the 6 x 8 kernel), one to four 16-column
+        // strips, full 64-column tiles and a block of 128 with a tail; rows that fill the
+        // 6-row strips or not; k in one block or three; an empty sum.
+        for (m, n, k) in [
+            (7, 1, 5),
+            (13, 9, 40),
+            (6, 24, 3),
+            (11, 40, 600),
+            (17, 57, 1100),
+            (25, 64, 33),
+            (6, 65, 70),
+            (19, 131, 17),
+            (9, 200, 300),
+            (5, 33, 0),
+        ] {
+            let (a, b) = operands(1, (m, n, k), 0.25);
+            let c0: Vec<f32> = (0..m * n).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
+            let bias: Vec<f32> = (0..n).map(|j| (j % 7) as f32 * 0.3 - 0.9).collect();
+            // A beta that rounds too (0.3 C is not exact), so that its multiply-add counts.
+            let layouts = every_layout(Gemm::new(m, n, k), 0.7);
+            let rounding = layouts.iter().map(|g| Gemm { beta: 0.3, ..*g });
+            for g in layouts.clone().into_iter().chain(rounding) {
+                let [(rsa, csa), (rsb, csb)] = super::operand_strides(&g);
+                for (with_bias, with_gelu) in [(false, false), (true, false), (true, true)] {
+                    let [avx2, avx512] = [Isa::Avx2, Isa::Avx512].map(|isa| {
+                        let (mut c, mut act) = (c0.clone(), vec![f32::NAN; m * n]);
+                        let epilogue = super::Epilogue {
+                            bias: if with_bias {
+                                bias.as_ptr()
+                            } else {
+                                core::ptr::null()
+                            },
+                            act: if with_gelu {
+                                act.as_mut_ptr()
+                            } else {
+                                core::ptr::null_mut()
+                            },
+                        };
+                        // SAFETY: the buffers hold the m x k, k x n and m x n elements these
+                        // strides address, bias n and act m x n; both kernels run here.
+                        unsafe {
+                            super::kernel_with(
+                                super::Kernel::Packed(isa),
+                                (m, n, k),
+                                g.alpha,
+                                (a.as_ptr(), rsa, csa),
+                                (b.as_ptr(), rsb, csb),
+                                g.beta,
+                                (c.as_mut_ptr(), n),
+                                epilogue,
+                            )
+                        };
+                        (bits(&c), bits(&act))
+                    });
+                    assert!(
+                        avx2 == avx512,
+                        "{g:?}, bias {with_bias}, GELU {with_gelu}: AVX-512 tiles differ"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn split_and_batched_products_are_bitwise_the_unsplit_ones() {
         // Big enough to be split into bands (rows when tall, columns when wide) and batches of
@@ -954,7 +1052,7 @@ mod tests {
 
     /// Whether this process multiplies with the packed kernel, the one that keeps panels.
     fn packs() -> bool {
-        super::kernel_choice() == super::Kernel::Packed
+        matches!(super::kernel_choice(), super::Kernel::Packed(_))
     }
 
     #[test]

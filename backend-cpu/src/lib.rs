@@ -91,14 +91,16 @@ impl CpuBackend {
     }
 }
 
-/// The single-threaded GEMM kernel every product runs on: `"packed"`, the crate's own (x86-64
-/// with AVX2 and FMA; it allocates nothing after a thread's first product), else `"gemm"`
-/// (the `gemm` crate) or `"matrixmultiply"`, both of which allocate their packing buffers on
-/// every call. `MAE_CPU_GEMM=gemm|matrixmultiply` overrides the choice.
+/// The single-threaded GEMM kernel every product runs on: `"packed-avx512"` or
+/// `"packed-avx2"`, the crate's own (x86-64 with AVX2 and FMA, with AVX-512 register tiles
+/// where the CPU has AVX-512F, the same bits either way; it allocates nothing after a thread's
+/// first product), else `"gemm"` (the `gemm` crate) or `"matrixmultiply"`, both of which
+/// allocate their packing buffers on every call. `MAE_CPU_GEMM=packed-avx2|gemm|matrixmultiply`
+/// overrides the choice.
 ///
 /// ```
 /// let kernel = mae_backend_cpu::gemm_kernel();
-/// assert!(["packed", "gemm", "matrixmultiply"].contains(&kernel));
+/// assert!(["packed-avx512", "packed-avx2", "gemm", "matrixmultiply"].contains(&kernel));
 /// ```
 pub fn gemm_kernel() -> &'static str {
     gemm::kernel_name()

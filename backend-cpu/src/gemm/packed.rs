@@ -1,6 +1,7 @@
 //! The crate's own single-threaded GEMM for x86-64 with AVX2 and FMA: the BLIS loop nest
 //! (Goto & van de Geijn, "Anatomy of high-performance matrix multiplication", 2008) around a
-//! 6 x 16 register-tile micro-kernel.
+//! 6 x 16 register-tile micro-kernel, or, where the CPU has AVX-512F, a 6 x 64 one
+//! ([`avx512`]) that reads the same packing and gives the same bits.
 //!
 //! Why our own, when the `gemm` crate has the same kind of kernel (single-threaded within about
 //! 2 % of it on this project's shapes, see the `gemm_speed` timing in `gemm.rs`): it packs into
@@ -18,6 +19,7 @@
 //!       for jb in steps of NB over NC:       a block of B (kc x NB) that stays in L2
 //!         for ir in steps of 6 over MC:      one A strip (6 x kc, in L1)
 //!           for jr in steps of 16 over NB:   micro-kernel: a 6 x 16 tile of C in 12 registers
+//!                                            (AVX-512: steps of 64, 6 x 64 in 24 registers)
 //! ```
 //!
 //! `k` is cut into blocks of equal depth, at most [`KC`] (a 544-deep product into two of 272,
@@ -39,6 +41,8 @@ use crate::buf::{floats, floats_mut, Line};
 use crate::fastmath;
 use core::arch::x86_64::*;
 use std::cell::RefCell;
+
+mod avx512;
 
 /// Rows of the register tile.
 const MR: usize = 6;
@@ -65,6 +69,38 @@ fn kc_step(k: usize) -> usize {
 /// Whether this CPU runs the kernel (checked once by the caller).
 pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}
+
+/// Which micro-kernel tiles C: both give the same bits (see [`avx512`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Isa {
+    /// 6 x 16 tiles in AVX2 registers.
+    Avx2,
+    /// 6 x 64 tiles in AVX-512 registers ([`avx512`]), AVX2 ones for edges of at most eight
+    /// columns.
+    Avx512,
+}
+
+impl Isa {
+    /// The widest this CPU runs, if it runs the kernel at all.
+    pub(super) fn best() -> Option<Isa> {
+        if avx512::available() {
+            Some(Isa::Avx512)
+        } else if available() {
+            Some(Isa::Avx2)
+        } else {
+            None
+        }
+    }
+
+    /// Whether this CPU runs it.
+    #[cfg(test)]
+    pub(super) fn runs_here(self) -> bool {
+        match self {
+            Isa::Avx2 => available(),
+            Isa::Avx512 => avx512::available(),
+        }
+    }
 }
 
 thread_local! {
@@ -169,11 +205,12 @@ impl PackedB {
 /// and row stride `rsc`.
 ///
 /// # Safety
-/// [`available`] returned true. Every element of A, B and C addressed by the shapes and strides
-/// is inside one allocation; C's elements are distinct and overlap neither A nor B. With
+/// `isa` runs here ([`Isa::runs_here`]). Every element of A, B and C addressed by the shapes and
+/// strides is inside one allocation; C's elements are distinct and overlap neither A nor B. With
 /// `beta == 0` C is only written; with `k == 0` A and B are not read. A packed B holds this
 /// product's `k` rows and its `n` columns from its first strip on.
 pub(super) unsafe fn gemm(
+    isa: Isa,
     (m, n, k): (usize, usize, usize),
     alpha: f32,
     a: Operand,
@@ -235,10 +272,13 @@ pub(super) unsafe fn gemm(
                     for jb in (0..nc).step_by(NB) {
                         for ir in (0..mc).step_by(MR) {
                             let a_strip = &a_pack[ir * kc..(ir + MR) * kc];
-                            for jr in (jb..nc.min(jb + NB)).step_by(NR) {
-                                let b_strip = &b_pack[jr * kc..(jr + NR) * kc];
+                            let mut jr = jb;
+                            while jr < nc.min(jb + NB) {
+                                let (rows, cols) = (MR.min(mc - ir), nc.min(jb + NB) - jr);
+                                let (kernel, width) = tile(isa, layout, cols);
+                                let cols = cols.min(width);
+                                let b_strips = &b_pack[jr * kc..(jr + width) * kc];
                                 let at = (ic + ir) * rsc + jc + jr;
-                                let (rows, cols) = (MR.min(mc - ir), NR.min(nc - jr));
                                 let epilogue = match last {
                                     // SAFETY: the tile (ic + ir .., jc + jr ..), clipped to
                                     // m x n, is inside C and the epilogue's arrays (caller's
@@ -246,27 +286,23 @@ pub(super) unsafe fn gemm(
                                     true => unsafe { epilogue.at(jc + jr, at) },
                                     false => Epilogue::NONE,
                                 };
-                                // A strip of at most eight columns (a product whose n is not a
-                                // multiple of 16, as attention's T = 16 k + 1 keys) takes half
-                                // the FMAs on one register per row.
-                                let kernel = match (layout, cols <= NR / 2) {
-                                    (StripLayout::RowMajor, false) => micro_kernel::<true, 2>,
-                                    (StripLayout::ColumnMajor, false) => micro_kernel::<false, 2>,
-                                    (StripLayout::RowMajor, true) => micro_kernel::<true, 1>,
-                                    (StripLayout::ColumnMajor, true) => micro_kernel::<false, 1>,
-                                };
-                                // SAFETY: as above; `available` was checked.
+                                // SAFETY: as above; `tile` picks kernels `isa` runs (the
+                                // caller's contract), for a tile `width` wide, whose strips
+                                // `b_strips` holds (blocks of B are rounded up to 16 columns,
+                                // and `width` is 16 or 64 for a full block, less only at its
+                                // end).
                                 unsafe {
                                     kernel(
                                         kc,
                                         a_strip,
-                                        b_strip,
+                                        b_strips,
                                         (c.add(at), rsc, rows, cols),
                                         alpha,
                                         beta_block,
                                         epilogue,
                                     )
                                 };
+                                jr += width;
                             }
                         }
                     }
@@ -274,6 +310,42 @@ pub(super) unsafe fn gemm(
             }
         }
     });
+}
+
+/// A micro-kernel: see [`micro_kernel`] and [`avx512::micro_kernel`].
+type MicroKernel =
+    unsafe fn(usize, &[f32], &[f32], (*mut f32, usize, usize, usize), f32, f32, Epilogue);
+
+/// The kernel for the next tile of a row of tiles, `cols` columns before the block's end, and
+/// the tile's width (a multiple of 16, at most what the packed strips hold from there on).
+fn tile(isa: Isa, layout: StripLayout, cols: usize) -> (MicroKernel, usize) {
+    let row_major = layout == StripLayout::RowMajor;
+    // A strip of at most eight columns (a product whose n is not a multiple of 16, as
+    // attention's T = 16 k + 1 keys) takes half the FMAs on one register per row.
+    if cols <= NR / 2 {
+        let kernel: MicroKernel = match row_major {
+            true => micro_kernel::<true, 1>,
+            false => micro_kernel::<false, 1>,
+        };
+        return (kernel, NR);
+    }
+    let kernel: MicroKernel = match (isa, row_major, cols.div_ceil(NR).min(4)) {
+        (Isa::Avx2, true, _) => micro_kernel::<true, 2>,
+        (Isa::Avx2, false, _) => micro_kernel::<false, 2>,
+        (Isa::Avx512, true, 4) => avx512::micro_kernel::<true, 4>,
+        (Isa::Avx512, false, 4) => avx512::micro_kernel::<false, 4>,
+        (Isa::Avx512, true, 3) => avx512::micro_kernel::<true, 3>,
+        (Isa::Avx512, false, 3) => avx512::micro_kernel::<false, 3>,
+        (Isa::Avx512, true, 2) => avx512::micro_kernel::<true, 2>,
+        (Isa::Avx512, false, 2) => avx512::micro_kernel::<false, 2>,
+        (Isa::Avx512, true, _) => avx512::micro_kernel::<true, 1>,
+        (Isa::Avx512, false, _) => avx512::micro_kernel::<false, 1>,
+    };
+    let width = match isa {
+        Isa::Avx2 => NR,
+        Isa::Avx512 => cols.next_multiple_of(NR).min(avx512::NR_WIDE),
+    };
+    (kernel, width)
 }
 
 /// The operand moved to element `(i, j)`.
@@ -766,6 +838,41 @@ mod speed {
             rate(micro_kernel::<false, 2>),
             rate(micro_kernel::<true, 2>),
         );
+        if super::avx512::available() {
+            // Four B strips of this depth (24 KiB) and A's (2.3 KiB) stay in L1 together.
+            const WIDE_DEPTH: usize = 96;
+            let b = vec![0.25f32; 4 * NR * WIDE_DEPTH];
+            let mut c = [0.0f32; MR * 4 * NR];
+            for (name, kernel) in [
+                (
+                    "column-major",
+                    super::avx512::micro_kernel::<false, 4> as super::MicroKernel,
+                ),
+                ("row-major", super::avx512::micro_kernel::<true, 4>),
+            ] {
+                let rate = best_rate((2 * MR * 4 * NR * WIDE_DEPTH) as f64, || {
+                    // SAFETY: the strips hold 6 and 64 values per p < WIDE_DEPTH; C is one
+                    // full 6 x 64 tile; AVX-512F, AVX2 and FMA are available.
+                    unsafe {
+                        kernel(
+                            WIDE_DEPTH,
+                            &a,
+                            &b,
+                            (c.as_mut_ptr(), 4 * NR, MR, 4 * NR),
+                            1.0,
+                            0.0,
+                            Epilogue::NONE,
+                        )
+                    };
+                    black_box(&mut c);
+                });
+                println!(
+                    "AVX-512 6 x 64 micro-kernel, {name} A, depth {WIDE_DEPTH}: {rate:.1} \
+                     GFLOP/s ({:.1} %)",
+                    100.0 * rate / peak
+                );
+            }
+        }
         println!(
             "one core: FMA peak {peak:.1} GFLOP/s; micro-kernel on L1-resident strips: \
              column-major A {column_major:.1} GFLOP/s ({:.1} %), row-major A {row_major:.1} \
