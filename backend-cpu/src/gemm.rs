@@ -878,6 +878,39 @@ mod tests {
         }
     }
 
+    /// `g`'s single product by one unsplit call of `kernel`, with the epilogue of `bias` (and
+    /// `act`) when given.
+    fn single(
+        kernel: super::Kernel,
+        g: &Gemm,
+        (a, b, c): (&[f32], &[f32], &mut [f32]),
+        bias: Option<&[f32]>,
+        act: Option<&mut [f32]>,
+    ) {
+        let (m, n, k) = (g.m, g.n, g.k);
+        assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+        assert!(bias.is_none_or(|x| x.len() >= n) && act.as_ref().is_none_or(|x| x.len() >= m * n));
+        let epilogue = super::Epilogue {
+            bias: bias.map_or(core::ptr::null(), <[f32]>::as_ptr),
+            act: act.map_or(core::ptr::null_mut(), <[f32]>::as_mut_ptr),
+        };
+        let [(rsa, csa), (rsb, csb)] = super::operand_strides(g);
+        // SAFETY: the buffers hold the m x k, k x n and m x n elements these strides address,
+        // bias n and act m x n (asserted above); only kernels that run here are listed.
+        unsafe {
+            super::kernel_with(
+                kernel,
+                (m, n, k),
+                g.alpha,
+                (a.as_ptr(), rsa, csa),
+                (b.as_ptr(), rsb, csb),
+                g.beta,
+                (c.as_mut_ptr(), n),
+                epilogue,
+            )
+        };
+    }
+
     /// `c[i][j] += bias[j]` (one f32 add each), then `act = gelu(c)`: the composed ops the
     /// epilogue replaces.
     fn bias_then_gelu(c: &mut [f32], bias: &[f32]) -> Vec<f32> {
@@ -914,33 +947,12 @@ mod tests {
                 super::gemm(&g, &a, (&b, None), &mut pre, Some(&bias), None);
                 assert!(*pre == *want, "{g:?}: bias epilogue");
                 // Each kernel unsplit, against the same kernel without the epilogue.
-                let [(rsa, csa), (rsb, csb)] = super::operand_strides(&g);
                 for (name, kernel) in super::kernels() {
                     let mut c = [c0.clone(), c0.clone()];
                     let mut act = vec![f32::NAN; m * n];
-                    for (c, epilogue) in c.iter_mut().zip([
-                        super::Epilogue::NONE,
-                        super::Epilogue {
-                            bias: bias.as_ptr(),
-                            act: act.as_mut_ptr(),
-                        },
-                    ]) {
-                        // SAFETY: the buffers hold the m x k, k x n and m x n elements these
-                        // strides address, bias n and act m x n; only available kernels are
-                        // listed.
-                        unsafe {
-                            super::kernel_with(
-                                kernel,
-                                (m, n, k),
-                                g.alpha,
-                                (a.as_ptr(), rsa, csa),
-                                (b.as_ptr(), rsb, csb),
-                                g.beta,
-                                (c.as_mut_ptr(), n),
-                                epilogue,
-                            )
-                        };
-                    }
+                    let [plain, fused] = &mut c;
+                    single(kernel, &g, (&a, &b, plain), None, None);
+                    single(kernel, &g, (&a, &b, fused), Some(&bias), Some(&mut act));
                     let [mut want, got] = c;
                     let want_act = bias_then_gelu(&mut want, &bias);
                     assert!(got == want && act == want_act, "{name} {g:?}: epilogue");
@@ -982,36 +994,16 @@ mod tests {
             let layouts = every_layout(Gemm::new(m, n, k), 0.7);
             let rounding = layouts.iter().map(|g| Gemm { beta: 0.3, ..*g });
             for g in layouts.clone().into_iter().chain(rounding) {
-                let [(rsa, csa), (rsb, csb)] = super::operand_strides(&g);
                 for (with_bias, with_gelu) in [(false, false), (true, false), (true, true)] {
                     let [avx2, avx512] = [Isa::Avx2, Isa::Avx512].map(|isa| {
                         let (mut c, mut act) = (c0.clone(), vec![f32::NAN; m * n]);
-                        let epilogue = super::Epilogue {
-                            bias: if with_bias {
-                                bias.as_ptr()
-                            } else {
-                                core::ptr::null()
-                            },
-                            act: if with_gelu {
-                                act.as_mut_ptr()
-                            } else {
-                                core::ptr::null_mut()
-                            },
-                        };
-                        // SAFETY: the buffers hold the m x k, k x n and m x n elements these
-                        // strides address, bias n and act m x n; both kernels run here.
-                        unsafe {
-                            super::kernel_with(
-                                super::Kernel::Packed(isa),
-                                (m, n, k),
-                                g.alpha,
-                                (a.as_ptr(), rsa, csa),
-                                (b.as_ptr(), rsb, csb),
-                                g.beta,
-                                (c.as_mut_ptr(), n),
-                                epilogue,
-                            )
-                        };
+                        single(
+                            super::Kernel::Packed(isa),
+                            &g,
+                            (&a, &b, &mut c),
+                            with_bias.then_some(&bias[..]),
+                            with_gelu.then_some(&mut act[..]),
+                        );
                         (bits(&c), bits(&act))
                     });
                     assert!(

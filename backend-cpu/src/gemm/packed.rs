@@ -584,16 +584,8 @@ unsafe fn micro_kernel<const ROW_MAJOR_A: bool, const HALVES: usize>(
 ) {
     debug_assert!(a_strip.len() >= MR * kc && b_strip.len() >= NR * kc);
     debug_assert!(HALVES == 2 || (HALVES == 1 && cols <= NR / 2));
-    // C's rows are far apart and usually out of L1 (or L2): ask for them now, so that they have
-    // arrived when the tile is stored after the k loop. A row's 16 floats span two cache lines
-    // unless C is 64-byte aligned, so ask for the lines of its first and of its last float.
-    for i in 0..rows {
-        // SAFETY: a prefetch is only a hint and never faults; the addresses are inside C.
-        unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(c.add(i * rsc).cast::<i8>());
-            _mm_prefetch::<_MM_HINT_T0>(c.add(i * rsc + cols - 1).cast::<i8>());
-        }
-    }
+    // SAFETY: the corner is inside C (the caller's contract).
+    unsafe { prefetch_corner((c, rsc, rows, cols)) };
     let (a, b) = (a_strip.as_ptr(), b_strip.as_ptr());
     // Element (i, p) of the A strip is at `a + i * rs + p * cs`.
     let (rs, cs) = if ROW_MAJOR_A { (kc, 1) } else { (1, MR) };
@@ -614,6 +606,28 @@ unsafe fn micro_kernel<const ROW_MAJOR_A: bool, const HALVES: usize>(
     }
     // SAFETY: the caller's contract.
     unsafe { store(acc, (c, rsc, rows, cols), alpha, beta, epilogue) }
+}
+
+/// Asks for every cache line of the `rows x cols` corner of C at `c` (row stride `rsc`). C's rows
+/// are far apart and usually out of L1 (or L2): asked for before the k loop, they have arrived
+/// when the tile is stored after it. A row's floats start anywhere in a line, so its lines are
+/// those of every sixteenth float and of its last. (For a 6 x 64 tile that is five lines a row
+/// where the first and last float alone asked for two: within the noise of an in-process A/B.)
+///
+/// # Safety
+/// The corner's elements lie inside one allocation.
+#[inline(always)]
+unsafe fn prefetch_corner((c, rsc, rows, cols): (*mut f32, usize, usize, usize)) {
+    for i in 0..rows {
+        // SAFETY: a prefetch is only a hint and never faults; the addresses are inside C.
+        unsafe {
+            let row = c.add(i * rsc);
+            for j in (0..cols).step_by(NR) {
+                _mm_prefetch::<_MM_HINT_T0>(row.add(j).cast::<i8>());
+            }
+            _mm_prefetch::<_MM_HINT_T0>(row.add(cols - 1).cast::<i8>());
+        }
+    }
 }
 
 /// One step of the micro-kernel: the outer product of A's six values at `p` (element `(i, p)`

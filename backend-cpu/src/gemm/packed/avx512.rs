@@ -50,13 +50,8 @@ pub(super) unsafe fn micro_kernel<const ROW_MAJOR_A: bool, const S: usize>(
     epilogue: Epilogue,
 ) {
     debug_assert!(a_strip.len() >= MR * kc && b_strips.len() >= S * NR * kc && cols <= S * NR);
-    for i in 0..rows {
-        // SAFETY: a prefetch is only a hint and never faults; the addresses are inside C.
-        unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(c.add(i * rsc).cast::<i8>());
-            _mm_prefetch::<_MM_HINT_T0>(c.add(i * rsc + cols - 1).cast::<i8>());
-        }
-    }
+    // SAFETY: the corner is inside C (the caller's contract).
+    unsafe { super::prefetch_corner((c, rsc, rows, cols)) };
     let (a, b) = (a_strip.as_ptr(), b_strips.as_ptr());
     let (rs, cs) = if ROW_MAJOR_A { (kc, 1) } else { (1, MR) };
     let mut acc = [[_mm512_setzero_ps(); S]; MR];
