@@ -549,9 +549,10 @@ pub(crate) fn kernel_name() -> &'static str {
 }
 
 /// `MAE_CPU_GEMM=gemm` or `=matrixmultiply` picks that crate, `=packed-avx2` the crate's own
-/// kernel without its AVX-512 tiles (to compare them); anything else (or nothing) the crate's
-/// own kernel, with AVX-512 tiles where the CPU has AVX-512F, where the CPU has AVX2 and FMA
-/// (it measured fastest on this project's shapes, docs/results.md), else the `gemm` crate.
+/// kernel without its AVX-512 tiles (to compare them). Anything else (or nothing) picks the
+/// crate's own kernel where the CPU has AVX2 and FMA (it measured fastest on this project's
+/// shapes, docs/results.md), with AVX-512 tiles where it also has AVX-512F; else the `gemm`
+/// crate.
 fn kernel_choice() -> Kernel {
     static KERNEL: OnceLock<Kernel> = OnceLock::new();
     *KERNEL.get_or_init(|| {
@@ -896,7 +897,7 @@ mod tests {
         };
         let [(rsa, csa), (rsb, csb)] = super::operand_strides(g);
         // SAFETY: the buffers hold the m x k, k x n and m x n elements these strides address,
-        // bias n and act m x n (asserted above); only kernels that run here are listed.
+        // bias n and act m x n (asserted above); the callers pass only kernels that run here.
         unsafe {
             super::kernel_with(
                 kernel,

@@ -205,10 +205,11 @@ impl PackedB {
 /// and row stride `rsc`.
 ///
 /// # Safety
-/// `isa` runs here ([`Isa::runs_here`]). Every element of A, B and C addressed by the shapes and
-/// strides is inside one allocation; C's elements are distinct and overlap neither A nor B. With
-/// `beta == 0` C is only written; with `k == 0` A and B are not read. A packed B holds this
-/// product's `k` rows and its `n` columns from its first strip on.
+/// `isa` runs on this CPU ([`available`], and `avx512::available` for [`Isa::Avx512`]). Every
+/// element of A, B and C addressed by the shapes and strides is inside one allocation; C's
+/// elements are distinct and overlap neither A nor B. With `beta == 0` C is only written; with
+/// `k == 0` A and B are not read. A packed B holds this product's `k` rows and its `n` columns
+/// from its first strip on.
 pub(super) unsafe fn gemm(
     isa: Isa,
     (m, n, k): (usize, usize, usize),

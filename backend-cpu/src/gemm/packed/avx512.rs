@@ -3,8 +3,9 @@
 //! Why a second kernel, when a Zen 4 core runs a 512-bit FMA as two 256-bit halves and so has the
 //! same FMA peak with either: each instruction does twice the work, so the loop issues half the
 //! instructions, and a broadcast of A feeds 64 columns instead of 16. Inside real products the
-//! AVX2 kernel reached 80-88 % of the peak on such a core where the `gemm` crate's AVX-512 kernel
-//! reached 90-96 % (`gemm_speed`); on L1-resident strips both are at 98 %.
+//! AVX2 kernel reached 75-89 % of the peak on such a core (Zen 4) where the `gemm` crate's
+//! AVX-512 kernel reached 85-95 % (`gemm_speed`); on L1-resident strips both are at 98 %. This
+//! one reaches 79-91 % inside products and 99 % on L1-resident strips (docs/results.md).
 //!
 //! It reads the packing of [`super`] unchanged (6-row A strips, B in 16-column strips, which lie
 //! one after the other, so four strips are one `64 x kc` block) and stores the tile with the
