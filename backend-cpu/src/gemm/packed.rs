@@ -131,7 +131,7 @@ pub(super) enum BSource<'a> {
     },
 }
 
-/// A whole `k x n` B packed as [`gemm`] packs it block by block: for each block of `k` in
+/// A whole `k x n` B packed as [`gemm()`] packs it block by block: for each block of `k` in
 /// turn, every 16-column strip of `n` (zeros past it), `kc x 16` values each. The block that
 /// starts at `pc` therefore starts at `pc * n16` (`n16` = `n` rounded up to 16), and its strip
 /// `s` at `s * kc * 16` after that. Made for a B that many products read unchanged (the
