@@ -676,6 +676,40 @@ impl Epilogue {
     }
 }
 
+/// `g`'s single product by one unsplit call of `kernel`, with the epilogue of `bias` (and
+/// `act`) when given (for the tests).
+#[cfg(test)]
+fn single(
+    kernel: Kernel,
+    g: &Gemm,
+    (a, b, c): (&[f32], &[f32], &mut [f32]),
+    bias: Option<&[f32]>,
+    act: Option<&mut [f32]>,
+) {
+    let (m, n, k) = (g.m, g.n, g.k);
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+    assert!(bias.is_none_or(|x| x.len() >= n) && act.as_ref().is_none_or(|x| x.len() >= m * n));
+    let epilogue = Epilogue {
+        bias: bias.map_or(core::ptr::null(), <[f32]>::as_ptr),
+        act: act.map_or(core::ptr::null_mut(), <[f32]>::as_mut_ptr),
+    };
+    let [(rsa, csa), (rsb, csb)] = operand_strides(g);
+    // SAFETY: the buffers hold the m x k, k x n and m x n elements these strides address,
+    // bias n and act m x n (asserted above); the callers pass only kernels that run here.
+    unsafe {
+        kernel_with(
+            kernel,
+            (m, n, k),
+            g.alpha,
+            (a.as_ptr(), rsa, csa),
+            (b.as_ptr(), rsb, csb),
+            g.beta,
+            (c.as_mut_ptr(), n),
+            epilogue,
+        )
+    };
+}
+
 // SAFETY: the tasks only read A and B, and write disjoint blocks of C (see `gemm`).
 unsafe impl Sync for Ptrs {}
 
@@ -859,57 +893,11 @@ mod tests {
     /// One unsplit single-threaded kernel call per batch item (the kernel the backend uses):
     /// the reference the split and parallel paths must reproduce bitwise.
     fn unsplit(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
-        let [(rsa, csa), (rsb, csb)] = super::operand_strides(g);
         for bi in 0..g.batch {
             let (oa, ob, oc) = (bi * g.stride_a, bi * g.stride_b, bi * g.stride_c);
             let (a, b, c) = (&a[oa..], &b[ob..], &mut c[oc..oc + g.m * g.n]);
-            // SAFETY: the slices start at the item's offsets and hold at least its m*k, k*n and
-            // m*n elements under these strides (the test sizes the buffers for the batch).
-            unsafe {
-                super::kernel(
-                    (g.m, g.n, g.k),
-                    g.alpha,
-                    (a.as_ptr(), rsa, csa),
-                    (b.as_ptr(), rsb, csb),
-                    g.beta,
-                    (c.as_mut_ptr(), g.n),
-                    super::Epilogue::NONE,
-                );
-            }
+            super::single(super::kernel_choice(), g, (a, b, c), None, None);
         }
-    }
-
-    /// `g`'s single product by one unsplit call of `kernel`, with the epilogue of `bias` (and
-    /// `act`) when given.
-    fn single(
-        kernel: super::Kernel,
-        g: &Gemm,
-        (a, b, c): (&[f32], &[f32], &mut [f32]),
-        bias: Option<&[f32]>,
-        act: Option<&mut [f32]>,
-    ) {
-        let (m, n, k) = (g.m, g.n, g.k);
-        assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
-        assert!(bias.is_none_or(|x| x.len() >= n) && act.as_ref().is_none_or(|x| x.len() >= m * n));
-        let epilogue = super::Epilogue {
-            bias: bias.map_or(core::ptr::null(), <[f32]>::as_ptr),
-            act: act.map_or(core::ptr::null_mut(), <[f32]>::as_mut_ptr),
-        };
-        let [(rsa, csa), (rsb, csb)] = super::operand_strides(g);
-        // SAFETY: the buffers hold the m x k, k x n and m x n elements these strides address,
-        // bias n and act m x n (asserted above); the callers pass only kernels that run here.
-        unsafe {
-            super::kernel_with(
-                kernel,
-                (m, n, k),
-                g.alpha,
-                (a.as_ptr(), rsa, csa),
-                (b.as_ptr(), rsb, csb),
-                g.beta,
-                (c.as_mut_ptr(), n),
-                epilogue,
-            )
-        };
     }
 
     /// `c[i][j] += bias[j]` (one f32 add each), then `act = gelu(c)`: the composed ops the
@@ -952,8 +940,8 @@ mod tests {
                     let mut c = [c0.clone(), c0.clone()];
                     let mut act = vec![f32::NAN; m * n];
                     let [plain, fused] = &mut c;
-                    single(kernel, &g, (&a, &b, plain), None, None);
-                    single(kernel, &g, (&a, &b, fused), Some(&bias), Some(&mut act));
+                    super::single(kernel, &g, (&a, &b, plain), None, None);
+                    super::single(kernel, &g, (&a, &b, fused), Some(&bias), Some(&mut act));
                     let [mut want, got] = c;
                     let want_act = bias_then_gelu(&mut want, &bias);
                     assert!(got == want && act == want_act, "{name} {g:?}: epilogue");
@@ -998,7 +986,7 @@ mod tests {
                 for (with_bias, with_gelu) in [(false, false), (true, false), (true, true)] {
                     let [avx2, avx512] = [Isa::Avx2, Isa::Avx512].map(|isa| {
                         let (mut c, mut act) = (c0.clone(), vec![f32::NAN; m * n]);
-                        single(
+                        super::single(
                             super::Kernel::Packed(isa),
                             &g,
                             (&a, &b, &mut c),
@@ -1213,7 +1201,8 @@ mod tests {
 
 #[cfg(test)]
 mod speed {
-    use super::{kernel_with, kernels, Epilogue};
+    use super::{kernels, single};
+    use mae::backend::Gemm;
 
     /// Nanoseconds this thread has run on a CPU (Linux's schedstat): unlike wall time, it does
     /// not count the time other processes hold the core. Its clock advances in steps of
@@ -1266,8 +1255,11 @@ mod speed {
             let a: Vec<f32> = (0..m * k).map(|i| (i % 17) as f32 * 0.01).collect();
             let b: Vec<f32> = (0..k * n).map(|i| (i % 13) as f32 * 0.01).collect();
             let mut c = vec![0.0f32; m * n];
-            let (rsa, csa) = if ta { (1, m) } else { (k, 1) };
-            let (rsb, csb) = if tb { (1, k) } else { (n, 1) };
+            let g = Gemm {
+                trans_a: ta,
+                trans_b: tb,
+                ..Gemm::new(m, n, k)
+            };
             let mut best = vec![f64::INFINITY; kernels.len()];
             // Each sample repeats the product 8 times: the clock behind schedstat advances in
             // steps of milliseconds on this VM, as long as one product takes.
@@ -1276,20 +1268,7 @@ mod speed {
                 for (t, &(_, kernel)) in best.iter_mut().zip(&kernels) {
                     let start = cpu_ns();
                     for _ in 0..REPEAT {
-                        // SAFETY: the buffers hold the m x k, k x n and m x n elements the
-                        // strides address; Packed is only listed where available.
-                        unsafe {
-                            kernel_with(
-                                kernel,
-                                (m, n, k),
-                                1.0,
-                                (a.as_ptr(), rsa, csa),
-                                (b.as_ptr(), rsb, csb),
-                                0.0,
-                                (c.as_mut_ptr(), n),
-                                Epilogue::NONE,
-                            )
-                        };
+                        single(kernel, &g, (&a, &b, &mut c), None, None);
                     }
                     *t = t.min((cpu_ns() - start) * 1e-9 / REPEAT as f64);
                 }

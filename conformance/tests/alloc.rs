@@ -5,10 +5,10 @@
 //! packs each weight matrix into a panel that later calls read (the CPU backend's `PackCache`).
 //!
 //! That holds for the backend's own GEMM kernel (`gemm_kernel()` is `"packed-avx512"` or
-//! `"packed-avx2"`, the default on x86-64 with AVX2 and FMA). The fallback kernels allocate on each call, inside the library and
-//! out of our control: matrixmultiply one packing buffer, the `gemm` crate one packing buffer
-//! plus, for some shapes, a small `Vec` of flags (`gemm_common::gemm::gemm_basic_generic`), so
-//! at most two per product. (A big product split over threads makes that per band, but this
+//! `"packed-avx2"`, the default on x86-64 with AVX2 and FMA). The fallback kernels allocate on
+//! each call, inside the library and out of our control: matrixmultiply one packing buffer, the
+//! `gemm` crate one packing buffer plus, for some shapes, a small `Vec` of flags
+//! (`gemm_common::gemm::gemm_basic_generic`), so at most two per product. (A big product split over threads makes that per band, but this
 //! test's products are below the CPU backend's splitting threshold.) With them the test checks
 //! that bound, and that every step after the first allocates exactly as often as the others.
 
