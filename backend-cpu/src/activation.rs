@@ -46,12 +46,12 @@ pub(crate) fn bias_gelu_forward(
 
 /// `dx += dy * (Phi(x) + x * exp(-x^2 / 2) / sqrt(2 pi))`: the gradient in `f32` (absolute
 /// error at most 1.26e-7, see [`crate::fastmath`]), then one FMA.
-pub(crate) fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+pub(crate) fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32], accumulate: bool) {
     let n = dx.len();
     let (x, dy) = (&x[..n], &dy[..n]);
     chunks1(dx, GRAIN, |i, dxc| {
         let span = i * GRAIN..i * GRAIN + dxc.len();
-        fastmath::gelu_backward(&x[span.clone()], &dy[span], dxc);
+        fastmath::gelu_backward(&x[span.clone()], &dy[span], dxc, accumulate);
     });
 }
 
@@ -156,7 +156,7 @@ pub(crate) fn softmax_backward_row(yr: &[f32], dyr: &[f32], dxr: &mut [f32], sca
 #[cfg(test)]
 mod tests {
     use crate::test_util::*;
-    use mae::backend::Backend;
+    use mae::backend::{Backend, RowMap};
 
     /// GELU in f64 from the definition with `erf`, the form the contract states.
     fn gelu64(x: f64) -> f64 {
@@ -210,10 +210,13 @@ mod tests {
         let be = be();
         let xs = [-4.0f32, -1.5, -0.3, 0.0, 0.2, 1.0, 2.5, 6.0];
         let dy = [1.0f32, 2.0, -1.0, 0.5, 3.0, -2.0, 1.0, 1.0];
-        let mut dx = up(&[0.25; 8]);
-        for _ in 0..2 {
-            be.gelu_backward(&up(&xs), &up(&dy), &mut dx).unwrap();
-        }
+        // The first call overwrites what was there, the second accumulates.
+        let mut dx = up(&[f32::NAN; 8]);
+        be.gelu_backward(&up(&xs), &up(&dy), &mut dx, false)
+            .unwrap();
+        be.copy_rows(&up(&[0.25; 8]), &mut dx, &RowMap::bias(1, 8), true)
+            .unwrap();
+        be.gelu_backward(&up(&xs), &up(&dy), &mut dx, true).unwrap();
         let h = 1e-6;
         let expect: Vec<f32> = xs
             .iter()
@@ -359,7 +362,7 @@ mod timing {
         let dy: Vec<f32> = (0..n).map(|i| ((i % 13) as f32 - 6.0) * 0.1).collect();
         let mut y = vec![0.0f32; n];
         let forward = best_ns_per_element(n, || super::gelu_forward(&x, &mut y));
-        let backward = best_ns_per_element(n, || super::gelu_backward(&x, &dy, &mut y));
+        let backward = best_ns_per_element(n, || super::gelu_backward(&x, &dy, &mut y, true));
         let cols = 197;
         let rows = n / cols;
         let softmax = best_ns_per_element(rows * cols, || {

@@ -654,21 +654,41 @@ mod avx2 {
         super::gelu(V8(x)).0
     }
 
+    /// `dx[..8]`, or zeros where the gradient is overwritten (`ACC` false), as the FMA's
+    /// addend: `dy g + 0` rounds as the accumulation into a zeroed `dx` does.
+    #[inline(always)]
+    fn addend<const ACC: bool>(dx: &[f32]) -> V8 {
+        if ACC {
+            load(dx)
+        } else {
+            V8::splat(0.0)
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn gelu_grad(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    pub(super) fn gelu_grad<const ACC: bool>(x: &[f32], dy: &[f32], dx: &mut [f32]) {
         let n = dx.len();
         let (x, dy) = (&x[..n], &dy[..n]);
         let mut i = 0;
         while i + 16 <= n {
             let (g, h) = super::gelu_grad((load(&x[i..]), load(&x[i + 8..])));
-            store(load(&dy[i..]).mul_add(g, load(&dx[i..])), &mut dx[i..]);
+            store(
+                load(&dy[i..]).mul_add(g, addend::<ACC>(&dx[i..])),
+                &mut dx[i..],
+            );
             let j = i + 8;
-            store(load(&dy[j..]).mul_add(h, load(&dx[j..])), &mut dx[j..]);
+            store(
+                load(&dy[j..]).mul_add(h, addend::<ACC>(&dx[j..])),
+                &mut dx[j..],
+            );
             i += 16;
         }
         while i + 8 <= n {
             let g = super::gelu_grad(load(&x[i..]));
-            store(load(&dy[i..]).mul_add(g, load(&dx[i..])), &mut dx[i..]);
+            store(
+                load(&dy[i..]).mul_add(g, addend::<ACC>(&dx[i..])),
+                &mut dx[i..],
+            );
             i += 8;
         }
         if i < n {
@@ -677,7 +697,7 @@ mod avx2 {
             db[..n - i].copy_from_slice(&dy[i..]);
             ob[..n - i].copy_from_slice(&dx[i..]);
             let g = super::gelu_grad(load(&xb));
-            store(load(&db).mul_add(g, load(&ob)), &mut ob);
+            store(load(&db).mul_add(g, addend::<ACC>(&ob)), &mut ob);
             dx[i..].copy_from_slice(&ob[..n - i]);
         }
     }
@@ -743,16 +763,23 @@ pub(crate) fn gelu_forward(x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// `dx += dy gelu'(x)` elementwise over `dx.len()` elements, rounded once (one FMA).
-pub(crate) fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+/// `dx += dy gelu'(x)` elementwise over `dx.len()` elements, rounded once (one FMA); where
+/// not `accumulate`, `dx = dy gelu'(x) + 0` without reading `dx` (bitwise the accumulation
+/// into zeros).
+pub(crate) fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32], accumulate: bool) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        unsafe { avx2::gelu_grad(x, dy, dx) };
+        unsafe {
+            match accumulate {
+                true => avx2::gelu_grad::<true>(x, dy, dx),
+                false => avx2::gelu_grad::<false>(x, dy, dx),
+            }
+        }
         return;
     }
     for ((o, &v), &d) in dx.iter_mut().zip(x).zip(dy) {
-        *o = d.mul_add(gelu_grad(v), *o);
+        *o = d.mul_add(gelu_grad(v), if accumulate { *o } else { 0.0 });
     }
 }
 
@@ -800,7 +827,7 @@ mod tests {
         let mut y = vec![f32::NAN; x.len()];
         gelu_forward(x, &mut y);
         let mut g = vec![0.0f32; x.len()];
-        gelu_backward(x, &vec![1.0; x.len()], &mut g);
+        gelu_backward(x, &vec![1.0; x.len()], &mut g, true);
         let mut e = x.to_vec();
         exp_in_place(&mut e);
         (y, g, e)
@@ -980,7 +1007,7 @@ mod tests {
                 .fold(f64::INFINITY, f64::min)
         };
         let forward = best(&mut || gelu_forward(&x, &mut y));
-        let backward = best(&mut || gelu_backward(&x, &dy, &mut dx));
+        let backward = best(&mut || gelu_backward(&x, &dy, &mut dx, true));
         std::hint::black_box((&y, &dx));
         println!("ns/element, one thread: gelu_forward {forward:.3} gelu_backward {backward:.3}");
     }
@@ -1006,13 +1033,22 @@ mod tests {
         let dy: Vec<f32> = (0..x.len()).map(|i| ((i % 7) as f32 - 3.0) * 0.3).collect();
         let dx0: Vec<f32> = (0..x.len()).map(|i| (i % 5) as f32 * 0.1).collect();
         let (mut y, mut dx, mut e) = (vec![f32::NAN; x.len()], dx0.clone(), x.clone());
+        let mut dx_new = vec![f32::NAN; x.len()];
         gelu_forward(&x, &mut y);
-        gelu_backward(&x, &dy, &mut dx);
+        gelu_backward(&x, &dy, &mut dx, true);
+        gelu_backward(&x, &dy, &mut dx_new, false);
         exp_in_place(&mut e);
         for i in 0..x.len() {
             let want_dx = dy[i].mul_add(gelu_grad(x[i]), dx0[i]);
+            let want_new = dy[i].mul_add(gelu_grad(x[i]), 0.0);
             assert_eq!(y[i].to_bits(), gelu(x[i]).to_bits(), "gelu({})", x[i]);
             assert_eq!(dx[i].to_bits(), want_dx.to_bits(), "gelu'({})", x[i]);
+            assert_eq!(
+                dx_new[i].to_bits(),
+                want_new.to_bits(),
+                "gelu'({}) new",
+                x[i]
+            );
             assert_eq!(e[i].to_bits(), exp(x[i]).to_bits(), "exp({})", x[i]);
         }
     }

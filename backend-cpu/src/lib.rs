@@ -397,8 +397,14 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn gelu_backward(&self, x: &CpuBuf, dy: &CpuBuf, dx: &mut CpuBuf) -> BResult<()> {
-        activation::gelu_backward(x, dy, dx);
+    fn gelu_backward(
+        &self,
+        x: &CpuBuf,
+        dy: &CpuBuf,
+        dx: &mut CpuBuf,
+        accumulate: bool,
+    ) -> BResult<()> {
+        activation::gelu_backward(x, dy, dx, accumulate);
         Ok(())
     }
 

@@ -124,7 +124,7 @@ static void test_elementwise() {
             expect_close("gelu_forward_f32" + tag, buf, want, 1e-6);
             expect_bf16_copy("gelu_forward_f32 copy" + tag, copy, buf);
             buf = dx;
-            launch(g, 256, [&] { gelu_backward(x.data(), dy.data(), buf.data(), nullptr, n); });
+            launch(g, 256, [&] { gelu_backward(x.data(), dy.data(), buf.data(), nullptr, n, 1); });
             for (u64 i = 0; i < n; ++i) {
                 const double v = x[i], h = 1e-5;
                 auto gelu = [](double t) { return 0.5 * t * (1.0 + std::erf(t / std::sqrt(2.0))); };
@@ -133,9 +133,30 @@ static void test_elementwise() {
             expect_close("gelu_backward" + tag, buf, want, 1e-6);
             buf = dx;
             copy.assign(n, 0xdead);
-            launch(g, 256, [&] { gelu_backward_f32(x.data(), dy.data(), buf.data(), copy.data(), n); });
+            launch(g, 256, [&] { gelu_backward_f32(x.data(), dy.data(), buf.data(), copy.data(), n, 1); });
             expect_close("gelu_backward_f32" + tag, buf, want, 1e-6);
             expect_bf16_copy("gelu_backward_f32 copy" + tag, copy, buf);
+            // Overwriting (accumulate 0) never reads dx, here NaN, and gives bitwise the
+            // accumulation into zeros; dy holds zeros of both signs, so the sign of zero counts.
+            std::vector<float> dy0 = dy;
+            for (u64 i = 0; i < n; i += 3) dy0[i] = (i % 2) ? -0.0f : 0.0f;
+            for (int f32 = 0; f32 < 2; ++f32) {
+                std::vector<float> zeroed(n, 0.0f), fresh(n, NAN);
+                auto run = [&](std::vector<float>& out, unsigned acc) {
+                    launch(g, 256, [&] {
+                        if (f32) gelu_backward_f32(x.data(), dy0.data(), out.data(), nullptr, n, acc);
+                        else gelu_backward(x.data(), dy0.data(), out.data(), nullptr, n, acc);
+                    });
+                };
+                run(zeroed, 1);
+                run(fresh, 0);
+                ++checks;
+                if (std::memcmp(zeroed.data(), fresh.data(), n * sizeof(float)) != 0) {
+                    std::printf("FAIL gelu_backward%s overwriting is not the accumulation into "
+                                "zeros%s\n", f32 ? "_f32" : "", tag.c_str());
+                    ++failures;
+                }
+            }
 
             // AdamW, f32 as the CPU reference (bitwise: same operations, no contraction).
             auto p = random_vec(n), gr = random_vec(n), m = random_vec(n), v = random_vec(n, 0, 1);

@@ -824,7 +824,13 @@ impl Backend for CudaBackend {
 
     /// In the bf16 mode the kernel also writes dx's bf16 copy, for the two GEMMs of fc1's
     /// backward that read it.
-    fn gelu_backward(&self, x: &CudaBuf, dy: &CudaBuf, dx: &mut CudaBuf) -> BResult<()> {
+    fn gelu_backward(
+        &self,
+        x: &CudaBuf,
+        dy: &CudaBuf,
+        dx: &mut CudaBuf,
+        accumulate: bool,
+    ) -> BResult<()> {
         let n = dx.len();
         need(x, n, "gelu_backward", "x")?;
         need(dy, n, "gelu_backward", "dy")?;
@@ -836,6 +842,7 @@ impl Backend for CudaBackend {
             dx_ptr,
             ProducedCopy::arg(&copy),
             u(n),
+            Arg::U32(accumulate.into()),
         ];
         self.launch(
             self.gelu_kernel(Kernel::GeluBackward),

@@ -373,7 +373,12 @@ impl Backend for WgpuBackend {
         activation::bias_gelu_forward(self, bias, pre, act, rows, cols)
     }
 
-    fn gelu_backward(&self, x: &Buf, dy: &Buf, dx: &mut Buf) -> BResult<()> {
+    /// Overwriting is a fill and the accumulating kernel: the pass it saves on other backends
+    /// is not where wgpu's time goes (docs/results-gpu.md).
+    fn gelu_backward(&self, x: &Buf, dy: &Buf, dx: &mut Buf, accumulate: bool) -> BResult<()> {
+        if !accumulate {
+            memory::fill(self, dx, 0.0)?;
+        }
         activation::gelu_backward(self, x, dy, dx)
     }
 

@@ -369,9 +369,16 @@ pub mod run {
         (down(b, &pre), down(b, &act))
     }
 
-    pub fn gelu_backward<B: Backend>(b: &B, x: &[f32], dy: &[f32], dx: &[f32]) -> Vec<f32> {
+    pub fn gelu_backward<B: Backend>(
+        b: &B,
+        x: &[f32],
+        dy: &[f32],
+        dx: &[f32],
+        accumulate: bool,
+    ) -> Vec<f32> {
         let (x, dy, mut dx) = (up(b, x), up(b, dy), up(b, dx));
-        ok(b, b.gelu_backward(&x, &dy, &mut dx), "gelu_backward");
+        let r = b.gelu_backward(&x, &dy, &mut dx, accumulate);
+        ok(b, r, "gelu_backward");
         down(b, &dx)
     }
 

@@ -1077,7 +1077,7 @@ fn check_gelu_backward<B: Backend>(b: &B, len: usize, seed: u64, fill: Fill) -> 
     let x = data(seed, len, 1, fill);
     let dy = data(seed ^ 1, len, 1, fill);
     let dx0 = prior(len, seed);
-    let got = run::gelu_backward(b, &x, &dy, &dx0);
+    let got = run::gelu_backward(b, &x, &dy, &dx0, true);
     let mut want = f64s(&dx0);
     oracle::gelu_backward(&f64s(&x), &f64s(&dy), &mut want);
     // gelu'(x) = Phi(x) + x phi(x) cancels for negative x: the terms' magnitude is
@@ -1095,6 +1095,26 @@ fn check_gelu_backward<B: Backend>(b: &B, len: usize, seed: u64, fill: Fill) -> 
         Tol::ELEMENTWISE,
         Some(&mag),
     )
+}
+
+/// Overwriting never reads `dx` (NaN here) and gives bitwise the accumulation into zeros;
+/// `dy` holds zeros of both signs, whose products the sign of the zero addend decides.
+fn check_gelu_backward_overwrites<B: Backend>(b: &B, len: usize, seed: u64, fill: Fill) -> Check {
+    let x = data(seed, len, 1, fill);
+    let mut dy = data(seed ^ 1, len, 1, fill);
+    for (i, v) in dy.iter_mut().enumerate().step_by(5) {
+        *v = if i % 2 == 0 { 0.0 } else { -0.0 };
+    }
+    let overwritten = run::gelu_backward(b, &x, &dy, &vec![f32::NAN; len], false);
+    let accumulated = run::gelu_backward(b, &x, &dy, &vec![0.0; len], true);
+    match (0..len).find(|&i| overwritten[i].to_bits() != accumulated[i].to_bits()) {
+        Some(i) => Err(format!(
+            "gelu_backward (len {len}, {fill:?}, seed {seed}): element {i} is {} overwritten, {} \
+             accumulated into zeros",
+            overwritten[i], accumulated[i]
+        )),
+        None => Ok(()),
+    }
 }
 
 // ---- softmax ------------------------------------------------------------------------------------
@@ -1981,7 +2001,7 @@ fn check_accumulate_twice<B: Backend>(b: &B) -> Check {
     // gelu_backward.
     let mut want = vec![0.0; n];
     oracle::gelu_backward(&x64, &x264, &mut want);
-    let r = twice(b, n, |dx| b.gelu_backward(&xb, &x2b, dx))?;
+    let r = twice(b, n, |dx| b.gelu_backward(&xb, &x2b, dx, true))?;
     check_twice(
         "gelu_backward",
         &format!("len {n}"),
@@ -2613,6 +2633,12 @@ macro_rules! op_tests {
                 });
             }
             #[test]
+            fn gelu_backward_overwrites_as_accumulating_into_zeros() {
+                property(b(), (1usize..=500, any::<u64>(), fill()), |b, (len, seed, fill)| {
+                    check_gelu_backward_overwrites(b, len, seed, fill)
+                });
+            }
+            #[test]
             fn softmax_forward() {
                 property(b(), row_case(dim(), SOFTMAX_SCALES.to_vec()), |b, c| {
                     check_softmax_forward(b, &c)
@@ -2978,8 +3004,10 @@ mod cuda_bf16 {
                 .map_err(fail)?;
             same_as_fresh(&format!("bias_gelu_forward, input {seed}"), &y)?;
             let dy = up(b, &host(seed + 10));
-            b.gelu_backward(&x, &dy, &mut y).map_err(fail)?;
+            b.gelu_backward(&x, &dy, &mut y, true).map_err(fail)?;
             same_as_fresh(&format!("gelu_backward (accumulating), input {seed}"), &y)?;
+            b.gelu_backward(&x, &dy, &mut y, false).map_err(fail)?;
+            same_as_fresh(&format!("gelu_backward (overwriting), input {seed}"), &y)?;
             let (mut dgamma, mut dbeta) = (up(b, &vec![0.0; cols]), up(b, &vec![0.0; cols]));
             b.layernorm_backward(
                 &dy,

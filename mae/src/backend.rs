@@ -622,8 +622,16 @@ pub trait Backend {
         self.copy_rows(bias, pre, &RowMap::bias(rows, cols), true)?;
         self.gelu_forward(pre, act)
     }
-    /// Accumulates `dy * gelu'(x)` into `dx`.
-    fn gelu_backward(&self, x: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf) -> BResult<()>;
+    /// `dx = dx + dy * gelu'(x)` where `accumulate`, else `dx = 0 + dy * gelu'(x)`: bitwise the
+    /// result of [`Backend::fill`]ing `dx` with zeros and accumulating, without reading `dx`
+    /// (the MLP's backward overwrites its `d_pre`, which saves a pass and a read).
+    fn gelu_backward(
+        &self,
+        x: &Self::Buf,
+        dy: &Self::Buf,
+        dx: &mut Self::Buf,
+        accumulate: bool,
+    ) -> BResult<()>;
     /// Row softmax of `scale * x` (attention scores, scale `head_dim^-0.5` applied after the
     /// product as timm does). Overwrites `y`.
     fn softmax_forward(

@@ -70,13 +70,16 @@ extern "C" __global__ void bias_gelu_forward(const float* bias, float* pre, floa
     bias_gelu_forward_of<gelu>(bias, pre, act, act16, n, cols);
 }
 
-// dx += dy * (Phi(x) + x * exp(-x^2 / 2) / sqrt(2 pi)), in double, rounded once.
+// dx += dy * (Phi(x) + x * exp(-x^2 / 2) / sqrt(2 pi)), in double, rounded once. Where not
+// `accumulate`, dx's old values are not read: 0 takes their place in the same sum, so the result
+// is bitwise that of accumulating into zeros (the sign of a zero included).
 extern "C" __global__ void gelu_backward(const float* x, const float* dy, float* dx, u16* dx16,
-                                         u64 n) {
+                                         u64 n, u32 accumulate) {
     FOR_EACH(i, n) {
         const double v = (double)x[i];
         const double grad = normal_cdf(v) + v * exp(-0.5 * v * v) * 0.39894228040143267794;
-        const float d = (float)((double)dx[i] + (double)dy[i] * grad);
+        const double old = accumulate ? (double)dx[i] : 0.0;
+        const float d = (float)(old + (double)dy[i] * grad);
         dx[i] = d;
         if (dx16) dx16[i] = (u16)bf16_bits(d);
     }
@@ -112,12 +115,13 @@ __device__ __forceinline__ float gelu_grad_f32(float v) {
     return 0.5f * erfcf(-v * 0.70710678f) + v * expf(-0.5f * v * v) * 0.39894228f;
 }
 
+// `accumulate` as in gelu_backward above.
 extern "C" __global__ void gelu_backward_f32(const float* x, const float* dy, float* dx,
-                                             u16* dx16, u64 n) {
+                                             u16* dx16, u64 n, u32 accumulate) {
     if (by_fours(n, (u64)x | (u64)dy | (u64)dx, (u64)dx16)) {
         FOR_EACH(q, n / 4) {
             const float4 v = ((const float4*)x)[q], g = ((const float4*)dy)[q];
-            const float4 o = ((const float4*)dx)[q];
+            const float4 o = accumulate ? ((const float4*)dx)[q] : make_float4(0.f, 0.f, 0.f, 0.f);
             const float4 d = make_float4(
                 o.x + g.x * gelu_grad_f32(v.x), o.y + g.y * gelu_grad_f32(v.y),
                 o.z + g.z * gelu_grad_f32(v.z), o.w + g.w * gelu_grad_f32(v.w));
@@ -127,7 +131,7 @@ extern "C" __global__ void gelu_backward_f32(const float* x, const float* dy, fl
         return;
     }
     FOR_EACH(i, n) {
-        const float d = dx[i] + dy[i] * gelu_grad_f32(x[i]);
+        const float d = (accumulate ? dx[i] : 0.f) + dy[i] * gelu_grad_f32(x[i]);
         dx[i] = d;
         if (dx16) dx16[i] = (u16)bf16_bits(d);
     }

@@ -84,7 +84,6 @@ pub fn mlp_backward<B: Backend>(
         hidden,
         dim,
     )?;
-    b.fill(&mut s.d_pre, 0.0)?;
-    b.gelu_backward(&acts.pre, &s.d_act, &mut s.d_pre)?;
+    b.gelu_backward(&acts.pre, &s.d_act, &mut s.d_pre, false)?;
     linear_backward(b, &s.d_pre, x, fc1, g_fc1, Some(dx), r, dim, hidden)
 }
