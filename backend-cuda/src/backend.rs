@@ -8,6 +8,7 @@ use crate::error;
 use crate::kernels::{check_args, Arg, Compiled, Kernel};
 use crate::lt::{GemmBias, Lt};
 use crate::profile::Profile;
+use crate::upload::Upload;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasMath_t};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
@@ -112,6 +113,9 @@ pub struct CudaBackend {
     pub(crate) lt: OnceLock<Option<Mutex<Lt>>>,
     /// The device's memory in floats: no buffer can be longer.
     pub(crate) max_len: usize,
+    /// `MAE_CUDA_UPLOAD`: whether rewrites from the host go through pinned staging
+    /// (`upload.rs`).
+    pub(crate) upload: Upload,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -178,6 +182,7 @@ impl CudaBackend {
             bf16_gemm: Bf16Gemm::from_env()?,
             gemm_bias: GemmBias::from_env()?,
             lt: OnceLock::new(),
+            upload: Upload::from_env()?,
         })
     }
 

@@ -6,6 +6,7 @@
 //! and freed with the buffer.
 
 use crate::bf16::Bf16Copy;
+use crate::upload::Staging;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -22,6 +23,8 @@ pub struct CudaBuf {
     /// made at the first such GEMM and kept, with the contents it copies, for the next. Locked
     /// from the copy's launch until the GEMM reading it is queued.
     pub(crate) bf16: Mutex<Option<Bf16Copy>>,
+    /// Pinned host memory that rewrites of the buffer go through (`upload.rs`).
+    pub(crate) staging: Staging<f32>,
 }
 
 /// The next [`CudaBuf::contents`] number.
@@ -31,6 +34,8 @@ static NEXT_CONTENTS: AtomicU64 = AtomicU64::new(1);
 #[derive(Debug)]
 pub struct CudaIdx {
     pub(crate) slice: Option<CudaSlice<u32>>,
+    /// As [`CudaBuf::staging`].
+    pub(crate) staging: Staging<u32>,
 }
 
 impl CudaBuf {
@@ -39,6 +44,7 @@ impl CudaBuf {
             slice,
             contents: NEXT_CONTENTS.fetch_add(1, Ordering::Relaxed),
             bf16: Mutex::new(None),
+            staging: Staging::default(),
         }
     }
 
@@ -50,6 +56,12 @@ impl CudaBuf {
     pub(crate) fn slice_mut(&mut self) -> &mut Option<CudaSlice<f32>> {
         self.contents = NEXT_CONTENTS.fetch_add(1, Ordering::Relaxed);
         &mut self.slice
+    }
+
+    /// [`CudaBuf::slice_mut`] and the staging, for a write from the host.
+    pub(crate) fn slice_and_staging(&mut self) -> (&mut Option<CudaSlice<f32>>, &mut Staging<f32>) {
+        self.contents = NEXT_CONTENTS.fetch_add(1, Ordering::Relaxed);
+        (&mut self.slice, &mut self.staging)
     }
 
     /// The name of the buffer's current contents (see the field).
@@ -69,6 +81,13 @@ impl CudaBuf {
 }
 
 impl CudaIdx {
+    pub(crate) fn new(slice: Option<CudaSlice<u32>>) -> CudaIdx {
+        CudaIdx {
+            slice,
+            staging: Staging::default(),
+        }
+    }
+
     /// Length in indices.
     pub fn len(&self) -> usize {
         self.slice.as_ref().map_or(0, CudaSlice::len)

@@ -11,8 +11,10 @@
 //! kernel, the others let cuBLAS round the f32 operands (`bf16.rs`;
 //! `MAE_CUDA_BF16_GEMM=auto|copies|fast`). A Linear layer's bias is added by cuBLASLt's GEMM
 //! epilogue where `libcublasLt` is found and takes the shape, else by a second pass (`lt.rs`;
-//! `MAE_CUDA_GEMM_BIAS=lt|composed`). `MAE_CUDA_PROFILE=1` prints the device time per kernel
-//! when the backend is dropped.
+//! `MAE_CUDA_GEMM_BIAS=lt|composed`). Buffers written from the host again and again (a step's
+//! images and masking indices) are copied through pinned staging, so the host queues the upload
+//! without waiting for the GPU (`upload.rs`; `MAE_CUDA_UPLOAD=pinned|pageable`).
+//! `MAE_CUDA_PROFILE=1` prints the device time per kernel when the backend is dropped.
 //!
 //! The CUDA libraries are loaded at run time (cudarc's `dynamic-loading`), so this crate builds
 //! and its tests run on machines without CUDA: there [`CudaBackend::new`] returns a
@@ -74,6 +76,7 @@ pub mod nccl;
 mod ops;
 mod profile;
 mod readers;
+mod upload;
 
 pub use backend::{AttentionPath, CudaBackend, Precision};
 pub use buffer::{CudaBuf, CudaIdx};

@@ -159,14 +159,15 @@ impl Backend for CudaBackend {
         Ok(CudaBuf::new(Some(slice)))
     }
 
+    /// Rewrites go through pinned staging (`upload.rs`): the copy is queued without waiting for
+    /// the GPU.
     fn write(&self, dst: &mut CudaBuf, host: &[f32]) -> BResult<()> {
         same_len(dst.len(), host.len(), "write")?;
-        let Some(slice) = dst.slice_mut().as_mut() else {
+        let (slice, staging) = dst.slice_and_staging();
+        let Some(slice) = slice.as_mut() else {
             return Ok(());
         };
-        self.stream
-            .memcpy_htod(host, slice)
-            .map_err(|e| self.stream_error(e, &format!("writing {} floats", host.len()), 0))
+        self.write_host(staging, host, slice, "floats")
     }
 
     fn download(&self, src: &CudaBuf, host: &mut [f32]) -> BResult<()> {
@@ -185,13 +186,13 @@ impl Backend for CudaBackend {
 
     fn upload_idx(&self, host: &[u32]) -> BResult<CudaIdx> {
         if host.is_empty() {
-            return Ok(CudaIdx { slice: None });
+            return Ok(CudaIdx::new(None));
         }
         let bytes = error::bytes_of::<u32>(host.len())?;
         let slice = self.stream.clone_htod(host).map_err(|e| {
             self.stream_error(e, &format!("uploading {} indices", host.len()), bytes)
         })?;
-        Ok(CudaIdx { slice: Some(slice) })
+        Ok(CudaIdx::new(Some(slice)))
     }
 
     fn write_idx(&self, dst: &mut CudaIdx, host: &[u32]) -> BResult<()> {
@@ -199,9 +200,7 @@ impl Backend for CudaBackend {
         let Some(slice) = dst.slice.as_mut() else {
             return Ok(());
         };
-        self.stream
-            .memcpy_htod(host, slice)
-            .map_err(|e| self.stream_error(e, &format!("writing {} indices", host.len()), 0))
+        self.write_host(&mut dst.staging, host, slice, "indices")
     }
 
     fn idx_len(&self, idx: &CudaIdx) -> usize {

@@ -1780,6 +1780,74 @@ fn check_memory<B: Backend>(b: &B) -> Check {
     Ok(())
 }
 
+/// A buffer rewritten from the host several times, each contents read by an op queued before
+/// the next write, without a sync in between: every op sees the contents written just before
+/// it. The sizes are those of a step's inputs, large enough that the CUDA backend stages them
+/// in pinned memory from the second write on, so on a GPU this checks that a write does not
+/// refill the staging while the copy of the previous one may still be reading it.
+fn check_rewrites<B: Backend>(b: &B) -> Check {
+    let fail = |e: mae::backend::BackendError| e.to_string();
+    // 256 KiB of floats; 64 KiB of indices (16,384 rows of 4 floats gathered).
+    let (rows, cols) = (16_384, 4);
+    let contents = |k: usize| data(40 + k as u64, rows * cols, cols, Fill::Uniform);
+    let mut src = b.alloc(rows * cols).map_err(fail)?;
+    let mut copies = Vec::new();
+    for k in 0..4 {
+        b.write(&mut src, &contents(k)).map_err(fail)?;
+        let mut copy = b.alloc(rows * cols).map_err(fail)?;
+        b.copy(&src, &mut copy).map_err(fail)?;
+        copies.push(copy);
+    }
+    for (k, copy) in copies.iter().enumerate() {
+        if down(b, copy) != contents(k) {
+            return Err(format!(
+                "write {k} of {}: an op queued after it read other contents",
+                rows * cols
+            ));
+        }
+    }
+    // Index buffers: each rewrite of `order` reverses the rows in its own way.
+    let g = Gather {
+        batch: 1,
+        count: rows,
+        cols,
+        src_rows: rows,
+        dst_rows: rows,
+        dst_start: 0,
+    };
+    let table = up(b, &contents(0));
+    let order = |k: usize| -> Vec<u32> {
+        (0..rows as u32)
+            .map(|r| (r * (2 * k as u32 + 1)) % rows as u32)
+            .collect()
+    };
+    let mut idx = up_idx(b, &order(0));
+    let mut gathered = Vec::new();
+    for k in 1..5 {
+        b.write_idx(&mut idx, &order(k)).map_err(fail)?;
+        let mut dst = b.alloc(rows * cols).map_err(fail)?;
+        b.gather_rows(&table, &idx, &mut dst, &g).map_err(fail)?;
+        gathered.push(dst);
+    }
+    let host = contents(0);
+    for (k, dst) in (1..5).zip(&gathered) {
+        let want: Vec<f32> = order(k)
+            .iter()
+            .flat_map(|&r| {
+                host[r as usize * cols..(r as usize + 1) * cols]
+                    .iter()
+                    .copied()
+            })
+            .collect();
+        if down(b, dst) != want {
+            return Err(format!(
+                "write_idx {k}: the gather queued after it read other indices"
+            ));
+        }
+    }
+    Ok(())
+}
+
 // ---- contracts: accumulate twice, overwrite ignores old contents, untouched outputs ---------------
 
 /// Runs `op` twice into one zero-filled output of `len` floats; returns the output after each run.
@@ -2687,6 +2755,10 @@ macro_rules! op_tests {
             #[test]
             fn memory_ops() {
                 fixed(b(), check_memory);
+            }
+            #[test]
+            fn rewrites_reach_the_ops_queued_after_them() {
+                fixed(b(), check_rewrites);
             }
             #[test]
             fn accumulating_ops_add_up() {

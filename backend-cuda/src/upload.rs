@@ -1,0 +1,205 @@
+//! Host-to-device writes of the per-step inputs (images, masking indices, the loss mask)
+//! through pinned staging, so that a step queues its upload without waiting for the GPU.
+//!
+//! A copy from pageable host memory larger than the driver's own staging makes the host wait
+//! until the stream has finished everything queued before it, and the GPU then idles while the
+//! bytes cross at pageable speed: every training step began that way, with the previous step's
+//! backward still running (a ViT-B/16 batch of 256 is 154 MB). From pinned memory the copy is
+//! one asynchronous DMA in stream order; the host's part, filling the staging, overlaps the
+//! work already queued.
+//!
+//! A buffer gets its staging (page-locked host memory of its own size, freed with it) at its
+//! *second* write of at least [`MIN_PINNED_BYTES`]: inputs are rewritten every step, while
+//! weights restored from a checkpoint are written once and should not pin their size in host
+//! memory for the rest of the run. Before the host refills the staging it waits for the DMA
+//! that last read it (cudarc records an event after each copy from pinned memory), which has
+//! normally finished long before. `MAE_CUDA_UPLOAD=pinned|pageable` chooses (default
+//! `pinned`); where the driver refuses to pin, the buffer keeps the pageable copy.
+
+use crate::backend::{env_choice, CudaBackend};
+use crate::error;
+use cudarc::driver::{CudaSlice, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
+use mae::backend::BResult;
+
+/// How `write` and `write_idx` move host data (`MAE_CUDA_UPLOAD`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Upload {
+    /// Through each rewritten buffer's pinned staging.
+    #[default]
+    Pinned,
+    /// Straight from the caller's (pageable) memory, as before.
+    Pageable,
+}
+
+impl Upload {
+    const CHOICES: [(&'static str, Upload); 2] =
+        [("pinned", Upload::Pinned), ("pageable", Upload::Pageable)];
+
+    /// Reads `MAE_CUDA_UPLOAD`; unset is [`Upload::Pinned`].
+    pub(crate) fn from_env() -> BResult<Upload> {
+        Ok(env_choice("MAE_CUDA_UPLOAD", &Self::CHOICES)?.unwrap_or_default())
+    }
+}
+
+/// Writes below this many bytes go straight from pageable memory: the driver copies them into
+/// its own staging and returns without waiting for the stream.
+pub(crate) const MIN_PINNED_BYTES: usize = 64 << 10;
+
+/// Bytes a thread fills per part when staging is filled by several threads: large enough that
+/// starting the threads costs little next to the copy.
+const BYTES_PER_THREAD: usize = 8 << 20;
+
+/// The pinned staging of one device buffer (see the module docs).
+#[derive(Debug)]
+pub(crate) struct Staging<T> {
+    /// Writes of at least [`MIN_PINNED_BYTES`] so far.
+    large_writes: u32,
+    /// Made at the second such write.
+    pinned: Option<PinnedHostSlice<T>>,
+    /// The driver refused to pin the buffer's size once: it is not asked again.
+    refused: bool,
+}
+
+impl<T> Default for Staging<T> {
+    fn default() -> Self {
+        Staging {
+            large_writes: 0,
+            pinned: None,
+            refused: false,
+        }
+    }
+}
+
+impl<T> Staging<T> {
+    /// Whether the buffer writes through pinned staging now.
+    #[cfg(test)]
+    pub(crate) fn is_pinned(&self) -> bool {
+        self.pinned.is_some()
+    }
+}
+
+impl CudaBackend {
+    /// Queues the copy of `host` into `dst` (as long as `host`), through `staging` where the
+    /// module's rule says so.
+    pub(crate) fn write_host<T>(
+        &self,
+        staging: &mut Staging<T>,
+        host: &[T],
+        dst: &mut CudaSlice<T>,
+        what: &str,
+    ) -> BResult<()>
+    where
+        T: DeviceRepr + ValidAsZeroBits + Copy + Send + Sync,
+    {
+        let failed = |e| error::driver(e, &format!("writing {} {what}", host.len()), 0);
+        if std::mem::size_of_val(host) >= MIN_PINNED_BYTES {
+            staging.large_writes = staging.large_writes.saturating_add(1);
+        }
+        let wanted = self.upload == Upload::Pinned && staging.large_writes >= 2;
+        if wanted && staging.pinned.is_none() && !staging.refused {
+            // SAFETY: the staging is filled below before any copy reads it.
+            match unsafe { self.ctx.alloc_pinned::<T>(host.len()) } {
+                Ok(p) => staging.pinned = Some(p),
+                Err(_) => staging.refused = true,
+            }
+        }
+        let Some(pinned) = staging.pinned.as_mut().filter(|_| wanted) else {
+            return self.stream.memcpy_htod(host, dst).map_err(failed);
+        };
+        // Waits for the copy that last read the staging.
+        fill(pinned.as_mut_slice().map_err(failed)?, host);
+        self.stream.memcpy_htod(pinned, dst).map_err(failed)
+    }
+}
+
+/// `staging.copy_from_slice(host)`, by several threads when it is large: one thread's memory
+/// copy reaches a fraction of the host's bandwidth.
+fn fill<T: Copy + Send + Sync>(staging: &mut [T], host: &[T]) {
+    let bytes = std::mem::size_of_val(host);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(bytes / BYTES_PER_THREAD)
+        .clamp(1, 8);
+    if threads == 1 {
+        staging.copy_from_slice(host);
+        return;
+    }
+    let part = host.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        for (to, from) in staging.chunks_mut(part).zip(host.chunks(part)) {
+            s.spawn(move || to.copy_from_slice(from));
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_copies_every_element_whatever_the_split() {
+        for len in [0usize, 1, 1000, (3 * BYTES_PER_THREAD) / 4 + 17] {
+            let host: Vec<u32> = (0..len as u32)
+                .map(|i| i.wrapping_mul(2_654_435_761))
+                .collect();
+            let mut staging = vec![0u32; len];
+            fill(&mut staging, &host);
+            assert_eq!(staging, host, "len {len}");
+        }
+    }
+
+    /// On a device (or the fake driver of `emulate/`): the second large write of a buffer
+    /// takes its pinned staging, small ones and `pageable` never do, and every write lands.
+    #[test]
+    fn rewrites_of_large_buffers_take_pinned_staging() {
+        use mae::backend::{Backend, BackendErrorKind};
+        use std::io::Write;
+        let mut be = match CudaBackend::new(0) {
+            Ok(be) => be,
+            Err(e) if e.kind == BackendErrorKind::NoDevice => {
+                let required = std::env::var("MAE_REQUIRE_BACKENDS").unwrap_or_default();
+                assert!(!required.split(',').any(|b| b.trim() == "cuda"), "{e}");
+                // Past libtest's capture, as the conformance suite's skips.
+                let _ = writeln!(std::io::stderr(), "SKIP cuda: {e}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let large = MIN_PINNED_BYTES / 4;
+        for (len, upload, pinned_at_second) in [
+            (large, Upload::Pinned, true),
+            (large - 1, Upload::Pinned, false),
+            (large, Upload::Pageable, false),
+        ] {
+            be.upload = upload;
+            let mut buf = be.alloc(len).unwrap();
+            let mut idx = be.upload_idx(&vec![0; len]).unwrap();
+            for k in 0..3u32 {
+                let floats: Vec<f32> = (0..len).map(|i| (i as u32 ^ k) as f32).collect();
+                let indices: Vec<u32> = (0..len as u32).map(|i| i.wrapping_mul(k + 3)).collect();
+                be.write(&mut buf, &floats).unwrap();
+                be.write_idx(&mut idx, &indices).unwrap();
+                let pinned = k >= 1 && pinned_at_second;
+                let case = format!("{len} elements, {upload:?}, write {k}");
+                assert_eq!(buf.staging.is_pinned(), pinned, "{case}");
+                assert_eq!(idx.staging.is_pinned(), pinned, "{case}");
+                let mut back = vec![f32::NAN; len];
+                be.download(&buf, &mut back).unwrap();
+                assert_eq!(back, floats, "{case}");
+                let mut back = vec![0u32; len];
+                let slice = idx.slice.as_ref().unwrap();
+                be.stream.memcpy_dtoh(slice, &mut back).unwrap();
+                be.stream.synchronize().unwrap();
+                assert_eq!(back, indices, "{case}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_switch_parses_and_refuses_unknown_values() {
+        let parse = |v: &str| crate::backend::choice("MAE_CUDA_UPLOAD", v, &Upload::CHOICES);
+        assert_eq!(parse("pinned"), Ok(Upload::Pinned));
+        assert_eq!(parse("pageable"), Ok(Upload::Pageable));
+        assert!(parse("async").is_err());
+    }
+}
