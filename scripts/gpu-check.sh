@@ -20,7 +20,8 @@
 #       bench/torch_reference.py (PyTorch eager, bf16 autocast and f32) on the same card, each
 #       with its peak device memory; a MAE_CUDA_PROFILE table; and the wgpu backend on the GPU
 #       where the machine has a Vulkan driver; and scripts/dp-check.sh (one NCCL rank against a
-#       single process). A full run took 195-213 s on an H200 (2026-11-27).
+#       single process), and bf16 at the largest batch with MAE_CUDA_UPLOAD=pageable (the
+#       uploads before pinned staging). A full run took 195-213 s on an H200 (2026-11-27).
 #       GPU_CHECK_QUICK=1 keeps what a change to the bf16 mode needs, in about half the time:
 #       the backend's tests, bf16 golden and ops, bf16 bench at GPU_CHECK_BATCHES (the composed
 #       attention and PyTorch bf16 at the largest), the profile; no f32, ViT-L, wgpu or NCCL.
@@ -267,6 +268,10 @@ run() {
         measure "bench base224 cuda-bf16 b$batch" "$bins/bin/bench" --case base224 \
             --backend cuda-bf16 --batch "$batch" --seconds "$s"
     done
+    # The uploads from pageable memory that pinned staging replaced (upload.rs), same batch.
+    measure "bench base224 cuda-bf16 b$largest MAE_CUDA_UPLOAD=pageable" \
+        env MAE_CUDA_UPLOAD=pageable "$bins/bin/bench" --case base224 --backend cuda-bf16 \
+        --batch "$largest" --seconds "$s"
     for batch in $composed; do
         measure "bench base224 cuda-bf16 b$batch MAE_CUDA_ATTENTION=composed" \
             env MAE_CUDA_ATTENTION=composed "$bins/bin/bench" --case base224 --backend cuda-bf16 \

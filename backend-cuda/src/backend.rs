@@ -304,11 +304,27 @@ impl CudaBackend {
             .map_err(|e| error::driver(e, "allocating reduction scratch", bytes))
     }
 
-    pub(crate) fn ptr(&self, b: &CudaBuf) -> Arg {
-        Arg::Ptr(addr(b.slice(), &self.stream))
+    /// The kernel argument for a buffer the op reads (its floats brought up to date first:
+    /// `bf16.rs`, [`CudaBackend::floats_current`]).
+    pub(crate) fn ptr(&self, b: &CudaBuf) -> BResult<Arg> {
+        Ok(Arg::Ptr(self.read_addr(b)?))
     }
 
-    pub(crate) fn ptr_mut(&self, b: &mut CudaBuf) -> Arg {
+    /// The device address of a buffer's floats, for an op that reads them.
+    pub(crate) fn read_addr(&self, b: &CudaBuf) -> BResult<u64> {
+        self.floats_current(b)?;
+        Ok(addr(b.slice(), &self.stream))
+    }
+
+    /// The kernel argument for a buffer the op may read and writes: its contents get a new name.
+    pub(crate) fn ptr_mut(&self, b: &mut CudaBuf) -> BResult<Arg> {
+        self.floats_current(b)?;
+        Ok(Arg::Ptr(addr_mut(b.slice_mut(), &self.stream)))
+    }
+
+    /// The kernel argument for a buffer the op overwrites without reading (every element the
+    /// op's contract covers): no need to bring stale floats up to date first.
+    pub(crate) fn ptr_out(&self, b: &mut CudaBuf) -> Arg {
         Arg::Ptr(addr_mut(b.slice_mut(), &self.stream))
     }
 

@@ -24,6 +24,13 @@
 //! it copies and lives as long as that buffer, so in training every weight and activation that
 //! a Linear layer multiplies carries 50 % more device memory (a written buffer keeps its
 //! allocation and recopies at its next GEMM).
+//!
+//! **Copies alone.** A buffer from `alloc_operand` (the MLP's GELU output, which only fc2's
+//! GEMMs read) is written by its producer as the copy only: the kernel skips the f32 store,
+//! 4 of the 10 bytes it moves per element ([`ProducedCopy::skip_floats`]). Its floats are then
+//! stale until an op reads them: every read of a buffer's floats goes through
+//! [`CudaBackend::floats_current`] (`ptr`, `read_addr`), which widens the copy into them
+//! first, so such a read sees the bf16-rounded values the trait allows.
 
 #[cfg(test)]
 use crate::backend::choice;
@@ -32,7 +39,7 @@ use crate::buffer::CudaBuf;
 use crate::error;
 use crate::kernels::{Arg, Kernel};
 use crate::launch::elementwise;
-use cudarc::driver::{CudaSlice, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut};
 use mae::backend::{BResult, Gemm};
 use std::sync::MutexGuard;
 
@@ -101,6 +108,9 @@ pub(crate) struct Bf16Copy {
     /// elements were. A GEMM whose operand still has those contents (not written since) and
     /// spans no more elements multiplies the copy again.
     of: Option<(u64, usize)>,
+    /// Whether the buffer's floats hold those contents too; false after a producer wrote the
+    /// copy alone ([`ProducedCopy::skip_floats`]), until [`CudaBackend::floats_current`].
+    floats: bool,
 }
 
 /// The bf16 copies of one GEMM's A and B, locked until the GEMM that reads them is queued,
@@ -163,14 +173,24 @@ impl CudaBackend {
                 return Ok(addr);
             }
         }
+        // A copy alone holds the buffer's contents: they are not rounded from stale floats.
+        if let Some((contents, copied)) = copy.of {
+            if contents == buf.contents() && !copy.floats && copied < len {
+                return Err(error::device(format!(
+                    "bug: a GEMM reads {len} elements of a buffer whose producer wrote only \
+                     {copied} as a bf16 copy"
+                )));
+            }
+        }
         copy.of = None;
-        let args = [self.ptr(buf), Arg::Ptr(addr), u(len)];
+        let args = [Arg::Ptr(addr_of(buf, &self.stream)), Arg::Ptr(addr), u(len)];
         self.launch(
             Kernel::RoundToBf16,
             elementwise(len.div_ceil(2) as u64),
             &args,
         )?;
         copy.of = Some((buf.contents(), len));
+        copy.floats = true;
         Ok(addr)
     }
 
@@ -194,6 +214,7 @@ impl CudaBackend {
             *slot = Some(Bf16Copy {
                 words: fresh,
                 of: None,
+                floats: true,
             });
         }
         slot.as_mut()
@@ -213,8 +234,47 @@ impl CudaBackend {
         let copy = self.copy_room(&mut slot, buf.len())?;
         copy.of = None;
         let addr = copy.words.device_ptr_mut(&self.stream).0;
-        Ok(Some(ProducedCopy { slot, addr }))
+        Ok(Some(ProducedCopy {
+            slot,
+            addr,
+            floats: true,
+        }))
     }
+
+    /// Makes `buf`'s floats hold its current contents where only its bf16 copy does (see the
+    /// module docs), by widening the copy into them. Every op reading a buffer's floats calls
+    /// it first; for buffers not from `alloc_operand` it returns at once.
+    pub(crate) fn floats_current(&self, buf: &CudaBuf) -> BResult<()> {
+        if !buf.operand {
+            return Ok(());
+        }
+        let mut slot = lock(buf)?;
+        let Some(copy) = slot.as_mut() else {
+            return Ok(());
+        };
+        match copy.of {
+            Some((contents, len)) if contents == buf.contents() && !copy.floats => {
+                let words = copy.words.device_ptr_mut(&self.stream).0;
+                // The floats are written through the shared reference: they take the values
+                // the buffer already holds (its contents number stays), as a cache would.
+                let args = [
+                    Arg::Ptr(words),
+                    Arg::Ptr(addr_of(buf, &self.stream)),
+                    u(len),
+                ];
+                self.launch(Kernel::FloatsOfBf16, elementwise(len as u64), &args)?;
+                copy.floats = true;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The device address of `buf`'s floats, without bringing them up to date: for the copy and
+/// widening kernels, which are what does that.
+fn addr_of(buf: &CudaBuf, stream: &CudaStream) -> u64 {
+    crate::buffer::addr(buf.slice(), stream)
 }
 
 /// A buffer's bf16 copy that the kernel about to be queued writes along with the buffer
@@ -222,6 +282,8 @@ impl CudaBackend {
 pub(crate) struct ProducedCopy<'a> {
     slot: MutexGuard<'a, Option<Bf16Copy>>,
     addr: u64,
+    /// Whether the kernel writes the floats too (not after [`ProducedCopy::skip_floats`]).
+    floats: bool,
 }
 
 impl ProducedCopy<'_> {
@@ -230,11 +292,31 @@ impl ProducedCopy<'_> {
         Arg::Ptr(copy.as_ref().map_or(0, |c| c.addr))
     }
 
+    /// The kernel argument for the floats of `buf`, whose address is `floats`: null where the
+    /// kernel writes the copy alone, which it does for a buffer from `alloc_operand` (see the
+    /// module docs). Only kernels that skip their f32 stores at a null pointer may take it.
+    pub(crate) fn skip_floats(
+        copy: &mut Option<ProducedCopy<'_>>,
+        buf: &CudaBuf,
+        floats: Arg,
+    ) -> Arg {
+        match copy {
+            Some(c) if buf.operand => {
+                c.floats = false;
+                Arg::Ptr(0)
+            }
+            _ => floats,
+        }
+    }
+
     /// Records, once the kernel is queued, that the copy holds the first `len` elements of the
-    /// buffer's `contents` (the stream orders it before any GEMM that reads it).
+    /// buffer's `contents` (the stream orders it before any GEMM that reads it), and whether the
+    /// floats do.
     pub(crate) fn written(mut self, contents: u64, len: usize) {
+        let floats = self.floats;
         if let Some(copy) = self.slot.as_mut() {
             copy.of = Some((contents, len));
+            copy.floats = floats;
         }
     }
 }

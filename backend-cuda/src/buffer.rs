@@ -3,7 +3,8 @@
 //!
 //! In the bf16 mode a buffer that a GEMM multiplied as a bf16 operand also holds that bf16
 //! copy (`bf16.rs`): half the bytes of the floats it copies, allocated at the first such GEMM
-//! and freed with the buffer.
+//! and freed with the buffer. A buffer from `alloc_operand` may hold its contents in that copy
+//! alone until an op reads the floats.
 
 use crate::bf16::Bf16Copy;
 use crate::upload::Staging;
@@ -25,6 +26,9 @@ pub struct CudaBuf {
     pub(crate) bf16: Mutex<Option<Bf16Copy>>,
     /// Pinned host memory that rewrites of the buffer go through (`upload.rs`).
     pub(crate) staging: Staging<f32>,
+    /// Made by `alloc_operand`: a producer that writes the bf16 copy may skip the floats
+    /// (`bf16.rs`, [`crate::bf16::ProducedCopy::skip_floats`]).
+    pub(crate) operand: bool,
 }
 
 /// The next [`CudaBuf::contents`] number.
@@ -45,6 +49,7 @@ impl CudaBuf {
             contents: NEXT_CONTENTS.fetch_add(1, Ordering::Relaxed),
             bf16: Mutex::new(None),
             staging: Staging::default(),
+            operand: false,
         }
     }
 

@@ -152,6 +152,7 @@ kernels! {
     AdamW = "adamw" (Ptr, Ptr, Ptr, Ptr, U64, F32, F32, F32, F32, F32, F32, F32, F32);
     AdamWMany = "adamw_many" (Ptr, U64, U64);
     RoundToBf16 = "round_to_bf16" (Ptr, Ptr, U64);
+    FloatsOfBf16 = "floats_of_bf16" (Ptr, Ptr, U64);
     CopyRows = "copy_rows" (Ptr, Ptr, U64, U64, U64, U64, U64, U64, U64, U64, U32);
     CopyRowsBackwardPartials = "copy_rows_backward_partials"
         (Ptr, Ptr, U64, U64, U64, U64, U64, U64, U64, U64, U64, U64, U64);

@@ -24,7 +24,7 @@
 #[cfg(test)]
 use crate::backend::choice;
 use crate::backend::{env_choice, CudaBackend, Precision};
-use crate::buffer::{addr, addr_mut, CudaBuf};
+use crate::buffer::{addr_mut, CudaBuf};
 use crate::error;
 use crate::gemm::{column_major, ColumnMajor};
 use cudarc::cublaslt::result::{self as lt, CublasError};
@@ -319,7 +319,7 @@ impl CudaBackend {
         let bf16_copies =
             self.precision() == Precision::Bf16 && self.bf16_gemm.copies(g, a_len, b_len);
         let (operand, compute) = types(self.precision(), bf16_copies);
-        let pbias = addr(bias.slice(), &self.stream);
+        let pbias = self.read_addr(bias)?;
         let call = describe(&cm, operand, compute, pbias)
             .map_err(|e| lt_error(e, &format!("describing gemm_bias {g:?} to cuBLASLt")))?;
         let mut lt = lt
@@ -337,8 +337,11 @@ impl CudaBackend {
                 .addrs;
             (pa, pb)
         } else {
-            (addr(a.slice(), &self.stream), addr(b.slice(), &self.stream))
+            (self.read_addr(a)?, self.read_addr(b)?)
         };
+        if g.beta != 0.0 {
+            self.floats_current(c)?;
+        }
         let pc = addr_mut(c.slice_mut(), &self.stream);
         self.ctx
             .bind_to_thread()

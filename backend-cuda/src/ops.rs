@@ -136,6 +136,14 @@ impl Backend for CudaBackend {
 
     // ---- memory -----------------------------------------------------------------------------
 
+    /// The bf16 mode's producers may keep such a buffer's contents in its bf16 copy alone
+    /// (`bf16.rs`).
+    fn alloc_operand(&self, len: usize) -> BResult<CudaBuf> {
+        let mut buf = self.alloc(len)?;
+        buf.operand = true;
+        Ok(buf)
+    }
+
     fn alloc(&self, len: usize) -> BResult<CudaBuf> {
         if len == 0 {
             return Ok(CudaBuf::new(None));
@@ -172,6 +180,7 @@ impl Backend for CudaBackend {
 
     fn download(&self, src: &CudaBuf, host: &mut [f32]) -> BResult<()> {
         same_len(src.len(), host.len(), "download")?;
+        self.floats_current(src)?;
         if let Some(slice) = src.slice().as_ref() {
             self.stream.memcpy_dtoh(slice, host).map_err(|e| {
                 self.stream_error(e, &format!("downloading {} floats", host.len()), 0)
@@ -209,12 +218,13 @@ impl Backend for CudaBackend {
 
     fn fill(&self, dst: &mut CudaBuf, value: f32) -> BResult<()> {
         let n = dst.len();
-        let args = [self.ptr_mut(dst), u(n), Arg::F32(value)];
+        let args = [self.ptr_mut(dst)?, u(n), Arg::F32(value)];
         self.launch(Kernel::Fill, elementwise(n as u64), &args)
     }
 
     fn copy(&self, src: &CudaBuf, dst: &mut CudaBuf) -> BResult<()> {
         same_len(dst.len(), src.len(), "copy")?;
+        self.floats_current(src)?;
         let (Some(s), Some(d)) = (src.slice().as_ref(), dst.slice_mut().as_mut()) else {
             return Ok(());
         };
@@ -263,11 +273,14 @@ impl Backend for CudaBackend {
             let exact = cublasComputeType_t::CUBLAS_COMPUTE_32F;
             (pa, pb, cudaDataType::CUDA_R_16BF, Some(exact))
         } else {
-            let pa = addr(a.slice(), &self.stream);
-            let pb = addr(b.slice(), &self.stream);
+            let pa = self.read_addr(a)?;
+            let pb = self.read_addr(b)?;
             let compute = self.precision().compute_type();
             (pa, pb, cudaDataType::CUDA_R_32F, compute)
         };
+        if g.beta != 0.0 {
+            self.floats_current(c)?;
+        }
         let pc = addr_mut(c.slice_mut(), &self.stream);
         let blas = self
             .blas
@@ -403,13 +416,13 @@ impl Backend for CudaBackend {
     fn add(&self, src: &CudaBuf, dst: &mut CudaBuf) -> BResult<()> {
         let n = dst.len();
         need(src, n, "add", "src")?;
-        let args = [self.ptr(src), self.ptr_mut(dst), u(n)];
+        let args = [self.ptr(src)?, self.ptr_mut(dst)?, u(n)];
         self.launch(Kernel::Add, elementwise(n as u64), &args)
     }
 
     fn scale(&self, buf: &mut CudaBuf, s: f32) -> BResult<()> {
         let n = buf.len();
-        let args = [self.ptr_mut(buf), u(n), Arg::F32(s)];
+        let args = [self.ptr_mut(buf)?, u(n), Arg::F32(s)];
         self.launch(Kernel::Scale, elementwise(n as u64), &args)
     }
 
@@ -433,9 +446,9 @@ impl Backend for CudaBackend {
             return Err(scale_rows_lengths(src, scales, dst, rows_per_scale, cols));
         }
         let args = [
-            self.ptr(src),
-            self.ptr(scales),
-            self.ptr_mut(dst),
+            self.ptr(src)?,
+            self.ptr(scales)?,
+            self.ptr_mut(dst)?,
             u(n),
             u(group),
             Arg::U32(accumulate as u32),
@@ -460,8 +473,8 @@ impl Backend for CudaBackend {
         need(src, ls, "copy_rows", "src")?;
         need(dst, ld, "copy_rows", "dst")?;
         let args = [
-            self.ptr(src),
-            self.ptr_mut(dst),
+            self.ptr(src)?,
+            self.ptr_mut(dst)?,
             u(map.batch),
             u(map.count),
             u(map.cols),
@@ -510,7 +523,7 @@ impl Backend for CudaBackend {
         if is_bias(map) {
             // Row b of d_dst (b < batch) is the bias's b-th reader: plain column sums.
             let args = [
-                self.ptr(d_dst),
+                self.ptr(d_dst)?,
                 self.scratch_ptr(&mut partial),
                 u(map.dst_start),
                 u(map.batch),
@@ -525,7 +538,7 @@ impl Backend for CudaBackend {
             )?;
             let args = [
                 self.scratch_ptr(&mut partial),
-                self.ptr_mut(d_src),
+                self.ptr_mut(d_src)?,
                 Arg::U64(chunk_count),
                 u(map.cols),
             ];
@@ -542,7 +555,7 @@ impl Backend for CudaBackend {
             u(map.dst_start),
             u(src_rows),
         ];
-        let mut args = vec![self.ptr(d_dst), self.scratch_ptr(&mut partial)];
+        let mut args = vec![self.ptr(d_dst)?, self.scratch_ptr(&mut partial)];
         args.extend_from_slice(&map_args);
         args.extend([Arg::U64(chunk_count), Arg::U64(chunk_len)]);
         self.launch(
@@ -550,7 +563,7 @@ impl Backend for CudaBackend {
             elementwise(partial_len as u64),
             &args,
         )?;
-        let mut args = vec![self.scratch_ptr(&mut partial), self.ptr_mut(d_src)];
+        let mut args = vec![self.scratch_ptr(&mut partial), self.ptr_mut(d_src)?];
         args.extend_from_slice(&map_args);
         args.push(Arg::U64(chunk_len));
         self.launch(
@@ -600,8 +613,8 @@ impl Backend for CudaBackend {
         need(imgs, n_in, "patchify", "imgs")?;
         need(out, n_out, "patchify", "out")?;
         let args = [
-            self.ptr(imgs),
-            self.ptr_mut(out),
+            self.ptr(imgs)?,
+            self.ptr_mut(out)?,
             u(p.batch),
             u(p.channels),
             u(p.height),
@@ -616,7 +629,7 @@ impl Backend for CudaBackend {
         let (lx, lh) = h.lens();
         need(x, lx, "split_heads", "x")?;
         need(heads, lh, "split_heads", "heads")?;
-        let args = [self.ptr(x), self.ptr_mut(heads)];
+        let args = [self.ptr(x)?, self.ptr_mut(heads)?];
         self.heads(Kernel::SplitHeads, args, h, lh)
     }
 
@@ -624,7 +637,7 @@ impl Backend for CudaBackend {
         let (lx, lh) = h.lens();
         need(x, lx, "merge_heads", "x")?;
         need(heads, lh, "merge_heads", "heads")?;
-        let args = [self.ptr(heads), self.ptr_mut(x)];
+        let args = [self.ptr(heads)?, self.ptr_mut(x)?];
         self.heads(Kernel::MergeHeads, args, h, lh)
     }
 
@@ -650,16 +663,16 @@ impl Backend for CudaBackend {
         need(mean, rows, o, "mean")?;
         need(rstd, rows, o, "rstd")?;
         // In the bf16 mode the kernel also writes y's bf16 copy: y is the input of a Linear.
-        let y_ptr = self.ptr_mut(y);
+        let y_ptr = self.ptr_mut(y)?;
         let copy = self.produced_copy(y)?;
         let args = [
-            self.ptr(x),
-            self.ptr(gamma),
-            self.ptr(beta),
+            self.ptr(x)?,
+            self.ptr(gamma)?,
+            self.ptr(beta)?,
             y_ptr,
             ProducedCopy::arg(&copy),
-            self.ptr_mut(mean),
-            self.ptr_mut(rstd),
+            self.ptr_mut(mean)?,
+            self.ptr_mut(rstd)?,
             u(rows),
             u(cols),
             Arg::F32(eps),
@@ -704,14 +717,14 @@ impl Backend for CudaBackend {
         need(rstd, rows, o, "rstd")?;
         // In the bf16 mode the kernel also writes dx's bf16 copy: dx is the residual stream's
         // gradient, dY of the Linear layers (proj, fc2) that write into the stream.
-        let dx_ptr = self.ptr_mut(dx);
+        let dx_ptr = self.ptr_mut(dx)?;
         let copy = self.produced_copy(dx)?;
         let args = [
-            self.ptr(dy),
-            self.ptr(x),
-            self.ptr(gamma),
-            self.ptr(mean),
-            self.ptr(rstd),
+            self.ptr(dy)?,
+            self.ptr(x)?,
+            self.ptr(gamma)?,
+            self.ptr(mean)?,
+            self.ptr(rstd)?,
             dx_ptr,
             ProducedCopy::arg(&copy),
             u(rows),
@@ -730,10 +743,10 @@ impl Backend for CudaBackend {
         let partial_len = chunk_count as usize * cols;
         let (mut pg, mut pb) = (self.scratch(partial_len)?, self.scratch(partial_len)?);
         let args = [
-            self.ptr(dy),
-            self.ptr(x),
-            self.ptr(mean),
-            self.ptr(rstd),
+            self.ptr(dy)?,
+            self.ptr(x)?,
+            self.ptr(mean)?,
+            self.ptr(rstd)?,
             self.scratch_ptr(&mut pg),
             self.scratch_ptr(&mut pb),
             u(rows),
@@ -749,7 +762,7 @@ impl Backend for CudaBackend {
         for (partial, out) in [(&mut pg, dgamma), (&mut pb, dbeta)] {
             let args = [
                 self.scratch_ptr(partial),
-                self.ptr_mut(out),
+                self.ptr_mut(out)?,
                 Arg::U64(chunk_count),
                 u(cols),
             ];
@@ -759,13 +772,17 @@ impl Backend for CudaBackend {
     }
 
     /// In the bf16 mode the kernel also writes y's bf16 copy, for the GEMM that reads it
-    /// (`fc2`).
+    /// (`fc2`), and for a `y` from `alloc_operand` the copy alone (`bf16.rs`).
     fn gelu_forward(&self, x: &CudaBuf, y: &mut CudaBuf) -> BResult<()> {
         let n = y.len();
         need(x, n, "gelu_forward", "x")?;
-        let y_ptr = self.ptr_mut(y);
-        let copy = self.produced_copy(y)?;
-        let args = [self.ptr(x), y_ptr, ProducedCopy::arg(&copy), u(n)];
+        // The inputs' addresses first: reading one may take its copy's lock (`ptr`), and the
+        // output's stays locked until the launch.
+        let x_ptr = self.ptr(x)?;
+        let y_ptr = self.ptr_out(y);
+        let mut copy = self.produced_copy(y)?;
+        let y_ptr = ProducedCopy::skip_floats(&mut copy, y, y_ptr);
+        let args = [x_ptr, y_ptr, ProducedCopy::arg(&copy), u(n)];
         self.launch(
             self.gelu_kernel(Kernel::GeluForward),
             elementwise(n as u64),
@@ -779,7 +796,7 @@ impl Backend for CudaBackend {
 
     /// One pass instead of `copy_rows` then `gelu_forward`: the kernel computes the same f32 add
     /// and the same GELU, so the result is bitwise theirs (with act's bf16 copy in the bf16
-    /// mode, as `gelu_forward`).
+    /// mode, or that alone, as `gelu_forward`).
     fn bias_gelu_forward(
         &self,
         bias: &CudaBuf,
@@ -800,11 +817,14 @@ impl Backend for CudaBackend {
         need(bias, cols, o, "bias")?;
         need(pre, n, o, "pre")?;
         need(act, n, o, "act")?;
-        let act_ptr = self.ptr_mut(act);
-        let copy = self.produced_copy(act)?;
+        // Inputs first, as in `gelu_forward`.
+        let (bias_ptr, pre_ptr) = (self.ptr(bias)?, self.ptr_mut(pre)?);
+        let act_ptr = self.ptr_out(act);
+        let mut copy = self.produced_copy(act)?;
+        let act_ptr = ProducedCopy::skip_floats(&mut copy, act, act_ptr);
         let args = [
-            self.ptr(bias),
-            self.ptr_mut(pre),
+            bias_ptr,
+            pre_ptr,
             act_ptr,
             ProducedCopy::arg(&copy),
             u(n),
@@ -833,11 +853,11 @@ impl Backend for CudaBackend {
         let n = dx.len();
         need(x, n, "gelu_backward", "x")?;
         need(dy, n, "gelu_backward", "dy")?;
-        let dx_ptr = self.ptr_mut(dx);
+        let dx_ptr = self.ptr_mut(dx)?;
         let copy = self.produced_copy(dx)?;
         let args = [
-            self.ptr(x),
-            self.ptr(dy),
+            self.ptr(x)?,
+            self.ptr(dy)?,
             dx_ptr,
             ProducedCopy::arg(&copy),
             u(n),
@@ -880,9 +900,9 @@ impl Backend for CudaBackend {
         need(dy, rows * cols, o, "dy")?;
         need(dx, rows * cols, o, "dx")?;
         let args = [
-            self.ptr(y),
-            self.ptr(dy),
-            self.ptr_mut(dx),
+            self.ptr(y)?,
+            self.ptr(dy)?,
+            self.ptr_mut(dx)?,
             u(rows),
             u(cols),
             Arg::F32(scale),
@@ -917,17 +937,17 @@ impl Backend for CudaBackend {
         // The tensor-core kernels (the bf16 mode's) also write out's bf16 copy: the input of
         // `proj`.
         let tensor_cores = forward == Kernel::AttentionForwardMma;
-        let out_ptr = self.ptr_mut(out);
+        let out_ptr = self.ptr_mut(out)?;
         let copy = if tensor_cores {
             self.produced_copy(out)?
         } else {
             None
         };
-        let mut args = vec![self.ptr(qkv), out_ptr];
+        let mut args = vec![self.ptr(qkv)?, out_ptr];
         if tensor_cores {
             args.push(ProducedCopy::arg(&copy));
         }
-        args.push(self.ptr_mut(lse));
+        args.push(self.ptr_mut(lse)?);
         args.extend(attention_dims(a));
         self.launch_described(forward, cfg, &args, || attention_shape(a))?;
         if let Some(copy) = copy {
@@ -959,7 +979,7 @@ impl Backend for CudaBackend {
         // The tensor-core kernels also write d_qkv's bf16 copy (dQ its q columns, dK-dV the
         // others): d_qkv is dY of the qkv Linear, whose two gradient products read it.
         let tensor_cores = dq == Kernel::AttentionBackwardDqMma;
-        let d_qkv_ptr = self.ptr_mut(d_qkv);
+        let d_qkv_ptr = self.ptr_mut(d_qkv)?;
         let copy = if tensor_cores {
             self.produced_copy(d_qkv)?
         } else {
@@ -970,16 +990,21 @@ impl Backend for CudaBackend {
         } else {
             vec![d_qkv_ptr]
         };
-        let mut args = vec![self.ptr(qkv), self.ptr(out), self.ptr(lse), self.ptr(d_out)];
+        let mut args = vec![
+            self.ptr(qkv)?,
+            self.ptr(out)?,
+            self.ptr(lse)?,
+            self.ptr(d_out)?,
+        ];
         args.extend_from_slice(&d_qkv_args);
-        args.push(self.ptr_mut(&mut drow));
+        args.push(self.ptr_mut(&mut drow)?);
         args.extend(attention_dims(a));
         self.launch_described(dq, cfg, &args, || attention_shape(a))?;
         let mut args = vec![
-            self.ptr(qkv),
-            self.ptr(lse),
-            self.ptr(d_out),
-            self.ptr(&drow),
+            self.ptr(qkv)?,
+            self.ptr(lse)?,
+            self.ptr(d_out)?,
+            self.ptr(&drow)?,
         ];
         args.extend_from_slice(&d_qkv_args);
         args.extend(attention_dims(a));
@@ -1020,9 +1045,9 @@ impl Backend for CudaBackend {
         need(loss, 1, o, "loss")?;
         let mut row_loss = self.scratch(rows)?;
         let args = [
-            self.ptr(pred),
-            self.ptr(target),
-            self.ptr(mask),
+            self.ptr(pred)?,
+            self.ptr(target)?,
+            self.ptr(mask)?,
             self.scratch_ptr(&mut row_loss),
             u(rows),
             u(cols),
@@ -1031,8 +1056,8 @@ impl Backend for CudaBackend {
         self.launch(Kernel::MaskedMseRows, per_row(rows as u64, 1), &args)?;
         let args = [
             self.scratch_ptr(&mut row_loss),
-            self.ptr(mask),
-            self.ptr_mut(loss),
+            self.ptr(mask)?,
+            self.ptr_mut(loss)?,
             u(rows),
         ];
         self.launch(Kernel::MaskedMseTotal, Some(single_block()), &args)
@@ -1057,14 +1082,14 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let mut mask_sum = self.scratch(1)?;
-        let args = [self.ptr(mask), self.scratch_ptr(&mut mask_sum), u(rows)];
+        let args = [self.ptr(mask)?, self.scratch_ptr(&mut mask_sum), u(rows)];
         self.launch(Kernel::MaskSum, Some(single_block()), &args)?;
         let args = [
-            self.ptr(pred),
-            self.ptr(target),
-            self.ptr(mask),
+            self.ptr(pred)?,
+            self.ptr(target)?,
+            self.ptr(mask)?,
             self.scratch_ptr(&mut mask_sum),
-            self.ptr_mut(d_pred),
+            self.ptr_mut(d_pred)?,
             u(rows),
             u(cols),
             Arg::F32(d_loss),
@@ -1093,10 +1118,10 @@ impl Backend for CudaBackend {
         let [decay, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, bc2_sqrt, eps] =
             crate::adamw_many::scalars(s);
         let args = [
-            self.ptr_mut(param),
-            self.ptr(grad),
-            self.ptr_mut(m),
-            self.ptr_mut(v),
+            self.ptr_mut(param)?,
+            self.ptr(grad)?,
+            self.ptr_mut(m)?,
+            self.ptr_mut(v)?,
             u(n),
             Arg::F32(decay),
             Arg::F32(beta1),
@@ -1216,8 +1241,8 @@ impl CudaBackend {
         need(x, rows * cols, name, "x")?;
         need(y, rows * cols, name, "y")?;
         let args = [
-            self.ptr(x),
-            self.ptr_mut(y),
+            self.ptr(x)?,
+            self.ptr_mut(y)?,
             u(rows),
             u(cols),
             Arg::F32(scalar),
@@ -1245,9 +1270,9 @@ impl CudaBackend {
         need(output.0, output.1, op.0, op.2)?;
         need_idx(idx, li, op.0)?;
         let args = [
-            self.ptr(input.0),
+            self.ptr(input.0)?,
             self.idx_ptr(idx),
-            self.ptr_mut(output.0),
+            self.ptr_mut(output.0)?,
             u(g.batch),
             u(g.count),
             u(g.cols),

@@ -1848,6 +1848,90 @@ fn check_rewrites<B: Backend>(b: &B) -> Check {
     Ok(())
 }
 
+/// A buffer from `alloc_operand` beside one from `alloc`, both written by the GELU producers
+/// (`gelu_forward`, `bias_gelu_forward`, `gemm_bias_gelu` as the MLP calls it): the GEMMs that
+/// read them (fc2's forward as A, its weight gradient as B) give bitwise the same products,
+/// and every other read (a download, an accumulating op) sees `stored` of the values, the
+/// rounding the backend may keep them at (the identity where it keeps the floats). Twice, so a
+/// second contents replaces the first, and the products are taken again after the reads.
+fn check_operand_buffers<B: Backend>(b: &B, stored: fn(f32) -> f32) -> Check {
+    let fail = |e: mae::backend::BackendError| e.to_string();
+    // 640 token rows, 256 hidden features, 96 outputs: products where the CUDA bf16 mode
+    // multiplies bf16 copies of its operands.
+    let (rows, hidden, out) = (640, 256, 96);
+    let n = rows * hidden;
+    let host = |seed: u64, len: usize, cols: usize| data(seed, len, cols, Fill::Uniform);
+    let (w2, dy) = (
+        up(b, &host(50, out * hidden, hidden)),
+        up(b, &host(51, rows * out, out)),
+    );
+    let forward = Gemm::new(rows, out, hidden).trans_b();
+    let weight_grad = Gemm::new(out, hidden, rows).trans_a();
+    let products = |act: &B::Buf| -> Result<[Vec<f32>; 2], String> {
+        let mut y = up(b, &vec![f32::NAN; rows * out]);
+        let mut dw = up(b, &vec![f32::NAN; out * hidden]);
+        b.gemm(&forward, act, &w2, &mut y).map_err(fail)?;
+        b.gemm(&weight_grad, &dy, act, &mut dw).map_err(fail)?;
+        Ok([down(b, &y), down(b, &dw)])
+    };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let (mut plain, mut operand) = (b.alloc(n).map_err(fail)?, b.alloc_operand(n).map_err(fail)?);
+    let bias = up(b, &host(52, hidden, hidden));
+    let (x, w1) = (
+        up(b, &host(53, rows * 64, 64)),
+        up(b, &host(54, hidden * 64, 64)),
+    );
+    let fc1 = Gemm::new(rows, hidden, 64).trans_b();
+    for (k, producer) in ["gelu_forward", "bias_gelu_forward", "gemm_bias_gelu"]
+        .iter()
+        .enumerate()
+    {
+        for act in [&mut plain, &mut operand] {
+            let pre0 = host(60 + k as u64, n, hidden);
+            let mut pre = up(b, &pre0);
+            let r = match k {
+                0 => b.gelu_forward(&pre, act),
+                1 => b.bias_gelu_forward(&bias, &mut pre, act, rows, hidden),
+                _ => b.gemm_bias_gelu(&fc1, &x, &w1, &bias, &mut pre, act),
+            };
+            r.map_err(fail)?;
+        }
+        let want = products(&plain)?;
+        if products(&operand)?.map(|p| bits(&p)) != want.clone().map(|p| bits(&p)) {
+            return Err(format!(
+                "{producer}: a product of the operand buffer differs from the plain one's"
+            ));
+        }
+        let stored_values: Vec<f32> = down(b, &plain).into_iter().map(stored).collect();
+        if bits(&down(b, &operand)) != bits(&stored_values) {
+            return Err(format!(
+                "{producer}: the operand buffer's download is not the stored values"
+            ));
+        }
+        if products(&operand)?.map(|p| bits(&p)) != want.map(|p| bits(&p)) {
+            return Err(format!("{producer}: a product after the download differs"));
+        }
+    }
+    // An op that reads and writes the buffer (an accumulating bias add) starts from the stored
+    // values.
+    b.gelu_forward(&up(b, &host(70, n, hidden)), &mut operand)
+        .map_err(fail)?;
+    b.gelu_forward(&up(b, &host(70, n, hidden)), &mut plain)
+        .map_err(fail)?;
+    let mut expect = up(
+        b,
+        &down(b, &plain).into_iter().map(stored).collect::<Vec<_>>(),
+    );
+    for buf in [&mut operand, &mut expect] {
+        b.copy_rows(&bias, buf, &RowMap::bias(rows, hidden), true)
+            .map_err(fail)?;
+    }
+    if bits(&down(b, &operand)) != bits(&down(b, &expect)) {
+        return Err("copy_rows accumulating into the operand buffer read other values".into());
+    }
+    Ok(())
+}
+
 // ---- contracts: accumulate twice, overwrite ignores old contents, untouched outputs ---------------
 
 /// Runs `op` twice into one zero-filled output of `len` floats; returns the output after each run.
@@ -2761,6 +2845,10 @@ macro_rules! op_tests {
                 fixed(b(), check_rewrites);
             }
             #[test]
+            fn operand_buffers_hold_their_values() {
+                fixed(b(), |b| check_operand_buffers(b, |x| x));
+            }
+            #[test]
             fn accumulating_ops_add_up() {
                 fixed(b(), check_accumulate_twice);
             }
@@ -2824,6 +2912,16 @@ mod cuda_bf16 {
 
     fn b() -> Option<&'static impl Backend> {
         mae_conformance::backends::cuda_bf16()
+    }
+
+    /// Where the bf16 mode's GEMMs multiply bf16 copies (not under `MAE_CUDA_BF16_GEMM=fast`),
+    /// the GELU output kept for fc2 is stored as that copy alone: other reads see bf16 values,
+    /// the products are bitwise those of a plain buffer.
+    #[test]
+    fn operand_buffers_keep_the_bf16_copy_alone() {
+        let fast = std::env::var("MAE_CUDA_BF16_GEMM").is_ok_and(|v| v == "fast");
+        let stored: fn(f32) -> f32 = if fast { |x| x } else { bf16_nearest };
+        fixed(b(), |b| check_operand_buffers(b, stored));
     }
 
     /// The tensor-core attention (the bf16 mode's default on compute capability 8.0 and later)

@@ -423,6 +423,16 @@ pub trait Backend {
     /// A zero-filled buffer of `len` floats (`len` may be 0: unused gradient slots of an
     /// inference-only model are empty buffers).
     fn alloc(&self, len: usize) -> BResult<Self::Buf>;
+    /// [`Backend::alloc`] for an activation that the model reads only as an operand of
+    /// [`Backend::gemm`] and its fused forms: a backend whose GEMMs round their operands (the
+    /// CUDA backend's bf16 mode) may then keep just the rounded values that its GEMMs multiply
+    /// and skip storing the floats. Every other read (another op, a download) sees those
+    /// rounded values, so GEMMs compute bitwise what they would from [`Backend::alloc`]'s
+    /// buffer, and only the non-GEMM reads differ, by that rounding. The default is
+    /// [`Backend::alloc`].
+    fn alloc_operand(&self, len: usize) -> BResult<Self::Buf> {
+        self.alloc(len)
+    }
     /// A buffer holding a copy of `host`.
     fn upload(&self, host: &[f32]) -> BResult<Self::Buf>;
     /// Overwrites `dst` (same length) with `host`.

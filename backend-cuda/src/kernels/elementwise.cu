@@ -36,12 +36,13 @@ __device__ float gelu(float x) {
 }
 
 // y = G(x) elementwise, G one of the GELUs. `y16`, where not null, receives the bf16 copy of y
-// (bf16.rs, `produced_copy`): so do `act16` and `dx16` below.
+// (bf16.rs, `produced_copy`): so do `act16` and `dx16` below. A null `y` (or `act` below) is
+// an output kept as the copy alone (bf16.rs, `skip_floats`): only the copy is stored.
 template <float (*G)(float)>
 __device__ void gelu_forward_of(const float* x, float* y, u16* y16, u64 n) {
     FOR_EACH(i, n) {
         const float v = G(x[i]);
-        y[i] = v;
+        if (y) y[i] = v;
         if (y16) y16[i] = (u16)bf16_bits(v);
     }
 }
@@ -56,7 +57,7 @@ __device__ void bias_gelu_forward_of(const float* bias, float* pre, float* act, 
         const float p = pre[i] + bias[mod_u(i, cols)];
         pre[i] = p;
         const float a = G(p);
-        act[i] = a;
+        if (act) act[i] = a;
         if (act16) act16[i] = (u16)bf16_bits(a);
     }
 }
@@ -98,7 +99,7 @@ extern "C" __global__ void gelu_forward_f32(const float* x, float* y, u16* y16, 
             const float4 v = ((const float4*)x)[q];
             const float4 o =
                 make_float4(gelu_f32(v.x), gelu_f32(v.y), gelu_f32(v.z), gelu_f32(v.w));
-            ((float4*)y)[q] = o;
+            if (y) ((float4*)y)[q] = o;
             if (y16) ((uint2*)y16)[q] = bf16_quad(o);
         }
         return;
@@ -225,5 +226,14 @@ extern "C" __global__ void round_to_bf16(const float* x, u32* pairs, u64 n) {
         const u32 lo = bf16_bits(x[2 * i]);
         const u32 hi = 2 * i + 1 < n ? bf16_bits(x[2 * i + 1]) : 0u;
         pairs[i] = lo | (hi << 16);
+    }
+}
+
+// The floats of a buffer whose producer wrote only its bf16 copy (bf16.rs, `floats_current`):
+// each value widened exactly, for an op that reads the floats.
+extern "C" __global__ void floats_of_bf16(const u32* pairs, float* y, u64 n) {
+    FOR_EACH(i, n) {
+        const u32 word = pairs[i / 2];
+        y[i] = __uint_as_float((i % 2 ? word >> 16 : word & 0xffffu) << 16);
     }
 }

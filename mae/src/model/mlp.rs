@@ -9,7 +9,7 @@ use crate::params::Linear;
 pub struct MlpActs<B: Backend> {
     /// `fc1` output before the activation, `[rows, hidden]`.
     pub pre: B::Buf,
-    /// After GELU: the input of `fc2`.
+    /// After GELU: the input of `fc2`, read by nothing else ([`Backend::alloc_operand`]).
     pub act: B::Buf,
 }
 
@@ -26,7 +26,8 @@ impl<B: Backend> MlpActs<B> {
     pub fn new(b: &B, d: &StackDims) -> BResult<Self> {
         Ok(MlpActs {
             pre: b.alloc(d.rows() * d.hidden)?,
-            act: b.alloc(d.rows() * d.hidden)?,
+            // Read only by fc2's GEMMs (forward and weight gradient).
+            act: b.alloc_operand(d.rows() * d.hidden)?,
         })
     }
 }
