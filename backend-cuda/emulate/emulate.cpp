@@ -123,6 +123,27 @@ static void test_elementwise() {
             launch(g, 256, [&] { gelu_forward_f32(x.data(), buf.data(), copy.data(), n); });
             expect_close("gelu_forward_f32" + tag, buf, want, 1e-6);
             expect_bf16_copy("gelu_forward_f32 copy" + tag, copy, buf);
+            {
+                // The copy alone (null y, bf16.rs `skip_floats`), alone and after a bias.
+                std::vector<uint16_t> alone(n, 0xdead);
+                launch(g, 256, [&] { gelu_forward_f32(x.data(), nullptr, alone.data(), n); });
+                ++checks;
+                if (alone != copy) {
+                    std::printf("FAIL gelu_forward_f32 with a null y%s\n", tag.c_str());
+                    ++failures;
+                }
+                const u64 cols = 7;
+                auto bias = random_vec(cols);
+                std::vector<float> pre1 = x, pre2 = x, act(n, NAN);
+                std::vector<uint16_t> act16(n, 0xdead), alone16(n, 0xdead);
+                launch(g, 256, [&] { bias_gelu_forward_f32(bias.data(), pre1.data(), act.data(), act16.data(), n, cols); });
+                launch(g, 256, [&] { bias_gelu_forward_f32(bias.data(), pre2.data(), nullptr, alone16.data(), n, cols); });
+                ++checks;
+                if (alone16 != act16 || std::memcmp(pre1.data(), pre2.data(), n * 4)) {
+                    std::printf("FAIL bias_gelu_forward_f32 with a null act%s\n", tag.c_str());
+                    ++failures;
+                }
+            }
             buf = dx;
             launch(g, 256, [&] { gelu_backward(x.data(), dy.data(), buf.data(), nullptr, n, 1); });
             for (u64 i = 0; i < n; ++i) {
@@ -483,6 +504,18 @@ static void test_norms() {
                 layernorm_forward(x.data(), g.data(), bt.data(), y.data(), y16.data(), mean.data(), rstd.data(), rows, cols, eps);
             });
             expect_bf16_copy("layernorm_forward y copy" + tag, y16, y);
+            // The copy alone (null y): the same copy, the same statistics.
+            std::vector<float> mean2(rows, NAN), rstd2(rows, NAN);
+            std::vector<uint16_t> alone(rows * cols, 0xdead);
+            launch_rows(gr, 256, [&] {
+                layernorm_forward(x.data(), g.data(), bt.data(), nullptr, alone.data(), mean2.data(), rstd2.data(), rows, cols, eps);
+            });
+            ++checks;
+            if (alone != y16 || std::memcmp(mean.data(), mean2.data(), rows * 4) ||
+                std::memcmp(rstd.data(), rstd2.data(), rows * 4)) {
+                std::printf("FAIL layernorm_forward with a null y differs%s\n", tag.c_str());
+                ++failures;
+            }
             std::vector<double> wy(rows * cols), wmean(rows), wrstd(rows);
             std::vector<double> xhat(rows * cols);
             for (u64 r = 0; r < rows; ++r) {

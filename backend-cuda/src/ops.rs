@@ -662,17 +662,30 @@ impl Backend for CudaBackend {
         need(beta, cols, o, "beta")?;
         need(mean, rows, o, "mean")?;
         need(rstd, rows, o, "rstd")?;
-        // In the bf16 mode the kernel also writes y's bf16 copy: y is the input of a Linear.
-        let y_ptr = self.ptr_mut(y)?;
-        let copy = self.produced_copy(y)?;
+        // In the bf16 mode the kernel also writes y's bf16 copy: y is the input of a Linear; a
+        // `y` from `alloc_operand` that the kernel fills gets the copy alone. Inputs first, as
+        // in `gelu_forward`.
+        let (x_ptr, gamma_ptr, beta_ptr) = (self.ptr(x)?, self.ptr(gamma)?, self.ptr(beta)?);
+        let (mean_ptr, rstd_ptr) = (self.ptr_mut(mean)?, self.ptr_mut(rstd)?);
+        let whole = y.len() == rows * cols;
+        let y_ptr = if whole {
+            self.ptr_out(y)
+        } else {
+            self.ptr_mut(y)?
+        };
+        let mut copy = self.produced_copy(y)?;
+        let y_ptr = match whole {
+            true => ProducedCopy::skip_floats(&mut copy, y, y_ptr),
+            false => y_ptr,
+        };
         let args = [
-            self.ptr(x)?,
-            self.ptr(gamma)?,
-            self.ptr(beta)?,
+            x_ptr,
+            gamma_ptr,
+            beta_ptr,
             y_ptr,
             ProducedCopy::arg(&copy),
-            self.ptr_mut(mean)?,
-            self.ptr_mut(rstd)?,
+            mean_ptr,
+            rstd_ptr,
             u(rows),
             u(cols),
             Arg::F32(eps),

@@ -1848,9 +1848,10 @@ fn check_rewrites<B: Backend>(b: &B) -> Check {
     Ok(())
 }
 
-/// A buffer from `alloc_operand` beside one from `alloc`, both written by the GELU producers
-/// (`gelu_forward`, `bias_gelu_forward`, `gemm_bias_gelu` as the MLP calls it): the GEMMs that
-/// read them (fc2's forward as A, its weight gradient as B) give bitwise the same products,
+/// A buffer from `alloc_operand` beside one from `alloc`, both written by the producers the
+/// model gives such buffers (`gelu_forward`, `bias_gelu_forward`, `gemm_bias_gelu` as the MLP
+/// calls it, `layernorm_forward` before qkv and fc1): the GEMMs that read them (a Linear
+/// layer's forward as A, its weight gradient as B) give bitwise the same products,
 /// and every other read (a download, an accumulating op) sees `stored` of the values, the
 /// rounding the backend may keep them at (the identity where it keeps the floats). Twice, so a
 /// second contents replaces the first, and the products are taken again after the reads.
@@ -1882,17 +1883,28 @@ fn check_operand_buffers<B: Backend>(b: &B, stored: fn(f32) -> f32) -> Check {
         up(b, &host(54, hidden * 64, 64)),
     );
     let fc1 = Gemm::new(rows, hidden, 64).trans_b();
-    for (k, producer) in ["gelu_forward", "bias_gelu_forward", "gemm_bias_gelu"]
-        .iter()
-        .enumerate()
-    {
+    let (gamma, beta) = (
+        up(b, &host(55, hidden, hidden)),
+        up(b, &host(56, hidden, hidden)),
+    );
+    let (mut mean, mut rstd) = (b.alloc(rows).map_err(fail)?, b.alloc(rows).map_err(fail)?);
+    let producers = [
+        "gelu_forward",
+        "bias_gelu_forward",
+        "gemm_bias_gelu",
+        "layernorm_forward",
+    ];
+    for (k, producer) in producers.iter().enumerate() {
         for act in [&mut plain, &mut operand] {
             let pre0 = host(60 + k as u64, n, hidden);
             let mut pre = up(b, &pre0);
             let r = match k {
                 0 => b.gelu_forward(&pre, act),
                 1 => b.bias_gelu_forward(&bias, &mut pre, act, rows, hidden),
-                _ => b.gemm_bias_gelu(&fc1, &x, &w1, &bias, &mut pre, act),
+                2 => b.gemm_bias_gelu(&fc1, &x, &w1, &bias, &mut pre, act),
+                _ => b.layernorm_forward(
+                    &pre, &gamma, &beta, act, &mut mean, &mut rstd, rows, hidden, 1e-6,
+                ),
             };
             r.map_err(fail)?;
         }
@@ -2915,8 +2927,8 @@ mod cuda_bf16 {
     }
 
     /// Where the bf16 mode's GEMMs multiply bf16 copies (not under `MAE_CUDA_BF16_GEMM=fast`),
-    /// the GELU output kept for fc2 is stored as that copy alone: other reads see bf16 values,
-    /// the products are bitwise those of a plain buffer.
+    /// the GELU and LayerNorm outputs kept for a Linear layer are stored as that copy alone:
+    /// other reads see bf16 values, the products are bitwise those of a plain buffer.
     #[test]
     fn operand_buffers_keep_the_bf16_copy_alone() {
         let fast = std::env::var("MAE_CUDA_BF16_GEMM").is_ok_and(|v| v == "fast");

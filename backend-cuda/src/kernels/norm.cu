@@ -74,7 +74,8 @@ UNROLL
             mean[r] = m;
             rstd[r] = rs;
         }
-        float* yr = y + r * cols;
+        // y null: the output is kept as its bf16 copy alone (bf16.rs, `skip_floats`).
+        float* yr = y ? y + r * cols : nullptr;
         if (wide) {
 UNROLL
             for (u32 k = 0; k < LN_HELD; k += 4) {
@@ -85,7 +86,7 @@ UNROLL
                                              (v[k + 1] - m) * rs * g.y + b.y,
                                              (v[k + 2] - m) * rs * g.z + b.z,
                                              (v[k + 3] - m) * rs * g.w + b.w);
-                *(float4*)(yr + j) = o;
+                if (yr) *(float4*)(yr + j) = o;
                 // Element r * cols + j is a multiple of 4: its four bf16 fill two words.
                 if (y16) *(uint2*)(y16 + r * cols + j) = bf16_quad(o);
             }
@@ -95,7 +96,7 @@ UNROLL
                 const u64 j = ln_col(lane, k, false);
                 if (j >= cols) continue;
                 const float o = (v[k] - m) * rs * gamma[j] + beta[j];
-                yr[j] = o;
+                if (yr) yr[j] = o;
                 if (y16) y16[r * cols + j] = (u16)bf16_bits(o);
             }
         }
@@ -104,7 +105,8 @@ UNROLL
 
 // y = (x - mean) * rstd * gamma + beta, from the f32 mean and rstd that are stored, so the
 // backward's xhat is bitwise the forward's. `y16`, where not null, receives y's bf16 copy (the
-// operand of the Linear layer that reads y: bf16.rs, `produced_copy`).
+// operand of the Linear layer that reads y: bf16.rs, `produced_copy`); a null `y` keeps the copy
+// alone.
 // Three blocks per multiprocessor at least (85 registers): unbounded, the unrolled rows took
 // 157 registers, one block of 8 warps per multiprocessor, too few loads in flight.
 extern "C" __global__ void __launch_bounds__(BLOCK, 3)
@@ -125,10 +127,10 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 3)
             mean[r] = m;
             rstd[r] = rs;
         }
-        float* yr = y + r * cols;
+        float* yr = y ? y + r * cols : nullptr;
         for (u64 j = threadIdx.x; j < cols; j += BLOCK) {
             const float o = (xr[j] - m) * rs * gamma[j] + beta[j];
-            yr[j] = o;
+            if (yr) yr[j] = o;
             if (y16) y16[r * cols + j] = (u16)bf16_bits(o);
         }
     }

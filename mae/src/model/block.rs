@@ -65,10 +65,10 @@ impl<B: Backend> BlockActs<B> {
     pub fn new(b: &B, d: &StackDims) -> BResult<Self> {
         let (r, dim) = (d.rows(), d.dim);
         Ok(BlockActs {
-            ln1: NormActs::new(b, r, dim)?,
+            ln1: NormActs::before_linear(b, r, dim)?,
             attn: AttentionActs::new(b, d)?,
             res1: b.alloc(r * dim)?,
-            ln2: NormActs::new(b, r, dim)?,
+            ln2: NormActs::before_linear(b, r, dim)?,
             mlp: MlpActs::new(b, d)?,
             out: b.alloc(r * dim)?,
             drop: None,

@@ -22,6 +22,16 @@ impl<B: Backend> NormActs<B> {
             rstd: b.alloc(rows)?,
         })
     }
+
+    /// [`NormActs::new`] for a LayerNorm whose output only a Linear layer reads (a block's
+    /// `norm1` and `norm2`, before qkv and fc1): `y` from [`Backend::alloc_operand`].
+    pub fn before_linear(b: &B, rows: usize, cols: usize) -> BResult<Self> {
+        Ok(NormActs {
+            y: b.alloc_operand(rows * cols)?,
+            mean: b.alloc(rows)?,
+            rstd: b.alloc(rows)?,
+        })
+    }
 }
 
 /// `acts.y = LayerNorm(x)`.
