@@ -25,9 +25,10 @@
 //! a Linear layer multiplies carries 50 % more device memory (a written buffer keeps its
 //! allocation and recopies at its next GEMM).
 //!
-//! **Copies alone.** A buffer from `alloc_operand` (the MLP's GELU output, which only fc2's
-//! GEMMs read) is written by its producer as the copy only: the kernel skips the f32 store,
-//! 4 of the 10 bytes it moves per element ([`ProducedCopy::skip_floats`]). Its floats are then
+//! **Copies alone.** A buffer from `alloc_operand` (the MLP's GELU output and a block's
+//! LayerNorm outputs, which only a Linear layer's GEMMs read) is written by its producer as the
+//! copy only: the kernel skips the f32 store, 4 of the 10 bytes it moves per element
+//! ([`ProducedCopy::skip_floats`]). Its floats are then
 //! stale until an op reads them: every read of a buffer's floats goes through
 //! [`CudaBackend::floats_current`] (`ptr`, `read_addr`), which widens the copy into them
 //! first, so such a read sees the bf16-rounded values the trait allows.

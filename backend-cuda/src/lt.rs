@@ -320,6 +320,10 @@ impl CudaBackend {
             self.precision() == Precision::Bf16 && self.bf16_gemm.copies(g, a_len, b_len);
         let (operand, compute) = types(self.precision(), bf16_copies);
         let pbias = self.read_addr(bias)?;
+        // C's floats are read where beta is not 0: up to date before any lock is taken.
+        if g.beta != 0.0 {
+            self.floats_current(c)?;
+        }
         let call = describe(&cm, operand, compute, pbias)
             .map_err(|e| lt_error(e, &format!("describing gemm_bias {g:?} to cuBLASLt")))?;
         let mut lt = lt
@@ -339,9 +343,6 @@ impl CudaBackend {
         } else {
             (self.read_addr(a)?, self.read_addr(b)?)
         };
-        if g.beta != 0.0 {
-            self.floats_current(c)?;
-        }
         let pc = addr_mut(c.slice_mut(), &self.stream);
         self.ctx
             .bind_to_thread()

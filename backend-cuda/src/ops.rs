@@ -262,6 +262,10 @@ impl Backend for CudaBackend {
                 cublasOperation_t::CUBLAS_OP_N
             }
         };
+        // C's floats are read where beta is not 0: up to date before any copy is locked.
+        if g.beta != 0.0 {
+            self.floats_current(c)?;
+        }
         // The bf16 mode multiplies bf16 copies of the operands where they pay (bf16.rs); the
         // copies stay locked until the GEMM reading them is queued.
         let mut copies = None;
@@ -278,9 +282,6 @@ impl Backend for CudaBackend {
             let compute = self.precision().compute_type();
             (pa, pb, cudaDataType::CUDA_R_32F, compute)
         };
-        if g.beta != 0.0 {
-            self.floats_current(c)?;
-        }
         let pc = addr_mut(c.slice_mut(), &self.stream);
         let blas = self
             .blas

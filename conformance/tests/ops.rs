@@ -1941,6 +1941,21 @@ fn check_operand_buffers<B: Backend>(b: &B, stored: fn(f32) -> f32) -> Check {
     if bits(&down(b, &operand)) != bits(&down(b, &expect)) {
         return Err("copy_rows accumulating into the operand buffer read other values".into());
     }
+    // The same as C of an accumulating GEMM (fc1's product, beta 1), after a fresh GELU.
+    b.gelu_forward(&up(b, &host(71, n, hidden)), &mut operand)
+        .map_err(fail)?;
+    b.gelu_forward(&up(b, &host(71, n, hidden)), &mut plain)
+        .map_err(fail)?;
+    let mut expect = up(
+        b,
+        &down(b, &plain).into_iter().map(stored).collect::<Vec<_>>(),
+    );
+    for buf in [&mut operand, &mut expect] {
+        b.gemm(&fc1.accumulate(), &x, &w1, buf).map_err(fail)?;
+    }
+    if bits(&down(b, &operand)) != bits(&down(b, &expect)) {
+        return Err("a GEMM accumulating into the operand buffer read other values".into());
+    }
     Ok(())
 }
 
