@@ -675,9 +675,10 @@ impl Backend for CudaBackend {
             self.ptr_mut(y)?
         };
         let mut copy = self.produced_copy(y)?;
-        let y_ptr = match whole {
-            true => ProducedCopy::skip_floats(&mut copy, y, y_ptr),
-            false => y_ptr,
+        let y_ptr = if whole {
+            ProducedCopy::skip_floats(&mut copy, y, y_ptr)
+        } else {
+            y_ptr
         };
         let args = [
             x_ptr,

@@ -1806,7 +1806,8 @@ fn check_rewrites<B: Backend>(b: &B) -> Check {
             ));
         }
     }
-    // Index buffers: each rewrite of `order` reverses the rows in its own way.
+    // Index buffers: rewrite k gathers row r (2k + 1) mod rows into row r, a permutation of
+    // its own (odd multipliers, rows a power of two).
     let g = Gather {
         batch: 1,
         count: rows,
@@ -1924,37 +1925,26 @@ fn check_operand_buffers<B: Backend>(b: &B, stored: fn(f32) -> f32) -> Check {
             return Err(format!("{producer}: a product after the download differs"));
         }
     }
-    // An op that reads and writes the buffer (an accumulating bias add) starts from the stored
-    // values.
-    b.gelu_forward(&up(b, &host(70, n, hidden)), &mut operand)
-        .map_err(fail)?;
-    b.gelu_forward(&up(b, &host(70, n, hidden)), &mut plain)
-        .map_err(fail)?;
-    let mut expect = up(
-        b,
-        &down(b, &plain).into_iter().map(stored).collect::<Vec<_>>(),
-    );
-    for buf in [&mut operand, &mut expect] {
-        b.copy_rows(&bias, buf, &RowMap::bias(rows, hidden), true)
-            .map_err(fail)?;
-    }
-    if bits(&down(b, &operand)) != bits(&down(b, &expect)) {
-        return Err("copy_rows accumulating into the operand buffer read other values".into());
-    }
-    // The same as C of an accumulating GEMM (fc1's product, beta 1), after a fresh GELU.
-    b.gelu_forward(&up(b, &host(71, n, hidden)), &mut operand)
-        .map_err(fail)?;
-    b.gelu_forward(&up(b, &host(71, n, hidden)), &mut plain)
-        .map_err(fail)?;
-    let mut expect = up(
-        b,
-        &down(b, &plain).into_iter().map(stored).collect::<Vec<_>>(),
-    );
-    for buf in [&mut operand, &mut expect] {
-        b.gemm(&fc1.accumulate(), &x, &w1, buf).map_err(fail)?;
-    }
-    if bits(&down(b, &operand)) != bits(&down(b, &expect)) {
-        return Err("a GEMM accumulating into the operand buffer read other values".into());
+    // Ops that read and write the buffer (an accumulating bias add; fc1's product accumulated
+    // into it, beta 1) start from the stored values, each after a fresh GELU.
+    for (seed, what) in [(70, "copy_rows"), (71, "a GEMM")] {
+        let fresh = up(b, &host(seed, n, hidden));
+        b.gelu_forward(&fresh, &mut operand).map_err(fail)?;
+        b.gelu_forward(&fresh, &mut plain).map_err(fail)?;
+        let stored_values: Vec<f32> = down(b, &plain).into_iter().map(stored).collect();
+        let mut expect = up(b, &stored_values);
+        for buf in [&mut operand, &mut expect] {
+            let r = match seed {
+                70 => b.copy_rows(&bias, buf, &RowMap::bias(rows, hidden), true),
+                _ => b.gemm(&fc1.accumulate(), &x, &w1, buf),
+            };
+            r.map_err(fail)?;
+        }
+        if bits(&down(b, &operand)) != bits(&down(b, &expect)) {
+            return Err(format!(
+                "{what} accumulating into the operand buffer read other values"
+            ));
+        }
     }
     Ok(())
 }
