@@ -9,7 +9,12 @@
 //! - Each op says whether it **overwrites** its output or **accumulates** (`+=`) into it. Backward
 //!   ops accumulate into every gradient they produce, so several consumers of one value (a
 //!   residual branch, a shared token) add up without extra passes; gradients are zeroed once
-//!   per step, by [`Backend::adamw_many`] after the update.
+//!   per step, by [`Backend::adamw_many`] after the update. Where the model would zero a
+//!   scratch gradient just to accumulate into it once, the op takes `accumulate: false` instead
+//!   ([`Backend::gelu_backward`]).
+//! - A buffer from [`Backend::alloc_operand`] may hold its values at the precision of the
+//!   backend's GEMM operands (the CUDA bf16 mode stores bf16): the model uses it for
+//!   activations that only GEMMs read.
 //! - `mae` checks every length before calling an op (see the `*_lens` helpers of the descriptor
 //!   types); backends may `debug_assert!` and otherwise trust the caller.
 //! - Results are deterministic: no floating-point atomics, fixed reduction orders, so two runs of
