@@ -218,7 +218,7 @@ impl Backend for CudaBackend {
 
     fn fill(&self, dst: &mut CudaBuf, value: f32) -> BResult<()> {
         let n = dst.len();
-        let args = [self.ptr_mut(dst)?, u(n), Arg::F32(value)];
+        let args = [self.ptr_out(dst), u(n), Arg::F32(value)];
         self.launch(Kernel::Fill, elementwise(n as u64), &args)
     }
 
@@ -868,11 +868,17 @@ impl Backend for CudaBackend {
         let n = dx.len();
         need(x, n, "gelu_backward", "x")?;
         need(dy, n, "gelu_backward", "dy")?;
-        let dx_ptr = self.ptr_mut(dx)?;
+        let (x_ptr, dy_ptr) = (self.ptr(x)?, self.ptr(dy)?);
+        // Overwriting reads nothing of dx (as `fill`): stale floats need no update first.
+        let dx_ptr = if accumulate {
+            self.ptr_mut(dx)?
+        } else {
+            self.ptr_out(dx)
+        };
         let copy = self.produced_copy(dx)?;
         let args = [
-            self.ptr(x)?,
-            self.ptr(dy)?,
+            x_ptr,
+            dy_ptr,
             dx_ptr,
             ProducedCopy::arg(&copy),
             u(n),
