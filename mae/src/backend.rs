@@ -431,9 +431,9 @@ pub trait Backend {
     /// [`Backend::alloc`] for an activation that the model reads only as an operand of
     /// [`Backend::gemm`] and its fused forms: a backend whose GEMMs round their operands (the
     /// CUDA backend's bf16 mode) may then keep just the rounded values that its GEMMs multiply
-    /// and skip storing the floats. Every other read (another op, a download) sees those
-    /// rounded values, so GEMMs compute bitwise what they would from [`Backend::alloc`]'s
-    /// buffer, and only the non-GEMM reads differ, by that rounding. The default is
+    /// and skip storing the floats. Every read sees those rounded values: a GEMM that rounds its
+    /// operands to nearest computes bitwise what it would from [`Backend::alloc`]'s buffer, and
+    /// other reads (another op, a download) differ by that rounding. The default is
     /// [`Backend::alloc`].
     fn alloc_operand(&self, len: usize) -> BResult<Self::Buf> {
         self.alloc(len)
