@@ -115,11 +115,15 @@ impl CudaBackend {
 /// `staging.copy_from_slice(host)`, by several threads when it is large: one thread's memory
 /// copy reaches a fraction of the host's bandwidth.
 fn fill<T: Copy + Send + Sync>(staging: &mut [T], host: &[T]) {
-    let bytes = std::mem::size_of_val(host);
-    let threads = std::thread::available_parallelism()
-        .map_or(1, usize::from)
-        .min(bytes / BYTES_PER_THREAD)
-        .clamp(1, 8);
+    let parts = std::mem::size_of_val(host) / BYTES_PER_THREAD;
+    // Asked only where a write could use several threads: on Linux it reads cgroup files.
+    let threads = match parts {
+        0 | 1 => 1,
+        _ => std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .min(parts)
+            .min(8),
+    };
     if threads == 1 {
         staging.copy_from_slice(host);
         return;
