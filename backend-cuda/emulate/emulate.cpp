@@ -157,6 +157,19 @@ static void test_elementwise() {
             launch(g, 256, [&] { gelu_backward_f32(x.data(), dy.data(), buf.data(), copy.data(), n, 1); });
             expect_close("gelu_backward_f32" + tag, buf, want, 1e-6);
             expect_bf16_copy("gelu_backward_f32 copy" + tag, copy, buf);
+            {
+                // Overwriting into the copy alone (null dx, bf16.rs `skip_floats`): the copy
+                // of the overwriting kernel's floats.
+                std::vector<float> floats(n, NAN);
+                std::vector<uint16_t> with(n, 0xdead), alone(n, 0xdead);
+                launch(g, 256, [&] { gelu_backward_f32(x.data(), dy.data(), floats.data(), with.data(), n, 0); });
+                launch(g, 256, [&] { gelu_backward_f32(x.data(), dy.data(), nullptr, alone.data(), n, 0); });
+                ++checks;
+                if (alone != with) {
+                    std::printf("FAIL gelu_backward_f32 with a null dx%s\n", tag.c_str());
+                    ++failures;
+                }
+            }
             // Overwriting (accumulate 0) never reads dx, here NaN, and gives bitwise the
             // accumulation into zeros; dy holds zeros of both signs, so the sign of zero counts.
             std::vector<float> dy0 = dy;
@@ -638,6 +651,26 @@ static void test_column_sums() {
                 expect_close("column_sum_partials" + tag + " grid=" + std::to_string(g) + "/" + std::to_string(fg),
                              out, want, 1e-6);
             }
+            // Over a bf16 copy (a gradient whose producer wrote the copy alone): the partials are
+            // bitwise those of its values as floats.
+            std::vector<uint16_t> x16(x.size());
+            std::vector<float> widened(x.size());
+            for (u64 i = 0; i < x.size(); ++i) {
+                x16[i] = (uint16_t)bf16_bits(x[i]);
+                widened[i] = __uint_as_float((unsigned)x16[i] << 16);
+            }
+            std::vector<double> from16(chunks * c.cols, NAN), fromf(chunks * c.cols, NAN);
+            launch(g, 256, [&] {
+                column_sum_partials_bf16(x16.data(), from16.data(), c.first, c.rows, c.cols, chunks, c.chunk_len);
+            });
+            launch(g, 256, [&] {
+                column_sum_partials(widened.data(), fromf.data(), c.first, c.rows, c.cols, chunks, c.chunk_len);
+            });
+            ++checks;
+            if (std::memcmp(from16.data(), fromf.data(), from16.size() * sizeof(double)) != 0) {
+                std::printf("FAIL column_sum_partials_bf16%s grid=%u\n", tag.c_str(), g);
+                ++failures;
+            }
         }
     }
 }
@@ -801,7 +834,10 @@ static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, std
 // block of ATT_THREADS per row tile of each (image, head)) and on a smaller grid that makes the
 // blocks stride. Token counts straddle the 32-row staging tile and the 64-row thread tile; head
 // widths fill the 32 and 64 instantiations exactly and partly (6, 8, 16, 48; 6 is not a multiple
-// of the tensor-core kernels' four-float loads). The backward runs on the reference out and
+// of the tensor-core kernels' four-float loads). The tensor-core kernels' last tiles hold 1 to
+// 64 valid rows, so each of their tile widths (16, 32, 64 rows: MMA_BY_STEPS) runs partly
+// filled: 5, 6, 7, 9 rows (one step), 17, 30 (two), 33, 50 (four); and their blocks of 64 rows
+// end with one to four warps whose rows all lie past the tokens. The backward runs on the reference out and
 // lse, so each kernel is checked on its own.
 static void test_attention() {
     struct Case {
@@ -809,7 +845,8 @@ static void test_attention() {
         bool small_grid;
     };
     const Case cases[] = {{2, 7, 3, 8, false},  {1, 70, 2, 64, false}, {2, 33, 2, 48, false},
-                          {3, 1, 2, 32, false}, {2, 50, 3, 16, true},  {2, 9, 2, 6, false}};
+                          {3, 1, 2, 32, false}, {2, 50, 3, 16, true},  {2, 9, 2, 6, false},
+                          {1, 81, 2, 16, false}, {2, 30, 2, 32, false}};
     for (const Case& k : cases) {
         const u64 D = k.H * k.hd, W = 3 * D, rows = k.B * k.T;
         const float scale = 1.0f / std::sqrt((float)k.hd);

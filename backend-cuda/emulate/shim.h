@@ -1,7 +1,9 @@
 // Just enough of CUDA C to run this crate's kernels on the host. Blocks run one after another, so
 // a function-local `static` stands in for __shared__ memory. `launch_rows` runs a block's threads
-// as fibers meeting at real barriers (__syncthreads), so a missing barrier shows up as a wrong
-// result; `launch` runs kernels without barriers one thread after another.
+// as fibers meeting at real barriers (__syncthreads for the block, warp barriers inside the warp
+// collectives: shuffles, mma, ldmatrix), so a missing barrier shows up as a wrong result, and a
+// warp whose lanes part ways at a collective, or a barrier that not every thread reaches, aborts;
+// `launch` runs kernels without barriers one thread after another.
 #pragma once
 #include <ucontext.h>
 #include <cmath>
@@ -25,26 +27,35 @@ inline thread_local bool in_fibers = false;
 #define __align__(n) __attribute__((aligned(n)))
 #include <cstdio>
 #include <cstdlib>
-struct Fiber;
-inline void yield_to_scheduler();
-inline void __syncthreads() {
+// What a fiber waits for when it yields to the scheduler.
+enum class Wait { Nothing, Warp, Block, Exited };
+inline void yield_to_scheduler(Wait why);
+inline void check_fibers(const char* what) {
     if (!in_fibers) {
-        std::fprintf(stderr, "__syncthreads in a kernel launched without fibers (use launch_rows)\n");
+        std::fprintf(stderr, "%s in a kernel launched without fibers (use launch_rows)\n", what);
         std::abort();
     }
-    yield_to_scheduler();
 }
-// A warp shuffle as two barriers around a per-thread slot: correct where every thread of the
-// block makes the same shuffles, as this crate's reductions do (the lanes of a real warp are
+inline void __syncthreads() {
+    check_fibers("__syncthreads");
+    yield_to_scheduler(Wait::Block);
+}
+// The barrier of a warp collective: all lanes of this thread's warp (threads 32w .. 32w + 31)
+// meet here, whatever the block's other warps do.
+inline void warp_barrier() {
+    check_fibers("a warp collective");
+    yield_to_scheduler(Wait::Warp);
+}
+// A warp shuffle as two warp barriers around a per-thread slot (the lanes of a real warp are
 // threads 32w .. 32w + 31, so `lane ^ o` with o < 32 stays inside the warp).
 template <typename T>
 inline T __shfl_xor_sync(unsigned, T v, unsigned o) {
     static thread_local std::vector<T> slots;
     if (slots.size() < blockDim.x) slots.resize(blockDim.x);
     slots[threadIdx.x] = v;
-    __syncthreads();
+    warp_barrier();
     const T other = slots[threadIdx.x ^ o];
-    __syncthreads();
+    warp_barrier();
     return other;
 }
 struct alignas(16) float4 {
@@ -76,8 +87,7 @@ inline float __uint_as_float(unsigned v) { return __int_as_float(v); }
 // warp's, placed as the PTX ISA lays the fragments out (lane = 4 g + t; A register j: row
 // g + 8 (j % 2), columns 8 (j / 2) + 2 t and + 1; B register j: rows 8 j + 2 t and + 1 of column
 // g; C element i: row g + 8 (i / 2), column 2 t + i % 2). Products of bf16 values are exact in
-// f32; they are summed in ascending k, then added to the accumulator. Correct where every
-// thread of the block makes the same calls, as the attention kernels do.
+// f32; they are summed in ascending k, then added to the accumulator.
 inline void host_mma_bf16(float* d, const unsigned* a, unsigned b0, unsigned b1) {
     struct Fragments {
         unsigned a[4], b[2];
@@ -85,7 +95,7 @@ inline void host_mma_bf16(float* d, const unsigned* a, unsigned b0, unsigned b1)
     static thread_local std::vector<Fragments> slots;
     if (slots.size() < blockDim.x) slots.resize(blockDim.x);
     slots[threadIdx.x] = Fragments{{a[0], a[1], a[2], a[3]}, {b0, b1}};
-    __syncthreads();
+    warp_barrier();
     const unsigned lane = threadIdx.x % 32, warp = threadIdx.x - lane;
     auto half = [](unsigned w, unsigned high) {
         return __uint_as_float(high ? w & 0xffff0000u : w << 16);
@@ -105,7 +115,7 @@ inline void host_mma_bf16(float* d, const unsigned* a, unsigned b0, unsigned b1)
         for (unsigned k = 0; k < 16; ++k) sum += at_a(r, k) * at_b(k, n);
         out[i] = d[i] + sum;
     }
-    __syncthreads();
+    warp_barrier();
     for (unsigned i = 0; i < 4; ++i) d[i] = out[i];
 }
 
@@ -113,8 +123,7 @@ inline void host_mma_bf16(float* d, const unsigned* a, unsigned b0, unsigned b1)
 // row address, and after a barrier takes its two registers from the warp's (lanes 8 i .. 8 i + 7
 // address matrix i's rows; register i of lane 4 g + t is row g, columns 2 t and 2 t + 1 of
 // matrix i, or with `trans` of its transpose: rows 2 t and 2 t + 1 of column g). Lanes 16 .. 31
-// give addresses that are not read. Correct where every thread of the block makes the same
-// calls, as the attention kernels do.
+// give addresses that are not read.
 inline void host_ldmatrix_x2(unsigned* r, const unsigned short* row, bool trans) {
     static thread_local std::vector<const unsigned short*> slots;
     if (slots.size() < blockDim.x) slots.resize(blockDim.x);
@@ -123,7 +132,7 @@ inline void host_ldmatrix_x2(unsigned* r, const unsigned short* row, bool trans)
         std::abort();
     }
     slots[threadIdx.x] = row;
-    __syncthreads();
+    warp_barrier();
     const unsigned lane = threadIdx.x % 32, warp = threadIdx.x - lane, g = lane / 4, t = lane % 4;
     unsigned out[2];
     for (unsigned i = 0; i < 2; ++i) {
@@ -132,7 +141,7 @@ inline void host_ldmatrix_x2(unsigned* r, const unsigned short* row, bool trans)
         const unsigned hi = trans ? m[2 * t + 1][g] : m[g][2 * t + 1];
         out[i] = lo | (hi << 16);
     }
-    __syncthreads();
+    warp_barrier();
     for (unsigned i = 0; i < 2; ++i) r[i] = out[i];
 }
 
@@ -151,22 +160,61 @@ inline void launch(unsigned grid, unsigned block, const std::function<void()>& k
 }
 
 // Runs `kernel` with each block's threads as fibers (ucontext) on this OS thread: every fiber runs
-// until its next __syncthreads, in thread order, and a round ends when all have arrived, so a
-// barrier is a real barrier while the schedule stays deterministic (a missing barrier gives the
-// same wrong result every run).
+// until it waits at a barrier, in thread order; a warp barrier opens when every lane of the warp
+// waits at one, __syncthreads when every thread that has not exited waits at it. The schedule is
+// deterministic (a missing barrier gives the same wrong result every run). Lanes of one warp at
+// different barriers, or threads that can never meet, abort with the block and thread.
 struct Fiber {
     ucontext_t ctx;
-    bool done;
+    Wait wait;
 };
 inline thread_local ucontext_t* scheduler = nullptr;
 inline thread_local Fiber* running = nullptr;
 inline thread_local const std::function<void()>* fiber_body = nullptr;
 
-inline void yield_to_scheduler() { swapcontext(&running->ctx, scheduler); }
+inline void yield_to_scheduler(Wait why) {
+    running->wait = why;
+    swapcontext(&running->ctx, scheduler);
+}
 
 inline void fiber_entry() {
     (*fiber_body)();
-    running->done = true;  // returning switches to uc_link, the scheduler
+    running->wait = Wait::Exited;  // returning switches to uc_link, the scheduler
+}
+
+[[noreturn]] inline void fiber_abort(unsigned t, const char* why) {
+    std::fprintf(stderr, "launch_rows: block %u, thread %u: %s\n", blockIdx.x, t, why);
+    std::abort();
+}
+
+// Opens the barriers that every thread they wait for has reached; false when none could open.
+inline bool open_barriers(std::vector<Fiber>& fibers, unsigned block) {
+    bool opened = false;
+    for (unsigned w = 0; w < block; w += 32) {
+        const unsigned end = w + 32 < block ? w + 32 : block;
+        unsigned at_warp = 0;
+        for (unsigned t = w; t < end; ++t) at_warp += fibers[t].wait == Wait::Warp;
+        if (at_warp == 0) continue;
+        if (at_warp < end - w) {
+            for (unsigned t = w; t < end; ++t) {
+                if (fibers[t].wait != Wait::Warp)
+                    fiber_abort(t, "not at the warp collective its lanes wait at (divergent warp)");
+            }
+        }
+        for (unsigned t = w; t < end; ++t) fibers[t].wait = Wait::Nothing;
+        opened = true;
+    }
+    if (opened) return true;
+    bool all = true, any = false;
+    for (unsigned t = 0; t < block; ++t) {
+        all = all && (fibers[t].wait == Wait::Block || fibers[t].wait == Wait::Exited);
+        any = any || fibers[t].wait == Wait::Block;
+    }
+    if (!all || !any) return false;
+    for (unsigned t = 0; t < block; ++t) {
+        if (fibers[t].wait == Wait::Block) fibers[t].wait = Wait::Nothing;
+    }
+    return true;
 }
 
 inline void launch_rows(unsigned grid, unsigned block, const std::function<void()>& kernel) {
@@ -186,22 +234,25 @@ inline void launch_rows(unsigned grid, unsigned block, const std::function<void(
         blockIdx.x = b;
         for (unsigned t = 0; t < block; ++t) {
             Fiber& f = fibers[t];
-            f.done = false;
+            f.wait = Wait::Nothing;
             getcontext(&f.ctx);
             f.ctx.uc_stack.ss_sp = stacks.data() + t * stack_size;
             f.ctx.uc_stack.ss_size = stack_size;
             f.ctx.uc_link = &sched;
             makecontext(&f.ctx, fiber_entry, 0);
         }
-        for (bool any = true; any;) {
-            any = false;
+        for (;;) {
             for (unsigned t = 0; t < block; ++t) {
-                if (fibers[t].done) continue;
-                any = true;
+                if (fibers[t].wait != Wait::Nothing) continue;
                 threadIdx.x = t;
                 running = &fibers[t];
                 swapcontext(&sched, &fibers[t].ctx);
             }
+            if (open_barriers(fibers, block)) continue;
+            unsigned t = 0;
+            while (t < block && fibers[t].wait == Wait::Exited) ++t;
+            if (t == block) break;
+            fiber_abort(t, "waits at a barrier that the block's other threads never reach");
         }
     }
     in_fibers = false;

@@ -183,45 +183,70 @@ __device__ void mma_load_a(u32 (*a)[4], const float* src, u64 stride, u64 row0, 
     }
 }
 
-// s = a x^T over the HD features: the warp's 16 rows (A fragments) against the MMA_TILE rows
-// of a row-major tile `rm`, as 16 x MMA_TILE accumulators (s[n] holds columns 8 n .. 8 n + 8).
-// The B fragments of rows 8 n .. 8 n + 8 come from `ldmatrix`: lane l points at row
-// 8 n + l % 8, features 16 kk + 8 (l / 8 % 2).
+// Partial tiles. Only the last tile of a row walk holds fewer than MMA_TILE valid rows (197
+// tokens: 5 of 64), and products over its rows past the valid ones add exact zeros (their
+// probabilities are 0). So the tile functions take STEPS, the k-steps of 16 rows (the k of one
+// `mma`) that they compute: 4 for a whole tile, 2 or 1 where the valid rows fit in 32 or 16
+// (`MMA_BY_STEPS`). Each is its own straight-line instantiation: tests inside one copy of the
+// tile's code made it larger and made ptxas spill.
+
+// s = a x^T over the HD features for n-tile n: the warp's 16 rows (A fragments) against rows
+// 8 n .. 8 n + 8 of a row-major tile `rm`, as 16 x 8 accumulators. The B fragments come from
+// `ldmatrix`: lane l points at row 8 n + l % 8, features 16 kk + 8 (l / 8 % 2).
 template <int HD>
-__device__ void mma_scores(float (*s)[4], const u32 (*a)[4], const u16* rm) {
+__device__ __forceinline__ void mma_score_ntile(float* s, const u32 (*a)[4], const u16* rm,
+                                                u32 n) {
     const u32 lane = threadIdx.x % 32;
     UNROLL
-    for (u32 n = 0; n < MMA_TILE / 8; ++n) {
-        UNROLL
-        for (u32 i = 0; i < 4; ++i) s[n][i] = 0.0f;
-        const u32 row = (8 * n + lane % 8) * (HD + MMA_PAD) + 8 * (lane / 8 % 2);
-        UNROLL
-        for (u32 kk = 0; kk < HD / 16; ++kk) {
-            u32 b[2];
-            ldsm_x2<false>(b, rm, row + 16 * kk);
-            mma_bf16(s[n], a[kk], b[0], b[1]);
-        }
+    for (u32 i = 0; i < 4; ++i) s[i] = 0.0f;
+    const u32 row = (8 * n + lane % 8) * (HD + MMA_PAD) + 8 * (lane / 8 % 2);
+    UNROLL
+    for (u32 kk = 0; kk < HD / 16; ++kk) {
+        u32 b[2];
+        ldsm_x2<false>(b, rm, row + 16 * kk);
+        mma_bf16(s, a[kk], b[0], b[1]);
     }
 }
 
-// acc += p x over the tile's MMA_TILE rows: p (A fragments of 16 x MMA_TILE) times the
+// The same for the first 16 STEPS rows of the tile, as 16 x 16 STEPS accumulators (s[n] holds
+// columns 8 n .. 8 n + 8).
+template <int HD, int STEPS>
+__device__ __forceinline__ void mma_scores(float (*s)[4], const u32 (*a)[4], const u16* rm) {
+    UNROLL
+    for (u32 n = 0; n < 2 * STEPS; ++n) mma_score_ntile<HD>(s[n], a, rm, n);
+}
+
+// acc += p x over the tile's first 16 STEPS rows: p (A fragments of 16 x 16 STEPS) times the
 // row-major tile `rm`, into 16 x HD accumulators (acc[n] holds features 8 n .. 8 n + 8). The B
 // fragments are the tile's 8 x 8 blocks transposed (`ldmatrix.trans`): lane l points at row
 // 16 kk + l % 16, features 8 n .. 8 n + 8.
-template <int HD>
-__device__ void mma_accumulate(float (*acc)[4], const u32 (*p)[4], const u16* rm) {
+template <int HD, int STEPS>
+__device__ __forceinline__ void mma_accumulate(float (*acc)[4], const u32 (*p)[4],
+                                               const u16* rm) {
     const u32 lane = threadIdx.x % 32;
     UNROLL
     for (u32 n = 0; n < HD / 8; ++n) {
         const u32 col = (lane % 16) * (HD + MMA_PAD) + 8 * n;
         UNROLL
-        for (u32 kk = 0; kk < MMA_TILE / 16; ++kk) {
+        for (u32 kk = 0; kk < STEPS; ++kk) {
             u32 b[2];
             ldsm_x2<true>(b, rm, col + 16 * kk * (HD + MMA_PAD));
             mma_bf16(acc[n], p[kk], b[0], b[1]);
         }
     }
 }
+
+// Calls TILE<HD, STEPS>(args...) with the fewest STEPS (4, 2 or 1) that cover `valid` rows.
+#define MMA_BY_STEPS(valid, TILE, ...) \
+    do {                               \
+        if ((valid) > 32) {            \
+            TILE<HD, 4>(__VA_ARGS__);  \
+        } else if ((valid) > 16) {     \
+            TILE<HD, 2>(__VA_ARGS__);  \
+        } else {                       \
+            TILE<HD, 1>(__VA_ARGS__);  \
+        }                              \
+    } while (0)
 
 // Zeroes 16 x HD accumulators.
 template <int HD>
@@ -233,10 +258,12 @@ __device__ __forceinline__ void mma_zero(float (*acc)[4]) {
     }
 }
 
-// The A fragments (bf16) of 16 x MMA_TILE accumulators: n-tiles 2 kk and 2 kk + 1 are k-step kk.
+// The A fragments (bf16) of 16 x 16 STEPS accumulators: n-tiles 2 kk and 2 kk + 1 are k-step
+// kk.
+template <int STEPS>
 __device__ __forceinline__ void mma_c_to_a(u32 (*a)[4], const float (*c)[4]) {
     UNROLL
-    for (u32 kk = 0; kk < MMA_TILE / 16; ++kk) {
+    for (u32 kk = 0; kk < STEPS; ++kk) {
         a[kk][0] = pack_bf16(c[2 * kk][0], c[2 * kk][1]);
         a[kk][1] = pack_bf16(c[2 * kk][2], c[2 * kk][3]);
         a[kk][2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
@@ -267,16 +294,77 @@ __device__ void mma_store(float* dst, u16* dst16, u64 stride, u64 row0, u64 rows
     }
 }
 
+// The key tile at j0 of one head for the forward and dQ kernels, between barriers: k into `ks`,
+// v into `vs` (`base` points at the head's q columns in row 0 of its image).
+//
+// A warp whose 16 rows all lie past `tokens` (three of the four in the last block of 197 tokens)
+// only helps stage: each kernel gives it a loop of its own that stages and returns, since a
+// test inside the main loop made ptxas spill there.
+template <int HD>
+__device__ __forceinline__ void mma_stage_kv(u16* ks, u16* vs, const float* base, u64 dim,
+                                             u64 j0, u64 tokens, u32 hd) {
+    __syncthreads();  // the previous tile is no longer read
+    mma_stage_rows<HD>(ks, base + dim, 3 * dim, j0, tokens, hd);
+    mma_stage_rows<HD>(vs, base + 2 * dim, 3 * dim, j0, tokens, hd);
+    __syncthreads();
+}
+
 // The tile's keys at or past `keys` (only the last tile of a row has fewer than MMA_TILE), as
 // seen by this lane's score accumulators: whether column i of n-tile n is one of them.
 __device__ __forceinline__ bool mma_key_out(u32 n, u32 i, u32 keys) {
     return 8 * n + 2 * (threadIdx.x % 4) + i % 2 >= keys;
 }
 
-// Forward for one block: per key tile, the scores on the tensor cores, the running maximum and
-// sum per row (rows g and g + 8 of the warp, each spread over a group's four lanes), and the
-// output rescaled once per tile. The row sum adds the f32 exponentials, so lse is as exact as
-// the scores; their bf16 roundings in the product with v weigh each v_j within 2^-8 of it.
+// One key tile of the forward for this warp's rows: the scores on the tensor cores, the running
+// maximum m and sum l per row (rows g and g + 8 of the warp, each spread over a group's four
+// lanes), the output o rescaled, then o += p v. `keys` of the tile's keys are valid, within its
+// first 16 STEPS. Scores are in base 2 (scaled by scale log2 e).
+template <int HD, int STEPS>
+__device__ __forceinline__ void mma_forward_tile(const u32 (*q)[4], float (*o)[4], float* m,
+                                                 float* l, const u16* ks, const u16* vs,
+                                                 u32 keys, float scale2) {
+    float s[2 * STEPS][4];
+    mma_scores<HD, STEPS>(s, q, ks);
+    float tile_max[2] = {NEG_INF, NEG_INF};
+    UNROLL
+    for (u32 n = 0; n < 2 * STEPS; ++n) {
+        UNROLL
+        for (u32 i = 0; i < 4; ++i) {
+            s[n][i] *= scale2;
+            if (keys < 16 * STEPS && mma_key_out(n, i, keys)) s[n][i] = NEG_INF;
+            tile_max[i / 2] = fmaxf(tile_max[i / 2], s[n][i]);
+        }
+    }
+    UNROLL
+    for (u32 r = 0; r < 2; ++r) {
+        const float m_new = fmaxf(m[r], group_max(tile_max[r]));
+        // 2^-inf = 0 on the first tile, where l and o are still 0.
+        const float corr = exp2_fast(m[r] - m_new);
+        l[r] *= corr;
+        UNROLL
+        for (u32 n = 0; n < HD / 8; ++n) {
+            o[n][2 * r] *= corr;
+            o[n][2 * r + 1] *= corr;
+        }
+        m[r] = m_new;
+    }
+    UNROLL
+    for (u32 n = 0; n < 2 * STEPS; ++n) {
+        UNROLL
+        for (u32 i = 0; i < 4; ++i) {
+            // Masked keys: 2^-inf = 0.
+            s[n][i] = exp2_fast(s[n][i] - m[i / 2]);
+            l[i / 2] += s[n][i];
+        }
+    }
+    u32 p[STEPS][4];
+    mma_c_to_a<STEPS>(p, s);
+    mma_accumulate<HD, STEPS>(o, p, vs);
+}
+
+// Forward for one block: the key tiles in turn, then the output normalized by each row's sum.
+// The row sum adds the f32 exponentials, so lse is as exact as the scores; their bf16 roundings
+// in the product with v weigh each v_j within 2^-8 of it.
 template <int HD>
 __device__ void mma_forward_block(const float* qkv, float* out, u16* out16, float* lse,
                                   u64 tokens, u64 heads, u32 hd, float scale, AttBlock blk,
@@ -285,56 +373,22 @@ __device__ void mma_forward_block(const float* qkv, float* out, u16* out16, floa
     const u32 lane = threadIdx.x % 32, t = lane % 4;
     const u64 row0 = blk.row0 + 16 * (threadIdx.x / 32);
     const float* base = qkv + blk.b * tokens * width + blk.h * hd;
+    if (row0 >= tokens) {  // past the tokens: only helps stage
+        for (u64 j0 = 0; j0 < tokens; j0 += MMA_TILE) {
+            mma_stage_kv<HD>(ks, vs, base, dim, j0, tokens, hd);
+        }
+        return;
+    }
     u32 q[HD / 16][4];
     mma_load_a<HD>(q, base, width, row0, tokens, hd);
     float o[HD / 8][4];
     mma_zero<HD>(o);
-    // Scores, their running maxima m and the exponentials in base 2 (scaled by scale log2 e).
     const float scale2 = scale * LOG2E;
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
     for (u64 j0 = 0; j0 < tokens; j0 += MMA_TILE) {
-        __syncthreads();  // the previous tile is no longer read
-        mma_stage_rows<HD>(ks, base + dim, width, j0, tokens, hd);
-        mma_stage_rows<HD>(vs, base + 2 * dim, width, j0, tokens, hd);
-        __syncthreads();
-        float s[MMA_TILE / 8][4];
-        mma_scores<HD>(s, q, ks);
-        const u32 keys = (u32)(tokens - j0 < MMA_TILE ? tokens - j0 : MMA_TILE);
-        float tile_max[2] = {NEG_INF, NEG_INF};
-        UNROLL
-        for (u32 n = 0; n < MMA_TILE / 8; ++n) {
-            UNROLL
-            for (u32 i = 0; i < 4; ++i) {
-                s[n][i] *= scale2;
-                if (keys < MMA_TILE && mma_key_out(n, i, keys)) s[n][i] = NEG_INF;
-                tile_max[i / 2] = fmaxf(tile_max[i / 2], s[n][i]);
-            }
-        }
-        UNROLL
-        for (u32 r = 0; r < 2; ++r) {
-            const float m_new = fmaxf(m[r], group_max(tile_max[r]));
-            // 2^-inf = 0 on the first tile, where l and o are still 0.
-            const float corr = exp2_fast(m[r] - m_new);
-            l[r] *= corr;
-            UNROLL
-            for (u32 n = 0; n < HD / 8; ++n) {
-                o[n][2 * r] *= corr;
-                o[n][2 * r + 1] *= corr;
-            }
-            m[r] = m_new;
-        }
-        UNROLL
-        for (u32 n = 0; n < MMA_TILE / 8; ++n) {
-            UNROLL
-            for (u32 i = 0; i < 4; ++i) {
-                // Masked keys: 2^-inf = 0.
-                s[n][i] = exp2_fast(s[n][i] - m[i / 2]);
-                l[i / 2] += s[n][i];
-            }
-        }
-        u32 p[MMA_TILE / 16][4];
-        mma_c_to_a(p, s);
-        mma_accumulate<HD>(o, p, vs);
+        mma_stage_kv<HD>(ks, vs, base, dim, j0, tokens, hd);
+        const u32 keys = mma_stage_valid(j0, tokens);
+        MMA_BY_STEPS(keys, mma_forward_tile, q, o, m, l, ks, vs, keys, scale2);
     }
     const float total[2] = {group_sum(l[0]), group_sum(l[1])};
     UNROLL
@@ -375,9 +429,33 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
     }
 }
 
-// dQ for one block: Drow_i = dO_i . O_i in f32, then per key tile p = exp(scale q_i . k_j -
-// lse_i), ds = p (dO_i . v_j - Drow_i), dq += ds k_j on the tensor cores; dq is scaled once at
-// the end. Writes Drow for the dK, dV kernel.
+// One key tile of dQ for this warp's rows: p = exp(scale q_i . k_j - lse_i),
+// ds = p (dO_i . v_j - Drow_i), dq += ds k_j on the tensor cores (li: lse_i in base 2). `keys`
+// of the tile's keys are valid, within its first 16 STEPS.
+template <int HD, int STEPS>
+__device__ __forceinline__ void mma_dq_tile(const u32 (*q)[4], const u32 (*dout)[4],
+                                            float (*dq)[4], const float* d, const float* li,
+                                            const u16* ks, const u16* vs, u32 keys,
+                                            float scale2) {
+    float s[2 * STEPS][4], dp[2 * STEPS][4];
+    mma_scores<HD, STEPS>(s, q, ks);
+    mma_scores<HD, STEPS>(dp, dout, vs);
+    UNROLL
+    for (u32 n = 0; n < 2 * STEPS; ++n) {
+        UNROLL
+        for (u32 i = 0; i < 4; ++i) {
+            float p = exp2_fast(fmaf(s[n][i], scale2, -li[i / 2]));
+            if (keys < 16 * STEPS && mma_key_out(n, i, keys)) p = 0.0f;
+            s[n][i] = p * (dp[n][i] - d[i / 2]);
+        }
+    }
+    u32 ds[STEPS][4];
+    mma_c_to_a<STEPS>(ds, s);
+    mma_accumulate<HD, STEPS>(dq, ds, ks);
+}
+
+// dQ for one block: Drow_i = dO_i . O_i in f32, then the key tiles in turn; dq is scaled once
+// at the end. Writes Drow for the dK, dV kernel.
 template <int HD>
 __device__ void mma_dq_block(const float* qkv, const float* out, const float* lse,
                              const float* d_out, float* d_qkv, u16* d_qkv16, float* drow,
@@ -387,6 +465,12 @@ __device__ void mma_dq_block(const float* qkv, const float* out, const float* ls
     const u32 lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const u64 row0 = blk.row0 + 16 * (threadIdx.x / 32);
     const float* base = qkv + blk.b * tokens * width + blk.h * hd;
+    if (row0 >= tokens) {  // past the tokens: only helps stage
+        for (u64 j0 = 0; j0 < tokens; j0 += MMA_TILE) {
+            mma_stage_kv<HD>(ks, vs, base, dim, j0, tokens, hd);
+        }
+        return;
+    }
     const float* dout_base = d_out + blk.b * tokens * dim + blk.h * hd;
     const float* out_base = out + blk.b * tokens * dim + blk.h * hd;
     const u64 lbase = (blk.b * heads + blk.h) * tokens;
@@ -408,26 +492,9 @@ __device__ void mma_dq_block(const float* qkv, const float* out, const float* ls
     mma_zero<HD>(dq);
     const float scale2 = scale * LOG2E;
     for (u64 j0 = 0; j0 < tokens; j0 += MMA_TILE) {
-        __syncthreads();
-        mma_stage_rows<HD>(ks, base + dim, width, j0, tokens, hd);
-        mma_stage_rows<HD>(vs, base + 2 * dim, width, j0, tokens, hd);
-        __syncthreads();
-        float s[MMA_TILE / 8][4], dp[MMA_TILE / 8][4];
-        mma_scores<HD>(s, q, ks);
-        mma_scores<HD>(dp, dout, vs);
-        const u32 keys = (u32)(tokens - j0 < MMA_TILE ? tokens - j0 : MMA_TILE);
-        UNROLL
-        for (u32 n = 0; n < MMA_TILE / 8; ++n) {
-            UNROLL
-            for (u32 i = 0; i < 4; ++i) {
-                float p = exp2_fast(fmaf(s[n][i], scale2, -li[i / 2]));
-                if (keys < MMA_TILE && mma_key_out(n, i, keys)) p = 0.0f;
-                s[n][i] = p * (dp[n][i] - d[i / 2]);
-            }
-        }
-        u32 ds[MMA_TILE / 16][4];
-        mma_c_to_a(ds, s);
-        mma_accumulate<HD>(dq, ds, ks);
+        mma_stage_kv<HD>(ks, vs, base, dim, j0, tokens, hd);
+        const u32 keys = mma_stage_valid(j0, tokens);
+        MMA_BY_STEPS(keys, mma_dq_tile, q, dout, dq, d, li, ks, vs, keys, scale2);
     }
     const u64 at = blk.b * tokens * width + blk.h * hd;
     mma_store<HD>(d_qkv + at, d_qkv16 ? d_qkv16 + at : nullptr, width, row0, tokens, hd, dq,
@@ -464,21 +531,74 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
     }
 }
 
-// dK, dV for one block, the warp's 16 key rows against query tiles: s^T = k q^T and
-// dp^T = v dO^T on the tensor cores, p = exp(scale s - lse_i) per query column (a query past
-// `tokens` has lse +inf, so p = 0), dv += p^T dO, ds = p (dp - Drow_i), dk += ds^T q; dk is
-// scaled once at the end.
+// One query tile of dK, dV for this warp's key rows: s^T = k q^T and dp^T = v dO^T on the
+// tensor cores, p = exp(scale s - lse_i) per query column (a query past `tokens` has lse +inf,
+// so p = 0), dv += p^T dO, ds = p (dp - Drow_i), dk += ds^T q, over the tile's first 16 STEPS
+// rows; ls and ds_row are the tile's lse (base 2) and Drow.
+template <int HD, int STEPS>
+__device__ __forceinline__ void mma_dkv_tile(const u32 (*k)[4], const u32 (*v)[4],
+                                             float (*dk)[4], float (*dv)[4], const u16* qs,
+                                             const u16* dos, const float* ls,
+                                             const float* ds_row, float scale2) {
+    const u32 t = threadIdx.x % 4;
+    float s[2 * STEPS][4], dp[2 * STEPS][4];
+    mma_scores<HD, STEPS>(s, k, qs);
+    mma_scores<HD, STEPS>(dp, v, dos);
+    UNROLL
+    for (u32 n = 0; n < 2 * STEPS; ++n) {
+        UNROLL
+        for (u32 i = 0; i < 4; ++i) {
+            const u32 c = 8 * n + 2 * t + i % 2;
+            const float p = exp2_fast(fmaf(s[n][i], scale2, -ls[c]));
+            s[n][i] = p;
+            dp[n][i] = p * (dp[n][i] - ds_row[c]);
+        }
+    }
+    u32 pa[STEPS][4], dsa[STEPS][4];
+    mma_c_to_a<STEPS>(pa, s);
+    mma_c_to_a<STEPS>(dsa, dp);
+    mma_accumulate<HD, STEPS>(dv, pa, dos);
+    mma_accumulate<HD, STEPS>(dk, dsa, qs);
+}
+
+// The query tile at i0 of one head for the dK, dV kernel, between barriers: q into `qs`, dO
+// into `dos`, the rows' lse in base 2 into `ls` (+inf past the rows, which gives p = 0) and
+// their Drow into `ds_row`. `base`, `dout_base` point at the head's q and dO columns in row 0.
+template <int HD>
+__device__ __forceinline__ void mma_stage_q_do(u16* qs, u16* dos, float* ls, float* ds_row,
+                                               const float* base, const float* dout_base,
+                                               const float* lse, const float* drow, u64 lbase,
+                                               u64 dim, u64 i0, u64 tokens, u32 hd) {
+    __syncthreads();  // the previous tile is no longer read
+    mma_stage_rows<HD>(qs, base, 3 * dim, i0, tokens, hd);
+    mma_stage_rows<HD>(dos, dout_base, dim, i0, tokens, hd);
+    for (u32 r = threadIdx.x; r < MMA_TILE; r += MMA_THREADS) {
+        const bool in = i0 + r < tokens;
+        ls[r] = in ? lse[lbase + i0 + r] * LOG2E : __int_as_float(0x7f800000);
+        ds_row[r] = in ? drow[lbase + i0 + r] : 0.0f;
+    }
+    __syncthreads();
+}
+
+// dK, dV for one block, the warp's 16 key rows against the query tiles in turn; dk is scaled
+// once at the end.
 template <int HD>
 __device__ void mma_dkv_block(const float* qkv, const float* lse, const float* d_out,
                               const float* drow, float* d_qkv, u16* d_qkv16, u64 tokens,
                               u64 heads, u32 hd, float scale, AttBlock blk, u16* qs, u16* dos,
                               float* ls, float* ds_row) {
     const u64 dim = heads * hd, width = 3 * dim;
-    const u32 t = threadIdx.x % 4;
     const u64 row0 = blk.row0 + 16 * (threadIdx.x / 32);
     const float* base = qkv + blk.b * tokens * width + blk.h * hd;
     const float* dout_base = d_out + blk.b * tokens * dim + blk.h * hd;
     const u64 lbase = (blk.b * heads + blk.h) * tokens;
+    if (row0 >= tokens) {  // past the tokens: only helps stage
+        for (u64 i0 = 0; i0 < tokens; i0 += MMA_TILE) {
+            mma_stage_q_do<HD>(qs, dos, ls, ds_row, base, dout_base, lse, drow, lbase, dim, i0,
+                               tokens, hd);
+        }
+        return;
+    }
     const float scale2 = scale * LOG2E;
     u32 k[HD / 16][4], v[HD / 16][4];
     mma_load_a<HD>(k, base + dim, width, row0, tokens, hd);
@@ -487,34 +607,10 @@ __device__ void mma_dkv_block(const float* qkv, const float* lse, const float* d
     mma_zero<HD>(dk);
     mma_zero<HD>(dv);
     for (u64 i0 = 0; i0 < tokens; i0 += MMA_TILE) {
-        __syncthreads();
-        mma_stage_rows<HD>(qs, base, width, i0, tokens, hd);
-        mma_stage_rows<HD>(dos, dout_base, dim, i0, tokens, hd);
-        for (u32 r = threadIdx.x; r < MMA_TILE; r += MMA_THREADS) {
-            const bool in = i0 + r < tokens;
-            // Base 2, as the exponents below; +inf past the rows gives p = 0.
-            ls[r] = in ? lse[lbase + i0 + r] * LOG2E : __int_as_float(0x7f800000);
-            ds_row[r] = in ? drow[lbase + i0 + r] : 0.0f;
-        }
-        __syncthreads();
-        float s[MMA_TILE / 8][4], dp[MMA_TILE / 8][4];
-        mma_scores<HD>(s, k, qs);
-        mma_scores<HD>(dp, v, dos);
-        UNROLL
-        for (u32 n = 0; n < MMA_TILE / 8; ++n) {
-            UNROLL
-            for (u32 i = 0; i < 4; ++i) {
-                const u32 c = 8 * n + 2 * t + i % 2;
-                const float p = exp2_fast(fmaf(s[n][i], scale2, -ls[c]));
-                s[n][i] = p;
-                dp[n][i] = p * (dp[n][i] - ds_row[c]);
-            }
-        }
-        u32 pa[MMA_TILE / 16][4], dsa[MMA_TILE / 16][4];
-        mma_c_to_a(pa, s);
-        mma_c_to_a(dsa, dp);
-        mma_accumulate<HD>(dv, pa, dos);
-        mma_accumulate<HD>(dk, dsa, qs);
+        mma_stage_q_do<HD>(qs, dos, ls, ds_row, base, dout_base, lse, drow, lbase, dim, i0,
+                           tokens, hd);
+        MMA_BY_STEPS(mma_stage_valid(i0, tokens), mma_dkv_tile, k, v, dk, dv, qs, dos, ls, ds_row,
+                     scale2);
     }
     const u64 at = blk.b * tokens * width + blk.h * hd;
     mma_store<HD>(d_qkv + at + dim, d_qkv16 ? d_qkv16 + at + dim : nullptr, width, row0, tokens,

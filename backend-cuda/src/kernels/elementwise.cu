@@ -73,7 +73,8 @@ extern "C" __global__ void bias_gelu_forward(const float* bias, float* pre, floa
 
 // dx += dy * (Phi(x) + x * exp(-x^2 / 2) / sqrt(2 pi)), in double, rounded once. Where not
 // `accumulate`, dx's old values are not read: 0 takes their place in the same sum, so the result
-// is bitwise that of accumulating into zeros (the sign of a zero included).
+// is bitwise that of accumulating into zeros (the sign of a zero included). A null dx (only when
+// not accumulating) writes dx16 alone.
 extern "C" __global__ void gelu_backward(const float* x, const float* dy, float* dx, u16* dx16,
                                          u64 n, u32 accumulate) {
     FOR_EACH(i, n) {
@@ -81,7 +82,7 @@ extern "C" __global__ void gelu_backward(const float* x, const float* dy, float*
         const double grad = normal_cdf(v) + v * exp(-0.5 * v * v) * 0.39894228040143267794;
         const double old = accumulate ? (double)dx[i] : 0.0;
         const float d = (float)(old + (double)dy[i] * grad);
-        dx[i] = d;
+        if (dx) dx[i] = d;
         if (dx16) dx16[i] = (u16)bf16_bits(d);
     }
 }
@@ -116,7 +117,7 @@ __device__ __forceinline__ float gelu_grad_f32(float v) {
     return 0.5f * erfcf(-v * 0.70710678f) + v * expf(-0.5f * v * v) * 0.39894228f;
 }
 
-// `accumulate` as in gelu_backward above.
+// `accumulate` and a null dx as in gelu_backward above.
 extern "C" __global__ void gelu_backward_f32(const float* x, const float* dy, float* dx,
                                              u16* dx16, u64 n, u32 accumulate) {
     if (by_fours(n, (u64)x | (u64)dy | (u64)dx, (u64)dx16)) {
@@ -126,14 +127,14 @@ extern "C" __global__ void gelu_backward_f32(const float* x, const float* dy, fl
             const float4 d = make_float4(
                 o.x + g.x * gelu_grad_f32(v.x), o.y + g.y * gelu_grad_f32(v.y),
                 o.z + g.z * gelu_grad_f32(v.z), o.w + g.w * gelu_grad_f32(v.w));
-            ((float4*)dx)[q] = d;
+            if (dx) ((float4*)dx)[q] = d;
             if (dx16) ((uint2*)dx16)[q] = bf16_quad(d);
         }
         return;
     }
     FOR_EACH(i, n) {
         const float d = (accumulate ? dx[i] : 0.f) + dy[i] * gelu_grad_f32(x[i]);
-        dx[i] = d;
+        if (dx) dx[i] = d;
         if (dx16) dx16[i] = (u16)bf16_bits(d);
     }
 }

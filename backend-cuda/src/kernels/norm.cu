@@ -209,6 +209,24 @@ UNROLL_BY(4)
     }
 }
 
+// Pass 1 over a bf16 copy (`x16`, two values a word, the low half first): as above on the
+// values it holds, for a buffer whose producer wrote the copy alone (bf16.rs).
+extern "C" __global__ void column_sum_partials_bf16(const u16* x16, double* partial, u64 first,
+                                                    u64 rows, u64 cols, u64 chunks,
+                                                    u64 chunk_len) {
+    const u64 n = chunks * cols;
+    FOR_EACH(e, n) {
+        const u64 chunk = div_u(e, cols), c = e - chunk * cols;
+        const u64 r0 = chunk * chunk_len;
+        const u64 r1 = r0 + chunk_len < rows ? r0 + chunk_len : rows;
+        const u16* p = x16 + (first + r0) * cols + c;
+        double acc = 0.0;
+UNROLL_BY(4)
+        for (u64 r = r0; r < r1; ++r, p += cols) acc += (double)__uint_as_float((u32)*p << 16);
+        partial[e] = acc;
+    }
+}
+
 // Pass 2 for one output: out[c] += the sum over chunks, rounded once. Also the second pass of
 // any other column sum laid out as partial[chunk][c]. One warp per column (the host launches
 // launch::per_warp_row's grid): lane l folds chunks l, l + 32, ... in ascending order, then the
