@@ -18,13 +18,14 @@
 #       speed: `bench` at base224 in f32 and bf16 (batches 64 to 256, GPU_CHECK_BATCHES; bf16
 #       also with the composed attention) and ViT-L/16 at batch 128 next to
 #       bench/torch_reference.py (PyTorch eager, bf16 autocast and f32) on the same card, each
-#       with its peak device memory; a MAE_CUDA_PROFILE table; and the wgpu backend on the GPU
+#       with its peak device memory; MAE_CUDA_PROFILE tables of the bf16 training step alone
+#       (at the largest batch) and of embedding alone; and the wgpu backend on the GPU
 #       where the machine has a Vulkan driver; and scripts/dp-check.sh (one NCCL rank against a
 #       single process), and bf16 at the largest batch with MAE_CUDA_UPLOAD=pageable (the
 #       uploads before pinned staging). A full run took 195-213 s on an H200 (2026-11-27).
 #       GPU_CHECK_QUICK=1 keeps what a change to the bf16 mode needs, in about half the time:
 #       the backend's tests, bf16 golden and ops, bf16 bench at GPU_CHECK_BATCHES (the composed
-#       attention and PyTorch bf16 at the largest), the profile; no f32, ViT-L, wgpu or NCCL.
+#       attention and PyTorch bf16 at the largest), the profiles; no f32, ViT-L, wgpu or NCCL.
 #       GPU_CHECK_WGPU=0 skips the wgpu steps of a full run.
 #
 # Nothing in `run` compiles or fetches anything: the GPU machines reach no registry.
@@ -301,10 +302,15 @@ run() {
         echo "| torch | FAIL (python3 cannot import torch and timm) | 0 | - |" >>"$report"
         failed=1
     fi
-    # Where the device time goes: MAE_CUDA_PROFILE's table (printed when the backend drops).
-    step "profile base224 cuda-bf16 b128" profile.log 120 \
+    # Where the device time goes: MAE_CUDA_PROFILE's table (printed when the backend drops),
+    # for the training step alone at the largest batch (the ratio the issue asks for), then for
+    # embedding alone.
+    step "profile base224 cuda-bf16 train b$largest" profile.log 120 \
+        env MAE_CUDA_PROFILE=1 "$bins/bin/bench" --case base224 --backend cuda-bf16 \
+        --batch "$largest" --seconds 2 --phase train
+    step "profile base224 cuda-bf16 embed b128" profile.log 120 \
         env MAE_CUDA_PROFILE=1 "$bins/bin/bench" --case base224 --backend cuda-bf16 --batch 128 \
-        --seconds 2
+        --seconds 2 --phase embed
 
     [ "$quick" = 1 ] && { summary; return $failed; }
 
@@ -381,7 +387,7 @@ summary() {
         echo
         echo "## profile"
         echo '```'
-        grep -E -A 30 '^(==|MAE_CUDA_PROFILE|MAE_WGPU_PROFILE)' "$out/profile.log" 2>/dev/null | grep -v '^\{' | head -n 80
+        grep -E -A 30 '^(==|MAE_CUDA_PROFILE|MAE_WGPU_PROFILE)' "$out/profile.log" 2>/dev/null | grep -v '^\{' | head -n 120
         echo '```'
         echo
         echo "## conformance summary"

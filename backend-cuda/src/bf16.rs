@@ -25,13 +25,15 @@
 //! a Linear layer multiplies carries 50 % more device memory (a written buffer keeps its
 //! allocation and recopies at its next GEMM).
 //!
-//! **Copies alone.** A buffer from `alloc_operand` (the MLP's GELU output and a block's
-//! LayerNorm outputs, which only a Linear layer's GEMMs read) is written by its producer as the
-//! copy only: the kernel skips the f32 store, 4 of the 10 bytes it moves per element
+//! **Copies alone.** A buffer from `alloc_operand` (the MLP's GELU output and its gradient, and
+//! a block's LayerNorm outputs, which only a Linear layer's GEMMs and bias gradient read) is
+//! written by its producer as the copy only: the kernel skips the f32 store, 4 of the 10 bytes it moves per element
 //! ([`ProducedCopy::skip_floats`]). Its floats are then
 //! stale until an op reads them: every read of a buffer's floats goes through
 //! [`CudaBackend::floats_current`] (`ptr`, `read_addr`), which widens the copy into them
-//! first, so such a read sees the bf16-rounded values the trait allows.
+//! first, so such a read sees the bf16-rounded values the trait allows. Ops that can read bf16
+//! values take them from the copy instead ([`CudaBackend::copy_alone`]): the column sums of a
+//! bias gradient, whose dY is the MLP's GELU gradient, another `alloc_operand` buffer.
 
 #[cfg(test)]
 use crate::backend::choice;
@@ -242,6 +244,33 @@ impl CudaBackend {
         }))
     }
 
+    /// The bf16 copy of `buf` where it alone holds the buffer's contents (a producer skipped
+    /// the floats) for at least its first `len` elements, locked while the op reading those is
+    /// queued: an op that can read bf16 values reads them there instead of widening the copy
+    /// into the floats first. `None` where the floats are current.
+    pub(crate) fn copy_alone<'a>(
+        &self,
+        buf: &'a CudaBuf,
+        len: usize,
+    ) -> BResult<Option<CopyAlone<'a>>> {
+        if !buf.operand {
+            return Ok(None);
+        }
+        let mut slot = lock(buf)?;
+        let addr = match slot.as_mut() {
+            Some(copy)
+                if !copy.floats
+                    && copy
+                        .of
+                        .is_some_and(|(c, l)| c == buf.contents() && l >= len) =>
+            {
+                copy.words.device_ptr_mut(&self.stream).0
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some(CopyAlone { _slot: slot, addr }))
+    }
+
     /// Makes `buf`'s floats hold its current contents where only its bf16 copy does (see the
     /// module docs), by widening the copy into them. Every op reading a buffer's floats calls
     /// it first; for buffers not from `alloc_operand` it returns at once.
@@ -276,6 +305,14 @@ impl CudaBackend {
 /// widening kernels, which are what does that.
 fn addr_of(buf: &CudaBuf, stream: &CudaStream) -> u64 {
     crate::buffer::addr(buf.slice(), stream)
+}
+
+/// A buffer's bf16 copy that alone holds its contents, locked for the op that reads it
+/// ([`CudaBackend::copy_alone`]).
+pub(crate) struct CopyAlone<'a> {
+    _slot: MutexGuard<'a, Option<Bf16Copy>>,
+    /// The copy's device address.
+    pub(crate) addr: u64,
 }
 
 /// A buffer's bf16 copy that the kernel about to be queued writes along with the buffer
@@ -360,6 +397,63 @@ mod tests {
             assert!(!pays(g), "{g:?}");
         }
         assert!(!pays(&Gemm::new(5, 5, 0)));
+    }
+
+    /// On a device (or the fake driver of `emulate/`): the GELU gradient overwriting a buffer
+    /// from `alloc_operand` writes its bf16 copy alone, and the bias gradient (column sums)
+    /// reads that copy without widening it into the floats, summing the values it holds.
+    #[test]
+    fn bias_gradients_of_a_copy_alone_read_the_copy() {
+        use mae::backend::{Backend, RowMap};
+        use std::io::Write;
+        let mut be = match CudaBackend::with_precision(0, Precision::Bf16) {
+            Ok(be) => be,
+            Err(e) if e.kind == BackendErrorKind::NoDevice => {
+                let required = std::env::var("MAE_REQUIRE_BACKENDS").unwrap_or_default();
+                assert!(!required.split(',').any(|b| b.trim() == "cuda"), "{e}");
+                // Past libtest's capture, as the conformance suite's skips.
+                let _ = writeln!(std::io::stderr(), "SKIP cuda: {e}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        be.bf16_gemm = Bf16Gemm::Auto;
+        let (rows, cols) = (300, 24);
+        let host = |k: usize| -> Vec<f32> {
+            (0..rows * cols)
+                .map(|i| ((i * 7 + k) % 23) as f32 / 7.0 - 1.5)
+                .collect()
+        };
+        let (x, dy) = (be.upload(&host(1)).unwrap(), be.upload(&host(2)).unwrap());
+        let mut d = be.alloc_operand(rows * cols).unwrap();
+        be.gelu_backward(&x, &dy, &mut d, false).unwrap();
+        let floats_current = |d: &CudaBuf| lock(d).unwrap().as_ref().map(|c| c.floats);
+        assert_eq!(
+            floats_current(&d),
+            Some(false),
+            "the GELU gradient wrote floats"
+        );
+        let mut bias = be.upload(&vec![0.5; cols]).unwrap();
+        be.copy_rows_backward(&d, &mut bias, &RowMap::bias(rows, cols))
+            .unwrap();
+        assert_eq!(
+            floats_current(&d),
+            Some(false),
+            "the column sums widened the copy"
+        );
+        let mut got = vec![f32::NAN; cols];
+        be.download(&bias, &mut got).unwrap();
+        // The stored values, through the floats (widened by the download).
+        let mut stored = vec![f32::NAN; rows * cols];
+        be.download(&d, &mut stored).unwrap();
+        for (c, &g) in got.iter().enumerate() {
+            let sum: f64 = (0..rows).map(|r| stored[r * cols + c] as f64).sum();
+            let want = (0.5 + sum) as f32;
+            assert!(
+                (g - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "column {c}: {g} vs {want}"
+            );
+        }
     }
 
     #[test]

@@ -168,6 +168,7 @@ kernels! {
     LayerNormParamPartials = "layernorm_param_partials"
         (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64);
     ColumnSumPartials = "column_sum_partials" (Ptr, Ptr, U64, U64, U64, U64, U64);
+    ColumnSumPartialsBf16 = "column_sum_partials_bf16" (Ptr, Ptr, U64, U64, U64, U64, U64);
     ColumnSumFinish = "column_sum_finish" (Ptr, Ptr, U64, U64);
     NormalizeRows = "normalize_rows" (Ptr, Ptr, U64, U64, F32);
     SoftmaxForward = "softmax_forward" (Ptr, Ptr, U64, U64, F32);

@@ -287,17 +287,19 @@ fn lt_error(e: CublasError, what: &str) -> BackendError {
 }
 
 impl CudaBackend {
-    /// `gemm_bias` on cuBLASLt: queues `c = alpha op(A) op(B) + beta c + bias` (bias per
-    /// column) and returns `true`, or returns `false` having queued nothing that changes `c`
-    /// where cuBLASLt is off, missing, or has no algorithm for the shape: the caller then
-    /// composes `gemm` and `copy_rows`. (Bf16 copies of A and B may have been made by then;
-    /// the composed `gemm` multiplies them.)
+    /// `gemm_bias` on cuBLASLt: queues `c = alpha op(A) op(B) + beta C + bias` (bias per
+    /// column), C being `base` where given (`gemm_bias_onto`) and `c` itself otherwise, and
+    /// returns `true`; or returns `false` having queued nothing that changes `c` where
+    /// cuBLASLt is off, missing, or has no algorithm for the shape: the caller then composes
+    /// `gemm` and `copy_rows`. (Bf16 copies of A and B may have been made by then; the
+    /// composed `gemm` multiplies them.)
     pub(crate) fn gemm_bias_lt(
         &self,
         g: &Gemm,
         a: &CudaBuf,
         b: &CudaBuf,
         bias: &CudaBuf,
+        base: Option<&CudaBuf>,
         c: &mut CudaBuf,
     ) -> BResult<bool> {
         // A batch, or an empty product (which cuBLASLt may refuse), takes the composed ops; so
@@ -321,9 +323,18 @@ impl CudaBackend {
         let (operand, compute) = types(self.precision(), bf16_copies);
         let pbias = self.read_addr(bias)?;
         // C's floats are read where beta is not 0: up to date before any lock is taken.
-        if g.beta != 0.0 {
-            self.floats_current(c)?;
-        }
+        let base = match base {
+            Some(base) => {
+                crate::backend::need(base, g.m * g.n, "gemm_bias_onto", "base")?;
+                Some(self.read_addr(base)?)
+            }
+            None => {
+                if g.beta != 0.0 {
+                    self.floats_current(c)?;
+                }
+                None
+            }
+        };
         let call = describe(&cm, operand, compute, pbias)
             .map_err(|e| lt_error(e, &format!("describing gemm_bias {g:?} to cuBLASLt")))?;
         let mut lt = lt
@@ -343,7 +354,8 @@ impl CudaBackend {
         } else {
             (self.read_addr(a)?, self.read_addr(b)?)
         };
-        let pc = addr_mut(c.slice_mut(), &self.stream);
+        let pd = addr_mut(c.slice_mut(), &self.stream);
+        let pc = base.unwrap_or(pd);
         self.ctx
             .bind_to_thread()
             .map_err(|e| error::driver(e, "binding the CUDA context", 0))?;
@@ -353,8 +365,9 @@ impl CudaBackend {
         // SAFETY: the handle and descriptors are live; `algo` came from the heuristic for
         // these descriptors. A (our B) and B (our A) are device addresses of live buffers, or
         // of their bf16 copies (locked in `copies` until this returns), holding at least the
-        // k x n and m x k elements their layouts span (checked by `gemm_lens`); C = D is `c`,
-        // m x n, checked likewise, and the bias holds n floats (checked above). alpha and
+        // k x n and m x k elements their layouts span (checked by `gemm_lens`); D is `c`, m x n,
+        // checked likewise, and C is D or `base`, a distinct live buffer of at least m x n
+        // (checked above) with D's layout; the bias holds n floats (checked above). alpha and
         // beta are host f32 values (the default pointer mode, scale type f32) that live
         // through the call; the workspace holds `WORKSPACE_BYTES`, the most the heuristic was
         // allowed to ask for. The work is queued on the backend's stream.
@@ -370,7 +383,7 @@ impl CudaBackend {
                 call.second.0,
                 pc as *const c_void,
                 call.out.0,
-                pc as *mut c_void,
+                pd as *mut c_void,
                 call.out.0,
                 &algo,
                 workspace as *mut c_void,
@@ -401,7 +414,11 @@ impl CudaBackend {
                 if g.trans_b { "T" } else { "N" },
             );
             let copies = if bf16_copies { " bf16 copies" } else { "" };
-            let label = format!("gemm_bias {}x{}x{} {ta}{tb} lt{copies}", g.m, g.n, g.k);
+            let onto = if base.is_some() { " onto" } else { "" };
+            let label = format!(
+                "gemm_bias {}x{}x{} {ta}{tb} lt{copies}{onto}",
+                g.m, g.n, g.k
+            );
             p.end(&self.stream, t, label);
         }
         Ok(true)

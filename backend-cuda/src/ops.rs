@@ -382,11 +382,29 @@ impl Backend for CudaBackend {
         bias: &CudaBuf,
         c: &mut CudaBuf,
     ) -> BResult<()> {
-        if self.gemm_bias_lt(g, a, b, bias, c)? {
+        if self.gemm_bias_lt(g, a, b, bias, None, c)? {
             return Ok(());
         }
         self.gemm(g, a, b, c)?;
         self.copy_rows(bias, c, &RowMap::bias(g.m, g.n), true)
+    }
+
+    /// cuBLASLt with `base` as C and `c` as D (one pass over the residual stream where the
+    /// default copies it first); the default where cuBLASLt does not take the product.
+    fn gemm_bias_onto(
+        &self,
+        g: &Gemm,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        bias: &CudaBuf,
+        base: &CudaBuf,
+        c: &mut CudaBuf,
+    ) -> BResult<()> {
+        if self.gemm_bias_lt(g, a, b, bias, Some(base), c)? {
+            return Ok(());
+        }
+        self.copy(base, c)?;
+        self.gemm_bias(g, a, b, bias, c)
     }
 
     /// [`Backend::gemm_bias`] into `pre` (cuBLASLt's epilogue where it can), then the GELU of
@@ -407,7 +425,7 @@ impl Backend for CudaBackend {
                 act.len()
             )));
         }
-        if self.gemm_bias_lt(g, a, b, bias, pre)? {
+        if self.gemm_bias_lt(g, a, b, bias, None, pre)? {
             return self.gelu_forward(pre, act);
         }
         self.gemm(g, a, b, pre)?;
@@ -522,9 +540,15 @@ impl Backend for CudaBackend {
         let partial_len = chunk_count as usize * src_rows * map.cols;
         let mut partial = self.scratch(partial_len)?;
         if is_bias(map) {
-            // Row b of d_dst (b < batch) is the bias's b-th reader: plain column sums.
+            // Row b of d_dst (b < batch) is the bias's b-th reader: plain column sums, of the
+            // bf16 copy where that alone holds d_dst (the MLP's GELU gradient in bf16).
+            let alone = self.copy_alone(d_dst, ld)?;
+            let (kernel, source) = match &alone {
+                Some(copy) => (Kernel::ColumnSumPartialsBf16, Arg::Ptr(copy.addr)),
+                None => (Kernel::ColumnSumPartials, self.ptr(d_dst)?),
+            };
             let args = [
-                self.ptr(d_dst)?,
+                source,
                 self.scratch_ptr(&mut partial),
                 u(map.dst_start),
                 u(map.batch),
@@ -532,11 +556,8 @@ impl Backend for CudaBackend {
                 Arg::U64(chunk_count),
                 Arg::U64(chunk_len),
             ];
-            self.launch(
-                Kernel::ColumnSumPartials,
-                elementwise(partial_len as u64),
-                &args,
-            )?;
+            self.launch(kernel, elementwise(partial_len as u64), &args)?;
+            drop(alone);
             let args = [
                 self.scratch_ptr(&mut partial),
                 self.ptr_mut(d_src)?,
@@ -869,13 +890,15 @@ impl Backend for CudaBackend {
         need(x, n, "gelu_backward", "x")?;
         need(dy, n, "gelu_backward", "dy")?;
         let (x_ptr, dy_ptr) = (self.ptr(x)?, self.ptr(dy)?);
-        // Overwriting reads nothing of dx (as `fill`): stale floats need no update first.
-        let dx_ptr = if accumulate {
-            self.ptr_mut(dx)?
+        // Overwriting reads nothing of dx (as `fill`): stale floats need no update first, and a
+        // buffer from `alloc_operand` gets its bf16 copy alone.
+        let (dx_ptr, copy) = if accumulate {
+            (self.ptr_mut(dx)?, self.produced_copy(dx)?)
         } else {
-            self.ptr_out(dx)
+            let floats = self.ptr_out(dx);
+            let mut copy = self.produced_copy(dx)?;
+            (ProducedCopy::skip_floats(&mut copy, dx, floats), copy)
         };
-        let copy = self.produced_copy(dx)?;
         let args = [
             x_ptr,
             dy_ptr,

@@ -188,6 +188,24 @@ pub mod run {
         down(b, &c)
     }
 
+    /// Returns `(base, c)` after the op.
+    pub fn gemm_bias_onto<B: Backend>(
+        b: &B,
+        g: &Gemm,
+        (a, bm): (&[f32], &[f32]),
+        bias: &[f32],
+        base: &[f32],
+        c: &[f32],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (a, bm, bias, base, mut c) = (up(b, a), up(b, bm), up(b, bias), up(b, base), up(b, c));
+        ok(
+            b,
+            b.gemm_bias_onto(g, &a, &bm, &bias, &base, &mut c),
+            "gemm_bias_onto",
+        );
+        (down(b, &base), down(b, &c))
+    }
+
     /// Returns `(pre, act)` after the op.
     pub fn gemm_bias_gelu<B: Backend>(
         b: &B,

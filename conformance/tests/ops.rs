@@ -274,7 +274,8 @@ fn check_gemm_epilogues<B: Backend>(b: &B, c: &GemmCase) -> Check {
 /// oracle of `alpha op(A) op(B) + beta C + bias`, on the operands as `operand` rounds them, with
 /// gemm's tolerance (and `slack` as in [`check_gemm_of`]): a backend may add the bias in the
 /// GEMM's epilogue (cuBLASLt), whose sums need not be bitwise `gemm`'s. `beta == 1` is the
-/// accumulating product: the bias is added once.
+/// accumulating product: the bias is added once. `gemm_bias_onto` too, with C read from a
+/// separate buffer that must stay as it was (with `beta == 0`, C holds NaN and is ignored).
 fn check_gemm_bias_of<B: Backend>(
     b: &B,
     c: &GemmCase,
@@ -286,6 +287,7 @@ fn check_gemm_bias_of<B: Backend>(
         c0.fill(f32::NAN); // must be ignored
     }
     let got = run::gemm_bias(b, &g, (&a, &bm), &bias, &c0);
+    let (a0, b0) = (a.clone(), bm.clone());
     let (a, bm): (Vec<f32>, Vec<f32>) = (
         a.iter().map(|&x| operand(x)).collect(),
         bm.iter().map(|&x| operand(x)).collect(),
@@ -299,7 +301,18 @@ fn check_gemm_bias_of<B: Backend>(
     let (max_a, max_b) = (max_abs(&f64s(&a)), max_abs(&f64s(&bm)));
     let mut tol = Tol::gemm(g.k, max_a, max_b);
     tol.atol += slack * (g.alpha.abs() as f64) * g.k as f64 * max_a * max_b;
-    compare("gemm_bias", &shape, &got, &want, tol, None)
+    compare("gemm_bias", &shape, &got, &want, tol, None)?;
+    // The same with C read from a separate `base`, which stays as it was, into a C of NaN.
+    let nan = vec![f32::NAN; c0.len()];
+    let (base, onto) = run::gemm_bias_onto(b, &g, (&a0, &b0), &bias, &c0, &nan);
+    if base
+        .iter()
+        .zip(&c0)
+        .any(|(x, y)| x.to_bits() != y.to_bits())
+    {
+        return Err(format!("gemm_bias_onto {shape}: base changed"));
+    }
+    compare("gemm_bias_onto", &shape, &onto, &want, tol, None)
 }
 
 /// [`check_gemm_bias_of`] on fixed shapes of `(m, n, k)`, each with every transpose and both an
@@ -1851,11 +1864,12 @@ fn check_rewrites<B: Backend>(b: &B) -> Check {
 
 /// A buffer from `alloc_operand` beside one from `alloc`, both written by the producers the
 /// model gives such buffers (`gelu_forward`, `bias_gelu_forward`, `gemm_bias_gelu` as the MLP
-/// calls it, `layernorm_forward` before qkv and fc1): the GEMMs that read them (a Linear
-/// layer's forward as A, its weight gradient as B) give bitwise the same products,
-/// and every other read (a download, an accumulating op) sees `stored` of the values, the
-/// rounding the backend may keep them at (the identity where it keeps the floats). Twice, so a
-/// second contents replaces the first, and the products are taken again after the reads.
+/// calls it, `layernorm_forward` before qkv and fc1, the overwriting `gelu_backward` that gives
+/// fc1's dY): the GEMMs that read them (a Linear layer's forward as A, its weight gradient as
+/// B) give bitwise the same products, and every other read (a download, a bias gradient's column
+/// sums, an accumulating op) sees `stored` of the values, the rounding the backend may keep them
+/// at (the identity where it keeps the floats). Twice, so a second contents replaces the first,
+/// and the products are taken again after the reads.
 fn check_operand_buffers<B: Backend>(b: &B, stored: fn(f32) -> f32) -> Check {
     let fail = |e: mae::backend::BackendError| e.to_string();
     // 640 token rows, 256 hidden features, 96 outputs: products where the CUDA bf16 mode
@@ -1889,11 +1903,13 @@ fn check_operand_buffers<B: Backend>(b: &B, stored: fn(f32) -> f32) -> Check {
         up(b, &host(56, hidden, hidden)),
     );
     let (mut mean, mut rstd) = (b.alloc(rows).map_err(fail)?, b.alloc(rows).map_err(fail)?);
+    let d_act = up(b, &host(57, n, hidden));
     let producers = [
         "gelu_forward",
         "bias_gelu_forward",
         "gemm_bias_gelu",
         "layernorm_forward",
+        "gelu_backward",
     ];
     for (k, producer) in producers.iter().enumerate() {
         for act in [&mut plain, &mut operand] {
@@ -1903,9 +1919,10 @@ fn check_operand_buffers<B: Backend>(b: &B, stored: fn(f32) -> f32) -> Check {
                 0 => b.gelu_forward(&pre, act),
                 1 => b.bias_gelu_forward(&bias, &mut pre, act, rows, hidden),
                 2 => b.gemm_bias_gelu(&fc1, &x, &w1, &bias, &mut pre, act),
-                _ => b.layernorm_forward(
+                3 => b.layernorm_forward(
                     &pre, &gamma, &beta, act, &mut mean, &mut rstd, rows, hidden, 1e-6,
                 ),
+                _ => b.gelu_backward(&pre, &d_act, act, false),
             };
             r.map_err(fail)?;
         }
@@ -1924,6 +1941,24 @@ fn check_operand_buffers<B: Backend>(b: &B, stored: fn(f32) -> f32) -> Check {
         if products(&operand)?.map(|p| bits(&p)) != want.map(|p| bits(&p)) {
             return Err(format!("{producer}: a product after the download differs"));
         }
+    }
+    // A bias gradient of the buffer (the column sums of fc1's dY, the GELU gradient) sums the
+    // stored values, read before anything else touched them.
+    let fresh = up(b, &host(69, n, hidden));
+    b.gelu_backward(&fresh, &d_act, &mut operand, false)
+        .map_err(fail)?;
+    b.gelu_backward(&fresh, &d_act, &mut plain, false)
+        .map_err(fail)?;
+    let stored_values: Vec<f32> = down(b, &plain).into_iter().map(stored).collect();
+    let bias0 = host(68, hidden, hidden);
+    let (mut got, mut want) = (up(b, &bias0), up(b, &bias0));
+    let sums = RowMap::bias(rows, hidden);
+    b.copy_rows_backward(&operand, &mut got, &sums)
+        .map_err(fail)?;
+    b.copy_rows_backward(&up(b, &stored_values), &mut want, &sums)
+        .map_err(fail)?;
+    if bits(&down(b, &got)) != bits(&down(b, &want)) {
+        return Err("the bias gradient of the operand buffer summed other values".into());
     }
     // Ops that read and write the buffer (an accumulating bias add; fc1's product accumulated
     // into it, beta 1) start from the stored values, each after a fresh GELU.
@@ -2932,8 +2967,9 @@ mod cuda_bf16 {
     }
 
     /// Where the bf16 mode's GEMMs multiply bf16 copies (not under `MAE_CUDA_BF16_GEMM=fast`),
-    /// the GELU and LayerNorm outputs kept for a Linear layer are stored as that copy alone:
-    /// other reads see bf16 values, the products are bitwise those of a plain buffer.
+    /// the GELU and LayerNorm outputs and the GELU gradient kept for a Linear layer are stored
+    /// as that copy alone: other reads see bf16 values, the products are bitwise those of a
+    /// plain buffer.
     #[test]
     fn operand_buffers_keep_the_bf16_copy_alone() {
         let fast = std::env::var("MAE_CUDA_BF16_GEMM").is_ok_and(|v| v == "fast");

@@ -429,11 +429,12 @@ pub trait Backend {
     /// inference-only model are empty buffers).
     fn alloc(&self, len: usize) -> BResult<Self::Buf>;
     /// [`Backend::alloc`] for an activation that the model reads only as an operand of
-    /// [`Backend::gemm`] and its fused forms: a backend whose GEMMs round their operands (the
-    /// CUDA backend's bf16 mode) may then keep just the rounded values that its GEMMs multiply
-    /// and skip storing the floats. Every read sees those rounded values: a GEMM that rounds its
-    /// operands to nearest computes bitwise what it would from [`Backend::alloc`]'s buffer, and
-    /// other reads (another op, a download) differ by that rounding. The default is
+    /// [`Backend::gemm`] and its fused forms, or as the dY whose column sums are a Linear
+    /// layer's bias gradient: a backend whose GEMMs round their operands (the CUDA backend's
+    /// bf16 mode) may then keep just the rounded values that its GEMMs multiply and skip storing
+    /// the floats. Every read sees those rounded values: a GEMM that rounds its operands to
+    /// nearest computes bitwise what it would from [`Backend::alloc`]'s buffer, and other reads
+    /// (the column sums, another op, a download) differ by that rounding. The default is
     /// [`Backend::alloc`].
     fn alloc_operand(&self, len: usize) -> BResult<Self::Buf> {
         self.alloc(len)
@@ -483,6 +484,29 @@ pub trait Backend {
         debug_assert_eq!(g.batch, 1, "gemm_bias: a single product");
         self.gemm(g, a, b, c)?;
         self.copy_rows(bias, c, &RowMap::bias(g.m, g.n), true)
+    }
+    /// [`Backend::gemm_bias`] with C read from `base` instead of `c`:
+    /// `c = alpha op(a) op(b) + beta base + bias`, `base` left as it is (`base` and `c` distinct,
+    /// each holding at least `m x n`; only those elements of `c` are written). A residual
+    /// branch's last Linear layer where the stream's old value must be kept (a block's input,
+    /// which its backward reads): the stream's new value is written once, instead of a copy of
+    /// the old one followed by an accumulating product. The result equals bitwise
+    /// [`Backend::copy`] of `base` into `c` then `gemm_bias`, where the override sums as
+    /// `gemm_bias` does, and within the GEMM's tolerance of them otherwise.
+    ///
+    /// The default is exactly those two ops; backends override it to read `base` as the
+    /// product's C (CUDA's cuBLASLt).
+    fn gemm_bias_onto(
+        &self,
+        g: &Gemm,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        bias: &Self::Buf,
+        base: &Self::Buf,
+        c: &mut Self::Buf,
+    ) -> BResult<()> {
+        self.copy(base, c)?;
+        self.gemm_bias(g, a, b, bias, c)
     }
     /// The MLP's `fc1` in one op: [`Backend::gemm_bias`] into `pre`, then `act = gelu(pre)`
     /// with the GELU of [`Backend::gelu_forward`] (`pre` and `act` are `m x n`, distinct; the

@@ -408,7 +408,7 @@ impl<B: Backend> Finetuner<B> {
         let (p, g) = (&self.params, &mut self.grads);
         let (enc, s, sh) = (&self.enc, &mut self.enc_scratch, &self.enc_shape);
         let (rows, d) = (sh.stack.rows(), sh.stack.dim);
-        let d_top = &mut s.stack.d_x[0];
+        let d_top = &mut s.stack.d_x;
         match self.opts.pool {
             Pool::Mean => {
                 let hs = &mut self.head_scratch;

@@ -1,7 +1,9 @@
-//! `bench --case tiny32|small64|base224|PRESET [--backend NAME] [--seconds S]`: training and
-//! embedding throughput of one case, printed as one JSON line. Cases (mask 0.75, norm-pix loss,
-//! AdamW) are the presets of the same names with the batch sizes of DESIGN.md; any other preset
-//! (`mae_vit_large_patch16`, ...) runs at batch 8 unless `--batch` says otherwise.
+//! `bench --case tiny32|small64|base224|PRESET [--backend NAME] [--seconds S] [--phase P]`:
+//! training and embedding throughput of one case, printed as one JSON line. Cases (mask 0.75,
+//! norm-pix loss, AdamW) are the presets of the same names with the batch sizes of DESIGN.md; any
+//! other preset (`mae_vit_large_patch16`, ...) runs at batch 8 unless `--batch` says otherwise.
+//! `--phase train` or `--phase embed` runs one of the two phases (default `both`), so that a
+//! backend's profile (`MAE_CUDA_PROFILE`) shows one of them alone.
 //!
 //! `bench --loader SPEC [--img-size 224] [--workers 2] [--batch N] [--channels 3] [--seconds S]`:
 //! the data loader alone (decoding, RandomResizedCrop, flip, normalization) on the dataset SPEC
@@ -27,6 +29,7 @@ use std::time::Instant;
 
 const USAGE: &str =
     "usage: bench --case tiny32|small64|base224|PRESET [--backend NAME] [--seconds S] [--batch N]
+                   [--phase train|embed|both]
        bench --loader SPEC [--img-size N] [--workers N] [--batch N] [--channels N] [--seconds S]
        bench --mask-tokens MODEL [--backend NAME] [--seconds S] [--batch N]";
 
@@ -46,59 +49,90 @@ fn rate(seconds: f64, mut f: impl FnMut() -> mae::Result<()>) -> mae::Result<f64
     Ok(calls as f64 / start.elapsed().as_secs_f64())
 }
 
+/// Which phases of a case run.
+#[derive(Clone, Copy, PartialEq)]
+enum Phase {
+    Train,
+    Embed,
+    Both,
+}
+
+impl Phase {
+    fn parse(s: &str) -> Option<Phase> {
+        match s {
+            "train" => Some(Phase::Train),
+            "embed" => Some(Phase::Embed),
+            "both" => Some(Phase::Both),
+            _ => None,
+        }
+    }
+
+    fn trains(self) -> bool {
+        self != Phase::Embed
+    }
+
+    fn embeds(self) -> bool {
+        self != Phase::Train
+    }
+}
+
 /// One case on one backend.
 struct Bench<'a> {
     case: &'a str,
     batch: Option<usize>,
     seconds: f64,
+    phase: Phase,
 }
 
 impl OnBackend for Bench<'_> {
     type Output = Result<String, Box<dyn std::error::Error>>;
     fn run<B: Backend>(self, b: &B) -> Self::Output {
-        run(b, self.case, self.batch, self.seconds)
+        run(b, &self)
     }
 }
 
-fn run<B: Backend>(
-    b: &B,
-    case: &str,
-    batch: Option<usize>,
-    seconds: f64,
-) -> Result<String, Box<dyn std::error::Error>> {
+fn run<B: Backend>(b: &B, bench: &Bench) -> Result<String, Box<dyn std::error::Error>> {
+    let (case, seconds) = (bench.case, bench.seconds);
     let cfg = Config::preset(case)?;
-    let batch = batch.unwrap_or(match case {
+    let batch = bench.batch.unwrap_or(match case {
         "tiny32" => 64,
         "small64" => 32,
         _ => 8,
     });
     let params = mae::init::init_params(&cfg, 0);
     let imgs = synthetic::batch(0, 0, batch, cfg.in_chans, cfg.img_size);
+    let mut line = format!(
+        "{{\"case\":\"{case}\",\"backend\":\"{}\",\"batch\":{batch}",
+        b.name()
+    );
 
-    let mut trainer = Trainer::new(b, &cfg, &params, TrainOptions::new(batch), 0)?;
-    let train_steps = rate(seconds, || {
-        trainer.train_step(b, &imgs, None, 1e-4).map(drop)
-    })?;
-    // Peak resident memory so far: the process's high-water mark after the training phase, read
-    // before the embedding phase starts (Linux only; absent elsewhere).
-    let peak_mb = peak_rss_mb();
-    drop(trainer);
-    let mut embedder = Embedder::new(b, &cfg, &params.encoder, batch)?;
-    let embed_calls = rate(seconds, || embedder.pooled(b, &imgs, Pool::Cls).map(drop))?;
-
-    let keep = keep_count(cfg.num_patches(), 0.75);
-    let train_img_s = train_steps * batch as f64;
-    let embed_img_s = embed_calls * batch as f64;
-    let peak = peak_mb.map_or(String::new(), |mb| {
-        format!(",\"train_peak_rss_mb\":{mb:.1}")
-    });
-    Ok(format!(
-        "{{\"case\":\"{case}\",\"backend\":\"{}\",\"batch\":{batch},\"train_img_s\":{train_img_s:.3},\
-\"embed_img_s\":{embed_img_s:.3},\"train_gflop_s\":{:.2},\"embed_gflop_s\":{:.2}{peak}}}",
-        b.name(),
-        train_img_s * flops::mae_train(&cfg, keep) / 1e9,
-        embed_img_s * flops::encoder_forward(&cfg, cfg.num_patches()) / 1e9,
-    ))
+    if bench.phase.trains() {
+        let mut trainer = Trainer::new(b, &cfg, &params, TrainOptions::new(batch), 0)?;
+        let train_steps = rate(seconds, || {
+            trainer.train_step(b, &imgs, None, 1e-4).map(drop)
+        })?;
+        let train_img_s = train_steps * batch as f64;
+        let keep = keep_count(cfg.num_patches(), 0.75);
+        line += &format!(
+            ",\"train_img_s\":{train_img_s:.3},\"train_gflop_s\":{:.2}",
+            train_img_s * flops::mae_train(&cfg, keep) / 1e9
+        );
+        // Peak resident memory so far: the process's high-water mark after the training phase,
+        // read before the embedding phase starts (Linux only; absent elsewhere).
+        if let Some(mb) = peak_rss_mb() {
+            line += &format!(",\"train_peak_rss_mb\":{mb:.1}");
+        }
+    }
+    if bench.phase.embeds() {
+        let mut embedder = Embedder::new(b, &cfg, &params.encoder, batch)?;
+        let embed_calls = rate(seconds, || embedder.pooled(b, &imgs, Pool::Cls).map(drop))?;
+        let embed_img_s = embed_calls * batch as f64;
+        line += &format!(
+            ",\"embed_img_s\":{embed_img_s:.3},\"embed_gflop_s\":{:.2}",
+            embed_img_s * flops::encoder_forward(&cfg, cfg.num_patches()) / 1e9
+        );
+    }
+    Ok(line + "}")
 }
 
 /// Table 2: seconds per pre-training step without and with mask tokens in the encoder.
@@ -187,6 +221,7 @@ fn main() -> ExitCode {
         (None, backends::default_name().to_string(), 10.0, None);
     let (mut loader, mut img_size, mut workers, mut channels) = (None, 224, 2, 3);
     let mut mask_tokens = None;
+    let mut phase = Phase::Both;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let Some(value) = args.next() else {
@@ -201,6 +236,13 @@ fn main() -> ExitCode {
         };
         match flag.as_str() {
             "--case" => case = Some(value),
+            "--phase" => match Phase::parse(&value) {
+                Some(p) => phase = p,
+                None => {
+                    eprintln!("--phase {value}: expected train, embed or both");
+                    return ExitCode::from(2);
+                }
+            },
             "--backend" => backend = value,
             "--loader" => loader = Some(value),
             "--mask-tokens" => mask_tokens = Some(value),
@@ -281,6 +323,7 @@ fn main() -> ExitCode {
         case: &case,
         batch,
         seconds,
+        phase,
     };
     report(backends::dispatch(&backend, job))
 }

@@ -1,7 +1,7 @@
 //! Multi-head self-attention as timm 0.3.2 computes it: fused qkv projection, per-head
 //! `softmax(q k^T * head_dim^-0.5) v`, heads concatenated, output projection.
 
-use super::linear::{linear_backward, linear_forward};
+use super::linear::{linear_backward, linear_forward, linear_residual, Residual};
 use super::StackDims;
 use crate::backend::{Attention, BResult, Backend, Gemm, Heads};
 use crate::params::Linear;
@@ -153,7 +153,8 @@ fn scale(d: &StackDims) -> f32 {
     1.0 / libm::sqrtf(d.head_dim() as f32)
 }
 
-/// `out += proj(attention(x))`, `x` being the LayerNorm output `[rows, D]`.
+/// Adds `proj(attention(x))` to the residual stream `out`, `x` being the LayerNorm output
+/// `[rows, D]`.
 pub fn attention_forward<B: Backend>(
     b: &B,
     x: &B::Buf,
@@ -161,7 +162,7 @@ pub fn attention_forward<B: Backend>(
     proj: &Linear<B::Buf>,
     acts: &mut AttentionActs<B>,
     scratch: &mut AttentionScratch<B>,
-    out: &mut B::Buf,
+    out: Residual<'_, B>,
     d: &StackDims,
 ) -> BResult<()> {
     let (r, dim) = (d.rows(), d.dim);
@@ -176,7 +177,7 @@ pub fn attention_forward<B: Backend>(
             composed_forward(b, [q, k, v], att, merged, scratch, d)?;
         }
     }
-    linear_forward(b, &acts.merged, proj, out, r, dim, dim, true)
+    linear_residual(b, &acts.merged, proj, out, r, dim, dim)
 }
 
 /// `merged = attention(scratch.qkv)` from per-head tensors and the `[N, H, T, T]` scores.

@@ -5,6 +5,7 @@
 
 use super::attention::{attention_backward, attention_forward, AttentionActs, AttentionScratch};
 use super::layernorm::{layernorm_backward, layernorm_forward, NormActs};
+use super::linear::Residual;
 use super::mlp::{mlp_backward, mlp_forward, MlpActs, MlpScratch};
 use super::{prev_and_cur, StackDims};
 use crate::backend::{BResult, Backend};
@@ -44,8 +45,6 @@ pub struct BlockScratch<B: Backend> {
     pub attn: AttentionScratch<B>,
     /// MLP gradients (absent when the stack only runs forward).
     pub mlp: Option<MlpScratch<B>>,
-    /// Gradient of `res1`.
-    pub d_res1: B::Buf,
     /// Gradient of a LayerNorm output.
     pub d_ln: B::Buf,
     /// One branch's output, or its gradient, while drop path scales it (empty without).
@@ -56,8 +55,9 @@ pub struct BlockScratch<B: Backend> {
 pub struct StackScratch<B: Backend> {
     /// Per-block scratch.
     pub block: BlockScratch<B>,
-    /// Gradients of block inputs/outputs, used alternately down the stack.
-    pub d_x: [B::Buf; 2],
+    /// The residual stream's gradient: the top block's output gradient on entry to
+    /// [`stack_backward`], each block's input gradient in turn as it runs down the stack.
+    pub d_x: B::Buf,
 }
 
 impl<B: Backend> BlockActs<B> {
@@ -93,11 +93,10 @@ impl<B: Backend> StackScratch<B> {
                 } else {
                     None
                 },
-                d_res1: b.alloc(len)?,
                 d_ln: b.alloc(len)?,
                 branch: b.alloc(if drop { d.rows() * d.dim } else { 0 })?,
             },
-            d_x: [b.alloc(len)?, b.alloc(len)?],
+            d_x: b.alloc(len)?,
         })
     }
 }
@@ -114,8 +113,7 @@ pub fn block_forward<B: Backend>(
     let (r, dim) = (d.rows(), d.dim);
     let drop = acts.drop.as_ref().filter(|dp| dp.active);
     layernorm_forward(b, x, &p.norm1, &mut acts.ln1, r, dim, d.eps)?;
-    b.copy(x, &mut acts.res1)?;
-    let out = branch_output(b, drop.is_some(), &mut acts.res1, &mut scratch.branch)?;
+    let out = branch_output(b, drop.is_some(), x, &mut acts.res1, &mut scratch.branch)?;
     let (qkv, proj) = (&p.qkv, &p.proj);
     attention_forward(
         b,
@@ -138,8 +136,13 @@ pub fn block_forward<B: Backend>(
         )?;
     }
     layernorm_forward(b, &acts.res1, &p.norm2, &mut acts.ln2, r, dim, d.eps)?;
-    b.copy(&acts.res1, &mut acts.out)?;
-    let out = branch_output(b, drop.is_some(), &mut acts.out, &mut scratch.branch)?;
+    let out = branch_output(
+        b,
+        drop.is_some(),
+        &acts.res1,
+        &mut acts.out,
+        &mut scratch.branch,
+    )?;
     mlp_forward(b, &acts.ln2.y, &p.fc1, &p.fc2, &mut acts.mlp, out, d)?;
     if let Some(dp) = drop {
         b.scale_rows(&scratch.branch, &dp.mlp, &mut acts.out, d.tokens, dim, true)?;
@@ -147,36 +150,40 @@ pub fn block_forward<B: Backend>(
     Ok(())
 }
 
-/// Where a branch accumulates its output: straight into the residual stream, or, under drop
-/// path, into the zeroed `branch` buffer that is then scaled into the stream per image.
+/// Where a branch puts its output: the residual stream after it, `stream = base + branch`
+/// (`base` is the stream before it, kept for the backward); or, under drop path, the zeroed
+/// `branch` buffer, which the caller then scales per image into `stream`, a copy of `base`.
 fn branch_output<'a, B: Backend>(
     b: &B,
     dropping: bool,
-    residual: &'a mut B::Buf,
+    base: &'a B::Buf,
+    stream: &'a mut B::Buf,
     branch: &'a mut B::Buf,
-) -> BResult<&'a mut B::Buf> {
+) -> BResult<Residual<'a, B>> {
     if dropping {
+        b.copy(base, stream)?;
         b.fill(branch, 0.0)?;
-        Ok(branch)
+        Ok(Residual::Into(branch))
     } else {
-        Ok(residual)
+        Ok(Residual::Onto { base, out: stream })
     }
 }
 
-/// Given `d_out`, the gradient of the block's output, accumulates the parameter gradients and
-/// overwrites `dx` with the gradient of its input `x`.
+/// Given `d` holding the gradient of the block's output, accumulates the parameter gradients
+/// and leaves in `d` the gradient of its input `x`. Both residual connections pass the gradient
+/// through unchanged, so each LayerNorm's backward adds its branch's share to `d` in place, once
+/// the branch has read it: the residual stream's gradient is never copied.
 pub fn block_backward<B: Backend>(
     b: &B,
-    d_out: &B::Buf,
+    d: &mut B::Buf,
     x: &B::Buf,
     p: &Block<B::Buf>,
     g: &mut Block<B::Buf>,
     acts: &BlockActs<B>,
     s: &mut BlockScratch<B>,
-    dx: &mut B::Buf,
-    d: &StackDims,
+    dims: &StackDims,
 ) -> BResult<()> {
-    let (r, dim) = (d.rows(), d.dim);
+    let (r, dim) = (dims.rows(), dims.dim);
     let Some(mlp_scratch) = s.mlp.as_mut() else {
         return Err(crate::backend::BackendError::new(
             crate::backend::BackendErrorKind::Unsupported,
@@ -184,14 +191,13 @@ pub fn block_backward<B: Backend>(
         ));
     };
     let drop = acts.drop.as_ref().filter(|dp| dp.active);
-    // out = res1 + s_mlp * mlp(norm2(res1))
-    b.copy(d_out, &mut s.d_res1)?;
+    // out = res1 + s_mlp * mlp(norm2(res1)): d_res1 = d + norm2'(mlp'(s_mlp d))
     let d_mlp = match drop {
         Some(dp) => {
-            b.scale_rows(d_out, &dp.mlp, &mut s.branch, d.tokens, dim, false)?;
+            b.scale_rows(d, &dp.mlp, &mut s.branch, dims.tokens, dim, false)?;
             &s.branch
         }
-        None => d_out,
+        None => &*d,
     };
     let (fc1, fc2) = (&p.fc1, &p.fc2);
     mlp_backward(
@@ -205,27 +211,17 @@ pub fn block_backward<B: Backend>(
         &acts.mlp,
         mlp_scratch,
         &mut s.d_ln,
-        d,
+        dims,
     )?;
-    layernorm_backward(
-        b,
-        &s.d_ln,
-        &acts.res1,
-        &p.norm2,
-        &acts.ln2,
-        &mut g.norm2,
-        &mut s.d_res1,
-        r,
-        dim,
-    )?;
-    // res1 = x + s_attn * attn(norm1(x))
-    b.copy(&s.d_res1, dx)?;
+    let (norm2, g_norm2) = (&p.norm2, &mut g.norm2);
+    layernorm_backward(b, &s.d_ln, &acts.res1, norm2, &acts.ln2, g_norm2, d, r, dim)?;
+    // res1 = x + s_attn * attn(norm1(x)): d_x = d_res1 + norm1'(attn'(s_attn d_res1))
     let d_attn = match drop {
         Some(dp) => {
-            b.scale_rows(&s.d_res1, &dp.attn, &mut s.branch, d.tokens, dim, false)?;
+            b.scale_rows(d, &dp.attn, &mut s.branch, dims.tokens, dim, false)?;
             &s.branch
         }
-        None => &s.d_res1,
+        None => &*d,
     };
     let (qkv, proj) = (&p.qkv, &p.proj);
     attention_backward(
@@ -239,9 +235,9 @@ pub fn block_backward<B: Backend>(
         &acts.attn,
         &mut s.attn,
         &mut s.d_ln,
-        d,
+        dims,
     )?;
-    layernorm_backward(b, &s.d_ln, x, &p.norm1, &acts.ln1, &mut g.norm1, dx, r, dim)
+    layernorm_backward(b, &s.d_ln, x, &p.norm1, &acts.ln1, &mut g.norm1, d, r, dim)
 }
 
 /// Runs `blocks` on `input`. Block `l` writes `acts[l % acts.len()]`, so a training stack keeps
@@ -267,37 +263,23 @@ pub fn stack_forward<B: Backend>(
     Ok((blocks.len() - 1) % n)
 }
 
-/// Backward through a training stack (one `BlockActs` per block): `d_top` is the gradient of the
-/// last block's output; returns which `scratch.d_x` holds the gradient of `input`. A slice of
-/// the top blocks (with the output of the block below as `input`) backpropagates through those
-/// only, as partial fine-tuning does.
+/// Backward through a training stack (one `BlockActs` per block): `s.d_x` holds the gradient
+/// of the last block's output on entry and the gradient of `input` on return. A slice of the top
+/// blocks (with the output of the block below as `input`) backpropagates through those only, as
+/// partial fine-tuning does.
 pub fn stack_backward<B: Backend>(
     b: &B,
-    d_top: usize,
     input: &B::Buf,
     blocks: &[Block<B::Buf>],
     grads: &mut [Block<B::Buf>],
     acts: &[BlockActs<B>],
     s: &mut StackScratch<B>,
     d: &StackDims,
-) -> BResult<usize> {
-    let mut cur = d_top;
+) -> BResult<()> {
     for l in (0..blocks.len()).rev() {
         let x = if l == 0 { input } else { &acts[l - 1].out };
-        let [d0, d1] = &mut s.d_x;
-        let (d_out, dx) = if cur == 0 { (&*d0, d1) } else { (&*d1, d0) };
-        block_backward(
-            b,
-            d_out,
-            x,
-            &blocks[l],
-            &mut grads[l],
-            &acts[l],
-            &mut s.block,
-            dx,
-            d,
-        )?;
-        cur = 1 - cur;
+        let (p, g) = (&blocks[l], &mut grads[l]);
+        block_backward(b, &mut s.d_x, x, p, g, &acts[l], &mut s.block, d)?;
     }
-    Ok(cur)
+    Ok(())
 }

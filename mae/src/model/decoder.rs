@@ -282,7 +282,7 @@ pub fn decoder_backward<B: Backend>(
         dim,
         sh.patch_dim,
     )?;
-    let top = &mut s.stack.d_x[0];
+    let top = &mut s.stack.d_x;
     b.fill(top, 0.0)?;
     let out = &acts.blocks[acts.last].out;
     layernorm_backward(
@@ -296,9 +296,8 @@ pub fn decoder_backward<B: Backend>(
         rows,
         dim,
     )?;
-    let d_x0 = stack_backward(
+    stack_backward(
         b,
-        0,
         &acts.x0,
         &p.blocks,
         &mut g.blocks,
@@ -308,7 +307,7 @@ pub fn decoder_backward<B: Backend>(
     )?;
     b.fill(&mut s.d_with_mask, 0.0)?;
     b.gather_rows_backward(
-        &s.stack.d_x[d_x0],
+        &s.stack.d_x,
         &acts.ids_unshuffle,
         &mut s.d_with_mask,
         &sh.unshuffle(),

@@ -305,7 +305,7 @@ pub fn encoder_backward<B: Backend>(
     sh: &EncoderShape,
 ) -> BResult<()> {
     let d = sh.stack.dim;
-    let top = &mut s.stack.d_x[0];
+    let top = &mut s.stack.d_x;
     b.fill(top, 0.0)?;
     let out = &acts.blocks[acts.last].out;
     let tokens = sh.stack.rows();
@@ -323,7 +323,7 @@ pub fn encoder_backward<B: Backend>(
     encoder_body_backward(b, p, g, acts, s, sh, 0)
 }
 
-/// Backward from `s.stack.d_x[0]`, the gradient of the last block's output (before the final
+/// Backward from `s.stack.d_x`, the gradient of the last block's output (before the final
 /// norm), through the blocks `first..` and, when `first == 0`, the embedding. Partial
 /// fine-tuning passes the first trained block.
 pub fn encoder_body_backward<B: Backend>(
@@ -340,9 +340,8 @@ pub fn encoder_body_backward<B: Backend>(
         0 => &acts.x0,
         _ => &acts.blocks[first - 1].out,
     };
-    let d_x0 = stack_backward(
+    stack_backward(
         b,
-        0,
         input,
         &p.blocks[first..],
         &mut g.blocks[first..],
@@ -353,7 +352,7 @@ pub fn encoder_body_backward<B: Backend>(
     if first > 0 {
         return Ok(());
     }
-    let d_x0 = &s.stack.d_x[d_x0];
+    let d_x0 = &s.stack.d_x;
     b.copy_rows_backward(d_x0, &mut g.cls_token, &sh.cls_rows())?;
     if sh.learn_pos_embed {
         b.copy_rows_backward(d_x0, &mut g.pos_embed, &sh.cls_rows())?;

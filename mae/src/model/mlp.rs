@@ -1,6 +1,6 @@
 //! The block's MLP: `fc2(GELU(fc1(x)))`, exact-erf GELU.
 
-use super::linear::{linear_backward, linear_forward, linear_gemm};
+use super::linear::{linear_backward, linear_gemm, linear_residual, Residual};
 use super::StackDims;
 use crate::backend::{BResult, Backend};
 use crate::params::Linear;
@@ -17,7 +17,7 @@ pub struct MlpActs<B: Backend> {
 pub struct MlpScratch<B: Backend> {
     /// Gradient of `act`.
     pub d_act: B::Buf,
-    /// Gradient of `pre`.
+    /// Gradient of `pre`: read only by fc1's GEMMs and bias gradient ([`Backend::alloc_operand`]).
     pub d_pre: B::Buf,
 }
 
@@ -37,26 +37,26 @@ impl<B: Backend> MlpScratch<B> {
     pub fn new(b: &B, d: &StackDims) -> BResult<Self> {
         Ok(MlpScratch {
             d_act: b.alloc(d.rows() * d.hidden)?,
-            d_pre: b.alloc(d.rows() * d.hidden)?,
+            d_pre: b.alloc_operand(d.rows() * d.hidden)?,
         })
     }
 }
 
-/// `out += fc2(GELU(fc1(x)))`; `fc1`'s bias and the GELU are the epilogue of its product
-/// ([`Backend::gemm_bias_gelu`]).
+/// Adds `fc2(GELU(fc1(x)))` to the residual stream `out`; `fc1`'s bias and the GELU are the
+/// epilogue of its product ([`Backend::gemm_bias_gelu`]).
 pub fn mlp_forward<B: Backend>(
     b: &B,
     x: &B::Buf,
     fc1: &Linear<B::Buf>,
     fc2: &Linear<B::Buf>,
     acts: &mut MlpActs<B>,
-    out: &mut B::Buf,
+    out: Residual<'_, B>,
     d: &StackDims,
 ) -> BResult<()> {
     let (rows, hidden) = (d.rows(), d.hidden);
     let g = linear_gemm(rows, d.dim, hidden, false);
     b.gemm_bias_gelu(&g, x, &fc1.weight, &fc1.bias, &mut acts.pre, &mut acts.act)?;
-    linear_forward(b, &acts.act, fc2, out, rows, hidden, d.dim, true)
+    linear_residual(b, &acts.act, fc2, out, rows, hidden, d.dim)
 }
 
 /// Accumulates the parameter gradients; overwrites `dx`, the gradient of the input `x`.
