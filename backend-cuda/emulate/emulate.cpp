@@ -116,17 +116,17 @@ static void test_elementwise() {
             buf.assign(n, NAN);
             // The f64 kernels without a bf16 copy (null), the f32 ones with one.
             std::vector<uint16_t> copy(n, 0xdead);
-            launch(g, 256, [&] { gelu_forward(x.data(), buf.data(), nullptr, n); });
+            launch(g, 256, [&] { gelu_forward(x.data(), nullptr, buf.data(), nullptr, n); });
             for (u64 i = 0; i < n; ++i) want[i] = 0.5 * x[i] * (1.0 + std::erf(x[i] / std::sqrt(2.0)));
             expect_close("gelu_forward" + tag, buf, want, 1e-6);
             buf.assign(n, NAN);
-            launch(g, 256, [&] { gelu_forward_f32(x.data(), buf.data(), copy.data(), n); });
+            launch(g, 256, [&] { gelu_forward_f32(x.data(), nullptr, buf.data(), copy.data(), n); });
             expect_close("gelu_forward_f32" + tag, buf, want, 1e-6);
             expect_bf16_copy("gelu_forward_f32 copy" + tag, copy, buf);
             {
                 // The copy alone (null y, bf16.rs `skip_floats`), alone and after a bias.
                 std::vector<uint16_t> alone(n, 0xdead);
-                launch(g, 256, [&] { gelu_forward_f32(x.data(), nullptr, alone.data(), n); });
+                launch(g, 256, [&] { gelu_forward_f32(x.data(), nullptr, nullptr, alone.data(), n); });
                 ++checks;
                 if (alone != copy) {
                     std::printf("FAIL gelu_forward_f32 with a null y%s\n", tag.c_str());
@@ -145,7 +145,7 @@ static void test_elementwise() {
                 }
             }
             buf = dx;
-            launch(g, 256, [&] { gelu_backward(x.data(), dy.data(), buf.data(), nullptr, n, 1); });
+            launch(g, 256, [&] { gelu_backward(x.data(), nullptr, dy.data(), nullptr, buf.data(), nullptr, n, 1); });
             for (u64 i = 0; i < n; ++i) {
                 const double v = x[i], h = 1e-5;
                 auto gelu = [](double t) { return 0.5 * t * (1.0 + std::erf(t / std::sqrt(2.0))); };
@@ -154,7 +154,7 @@ static void test_elementwise() {
             expect_close("gelu_backward" + tag, buf, want, 1e-6);
             buf = dx;
             copy.assign(n, 0xdead);
-            launch(g, 256, [&] { gelu_backward_f32(x.data(), dy.data(), buf.data(), copy.data(), n, 1); });
+            launch(g, 256, [&] { gelu_backward_f32(x.data(), nullptr, dy.data(), nullptr, buf.data(), copy.data(), n, 1); });
             expect_close("gelu_backward_f32" + tag, buf, want, 1e-6);
             expect_bf16_copy("gelu_backward_f32 copy" + tag, copy, buf);
             {
@@ -162,12 +162,56 @@ static void test_elementwise() {
                 // of the overwriting kernel's floats.
                 std::vector<float> floats(n, NAN);
                 std::vector<uint16_t> with(n, 0xdead), alone(n, 0xdead);
-                launch(g, 256, [&] { gelu_backward_f32(x.data(), dy.data(), floats.data(), with.data(), n, 0); });
-                launch(g, 256, [&] { gelu_backward_f32(x.data(), dy.data(), nullptr, alone.data(), n, 0); });
+                launch(g, 256, [&] { gelu_backward_f32(x.data(), nullptr, dy.data(), nullptr, floats.data(), with.data(), n, 0); });
+                launch(g, 256, [&] { gelu_backward_f32(x.data(), nullptr, dy.data(), nullptr, nullptr, alone.data(), n, 0); });
                 ++checks;
                 if (alone != with) {
                     std::printf("FAIL gelu_backward_f32 with a null dx%s\n", tag.c_str());
                     ++failures;
+                }
+            }
+            {
+                // Inputs held as bf16 copies alone (x16, dy16; bf16.rs `copy_alone`): bitwise
+                // the kernels on floats holding the same values, four at a time or not.
+                std::vector<uint16_t> x16(n), dy16(n);
+                std::vector<float> xw(n), dyw(n);
+                for (u64 i = 0; i < n; ++i) {
+                    x16[i] = (uint16_t)bf16_bits(x[i]);
+                    dy16[i] = (uint16_t)bf16_bits(dy[i]);
+                    xw[i] = __uint_as_float((unsigned)x16[i] << 16);
+                    dyw[i] = __uint_as_float((unsigned)dy16[i] << 16);
+                }
+                std::vector<float> from16(n, NAN), fromf(n, NAN), gd16 = dx, gdf = dx;
+                launch(g, 256, [&] { gelu_forward_f32(nullptr, x16.data(), from16.data(), nullptr, n); });
+                launch(g, 256, [&] { gelu_forward_f32(xw.data(), nullptr, fromf.data(), nullptr, n); });
+                std::vector<float> f64_16(n, NAN), f64_f(n, NAN);
+                launch(g, 256, [&] { gelu_forward(nullptr, x16.data(), f64_16.data(), nullptr, n); });
+                launch(g, 256, [&] { gelu_forward(xw.data(), nullptr, f64_f.data(), nullptr, n); });
+                launch(g, 256, [&] {
+                    gelu_backward_f32(nullptr, x16.data(), nullptr, dy16.data(), gd16.data(), nullptr, n, 1);
+                });
+                launch(g, 256, [&] {
+                    gelu_backward_f32(xw.data(), nullptr, dyw.data(), nullptr, gdf.data(), nullptr, n, 1);
+                });
+                std::vector<float> b64_16 = dx, b64_f = dx;
+                launch(g, 256, [&] {
+                    gelu_backward(nullptr, x16.data(), nullptr, dy16.data(), b64_16.data(), nullptr, n, 1);
+                });
+                launch(g, 256, [&] {
+                    gelu_backward(xw.data(), nullptr, dyw.data(), nullptr, b64_f.data(), nullptr, n, 1);
+                });
+                const std::pair<const char*, std::pair<std::vector<float>*, std::vector<float>*>> pairs[] = {
+                    {"gelu_forward_f32", {&from16, &fromf}},
+                    {"gelu_forward", {&f64_16, &f64_f}},
+                    {"gelu_backward_f32", {&gd16, &gdf}},
+                    {"gelu_backward", {&b64_16, &b64_f}},
+                };
+                for (const auto& [name, vs] : pairs) {
+                    ++checks;
+                    if (std::memcmp(vs.first->data(), vs.second->data(), n * sizeof(float)) != 0) {
+                        std::printf("FAIL %s reading bf16 inputs%s\n", name, tag.c_str());
+                        ++failures;
+                    }
                 }
             }
             // Overwriting (accumulate 0) never reads dx, here NaN, and gives bitwise the
@@ -178,8 +222,8 @@ static void test_elementwise() {
                 std::vector<float> zeroed(n, 0.0f), fresh(n, NAN);
                 auto run = [&](std::vector<float>& out, unsigned acc) {
                     launch(g, 256, [&] {
-                        if (f32) gelu_backward_f32(x.data(), dy0.data(), out.data(), nullptr, n, acc);
-                        else gelu_backward(x.data(), dy0.data(), out.data(), nullptr, n, acc);
+                        if (f32) gelu_backward_f32(x.data(), nullptr, dy0.data(), nullptr, out.data(), nullptr, n, acc);
+                        else gelu_backward(x.data(), nullptr, dy0.data(), nullptr, out.data(), nullptr, n, acc);
                     });
                 };
                 run(zeroed, 1);
@@ -338,7 +382,7 @@ static void test_bias_gelu() {
             launch(g, 256, [&] {
                 copy_rows(bias.data(), two_pre.data(), c.rows, 1, c.cols, 0, 0, 0, 1, 0, 1);
             });
-            launch(g, 256, [&] { gelu_forward(two_pre.data(), two_act.data(), nullptr, n); });
+            launch(g, 256, [&] { gelu_forward(two_pre.data(), nullptr, two_act.data(), nullptr, n); });
             expect_close("bias_gelu_forward pre vs copy_rows" + tag, pre, to_d(two_pre), 0);
             expect_close("bias_gelu_forward act vs gelu_forward" + tag, act, to_d(two_act), 0);
         }

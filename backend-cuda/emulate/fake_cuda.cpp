@@ -239,8 +239,28 @@ static std::vector<float> widen_bf16(const void* p, int rows, int cols, int ld, 
     return out;
 }
 
+// `rows x cols` f32 values (leading dimension `ld_from`) rounded to nearest bf16, ties to even
+// (NaN kept a quiet NaN), into a column-major bf16 matrix with leading dimension `ld_to`: how
+// cuBLAS writes a CUDA_R_16BF C or D from its f32 sums.
+static void narrow_bf16(const float* from, int ld_from, void* to, int ld_to, int rows, int cols) {
+    uint16_t* out = static_cast<uint16_t*>(to);
+    for (int j = 0; j < cols; ++j)
+        for (int i = 0; i < rows; ++i) {
+            uint32_t u;
+            std::memcpy(&u, &from[j * (long long)ld_from + i], 4);
+            uint16_t h;
+            if ((u & 0x7fffffffu) > 0x7f800000u) {
+                h = (uint16_t)((u >> 16) | 0x40);
+            } else {
+                h = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+            }
+            out[j * (long long)ld_to + i] = h;
+        }
+}
+
 // What the backend calls: f32 matrices (CUDA_R_32F = 0) with an f32 compute type, or bf16 A
-// and B (CUDA_R_16BF = 14) with f32 C and CUBLAS_COMPUTE_32F, whose products are exact.
+// and B (CUDA_R_16BF = 14) with an f32 C, or a bf16 C where beta is 0 (a product into a
+// buffer's bf16 copy alone), and CUBLAS_COMPUTE_32F, whose products are exact.
 int cublasGemmStridedBatchedEx(void*, int ta, int tb, int m, int n, int k, const void* alpha,
                                const void* A, int atype, int lda, long long sa, const void* B,
                                int btype, int ldb, long long sb, const void* beta, void* C,
@@ -252,6 +272,17 @@ int cublasGemmStridedBatchedEx(void*, int ta, int tb, int m, int n, int k, const
         const std::vector<float> wb = widen_bf16(B, tb ? n : k, tb ? k : n, ldb, sb, batch);
         return gemm(ta, tb, m, n, k, a, wa.data(), lda, sa, wb.data(), ldb, sb, b, c, ldc, sc,
                     batch, 0);
+    }
+    if (atype == 14 && btype == 14 && ctype == 14 && compute == 68 && b == 0.0f && batch == 1) {
+        const std::vector<float> wa = widen_bf16(A, ta ? k : m, ta ? m : k, lda, sa, batch);
+        const std::vector<float> wb = widen_bf16(B, tb ? n : k, tb ? k : n, ldb, sb, batch);
+        std::vector<float> sums((size_t)m * n);
+        if (int e = gemm(ta, tb, m, n, k, a, wa.data(), lda, 0, wb.data(), ldb, 0, 0.0f,
+                         sums.data(), m, 0, 1, 0))
+            return e;
+        std::lock_guard<std::mutex> guard(device_lock);
+        narrow_bf16(sums.data(), m, C, ldc, m, n);
+        return 0;
     }
     if (atype != 0 || btype != 0 || ctype != 0) return 15;  // CUBLAS_STATUS_NOT_SUPPORTED
     int dropped_bits;
@@ -368,7 +399,10 @@ int cublasLtMatmulPreferenceSetAttribute(LtPref* p, int attr, const void* buf, s
 static int lt_check(const LtDesc* d, const LtLayout* a, const LtLayout* b, const LtLayout* c,
                     const LtLayout* dl) {
     if (!d || !a || !b || !c || !dl) return LT_INVALID;
-    if (d->scale != 0 || c->type != 0 || dl->type != 0 || a->type != b->type) return LT_NOT_SUPPORTED;
+    if (d->scale != 0 || c->type != dl->type || a->type != b->type) return LT_NOT_SUPPORTED;
+    // D f32, or bf16 (from bf16 operands, with the bias f32 said explicitly).
+    if (dl->type != 0 && (dl->type != 14 || a->type != 14 || d->bias_type != 0))
+        return LT_NOT_SUPPORTED;
     if (a->type == 14) {
         if (d->compute != 68) return LT_NOT_SUPPORTED;
     } else if (a->type != 0 || (d->compute != 68 && d->compute != 75 && d->compute != 77)) {
@@ -415,8 +449,12 @@ int cublasLtMatmul(void* handle, const LtDesc* d, const void* alpha, const void*
     const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
     // The real library on an H200 got alpha = 0 with beta = 1 wrong (lt.rs never asks it).
     if (al == 0.0f) return LT_NOT_SUPPORTED;
-    float* out = static_cast<float*>(D);
-    const int ldd = (int)dl->ld;
+    // A bf16 D: the f32 result (C not read: beta must be 0) into scratch, then rounded into D.
+    const bool narrow = dl->type == 14;
+    if (narrow && be != 0.0f) return LT_NOT_SUPPORTED;
+    std::vector<float> scratch(narrow ? (size_t)m * n : 0);
+    float* out = narrow ? scratch.data() : static_cast<float*>(D);
+    const int ldd = narrow ? m : (int)dl->ld;
     if (be != 0.0f && C != D) {
         for (int j = 0; j < n; ++j)
             std::memcpy(out + (size_t)j * ldd, static_cast<const float*>(C) + (size_t)j * c->ld,
@@ -434,9 +472,15 @@ int cublasLtMatmul(void* handle, const LtDesc* d, const void* alpha, const void*
                       0, static_cast<const float*>(B), (int)b->ld, 0, be, out, ldd, 0, 1,
                       dropped_bits);
     }
-    if (status != 0 || d->epilogue != 4) return status;
-    for (int j = 0; j < n; ++j)
-        for (int i = 0; i < m; ++i) out[(size_t)j * ldd + i] += d->bias[i];
+    if (status != 0) return status;
+    if (d->epilogue == 4) {
+        for (int j = 0; j < n; ++j)
+            for (int i = 0; i < m; ++i) out[(size_t)j * ldd + i] += d->bias[i];
+    }
+    if (narrow) {
+        std::lock_guard<std::mutex> guard(device_lock);
+        narrow_bf16(out, ldd, D, (int)dl->ld, m, n);
+    }
     return 0;
 }
 

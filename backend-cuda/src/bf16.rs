@@ -271,6 +271,56 @@ impl CudaBackend {
         Ok(Some(CopyAlone { _slot: slot, addr }))
     }
 
+    /// The inputs of an elementwise op that reads bf16 values where a buffer holds only them
+    /// (the GELU's input and gradient): per input, its floats' address, or null and its copy
+    /// alone's address ([`CudaBackend::copy_alone`] over `len` elements), as the kernel's two
+    /// arguments; the copies stay locked until the op is queued. Inputs are locked in address
+    /// order (one buffer passed twice once), as [`CudaBackend::bf16_operands`] does, so that
+    /// two threads reading the same buffers cannot wait on each other.
+    pub(crate) fn inputs<'a, const N: usize>(
+        &self,
+        bufs: [&'a CudaBuf; N],
+        len: usize,
+    ) -> BResult<Inputs<'a, N>> {
+        let mut order: [usize; N] = std::array::from_fn(|i| i);
+        order.sort_by_key(|&i| bufs[i] as *const CudaBuf as usize);
+        let mut args = [[Arg::Ptr(0), Arg::Ptr(0)]; N];
+        let mut locks = Vec::new();
+        for (pos, &i) in order.iter().enumerate() {
+            if let Some(&j) = order[..pos]
+                .iter()
+                .find(|&&j| std::ptr::eq(bufs[j], bufs[i]))
+            {
+                args[i] = args[j];
+                continue;
+            }
+            args[i] = match self.copy_alone(bufs[i], len)? {
+                Some(copy) => {
+                    let arg = [Arg::Ptr(0), Arg::Ptr(copy.addr)];
+                    locks.push(copy);
+                    arg
+                }
+                None => [self.ptr(bufs[i])?, Arg::Ptr(0)],
+            };
+        }
+        Ok(Inputs {
+            args,
+            _locks: locks,
+        })
+    }
+
+    /// Whether a product `g` into `c` writes its result as `c`'s bf16 copy alone (cuBLAS
+    /// rounds its f32 sums to bf16 once, to nearest): in the bf16 mode, where the product
+    /// multiplies copies (`copied`), overwrites C (beta 0) and is one matrix filling all of `c`,
+    /// a buffer from `alloc_operand` (fc1's `pre`, fc2's input gradient `d_act`).
+    pub(crate) fn gemm_out16(&self, g: &Gemm, copied: bool, c: &CudaBuf) -> bool {
+        copied
+            && c.operand
+            && g.beta == 0.0
+            && g.batch == 1
+            && g.m.checked_mul(g.n) == Some(c.len())
+    }
+
     /// Makes `buf`'s floats hold its current contents where only its bf16 copy does (see the
     /// module docs), by widening the copy into them. Every op reading a buffer's floats calls
     /// it first; for buffers not from `alloc_operand` it returns at once.
@@ -315,6 +365,13 @@ pub(crate) struct CopyAlone<'a> {
     pub(crate) addr: u64,
 }
 
+/// The inputs of an elementwise op, as [`CudaBackend::inputs`] gives them.
+pub(crate) struct Inputs<'a, const N: usize> {
+    /// Per input, the kernel's arguments: its floats and its copy alone, one of them null.
+    pub(crate) args: [[Arg; 2]; N],
+    _locks: Vec<CopyAlone<'a>>,
+}
+
 /// A buffer's bf16 copy that the kernel about to be queued writes along with the buffer
 /// ([`CudaBackend::produced_copy`]).
 pub(crate) struct ProducedCopy<'a> {
@@ -345,6 +402,16 @@ impl ProducedCopy<'_> {
             }
             _ => floats,
         }
+    }
+
+    /// The copy's device address, for a library call (a GEMM) that writes it.
+    pub(crate) fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    /// Records that the op writes the copy alone, not the floats (which go stale).
+    pub(crate) fn alone(&mut self) {
+        self.floats = false;
     }
 
     /// Records, once the kernel is queued, that the copy holds the first `len` elements of the
@@ -454,6 +521,68 @@ mod tests {
                 "column {c}: {g} vs {want}"
             );
         }
+    }
+
+    /// On a device (or the fake driver): a product overwriting a buffer from `alloc_operand`
+    /// writes the copy alone, through cuBLAS (`gemm`) and cuBLASLt (`gemm_bias`), which the
+    /// GELU and its gradient read as it is; one that accumulates, or a plain buffer, keeps the
+    /// floats.
+    #[test]
+    fn products_into_operand_buffers_write_the_copy_alone() {
+        use mae::backend::Backend;
+        use std::io::Write;
+        let mut be = match CudaBackend::with_precision(0, Precision::Bf16) {
+            Ok(be) => be,
+            Err(e) if e.kind == BackendErrorKind::NoDevice => {
+                let required = std::env::var("MAE_REQUIRE_BACKENDS").unwrap_or_default();
+                assert!(!required.split(',').any(|b| b.trim() == "cuda"), "{e}");
+                let _ = writeln!(std::io::stderr(), "SKIP cuda: {e}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        be.bf16_gemm = Bf16Gemm::Auto;
+        // 877 FLOPs per operand element: the product multiplies copies.
+        let (rows, cols, k) = (1024, 768, 64);
+        let host =
+            |len: usize| -> Vec<f32> { (0..len).map(|i| (i % 13) as f32 / 8.0 - 0.7).collect() };
+        let (x, w) = (
+            be.upload(&host(rows * k)).unwrap(),
+            be.upload(&host(cols * k)).unwrap(),
+        );
+        let bias = be.upload(&host(cols)).unwrap();
+        let g = Gemm::new(rows, cols, k).trans_b();
+        let floats = |d: &CudaBuf| lock(d).unwrap().as_ref().map(|c| c.floats);
+        let mut out = be.alloc_operand(rows * cols).unwrap();
+        be.gemm(&g, &x, &w, &mut out).unwrap();
+        assert_eq!(floats(&out), Some(false), "gemm wrote the floats");
+        be.gemm_bias(&g, &x, &w, &bias, &mut out).unwrap();
+        assert_eq!(floats(&out), Some(false), "gemm_bias wrote the floats");
+        // The GELU and its gradient read the copy, not widened floats.
+        let (mut act, mut grad) = (
+            be.alloc(rows * cols).unwrap(),
+            be.alloc(rows * cols).unwrap(),
+        );
+        be.gelu_forward(&out, &mut act).unwrap();
+        be.gelu_backward(&out, &out, &mut grad, false).unwrap();
+        assert_eq!(
+            floats(&out),
+            Some(false),
+            "the GELU widened its input's copy"
+        );
+        be.gemm(&g.accumulate(), &x, &w, &mut out).unwrap();
+        assert_ne!(
+            floats(&out),
+            Some(false),
+            "an accumulating gemm left the floats stale"
+        );
+        let mut plain = be.alloc(rows * cols).unwrap();
+        be.gemm(&g, &x, &w, &mut plain).unwrap();
+        assert_ne!(
+            floats(&plain),
+            Some(false),
+            "a plain buffer lost its floats"
+        );
     }
 
     #[test]

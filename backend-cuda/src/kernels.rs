@@ -143,12 +143,12 @@ kernels! {
     Add = "add_f32" (Ptr, Ptr, U64);
     Scale = "scale_f32" (Ptr, U64, F32);
     ScaleRows = "scale_rows" (Ptr, Ptr, Ptr, U64, U64, U32);
-    GeluForward = "gelu_forward" (Ptr, Ptr, Ptr, U64);
+    GeluForward = "gelu_forward" (Ptr, Ptr, Ptr, Ptr, U64);
     BiasGeluForward = "bias_gelu_forward" (Ptr, Ptr, Ptr, Ptr, U64, U64);
-    GeluBackward = "gelu_backward" (Ptr, Ptr, Ptr, Ptr, U64, U32);
-    GeluForwardF32 = "gelu_forward_f32" (Ptr, Ptr, Ptr, U64);
+    GeluBackward = "gelu_backward" (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U32);
+    GeluForwardF32 = "gelu_forward_f32" (Ptr, Ptr, Ptr, Ptr, U64);
     BiasGeluForwardF32 = "bias_gelu_forward_f32" (Ptr, Ptr, Ptr, Ptr, U64, U64);
-    GeluBackwardF32 = "gelu_backward_f32" (Ptr, Ptr, Ptr, Ptr, U64, U32);
+    GeluBackwardF32 = "gelu_backward_f32" (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U32);
     AdamW = "adamw" (Ptr, Ptr, Ptr, Ptr, U64, F32, F32, F32, F32, F32, F32, F32, F32);
     AdamWMany = "adamw_many" (Ptr, U64, U64);
     RoundToBf16 = "round_to_bf16" (Ptr, Ptr, U64);

@@ -74,6 +74,8 @@ impl GemmBias {
 struct Shape {
     cm: ColumnMajor,
     bf16_copies: bool,
+    /// Whether D is bf16 (a buffer's copy alone, `gemm_out16`).
+    out16: bool,
 }
 
 /// A cuBLASLt handle, its workspace, and the algorithm chosen per shape (`None`: cuBLASLt has
@@ -194,12 +196,14 @@ fn types(precision: Precision, bf16_copies: bool) -> (cudaDataType, cublasComput
     }
 }
 
-/// The descriptors for `cm` with the bias epilogue reading `bias` (a device address).
+/// The descriptors for `cm` with the bias epilogue reading `bias` (a device address, f32) and
+/// C and D of type `out`.
 fn describe(
     cm: &ColumnMajor,
     operand: cudaDataType,
     compute: cublasComputeType_t,
     bias: u64,
+    out: cudaDataType,
 ) -> Result<Call, CublasError> {
     let desc = Desc(lt::create_matmul_desc(compute, cudaDataType::CUDA_R_32F)?);
     // cublasOperation_t as cuBLASLt's attributes take it: an int32, N = 0, T = 1.
@@ -212,7 +216,7 @@ fn describe(
     )?;
     let bias_ptr = bias as *const c_void;
     desc.set(DescAttr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr)?;
-    // f32, the type of D (the default), said explicitly: bf16 operands must not make it bf16.
+    // f32 whatever D is (the default would follow D, and a bf16 D must not make it bf16).
     desc.set(
         DescAttr::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
         &cudaDataType::CUDA_R_32F,
@@ -232,7 +236,7 @@ fn describe(
         desc,
         first: Layout::new(operand, rows1, cols1, cm.ld_first)?,
         second: Layout::new(operand, rows2, cols2, cm.ld_second)?,
-        out: Layout::new(cudaDataType::CUDA_R_32F, cm.m, cm.n, cm.ldc)?,
+        out: Layout::new(out, cm.m, cm.n, cm.ldc)?,
     })
 }
 
@@ -335,13 +339,35 @@ impl CudaBackend {
                 None
             }
         };
-        let call = describe(&cm, operand, compute, pbias)
-            .map_err(|e| lt_error(e, &format!("describing gemm_bias {g:?} to cuBLASLt")))?;
         let mut lt = lt
             .lock()
             .map_err(|_| error::device("the cuBLASLt handle's lock is poisoned"))?;
-        let shape = Shape { cm, bf16_copies };
-        let Some(algo) = lt.algo(shape, &call) else {
+        // D as `c`'s bf16 copy alone where `gemm_out16` allows it and cuBLASLt has an algorithm
+        // for it, else f32.
+        let want16 = base.is_none() && self.gemm_out16(g, bf16_copies, c);
+        let mut chosen = None;
+        for out16 in [true, false] {
+            if out16 && !want16 {
+                continue;
+            }
+            let ty = if out16 {
+                cudaDataType::CUDA_R_16BF
+            } else {
+                cudaDataType::CUDA_R_32F
+            };
+            let call = describe(&cm, operand, compute, pbias, ty)
+                .map_err(|e| lt_error(e, &format!("describing gemm_bias {g:?} to cuBLASLt")))?;
+            let shape = Shape {
+                cm,
+                bf16_copies,
+                out16,
+            };
+            if let Some(algo) = lt.algo(shape, &call) {
+                chosen = Some((call, shape, algo));
+                break;
+            }
+        }
+        let Some((call, shape, algo)) = chosen else {
             return Ok(false);
         };
         // The copies stay locked until the product reading them is queued (bf16.rs).
@@ -355,6 +381,21 @@ impl CudaBackend {
             (self.read_addr(a)?, self.read_addr(b)?)
         };
         let pd = addr_mut(c.slice_mut(), &self.stream);
+        let mut out16 = if shape.out16 {
+            self.produced_copy(c)?
+        } else {
+            None
+        };
+        let pd = match out16.as_mut() {
+            Some(copy) => {
+                copy.alone();
+                copy.addr()
+            }
+            None if shape.out16 => {
+                return Err(error::device("bug: a bf16 D without a bf16 copy to write"));
+            }
+            None => pd,
+        };
         let pc = base.unwrap_or(pd);
         self.ctx
             .bind_to_thread()
@@ -367,7 +408,9 @@ impl CudaBackend {
         // of their bf16 copies (locked in `copies` until this returns), holding at least the
         // k x n and m x k elements their layouts span (checked by `gemm_lens`); D is `c`, m x n,
         // checked likewise, and C is D or `base`, a distinct live buffer of at least m x n
-        // (checked above) with D's layout; the bias holds n floats (checked above). alpha and
+        // (checked above) with D's layout; where D is bf16 it is `c`'s copy, room for all of
+        // `c` (exactly m x n), locked in `c` until this returns, and C is D (beta 0: not read);
+        // the bias holds n floats (checked above). alpha and
         // beta are host f32 values (the default pointer mode, scale type f32) that live
         // through the call; the workspace holds `WORKSPACE_BYTES`, the most the heuristic was
         // allowed to ask for. The work is queued on the backend's stream.
@@ -393,7 +436,11 @@ impl CudaBackend {
         };
         drop(copies);
         match status {
-            Ok(()) => {}
+            Ok(()) => {
+                if let Some(copy) = out16 {
+                    copy.written(c.contents(), g.m * g.n);
+                }
+            }
             Err(CublasError(cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => {
                 lt.algos.insert(shape, None);
                 return Ok(false);
@@ -414,7 +461,11 @@ impl CudaBackend {
                 if g.trans_b { "T" } else { "N" },
             );
             let copies = if bf16_copies { " bf16 copies" } else { "" };
-            let onto = if base.is_some() { " onto" } else { "" };
+            let onto = match (base.is_some(), shape.out16) {
+                (true, _) => " onto",
+                (false, true) => " bf16 out",
+                (false, false) => "",
+            };
             let label = format!(
                 "gemm_bias {}x{}x{} {ta}{tb} lt{copies}{onto}",
                 g.m, g.n, g.k

@@ -15,7 +15,7 @@ use crate::launch::{
 use crate::readers::max_readers;
 use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasGemmStridedBatchedEx, cublasOperation_t,
-    cublasSgemmStridedBatched, cudaDataType,
+    cublasSgemmStridedBatched, cublasStatus_t, cudaDataType,
 };
 use mae::backend::{
     AdamWStep, Attention, BResult, Backend, BackendError, BackendErrorKind, Gather, Gemm, Heads,
@@ -283,6 +283,12 @@ impl Backend for CudaBackend {
             (pa, pb, cudaDataType::CUDA_R_32F, compute)
         };
         let pc = addr_mut(c.slice_mut(), &self.stream);
+        // A product into a buffer from `alloc_operand` may write C as its bf16 copy alone.
+        let mut out16 = if self.gemm_out16(g, copied, c) {
+            self.produced_copy(c)?
+        } else {
+            None
+        };
         let blas = self
             .blas
             .lock()
@@ -322,50 +328,73 @@ impl Backend for CudaBackend {
                     batch,
                 )
             }),
-            // SAFETY: as above, where A and B are either the f32 buffers (CUDA_R_32F) or their
-            // bf16 copies (CUDA_R_16BF), which hold at least the same number of elements (a_len
-            // and b_len, written by `round_to_bf16` earlier on this stream and locked in their
-            // buffers until this call is queued); C is f32, and alpha and beta are f32 as the
-            // f32 compute types require.
-            Some(compute) => ("cublasGemmStridedBatchedEx", unsafe {
-                cublasGemmStridedBatchedEx(
-                    *blas.handle(),
-                    op(cm.trans_first),
-                    op(cm.trans_second),
-                    m,
-                    n,
-                    k,
-                    (&g.alpha as *const f32).cast(),
-                    pb as *const c_void,
-                    operand_type,
-                    ld1,
-                    stride(cm.stride_first),
-                    pa as *const c_void,
-                    operand_type,
-                    ld2,
-                    stride(cm.stride_second),
-                    (&g.beta as *const f32).cast(),
-                    pc as *mut c_void,
-                    cudaDataType::CUDA_R_32F,
-                    ldc,
-                    stride(cm.stride_c),
-                    batch,
-                    compute,
-                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            }),
+            Some(compute) => {
+                // SAFETY: as above, where A and B are either the f32 buffers (CUDA_R_32F) or
+                // their bf16 copies (CUDA_R_16BF), which hold at least the same number of
+                // elements (a_len and b_len, written by `round_to_bf16` earlier on this stream
+                // and locked in their buffers until this call is queued); C is f32, or C's bf16
+                // copy (`out16`: room for all of C, which is exactly m x n, one matrix, beta 0
+                // so not read; locked in C until this call is queued), and alpha and beta are
+                // f32 as the f32 compute types require.
+                let ex = |pc: u64, ctype: cudaDataType| unsafe {
+                    cublasGemmStridedBatchedEx(
+                        *blas.handle(),
+                        op(cm.trans_first),
+                        op(cm.trans_second),
+                        m,
+                        n,
+                        k,
+                        (&g.alpha as *const f32).cast(),
+                        pb as *const c_void,
+                        operand_type,
+                        ld1,
+                        stride(cm.stride_first),
+                        pa as *const c_void,
+                        operand_type,
+                        ld2,
+                        stride(cm.stride_second),
+                        (&g.beta as *const f32).cast(),
+                        pc as *mut c_void,
+                        ctype,
+                        ldc,
+                        stride(cm.stride_c),
+                        batch,
+                        compute,
+                        cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                };
+                let mut status = cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED;
+                if let Some(copy) = out16.as_mut() {
+                    copy.alone();
+                    status = ex(copy.addr(), cudaDataType::CUDA_R_16BF);
+                }
+                // Where cuBLAS has no bf16 C for it, the f32 C (the copy stays unrecorded).
+                if status == cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED {
+                    out16 = None;
+                    status = ex(pc, cudaDataType::CUDA_R_32F);
+                }
+                ("cublasGemmStridedBatchedEx", status)
+            }
         };
         drop(copies);
         status
             .result()
             .map_err(|e| error::cublas(e, &format!("{call} for {g:?} ({:?})", self.precision())))?;
+        let wrote16 = out16.is_some();
+        if let Some(copy) = out16 {
+            copy.written(c.contents(), g.m * g.n);
+        }
         if let (Some(p), Some(t)) = (&self.profile, timer) {
             let (ta, tb) = (
                 if g.trans_a { "T" } else { "N" },
                 if g.trans_b { "T" } else { "N" },
             );
             let copies = if copied { " bf16 copies" } else { "" };
-            let label = format!("gemm {}x{}x{} {ta}{tb} x{}{copies}", g.m, g.n, g.k, g.batch);
+            let out = if wrote16 { " bf16 out" } else { "" };
+            let label = format!(
+                "gemm {}x{}x{} {ta}{tb} x{}{copies}{out}",
+                g.m, g.n, g.k, g.batch
+            );
             p.end(&self.stream, t, label);
         }
         Ok(())
@@ -812,13 +841,15 @@ impl Backend for CudaBackend {
     fn gelu_forward(&self, x: &CudaBuf, y: &mut CudaBuf) -> BResult<()> {
         let n = y.len();
         need(x, n, "gelu_forward", "x")?;
-        // The inputs' addresses first: reading one may take its copy's lock (`ptr`), and the
-        // output's stays locked until the launch.
-        let x_ptr = self.ptr(x)?;
+        // The inputs first: reading one may take its copy's lock, and the output's stays locked
+        // until the launch. x is read from its bf16 copy where that alone holds it (`pre` in
+        // the bf16 mode, written so by fc1's product).
+        let inputs = self.inputs([x], n)?;
+        let [[x_ptr, x16]] = inputs.args;
         let y_ptr = self.ptr_out(y);
         let mut copy = self.produced_copy(y)?;
         let y_ptr = ProducedCopy::skip_floats(&mut copy, y, y_ptr);
-        let args = [x_ptr, y_ptr, ProducedCopy::arg(&copy), u(n)];
+        let args = [x_ptr, x16, y_ptr, ProducedCopy::arg(&copy), u(n)];
         self.launch(
             self.gelu_kernel(Kernel::GeluForward),
             elementwise(n as u64),
@@ -889,7 +920,10 @@ impl Backend for CudaBackend {
         let n = dx.len();
         need(x, n, "gelu_backward", "x")?;
         need(dy, n, "gelu_backward", "dy")?;
-        let (x_ptr, dy_ptr) = (self.ptr(x)?, self.ptr(dy)?);
+        // x and dy from their bf16 copies where those alone hold them (`pre` and `d_act` in the
+        // bf16 mode).
+        let inputs = self.inputs([x, dy], n)?;
+        let [[x_ptr, x16], [dy_ptr, dy16]] = inputs.args;
         // Overwriting reads nothing of dx (as `fill`): stale floats need no update first, and a
         // buffer from `alloc_operand` gets its bf16 copy alone.
         let (dx_ptr, copy) = if accumulate {
@@ -901,7 +935,9 @@ impl Backend for CudaBackend {
         };
         let args = [
             x_ptr,
+            x16,
             dy_ptr,
+            dy16,
             dx_ptr,
             ProducedCopy::arg(&copy),
             u(n),

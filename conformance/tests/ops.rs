@@ -1984,6 +1984,83 @@ fn check_operand_buffers<B: Backend>(b: &B, stored: fn(f32) -> f32) -> Check {
     Ok(())
 }
 
+/// Products into buffers from `alloc_operand` (fc1's `pre` through `gemm`, `gemm_bias` and
+/// `gemm_bias_gelu`; fc2's input gradient `d_act` through `gemm`), then the GELU and its gradient
+/// reading them (one buffer as both `x` and `dy`), all before anything else reads the buffer:
+/// the stored values are `stored` values within the GEMM's tolerance and one `stored` rounding
+/// (2^-8 relative) of the plain buffer's, and the ops that read them give bitwise what they give
+/// on a plain buffer holding those values.
+fn check_operand_products<B: Backend>(b: &B, stored: fn(f32) -> f32) -> Check {
+    let fail = |e: mae::backend::BackendError| e.to_string();
+    // 1,024 x 768 outputs over k = 64: 877 FLOPs per operand element, a product that the CUDA
+    // bf16 mode runs on bf16 copies.
+    let (rows, cols, k) = (1024, 768, 64);
+    let n = rows * cols;
+    let host = |seed: u64, len: usize, c: usize| data(seed, len, c, Fill::Uniform);
+    let (hx, hw) = (host(80, rows * k, k), host(81, cols * k, k));
+    let (x, w, bias) = (up(b, &hx), up(b, &hw), up(b, &host(82, cols, cols)));
+    let g = Gemm::new(rows, cols, k).trans_b();
+    let tol = Tol::gemm(k, max_abs(&f64s(&hx)), max_abs(&f64s(&hw)));
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (i, producer) in ["gemm", "gemm_bias", "gemm_bias_gelu"].iter().enumerate() {
+        let (mut plain, mut operand) =
+            (b.alloc(n).map_err(fail)?, b.alloc_operand(n).map_err(fail)?);
+        let (mut act_plain, mut act) = (b.alloc(n).map_err(fail)?, b.alloc(n).map_err(fail)?);
+        for (pre, act) in [(&mut plain, &mut act_plain), (&mut operand, &mut act)] {
+            match i {
+                0 => b.gemm(&g, &x, &w, pre),
+                1 => b.gemm_bias(&g, &x, &w, &bias, pre),
+                _ => b.gemm_bias_gelu(&g, &x, &w, &bias, pre, act),
+            }
+            .map_err(fail)?;
+        }
+        if i < 2 {
+            b.gelu_forward(&operand, &mut act).map_err(fail)?;
+        }
+        let mut grad = b.alloc(n).map_err(fail)?;
+        b.gelu_backward(&operand, &operand, &mut grad, false)
+            .map_err(fail)?;
+        // Only now the floats: the stored values, a rounding of the plain product's.
+        let values = down(b, &operand);
+        if let Some(j) = (0..n).find(|&j| stored(values[j]).to_bits() != values[j].to_bits()) {
+            return Err(format!(
+                "{producer}: element {j} of the operand buffer, {}, is not a stored value",
+                values[j]
+            ));
+        }
+        let plain_values = f64s(&down(b, &plain));
+        let rounding = Tol {
+            atol: tol.atol,
+            rtol: tol.rtol + 2f64.powi(-8),
+        };
+        compare(
+            producer,
+            "into alloc_operand",
+            &values,
+            &plain_values,
+            rounding,
+            None,
+        )?;
+        // The reads of the operand buffer against the same ops on a plain buffer of its values.
+        let same = up(b, &values);
+        let (mut act_want, mut grad_want) = (b.alloc(n).map_err(fail)?, b.alloc(n).map_err(fail)?);
+        b.gelu_forward(&same, &mut act_want).map_err(fail)?;
+        b.gelu_backward(&same, &same, &mut grad_want, false)
+            .map_err(fail)?;
+        if bits(&down(b, &act)) != bits(&down(b, &act_want)) {
+            return Err(format!(
+                "{producer}: the GELU of the operand buffer read other values"
+            ));
+        }
+        if bits(&down(b, &grad)) != bits(&down(b, &grad_want)) {
+            return Err(format!(
+                "{producer}: the GELU gradient of the operand buffer read other values"
+            ));
+        }
+    }
+    Ok(())
+}
+
 // ---- contracts: accumulate twice, overwrite ignores old contents, untouched outputs ---------------
 
 /// Runs `op` twice into one zero-filled output of `len` floats; returns the output after each run.
@@ -2901,6 +2978,10 @@ macro_rules! op_tests {
                 fixed(b(), |b| check_operand_buffers(b, |x| x));
             }
             #[test]
+            fn products_into_operand_buffers_hold_their_values() {
+                fixed(b(), |b| check_operand_products(b, |x| x));
+            }
+            #[test]
             fn accumulating_ops_add_up() {
                 fixed(b(), check_accumulate_twice);
             }
@@ -2975,6 +3056,15 @@ mod cuda_bf16 {
         let fast = std::env::var("MAE_CUDA_BF16_GEMM").is_ok_and(|v| v == "fast");
         let stored: fn(f32) -> f32 = if fast { |x| x } else { bf16_nearest };
         fixed(b(), |b| check_operand_buffers(b, stored));
+    }
+
+    /// Products that overwrite a buffer from `alloc_operand` write their result as its bf16
+    /// copy alone (cuBLAS rounding its f32 sums once), and the GELU and its gradient read it.
+    #[test]
+    fn products_into_operand_buffers_write_bf16() {
+        let fast = std::env::var("MAE_CUDA_BF16_GEMM").is_ok_and(|v| v == "fast");
+        let stored: fn(f32) -> f32 = if fast { |x| x } else { bf16_nearest };
+        fixed(b(), |b| check_operand_products(b, stored));
     }
 
     /// The tensor-core attention (the bf16 mode's default on compute capability 8.0 and later)

@@ -428,14 +428,16 @@ pub trait Backend {
     /// A zero-filled buffer of `len` floats (`len` may be 0: unused gradient slots of an
     /// inference-only model are empty buffers).
     fn alloc(&self, len: usize) -> BResult<Self::Buf>;
-    /// [`Backend::alloc`] for an activation that the model reads only as an operand of
-    /// [`Backend::gemm`] and its fused forms, or as the dY whose column sums are a Linear
-    /// layer's bias gradient: a backend whose GEMMs round their operands (the CUDA backend's
-    /// bf16 mode) may then keep just the rounded values that its GEMMs multiply and skip storing
-    /// the floats. Every read sees those rounded values: a GEMM that rounds its operands to
-    /// nearest computes bitwise what it would from [`Backend::alloc`]'s buffer, and other reads
-    /// (the column sums, another op, a download) differ by that rounding. The default is
-    /// [`Backend::alloc`].
+    /// [`Backend::alloc`] for an activation whose every read tolerates the rounding of a
+    /// reduced-precision mode: in the model, the operands of [`Backend::gemm`] and its fused
+    /// forms, the dY whose column sums are a Linear layer's bias gradient, and the MLP's
+    /// pre-activation and its gradient, which only the GELU and its gradient read. A backend
+    /// whose GEMMs round their operands to bf16 (the CUDA backend's bf16 mode) may then keep
+    /// just the bf16 values, written so by the op that produces them (a kernel, or a product
+    /// that overwrites the whole buffer), and skip storing the floats. Every read sees those
+    /// rounded values: a GEMM that rounds its operands to nearest computes bitwise what it would
+    /// from [`Backend::alloc`]'s buffer holding them, and other reads (the column sums, the
+    /// GELU, another op, a download) see them as floats. The default is [`Backend::alloc`].
     fn alloc_operand(&self, len: usize) -> BResult<Self::Buf> {
         self.alloc(len)
     }

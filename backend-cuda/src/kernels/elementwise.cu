@@ -35,13 +35,28 @@ __device__ float gelu(float x) {
     return (float)(v * normal_cdf(v));
 }
 
-// y = G(x) elementwise, G one of the GELUs. `y16`, where not null, receives the bf16 copy of y
-// (bf16.rs, `produced_copy`): so do `act16` and `dx16` below. A null `y` (or `act` below) is
-// an output kept as the copy alone (bf16.rs, `skip_floats`): only the copy is stored.
+// Element i of an input held as floats `x` or, where `x16` is not null, as its bf16 copy alone
+// (bf16.rs, `copy_alone`): the GELU's input and gradient, which the bf16 mode may keep so.
+__device__ __forceinline__ float load_in(const float* x, const u16* x16, u64 i) {
+    return x16 ? __uint_as_float((u32)x16[i] << 16) : x[i];
+}
+
+// Elements 4 q .. 4 q + 3 of such an input (see by_fours).
+__device__ __forceinline__ float4 load_in4(const float* x, const u16* x16, u64 q) {
+    if (!x16) return ((const float4*)x)[q];
+    const uint2 w = ((const uint2*)x16)[q];
+    return make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u),
+                       __uint_as_float(w.y << 16), __uint_as_float(w.y & 0xffff0000u));
+}
+
+// y = G(x) elementwise, G one of the GELUs, x read as load_in does. `y16`, where not null,
+// receives the bf16 copy of y (bf16.rs, `produced_copy`): so do `act16` and `dx16` below. A
+// null `y` (or `act` below) is an output kept as the copy alone (bf16.rs, `skip_floats`): only
+// the copy is stored.
 template <float (*G)(float)>
-__device__ void gelu_forward_of(const float* x, float* y, u16* y16, u64 n) {
+__device__ void gelu_forward_of(const float* x, const u16* x16, float* y, u16* y16, u64 n) {
     FOR_EACH(i, n) {
-        const float v = G(x[i]);
+        const float v = G(load_in(x, x16, i));
         if (y) y[i] = v;
         if (y16) y16[i] = (u16)bf16_bits(v);
     }
@@ -62,8 +77,9 @@ __device__ void bias_gelu_forward_of(const float* bias, float* pre, float* act, 
     }
 }
 
-extern "C" __global__ void gelu_forward(const float* x, float* y, u16* y16, u64 n) {
-    gelu_forward_of<gelu>(x, y, y16, n);
+extern "C" __global__ void gelu_forward(const float* x, const u16* x16, float* y, u16* y16,
+                                        u64 n) {
+    gelu_forward_of<gelu>(x, x16, y, y16, n);
 }
 
 extern "C" __global__ void bias_gelu_forward(const float* bias, float* pre, float* act,
@@ -74,14 +90,15 @@ extern "C" __global__ void bias_gelu_forward(const float* bias, float* pre, floa
 // dx += dy * (Phi(x) + x * exp(-x^2 / 2) / sqrt(2 pi)), in double, rounded once. Where not
 // `accumulate`, dx's old values are not read: 0 takes their place in the same sum, so the result
 // is bitwise that of accumulating into zeros (the sign of a zero included). A null dx (only when
-// not accumulating) writes dx16 alone.
-extern "C" __global__ void gelu_backward(const float* x, const float* dy, float* dx, u16* dx16,
-                                         u64 n, u32 accumulate) {
+// not accumulating) writes dx16 alone. x and dy are read as load_in does.
+extern "C" __global__ void gelu_backward(const float* x, const u16* x16, const float* dy,
+                                         const u16* dy16, float* dx, u16* dx16, u64 n,
+                                         u32 accumulate) {
     FOR_EACH(i, n) {
-        const double v = (double)x[i];
+        const double v = (double)load_in(x, x16, i);
         const double grad = normal_cdf(v) + v * exp(-0.5 * v * v) * 0.39894228040143267794;
         const double old = accumulate ? (double)dx[i] : 0.0;
-        const float d = (float)(old + (double)dy[i] * grad);
+        const float d = (float)(old + (double)load_in(dy, dy16, i) * grad);
         if (dx) dx[i] = d;
         if (dx16) dx16[i] = (u16)bf16_bits(d);
     }
@@ -94,10 +111,11 @@ __device__ float gelu_f32(float x) { return 0.5f * x * erfcf(-x * 0.70710678f); 
 
 // The f32 GELU and its gradient move four elements per thread where the buffers allow
 // (by_fours): a quarter of the loop's index arithmetic and memory instructions per element.
-extern "C" __global__ void gelu_forward_f32(const float* x, float* y, u16* y16, u64 n) {
-    if (by_fours(n, (u64)x | (u64)y, (u64)y16)) {
+extern "C" __global__ void gelu_forward_f32(const float* x, const u16* x16, float* y, u16* y16,
+                                            u64 n) {
+    if (by_fours(n, (u64)x | (u64)y, (u64)x16 | (u64)y16)) {
         FOR_EACH(q, n / 4) {
-            const float4 v = ((const float4*)x)[q];
+            const float4 v = load_in4(x, x16, q);
             const float4 o =
                 make_float4(gelu_f32(v.x), gelu_f32(v.y), gelu_f32(v.z), gelu_f32(v.w));
             if (y) ((float4*)y)[q] = o;
@@ -105,7 +123,7 @@ extern "C" __global__ void gelu_forward_f32(const float* x, float* y, u16* y16, 
         }
         return;
     }
-    gelu_forward_of<gelu_f32>(x, y, y16, n);
+    gelu_forward_of<gelu_f32>(x, x16, y, y16, n);
 }
 
 extern "C" __global__ void bias_gelu_forward_f32(const float* bias, float* pre, float* act,
@@ -117,12 +135,13 @@ __device__ __forceinline__ float gelu_grad_f32(float v) {
     return 0.5f * erfcf(-v * 0.70710678f) + v * expf(-0.5f * v * v) * 0.39894228f;
 }
 
-// `accumulate` and a null dx as in gelu_backward above.
-extern "C" __global__ void gelu_backward_f32(const float* x, const float* dy, float* dx,
-                                             u16* dx16, u64 n, u32 accumulate) {
-    if (by_fours(n, (u64)x | (u64)dy | (u64)dx, (u64)dx16)) {
+// `accumulate`, a null dx and the inputs as in gelu_backward above.
+extern "C" __global__ void gelu_backward_f32(const float* x, const u16* x16, const float* dy,
+                                             const u16* dy16, float* dx, u16* dx16, u64 n,
+                                             u32 accumulate) {
+    if (by_fours(n, (u64)x | (u64)dy | (u64)dx, (u64)x16 | (u64)dy16 | (u64)dx16)) {
         FOR_EACH(q, n / 4) {
-            const float4 v = ((const float4*)x)[q], g = ((const float4*)dy)[q];
+            const float4 v = load_in4(x, x16, q), g = load_in4(dy, dy16, q);
             const float4 o = accumulate ? ((const float4*)dx)[q] : make_float4(0.f, 0.f, 0.f, 0.f);
             const float4 d = make_float4(
                 o.x + g.x * gelu_grad_f32(v.x), o.y + g.y * gelu_grad_f32(v.y),
@@ -133,7 +152,8 @@ extern "C" __global__ void gelu_backward_f32(const float* x, const float* dy, fl
         return;
     }
     FOR_EACH(i, n) {
-        const float d = (accumulate ? dx[i] : 0.f) + dy[i] * gelu_grad_f32(x[i]);
+        const float d =
+            (accumulate ? dx[i] : 0.f) + load_in(dy, dy16, i) * gelu_grad_f32(load_in(x, x16, i));
         if (dx) dx[i] = d;
         if (dx16) dx16[i] = (u16)bf16_bits(d);
     }

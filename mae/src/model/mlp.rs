@@ -7,7 +7,8 @@ use crate::params::Linear;
 
 /// What one MLP keeps for its backward.
 pub struct MlpActs<B: Backend> {
-    /// `fc1` output before the activation, `[rows, hidden]`.
+    /// `fc1` output before the activation, `[rows, hidden]`: read by the GELU and its gradient,
+    /// which take it rounded to bf16 where a backend keeps it so ([`Backend::alloc_operand`]).
     pub pre: B::Buf,
     /// After GELU: the input of `fc2`, read by nothing else ([`Backend::alloc_operand`]).
     pub act: B::Buf,
@@ -15,7 +16,7 @@ pub struct MlpActs<B: Backend> {
 
 /// Gradient buffers shared by the MLPs of a stack.
 pub struct MlpScratch<B: Backend> {
-    /// Gradient of `act`.
+    /// Gradient of `act`: read only by the GELU gradient ([`Backend::alloc_operand`]).
     pub d_act: B::Buf,
     /// Gradient of `pre`: read only by fc1's GEMMs and bias gradient ([`Backend::alloc_operand`]).
     pub d_pre: B::Buf,
@@ -25,7 +26,7 @@ impl<B: Backend> MlpActs<B> {
     /// Buffers for one layer.
     pub fn new(b: &B, d: &StackDims) -> BResult<Self> {
         Ok(MlpActs {
-            pre: b.alloc(d.rows() * d.hidden)?,
+            pre: b.alloc_operand(d.rows() * d.hidden)?,
             // Read only by fc2's GEMMs (forward and weight gradient).
             act: b.alloc_operand(d.rows() * d.hidden)?,
         })
@@ -36,7 +37,7 @@ impl<B: Backend> MlpScratch<B> {
     /// Buffers for a stack's backward.
     pub fn new(b: &B, d: &StackDims) -> BResult<Self> {
         Ok(MlpScratch {
-            d_act: b.alloc(d.rows() * d.hidden)?,
+            d_act: b.alloc_operand(d.rows() * d.hidden)?,
             d_pre: b.alloc_operand(d.rows() * d.hidden)?,
         })
     }
