@@ -843,7 +843,7 @@ static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, std
     std::vector<float> out(rows * D, NAN), lse(B * H * T, NAN);
     std::vector<uint16_t> out16(rows * D, 0xdead);
     launch_rows(grid, MMA_THREADS, [&] {
-        attention_forward_mma(qkv.data(), out.data(), out16.data(), lse.data(), B, T, H, hd, scale);
+        attention_forward_mma(qkv.data(), nullptr, out.data(), out16.data(), lse.data(), B, T, H, hd, scale);
     });
     expect_close("attention_forward_mma out" + tag, out, ref.out, 4e-3);
     expect_bf16_copy("attention_forward_mma out copy" + tag, out16, out);
@@ -852,11 +852,11 @@ static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, std
     std::vector<float> d_qkv(rows * 3 * D, NAN), drow(B * H * T, NAN);
     std::vector<uint16_t> d_qkv16(rows * 3 * D, 0xdead);
     launch_rows(grid, MMA_THREADS, [&] {
-        attention_backward_dq_mma(qkv.data(), ref_out.data(), ref_lse.data(), d_out.data(), d_qkv.data(),
+        attention_backward_dq_mma(qkv.data(), nullptr, ref_out.data(), ref_lse.data(), d_out.data(), d_qkv.data(),
                                   d_qkv16.data(), drow.data(), B, T, H, hd, scale);
     });
     launch_rows(grid, MMA_THREADS, [&] {
-        attention_backward_dkv_mma(qkv.data(), ref_lse.data(), d_out.data(), drow.data(), d_qkv.data(),
+        attention_backward_dkv_mma(qkv.data(), nullptr, ref_lse.data(), d_out.data(), drow.data(), d_qkv.data(),
                                    d_qkv16.data(), B, T, H, hd, scale);
     });
     expect_close("attention_backward_mma d_qkv" + tag, d_qkv, ref.d_qkv, 1e-2);
@@ -864,14 +864,34 @@ static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, std
     // Without copies (null): the same gradients.
     std::vector<float> plain(rows * 3 * D, NAN);
     launch_rows(grid, MMA_THREADS, [&] {
-        attention_backward_dq_mma(qkv.data(), ref_out.data(), ref_lse.data(), d_out.data(), plain.data(),
+        attention_backward_dq_mma(qkv.data(), nullptr, ref_out.data(), ref_lse.data(), d_out.data(), plain.data(),
                                   nullptr, drow.data(), B, T, H, hd, scale);
     });
     launch_rows(grid, MMA_THREADS, [&] {
-        attention_backward_dkv_mma(qkv.data(), ref_lse.data(), d_out.data(), drow.data(), plain.data(),
+        attention_backward_dkv_mma(qkv.data(), nullptr, ref_lse.data(), d_out.data(), drow.data(), plain.data(),
                                    nullptr, B, T, H, hd, scale);
     });
     expect_close("attention_backward_mma d_qkv without copies" + tag, plain, to_d(d_qkv), 0);
+    // qkv read from its bf16 copy alone (qkv16, the floats null): the inputs hold bf16 values
+    // already, so every output is bitwise the same.
+    std::vector<uint16_t> qkv16(qkv.size());
+    for (u64 i = 0; i < qkv.size(); ++i) qkv16[i] = (uint16_t)bf16_bits(qkv[i]);
+    std::vector<float> out_b(rows * D, NAN), lse_b(B * H * T, NAN), d_qkv_b(rows * 3 * D, NAN),
+        drow_b(B * H * T, NAN);
+    launch_rows(grid, MMA_THREADS, [&] {
+        attention_forward_mma(nullptr, qkv16.data(), out_b.data(), nullptr, lse_b.data(), B, T, H, hd, scale);
+    });
+    launch_rows(grid, MMA_THREADS, [&] {
+        attention_backward_dq_mma(nullptr, qkv16.data(), ref_out.data(), ref_lse.data(), d_out.data(),
+                                  d_qkv_b.data(), nullptr, drow_b.data(), B, T, H, hd, scale);
+    });
+    launch_rows(grid, MMA_THREADS, [&] {
+        attention_backward_dkv_mma(nullptr, qkv16.data(), ref_lse.data(), d_out.data(), drow_b.data(),
+                                   d_qkv_b.data(), nullptr, B, T, H, hd, scale);
+    });
+    expect_close("attention_forward_mma out from bf16 qkv" + tag, out_b, to_d(out), 0);
+    expect_close("attention_forward_mma lse from bf16 qkv" + tag, lse_b, to_d(lse), 0);
+    expect_close("attention_backward_mma d_qkv from bf16 qkv" + tag, d_qkv_b, to_d(d_qkv), 0);
 }
 
 // The fused attention kernels against the naive reference, on the grids ops.rs launches (one

@@ -3,7 +3,7 @@
 //! (`mae::backend`), with the CPU backend as the reference implementation.
 
 use crate::backend::{need, u, AttentionPath, CudaBackend, Precision};
-use crate::bf16::ProducedCopy;
+use crate::bf16::{Inputs, ProducedCopy};
 use crate::buffer::{addr, addr_mut, CudaBuf, CudaIdx};
 use crate::error;
 use crate::gemm::column_major;
@@ -1017,13 +1017,14 @@ impl Backend for CudaBackend {
         // The tensor-core kernels (the bf16 mode's) also write out's bf16 copy: the input of
         // `proj`.
         let tensor_cores = forward == Kernel::AttentionForwardMma;
+        let (mut args, _qkv) = self.attention_qkv(qkv, lq, tensor_cores)?;
         let out_ptr = self.ptr_mut(out)?;
         let copy = if tensor_cores {
             self.produced_copy(out)?
         } else {
             None
         };
-        let mut args = vec![self.ptr(qkv)?, out_ptr];
+        args.push(out_ptr);
         if tensor_cores {
             args.push(ProducedCopy::arg(&copy));
         }
@@ -1059,6 +1060,7 @@ impl Backend for CudaBackend {
         // The tensor-core kernels also write d_qkv's bf16 copy (dQ its q columns, dK-dV the
         // others): d_qkv is dY of the qkv Linear, whose two gradient products read it.
         let tensor_cores = dq == Kernel::AttentionBackwardDqMma;
+        let (qkv_args, _qkv) = self.attention_qkv(qkv, lq, tensor_cores)?;
         let d_qkv_ptr = self.ptr_mut(d_qkv)?;
         let copy = if tensor_cores {
             self.produced_copy(d_qkv)?
@@ -1070,22 +1072,14 @@ impl Backend for CudaBackend {
         } else {
             vec![d_qkv_ptr]
         };
-        let mut args = vec![
-            self.ptr(qkv)?,
-            self.ptr(out)?,
-            self.ptr(lse)?,
-            self.ptr(d_out)?,
-        ];
+        let mut args = qkv_args.clone();
+        args.extend([self.ptr(out)?, self.ptr(lse)?, self.ptr(d_out)?]);
         args.extend_from_slice(&d_qkv_args);
         args.push(self.ptr_mut(&mut drow)?);
         args.extend(attention_dims(a));
         self.launch_described(dq, cfg, &args, || attention_shape(a))?;
-        let mut args = vec![
-            self.ptr(qkv)?,
-            self.ptr(lse)?,
-            self.ptr(d_out)?,
-            self.ptr(&drow)?,
-        ];
+        let mut args = qkv_args;
+        args.extend([self.ptr(lse)?, self.ptr(d_out)?, self.ptr(&drow)?]);
         args.extend_from_slice(&d_qkv_args);
         args.extend(attention_dims(a));
         self.launch_described(dkv, cfg, &args, || attention_shape(a))?;
@@ -1285,6 +1279,23 @@ impl CudaBackend {
             ];
             (kernels, attention(pairs, tokens))
         }
+    }
+
+    /// The arguments for `qkv` (`len` floats) of the attention kernels: the tensor-core ones
+    /// take its floats and its bf16 copy where that alone holds it (the qkv product's output in
+    /// the bf16 mode: the values they multiply, staged without rounding), locked in the returned
+    /// [`Inputs`] until the launch; the f32 kernels take its floats.
+    fn attention_qkv<'a>(
+        &self,
+        qkv: &'a CudaBuf,
+        len: usize,
+        tensor_cores: bool,
+    ) -> BResult<(Vec<Arg>, Option<Inputs<'a, 1>>)> {
+        if !tensor_cores {
+            return Ok((vec![self.ptr(qkv)?], None));
+        }
+        let inputs = self.inputs([qkv], len)?;
+        Ok((inputs.args[0].to_vec(), Some(inputs)))
     }
 
     /// The attention kernels hold a row of up to [`ATTENTION_MAX_HEAD_DIM`] in registers.

@@ -164,6 +164,35 @@ __device__ void mma_stage_rows(u16* rm, const float* src, u64 stride, u64 r0, u6
     }
 }
 
+// The same from rows already in bf16 (qkv's copy alone, bf16.rs `inputs`; `stride` in
+// elements): nothing to round, so staging is a copy, eight values per 16-byte load where the
+// rows allow it.
+template <int HD>
+__device__ void mma_stage_rows(u16* rm, const u16* src, u64 stride, u64 r0, u64 rows, u32 hd) {
+    const u16* first = src + r0 * stride;
+    const u32 valid = mma_stage_valid(r0, rows);
+    if (hd % 8 == 0 && stride % 8 == 0 && ((u64)first & 15) == 0) {
+        constexpr u32 PER = MMA_TILE * HD / 8 / MMA_THREADS;
+        uint4 v[PER];
+        UNROLL
+        for (u32 k = 0; k < PER; ++k) {
+            const u32 e = threadIdx.x + k * MMA_THREADS, r = e / (HD / 8), c = 8 * (e % (HD / 8));
+            v[k] = make_uint4(0, 0, 0, 0);
+            if (r < valid && c < hd) v[k] = *(const uint4*)(first + r * stride + c);
+        }
+        UNROLL
+        for (u32 k = 0; k < PER; ++k) {
+            const u32 e = threadIdx.x + k * MMA_THREADS, r = e / (HD / 8), c = 8 * (e % (HD / 8));
+            *(uint4*)(rm + r * (HD + MMA_PAD) + c) = v[k];
+        }
+        return;
+    }
+    for (u32 e = threadIdx.x; e < MMA_TILE * HD; e += MMA_THREADS) {
+        const u32 r = e / HD, c = e % HD;
+        rm[r * (HD + MMA_PAD) + c] = r < valid && c < hd ? first[r * stride + c] : (u16)0;
+    }
+}
+
 // The A fragments of this warp's 16 rows row0 .. row0 + 16 of one head (`src`, `stride` and
 // `rows` as in mma_stage), one per 16 features.
 template <int HD>
@@ -179,6 +208,24 @@ __device__ void mma_load_a(u32 (*a)[4], const float* src, u64 stride, u64 row0, 
             const float* p = src + r * stride + c;
             const bool in = r < rows;
             a[kk][j] = pack_bf16(in && c < hd ? p[0] : 0.0f, in && c + 1 < hd ? p[1] : 0.0f);
+        }
+    }
+}
+
+// The same from rows already in bf16.
+template <int HD>
+__device__ void mma_load_a(u32 (*a)[4], const u16* src, u64 stride, u64 row0, u64 rows, u32 hd) {
+    const u32 lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    UNROLL
+    for (u32 kk = 0; kk < HD / 16; ++kk) {
+        UNROLL
+        for (u32 j = 0; j < 4; ++j) {
+            const u64 r = row0 + g + 8 * (j % 2);
+            const u32 c = 16 * kk + 8 * (j / 2) + 2 * t;
+            const u16* p = src + r * stride + c;
+            const bool in = r < rows;
+            const u32 lo = in && c < hd ? p[0] : 0, hi = in && c + 1 < hd ? p[1] : 0;
+            a[kk][j] = lo | hi << 16;
         }
     }
 }
@@ -300,9 +347,9 @@ __device__ void mma_store(float* dst, u16* dst16, u64 stride, u64 row0, u64 rows
 // A warp whose 16 rows all lie past `tokens` (three of the four in the last block of 197 tokens)
 // only helps stage: each kernel gives it a loop of its own that stages and returns, since a
 // test inside the main loop made ptxas spill there.
-template <int HD>
-__device__ __forceinline__ void mma_stage_kv(u16* ks, u16* vs, const float* base, u64 dim,
-                                             u64 j0, u64 tokens, u32 hd) {
+template <int HD, typename Q>
+__device__ __forceinline__ void mma_stage_kv(u16* ks, u16* vs, const Q* base, u64 dim, u64 j0,
+                                             u64 tokens, u32 hd) {
     __syncthreads();  // the previous tile is no longer read
     mma_stage_rows<HD>(ks, base + dim, 3 * dim, j0, tokens, hd);
     mma_stage_rows<HD>(vs, base + 2 * dim, 3 * dim, j0, tokens, hd);
@@ -365,14 +412,14 @@ __device__ __forceinline__ void mma_forward_tile(const u32 (*q)[4], float (*o)[4
 // Forward for one block: the key tiles in turn, then the output normalized by each row's sum.
 // The row sum adds the f32 exponentials, so lse is as exact as the scores; their bf16 roundings
 // in the product with v weigh each v_j within 2^-8 of it.
-template <int HD>
-__device__ void mma_forward_block(const float* qkv, float* out, u16* out16, float* lse,
-                                  u64 tokens, u64 heads, u32 hd, float scale, AttBlock blk,
-                                  u16* ks, u16* vs) {
+template <int HD, typename Q>
+__device__ void mma_forward_block(const Q* qkv, float* out, u16* out16, float* lse, u64 tokens,
+                                  u64 heads, u32 hd, float scale, AttBlock blk, u16* ks,
+                                  u16* vs) {
     const u64 dim = heads * hd, width = 3 * dim;
     const u32 lane = threadIdx.x % 32, t = lane % 4;
     const u64 row0 = blk.row0 + 16 * (threadIdx.x / 32);
-    const float* base = qkv + blk.b * tokens * width + blk.h * hd;
+    const Q* base = qkv + blk.b * tokens * width + blk.h * hd;
     if (row0 >= tokens) {  // past the tokens: only helps stage
         for (u64 j0 = 0; j0 < tokens; j0 += MMA_TILE) {
             mma_stage_kv<HD>(ks, vs, base, dim, j0, tokens, hd);
@@ -408,10 +455,11 @@ __device__ void mma_forward_block(const float* qkv, float* out, u16* out16, floa
 }
 
 // out = softmax(scale * q k^T) v per (image, head), lse = log of each row's sum of exponentials;
-// out16, where not null, receives out's bf16 copy (the input of `proj`).
+// out16, where not null, receives out's bf16 copy (the input of `proj`). qkv is read from
+// qkv16 where that is not null: its bf16 copy alone (bf16.rs), the values the products take.
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
-    attention_forward_mma(const float* qkv, float* out, u16* out16, float* lse, u64 batch,
-                          u64 tokens, u64 heads, u64 hd, float scale) {
+    attention_forward_mma(const float* qkv, const u16* qkv16, float* out, u16* out16,
+                          float* lse, u64 batch, u64 tokens, u64 heads, u64 hd, float scale) {
     // The block functions use __syncthreads: every thread of a block runs every tile.
     __shared__ __align__(16) u32 ta[MMA_TILE_WORDS];
     __shared__ __align__(16) u32 tb[MMA_TILE_WORDS];
@@ -419,12 +467,17 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
     for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
         const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
         const u32 h = (u32)hd;
+        u16 *ks = (u16*)ta, *vs = (u16*)tb;
         if (hd <= 32) {
-            mma_forward_block<32>(qkv, out, out16, lse, tokens, heads, h, scale, blk, (u16*)ta,
-                                  (u16*)tb);
+            if (qkv16) {
+                mma_forward_block<32>(qkv16, out, out16, lse, tokens, heads, h, scale, blk, ks, vs);
+            } else {
+                mma_forward_block<32>(qkv, out, out16, lse, tokens, heads, h, scale, blk, ks, vs);
+            }
+        } else if (qkv16) {
+            mma_forward_block<64>(qkv16, out, out16, lse, tokens, heads, h, scale, blk, ks, vs);
         } else {
-            mma_forward_block<64>(qkv, out, out16, lse, tokens, heads, h, scale, blk, (u16*)ta,
-                                  (u16*)tb);
+            mma_forward_block<64>(qkv, out, out16, lse, tokens, heads, h, scale, blk, ks, vs);
         }
     }
 }
@@ -456,15 +509,14 @@ __device__ __forceinline__ void mma_dq_tile(const u32 (*q)[4], const u32 (*dout)
 
 // dQ for one block: Drow_i = dO_i . O_i in f32, then the key tiles in turn; dq is scaled once
 // at the end. Writes Drow for the dK, dV kernel.
-template <int HD>
-__device__ void mma_dq_block(const float* qkv, const float* out, const float* lse,
-                             const float* d_out, float* d_qkv, u16* d_qkv16, float* drow,
-                             u64 tokens, u64 heads, u32 hd, float scale, AttBlock blk, u16* ks,
-                             u16* vs) {
+template <int HD, typename Q>
+__device__ void mma_dq_block(const Q* qkv, const float* out, const float* lse, const float* d_out,
+                             float* d_qkv, u16* d_qkv16, float* drow, u64 tokens, u64 heads,
+                             u32 hd, float scale, AttBlock blk, u16* ks, u16* vs) {
     const u64 dim = heads * hd, width = 3 * dim;
     const u32 lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const u64 row0 = blk.row0 + 16 * (threadIdx.x / 32);
-    const float* base = qkv + blk.b * tokens * width + blk.h * hd;
+    const Q* base = qkv + blk.b * tokens * width + blk.h * hd;
     if (row0 >= tokens) {  // past the tokens: only helps stage
         for (u64 j0 = 0; j0 < tokens; j0 += MMA_TILE) {
             mma_stage_kv<HD>(ks, vs, base, dim, j0, tokens, hd);
@@ -510,10 +562,12 @@ __device__ void mma_dq_block(const float* qkv, const float* out, const float* ls
 
 // Gradient of q into the q columns of d_qkv (overwritten), and Drow [batch, heads, tokens];
 // d_qkv16, where not null, receives those columns' bf16 copy (d_qkv is dY of the qkv Linear).
+// qkv16 as in the forward.
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
-    attention_backward_dq_mma(const float* qkv, const float* out, const float* lse,
-                              const float* d_out, float* d_qkv, u16* d_qkv16, float* drow,
-                              u64 batch, u64 tokens, u64 heads, u64 hd, float scale) {
+    attention_backward_dq_mma(const float* qkv, const u16* qkv16, const float* out,
+                              const float* lse, const float* d_out, float* d_qkv, u16* d_qkv16,
+                              float* drow, u64 batch, u64 tokens, u64 heads, u64 hd,
+                              float scale) {
     // The block functions use __syncthreads: every thread of a block runs every tile.
     __shared__ __align__(16) u32 ta[MMA_TILE_WORDS];
     __shared__ __align__(16) u32 tb[MMA_TILE_WORDS];
@@ -521,12 +575,21 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
     for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
         const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
         const u32 h = (u32)hd;
+        u16 *ks = (u16*)ta, *vs = (u16*)tb;
         if (hd <= 32) {
-            mma_dq_block<32>(qkv, out, lse, d_out, d_qkv, d_qkv16, drow, tokens, heads, h, scale,
-                             blk, (u16*)ta, (u16*)tb);
+            if (qkv16) {
+                mma_dq_block<32>(qkv16, out, lse, d_out, d_qkv, d_qkv16, drow, tokens, heads, h,
+                                 scale, blk, ks, vs);
+            } else {
+                mma_dq_block<32>(qkv, out, lse, d_out, d_qkv, d_qkv16, drow, tokens, heads, h,
+                                 scale, blk, ks, vs);
+            }
+        } else if (qkv16) {
+            mma_dq_block<64>(qkv16, out, lse, d_out, d_qkv, d_qkv16, drow, tokens, heads, h,
+                             scale, blk, ks, vs);
         } else {
             mma_dq_block<64>(qkv, out, lse, d_out, d_qkv, d_qkv16, drow, tokens, heads, h, scale,
-                             blk, (u16*)ta, (u16*)tb);
+                             blk, ks, vs);
         }
     }
 }
@@ -564,9 +627,9 @@ __device__ __forceinline__ void mma_dkv_tile(const u32 (*k)[4], const u32 (*v)[4
 // The query tile at i0 of one head for the dK, dV kernel, between barriers: q into `qs`, dO
 // into `dos`, the rows' lse in base 2 into `ls` (+inf past the rows, which gives p = 0) and
 // their Drow into `ds_row`. `base`, `dout_base` point at the head's q and dO columns in row 0.
-template <int HD>
+template <int HD, typename Q>
 __device__ __forceinline__ void mma_stage_q_do(u16* qs, u16* dos, float* ls, float* ds_row,
-                                               const float* base, const float* dout_base,
+                                               const Q* base, const float* dout_base,
                                                const float* lse, const float* drow, u64 lbase,
                                                u64 dim, u64 i0, u64 tokens, u32 hd) {
     __syncthreads();  // the previous tile is no longer read
@@ -582,14 +645,14 @@ __device__ __forceinline__ void mma_stage_q_do(u16* qs, u16* dos, float* ls, flo
 
 // dK, dV for one block, the warp's 16 key rows against the query tiles in turn; dk is scaled
 // once at the end.
-template <int HD>
-__device__ void mma_dkv_block(const float* qkv, const float* lse, const float* d_out,
+template <int HD, typename Q>
+__device__ void mma_dkv_block(const Q* qkv, const float* lse, const float* d_out,
                               const float* drow, float* d_qkv, u16* d_qkv16, u64 tokens,
                               u64 heads, u32 hd, float scale, AttBlock blk, u16* qs, u16* dos,
                               float* ls, float* ds_row) {
     const u64 dim = heads * hd, width = 3 * dim;
     const u64 row0 = blk.row0 + 16 * (threadIdx.x / 32);
-    const float* base = qkv + blk.b * tokens * width + blk.h * hd;
+    const Q* base = qkv + blk.b * tokens * width + blk.h * hd;
     const float* dout_base = d_out + blk.b * tokens * dim + blk.h * hd;
     const u64 lbase = (blk.b * heads + blk.h) * tokens;
     if (row0 >= tokens) {  // past the tokens: only helps stage
@@ -620,11 +683,12 @@ __device__ void mma_dkv_block(const float* qkv, const float* lse, const float* d
 }
 
 // Gradients of k and v into the k and v columns of d_qkv (overwritten), given the dQ kernel's
-// Drow; d_qkv16 as in the dQ kernel.
+// Drow; qkv16 and d_qkv16 as in the dQ kernel.
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
-    attention_backward_dkv_mma(const float* qkv, const float* lse, const float* d_out,
-                               const float* drow, float* d_qkv, u16* d_qkv16, u64 batch,
-                               u64 tokens, u64 heads, u64 hd, float scale) {
+    attention_backward_dkv_mma(const float* qkv, const u16* qkv16, const float* lse,
+                               const float* d_out, const float* drow, float* d_qkv,
+                               u16* d_qkv16, u64 batch, u64 tokens, u64 heads, u64 hd,
+                               float scale) {
     // The block functions use __syncthreads: every thread of a block runs every tile.
     __shared__ __align__(16) u32 ta[MMA_TILE_WORDS];
     __shared__ __align__(16) u32 tb[MMA_TILE_WORDS];
@@ -634,12 +698,21 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
     for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
         const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
         const u32 h = (u32)hd;
+        u16 *qs = (u16*)ta, *dos = (u16*)tb;
         if (hd <= 32) {
-            mma_dkv_block<32>(qkv, lse, d_out, drow, d_qkv, d_qkv16, tokens, heads, h, scale, blk,
-                              (u16*)ta, (u16*)tb, lse_tile, drow_tile);
+            if (qkv16) {
+                mma_dkv_block<32>(qkv16, lse, d_out, drow, d_qkv, d_qkv16, tokens, heads, h,
+                                  scale, blk, qs, dos, lse_tile, drow_tile);
+            } else {
+                mma_dkv_block<32>(qkv, lse, d_out, drow, d_qkv, d_qkv16, tokens, heads, h, scale,
+                                  blk, qs, dos, lse_tile, drow_tile);
+            }
+        } else if (qkv16) {
+            mma_dkv_block<64>(qkv16, lse, d_out, drow, d_qkv, d_qkv16, tokens, heads, h, scale,
+                              blk, qs, dos, lse_tile, drow_tile);
         } else {
-            mma_dkv_block<64>(qkv, lse, d_out, drow, d_qkv, d_qkv16, tokens, heads, h, scale, blk,
-                              (u16*)ta, (u16*)tb, lse_tile, drow_tile);
+            mma_dkv_block<64>(qkv, lse, d_out, drow, d_qkv, d_qkv16, tokens, heads, h, scale,
+                              blk, qs, dos, lse_tile, drow_tile);
         }
     }
 }

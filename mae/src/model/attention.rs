@@ -31,7 +31,9 @@ pub enum Saved<B: Backend> {
     },
     /// [`Backend::attention_forward`] and [`Backend::attention_backward`].
     Fused {
-        /// This layer's qkv projection `[rows, 3 D]`.
+        /// This layer's qkv projection `[rows, 3 D]`, read only by the fused attention, which
+        /// may take it rounded ([`Backend::alloc_operand`]: the bf16 tensor-core kernels
+        /// multiply bf16 values anyway).
         qkv: B::Buf,
         /// Log-sum-exp of each scaled score row, `[N, H, T]`.
         lse: B::Buf,
@@ -71,7 +73,7 @@ impl<B: Backend> AttentionActs<B> {
         let (r, dim) = (d.rows(), d.dim);
         let saved = if b.fused_attention(&fused_dims(d)) {
             Saved::Fused {
-                qkv: b.alloc(r * 3 * dim)?,
+                qkv: b.alloc_operand(r * 3 * dim)?,
                 lse: b.alloc(d.batch * d.heads * d.tokens)?,
             }
         } else {
