@@ -472,17 +472,8 @@ mod tests {
     #[test]
     fn bias_gradients_of_a_copy_alone_read_the_copy() {
         use mae::backend::{Backend, RowMap};
-        use std::io::Write;
-        let mut be = match CudaBackend::with_precision(0, Precision::Bf16) {
-            Ok(be) => be,
-            Err(e) if e.kind == BackendErrorKind::NoDevice => {
-                let required = std::env::var("MAE_REQUIRE_BACKENDS").unwrap_or_default();
-                assert!(!required.split(',').any(|b| b.trim() == "cuda"), "{e}");
-                // Past libtest's capture, as the conformance suite's skips.
-                let _ = writeln!(std::io::stderr(), "SKIP cuda: {e}");
-                return;
-            }
-            Err(e) => panic!("{e}"),
+        let Some(mut be) = crate::test_device(Precision::Bf16) else {
+            return;
         };
         be.bf16_gemm = Bf16Gemm::Auto;
         let (rows, cols) = (300, 24);
@@ -530,16 +521,8 @@ mod tests {
     #[test]
     fn products_into_operand_buffers_write_the_copy_alone() {
         use mae::backend::Backend;
-        use std::io::Write;
-        let mut be = match CudaBackend::with_precision(0, Precision::Bf16) {
-            Ok(be) => be,
-            Err(e) if e.kind == BackendErrorKind::NoDevice => {
-                let required = std::env::var("MAE_REQUIRE_BACKENDS").unwrap_or_default();
-                assert!(!required.split(',').any(|b| b.trim() == "cuda"), "{e}");
-                let _ = writeln!(std::io::stderr(), "SKIP cuda: {e}");
-                return;
-            }
-            Err(e) => panic!("{e}"),
+        let Some(mut be) = crate::test_device(Precision::Bf16) else {
+            return;
         };
         be.bf16_gemm = Bf16Gemm::Auto;
         // 877 FLOPs per operand element: the product multiplies copies.

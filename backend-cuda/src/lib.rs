@@ -85,6 +85,25 @@ pub use device::Library;
 #[allow(unused_imports)]
 use mae::backend::Backend;
 
+/// The backend on device 0 in `precision` for the crate's tests that need a device (or the fake
+/// driver of `emulate/`); `None`, after a visible `SKIP`, where there is none and
+/// `MAE_REQUIRE_BACKENDS` does not name `cuda` (it fails where it does).
+#[cfg(test)]
+pub(crate) fn test_device(precision: Precision) -> Option<CudaBackend> {
+    use std::io::Write;
+    match CudaBackend::with_precision(0, precision) {
+        Ok(be) => Some(be),
+        Err(e) if e.kind == mae::backend::BackendErrorKind::NoDevice => {
+            let required = std::env::var("MAE_REQUIRE_BACKENDS").unwrap_or_default();
+            assert!(!required.split(',').any(|b| b.trim() == "cuda"), "{e}");
+            // Past libtest's capture, as the conformance suite's skips.
+            let _ = writeln!(std::io::stderr(), "SKIP cuda: {e}");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

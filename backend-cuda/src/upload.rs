@@ -156,18 +156,9 @@ mod tests {
     /// takes its pinned staging, small ones and `pageable` never do, and every write lands.
     #[test]
     fn rewrites_of_large_buffers_take_pinned_staging() {
-        use mae::backend::{Backend, BackendErrorKind};
-        use std::io::Write;
-        let mut be = match CudaBackend::new(0) {
-            Ok(be) => be,
-            Err(e) if e.kind == BackendErrorKind::NoDevice => {
-                let required = std::env::var("MAE_REQUIRE_BACKENDS").unwrap_or_default();
-                assert!(!required.split(',').any(|b| b.trim() == "cuda"), "{e}");
-                // Past libtest's capture, as the conformance suite's skips.
-                let _ = writeln!(std::io::stderr(), "SKIP cuda: {e}");
-                return;
-            }
-            Err(e) => panic!("{e}"),
+        use mae::backend::Backend;
+        let Some(mut be) = crate::test_device(crate::Precision::F32) else {
+            return;
         };
         let large = MIN_PINNED_BYTES / 4;
         for (len, upload, pinned_at_second) in [

@@ -193,38 +193,38 @@ extern "C" __global__ void layernorm_param_partials(const float* dy, const float
 // Pass 1 of the column sums of dense rows (bias gradients: copy_rows_backward of a bias map):
 // thread (chunk, c) sums x[first + r][c] over rows r = chunk * chunk_len ... (below `rows`) in
 // ascending order in double into partial[chunk][c]. Four rows per step of the loop keep four
-// loads in flight.
-extern "C" __global__ void column_sum_partials(const float* x, double* partial, u64 first,
-                                               u64 rows, u64 cols, u64 chunks, u64 chunk_len) {
+// loads in flight. The rows are floats, or a bf16 copy (two values a word, the low half first)
+// for a buffer whose producer wrote the copy alone (bf16.rs).
+__device__ __forceinline__ double column_value(const float* p) { return (double)*p; }
+__device__ __forceinline__ double column_value(const u16* p) {
+    return (double)__uint_as_float((u32)*p << 16);
+}
+
+template <typename T>
+__device__ void column_sum_partials_of(const T* x, double* partial, u64 first, u64 rows,
+                                       u64 cols, u64 chunks, u64 chunk_len) {
     const u64 n = chunks * cols;
     FOR_EACH(e, n) {
         const u64 chunk = div_u(e, cols), c = e - chunk * cols;
         const u64 r0 = chunk * chunk_len;
         const u64 r1 = r0 + chunk_len < rows ? r0 + chunk_len : rows;
-        const float* p = x + (first + r0) * cols + c;
+        const T* p = x + (first + r0) * cols + c;
         double acc = 0.0;
 UNROLL_BY(4)
-        for (u64 r = r0; r < r1; ++r, p += cols) acc += (double)*p;
+        for (u64 r = r0; r < r1; ++r, p += cols) acc += column_value(p);
         partial[e] = acc;
     }
 }
 
-// Pass 1 over a bf16 copy (`x16`, two values a word, the low half first): as above on the
-// values it holds, for a buffer whose producer wrote the copy alone (bf16.rs).
+extern "C" __global__ void column_sum_partials(const float* x, double* partial, u64 first,
+                                               u64 rows, u64 cols, u64 chunks, u64 chunk_len) {
+    column_sum_partials_of(x, partial, first, rows, cols, chunks, chunk_len);
+}
+
 extern "C" __global__ void column_sum_partials_bf16(const u16* x16, double* partial, u64 first,
                                                     u64 rows, u64 cols, u64 chunks,
                                                     u64 chunk_len) {
-    const u64 n = chunks * cols;
-    FOR_EACH(e, n) {
-        const u64 chunk = div_u(e, cols), c = e - chunk * cols;
-        const u64 r0 = chunk * chunk_len;
-        const u64 r1 = r0 + chunk_len < rows ? r0 + chunk_len : rows;
-        const u16* p = x16 + (first + r0) * cols + c;
-        double acc = 0.0;
-UNROLL_BY(4)
-        for (u64 r = r0; r < r1; ++r, p += cols) acc += (double)__uint_as_float((u32)*p << 16);
-        partial[e] = acc;
-    }
+    column_sum_partials_of(x16, partial, first, rows, cols, chunks, chunk_len);
 }
 
 // Pass 2 for one output: out[c] += the sum over chunks, rounded once. Also the second pass of
