@@ -432,13 +432,13 @@ pub trait Backend {
     /// reduced-precision mode: in the model, the operands of [`Backend::gemm`] and its fused
     /// forms, the dY whose column sums are a Linear layer's bias gradient, the MLP's
     /// pre-activation and its gradient, which only the GELU and its gradient read, and the qkv
-    /// projection that only the fused attention reads. A backend
-    /// whose GEMMs round their operands to bf16 (the CUDA backend's bf16 mode) may then keep
-    /// just the bf16 values, written so by the op that produces them (a kernel, or a product
-    /// that overwrites the whole buffer), and skip storing the floats. Every read sees those
-    /// rounded values: a GEMM that rounds its operands to nearest computes bitwise what it would
-    /// from [`Backend::alloc`]'s buffer holding them, and other reads (the column sums, the
-    /// GELU, another op, a download) see them as floats. The default is [`Backend::alloc`].
+    /// projection that only the fused attention reads. A backend whose GEMMs round their
+    /// operands to bf16 (the CUDA backend's bf16 mode) may then keep just the bf16 values,
+    /// written so by the op that produces them (a kernel, or a product that overwrites the whole
+    /// buffer), and skip storing the floats. Every read sees those rounded values: a GEMM that
+    /// rounds its operands to nearest computes bitwise what it would from [`Backend::alloc`]'s
+    /// buffer holding them, and other reads (the column sums, the GELU, another op, a download)
+    /// see them as floats. The default is [`Backend::alloc`].
     fn alloc_operand(&self, len: usize) -> BResult<Self::Buf> {
         self.alloc(len)
     }
