@@ -244,6 +244,11 @@ run() {
             "$bins/bin/golden" --backend cuda-bf16 "$dir"/*.safetensors
         step "golden --backend cuda-bf16 on $dir, MAE_CUDA_ATTENTION=composed" golden.log 120 \
             env MAE_CUDA_ATTENTION=composed "$bins/bin/golden" --backend cuda-bf16 "$dir"/*.safetensors
+        # Every product on bf16 copies: the golden files' small products then take the bf16
+        # outputs (cuBLAS's bf16 C, cuBLASLt's bf16 D with an f32 bias) that only ViT-size
+        # products take by default.
+        step "golden --backend cuda-bf16 on $dir, MAE_CUDA_BF16_GEMM=copies" golden.log 120 \
+            env MAE_CUDA_BF16_GEMM=copies "$bins/bin/golden" --backend cuda-bf16 "$dir"/*.safetensors
     done
     # The op suite early: it holds the bf16 GEMM's rounding checks (both routes, bf16.rs) and
     # the bf16 mode's tensor-core attention against the f64 oracle.
