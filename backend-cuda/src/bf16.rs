@@ -285,7 +285,7 @@ impl CudaBackend {
         let mut order: [usize; N] = std::array::from_fn(|i| i);
         order.sort_by_key(|&i| bufs[i] as *const CudaBuf as usize);
         let mut args = [[Arg::Ptr(0), Arg::Ptr(0)]; N];
-        let mut locks = Vec::new();
+        let mut locks: [Option<CopyAlone<'a>>; N] = std::array::from_fn(|_| None);
         for (pos, &i) in order.iter().enumerate() {
             if let Some(&j) = order[..pos]
                 .iter()
@@ -297,7 +297,7 @@ impl CudaBackend {
             args[i] = match self.copy_alone(bufs[i], len)? {
                 Some(copy) => {
                     let arg = [Arg::Ptr(0), Arg::Ptr(copy.addr)];
-                    locks.push(copy);
+                    locks[i] = Some(copy);
                     arg
                 }
                 None => [self.ptr(bufs[i])?, Arg::Ptr(0)],
@@ -369,7 +369,7 @@ pub(crate) struct CopyAlone<'a> {
 pub(crate) struct Inputs<'a, const N: usize> {
     /// Per input, the kernel's arguments: its floats and its copy alone, one of them null.
     pub(crate) args: [[Arg; 2]; N],
-    _locks: Vec<CopyAlone<'a>>,
+    _locks: [Option<CopyAlone<'a>>; N],
 }
 
 /// A buffer's bf16 copy that the kernel about to be queued writes along with the buffer
@@ -397,7 +397,7 @@ impl ProducedCopy<'_> {
     ) -> Arg {
         match copy {
             Some(c) if buf.operand => {
-                c.floats = false;
+                c.alone();
                 Arg::Ptr(0)
             }
             _ => floats,

@@ -1872,8 +1872,10 @@ fn check_rewrites<B: Backend>(b: &B) -> Check {
 /// and the products are taken again after the reads.
 fn check_operand_buffers<B: Backend>(b: &B, stored: fn(f32) -> f32) -> Check {
     let fail = |e: mae::backend::BackendError| e.to_string();
-    // 640 token rows, 256 hidden features, 96 outputs: products where the CUDA bf16 mode
-    // multiplies bf16 copies of its operands.
+    // 640 token rows, 256 hidden features, 96 outputs. These products do 140-167 FLOPs per
+    // operand element, below the CUDA bf16 mode's copy threshold (512): under the default
+    // `MAE_CUDA_BF16_GEMM=auto` they take cuBLAS's FAST_16BF route on the floats (widened from
+    // the copy where that alone holds them), and only `copies` multiplies the copies.
     let (rows, hidden, out) = (640, 256, 96);
     let n = rows * hidden;
     let host = |seed: u64, len: usize, cols: usize| data(seed, len, cols, Fill::Uniform);
