@@ -22,7 +22,8 @@
 #       (at the largest batch) and of embedding alone; and the wgpu backend on the GPU
 #       where the machine has a Vulkan driver; and scripts/dp-check.sh (one NCCL rank against a
 #       single process), and bf16 at the largest batch with MAE_CUDA_UPLOAD=pageable (the
-#       uploads before pinned staging). A full run took 195-213 s on an H200 (2026-11-27).
+#       uploads before pinned staging) and with MAE_CUDA_ATTENTION_PREFETCH=off (the attention's
+#       tile loads not overlapped). A full run took 195-213 s on an H200 (2026-11-27).
 #       GPU_CHECK_QUICK=1 keeps what a change to the bf16 mode needs, in about half the time:
 #       the backend's tests, bf16 golden and ops, bf16 bench at GPU_CHECK_BATCHES (the composed
 #       attention and PyTorch bf16 at the largest), the profiles; no f32, ViT-L, wgpu or NCCL.
@@ -274,10 +275,15 @@ run() {
         measure "bench base224 cuda-bf16 b$batch" "$bins/bin/bench" --case base224 \
             --backend cuda-bf16 --batch "$batch" --seconds "$s"
     done
-    # The uploads from pageable memory that pinned staging replaced (upload.rs), same batch.
+    # The uploads from pageable memory that pinned staging replaced (upload.rs), and the
+    # tensor-core attention waiting for each tile's loads instead of computing the tile before
+    # meanwhile (attention_mma.cu, mma_row_walk); same batch.
     measure "bench base224 cuda-bf16 b$largest MAE_CUDA_UPLOAD=pageable" \
         env MAE_CUDA_UPLOAD=pageable "$bins/bin/bench" --case base224 --backend cuda-bf16 \
         --batch "$largest" --seconds "$s"
+    measure "bench base224 cuda-bf16 b$largest MAE_CUDA_ATTENTION_PREFETCH=off" \
+        env MAE_CUDA_ATTENTION_PREFETCH=off "$bins/bin/bench" --case base224 \
+        --backend cuda-bf16 --batch "$largest" --seconds "$s"
     for batch in $composed; do
         measure "bench base224 cuda-bf16 b$batch MAE_CUDA_ATTENTION=composed" \
             env MAE_CUDA_ATTENTION=composed "$bins/bin/bench" --case base224 --backend cuda-bf16 \

@@ -833,8 +833,9 @@ static float bf16_value(float x) {
 // whose roundings add up past the result's own size where they cancel (within 1e-2). One block
 // of MMA_THREADS per MMA_ROWS rows, or a striding grid of 2 blocks. The bf16 copies of out and
 // d_qkv that the kernels write beside them are each element's nearest bf16.
-static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, std::vector<float> qkv,
-                               std::vector<float> d_out, float scale, const std::string& tag) {
+static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, unsigned prefetch,
+                               std::vector<float> qkv, std::vector<float> d_out, float scale,
+                               const std::string& tag) {
     for (float& x : qkv) x = bf16_value(x);
     for (float& x : d_out) x = bf16_value(x);
     const AttentionRef ref = attention_reference(qkv, d_out, B, T, H, hd, scale);
@@ -843,7 +844,7 @@ static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, std
     std::vector<float> out(rows * D, NAN), lse(B * H * T, NAN);
     std::vector<uint16_t> out16(rows * D, 0xdead);
     launch_rows(grid, MMA_THREADS, [&] {
-        attention_forward_mma(qkv.data(), nullptr, out.data(), out16.data(), lse.data(), B, T, H, hd, scale);
+        attention_forward_mma(qkv.data(), nullptr, out.data(), out16.data(), lse.data(), B, T, H, hd, scale, prefetch);
     });
     expect_close("attention_forward_mma out" + tag, out, ref.out, 4e-3);
     expect_bf16_copy("attention_forward_mma out copy" + tag, out16, out);
@@ -852,46 +853,68 @@ static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, std
     std::vector<float> d_qkv(rows * 3 * D, NAN), drow(B * H * T, NAN);
     std::vector<uint16_t> d_qkv16(rows * 3 * D, 0xdead);
     launch_rows(grid, MMA_THREADS, [&] {
-        attention_backward_dq_mma(qkv.data(), nullptr, ref_out.data(), ref_lse.data(), d_out.data(), d_qkv.data(),
-                                  d_qkv16.data(), drow.data(), B, T, H, hd, scale);
+        attention_backward_dq_mma(qkv.data(), nullptr, ref_out.data(), ref_lse.data(), d_out.data(), nullptr,
+                                  d_qkv.data(), d_qkv16.data(), drow.data(), B, T, H, hd, scale, prefetch);
     });
     launch_rows(grid, MMA_THREADS, [&] {
-        attention_backward_dkv_mma(qkv.data(), nullptr, ref_lse.data(), d_out.data(), drow.data(), d_qkv.data(),
-                                   d_qkv16.data(), B, T, H, hd, scale);
+        attention_backward_dkv_mma(qkv.data(), nullptr, ref_lse.data(), d_out.data(), nullptr, drow.data(),
+                                   d_qkv.data(), d_qkv16.data(), B, T, H, hd, scale, prefetch);
     });
     expect_close("attention_backward_mma d_qkv" + tag, d_qkv, ref.d_qkv, 1e-2);
     expect_bf16_copy("attention_backward_mma d_qkv copy" + tag, d_qkv16, d_qkv);
     // Without copies (null): the same gradients.
     std::vector<float> plain(rows * 3 * D, NAN);
     launch_rows(grid, MMA_THREADS, [&] {
-        attention_backward_dq_mma(qkv.data(), nullptr, ref_out.data(), ref_lse.data(), d_out.data(), plain.data(),
-                                  nullptr, drow.data(), B, T, H, hd, scale);
+        attention_backward_dq_mma(qkv.data(), nullptr, ref_out.data(), ref_lse.data(), d_out.data(), nullptr,
+                                  plain.data(), nullptr, drow.data(), B, T, H, hd, scale, prefetch);
     });
     launch_rows(grid, MMA_THREADS, [&] {
-        attention_backward_dkv_mma(qkv.data(), nullptr, ref_lse.data(), d_out.data(), drow.data(), plain.data(),
-                                   nullptr, B, T, H, hd, scale);
+        attention_backward_dkv_mma(qkv.data(), nullptr, ref_lse.data(), d_out.data(), nullptr, drow.data(),
+                                   plain.data(), nullptr, B, T, H, hd, scale, prefetch);
     });
     expect_close("attention_backward_mma d_qkv without copies" + tag, plain, to_d(d_qkv), 0);
-    // qkv read from its bf16 copy alone (qkv16, the floats null): the inputs hold bf16 values
-    // already, so every output is bitwise the same.
-    std::vector<uint16_t> qkv16(qkv.size());
+    // qkv and dO read from their bf16 copies alone (qkv16 and d_out16, the floats null): the
+    // inputs hold bf16 values already, so every output is bitwise the same.
+    std::vector<uint16_t> qkv16(qkv.size()), d_out16(d_out.size());
     for (u64 i = 0; i < qkv.size(); ++i) qkv16[i] = (uint16_t)bf16_bits(qkv[i]);
+    for (u64 i = 0; i < d_out.size(); ++i) d_out16[i] = (uint16_t)bf16_bits(d_out[i]);
     std::vector<float> out_b(rows * D, NAN), lse_b(B * H * T, NAN), d_qkv_b(rows * 3 * D, NAN),
         drow_b(B * H * T, NAN);
     launch_rows(grid, MMA_THREADS, [&] {
-        attention_forward_mma(nullptr, qkv16.data(), out_b.data(), nullptr, lse_b.data(), B, T, H, hd, scale);
+        attention_forward_mma(nullptr, qkv16.data(), out_b.data(), nullptr, lse_b.data(), B, T, H, hd, scale, prefetch);
     });
     launch_rows(grid, MMA_THREADS, [&] {
-        attention_backward_dq_mma(nullptr, qkv16.data(), ref_out.data(), ref_lse.data(), d_out.data(),
-                                  d_qkv_b.data(), nullptr, drow_b.data(), B, T, H, hd, scale);
+        attention_backward_dq_mma(nullptr, qkv16.data(), ref_out.data(), ref_lse.data(), nullptr,
+                                  d_out16.data(), d_qkv_b.data(), nullptr, drow_b.data(), B, T, H, hd, scale,
+                                  prefetch);
     });
     launch_rows(grid, MMA_THREADS, [&] {
-        attention_backward_dkv_mma(nullptr, qkv16.data(), ref_lse.data(), d_out.data(), drow_b.data(),
-                                   d_qkv_b.data(), nullptr, B, T, H, hd, scale);
+        attention_backward_dkv_mma(nullptr, qkv16.data(), ref_lse.data(), nullptr, d_out16.data(),
+                                   drow_b.data(), d_qkv_b.data(), nullptr, B, T, H, hd, scale, prefetch);
     });
     expect_close("attention_forward_mma out from bf16 qkv" + tag, out_b, to_d(out), 0);
     expect_close("attention_forward_mma lse from bf16 qkv" + tag, lse_b, to_d(lse), 0);
-    expect_close("attention_backward_mma d_qkv from bf16 qkv" + tag, d_qkv_b, to_d(d_qkv), 0);
+    expect_close("attention_backward_mma d_qkv from bf16 qkv and dO" + tag, d_qkv_b, to_d(d_qkv), 0);
+    expect_close("attention_backward_mma Drow from bf16 dO" + tag, drow_b, to_d(drow), 0);
+}
+
+// test_attention_mma with the warps in lockstep and again with each warp running ahead
+// (`warp_ahead`): the staging buffers' barriers must hold in either order.
+static void test_attention_mma_orders(u64 B, u64 T, u64 H, u64 hd, bool small_grid,
+                                      const std::vector<float>& qkv, const std::vector<float>& d_out,
+                                      float scale, const std::string& tag) {
+    // Each tile staged while the one before is computed (the default), in both orders, and
+    // staged just before it is computed (`MAE_CUDA_ATTENTION_PREFETCH=off`).
+    const struct {
+        bool ahead;
+        unsigned prefetch;
+    } runs[] = {{false, 1}, {true, 1}, {true, 0}};
+    for (const auto& r : runs) {
+        warp_ahead = r.ahead;
+        const std::string how = std::string(r.ahead ? " warp-ahead" : "") + (r.prefetch ? "" : " no prefetch");
+        test_attention_mma(B, T, H, hd, small_grid, r.prefetch, qkv, d_out, scale, tag + how);
+    }
+    warp_ahead = false;
 }
 
 // The fused attention kernels against the naive reference, on the grids ops.rs launches (one
@@ -938,12 +961,16 @@ static void test_attention() {
                                    k.T, k.H, k.hd, scale);
         });
         expect_close("attention_backward d_qkv" + tag, d_qkv, ref.d_qkv, 1e-4);
-        test_attention_mma(k.B, k.T, k.H, k.hd, k.small_grid, qkv, d_out, scale, tag);
+        test_attention_mma_orders(k.B, k.T, k.H, k.hd, k.small_grid, qkv, d_out, scale, tag);
     }
-    // Several key tiles of the tensor-core kernels, the last one partial.
+    // Several key tiles of the tensor-core kernels, the last one partial; with striding blocks,
+    // whose first tile overwrites a staging buffer of the block before.
     const u64 B = 1, T = 197, H = 2, hd = 32;
-    test_attention_mma(B, T, H, hd, false, random_vec(B * T * 3 * H * hd), random_vec(B * T * H * hd),
-                       1.0f / std::sqrt((float)hd), " B1 T197 H2 hd32");
+    for (bool small_grid : {false, true}) {
+        test_attention_mma_orders(B, T, H, hd, small_grid, random_vec(B * T * 3 * H * hd),
+                                  random_vec(B * T * H * hd), 1.0f / std::sqrt((float)hd),
+                                  std::string(" B1 T197 H2 hd32") + (small_grid ? " grid 2" : ""));
+    }
 }
 
 // The nearest bf16 to a finite x, ties to the even mantissa, found by comparing the two bf16

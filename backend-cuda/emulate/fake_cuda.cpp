@@ -361,9 +361,9 @@ int cublasLtMatmulDescSetAttribute(LtDesc* d, int attr, const void* buf, size_t 
         if (v != 0 && v != 1) return LT_NOT_SUPPORTED;
         (attr == 3 ? d->transa : d->transb) = v;
         return 0;
-    case 7:  // EPILOGUE: DEFAULT or BIAS
+    case 7:  // EPILOGUE: DEFAULT, BIAS or BGRADB
         if (int e = read_attr(&v, buf, size)) return e;
-        if (v != 1 && v != 4) return LT_NOT_SUPPORTED;
+        if (v != 1 && v != 4 && v != 512) return LT_NOT_SUPPORTED;
         d->epilogue = v;
         return 0;
     case 8:  // BIAS_POINTER
@@ -416,8 +416,20 @@ static int lt_check(const LtDesc* d, const LtLayout* a, const LtLayout* b, const
         dl->ld < (int64_t)std::max<uint64_t>(1, dl->rows))
         return LT_INVALID;
     if (m > INT32_MAX || n > INT32_MAX || k > INT32_MAX) return LT_NOT_SUPPORTED;
-    if (d->epilogue == 4 && !d->bias) return LT_INVALID;
+    if ((d->epilogue == 4 || d->epilogue == 512) && !d->bias) return LT_INVALID;
     return 0;
+}
+
+// BGRADB: bias[j] = the sum over k of op(B)[kk][j], one per column of D (in f32, in order of
+// kk), written over the bias vector.
+static void bias_grad_b(const LtDesc* d, const float* B, int ldb, int n, int k) {
+    float* bias = const_cast<float*>(d->bias);
+    for (int j = 0; j < n; ++j) {
+        float sum = 0.0f;
+        for (int kk = 0; kk < k; ++kk)
+            sum += d->transb ? B[j + (size_t)kk * ldb] : B[kk + (size_t)j * ldb];
+        bias[j] = sum;
+    }
 }
 
 int cublasLtMatmulAlgoGetHeuristic(void* handle, const LtDesc* d, const LtLayout* a,
@@ -466,11 +478,14 @@ int cublasLtMatmul(void* handle, const LtDesc* d, const void* alpha, const void*
         const std::vector<float> wb = widen_bf16(B, (int)b->rows, (int)b->cols, (int)b->ld, 0, 1);
         status = gemm(d->transa, d->transb, m, n, k, al, wa.data(), (int)a->ld, 0, wb.data(),
                       (int)b->ld, 0, be, out, ldd, 0, 1, 0);
+        if (status == 0 && d->epilogue == 512) bias_grad_b(d, wb.data(), (int)b->ld, n, k);
     } else {
         const int dropped_bits = d->compute == 75 ? 16 : d->compute == 77 ? 13 : 0;
         status = gemm(d->transa, d->transb, m, n, k, al, static_cast<const float*>(A), (int)a->ld,
                       0, static_cast<const float*>(B), (int)b->ld, 0, be, out, ldd, 0, 1,
                       dropped_bits);
+        if (status == 0 && d->epilogue == 512)
+            bias_grad_b(d, static_cast<const float*>(B), (int)b->ld, n, k);
     }
     if (status != 0) return status;
     if (d->epilogue == 4) {

@@ -149,6 +149,37 @@ inline void host_ldmatrix_x2(unsigned* r, const unsigned short* row, bool trans)
     for (unsigned i = 0; i < 2; ++i) r[i] = out[i];
 }
 
+// cp.async.cg.shared.global of 16 bytes: the copy is only noted, and lands at the thread's next
+// cp.async.wait_group (host_cp_async_wait_all), the latest moment the real one may, so that a
+// tile read before its wait and barrier reads the old contents and fails the tests.
+struct AsyncCopy {
+    unsigned short* dst;
+    const unsigned short* src;
+    bool valid;
+};
+inline std::vector<AsyncCopy>& pending_copies() {
+    static thread_local std::vector<std::vector<AsyncCopy>> pending;
+    if (pending.size() < blockDim.x) pending.resize(blockDim.x);
+    return pending[threadIdx.x];
+}
+inline void host_cp_async16(unsigned short* dst, const unsigned short* src, bool valid) {
+    if (((uintptr_t)dst & 15) != 0 || (valid && ((uintptr_t)src & 15) != 0)) {
+        std::fprintf(stderr, "cp.async: address not 16-byte aligned\n");
+        std::abort();
+    }
+    pending_copies().push_back(AsyncCopy{dst, src, valid});
+}
+inline void host_cp_async_wait_all() {
+    for (const AsyncCopy& c : pending_copies()) {
+        if (c.valid) {
+            std::memcpy(c.dst, c.src, 16);
+        } else {
+            std::memset(c.dst, 0, 16);
+        }
+    }
+    pending_copies().clear();
+}
+
 // Runs `kernel` on a grid of `grid` blocks of `block` threads, one thread after another: for
 // kernels without barriers (a barrier aborts).
 inline void launch(unsigned grid, unsigned block, const std::function<void()>& kernel) {
@@ -191,6 +222,12 @@ inline void fiber_entry() {
     std::abort();
 }
 
+// With `warp_ahead`, the lowest-numbered warp that can go on runs alone until it waits at a
+// block barrier (or exits), then the next: the most skew between warps that the barriers allow,
+// where the default opens every warp's collective in each round (the warps in lockstep). A tile
+// overwritten while a slower warp still reads it shows up only in this order.
+inline bool warp_ahead = false;
+
 // Opens the barriers that every thread they wait for has reached; false when none could open.
 inline bool open_barriers(std::vector<Fiber>& fibers, unsigned block) {
     bool opened = false;
@@ -207,6 +244,7 @@ inline bool open_barriers(std::vector<Fiber>& fibers, unsigned block) {
         }
         for (unsigned t = w; t < end; ++t) fibers[t].wait = Wait::Nothing;
         opened = true;
+        if (warp_ahead) return true;
     }
     if (opened) return true;
     bool all = true, any = false;

@@ -8,7 +8,7 @@
 //! reductions' scratch is, so the backend holds no state for it.
 
 use crate::backend::{u, CudaBackend};
-use crate::buffer::{addr_mut, CudaBuf};
+use crate::buffer::CudaBuf;
 use crate::error;
 use crate::kernels::{Arg, Kernel};
 use crate::launch;
@@ -119,18 +119,12 @@ impl CudaBackend {
         // The kernel only zeroes the gradient of a tensor that does not train: its other
         // buffers get null addresses, so that a wrong lookup faults instead of writing them.
         let stream = &self.stream;
-        let addr = |b: &mut CudaBuf| {
-            if trains {
-                addr_mut(b.slice_mut(), stream)
-            } else {
-                0
-            }
-        };
+        let addr = |b: &mut CudaBuf| if trains { b.addr_mut(stream) } else { Ok(0) };
         Ok(Entry {
-            param: addr(t.param),
-            grad: addr_mut(t.grad.slice_mut(), stream),
-            m: addr(t.m),
-            v: addr(t.v),
+            param: addr(t.param)?,
+            grad: t.grad.addr_mut(stream)?,
+            m: addr(t.m)?,
+            v: addr(t.v)?,
             len: len as u64,
             step: t.step,
         })

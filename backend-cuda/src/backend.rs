@@ -2,7 +2,7 @@
 //! first use.
 
 use crate::bf16::Bf16Gemm;
-use crate::buffer::{addr, addr_mut, CudaBuf};
+use crate::buffer::CudaBuf;
 use crate::device;
 use crate::error;
 use crate::kernels::{check_args, Arg, Compiled, Kernel};
@@ -16,6 +16,7 @@ use cudarc::driver::{
 };
 use mae::backend::{BResult, BackendError};
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// The arithmetic of the GEMMs (every other op is f32 with f64 reductions in every mode).
@@ -101,9 +102,12 @@ pub struct CudaBackend {
     pub(crate) profile: Option<Profile>,
     /// `MAE_CUDA_ATTENTION=fused|composed|mma`: the attention path chosen by hand, for
     /// measuring one against the other; `None` takes the default of the precision.
-    attention_choice: Option<AttentionPath>,
+    pub(crate) attention_choice: Option<AttentionPath>,
     /// Compute capability 8.0 or later: bf16 `mma.sync` for the tensor-core attention.
     bf16_tensor_cores: bool,
+    /// `MAE_CUDA_ATTENTION_PREFETCH=on|off` (default on): whether the tensor-core attention
+    /// stages each tile while computing the one before (`attention_mma.cu`, `mma_row_walk`).
+    pub(crate) attention_prefetch: bool,
     /// `MAE_CUDA_BF16_GEMM`: where the bf16 mode rounds GEMM operands (`bf16.rs`).
     pub(crate) bf16_gemm: Bf16Gemm,
     /// `MAE_CUDA_GEMM_BIAS`: whether `gemm_bias` adds the bias in cuBLASLt's epilogue (`lt.rs`).
@@ -116,6 +120,9 @@ pub struct CudaBackend {
     /// `MAE_CUDA_UPLOAD`: whether rewrites from the host go through pinned staging
     /// (`upload.rs`).
     pub(crate) upload: Upload,
+    /// Bytes of floats allocated for buffers from `alloc_operand` whose floats an op needed
+    /// (`buffer.rs`): none in a bf16 training step or embedding, which is the point.
+    pub(crate) operand_floats: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -181,8 +188,14 @@ impl CudaBackend {
             bf16_tensor_cores: major >= 8,
             bf16_gemm: Bf16Gemm::from_env()?,
             gemm_bias: GemmBias::from_env()?,
+            attention_prefetch: env_choice(
+                "MAE_CUDA_ATTENTION_PREFETCH",
+                &[("on", true), ("off", false)],
+            )?
+            .unwrap_or(true),
             lt: OnceLock::new(),
             upload: Upload::from_env()?,
+            operand_floats: Arc::default(),
         })
     }
 
@@ -313,19 +326,19 @@ impl CudaBackend {
     /// The device address of a buffer's floats, for an op that reads them.
     pub(crate) fn read_addr(&self, b: &CudaBuf) -> BResult<u64> {
         self.floats_current(b)?;
-        Ok(addr(b.slice(), &self.stream))
+        b.addr(&self.stream)
     }
 
     /// The kernel argument for a buffer the op may read and writes: its contents get a new name.
     pub(crate) fn ptr_mut(&self, b: &mut CudaBuf) -> BResult<Arg> {
         self.floats_current(b)?;
-        Ok(Arg::Ptr(addr_mut(b.slice_mut(), &self.stream)))
+        Ok(Arg::Ptr(b.addr_mut(&self.stream)?))
     }
 
     /// The kernel argument for a buffer the op overwrites without reading (every element the
     /// op's contract covers): no need to bring stale floats up to date first.
-    pub(crate) fn ptr_out(&self, b: &mut CudaBuf) -> Arg {
-        Arg::Ptr(addr_mut(b.slice_mut(), &self.stream))
+    pub(crate) fn ptr_out(&self, b: &mut CudaBuf) -> BResult<Arg> {
+        Ok(Arg::Ptr(b.addr_mut(&self.stream)?))
     }
 
     pub(crate) fn scratch_ptr(&self, s: &mut CudaSlice<f64>) -> Arg {

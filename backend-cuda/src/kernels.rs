@@ -183,11 +183,11 @@ kernels! {
     AttentionBackwardDkv = "attention_backward_dkv"
         (Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32);
     AttentionForwardMma = "attention_forward_mma"
-        (Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32);
+        (Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
     AttentionBackwardDqMma = "attention_backward_dq_mma"
-        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32);
+        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
     AttentionBackwardDkvMma = "attention_backward_dkv_mma"
-        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32);
+        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
 }
 
 /// Checks `args` against the parameter list of `kernel`: a mismatch is a bug in this crate,

@@ -6,11 +6,14 @@
 //! and kept for the backend's lifetime. Attention runs as fused kernels (no score matrix in
 //! memory): f32 SIMT kernels in f32 and TF32, tensor-core (`mma.sync`, bf16 operands, f32
 //! accumulation) kernels in bf16 on compute capability 8.0 and later, split-heads, GEMM and
-//! softmax ops before that; `MAE_CUDA_ATTENTION=fused|composed|mma` overrides ([`AttentionPath`]).
+//! softmax ops before that; `MAE_CUDA_ATTENTION=fused|composed|mma` overrides ([`AttentionPath`]);
+//! the tensor-core kernels load each tile while computing the one before
+//! (`MAE_CUDA_ATTENTION_PREFETCH=on|off`).
 //! In bf16 the Linear layers' GEMMs multiply bf16 copies of their operands written by a rounding
 //! kernel, the others let cuBLAS round the f32 operands (`bf16.rs`;
 //! `MAE_CUDA_BF16_GEMM=auto|copies|fast`). A Linear layer's bias is added by cuBLASLt's GEMM
-//! epilogue where `libcublasLt` is found and takes the shape, else by a second pass (`lt.rs`;
+//! epilogue where `libcublasLt` is found and takes the shape, else by a second pass, and in bf16
+//! its gradient is summed in the weight gradient's epilogue (`lt.rs`;
 //! `MAE_CUDA_GEMM_BIAS=lt|composed`). Buffers written from the host again and again (a step's
 //! images and masking indices) are copied through pinned staging, so the host queues the upload
 //! without waiting for the GPU (`upload.rs`; `MAE_CUDA_UPLOAD=pinned|pageable`).

@@ -4,7 +4,7 @@
 
 use crate::backend::{need, u, AttentionPath, CudaBackend, Precision};
 use crate::bf16::{Inputs, ProducedCopy};
-use crate::buffer::{addr, addr_mut, CudaBuf, CudaIdx};
+use crate::buffer::{addr, CudaBuf, CudaIdx};
 use crate::error;
 use crate::gemm::column_major;
 use crate::kernels::{Arg, Kernel};
@@ -137,9 +137,13 @@ impl Backend for CudaBackend {
     // ---- memory -----------------------------------------------------------------------------
 
     /// The bf16 mode's producers may keep such a buffer's contents in its bf16 copy alone
-    /// (`bf16.rs`).
+    /// (`bf16.rs`); in that mode its floats are allocated only when an op needs them.
     fn alloc_operand(&self, len: usize) -> BResult<CudaBuf> {
-        let mut buf = self.alloc(len)?;
+        let mut buf = if self.produces_copies() {
+            CudaBuf::lazy(len, self.operand_floats.clone())
+        } else {
+            self.alloc(len)?
+        };
         buf.operand = true;
         Ok(buf)
     }
@@ -171,8 +175,8 @@ impl Backend for CudaBackend {
     /// the GPU.
     fn write(&self, dst: &mut CudaBuf, host: &[f32]) -> BResult<()> {
         same_len(dst.len(), host.len(), "write")?;
-        let (slice, staging) = dst.slice_and_staging();
-        let Some(slice) = slice.as_mut() else {
+        let (slice, staging) = dst.floats_and_staging(&self.stream)?;
+        let Some(slice) = slice else {
             return Ok(());
         };
         self.write_host(staging, host, slice, "floats")
@@ -181,7 +185,7 @@ impl Backend for CudaBackend {
     fn download(&self, src: &CudaBuf, host: &mut [f32]) -> BResult<()> {
         same_len(src.len(), host.len(), "download")?;
         self.floats_current(src)?;
-        if let Some(slice) = src.slice().as_ref() {
+        if let Some(slice) = src.floats(&self.stream)? {
             self.stream.memcpy_dtoh(slice, host).map_err(|e| {
                 self.stream_error(e, &format!("downloading {} floats", host.len()), 0)
             })?;
@@ -218,14 +222,14 @@ impl Backend for CudaBackend {
 
     fn fill(&self, dst: &mut CudaBuf, value: f32) -> BResult<()> {
         let n = dst.len();
-        let args = [self.ptr_out(dst), u(n), Arg::F32(value)];
+        let args = [self.ptr_out(dst)?, u(n), Arg::F32(value)];
         self.launch(Kernel::Fill, elementwise(n as u64), &args)
     }
 
     fn copy(&self, src: &CudaBuf, dst: &mut CudaBuf) -> BResult<()> {
         same_len(dst.len(), src.len(), "copy")?;
         self.floats_current(src)?;
-        let (Some(s), Some(d)) = (src.slice().as_ref(), dst.slice_mut().as_mut()) else {
+        let (Some(s), Some(d)) = (src.floats(&self.stream)?, dst.floats_mut(&self.stream)?) else {
             return Ok(());
         };
         self.stream
@@ -282,12 +286,17 @@ impl Backend for CudaBackend {
             let compute = self.precision().compute_type();
             (pa, pb, cudaDataType::CUDA_R_32F, compute)
         };
-        let pc = addr_mut(c.slice_mut(), &self.stream);
-        // A product into a buffer from `alloc_operand` may write C as its bf16 copy alone.
+        c.renew();
+        // A product into a buffer from `alloc_operand` may write C as its bf16 copy alone; C's
+        // floats are then not touched (not even allocated) unless cuBLAS refuses that (below).
         let mut out16 = if self.gemm_out16(g, copied, c) {
             self.produced_copy(c)?
         } else {
             None
+        };
+        let pc = match out16 {
+            Some(_) => 0,
+            None => c.addr(&self.stream)?,
         };
         let blas = self
             .blas
@@ -370,7 +379,10 @@ impl Backend for CudaBackend {
                 }
                 // Where cuBLAS has no bf16 C for it, the f32 C (the copy stays unrecorded).
                 if status == cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED {
-                    out16 = None;
+                    let pc = match out16.take() {
+                        Some(_) => c.addr(&self.stream)?,
+                        None => pc,
+                    };
                     status = ex(pc, cudaDataType::CUDA_R_32F);
                 }
                 ("cublasGemmStridedBatchedEx", status)
@@ -416,6 +428,22 @@ impl Backend for CudaBackend {
         }
         self.gemm(g, a, b, c)?;
         self.copy_rows(bias, c, &RowMap::bias(g.m, g.n), true)
+    }
+
+    /// cuBLASLt's bias-gradient epilogue in bf16 (`lt.rs`); the default elsewhere.
+    fn gemm_bias_grad(
+        &self,
+        g: &Gemm,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        c: &mut CudaBuf,
+        db: &mut CudaBuf,
+    ) -> BResult<()> {
+        if self.gemm_bias_grad_lt(g, a, b, c, db)? {
+            return Ok(());
+        }
+        self.gemm(g, a, b, c)?;
+        self.copy_rows_backward(a, db, &RowMap::bias(g.k, g.m))
     }
 
     /// cuBLASLt with `base` as C and `c` as D (one pass over the residual stream where the
@@ -720,15 +748,15 @@ impl Backend for CudaBackend {
         let (mean_ptr, rstd_ptr) = (self.ptr_mut(mean)?, self.ptr_mut(rstd)?);
         let whole = y.len() == rows * cols;
         let y_ptr = if whole {
-            self.ptr_out(y)
+            y.renew();
+            None
         } else {
-            self.ptr_mut(y)?
+            Some(self.ptr_mut(y)?)
         };
         let mut copy = self.produced_copy(y)?;
-        let y_ptr = if whole {
-            ProducedCopy::skip_floats(&mut copy, y, y_ptr)
-        } else {
-            y_ptr
+        let y_ptr = match y_ptr {
+            Some(p) => p,
+            None => self.overwritten_floats(&mut copy, y)?,
         };
         let args = [
             x_ptr,
@@ -844,11 +872,11 @@ impl Backend for CudaBackend {
         // The inputs first: reading one may take its copy's lock, and the output's stays locked
         // until the launch. x is read from its bf16 copy where that alone holds it (`pre` in
         // the bf16 mode, written so by fc1's product).
-        let inputs = self.inputs([x], n)?;
+        let inputs = self.inputs([(x, n)])?;
         let [[x_ptr, x16]] = inputs.args;
-        let y_ptr = self.ptr_out(y);
+        y.renew();
         let mut copy = self.produced_copy(y)?;
-        let y_ptr = ProducedCopy::skip_floats(&mut copy, y, y_ptr);
+        let y_ptr = self.overwritten_floats(&mut copy, y)?;
         let args = [x_ptr, x16, y_ptr, ProducedCopy::arg(&copy), u(n)];
         self.launch(
             self.gelu_kernel(Kernel::GeluForward),
@@ -886,9 +914,9 @@ impl Backend for CudaBackend {
         need(act, n, o, "act")?;
         // Inputs first, as in `gelu_forward`.
         let (bias_ptr, pre_ptr) = (self.ptr(bias)?, self.ptr_mut(pre)?);
-        let act_ptr = self.ptr_out(act);
+        act.renew();
         let mut copy = self.produced_copy(act)?;
-        let act_ptr = ProducedCopy::skip_floats(&mut copy, act, act_ptr);
+        let act_ptr = self.overwritten_floats(&mut copy, act)?;
         let args = [
             bias_ptr,
             pre_ptr,
@@ -922,16 +950,16 @@ impl Backend for CudaBackend {
         need(dy, n, "gelu_backward", "dy")?;
         // x and dy from their bf16 copies where those alone hold them (`pre` and `d_act` in the
         // bf16 mode).
-        let inputs = self.inputs([x, dy], n)?;
+        let inputs = self.inputs([(x, n), (dy, n)])?;
         let [[x_ptr, x16], [dy_ptr, dy16]] = inputs.args;
         // Overwriting reads nothing of dx (as `fill`): stale floats need no update first, and a
         // buffer from `alloc_operand` gets its bf16 copy alone.
         let (dx_ptr, copy) = if accumulate {
             (self.ptr_mut(dx)?, self.produced_copy(dx)?)
         } else {
-            let floats = self.ptr_out(dx);
+            dx.renew();
             let mut copy = self.produced_copy(dx)?;
-            (ProducedCopy::skip_floats(&mut copy, dx, floats), copy)
+            (self.overwritten_floats(&mut copy, dx)?, copy)
         };
         let args = [
             x_ptr,
@@ -1017,7 +1045,8 @@ impl Backend for CudaBackend {
         // The tensor-core kernels (the bf16 mode's) also write out's bf16 copy: the input of
         // `proj`.
         let tensor_cores = forward == Kernel::AttentionForwardMma;
-        let (mut args, _qkv) = self.attention_qkv(qkv, lq, tensor_cores)?;
+        let (inputs, _copies) = self.attention_inputs([(qkv, lq)], tensor_cores)?;
+        let mut args = inputs.concat();
         let out_ptr = self.ptr_mut(out)?;
         let copy = if tensor_cores {
             self.produced_copy(out)?
@@ -1030,6 +1059,9 @@ impl Backend for CudaBackend {
         }
         args.push(self.ptr_mut(lse)?);
         args.extend(attention_dims(a));
+        if tensor_cores {
+            args.push(Arg::U32(self.attention_prefetch.into()));
+        }
         self.launch_described(forward, cfg, &args, || attention_shape(a))?;
         if let Some(copy) = copy {
             copy.written(out.contents(), lo);
@@ -1060,7 +1092,8 @@ impl Backend for CudaBackend {
         // The tensor-core kernels also write d_qkv's bf16 copy (dQ its q columns, dK-dV the
         // others): d_qkv is dY of the qkv Linear, whose two gradient products read it.
         let tensor_cores = dq == Kernel::AttentionBackwardDqMma;
-        let (qkv_args, _qkv) = self.attention_qkv(qkv, lq, tensor_cores)?;
+        let (inputs, _copies) = self.attention_inputs([(qkv, lq), (d_out, lo)], tensor_cores)?;
+        let [qkv_args, d_out_args] = [&inputs[0], &inputs[1]];
         let d_qkv_ptr = self.ptr_mut(d_qkv)?;
         let copy = if tensor_cores {
             self.produced_copy(d_qkv)?
@@ -1073,15 +1106,25 @@ impl Backend for CudaBackend {
             vec![d_qkv_ptr]
         };
         let mut args = qkv_args.clone();
-        args.extend([self.ptr(out)?, self.ptr(lse)?, self.ptr(d_out)?]);
+        args.extend([self.ptr(out)?, self.ptr(lse)?]);
+        args.extend_from_slice(d_out_args);
         args.extend_from_slice(&d_qkv_args);
         args.push(self.ptr_mut(&mut drow)?);
         args.extend(attention_dims(a));
+        let prefetch = Arg::U32(self.attention_prefetch.into());
+        if tensor_cores {
+            args.push(prefetch);
+        }
         self.launch_described(dq, cfg, &args, || attention_shape(a))?;
-        let mut args = qkv_args;
-        args.extend([self.ptr(lse)?, self.ptr(d_out)?, self.ptr(&drow)?]);
+        let mut args = qkv_args.clone();
+        args.push(self.ptr(lse)?);
+        args.extend_from_slice(d_out_args);
+        args.push(self.ptr(&drow)?);
         args.extend_from_slice(&d_qkv_args);
         args.extend(attention_dims(a));
+        if tensor_cores {
+            args.push(prefetch);
+        }
         self.launch_described(dkv, cfg, &args, || attention_shape(a))?;
         if let Some(copy) = copy {
             copy.written(d_qkv.contents(), lq);
@@ -1281,21 +1324,38 @@ impl CudaBackend {
         }
     }
 
-    /// The arguments for `qkv` (`len` floats) of the attention kernels: the tensor-core ones
-    /// take its floats and its bf16 copy where that alone holds it (the qkv product's output in
-    /// the bf16 mode: the values they multiply, staged without rounding), locked in the returned
-    /// [`Inputs`] until the launch; the f32 kernels take its floats.
-    fn attention_qkv<'a>(
+    /// The arguments of the attention kernels for their inputs (qkv, and dO in the backward;
+    /// each with the length the kernels read): the tensor-core kernels take each input's floats
+    /// and its bf16 copy where that alone holds it (the qkv product's output and the proj
+    /// Linear's input gradient in the bf16 mode: the values they multiply, staged without
+    /// rounding), locked in the returned [`Inputs`] until the launch. They take all of them as
+    /// copies or none: where only some inputs hold a copy alone, those are widened and every
+    /// input goes as floats. The f32 kernels take the floats.
+    fn attention_inputs<'a, const N: usize>(
         &self,
-        qkv: &'a CudaBuf,
-        len: usize,
+        bufs: [(&'a CudaBuf, usize); N],
         tensor_cores: bool,
-    ) -> BResult<(Vec<Arg>, Option<Inputs<'a, 1>>)> {
-        if !tensor_cores {
-            return Ok((vec![self.ptr(qkv)?], None));
+    ) -> BResult<(Vec<Vec<Arg>>, Option<Inputs<'a, N>>)> {
+        if tensor_cores {
+            let inputs = self.inputs(bufs)?;
+            let copies = inputs.args.iter();
+            let copies = copies.filter(|a| !matches!(a[1], Arg::Ptr(0))).count();
+            if copies == 0 || copies == N {
+                let args = inputs.args.iter().map(|a| a.to_vec()).collect();
+                return Ok((args, Some(inputs)));
+            }
         }
-        let inputs = self.inputs([qkv], len)?;
-        Ok((inputs.args[0].to_vec(), Some(inputs)))
+        let floats = bufs.iter().map(|&(b, _)| self.ptr(b));
+        let args = floats
+            .map(|p| {
+                Ok(if tensor_cores {
+                    vec![p?, Arg::Ptr(0)]
+                } else {
+                    vec![p?]
+                })
+            })
+            .collect::<BResult<_>>()?;
+        Ok((args, None))
     }
 
     /// The attention kernels hold a row of up to [`ATTENTION_MAX_HEAD_DIM`] in registers.

@@ -188,6 +188,23 @@ pub mod run {
         down(b, &c)
     }
 
+    /// Returns `(c, db)` after the op.
+    pub fn gemm_bias_grad<B: Backend>(
+        b: &B,
+        g: &Gemm,
+        (a, bm): (&[f32], &[f32]),
+        c: &[f32],
+        db: &[f32],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (a, bm, mut c, mut db) = (up(b, a), up(b, bm), up(b, c), up(b, db));
+        ok(
+            b,
+            b.gemm_bias_grad(g, &a, &bm, &mut c, &mut db),
+            "gemm_bias_grad",
+        );
+        (down(b, &c), down(b, &db))
+    }
+
     /// Returns `(base, c)` after the op.
     pub fn gemm_bias_onto<B: Backend>(
         b: &B,

@@ -352,6 +352,60 @@ fn check_gemm_bias_shapes<B: Backend>(
 /// mode's copies.
 const GEMM_BIAS_SHAPES: [(usize, usize, usize); 3] = [(33, 65, 31), (197, 96, 48), (601, 577, 67)];
 
+/// `gemm_bias_grad` (a Linear layer's `dW = dY^T X + beta dW` and `db += ` dY's column sums)
+/// against the f64 oracle on the operands as `operand` rounds them, for token rows x outputs x
+/// inputs in `shapes`, overwriting and accumulating: dW with gemm's tolerance plus `slack_dw`
+/// (as in [`check_gemm_of`]), db with that of a product over the rows plus `slack_db` times the
+/// rows and the largest |dY|: a backend may sum the columns inside the product (cuBLASLt), in
+/// f32 in its own order.
+fn check_gemm_bias_grad<B: Backend>(
+    b: &B,
+    shapes: &[(usize, usize, usize)],
+    operand: impl Fn(f32) -> f32,
+    (slack_dw, slack_db): (f64, f64),
+) -> Check {
+    for &(rows, out, inputs) in shapes {
+        for beta in [0.0, 1.0] {
+            let seed = (rows * out * inputs) as u64 + beta as u64;
+            let mut g = Gemm::new(out, inputs, rows).trans_a();
+            g.beta = beta;
+            let dy = data(seed, rows * out, out, Fill::Uniform);
+            let x = data(seed ^ 1, rows * inputs, inputs, Fill::Uniform);
+            let dw0 = if beta == 0.0 {
+                vec![f32::NAN; out * inputs] // must be ignored
+            } else {
+                data(seed ^ 2, out * inputs, inputs, Fill::Uniform)
+            };
+            let db0 = data(seed ^ 3, out, out, Fill::Uniform);
+            let (dw, db) = run::gemm_bias_grad(b, &g, (&dy, &x), &dw0, &db0);
+            let (dy, x): (Vec<f32>, Vec<f32>) = (
+                dy.iter().map(|&v| operand(v)).collect(),
+                x.iter().map(|&v| operand(v)).collect(),
+            );
+            let (max_dy, max_x) = (max_abs(&f64s(&dy)), max_abs(&f64s(&x)));
+            let shape = format!("{rows} rows x {out} out x {inputs} in, beta {beta}");
+            let mut want = f64s(&dw0);
+            oracle::gemm(&g, &f64s(&dy), &f64s(&x), &mut want);
+            let mut tol = Tol::gemm(rows, max_dy, max_x);
+            tol.atol += slack_dw * rows as f64 * max_dy * max_x;
+            compare("gemm_bias_grad dW", &shape, &dw, &want, tol, None)?;
+            let mut want = f64s(&db0);
+            for (j, w) in want.iter_mut().enumerate() {
+                *w += (0..rows).map(|r| dy[r * out + j] as f64).sum::<f64>();
+            }
+            let mut tol = Tol::gemm(rows, max_dy, 1.0);
+            tol.atol += slack_db * rows as f64 * max_dy;
+            compare("gemm_bias_grad db", &shape, &db, &want, tol, None)?;
+        }
+    }
+    Ok(())
+}
+
+/// Odd shapes and one whose product takes the CUDA bf16 mode's copies (2 x 512 x 512 / 1,024 =
+/// 512 FLOPs per operand element), which cuBLASLt's bias-gradient epilogue runs.
+const GEMM_BIAS_GRAD_SHAPES: [(usize, usize, usize); 3] =
+    [(31, 33, 65), (197, 96, 48), (300, 512, 512)];
+
 // ---- add, scale ---------------------------------------------------------------------------------
 
 fn check_add<B: Backend>(b: &B, len: usize, seed: u64, fill: Fill) -> Check {
@@ -1872,11 +1926,13 @@ fn check_rewrites<B: Backend>(b: &B) -> Check {
 /// and the products are taken again after the reads.
 fn check_operand_buffers<B: Backend>(b: &B, stored: fn(f32) -> f32) -> Check {
     let fail = |e: mae::backend::BackendError| e.to_string();
-    // 640 token rows, 256 hidden features, 96 outputs. These products do 140-167 FLOPs per
-    // operand element, below the CUDA bf16 mode's copy threshold (512): under the default
-    // `MAE_CUDA_BF16_GEMM=auto` they take cuBLAS's FAST_16BF route on the floats (widened from
-    // the copy where that alone holds them), and only `copies` multiplies the copies.
-    let (rows, hidden, out) = (640, 256, 96);
+    // 640 token rows, 512 hidden features, 640 outputs. These products do 569-640 FLOPs per
+    // operand element, above the CUDA bf16 mode's copy threshold (512), so they multiply bf16
+    // copies, as the Linear layers of ViT-B and larger do: the plain buffer's rounded to
+    // nearest by `round_to_bf16`, the operand buffer's written so by its producer, hence
+    // bitwise one product. Below the threshold cuBLAS's FAST_16BF would round the plain
+    // buffer's floats its own way, not always to nearest (docs/results-gpu.md).
+    let (rows, hidden, out) = (640, 512, 640);
     let n = rows * hidden;
     let host = |seed: u64, len: usize, cols: usize| data(seed, len, cols, Fill::Uniform);
     let (w2, dy) = (
@@ -2822,6 +2878,12 @@ macro_rules! op_tests {
                 fixed(b(), |b| check_gemm_bias_shapes(b, &GEMM_BIAS_SHAPES, |x| x, 0.0));
             }
             #[test]
+            fn gemm_bias_grad_is_the_weight_and_bias_gradients() {
+                fixed(b(), |b| {
+                    check_gemm_bias_grad(b, &GEMM_BIAS_GRAD_SHAPES, |x| x, (0.0, 0.0))
+                });
+            }
+            #[test]
             fn add() {
                 property(b(), (1usize..=300, any::<u64>(), fill()), |b, (len, seed, fill)| {
                     check_add(b, len, seed, fill)
@@ -3094,6 +3156,22 @@ mod cuda_bf16 {
         let slack = 2f64.powi(-6);
         property(b(), gemm_case(), |b, c| {
             check_gemm_bias_of(b, &c, bf16_nearest, slack)
+        });
+    }
+
+    /// The weight gradient within a bf16 rounding of each operand (the small shapes take
+    /// FAST_16BF), the bias gradient the sums of dY or of its bf16 rounding (cuBLASLt's epilogue
+    /// sums the copy its product multiplies; the composed column sums add the floats).
+    #[test]
+    fn gemm_bias_grad_is_within_a_bf16_rounding_of_each_operand() {
+        let slack = 2f64.powi(-6);
+        fixed(b(), |b| {
+            check_gemm_bias_grad(
+                b,
+                &GEMM_BIAS_GRAD_SHAPES,
+                bf16_nearest,
+                (slack, 2f64.powi(-8)),
+            )
         });
     }
 

@@ -511,6 +511,27 @@ pub trait Backend {
         self.copy(base, c)?;
         self.gemm_bias(g, a, b, bias, c)
     }
+    /// A Linear layer's weight and bias gradients in one op: [`Backend::gemm`] of `g` into `c`
+    /// (`g` is `dW = dY^T X`: `trans_a`, one matrix, `a` = dY `[k, m]`, `b` = X), and
+    /// `db += ` the column sums of `a` over its `k` rows, as [`Backend::copy_rows_backward`]
+    /// of a [`RowMap::bias`] does (`db` holds `m` values).
+    ///
+    /// The default is exactly those two ops. A backend may sum the columns inside the product,
+    /// which reads `a` anyway (CUDA's cuBLASLt in bf16): in f32 in its own order, and of `a` as
+    /// its product rounds it, so `db` is then within the tolerance of a product over `k` rows of
+    /// those operands, not bitwise the column sums.
+    fn gemm_bias_grad(
+        &self,
+        g: &Gemm,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        c: &mut Self::Buf,
+        db: &mut Self::Buf,
+    ) -> BResult<()> {
+        debug_assert!(g.batch == 1 && g.trans_a, "gemm_bias_grad: dW = dY^T X");
+        self.gemm(g, a, b, c)?;
+        self.copy_rows_backward(a, db, &RowMap::bias(g.k, g.m))
+    }
     /// The MLP's `fc1` in one op: [`Backend::gemm_bias`] into `pre`, then `act = gelu(pre)`
     /// with the GELU of [`Backend::gelu_forward`] (`pre` and `act` are `m x n`, distinct; the
     /// backward reads `pre`). The result equals bitwise [`Backend::gemm`] followed by

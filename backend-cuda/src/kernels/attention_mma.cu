@@ -5,7 +5,8 @@
 // the operands of the products are rounded, as in the bf16 mode's GEMMs.
 //
 // A block of MMA_THREADS (4 warps) takes MMA_ROWS rows of one (image, head), 16 per warp, and
-// walks the other side's rows in tiles of MMA_TILE, staged in shared memory as bf16, row-major
+// walks the other side's rows in tiles of MMA_TILE (`mma_row_walk`: two staging buffers, the next
+// tile's loads in flight while a tile is computed), staged in shared memory as bf16, row-major
 // ([row][feature]), each row padded by MMA_PAD so that the eight rows of each 8 x 8 matrix that
 // `ldmatrix` reads fall in eight different groups of four banks. `ldmatrix` gives the B fragments
 // of products that contract over features, `ldmatrix.trans` those that contract over rows
@@ -29,6 +30,8 @@
 #define MMA_PAD 8
 // 32-bit words of one staged tile for the widest head (64).
 #define MMA_TILE_WORDS (MMA_TILE * (64 + MMA_PAD) / 2)
+// bf16 values of the same: the distance between a walk's two staging buffers (`mma_row_walk`).
+#define MMA_BUF (2 * MMA_TILE_WORDS)
 
 
 // These kernels are bound by instructions issued, not by the tensor cores (a block's tile took
@@ -105,6 +108,39 @@ __device__ __forceinline__ void ldsm_x2(u32* r, const u16* tile, u32 at) {
 #endif
 }
 
+// 16 bytes from global to shared memory without passing through registers (`cp.async.cg`, which
+// caches in L2 only): the copy runs while the thread goes on, until `cp_async_wait_all`. With
+// `valid` false it writes 16 zero bytes and reads nothing (`src` is then any mapped address).
+__device__ __forceinline__ void cp_async16(u16* dst, const u16* src, bool valid) {
+#ifdef MAE_HOST_SHIM
+    host_cp_async16(dst, src, valid);
+#elif __CUDA_ARCH__ >= 800
+    u32 d;
+    asm("{ .reg .u64 s; cvta.to.shared.u64 s, %1; cvt.u32.u64 %0, s; }" : "=r"(d) : "l"(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+                 "r"(valid ? 16 : 0));
+#else
+    asm volatile("trap;");  // not reached: these kernels run on 8.0 and later only
+#endif
+}
+
+// Closes the thread's group of copies issued since the last commit.
+__device__ __forceinline__ void cp_async_commit() {
+#if !defined(MAE_HOST_SHIM) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Waits until every copy this thread issued has landed (the block's other threads' copies are
+// visible after the barrier that follows).
+__device__ __forceinline__ void cp_async_wait_all() {
+#ifdef MAE_HOST_SHIM
+    host_cp_async_wait_all();
+#elif __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group 0;\n" ::);
+#endif
+}
+
 // Max and sum over the four lanes of a group (lanes 4 g .. 4 g + 3 share rows g and g + 8).
 __device__ __forceinline__ float group_max(float v) {
     v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
@@ -118,10 +154,12 @@ __device__ __forceinline__ float group_sum(float v) {
 // Staging: rows r0 .. r0 + MMA_TILE of one head, as bf16, into shared memory. `src` points at
 // the head's column 0 in row 0, rows `stride` floats apart, `rows` of them valid; rows past
 // `rows` and columns past `hd` are staged as zeros. Every thread of the block calls a staging
-// function between barriers. Heads whose rows start on 16 bytes (hd and the row stride
-// multiples of 4, as in every ViT) move four floats per load, and each thread issues all of its
-// loads before its first store, so that they are in flight together: a load from L2 or memory
-// takes hundreds of cycles, and a loop of load-then-store waits that long per element.
+// function (from `mma_row_walk`, which puts the barriers around it). Heads whose rows start on
+// 16 bytes (hd and the row stride multiples of 4, as in every ViT) move four floats per load,
+// and each thread issues all of its loads before its first store, so that they are in flight
+// together: a load from L2 or memory takes hundreds of cycles, and a loop of load-then-store
+// waits that long per element. Rows already in bf16 are copied by `cp.async` and land while
+// the thread computes the tile before.
 
 // Whether the tile's rows can be read as float4.
 __device__ __forceinline__ bool mma_stage_aligned(const float* first, u64 stride, u32 hd) {
@@ -165,25 +203,19 @@ __device__ void mma_stage_rows(u16* rm, const float* src, u64 stride, u64 r0, u6
 }
 
 // The same from rows already in bf16 (qkv's copy alone, bf16.rs `inputs`; `stride` in
-// elements): nothing to round, so staging is a copy, eight values per 16-byte load where the
-// rows allow it.
+// elements): nothing to round, so staging is a copy, 16 bytes per `cp.async` where the rows
+// allow it, which lands by the next `cp_async_wait_all`.
 template <int HD>
 __device__ void mma_stage_rows(u16* rm, const u16* src, u64 stride, u64 r0, u64 rows, u32 hd) {
     const u16* first = src + r0 * stride;
     const u32 valid = mma_stage_valid(r0, rows);
     if (hd % 8 == 0 && stride % 8 == 0 && ((u64)first & 15) == 0) {
         constexpr u32 PER = MMA_TILE * HD / 8 / MMA_THREADS;
-        uint4 v[PER];
         UNROLL
         for (u32 k = 0; k < PER; ++k) {
             const u32 e = threadIdx.x + k * MMA_THREADS, r = e / (HD / 8), c = 8 * (e % (HD / 8));
-            v[k] = make_uint4(0, 0, 0, 0);
-            if (r < valid && c < hd) v[k] = *(const uint4*)(first + r * stride + c);
-        }
-        UNROLL
-        for (u32 k = 0; k < PER; ++k) {
-            const u32 e = threadIdx.x + k * MMA_THREADS, r = e / (HD / 8), c = 8 * (e % (HD / 8));
-            *(uint4*)(rm + r * (HD + MMA_PAD) + c) = v[k];
+            const bool in = r < valid && c < hd;
+            cp_async16(rm + r * (HD + MMA_PAD) + c, in ? first + r * stride + c : first, in);
         }
         return;
     }
@@ -229,6 +261,10 @@ __device__ void mma_load_a(u32 (*a)[4], const u16* src, u64 stride, u64 row0, u6
         }
     }
 }
+
+// An element of a row as f32: itself, or the bf16 value of its bits.
+__device__ __forceinline__ float mma_value(float x) { return x; }
+__device__ __forceinline__ float mma_value(u16 x) { return __uint_as_float((u32)x << 16); }
 
 // Partial tiles. Only the last tile of a row walk holds fewer than MMA_TILE valid rows (197
 // tokens: 5 of 64), and products over its rows past the valid ones add exact zeros (their
@@ -341,19 +377,49 @@ __device__ void mma_store(float* dst, u16* dst16, u64 stride, u64 row0, u64 rows
     }
 }
 
-// The key tile at j0 of one head for the forward and dQ kernels, between barriers: k into `ks`,
-// v into `vs` (`base` points at the head's q columns in row 0 of its image).
+// The walk over the other side's rows of one (image, head) in tiles of MMA_TILE, for every
+// thread of the block: stage(buf, j0) stages the tile at row j0 into staging buffer `buf` (0 or
+// 1), compute(buf, j0) computes it. The two buffers take turns, and tile j0 + MMA_TILE is
+// staged (its copies issued; in flight during the computation where `stage` uses cp.async)
+// before tile j0 is computed. One barrier a tile: past it every copy of the tile has landed,
+// and every thread has finished the tile before, whose buffer the next staging overwrites. The
+// barrier before the first staging keeps it off the last buffer of the block before (the
+// kernels loop over blocks).
+//
+// With `prefetch` 0 (`MAE_CUDA_ATTENTION_PREFETCH=off`, for measuring one against the other)
+// the thread waits for the next tile's copies as soon as it has issued them, so no load is in
+// flight during a computation, as before the prefetch.
 //
 // A warp whose 16 rows all lie past `tokens` (three of the four in the last block of 197 tokens)
-// only helps stage: each kernel gives it a loop of its own that stages and returns, since a
+// only helps stage: each kernel gives it a walk of its own with nothing to compute, since a
 // test inside the main loop made ptxas spill there.
+template <typename Stage, typename Compute>
+__device__ __forceinline__ void mma_row_walk(u64 tokens, u32 prefetch, Stage stage,
+                                             Compute compute) {
+    __syncthreads();
+    stage(0u, (u64)0);
+    cp_async_commit();
+    u32 buf = 0;
+    for (u64 j0 = 0; j0 < tokens; j0 += MMA_TILE) {
+        cp_async_wait_all();
+        __syncthreads();
+        if (j0 + MMA_TILE < tokens) {
+            stage(buf ^ 1u, j0 + MMA_TILE);
+            cp_async_commit();
+            if (!prefetch) cp_async_wait_all();
+        }
+        compute(buf, j0);
+        buf ^= 1u;
+    }
+}
+
+// The key tile at j0 of one head for the forward and dQ kernels: k into `ks`, v into `vs`
+// (`base` points at the head's q columns in row 0 of its image).
 template <int HD, typename Q>
 __device__ __forceinline__ void mma_stage_kv(u16* ks, u16* vs, const Q* base, u64 dim, u64 j0,
                                              u64 tokens, u32 hd) {
-    __syncthreads();  // the previous tile is no longer read
     mma_stage_rows<HD>(ks, base + dim, 3 * dim, j0, tokens, hd);
     mma_stage_rows<HD>(vs, base + 2 * dim, 3 * dim, j0, tokens, hd);
-    __syncthreads();
 }
 
 // The tile's keys at or past `keys` (only the last tile of a row has fewer than MMA_TILE), as
@@ -414,16 +480,17 @@ __device__ __forceinline__ void mma_forward_tile(const u32 (*q)[4], float (*o)[4
 // in the product with v weigh each v_j within 2^-8 of it.
 template <int HD, typename Q>
 __device__ void mma_forward_block(const Q* qkv, float* out, u16* out16, float* lse, u64 tokens,
-                                  u64 heads, u32 hd, float scale, AttBlock blk, u16* ks,
-                                  u16* vs) {
+                                  u64 heads, u32 hd, float scale, AttBlock blk, u32 prefetch,
+                                  u16* ks, u16* vs) {
     const u64 dim = heads * hd, width = 3 * dim;
     const u32 lane = threadIdx.x % 32, t = lane % 4;
     const u64 row0 = blk.row0 + 16 * (threadIdx.x / 32);
     const Q* base = qkv + blk.b * tokens * width + blk.h * hd;
+    auto stage = [&](u32 buf, u64 j0) {
+        mma_stage_kv<HD>(ks + buf * MMA_BUF, vs + buf * MMA_BUF, base, dim, j0, tokens, hd);
+    };
     if (row0 >= tokens) {  // past the tokens: only helps stage
-        for (u64 j0 = 0; j0 < tokens; j0 += MMA_TILE) {
-            mma_stage_kv<HD>(ks, vs, base, dim, j0, tokens, hd);
-        }
+        mma_row_walk(tokens, prefetch, stage, [](u32, u64) {});
         return;
     }
     u32 q[HD / 16][4];
@@ -432,11 +499,11 @@ __device__ void mma_forward_block(const Q* qkv, float* out, u16* out16, float* l
     mma_zero<HD>(o);
     const float scale2 = scale * LOG2E;
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
-    for (u64 j0 = 0; j0 < tokens; j0 += MMA_TILE) {
-        mma_stage_kv<HD>(ks, vs, base, dim, j0, tokens, hd);
+    mma_row_walk(tokens, prefetch, stage, [&](u32 buf, u64 j0) {
         const u32 keys = mma_stage_valid(j0, tokens);
-        MMA_BY_STEPS(keys, mma_forward_tile, q, o, m, l, ks, vs, keys, scale2);
-    }
+        const u16 *k = ks + buf * MMA_BUF, *v = vs + buf * MMA_BUF;
+        MMA_BY_STEPS(keys, mma_forward_tile, q, o, m, l, k, v, keys, scale2);
+    });
     const float total[2] = {group_sum(l[0]), group_sum(l[1])};
     UNROLL
     for (u32 n = 0; n < HD / 8; ++n) {
@@ -459,10 +526,11 @@ __device__ void mma_forward_block(const Q* qkv, float* out, u16* out16, float* l
 // qkv16 where that is not null: its bf16 copy alone (bf16.rs), the values the products take.
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
     attention_forward_mma(const float* qkv, const u16* qkv16, float* out, u16* out16,
-                          float* lse, u64 batch, u64 tokens, u64 heads, u64 hd, float scale) {
+                          float* lse, u64 batch, u64 tokens, u64 heads, u64 hd, float scale,
+                          u32 prefetch) {
     // The block functions use __syncthreads: every thread of a block runs every tile.
-    __shared__ __align__(16) u32 ta[MMA_TILE_WORDS];
-    __shared__ __align__(16) u32 tb[MMA_TILE_WORDS];
+    __shared__ __align__(16) u32 ta[2 * MMA_TILE_WORDS];
+    __shared__ __align__(16) u32 tb[2 * MMA_TILE_WORDS];
     const u64 tiles = (tokens + MMA_ROWS - 1) / MMA_ROWS;
     for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
         const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
@@ -470,14 +538,18 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
         u16 *ks = (u16*)ta, *vs = (u16*)tb;
         if (hd <= 32) {
             if (qkv16) {
-                mma_forward_block<32>(qkv16, out, out16, lse, tokens, heads, h, scale, blk, ks, vs);
+                mma_forward_block<32>(qkv16, out, out16, lse, tokens, heads, h, scale, blk,
+                                      prefetch, ks, vs);
             } else {
-                mma_forward_block<32>(qkv, out, out16, lse, tokens, heads, h, scale, blk, ks, vs);
+                mma_forward_block<32>(qkv, out, out16, lse, tokens, heads, h, scale, blk,
+                                      prefetch, ks, vs);
             }
         } else if (qkv16) {
-            mma_forward_block<64>(qkv16, out, out16, lse, tokens, heads, h, scale, blk, ks, vs);
+            mma_forward_block<64>(qkv16, out, out16, lse, tokens, heads, h, scale, blk, prefetch,
+                                  ks, vs);
         } else {
-            mma_forward_block<64>(qkv, out, out16, lse, tokens, heads, h, scale, blk, ks, vs);
+            mma_forward_block<64>(qkv, out, out16, lse, tokens, heads, h, scale, blk, prefetch,
+                                  ks, vs);
         }
     }
 }
@@ -510,20 +582,22 @@ __device__ __forceinline__ void mma_dq_tile(const u32 (*q)[4], const u32 (*dout)
 // dQ for one block: Drow_i = dO_i . O_i in f32, then the key tiles in turn; dq is scaled once
 // at the end. Writes Drow for the dK, dV kernel.
 template <int HD, typename Q>
-__device__ void mma_dq_block(const Q* qkv, const float* out, const float* lse, const float* d_out,
+__device__ void mma_dq_block(const Q* qkv, const float* out, const float* lse, const Q* d_out,
                              float* d_qkv, u16* d_qkv16, float* drow, u64 tokens, u64 heads,
-                             u32 hd, float scale, AttBlock blk, u16* ks, u16* vs) {
+                             u32 hd, float scale, AttBlock blk, u32 prefetch, u16* ks,
+                             u16* vs) {
     const u64 dim = heads * hd, width = 3 * dim;
     const u32 lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const u64 row0 = blk.row0 + 16 * (threadIdx.x / 32);
     const Q* base = qkv + blk.b * tokens * width + blk.h * hd;
+    auto stage = [&](u32 buf, u64 j0) {
+        mma_stage_kv<HD>(ks + buf * MMA_BUF, vs + buf * MMA_BUF, base, dim, j0, tokens, hd);
+    };
     if (row0 >= tokens) {  // past the tokens: only helps stage
-        for (u64 j0 = 0; j0 < tokens; j0 += MMA_TILE) {
-            mma_stage_kv<HD>(ks, vs, base, dim, j0, tokens, hd);
-        }
+        mma_row_walk(tokens, prefetch, stage, [](u32, u64) {});
         return;
     }
-    const float* dout_base = d_out + blk.b * tokens * dim + blk.h * hd;
+    const Q* dout_base = d_out + blk.b * tokens * dim + blk.h * hd;
     const float* out_base = out + blk.b * tokens * dim + blk.h * hd;
     const u64 lbase = (blk.b * heads + blk.h) * tokens;
     float d[2], li[2];
@@ -532,7 +606,9 @@ __device__ void mma_dq_block(const Q* qkv, const float* out, const float* lse, c
         const u64 i = row0 + g + 8 * r;
         float acc = 0.0f;
         if (i < tokens) {
-            for (u32 c = t; c < hd; c += 4) acc += dout_base[i * dim + c] * out_base[i * dim + c];
+            for (u32 c = t; c < hd; c += 4) {
+                acc += mma_value(dout_base[i * dim + c]) * out_base[i * dim + c];
+            }
         }
         d[r] = group_sum(acc);
         li[r] = i < tokens ? lse[lbase + i] * LOG2E : 0.0f;  // base 2, as the exponents below
@@ -543,11 +619,11 @@ __device__ void mma_dq_block(const Q* qkv, const float* out, const float* lse, c
     float dq[HD / 8][4];
     mma_zero<HD>(dq);
     const float scale2 = scale * LOG2E;
-    for (u64 j0 = 0; j0 < tokens; j0 += MMA_TILE) {
-        mma_stage_kv<HD>(ks, vs, base, dim, j0, tokens, hd);
+    mma_row_walk(tokens, prefetch, stage, [&](u32 buf, u64 j0) {
         const u32 keys = mma_stage_valid(j0, tokens);
-        MMA_BY_STEPS(keys, mma_dq_tile, q, dout, dq, d, li, ks, vs, keys, scale2);
-    }
+        const u16 *k = ks + buf * MMA_BUF, *v = vs + buf * MMA_BUF;
+        MMA_BY_STEPS(keys, mma_dq_tile, q, dout, dq, d, li, k, v, keys, scale2);
+    });
     const u64 at = blk.b * tokens * width + blk.h * hd;
     mma_store<HD>(d_qkv + at, d_qkv16 ? d_qkv16 + at : nullptr, width, row0, tokens, hd, dq,
                   scale);
@@ -562,15 +638,18 @@ __device__ void mma_dq_block(const Q* qkv, const float* out, const float* lse, c
 
 // Gradient of q into the q columns of d_qkv (overwritten), and Drow [batch, heads, tokens];
 // d_qkv16, where not null, receives those columns' bf16 copy (d_qkv is dY of the qkv Linear).
-// qkv16 as in the forward.
+// qkv16 as in the forward; d_out16 likewise d_out's bf16 copy alone (the proj Linear's input
+// gradient in the bf16 mode), not null exactly where qkv16 is not (ops.rs sees to that), so that
+// one instantiation reads both in bf16. Drow then sums the bf16 values of dO, as
+// FlashAttention's bf16 kernels do.
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
     attention_backward_dq_mma(const float* qkv, const u16* qkv16, const float* out,
-                              const float* lse, const float* d_out, float* d_qkv, u16* d_qkv16,
-                              float* drow, u64 batch, u64 tokens, u64 heads, u64 hd,
-                              float scale) {
+                              const float* lse, const float* d_out, const u16* d_out16,
+                              float* d_qkv, u16* d_qkv16, float* drow, u64 batch, u64 tokens,
+                              u64 heads, u64 hd, float scale, u32 prefetch) {
     // The block functions use __syncthreads: every thread of a block runs every tile.
-    __shared__ __align__(16) u32 ta[MMA_TILE_WORDS];
-    __shared__ __align__(16) u32 tb[MMA_TILE_WORDS];
+    __shared__ __align__(16) u32 ta[2 * MMA_TILE_WORDS];
+    __shared__ __align__(16) u32 tb[2 * MMA_TILE_WORDS];
     const u64 tiles = (tokens + MMA_ROWS - 1) / MMA_ROWS;
     for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
         const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
@@ -578,18 +657,18 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
         u16 *ks = (u16*)ta, *vs = (u16*)tb;
         if (hd <= 32) {
             if (qkv16) {
-                mma_dq_block<32>(qkv16, out, lse, d_out, d_qkv, d_qkv16, drow, tokens, heads, h,
-                                 scale, blk, ks, vs);
+                mma_dq_block<32>(qkv16, out, lse, d_out16, d_qkv, d_qkv16, drow, tokens, heads,
+                                 h, scale, blk, prefetch, ks, vs);
             } else {
                 mma_dq_block<32>(qkv, out, lse, d_out, d_qkv, d_qkv16, drow, tokens, heads, h,
-                                 scale, blk, ks, vs);
+                                 scale, blk, prefetch, ks, vs);
             }
         } else if (qkv16) {
-            mma_dq_block<64>(qkv16, out, lse, d_out, d_qkv, d_qkv16, drow, tokens, heads, h,
-                             scale, blk, ks, vs);
+            mma_dq_block<64>(qkv16, out, lse, d_out16, d_qkv, d_qkv16, drow, tokens, heads, h,
+                             scale, blk, prefetch, ks, vs);
         } else {
             mma_dq_block<64>(qkv, out, lse, d_out, d_qkv, d_qkv16, drow, tokens, heads, h, scale,
-                             blk, ks, vs);
+                             blk, prefetch, ks, vs);
         }
     }
 }
@@ -624,15 +703,14 @@ __device__ __forceinline__ void mma_dkv_tile(const u32 (*k)[4], const u32 (*v)[4
     mma_accumulate<HD, STEPS>(dk, dsa, qs);
 }
 
-// The query tile at i0 of one head for the dK, dV kernel, between barriers: q into `qs`, dO
-// into `dos`, the rows' lse in base 2 into `ls` (+inf past the rows, which gives p = 0) and
-// their Drow into `ds_row`. `base`, `dout_base` point at the head's q and dO columns in row 0.
+// The query tile at i0 of one head for the dK, dV kernel: q into `qs`, dO into `dos`, the rows'
+// lse in base 2 into `ls` (+inf past the rows, which gives p = 0) and their Drow into `ds_row`.
+// `base`, `dout_base` point at the head's q and dO columns in row 0.
 template <int HD, typename Q>
 __device__ __forceinline__ void mma_stage_q_do(u16* qs, u16* dos, float* ls, float* ds_row,
-                                               const Q* base, const float* dout_base,
+                                               const Q* base, const Q* dout_base,
                                                const float* lse, const float* drow, u64 lbase,
                                                u64 dim, u64 i0, u64 tokens, u32 hd) {
-    __syncthreads();  // the previous tile is no longer read
     mma_stage_rows<HD>(qs, base, 3 * dim, i0, tokens, hd);
     mma_stage_rows<HD>(dos, dout_base, dim, i0, tokens, hd);
     for (u32 r = threadIdx.x; r < MMA_TILE; r += MMA_THREADS) {
@@ -640,26 +718,27 @@ __device__ __forceinline__ void mma_stage_q_do(u16* qs, u16* dos, float* ls, flo
         ls[r] = in ? lse[lbase + i0 + r] * LOG2E : __int_as_float(0x7f800000);
         ds_row[r] = in ? drow[lbase + i0 + r] : 0.0f;
     }
-    __syncthreads();
 }
 
 // dK, dV for one block, the warp's 16 key rows against the query tiles in turn; dk is scaled
 // once at the end.
 template <int HD, typename Q>
-__device__ void mma_dkv_block(const Q* qkv, const float* lse, const float* d_out,
+__device__ void mma_dkv_block(const Q* qkv, const float* lse, const Q* d_out,
                               const float* drow, float* d_qkv, u16* d_qkv16, u64 tokens,
-                              u64 heads, u32 hd, float scale, AttBlock blk, u16* qs, u16* dos,
-                              float* ls, float* ds_row) {
+                              u64 heads, u32 hd, float scale, AttBlock blk, u32 prefetch,
+                              u16* qs, u16* dos, float* ls, float* ds_row) {
     const u64 dim = heads * hd, width = 3 * dim;
     const u64 row0 = blk.row0 + 16 * (threadIdx.x / 32);
     const Q* base = qkv + blk.b * tokens * width + blk.h * hd;
-    const float* dout_base = d_out + blk.b * tokens * dim + blk.h * hd;
+    const Q* dout_base = d_out + blk.b * tokens * dim + blk.h * hd;
     const u64 lbase = (blk.b * heads + blk.h) * tokens;
+    auto stage = [&](u32 buf, u64 i0) {
+        mma_stage_q_do<HD>(qs + buf * MMA_BUF, dos + buf * MMA_BUF, ls + buf * MMA_TILE,
+                           ds_row + buf * MMA_TILE, base, dout_base, lse, drow, lbase, dim, i0,
+                           tokens, hd);
+    };
     if (row0 >= tokens) {  // past the tokens: only helps stage
-        for (u64 i0 = 0; i0 < tokens; i0 += MMA_TILE) {
-            mma_stage_q_do<HD>(qs, dos, ls, ds_row, base, dout_base, lse, drow, lbase, dim, i0,
-                               tokens, hd);
-        }
+        mma_row_walk(tokens, prefetch, stage, [](u32, u64) {});
         return;
     }
     const float scale2 = scale * LOG2E;
@@ -669,12 +748,11 @@ __device__ void mma_dkv_block(const Q* qkv, const float* lse, const float* d_out
     float dk[HD / 8][4], dv[HD / 8][4];
     mma_zero<HD>(dk);
     mma_zero<HD>(dv);
-    for (u64 i0 = 0; i0 < tokens; i0 += MMA_TILE) {
-        mma_stage_q_do<HD>(qs, dos, ls, ds_row, base, dout_base, lse, drow, lbase, dim, i0,
-                           tokens, hd);
-        MMA_BY_STEPS(mma_stage_valid(i0, tokens), mma_dkv_tile, k, v, dk, dv, qs, dos, ls, ds_row,
-                     scale2);
-    }
+    mma_row_walk(tokens, prefetch, stage, [&](u32 buf, u64 i0) {
+        const u16 *q = qs + buf * MMA_BUF, *o = dos + buf * MMA_BUF;
+        const float *l = ls + buf * MMA_TILE, *dr = ds_row + buf * MMA_TILE;
+        MMA_BY_STEPS(mma_stage_valid(i0, tokens), mma_dkv_tile, k, v, dk, dv, q, o, l, dr, scale2);
+    });
     const u64 at = blk.b * tokens * width + blk.h * hd;
     mma_store<HD>(d_qkv + at + dim, d_qkv16 ? d_qkv16 + at + dim : nullptr, width, row0, tokens,
                   hd, dk, scale);
@@ -683,17 +761,17 @@ __device__ void mma_dkv_block(const Q* qkv, const float* lse, const float* d_out
 }
 
 // Gradients of k and v into the k and v columns of d_qkv (overwritten), given the dQ kernel's
-// Drow; qkv16 and d_qkv16 as in the dQ kernel.
+// Drow; qkv16, d_out16 and d_qkv16 as in the dQ kernel.
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
     attention_backward_dkv_mma(const float* qkv, const u16* qkv16, const float* lse,
-                               const float* d_out, const float* drow, float* d_qkv,
-                               u16* d_qkv16, u64 batch, u64 tokens, u64 heads, u64 hd,
-                               float scale) {
+                               const float* d_out, const u16* d_out16, const float* drow,
+                               float* d_qkv, u16* d_qkv16, u64 batch, u64 tokens, u64 heads,
+                               u64 hd, float scale, u32 prefetch) {
     // The block functions use __syncthreads: every thread of a block runs every tile.
-    __shared__ __align__(16) u32 ta[MMA_TILE_WORDS];
-    __shared__ __align__(16) u32 tb[MMA_TILE_WORDS];
-    __shared__ float lse_tile[MMA_TILE];
-    __shared__ float drow_tile[MMA_TILE];
+    __shared__ __align__(16) u32 ta[2 * MMA_TILE_WORDS];
+    __shared__ __align__(16) u32 tb[2 * MMA_TILE_WORDS];
+    __shared__ float lse_tile[2 * MMA_TILE];
+    __shared__ float drow_tile[2 * MMA_TILE];
     const u64 tiles = (tokens + MMA_ROWS - 1) / MMA_ROWS;
     for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
         const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
@@ -701,18 +779,18 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
         u16 *qs = (u16*)ta, *dos = (u16*)tb;
         if (hd <= 32) {
             if (qkv16) {
-                mma_dkv_block<32>(qkv16, lse, d_out, drow, d_qkv, d_qkv16, tokens, heads, h,
-                                  scale, blk, qs, dos, lse_tile, drow_tile);
+                mma_dkv_block<32>(qkv16, lse, d_out16, drow, d_qkv, d_qkv16, tokens, heads, h,
+                                  scale, blk, prefetch, qs, dos, lse_tile, drow_tile);
             } else {
                 mma_dkv_block<32>(qkv, lse, d_out, drow, d_qkv, d_qkv16, tokens, heads, h, scale,
-                                  blk, qs, dos, lse_tile, drow_tile);
+                                  blk, prefetch, qs, dos, lse_tile, drow_tile);
             }
         } else if (qkv16) {
-            mma_dkv_block<64>(qkv16, lse, d_out, drow, d_qkv, d_qkv16, tokens, heads, h, scale,
-                              blk, qs, dos, lse_tile, drow_tile);
+            mma_dkv_block<64>(qkv16, lse, d_out16, drow, d_qkv, d_qkv16, tokens, heads, h,
+                              scale, blk, prefetch, qs, dos, lse_tile, drow_tile);
         } else {
             mma_dkv_block<64>(qkv, lse, d_out, drow, d_qkv, d_qkv16, tokens, heads, h, scale,
-                              blk, qs, dos, lse_tile, drow_tile);
+                              blk, prefetch, qs, dos, lse_tile, drow_tile);
         }
     }
 }

@@ -51,7 +51,7 @@ __device__ __forceinline__ float4 load_in4(const float* x, const u16* x16, u64 q
 
 // y = G(x) elementwise, G one of the GELUs, x read as load_in does. `y16`, where not null,
 // receives the bf16 copy of y (bf16.rs, `produced_copy`): so do `act16` and `dx16` below. A
-// null `y` (or `act` below) is an output kept as the copy alone (bf16.rs, `skip_floats`): only
+// null `y` (or `act` below) is an output kept as the copy alone (bf16.rs, `overwritten_floats`): only
 // the copy is stored.
 template <float (*G)(float)>
 __device__ void gelu_forward_of(const float* x, const u16* x16, float* y, u16* y16, u64 n) {

@@ -74,7 +74,7 @@ UNROLL
             mean[r] = m;
             rstd[r] = rs;
         }
-        // y null: the output is kept as its bf16 copy alone (bf16.rs, `skip_floats`).
+        // y null: the output is kept as its bf16 copy alone (bf16.rs, `overwritten_floats`).
         float* yr = y ? y + r * cols : nullptr;
         if (wide) {
 UNROLL

@@ -41,7 +41,6 @@ pub use rendezvous::{
     ID_FILE_ENV,
 };
 
-use crate::buffer::addr_mut;
 use crate::{error, CudaBackend, CudaBuf};
 use cudarc::driver::{CudaContext, CudaStream};
 use library::{nccl, Nccl, RawComm, RawId, AVG, FLOAT32};
@@ -210,6 +209,11 @@ impl DataParallel {
     ) -> BResult<()> {
         let mut bufs: Vec<&mut CudaBuf> = bufs.into_iter().collect();
         let lens: Vec<usize> = bufs.iter().map(|b| b.len()).collect();
+        // Before any group opens: an error here has nothing to close.
+        let ptrs = bufs
+            .iter_mut()
+            .map(|b| b.addr_mut(&self.stream))
+            .collect::<BResult<Vec<u64>>>()?;
         self.ctx
             .bind_to_thread()
             .map_err(|e| error::driver(e, "binding the CUDA context for NCCL", 0))?;
@@ -219,7 +223,7 @@ impl DataParallel {
             self.lib.check(started, "ncclGroupStart")?;
             let mut queued = Ok(());
             for &i in &bucket {
-                let ptr = addr_mut(bufs[i].slice_mut(), &self.stream) as *mut std::ffi::c_void;
+                let ptr = ptrs[i] as *mut std::ffi::c_void;
                 // SAFETY: `ptr` addresses a live allocation of `lens[i]` f32 on this
                 // communicator's device (the buffer is borrowed mutably until we return, and
                 // frees are stream-ordered after the collective); reducing in place is allowed;

@@ -113,7 +113,9 @@ impl<B: Backend> AttentionScratch<B> {
             heads_out: composed(r * dim)?,
             scores: composed(scores)?,
             d_att: grad(scores, false)?,
-            d_merged: grad(r * dim, true)?,
+            // Read only by the attention backward as dO (its products round it to the
+            // backend's operand precision anyway) or, composed, by split_heads.
+            d_merged: b.alloc_operand(if backward { r * dim } else { 0 })?,
             d_heads_out: grad(r * dim, false)?,
             d_q: grad(r * dim, false)?,
             d_k: grad(r * dim, false)?,

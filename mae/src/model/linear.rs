@@ -1,6 +1,6 @@
 //! `y = x W^T + b` with PyTorch's `[out, in]` weights.
 
-use crate::backend::{BResult, Backend, Gemm, RowMap};
+use crate::backend::{BResult, Backend, Gemm};
 use crate::params::Linear;
 
 /// `y = x W^T + b` over `rows` rows; with `accumulate`, `y += x W^T + b` (a residual branch).
@@ -82,6 +82,5 @@ pub fn linear_backward<B: Backend>(
         b.gemm(&Gemm::new(rows, in_dim, out_dim), dy, &lin.weight, dx)?;
     }
     let dw = Gemm::new(out_dim, in_dim, rows).trans_a().accumulate();
-    b.gemm(&dw, dy, x, &mut grad.weight)?;
-    b.copy_rows_backward(dy, &mut grad.bias, &RowMap::bias(rows, out_dim))
+    b.gemm_bias_grad(&dw, dy, x, &mut grad.weight, &mut grad.bias)
 }
