@@ -621,15 +621,19 @@ mod tests {
     }
 
     /// On a device (or the fake driver): a bf16 training step and an embedding allocate no
-    /// floats for the model's `alloc_operand` buffers (block LayerNorm outputs, qkv, the MLP's
-    /// hidden tensors and their gradients): no op reads them as floats.
+    /// floats for the model's `alloc_operand` buffers (block LayerNorm outputs, qkv and the
+    /// attention output's gradient, the MLP's hidden tensors and their gradients): no op reads
+    /// them as floats. On the bf16 mode's attention path, the tensor-core kernels, whatever
+    /// `MAE_CUDA_ATTENTION` says (the composed path's `split_heads` reads the floats).
     #[test]
     fn bf16_training_and_embedding_allocate_no_operand_floats() {
+        use crate::backend::AttentionPath;
         use mae::embed::{Embedder, Pool};
         use mae::train::{TrainOptions, Trainer};
         let Some(mut be) = crate::test_device(Precision::Bf16) else {
             return;
         };
+        be.attention_choice = Some(AttentionPath::TensorCores);
         let cfg = mae::Config {
             depth: 2,
             decoder_depth: 1,
