@@ -665,6 +665,63 @@ mod tests {
         }
     }
 
+    /// On a device (or the fake driver): the tensor-core attention takes qkv and dO as copies
+    /// alone or neither. Given qkv as a copy alone (a product's bf16 output) and dO as floats,
+    /// the backward widens qkv and runs on floats; forward and backward then give bitwise what
+    /// plain buffers holding the same values give.
+    #[test]
+    fn attention_inputs_of_mixed_kinds_run_on_floats() {
+        use crate::backend::AttentionPath;
+        use mae::backend::{Attention, Backend};
+        let Some(mut be) = crate::test_device(Precision::Bf16) else {
+            return;
+        };
+        be.attention_choice = Some(AttentionPath::TensorCores);
+        be.bf16_gemm = Bf16Gemm::Copies;
+        let a = Attention {
+            batch: 2,
+            tokens: 70,
+            heads: 2,
+            head_dim: 32,
+            scale: 0.125,
+        };
+        let (rows, dim, k) = (a.batch * a.tokens, a.dim(), 16);
+        let host = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i * 7 + seed) % 29) as f32 / 29.0 - 0.5)
+                .collect()
+        };
+        let (x, w) = (
+            be.upload(&host(rows * k, 1)).unwrap(),
+            be.upload(&host(3 * dim * k, 2)).unwrap(),
+        );
+        let mut qkv = be.alloc_operand(rows * 3 * dim).unwrap();
+        be.gemm(&Gemm::new(rows, 3 * dim, k).trans_b(), &x, &w, &mut qkv)
+            .unwrap();
+        assert!(!qkv.has_floats(), "the product wrote floats");
+        let mut values = vec![0.0; rows * 3 * dim];
+        be.download(&qkv, &mut values).unwrap(); // widens, as the backward would
+        let plain = be.upload(&values).unwrap();
+        let d_out = be.upload(&host(rows * dim, 3)).unwrap();
+        let run = |q: &CudaBuf| -> Vec<f32> {
+            let (mut out, mut lse) = (
+                be.alloc(rows * dim).unwrap(),
+                be.alloc(a.batch * a.heads * a.tokens).unwrap(),
+            );
+            be.attention_forward(q, &mut out, &mut lse, &a).unwrap();
+            let mut d_qkv = be.alloc(rows * 3 * dim).unwrap();
+            be.attention_backward(q, &out, &lse, &d_out, &mut d_qkv, &a)
+                .unwrap();
+            let mut got = vec![f32::NAN; rows * 3 * dim + rows * dim];
+            be.download(&d_qkv, &mut got[..rows * 3 * dim]).unwrap();
+            be.download(&out, &mut got[rows * 3 * dim..]).unwrap();
+            got
+        };
+        let (mixed, floats) = (run(&qkv), run(&plain));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&mixed), bits(&floats));
+    }
+
     #[test]
     fn the_choice_parses_and_refuses_unknown_values() {
         assert_eq!(Bf16Gemm::parse("copies"), Ok(Bf16Gemm::Copies));
