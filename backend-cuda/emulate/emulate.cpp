@@ -942,25 +942,32 @@ static void test_attention() {
         auto qkv = random_vec(rows * W);
         auto d_out = random_vec(rows * D);
         const AttentionRef ref = attention_reference(qkv, d_out, k.B, k.T, k.H, k.hd, scale);
-        const u64 tiles = (k.T + ATT_THREADS - 1) / ATT_THREADS;
-        const unsigned grid = k.small_grid ? 2 : (unsigned)(k.B * k.H * tiles);
-        std::vector<float> out(rows * D, NAN), lse(k.B * k.H * k.T, NAN);
-        launch_rows(grid, ATT_THREADS, [&] {
-            attention_forward(qkv.data(), out.data(), lse.data(), k.B, k.T, k.H, k.hd, scale);
-        });
-        expect_close("attention_forward out" + tag, out, ref.out, 1e-5);
-        expect_close("attention_forward lse" + tag, lse, ref.lse, 1e-5);
-        std::vector<float> ref_out(ref.out.begin(), ref.out.end()), ref_lse(ref.lse.begin(), ref.lse.end());
-        std::vector<float> d_qkv(rows * W, NAN), drow(k.B * k.H * k.T, NAN);
-        launch_rows(grid, ATT_THREADS, [&] {
-            attention_backward_dq(qkv.data(), ref_out.data(), ref_lse.data(), d_out.data(), d_qkv.data(),
-                                  drow.data(), k.B, k.T, k.H, k.hd, scale);
-        });
-        launch_rows(grid, ATT_THREADS, [&] {
-            attention_backward_dkv(qkv.data(), ref_lse.data(), d_out.data(), drow.data(), d_qkv.data(), k.B,
-                                   k.T, k.H, k.hd, scale);
-        });
-        expect_close("attention_backward d_qkv" + tag, d_qkv, ref.d_qkv, 1e-4);
+        // In lockstep and with each warp running ahead (`warp_ahead`), as the tensor-core
+        // kernels below.
+        for (bool ahead : {false, true}) {
+            warp_ahead = ahead;
+            const std::string how = tag + (ahead ? " warp-ahead" : "");
+            const u64 tiles = (k.T + ATT_THREADS - 1) / ATT_THREADS;
+            const unsigned grid = k.small_grid ? 2 : (unsigned)(k.B * k.H * tiles);
+            std::vector<float> out(rows * D, NAN), lse(k.B * k.H * k.T, NAN);
+            launch_rows(grid, ATT_THREADS, [&] {
+                attention_forward(qkv.data(), out.data(), lse.data(), k.B, k.T, k.H, k.hd, scale);
+            });
+            expect_close("attention_forward out" + how, out, ref.out, 1e-5);
+            expect_close("attention_forward lse" + how, lse, ref.lse, 1e-5);
+            std::vector<float> ref_out(ref.out.begin(), ref.out.end()), ref_lse(ref.lse.begin(), ref.lse.end());
+            std::vector<float> d_qkv(rows * W, NAN), drow(k.B * k.H * k.T, NAN);
+            launch_rows(grid, ATT_THREADS, [&] {
+                attention_backward_dq(qkv.data(), ref_out.data(), ref_lse.data(), d_out.data(), d_qkv.data(),
+                                      drow.data(), k.B, k.T, k.H, k.hd, scale);
+            });
+            launch_rows(grid, ATT_THREADS, [&] {
+                attention_backward_dkv(qkv.data(), ref_lse.data(), d_out.data(), drow.data(), d_qkv.data(), k.B,
+                                       k.T, k.H, k.hd, scale);
+            });
+            expect_close("attention_backward d_qkv" + how, d_qkv, ref.d_qkv, 1e-4);
+        }
+        warp_ahead = false;
         test_attention_mma_orders(k.B, k.T, k.H, k.hd, k.small_grid, qkv, d_out, scale, tag);
     }
     // Several key tiles of the tensor-core kernels, the last one partial; with striding blocks,
@@ -1018,17 +1025,25 @@ static void test_round_to_bf16() {
 }
 
 int main() {
-    test_elementwise();
-    test_adamw_many();
-    test_round_to_bf16();
-    test_scale_rows();
-    test_bias_gelu();
-    test_copy_rows();
-    test_gather();
-    test_patchify_and_heads();
-    test_norms();
-    test_column_sums();
-    test_loss();
+    // Every kernel in two orders of its warps: in lockstep (each warp collective opens for all
+    // warps in one round), and each warp running ahead of the others as far as the barriers let
+    // it (`warp_ahead`): a shared buffer that a barrier does not guard fails in one of them.
+    // The attention tests choose their orders themselves.
+    for (bool ahead : {false, true}) {
+        warp_ahead = ahead;
+        test_elementwise();
+        test_adamw_many();
+        test_round_to_bf16();
+        test_scale_rows();
+        test_bias_gelu();
+        test_copy_rows();
+        test_gather();
+        test_patchify_and_heads();
+        test_norms();
+        test_column_sums();
+        test_loss();
+    }
+    warp_ahead = false;
     test_attention();
     std::printf("%d checks, %d failed\n", checks, failures);
     return failures == 0 ? 0 : 1;

@@ -224,8 +224,9 @@ inline void fiber_entry() {
 
 // With `warp_ahead`, the lowest-numbered warp that can go on runs alone until it waits at a
 // block barrier (or exits), then the next: the most skew between warps that the barriers allow,
-// where the default opens every warp's collective in each round (the warps in lockstep). A tile
-// overwritten while a slower warp still reads it shows up only in this order.
+// where the default runs every warp in each round and opens every warp's collective (the warps
+// in lockstep). Shared memory overwritten while a slower warp still reads it (a staged tile, a
+// reduction's scratch) shows up only in this order.
 inline bool warp_ahead = false;
 
 // Opens the barriers that every thread they wait for has reached; false when none could open.
@@ -284,13 +285,24 @@ inline void launch_rows(unsigned grid, unsigned block, const std::function<void(
             makecontext(&f.ctx, fiber_entry, 0);
         }
         for (;;) {
-            for (unsigned t = 0; t < block; ++t) {
+            // With `warp_ahead`, only the lowest warp that can go on runs in this round.
+            unsigned first = 0, end = block;
+            if (warp_ahead) {
+                while (first < block && fibers[first].wait != Wait::Nothing) ++first;
+                first -= first % 32;
+                end = first + 32 < block ? first + 32 : block;
+            }
+            for (unsigned t = first; t < end; ++t) {
                 if (fibers[t].wait != Wait::Nothing) continue;
                 threadIdx.x = t;
                 running = &fibers[t];
                 swapcontext(&sched, &fibers[t].ctx);
             }
             if (open_barriers(fibers, block)) continue;
+            // Warps that did not run this round (with `warp_ahead`) go on in the next.
+            bool runnable = false;
+            for (unsigned t = 0; t < block; ++t) runnable = runnable || fibers[t].wait == Wait::Nothing;
+            if (runnable) continue;
             unsigned t = 0;
             while (t < block && fibers[t].wait == Wait::Exited) ++t;
             if (t == block) break;
