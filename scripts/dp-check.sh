@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The one-rank check of data-parallel pre-training on a GPU (docs/gpu.md, "Multi-GPU data
-# parallel"): the same short run of the demo model twice, as a single process and as rank 0 of 1
-# through NCCL, must end with bitwise identical weights and AdamW moments and the same loss at
-# every update. Needs python3 (standard library only) to read the checkpoints.
-# About 30 s on an H100.
+# parallel"): the same short run of the demo model three times, as a single process and as rank 0
+# of 1 through NCCL (gradients averaged during the backward, and with MAE_NCCL_OVERLAP=off after
+# it), must end with bitwise identical weights and AdamW moments and the same loss at every
+# update. Needs python3 (standard library only) to read the checkpoints.
+# About 40 s on an H100.
 #
 #   scripts/dp-check.sh [PRETRAIN]
 #
@@ -35,13 +36,17 @@ unset RANK WORLD_SIZE LOCAL_RANK MAE_NCCL_ID_FILE
 "$pretrain" "${args[@]}" --out "$work/single"
 RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MAE_NCCL_ID_FILE="$work/nccl-id" \
     "$pretrain" "${args[@]}" --data-parallel --out "$work/parallel"
+RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MAE_NCCL_ID_FILE="$work/nccl-id" MAE_NCCL_OVERLAP=off \
+    "$pretrain" "${args[@]}" --data-parallel --out "$work/parallel-after"
 
 losses() { grep -o '"loss":[^,}]*' "$1/metrics.jsonl"; }
-if ! diff <(losses "$work/single") <(losses "$work/parallel") >"$work/loss.diff"; then
-    echo "dp-check: FAILED: the losses differ (single < > data-parallel):" >&2
-    cat "$work/loss.diff" >&2
-    exit 1
-fi
+for run in parallel parallel-after; do
+    if ! diff <(losses "$work/single") <(losses "$work/$run") >"$work/loss.diff"; then
+        echo "dp-check: FAILED: the losses differ (single < > $run):" >&2
+        cat "$work/loss.diff" >&2
+        exit 1
+    fi
+done
 # The tensors (weights, AdamW moments) bit for bit, and the update count and masking generator
 # (the metadata's key order varies between saves, so the files are compared by content).
 same_checkpoints() {
@@ -61,9 +66,12 @@ print(f"dp-check: {len(ta)} tensors compared, step {ma.get('step')}" + (f"; diff
 sys.exit(1 if bad or not ta else 0)
 PY
 }
-if ! same_checkpoints "$work/single/checkpoint.safetensors" "$work/parallel/checkpoint.safetensors"; then
-    echo "dp-check: FAILED: the checkpoints differ" >&2
-    exit 1
-fi
+for run in parallel parallel-after; do
+    if ! same_checkpoints "$work/single/checkpoint.safetensors" "$work/$run/checkpoint.safetensors"; then
+        echo "dp-check: FAILED: the checkpoints of single and $run differ" >&2
+        exit 1
+    fi
+done
 echo "dp-check: OK: $(losses "$work/single" | wc -l) updates, the same loss at each" \
-    "($(losses "$work/single" | tail -n 1)), bitwise identical weights and moments"
+    "($(losses "$work/single" | tail -n 1)), bitwise identical weights and moments," \
+    "averaging during and after the backward"

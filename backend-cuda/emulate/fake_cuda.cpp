@@ -60,6 +60,11 @@ CUresult cuCtxSetCurrent(void*) { return OK; }
 CUresult cuCtxGetCurrent(void** ctx) { *ctx = &dummy_ctx; return OK; }
 CUresult cuCtxSynchronize() { return OK; }
 CUresult cuStreamSynchronize(void*) { return OK; }
+// Streams of their own (the gradient averaging's) run their work when it is queued, as the
+// backend's does.
+static int dummy_stream;
+CUresult cuStreamCreate(void** stream, unsigned) { *stream = &dummy_stream; return OK; }
+CUresult cuStreamDestroy_v2(void*) { return OK; }
 CUresult cuDeviceGetAttribute(int* v, int attribute, int) {
     switch (attribute) {
     case 75: *v = 9; break;   // compute capability major

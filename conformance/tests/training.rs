@@ -2,12 +2,14 @@
 //! repeatability, bitwise resume from a saved state, gradient accumulation, the embedding path
 //! agreeing with the training encoder, and a loss that actually falls.
 
-use mae::backend::Backend;
+use mae::backend::{BResult, Backend};
 use mae::embed::{Embedder, Pool};
 use mae::init::init_params;
+use mae::model::GradsReady;
 use mae::rng::Rng;
 use mae::train::{TrainOptions, Trainer};
 use mae::Config;
+use mae_conformance::backends::down;
 use mae_conformance::golden::rel_l2;
 
 fn small() -> Config {
@@ -165,6 +167,70 @@ fn accumulation_matches_big_batch<B: Backend>(b: &B) {
     assert!(zero.tensors().all(|t| t.iter().all(|&x| x == 0.0)));
 }
 
+/// Records what a backward hands over: each buffer's address, its contents at that moment, and
+/// the number of hand-overs.
+#[derive(Default)]
+struct Handed {
+    seen: Vec<(usize, Vec<f32>)>,
+    calls: usize,
+}
+
+impl<B: Backend> GradsReady<B> for Handed {
+    fn ready(&mut self, b: &B, grads: &mut [&mut B::Buf]) -> BResult<()> {
+        for g in grads.iter() {
+            let mut values = vec![0.0; b.len(g)];
+            b.download(g, &mut values)?;
+            self.seen.push((&**g as *const B::Buf as usize, values));
+        }
+        self.calls += 1;
+        Ok(())
+    }
+}
+
+/// The backward hands over every gradient exactly once, after its last write (what the
+/// data-parallel averaging relies on to start during the backward): each tensor then holds
+/// what it holds at the end, also when a second micro-batch accumulates onto the first, and
+/// with the encoder's mask token. A block's gradients go over as soon as the block is done.
+fn gradients_are_handed_over_once_when_final<B: Backend>(b: &B) {
+    for encoder_mask_tokens in [false, true] {
+        let cfg = Config {
+            encoder_mask_tokens,
+            ..small()
+        };
+        let opts = TrainOptions {
+            accum_steps: 2,
+            ..TrainOptions::new(2)
+        };
+        let mut t = Trainer::new(b, &cfg, &init_params(&cfg, 4), opts, 4).unwrap();
+        for micro in 0..2 {
+            let mut handed = Handed::default();
+            let imgs = images(micro, 2, &cfg);
+            t.forward_backward_reporting(b, &imgs, None, &mut handed)
+                .unwrap();
+            // The decoder's head and embedding, the encoder's norm and embedding, each block.
+            assert_eq!(handed.calls, 4 + cfg.depth + cfg.decoder_depth);
+            assert_eq!(handed.seen.len(), t.grads().tensors().count());
+            for (spec, g) in t.specs().tensors().zip(t.grads().tensors()) {
+                let addr = g as *const _ as usize;
+                let got: Vec<&Vec<f32>> = handed
+                    .seen
+                    .iter()
+                    .filter(|(a, _)| *a == addr)
+                    .map(|(_, v)| v)
+                    .collect();
+                let name = &spec.name;
+                assert_eq!(got.len(), 1, "{name} handed over {} times", got.len());
+                assert_eq!(
+                    bits(got[0]),
+                    bits(&down(b, g)),
+                    "{name} was handed over before its last write (micro-batch {micro}, \
+                     encoder mask tokens {encoder_mask_tokens})"
+                );
+            }
+        }
+    }
+}
+
 /// Forty steps on one fixed batch must cut the loss well down.
 fn loss_falls<B: Backend>(b: &B) {
     let cfg = small();
@@ -251,6 +317,12 @@ macro_rules! training_tests {
             fn accumulation_matches_big_batch() {
                 if let Some(b) = b() {
                     super::accumulation_matches_big_batch(b);
+                }
+            }
+            #[test]
+            fn gradients_are_handed_over_once_when_final() {
+                if let Some(b) = b() {
+                    super::gradients_are_handed_over_once_when_final(b);
                 }
             }
             #[test]

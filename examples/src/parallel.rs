@@ -9,41 +9,54 @@
 //!   count either, and one generator state in the checkpoint resumes every rank exactly;
 //! - gradients: each rank's loss is the mean over its `b` images, so the mean of the ranks'
 //!   gradients ([`GradAverager`], NCCL's average all-reduce on GPUs) is the global batch's
-//!   gradient, up to the order of the floating-point sums;
+//!   gradient, up to the order of the floating-point sums. The last micro-batch's backward hands
+//!   the averager each group of gradients as soon as it is final ([`GradsReady`]), so the
+//!   averaging of the decoder's gradients runs while the encoder's are computed;
 //! - every rank starts from the same initialization (drawn from the run's seed) and applies the
 //!   same averaged update, so the replicas stay identical without broadcasts.
 
 use mae::backend::{Backend, BackendError};
 use mae::masking::sample_noise;
+use mae::model::GradsReady;
 use mae::params::MaeParams;
 use mae::rng::Rng;
 use mae::train::Trainer;
 
-/// Replaces a rank's gradients by their mean over all ranks.
-pub trait GradAverager<B: Backend> {
-    /// Averages `grads` (in parameter order) across the ranks, in place. Every rank calls it
-    /// at the same point of the same step.
-    fn average(&mut self, b: &B, grads: &mut MaeParams<B::Buf>) -> Result<(), BackendError>;
+/// Replaces a rank's gradients by their mean over all ranks. The backward of an update's last
+/// micro-batch hands it every gradient as soon as that gradient is final (the [`GradsReady`]
+/// supertrait), and it may start averaging those right away; [`GradAverager::finish`] then
+/// completes the averaging before the update reads the gradients.
+pub trait GradAverager<B: Backend>: GradsReady<B> {
+    /// Completes the averaging of `grads` (in parameter order) across the ranks, in place: the
+    /// update that follows reads the means. Every rank calls it at the same point of the same
+    /// step.
+    fn finish(&mut self, b: &B, grads: &mut MaeParams<B::Buf>) -> Result<(), BackendError>;
 }
 
 /// A job of one rank: its gradients are already the mean.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Alone;
 
+impl<B: Backend> GradsReady<B> for Alone {
+    fn ready(&mut self, _: &B, _: &mut [&mut B::Buf]) -> Result<(), BackendError> {
+        Ok(())
+    }
+}
+
 impl<B: Backend> GradAverager<B> for Alone {
-    fn average(&mut self, _: &B, _: &mut MaeParams<B::Buf>) -> Result<(), BackendError> {
+    fn finish(&mut self, _: &B, _: &mut MaeParams<B::Buf>) -> Result<(), BackendError> {
         Ok(())
     }
 }
 
 #[cfg(feature = "cuda")]
 impl GradAverager<mae_backend_cuda::CudaBackend> for mae_backend_cuda::nccl::DataParallel {
-    fn average(
+    fn finish(
         &mut self,
         _: &mae_backend_cuda::CudaBackend,
         grads: &mut MaeParams<mae_backend_cuda::CudaBuf>,
     ) -> Result<(), BackendError> {
-        self.all_reduce_mean(grads.tensors_mut())
+        self.finish_mean(grads.tensors_mut())
     }
 }
 
@@ -119,11 +132,12 @@ impl<'a, B: Backend> Replica<'a, B> {
             &mut self.noise,
         )?;
         let mine = &self.noise[self.rank * per_rank..][..per_rank];
-        let loss = trainer.forward_backward(b, imgs, Some(mine))?;
-        if trainer.pending() == opts.accum_steps {
-            self.averager.average(b, trainer.grads_mut())?;
-            trainer.update(b, lr)?;
+        if trainer.pending() + 1 < opts.accum_steps {
+            return trainer.forward_backward(b, imgs, Some(mine));
         }
+        let loss = trainer.forward_backward_reporting(b, imgs, Some(mine), self.averager)?;
+        self.averager.finish(b, trainer.grads_mut())?;
+        trainer.update(b, lr)?;
         Ok(loss)
     }
 }

@@ -180,6 +180,7 @@ fn data_parallel_needs_the_cuda_backend() {
 #[cfg(feature = "cpu")]
 mod two_ranks {
     use mae::backend::{Backend, BackendError};
+    use mae::model::GradsReady;
     use mae::params::MaeParams;
     use mae::train::Trainer;
     use mae_backend_cpu::{CpuBackend, CpuBuf};
@@ -189,19 +190,21 @@ mod two_ranks {
 
     type Grads = Vec<Vec<f32>>;
 
+    /// Averages on the host through shared slots: each group of gradients as the backward
+    /// hands it over (`overlap`, as NCCL does on GPUs), or all of them after the backward.
     struct HostAverager {
         rank: usize,
         slots: Arc<Mutex<Vec<Grads>>>,
         barrier: Arc<Barrier>,
+        overlap: bool,
+        /// Tensors averaged during the current backward.
+        handed: usize,
     }
 
-    impl GradAverager<CpuBackend> for HostAverager {
-        fn average(
-            &mut self,
-            b: &CpuBackend,
-            grads: &mut MaeParams<CpuBuf>,
-        ) -> Result<(), BackendError> {
-            let mine: Grads = grads.tensors().map(|g| g.to_vec()).collect();
+    impl HostAverager {
+        /// Replaces `grads` by their means over the ranks (every rank passes the same tensors).
+        fn exchange(&self, b: &CpuBackend, grads: &mut [&mut CpuBuf]) -> Result<(), BackendError> {
+            let mine: Grads = grads.iter().map(|g| g.to_vec()).collect();
             self.slots.lock().unwrap()[self.rank] = mine;
             self.barrier.wait();
             let mean: Grads = {
@@ -217,10 +220,36 @@ mod two_ranks {
             };
             // Every rank has read the slots before any rank writes them again.
             self.barrier.wait();
-            for (dst, src) in grads.tensors_mut().zip(&mean) {
+            for (dst, src) in grads.iter_mut().zip(&mean) {
                 b.write(dst, src)?;
             }
             Ok(())
+        }
+    }
+
+    impl GradsReady<CpuBackend> for HostAverager {
+        fn ready(&mut self, b: &CpuBackend, grads: &mut [&mut CpuBuf]) -> Result<(), BackendError> {
+            if self.overlap {
+                self.exchange(b, grads)?;
+                self.handed += grads.len();
+            }
+            Ok(())
+        }
+    }
+
+    impl GradAverager<CpuBackend> for HostAverager {
+        fn finish(
+            &mut self,
+            b: &CpuBackend,
+            grads: &mut MaeParams<CpuBuf>,
+        ) -> Result<(), BackendError> {
+            let mut all: Vec<&mut CpuBuf> = grads.tensors_mut().collect();
+            if self.overlap {
+                // Every gradient was averaged as it was handed over, none left for now.
+                assert_eq!(std::mem::take(&mut self.handed), all.len());
+                return Ok(());
+            }
+            self.exchange(b, &mut all)
         }
     }
 
@@ -272,8 +301,17 @@ mod two_ranks {
         }
     }
 
+    /// With the averaging after the backward, and during it as each group of gradients is
+    /// handed over: a group handed over before its last write would average stale values, and
+    /// the ranks would not train like the single process.
     #[test]
     fn two_ranks_train_like_one_process_at_twice_the_batch() {
+        for overlap in [false, true] {
+            two_ranks_against_one_process(overlap);
+        }
+    }
+
+    fn two_ranks_against_one_process(overlap: bool) {
         let single = train(Shard::WHOLE, None);
         let slots = Arc::new(Mutex::new(vec![Vec::new(); RANKS]));
         let barrier = Arc::new(Barrier::new(RANKS));
@@ -284,6 +322,8 @@ mod two_ranks {
                         rank,
                         slots: slots.clone(),
                         barrier: barrier.clone(),
+                        overlap,
+                        handed: 0,
                     };
                     s.spawn(move || {
                         let shard = Shard {
@@ -297,7 +337,10 @@ mod two_ranks {
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
         // The replicas stay identical: the same start, the same averaged gradients.
-        assert!(ranks[0].params == ranks[1].params, "the replicas diverged");
+        assert!(
+            ranks[0].params == ranks[1].params,
+            "the replicas diverged (overlap {overlap})"
+        );
         // Each micro-batch's loss over the two halves is the single process's loss over the
         // whole batch: the same images, masks and weights, the mean of two means of equal
         // counts, up to float rounding of sums over a few thousand terms (about 1e-7 relative);
@@ -307,7 +350,7 @@ mod two_ranks {
             let rel = ((halves - whole) / whole).abs();
             assert!(
                 rel < 1e-6,
-                "micro-batch {k}: ranks {halves}, single {whole}"
+                "micro-batch {k} (overlap {overlap}): ranks {halves}, single {whole}"
             );
             // Different halves of the batch: a rank's own loss is not the whole batch's.
             assert_ne!(ranks[0].losses[k], ranks[1].losses[k], "micro-batch {k}");

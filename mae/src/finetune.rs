@@ -459,6 +459,7 @@ impl<B: Backend> Finetuner<B> {
             s,
             sh,
             self.first_trained,
+            &mut (),
         )?;
         self.forward_done = false;
         Ok(())

@@ -20,6 +20,7 @@ use crate::model::encoder::{
     EncoderShape,
 };
 use crate::model::loss::{loss_backward, loss_forward, LossActs, LossShape};
+use crate::model::GradsReady;
 use crate::optim::{adamw_update, AdamW};
 use crate::params::{mae_specs, MaeParams, TensorSpec};
 use crate::rng::Rng;
@@ -266,6 +267,14 @@ impl<B: Backend> Trainer<B> {
     /// Backward of the last forward: adds this micro-batch's gradients (loss divided by the
     /// accumulation steps) to the accumulated ones.
     pub fn backward(&mut self, b: &B) -> Result<()> {
+        self.backward_reporting(b, &mut ())
+    }
+
+    /// [`Trainer::backward`], handing `ready` each group of gradients (a block's, a head's, an
+    /// embedding's) as soon as their last op is queued, so that averaging them across
+    /// data-parallel ranks overlaps the rest of the backward. Every gradient tensor of
+    /// [`Trainer::grads`] is handed over exactly once, in the order [`GradsReady`] describes.
+    pub fn backward_reporting(&mut self, b: &B, ready: &mut dyn GradsReady<B>) -> Result<()> {
         if !self.forward_done {
             return Err(Error::Input("backward called without a forward".into()));
         }
@@ -284,6 +293,7 @@ impl<B: Backend> Trainer<B> {
             &mut self.dec_scratch,
             &mut self.d_latent,
             &self.dec_shape,
+            ready,
         )?;
         encoder_backward(
             b,
@@ -293,6 +303,7 @@ impl<B: Backend> Trainer<B> {
             &self.enc,
             &mut self.enc_scratch,
             &self.enc_shape,
+            ready,
         )?;
         self.forward_done = false;
         self.pending += 1;
@@ -302,10 +313,22 @@ impl<B: Backend> Trainer<B> {
     /// Forward and backward of one micro-batch; a NaN or infinite loss stops before the
     /// backward with [`Error::NonFiniteLoss`].
     pub fn forward_backward(&mut self, b: &B, imgs: &[f32], noise: Option<&[f32]>) -> Result<f32> {
+        self.forward_backward_reporting(b, imgs, noise, &mut ())
+    }
+
+    /// [`Trainer::forward_backward`] with the backward's reports to `ready`
+    /// ([`Trainer::backward_reporting`]).
+    pub fn forward_backward_reporting(
+        &mut self,
+        b: &B,
+        imgs: &[f32],
+        noise: Option<&[f32]>,
+        ready: &mut dyn GradsReady<B>,
+    ) -> Result<f32> {
         let loss = self.forward(b, imgs, noise)?;
         self.forward_done = loss.is_finite();
         let loss = finite_loss(loss, self.updates)?;
-        self.backward(b)?;
+        self.backward_reporting(b, ready)?;
         Ok(loss)
     }
 

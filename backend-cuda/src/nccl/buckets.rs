@@ -4,8 +4,10 @@
 //! one launch: a few large collectives instead of one small one per tensor (a ViT-B has about
 //! 150 gradient tensors, many of them biases of a few KiB), while a bounded bucket keeps the
 //! first collective from waiting for the whole model. Buckets run last tensor first, the order
-//! the backward pass finishes them in, so that a backward which exposed its progress could start
-//! each bucket as soon as its tensors are done (PyTorch DDP's 25 MiB buckets in reverse order).
+//! the backward pass finishes them in (PyTorch DDP's 25 MiB buckets in reverse order). This plan
+//! is for [`DataParallel::all_reduce_mean`](super::DataParallel::all_reduce_mean), after a
+//! backward; the overlapped averaging (`overlap.rs`) fills its buckets as the backward hands
+//! over its finished gradients.
 
 /// PyTorch DDP's default bucket size: 25 MiB of gradients.
 pub const DEFAULT_BUCKET_BYTES: usize = 25 << 20;

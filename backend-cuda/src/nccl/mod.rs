@@ -6,8 +6,13 @@
 //!   environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`).
 //! - [`exchange_id`]: rank 0 draws the NCCL unique id ([`NcclId::new`]) and publishes it in a
 //!   file (`MAE_NCCL_ID_FILE`); the other ranks wait for it there.
-//! - [`DataParallel`]: the communicator on the backend's device and stream, with
-//!   [`DataParallel::all_reduce_mean`] over a model's gradients in buckets ([`plan_buckets`]).
+//! - [`DataParallel`]: the communicator on the backend's device. It averages a training step's
+//!   gradients while the backward runs: the backward hands it each group of finished gradients
+//!   ([`GradsReady`]), full buckets are all-reduced on a stream of their own, and
+//!   [`DataParallel::finish_mean`] makes the update wait for them (`overlap.rs`).
+//!   [`DataParallel::all_reduce_mean`] averages buffers after the fact, in buckets
+//!   ([`plan_buckets`]) on the backend's stream; `MAE_NCCL_OVERLAP=off` makes
+//!   `finish_mean` do that instead.
 //!
 //! `libnccl` (2.10 or later) is loaded at run time like the CUDA libraries: where it is missing,
 //! [`NcclId::new`] and [`DataParallel::new`] return [`BackendErrorKind::NoDevice`] naming the
@@ -32,19 +37,26 @@
 
 mod buckets;
 mod library;
+mod overlap;
 mod rendezvous;
 
 pub use buckets::{plan_buckets, DEFAULT_BUCKET_BYTES};
 pub use library::{candidates as library_candidates, LIBRARY_ENV, LIBRARY_NAMES};
+/// `on` (the default) or `off`: whether [`DataParallel`] starts averaging during the backward.
+pub const OVERLAP_ENV: &str = "MAE_NCCL_OVERLAP";
+
 pub use rendezvous::{
     exchange_id, publish_id, wait_for_id, RankEnv, RendezvousError, DEFAULT_ID_TIMEOUT, ID_BYTES,
     ID_FILE_ENV,
 };
 
+use crate::backend::env_choice;
 use crate::{error, CudaBackend, CudaBuf};
 use cudarc::driver::{CudaContext, CudaStream};
 use library::{nccl, Nccl, RawComm, RawId, AVG, FLOAT32};
 use mae::backend::{BResult, BackendError, BackendErrorKind};
+use mae::model::GradsReady;
+use overlap::{Bucket, Overlap};
 use std::ffi::c_int;
 use std::sync::Arc;
 
@@ -87,13 +99,15 @@ impl NcclId {
     }
 }
 
-/// This process's member of an NCCL communicator, on the device and stream of a
-/// [`CudaBackend`]: averages gradients across the ranks of a data-parallel job.
+/// This process's member of an NCCL communicator, on the device of a [`CudaBackend`]:
+/// averages gradients across the ranks of a data-parallel job.
 ///
-/// Collectives are queued on the backend's stream, after the kernels that produced the
-/// gradients and before those that read them, so they add no host synchronization. Every rank
-/// must call [`all_reduce_mean`](DataParallel::all_reduce_mean) the same number of times with
-/// tensors of the same lengths in the same order, or the job hangs in NCCL.
+/// Collectives are queued behind the kernels that produced the gradients and ahead of those
+/// that read them, so they add no host synchronization. As a [`GradsReady`], it all-reduces
+/// each bucket of finished gradients on a stream of its own while the backward goes on, and
+/// [`finish_mean`](DataParallel::finish_mean) completes the step's averaging. Every rank must
+/// make the same calls with tensors of the same lengths in the same order, or the job hangs in
+/// NCCL.
 pub struct DataParallel {
     lib: &'static Nccl,
     comm: RawComm,
@@ -102,6 +116,8 @@ pub struct DataParallel {
     rank: usize,
     world_size: usize,
     bucket_bytes: usize,
+    /// The buckets averaged while the backward runs; `None` under `MAE_NCCL_OVERLAP=off`.
+    overlap: Option<Overlap>,
 }
 
 impl std::fmt::Debug for DataParallel {
@@ -111,6 +127,7 @@ impl std::fmt::Debug for DataParallel {
             .field("world_size", &self.world_size)
             .field("nccl", &self.nccl_version())
             .field("bucket_bytes", &self.bucket_bytes)
+            .field("overlap", &self.overlap.is_some())
             .finish()
     }
 }
@@ -130,7 +147,9 @@ fn fit_int(value: usize, what: &str) -> BResult<c_int> {
 impl DataParallel {
     /// Joins the communicator of `world_size` ranks as `rank` (`ncclCommInitRank`), on
     /// `backend`'s GPU. Blocks until every rank has joined. A job of one rank is allowed (the
-    /// all-reduce is then a copy in place).
+    /// all-reduce is then a copy in place). `MAE_NCCL_OVERLAP=on|off` (default on) chooses
+    /// whether [`GradsReady`] reports start the averaging during the backward; any other value
+    /// is an error.
     pub fn new(
         backend: &CudaBackend,
         rank: usize,
@@ -140,6 +159,10 @@ impl DataParallel {
         if rank >= world_size {
             return Err(RendezvousError::RankOutOfRange { rank, world_size }.into());
         }
+        let overlap = match env_choice(OVERLAP_ENV, &[("on", true), ("off", false)])? {
+            Some(false) => None,
+            _ => Some(Overlap::new(&backend.stream, DEFAULT_BUCKET_BYTES)?),
+        };
         let lib = nccl()?;
         let (n, r) = (
             fit_int(world_size, "the world size")?,
@@ -169,6 +192,7 @@ impl DataParallel {
             rank,
             world_size,
             bucket_bytes: DEFAULT_BUCKET_BYTES,
+            overlap,
         })
     }
 
@@ -195,7 +219,33 @@ impl DataParallel {
     /// the same.
     pub fn with_bucket_bytes(mut self, bytes: usize) -> DataParallel {
         self.bucket_bytes = bytes;
+        if let Some(o) = &mut self.overlap {
+            o.set_bucket_bytes(bytes);
+        }
         self
+    }
+
+    /// Whether the averaging starts during the backward (`MAE_NCCL_OVERLAP`).
+    pub fn overlaps(&self) -> bool {
+        self.overlap.is_some()
+    }
+
+    /// Completes the averaging of a step's gradients, `bufs` (every gradient of the model, in
+    /// parameter order): queues the gradients the backward handed over that are not yet in a
+    /// bucket, and any it never handed over, and makes the backend's stream wait for every
+    /// bucket, so the update reads the means. Without overlap, the whole
+    /// [`all_reduce_mean`](DataParallel::all_reduce_mean) of `bufs`.
+    pub fn finish_mean<'a>(
+        &mut self,
+        bufs: impl IntoIterator<Item = &'a mut CudaBuf>,
+    ) -> BResult<()> {
+        let Some(overlap) = &mut self.overlap else {
+            return self.all_reduce_mean(bufs);
+        };
+        let (lib, comm, ctx) = (self.lib, self.comm, &self.ctx);
+        overlap.finish(bufs, &mut |stream, bucket| {
+            all_reduce_group(lib, comm, ctx, stream, bucket)
+        })
     }
 
     /// Replaces every buffer by its mean over the ranks, in place: buffers in parameter order
@@ -209,52 +259,64 @@ impl DataParallel {
     ) -> BResult<()> {
         let mut bufs: Vec<&mut CudaBuf> = bufs.into_iter().collect();
         let lens: Vec<usize> = bufs.iter().map(|b| b.len()).collect();
-        // Before any group opens: an error here has nothing to close.
         let ptrs = bufs
             .iter_mut()
             .map(|b| b.addr_mut(&self.stream))
             .collect::<BResult<Vec<u64>>>()?;
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| error::driver(e, "binding the CUDA context for NCCL", 0))?;
         for bucket in plan_buckets(&lens, self.bucket_bytes) {
-            // SAFETY: no arguments; pairs with the ncclGroupEnd below on every path.
-            let started = unsafe { (self.lib.group_start)() };
-            self.lib.check(started, "ncclGroupStart")?;
-            let mut queued = Ok(());
-            for &i in &bucket {
-                let ptr = ptrs[i] as *mut std::ffi::c_void;
-                // SAFETY: `ptr` addresses a live allocation of `lens[i]` f32 on this
-                // communicator's device (the buffer is borrowed mutably until we return, and
-                // frees are stream-ordered after the collective); reducing in place is allowed;
-                // the stream belongs to the context the communicator was created on.
-                let code = unsafe {
-                    (self.lib.all_reduce)(
-                        ptr,
-                        ptr,
-                        lens[i],
-                        FLOAT32,
-                        AVG,
-                        self.comm,
-                        self.stream.cu_stream(),
-                    )
-                };
-                queued = self
-                    .lib
-                    .check(code, &format!("ncclAllReduce of {} floats", lens[i]));
-                if queued.is_err() {
-                    break;
-                }
-            }
-            // SAFETY: closes the group opened above.
-            let ended = self
-                .lib
-                .check(unsafe { (self.lib.group_end)() }, "ncclGroupEnd");
-            queued?;
-            ended?;
+            let bucket: Vec<(u64, usize)> = bucket.iter().map(|&i| (ptrs[i], lens[i])).collect();
+            all_reduce_group(self.lib, self.comm, &self.ctx, &self.stream, &bucket)?;
         }
         Ok(())
     }
+}
+
+/// Finished gradients handed over by the backward: their averaging starts once a bucket's
+/// worth has gathered (without overlap, [`DataParallel::finish_mean`] does it all).
+impl GradsReady<CudaBackend> for DataParallel {
+    fn ready(&mut self, _: &CudaBackend, grads: &mut [&mut CudaBuf]) -> BResult<()> {
+        let Some(overlap) = &mut self.overlap else {
+            return Ok(());
+        };
+        let (lib, comm, ctx) = (self.lib, self.comm, &self.ctx);
+        overlap.ready(grads, &mut |stream, bucket| {
+            all_reduce_group(lib, comm, ctx, stream, bucket)
+        })
+    }
+}
+
+/// `bucket`'s buffers replaced by their means over the ranks, in place: one NCCL group of
+/// average all-reduces, queued on `stream`.
+fn all_reduce_group(
+    lib: &Nccl,
+    comm: RawComm,
+    ctx: &CudaContext,
+    stream: &CudaStream,
+    bucket: Bucket,
+) -> BResult<()> {
+    ctx.bind_to_thread()
+        .map_err(|e| error::driver(e, "binding the CUDA context for NCCL", 0))?;
+    // SAFETY: no arguments; pairs with the ncclGroupEnd below on every path.
+    let started = unsafe { (lib.group_start)() };
+    lib.check(started, "ncclGroupStart")?;
+    let mut queued = Ok(());
+    for &(addr, len) in bucket {
+        let ptr = addr as *mut std::ffi::c_void;
+        // SAFETY: `ptr` addresses a live allocation of `len` f32 on the communicator's device
+        // (a gradient of the model being trained, which outlives the step; frees are ordered
+        // after the collective, which the backend's stream waits for); reducing in place is
+        // allowed; the stream belongs to the context the communicator was created on.
+        let code =
+            unsafe { (lib.all_reduce)(ptr, ptr, len, FLOAT32, AVG, comm, stream.cu_stream()) };
+        queued = lib.check(code, &format!("ncclAllReduce of {len} floats"));
+        if queued.is_err() {
+            break;
+        }
+    }
+    // SAFETY: closes the group opened above.
+    let ended = lib.check(unsafe { (lib.group_end)() }, "ncclGroupEnd");
+    queued?;
+    ended
 }
 
 impl Drop for DataParallel {
@@ -262,6 +324,8 @@ impl Drop for DataParallel {
         // Let queued collectives finish before the communicator's resources go; errors cannot
         // be reported from here and the process is ending its use of NCCL anyway.
         let _ = self.ctx.bind_to_thread();
+        // The overlap's stream, joined into the backend's as it goes.
+        drop(self.overlap.take());
         let _ = self.stream.synchronize();
         // SAFETY: `comm` came from a successful ncclCommInitRank and is destroyed once.
         let _ = unsafe { (self.lib.comm_destroy)(self.comm) };
@@ -297,14 +361,16 @@ mod tests {
     }
 
     /// One rank's average is its own gradient, bit for bit, through many buckets (16-byte
-    /// buckets: one group per tensor), empty tensors included.
+    /// buckets: one group per tensor), empty tensors included, after a backward and during
+    /// one.
     #[test]
     fn one_rank_averages_to_its_own_gradients_in_many_buckets() {
         use mae::backend::Backend;
+        use mae::model::GradsReady;
         let Some((gpu, id)) = gpu_and_id() else {
             return;
         };
-        let dp = DataParallel::new(&gpu, 0, 1, &id)
+        let mut dp = DataParallel::new(&gpu, 0, 1, &id)
             .unwrap()
             .with_bucket_bytes(16);
         let host: Vec<Vec<f32>> = [5usize, 0, 1, 4, 1000, 3]
@@ -319,6 +385,12 @@ mod tests {
         let mut bufs: Vec<CudaBuf> = host.iter().map(|h| gpu.upload(h).unwrap()).collect();
         dp.all_reduce_mean(bufs.iter_mut()).unwrap();
         dp.all_reduce_mean(bufs.iter_mut()).unwrap();
+        // And as a step's averaging: two tensors handed over during a "backward", the rest
+        // taken by `finish_mean`.
+        assert!(dp.overlaps(), "MAE_NCCL_OVERLAP defaults to on");
+        let (low, high) = bufs.split_at_mut(4);
+        dp.ready(&gpu, &mut [&mut high[0], &mut low[1]]).unwrap();
+        dp.finish_mean(bufs.iter_mut()).unwrap();
         for (h, b) in host.iter().zip(&bufs) {
             let mut back = vec![0.0f32; h.len()];
             gpu.download(b, &mut back).unwrap();

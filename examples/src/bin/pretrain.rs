@@ -702,10 +702,14 @@ mod data_parallel {
                 let _ = std::fs::remove_file(path);
             }
             println!(
-                "data-parallel: {} rank(s), NCCL {}, rank 0 on {}",
+                "data-parallel: {} rank(s), NCCL {}, rank 0 on {}, gradients averaged {}",
                 env.world_size,
                 dp.nccl_version(),
-                gpu.device_name()
+                gpu.device_name(),
+                match dp.overlaps() {
+                    true => "during the backward",
+                    false => "after the backward (MAE_NCCL_OVERLAP=off)",
+                }
             );
         }
         let rank = Rank {

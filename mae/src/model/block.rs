@@ -7,7 +7,7 @@ use super::attention::{attention_backward, attention_forward, AttentionActs, Att
 use super::layernorm::{layernorm_backward, layernorm_forward, NormActs};
 use super::linear::Residual;
 use super::mlp::{mlp_backward, mlp_forward, MlpActs, MlpScratch};
-use super::{prev_and_cur, StackDims};
+use super::{prev_and_cur, GradsReady, StackDims};
 use crate::backend::{BResult, Backend};
 use crate::params::Block;
 
@@ -266,7 +266,7 @@ pub fn stack_forward<B: Backend>(
 /// Backward through a training stack (one `BlockActs` per block): `s.d_x` holds the gradient
 /// of the last block's output on entry and the gradient of `input` on return. A slice of the top
 /// blocks (with the output of the block below as `input`) backpropagates through those only, as
-/// partial fine-tuning does.
+/// partial fine-tuning does. Each block's gradients go to `ready` once its backward is queued.
 pub fn stack_backward<B: Backend>(
     b: &B,
     input: &B::Buf,
@@ -275,11 +275,13 @@ pub fn stack_backward<B: Backend>(
     acts: &[BlockActs<B>],
     s: &mut StackScratch<B>,
     d: &StackDims,
+    ready: &mut dyn GradsReady<B>,
 ) -> BResult<()> {
     for l in (0..blocks.len()).rev() {
         let x = if l == 0 { input } else { &acts[l - 1].out };
         let (p, g) = (&blocks[l], &mut grads[l]);
         block_backward(b, &mut s.d_x, x, p, g, &acts[l], &mut s.block, d)?;
+        ready.ready(b, &mut g.tensors_mut())?;
     }
     Ok(())
 }

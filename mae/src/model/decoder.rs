@@ -5,7 +5,7 @@
 use super::block::{stack_backward, stack_forward, BlockActs, StackScratch};
 use super::layernorm::{layernorm_backward, layernorm_forward, NormActs};
 use super::linear::{linear_backward, linear_forward};
-use super::StackDims;
+use super::{GradsReady, StackDims};
 use crate::backend::{BResult, Backend, Gather, RowMap};
 use crate::config::Config;
 use crate::params::Decoder;
@@ -255,7 +255,7 @@ pub fn decoder_forward<B: Backend>(
 }
 
 /// Given the gradient of the prediction, accumulates the decoder's parameter gradients and
-/// overwrites `d_latent`.
+/// overwrites `d_latent`. Gradients go to `ready` as they are finished (see [`GradsReady`]).
 pub fn decoder_backward<B: Backend>(
     b: &B,
     d_pred: &B::Buf,
@@ -266,6 +266,7 @@ pub fn decoder_backward<B: Backend>(
     s: &mut DecoderScratch<B>,
     d_latent: &mut B::Buf,
     sh: &DecoderShape,
+    ready: &mut dyn GradsReady<B>,
 ) -> BResult<()> {
     let (rows, dim) = (sh.stack.rows(), sh.stack.dim);
     b.fill(&mut s.d_pred_all, 0.0)?;
@@ -296,6 +297,16 @@ pub fn decoder_backward<B: Backend>(
         rows,
         dim,
     )?;
+    let (pred, norm) = (&mut g.pred, &mut g.norm);
+    ready.ready(
+        b,
+        &mut [
+            &mut pred.weight,
+            &mut pred.bias,
+            &mut norm.weight,
+            &mut norm.bias,
+        ],
+    )?;
     stack_backward(
         b,
         &acts.x0,
@@ -304,6 +315,7 @@ pub fn decoder_backward<B: Backend>(
         &acts.blocks,
         &mut s.stack,
         &sh.stack,
+        ready,
     )?;
     b.fill(&mut s.d_with_mask, 0.0)?;
     b.gather_rows_backward(
@@ -328,5 +340,8 @@ pub fn decoder_backward<B: Backend>(
         enc_rows,
         sh.enc_dim,
         dim,
-    )
+    )?;
+    // The position table is fixed: its gradient stays zero, and is final from the start.
+    let (embed, mask, pos) = (&mut g.embed, &mut g.mask_token, &mut g.pos_embed);
+    ready.ready(b, &mut [&mut embed.weight, &mut embed.bias, mask, pos])
 }

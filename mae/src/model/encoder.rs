@@ -10,7 +10,7 @@
 use super::block::{stack_backward, stack_forward, BlockActs, StackScratch};
 use super::layernorm::{layernorm_backward, layernorm_forward, NormActs};
 use super::linear::{linear_backward, linear_forward};
-use super::StackDims;
+use super::{GradsReady, StackDims};
 use crate::backend::{
     BResult, Backend, BackendError, BackendErrorKind, Gather, PatchOrder, Patchify, RowMap,
 };
@@ -294,7 +294,8 @@ fn encoder_mask_token<T>(p: &Encoder<T>) -> BResult<&T> {
 }
 
 /// Given the gradient of the latent, accumulates the encoder's parameter gradients (the fixed
-/// position table gets none unless `sh.learn_pos_embed`).
+/// position table gets none unless `sh.learn_pos_embed`). Gradients go to `ready` as they are
+/// finished (see [`GradsReady`]).
 pub fn encoder_backward<B: Backend>(
     b: &B,
     d_latent: &B::Buf,
@@ -303,6 +304,7 @@ pub fn encoder_backward<B: Backend>(
     acts: &EncoderActs<B>,
     s: &mut EncoderScratch<B>,
     sh: &EncoderShape,
+    ready: &mut dyn GradsReady<B>,
 ) -> BResult<()> {
     let d = sh.stack.dim;
     let top = &mut s.stack.d_x;
@@ -320,12 +322,14 @@ pub fn encoder_backward<B: Backend>(
         tokens,
         d,
     )?;
-    encoder_body_backward(b, p, g, acts, s, sh, 0)
+    ready.ready(b, &mut [&mut g.norm.weight, &mut g.norm.bias])?;
+    encoder_body_backward(b, p, g, acts, s, sh, 0, ready)
 }
 
 /// Backward from `s.stack.d_x`, the gradient of the last block's output (before the final
 /// norm), through the blocks `first..` and, when `first == 0`, the embedding. Partial
-/// fine-tuning passes the first trained block.
+/// fine-tuning passes the first trained block. Gradients go to `ready` as they are finished:
+/// the blocks', and with `first == 0` the embedding's (the mask token's among them).
 pub fn encoder_body_backward<B: Backend>(
     b: &B,
     p: &Encoder<B::Buf>,
@@ -334,6 +338,7 @@ pub fn encoder_body_backward<B: Backend>(
     s: &mut EncoderScratch<B>,
     sh: &EncoderShape,
     first: usize,
+    ready: &mut dyn GradsReady<B>,
 ) -> BResult<()> {
     let (d, rows) = (sh.stack.dim, sh.batch() * sh.num_patches);
     let input = match first {
@@ -348,6 +353,7 @@ pub fn encoder_body_backward<B: Backend>(
         &acts.blocks[first..],
         &mut s.stack,
         &sh.stack,
+        ready,
     )?;
     if first > 0 {
         return Ok(());
@@ -391,5 +397,10 @@ pub fn encoder_body_backward<B: Backend>(
         rows,
         sh.patch_dim,
         d,
-    )
+    )?;
+    let embed = [&mut g.patch_embed.weight, &mut g.patch_embed.bias];
+    let tables = [&mut g.cls_token, &mut g.pos_embed];
+    let mut done: Vec<&mut B::Buf> = embed.into_iter().chain(tables).collect();
+    done.extend(g.mask_token.as_mut());
+    ready.ready(b, &mut done)
 }

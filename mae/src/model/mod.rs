@@ -23,6 +23,28 @@ pub mod linear;
 pub mod loss;
 pub mod mlp;
 
+use crate::backend::{BResult, Backend};
+
+/// Told by a backward pass which parameter gradients are final: no later op of the same
+/// backward writes them. A data-parallel job starts averaging those across its ranks while the
+/// rest of the backward runs (`DataParallel` in `mae-backend-cuda`); `()` ignores the reports.
+///
+/// A training backward ([`crate::train::Trainer::backward_reporting`]) reports every gradient
+/// tensor exactly once, in the order it finishes them: the decoder's prediction and norm, its
+/// blocks from the last, its embedding; the encoder's norm, its blocks from the last, its
+/// embedding. The order depends only on the model, so it is the same on every rank.
+pub trait GradsReady<B: Backend> {
+    /// `grads` are final for this backward (ops already queued on `b` write them last).
+    fn ready(&mut self, b: &B, grads: &mut [&mut B::Buf]) -> BResult<()>;
+}
+
+/// Ignores the reports.
+impl<B: Backend> GradsReady<B> for () {
+    fn ready(&mut self, _: &B, _: &mut [&mut B::Buf]) -> BResult<()> {
+        Ok(())
+    }
+}
+
 /// The shape of one transformer stack at one batch size.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StackDims {
