@@ -503,22 +503,42 @@ static void test_gather() {
 }
 
 static void test_patchify_and_heads() {
-    const u64 n = 2, c = 3, h = 7, w = 9, p = 3;  // 7 is not a multiple of 3: a row is ignored
-    auto imgs = random_vec(n * c * h * w);
-    for (u32 hwc : {0u, 1u}) {
-        const u64 L = (h / p) * (w / p), out_len = n * L * p * p * c;
-        std::vector<float> out(n * c * h * w, -7.0f);
-        launch(grid_elementwise(out_len), 256, [&] { patchify(imgs.data(), out.data(), n, c, h, w, p, hwc); });
-        std::vector<double> want(out.size(), -7.0);
-        for (u64 b = 0; b < n; ++b)
-            for (u64 ci = 0; ci < c; ++ci)
-                for (u64 y = 0; y < (h / p) * p; ++y)
-                    for (u64 x = 0; x < (w / p) * p; ++x) {
-                        const u64 patch = (y / p) * (w / p) + x / p, py = y % p, px = x % p;
-                        const u64 within = hwc ? (py * p + px) * c + ci : ci * p * p + py * p + px;
-                        want[(b * L + patch) * p * p * c + within] = imgs[((b * c + ci) * h + y) * w + x];
-                    }
-        expect_close("patchify hwc=" + std::to_string(hwc), out, want, 0);
+    // Patches of 3 one pixel at a time (7 is not a multiple of 3: a row is ignored); patches of
+    // 4 and 8 four pixels at a time, with 1, 2 and 3 channels, rows past the last whole patch,
+    // and an output one float off 16 bytes, which must take the one-pixel path.
+    struct Patches { u64 n, c, h, w, p, out_offset; };
+    for (Patches k : {Patches{2, 3, 7, 9, 3, 0}, Patches{2, 3, 9, 8, 4, 0}, Patches{1, 1, 8, 16, 8, 0},
+                      Patches{2, 2, 12, 12, 4, 0}, Patches{2, 3, 9, 8, 4, 1}}) {
+        const u64 n = k.n, c = k.c, h = k.h, w = k.w, p = k.p;
+        auto imgs = random_vec(n * c * h * w);
+        for (u32 hwc : {0u, 1u}) {
+            const u64 L = (h / p) * (w / p), out_len = n * L * p * p * c;
+            std::vector<float> out(n * c * h * w + k.out_offset, -7.0f);
+            // With a thread per pixel: the grid the one-pixel path needs, which also covers the
+            // four-pixel path's groups.
+            launch(grid_elementwise(out_len), 256,
+                   [&] { patchify(imgs.data(), out.data() + k.out_offset, n, c, h, w, p, hwc); });
+            std::vector<double> want(out.size(), -7.0);
+            for (u64 b = 0; b < n; ++b)
+                for (u64 ci = 0; ci < c; ++ci)
+                    for (u64 y = 0; y < (h / p) * p; ++y)
+                        for (u64 x = 0; x < (w / p) * p; ++x) {
+                            const u64 patch = (y / p) * (w / p) + x / p, py = y % p, px = x % p;
+                            const u64 within = hwc ? (py * p + px) * c + ci : ci * p * p + py * p + px;
+                            want[k.out_offset + (b * L + patch) * p * p * c + within] =
+                                imgs[((b * c + ci) * h + y) * w + x];
+                        }
+            const std::string tag = "patchify p=" + std::to_string(p) + " c=" + std::to_string(c) +
+                                    " offset=" + std::to_string(k.out_offset) + " hwc=" + std::to_string(hwc);
+            expect_close(tag, out, want, 0);
+            if (p % 4 == 0 && w % 4 == 0 && k.out_offset == 0) {
+                // The host's grid for four pixels a thread: a quarter of the threads.
+                std::fill(out.begin(), out.end(), -7.0f);
+                launch(grid_elementwise(out_len / 4), 256,
+                       [&] { patchify(imgs.data(), out.data(), n, c, h, w, p, hwc); });
+                expect_close(tag + " quarter grid", out, want, 0);
+            }
+        }
     }
     // Rows of 38 columns at offset 13 move one float at a time; 48 at offset 16, four at a time.
     struct Case { u64 B, T, H, D, W, off; };

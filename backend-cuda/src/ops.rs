@@ -701,7 +701,10 @@ impl Backend for CudaBackend {
             u(p.patch),
             Arg::U32((p.order == PatchOrder::Hwc) as u32),
         ];
-        self.launch(Kernel::Patchify, elementwise(n_out as u64), &args)
+        // Four pixels a thread where patches and rows are whole float4s (`patchify_fours`).
+        let per_thread = if p.patch % 4 == 0 && p.width % 4 == 0 { 4 } else { 1 };
+        let threads = (n_out / per_thread) as u64;
+        self.launch(Kernel::Patchify, elementwise(threads), &args)
     }
 
     fn split_heads(&self, x: &CudaBuf, heads: &mut CudaBuf, h: &Heads) -> BResult<()> {

@@ -177,11 +177,63 @@ extern "C" __global__ void gather_rows_backward(const float* d_dst, const u32* i
     }
 }
 
-// Images [batch, channels, height, width] to patches [batch, L, patch * patch * channels], one
-// thread per output element. `hwc` picks the order inside a patch: (y, x, c) when 1, (c, y, x)
-// when 0. Pixels past the last whole patch are ignored, as the stride-p Conv2d ignores them.
+// Images [batch, channels, height, width] to patches [batch, L, patch * patch * channels].
+// `hwc` picks the order inside a patch: (y, x, c) when 1, (c, y, x) when 0. Pixels past the last
+// whole patch are ignored, as the stride-p Conv2d ignores them.
+//
+// Where patches and image rows are whole float4s (`in_fours`: ViT's 16-pixel patches), a thread
+// moves four pixels of a patch row at a time -- of one channel in (c, y, x) order, one 16-byte
+// load and store; of every channel in (y, x, c) order, one load per channel and the 4 * channels
+// floats of its own stretch of the patch -- so the index arithmetic (divisions by the grid,
+// patch and channel counts) is paid once per four pixels. Per element, as the fallback below
+// does it, that arithmetic made this copy run at a fifth of the memory's speed.
+__device__ void patchify_fours(const float* imgs, float* out, u64 batch, u64 channels,
+                               u64 height, u64 width, u64 patch, u32 hwc) {
+    const u64 gw = width / patch, gh = height / patch, L = gh * gw;
+    const u64 plen = patch * patch * channels, plane = height * width;
+    const u64 quads = patch / 4;  // groups of four pixels in a patch row
+    if (hwc) {
+        // q = (patch index * patch + py) * quads + k
+        const u64 n = batch * L * patch * quads;
+        FOR_EACH(q, n) {
+            const u64 row = div_u(q, quads), k = q - row * quads;
+            const u64 pi = div_u(row, patch), py = row - pi * patch;
+            const u64 b = div_u(pi, L), l = pi - b * L;
+            const u64 ly = div_u(l, gw), lx = l - ly * gw;
+            const float* src =
+                imgs + b * channels * plane + (ly * patch + py) * width + lx * patch + 4 * k;
+            float* dst = out + pi * plen + (py * patch + 4 * k) * channels;
+            for (u64 c = 0; c < channels; ++c) {
+                const float4 v = *(const float4*)(src + c * plane);
+                dst[c] = v.x;
+                dst[channels + c] = v.y;
+                dst[2 * channels + c] = v.z;
+                dst[3 * channels + c] = v.w;
+            }
+        }
+    } else {
+        // q = ((patch index * channels + c) * patch + py) * quads + k; the patch's row
+        // (c, py) starts at out[((patch index * channels + c) * patch + py) * patch].
+        const u64 n = batch * L * channels * patch * quads;
+        FOR_EACH(q, n) {
+            const u64 row = div_u(q, quads), k = q - row * quads;
+            const u64 cy = div_u(row, patch), py = row - cy * patch;
+            const u64 pi = div_u(cy, channels), c = cy - pi * channels;
+            const u64 b = div_u(pi, L), l = pi - b * L;
+            const u64 ly = div_u(l, gw), lx = l - ly * gw;
+            const float* src = imgs + ((b * channels + c) * height + ly * patch + py) * width +
+                               lx * patch + 4 * k;
+            *(float4*)(out + row * patch + 4 * k) = *(const float4*)src;
+        }
+    }
+}
+
 extern "C" __global__ void patchify(const float* imgs, float* out, u64 batch, u64 channels,
                                     u64 height, u64 width, u64 patch, u32 hwc) {
+    if (patch % 4 == 0 && in_fours(imgs, out, width)) {
+        patchify_fours(imgs, out, batch, channels, height, width, patch, hwc);
+        return;
+    }
     const u64 gw = width / patch, gh = height / patch;
     const u64 plen = patch * patch * channels;
     const u64 n = batch * gh * gw * plen;
