@@ -846,6 +846,25 @@ static float bf16_value(float x) {
     return f;
 }
 
+// The tensor-core kernels on bf16 inputs, one per head width, picked as ops.rs picks them.
+static void attention_forward_mma_bf16(const uint16_t* qkv16, float* out, uint16_t* out16, float* lse, u64 B,
+                                       u64 T, u64 H, u64 hd, float scale, unsigned prefetch) {
+    auto kernel = hd <= 32 ? attention_forward_mma_bf16_hd32 : attention_forward_mma_bf16_hd64;
+    kernel(nullptr, qkv16, out, out16, lse, B, T, H, hd, scale, prefetch);
+}
+static void attention_backward_dq_mma_bf16(const uint16_t* qkv16, const float* out, const float* lse,
+                                           const uint16_t* d_out16, float* d_qkv, uint16_t* d_qkv16, float* drow,
+                                           u64 B, u64 T, u64 H, u64 hd, float scale, unsigned prefetch) {
+    auto kernel = hd <= 32 ? attention_backward_dq_mma_bf16_hd32 : attention_backward_dq_mma_bf16_hd64;
+    kernel(nullptr, qkv16, out, lse, nullptr, d_out16, d_qkv, d_qkv16, drow, B, T, H, hd, scale, prefetch);
+}
+static void attention_backward_dkv_mma_bf16(const uint16_t* qkv16, const float* lse, const uint16_t* d_out16,
+                                            const float* drow, float* d_qkv, uint16_t* d_qkv16, u64 B, u64 T,
+                                            u64 H, u64 hd, float scale, unsigned prefetch) {
+    auto kernel = hd <= 32 ? attention_backward_dkv_mma_bf16_hd32 : attention_backward_dkv_mma_bf16_hd64;
+    kernel(nullptr, qkv16, lse, nullptr, d_out16, drow, d_qkv, d_qkv16, B, T, H, hd, scale, prefetch);
+}
+
 // The tensor-core kernels (attention_mma.cu) against the naive reference of their inputs
 // rounded to bf16: what is left is f32 accumulation and the rounding of the probabilities and
 // score gradients to bf16 before their products, up to 2^-8 of each term. The output is a
@@ -893,24 +912,23 @@ static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, uns
                                    plain.data(), nullptr, B, T, H, hd, scale, prefetch);
     });
     expect_close("attention_backward_mma d_qkv without copies" + tag, plain, to_d(d_qkv), 0);
-    // qkv and dO read from their bf16 copies alone (qkv16 and d_out16, the floats null): the
-    // inputs hold bf16 values already, so every output is bitwise the same.
+    // qkv and dO read from their bf16 copies alone by the bf16 kernels (qkv16 and d_out16, the
+    // floats null): the inputs hold bf16 values already, so every output is bitwise the same.
     std::vector<uint16_t> qkv16(qkv.size()), d_out16(d_out.size());
     for (u64 i = 0; i < qkv.size(); ++i) qkv16[i] = (uint16_t)bf16_bits(qkv[i]);
     for (u64 i = 0; i < d_out.size(); ++i) d_out16[i] = (uint16_t)bf16_bits(d_out[i]);
     std::vector<float> out_b(rows * D, NAN), lse_b(B * H * T, NAN), d_qkv_b(rows * 3 * D, NAN),
         drow_b(B * H * T, NAN);
     launch_rows(grid, MMA_THREADS, [&] {
-        attention_forward_mma(nullptr, qkv16.data(), out_b.data(), nullptr, lse_b.data(), B, T, H, hd, scale, prefetch);
+        attention_forward_mma_bf16(qkv16.data(), out_b.data(), nullptr, lse_b.data(), B, T, H, hd, scale, prefetch);
     });
     launch_rows(grid, MMA_THREADS, [&] {
-        attention_backward_dq_mma(nullptr, qkv16.data(), ref_out.data(), ref_lse.data(), nullptr,
-                                  d_out16.data(), d_qkv_b.data(), nullptr, drow_b.data(), B, T, H, hd, scale,
-                                  prefetch);
+        attention_backward_dq_mma_bf16(qkv16.data(), ref_out.data(), ref_lse.data(), d_out16.data(), d_qkv_b.data(),
+                                       nullptr, drow_b.data(), B, T, H, hd, scale, prefetch);
     });
     launch_rows(grid, MMA_THREADS, [&] {
-        attention_backward_dkv_mma(nullptr, qkv16.data(), ref_lse.data(), nullptr, d_out16.data(),
-                                   drow_b.data(), d_qkv_b.data(), nullptr, B, T, H, hd, scale, prefetch);
+        attention_backward_dkv_mma_bf16(qkv16.data(), ref_lse.data(), d_out16.data(), drow_b.data(), d_qkv_b.data(),
+                                        nullptr, B, T, H, hd, scale, prefetch);
     });
     expect_close("attention_forward_mma out from bf16 qkv" + tag, out_b, to_d(out), 0);
     expect_close("attention_forward_mma lse from bf16 qkv" + tag, lse_b, to_d(lse), 0);

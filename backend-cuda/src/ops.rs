@@ -702,7 +702,11 @@ impl Backend for CudaBackend {
             Arg::U32((p.order == PatchOrder::Hwc) as u32),
         ];
         // Four pixels a thread where patches and rows are whole float4s (`patchify_fours`).
-        let per_thread = if p.patch % 4 == 0 && p.width % 4 == 0 { 4 } else { 1 };
+        let per_thread = if p.patch % 4 == 0 && p.width % 4 == 0 {
+            4
+        } else {
+            1
+        };
         let threads = (n_out / per_thread) as u64;
         self.launch(Kernel::Patchify, elementwise(threads), &args)
     }
@@ -1049,6 +1053,7 @@ impl Backend for CudaBackend {
         // `proj`.
         let tensor_cores = forward == Kernel::AttentionForwardMma;
         let (inputs, _copies) = self.attention_inputs([(qkv, lq)], tensor_cores)?;
+        let [forward] = mma_variants([forward], &inputs, a.head_dim);
         let mut args = inputs.concat();
         let out_ptr = self.ptr_mut(out)?;
         let copy = if tensor_cores {
@@ -1096,6 +1101,7 @@ impl Backend for CudaBackend {
         // others): d_qkv is dY of the qkv Linear, whose two gradient products read it.
         let tensor_cores = dq == Kernel::AttentionBackwardDqMma;
         let (inputs, _copies) = self.attention_inputs([(qkv, lq), (d_out, lo)], tensor_cores)?;
+        let [dq, dkv] = mma_variants([dq, dkv], &inputs, a.head_dim);
         let [qkv_args, d_out_args] = [&inputs[0], &inputs[1]];
         let d_qkv_ptr = self.ptr_mut(d_qkv)?;
         let copy = if tensor_cores {
@@ -1285,6 +1291,31 @@ fn is_bias(map: &RowMap) -> bool {
         && map.src_step == 0
         && map.count == 1
         && map.dst_stride == 1
+}
+
+/// The tensor-core kernels for inputs given as bf16 copies alone (`args` from
+/// `attention_inputs`: each input's floats, then its copy or null): one kernel per head width up
+/// to 32 and up to 64, each with registers for its own path (`attention_mma.cu`). Kernels for
+/// floats, and the f32 kernels, are returned as they are.
+fn mma_variants<const N: usize>(
+    kernels: [Kernel; N],
+    args: &[Vec<Arg>],
+    head_dim: usize,
+) -> [Kernel; N] {
+    let copies = args
+        .first()
+        .is_some_and(|a| a.len() == 2 && !matches!(a[1], Arg::Ptr(0)));
+    let narrow = head_dim <= 32;
+    kernels.map(|k| match (k, copies, narrow) {
+        (_, false, _) => k,
+        (Kernel::AttentionForwardMma, _, true) => Kernel::AttentionForwardMmaBf16Hd32,
+        (Kernel::AttentionForwardMma, _, false) => Kernel::AttentionForwardMmaBf16Hd64,
+        (Kernel::AttentionBackwardDqMma, _, true) => Kernel::AttentionBackwardDqMmaBf16Hd32,
+        (Kernel::AttentionBackwardDqMma, _, false) => Kernel::AttentionBackwardDqMmaBf16Hd64,
+        (Kernel::AttentionBackwardDkvMma, _, true) => Kernel::AttentionBackwardDkvMmaBf16Hd32,
+        (Kernel::AttentionBackwardDkvMma, _, false) => Kernel::AttentionBackwardDkvMmaBf16Hd64,
+        _ => k,
+    })
 }
 
 /// The profile's detail of an attention call: tokens, head width and (image, head) pairs.

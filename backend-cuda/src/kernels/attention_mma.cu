@@ -22,8 +22,11 @@
 // where they are keys of a softmax).
 
 // The kernels ask for 3 or 4 resident blocks per multiprocessor (__launch_bounds__), which caps
-// their registers at 168 or 128 (a few dozen bytes spilled, by ptxas -v for sm_90): unbounded
-// they took 168-228 registers, two blocks, too few warps to hide the staging's loads.
+// their registers at 168 or 128: unbounded they took 168-228 registers, two blocks, too few warps
+// to hide the staging's loads. Each direction is one kernel per head width for bf16 inputs (the
+// bf16 mode's, where the time goes) and one for f32 inputs: as one kernel the four paths shared
+// the largest one's register allocation, and ptxas 12.9 (sm_90) spilled 1.9 KB of loads in the
+// forward and 3 KB in the dK-dV kernel, where the bf16 kernels alone spill a few bytes or none.
 #define MMA_THREADS 128
 #define MMA_ROWS 64
 #define MMA_TILE 64
@@ -32,6 +35,26 @@
 #define MMA_TILE_WORDS (MMA_TILE * (64 + MMA_PAD) / 2)
 // bf16 values of the same: the distance between a walk's two staging buffers (`mma_row_walk`).
 #define MMA_BUF (2 * MMA_TILE_WORDS)
+
+// A block's shared memory: two staged tiles (two buffers each), and in the dK-dV kernel the lse
+// and Drow of the staged query rows. Declared in plain functions, not in the templates, so that
+// a kernel running several instantiations (the f32 one: both head widths) holds them once.
+struct MmaStaging {
+    __align__(16) u32 a[2 * MMA_TILE_WORDS];
+    __align__(16) u32 b[2 * MMA_TILE_WORDS];
+};
+__device__ __forceinline__ MmaStaging& mma_staging() {
+    __shared__ MmaStaging st;
+    return st;
+}
+struct MmaRowStats {
+    float lse[2 * MMA_TILE];
+    float drow[2 * MMA_TILE];
+};
+__device__ __forceinline__ MmaRowStats& mma_row_stats() {
+    __shared__ MmaRowStats rs;
+    return rs;
+}
 
 
 // These kernels are bound by instructions issued, not by the tensor cores (a block's tile took
@@ -522,36 +545,45 @@ __device__ void mma_forward_block(const Q* qkv, float* out, u16* out16, float* l
 }
 
 // out = softmax(scale * q k^T) v per (image, head), lse = log of each row's sum of exponentials;
-// out16, where not null, receives out's bf16 copy (the input of `proj`). qkv is read from
-// qkv16 where that is not null: its bf16 copy alone (bf16.rs), the values the products take.
+// out16, where not null, receives out's bf16 copy (the input of `proj`). Every block of the grid
+// in turn, with q, k, v read from `qkv` (floats, or the bf16 copy alone: bf16.rs).
+template <int HD, typename Q>
+__device__ void mma_forward_grid(const Q* qkv, float* out, u16* out16, float* lse, u64 batch,
+                                 u64 tokens, u64 heads, u64 hd, float scale, u32 prefetch) {
+    MmaStaging& st = mma_staging();
+    const u64 tiles = (tokens + MMA_ROWS - 1) / MMA_ROWS;
+    for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
+        const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
+        mma_forward_block<HD>(qkv, out, out16, lse, tokens, heads, (u32)hd, scale, blk, prefetch,
+                              (u16*)st.a, (u16*)st.b);
+    }
+}
+
+// The forward on f32 qkv (`qkv16` unused), any head width up to 64.
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
     attention_forward_mma(const float* qkv, const u16* qkv16, float* out, u16* out16,
                           float* lse, u64 batch, u64 tokens, u64 heads, u64 hd, float scale,
                           u32 prefetch) {
-    // The block functions use __syncthreads: every thread of a block runs every tile.
-    __shared__ __align__(16) u32 ta[2 * MMA_TILE_WORDS];
-    __shared__ __align__(16) u32 tb[2 * MMA_TILE_WORDS];
-    const u64 tiles = (tokens + MMA_ROWS - 1) / MMA_ROWS;
-    for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
-        const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
-        const u32 h = (u32)hd;
-        u16 *ks = (u16*)ta, *vs = (u16*)tb;
-        if (hd <= 32) {
-            if (qkv16) {
-                mma_forward_block<32>(qkv16, out, out16, lse, tokens, heads, h, scale, blk,
-                                      prefetch, ks, vs);
-            } else {
-                mma_forward_block<32>(qkv, out, out16, lse, tokens, heads, h, scale, blk,
-                                      prefetch, ks, vs);
-            }
-        } else if (qkv16) {
-            mma_forward_block<64>(qkv16, out, out16, lse, tokens, heads, h, scale, blk, prefetch,
-                                  ks, vs);
-        } else {
-            mma_forward_block<64>(qkv, out, out16, lse, tokens, heads, h, scale, blk, prefetch,
-                                  ks, vs);
-        }
+    if (hd <= 32) {
+        mma_forward_grid<32>(qkv, out, out16, lse, batch, tokens, heads, hd, scale, prefetch);
+    } else {
+        mma_forward_grid<64>(qkv, out, out16, lse, batch, tokens, heads, hd, scale, prefetch);
     }
+}
+
+// The forward on qkv's bf16 copy alone (`qkv` unused), head widths up to 32 and up to 64.
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 5)
+    attention_forward_mma_bf16_hd32(const float* qkv, const u16* qkv16, float* out, u16* out16,
+                                    float* lse, u64 batch, u64 tokens, u64 heads, u64 hd,
+                                    float scale, u32 prefetch) {
+    mma_forward_grid<32>(qkv16, out, out16, lse, batch, tokens, heads, hd, scale, prefetch);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
+    attention_forward_mma_bf16_hd64(const float* qkv, const u16* qkv16, float* out, u16* out16,
+                                    float* lse, u64 batch, u64 tokens, u64 heads, u64 hd,
+                                    float scale, u32 prefetch) {
+    mma_forward_grid<64>(qkv16, out, out16, lse, batch, tokens, heads, hd, scale, prefetch);
 }
 
 // One key tile of dQ for this warp's rows: p = exp(scale q_i . k_j - lse_i),
@@ -638,39 +670,56 @@ __device__ void mma_dq_block(const Q* qkv, const float* out, const float* lse, c
 
 // Gradient of q into the q columns of d_qkv (overwritten), and Drow [batch, heads, tokens];
 // d_qkv16, where not null, receives those columns' bf16 copy (d_qkv is dY of the qkv Linear).
-// qkv16 as in the forward; d_out16 likewise d_out's bf16 copy alone (the proj Linear's input
-// gradient in the bf16 mode), not null exactly where qkv16 is not (ops.rs sees to that), so that
-// one instantiation reads both in bf16. Drow then sums the bf16 values of dO, as
-// FlashAttention's bf16 kernels do.
+// qkv and d_out are both floats or both bf16 copies alone (the proj Linear's input gradient in
+// the bf16 mode; ops.rs sees to that), so that one instantiation reads both; Drow then sums the
+// bf16 values of dO, as FlashAttention's bf16 kernels do.
+template <int HD, typename Q>
+__device__ void mma_dq_grid(const Q* qkv, const float* out, const float* lse, const Q* d_out,
+                            float* d_qkv, u16* d_qkv16, float* drow, u64 batch, u64 tokens,
+                            u64 heads, u64 hd, float scale, u32 prefetch) {
+    MmaStaging& st = mma_staging();
+    const u64 tiles = (tokens + MMA_ROWS - 1) / MMA_ROWS;
+    for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
+        const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
+        mma_dq_block<HD>(qkv, out, lse, d_out, d_qkv, d_qkv16, drow, tokens, heads, (u32)hd,
+                         scale, blk, prefetch, (u16*)st.a, (u16*)st.b);
+    }
+}
+
+// dQ on f32 qkv and dO (`qkv16`, `d_out16` unused), any head width up to 64.
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
     attention_backward_dq_mma(const float* qkv, const u16* qkv16, const float* out,
                               const float* lse, const float* d_out, const u16* d_out16,
                               float* d_qkv, u16* d_qkv16, float* drow, u64 batch, u64 tokens,
                               u64 heads, u64 hd, float scale, u32 prefetch) {
-    // The block functions use __syncthreads: every thread of a block runs every tile.
-    __shared__ __align__(16) u32 ta[2 * MMA_TILE_WORDS];
-    __shared__ __align__(16) u32 tb[2 * MMA_TILE_WORDS];
-    const u64 tiles = (tokens + MMA_ROWS - 1) / MMA_ROWS;
-    for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
-        const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
-        const u32 h = (u32)hd;
-        u16 *ks = (u16*)ta, *vs = (u16*)tb;
-        if (hd <= 32) {
-            if (qkv16) {
-                mma_dq_block<32>(qkv16, out, lse, d_out16, d_qkv, d_qkv16, drow, tokens, heads,
-                                 h, scale, blk, prefetch, ks, vs);
-            } else {
-                mma_dq_block<32>(qkv, out, lse, d_out, d_qkv, d_qkv16, drow, tokens, heads, h,
-                                 scale, blk, prefetch, ks, vs);
-            }
-        } else if (qkv16) {
-            mma_dq_block<64>(qkv16, out, lse, d_out16, d_qkv, d_qkv16, drow, tokens, heads, h,
-                             scale, blk, prefetch, ks, vs);
-        } else {
-            mma_dq_block<64>(qkv, out, lse, d_out, d_qkv, d_qkv16, drow, tokens, heads, h, scale,
-                             blk, prefetch, ks, vs);
-        }
+    if (hd <= 32) {
+        mma_dq_grid<32>(qkv, out, lse, d_out, d_qkv, d_qkv16, drow, batch, tokens, heads, hd,
+                        scale, prefetch);
+    } else {
+        mma_dq_grid<64>(qkv, out, lse, d_out, d_qkv, d_qkv16, drow, batch, tokens, heads, hd,
+                        scale, prefetch);
     }
+}
+
+// dQ on the bf16 copies alone (`qkv`, `d_out` unused), head widths up to 32 and up to 64.
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
+    attention_backward_dq_mma_bf16_hd32(const float* qkv, const u16* qkv16, const float* out,
+                                        const float* lse, const float* d_out,
+                                        const u16* d_out16, float* d_qkv, u16* d_qkv16,
+                                        float* drow, u64 batch, u64 tokens, u64 heads, u64 hd,
+                                        float scale, u32 prefetch) {
+    mma_dq_grid<32>(qkv16, out, lse, d_out16, d_qkv, d_qkv16, drow, batch, tokens, heads, hd,
+                    scale, prefetch);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
+    attention_backward_dq_mma_bf16_hd64(const float* qkv, const u16* qkv16, const float* out,
+                                        const float* lse, const float* d_out,
+                                        const u16* d_out16, float* d_qkv, u16* d_qkv16,
+                                        float* drow, u64 batch, u64 tokens, u64 heads, u64 hd,
+                                        float scale, u32 prefetch) {
+    mma_dq_grid<64>(qkv16, out, lse, d_out16, d_qkv, d_qkv16, drow, batch, tokens, heads, hd,
+                    scale, prefetch);
 }
 
 // One query tile of dK, dV for this warp's key rows: s^T = k q^T and dp^T = v dO^T on the
@@ -761,36 +810,53 @@ __device__ void mma_dkv_block(const Q* qkv, const float* lse, const Q* d_out,
 }
 
 // Gradients of k and v into the k and v columns of d_qkv (overwritten), given the dQ kernel's
-// Drow; qkv16, d_out16 and d_qkv16 as in the dQ kernel.
+// Drow; qkv, d_out and d_qkv16 as in the dQ kernel.
+template <int HD, typename Q>
+__device__ void mma_dkv_grid(const Q* qkv, const float* lse, const Q* d_out, const float* drow,
+                             float* d_qkv, u16* d_qkv16, u64 batch, u64 tokens, u64 heads,
+                             u64 hd, float scale, u32 prefetch) {
+    MmaStaging& st = mma_staging();
+    MmaRowStats& rs = mma_row_stats();
+    const u64 tiles = (tokens + MMA_ROWS - 1) / MMA_ROWS;
+    for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
+        const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
+        mma_dkv_block<HD>(qkv, lse, d_out, drow, d_qkv, d_qkv16, tokens, heads, (u32)hd, scale,
+                          blk, prefetch, (u16*)st.a, (u16*)st.b, rs.lse, rs.drow);
+    }
+}
+
+// dK, dV on f32 qkv and dO (`qkv16`, `d_out16` unused), any head width up to 64.
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
     attention_backward_dkv_mma(const float* qkv, const u16* qkv16, const float* lse,
                                const float* d_out, const u16* d_out16, const float* drow,
                                float* d_qkv, u16* d_qkv16, u64 batch, u64 tokens, u64 heads,
                                u64 hd, float scale, u32 prefetch) {
-    // The block functions use __syncthreads: every thread of a block runs every tile.
-    __shared__ __align__(16) u32 ta[2 * MMA_TILE_WORDS];
-    __shared__ __align__(16) u32 tb[2 * MMA_TILE_WORDS];
-    __shared__ float lse_tile[2 * MMA_TILE];
-    __shared__ float drow_tile[2 * MMA_TILE];
-    const u64 tiles = (tokens + MMA_ROWS - 1) / MMA_ROWS;
-    for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
-        const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
-        const u32 h = (u32)hd;
-        u16 *qs = (u16*)ta, *dos = (u16*)tb;
-        if (hd <= 32) {
-            if (qkv16) {
-                mma_dkv_block<32>(qkv16, lse, d_out16, drow, d_qkv, d_qkv16, tokens, heads, h,
-                                  scale, blk, prefetch, qs, dos, lse_tile, drow_tile);
-            } else {
-                mma_dkv_block<32>(qkv, lse, d_out, drow, d_qkv, d_qkv16, tokens, heads, h, scale,
-                                  blk, prefetch, qs, dos, lse_tile, drow_tile);
-            }
-        } else if (qkv16) {
-            mma_dkv_block<64>(qkv16, lse, d_out16, drow, d_qkv, d_qkv16, tokens, heads, h,
-                              scale, blk, prefetch, qs, dos, lse_tile, drow_tile);
-        } else {
-            mma_dkv_block<64>(qkv, lse, d_out, drow, d_qkv, d_qkv16, tokens, heads, h, scale,
-                              blk, prefetch, qs, dos, lse_tile, drow_tile);
-        }
+    if (hd <= 32) {
+        mma_dkv_grid<32>(qkv, lse, d_out, drow, d_qkv, d_qkv16, batch, tokens, heads, hd, scale,
+                         prefetch);
+    } else {
+        mma_dkv_grid<64>(qkv, lse, d_out, drow, d_qkv, d_qkv16, batch, tokens, heads, hd, scale,
+                         prefetch);
     }
+}
+
+// dK, dV on the bf16 copies alone (`qkv`, `d_out` unused), head widths up to 32 and up to 64.
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
+    attention_backward_dkv_mma_bf16_hd32(const float* qkv, const u16* qkv16, const float* lse,
+                                         const float* d_out, const u16* d_out16,
+                                         const float* drow, float* d_qkv, u16* d_qkv16,
+                                         u64 batch, u64 tokens, u64 heads, u64 hd, float scale,
+                                         u32 prefetch) {
+    mma_dkv_grid<32>(qkv16, lse, d_out16, drow, d_qkv, d_qkv16, batch, tokens, heads, hd, scale,
+                     prefetch);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
+    attention_backward_dkv_mma_bf16_hd64(const float* qkv, const u16* qkv16, const float* lse,
+                                         const float* d_out, const u16* d_out16,
+                                         const float* drow, float* d_qkv, u16* d_qkv16,
+                                         u64 batch, u64 tokens, u64 heads, u64 hd, float scale,
+                                         u32 prefetch) {
+    mma_dkv_grid<64>(qkv16, lse, d_out16, drow, d_qkv, d_qkv16, batch, tokens, heads, hd, scale,
+                     prefetch);
 }
