@@ -16,10 +16,11 @@
 #       `golden` program with --backend cuda on every *.safetensors of each DIR (default
 #       ../shared/golden, else the copy in gpu-check/shared-golden), and
 #       speed: `bench` at base224 in f32 and bf16 (batches 64 to 256, GPU_CHECK_BATCHES; bf16
-#       also with the composed attention) and ViT-L/16 at batch 128 next to
+#       also with the composed attention), ViT-L/16 at batch 128 and ViT-H/14 at 64 next to
 #       bench/torch_reference.py (PyTorch eager, bf16 autocast and f32) on the same card, each
 #       with its peak device memory; MAE_CUDA_PROFILE tables of the bf16 training step alone
-#       (at the largest batch) and of embedding alone; and the wgpu backend on the GPU
+#       (at the largest batch, with the share of the step the GPU is busy: `busy_share`) and
+#       of embedding alone; and the wgpu backend on the GPU
 #       where the machine has a Vulkan driver; and scripts/dp-check.sh (one NCCL rank against a
 #       single process), and bf16 at the largest batch with MAE_CUDA_UPLOAD=pageable (the
 #       uploads before pinned staging) and with MAE_CUDA_ATTENTION_PREFETCH=off (the attention's
@@ -296,6 +297,9 @@ run() {
             env MAE_CUDA_ATTENTION=composed \
             "$bins/bin/bench" --case mae_vit_large_patch16 --backend cuda-bf16 --batch 128 \
             --seconds "$s"
+        # The largest model's peak memory (issue 6: "report peak memory per model size").
+        measure "bench ViT-H/14 cuda-bf16 b64" "$bins/bin/bench" --case mae_vit_huge_patch14 \
+            --backend cuda-bf16 --batch 64 --seconds "$s"
     fi
     if python3 -c 'import torch, timm' 2>/dev/null; then
         local torch_batches
@@ -308,6 +312,8 @@ run() {
         if [ "$large" != 0 ]; then
             measure "torch ViT-L/16 bf16 b128" python3 bench/torch_reference.py \
                 --case mae_vit_large_patch16 --device cuda --amp bf16 --batch 128 --seconds "$s"
+            measure "torch ViT-H/14 bf16 b64" python3 bench/torch_reference.py \
+                --case mae_vit_huge_patch14 --device cuda --amp bf16 --batch 64 --seconds "$s"
         fi
     else
         echo "| torch | FAIL (python3 cannot import torch and timm) | 0 | - |" >>"$report"
@@ -400,6 +406,7 @@ summary() {
         echo '```'
         grep -E -A 30 '^(==|MAE_CUDA_PROFILE|MAE_WGPU_PROFILE)' "$out/profile.log" 2>/dev/null | grep -v '^\{' | head -n 120
         echo '```'
+        busy_share
         echo
         echo "## conformance summary"
         echo '```'
@@ -410,6 +417,26 @@ summary() {
         echo "overall: $([ $failed -eq 0 ] && echo PASS || echo FAIL)"
     } >>"$report"
     cat "$report"
+}
+
+# How much of a training step the GPU spends in kernels: the profiled training run's device time
+# per step (its table's total over the steps it ran, warm-up included) against the unprofiled
+# step at the same batch in bench.log. What is left is the GPU waiting for the host, the share
+# that capturing the step in a CUDA graph could recover at most.
+busy_share() {
+    python3 - "$out/profile.log" "$out/bench.log" <<'PY' 2>/dev/null || true
+import json, re, sys
+prof, bench = open(sys.argv[1]).read(), open(sys.argv[2]).read()
+m = re.search(r"== profile base224 cuda-bf16 train b(\d+)(.*?)MAE_CUDA_PROFILE: device time per op, ([0-9.]+) ms", prof, re.S)
+if m:
+    batch, device_ms = int(m.group(1)), float(m.group(3))
+    steps = [json.loads(l)["train_steps_run"] for l in m.group(2).splitlines() if l.startswith("{")]
+    rates = [json.loads(l) for l in bench.splitlines() if l.startswith("{")]
+    plain = [r["train_img_s"] for r in rates if r.get("backend") == "cuda-bf16" and r.get("case") == "base224" and r.get("batch") == batch]
+    if steps and plain:
+        busy, wall = device_ms / steps[0], 1000.0 * batch / plain[0]
+        print(f"\nGPU busy in a bf16 training step at batch {batch}: {busy:.1f} ms of {wall:.1f} ms ({100 * busy / wall:.0f} %)")
+PY
 }
 
 case "${1:-}" in

@@ -34,10 +34,11 @@ const USAGE: &str =
        bench --mask-tokens MODEL [--backend NAME] [--seconds S] [--batch N]";
 
 /// Runs `f` twice to warm up, then repeatedly until `seconds` have passed (at least twice);
-/// returns calls per second. Two, because the CPU backend packs a weight matrix it sees read
-/// unchanged into a panel on the second call (`PackCache`), so the embedding's steady state
-/// starts at the third; `bench/torch_reference.py` warms up the same way.
-fn rate(seconds: f64, mut f: impl FnMut() -> mae::Result<()>) -> mae::Result<f64> {
+/// returns calls per second and the calls made, warm-up included. Two, because the CPU backend
+/// packs a weight matrix it sees read unchanged into a panel on the second call (`PackCache`),
+/// so the embedding's steady state starts at the third; `bench/torch_reference.py` warms up
+/// the same way.
+fn rate(seconds: f64, mut f: impl FnMut() -> mae::Result<()>) -> mae::Result<(f64, u32)> {
     f()?;
     f()?;
     let start = Instant::now();
@@ -46,7 +47,7 @@ fn rate(seconds: f64, mut f: impl FnMut() -> mae::Result<()>) -> mae::Result<f64
         f()?;
         calls += 1;
     }
-    Ok(calls as f64 / start.elapsed().as_secs_f64())
+    Ok((calls as f64 / start.elapsed().as_secs_f64(), calls + 2))
 }
 
 /// Which phases of a case run.
@@ -108,13 +109,14 @@ fn run<B: Backend>(b: &B, bench: &Bench) -> Result<String, Box<dyn std::error::E
 
     if bench.phase.trains() {
         let mut trainer = Trainer::new(b, &cfg, &params, TrainOptions::new(batch), 0)?;
-        let train_steps = rate(seconds, || {
+        let (train_steps, steps_run) = rate(seconds, || {
             trainer.train_step(b, &imgs, None, 1e-4).map(drop)
         })?;
         let train_img_s = train_steps * batch as f64;
         let keep = keep_count(cfg.num_patches(), 0.75);
+        // The steps run (warm-up included) let a device profile's total be read per step.
         line += &format!(
-            ",\"train_img_s\":{train_img_s:.3},\"train_gflop_s\":{:.2}",
+            ",\"train_img_s\":{train_img_s:.3},\"train_gflop_s\":{:.2},\"train_steps_run\":{steps_run}",
             train_img_s * flops::mae_train(&cfg, keep) / 1e9
         );
         // Peak resident memory so far: the process's high-water mark after the training phase,
@@ -125,7 +127,7 @@ fn run<B: Backend>(b: &B, bench: &Bench) -> Result<String, Box<dyn std::error::E
     }
     if bench.phase.embeds() {
         let mut embedder = Embedder::new(b, &cfg, &params.encoder, batch)?;
-        let embed_calls = rate(seconds, || embedder.pooled(b, &imgs, Pool::Cls).map(drop))?;
+        let (embed_calls, _) = rate(seconds, || embedder.pooled(b, &imgs, Pool::Cls).map(drop))?;
         let embed_img_s = embed_calls * batch as f64;
         line += &format!(
             ",\"embed_img_s\":{embed_img_s:.3},\"embed_gflop_s\":{:.2}",
@@ -156,7 +158,7 @@ impl OnBackend for MaskTokens {
             let params = mae::init::init_params(&cfg, 0);
             let opts = TrainOptions::new(self.batch);
             let mut trainer = Trainer::new(b, &cfg, &params, opts, 0)?;
-            let steps = rate(self.seconds, || {
+            let (steps, _) = rate(self.seconds, || {
                 trainer.train_step(b, &imgs, None, 1e-4).map(drop)
             })?;
             *s = 1.0 / steps;
