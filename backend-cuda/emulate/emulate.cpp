@@ -568,7 +568,10 @@ static void test_patchify_and_heads() {
 
 static void test_norms() {
     // Up to 1024 columns LayerNorm runs a warp per row, past it a block per row.
-    for (auto rc : std::vector<std::pair<u64, u64>>{{1, 1}, {3, 5}, {70, 300}, {5, 600}, {9, 768}, {40, 1000}, {3, 1500}}) {
+    // The backward sums dgamma's and dbeta's partials in the dx kernel up to LN_FUSED_COLS
+    // columns (checked here on each grid, which sets the partials' count), in a kernel of their
+    // own past it (2100 columns); both ways are checked where the fused one applies.
+    for (auto rc : std::vector<std::pair<u64, u64>>{{1, 1}, {3, 5}, {70, 300}, {5, 600}, {9, 768}, {40, 1000}, {3, 1500}, {4, 2100}}) {
         const u64 rows = rc.first, cols = rc.second;
         std::string tag = " rows=" + std::to_string(rows) + " cols=" + std::to_string(cols);
         auto x = random_vec(rows * cols), g = random_vec(cols), bt = random_vec(cols), dy = random_vec(rows * cols);
@@ -618,7 +621,7 @@ static void test_norms() {
             std::vector<uint16_t> dx16(rows * cols, 0xdead);
             launch_rows(gr, 256, [&] {
                 layernorm_backward_dx(dy.data(), x.data(), g.data(), mean.data(), rstd.data(), dx.data(),
-                                      dx16.data(), rows, cols);
+                                      dx16.data(), nullptr, nullptr, rows, cols);
             });
             expect_bf16_copy("layernorm_backward dx copy" + tag, dx16, dx);
             const u64 chunks = chunks_of(rows);
@@ -628,6 +631,21 @@ static void test_norms() {
             });
             launch_rows(grid_rows(cols), 256, [&] { column_sum_finish(pg.data(), dg.data(), chunks, cols); });
             launch_rows(grid_rows(cols), 256, [&] { column_sum_finish(pb.data(), db.data(), chunks, cols); });
+            // Fused: partials per block of this grid (`gr` of them), the same dx bitwise.
+            std::vector<float> fdx = dx0, fdg = dg0, fdb = db0;
+            const bool fused = cols <= LN_FUSED_COLS;
+            if (fused) {
+                std::vector<uint16_t> fdx16(rows * cols, 0xdead);
+                std::vector<double> fpg(gr * cols, NAN), fpb(gr * cols, NAN);
+                launch_rows(gr, 256, [&] {
+                    layernorm_backward_dx(dy.data(), x.data(), g.data(), mean.data(), rstd.data(), fdx.data(),
+                                          fdx16.data(), fpg.data(), fpb.data(), rows, cols);
+                });
+                launch_rows(grid_rows(cols), 256, [&] { column_sum_finish(fpg.data(), fdg.data(), gr, cols); });
+                launch_rows(grid_rows(cols), 256, [&] { column_sum_finish(fpb.data(), fdb.data(), gr, cols); });
+                expect_close("layernorm_backward fused dx" + tag, fdx, to_d(dx), 0);
+                expect_bf16_copy("layernorm_backward fused dx copy" + tag, fdx16, fdx);
+            }
             std::vector<double> wdx = to_d(dx0), wdg = to_d(dg0), wdb = to_d(db0);
             for (u64 r = 0; r < rows; ++r) {
                 double a = 0, b = 0;
@@ -646,6 +664,10 @@ static void test_norms() {
             expect_close("layernorm_backward dx" + tag, dx, wdx, 1e-3);
             expect_close("layernorm_backward dgamma" + tag, dg, wdg, 1e-4 * std::sqrt((double)rows));
             expect_close("layernorm_backward dbeta" + tag, db, wdb, 1e-5);
+            if (fused) {
+                expect_close("layernorm_backward fused dgamma" + tag, fdg, wdg, 1e-4 * std::sqrt((double)rows));
+                expect_close("layernorm_backward fused dbeta" + tag, fdb, wdb, 1e-5);
+            }
 
             std::vector<float> ny(rows * cols, NAN);
             if (cols >= 2) {

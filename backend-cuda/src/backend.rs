@@ -108,6 +108,10 @@ pub struct CudaBackend {
     /// `MAE_CUDA_ATTENTION_PREFETCH=on|off` (default on): whether the tensor-core attention
     /// stages each tile while computing the one before (`attention_mma.cu`, `mma_row_walk`).
     pub(crate) attention_prefetch: bool,
+    /// `MAE_CUDA_LAYERNORM_PARTIALS=fused|separate` (default fused): whether the LayerNorm
+    /// backward sums its parameter gradients' partials in the dx kernel (`kernels/norm.cu`) or
+    /// in a pass of its own.
+    pub(crate) layernorm_fused: bool,
     /// `MAE_CUDA_BF16_GEMM`: where the bf16 mode rounds GEMM operands (`bf16.rs`).
     pub(crate) bf16_gemm: Bf16Gemm,
     /// `MAE_CUDA_GEMM_BIAS`: whether `gemm_bias` adds the bias in cuBLASLt's epilogue (`lt.rs`).
@@ -191,6 +195,11 @@ impl CudaBackend {
             attention_prefetch: env_choice(
                 "MAE_CUDA_ATTENTION_PREFETCH",
                 &[("on", true), ("off", false)],
+            )?
+            .unwrap_or(true),
+            layernorm_fused: env_choice(
+                "MAE_CUDA_LAYERNORM_PARTIALS",
+                &[("fused", true), ("separate", false)],
             )?
             .unwrap_or(true),
             lt: OnceLock::new(),

@@ -164,7 +164,8 @@ kernels! {
     SplitHeads = "split_heads" (Ptr, Ptr, U64, U64, U64, U64, U64, U64);
     MergeHeads = "merge_heads" (Ptr, Ptr, U64, U64, U64, U64, U64, U64);
     LayerNormForward = "layernorm_forward" (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, F32);
-    LayerNormBackwardDx = "layernorm_backward_dx" (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64);
+    LayerNormBackwardDx = "layernorm_backward_dx"
+        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64);
     LayerNormParamPartials = "layernorm_param_partials"
         (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64);
     ColumnSumPartials = "column_sum_partials" (Ptr, Ptr, U64, U64, U64, U64, U64);
@@ -353,6 +354,16 @@ mod tests {
             "#define LN_HELD {}\n",
             crate::launch::LAYERNORM_WARP_COLS / 32
         );
+        assert!(
+            program_source().contains(&want),
+            "norm.cu must say {want:?}"
+        );
+    }
+
+    #[test]
+    fn fused_layernorm_width_agrees_with_the_cuda_source() {
+        let per_thread = crate::launch::LAYERNORM_FUSED_COLS / crate::launch::BLOCK as u64;
+        let want = format!("#define LN_FUSED_PER_THREAD {per_thread}\n");
         assert!(
             program_source().contains(&want),
             "norm.cu must say {want:?}"

@@ -30,6 +30,16 @@ pub(crate) const ATTENTION_MMA_ROWS: u64 = 64;
 /// (an H100 holds 132 SMs x 8 blocks of 256 threads), far below the 2^31 - 1 grid limit.
 pub(crate) const MAX_BLOCKS: u64 = 1 << 16;
 
+/// The widest rows whose LayerNorm backward sums the parameter gradients' partials in the dx
+/// kernel (`LN_FUSED_COLS` in `kernels/norm.cu`: four columns a thread).
+pub(crate) const LAYERNORM_FUSED_COLS: u64 = 4 * BLOCK as u64;
+
+/// The most blocks of that fused LayerNorm backward, each leaving one row of partials per
+/// parameter: a few waves of an H100 or H200 (132 multiprocessors, five blocks each), so
+/// about as many rows are in flight as with a block per row, while the partials stay small
+/// (8 MB per parameter at 512 columns) and their fold short.
+pub(crate) const LAYERNORM_BACKWARD_BLOCKS: u64 = 2048;
+
 /// The fewest rows summed by one thread in pass 1 of a column sum (bias, LayerNorm parameter
 /// and position-table gradients).
 pub(crate) const CHUNK_ROWS: u64 = 32;

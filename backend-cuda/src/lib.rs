@@ -17,6 +17,8 @@
 //! `MAE_CUDA_GEMM_BIAS=lt|composed`). Buffers written from the host again and again (a step's
 //! images and masking indices) are copied through pinned staging, so the host queues the upload
 //! without waiting for the GPU (`upload.rs`; `MAE_CUDA_UPLOAD=pinned|pageable`).
+//! The LayerNorm backward sums its parameter gradients' partials in the dx kernel
+//! (`MAE_CUDA_LAYERNORM_PARTIALS=fused|separate`).
 //! `MAE_CUDA_PROFILE=1` prints the device time per kernel when the backend is dropped.
 //!
 //! The CUDA libraries are loaded at run time (cudarc's `dynamic-loading`), so this crate builds

@@ -10,7 +10,7 @@ use crate::gemm::column_major;
 use crate::kernels::{Arg, Kernel};
 use crate::launch::{
     attention, attention_mma, column_chunks, elementwise, layernorm_rows, per_row, per_warp,
-    single_block, ATTENTION_MAX_HEAD_DIM,
+    single_block, ATTENTION_MAX_HEAD_DIM, LAYERNORM_BACKWARD_BLOCKS, LAYERNORM_FUSED_COLS,
 };
 use crate::readers::max_readers;
 use cudarc::cublas::sys::{
@@ -816,9 +816,27 @@ impl Backend for CudaBackend {
         need(mean, rows, o, "mean")?;
         need(rstd, rows, o, "rstd")?;
         // In the bf16 mode the kernel also writes dx's bf16 copy: dx is the residual stream's
-        // gradient, dY of the Linear layers (proj, fc2) that write into the stream.
+        // gradient, dY of the Linear layers (proj, fc2) that write into the stream. For rows of
+        // up to LN_FUSED_COLS it also sums dgamma's and dbeta's partials per block while it holds
+        // each row (pass 1 of the column sums); wider rows take a pass of their own for them.
+        let fused = self.layernorm_fused && cols as u64 <= LAYERNORM_FUSED_COLS;
+        let (grid, chunks) = if fused {
+            let blocks = (rows as u64).min(LAYERNORM_BACKWARD_BLOCKS);
+            (per_row(blocks, cols as u64), blocks)
+        } else {
+            (
+                per_row(rows as u64, cols as u64),
+                column_chunks(rows as u64, cols as u64).0,
+            )
+        };
+        let partial_len = chunks as usize * cols;
+        let (mut pg, mut pb) = (self.scratch(partial_len)?, self.scratch(partial_len)?);
         let dx_ptr = self.ptr_mut(dx)?;
         let copy = self.produced_copy(dx)?;
+        let partials = match fused {
+            true => [self.scratch_ptr(&mut pg), self.scratch_ptr(&mut pb)],
+            false => [Arg::Ptr(0), Arg::Ptr(0)],
+        };
         let args = [
             self.ptr(dy)?,
             self.ptr(x)?,
@@ -827,43 +845,40 @@ impl Backend for CudaBackend {
             self.ptr(rstd)?,
             dx_ptr,
             ProducedCopy::arg(&copy),
+            partials[0],
+            partials[1],
             u(rows),
             u(cols),
         ];
-        self.launch(
-            Kernel::LayerNormBackwardDx,
-            per_row(rows as u64, cols as u64),
-            &args,
-        )?;
+        self.launch(Kernel::LayerNormBackwardDx, grid, &args)?;
         if let Some(copy) = copy {
             copy.written(dx.contents(), rows * cols);
         }
-
-        let (chunk_count, chunk_len) = column_chunks(rows as u64, cols as u64);
-        let partial_len = chunk_count as usize * cols;
-        let (mut pg, mut pb) = (self.scratch(partial_len)?, self.scratch(partial_len)?);
-        let args = [
-            self.ptr(dy)?,
-            self.ptr(x)?,
-            self.ptr(mean)?,
-            self.ptr(rstd)?,
-            self.scratch_ptr(&mut pg),
-            self.scratch_ptr(&mut pb),
-            u(rows),
-            u(cols),
-            Arg::U64(chunk_count),
-            Arg::U64(chunk_len),
-        ];
-        self.launch(
-            Kernel::LayerNormParamPartials,
-            elementwise(partial_len as u64),
-            &args,
-        )?;
+        if !fused {
+            let chunk_len = column_chunks(rows as u64, cols as u64).1;
+            let args = [
+                self.ptr(dy)?,
+                self.ptr(x)?,
+                self.ptr(mean)?,
+                self.ptr(rstd)?,
+                self.scratch_ptr(&mut pg),
+                self.scratch_ptr(&mut pb),
+                u(rows),
+                u(cols),
+                Arg::U64(chunks),
+                Arg::U64(chunk_len),
+            ];
+            self.launch(
+                Kernel::LayerNormParamPartials,
+                elementwise(partial_len as u64),
+                &args,
+            )?;
+        }
         for (partial, out) in [(&mut pg, dgamma), (&mut pb, dbeta)] {
             let args = [
                 self.scratch_ptr(partial),
                 self.ptr_mut(out)?,
-                Arg::U64(chunk_count),
+                Arg::U64(chunks),
                 u(cols),
             ];
             self.launch(Kernel::ColumnSumFinish, per_warp(cols as u64), &args)?;

@@ -989,6 +989,24 @@ fn layernorm_backward_magnitudes(
     [mdx, mdg, mdb]
 }
 
+/// The LayerNorm backward at row widths on both sides of the backends' own limits: CUDA's warp
+/// per row (up to 1,024 columns) and its parameter gradients' partials summed in the dx kernel
+/// (up to 1,024), a block per row and a pass of their own past them.
+fn check_layernorm_backward_widths<B: Backend>(b: &B) -> Check {
+    for (rows, cols) in [(3, 255), (70, 1024), (5, 1025), (2, 1500)] {
+        let c = RowOpCase {
+            rows,
+            cols,
+            param: LN_EPS[0],
+            seed: (rows * cols) as u64,
+            fill: Fill::Uniform,
+            init: Init::Garbage,
+        };
+        check_layernorm_backward(b, &c)?;
+    }
+    Ok(())
+}
+
 fn check_layernorm_backward<B: Backend>(b: &B, c: &RowOpCase) -> Check {
     let (rows, cols) = (c.rows, c.cols);
     let inputs = layernorm_backward_inputs(c);
@@ -2949,6 +2967,10 @@ macro_rules! op_tests {
                 property(b(), row_case(dim(), LN_EPS.to_vec()), |b, c| {
                     check_layernorm_backward(b, &c)
                 });
+            }
+            #[test]
+            fn layernorm_backward_row_widths() {
+                fixed(b(), check_layernorm_backward_widths);
             }
             #[test]
             fn gelu_forward() {

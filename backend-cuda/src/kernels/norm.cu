@@ -137,13 +137,28 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 3)
 }
 
 // dx += rstd * (dnorm - mean(dnorm) - xhat * mean(dnorm * xhat)), dnorm = dy * gamma (llm.c's
-// formula); the two row means are double sums. dgamma and dbeta are the column kernels below.
-// `dx16`, where not null, receives dx's bf16 copy (bf16.rs, `produced_copy`).
+// formula); the two row means are double sums. `dx16`, where not null, receives dx's bf16 copy
+// (bf16.rs, `produced_copy`).
+//
+// Where `partial_g` is not null (rows of up to LN_FUSED_COLS columns), the kernel also does pass
+// 1 of dgamma and dbeta while it holds each row: thread t sums columns t, t + BLOCK, ... of
+// dy * xhat and of dy over the rows its block takes (blockIdx.x, + gridDim.x, ..., ascending), in
+// double, into partial_g/partial_b[blockIdx.x][c]; column_sum_finish then folds the gridDim.x
+// partials. That saves the second read of dy and x that layernorm_param_partials makes (8 of
+// the 26 bytes per element the two passes moved). Wider rows take that kernel instead. Four
+// columns a thread (every ViT-B and ViT-L width) keep the kernel at 48 registers, five blocks a
+// multiprocessor; eight took 64 registers and four blocks.
+#define LN_FUSED_PER_THREAD 4
+#define LN_FUSED_COLS (BLOCK * LN_FUSED_PER_THREAD)
 extern "C" __global__ void layernorm_backward_dx(const float* dy, const float* x,
                                                  const float* gamma, const float* mean,
                                                  const float* rstd, float* dx, u16* dx16,
-                                                 u64 rows, u64 cols) {
+                                                 double* partial_g, double* partial_b, u64 rows,
+                                                 u64 cols) {
     __shared__ double scratch[BLOCK / 32];
+    double pg[LN_FUSED_PER_THREAD], pb[LN_FUSED_PER_THREAD];
+    UNROLL
+    for (u32 k = 0; k < LN_FUSED_PER_THREAD; ++k) pg[k] = pb[k] = 0.0;
     FOR_EACH_ROW(r, rows) {
         const float* dyr = dy + r * cols;
         const float* xr = x + r * cols;
@@ -157,11 +172,34 @@ extern "C" __global__ void layernorm_backward_dx(const float* dy, const float* x
         const float mean_dnorm = (float)(block_sum(a, scratch) / (double)cols);
         const float mean_dnorm_xhat = (float)(block_sum(b, scratch) / (double)cols);
         float* dxr = dx + r * cols;
+        if (partial_g) {
+            UNROLL
+            for (u32 k = 0; k < LN_FUSED_PER_THREAD; ++k) {
+                const u64 j = threadIdx.x + k * BLOCK;
+                if (j >= cols) break;
+                const float xhat = (xr[j] - m) * rs, d = dyr[j];
+                const float o = dxr[j] + rs * (d * gamma[j] - mean_dnorm - xhat * mean_dnorm_xhat);
+                dxr[j] = o;
+                if (dx16) dx16[r * cols + j] = (u16)bf16_bits(o);
+                pg[k] += (double)(d * xhat);
+                pb[k] += (double)d;
+            }
+            continue;
+        }
         for (u64 j = threadIdx.x; j < cols; j += BLOCK) {
             const float xhat = (xr[j] - m) * rs;
             const float d = dxr[j] + rs * (dyr[j] * gamma[j] - mean_dnorm - xhat * mean_dnorm_xhat);
             dxr[j] = d;
             if (dx16) dx16[r * cols + j] = (u16)bf16_bits(d);
+        }
+    }
+    if (partial_g) {
+        UNROLL
+        for (u32 k = 0; k < LN_FUSED_PER_THREAD; ++k) {
+            const u64 j = threadIdx.x + k * BLOCK;
+            if (j >= cols) break;
+            partial_g[blockIdx.x * cols + j] = pg[k];
+            partial_b[blockIdx.x * cols + j] = pb[k];
         }
     }
 }
