@@ -868,6 +868,21 @@ static float bf16_value(float x) {
     return f;
 }
 
+// The f32 kernels, one per head width, picked as ops.rs picks them.
+static void attention_forward(const float* qkv, float* out, float* lse, u64 B, u64 T, u64 H, u64 hd, float scale) {
+    (hd <= 32 ? attention_forward_hd32 : attention_forward_hd64)(qkv, out, lse, B, T, H, hd, scale);
+}
+static void attention_backward_dq(const float* qkv, const float* out, const float* lse, const float* d_out,
+                                  float* d_qkv, float* drow, u64 B, u64 T, u64 H, u64 hd, float scale) {
+    (hd <= 32 ? attention_backward_dq_hd32 : attention_backward_dq_hd64)(qkv, out, lse, d_out, d_qkv, drow, B, T, H,
+                                                                          hd, scale);
+}
+static void attention_backward_dkv(const float* qkv, const float* lse, const float* d_out, const float* drow,
+                                   float* d_qkv, u64 B, u64 T, u64 H, u64 hd, float scale) {
+    (hd <= 32 ? attention_backward_dkv_hd32 : attention_backward_dkv_hd64)(qkv, lse, d_out, drow, d_qkv, B, T, H, hd,
+                                                                            scale);
+}
+
 // The tensor-core kernels on bf16 inputs, one per head width, picked as ops.rs picks them.
 static void attention_forward_mma_bf16(const uint16_t* qkv16, float* out, uint16_t* out16, float* lse, u64 B,
                                        u64 T, u64 H, u64 hd, float scale, unsigned prefetch) {

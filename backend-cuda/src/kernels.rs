@@ -178,10 +178,15 @@ kernels! {
     MaskedMseTotal = "masked_mse_total" (Ptr, Ptr, Ptr, U64);
     MaskSum = "mask_sum" (Ptr, Ptr, U64);
     MaskedMseBackward = "masked_mse_backward" (Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, F32);
-    AttentionForward = "attention_forward" (Ptr, Ptr, Ptr, U64, U64, U64, U64, F32);
-    AttentionBackwardDq = "attention_backward_dq"
+    AttentionForwardHd32 = "attention_forward_hd32" (Ptr, Ptr, Ptr, U64, U64, U64, U64, F32);
+    AttentionForwardHd64 = "attention_forward_hd64" (Ptr, Ptr, Ptr, U64, U64, U64, U64, F32);
+    AttentionBackwardDqHd32 = "attention_backward_dq_hd32"
         (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32);
-    AttentionBackwardDkv = "attention_backward_dkv"
+    AttentionBackwardDqHd64 = "attention_backward_dq_hd64"
+        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32);
+    AttentionBackwardDkvHd32 = "attention_backward_dkv_hd32"
+        (Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32);
+    AttentionBackwardDkvHd64 = "attention_backward_dkv_hd64"
         (Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32);
     AttentionForwardMma = "attention_forward_mma"
         (Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);

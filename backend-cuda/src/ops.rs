@@ -1363,11 +1363,18 @@ impl CudaBackend {
                 Kernel::AttentionBackwardDkvMma,
             ];
             (kernels, attention_mma(pairs, tokens))
+        } else if a.head_dim <= 32 {
+            let kernels = [
+                Kernel::AttentionForwardHd32,
+                Kernel::AttentionBackwardDqHd32,
+                Kernel::AttentionBackwardDkvHd32,
+            ];
+            (kernels, attention(pairs, tokens))
         } else {
             let kernels = [
-                Kernel::AttentionForward,
-                Kernel::AttentionBackwardDq,
-                Kernel::AttentionBackwardDkv,
+                Kernel::AttentionForwardHd64,
+                Kernel::AttentionBackwardDqHd64,
+                Kernel::AttentionBackwardDkvHd64,
             ];
             (kernels, attention(pairs, tokens))
         }

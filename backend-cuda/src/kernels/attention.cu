@@ -12,10 +12,12 @@
 // Blocks: ATT_THREADS threads take ATT_THREADS consecutive rows of one (image, head); blocks
 // grid-stride over (image, head, row tile). The head width is a template parameter HD (32 or
 // 64, the smallest that holds hd; the host sends wider heads, such as ViT-H's 80, to the
-// composed ops) so that the per-thread arrays stay in registers: a 128-wide instantiation in the
-// same kernel set every kernel's register count and spilled to memory. Columns
-// hd .. HD are zero in every staged row and register, which adds exact zeros to the dot
-// products and keeps their order that of the hd columns.
+// composed ops) so that the per-thread arrays stay in registers, and each width is a kernel of
+// its own (`_hd32`, `_hd64`): ptxas gives a kernel one register allocation for all its paths,
+// and with both widths in one kernel the 32-wide path (the decoder's) ran at the 64-wide one's
+// 168-255 registers and spilled (sm_90: 120 bytes of loads in dQ, 628 in dK-dV), where alone it
+// needs 96-236 and spills nothing. Columns hd .. HD are zero in every staged row and register,
+// which adds exact zeros to the dot products and keeps their order that of the hd columns.
 
 // Threads per block of the attention kernels: the host launches exactly this many.
 #define ATT_THREADS 64
@@ -24,9 +26,7 @@
 #define ATT_MAX_HD 64
 
 // The two staged tiles of a kernel, `ta` and `tb`, 2 * ATT_TILE * ATT_MAX_HD floats (16 KiB),
-// declared once in the kernel and handed to its HD instantiations: shared arrays declared in
-// each instantiation would all be allocated side by side, past the 48 KiB of static shared
-// memory a block may have.
+// declared in the kernel and handed to its grid function.
 #define ATT_SHARED_TILES                                                                      \
     __shared__ float ta[ATT_TILE * ATT_MAX_HD];                                               \
     __shared__ float tb[ATT_TILE * ATT_MAX_HD]
@@ -119,21 +119,31 @@ __device__ void attention_forward_block(const float* qkv, float* out, float* lse
     }
 }
 
-// out = softmax(scale * q k^T) v per (image, head), lse = log of each row's sum of exponentials.
-extern "C" __global__ void attention_forward(const float* qkv, float* out, float* lse, u64 batch,
-                                             u64 tokens, u64 heads, u64 hd, float scale) {
-    // The block functions use __syncthreads: every thread of a block runs every tile.
-    ATT_SHARED_TILES;
+// out = softmax(scale * q k^T) v per (image, head), lse = log of each row's sum of exponentials:
+// every block of the grid in turn.
+template <int HD>
+__device__ void attention_forward_grid(const float* qkv, float* out, float* lse, u64 batch,
+                                       u64 tokens, u64 heads, u64 hd, float scale, float* ta,
+                                       float* tb) {
     const u64 tiles = (tokens + ATT_THREADS - 1) / ATT_THREADS;
     for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
         const AttBlock blk = att_block(g, tiles, heads, ATT_THREADS);
-        const u32 h = (u32)hd;
-        if (hd <= 32) {
-            attention_forward_block<32>(qkv, out, lse, tokens, heads, h, scale, blk, ta, tb);
-        } else {
-            attention_forward_block<64>(qkv, out, lse, tokens, heads, h, scale, blk, ta, tb);
-        }
+        attention_forward_block<HD>(qkv, out, lse, tokens, heads, (u32)hd, scale, blk, ta, tb);
     }
+}
+
+extern "C" __global__ void attention_forward_hd32(const float* qkv, float* out, float* lse,
+                                                  u64 batch, u64 tokens, u64 heads, u64 hd,
+                                                  float scale) {
+    ATT_SHARED_TILES;
+    attention_forward_grid<32>(qkv, out, lse, batch, tokens, heads, hd, scale, ta, tb);
+}
+
+extern "C" __global__ void attention_forward_hd64(const float* qkv, float* out, float* lse,
+                                                  u64 batch, u64 tokens, u64 heads, u64 hd,
+                                                  float scale) {
+    ATT_SHARED_TILES;
+    attention_forward_grid<64>(qkv, out, lse, batch, tokens, heads, hd, scale, ta, tb);
 }
 
 // dQ for one block, one thread per query row i: Drow_i = dO_i . O_i (the softmax backward's
@@ -179,25 +189,39 @@ __device__ void attention_dq_block(const float* qkv, const float* out, const flo
     }
 }
 
-// Gradient of q into the q columns of d_qkv (overwritten), and Drow [batch, heads, tokens].
-extern "C" __global__ void attention_backward_dq(const float* qkv, const float* out,
-                                                 const float* lse, const float* d_out,
-                                                 float* d_qkv, float* drow, u64 batch,
-                                                 u64 tokens, u64 heads, u64 hd, float scale) {
-    // The block functions use __syncthreads: every thread of a block runs every tile.
-    ATT_SHARED_TILES;
+// Gradient of q into the q columns of d_qkv (overwritten), and Drow [batch, heads, tokens]:
+// every block of the grid in turn.
+template <int HD>
+__device__ void attention_dq_grid(const float* qkv, const float* out, const float* lse,
+                                  const float* d_out, float* d_qkv, float* drow, u64 batch,
+                                  u64 tokens, u64 heads, u64 hd, float scale, float* ta,
+                                  float* tb) {
     const u64 tiles = (tokens + ATT_THREADS - 1) / ATT_THREADS;
     for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
         const AttBlock blk = att_block(g, tiles, heads, ATT_THREADS);
-        const u32 h = (u32)hd;
-        if (hd <= 32) {
-            attention_dq_block<32>(qkv, out, lse, d_out, d_qkv, drow, tokens, heads, h, scale, blk,
-                                   ta, tb);
-        } else {
-            attention_dq_block<64>(qkv, out, lse, d_out, d_qkv, drow, tokens, heads, h, scale, blk,
-                                   ta, tb);
-        }
+        attention_dq_block<HD>(qkv, out, lse, d_out, d_qkv, drow, tokens, heads, (u32)hd, scale,
+                               blk, ta, tb);
     }
+}
+
+extern "C" __global__ void attention_backward_dq_hd32(const float* qkv, const float* out,
+                                                      const float* lse, const float* d_out,
+                                                      float* d_qkv, float* drow, u64 batch,
+                                                      u64 tokens, u64 heads, u64 hd,
+                                                      float scale) {
+    ATT_SHARED_TILES;
+    attention_dq_grid<32>(qkv, out, lse, d_out, d_qkv, drow, batch, tokens, heads, hd, scale, ta,
+                          tb);
+}
+
+extern "C" __global__ void attention_backward_dq_hd64(const float* qkv, const float* out,
+                                                      const float* lse, const float* d_out,
+                                                      float* d_qkv, float* drow, u64 batch,
+                                                      u64 tokens, u64 heads, u64 hd,
+                                                      float scale) {
+    ATT_SHARED_TILES;
+    attention_dq_grid<64>(qkv, out, lse, d_out, d_qkv, drow, batch, tokens, heads, hd, scale, ta,
+                          tb);
 }
 
 // dK, dV for one block, one thread per key row j: over query tiles, p = exp(scale q_i . k_j -
@@ -252,25 +276,33 @@ __device__ void attention_dkv_block(const float* qkv, const float* lse, const fl
 }
 
 // Gradients of k and v into the k and v columns of d_qkv (overwritten), given the dQ kernel's
-// Drow.
-extern "C" __global__ void attention_backward_dkv(const float* qkv, const float* lse,
-                                                  const float* d_out, const float* drow,
-                                                  float* d_qkv, u64 batch, u64 tokens, u64 heads,
-                                                  u64 hd, float scale) {
-    // The block functions use __syncthreads: every thread of a block runs every tile.
-    ATT_SHARED_TILES;
+// Drow: every block of the grid in turn.
+template <int HD>
+__device__ void attention_dkv_grid(const float* qkv, const float* lse, const float* d_out,
+                                   const float* drow, float* d_qkv, u64 batch, u64 tokens,
+                                   u64 heads, u64 hd, float scale, float* ta, float* tb) {
     __shared__ float lse_tile[ATT_TILE];
     __shared__ float drow_tile[ATT_TILE];
     const u64 tiles = (tokens + ATT_THREADS - 1) / ATT_THREADS;
     for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
         const AttBlock blk = att_block(g, tiles, heads, ATT_THREADS);
-        const u32 h = (u32)hd;
-        if (hd <= 32) {
-            attention_dkv_block<32>(qkv, lse, d_out, drow, d_qkv, tokens, heads, h, scale, blk, ta,
-                                    tb, lse_tile, drow_tile);
-        } else {
-            attention_dkv_block<64>(qkv, lse, d_out, drow, d_qkv, tokens, heads, h, scale, blk, ta,
-                                    tb, lse_tile, drow_tile);
-        }
+        attention_dkv_block<HD>(qkv, lse, d_out, drow, d_qkv, tokens, heads, (u32)hd, scale, blk,
+                                ta, tb, lse_tile, drow_tile);
     }
+}
+
+extern "C" __global__ void attention_backward_dkv_hd32(const float* qkv, const float* lse,
+                                                       const float* d_out, const float* drow,
+                                                       float* d_qkv, u64 batch, u64 tokens,
+                                                       u64 heads, u64 hd, float scale) {
+    ATT_SHARED_TILES;
+    attention_dkv_grid<32>(qkv, lse, d_out, drow, d_qkv, batch, tokens, heads, hd, scale, ta, tb);
+}
+
+extern "C" __global__ void attention_backward_dkv_hd64(const float* qkv, const float* lse,
+                                                       const float* d_out, const float* drow,
+                                                       float* d_qkv, u64 batch, u64 tokens,
+                                                       u64 heads, u64 hd, float scale) {
+    ATT_SHARED_TILES;
+    attention_dkv_grid<64>(qkv, lse, d_out, drow, d_qkv, batch, tokens, heads, hd, scale, ta, tb);
 }
