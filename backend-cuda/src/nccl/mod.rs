@@ -42,13 +42,13 @@ mod rendezvous;
 
 pub use buckets::{plan_buckets, DEFAULT_BUCKET_BYTES};
 pub use library::{candidates as library_candidates, LIBRARY_ENV, LIBRARY_NAMES};
-/// `on` (the default) or `off`: whether [`DataParallel`] starts averaging during the backward.
-pub const OVERLAP_ENV: &str = "MAE_NCCL_OVERLAP";
-
 pub use rendezvous::{
     exchange_id, publish_id, wait_for_id, RankEnv, RendezvousError, DEFAULT_ID_TIMEOUT, ID_BYTES,
     ID_FILE_ENV,
 };
+
+/// `on` (the default) or `off`: whether [`DataParallel`] starts averaging during the backward.
+pub const OVERLAP_ENV: &str = "MAE_NCCL_OVERLAP";
 
 use crate::backend::env_choice;
 use crate::{error, CudaBackend, CudaBuf};

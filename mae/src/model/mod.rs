@@ -33,6 +33,33 @@ use crate::backend::{BResult, Backend};
 /// tensor exactly once, in the order it finishes them: the decoder's prediction and norm, its
 /// blocks from the last, its embedding; the encoder's norm, its blocks from the last, its
 /// embedding. The order depends only on the model, so it is the same on every rank.
+///
+/// ```
+/// use mae::backend::{BResult, Backend};
+/// use mae::model::GradsReady;
+///
+/// /// Counts the floats handed over, group by group.
+/// struct Count(Vec<usize>);
+///
+/// impl<B: Backend> GradsReady<B> for Count {
+///     fn ready(&mut self, b: &B, grads: &mut [&mut B::Buf]) -> BResult<()> {
+///         self.0.push(grads.iter().map(|g| b.len(g)).sum());
+///         Ok(())
+///     }
+/// }
+///
+/// # fn demo<B: mae::Backend>(backend: &B) -> mae::Result<()> {
+/// let cfg = mae::Config::preset("tiny32")?;
+/// let params = mae::init::init_params(&cfg, 0);
+/// let opts = mae::train::TrainOptions::new(8);
+/// let mut trainer = mae::train::Trainer::new(backend, &cfg, &params, opts, 0)?;
+/// let imgs = vec![0.5f32; 8 * 3 * 32 * 32];
+/// let mut count = Count(Vec::new());
+/// trainer.forward_backward_reporting(backend, &imgs, None, &mut count)?;
+/// let total: usize = trainer.grads().tensors().map(|g| backend.len(g)).sum();
+/// assert_eq!(count.0.iter().sum::<usize>(), total);
+/// # Ok(()) }
+/// ```
 pub trait GradsReady<B: Backend> {
     /// `grads` are final for this backward (ops already queued on `b` write them last).
     fn ready(&mut self, b: &B, grads: &mut [&mut B::Buf]) -> BResult<()>;
