@@ -109,9 +109,10 @@ impl Overlap {
         self.comm.join(&self.compute).map_err(|e| {
             error::driver(e, "ordering the gradient averaging after the backward", 0)
         })?;
-        let bucket = std::mem::take(&mut self.pending);
+        reduce(&self.comm, &self.pending)?;
+        self.pending.clear();
         self.pending_bytes = 0;
-        reduce(&self.comm, &bucket)
+        Ok(())
     }
 }
 

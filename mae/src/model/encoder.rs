@@ -398,9 +398,10 @@ pub fn encoder_body_backward<B: Backend>(
         sh.patch_dim,
         d,
     )?;
-    let embed = [&mut g.patch_embed.weight, &mut g.patch_embed.bias];
-    let tables = [&mut g.cls_token, &mut g.pos_embed];
-    let mut done: Vec<&mut B::Buf> = embed.into_iter().chain(tables).collect();
-    done.extend(g.mask_token.as_mut());
-    ready.ready(b, &mut done)
+    // One group either way, without allocating (a training step allocates nothing).
+    let (pe, cls, pos) = (&mut g.patch_embed, &mut g.cls_token, &mut g.pos_embed);
+    match g.mask_token.as_mut() {
+        Some(mask) => ready.ready(b, &mut [&mut pe.weight, &mut pe.bias, cls, pos, mask]),
+        None => ready.ready(b, &mut [&mut pe.weight, &mut pe.bias, cls, pos]),
+    }
 }
