@@ -31,7 +31,8 @@ pub(crate) struct Overlap {
     /// Finished gradients not yet in a queued bucket.
     pending: Vec<(u64, usize)>,
     pending_bytes: usize,
-    /// Addresses of the gradients queued since the last [`Overlap::finish`].
+    /// Addresses of the gradients taken (pending or in a queued bucket) since the last
+    /// [`Overlap::finish`]: a gradient handed over twice is reduced once.
     queued: HashSet<u64>,
 }
 
