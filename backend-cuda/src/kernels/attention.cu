@@ -126,6 +126,8 @@ __device__ void attention_forward_grid(const float* qkv, float* out, float* lse,
                                        u64 tokens, u64 heads, u64 hd, float scale, float* ta,
                                        float* tb) {
     const u64 tiles = (tokens + ATT_THREADS - 1) / ATT_THREADS;
+    // The block functions use __syncthreads: every thread of a block runs every tile, so the
+    // loop depends on the block alone (here and in the backward's grid functions).
     for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
         const AttBlock blk = att_block(g, tiles, heads, ATT_THREADS);
         attention_forward_block<HD>(qkv, out, lse, tokens, heads, (u32)hd, scale, blk, ta, tb);

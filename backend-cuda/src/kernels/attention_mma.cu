@@ -21,8 +21,8 @@
 // Columns hd .. HD of every operand are zero, and rows past `tokens` are zero (masked to -inf
 // where they are keys of a softmax).
 
-// The kernels ask for 3 or 4 resident blocks per multiprocessor (__launch_bounds__), which caps
-// their registers at 168 or 128: unbounded they took 168-228 registers, two blocks, too few warps
+// The kernels ask for 3 to 5 resident blocks per multiprocessor (__launch_bounds__), which caps
+// their registers at 168, 128 or 96: unbounded they took 168-228 registers, two blocks, too few warps
 // to hide the staging's loads. Each direction is one kernel per head width for bf16 inputs (the
 // bf16 mode's, where the time goes) and one for f32 inputs: as one kernel the four paths shared
 // the largest one's register allocation, and ptxas 12.9 (sm_90) spilled 1.9 KB of loads in the
@@ -552,6 +552,8 @@ __device__ void mma_forward_grid(const Q* qkv, float* out, u16* out16, float* ls
                                  u64 tokens, u64 heads, u64 hd, float scale, u32 prefetch) {
     MmaStaging& st = mma_staging();
     const u64 tiles = (tokens + MMA_ROWS - 1) / MMA_ROWS;
+    // The block functions use __syncthreads: every thread of a block runs every tile, so the
+    // loop depends on the block alone (here and in the backward's grid functions).
     for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
         const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
         mma_forward_block<HD>(qkv, out, out16, lse, tokens, heads, (u32)hd, scale, blk, prefetch,

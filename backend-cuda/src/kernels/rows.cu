@@ -186,7 +186,8 @@ extern "C" __global__ void gather_rows_backward(const float* d_dst, const u32* i
 // load and store; of every channel in (y, x, c) order, one load per channel and the 4 * channels
 // floats of its own stretch of the patch -- so the index arithmetic (divisions by the grid,
 // patch and channel counts) is paid once per four pixels. Per element, as the fallback below
-// does it, that arithmetic made this copy run at a fifth of the memory's speed.
+// does it, that arithmetic held this copy to about a sixth of the memory's speed (281 us a call
+// for 154 MB at batch 128 on an H200).
 __device__ void patchify_fours(const float* imgs, float* out, u64 batch, u64 channels,
                                u64 height, u64 width, u64 patch, u32 hwc) {
     const u64 gw = width / patch, gh = height / patch, L = gh * gw;
