@@ -161,7 +161,7 @@ impl DataParallel {
         }
         let overlap = match env_choice(OVERLAP_ENV, &[("on", true), ("off", false)])? {
             Some(false) => None,
-            _ => Some(Overlap::new(&backend.stream, DEFAULT_BUCKET_BYTES)?),
+            _ => Some(Overlap::new(&backend.stream)?),
         };
         let lib = nccl()?;
         let (n, r) = (
@@ -219,9 +219,6 @@ impl DataParallel {
     /// the same.
     pub fn with_bucket_bytes(mut self, bytes: usize) -> DataParallel {
         self.bucket_bytes = bytes;
-        if let Some(o) = &mut self.overlap {
-            o.set_bucket_bytes(bytes);
-        }
         self
     }
 
@@ -279,7 +276,7 @@ impl GradsReady<CudaBackend> for DataParallel {
             return Ok(());
         };
         let (lib, comm, ctx) = (self.lib, self.comm, &self.ctx);
-        overlap.ready(grads, &mut |stream, bucket| {
+        overlap.ready(grads, self.bucket_bytes, &mut |stream, bucket| {
             all_reduce_group(lib, comm, ctx, stream, bucket)
         })
     }

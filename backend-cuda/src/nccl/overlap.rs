@@ -27,7 +27,6 @@ pub(crate) type Bucket<'a> = &'a [(u64, usize)];
 pub(crate) struct Overlap {
     compute: Arc<CudaStream>,
     comm: Arc<CudaStream>,
-    bucket_bytes: usize,
     /// Finished gradients not yet in a queued bucket.
     pending: Vec<(u64, usize)>,
     pending_bytes: usize,
@@ -37,8 +36,8 @@ pub(crate) struct Overlap {
 }
 
 impl Overlap {
-    /// Buckets of about `bucket_bytes`, reduced on a new stream of `compute`'s context.
-    pub(crate) fn new(compute: &Arc<CudaStream>, bucket_bytes: usize) -> BResult<Overlap> {
+    /// Buckets reduced on a new stream of `compute`'s context.
+    pub(crate) fn new(compute: &Arc<CudaStream>) -> BResult<Overlap> {
         let comm = compute
             .context()
             .new_stream()
@@ -46,29 +45,24 @@ impl Overlap {
         Ok(Overlap {
             compute: compute.clone(),
             comm,
-            bucket_bytes,
             pending: Vec::new(),
             pending_bytes: 0,
             queued: HashSet::new(),
         })
     }
 
-    /// Sets the size at which a bucket is queued. Every rank must use the same.
-    pub(crate) fn set_bucket_bytes(&mut self, bytes: usize) {
-        self.bucket_bytes = bytes;
-    }
-
     /// Takes finished gradients; queues a bucket through `reduce` once `bucket_bytes` have
-    /// gathered.
+    /// gathered (every rank passes the same).
     pub(crate) fn ready(
         &mut self,
         grads: &mut [&mut CudaBuf],
+        bucket_bytes: usize,
         reduce: &mut dyn FnMut(&CudaStream, Bucket) -> BResult<()>,
     ) -> BResult<()> {
         for g in grads.iter_mut() {
             self.take(g)?;
         }
-        if self.pending_bytes >= self.bucket_bytes {
+        if self.pending_bytes >= bucket_bytes {
             self.queue(reduce)?;
         }
         Ok(())
@@ -188,14 +182,17 @@ mod tests {
             Ok(())
         };
         // Two gradients a bucket; the last one is never handed over, the first twice.
-        let mut overlap = Overlap::new(&gpu.stream, 2 * 4 * n * n).unwrap();
+        let mut overlap = Overlap::new(&gpu.stream).unwrap();
+        let bucket_bytes = 2 * 4 * n * n;
         for (t, g) in grads.iter_mut().enumerate() {
             slow_write(&gpu, &a, g, n, times);
             if t + 1 < tensors {
-                overlap.ready(&mut [g], &mut reduce).unwrap();
+                overlap.ready(&mut [g], bucket_bytes, &mut reduce).unwrap();
             }
         }
-        overlap.ready(&mut [&mut grads[0]], &mut reduce).unwrap();
+        overlap
+            .ready(&mut [&mut grads[0]], bucket_bytes, &mut reduce)
+            .unwrap();
         overlap.finish(grads.iter_mut(), &mut reduce).unwrap();
         assert_eq!(buckets, [2, 2, 1]);
         let mut expected = vec![0.0f32; n * n];
