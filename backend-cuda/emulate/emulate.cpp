@@ -890,16 +890,16 @@ static void attention_forward_mma_bf16(const uint16_t* qkv16, float* out, uint16
     kernel(nullptr, qkv16, out, out16, lse, B, T, H, hd, scale, prefetch);
 }
 static void attention_backward_dq_mma_bf16(const uint16_t* qkv16, const float* out, const float* lse,
-                                           const uint16_t* d_out16, float* d_qkv, uint16_t* d_qkv16, float* drow,
+                                           const uint16_t* d_out16, float* d_qkv, uint16_t* d_qkv16, float2* stats,
                                            u64 B, u64 T, u64 H, u64 hd, float scale, unsigned prefetch) {
     auto kernel = hd <= 32 ? attention_backward_dq_mma_bf16_hd32 : attention_backward_dq_mma_bf16_hd64;
-    kernel(nullptr, qkv16, out, lse, nullptr, d_out16, d_qkv, d_qkv16, drow, B, T, H, hd, scale, prefetch);
+    kernel(nullptr, qkv16, out, lse, nullptr, d_out16, d_qkv, d_qkv16, stats, B, T, H, hd, scale, prefetch);
 }
-static void attention_backward_dkv_mma_bf16(const uint16_t* qkv16, const float* lse, const uint16_t* d_out16,
-                                            const float* drow, float* d_qkv, uint16_t* d_qkv16, u64 B, u64 T,
-                                            u64 H, u64 hd, float scale, unsigned prefetch) {
+static void attention_backward_dkv_mma_bf16(const uint16_t* qkv16, const uint16_t* d_out16, const float2* stats,
+                                            float* d_qkv, uint16_t* d_qkv16, u64 B, u64 T, u64 H, u64 hd,
+                                            float scale, unsigned prefetch) {
     auto kernel = hd <= 32 ? attention_backward_dkv_mma_bf16_hd32 : attention_backward_dkv_mma_bf16_hd64;
-    kernel(nullptr, qkv16, lse, nullptr, d_out16, drow, d_qkv, d_qkv16, B, T, H, hd, scale, prefetch);
+    kernel(nullptr, qkv16, nullptr, d_out16, stats, d_qkv, d_qkv16, B, T, H, hd, scale, prefetch);
 }
 
 // The tensor-core kernels (attention_mma.cu) against the naive reference of their inputs
@@ -926,15 +926,17 @@ static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, uns
     expect_bf16_copy("attention_forward_mma out copy" + tag, out16, out);
     expect_close("attention_forward_mma lse" + tag, lse, ref.lse, 1e-5);
     std::vector<float> ref_out(ref.out.begin(), ref.out.end()), ref_lse(ref.lse.begin(), ref.lse.end());
-    std::vector<float> d_qkv(rows * 3 * D, NAN), drow(B * H * T, NAN);
+    // The dQ kernel's row statistics for the dK, dV kernel: (lse in base 2, Drow) per row.
+    std::vector<float> d_qkv(rows * 3 * D, NAN), stats(2 * B * H * T, NAN);
+    float2* st = reinterpret_cast<float2*>(stats.data());
     std::vector<uint16_t> d_qkv16(rows * 3 * D, 0xdead);
     launch_rows(grid, MMA_THREADS, [&] {
         attention_backward_dq_mma(qkv.data(), nullptr, ref_out.data(), ref_lse.data(), d_out.data(), nullptr,
-                                  d_qkv.data(), d_qkv16.data(), drow.data(), B, T, H, hd, scale, prefetch);
+                                  d_qkv.data(), d_qkv16.data(), st, B, T, H, hd, scale, prefetch);
     });
     launch_rows(grid, MMA_THREADS, [&] {
-        attention_backward_dkv_mma(qkv.data(), nullptr, ref_lse.data(), d_out.data(), nullptr, drow.data(),
-                                   d_qkv.data(), d_qkv16.data(), B, T, H, hd, scale, prefetch);
+        attention_backward_dkv_mma(qkv.data(), nullptr, d_out.data(), nullptr, st, d_qkv.data(), d_qkv16.data(), B,
+                                   T, H, hd, scale, prefetch);
     });
     expect_close("attention_backward_mma d_qkv" + tag, d_qkv, ref.d_qkv, 1e-2);
     expect_bf16_copy("attention_backward_mma d_qkv copy" + tag, d_qkv16, d_qkv);
@@ -942,11 +944,11 @@ static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, uns
     std::vector<float> plain(rows * 3 * D, NAN);
     launch_rows(grid, MMA_THREADS, [&] {
         attention_backward_dq_mma(qkv.data(), nullptr, ref_out.data(), ref_lse.data(), d_out.data(), nullptr,
-                                  plain.data(), nullptr, drow.data(), B, T, H, hd, scale, prefetch);
+                                  plain.data(), nullptr, st, B, T, H, hd, scale, prefetch);
     });
     launch_rows(grid, MMA_THREADS, [&] {
-        attention_backward_dkv_mma(qkv.data(), nullptr, ref_lse.data(), d_out.data(), nullptr, drow.data(),
-                                   plain.data(), nullptr, B, T, H, hd, scale, prefetch);
+        attention_backward_dkv_mma(qkv.data(), nullptr, d_out.data(), nullptr, st, plain.data(), nullptr, B, T, H,
+                                   hd, scale, prefetch);
     });
     expect_close("attention_backward_mma d_qkv without copies" + tag, plain, to_d(d_qkv), 0);
     // qkv and dO read from their bf16 copies alone by the bf16 kernels (qkv16 and d_out16, the
@@ -955,22 +957,23 @@ static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, uns
     for (u64 i = 0; i < qkv.size(); ++i) qkv16[i] = (uint16_t)bf16_bits(qkv[i]);
     for (u64 i = 0; i < d_out.size(); ++i) d_out16[i] = (uint16_t)bf16_bits(d_out[i]);
     std::vector<float> out_b(rows * D, NAN), lse_b(B * H * T, NAN), d_qkv_b(rows * 3 * D, NAN),
-        drow_b(B * H * T, NAN);
+        stats_b(2 * B * H * T, NAN);
+    float2* st_b = reinterpret_cast<float2*>(stats_b.data());
     launch_rows(grid, MMA_THREADS, [&] {
         attention_forward_mma_bf16(qkv16.data(), out_b.data(), nullptr, lse_b.data(), B, T, H, hd, scale, prefetch);
     });
     launch_rows(grid, MMA_THREADS, [&] {
         attention_backward_dq_mma_bf16(qkv16.data(), ref_out.data(), ref_lse.data(), d_out16.data(), d_qkv_b.data(),
-                                       nullptr, drow_b.data(), B, T, H, hd, scale, prefetch);
+                                       nullptr, st_b, B, T, H, hd, scale, prefetch);
     });
     launch_rows(grid, MMA_THREADS, [&] {
-        attention_backward_dkv_mma_bf16(qkv16.data(), ref_lse.data(), d_out16.data(), drow_b.data(), d_qkv_b.data(),
-                                        nullptr, B, T, H, hd, scale, prefetch);
+        attention_backward_dkv_mma_bf16(qkv16.data(), d_out16.data(), st_b, d_qkv_b.data(), nullptr, B, T, H, hd,
+                                        scale, prefetch);
     });
     expect_close("attention_forward_mma out from bf16 qkv" + tag, out_b, to_d(out), 0);
     expect_close("attention_forward_mma lse from bf16 qkv" + tag, lse_b, to_d(lse), 0);
     expect_close("attention_backward_mma d_qkv from bf16 qkv and dO" + tag, d_qkv_b, to_d(d_qkv), 0);
-    expect_close("attention_backward_mma Drow from bf16 dO" + tag, drow_b, to_d(drow), 0);
+    expect_close("attention_backward_mma row statistics from bf16 dO" + tag, stats_b, to_d(stats), 0);
 }
 
 // test_attention_mma with the warps in lockstep and again with each warp running ahead

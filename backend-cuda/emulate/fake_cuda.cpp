@@ -18,6 +18,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -44,6 +45,30 @@ typedef int CUresult;  // CUDA_SUCCESS = 0
 typedef unsigned long long CUdeviceptr;
 static const CUresult OK = 0, INVALID_VALUE = 1, INVALID_DEVICE = 101, NOT_FOUND = 500;
 static int dummy_ctx, dummy_module, dummy_handle;
+
+// MAE_FAKE_CUDA_HOST_ONLY=1: every call is checked and counted but does nothing (no kernel,
+// product, fill or copy runs; downloads read zeros; fresh memory is left untouched), so that a
+// program over this library spends only the host time of its own code: the backend's cost per
+// op, measured on a machine without a GPU (`bench` then times the host side of a step alone).
+// The counts are printed to stderr at exit.
+static bool host_only() {
+    static const bool on = std::getenv("MAE_FAKE_CUDA_HOST_ONLY") != nullptr;
+    return on;
+}
+struct Counts {
+    unsigned long long launches = 0, gemms = 0, lt = 0, htod = 0, dtoh = 0, dtod = 0, memsets = 0,
+                       allocs = 0, frees = 0, htod_bytes = 0;
+    ~Counts() {
+        if (host_only())
+            std::fprintf(stderr,
+                         "fake cuda (host only): %llu launches, %llu cuBLAS and %llu cuBLASLt "
+                         "products, %llu uploads (%llu bytes), %llu downloads, %llu device "
+                         "copies, %llu fills, %llu allocations, %llu frees\n",
+                         launches, gemms, lt, htod, htod_bytes, dtoh, dtod, memsets, allocs,
+                         frees);
+    }
+};
+static Counts counts;
 
 extern "C" {
 
@@ -93,27 +118,41 @@ CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void*) {
     if (bytes == 0) return INVALID_VALUE;  // as cuMemAlloc does
     void* m = std::malloc(bytes);
     if (!m) return 2;  // CUDA_ERROR_OUT_OF_MEMORY
-    std::memset(m, 0xFF, bytes);
+    ++counts.allocs;
+    if (!host_only()) std::memset(m, 0xFF, bytes);
     *p = (CUdeviceptr)m;
     return OK;
 }
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) { return cuMemAllocAsync(p, bytes, nullptr); }
-CUresult cuMemFreeAsync(CUdeviceptr p, void*) { std::free((void*)p); return OK; }
-CUresult cuMemFree_v2(CUdeviceptr p) { std::free((void*)p); return OK; }
+CUresult cuMemFreeAsync(CUdeviceptr p, void*) {
+    ++counts.frees;
+    std::free((void*)p);
+    return OK;
+}
+CUresult cuMemFree_v2(CUdeviceptr p) { return cuMemFreeAsync(p, nullptr); }
 CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, void*) {
-    std::memset((void*)p, v, n);
+    ++counts.memsets;
+    if (!host_only()) std::memset((void*)p, v, n);
     return OK;
 }
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void*) {
-    std::memcpy((void*)dst, src, n);
+    ++counts.htod;
+    counts.htod_bytes += n;
+    if (!host_only()) std::memcpy((void*)dst, src, n);
     return OK;
 }
 CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void*) {
-    std::memcpy(dst, (const void*)src, n);
+    ++counts.dtoh;
+    if (host_only()) {
+        std::memset(dst, 0, n);
+    } else {
+        std::memcpy(dst, (const void*)src, n);
+    }
     return OK;
 }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void*) {
-    std::memmove((void*)dst, (const void*)src, n);
+    ++counts.dtod;
+    if (!host_only()) std::memmove((void*)dst, (const void*)src, n);
     return OK;
 }
 // Pinned host memory (the upload staging) is plain memory, and events have nothing to wait
@@ -146,6 +185,8 @@ CUresult cuLaunchKernel(const KernelEntry* f, unsigned gx, unsigned gy, unsigned
                         unsigned by, unsigned bz, unsigned, void*, void** params, void** extra) {
     if (gy != 1 || gz != 1 || by != 1 || bz != 1 || extra != nullptr || gx == 0 || bx == 0)
         return INVALID_VALUE;
+    ++counts.launches;
+    if (host_only()) return OK;
     std::lock_guard<std::mutex> guard(device_lock);
     auto body = [&] { f->call(params); };
     if (f->syncs) {
@@ -202,6 +243,7 @@ static int gemm(int ta, int tb, int m, int n, int k, float alpha, const float* A
     if (lda < (ta ? std::max(1, k) : std::max(1, m)) || ldb < (tb ? std::max(1, n) : std::max(1, k)) ||
         ldc < std::max(1, m))
         return 7;
+    if (host_only()) return 0;
     std::lock_guard<std::mutex> guard(device_lock);
     for (int b = 0; b < batch; ++b) {
         const float* a = A + b * sa;
@@ -272,6 +314,14 @@ int cublasGemmStridedBatchedEx(void*, int ta, int tb, int m, int n, int k, const
                                int ctype, int ldc, long long sc, int batch, int compute, int) {
     const float a = *static_cast<const float*>(alpha), b = *static_cast<const float*>(beta);
     float* c = static_cast<float*>(C);
+    ++counts.gemms;
+    if (host_only()) {
+        const bool known = (atype == 14 && btype == 14 && compute == 68 &&
+                            (ctype == 0 || (ctype == 14 && b == 0.0f && batch == 1))) ||
+                           (atype == 0 && btype == 0 && ctype == 0 &&
+                            (compute == 68 || compute == 75 || compute == 77));
+        return known ? 0 : 15;
+    }
     if (atype == 14 && btype == 14 && ctype == 0 && compute == 68) {
         const std::vector<float> wa = widen_bf16(A, ta ? k : m, ta ? m : k, lda, sa, batch);
         const std::vector<float> wb = widen_bf16(B, tb ? n : k, tb ? k : n, ldb, sb, batch);
@@ -469,6 +519,8 @@ int cublasLtMatmul(void* handle, const LtDesc* d, const void* alpha, const void*
     // A bf16 D: the f32 result (C not read: beta must be 0) into scratch, then rounded into D.
     const bool narrow = dl->type == 14;
     if (narrow && be != 0.0f) return LT_NOT_SUPPORTED;
+    ++counts.lt;
+    if (host_only()) return 0;
     std::vector<float> scratch(narrow ? (size_t)m * n : 0);
     float* out = narrow ? scratch.data() : static_cast<float*>(D);
     const int ldd = narrow ? m : (int)dl->ld;

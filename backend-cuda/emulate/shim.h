@@ -62,6 +62,10 @@ struct alignas(16) float4 {
     float x, y, z, w;
 };
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+struct alignas(8) float2 {
+    float x, y;
+};
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
 struct alignas(8) uint2 {
     unsigned x, y;
 };
@@ -149,12 +153,13 @@ inline void host_ldmatrix_x2(unsigned* r, const unsigned short* row, bool trans)
     for (unsigned i = 0; i < 2; ++i) r[i] = out[i];
 }
 
-// cp.async.cg.shared.global of 16 bytes: the copy is only noted, and lands at the thread's next
+// cp.async of 16 bytes (.cg) or 8 (.ca): the copy is only noted, and lands at the thread's next
 // cp.async.wait_group (host_cp_async_wait_all), the latest moment the real one may, so that a
 // tile read before its wait and barrier reads the old contents and fails the tests.
 struct AsyncCopy {
-    unsigned short* dst;
-    const unsigned short* src;
+    void* dst;
+    const void* src;
+    unsigned size;
     bool valid;
 };
 inline std::vector<AsyncCopy>& pending_copies() {
@@ -162,19 +167,19 @@ inline std::vector<AsyncCopy>& pending_copies() {
     if (pending.size() < blockDim.x) pending.resize(blockDim.x);
     return pending[threadIdx.x];
 }
-inline void host_cp_async16(unsigned short* dst, const unsigned short* src, bool valid) {
-    if (((uintptr_t)dst & 15) != 0 || (valid && ((uintptr_t)src & 15) != 0)) {
-        std::fprintf(stderr, "cp.async: address not 16-byte aligned\n");
+inline void host_cp_async(void* dst, const void* src, unsigned size, bool valid) {
+    if (((uintptr_t)dst % size) != 0 || (valid && ((uintptr_t)src % size) != 0)) {
+        std::fprintf(stderr, "cp.async: address not %u-byte aligned\n", size);
         std::abort();
     }
-    pending_copies().push_back(AsyncCopy{dst, src, valid});
+    pending_copies().push_back(AsyncCopy{dst, src, size, valid});
 }
 inline void host_cp_async_wait_all() {
     for (const AsyncCopy& c : pending_copies()) {
         if (c.valid) {
-            std::memcpy(c.dst, c.src, 16);
+            std::memcpy(c.dst, c.src, c.size);
         } else {
-            std::memset(c.dst, 0, 16);
+            std::memset(c.dst, 0, c.size);
         }
     }
     pending_copies().clear();

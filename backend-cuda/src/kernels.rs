@@ -193,7 +193,7 @@ kernels! {
     AttentionBackwardDqMma = "attention_backward_dq_mma"
         (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
     AttentionBackwardDkvMma = "attention_backward_dkv_mma"
-        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
+        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
     AttentionForwardMmaBf16Hd32 = "attention_forward_mma_bf16_hd32"
         (Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
     AttentionForwardMmaBf16Hd64 = "attention_forward_mma_bf16_hd64"
@@ -203,9 +203,9 @@ kernels! {
     AttentionBackwardDqMmaBf16Hd64 = "attention_backward_dq_mma_bf16_hd64"
         (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
     AttentionBackwardDkvMmaBf16Hd32 = "attention_backward_dkv_mma_bf16_hd32"
-        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
+        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
     AttentionBackwardDkvMmaBf16Hd64 = "attention_backward_dkv_mma_bf16_hd64"
-        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
+        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
 }
 
 /// Checks `args` against the parameter list of `kernel`: a mismatch is a bug in this crate,

@@ -1109,12 +1109,13 @@ impl Backend for CudaBackend {
         need(lse, ll, o, "lse")?;
         need(d_out, lo, o, "d_out")?;
         need(d_qkv, lq, o, "d_qkv")?;
-        // Drow_i = dO_i . O_i for every score row, written by the dQ kernel, read by dK, dV.
-        let mut drow = self.alloc(ll)?;
         let ([_, dq, dkv], cfg) = self.attention_kernels(a);
+        let tensor_cores = dq == Kernel::AttentionBackwardDqMma;
+        // Written by the dQ kernel for the dK, dV kernel, per score row: Drow_i = dO_i . O_i, and
+        // on the tensor cores (lse_i in base 2, Drow_i) as one pair (attention_mma.cu).
+        let mut drow = self.alloc(if tensor_cores { 2 * ll } else { ll })?;
         // The tensor-core kernels also write d_qkv's bf16 copy (dQ its q columns, dK-dV the
         // others): d_qkv is dY of the qkv Linear, whose two gradient products read it.
-        let tensor_cores = dq == Kernel::AttentionBackwardDqMma;
         let (inputs, _copies) = self.attention_inputs([(qkv, lq), (d_out, lo)], tensor_cores)?;
         let [dq, dkv] = mma_variants([dq, dkv], &inputs, a.head_dim);
         let [qkv_args, d_out_args] = [&inputs[0], &inputs[1]];
@@ -1141,7 +1142,10 @@ impl Backend for CudaBackend {
         }
         self.launch_described(dq, cfg, &args, || attention_shape(a))?;
         let mut args = qkv_args.clone();
-        args.push(self.ptr(lse)?);
+        // The tensor-core kernel reads lse from the pairs.
+        if !tensor_cores {
+            args.push(self.ptr(lse)?);
+        }
         args.extend_from_slice(d_out_args);
         args.push(self.ptr(&drow)?);
         args.extend_from_slice(&d_qkv_args);

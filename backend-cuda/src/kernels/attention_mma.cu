@@ -48,8 +48,7 @@ __device__ __forceinline__ MmaStaging& mma_staging() {
     return st;
 }
 struct MmaRowStats {
-    float lse[2 * MMA_TILE];
-    float drow[2 * MMA_TILE];
+    __align__(16) float2 stats[2 * MMA_TILE];  // two buffers: (lse in base 2, Drow) per row
 };
 __device__ __forceinline__ MmaRowStats& mma_row_stats() {
     __shared__ MmaRowStats rs;
@@ -63,7 +62,6 @@ __device__ __forceinline__ MmaRowStats& mma_row_stats() {
 // results below 2^-126 to zero: far below the bf16 rounding of the probabilities for their
 // products) instead of expf's range reduction.
 #define LOG2E 1.4426950408889634f
-#define LN2 0.6931471805599453f
 
 #ifdef MAE_HOST_SHIM
 __device__ __forceinline__ float exp2_fast(float x) { return exp2f(x); }
@@ -136,12 +134,24 @@ __device__ __forceinline__ void ldsm_x2(u32* r, const u16* tile, u32 at) {
 // `valid` false it writes 16 zero bytes and reads nothing (`src` is then any mapped address).
 __device__ __forceinline__ void cp_async16(u16* dst, const u16* src, bool valid) {
 #ifdef MAE_HOST_SHIM
-    host_cp_async16(dst, src, valid);
+    host_cp_async(dst, src, 16, valid);
 #elif __CUDA_ARCH__ >= 800
-    u32 d;
-    asm("{ .reg .u64 s; cvta.to.shared.u64 s, %1; cvt.u32.u64 %0, s; }" : "=r"(d) : "l"(dst));
+    const u32 d = (u32)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
                  "r"(valid ? 16 : 0));
+#else
+    asm volatile("trap;");  // not reached: these kernels run on 8.0 and later only
+#endif
+}
+
+// 8 bytes the same way (`cp.async.ca`: the 16-byte copies' `.cg` takes no other size).
+__device__ __forceinline__ void cp_async8(void* dst, const void* src, bool valid) {
+#ifdef MAE_HOST_SHIM
+    host_cp_async(dst, src, 8, valid);
+#elif __CUDA_ARCH__ >= 800
+    const u32 d = (u32)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(d), "l"(src),
+                 "r"(valid ? 8 : 0));
 #else
     asm volatile("trap;");  // not reached: these kernels run on 8.0 and later only
 #endif
@@ -175,18 +185,23 @@ __device__ __forceinline__ float group_sum(float v) {
 }
 
 // Staging: rows r0 .. r0 + MMA_TILE of one head, as bf16, into shared memory. `src` points at
-// the head's column 0 in row 0, rows `stride` floats apart, `rows` of them valid; rows past
+// the head's column 0 in row 0, rows `stride` elements apart, `rows` of them valid; rows past
 // `rows` and columns past `hd` are staged as zeros. Every thread of the block calls a staging
-// function (from `mma_row_walk`, which puts the barriers around it). Heads whose rows start on
-// 16 bytes (hd and the row stride multiples of 4, as in every ViT) move four floats per load,
-// and each thread issues all of its loads before its first store, so that they are in flight
-// together: a load from L2 or memory takes hundreds of cycles, and a loop of load-then-store
-// waits that long per element. Rows already in bf16 are copied by `cp.async` and land while
-// the thread computes the tile before.
+// function (from `mma_row_walk`, which puts the barriers around it). `wide` (`mma_rows_wide`,
+// tested once a walk: every tile's rows start where the first's do, modulo 16 bytes) says that
+// the rows start on 16 bytes and hold whole 16-byte pieces of the head, as in every ViT: then
+// floats move four per load, each thread issuing all of its loads before its first store, and
+// rows already in bf16 move by `cp.async`, landing while the thread computes the tile before. A
+// thread's pieces lie in rows STEP apart at one column, so its addresses are one product and
+// constant offsets a tile: the per-tile tests and 64-bit arithmetic of a general loop took
+// about 170 instructions of a forward tile's 540 (sm_90).
 
-// Whether the tile's rows can be read as float4.
-__device__ __forceinline__ bool mma_stage_aligned(const float* first, u64 stride, u32 hd) {
-    return hd % 4 == 0 && stride % 4 == 0 && ((u64)first & 15) == 0;
+// Whether rows of `src` (`stride` elements apart, the head's `hd` columns) start on 16 bytes
+// and hold whole 16-byte pieces.
+template <typename T>
+__device__ __forceinline__ bool mma_rows_wide(const T* src, u64 stride, u32 hd) {
+    constexpr u32 PIECE = 16 / sizeof(T);
+    return hd % PIECE == 0 && stride % PIECE == 0 && ((u64)src & 15) == 0;
 }
 
 __device__ __forceinline__ u32 mma_stage_valid(u64 r0, u64 rows) {
@@ -197,11 +212,11 @@ __device__ __forceinline__ u32 mma_stage_valid(u64 r0, u64 rows) {
 // consecutive four-feature groups of a row: coalesced loads, and 8-byte stores that each half
 // warp spreads over the 32 banks.
 template <int HD>
-__device__ void mma_stage_rows(u16* rm, const float* src, u64 stride, u64 r0, u64 rows,
-                               u32 hd) {
+__device__ void mma_stage_rows(u16* rm, const float* src, u64 stride, u64 r0, u64 rows, u32 hd,
+                               bool wide) {
     const float* first = src + r0 * stride;
     const u32 valid = mma_stage_valid(r0, rows);
-    if (mma_stage_aligned(first, stride, hd)) {
+    if (wide) {
         constexpr u32 PER = MMA_TILE * HD / 4 / MMA_THREADS;
         float4 v[PER];
         UNROLL
@@ -225,23 +240,28 @@ __device__ void mma_stage_rows(u16* rm, const float* src, u64 stride, u64 r0, u6
     }
 }
 
-// The same from rows already in bf16 (qkv's copy alone, bf16.rs `inputs`; `stride` in
-// elements): nothing to round, so staging is a copy, 16 bytes per `cp.async` where the rows
-// allow it, which lands by the next `cp_async_wait_all`.
+// The same from rows already in bf16 (qkv's copy alone, bf16.rs `inputs`): nothing to round, so
+// staging is a copy, 16 bytes per `cp.async` where `wide`, which lands by the next
+// `cp_async_wait_all`. Row numbers fit in 32 bits (a head's rows are `tokens` of one image).
 template <int HD>
-__device__ void mma_stage_rows(u16* rm, const u16* src, u64 stride, u64 r0, u64 rows, u32 hd) {
-    const u16* first = src + r0 * stride;
-    const u32 valid = mma_stage_valid(r0, rows);
-    if (hd % 8 == 0 && stride % 8 == 0 && ((u64)first & 15) == 0) {
-        constexpr u32 PER = MMA_TILE * HD / 8 / MMA_THREADS;
+__device__ void mma_stage_rows(u16* rm, const u16* src, u64 stride, u64 r0, u64 rows, u32 hd,
+                               bool wide) {
+    if (wide) {
+        // Thread x copies features 8 (x % (HD / 8)) .. + 8 of rows x / (HD / 8) + STEP k.
+        constexpr u32 PER = MMA_TILE * HD / 8 / MMA_THREADS, STEP = MMA_THREADS / (HD / 8);
+        const u32 r = threadIdx.x / (HD / 8), c = 8 * (threadIdx.x % (HD / 8));
+        const u32 row = (u32)r0 + r, left = (u32)rows;
+        const u16* from = src + (u64)row * (u32)stride + c;
         UNROLL
         for (u32 k = 0; k < PER; ++k) {
-            const u32 e = threadIdx.x + k * MMA_THREADS, r = e / (HD / 8), c = 8 * (e % (HD / 8));
-            const bool in = r < valid && c < hd;
-            cp_async16(rm + r * (HD + MMA_PAD) + c, in ? first + r * stride + c : first, in);
+            const bool in = row + k * STEP < left && c < hd;
+            cp_async16(rm + (r + k * STEP) * (HD + MMA_PAD) + c,
+                       in ? from + (u64)(k * STEP) * (u32)stride : src, in);
         }
         return;
     }
+    const u16* first = src + r0 * stride;
+    const u32 valid = mma_stage_valid(r0, rows);
     for (u32 e = threadIdx.x; e < MMA_TILE * HD; e += MMA_THREADS) {
         const u32 r = e / HD, c = e % HD;
         rm[r * (HD + MMA_PAD) + c] = r < valid && c < hd ? first[r * stride + c] : (u16)0;
@@ -342,16 +362,21 @@ __device__ __forceinline__ void mma_accumulate(float (*acc)[4], const u32 (*p)[4
     }
 }
 
-// Calls TILE<HD, STEPS>(args...) with the fewest STEPS (4, 2 or 1) that cover `valid` rows.
-#define MMA_BY_STEPS(valid, TILE, ...) \
-    do {                               \
-        if ((valid) > 32) {            \
-            TILE<HD, 4>(__VA_ARGS__);  \
-        } else if ((valid) > 16) {     \
-            TILE<HD, 2>(__VA_ARGS__);  \
-        } else {                       \
-            TILE<HD, 1>(__VA_ARGS__);  \
-        }                              \
+// Calls TILE<HD, STEPS, MASK>(args...) with the fewest STEPS (4, 2 or 1) that cover `valid`
+// rows. A tile function that masks keys (`masks`: the forward and dQ kernels) runs whole tiles,
+// all but the last of a walk, without the masking's tests (MASK false): an instantiation of its
+// own, as tests inside the straight-line code cost 48 of its 372 instructions a tile (sm_90).
+#define MMA_BY_STEPS(valid, masks, TILE, ...)        \
+    do {                                            \
+        if ((masks) && (valid) == MMA_TILE) {       \
+            TILE<HD, 4, false>(__VA_ARGS__);        \
+        } else if ((valid) > 32) {                  \
+            TILE<HD, 4, masks>(__VA_ARGS__);        \
+        } else if ((valid) > 16) {                  \
+            TILE<HD, 2, masks>(__VA_ARGS__);        \
+        } else {                                    \
+            TILE<HD, 1, masks>(__VA_ARGS__);        \
+        }                                           \
     } while (0)
 
 // Zeroes 16 x HD accumulators.
@@ -440,9 +465,15 @@ __device__ __forceinline__ void mma_row_walk(u64 tokens, u32 prefetch, Stage sta
 // (`base` points at the head's q columns in row 0 of its image).
 template <int HD, typename Q>
 __device__ __forceinline__ void mma_stage_kv(u16* ks, u16* vs, const Q* base, u64 dim, u64 j0,
-                                             u64 tokens, u32 hd) {
-    mma_stage_rows<HD>(ks, base + dim, 3 * dim, j0, tokens, hd);
-    mma_stage_rows<HD>(vs, base + 2 * dim, 3 * dim, j0, tokens, hd);
+                                             u64 tokens, u32 hd, bool wide) {
+    mma_stage_rows<HD>(ks, base + dim, 3 * dim, j0, tokens, hd, wide);
+    mma_stage_rows<HD>(vs, base + 2 * dim, 3 * dim, j0, tokens, hd, wide);
+}
+
+// Whether k's and v's rows of a head allow wide staging (`mma_rows_wide`).
+template <typename Q>
+__device__ __forceinline__ bool mma_kv_wide(const Q* base, u64 dim, u32 hd) {
+    return mma_rows_wide(base + dim, 3 * dim, hd) && mma_rows_wide(base + 2 * dim, 3 * dim, hd);
 }
 
 // The tile's keys at or past `keys` (only the last tile of a row has fewer than MMA_TILE), as
@@ -454,8 +485,10 @@ __device__ __forceinline__ bool mma_key_out(u32 n, u32 i, u32 keys) {
 // One key tile of the forward for this warp's rows: the scores on the tensor cores, the running
 // maximum m and sum l per row (rows g and g + 8 of the warp, each spread over a group's four
 // lanes), the output o rescaled, then o += p v. `keys` of the tile's keys are valid, within its
-// first 16 STEPS. Scores are in base 2 (scaled by scale log2 e).
-template <int HD, int STEPS>
+// first 16 STEPS; with MASK false all MMA_TILE are. m is the maximum of the unscaled scores:
+// scale2 (scale log2 e) is positive, so scaling keeps the order, and each exponential is then
+// one fma and one ex2 of scale2 (s - m) in base 2.
+template <int HD, int STEPS, bool MASK>
 __device__ __forceinline__ void mma_forward_tile(const u32 (*q)[4], float (*o)[4], float* m,
                                                  float* l, const u16* ks, const u16* vs,
                                                  u32 keys, float scale2) {
@@ -466,16 +499,16 @@ __device__ __forceinline__ void mma_forward_tile(const u32 (*q)[4], float (*o)[4
     for (u32 n = 0; n < 2 * STEPS; ++n) {
         UNROLL
         for (u32 i = 0; i < 4; ++i) {
-            s[n][i] *= scale2;
-            if (keys < 16 * STEPS && mma_key_out(n, i, keys)) s[n][i] = NEG_INF;
+            if (MASK && mma_key_out(n, i, keys)) s[n][i] = NEG_INF;
             tile_max[i / 2] = fmaxf(tile_max[i / 2], s[n][i]);
         }
     }
+    float shift[2];
     UNROLL
     for (u32 r = 0; r < 2; ++r) {
         const float m_new = fmaxf(m[r], group_max(tile_max[r]));
         // 2^-inf = 0 on the first tile, where l and o are still 0.
-        const float corr = exp2_fast(m[r] - m_new);
+        const float corr = exp2_fast((m[r] - m_new) * scale2);
         l[r] *= corr;
         UNROLL
         for (u32 n = 0; n < HD / 8; ++n) {
@@ -483,13 +516,14 @@ __device__ __forceinline__ void mma_forward_tile(const u32 (*q)[4], float (*o)[4
             o[n][2 * r + 1] *= corr;
         }
         m[r] = m_new;
+        shift[r] = -m_new * scale2;
     }
     UNROLL
     for (u32 n = 0; n < 2 * STEPS; ++n) {
         UNROLL
         for (u32 i = 0; i < 4; ++i) {
             // Masked keys: 2^-inf = 0.
-            s[n][i] = exp2_fast(s[n][i] - m[i / 2]);
+            s[n][i] = exp2_fast(fmaf(s[n][i], scale2, shift[i / 2]));
             l[i / 2] += s[n][i];
         }
     }
@@ -509,8 +543,9 @@ __device__ void mma_forward_block(const Q* qkv, float* out, u16* out16, float* l
     const u32 lane = threadIdx.x % 32, t = lane % 4;
     const u64 row0 = blk.row0 + 16 * (threadIdx.x / 32);
     const Q* base = qkv + blk.b * tokens * width + blk.h * hd;
+    const bool wide = mma_kv_wide(base, dim, hd);
     auto stage = [&](u32 buf, u64 j0) {
-        mma_stage_kv<HD>(ks + buf * MMA_BUF, vs + buf * MMA_BUF, base, dim, j0, tokens, hd);
+        mma_stage_kv<HD>(ks + buf * MMA_BUF, vs + buf * MMA_BUF, base, dim, j0, tokens, hd, wide);
     };
     if (row0 >= tokens) {  // past the tokens: only helps stage
         mma_row_walk(tokens, prefetch, stage, [](u32, u64) {});
@@ -525,7 +560,7 @@ __device__ void mma_forward_block(const Q* qkv, float* out, u16* out16, float* l
     mma_row_walk(tokens, prefetch, stage, [&](u32 buf, u64 j0) {
         const u32 keys = mma_stage_valid(j0, tokens);
         const u16 *k = ks + buf * MMA_BUF, *v = vs + buf * MMA_BUF;
-        MMA_BY_STEPS(keys, mma_forward_tile, q, o, m, l, k, v, keys, scale2);
+        MMA_BY_STEPS(keys, true, mma_forward_tile, q, o, m, l, k, v, keys, scale2);
     });
     const float total[2] = {group_sum(l[0]), group_sum(l[1])};
     UNROLL
@@ -539,7 +574,7 @@ __device__ void mma_forward_block(const Q* qkv, float* out, u16* out16, float* l
         UNROLL
         for (u32 r = 0; r < 2; ++r) {
             const u64 i = row0 + lane / 4 + 8 * r;
-            if (i < tokens) lse[(blk.b * heads + blk.h) * tokens + i] = m[r] * LN2 + logf(total[r]);
+            if (i < tokens) lse[(blk.b * heads + blk.h) * tokens + i] = m[r] * scale + logf(total[r]);
         }
     }
 }
@@ -590,8 +625,8 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
 
 // One key tile of dQ for this warp's rows: p = exp(scale q_i . k_j - lse_i),
 // ds = p (dO_i . v_j - Drow_i), dq += ds k_j on the tensor cores (li: lse_i in base 2). `keys`
-// of the tile's keys are valid, within its first 16 STEPS.
-template <int HD, int STEPS>
+// of the tile's keys are valid, within its first 16 STEPS; with MASK false all MMA_TILE are.
+template <int HD, int STEPS, bool MASK>
 __device__ __forceinline__ void mma_dq_tile(const u32 (*q)[4], const u32 (*dout)[4],
                                             float (*dq)[4], const float* d, const float* li,
                                             const u16* ks, const u16* vs, u32 keys,
@@ -604,7 +639,7 @@ __device__ __forceinline__ void mma_dq_tile(const u32 (*q)[4], const u32 (*dout)
         UNROLL
         for (u32 i = 0; i < 4; ++i) {
             float p = exp2_fast(fmaf(s[n][i], scale2, -li[i / 2]));
-            if (keys < 16 * STEPS && mma_key_out(n, i, keys)) p = 0.0f;
+            if (MASK && mma_key_out(n, i, keys)) p = 0.0f;
             s[n][i] = p * (dp[n][i] - d[i / 2]);
         }
     }
@@ -617,15 +652,16 @@ __device__ __forceinline__ void mma_dq_tile(const u32 (*q)[4], const u32 (*dout)
 // at the end. Writes Drow for the dK, dV kernel.
 template <int HD, typename Q>
 __device__ void mma_dq_block(const Q* qkv, const float* out, const float* lse, const Q* d_out,
-                             float* d_qkv, u16* d_qkv16, float* drow, u64 tokens, u64 heads,
+                             float* d_qkv, u16* d_qkv16, float2* stats, u64 tokens, u64 heads,
                              u32 hd, float scale, AttBlock blk, u32 prefetch, u16* ks,
                              u16* vs) {
     const u64 dim = heads * hd, width = 3 * dim;
     const u32 lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const u64 row0 = blk.row0 + 16 * (threadIdx.x / 32);
     const Q* base = qkv + blk.b * tokens * width + blk.h * hd;
+    const bool wide = mma_kv_wide(base, dim, hd);
     auto stage = [&](u32 buf, u64 j0) {
-        mma_stage_kv<HD>(ks + buf * MMA_BUF, vs + buf * MMA_BUF, base, dim, j0, tokens, hd);
+        mma_stage_kv<HD>(ks + buf * MMA_BUF, vs + buf * MMA_BUF, base, dim, j0, tokens, hd, wide);
     };
     if (row0 >= tokens) {  // past the tokens: only helps stage
         mma_row_walk(tokens, prefetch, stage, [](u32, u64) {});
@@ -656,7 +692,7 @@ __device__ void mma_dq_block(const Q* qkv, const float* out, const float* lse, c
     mma_row_walk(tokens, prefetch, stage, [&](u32 buf, u64 j0) {
         const u32 keys = mma_stage_valid(j0, tokens);
         const u16 *k = ks + buf * MMA_BUF, *v = vs + buf * MMA_BUF;
-        MMA_BY_STEPS(keys, mma_dq_tile, q, dout, dq, d, li, k, v, keys, scale2);
+        MMA_BY_STEPS(keys, true, mma_dq_tile, q, dout, dq, d, li, k, v, keys, scale2);
     });
     const u64 at = blk.b * tokens * width + blk.h * hd;
     mma_store<HD>(d_qkv + at, d_qkv16 ? d_qkv16 + at : nullptr, width, row0, tokens, hd, dq,
@@ -665,25 +701,27 @@ __device__ void mma_dq_block(const Q* qkv, const float* out, const float* lse, c
         UNROLL
         for (u32 r = 0; r < 2; ++r) {
             const u64 i = row0 + g + 8 * r;
-            if (i < tokens) drow[lbase + i] = d[r];
+            if (i < tokens) stats[lbase + i] = make_float2(li[r], d[r]);
         }
     }
 }
 
-// Gradient of q into the q columns of d_qkv (overwritten), and Drow [batch, heads, tokens];
-// d_qkv16, where not null, receives those columns' bf16 copy (d_qkv is dY of the qkv Linear).
-// qkv and d_out are both floats or both bf16 copies alone (the proj Linear's input gradient in
-// the bf16 mode; ops.rs sees to that), so that one instantiation reads both; Drow then sums the
-// bf16 values of dO, as FlashAttention's bf16 kernels do.
+// Gradient of q into the q columns of d_qkv (overwritten), and the score rows' statistics
+// `stats` [batch, heads, tokens] for the dK, dV kernel: (lse in base 2, Drow) as one float2, so
+// that kernel stages a row's pair with one 8-byte `cp.async`. d_qkv16, where not null, receives
+// those columns' bf16 copy (d_qkv is dY of the qkv Linear). qkv and d_out are both floats or
+// both bf16 copies alone (the proj Linear's input gradient in the bf16 mode; ops.rs sees to
+// that), so that one instantiation reads both; Drow then sums the bf16 values of dO, as
+// FlashAttention's bf16 kernels do.
 template <int HD, typename Q>
 __device__ void mma_dq_grid(const Q* qkv, const float* out, const float* lse, const Q* d_out,
-                            float* d_qkv, u16* d_qkv16, float* drow, u64 batch, u64 tokens,
+                            float* d_qkv, u16* d_qkv16, float2* stats, u64 batch, u64 tokens,
                             u64 heads, u64 hd, float scale, u32 prefetch) {
     MmaStaging& st = mma_staging();
     const u64 tiles = (tokens + MMA_ROWS - 1) / MMA_ROWS;
     for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
         const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
-        mma_dq_block<HD>(qkv, out, lse, d_out, d_qkv, d_qkv16, drow, tokens, heads, (u32)hd,
+        mma_dq_block<HD>(qkv, out, lse, d_out, d_qkv, d_qkv16, stats, tokens, heads, (u32)hd,
                          scale, blk, prefetch, (u16*)st.a, (u16*)st.b);
     }
 }
@@ -692,13 +730,13 @@ __device__ void mma_dq_grid(const Q* qkv, const float* out, const float* lse, co
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
     attention_backward_dq_mma(const float* qkv, const u16* qkv16, const float* out,
                               const float* lse, const float* d_out, const u16* d_out16,
-                              float* d_qkv, u16* d_qkv16, float* drow, u64 batch, u64 tokens,
+                              float* d_qkv, u16* d_qkv16, float2* stats, u64 batch, u64 tokens,
                               u64 heads, u64 hd, float scale, u32 prefetch) {
     if (hd <= 32) {
-        mma_dq_grid<32>(qkv, out, lse, d_out, d_qkv, d_qkv16, drow, batch, tokens, heads, hd,
+        mma_dq_grid<32>(qkv, out, lse, d_out, d_qkv, d_qkv16, stats, batch, tokens, heads, hd,
                         scale, prefetch);
     } else {
-        mma_dq_grid<64>(qkv, out, lse, d_out, d_qkv, d_qkv16, drow, batch, tokens, heads, hd,
+        mma_dq_grid<64>(qkv, out, lse, d_out, d_qkv, d_qkv16, stats, batch, tokens, heads, hd,
                         scale, prefetch);
     }
 }
@@ -708,9 +746,9 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
     attention_backward_dq_mma_bf16_hd32(const float* qkv, const u16* qkv16, const float* out,
                                         const float* lse, const float* d_out,
                                         const u16* d_out16, float* d_qkv, u16* d_qkv16,
-                                        float* drow, u64 batch, u64 tokens, u64 heads, u64 hd,
+                                        float2* stats, u64 batch, u64 tokens, u64 heads, u64 hd,
                                         float scale, u32 prefetch) {
-    mma_dq_grid<32>(qkv16, out, lse, d_out16, d_qkv, d_qkv16, drow, batch, tokens, heads, hd,
+    mma_dq_grid<32>(qkv16, out, lse, d_out16, d_qkv, d_qkv16, stats, batch, tokens, heads, hd,
                     scale, prefetch);
 }
 
@@ -718,21 +756,22 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
     attention_backward_dq_mma_bf16_hd64(const float* qkv, const u16* qkv16, const float* out,
                                         const float* lse, const float* d_out,
                                         const u16* d_out16, float* d_qkv, u16* d_qkv16,
-                                        float* drow, u64 batch, u64 tokens, u64 heads, u64 hd,
+                                        float2* stats, u64 batch, u64 tokens, u64 heads, u64 hd,
                                         float scale, u32 prefetch) {
-    mma_dq_grid<64>(qkv16, out, lse, d_out16, d_qkv, d_qkv16, drow, batch, tokens, heads, hd,
+    mma_dq_grid<64>(qkv16, out, lse, d_out16, d_qkv, d_qkv16, stats, batch, tokens, heads, hd,
                     scale, prefetch);
 }
 
 // One query tile of dK, dV for this warp's key rows: s^T = k q^T and dp^T = v dO^T on the
-// tensor cores, p = exp(scale s - lse_i) per query column (a query past `tokens` has lse +inf,
-// so p = 0), dv += p^T dO, ds = p (dp - Drow_i), dk += ds^T q, over the tile's first 16 STEPS
-// rows; ls and ds_row are the tile's lse (base 2) and Drow.
-template <int HD, int STEPS>
+// tensor cores, p = exp(scale s - lse_i) per query column, dv += p^T dO, ds = p (dp - Drow_i),
+// dk += ds^T q, over the tile's first 16 STEPS rows; `st` holds the tile's (lse_i in base 2,
+// Drow_i). A query past `tokens` was staged as zeros, q, dO and its statistics alike: its score is
+// 0 and p = 1, but dO = 0 makes both its dv term and dp, and with Drow = 0 its ds, exactly 0.
+// Nothing to mask (MASK unused).
+template <int HD, int STEPS, bool MASK>
 __device__ __forceinline__ void mma_dkv_tile(const u32 (*k)[4], const u32 (*v)[4],
                                              float (*dk)[4], float (*dv)[4], const u16* qs,
-                                             const u16* dos, const float* ls,
-                                             const float* ds_row, float scale2) {
+                                             const u16* dos, const float2* st, float scale2) {
     const u32 t = threadIdx.x % 4;
     float s[2 * STEPS][4], dp[2 * STEPS][4];
     mma_scores<HD, STEPS>(s, k, qs);
@@ -741,10 +780,10 @@ __device__ __forceinline__ void mma_dkv_tile(const u32 (*k)[4], const u32 (*v)[4
     for (u32 n = 0; n < 2 * STEPS; ++n) {
         UNROLL
         for (u32 i = 0; i < 4; ++i) {
-            const u32 c = 8 * n + 2 * t + i % 2;
-            const float p = exp2_fast(fmaf(s[n][i], scale2, -ls[c]));
+            const float2 row = st[8 * n + 2 * t + i % 2];
+            const float p = exp2_fast(fmaf(s[n][i], scale2, -row.x));
             s[n][i] = p;
-            dp[n][i] = p * (dp[n][i] - ds_row[c]);
+            dp[n][i] = p * (dp[n][i] - row.y);
         }
     }
     u32 pa[STEPS][4], dsa[STEPS][4];
@@ -755,38 +794,37 @@ __device__ __forceinline__ void mma_dkv_tile(const u32 (*k)[4], const u32 (*v)[4
 }
 
 // The query tile at i0 of one head for the dK, dV kernel: q into `qs`, dO into `dos`, the rows'
-// lse in base 2 into `ls` (+inf past the rows, which gives p = 0) and their Drow into `ds_row`.
-// `base`, `dout_base` point at the head's q and dO columns in row 0.
+// statistics into `st` (zeros past the rows), all by `cp.async` where the inputs are bf16.
+// `base`, `dout_base` point at the head's q and dO columns in row 0, `stats` at its rows'.
 template <int HD, typename Q>
-__device__ __forceinline__ void mma_stage_q_do(u16* qs, u16* dos, float* ls, float* ds_row,
-                                               const Q* base, const Q* dout_base,
-                                               const float* lse, const float* drow, u64 lbase,
-                                               u64 dim, u64 i0, u64 tokens, u32 hd) {
-    mma_stage_rows<HD>(qs, base, 3 * dim, i0, tokens, hd);
-    mma_stage_rows<HD>(dos, dout_base, dim, i0, tokens, hd);
-    for (u32 r = threadIdx.x; r < MMA_TILE; r += MMA_THREADS) {
+__device__ __forceinline__ void mma_stage_q_do(u16* qs, u16* dos, float2* st, const Q* base,
+                                               const Q* dout_base, const float2* stats, u64 dim,
+                                               u64 i0, u64 tokens, u32 hd, bool wide) {
+    mma_stage_rows<HD>(qs, base, 3 * dim, i0, tokens, hd, wide);
+    mma_stage_rows<HD>(dos, dout_base, dim, i0, tokens, hd, wide);
+    static_assert(MMA_THREADS >= MMA_TILE, "a thread per statistics row");
+    const u32 r = threadIdx.x;
+    if (r < MMA_TILE) {
         const bool in = i0 + r < tokens;
-        ls[r] = in ? lse[lbase + i0 + r] * LOG2E : __int_as_float(0x7f800000);
-        ds_row[r] = in ? drow[lbase + i0 + r] : 0.0f;
+        cp_async8(st + r, in ? stats + i0 + r : stats, in);
     }
 }
 
 // dK, dV for one block, the warp's 16 key rows against the query tiles in turn; dk is scaled
 // once at the end.
 template <int HD, typename Q>
-__device__ void mma_dkv_block(const Q* qkv, const float* lse, const Q* d_out,
-                              const float* drow, float* d_qkv, u16* d_qkv16, u64 tokens,
-                              u64 heads, u32 hd, float scale, AttBlock blk, u32 prefetch,
-                              u16* qs, u16* dos, float* ls, float* ds_row) {
+__device__ void mma_dkv_block(const Q* qkv, const Q* d_out, const float2* stats, float* d_qkv,
+                              u16* d_qkv16, u64 tokens, u64 heads, u32 hd, float scale,
+                              AttBlock blk, u32 prefetch, u16* qs, u16* dos, float2* st) {
     const u64 dim = heads * hd, width = 3 * dim;
     const u64 row0 = blk.row0 + 16 * (threadIdx.x / 32);
     const Q* base = qkv + blk.b * tokens * width + blk.h * hd;
     const Q* dout_base = d_out + blk.b * tokens * dim + blk.h * hd;
-    const u64 lbase = (blk.b * heads + blk.h) * tokens;
+    const float2* head_stats = stats + (blk.b * heads + blk.h) * tokens;
+    const bool wide = mma_rows_wide(base, 3 * dim, hd) && mma_rows_wide(dout_base, dim, hd);
     auto stage = [&](u32 buf, u64 i0) {
-        mma_stage_q_do<HD>(qs + buf * MMA_BUF, dos + buf * MMA_BUF, ls + buf * MMA_TILE,
-                           ds_row + buf * MMA_TILE, base, dout_base, lse, drow, lbase, dim, i0,
-                           tokens, hd);
+        mma_stage_q_do<HD>(qs + buf * MMA_BUF, dos + buf * MMA_BUF, st + buf * MMA_TILE, base,
+                           dout_base, head_stats, dim, i0, tokens, hd, wide);
     };
     if (row0 >= tokens) {  // past the tokens: only helps stage
         mma_row_walk(tokens, prefetch, stage, [](u32, u64) {});
@@ -801,8 +839,8 @@ __device__ void mma_dkv_block(const Q* qkv, const float* lse, const Q* d_out,
     mma_zero<HD>(dv);
     mma_row_walk(tokens, prefetch, stage, [&](u32 buf, u64 i0) {
         const u16 *q = qs + buf * MMA_BUF, *o = dos + buf * MMA_BUF;
-        const float *l = ls + buf * MMA_TILE, *dr = ds_row + buf * MMA_TILE;
-        MMA_BY_STEPS(mma_stage_valid(i0, tokens), mma_dkv_tile, k, v, dk, dv, q, o, l, dr, scale2);
+        MMA_BY_STEPS(mma_stage_valid(i0, tokens), false, mma_dkv_tile, k, v, dk, dv, q, o,
+                     st + buf * MMA_TILE, scale2);
     });
     const u64 at = blk.b * tokens * width + blk.h * hd;
     mma_store<HD>(d_qkv + at + dim, d_qkv16 ? d_qkv16 + at + dim : nullptr, width, row0, tokens,
@@ -812,53 +850,51 @@ __device__ void mma_dkv_block(const Q* qkv, const float* lse, const Q* d_out,
 }
 
 // Gradients of k and v into the k and v columns of d_qkv (overwritten), given the dQ kernel's
-// Drow; qkv, d_out and d_qkv16 as in the dQ kernel.
+// row statistics; qkv, d_out and d_qkv16 as in the dQ kernel.
 template <int HD, typename Q>
-__device__ void mma_dkv_grid(const Q* qkv, const float* lse, const Q* d_out, const float* drow,
-                             float* d_qkv, u16* d_qkv16, u64 batch, u64 tokens, u64 heads,
-                             u64 hd, float scale, u32 prefetch) {
+__device__ void mma_dkv_grid(const Q* qkv, const Q* d_out, const float2* stats, float* d_qkv,
+                             u16* d_qkv16, u64 batch, u64 tokens, u64 heads, u64 hd, float scale,
+                             u32 prefetch) {
     MmaStaging& st = mma_staging();
     MmaRowStats& rs = mma_row_stats();
     const u64 tiles = (tokens + MMA_ROWS - 1) / MMA_ROWS;
     for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
         const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
-        mma_dkv_block<HD>(qkv, lse, d_out, drow, d_qkv, d_qkv16, tokens, heads, (u32)hd, scale,
-                          blk, prefetch, (u16*)st.a, (u16*)st.b, rs.lse, rs.drow);
+        mma_dkv_block<HD>(qkv, d_out, stats, d_qkv, d_qkv16, tokens, heads, (u32)hd, scale, blk,
+                          prefetch, (u16*)st.a, (u16*)st.b, rs.stats);
     }
 }
 
 // dK, dV on f32 qkv and dO (`qkv16`, `d_out16` unused), any head width up to 64.
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
-    attention_backward_dkv_mma(const float* qkv, const u16* qkv16, const float* lse,
-                               const float* d_out, const u16* d_out16, const float* drow,
-                               float* d_qkv, u16* d_qkv16, u64 batch, u64 tokens, u64 heads,
-                               u64 hd, float scale, u32 prefetch) {
+    attention_backward_dkv_mma(const float* qkv, const u16* qkv16, const float* d_out,
+                               const u16* d_out16, const float2* stats, float* d_qkv,
+                               u16* d_qkv16, u64 batch, u64 tokens, u64 heads, u64 hd,
+                               float scale, u32 prefetch) {
     if (hd <= 32) {
-        mma_dkv_grid<32>(qkv, lse, d_out, drow, d_qkv, d_qkv16, batch, tokens, heads, hd, scale,
+        mma_dkv_grid<32>(qkv, d_out, stats, d_qkv, d_qkv16, batch, tokens, heads, hd, scale,
                          prefetch);
     } else {
-        mma_dkv_grid<64>(qkv, lse, d_out, drow, d_qkv, d_qkv16, batch, tokens, heads, hd, scale,
+        mma_dkv_grid<64>(qkv, d_out, stats, d_qkv, d_qkv16, batch, tokens, heads, hd, scale,
                          prefetch);
     }
 }
 
 // dK, dV on the bf16 copies alone (`qkv`, `d_out` unused), head widths up to 32 and up to 64.
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
-    attention_backward_dkv_mma_bf16_hd32(const float* qkv, const u16* qkv16, const float* lse,
-                                         const float* d_out, const u16* d_out16,
-                                         const float* drow, float* d_qkv, u16* d_qkv16,
-                                         u64 batch, u64 tokens, u64 heads, u64 hd, float scale,
-                                         u32 prefetch) {
-    mma_dkv_grid<32>(qkv16, lse, d_out16, drow, d_qkv, d_qkv16, batch, tokens, heads, hd, scale,
+    attention_backward_dkv_mma_bf16_hd32(const float* qkv, const u16* qkv16, const float* d_out,
+                                         const u16* d_out16, const float2* stats, float* d_qkv,
+                                         u16* d_qkv16, u64 batch, u64 tokens, u64 heads, u64 hd,
+                                         float scale, u32 prefetch) {
+    mma_dkv_grid<32>(qkv16, d_out16, stats, d_qkv, d_qkv16, batch, tokens, heads, hd, scale,
                      prefetch);
 }
 
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
-    attention_backward_dkv_mma_bf16_hd64(const float* qkv, const u16* qkv16, const float* lse,
-                                         const float* d_out, const u16* d_out16,
-                                         const float* drow, float* d_qkv, u16* d_qkv16,
-                                         u64 batch, u64 tokens, u64 heads, u64 hd, float scale,
-                                         u32 prefetch) {
-    mma_dkv_grid<64>(qkv16, lse, d_out16, drow, d_qkv, d_qkv16, batch, tokens, heads, hd, scale,
+    attention_backward_dkv_mma_bf16_hd64(const float* qkv, const u16* qkv16, const float* d_out,
+                                         const u16* d_out16, const float2* stats, float* d_qkv,
+                                         u16* d_qkv16, u64 batch, u64 tokens, u64 heads, u64 hd,
+                                         float scale, u32 prefetch) {
+    mma_dkv_grid<64>(qkv16, d_out16, stats, d_qkv, d_qkv16, batch, tokens, heads, hd, scale,
                      prefetch);
 }
