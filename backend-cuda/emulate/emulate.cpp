@@ -951,6 +951,17 @@ static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, uns
                                    hd, scale, prefetch);
     });
     expect_close("attention_backward_mma d_qkv without copies" + tag, plain, to_d(d_qkv), 0);
+    // The copy alone (null floats: d_qkv from `alloc_operand`): the same copy.
+    std::vector<uint16_t> alone16(rows * 3 * D, 0xdead);
+    launch_rows(grid, MMA_THREADS, [&] {
+        attention_backward_dq_mma(qkv.data(), nullptr, ref_out.data(), ref_lse.data(), d_out.data(), nullptr,
+                                  nullptr, alone16.data(), st, B, T, H, hd, scale, prefetch);
+    });
+    launch_rows(grid, MMA_THREADS, [&] {
+        attention_backward_dkv_mma(qkv.data(), nullptr, d_out.data(), nullptr, st, nullptr, alone16.data(), B, T,
+                                   H, hd, scale, prefetch);
+    });
+    expect_bf16_copy("attention_backward_mma d_qkv copy alone" + tag, alone16, d_qkv);
     // qkv and dO read from their bf16 copies alone by the bf16 kernels (qkv16 and d_out16, the
     // floats null): the inputs hold bf16 values already, so every output is bitwise the same.
     std::vector<uint16_t> qkv16(qkv.size()), d_out16(d_out.size());

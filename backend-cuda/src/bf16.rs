@@ -25,9 +25,10 @@
 //! a Linear layer multiplies carries 50 % more device memory (a written buffer keeps its
 //! allocation and recopies at its next GEMM).
 //!
-//! **Copies alone.** A buffer from `alloc_operand` (the MLP's GELU output and its gradient, and
-//! a block's LayerNorm outputs, which only a Linear layer's GEMMs and bias gradient read) is
-//! written by its producer as the copy only: the kernel skips the f32 store, 4 of the 10 bytes it moves per element
+//! **Copies alone.** A buffer from `alloc_operand` (the MLP's GELU output and its gradient, a
+//! block's LayerNorm outputs and the attention's qkv gradient, which only a Linear layer's GEMMs
+//! and bias gradient read) is written by its producer as the copy only: the kernel skips the f32
+//! store, 4 of the 10 bytes it moves per element
 //! ([`CudaBackend::overwritten_floats`]). Its floats are then
 //! stale until an op reads them: every read of a buffer's floats goes through
 //! [`CudaBackend::floats_current`] (`ptr`, `read_addr`), which widens the copy into them
@@ -621,8 +622,9 @@ mod tests {
     }
 
     /// On a device (or the fake driver): a bf16 training step and an embedding allocate no
-    /// floats for the model's `alloc_operand` buffers (block LayerNorm outputs, qkv and the
-    /// attention output's gradient, the MLP's hidden tensors and their gradients): no op reads
+    /// floats for the model's `alloc_operand` buffers (block LayerNorm outputs, qkv, the
+    /// attention output's gradient and qkv's, the MLP's hidden tensors and their gradients): no
+    /// op reads
     /// them as floats. On the bf16 mode's attention path, the tensor-core kernels, whatever
     /// `MAE_CUDA_ATTENTION` says (the composed path's `split_heads` reads the floats).
     #[test]

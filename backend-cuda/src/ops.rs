@@ -1119,11 +1119,15 @@ impl Backend for CudaBackend {
         let (inputs, _copies) = self.attention_inputs([(qkv, lq), (d_out, lo)], tensor_cores)?;
         let [dq, dkv] = mma_variants([dq, dkv], &inputs, a.head_dim);
         let [qkv_args, d_out_args] = [&inputs[0], &inputs[1]];
-        let d_qkv_ptr = self.ptr_mut(d_qkv)?;
-        let copy = if tensor_cores {
-            self.produced_copy(d_qkv)?
+        // The two kernels overwrite all of d_qkv (the first its q columns, the second the
+        // others): from `alloc_operand`, it gets its bf16 copy alone, which is all its two
+        // gradient products and their bias sums read.
+        let (d_qkv_ptr, copy) = if tensor_cores {
+            d_qkv.renew();
+            let mut copy = self.produced_copy(d_qkv)?;
+            (self.overwritten_floats(&mut copy, d_qkv)?, copy)
         } else {
-            None
+            (self.ptr_mut(d_qkv)?, None)
         };
         let d_qkv_args = if tensor_cores {
             vec![d_qkv_ptr, ProducedCopy::arg(&copy)]

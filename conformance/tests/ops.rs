@@ -1941,7 +1941,8 @@ fn check_rewrites<B: Backend>(b: &B) -> Check {
 /// B) give bitwise the same products, and every other read (a download, a bias gradient's column
 /// sums, an accumulating op) sees `stored` of the values, the rounding the backend may keep them
 /// at (the identity where it keeps the floats). Twice, so a second contents replaces the first,
-/// and the products are taken again after the reads.
+/// and the products are taken again after the reads. Then the same for the fused attention's
+/// backward, which overwrites the qkv Linear's dY (`check_operand_attention_gradient`).
 fn check_operand_buffers<B: Backend>(b: &B, stored: fn(f32) -> f32) -> Check {
     let fail = |e: mae::backend::BackendError| e.to_string();
     // 640 token rows, 512 hidden features, 640 outputs. These products do 569-640 FLOPs per
@@ -2056,6 +2057,79 @@ fn check_operand_buffers<B: Backend>(b: &B, stored: fn(f32) -> f32) -> Check {
                 "{what} accumulating into the operand buffer read other values"
             ));
         }
+    }
+    check_operand_attention_gradient(b, stored)
+}
+
+/// `d_qkv` from `alloc_operand` beside one from `alloc`, both overwritten by the fused
+/// attention's backward (where the backend has one): the qkv Linear's two gradient products
+/// (`dX = dY W` and `dW = dY^T X`, sizes that the CUDA bf16 mode runs on bf16 copies) are
+/// bitwise the same, the download and the bias gradient's column sums see `stored` values.
+fn check_operand_attention_gradient<B: Backend>(b: &B, stored: fn(f32) -> f32) -> Check {
+    let fail = |e: mae::backend::BackendError| e.to_string();
+    // 640 token rows, 6 heads of 32 (the decoder's width): d_qkv is 640 x 576; the products
+    // do 640 and 606 FLOPs per operand element.
+    let a = Attention {
+        batch: 5,
+        tokens: 128,
+        heads: 6,
+        head_dim: 32,
+        scale: 32f32.powf(-0.5),
+    };
+    if !b.fused_attention(&a) {
+        return Ok(());
+    }
+    let (rows, dim, feats) = (a.batch * a.tokens, a.dim(), 640);
+    let host = |seed: u64, len: usize, cols: usize| data(seed, len, cols, Fill::Uniform);
+    let qkv = up(b, &host(80, rows * 3 * dim, 3 * dim));
+    let d_out = up(b, &host(81, rows * dim, dim));
+    let (w, x) = (
+        up(b, &host(82, 3 * dim * feats, feats)),
+        up(b, &host(83, rows * feats, feats)),
+    );
+    let mut out = b.alloc(rows * dim).map_err(fail)?;
+    let mut lse = b.alloc(a.batch * a.heads * a.tokens).map_err(fail)?;
+    b.attention_forward(&qkv, &mut out, &mut lse, &a)
+        .map_err(fail)?;
+    let input_grad = Gemm::new(rows, feats, 3 * dim);
+    let weight_grad = Gemm::new(3 * dim, feats, rows).trans_a();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let products = |d_qkv: &B::Buf| -> Result<[Vec<u32>; 2], String> {
+        let mut dx = up(b, &vec![f32::NAN; rows * feats]);
+        let mut dw = up(b, &vec![f32::NAN; 3 * dim * feats]);
+        b.gemm(&input_grad, d_qkv, &w, &mut dx).map_err(fail)?;
+        b.gemm(&weight_grad, d_qkv, &x, &mut dw).map_err(fail)?;
+        Ok([bits(&down(b, &dx)), bits(&down(b, &dw))])
+    };
+    let mut plain = up(b, &vec![f32::NAN; rows * 3 * dim]);
+    let mut operand = b.alloc_operand(rows * 3 * dim).map_err(fail)?;
+    for d_qkv in [&mut plain, &mut operand] {
+        b.attention_backward(&qkv, &out, &lse, &d_out, d_qkv, &a)
+            .map_err(fail)?;
+    }
+    let want = products(&plain)?;
+    if products(&operand)? != want {
+        return Err("attention_backward: a product of the operand d_qkv differs".into());
+    }
+    let stored_values: Vec<f32> = down(b, &plain).into_iter().map(stored).collect();
+    let sums = RowMap::bias(rows, 3 * dim);
+    let (mut got, mut expect) = (up(b, &vec![0.0; 3 * dim]), up(b, &vec![0.0; 3 * dim]));
+    b.copy_rows_backward(&operand, &mut got, &sums)
+        .map_err(fail)?;
+    b.copy_rows_backward(&up(b, &stored_values), &mut expect, &sums)
+        .map_err(fail)?;
+    if bits(&down(b, &got)) != bits(&down(b, &expect)) {
+        return Err(
+            "attention_backward: the operand d_qkv's column sums summed other values".into(),
+        );
+    }
+    if bits(&down(b, &operand)) != bits(&stored_values) {
+        return Err(
+            "attention_backward: the operand d_qkv's download is not the stored values".into(),
+        );
+    }
+    if products(&operand)? != want {
+        return Err("attention_backward: a product after the download differs".into());
     }
     Ok(())
 }

@@ -402,12 +402,13 @@ __device__ __forceinline__ void mma_c_to_a(u32 (*a)[4], const float (*c)[4]) {
     }
 }
 
-// Writes 16 x HD accumulators times `scale` to this warp's rows of one head of `dst` (row
-// stride `stride`), rows below `rows` and columns below `hd` only; where `dst16` is not null,
-// also their bf16 copy at the same places (the operand of the Linear layer that reads `dst`:
-// bf16.rs, `produced_copy`).
+// Writes 16 x HD accumulators times `scale` to this warp's rows of one head, at element `at` of
+// `dst` (row stride `stride`), rows below `rows` and columns below `hd` only; where `dst16` is
+// not null, also their bf16 copy at the same places (the operand of the Linear layer that reads
+// `dst`: bf16.rs, `produced_copy`). A null `dst` writes the copy alone (bf16.rs,
+// `overwritten_floats`).
 template <int HD>
-__device__ void mma_store(float* dst, u16* dst16, u64 stride, u64 row0, u64 rows, u32 hd,
+__device__ void mma_store(float* dst, u16* dst16, u64 at, u64 stride, u64 row0, u64 rows, u32 hd,
                           const float (*acc)[4], float scale) {
     const u32 lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     UNROLL
@@ -418,8 +419,8 @@ __device__ void mma_store(float* dst, u16* dst16, u64 stride, u64 row0, u64 rows
             const u32 c = 8 * n + 2 * t + i % 2;
             if (r < rows && c < hd) {
                 const float v = scale * acc[n][i];
-                dst[r * stride + c] = v;
-                if (dst16) dst16[r * stride + c] = (u16)bf16_bits(v);
+                if (dst) dst[at + r * stride + c] = v;
+                if (dst16) dst16[at + r * stride + c] = (u16)bf16_bits(v);
             }
         }
     }
@@ -569,7 +570,7 @@ __device__ void mma_forward_block(const Q* qkv, float* out, u16* out16, float* l
         for (u32 i = 0; i < 4; ++i) o[n][i] /= total[i / 2];
     }
     const u64 at = blk.b * tokens * dim + blk.h * hd;
-    mma_store<HD>(out + at, out16 ? out16 + at : nullptr, dim, row0, tokens, hd, o, 1.0f);
+    mma_store<HD>(out, out16, at, dim, row0, tokens, hd, o, 1.0f);
     if (t == 0) {
         UNROLL
         for (u32 r = 0; r < 2; ++r) {
@@ -695,8 +696,7 @@ __device__ void mma_dq_block(const Q* qkv, const float* out, const float* lse, c
         MMA_BY_STEPS(keys, true, mma_dq_tile, q, dout, dq, d, li, k, v, keys, scale2);
     });
     const u64 at = blk.b * tokens * width + blk.h * hd;
-    mma_store<HD>(d_qkv + at, d_qkv16 ? d_qkv16 + at : nullptr, width, row0, tokens, hd, dq,
-                  scale);
+    mma_store<HD>(d_qkv, d_qkv16, at, width, row0, tokens, hd, dq, scale);
     if (t == 0) {
         UNROLL
         for (u32 r = 0; r < 2; ++r) {
@@ -709,7 +709,8 @@ __device__ void mma_dq_block(const Q* qkv, const float* out, const float* lse, c
 // Gradient of q into the q columns of d_qkv (overwritten), and the score rows' statistics
 // `stats` [batch, heads, tokens] for the dK, dV kernel: (lse in base 2, Drow) as one float2, so
 // that kernel stages a row's pair with one 8-byte `cp.async`. d_qkv16, where not null, receives
-// those columns' bf16 copy (d_qkv is dY of the qkv Linear). qkv and d_out are both floats or
+// those columns' bf16 copy (d_qkv is dY of the qkv Linear), and a null d_qkv leaves the copy
+// alone holding them (d_qkv from `alloc_operand`). qkv and d_out are both floats or
 // both bf16 copies alone (the proj Linear's input gradient in the bf16 mode; ops.rs sees to
 // that), so that one instantiation reads both; Drow then sums the bf16 values of dO, as
 // FlashAttention's bf16 kernels do.
@@ -843,10 +844,8 @@ __device__ void mma_dkv_block(const Q* qkv, const Q* d_out, const float2* stats,
                      st + buf * MMA_TILE, scale2);
     });
     const u64 at = blk.b * tokens * width + blk.h * hd;
-    mma_store<HD>(d_qkv + at + dim, d_qkv16 ? d_qkv16 + at + dim : nullptr, width, row0, tokens,
-                  hd, dk, scale);
-    mma_store<HD>(d_qkv + at + 2 * dim, d_qkv16 ? d_qkv16 + at + 2 * dim : nullptr, width, row0,
-                  tokens, hd, dv, 1.0f);
+    mma_store<HD>(d_qkv, d_qkv16, at + dim, width, row0, tokens, hd, dk, scale);
+    mma_store<HD>(d_qkv, d_qkv16, at + 2 * dim, width, row0, tokens, hd, dv, 1.0f);
 }
 
 // Gradients of k and v into the k and v columns of d_qkv (overwritten), given the dQ kernel's

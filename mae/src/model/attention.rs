@@ -100,27 +100,23 @@ impl<B: Backend> AttentionScratch<B> {
         let scores = d.batch * d.heads * d.tokens * d.tokens;
         // Composed-path buffers, empty on the fused path.
         let composed = |len: usize| b.alloc(if fused { 0 } else { len });
-        // Gradients: empty without a backward, and on the fused path unless it uses them too.
-        let grad = |len: usize, fused_uses: bool| {
-            b.alloc(if backward && (fused_uses || !fused) {
-                len
-            } else {
-                0
-            })
-        };
+        // Gradients of the composed path: empty without a backward and on the fused path.
+        let grad = |len: usize| b.alloc(if backward && !fused { len } else { 0 });
         Ok(AttentionScratch {
             qkv: composed(r * 3 * dim)?,
             heads_out: composed(r * dim)?,
             scores: composed(scores)?,
-            d_att: grad(scores, false)?,
+            d_att: grad(scores)?,
             // Read only by the attention backward as dO (its products round it to the
             // backend's operand precision anyway) or, composed, by split_heads.
             d_merged: b.alloc_operand(if backward { r * dim } else { 0 })?,
-            d_heads_out: grad(r * dim, false)?,
-            d_q: grad(r * dim, false)?,
-            d_k: grad(r * dim, false)?,
-            d_v: grad(r * dim, false)?,
-            d_qkv: grad(r * 3 * dim, true)?,
+            d_heads_out: grad(r * dim)?,
+            d_q: grad(r * dim)?,
+            d_k: grad(r * dim)?,
+            d_v: grad(r * dim)?,
+            // dY of the qkv Linear, read only by its gradient products and their bias sums
+            // (which round it to the backend's operand precision anyway), as `d_merged` is.
+            d_qkv: b.alloc_operand(if backward { r * 3 * dim } else { 0 })?,
         })
     }
 }
