@@ -127,30 +127,30 @@ inline void host_mma_bf16(float* d, const unsigned* a, unsigned b0, unsigned b1)
     for (unsigned i = 0; i < 4; ++i) d[i] = out[i];
 }
 
-// ldmatrix.sync.aligned.m8n8.x2(.trans).shared.b16 across each warp: every lane publishes its
-// row address, and after a barrier takes its two registers from the warp's (lanes 8 i .. 8 i + 7
-// address matrix i's rows; register i of lane 4 g + t is row g, columns 2 t and 2 t + 1 of
-// matrix i, or with `trans` of its transpose: rows 2 t and 2 t + 1 of column g). Lanes 16 .. 31
-// give addresses that are not read.
-inline void host_ldmatrix_x2(unsigned* r, const unsigned short* row, bool trans) {
+// ldmatrix.sync.aligned.m8n8.x2 or .x4 (.trans).shared.b16 across each warp (`count` 2 or 4
+// matrices): every lane publishes its row address, and after a barrier takes its registers from
+// the warp's (lanes 8 i .. 8 i + 7 address matrix i's rows; register i of lane 4 g + t is row g,
+// columns 2 t and 2 t + 1 of matrix i, or with `trans` of its transpose: rows 2 t and 2 t + 1 of
+// column g). With two matrices lanes 16 .. 31 give addresses that are not read.
+inline void host_ldmatrix(unsigned* r, const unsigned short* row, bool trans, unsigned count) {
     static thread_local std::vector<const unsigned short*> slots;
     if (slots.size() < blockDim.x) slots.resize(blockDim.x);
-    if (threadIdx.x % 32 < 16 && ((uintptr_t)row & 15) != 0) {
+    if (threadIdx.x % 32 < 8 * count && ((uintptr_t)row & 15) != 0) {
         std::fprintf(stderr, "ldmatrix: row address not 16-byte aligned\n");
         std::abort();
     }
     slots[threadIdx.x] = row;
     warp_barrier();
     const unsigned lane = threadIdx.x % 32, warp = threadIdx.x - lane, g = lane / 4, t = lane % 4;
-    unsigned out[2];
-    for (unsigned i = 0; i < 2; ++i) {
+    unsigned out[4];
+    for (unsigned i = 0; i < count; ++i) {
         const unsigned short* const* m = &slots[warp + 8 * i];
         const unsigned lo = trans ? m[2 * t][g] : m[g][2 * t];
         const unsigned hi = trans ? m[2 * t + 1][g] : m[g][2 * t + 1];
         out[i] = lo | (hi << 16);
     }
     warp_barrier();
-    for (unsigned i = 0; i < 2; ++i) r[i] = out[i];
+    for (unsigned i = 0; i < count; ++i) r[i] = out[i];
 }
 
 // cp.async of 16 bytes (.cg) or 8 (.ca): the copy is only noted, and lands at the thread's next

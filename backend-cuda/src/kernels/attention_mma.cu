@@ -112,11 +112,9 @@ __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
 template <bool TRANS>
 __device__ __forceinline__ void ldsm_x2(u32* r, const u16* tile, u32 at) {
 #ifdef MAE_HOST_SHIM
-    host_ldmatrix_x2(r, tile + at, TRANS);
+    host_ldmatrix(r, tile + at, TRANS, 2);
 #else
-    u32 base;
-    asm("{ .reg .u64 s; cvta.to.shared.u64 s, %1; cvt.u32.u64 %0, s; }" : "=r"(base) : "l"(tile));
-    const u32 a = base + 2 * at;
+    const u32 a = (u32)__cvta_generic_to_shared(tile) + 2 * at;
     if (TRANS) {
         asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
                      : "=r"(r[0]), "=r"(r[1])
@@ -124,6 +122,26 @@ __device__ __forceinline__ void ldsm_x2(u32* r, const u16* tile, u32 at) {
     } else {
         asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];"
                      : "=r"(r[0]), "=r"(r[1])
+                     : "r"(a));
+    }
+#endif
+}
+
+// Four 8 x 8 matrices the same way (`ldmatrix.x4`): lanes 8 i .. 8 i + 7 address matrix i, and
+// register i receives its part of matrix i. One instruction where two `x2` took two.
+template <bool TRANS>
+__device__ __forceinline__ void ldsm_x4(u32* r, const u16* tile, u32 at) {
+#ifdef MAE_HOST_SHIM
+    host_ldmatrix(r, tile + at, TRANS, 4);
+#else
+    const u32 a = (u32)__cvta_generic_to_shared(tile) + 2 * at;
+    if (TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    } else {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                      : "r"(a));
     }
 #endif
@@ -316,15 +334,34 @@ __device__ __forceinline__ float mma_value(u16 x) { return __uint_as_float((u32)
 // (`MMA_BY_STEPS`). Each is its own straight-line instantiation: tests inside one copy of the
 // tile's code made it larger and made ptxas spill.
 
+// Whether a kernel's B fragments come four 8 x 8 matrices per `ldmatrix` (`.x4`) or two
+// (`.x2`): four at head width 32 (the decoder's), where the kernels issue 12 to 17 % fewer
+// instructions a whole tile and spill no more; at 64 the four registers each load fills made
+// ptxas 12.9 spill inside the main loops (sm_90), so two.
+#define MMA_X4(HD) ((HD) == 32)
+
 // s = a x^T over the HD features for n-tile n: the warp's 16 rows (A fragments) against rows
 // 8 n .. 8 n + 8 of a row-major tile `rm`, as 16 x 8 accumulators. The B fragments come from
-// `ldmatrix`: lane l points at row 8 n + l % 8, features 16 kk + 8 (l / 8 % 2).
+// `ldmatrix`: with `.x4` two k-steps at a time, lane l pointing at row 8 n + l % 8, features
+// 32 kk + 8 (l / 8) (matrices 0, 1 are k-step 2 kk, matrices 2, 3 k-step 2 kk + 1); with `.x2`
+// one, lane l at row 8 n + l % 8, features 16 kk + 8 (l / 8 % 2).
 template <int HD>
 __device__ __forceinline__ void mma_score_ntile(float* s, const u32 (*a)[4], const u16* rm,
                                                 u32 n) {
     const u32 lane = threadIdx.x % 32;
     UNROLL
     for (u32 i = 0; i < 4; ++i) s[i] = 0.0f;
+    if (MMA_X4(HD)) {
+        const u32 row = (8 * n + lane % 8) * (HD + MMA_PAD) + 8 * (lane / 8);
+        UNROLL
+        for (u32 kk = 0; kk < HD / 32; ++kk) {
+            u32 b[4];
+            ldsm_x4<false>(b, rm, row + 32 * kk);
+            mma_bf16(s, a[2 * kk], b[0], b[1]);
+            mma_bf16(s, a[2 * kk + 1], b[2], b[3]);
+        }
+        return;
+    }
     const u32 row = (8 * n + lane % 8) * (HD + MMA_PAD) + 8 * (lane / 8 % 2);
     UNROLL
     for (u32 kk = 0; kk < HD / 16; ++kk) {
@@ -344,19 +381,27 @@ __device__ __forceinline__ void mma_scores(float (*s)[4], const u32 (*a)[4], con
 
 // acc += p x over the tile's first 16 STEPS rows: p (A fragments of 16 x 16 STEPS) times the
 // row-major tile `rm`, into 16 x HD accumulators (acc[n] holds features 8 n .. 8 n + 8). The B
-// fragments are the tile's 8 x 8 blocks transposed (`ldmatrix.trans`): lane l points at row
-// 16 kk + l % 16, features 8 n .. 8 n + 8.
+// fragments are the tile's 8 x 8 blocks transposed (`ldmatrix.trans`): with `.x4` two k-steps
+// at a time (lane l points at row 16 kk + l, features 8 n .. 8 n + 8), the rest one at a time
+// (`.x2`: lane l at row 16 kk + l % 16).
 template <int HD, int STEPS>
 __device__ __forceinline__ void mma_accumulate(float (*acc)[4], const u32 (*p)[4],
                                                const u16* rm) {
     const u32 lane = threadIdx.x % 32;
+    constexpr u32 PAIRS = MMA_X4(HD) ? STEPS / 2 : 0;
     UNROLL
     for (u32 n = 0; n < HD / 8; ++n) {
-        const u32 col = (lane % 16) * (HD + MMA_PAD) + 8 * n;
         UNROLL
-        for (u32 kk = 0; kk < STEPS; ++kk) {
+        for (u32 kk = 0; kk < 2 * PAIRS; kk += 2) {
+            u32 b[4];
+            ldsm_x4<true>(b, rm, (16 * kk + lane) * (HD + MMA_PAD) + 8 * n);
+            mma_bf16(acc[n], p[kk], b[0], b[1]);
+            mma_bf16(acc[n], p[kk + 1], b[2], b[3]);
+        }
+        UNROLL
+        for (u32 kk = 2 * PAIRS; kk < STEPS; ++kk) {
             u32 b[2];
-            ldsm_x2<true>(b, rm, col + 16 * kk * (HD + MMA_PAD));
+            ldsm_x2<true>(b, rm, (16 * kk + lane % 16) * (HD + MMA_PAD) + 8 * n);
             mma_bf16(acc[n], p[kk], b[0], b[1]);
         }
     }
