@@ -407,21 +407,21 @@ __device__ __forceinline__ void mma_accumulate(float (*acc)[4], const u32 (*p)[4
     }
 }
 
-// Calls TILE<HD, STEPS, MASK>(args...) with the fewest STEPS (4, 2 or 1) that cover `valid`
-// rows. A tile function that masks keys (`masks`: the forward and dQ kernels) runs whole tiles,
-// all but the last of a walk, without the masking's tests (MASK false): an instantiation of its
-// own, as tests inside the straight-line code cost 48 of its 372 instructions a tile (sm_90).
-#define MMA_BY_STEPS(valid, masks, TILE, ...)        \
-    do {                                            \
-        if ((masks) && (valid) == MMA_TILE) {       \
-            TILE<HD, 4, false>(__VA_ARGS__);        \
-        } else if ((valid) > 32) {                  \
-            TILE<HD, 4, masks>(__VA_ARGS__);        \
-        } else if ((valid) > 16) {                  \
-            TILE<HD, 2, masks>(__VA_ARGS__);        \
-        } else {                                    \
-            TILE<HD, 1, masks>(__VA_ARGS__);        \
-        }                                           \
+// Calls TILE<HD, STEPS, MASK>(args...) of a key tile (the forward and dQ kernels) with the
+// fewest STEPS (4, 2 or 1) that cover `valid` keys. Whole tiles, all but the last of a walk, run
+// without the key mask's tests (MASK false): an instantiation of their own, as tests inside the
+// straight-line code cost 48 of the forward's 372 instructions a tile (sm_90).
+#define MMA_BY_STEPS(valid, TILE, ...)           \
+    do {                                         \
+        if ((valid) == MMA_TILE) {               \
+            TILE<HD, 4, false>(__VA_ARGS__);     \
+        } else if ((valid) > 32) {               \
+            TILE<HD, 4, true>(__VA_ARGS__);      \
+        } else if ((valid) > 16) {               \
+            TILE<HD, 2, true>(__VA_ARGS__);      \
+        } else {                                 \
+            TILE<HD, 1, true>(__VA_ARGS__);      \
+        }                                        \
     } while (0)
 
 // Zeroes 16 x HD accumulators.
@@ -606,7 +606,7 @@ __device__ void mma_forward_block(const Q* qkv, float* out, u16* out16, float* l
     mma_row_walk(tokens, prefetch, stage, [&](u32 buf, u64 j0) {
         const u32 keys = mma_stage_valid(j0, tokens);
         const u16 *k = ks + buf * MMA_BUF, *v = vs + buf * MMA_BUF;
-        MMA_BY_STEPS(keys, true, mma_forward_tile, q, o, m, l, k, v, keys, scale2);
+        MMA_BY_STEPS(keys, mma_forward_tile, q, o, m, l, k, v, keys, scale2);
     });
     const float total[2] = {group_sum(l[0]), group_sum(l[1])};
     UNROLL
@@ -738,7 +738,7 @@ __device__ void mma_dq_block(const Q* qkv, const float* out, const float* lse, c
     mma_row_walk(tokens, prefetch, stage, [&](u32 buf, u64 j0) {
         const u32 keys = mma_stage_valid(j0, tokens);
         const u16 *k = ks + buf * MMA_BUF, *v = vs + buf * MMA_BUF;
-        MMA_BY_STEPS(keys, true, mma_dq_tile, q, dout, dq, d, li, k, v, keys, scale2);
+        MMA_BY_STEPS(keys, mma_dq_tile, q, dout, dq, d, li, k, v, keys, scale2);
     });
     const u64 at = blk.b * tokens * width + blk.h * hd;
     mma_store<HD>(d_qkv, d_qkv16, at, width, row0, tokens, hd, dq, scale);
@@ -813,8 +813,7 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
 // dk += ds^T q, over the tile's first 16 STEPS rows; `st` holds the tile's (lse_i in base 2,
 // Drow_i). A query past `tokens` was staged as zeros, q, dO and its statistics alike: its score is
 // 0 and p = 1, but dO = 0 makes both its dv term and dp, and with Drow = 0 its ds, exactly 0.
-// Nothing to mask (MASK unused).
-template <int HD, int STEPS, bool MASK>
+template <int HD, int STEPS>
 __device__ __forceinline__ void mma_dkv_tile(const u32 (*k)[4], const u32 (*v)[4],
                                              float (*dk)[4], float (*dv)[4], const u16* qs,
                                              const u16* dos, const float2* st, float scale2) {
@@ -885,8 +884,21 @@ __device__ void mma_dkv_block(const Q* qkv, const Q* d_out, const float2* stats,
     mma_zero<HD>(dv);
     mma_row_walk(tokens, prefetch, stage, [&](u32 buf, u64 i0) {
         const u16 *q = qs + buf * MMA_BUF, *o = dos + buf * MMA_BUF;
-        MMA_BY_STEPS(mma_stage_valid(i0, tokens), false, mma_dkv_tile, k, v, dk, dv, q, o,
-                     st + buf * MMA_TILE, scale2);
+        // The tile in halves of 32 query rows, each at the fewest k-steps that cover its
+        // valid rows: a whole tile at once keeps 64 more score and gradient values live, and at
+        // the 128 registers of four resident blocks ptxas 12.9 spilled inside the loop.
+        const u32 valid = mma_stage_valid(i0, tokens);
+        UNROLL
+        for (u32 h = 0; h < 2; ++h) {
+            const u32 rows = valid > 32 * h ? valid - 32 * h : 0;
+            const u16 *qh = q + 32 * h * (HD + MMA_PAD), *oh = o + 32 * h * (HD + MMA_PAD);
+            const float2* sh = st + buf * MMA_TILE + 32 * h;
+            if (rows > 16) {
+                mma_dkv_tile<HD, 2>(k, v, dk, dv, qh, oh, sh, scale2);
+            } else if (rows > 0) {
+                mma_dkv_tile<HD, 1>(k, v, dk, dv, qh, oh, sh, scale2);
+            }
+        }
     });
     const u64 at = blk.b * tokens * width + blk.h * hd;
     mma_store<HD>(d_qkv, d_qkv16, at + dim, width, row0, tokens, hd, dk, scale);
@@ -925,7 +937,9 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
 }
 
 // dK, dV on the bf16 copies alone (`qkv`, `d_out` unused), head widths up to 32 and up to 64.
-extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
+// Four blocks at width 32 (128 registers, no spill in the main loop since the tiles go in
+// halves); at 64 four spilled 20 values a tile, so three.
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
     attention_backward_dkv_mma_bf16_hd32(const float* qkv, const u16* qkv16, const float* d_out,
                                          const u16* d_out16, const float2* stats, float* d_qkv,
                                          u16* d_qkv16, u64 batch, u64 tokens, u64 heads, u64 hd,
