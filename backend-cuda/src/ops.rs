@@ -1113,15 +1113,14 @@ impl Backend for CudaBackend {
         let tensor_cores = dq == Kernel::AttentionBackwardDqMma;
         // Written by the dQ kernel for the dK, dV kernel, per score row: Drow_i = dO_i . O_i, and
         // on the tensor cores (lse_i in base 2, Drow_i) as one pair (attention_mma.cu).
-        let mut drow = self.alloc(if tensor_cores { 2 * ll } else { ll })?;
-        // The tensor-core kernels also write d_qkv's bf16 copy (dQ its q columns, dK-dV the
-        // others): d_qkv is dY of the qkv Linear, whose two gradient products read it.
+        let mut row_stats = self.alloc(if tensor_cores { 2 * ll } else { ll })?;
         let (inputs, _copies) = self.attention_inputs([(qkv, lq), (d_out, lo)], tensor_cores)?;
         let [dq, dkv] = mma_variants([dq, dkv], &inputs, a.head_dim);
         let [qkv_args, d_out_args] = [&inputs[0], &inputs[1]];
-        // The two kernels overwrite all of d_qkv (the first its q columns, the second the
-        // others): from `alloc_operand`, it gets its bf16 copy alone, which is all its two
-        // gradient products and their bias sums read.
+        // The tensor-core kernels overwrite all of d_qkv (dQ its q columns, dK-dV the others)
+        // and write its bf16 copy too: d_qkv is dY of the qkv Linear, whose two gradient
+        // products and their bias sums read only the copy, so one from `alloc_operand` gets
+        // the copy alone.
         let (d_qkv_ptr, copy) = if tensor_cores {
             d_qkv.renew();
             let mut copy = self.produced_copy(d_qkv)?;
@@ -1138,7 +1137,7 @@ impl Backend for CudaBackend {
         args.extend([self.ptr(out)?, self.ptr(lse)?]);
         args.extend_from_slice(d_out_args);
         args.extend_from_slice(&d_qkv_args);
-        args.push(self.ptr_mut(&mut drow)?);
+        args.push(self.ptr_mut(&mut row_stats)?);
         args.extend(attention_dims(a));
         let prefetch = Arg::U32(self.attention_prefetch.into());
         if tensor_cores {
@@ -1151,7 +1150,7 @@ impl Backend for CudaBackend {
             args.push(self.ptr(lse)?);
         }
         args.extend_from_slice(d_out_args);
-        args.push(self.ptr(&drow)?);
+        args.push(self.ptr(&row_stats)?);
         args.extend_from_slice(&d_qkv_args);
         args.extend(attention_dims(a));
         if tensor_cores {
