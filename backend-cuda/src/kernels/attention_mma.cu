@@ -147,29 +147,24 @@ __device__ __forceinline__ void ldsm_x4(u32* r, const u16* tile, u32 at) {
 #endif
 }
 
-// 16 bytes from global to shared memory without passing through registers (`cp.async.cg`, which
-// caches in L2 only): the copy runs while the thread goes on, until `cp_async_wait_all`. With
-// `valid` false it writes 16 zero bytes and reads nothing (`src` is then any mapped address).
-__device__ __forceinline__ void cp_async16(u16* dst, const u16* src, bool valid) {
+// BYTES (16 or 8) from global to shared memory without passing through registers: the copy
+// runs while the thread goes on, until `cp_async_wait_all`. With `valid` false it writes zeros
+// and reads nothing (`src` is then any mapped address). 16 bytes go by `cp.async.cg`, which
+// caches in L2 only, 8 by `.ca` (`.cg` takes no other size).
+template <u32 BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
+    static_assert(BYTES == 16 || BYTES == 8, "cp.async of 16 or 8 bytes");
 #ifdef MAE_HOST_SHIM
-    host_cp_async(dst, src, 16, valid);
+    host_cp_async(dst, src, BYTES, valid);
 #elif __CUDA_ARCH__ >= 800
     const u32 d = (u32)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
-                 "r"(valid ? 16 : 0));
-#else
-    asm volatile("trap;");  // not reached: these kernels run on 8.0 and later only
-#endif
-}
-
-// 8 bytes the same way (`cp.async.ca`: the 16-byte copies' `.cg` takes no other size).
-__device__ __forceinline__ void cp_async8(void* dst, const void* src, bool valid) {
-#ifdef MAE_HOST_SHIM
-    host_cp_async(dst, src, 8, valid);
-#elif __CUDA_ARCH__ >= 800
-    const u32 d = (u32)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(d), "l"(src),
-                 "r"(valid ? 8 : 0));
+    if (BYTES == 16) {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+                     "r"(valid ? 16 : 0));
+    } else {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(d), "l"(src),
+                     "r"(valid ? 8 : 0));
+    }
 #else
     asm volatile("trap;");  // not reached: these kernels run on 8.0 and later only
 #endif
@@ -273,7 +268,7 @@ __device__ void mma_stage_rows(u16* rm, const u16* src, u64 stride, u64 r0, u64 
         UNROLL
         for (u32 k = 0; k < PER; ++k) {
             const bool in = row + k * STEP < left && c < hd;
-            cp_async16(rm + (r + k * STEP) * (HD + MMA_PAD) + c,
+            cp_async<16>(rm + (r + k * STEP) * (HD + MMA_PAD) + c,
                        in ? from + (u64)(k * STEP) * (u32)stride : src, in);
         }
         return;
@@ -851,7 +846,7 @@ __device__ __forceinline__ void mma_stage_q_do(u16* qs, u16* dos, float2* st, co
     const u32 r = threadIdx.x;
     if (r < MMA_TILE) {
         const bool in = i0 + r < tokens;
-        cp_async8(st + r, in ? stats + i0 + r : stats, in);
+        cp_async<8>(st + r, in ? stats + i0 + r : stats, in);
     }
 }
 
