@@ -615,7 +615,9 @@ __device__ void mma_forward_block(const Q* qkv, float* out, u16* out16, float* l
         UNROLL
         for (u32 r = 0; r < 2; ++r) {
             const u64 i = row0 + lane / 4 + 8 * r;
-            if (i < tokens) lse[(blk.b * heads + blk.h) * tokens + i] = m[r] * scale + logf(total[r]);
+            if (i < tokens) {
+                lse[(blk.b * heads + blk.h) * tokens + i] = m[r] * scale + logf(total[r]);
+            }
         }
     }
 }
@@ -690,7 +692,7 @@ __device__ __forceinline__ void mma_dq_tile(const u32 (*q)[4], const u32 (*dout)
 }
 
 // dQ for one block: Drow_i = dO_i . O_i in f32, then the key tiles in turn; dq is scaled once
-// at the end. Writes Drow for the dK, dV kernel.
+// at the end. Writes each row's (lse in base 2, Drow) for the dK, dV kernel.
 template <int HD, typename Q>
 __device__ void mma_dq_block(const Q* qkv, const float* out, const float* lse, const Q* d_out,
                              float* d_qkv, u16* d_qkv16, float2* stats, u64 tokens, u64 heads,
