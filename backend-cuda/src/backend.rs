@@ -317,8 +317,9 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// A scratch buffer of `len` doubles for two-pass reductions; freed (stream-ordered) when
-    /// dropped at the end of the op.
+    /// A scratch buffer of `len` 8-byte slots (two-pass reductions' doubles, the attention
+    /// backward's row statistics), not filled; freed (stream-ordered) when dropped at the end of
+    /// the op.
     pub(crate) fn scratch(&self, len: usize) -> BResult<CudaSlice<f64>> {
         let bytes = error::bytes_of::<f64>(len)?;
         // SAFETY: the kernels that use scratch write every element they later read.

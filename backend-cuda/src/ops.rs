@@ -1112,8 +1112,9 @@ impl Backend for CudaBackend {
         let ([_, dq, dkv], cfg) = self.attention_kernels(a);
         let tensor_cores = dq == Kernel::AttentionBackwardDqMma;
         // Written by the dQ kernel for the dK, dV kernel, per score row: Drow_i = dO_i . O_i, and
-        // on the tensor cores (lse_i in base 2, Drow_i) as one pair (attention_mma.cu).
-        let mut row_stats = self.alloc(if tensor_cores { 2 * ll } else { ll })?;
+        // on the tensor cores (lse_i in base 2, Drow_i) as one pair (attention_mma.cu); 8 bytes a
+        // row either way. The dQ kernel writes every row, so no fill first.
+        let mut row_stats = self.scratch(ll)?;
         let (inputs, _copies) = self.attention_inputs([(qkv, lq), (d_out, lo)], tensor_cores)?;
         let [dq, dkv] = mma_variants([dq, dkv], &inputs, a.head_dim);
         let [qkv_args, d_out_args] = [&inputs[0], &inputs[1]];
@@ -1137,7 +1138,7 @@ impl Backend for CudaBackend {
         args.extend([self.ptr(out)?, self.ptr(lse)?]);
         args.extend_from_slice(d_out_args);
         args.extend_from_slice(&d_qkv_args);
-        args.push(self.ptr_mut(&mut row_stats)?);
+        args.push(self.scratch_ptr(&mut row_stats));
         args.extend(attention_dims(a));
         let prefetch = Arg::U32(self.attention_prefetch.into());
         if tensor_cores {
@@ -1150,7 +1151,7 @@ impl Backend for CudaBackend {
             args.push(self.ptr(lse)?);
         }
         args.extend_from_slice(d_out_args);
-        args.push(self.ptr(&row_stats)?);
+        args.push(self.scratch_ptr(&mut row_stats));
         args.extend_from_slice(&d_qkv_args);
         args.extend(attention_dims(a));
         if tensor_cores {
