@@ -24,8 +24,9 @@
 #       where the machine has a Vulkan driver; and scripts/dp-check.sh (one NCCL rank against a
 #       single process), and bf16 at the largest batch with MAE_CUDA_UPLOAD=pageable (the
 #       uploads before pinned staging), with MAE_CUDA_ATTENTION_PREFETCH=off (the attention's
-#       tile loads not overlapped) and with MAE_CUDA_LAYERNORM_PARTIALS=separate (the LayerNorm
-#       parameter gradients' partials in a pass of their own). A full run took 195-213 s on an H200 (2026-11-27).
+#       tile loads not overlapped), with MAE_CUDA_LAYERNORM_PARTIALS=separate (the LayerNorm
+#       parameter gradients' partials in a pass of their own) and with
+#       MAE_CUDA_WEIGHT_GRAD_SPLIT=off (weight gradients as one product each). A full run took 195-213 s on an H200 (2026-11-27).
 #       GPU_CHECK_QUICK=1 keeps what a change to the bf16 mode needs, in about half the time:
 #       the backend's tests, bf16 golden and ops, bf16 bench at GPU_CHECK_BATCHES (the composed
 #       attention and PyTorch bf16 at the largest), the profiles; no f32, ViT-L, wgpu or NCCL.
@@ -288,6 +289,11 @@ run() {
         --backend cuda-bf16 --batch "$largest" --seconds "$s"
     measure "bench base224 cuda-bf16 b$largest MAE_CUDA_LAYERNORM_PARTIALS=separate" \
         env MAE_CUDA_LAYERNORM_PARTIALS=separate "$bins/bin/bench" --case base224 \
+        --backend cuda-bf16 --batch "$largest" --seconds "$s"
+    # Weight gradients that leave the card idle run in chunks of their rows (split_k.rs): the
+    # profile's labels give cuBLASLt's waves and the chunks; this is the whole products' rate.
+    measure "bench base224 cuda-bf16 b$largest MAE_CUDA_WEIGHT_GRAD_SPLIT=off" \
+        env MAE_CUDA_WEIGHT_GRAD_SPLIT=off "$bins/bin/bench" --case base224 \
         --backend cuda-bf16 --batch "$largest" --seconds "$s"
     for batch in $composed; do
         measure "bench base224 cuda-bf16 b$batch MAE_CUDA_ATTENTION=composed" \

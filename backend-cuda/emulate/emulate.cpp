@@ -109,6 +109,18 @@ static void test_elementwise() {
             std::vector<double> want(n);
             for (u64 i = 0; i < n; ++i) want[i] = (float)(y[i] + x[i]);
             expect_close("add" + tag, buf, want, 0);
+            // Three partials summed onto beta times dst, and over it (beta 0 never reads the
+            // NaN there).
+            for (float beta : {0.0f, 1.0f, 0.5f}) {
+                std::vector<float> parts = random_vec(3 * n);
+                buf = beta == 0.0f ? std::vector<float>(n, NAN) : y;
+                launch(g, 256, [&] { sum_partials_f32(parts.data(), buf.data(), n, 3, beta); });
+                for (u64 i = 0; i < n; ++i) {
+                    const double old = beta == 0.0f ? 0.0 : (double)beta * y[i];
+                    want[i] = (float)(old + parts[i] + parts[n + i] + parts[2 * n + i]);
+                }
+                expect_close("sum_partials beta=" + std::to_string(beta) + tag, buf, want, 0);
+            }
             buf = y;
             launch(g, 256, [&] { scale_f32(buf.data(), n, -1.5f); });
             for (u64 i = 0; i < n; ++i) want[i] = (float)(y[i] * -1.5f);

@@ -169,6 +169,12 @@ CUresult cuEventDestroy_v2(void* event) { delete (int*)event; return OK; }
 CUresult cuEventRecord(void*, void*) { return OK; }
 CUresult cuEventSynchronize(void*) { return OK; }
 CUresult cuEventQuery(void*) { return OK; }
+// No device time exists here: `MAE_CUDA_PROFILE` over this library lists every op with its
+// label and count (what a step launches) at zero milliseconds.
+CUresult cuEventElapsedTime_v2(float* ms, void*, void*) {
+    *ms = 0.0f;
+    return OK;
+}
 CUresult cuStreamWaitEvent(void*, void*, unsigned) { return OK; }
 CUresult cuModuleLoadData(void** module, const void*) { *module = &dummy_module; return OK; }
 CUresult cuModuleUnload(void*) { return OK; }
@@ -367,11 +373,14 @@ struct LtDesc {
     int epilogue = 1;               // CUBLASLT_EPILOGUE_DEFAULT
     const float* bias = nullptr;    // CUBLASLT_MATMUL_DESC_BIAS_POINTER
     int bias_type = -1;             // CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, -1: D's type
+    int64_t bias_stride = 0;        // CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE, in elements
 };
 struct LtLayout {
     int type;
     uint64_t rows, cols;
     int64_t ld;
+    int batch = 1;                  // CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT
+    int64_t stride = 0;             // CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, in elements
 };
 struct LtPref {
     uint64_t workspace = 0;
@@ -428,6 +437,8 @@ int cublasLtMatmulDescSetAttribute(LtDesc* d, int attr, const void* buf, size_t 
         if (v != 0) return LT_NOT_SUPPORTED;
         d->bias_type = v;
         return 0;
+    case 10:  // BIAS_BATCH_STRIDE
+        return read_attr(&d->bias_stride, buf, size);
     default: return LT_NOT_SUPPORTED;
     }
 }
@@ -438,8 +449,20 @@ int cublasLtMatrixLayoutCreate(LtLayout** layout, int type, uint64_t rows, uint6
     return 0;
 }
 int cublasLtMatrixLayoutDestroy(LtLayout* layout) { delete layout; return 0; }
-int cublasLtMatrixLayoutSetAttribute(LtLayout*, int, const void*, size_t) {
-    return LT_NOT_SUPPORTED;  // column order and one matrix: what Create describes
+// Column order only (what Create describes); a strided batch.
+int cublasLtMatrixLayoutSetAttribute(LtLayout* l, int attr, const void* buf, size_t size) {
+    switch (attr) {
+    case 5: {  // BATCH_COUNT
+        int v = 0;
+        if (int e = read_attr(&v, buf, size)) return e;
+        if (v < 1) return LT_INVALID;
+        l->batch = v;
+        return 0;
+    }
+    case 6:  // STRIDED_BATCH_OFFSET
+        return read_attr(&l->stride, buf, size);
+    default: return LT_NOT_SUPPORTED;
+    }
 }
 
 int cublasLtMatmulPreferenceCreate(LtPref** pref) { *pref = new LtPref; return 0; }
@@ -472,13 +495,16 @@ static int lt_check(const LtDesc* d, const LtLayout* a, const LtLayout* b, const
         return LT_INVALID;
     if (m > INT32_MAX || n > INT32_MAX || k > INT32_MAX) return LT_NOT_SUPPORTED;
     if ((d->epilogue == 4 || d->epilogue == 512) && !d->bias) return LT_INVALID;
+    // One batch count for all four (the real library also broadcasts; lt.rs never asks it to).
+    if (a->batch != dl->batch || b->batch != dl->batch || c->batch != dl->batch ||
+        c->stride != dl->stride)
+        return LT_NOT_SUPPORTED;
     return 0;
 }
 
 // BGRADB: bias[j] = the sum over k of op(B)[kk][j], one per column of D (in f32, in order of
 // kk), written over the bias vector.
-static void bias_grad_b(const LtDesc* d, const float* B, int ldb, int n, int k) {
-    float* bias = const_cast<float*>(d->bias);
+static void bias_grad_b(const LtDesc* d, float* bias, const float* B, int ldb, int n, int k) {
     for (int j = 0; j < n; ++j) {
         float sum = 0.0f;
         for (int kk = 0; kk < k; ++kk)
@@ -500,27 +526,22 @@ int cublasLtMatmulAlgoGetHeuristic(void* handle, const LtDesc* d, const LtLayout
     results[0].algo[0] = LT_ALGO_MAGIC;
     results[0].workspace = 0;
     results[0].state = 0;
-    results[0].waves = 1.0f;
+    // As a card of 132 multiprocessors running one 128 x 128 tile of D per block would.
+    const double tiles = std::ceil(dl->rows / 128.0) * std::ceil(dl->cols / 128.0) * dl->batch;
+    results[0].waves = (float)(tiles / 132.0);
     *count = 1;
     return 0;
 }
 
-int cublasLtMatmul(void* handle, const LtDesc* d, const void* alpha, const void* A,
-                   const LtLayout* a, const void* B, const LtLayout* b, const void* beta,
-                   const void* C, const LtLayout* c, void* D, const LtLayout* dl,
-                   const uint64_t* algo, void* workspace, size_t workspace_size, void*) {
-    if (handle != &lt_handle || !algo || algo[0] != LT_ALGO_MAGIC) return LT_INVALID;
-    if (workspace_size > 0 && !workspace) return LT_INVALID;
-    if (int e = lt_check(d, a, b, c, dl)) return e;
+static size_t type_bytes(int type) { return type == 14 ? 2 : 4; }
+
+// One matrix of a cublasLtMatmul call, with its own bias vector.
+static int lt_one(const LtDesc* d, float al, const void* A, const LtLayout* a, const void* B,
+                  const LtLayout* b, float be, const void* C, const LtLayout* c, void* D,
+                  const LtLayout* dl, float* bias) {
     const int m = (int)dl->rows, n = (int)dl->cols, k = (int)(d->transa ? a->rows : a->cols);
-    const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
-    // The real library on an H200 got alpha = 0 with beta = 1 wrong (lt.rs never asks it).
-    if (al == 0.0f) return LT_NOT_SUPPORTED;
     // A bf16 D: the f32 result (C not read: beta must be 0) into scratch, then rounded into D.
     const bool narrow = dl->type == 14;
-    if (narrow && be != 0.0f) return LT_NOT_SUPPORTED;
-    ++counts.lt;
-    if (host_only()) return 0;
     std::vector<float> scratch(narrow ? (size_t)m * n : 0);
     float* out = narrow ? scratch.data() : static_cast<float*>(D);
     const int ldd = narrow ? m : (int)dl->ld;
@@ -535,23 +556,50 @@ int cublasLtMatmul(void* handle, const LtDesc* d, const void* alpha, const void*
         const std::vector<float> wb = widen_bf16(B, (int)b->rows, (int)b->cols, (int)b->ld, 0, 1);
         status = gemm(d->transa, d->transb, m, n, k, al, wa.data(), (int)a->ld, 0, wb.data(),
                       (int)b->ld, 0, be, out, ldd, 0, 1, 0);
-        if (status == 0 && d->epilogue == 512) bias_grad_b(d, wb.data(), (int)b->ld, n, k);
+        if (status == 0 && d->epilogue == 512) bias_grad_b(d, bias, wb.data(), (int)b->ld, n, k);
     } else {
         const int dropped_bits = d->compute == 75 ? 16 : d->compute == 77 ? 13 : 0;
         status = gemm(d->transa, d->transb, m, n, k, al, static_cast<const float*>(A), (int)a->ld,
                       0, static_cast<const float*>(B), (int)b->ld, 0, be, out, ldd, 0, 1,
                       dropped_bits);
         if (status == 0 && d->epilogue == 512)
-            bias_grad_b(d, static_cast<const float*>(B), (int)b->ld, n, k);
+            bias_grad_b(d, bias, static_cast<const float*>(B), (int)b->ld, n, k);
     }
     if (status != 0) return status;
     if (d->epilogue == 4) {
         for (int j = 0; j < n; ++j)
-            for (int i = 0; i < m; ++i) out[(size_t)j * ldd + i] += d->bias[i];
+            for (int i = 0; i < m; ++i) out[(size_t)j * ldd + i] += bias[i];
     }
     if (narrow) {
         std::lock_guard<std::mutex> guard(device_lock);
         narrow_bf16(out, ldd, D, (int)dl->ld, m, n);
+    }
+    return 0;
+}
+
+int cublasLtMatmul(void* handle, const LtDesc* d, const void* alpha, const void* A,
+                   const LtLayout* a, const void* B, const LtLayout* b, const void* beta,
+                   const void* C, const LtLayout* c, void* D, const LtLayout* dl,
+                   const uint64_t* algo, void* workspace, size_t workspace_size, void*) {
+    if (handle != &lt_handle || !algo || algo[0] != LT_ALGO_MAGIC) return LT_INVALID;
+    if (workspace_size > 0 && !workspace) return LT_INVALID;
+    if (int e = lt_check(d, a, b, c, dl)) return e;
+    const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+    // The real library on an H200 got alpha = 0 with beta = 1 wrong (lt.rs never asks it).
+    if (al == 0.0f) return LT_NOT_SUPPORTED;
+    if (dl->type == 14 && be != 0.0f) return LT_NOT_SUPPORTED;
+    ++counts.lt;
+    if (host_only()) return 0;
+    // Matrix i of each operand lies i x stride elements on; its bias vector i x bias_stride.
+    for (int i = 0; i < dl->batch; ++i) {
+        const auto at = [i](const void* p, const LtLayout* l) {
+            return static_cast<const char*>(p) + (size_t)i * l->stride * type_bytes(l->type);
+        };
+        float* bias = const_cast<float*>(d->bias);
+        if (bias) bias += (size_t)i * d->bias_stride;
+        if (int e = lt_one(d, al, at(A, a), a, at(B, b), b, be, at(C, c), c,
+                           const_cast<char*>(at(D, dl)), dl, bias))
+            return e;
     }
     return 0;
 }

@@ -8,6 +8,7 @@ use crate::error;
 use crate::kernels::{check_args, Arg, Compiled, Kernel};
 use crate::lt::{GemmBias, Lt};
 use crate::profile::Profile;
+use crate::split_k::WeightGradSplit;
 use crate::upload::Upload;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasMath_t};
 use cudarc::cublas::CudaBlas;
@@ -116,6 +117,9 @@ pub struct CudaBackend {
     pub(crate) bf16_gemm: Bf16Gemm,
     /// `MAE_CUDA_GEMM_BIAS`: whether `gemm_bias` adds the bias in cuBLASLt's epilogue (`lt.rs`).
     pub(crate) gemm_bias: GemmBias,
+    /// `MAE_CUDA_WEIGHT_GRAD_SPLIT`: whether bf16 weight gradients that cannot fill the card
+    /// run in chunks of their rows (`split_k.rs`).
+    pub(crate) weight_grad_split: WeightGradSplit,
     /// The cuBLASLt handle and workspace, opened at the first `gemm_bias`; `None` where
     /// `libcublasLt` is missing (the composed ops run).
     pub(crate) lt: OnceLock<Option<Mutex<Lt>>>,
@@ -192,6 +196,7 @@ impl CudaBackend {
             bf16_tensor_cores: major >= 8,
             bf16_gemm: Bf16Gemm::from_env()?,
             gemm_bias: GemmBias::from_env()?,
+            weight_grad_split: WeightGradSplit::from_env()?,
             attention_prefetch: env_choice(
                 "MAE_CUDA_ATTENTION_PREFETCH",
                 &[("on", true), ("off", false)],

@@ -141,6 +141,7 @@ macro_rules! kernels {
 kernels! {
     Fill = "fill_f32" (Ptr, U64, F32);
     Add = "add_f32" (Ptr, Ptr, U64);
+    SumPartials = "sum_partials_f32" (Ptr, Ptr, U64, U32, F32);
     Scale = "scale_f32" (Ptr, U64, F32);
     ScaleRows = "scale_rows" (Ptr, Ptr, Ptr, U64, U64, U32);
     GeluForward = "gelu_forward" (Ptr, Ptr, Ptr, Ptr, U64);

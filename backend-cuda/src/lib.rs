@@ -14,7 +14,8 @@
 //! `MAE_CUDA_BF16_GEMM=auto|copies|fast`). A Linear layer's bias is added by cuBLASLt's GEMM
 //! epilogue where `libcublasLt` is found and takes the shape, else by a second pass, and in bf16
 //! its gradient is summed in the weight gradient's epilogue (`lt.rs`;
-//! `MAE_CUDA_GEMM_BIAS=lt|composed`). Buffers written from the host again and again (a step's
+//! `MAE_CUDA_GEMM_BIAS=lt|composed`); a weight gradient whose output cannot fill the card runs
+//! in chunks of its rows (`split_k.rs`; `MAE_CUDA_WEIGHT_GRAD_SPLIT=auto|off`). Buffers written from the host again and again (a step's
 //! images and masking indices) are copied through pinned staging, so the host queues the upload
 //! without waiting for the GPU (`upload.rs`; `MAE_CUDA_UPLOAD=pinned|pageable`).
 //! The LayerNorm backward sums its parameter gradients' partials in the dx kernel
@@ -81,6 +82,7 @@ pub mod nccl;
 mod ops;
 mod profile;
 mod readers;
+mod split_k;
 mod upload;
 
 pub use backend::{AttentionPath, CudaBackend, Precision};

@@ -22,6 +22,9 @@
 //! composed ops read dY once more for the column sums (`copy_rows_backward`, about 4 % of a
 //! ViT-B bf16 step on an H200). The sums are of the bf16 copy that the product multiplies.
 //!
+//! A weight gradient whose output cannot fill the card runs as a batch of products over
+//! chunks of its `k` rows, their partials summed after (`split_k.rs`).
+//!
 //! Where `libcublasLt` is missing, or it has no algorithm for a shape (the heuristic finds
 //! none, or the call answers `NOT_SUPPORTED`), both ops run the composed ops instead,
 //! without an error. `MAE_CUDA_GEMM_BIAS=composed` chooses the composed ops by hand (`lt`, the
@@ -35,11 +38,12 @@ use crate::error;
 use crate::gemm::{column_major, ColumnMajor};
 use crate::kernels::{Arg, Kernel};
 use crate::launch::elementwise;
+use crate::split_k::{self, WeightGradSplit};
 use cudarc::cublaslt::result::{self as lt, CublasError};
 use cudarc::cublaslt::sys::{
     self, cublasComputeType_t, cublasLtEpilogue_t, cublasLtMatmulAlgo_t,
     cublasLtMatmulDescAttributes_t as DescAttr, cublasLtMatmulPreferenceAttributes_t as PrefAttr,
-    cublasStatus_t, cudaDataType,
+    cublasLtMatrixLayoutAttribute_t as LayoutAttr, cublasStatus_t, cudaDataType,
 };
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut};
 use mae::backend::{BResult, BackendError, BackendErrorKind, Gemm};
@@ -87,15 +91,26 @@ enum Epilogue {
     BiasGrad,
 }
 
-/// What the heuristic's choice depends on: the column-major call, the operands' type and the
-/// epilogue.
+/// What the heuristic's choice depends on: the column-major call, the operands' type, the
+/// epilogue and the chunks of `k` (`split_k.rs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Shape {
+    /// One chunk's product where `chunks` > 1.
     cm: ColumnMajor,
     bf16_copies: bool,
     /// Whether D is bf16 (a buffer's copy alone, `gemm_out16`).
     out16: bool,
     epilogue: Epilogue,
+    /// The batch of chunk products (1: the whole product).
+    chunks: usize,
+}
+
+/// The heuristic's algorithm for a shape and how many waves of thread blocks it runs (1.0: the
+/// card full once).
+#[derive(Clone, Copy, Debug)]
+struct Found {
+    algo: cublasLtMatmulAlgo_t,
+    waves: f32,
 }
 
 /// A cuBLASLt handle, its workspace, and the algorithm chosen per shape (`None`: cuBLASLt has
@@ -103,7 +118,7 @@ struct Shape {
 pub(crate) struct Lt {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
-    algos: HashMap<Shape, Option<cublasLtMatmulAlgo_t>>,
+    algos: HashMap<Shape, Option<Found>>,
 }
 
 // SAFETY: the handle is only used under the backend's `Mutex<Lt>`, one thread at a time, and
@@ -183,6 +198,28 @@ impl Layout {
     fn new(ty: cudaDataType, rows: usize, cols: usize, ld: usize) -> Result<Layout, CublasError> {
         lt::create_matrix_layout(ty, rows as u64, cols as u64, ld as i64).map(Layout)
     }
+
+    /// Makes it a batch of `count` matrices, `offset` elements apart.
+    fn batched(self, count: usize, offset: usize) -> Result<Layout, CublasError> {
+        let (count, offset) = (count as i32, offset as i64);
+        // SAFETY: the layout is live (owned by `self`); the attributes take an int32 and an
+        // int64, copied from the locals.
+        unsafe {
+            lt::set_matrix_layout_attribute(
+                self.0,
+                LayoutAttr::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                (&count as *const i32).cast(),
+                size_of::<i32>(),
+            )?;
+            lt::set_matrix_layout_attribute(
+                self.0,
+                LayoutAttr::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                (&offset as *const i64).cast(),
+                size_of::<i64>(),
+            )?;
+        }
+        Ok(self)
+    }
 }
 
 /// A heuristic preference, destroyed when dropped.
@@ -217,14 +254,39 @@ fn types(precision: Precision, bf16_copies: bool) -> (cudaDataType, cublasComput
 }
 
 /// The descriptors for `cm` with `epilogue` on the f32 vector at `bias` (a device address)
-/// and C and D of type `out`.
+/// and C and D of type `out`: one product, or with `chunks` > 1 the batch of products over
+/// consecutive chunks of `cm.k` rows (`split_k.rs`) into as many matrices D and vectors.
 fn describe(
     cm: &ColumnMajor,
     operand: cudaDataType,
     compute: cublasComputeType_t,
     (epilogue, bias): (Epilogue, u64),
     out: cudaDataType,
+    chunks: usize,
 ) -> Result<Call, CublasError> {
+    if chunks > 1 {
+        let chunk = ColumnMajor {
+            k: cm.k / chunks,
+            ..*cm
+        };
+        let call = describe(&chunk, operand, compute, (epilogue, bias), out, 1)?;
+        // Chunk i of a stored operand starts i x chunk.k columns (rows where transposed) on.
+        let offset = |trans: bool, ld: usize| if trans { chunk.k } else { chunk.k * ld };
+        // One vector of the epilogue's per chunk, one value per column of D each.
+        let stride = cm.n as i64;
+        call.desc
+            .set(DescAttr::CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE, &stride)?;
+        return Ok(Call {
+            first: call
+                .first
+                .batched(chunks, offset(cm.trans_first, cm.ld_first))?,
+            second: call
+                .second
+                .batched(chunks, offset(!cm.trans_second, cm.ld_second))?,
+            out: call.out.batched(chunks, cm.m * cm.n)?,
+            desc: call.desc,
+        });
+    }
     let desc = Desc(lt::create_matmul_desc(compute, cudaDataType::CUDA_R_32F)?);
     // cublasOperation_t as cuBLASLt's attributes take it: an int32, N = 0, T = 1.
     let op = |t: bool| -> i32 { t as i32 };
@@ -266,7 +328,7 @@ fn describe(
 impl Lt {
     /// The algorithm for `shape` (asked of the heuristic once, then remembered), or `None`
     /// where cuBLASLt has none.
-    fn algo(&mut self, shape: Shape, call: &Call) -> Option<cublasLtMatmulAlgo_t> {
+    fn algo(&mut self, shape: Shape, call: &Call) -> Option<Found> {
         if let Some(known) = self.algos.get(&shape) {
             return *known;
         }
@@ -275,7 +337,7 @@ impl Lt {
         found
     }
 
-    fn heuristic(&self, call: &Call) -> Result<cublasLtMatmulAlgo_t, CublasError> {
+    fn heuristic(&self, call: &Call) -> Result<Found, CublasError> {
         let pref = Pref(lt::create_matmul_pref()?);
         let bytes = WORKSPACE_BYTES as u64;
         // SAFETY: the preference is live (owned by `pref`); the attribute takes a uint64,
@@ -300,7 +362,54 @@ impl Lt {
                 pref.0,
             )
         }?;
-        Ok(found.algo)
+        Ok(Found {
+            algo: found.algo,
+            waves: found.wavesCount,
+        })
+    }
+
+    /// Queues `D = alpha op(first) op(second) + beta C` (and the epilogue) as `call`
+    /// describes it, on `stream`, with `found`'s algorithm and the whole workspace.
+    ///
+    /// # Safety
+    /// `call`'s descriptors must be the ones `found` was chosen for, and the addresses those of
+    /// live device memory holding what the layouts span (D and the epilogue's vectors
+    /// writable, C readable where beta is not 0), alive until the work has run in stream order.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn matmul(
+        &mut self,
+        call: &Call,
+        found: &Found,
+        (alpha, beta): (f32, f32),
+        (first, second): (u64, u64),
+        (c, d): (u64, u64),
+        stream: &CudaStream,
+    ) -> Result<(), CublasError> {
+        let workspace = self.workspace.device_ptr_mut(stream).0;
+        // SAFETY: the handle is live and the rest is the caller's promise; alpha and beta are
+        // host f32 values (the default pointer mode, scale type f32) that live through the
+        // call; the workspace holds `WORKSPACE_BYTES`, the most the heuristic was allowed to ask
+        // for.
+        unsafe {
+            lt::matmul(
+                self.handle,
+                call.desc.0,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                first as *const c_void,
+                call.first.0,
+                second as *const c_void,
+                call.second.0,
+                c as *const c_void,
+                call.out.0,
+                d as *mut c_void,
+                call.out.0,
+                &found.algo,
+                workspace as *mut c_void,
+                WORKSPACE_BYTES,
+                stream.cu_stream() as sys::cudaStream_t,
+            )
+        }
     }
 }
 
@@ -363,17 +472,171 @@ impl CudaBackend {
             return Ok(false);
         }
         crate::backend::need(db, g.m, "gemm_bias_grad", "db")?;
-        let bytes = error::bytes_of::<f32>(g.m)?;
-        // SAFETY: the epilogue writes all m sums before `add_f32` reads them.
-        let mut sums = unsafe { self.stream.alloc::<f32>(g.m) }
+        // Room for the sums of every chunk of a split (`split_k.rs`), m floats each.
+        let len = g.m * split_k::MAX_CHUNKS;
+        let bytes = error::bytes_of::<f32>(len)?;
+        // SAFETY: the epilogue writes all m sums of each chunk it runs before they are read.
+        let mut sums = unsafe { self.stream.alloc::<f32>(len) }
             .map_err(|e| error::driver(e, "allocating bias-gradient sums", bytes))?;
         let psums = sums.device_ptr_mut(&self.stream).0;
-        if !self.lt_product(g, a, b, (Epilogue::BiasGrad, psums), None, c)? {
+        let epilogue = (Epilogue::BiasGrad, psums);
+        // Each chunk's partial product and sums start 16 bytes on from the last's, at least.
+        if self.weight_grad_split == WeightGradSplit::Auto && g.m % 4 == 0 {
+            let (chunks, waves) = self.lt_chunks(g, epilogue)?;
+            if chunks > 1 && self.lt_split_product(g, a, b, epilogue, (chunks, waves), c)? {
+                let args = [
+                    Arg::Ptr(psums),
+                    self.ptr_mut(db)?,
+                    Arg::U64(g.m as u64),
+                    Arg::U32(chunks as u32),
+                    Arg::F32(1.0),
+                ];
+                return self
+                    .launch(Kernel::SumPartials, elementwise(g.m as u64), &args)
+                    .map(|()| true);
+            }
+        }
+        if !self.lt_product(g, a, b, epilogue, None, c)? {
             return Ok(false);
         }
         let args = [Arg::Ptr(psums), self.ptr_mut(db)?, Arg::U64(g.m as u64)];
         self.launch(Kernel::Add, elementwise(g.m as u64), &args)
             .map(|()| true)
+    }
+
+    /// The cuBLASLt handle, opened at the first call; `None` where `libcublasLt` is missing.
+    fn lt(&self) -> Option<&Mutex<Lt>> {
+        self.lt
+            .get_or_init(|| Lt::open(&self.stream).map(Mutex::new))
+            .as_ref()
+    }
+
+    /// Into how many chunks of `k` rows `split_k::chunks` splits the bf16 weight gradient `g`
+    /// with `epilogue`, by the waves of cuBLASLt's algorithm for the whole product (1 where
+    /// there is none), and those waves.
+    fn lt_chunks(&self, g: &Gemm, epilogue: (Epilogue, u64)) -> BResult<(usize, f32)> {
+        let Some(lt) = self.lt() else {
+            return Ok((1, 0.0));
+        };
+        let cm = column_major(g);
+        let (operand, compute) = types(Precision::Bf16, true);
+        let call = describe(&cm, operand, compute, epilogue, cudaDataType::CUDA_R_32F, 1)
+            .map_err(|e| lt_error(e, &format!("describing {g:?} to cuBLASLt")))?;
+        let shape = Shape {
+            cm,
+            bf16_copies: true,
+            out16: false,
+            epilogue: epilogue.0,
+            chunks: 1,
+        };
+        let mut lt = lt
+            .lock()
+            .map_err(|_| error::device("the cuBLASLt handle's lock is poisoned"))?;
+        Ok(lt.algo(shape, &call).map_or((1, 0.0), |found| {
+            (split_k::chunks(g.k, found.waves), found.waves)
+        }))
+    }
+
+    /// The bf16 weight gradient `g` as `chunks` products over consecutive chunks of its `k`
+    /// rows in one batched cuBLASLt call, each into a partial product of its own (scratch) and
+    /// the epilogue's vector number i at `chunks` x m floats from `epilogue`'s address, then
+    /// `c = beta C + ` the partials' sum: `true` once queued; `false`, with nothing queued that
+    /// changes `c`, where cuBLASLt has no algorithm for the batch. `whole_waves`, those of
+    /// the unsplit product, go into the profile's label.
+    fn lt_split_product(
+        &self,
+        g: &Gemm,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        (epilogue, pbias): (Epilogue, u64),
+        (chunks, whole_waves): (usize, f32),
+        c: &mut CudaBuf,
+    ) -> BResult<bool> {
+        let Some(lt) = self.lt() else {
+            return Ok(false);
+        };
+        let (a_len, b_len) = crate::ops::gemm_lens(g, a, b, c)?;
+        let cm = column_major(g);
+        let (operand, compute) = types(Precision::Bf16, true);
+        let out = cudaDataType::CUDA_R_32F;
+        let call = describe(&cm, operand, compute, (epilogue, pbias), out, chunks)
+            .map_err(|e| lt_error(e, &format!("describing {g:?} in {chunks} chunks")))?;
+        let shape = Shape {
+            cm: ColumnMajor {
+                k: cm.k / chunks,
+                ..cm
+            },
+            bf16_copies: true,
+            out16: false,
+            epilogue,
+            chunks,
+        };
+        let mut lt = lt
+            .lock()
+            .map_err(|_| error::device("the cuBLASLt handle's lock is poisoned"))?;
+        let Some(found) = lt.algo(shape, &call) else {
+            return Ok(false);
+        };
+        let len = g.m * g.n * chunks;
+        let bytes = error::bytes_of::<f32>(len)?;
+        // SAFETY: the batched product writes every partial before `sum_partials_f32` reads it.
+        let mut parts = unsafe { self.stream.alloc::<f32>(len) }.map_err(|e| {
+            error::driver(e, "allocating a split weight gradient's partials", bytes)
+        })?;
+        let pparts = parts.device_ptr_mut(&self.stream).0;
+        let copies = self.bf16_operands((a, a_len), (b, b_len))?;
+        let [pa, pb] = copies.addrs;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| error::driver(e, "binding the CUDA context", 0))?;
+        let timer = self.profile.as_ref().map(|p| p.start(&self.stream));
+        // SAFETY: `call` is what `found` was chosen for. A (our B) and B (our A) are the bf16
+        // copies of live buffers, locked in `copies` until this returns, holding the k x n and
+        // k x m elements that the chunks span together (`gemm_lens`, and `chunks` divides k);
+        // C and D are the partials, chunks x m x n floats just allocated (beta 0: C not read),
+        // and the epilogue writes chunks x m floats at `pbias`, which the caller allocated.
+        let status = unsafe {
+            lt.matmul(
+                &call,
+                &found,
+                (g.alpha, 0.0),
+                (pb, pa),
+                (pparts, pparts),
+                &self.stream,
+            )
+        };
+        drop(copies);
+        match status {
+            Ok(()) => {}
+            Err(CublasError(cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => {
+                lt.algos.insert(shape, None);
+                return Ok(false);
+            }
+            Err(e) => {
+                return Err(lt_error(
+                    e,
+                    &format!("cublasLtMatmul for {g:?} in {chunks} chunks"),
+                ))
+            }
+        }
+        if let (Some(p), Some(t)) = (&self.profile, timer) {
+            let label = format!(
+                "gemm_bias_grad {}x{}x{} TN lt bf16 copies, {chunks} chunks (waves {:.2}, \
+                 {whole_waves:.2} whole)",
+                g.m, g.n, g.k, found.waves
+            );
+            p.end(&self.stream, t, label);
+        }
+        drop(lt);
+        let args = [
+            Arg::Ptr(pparts),
+            self.ptr_mut(c)?,
+            Arg::U64((g.m * g.n) as u64),
+            Arg::U32(chunks as u32),
+            Arg::F32(g.beta),
+        ];
+        self.launch(Kernel::SumPartials, elementwise((g.m * g.n) as u64), &args)?;
+        Ok(true)
     }
 
     /// Whether cuBLASLt may take the single product `g`: on (`MAE_CUDA_GEMM_BIAS`), one matrix,
@@ -397,10 +660,7 @@ impl CudaBackend {
         base: Option<&CudaBuf>,
         c: &mut CudaBuf,
     ) -> BResult<bool> {
-        let Some(lt) = self
-            .lt
-            .get_or_init(|| Lt::open(&self.stream).map(Mutex::new))
-        else {
+        let Some(lt) = self.lt() else {
             return Ok(false);
         };
         let (a_len, b_len) = crate::ops::gemm_lens(g, a, b, c)?;
@@ -438,20 +698,21 @@ impl CudaBackend {
             } else {
                 cudaDataType::CUDA_R_32F
             };
-            let call = describe(&cm, operand, compute, (epilogue, pbias), ty)
+            let call = describe(&cm, operand, compute, (epilogue, pbias), ty, 1)
                 .map_err(|e| lt_error(e, &format!("describing {g:?} to cuBLASLt")))?;
             let shape = Shape {
                 cm,
                 bf16_copies,
                 out16,
                 epilogue,
+                chunks: 1,
             };
-            if let Some(algo) = lt.algo(shape, &call) {
-                chosen = Some((call, shape, algo));
+            if let Some(found) = lt.algo(shape, &call) {
+                chosen = Some((call, shape, found));
                 break;
             }
         }
-        let Some((call, shape, algo)) = chosen else {
+        let Some((call, shape, found)) = chosen else {
             return Ok(false);
         };
         // The copies stay locked until the product reading them is queued (bf16.rs).
@@ -486,38 +747,23 @@ impl CudaBackend {
             .bind_to_thread()
             .map_err(|e| error::driver(e, "binding the CUDA context", 0))?;
         let timer = self.profile.as_ref().map(|p| p.start(&self.stream));
-        let lt = &mut *lt;
-        let workspace = lt.workspace.device_ptr_mut(&self.stream).0;
-        // SAFETY: the handle and descriptors are live; `algo` came from the heuristic for
-        // these descriptors. A (our B) and B (our A) are device addresses of live buffers, or
-        // of their bf16 copies (locked in `copies` until this returns), holding at least the
-        // k x n and m x k elements their layouts span (checked by `gemm_lens`); D is `c`, m x n,
-        // checked likewise, and C is D or `base`, a distinct live buffer of at least m x n
-        // (checked above) with D's layout; where D is bf16 it is `c`'s copy, room for all of
-        // `c` (exactly m x n), locked in `c` until this returns, and C is D (beta 0: not read);
-        // the epilogue's vector holds the n floats it reads (the bias, checked by
-        // `gemm_bias_lt`) or the m it writes (the sums of `gemm_bias_grad_lt`). alpha and
-        // beta are host f32 values (the default pointer mode, scale type f32) that live
-        // through the call; the workspace holds `WORKSPACE_BYTES`, the most the heuristic was
-        // allowed to ask for. The work is queued on the backend's stream.
+        // SAFETY: `call` is what `found` was chosen for. A (our B) and B (our A) are device
+        // addresses of live buffers, or of their bf16 copies (locked in `copies` until this
+        // returns), holding at least the k x n and m x k elements their layouts span (checked
+        // by `gemm_lens`); D is `c`, m x n, checked likewise, and C is D or `base`, a distinct
+        // live buffer of at least m x n (checked above) with D's layout; where D is bf16 it is
+        // `c`'s copy, room for all of `c` (exactly m x n), locked in `c` until this returns,
+        // and C is D (beta 0: not read); the epilogue's vector holds the n floats it reads
+        // (the bias, checked by `gemm_bias_lt`) or the m it writes (the sums of
+        // `gemm_bias_grad_lt`). The work is queued on the backend's stream.
         let status = unsafe {
-            lt::matmul(
-                lt.handle,
-                call.desc.0,
-                (&g.alpha as *const f32).cast(),
-                (&g.beta as *const f32).cast(),
-                pb as *const c_void,
-                call.first.0,
-                pa as *const c_void,
-                call.second.0,
-                pc as *const c_void,
-                call.out.0,
-                pd as *mut c_void,
-                call.out.0,
-                &algo,
-                workspace as *mut c_void,
-                WORKSPACE_BYTES,
-                self.stream.cu_stream() as sys::cudaStream_t,
+            lt.matmul(
+                &call,
+                &found,
+                (g.alpha, g.beta),
+                (pb, pa),
+                (pc, pd),
+                &self.stream,
             )
         };
         drop(copies);
@@ -556,7 +802,10 @@ impl CudaBackend {
                 Epilogue::Bias => "gemm_bias",
                 Epilogue::BiasGrad => "gemm_bias_grad",
             };
-            let label = format!("{op} {}x{}x{} {ta}{tb} lt{copies}{onto}", g.m, g.n, g.k);
+            let label = format!(
+                "{op} {}x{}x{} {ta}{tb} lt{copies}{onto} (waves {:.2})",
+                g.m, g.n, g.k, found.waves
+            );
             p.end(&self.stream, t, label);
         }
         Ok(true)
@@ -610,6 +859,68 @@ mod tests {
                 got.iter().all(|&v| (v as f64 - want).abs() < 1e-3),
                 "{path:?}: dW"
             );
+        }
+    }
+
+    /// On a device (or the fake driver): a bf16 weight gradient whose output leaves the card
+    /// mostly idle (512 x 512 from 2,048 rows) runs in the chunks that `split_k::chunks` gives
+    /// for its unsplit product's waves, and equals the unsplit product (`off`) within the
+    /// rounding of summing the partials, its bias gradient likewise.
+    #[test]
+    fn weight_gradients_that_leave_the_card_idle_run_in_chunks() {
+        use crate::bf16::Bf16Gemm;
+        use mae::backend::Backend;
+        let Some(mut be) = crate::test_device(Precision::Bf16) else {
+            return;
+        };
+        be.bf16_gemm = Bf16Gemm::Auto;
+        let (rows, out, inputs) = (2048, 512, 512);
+        let wave = |i: usize, period: usize| ((i % period) as f32 - period as f32 / 2.0) / 16.0;
+        let dy: Vec<f32> = (0..rows * out).map(|i| wave(i, 29)).collect();
+        let x: Vec<f32> = (0..rows * inputs).map(|i| wave(i, 31)).collect();
+        let (dy, x) = (be.upload(&dy).unwrap(), be.upload(&x).unwrap());
+        let g = Gemm::new(out, inputs, rows).trans_a().accumulate();
+        let mut results = vec![];
+        for split in [WeightGradSplit::Auto, WeightGradSplit::Off] {
+            be.weight_grad_split = split;
+            let mut dw = be.upload(&vec![0.5; out * inputs]).unwrap();
+            let mut db = be.upload(&vec![0.25; out]).unwrap();
+            be.gemm_bias_grad(&g, &dy, &x, &mut dw, &mut db).unwrap();
+            let (mut w, mut d) = (vec![f32::NAN; out * inputs], vec![f32::NAN; out]);
+            be.download(&dw, &mut w).unwrap();
+            be.download(&db, &mut d).unwrap();
+            results.push((w, d));
+        }
+        let lt = be.lt().expect("cuBLASLt").lock().unwrap();
+        let whole = lt
+            .algos
+            .iter()
+            .find(|(s, _)| s.epilogue == Epilogue::BiasGrad && s.chunks == 1 && s.cm.k == rows)
+            .and_then(|(_, found)| *found)
+            .expect("the unsplit product's algorithm");
+        let want = split_k::chunks(rows, whole.waves);
+        let taken: Vec<usize> = lt
+            .algos
+            .iter()
+            .filter(|(s, found)| s.chunks > 1 && found.is_some())
+            .map(|(s, _)| s.chunks)
+            .collect();
+        // The fake driver's heuristic reports 16 tiles of 132 (0.12 waves): 4 chunks. A card's
+        // own heuristic may already fill it, and then nothing is split.
+        if be.device_name().contains("fake libcuda") {
+            assert_eq!(want, 4, "waves {}", whole.waves);
+        }
+        let want: Vec<usize> = if want > 1 { vec![want] } else { vec![] };
+        assert_eq!(taken, want, "waves {}", whole.waves);
+        // The operands are multiples of 2^-4 under 1 (exact in bf16), so every product is a
+        // multiple of 2^-8 and every sum of up to 2,048 of them needs under 20 bits: exact in
+        // f32 in any order. Split or not, the results are the same numbers.
+        let ((w, d), (w1, d1)) = (&results[0], &results[1]);
+        for (i, (a, b)) in w.iter().zip(w1).enumerate() {
+            assert_eq!(a, b, "dW[{i}]: split, whole");
+        }
+        for (i, (a, b)) in d.iter().zip(d1).enumerate() {
+            assert_eq!(a, b, "db[{i}]: split, whole");
         }
     }
 

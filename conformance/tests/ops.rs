@@ -401,10 +401,16 @@ fn check_gemm_bias_grad<B: Backend>(
     Ok(())
 }
 
-/// Odd shapes and one whose product takes the CUDA bf16 mode's copies (2 x 512 x 512 / 1,024 =
-/// 512 FLOPs per operand element), which cuBLASLt's bias-gradient epilogue runs.
-const GEMM_BIAS_GRAD_SHAPES: [(usize, usize, usize); 3] =
-    [(31, 33, 65), (197, 96, 48), (300, 512, 512)];
+/// Odd shapes and two whose products take the CUDA bf16 mode's copies (2 x 512 x 512 / 1,024 =
+/// 512 FLOPs per operand element), which cuBLASLt's bias-gradient epilogue runs; the second
+/// has rows enough (2,048) to run in chunks of them where its output leaves most of the card
+/// idle (`backend-cuda/src/split_k.rs`).
+const GEMM_BIAS_GRAD_SHAPES: [(usize, usize, usize); 4] = [
+    (31, 33, 65),
+    (197, 96, 48),
+    (300, 512, 512),
+    (2048, 512, 512),
+];
 
 // ---- add, scale ---------------------------------------------------------------------------------
 

@@ -9,6 +9,18 @@ extern "C" __global__ void add_f32(const float* src, float* dst, u64 n) {
     FOR_EACH(i, n) dst[i] += src[i];
 }
 
+// dst[i] = beta dst[i] + the sum of parts[c n + i] over c < count, in double and in the order
+// of c, rounded once: the products of a weight gradient split along k (`split_k.rs`), one
+// partial per chunk. beta 0 never reads dst.
+extern "C" __global__ void sum_partials_f32(const float* parts, float* dst, u64 n, u32 count,
+                                            float beta) {
+    FOR_EACH(i, n) {
+        double s = beta == 0.0f ? 0.0 : (double)beta * dst[i];
+        for (u32 c = 0; c < count; ++c) s += parts[(u64)c * n + i];
+        dst[i] = (float)s;
+    }
+}
+
 extern "C" __global__ void scale_f32(float* buf, u64 n, float s) {
     FOR_EACH(i, n) buf[i] *= s;
 }
