@@ -632,14 +632,14 @@ static void test_norms() {
             std::vector<float> dx = dx0, dg = dg0, db = db0;
             std::vector<uint16_t> dx16(rows * cols, 0xdead);
             launch_rows(gr, 256, [&] {
-                layernorm_backward_dx(dy.data(), x.data(), g.data(), mean.data(), rstd.data(), dx.data(),
+                layernorm_backward_dx(dy.data(), nullptr, x.data(), g.data(), mean.data(), rstd.data(), dx.data(),
                                       dx16.data(), nullptr, nullptr, rows, cols);
             });
             expect_bf16_copy("layernorm_backward dx copy" + tag, dx16, dx);
             const u64 chunks = chunks_of(rows);
             std::vector<double> pg(chunks * cols, NAN), pb(chunks * cols, NAN);
             launch(grid_elementwise(chunks * cols), 256, [&] {
-                layernorm_param_partials(dy.data(), x.data(), mean.data(), rstd.data(), pg.data(), pb.data(), rows, cols, chunks, 32);
+                layernorm_param_partials(dy.data(), nullptr, x.data(), mean.data(), rstd.data(), pg.data(), pb.data(), rows, cols, chunks, 32);
             });
             launch_rows(grid_rows(cols), 256, [&] { column_sum_finish(pg.data(), dg.data(), chunks, cols); });
             launch_rows(grid_rows(cols), 256, [&] { column_sum_finish(pb.data(), db.data(), chunks, cols); });
@@ -650,13 +650,55 @@ static void test_norms() {
                 std::vector<uint16_t> fdx16(rows * cols, 0xdead);
                 std::vector<double> fpg(gr * cols, NAN), fpb(gr * cols, NAN);
                 launch_rows(gr, 256, [&] {
-                    layernorm_backward_dx(dy.data(), x.data(), g.data(), mean.data(), rstd.data(), fdx.data(),
+                    layernorm_backward_dx(dy.data(), nullptr, x.data(), g.data(), mean.data(), rstd.data(), fdx.data(),
                                           fdx16.data(), fpg.data(), fpb.data(), rows, cols);
                 });
                 launch_rows(grid_rows(cols), 256, [&] { column_sum_finish(fpg.data(), fdg.data(), gr, cols); });
                 launch_rows(grid_rows(cols), 256, [&] { column_sum_finish(fpb.data(), fdb.data(), gr, cols); });
                 expect_close("layernorm_backward fused dx" + tag, fdx, to_d(dx), 0);
                 expect_bf16_copy("layernorm_backward fused dx copy" + tag, fdx16, fdx);
+            }
+            {
+                // dy as a bf16 copy alone (null floats): bitwise what the floats of the same
+                // values give, both ways of summing the parameter gradients.
+                std::vector<uint16_t> dy16(rows * cols);
+                std::vector<float> dyb(rows * cols);
+                for (u64 i = 0; i < rows * cols; ++i) {
+                    dy16[i] = nearest_bf16(dy[i]);
+                    uint32_t w = (uint32_t)dy16[i] << 16;
+                    std::memcpy(&dyb[i], &w, 4);
+                }
+                for (bool fuse : {false, true}) {
+                    if (fuse && !fused) continue;
+                    const u64 parts = fuse ? gr : chunks;
+                    std::vector<float> want_dx = dx0, got_dx = dx0;
+                    std::vector<double> want_g(parts * cols, NAN), want_b(parts * cols, NAN);
+                    std::vector<double> got_g(parts * cols, NAN), got_b(parts * cols, NAN);
+                    for (int k = 0; k < 2; ++k) {
+                        const float* f = k ? nullptr : dyb.data();
+                        const uint16_t* h = k ? dy16.data() : nullptr;
+                        auto& out = k ? got_dx : want_dx;
+                        auto& pgk = k ? got_g : want_g;
+                        auto& pbk = k ? got_b : want_b;
+                        launch_rows(gr, 256, [&] {
+                            layernorm_backward_dx(f, h, x.data(), g.data(), mean.data(), rstd.data(), out.data(), nullptr,
+                                                  fuse ? pgk.data() : nullptr, fuse ? pbk.data() : nullptr, rows, cols);
+                        });
+                        if (!fuse)
+                            launch(grid_elementwise(chunks * cols), 256, [&] {
+                                layernorm_param_partials(f, h, x.data(), mean.data(), rstd.data(), pgk.data(), pbk.data(),
+                                                         rows, cols, chunks, 32);
+                            });
+                    }
+                    ++checks;
+                    if (std::memcmp(want_dx.data(), got_dx.data(), rows * cols * 4) ||
+                        std::memcmp(want_g.data(), got_g.data(), parts * cols * 8) ||
+                        std::memcmp(want_b.data(), got_b.data(), parts * cols * 8)) {
+                        std::printf("FAIL layernorm_backward on a bf16 dy (%s)%s\n", fuse ? "fused" : "separate",
+                                    tag.c_str());
+                        ++failures;
+                    }
+                }
             }
             std::vector<double> wdx = to_d(dx0), wdg = to_d(dg0), wdb = to_d(db0);
             for (u64 r = 0; r < rows; ++r) {

@@ -166,9 +166,9 @@ kernels! {
     MergeHeads = "merge_heads" (Ptr, Ptr, U64, U64, U64, U64, U64, U64);
     LayerNormForward = "layernorm_forward" (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, F32);
     LayerNormBackwardDx = "layernorm_backward_dx"
-        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64);
+        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64);
     LayerNormParamPartials = "layernorm_param_partials"
-        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64);
+        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64);
     ColumnSumPartials = "column_sum_partials" (Ptr, Ptr, U64, U64, U64, U64, U64);
     ColumnSumPartialsBf16 = "column_sum_partials_bf16" (Ptr, Ptr, U64, U64, U64, U64, U64);
     ColumnSumFinish = "column_sum_finish" (Ptr, Ptr, U64, U64);

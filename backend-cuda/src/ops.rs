@@ -831,6 +831,10 @@ impl Backend for CudaBackend {
         };
         let partial_len = chunks as usize * cols;
         let (mut pg, mut pb) = (self.scratch(partial_len)?, self.scratch(partial_len)?);
+        // dy first (its copy's lock, where it alone holds the values: the bf16 mode's input
+        // gradient of qkv and fc1), then dx's copy, locked until the launch.
+        let inputs = self.inputs([(dy, rows * cols)])?;
+        let [dy_args] = inputs.args;
         let dx_ptr = self.ptr_mut(dx)?;
         let copy = self.produced_copy(dx)?;
         let partials = match fused {
@@ -838,7 +842,8 @@ impl Backend for CudaBackend {
             false => [Arg::Ptr(0), Arg::Ptr(0)],
         };
         let args = [
-            self.ptr(dy)?,
+            dy_args[0],
+            dy_args[1],
             self.ptr(x)?,
             self.ptr(gamma)?,
             self.ptr(mean)?,
@@ -857,7 +862,8 @@ impl Backend for CudaBackend {
         if !fused {
             let chunk_len = column_chunks(rows as u64, cols as u64).1;
             let args = [
-                self.ptr(dy)?,
+                dy_args[0],
+                dy_args[1],
                 self.ptr(x)?,
                 self.ptr(mean)?,
                 self.ptr(rstd)?,

@@ -2141,8 +2141,10 @@ fn check_operand_attention_gradient<B: Backend>(b: &B, stored: fn(f32) -> f32) -
 }
 
 /// Products into buffers from `alloc_operand` (fc1's `pre` through `gemm`, `gemm_bias` and
-/// `gemm_bias_gelu`; fc2's input gradient `d_act` through `gemm`), then the GELU and its gradient
-/// reading them (one buffer as both `x` and `dy`), all before anything else reads the buffer:
+/// `gemm_bias_gelu`; fc2's input gradient `d_act` through `gemm`; qkv's and fc1's input
+/// gradients, a LayerNorm's dy, through `gemm`), then the GELU and its gradient reading them (one
+/// buffer as both `x` and `dy`) and the LayerNorm backward reading them as dy, all before
+/// anything else reads the buffer:
 /// the stored values are `stored` values within the GEMM's tolerance and one `stored` rounding
 /// (2^-8 relative) of the plain buffer's, and the ops that read them give bitwise what they give
 /// on a plain buffer holding those values.
@@ -2158,6 +2160,28 @@ fn check_operand_products<B: Backend>(b: &B, stored: fn(f32) -> f32) -> Check {
     let g = Gemm::new(rows, cols, k).trans_b();
     let tol = Tol::gemm(k, max_abs(&f64s(&hx)), max_abs(&f64s(&hw)));
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    // A LayerNorm whose output gradient the product is (qkv's or fc1's input gradient in a
+    // block): its input, weight and statistics.
+    let (ln_x, gamma) = (up(b, &host(83, n, cols)), up(b, &host(84, cols, cols)));
+    let (mut mean, mut rstd) = (b.alloc(rows).map_err(fail)?, b.alloc(rows).map_err(fail)?);
+    let mut ln_y = b.alloc(n).map_err(fail)?;
+    b.layernorm_forward(
+        &ln_x, &gamma, &gamma, &mut ln_y, &mut mean, &mut rstd, rows, cols, 1e-6,
+    )
+    .map_err(fail)?;
+    let ln_backward = |dy: &B::Buf| -> Result<[Vec<u32>; 3], String> {
+        let mut dx = up(b, &vec![0.5; n]);
+        let (mut dg, mut db) = (up(b, &vec![0.0; cols]), up(b, &vec![0.0; cols]));
+        b.layernorm_backward(
+            dy, &ln_x, &gamma, &mean, &rstd, &mut dx, &mut dg, &mut db, rows, cols,
+        )
+        .map_err(fail)?;
+        Ok([
+            bits(&down(b, &dx)),
+            bits(&down(b, &dg)),
+            bits(&down(b, &db)),
+        ])
+    };
     for (i, producer) in ["gemm", "gemm_bias", "gemm_bias_gelu"].iter().enumerate() {
         let (mut plain, mut operand) =
             (b.alloc(n).map_err(fail)?, b.alloc_operand(n).map_err(fail)?);
@@ -2176,6 +2200,7 @@ fn check_operand_products<B: Backend>(b: &B, stored: fn(f32) -> f32) -> Check {
         let mut grad = b.alloc(n).map_err(fail)?;
         b.gelu_backward(&operand, &operand, &mut grad, false)
             .map_err(fail)?;
+        let ln = ln_backward(&operand)?;
         // Only now the floats: the stored values, a rounding of the plain product's.
         let values = down(b, &operand);
         if let Some(j) = (0..n).find(|&j| stored(values[j]).to_bits() != values[j].to_bits()) {
@@ -2211,6 +2236,11 @@ fn check_operand_products<B: Backend>(b: &B, stored: fn(f32) -> f32) -> Check {
         if bits(&down(b, &grad)) != bits(&down(b, &grad_want)) {
             return Err(format!(
                 "{producer}: the GELU gradient of the operand buffer read other values"
+            ));
+        }
+        if ln != ln_backward(&same)? {
+            return Err(format!(
+                "{producer}: the LayerNorm backward of the operand buffer as dy read other values"
             ));
         }
     }

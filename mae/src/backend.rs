@@ -431,8 +431,9 @@ pub trait Backend {
     /// [`Backend::alloc`] for an activation whose every read tolerates the rounding of a
     /// reduced-precision mode: in the model, the operands of [`Backend::gemm`] and its fused
     /// forms, the dY whose column sums are a Linear layer's bias gradient, the MLP's
-    /// pre-activation and its gradient, which only the GELU and its gradient read, and the qkv
-    /// projection that only the fused attention reads. A backend whose GEMMs round their
+    /// pre-activation and its gradient, which only the GELU and its gradient read, the qkv
+    /// projection that only the fused attention reads, and the gradient of a block's LayerNorm
+    /// output, which only that LayerNorm's backward reads. A backend whose GEMMs round their
     /// operands to bf16 (the CUDA backend's bf16 mode) may then keep just the bf16 values,
     /// written so by the op that produces them (a kernel, or a product that overwrites the whole
     /// buffer), and skip storing the floats. Every read sees those rounded values: a GEMM that

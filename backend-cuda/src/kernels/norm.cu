@@ -137,8 +137,9 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 3)
 }
 
 // dx += rstd * (dnorm - mean(dnorm) - xhat * mean(dnorm * xhat)), dnorm = dy * gamma (llm.c's
-// formula); the two row means are double sums. `dx16`, where not null, receives dx's bf16 copy
-// (bf16.rs, `produced_copy`).
+// formula); the two row means are double sums. dy is read as load_in does: floats, or where
+// `dy16` is not null its bf16 copy alone (the input gradient of qkv or fc1, which the bf16 mode
+// writes so). `dx16`, where not null, receives dx's bf16 copy (bf16.rs, `produced_copy`).
 //
 // Where `partial_g` is not null (rows of up to LN_FUSED_COLS columns), the kernel also does pass
 // 1 of dgamma and dbeta while it holds each row: thread t sums columns t, t + BLOCK, ... of
@@ -150,22 +151,22 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 3)
 // multiprocessor; eight took 64 registers and four blocks.
 #define LN_FUSED_PER_THREAD 4
 #define LN_FUSED_COLS (BLOCK * LN_FUSED_PER_THREAD)
-extern "C" __global__ void layernorm_backward_dx(const float* dy, const float* x,
-                                                 const float* gamma, const float* mean,
-                                                 const float* rstd, float* dx, u16* dx16,
-                                                 double* partial_g, double* partial_b, u64 rows,
-                                                 u64 cols) {
+extern "C" __global__ void layernorm_backward_dx(const float* dy, const u16* dy16,
+                                                 const float* x, const float* gamma,
+                                                 const float* mean, const float* rstd, float* dx,
+                                                 u16* dx16, double* partial_g, double* partial_b,
+                                                 u64 rows, u64 cols) {
     __shared__ double scratch[BLOCK / 32];
     double pg[LN_FUSED_PER_THREAD], pb[LN_FUSED_PER_THREAD];
     UNROLL
     for (u32 k = 0; k < LN_FUSED_PER_THREAD; ++k) pg[k] = pb[k] = 0.0;
     FOR_EACH_ROW(r, rows) {
-        const float* dyr = dy + r * cols;
-        const float* xr = x + r * cols;
+        const u64 row = r * cols;
+        const float* xr = x + row;
         const float m = mean[r], rs = rstd[r];
         double a = 0.0, b = 0.0;
         for (u64 j = threadIdx.x; j < cols; j += BLOCK) {
-            const float dnorm = dyr[j] * gamma[j];
+            const float dnorm = load_in(dy, dy16, row + j) * gamma[j];
             a += (double)dnorm;
             b += (double)(dnorm * ((xr[j] - m) * rs));
         }
@@ -177,7 +178,7 @@ extern "C" __global__ void layernorm_backward_dx(const float* dy, const float* x
             for (u32 k = 0; k < LN_FUSED_PER_THREAD; ++k) {
                 const u64 j = threadIdx.x + k * BLOCK;
                 if (j >= cols) break;
-                const float xhat = (xr[j] - m) * rs, d = dyr[j];
+                const float xhat = (xr[j] - m) * rs, d = load_in(dy, dy16, row + j);
                 const float o = dxr[j] + rs * (d * gamma[j] - mean_dnorm - xhat * mean_dnorm_xhat);
                 dxr[j] = o;
                 if (dx16) dx16[r * cols + j] = (u16)bf16_bits(o);
@@ -188,7 +189,9 @@ extern "C" __global__ void layernorm_backward_dx(const float* dy, const float* x
         }
         for (u64 j = threadIdx.x; j < cols; j += BLOCK) {
             const float xhat = (xr[j] - m) * rs;
-            const float d = dxr[j] + rs * (dyr[j] * gamma[j] - mean_dnorm - xhat * mean_dnorm_xhat);
+            const float d =
+                dxr[j] + rs * (load_in(dy, dy16, row + j) * gamma[j] - mean_dnorm -
+                               xhat * mean_dnorm_xhat);
             dxr[j] = d;
             if (dx16) dx16[r * cols + j] = (u16)bf16_bits(d);
         }
@@ -206,12 +209,12 @@ extern "C" __global__ void layernorm_backward_dx(const float* dy, const float* x
 
 // Pass 1 of dgamma and dbeta, column sums over all rows without atomics: thread (chunk, c)
 // sums rows chunk * chunk_len ... in ascending order in double into partial_g/partial_b
-// [chunk][c].
-extern "C" __global__ void layernorm_param_partials(const float* dy, const float* x,
-                                                    const float* mean, const float* rstd,
-                                                    double* partial_g, double* partial_b,
-                                                    u64 rows, u64 cols, u64 chunks,
-                                                    u64 chunk_len) {
+// [chunk][c]. dy as layernorm_backward_dx reads it.
+extern "C" __global__ void layernorm_param_partials(const float* dy, const u16* dy16,
+                                                    const float* x, const float* mean,
+                                                    const float* rstd, double* partial_g,
+                                                    double* partial_b, u64 rows, u64 cols,
+                                                    u64 chunks, u64 chunk_len) {
     const u64 n = chunks * cols;
     FOR_EACH(e, n) {
         const u64 chunk = div_u(e, cols), c = e - chunk * cols;
@@ -219,7 +222,7 @@ extern "C" __global__ void layernorm_param_partials(const float* dy, const float
         const u64 r1 = r0 + chunk_len < rows ? r0 + chunk_len : rows;
         double g = 0.0, b = 0.0;
         for (u64 r = r0; r < r1; ++r) {
-            const float d = dy[r * cols + c];
+            const float d = load_in(dy, dy16, r * cols + c);
             g += (double)(d * ((x[r * cols + c] - mean[r]) * rstd[r]));
             b += (double)d;
         }

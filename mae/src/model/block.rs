@@ -45,7 +45,8 @@ pub struct BlockScratch<B: Backend> {
     pub attn: AttentionScratch<B>,
     /// MLP gradients (absent when the stack only runs forward).
     pub mlp: Option<MlpScratch<B>>,
-    /// Gradient of a LayerNorm output.
+    /// Gradient of a LayerNorm output: the input gradient of qkv or fc1, read only by the
+    /// LayerNorm's backward, so an operand buffer ([`Backend::alloc_operand`]).
     pub d_ln: B::Buf,
     /// One branch's output, or its gradient, while drop path scales it (empty without).
     pub branch: B::Buf,
@@ -93,7 +94,7 @@ impl<B: Backend> StackScratch<B> {
                 } else {
                     None
                 },
-                d_ln: b.alloc(len)?,
+                d_ln: b.alloc_operand(len)?,
                 branch: b.alloc(if drop { d.rows() * d.dim } else { 0 })?,
             },
             d_x: b.alloc(len)?,
