@@ -19,7 +19,7 @@ export MAE_REQUIRE_BACKENDS=cuda,cuda-bf16
 # The backend's own tests that need a device (the others run in the workspace's test command).
 cargo test --release -p mae-backend-cuda --lib -- upload::tests::rewrites \
     bf16::tests::bias_gradients_of_a_copy_alone bf16::tests::products_into_operand_buffers \
-    bf16::tests::operand_floats bf16::tests::bf16_training_and_embedding \
+    bf16::tests::operand_floats bf16::tests::bf16_training_and_embedding bf16::tests::the_optimizer \
     bf16::tests::attention_inputs_of_mixed_kinds lt::tests::weight_gradients_that_leave \
     lt::tests::bias_gradients_in_the_epilogue nccl::overlap::tests
 cargo test --release --no-fail-fast -p mae-conformance --test ops --test gradcheck --test embed --test golden --test variants \

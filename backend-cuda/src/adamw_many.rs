@@ -1,6 +1,8 @@
 //! The optimizer step of a whole model in one launch (`adamw_many` in `kernels/elementwise.cu`):
 //! a table describes every tensor (addresses, length, update constants), and one grid walks the
-//! chunks of all of them, updating each element and zeroing its gradient.
+//! chunks of all of them, updating each element and zeroing its gradient. In the bf16 mode it
+//! also writes the new bf16 copy of each weight that the products read as a copy (the Linear
+//! layers'), so the next step's products need no rounding pass over the weights.
 //!
 //! The table is built and uploaded on every call, a few kilobytes for a ViT's few hundred
 //! tensors: the learning rate and the bias corrections change every step, so there is nothing
@@ -16,7 +18,7 @@ use cudarc::driver::DevicePtr;
 use mae::backend::{AdamWStep, AdamWTensor, BResult};
 
 /// Words (`u64`) per tensor in the table: `ADAMW_WORDS` in `kernels/elementwise.cu`.
-pub(crate) const WORDS: usize = 15;
+pub(crate) const WORDS: usize = 16;
 
 /// Elements per chunk, the work of one block: `ADAMW_CHUNK` in `kernels/elementwise.cu`.
 pub(crate) const CHUNK: u64 = 1024;
@@ -41,7 +43,8 @@ pub(crate) fn scalars(s: &AdamWStep) -> [f32; 8] {
 }
 
 /// One tensor as the table describes it: device addresses (0 for `param`, `m` and `v` of a
-/// tensor that does not train, which the kernel does not touch), its length and its update.
+/// tensor that does not train, which the kernel does not touch, and for a param without a bf16
+/// copy to refresh), its length and its update.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct Entry {
     pub(crate) param: u64,
@@ -50,11 +53,12 @@ pub(crate) struct Entry {
     pub(crate) v: u64,
     pub(crate) len: u64,
     pub(crate) step: Option<AdamWStep>,
+    pub(crate) param16: u64,
 }
 
 /// The table the kernel reads for `entries`, and the number of chunks they span. Per tensor:
 /// param, grad, m, v, length, first chunk (the chunks of the tensors before it), 1 if it trains
-/// else 0, then [`scalars`] as f32 bit patterns (zeros when it does not train).
+/// else 0, [`scalars`] as f32 bit patterns (zeros when it does not train), the param's copy.
 pub(crate) fn table(entries: &[Entry]) -> (Vec<u64>, u64) {
     let mut words = Vec::with_capacity(entries.len() * WORDS);
     let mut chunks = 0u64;
@@ -64,9 +68,10 @@ pub(crate) fn table(entries: &[Entry]) -> (Vec<u64>, u64) {
         w[FIRST_CHUNK] = chunks;
         w[6] = u64::from(e.step.is_some());
         let constants = e.step.as_ref().map_or([0.0; 8], scalars);
-        for (w, x) in w[7..].iter_mut().zip(constants) {
+        for (w, x) in w[7..15].iter_mut().zip(constants) {
             *w = u64::from(x.to_bits());
         }
+        w[15] = e.param16;
         words.extend(w);
         chunks += e.len.div_ceil(CHUNK);
     }
@@ -79,10 +84,25 @@ impl CudaBackend {
         &self,
         tensors: impl Iterator<Item = AdamWTensor<'a, CudaBuf>>,
     ) -> BResult<()> {
-        let entries = tensors
+        let mut tensors: Vec<_> = tensors.collect();
+        let mut entries = tensors
+            .iter_mut()
             .enumerate()
-            .map(|(k, mut t)| self.entry(k, &mut t))
+            .map(|(k, t)| self.entry(k, t))
             .collect::<BResult<Vec<_>>>()?;
+        // The copies to refresh, locked until the launch is queued (after `entry` renewed
+        // their buffers' contents).
+        let mut copies = Vec::new();
+        for (t, e) in tensors.iter().zip(&mut entries) {
+            if t.step.is_none() {
+                continue;
+            }
+            let param: &CudaBuf = t.param;
+            if let Some(copy) = self.refreshed_copy(param)? {
+                e.param16 = copy.addr();
+                copies.push((copy, param));
+            }
+        }
         let (table, chunks) = table(&entries);
         let Some(cfg) = launch::per_block(chunks) else {
             return Ok(()); // no tensor has an element
@@ -101,7 +121,11 @@ impl CudaBackend {
             u(entries.len()),
             Arg::U64(chunks),
         ];
-        self.launch(Kernel::AdamWMany, Some(cfg), &args)
+        self.launch(Kernel::AdamWMany, Some(cfg), &args)?;
+        for (copy, param) in copies {
+            copy.written(param.contents(), param.len());
+        }
+        Ok(())
     }
 
     /// The table entry of tensor `k`, after checking that a training tensor's four buffers
@@ -127,6 +151,7 @@ impl CudaBackend {
             v: addr(t.v)?,
             len: len as u64,
             step: t.step,
+            param16: 0,
         })
     }
 }
@@ -156,6 +181,7 @@ mod tests {
             v: 0x4000,
             len,
             step,
+            param16: 0,
         }
     }
 
@@ -178,7 +204,8 @@ mod tests {
         let (words, _) = table(&[entry(3, Some(step)), entry(4, None)]);
         let s = scalars(&step).map(|x| u64::from(x.to_bits()));
         assert_eq!(words[..7], [0x1000, 0x2000, 0x3000, 0x4000, 3, 0, 1]);
-        assert_eq!(words[7..WORDS], s);
+        assert_eq!(words[7..WORDS - 1], s);
+        assert_eq!(words[WORDS - 1], 0);
         assert_eq!(words[WORDS + 4..WORDS + 7], [4, 1, 0]);
         assert!(words[WORDS + 7..].iter().all(|&w| w == 0));
     }

@@ -251,6 +251,31 @@ impl CudaBackend {
         }))
     }
 
+    /// The bf16 copy that a kernel updating `buf` in place refreshes as it writes (the
+    /// optimizer: the Linear layers' weights, which the next step's products read as copies):
+    /// `buf`'s copy where a product made one with room for all of it, locked until
+    /// [`ProducedCopy::written`]; `None` where there is none (a bias, a LayerNorm's weights:
+    /// nothing multiplies them), so that no copy is made for a buffer no product reads. Call
+    /// it after the access that renews `buf`'s contents.
+    pub(crate) fn refreshed_copy<'a>(&self, buf: &'a CudaBuf) -> BResult<Option<ProducedCopy<'a>>> {
+        if !self.produces_copies() {
+            return Ok(None);
+        }
+        let mut slot = lock(buf)?;
+        let addr = match slot.as_mut() {
+            Some(copy) if copy.words.len() >= buf.len().div_ceil(2) => {
+                copy.of = None;
+                copy.words.device_ptr_mut(&self.stream).0
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some(ProducedCopy {
+            slot,
+            addr,
+            floats: true,
+        }))
+    }
+
     /// The floats argument of a kernel that overwrites all of `buf` and writes `copy` (from
     /// [`CudaBackend::produced_copy`]) too: null where it writes the copy alone, which it does
     /// for a buffer from `alloc_operand` (see the module docs), else the floats' address
@@ -722,6 +747,74 @@ mod tests {
         let (mixed, floats) = (run(&qkv), run(&plain));
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&mixed), bits(&floats));
+    }
+
+    /// On a device (or the fake driver): `adamw_many` writes the new bf16 copy of a weight that
+    /// a product read as a copy, stamped with the weight's new contents, so the next product
+    /// multiplies it without another rounding pass, bitwise what a fresh buffer of the new
+    /// values gives; a bias that nothing multiplied gets no copy.
+    #[test]
+    fn the_optimizer_refreshes_the_copies_of_multiplied_weights() {
+        use mae::backend::{AdamWStep, AdamWTensor, Backend};
+        let Some(mut be) = crate::test_device(Precision::Bf16) else {
+            return;
+        };
+        be.bf16_gemm = Bf16Gemm::Auto;
+        let (rows, out, inputs) = (640, 640, 512);
+        let host = |len: usize, k: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i * 7 + k) % 23) as f32 / 23.0 - 0.5)
+                .collect()
+        };
+        let x = be.upload(&host(rows * inputs, 1)).unwrap();
+        let mut w = be.upload(&host(out * inputs, 2)).unwrap();
+        let mut bias = be.upload(&host(out, 3)).unwrap();
+        let g = Gemm::new(rows, out, inputs).trans_b();
+        let product = |be: &CudaBackend, w: &CudaBuf| {
+            let mut y = be.alloc(rows * out).unwrap();
+            be.gemm(&g, &x, w, &mut y).unwrap();
+            let mut got = vec![f32::NAN; rows * out];
+            be.download(&y, &mut got).unwrap();
+            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        product(&be, &w); // makes w's copy
+        let state = |len: usize, k: usize| {
+            [1, 2, 3].map(|j| {
+                be.upload(&host(len, k + j).iter().map(|v| v.abs()).collect::<Vec<_>>())
+                    .unwrap()
+            })
+        };
+        let ([mut gw, mut mw, mut vw], [mut gb, mut mb, mut vb]) =
+            (state(out * inputs, 10), state(out, 20));
+        let step = Some(AdamWStep::new(1e-2, 0.9, 0.95, 1e-8, 0.05, 1));
+        let tensors = [
+            AdamWTensor {
+                param: &mut w,
+                grad: &mut gw,
+                m: &mut mw,
+                v: &mut vw,
+                step,
+            },
+            AdamWTensor {
+                param: &mut bias,
+                grad: &mut gb,
+                m: &mut mb,
+                v: &mut vb,
+                step,
+            },
+        ];
+        be.adamw_many(tensors.into_iter()).unwrap();
+        let copy_of = |buf: &CudaBuf| lock(buf).unwrap().as_ref().and_then(|c| c.of);
+        assert_eq!(
+            copy_of(&w),
+            Some((w.contents(), out * inputs)),
+            "w's copy not refreshed"
+        );
+        assert!(lock(&bias).unwrap().is_none(), "a copy made for the bias");
+        let mut values = vec![f32::NAN; out * inputs];
+        be.download(&w, &mut values).unwrap();
+        let fresh = be.upload(&values).unwrap();
+        assert_eq!(product(&be, &w), product(&be, &fresh));
     }
 
     #[test]

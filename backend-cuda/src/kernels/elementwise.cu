@@ -180,8 +180,8 @@ struct AdamWScalars {
 
 // PyTorch's AdamW (single-tensor path) on element i with gradient g: the one arithmetic of
 // `adamw` and `adamw_many`, so that both round alike.
-__device__ __forceinline__ void adamw_element(float* param, float* m, float* v, u64 i, float g,
-                                              const AdamWScalars& s) {
+__device__ __forceinline__ float adamw_element(float* param, float* m, float* v, u64 i, float g,
+                                               const AdamWScalars& s) {
     float p = param[i] * s.decay;
     const float mi = s.beta1 * m[i] + s.one_minus_beta1 * g;
     const float vi = s.beta2 * v[i] + s.one_minus_beta2 * g * g;
@@ -189,6 +189,7 @@ __device__ __forceinline__ void adamw_element(float* param, float* m, float* v, 
     param[i] = p;
     m[i] = mi;
     v[i] = vi;
+    return p;
 }
 
 extern "C" __global__ void adamw(float* param, const float* grad, float* m, float* v, u64 n,
@@ -204,13 +205,15 @@ extern "C" __global__ void adamw(float* param, const float* grad, float* m, floa
 // (backend-cuda/src/adamw_many.rs writes it): the device addresses of param, grad, m and v,
 // the length n, the tensor's first chunk (the chunks of ADAMW_CHUNK elements of the tensors
 // before it), whether it trains (0: its gradient is only zeroed), then the eight AdamWScalars
-// in their order, each an f32 bit pattern in the low half of a word.
-#define ADAMW_WORDS 15
+// in their order, each an f32 bit pattern in the low half of a word, then the address of the
+// param's bf16 copy that the update refreshes (0: none; bf16.rs, `refreshed_copy`).
+#define ADAMW_WORDS 16
 #define ADAMW_CHUNK 1024
 #define ADAMW_FIRST_CHUNK 5
 
 // The optimizer step of a whole model in one launch: for each of `tensors` tensors, `adamw` on
-// its elements when it trains, and its gradient zeroed (as `fill_f32` with 0). Grid-stride over
+// its elements when it trains (and each new value's bf16_bits into its copy, where the table
+// gives one: what round_to_bf16 would write), and its gradient zeroed (as `fill_f32` with 0). Grid-stride over
 // the `chunks` chunks of all tensors, a block per chunk; every element belongs to one chunk and
 // one thread, so the result does not depend on the grid.
 extern "C" __global__ void adamw_many(const u64* table, u64 tensors, u64 chunks) {
@@ -239,11 +242,15 @@ extern "C" __global__ void adamw_many(const u64* table, u64 tensors, u64 chunks)
             __uint_as_float((u32)d[9]),  __uint_as_float((u32)d[10]),
             __uint_as_float((u32)d[11]), __uint_as_float((u32)d[12]),
             __uint_as_float((u32)d[13]), __uint_as_float((u32)d[14])};
+        u16* param16 = (u16*)d[15];
         const u64 start = (c - d[ADAMW_FIRST_CHUNK]) * ADAMW_CHUNK;
         const u64 end = n - start < ADAMW_CHUNK ? n : start + ADAMW_CHUNK;
         for (u64 i = start + threadIdx.x; i < end; i += blockDim.x) {
             const float g = grad[i];
-            if (trains) adamw_element(param, m, v, i, g, s);
+            if (trains) {
+                const float p = adamw_element(param, m, v, i, g, s);
+                if (param16) param16[i] = (u16)bf16_bits(p);
+            }
             grad[i] = 0.0f;
         }
     }
