@@ -270,17 +270,18 @@ impl CudaBackend {
         cfg: Option<LaunchConfig>,
         args: &[Arg],
     ) -> BResult<()> {
-        self.launch_described(kernel, cfg, args, String::new)
+        self.launch_described(kernel, cfg, args, || (String::new(), 0.0))
     }
 
     /// [`CudaBackend::launch`], with `detail` (such as the shape) after the kernel's name in
-    /// the profile's label, so that calls of one kernel on different shapes are told apart.
+    /// the profile's label, so that calls of one kernel on different shapes are told apart, and
+    /// the FLOPs the kernel executes (0 for none worth a rate).
     pub(crate) fn launch_described(
         &self,
         kernel: Kernel,
         cfg: Option<LaunchConfig>,
         args: &[Arg],
-        detail: impl FnOnce() -> String,
+        detail: impl FnOnce() -> (String, f64),
     ) -> BResult<()> {
         let Some(cfg) = cfg else { return Ok(()) };
         check_args(kernel, args)?;
@@ -312,11 +313,12 @@ impl CudaBackend {
             )
         })?;
         if let (Some(p), Some(t)) = (&self.profile, timer) {
-            let detail = detail();
+            let (detail, flops) = detail();
             if detail.is_empty() {
-                p.end(&self.stream, t, kernel.name());
+                p.end(&self.stream, t, kernel.name(), flops);
             } else {
-                p.end(&self.stream, t, format!("{} {detail}", kernel.name()));
+                let label = format!("{} {detail}", kernel.name());
+                p.end(&self.stream, t, label, flops);
             }
         }
         Ok(())

@@ -52,6 +52,12 @@ pub(crate) fn column_major(g: &Gemm) -> ColumnMajor {
     }
 }
 
+/// The floating-point operations of `g`'s products (2 per multiply-add), for the profile's
+/// rates.
+pub(crate) fn flops(g: &Gemm) -> f64 {
+    2.0 * g.m as f64 * g.n as f64 * g.k as f64 * g.batch as f64
+}
+
 /// The column-major product that [`column_major`] describes, in f64 on the host: the meaning
 /// cuBLAS gives those numbers, written from its documentation, for the tests.
 #[cfg(test)]

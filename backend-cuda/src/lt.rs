@@ -625,7 +625,7 @@ impl CudaBackend {
                  {whole_waves:.2} whole)",
                 g.m, g.n, g.k, found.waves
             );
-            p.end(&self.stream, t, label);
+            p.end(&self.stream, t, label, crate::gemm::flops(g));
         }
         drop(lt);
         let args = [
@@ -806,7 +806,7 @@ impl CudaBackend {
                 "{op} {}x{}x{} {ta}{tb} lt{copies}{onto} (waves {:.2})",
                 g.m, g.n, g.k, found.waves
             );
-            p.end(&self.stream, t, label);
+            p.end(&self.stream, t, label, crate::gemm::flops(g));
         }
         Ok(true)
     }

@@ -407,7 +407,7 @@ impl Backend for CudaBackend {
                 "gemm {}x{}x{} {ta}{tb} x{}{copies}{out}",
                 g.m, g.n, g.k, g.batch
             );
-            p.end(&self.stream, t, label);
+            p.end(&self.stream, t, label, crate::gemm::flops(g));
         }
         Ok(())
     }
@@ -1091,7 +1091,7 @@ impl Backend for CudaBackend {
         if tensor_cores {
             args.push(Arg::U32(self.attention_prefetch.into()));
         }
-        self.launch_described(forward, cfg, &args, || attention_shape(a))?;
+        self.launch_described(forward, cfg, &args, || attention_detail(a, 2))?;
         if let Some(copy) = copy {
             copy.written(out.contents(), lo);
         }
@@ -1150,7 +1150,7 @@ impl Backend for CudaBackend {
         if tensor_cores {
             args.push(prefetch);
         }
-        self.launch_described(dq, cfg, &args, || attention_shape(a))?;
+        self.launch_described(dq, cfg, &args, || attention_detail(a, 3))?;
         let mut args = qkv_args.clone();
         // The tensor-core kernel reads lse from the pairs.
         if !tensor_cores {
@@ -1163,7 +1163,7 @@ impl Backend for CudaBackend {
         if tensor_cores {
             args.push(prefetch);
         }
-        self.launch_described(dkv, cfg, &args, || attention_shape(a))?;
+        self.launch_described(dkv, cfg, &args, || attention_detail(a, 4))?;
         if let Some(copy) = copy {
             copy.written(d_qkv.contents(), lq);
         }
@@ -1347,9 +1347,14 @@ fn mma_variants<const N: usize>(
     })
 }
 
-/// The profile's detail of an attention call: tokens, head width and (image, head) pairs.
-fn attention_shape(a: &Attention) -> String {
-    format!("T{} hd{} x{}", a.tokens, a.head_dim, a.batch * a.heads)
+/// The profile's detail of an attention kernel that computes `products` T x T x head-width
+/// products per (image, head) (the forward 2: scores and P V; dQ 3: the scores again, dP and
+/// dQ; dK-dV 4: scores, dV, dP and dK): tokens, head width and (image, head) pairs, and the
+/// FLOPs executed, recomputation included.
+fn attention_detail(a: &Attention, products: usize) -> (String, f64) {
+    let pairs = a.batch * a.heads;
+    let flops = 2.0 * (products * pairs * a.tokens * a.tokens * a.head_dim) as f64;
+    (format!("T{} hd{} x{pairs}", a.tokens, a.head_dim), flops)
 }
 
 fn need_idx(idx: &CudaIdx, len: usize, op: &str) -> BResult<()> {

@@ -2,8 +2,9 @@
 //!
 //! Off unless the environment variable `MAE_CUDA_PROFILE` is set when the backend is built.
 //! Then every launch and GEMM is bracketed by two CUDA events on the backend's stream, and when
-//! the backend is dropped a table of the device time per label (count, total and mean) is
-//! printed to standard error, largest first. The events add a few microseconds of host work per
+//! the backend is dropped a table of the device time per label (count, total and mean, and for
+//! products the rate: the FLOPs they execute over their time) is printed to standard error,
+//! largest first. The events add a few microseconds of host work per
 //! op and a synchronization every few thousand ops, so wall-clock numbers measured with the
 //! profiler on are slightly pessimistic; the per-label device times are not affected.
 
@@ -25,9 +26,10 @@ pub(crate) struct Profile {
 
 #[derive(Default)]
 struct State {
-    pending: Vec<(String, CudaEvent, CudaEvent)>,
-    /// label -> (calls, milliseconds)
-    totals: HashMap<String, (u64, f64)>,
+    /// (label, FLOPs, start, end)
+    pending: Vec<(String, f64, CudaEvent, CudaEvent)>,
+    /// label -> (calls, milliseconds, FLOPs)
+    totals: HashMap<String, (u64, f64, f64)>,
     failed: Option<String>,
 }
 
@@ -52,8 +54,15 @@ impl Profile {
         }
     }
 
-    /// Records the end of the op that `timer` started, under `label`.
-    pub(crate) fn end(&self, stream: &CudaStream, timer: Timer, label: impl Into<String>) {
+    /// Records the end of the op that `timer` started, under `label`, with the floating-point
+    /// operations it executes (2 per multiply-add of a product; 0 for an op without a rate).
+    pub(crate) fn end(
+        &self,
+        stream: &CudaStream,
+        timer: Timer,
+        label: impl Into<String>,
+        flops: f64,
+    ) {
         let Timer(Some(start)) = timer else { return };
         let end = match stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)) {
             Ok(e) => e,
@@ -62,7 +71,7 @@ impl Profile {
         let Ok(mut state) = self.state.lock() else {
             return;
         };
-        state.pending.push((label.into(), start, end));
+        state.pending.push((label.into(), flops, start, end));
         if state.pending.len() >= RESOLVE_EVERY {
             state.resolve();
         }
@@ -80,19 +89,24 @@ impl Profile {
             return "MAE_CUDA_PROFILE: the profiler's lock is poisoned\n".into();
         };
         state.resolve();
-        let mut rows: Vec<(&String, &(u64, f64))> = state.totals.iter().collect();
+        let mut rows: Vec<(&String, &(u64, f64, f64))> = state.totals.iter().collect();
         rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
         let all: f64 = rows.iter().map(|r| r.1 .1).sum();
         let mut out = format!("MAE_CUDA_PROFILE: device time per op, {all:.1} ms in all\n");
         let _ = writeln!(
             out,
-            "{:>10} {:>6} {:>9} {:>10}  op",
-            "total ms", "%", "calls", "mean us"
+            "{:>10} {:>6} {:>9} {:>10} {:>9}  op",
+            "total ms", "%", "calls", "mean us", "TFLOP/s"
         );
-        for (label, &(calls, ms)) in rows {
+        for (label, &(calls, ms, flops)) in rows {
+            let rate = if flops > 0.0 && ms > 0.0 {
+                format!("{:.1}", flops / (ms * 1e9))
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 out,
-                "{ms:>10.2} {:>6.2} {calls:>9} {:>10.2}  {label}",
+                "{ms:>10.2} {:>6.2} {calls:>9} {:>10.2} {rate:>9}  {label}",
                 100.0 * ms / all.max(f64::MIN_POSITIVE),
                 1000.0 * ms / calls as f64
             );
@@ -107,12 +121,13 @@ impl Profile {
 impl State {
     /// Reads every pending pair's elapsed time (waiting for the stream to reach them).
     fn resolve(&mut self) {
-        for (label, start, end) in self.pending.drain(..) {
+        for (label, flops, start, end) in self.pending.drain(..) {
             match start.elapsed_ms(&end) {
                 Ok(ms) => {
-                    let t = self.totals.entry(label).or_insert((0, 0.0));
+                    let t = self.totals.entry(label).or_insert((0, 0.0, 0.0));
                     t.0 += 1;
                     t.1 += ms as f64;
+                    t.2 += flops;
                 }
                 Err(e) => {
                     self.failed
@@ -120,5 +135,41 @@ impl State {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows by total time, products with their rate (FLOPs over time), other ops without.
+    #[test]
+    fn the_table_gives_products_their_rate() {
+        let profile = Profile::default();
+        {
+            let mut state = profile.state.lock().unwrap();
+            state.totals.insert("gemm 2x3x4".into(), (4, 2.0, 3e12));
+            state
+                .totals
+                .insert("layernorm_forward".into(), (10, 6.0, 0.0));
+        }
+        let table = profile.report();
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].contains("8.0 ms in all"), "{table}");
+        assert!(lines[1].contains("TFLOP/s"), "{table}");
+        let cells = |line: &str| {
+            line.split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            cells(lines[2]),
+            ["6.00", "75.00", "10", "600.00", "layernorm_forward"]
+        );
+        // 3e12 FLOPs in 2 ms: 1,500 TFLOP/s.
+        assert_eq!(
+            cells(lines[3]),
+            ["2.00", "25.00", "4", "500.00", "1500.0", "gemm", "2x3x4"]
+        );
     }
 }
