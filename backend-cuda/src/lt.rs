@@ -586,48 +586,32 @@ impl CudaBackend {
         let pparts = parts.device_ptr_mut(&self.stream).0;
         let copies = self.bf16_operands((a, a_len), (b, b_len))?;
         let [pa, pb] = copies.addrs;
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| error::driver(e, "binding the CUDA context", 0))?;
-        let timer = self.profile.as_ref().map(|p| p.start(&self.stream));
+        let label = || {
+            format!(
+                "gemm_bias_grad {}x{}x{} TN lt bf16 copies, {chunks} chunks (waves {:.2}, \
+                 {whole_waves:.2} whole)",
+                g.m, g.n, g.k, found.waves
+            )
+        };
         // SAFETY: `call` is what `found` was chosen for. A (our B) and B (our A) are the bf16
         // copies of live buffers, locked in `copies` until this returns, holding the k x n and
         // k x m elements that the chunks span together (`gemm_lens`, and `chunks` divides k);
         // C and D are the partials, chunks x m x n floats just allocated (beta 0: C not read),
         // and the epilogue writes chunks x m floats at `pbias`, which the caller allocated.
-        let status = unsafe {
-            lt.matmul(
-                &call,
-                &found,
-                (g.alpha, 0.0),
-                (pb, pa),
-                (pparts, pparts),
-                &self.stream,
+        let queued = unsafe {
+            self.lt_queue(
+                &mut lt,
+                (&call, shape, &found),
+                g,
+                0.0,
+                [pb, pa, pparts, pparts],
+                label,
             )
-        };
-        drop(copies);
-        match status {
-            Ok(()) => {}
-            Err(CublasError(cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => {
-                lt.algos.insert(shape, None);
-                return Ok(false);
-            }
-            Err(e) => {
-                return Err(lt_error(
-                    e,
-                    &format!("cublasLtMatmul for {g:?} in {chunks} chunks"),
-                ))
-            }
+        }?;
+        drop((copies, lt));
+        if !queued {
+            return Ok(false);
         }
-        if let (Some(p), Some(t)) = (&self.profile, timer) {
-            let label = format!(
-                "gemm_bias_grad {}x{}x{} TN lt bf16 copies, {chunks} chunks (waves {:.2}, \
-                 {whole_waves:.2} whole)",
-                g.m, g.n, g.k, found.waves
-            );
-            p.end(&self.stream, t, label, crate::gemm::flops(g));
-        }
-        drop(lt);
         let args = [
             Arg::Ptr(pparts),
             self.ptr_mut(c)?,
@@ -743,51 +727,7 @@ impl CudaBackend {
             None => c.addr(&self.stream)?,
         };
         let pc = base.unwrap_or(pd);
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| error::driver(e, "binding the CUDA context", 0))?;
-        let timer = self.profile.as_ref().map(|p| p.start(&self.stream));
-        // SAFETY: `call` is what `found` was chosen for. A (our B) and B (our A) are device
-        // addresses of live buffers, or of their bf16 copies (locked in `copies` until this
-        // returns), holding at least the k x n and m x k elements their layouts span (checked
-        // by `gemm_lens`); D is `c`, m x n, checked likewise, and C is D or `base`, a distinct
-        // live buffer of at least m x n (checked above) with D's layout; where D is bf16 it is
-        // `c`'s copy, room for all of `c` (exactly m x n), locked in `c` until this returns,
-        // and C is D (beta 0: not read); the epilogue's vector holds the n floats it reads
-        // (the bias, checked by `gemm_bias_lt`) or the m it writes (the sums of
-        // `gemm_bias_grad_lt`). The work is queued on the backend's stream.
-        let status = unsafe {
-            lt.matmul(
-                &call,
-                &found,
-                (g.alpha, g.beta),
-                (pb, pa),
-                (pc, pd),
-                &self.stream,
-            )
-        };
-        drop(copies);
-        match status {
-            Ok(()) => {
-                if let Some(copy) = out16 {
-                    copy.written(c.contents(), g.m * g.n);
-                }
-            }
-            Err(CublasError(cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => {
-                lt.algos.insert(shape, None);
-                return Ok(false);
-            }
-            Err(e) => {
-                return Err(lt_error(
-                    e,
-                    &format!(
-                        "cublasLtMatmul for {g:?}, {epilogue:?} epilogue ({:?})",
-                        self.precision()
-                    ),
-                ))
-            }
-        }
-        if let (Some(p), Some(t)) = (&self.profile, timer) {
+        let label = || {
             let (ta, tb) = (
                 if g.trans_a { "T" } else { "N" },
                 if g.trans_b { "T" } else { "N" },
@@ -802,11 +742,84 @@ impl CudaBackend {
                 Epilogue::Bias => "gemm_bias",
                 Epilogue::BiasGrad => "gemm_bias_grad",
             };
-            let label = format!(
+            format!(
                 "{op} {}x{}x{} {ta}{tb} lt{copies}{onto} (waves {:.2})",
                 g.m, g.n, g.k, found.waves
-            );
-            p.end(&self.stream, t, label, crate::gemm::flops(g));
+            )
+        };
+        // SAFETY: `call` is what `found` was chosen for. A (our B) and B (our A) are device
+        // addresses of live buffers, or of their bf16 copies (locked in `copies` until this
+        // returns), holding at least the k x n and m x k elements their layouts span (checked
+        // by `gemm_lens`); D is `c`, m x n, checked likewise, and C is D or `base`, a distinct
+        // live buffer of at least m x n (checked above) with D's layout; where D is bf16 it is
+        // `c`'s copy, room for all of `c` (exactly m x n), locked in `c` until this returns,
+        // and C is D (beta 0: not read); the epilogue's vector holds the n floats it reads
+        // (the bias, checked by `gemm_bias_lt`) or the m it writes (the sums of
+        // `gemm_bias_grad_lt`). The work is queued on the backend's stream.
+        let queued = unsafe {
+            self.lt_queue(
+                &mut lt,
+                (&call, shape, &found),
+                g,
+                g.beta,
+                [pb, pa, pc, pd],
+                label,
+            )
+        }?;
+        drop(copies);
+        if queued {
+            if let Some(copy) = out16 {
+                copy.written(c.contents(), g.m * g.n);
+            }
+        }
+        Ok(queued)
+    }
+
+    /// Queues `call` with `found`'s algorithm ([`Lt::matmul`], alpha from `g`, `beta`, the
+    /// addresses of A, B, C and D in cuBLASLt's order) with the context bound, timed under
+    /// `label()` where profiling: `true` once queued; `false` where cuBLASLt turns it down
+    /// (`NOT_SUPPORTED`: the shape's algorithm is forgotten and the caller runs something
+    /// else); an error naming `label()` otherwise.
+    ///
+    /// # Safety
+    /// As [`Lt::matmul`].
+    unsafe fn lt_queue(
+        &self,
+        lt: &mut Lt,
+        (call, shape, found): (&Call, Shape, &Found),
+        g: &Gemm,
+        beta: f32,
+        [first, second, c, d]: [u64; 4],
+        label: impl Fn() -> String,
+    ) -> BResult<bool> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| error::driver(e, "binding the CUDA context", 0))?;
+        let timer = self.profile.as_ref().map(|p| p.start(&self.stream));
+        // SAFETY: the caller's promise.
+        let status = unsafe {
+            lt.matmul(
+                call,
+                found,
+                (g.alpha, beta),
+                (first, second),
+                (c, d),
+                &self.stream,
+            )
+        };
+        match status {
+            Ok(()) => {}
+            Err(CublasError(cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => {
+                lt.algos.insert(shape, None);
+                return Ok(false);
+            }
+            Err(e) => {
+                let what = format!("cublasLtMatmul for {} ({:?})", label(), self.precision());
+                return Err(lt_error(e, &what));
+            }
+        }
+        if let (Some(p), Some(t)) = (&self.profile, timer) {
+            p.end(&self.stream, t, label(), crate::gemm::flops(g));
         }
         Ok(true)
     }
@@ -864,8 +877,8 @@ mod tests {
 
     /// On a device (or the fake driver): a bf16 weight gradient whose output leaves the card
     /// mostly idle (512 x 512 from 2,048 rows) runs in the chunks that `split_k::chunks` gives
-    /// for its unsplit product's waves, and equals the unsplit product (`off`) within the
-    /// rounding of summing the partials, its bias gradient likewise.
+    /// for its unsplit product's waves, and on operands whose every sum is exact in f32 it
+    /// equals the unsplit product (`off`) bitwise, its bias gradient likewise.
     #[test]
     fn weight_gradients_that_leave_the_card_idle_run_in_chunks() {
         use crate::bf16::Bf16Gemm;
