@@ -23,8 +23,9 @@
 #       of embedding alone; and the wgpu backend on the GPU
 #       where the machine has a Vulkan driver; and scripts/dp-check.sh (one NCCL rank against a
 #       single process), and bf16 at the largest batch with MAE_CUDA_UPLOAD=pageable (the
-#       uploads before pinned staging), with MAE_CUDA_ATTENTION_PREFETCH=off (the attention's
-#       tile loads not overlapped), with MAE_CUDA_LAYERNORM_PARTIALS=separate (the LayerNorm
+#       uploads before pinned staging), with MAE_CUDA_UPLOAD=pinned (pinned uploads in the
+#       compute stream's order, before they overlapped the step before), with
+#       MAE_CUDA_ATTENTION_PREFETCH=off (the attention's tile loads not overlapped), with MAE_CUDA_LAYERNORM_PARTIALS=separate (the LayerNorm
 #       parameter gradients' partials in a pass of their own) and with
 #       MAE_CUDA_WEIGHT_GRAD_SPLIT=off (weight gradients as one product each). A full run took 195-213 s on an H200 (2026-11-27).
 #       GPU_CHECK_QUICK=1 keeps what a change to the bf16 mode needs, in about half the time:
@@ -278,11 +279,15 @@ run() {
         measure "bench base224 cuda-bf16 b$batch" "$bins/bin/bench" --case base224 \
             --backend cuda-bf16 --batch "$batch" --seconds "$s"
     done
-    # The uploads from pageable memory that pinned staging replaced (upload.rs), and the
+    # The uploads from pageable memory that pinned staging replaced, and pinned uploads in the
+    # compute stream's order, before they overlapped the previous step (upload.rs); the
     # tensor-core attention waiting for each tile's loads instead of computing the tile before
     # meanwhile (attention_mma.cu, mma_row_walk); same batch.
     measure "bench base224 cuda-bf16 b$largest MAE_CUDA_UPLOAD=pageable" \
         env MAE_CUDA_UPLOAD=pageable "$bins/bin/bench" --case base224 --backend cuda-bf16 \
+        --batch "$largest" --seconds "$s"
+    measure "bench base224 cuda-bf16 b$largest MAE_CUDA_UPLOAD=pinned" \
+        env MAE_CUDA_UPLOAD=pinned "$bins/bin/bench" --case base224 --backend cuda-bf16 \
         --batch "$largest" --seconds "$s"
     measure "bench base224 cuda-bf16 b$largest MAE_CUDA_ATTENTION_PREFETCH=off" \
         env MAE_CUDA_ATTENTION_PREFETCH=off "$bins/bin/bench" --case base224 \

@@ -21,6 +21,7 @@ cargo test --release -p mae-backend-cuda --lib -- upload::tests::rewrites \
     bf16::tests::bias_gradients_of_a_copy_alone bf16::tests::products_into_operand_buffers \
     bf16::tests::operand_floats bf16::tests::bf16_training_and_embedding bf16::tests::the_optimizer \
     bf16::tests::attention_inputs_of_mixed_kinds lt::tests::weight_gradients_that_leave \
-    lt::tests::bias_gradients_in_the_epilogue nccl::overlap::tests
+    lt::tests::bias_gradients_in_the_epilogue nccl::overlap::tests \
+    device::tests::the_memory_pool_keeps_freed_memory
 cargo test --release --no-fail-fast -p mae-conformance --test ops --test gradcheck --test embed --test golden --test variants \
     --test training -- "${MAE_EMULATE_FILTER:-cuda}" "$@"

@@ -110,16 +110,30 @@ static void test_elementwise() {
             for (u64 i = 0; i < n; ++i) want[i] = (float)(y[i] + x[i]);
             expect_close("add" + tag, buf, want, 0);
             // Three partials summed onto beta times dst, and over it (beta 0 never reads the
-            // NaN there).
+            // NaN there); with a second sum of nb elements (a bias's partials) in the same
+            // launch, or none.
             for (float beta : {0.0f, 1.0f, 0.5f}) {
-                std::vector<float> parts = random_vec(3 * n);
-                buf = beta == 0.0f ? std::vector<float>(n, NAN) : y;
-                launch(g, 256, [&] { sum_partials_f32(parts.data(), buf.data(), n, 3, beta); });
-                for (u64 i = 0; i < n; ++i) {
-                    const double old = beta == 0.0f ? 0.0 : (double)beta * y[i];
-                    want[i] = (float)(old + parts[i] + parts[n + i] + parts[2 * n + i]);
+                for (u64 nb : {0ull, 1ull, 37ull}) {
+                    std::vector<float> parts = random_vec(3 * n), parts_b = random_vec(3 * nb);
+                    std::vector<float> bias = random_vec(nb), got_b = bias;
+                    buf = beta == 0.0f ? std::vector<float>(n, NAN) : y;
+                    launch(g, 256, [&] {
+                        sum_partials_f32(parts.data(), buf.data(), n, beta, parts_b.data(),
+                                         got_b.data(), nb, 1.0f, 3);
+                    });
+                    for (u64 i = 0; i < n; ++i) {
+                        const double old = beta == 0.0f ? 0.0 : (double)beta * y[i];
+                        want[i] = (float)(old + parts[i] + parts[n + i] + parts[2 * n + i]);
+                    }
+                    std::vector<double> want_b(nb);
+                    for (u64 i = 0; i < nb; ++i)
+                        want_b[i] = (float)((double)bias[i] + parts_b[i] + parts_b[nb + i] +
+                                            parts_b[2 * nb + i]);
+                    const std::string t =
+                        " beta=" + std::to_string(beta) + " nb=" + std::to_string(nb) + tag;
+                    expect_close("sum_partials" + t, buf, want, 0);
+                    expect_close("sum_partials bias" + t, got_b, want_b, 0);
                 }
-                expect_close("sum_partials beta=" + std::to_string(beta) + tag, buf, want, 0);
             }
             buf = y;
             launch(g, 256, [&] { scale_f32(buf.data(), n, -1.5f); });
@@ -662,8 +676,9 @@ static void test_norms() {
             launch(grid_elementwise(chunks * cols), 256, [&] {
                 layernorm_param_partials(dy.data(), nullptr, x.data(), mean.data(), rstd.data(), pg.data(), pb.data(), rows, cols, chunks, 32);
             });
-            launch_rows(grid_rows(cols), 256, [&] { column_sum_finish(pg.data(), dg.data(), chunks, cols); });
-            launch_rows(grid_rows(cols), 256, [&] { column_sum_finish(pb.data(), db.data(), chunks, cols); });
+            launch_rows(grid_rows(2 * cols), 256, [&] {
+                column_sum_finish_pair(pg.data(), dg.data(), pb.data(), db.data(), chunks, cols);
+            });
             // Fused: partials per block of this grid (`gr` of them), the same dx bitwise.
             std::vector<float> fdx = dx0, fdg = dg0, fdb = db0;
             const bool fused = cols <= LN_FUSED_COLS;
@@ -674,8 +689,10 @@ static void test_norms() {
                     layernorm_backward_dx(dy.data(), nullptr, x.data(), g.data(), mean.data(), rstd.data(), fdx.data(),
                                           fdx16.data(), fpg.data(), fpb.data(), rows, cols);
                 });
-                launch_rows(grid_rows(cols), 256, [&] { column_sum_finish(fpg.data(), fdg.data(), gr, cols); });
-                launch_rows(grid_rows(cols), 256, [&] { column_sum_finish(fpb.data(), fdb.data(), gr, cols); });
+                // One block: its warps walk both columns' ranges.
+                launch_rows(1, 256, [&] {
+                    column_sum_finish_pair(fpg.data(), fdg.data(), fpb.data(), fdb.data(), gr, cols);
+                });
                 expect_close("layernorm_backward fused dx" + tag, fdx, to_d(dx), 0);
                 expect_bf16_copy("layernorm_backward fused dx copy" + tag, fdx16, fdx);
             }

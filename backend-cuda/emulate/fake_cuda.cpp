@@ -1,7 +1,8 @@
 // A stand-in for libcuda, libnvrtc, libcublas and libcublasLt that runs this crate's kernels on the host
 // (shim.h), so that the real backend -- its Rust host code, cudarc, argument packing, launch
 // sizes, scratch buffers -- runs the whole conformance suite on a machine without a GPU.
-// Device pointers are host pointers; the stream is synchronous; "PTX" is ignored and kernels are
+// Device pointers are host pointers; the backend's stream is synchronous (other streams hold
+// their uploads until waited for: see "Streams"); "PTX" is ignored and kernels are
 // found by name in the table gen_dispatch.py writes; cuBLAS's sgemmStridedBatched is a plain
 // loop with f32 accumulation, written from cuBLAS's documented column-major semantics.
 // Build and run: backend-cuda/emulate/conformance.sh
@@ -21,8 +22,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <functional>
+#include <map>
 #include <mutex>
 #include <string>
+#include <unordered_set>
 
 template <class T>
 static T arg(void** params, int i) {
@@ -57,18 +62,68 @@ static bool host_only() {
 }
 struct Counts {
     unsigned long long launches = 0, gemms = 0, lt = 0, htod = 0, dtoh = 0, dtod = 0, memsets = 0,
-                       allocs = 0, frees = 0, htod_bytes = 0;
+                       allocs = 0, frees = 0, htod_bytes = 0, alloc_bytes = 0;
     ~Counts() {
         if (host_only())
             std::fprintf(stderr,
                          "fake cuda (host only): %llu launches, %llu cuBLAS and %llu cuBLASLt "
                          "products, %llu uploads (%llu bytes), %llu downloads, %llu device "
-                         "copies, %llu fills, %llu allocations, %llu frees\n",
+                         "copies, %llu fills, %llu allocations (%llu bytes), %llu frees\n",
                          launches, gemms, lt, htod, htod_bytes, dtoh, dtod, memsets, allocs,
-                         frees);
+                         alloc_bytes, frees);
     }
 };
 static Counts counts;
+
+// ---- Streams -------------------------------------------------------------------------------
+// The backend's own stream (the legacy default stream, null) runs every call when it is queued.
+// A stream created with cuStreamCreate (the upload stream) holds its host-to-device copies
+// until something waits for them: a stream or the host waiting for an event recorded after
+// them, a synchronization, or another call queued on that stream. So an op of the backend's
+// stream that reads a buffer an upload writes, without waiting for the copy, reads the old
+// contents, as it may on a GPU. (Waits the other way, for the backend's stream, need nothing
+// here: its work has run when it is queued.)
+struct FakeStream {
+    std::deque<std::function<void()>> pending;
+    size_t queued = 0, done = 0;
+};
+struct FakeEvent {
+    FakeStream* stream = nullptr;  // null: recorded on the backend's stream
+    size_t upto = 0;
+};
+static std::recursive_mutex streams_lock;
+static std::unordered_set<FakeStream*> live_streams;
+
+static FakeStream* own_stream(void* stream) {
+    auto* s = static_cast<FakeStream*>(stream);
+    return live_streams.count(s) ? s : nullptr;
+}
+static void run_until(FakeStream* s, size_t upto) {
+    while (s->done < upto) {
+        auto work = std::move(s->pending.front());
+        s->pending.pop_front();
+        ++s->done;
+        work();
+    }
+}
+// Runs what `stream` holds, before a call that the stream orders after it.
+static void drain(void* stream) {
+    std::lock_guard<std::recursive_mutex> guard(streams_lock);
+    if (auto* s = own_stream(stream)) run_until(s, s->queued);
+}
+// Blocks of cuMemHostAlloc, by address.
+static std::map<uintptr_t, size_t> pinned_blocks;
+static bool is_pinned(const void* p, size_t n) {
+    auto a = (uintptr_t)p;
+    auto it = pinned_blocks.upper_bound(a);
+    if (it == pinned_blocks.begin()) return false;
+    --it;
+    return a + n <= it->first + it->second;
+}
+static void drain_all() {
+    std::lock_guard<std::recursive_mutex> guard(streams_lock);
+    for (auto* s : live_streams) run_until(s, s->queued);
+}
 
 extern "C" {
 
@@ -83,13 +138,24 @@ CUresult cuDevicePrimaryCtxRetain(void** ctx, int) { *ctx = &dummy_ctx; return O
 CUresult cuDevicePrimaryCtxRelease_v2(int) { return OK; }
 CUresult cuCtxSetCurrent(void*) { return OK; }
 CUresult cuCtxGetCurrent(void** ctx) { *ctx = &dummy_ctx; return OK; }
-CUresult cuCtxSynchronize() { return OK; }
-CUresult cuStreamSynchronize(void*) { return OK; }
-// Streams of their own (the gradient averaging's) run their work when it is queued, as the
-// backend's does.
-static int dummy_stream;
-CUresult cuStreamCreate(void** stream, unsigned) { *stream = &dummy_stream; return OK; }
-CUresult cuStreamDestroy_v2(void*) { return OK; }
+CUresult cuCtxSynchronize() { drain_all(); return OK; }
+CUresult cuStreamSynchronize(void* stream) { drain(stream); return OK; }
+CUresult cuStreamCreate(void** stream, unsigned) {
+    std::lock_guard<std::recursive_mutex> guard(streams_lock);
+    auto* s = new FakeStream;
+    live_streams.insert(s);
+    *stream = s;
+    return OK;
+}
+CUresult cuStreamDestroy_v2(void* stream) {
+    std::lock_guard<std::recursive_mutex> guard(streams_lock);
+    if (auto* s = own_stream(stream)) {
+        run_until(s, s->queued);
+        live_streams.erase(s);
+        delete s;
+    }
+    return OK;
+}
 CUresult cuDeviceGetAttribute(int* v, int attribute, int) {
     switch (attribute) {
     case 75: *v = 9; break;   // compute capability major
@@ -114,34 +180,64 @@ CUresult cuGetErrorString(CUresult, const char** s) { *s = "fake driver error"; 
 
 // Fresh memory is filled with 0xFF bytes (NaN as f32 and f64), as a GPU's is arbitrary: a read
 // of memory nobody wrote shows up as NaN in the results.
-CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void*) {
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void* stream) {
+    drain(stream);
     if (bytes == 0) return INVALID_VALUE;  // as cuMemAlloc does
     void* m = std::malloc(bytes);
     if (!m) return 2;  // CUDA_ERROR_OUT_OF_MEMORY
     ++counts.allocs;
+    counts.alloc_bytes += bytes;
     if (!host_only()) std::memset(m, 0xFF, bytes);
     *p = (CUdeviceptr)m;
     return OK;
 }
+// The device's default memory pool: only its release threshold (attribute 4) is kept, for the
+// backend's test that it sets it.
+static unsigned long long pool_release_threshold = 0;
+static int dummy_pool;
+CUresult cuDeviceGetDefaultMemPool(void** pool, int) { *pool = &dummy_pool; return OK; }
+CUresult cuMemPoolSetAttribute(void* pool, int attribute, void* value) {
+    if (pool != &dummy_pool) return INVALID_VALUE;
+    if (attribute == 4) std::memcpy(&pool_release_threshold, value, 8);
+    return OK;
+}
+CUresult cuMemPoolGetAttribute(void* pool, int attribute, void* value) {
+    if (pool != &dummy_pool || attribute != 4) return INVALID_VALUE;
+    std::memcpy(value, &pool_release_threshold, 8);
+    return OK;
+}
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) { return cuMemAllocAsync(p, bytes, nullptr); }
-CUresult cuMemFreeAsync(CUdeviceptr p, void*) {
+CUresult cuMemFreeAsync(CUdeviceptr p, void* stream) {
+    drain(stream);
     ++counts.frees;
     std::free((void*)p);
     return OK;
 }
 CUresult cuMemFree_v2(CUdeviceptr p) { return cuMemFreeAsync(p, nullptr); }
-CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, void*) {
+CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, void* stream) {
+    drain(stream);
     ++counts.memsets;
     if (!host_only()) std::memset((void*)p, v, n);
     return OK;
 }
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void*) {
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void* stream) {
     ++counts.htod;
     counts.htod_bytes += n;
-    if (!host_only()) std::memcpy((void*)dst, src, n);
+    if (host_only()) return OK;
+    auto copy = [dst, src, n] { std::memcpy((void*)dst, src, n); };
+    std::lock_guard<std::recursive_mutex> guard(streams_lock);
+    // The driver reads pageable memory before it returns; only pinned sources can be held.
+    auto* s = own_stream(stream);
+    if (s && is_pinned(src, n)) {
+        s->pending.push_back(copy);
+        ++s->queued;
+    } else {
+        copy();
+    }
     return OK;
 }
-CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void*) {
+CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void* stream) {
+    drain(stream);
     ++counts.dtoh;
     if (host_only()) {
         std::memset(dst, 0, n);
@@ -150,32 +246,55 @@ CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void*) {
     }
     return OK;
 }
-CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void*) {
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void* stream) {
+    drain(stream);
     ++counts.dtod;
     if (!host_only()) std::memmove((void*)dst, (const void*)src, n);
     return OK;
 }
-// Pinned host memory (the upload staging) is plain memory, and events have nothing to wait
-// for: every "asynchronous" call above has finished when it returns.
+// Pinned host memory (the upload staging) is plain memory. An event names the point of its
+// stream it was recorded at; waiting for it runs the held copies up to there.
 CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
     *p = std::malloc(bytes ? bytes : 1);
     if (!*p) return 2;
     std::memset(*p, 0xFF, bytes);
+    std::lock_guard<std::recursive_mutex> guard(streams_lock);
+    pinned_blocks[(uintptr_t)*p] = bytes;
     return OK;
 }
-CUresult cuMemFreeHost(void* p) { std::free(p); return OK; }
-CUresult cuEventCreate(void** event, unsigned) { *event = new int(0); return OK; }
-CUresult cuEventDestroy_v2(void* event) { delete (int*)event; return OK; }
-CUresult cuEventRecord(void*, void*) { return OK; }
-CUresult cuEventSynchronize(void*) { return OK; }
-CUresult cuEventQuery(void*) { return OK; }
+CUresult cuMemFreeHost(void* p) {
+    std::lock_guard<std::recursive_mutex> guard(streams_lock);
+    pinned_blocks.erase((uintptr_t)p);
+    std::free(p);
+    return OK;
+}
+CUresult cuEventCreate(void** event, unsigned) { *event = new FakeEvent; return OK; }
+CUresult cuEventDestroy_v2(void* event) { delete static_cast<FakeEvent*>(event); return OK; }
+CUresult cuEventRecord(void* event, void* stream) {
+    std::lock_guard<std::recursive_mutex> guard(streams_lock);
+    auto* e = static_cast<FakeEvent*>(event);
+    e->stream = own_stream(stream);
+    e->upto = e->stream ? e->stream->queued : 0;
+    return OK;
+}
+static void reach(void* event) {
+    std::lock_guard<std::recursive_mutex> guard(streams_lock);
+    auto* e = static_cast<FakeEvent*>(event);
+    // A destroyed stream ran all it held, and its events may outlive it.
+    if (e->stream && live_streams.count(e->stream)) run_until(e->stream, e->upto);
+}
+CUresult cuEventSynchronize(void* event) { reach(event); return OK; }
+CUresult cuEventQuery(void* event) { reach(event); return OK; }
 // No device time exists here: `MAE_CUDA_PROFILE` over this library lists every op with its
 // label and count (what a step launches) at zero milliseconds.
 CUresult cuEventElapsedTime_v2(float* ms, void*, void*) {
     *ms = 0.0f;
     return OK;
 }
-CUresult cuStreamWaitEvent(void*, void*, unsigned) { return OK; }
+CUresult cuStreamWaitEvent(void*, void* event, unsigned) {
+    reach(event);
+    return OK;
+}
 CUresult cuModuleLoadData(void** module, const void*) { *module = &dummy_module; return OK; }
 CUresult cuModuleUnload(void*) { return OK; }
 CUresult cuModuleGetFunction(const KernelEntry** f, void*, const char* name) {
@@ -188,7 +307,9 @@ CUresult cuModuleGetFunction(const KernelEntry** f, void*, const char* name) {
     return NOT_FOUND;
 }
 CUresult cuLaunchKernel(const KernelEntry* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
-                        unsigned by, unsigned bz, unsigned, void*, void** params, void** extra) {
+                        unsigned by, unsigned bz, unsigned, void* stream, void** params,
+                        void** extra) {
+    drain(stream);
     if (gy != 1 || gz != 1 || by != 1 || bz != 1 || extra != nullptr || gx == 0 || bx == 0)
         return INVALID_VALUE;
     ++counts.launches;

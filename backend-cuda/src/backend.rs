@@ -88,7 +88,8 @@ pub enum AttentionPath {
 ///
 /// Build it with [`CudaBackend::new`]; where there is no driver, library or device that returns
 /// a [`mae::BackendErrorKind::NoDevice`] error instead of panicking. The value is
-/// `Send + Sync`: every op is queued on the backend's one stream, from any thread.
+/// `Send + Sync`: every op is queued on the backend's one stream, from any thread (the copies of
+/// rewritten inputs on a second, `upload.rs`).
 pub struct CudaBackend {
     pub(crate) ctx: Arc<CudaContext>,
     pub(crate) stream: Arc<CudaStream>,
@@ -125,9 +126,11 @@ pub struct CudaBackend {
     pub(crate) lt: OnceLock<Option<Mutex<Lt>>>,
     /// The device's memory in floats: no buffer can be longer.
     pub(crate) max_len: usize,
-    /// `MAE_CUDA_UPLOAD`: whether rewrites from the host go through pinned staging
-    /// (`upload.rs`).
+    /// `MAE_CUDA_UPLOAD`: whether rewrites from the host go through pinned staging, and on
+    /// which stream (`upload.rs`).
     pub(crate) upload: Upload,
+    /// The stream of overlapped uploads (`upload.rs`), created at the first.
+    pub(crate) uploads: OnceLock<Arc<CudaStream>>,
     /// Bytes of floats allocated for buffers from `alloc_operand` whose floats an op needed
     /// (`buffer.rs`): none in a bf16 training step or embedding, which is the point.
     pub(crate) operand_floats: Arc<AtomicUsize>,
@@ -162,8 +165,10 @@ impl CudaBackend {
     fn on_context(ctx: Arc<CudaContext>, precision: Precision) -> BResult<CudaBackend> {
         // SAFETY: every buffer and launch of this backend uses the one stream below, so stream
         // order alone keeps uses before frees and writes before reads; cudarc's per-buffer
-        // events (two per allocation) would only add overhead.
+        // events (two per allocation) would only add overhead. The one exception, the upload
+        // stream (`upload.rs`), orders its copies against this stream with events of its own.
         unsafe { ctx.disable_event_tracking() };
+        device::keep_pool_memory(&ctx)?;
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone()).map_err(|e| error::cublas(e, "cublasCreate"))?;
         // The reduced modes choose their arithmetic per call (the compute type of
@@ -209,6 +214,7 @@ impl CudaBackend {
             .unwrap_or(true),
             lt: OnceLock::new(),
             upload: Upload::from_env()?,
+            uploads: OnceLock::new(),
             operand_floats: Arc::default(),
         })
     }

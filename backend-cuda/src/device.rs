@@ -131,6 +131,37 @@ pub(crate) fn open(ordinal: usize) -> Result<Arc<CudaContext>, BackendError> {
     )
 }
 
+/// Makes the device's default memory pool, which cudarc's allocations draw from where the
+/// driver has one, keep the memory its allocations free. By default the pool hands every unused
+/// byte back to the driver at each synchronization, which a training step has one of (the loss
+/// read): the backward's scratch allocations would then map fresh memory from the driver each
+/// step, queued by a host that has just caught up with the GPU, which waits meanwhile. PyTorch's
+/// allocators keep their memory in the same way. The pool then holds at most the step's peak.
+pub(crate) fn keep_pool_memory(ctx: &CudaContext) -> Result<(), BackendError> {
+    use cudarc::driver::sys;
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    let failed = |e| error::driver(e, "keeping the memory pool's memory", 0);
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: `pool` is a valid out-pointer and the device handle is the context's.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+        .result()
+        .map_err(failed)?;
+    let mut keep_all = u64::MAX;
+    // SAFETY: the release threshold is a cuuint64_t attribute, which `keep_all` is, and `pool`
+    // is the device's default pool, live as long as the device.
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut keep_all as *mut u64).cast(),
+        )
+    }
+    .result()
+    .map_err(failed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +193,36 @@ mod tests {
         assert_eq!(e.kind, BackendErrorKind::NoDevice);
         assert!(e.message.contains("Unable to dynamically load"), "{e}");
         assert_eq!(no_panic("ok", || Ok(3)).unwrap(), 3);
+    }
+
+    /// On a device (or the fake driver of `emulate/`): a backend leaves the pool keeping what
+    /// its allocations free.
+    #[test]
+    fn the_memory_pool_keeps_freed_memory() {
+        use cudarc::driver::sys;
+        let Some(be) = crate::test_device(crate::Precision::F32) else {
+            return;
+        };
+        if !be.ctx.has_async_alloc() {
+            eprintln!("SKIP the_memory_pool_keeps_freed_memory: the driver has no memory pools");
+            return;
+        }
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut threshold = 0u64;
+        // SAFETY: valid out-pointers; the release threshold is a cuuint64_t.
+        unsafe {
+            sys::cuDeviceGetDefaultMemPool(&mut pool, be.ctx.cu_device())
+                .result()
+                .unwrap();
+            sys::cuMemPoolGetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            )
+            .result()
+            .unwrap();
+        }
+        assert_eq!(threshold, u64::MAX);
     }
 
     /// Without a driver (CI, this crate's development machine) opening a device is an error,

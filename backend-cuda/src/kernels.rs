@@ -141,7 +141,7 @@ macro_rules! kernels {
 kernels! {
     Fill = "fill_f32" (Ptr, U64, F32);
     Add = "add_f32" (Ptr, Ptr, U64);
-    SumPartials = "sum_partials_f32" (Ptr, Ptr, U64, U32, F32);
+    SumPartials = "sum_partials_f32" (Ptr, Ptr, U64, F32, Ptr, Ptr, U64, F32, U32);
     Scale = "scale_f32" (Ptr, U64, F32);
     ScaleRows = "scale_rows" (Ptr, Ptr, Ptr, U64, U64, U32);
     GeluForward = "gelu_forward" (Ptr, Ptr, Ptr, Ptr, U64);
@@ -172,6 +172,7 @@ kernels! {
     ColumnSumPartials = "column_sum_partials" (Ptr, Ptr, U64, U64, U64, U64, U64);
     ColumnSumPartialsBf16 = "column_sum_partials_bf16" (Ptr, Ptr, U64, U64, U64, U64, U64);
     ColumnSumFinish = "column_sum_finish" (Ptr, Ptr, U64, U64);
+    ColumnSumFinishPair = "column_sum_finish_pair" (Ptr, Ptr, Ptr, Ptr, U64, U64);
     NormalizeRows = "normalize_rows" (Ptr, Ptr, U64, U64, F32);
     SoftmaxForward = "softmax_forward" (Ptr, Ptr, U64, U64, F32);
     SoftmaxBackward = "softmax_backward" (Ptr, Ptr, Ptr, U64, U64, F32);

@@ -17,7 +17,8 @@
 //! `MAE_CUDA_GEMM_BIAS=lt|composed`); a weight gradient whose output cannot fill the card runs
 //! in chunks of its rows (`split_k.rs`; `MAE_CUDA_WEIGHT_GRAD_SPLIT=auto|off`). Buffers written from the host again and again (a step's
 //! images and masking indices) are copied through pinned staging, so the host queues the upload
-//! without waiting for the GPU (`upload.rs`; `MAE_CUDA_UPLOAD=pinned|pageable`).
+//! without waiting for the GPU, into a second allocation on a stream of their own, so the
+//! copy runs during the previous step (`upload.rs`; `MAE_CUDA_UPLOAD=overlapped|pinned|pageable`).
 //! The LayerNorm backward sums its parameter gradients' partials in the dx kernel
 //! (`MAE_CUDA_LAYERNORM_PARTIALS=fused|separate`).
 //! `MAE_CUDA_PROFILE=1` prints the device time per kernel when the backend is dropped.
@@ -35,7 +36,8 @@
 //!   the chunks in order. cuBLAS is deterministic for a given GPU model and library version.
 //! - The kernels round like the CPU reference: compiled without FMA contraction, IEEE division
 //!   and square root, GELU in `f64` from `erfc`.
-//! - Ops are queued on one stream; errors of a failed kernel surface at the next
+//! - Ops are queued on one stream (only the copies of rewritten inputs run on a second, which
+//!   the first waits for); errors of a failed kernel surface at the next
 //!   [`Backend::sync`] or [`Backend::download`].
 //!
 //! Several GPUs train one model data-parallel through [`nccl`] (`libnccl` loaded at run time

@@ -483,17 +483,8 @@ impl CudaBackend {
         // Each chunk's partial product and sums start 16 bytes on from the last's, at least.
         if self.weight_grad_split == WeightGradSplit::Auto && g.m % 4 == 0 {
             let (chunks, waves) = self.lt_chunks(g, epilogue)?;
-            if chunks > 1 && self.lt_split_product(g, a, b, epilogue, (chunks, waves), c)? {
-                let args = [
-                    Arg::Ptr(psums),
-                    self.ptr_mut(db)?,
-                    Arg::U64(g.m as u64),
-                    Arg::U32(chunks as u32),
-                    Arg::F32(1.0),
-                ];
-                return self
-                    .launch(Kernel::SumPartials, elementwise(g.m as u64), &args)
-                    .map(|()| true);
+            if chunks > 1 && self.lt_split_product(g, a, b, epilogue, (chunks, waves), (c, db))? {
+                return Ok(true);
             }
         }
         if !self.lt_product(g, a, b, epilogue, None, c)? {
@@ -546,10 +537,11 @@ impl CudaBackend {
 
     /// The bf16 weight gradient `g` as `chunks` products over consecutive chunks of its `k`
     /// rows in one batched cuBLASLt call, each into a partial product of its own (scratch) and
-    /// the epilogue's vector number i at `chunks` x m floats from `epilogue`'s address, then
-    /// `c = beta C + ` the partials' sum: `true` once queued; `false`, with nothing queued that
-    /// changes `c`, where cuBLASLt has no algorithm for the batch. `whole_waves`, those of
-    /// the unsplit product, go into the profile's label.
+    /// the epilogue's vector number i at i x m floats from `epilogue`'s address, then, in one
+    /// launch, `c = beta C + ` the partials' sum and `db += ` the vectors' sum: `true` once
+    /// queued; `false`, with nothing queued that changes `c` or `db`, where cuBLASLt has no
+    /// algorithm for the batch. `whole_waves`, those of the unsplit product, go into the
+    /// profile's label.
     fn lt_split_product(
         &self,
         g: &Gemm,
@@ -557,7 +549,7 @@ impl CudaBackend {
         b: &CudaBuf,
         (epilogue, pbias): (Epilogue, u64),
         (chunks, whole_waves): (usize, f32),
-        c: &mut CudaBuf,
+        (c, db): (&mut CudaBuf, &mut CudaBuf),
     ) -> BResult<bool> {
         let Some(lt) = self.lt() else {
             return Ok(false);
@@ -625,10 +617,15 @@ impl CudaBackend {
             Arg::Ptr(pparts),
             self.ptr_mut(c)?,
             Arg::U64((g.m * g.n) as u64),
-            Arg::U32(chunks as u32),
             Arg::F32(g.beta),
+            Arg::Ptr(pbias),
+            self.ptr_mut(db)?,
+            Arg::U64(g.m as u64),
+            Arg::F32(1.0),
+            Arg::U32(chunks as u32),
         ];
-        self.launch(Kernel::SumPartials, elementwise((g.m * g.n) as u64), &args)?;
+        let n = (g.m * g.n + g.m) as u64;
+        self.launch(Kernel::SumPartials, elementwise(n), &args)?;
         Ok(true)
     }
 

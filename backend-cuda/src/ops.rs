@@ -880,16 +880,19 @@ impl Backend for CudaBackend {
                 &args,
             )?;
         }
-        for (partial, out) in [(&mut pg, dgamma), (&mut pb, dbeta)] {
-            let args = [
-                self.scratch_ptr(partial),
-                self.ptr_mut(out)?,
-                Arg::U64(chunks),
-                u(cols),
-            ];
-            self.launch(Kernel::ColumnSumFinish, per_warp(cols as u64), &args)?;
-        }
-        Ok(())
+        let args = [
+            self.scratch_ptr(&mut pg),
+            self.ptr_mut(dgamma)?,
+            self.scratch_ptr(&mut pb),
+            self.ptr_mut(dbeta)?,
+            Arg::U64(chunks),
+            u(cols),
+        ];
+        self.launch(
+            Kernel::ColumnSumFinishPair,
+            per_warp(2 * cols as u64),
+            &args,
+        )
     }
 
     /// In the bf16 mode the kernel also writes y's bf16 copy, for the GEMM that reads it

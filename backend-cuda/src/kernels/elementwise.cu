@@ -10,14 +10,22 @@ extern "C" __global__ void add_f32(const float* src, float* dst, u64 n) {
 }
 
 // dst[i] = beta dst[i] + the sum of parts[c n + i] over c < count, in double and in the order
-// of c, rounded once: the products of a weight gradient split along k (`split_k.rs`), one
-// partial per chunk. beta 0 never reads dst.
-extern "C" __global__ void sum_partials_f32(const float* parts, float* dst, u64 n, u32 count,
-                                            float beta) {
-    FOR_EACH(i, n) {
-        double s = beta == 0.0f ? 0.0 : (double)beta * dst[i];
-        for (u32 c = 0; c < count; ++c) s += parts[(u64)c * n + i];
-        dst[i] = (float)s;
+// of c, rounded once, and the same for (parts_b, dst_b, n_b, beta_b) over the elements past n:
+// a weight gradient split along k (`split_k.rs`) has one partial product per chunk, and its
+// bias gradient one partial sum per chunk, both added in this one launch. beta 0 never reads
+// dst.
+extern "C" __global__ void sum_partials_f32(const float* parts, float* dst, u64 n, float beta,
+                                            const float* parts_b, float* dst_b, u64 n_b,
+                                            float beta_b, u32 count) {
+    FOR_EACH(j, n + n_b) {
+        const bool first = j < n;
+        const float* p = first ? parts : parts_b;
+        float* d = first ? dst : dst_b;
+        const u64 len = first ? n : n_b, i = first ? j : j - n;
+        const float b = first ? beta : beta_b;
+        double s = b == 0.0f ? 0.0 : (double)b * d[i];
+        for (u32 c = 0; c < count; ++c) s += p[(u64)c * len + i];
+        d[i] = (float)s;
     }
 }
 

@@ -273,14 +273,31 @@ extern "C" __global__ void column_sum_partials_bf16(const u16* x16, double* part
 // launch::per_warp_row's grid): lane l folds chunks l, l + 32, ... in ascending order, then the
 // warp's butterfly (warp_sum) adds the lanes, an order fixed by the chunk count. A thread per
 // column took 14 us for ViT-B's 170 chunks on an H200, waiting on one load after another.
+__device__ void column_sum_finish_at(const double* partial, float* out, u64 chunks, u64 cols,
+                                     u64 c) {
+    const u32 lane = threadIdx.x % 32;
+    double acc = 0.0;
+    for (u64 k = lane; k < chunks; k += 32) acc += partial[k * cols + c];
+    acc = warp_sum(acc);
+    if (lane == 0) out[c] = (float)((double)out[c] + acc);
+}
+
 extern "C" __global__ void column_sum_finish(const double* partial, float* out, u64 chunks,
                                              u64 cols) {
-    const u32 lane = threadIdx.x % 32;
-    FOR_EACH_WARP_ROW(c, cols) {
-        double acc = 0.0;
-        for (u64 k = lane; k < chunks; k += 32) acc += partial[k * cols + c];
-        acc = warp_sum(acc);
-        if (lane == 0) out[c] = (float)((double)out[c] + acc);
+    FOR_EACH_WARP_ROW(c, cols) column_sum_finish_at(partial, out, chunks, cols, c);
+}
+
+// Two column sums of the same shape in one launch, the host's grid over 2 cols warps: a
+// LayerNorm's dgamma (partial_g) then dbeta (partial_b).
+extern "C" __global__ void column_sum_finish_pair(const double* partial_g, float* out_g,
+                                                  const double* partial_b, float* out_b,
+                                                  u64 chunks, u64 cols) {
+    FOR_EACH_WARP_ROW(c, 2 * cols) {
+        if (c < cols) {
+            column_sum_finish_at(partial_g, out_g, chunks, cols, c);
+        } else {
+            column_sum_finish_at(partial_b, out_b, chunks, cols, c - cols);
+        }
     }
 }
 
