@@ -111,6 +111,10 @@ static void drain(void* stream) {
     std::lock_guard<std::recursive_mutex> guard(streams_lock);
     if (auto* s = own_stream(stream)) run_until(s, s->queued);
 }
+static void drain_all() {
+    std::lock_guard<std::recursive_mutex> guard(streams_lock);
+    for (auto* s : live_streams) run_until(s, s->queued);
+}
 // Blocks of cuMemHostAlloc, by address.
 static std::map<uintptr_t, size_t> pinned_blocks;
 static bool is_pinned(const void* p, size_t n) {
@@ -119,10 +123,6 @@ static bool is_pinned(const void* p, size_t n) {
     if (it == pinned_blocks.begin()) return false;
     --it;
     return a + n <= it->first + it->second;
-}
-static void drain_all() {
-    std::lock_guard<std::recursive_mutex> guard(streams_lock);
-    for (auto* s : live_streams) run_until(s, s->queued);
 }
 
 extern "C" {
