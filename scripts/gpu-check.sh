@@ -27,7 +27,9 @@
 #       compute stream's order, before they overlapped the step before), with
 #       MAE_CUDA_ATTENTION_PREFETCH=off (the attention's tile loads not overlapped), with MAE_CUDA_LAYERNORM_PARTIALS=separate (the LayerNorm
 #       parameter gradients' partials in a pass of their own) and with
-#       MAE_CUDA_WEIGHT_GRAD_SPLIT=off (weight gradients as one product each). A full run took 195-213 s on an H200 (2026-11-27).
+#       MAE_CUDA_WEIGHT_GRAD_SPLIT=off (weight gradients as one product each). The report ends
+#       with issue 6's numbers worked out: the ratio to PyTorch and the MFU per batch, and
+#       each A/B run as a share of the default's rate. A full run took 195-213 s on an H200 (2026-11-27).
 #       GPU_CHECK_QUICK=1 keeps what a change to the bf16 mode needs, in about half the time:
 #       the backend's tests, bf16 golden and ops, bf16 bench at GPU_CHECK_BATCHES (the composed
 #       attention and PyTorch bf16 at the largest), the profiles; no f32, ViT-L, wgpu or NCCL.
@@ -422,6 +424,7 @@ summary() {
         grep -E -A 30 '^(==|MAE_CUDA_PROFILE|MAE_WGPU_PROFILE)' "$out/profile.log" 2>/dev/null | grep -v '^\{' | head -n 120
         echo '```'
         busy_share
+        targets
         echo
         echo "## conformance summary"
         echo '```'
@@ -451,6 +454,51 @@ if m:
     if steps and plain:
         busy, wall = device_ms / steps[0], 1000.0 * batch / plain[0]
         print(f"\nGPU busy in a bf16 training step at batch {batch}: {busy:.1f} ms of {wall:.1f} ms ({100 * busy / wall:.0f} %)")
+PY
+}
+
+# Issue 6's two numbers from bench.log, so a reader need not work them out: ours against
+# PyTorch eager (bf16 autocast) at each batch both ran, and model-FLOP utilization against the
+# card's dense bf16 peak; then every A/B run (an environment setting at the largest batch)
+# against the default at that batch.
+targets() {
+    python3 - "$out/bench.log" <<'PY' 2>/dev/null || true
+import json, sys
+runs, name = [], ""
+for line in open(sys.argv[1]):
+    if line.startswith("== "):
+        name = line[3:].strip()
+    elif line.startswith("{"):
+        runs.append((name, json.loads(line)))
+# Dense bf16 tensor-core peaks, TFLOP/s (NVIDIA's data sheets, without sparsity).
+def peak(gpu):
+    if "H200" in gpu or ("H100" in gpu and "PCIe" not in gpu):
+        return 989.4
+    return 756.0 if "H100" in gpu else None
+torch = {r["batch"]: r for n, r in runs if r.get("backend") == "torch" and r.get("amp") == "bf16"
+         and r.get("case") == "base224"}
+ours = {r["batch"]: r for n, r in runs if n == f"bench base224 cuda-bf16 b{r.get('batch')}"}
+gpu = next((r.get("gpu", "") for r in torch.values()), "")
+tflops = peak(gpu)
+print("\n## issue 6 targets (ViT-B/16, bf16; 1.3x PyTorch eager, 45 % MFU)\n```")
+for batch in sorted(ours, reverse=True):
+    o, t = ours[batch], torch.get(batch)
+    line = f"b{batch}: ours {o['train_img_s']:.0f} img/s"
+    if t:
+        line += f", PyTorch {t['train_img_s']:.0f} img/s, ratio {o['train_img_s'] / t['train_img_s']:.2f}x"
+    if tflops:
+        line += f", MFU ours {o['train_gflop_s'] / 10 / tflops:.1f} %"
+        if t:
+            line += f", PyTorch {t['train_gflop_s'] / 10 / tflops:.1f} %"
+    print(line)
+if not tflops:
+    print(f"no bf16 peak known for {gpu!r}: MFU not computed")
+for n, r in runs:
+    base = ours.get(r.get("batch"))
+    if " MAE_" in n and n.startswith("bench base224 cuda-bf16") and base:
+        print(f"{n.split(' ', 4)[-1]}: {r['train_img_s']:.0f} img/s, "
+              f"{100 * r['train_img_s'] / base['train_img_s']:.1f} % of the default")
+print("```")
 PY
 }
 

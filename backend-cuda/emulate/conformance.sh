@@ -17,7 +17,7 @@ cd ../..
 export LD_LIBRARY_PATH="$fake${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export MAE_REQUIRE_BACKENDS=cuda,cuda-bf16
 # The backend's own tests that need a device (the others run in the workspace's test command).
-cargo test --release -p mae-backend-cuda --lib -- upload::tests::rewrites \
+cargo test --release -p mae-backend-cuda --lib -- upload::tests::rewrites upload::tests::overlapped \
     bf16::tests::bias_gradients_of_a_copy_alone bf16::tests::products_into_operand_buffers \
     bf16::tests::operand_floats bf16::tests::bf16_training_and_embedding bf16::tests::the_optimizer \
     bf16::tests::attention_inputs_of_mixed_kinds lt::tests::weight_gradients_that_leave \

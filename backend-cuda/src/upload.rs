@@ -300,6 +300,44 @@ mod tests {
         }
     }
 
+    /// On a device: an overlapped write waits for the ops that read its allocation two writes
+    /// back. Each read is queued behind a slow op (four fills of 1 GiB, about a millisecond on
+    /// a card), so the host queues the next writes while the GPU has not run the read yet: a copy
+    /// that did not wait for it would overwrite what it reads. The fake driver runs each op as it
+    /// is queued, so there only the compute stream's wait for each copy is checked.
+    #[test]
+    fn overlapped_writes_wait_for_the_reads_queued_two_writes_back() {
+        use mae::backend::Backend;
+        let Some(mut be) = crate::test_device(crate::Precision::F32) else {
+            return;
+        };
+        be.upload = Upload::Overlapped;
+        let len = MIN_PINNED_BYTES / 4;
+        let mut buf = be.alloc(len).unwrap();
+        // The emulator (whose device name says so) fills at host speed, and cannot fail here.
+        let emulated = be.device_name().contains("fake libcuda");
+        let mut slow = be.alloc(if emulated { 1 << 18 } else { 1 << 28 }).unwrap();
+        let contents = |k: u32| -> Vec<f32> { (0..len).map(|i| (i as u32 ^ k) as f32).collect() };
+        let mut reads = Vec::new();
+        for k in 0..6 {
+            be.write(&mut buf, &contents(k)).unwrap();
+            for _ in 0..4 {
+                be.fill(&mut slow, k as f32).unwrap();
+            }
+            let mut read = be.alloc(len).unwrap();
+            be.copy(&buf, &mut read).unwrap();
+            reads.push(read);
+        }
+        for (k, read) in reads.iter().enumerate() {
+            let mut back = vec![f32::NAN; len];
+            be.download(read, &mut back).unwrap();
+            assert!(
+                back == contents(k as u32),
+                "the read after write {k} saw other contents"
+            );
+        }
+    }
+
     #[test]
     fn the_switch_parses_and_refuses_unknown_values() {
         let parse = |v: &str| crate::backend::choice("MAE_CUDA_UPLOAD", v, &Upload::CHOICES);
