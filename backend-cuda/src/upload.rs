@@ -178,8 +178,9 @@ impl CudaBackend {
             .map_err(failed)?;
         self.stream.join(uploads).map_err(failed)?;
         std::mem::swap(dst, &mut spare.slice);
-        // The ops queued so far are all that may read the slice `dst` held.
-        spare.retired = self.stream.record_event(None).map_err(failed)?;
+        // The ops queued so far are all that may read the slice `dst` held. The event is the
+        // buffer's own, recorded again: the wait above has taken its last recording.
+        spare.retired.record(&self.stream).map_err(failed)?;
         staging.spare = Some(spare);
         Ok(())
     }
