@@ -326,6 +326,7 @@ impl Backend for CpuBackend {
         d_src: &mut CpuBuf,
         g: &Gather,
     ) -> BResult<()> {
+        g.check_backward()?;
         rows::gather_rows_backward(d_dst, idx, d_src, g);
         Ok(())
     }

@@ -200,7 +200,7 @@ fn gather_pair(g: &Gather, idx: &[u32], b: usize, j: usize) -> (usize, usize) {
         g.src_rows
     );
     (
-        (b * g.src_rows + k) * g.cols,
+        (b * g.src_stride + g.src_start + k) * g.cols,
         (b * g.dst_rows + g.dst_start + j) * g.cols,
     )
 }
@@ -232,29 +232,26 @@ pub(crate) fn gather_rows(src: &[f32], idx: &[u32], dst: &mut [f32], g: &Gather)
 
 /// Indices of one item are distinct, so each `d_src` row receives at most one `d_dst` row per
 /// call: a plain add, no reduction order to fix. Items split over threads: item `b` writes only
-/// its own `src_rows` rows.
+/// its own block of `src_stride` rows (the caller checked [`Gather::sources_apart`]).
 pub(crate) fn gather_rows_backward(d_dst: &[f32], idx: &[u32], d_src: &mut [f32], g: &Gather) {
-    debug_assert!(g.dst_start + g.count <= g.dst_rows);
+    debug_assert!(g.dst_start + g.count <= g.dst_rows && g.sources_apart());
     let cols = g.cols;
-    let per_item = g.src_rows * cols;
+    let per_item = g.src_stride * cols;
     if per_item == 0 {
         return;
     }
     let items = rows_per_chunk(per_item);
-    chunks1(
-        &mut d_src[..g.batch * per_item],
-        items * per_item,
-        |k, part| {
-            for (ib, item) in part.chunks_exact_mut(per_item).enumerate() {
-                let b = k * items + ib;
-                for j in 0..g.count {
-                    let (s, d) = gather_pair(g, idx, b, j);
-                    let s = s - b * per_item;
-                    add_into(&mut item[s..s + cols], &d_dst[d..d + cols]);
-                }
+    // The last item's block may end at its last source row, short of `src_stride` rows.
+    chunks1(&mut d_src[..g.lens().0], items * per_item, |k, part| {
+        for (ib, item) in part.chunks_mut(per_item).enumerate() {
+            let b = k * items + ib;
+            for j in 0..g.count {
+                let (s, d) = gather_pair(g, idx, b, j);
+                let s = s - b * per_item;
+                add_into(&mut item[s..s + cols], &d_dst[d..d + cols]);
             }
-        },
-    );
+        }
+    });
 }
 
 /// Walks the image one pixel row at a time. For `Chw` each patch-wide run of a pixel row is one
@@ -513,6 +510,8 @@ mod tests {
             count: 2,
             cols: 2,
             src_rows: 4,
+            src_stride: 4,
+            src_start: 0,
             dst_rows: 3,
             dst_start: 1,
         }

@@ -159,8 +159,9 @@ kernels! {
         (Ptr, Ptr, U64, U64, U64, U64, U64, U64, U64, U64, U64, U64, U64);
     CopyRowsBackwardFinish = "copy_rows_backward_finish"
         (Ptr, Ptr, U64, U64, U64, U64, U64, U64, U64, U64, U64, U64);
-    GatherRows = "gather_rows" (Ptr, Ptr, Ptr, U64, U64, U64, U64, U64, U64);
-    GatherRowsBackward = "gather_rows_backward" (Ptr, Ptr, Ptr, U64, U64, U64, U64, U64, U64);
+    GatherRows = "gather_rows" (Ptr, Ptr, Ptr, U64, U64, U64, U64, U64, U64, U64, U64);
+    GatherRowsBackward = "gather_rows_backward"
+        (Ptr, Ptr, Ptr, U64, U64, U64, U64, U64, U64, U64, U64);
     Patchify = "patchify" (Ptr, Ptr, U64, U64, U64, U64, U64, U32);
     SplitHeads = "split_heads" (Ptr, Ptr, U64, U64, U64, U64, U64, U64);
     MergeHeads = "merge_heads" (Ptr, Ptr, U64, U64, U64, U64, U64, U64);

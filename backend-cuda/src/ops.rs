@@ -671,6 +671,7 @@ impl Backend for CudaBackend {
         d_src: &mut CudaBuf,
         g: &Gather,
     ) -> BResult<()> {
+        g.check_backward()?;
         let (ls, _, ld) = g.lens();
         let op = ("gather_rows_backward", "d_dst", "d_src");
         self.gather(
@@ -1506,6 +1507,8 @@ impl CudaBackend {
             u(g.count),
             u(g.cols),
             u(g.src_rows),
+            u(g.src_stride),
+            u(g.src_start),
             u(g.dst_rows),
             u(g.dst_start),
         ];

@@ -71,13 +71,16 @@ pub(crate) fn copy_rows_backward(
     )
 }
 
-fn gather_params(g: &Gather) -> BResult<[u32; 6]> {
+fn gather_params(g: &Gather) -> BResult<[u32; 8]> {
     word(g.batch * g.count * g.cols)?;
+    word(g.lens().0)?;
     Ok([
         word(g.batch)?,
         word(g.count)?,
         word(g.cols)?,
         word(g.src_rows)?,
+        word(g.src_stride)?,
+        word(g.src_start)?,
         word(g.dst_rows)?,
         word(g.dst_start)?,
     ])
@@ -105,6 +108,7 @@ pub(crate) fn gather_rows_backward(
     d_src: &mut Buf,
     g: &Gather,
 ) -> BResult<()> {
+    g.check_backward()?;
     be.launch(
         Kernel::GatherRowsBackward,
         &gather_params(g)?,

@@ -113,7 +113,7 @@ pub fn gather_rows(src: &[f64], idx: &[u32], dst: &mut [f64], g: &Gather) {
     let c = g.cols;
     for b in 0..g.batch {
         for j in 0..g.count {
-            let s = b * g.src_rows + idx[b * g.count + j] as usize;
+            let s = b * g.src_stride + g.src_start + idx[b * g.count + j] as usize;
             let d = b * g.dst_rows + g.dst_start + j;
             dst[d * c..(d + 1) * c].copy_from_slice(&src[s * c..(s + 1) * c]);
         }
@@ -125,7 +125,7 @@ pub fn gather_rows_backward(d_dst: &[f64], idx: &[u32], d_src: &mut [f64], g: &G
     let c = g.cols;
     for b in 0..g.batch {
         for j in 0..g.count {
-            let s = b * g.src_rows + idx[b * g.count + j] as usize;
+            let s = b * g.src_stride + g.src_start + idx[b * g.count + j] as usize;
             let d = b * g.dst_rows + g.dst_start + j;
             for col in 0..c {
                 d_src[s * c + col] += d_dst[d * c + col];

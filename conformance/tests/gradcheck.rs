@@ -290,6 +290,8 @@ fn check_gather_adjoint<B: Backend>(b: &B, seed: u64) -> Check {
         count,
         cols: 1 + rng.below(4),
         src_rows,
+        src_stride: src_rows,
+        src_start: 0,
         dst_rows: dst_start + count + rng.below(2),
         dst_start,
     };

@@ -16,7 +16,8 @@
 //! `PROPTEST_CASES` overrides the number of cases per property (default 64).
 
 use mae::backend::{
-    AdamWStep, Attention, Backend, Gather, Gemm, Heads, PatchOrder, Patchify, RowMap,
+    AdamWStep, Attention, Backend, BackendErrorKind, Gather, Gemm, Heads, PatchOrder, Patchify,
+    RowMap,
 };
 use mae_conformance::backends::{down, run, up, up_idx};
 use mae_conformance::oracle::{
@@ -676,21 +677,35 @@ struct GatherCase {
     init: Init,
 }
 
+/// Where a gather's items read: rows of their own (`gap` rows apart, from `start` on), or one
+/// table that every item reads (`shared`, from row `start` on).
 fn gather_case() -> impl Strategy<Value = GatherCase> {
     (
         (1usize..=3, 1usize..=12, any::<usize>(), dim()),
         (0usize..=2, 0usize..=2),
+        (any::<bool>(), 0usize..=2, 0usize..=2),
         (any::<u64>(), fill(), init()),
     )
         .prop_map(
-            |((batch, src_rows, count, cols), (dst_start, dst_gap), (seed, fill, init))| {
+            |(
+                (batch, src_rows, count, cols),
+                (dst_start, dst_gap),
+                (shared, src_start, src_gap),
+                (seed, fill, init),
+            )| {
                 let count = 1 + count % src_rows;
+                let src_stride = match shared {
+                    true => 0,
+                    false => src_start + src_rows + src_gap,
+                };
                 GatherCase {
                     g: Gather {
                         batch,
                         count,
                         cols,
                         src_rows,
+                        src_stride,
+                        src_start,
                         dst_rows: dst_start + count + dst_gap,
                         dst_start,
                     },
@@ -746,6 +761,9 @@ fn check_gather_rows_backward<B: Backend>(b: &B, c: &GatherCase) -> Check {
     let d_dst = data(c.seed, ld, g.cols, c.fill);
     let idx = gather_indices(&g, c.seed);
     let d_src = prior(ls, c.seed);
+    if !g.sources_apart() {
+        return refuses_shared_sources(b, &d_dst, &idx, &d_src, &g);
+    }
     let got = run::gather_rows_backward(b, &d_dst, &idx, &d_src, &g);
     let mut want = f64s(&d_src);
     oracle::gather_rows_backward(&f64s(&d_dst), &idx, &mut want, &g);
@@ -760,6 +778,33 @@ fn check_gather_rows_backward<B: Backend>(b: &B, c: &GatherCase) -> Check {
         Tol::ELEMENTWISE,
         Some(&mag),
     )
+}
+
+/// Items that share source rows would scatter into one row from several items: the backward
+/// refuses them with a typed error and leaves `d_src` as it was.
+fn refuses_shared_sources<B: Backend>(
+    b: &B,
+    d_dst: &[f32],
+    idx: &[u32],
+    d_src: &[f32],
+    g: &Gather,
+) -> Check {
+    let (d_dst_b, idx_b, mut d_src_b) = (up(b, d_dst), up_idx(b, idx), up(b, d_src));
+    match b.gather_rows_backward(&d_dst_b, &idx_b, &mut d_src_b, g) {
+        Err(e) if e.kind == BackendErrorKind::Unsupported => {}
+        other => {
+            return Err(format!(
+                "gather_rows_backward {g:?}: {other:?}, not Unsupported"
+            ))
+        }
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    if bits(&down(b, &d_src_b)) != bits(d_src) {
+        return Err(format!(
+            "gather_rows_backward {g:?}: refused, but d_src changed"
+        ));
+    }
+    Ok(())
 }
 
 // ---- patchify, heads ----------------------------------------------------------------------------
@@ -1844,6 +1889,8 @@ fn check_memory<B: Backend>(b: &B) -> Check {
         count: 3,
         cols: 2,
         src_rows: 4,
+        src_stride: 4,
+        src_start: 0,
         dst_rows: 3,
         dst_start: 0,
     };
@@ -1904,6 +1951,8 @@ fn check_rewrites<B: Backend>(b: &B) -> Check {
         count: rows,
         cols,
         src_rows: rows,
+        src_stride: rows,
+        src_start: 0,
         dst_rows: rows,
         dst_start: 0,
     };
@@ -2384,6 +2433,8 @@ fn check_accumulate_twice<B: Backend>(b: &B) -> Check {
         count: 4,
         cols,
         src_rows: rows,
+        src_stride: rows,
+        src_start: 0,
         dst_rows: 5,
         dst_start: 1,
     };
@@ -2601,6 +2652,8 @@ fn check_overwrite<B: Backend>(b: &B) -> Check {
         count: rows,
         cols,
         src_rows: rows,
+        src_stride: rows,
+        src_start: 0,
         dst_rows: rows,
         dst_start: 0,
     };
@@ -2835,6 +2888,8 @@ fn check_untouched<B: Backend>(b: &B) -> Check {
         count: 2,
         cols: 4,
         src_rows: 3,
+        src_stride: 3,
+        src_start: 0,
         dst_rows: 5,
         dst_start: 2,
     };

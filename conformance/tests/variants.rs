@@ -2,13 +2,17 @@
 //! position table, partial training) and the pre-training ablations (encoder mask tokens, block
 //! and grid sampling). Each tensor's gradient is checked against a central difference of the
 //! loss along a random direction within that tensor, computed by the backend itself in f32, so
-//! a missing or wrong gradient path shows on the tensor it feeds.
+//! a missing or wrong gradient path shows on the tensor it feeds. Also: the encoder's embedding
+//! of the visible patches alone against the official order, which embeds every patch.
 
 use mae::backend::Backend;
 use mae::embed::Pool;
 use mae::finetune::{classifier, smoothed_targets, FinetuneOptions, Finetuner};
 use mae::init::init_params;
 use mae::masking::{sample_noise, MaskSampling};
+use mae::model::encoder::{
+    encoder_backward, encoder_forward, EncoderActs, EncoderScratch, EncoderShape,
+};
 use mae::rng::Rng;
 use mae::train::{TrainOptions, Trainer};
 use mae::Config;
@@ -244,6 +248,65 @@ fn check_samplings_train<B: Backend>(b: &B) {
     }
 }
 
+/// The encoder embeds the visible patches alone (`EncoderShape::embeds_kept_only`). The official
+/// order embeds every patch, adds the position table and then keeps the visible tokens; a
+/// learned position table takes that order (and gets a gradient of its own), so the two shapes
+/// must give the same encoder input, latent and embedding gradients, up to the order in which
+/// a backend's GEMM sums.
+fn check_kept_patch_embedding<B: Backend>(b: &B) {
+    let cfg = Config {
+        img_size: 16,
+        ..tiny()
+    };
+    let (n, l, keep, d) = (3, cfg.num_patches(), 5, cfg.embed_dim);
+    let kept_only = EncoderShape::new(&cfg, n, keep);
+    let every = EncoderShape {
+        learn_pos_embed: true,
+        ..kept_only
+    };
+    assert!(kept_only.embeds_kept_only() && !every.embeds_kept_only());
+    let params = init_params(&cfg, 2).encoder;
+    let p = params.try_map(|t| b.upload(t)).unwrap();
+    let imgs = b.upload(&normals(9, n * 3 * 16 * 16, 1.0)).unwrap();
+    let d_latent = b.upload(&normals(10, n * (1 + keep) * d, 1.0)).unwrap();
+    let mut rng = mae_conformance::oracle::Rng::new(11);
+    let ids: Vec<u32> = (0..n)
+        .flat_map(|_| rng.permutation(l)[..keep].to_vec())
+        .collect();
+    let run = |sh: &EncoderShape| -> Vec<(&str, Vec<f32>)> {
+        let mut acts = EncoderActs::new(b, sh, true, cfg.depth).unwrap();
+        b.write_idx(&mut acts.ids_keep, &ids).unwrap();
+        let mut s = EncoderScratch::new(b, sh, true, false).unwrap();
+        encoder_forward(b, &imgs, &p, &mut acts, &mut s, sh).unwrap();
+        let mut g = params.try_map(|t| b.upload(&vec![0.0; t.len()])).unwrap();
+        encoder_backward(b, &d_latent, &p, &mut g, &acts, &mut s, sh, &mut ()).unwrap();
+        let down = |buf: &B::Buf| {
+            let mut v = vec![0.0; b.len(buf)];
+            b.download(buf, &mut v).unwrap();
+            v
+        };
+        vec![
+            ("x0", down(&acts.x0)),
+            ("latent", down(&acts.norm.y)),
+            ("patch_embed.weight grad", down(&g.patch_embed.weight)),
+            ("patch_embed.bias grad", down(&g.patch_embed.bias)),
+            ("cls_token grad", down(&g.cls_token)),
+        ]
+    };
+    for ((what, got), (_, want)) in run(&kept_only).into_iter().zip(run(&every)) {
+        let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            got.len() == want.len() && worst <= 1e-5 * scale,
+            "{what}: kept-only embedding differs by {worst:e} (scale {scale:e})"
+        );
+    }
+}
+
 macro_rules! variant_tests {
     ($($backend:ident),*) => {$(
         mod $backend {
@@ -277,6 +340,12 @@ macro_rules! variant_tests {
             fn encoder_mask_token_gradients() {
                 if let Some(b) = mae_conformance::backends::$backend() {
                     check_encoder_mask_tokens(b);
+                }
+            }
+            #[test]
+            fn embedding_the_kept_patches_equals_the_official_order() {
+                if let Some(b) = mae_conformance::backends::$backend() {
+                    check_kept_patch_embedding(b);
                 }
             }
             #[test]

@@ -13,8 +13,9 @@ fn stack(tokens: f64, dim: f64, hidden: f64, depth: usize) -> f64 {
     per_block * depth as f64
 }
 
-/// Forward FLOPs of the encoder on one image with `keep` visible patches (the patch embedding
-/// runs on every patch, as in the official code).
+/// Forward FLOPs of the encoder on one image with `keep` visible patches, the patch embedding
+/// counted on every patch as the official code runs it (mae embeds the visible patches alone,
+/// so in training it executes slightly fewer: 0.6 % less for ViT-B/16).
 pub fn encoder_forward(cfg: &Config, keep: usize) -> f64 {
     let (l, d) = (cfg.num_patches() as f64, cfg.embed_dim as f64);
     2.0 * l * cfg.patch_dim() as f64 * d

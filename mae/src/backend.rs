@@ -176,28 +176,91 @@ impl RowMap {
 }
 
 /// Row gather by index: for `b < batch` and `j < count`, destination row
-/// `b * dst_rows + dst_start + j` pairs with source row `b * src_rows + idx[b * count + j]`.
+/// `b * dst_rows + dst_start + j` pairs with source row
+/// `b * src_stride + src_start + idx[b * count + j]`, where every index is below `src_rows`.
 ///
-/// Indices of one batch item are distinct and below `src_rows` (mae builds them from a
-/// permutation), so the backward scatter has no collisions and needs no atomics.
+/// Each item gathers from rows of its own (`src_stride = src_rows`, `src_start = 0`: a
+/// permutation per image, as masking gives), or every item from one table (`src_stride = 0`:
+/// the position table, past its cls row with `src_start = 1`). In mae the indices of one item are
+/// distinct, so the backward scatter has no collisions and needs no atomics; it is defined only
+/// where each item's sources lie in a block of their own ([`Gather::sources_apart`]).
+///
+/// ```
+/// use mae::backend::Gather;
+/// // 49 of each image's 196 patch tokens into rows 1..=49 of its 50 (row 0: the cls token).
+/// let keep = Gather::per_item(8, 49, 768, 196, 50, 1);
+/// assert_eq!(keep.lens(), (8 * 196 * 768, 8 * 49, 8 * 50 * 768));
+/// // Their positions, from the one table [1 + 196, 768] past its cls row: forward only.
+/// let positions = Gather { src_stride: 0, src_start: 1, ..keep };
+/// assert_eq!(positions.lens().0, 197 * 768);
+/// assert!(keep.sources_apart() && !positions.sources_apart());
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Gather {
     pub batch: usize,
     pub count: usize,
     pub cols: usize,
+    /// Indices are below this.
     pub src_rows: usize,
+    /// Source rows from one item's first to the next one's (0: every item reads one table).
+    pub src_stride: usize,
+    /// Source rows before index 0 of each item.
+    pub src_start: usize,
     pub dst_rows: usize,
     pub dst_start: usize,
 }
 
 impl Gather {
+    /// Each of `batch` items gathers `count` of its own `src_rows` rows into rows
+    /// `dst_start..` of its `dst_rows` (`src_stride = src_rows`, `src_start = 0`).
+    pub fn per_item(
+        batch: usize,
+        count: usize,
+        cols: usize,
+        src_rows: usize,
+        dst_rows: usize,
+        dst_start: usize,
+    ) -> Self {
+        Gather {
+            batch,
+            count,
+            cols,
+            src_rows,
+            src_stride: src_rows,
+            src_start: 0,
+            dst_rows,
+            dst_start,
+        }
+    }
     /// Minimum lengths of the source, index and destination buffers.
     pub fn lens(&self) -> (usize, usize, usize) {
+        let src = match self.batch * self.src_rows {
+            0 => 0,
+            _ => (self.batch - 1) * self.src_stride + self.src_start + self.src_rows,
+        };
         (
-            self.batch * self.src_rows * self.cols,
+            src * self.cols,
             self.batch * self.count,
             self.batch * self.dst_rows * self.cols,
         )
+    }
+    /// Whether each item's source rows lie in a block of `src_stride` rows of its own, so that
+    /// no two items scatter into one row: what [`Backend::gather_rows_backward`] needs.
+    pub fn sources_apart(&self) -> bool {
+        self.src_start + self.src_rows <= self.src_stride
+    }
+    /// [`Gather::sources_apart`] as the `Unsupported` error a backward of another gather
+    /// returns.
+    pub fn check_backward(&self) -> BResult<()> {
+        if self.sources_apart() {
+            return Ok(());
+        }
+        Err(BackendError::new(
+            BackendErrorKind::Unsupported,
+            alloc::format!(
+                "gather_rows_backward of a gather whose items share source rows: {self:?}"
+            ),
+        ))
     }
 }
 
@@ -618,7 +681,9 @@ pub trait Backend {
         g: &Gather,
     ) -> BResult<()>;
     /// The backward of [`Backend::gather_rows`]: indexed rows of `d_src` accumulate the `d_dst`
-    /// rows gathered from them.
+    /// rows gathered from them. Only for gathers whose items read apart
+    /// ([`Gather::sources_apart`]; a table shared by every item is not trained through a
+    /// gather): others are an `Unsupported` error ([`Gather::check_backward`]).
     fn gather_rows_backward(
         &self,
         d_dst: &Self::Buf,

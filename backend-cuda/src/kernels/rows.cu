@@ -149,8 +149,8 @@ extern "C" __global__ void copy_rows_backward_finish(
 // Gather (see mae::backend::Gather). An index >= src_rows (a caller bug) moves nothing rather
 // than reading out of bounds.
 extern "C" __global__ void gather_rows(const float* src, const u32* idx, float* dst, u64 batch,
-                                       u64 count, u64 cols, u64 src_rows, u64 dst_rows,
-                                       u64 dst_start) {
+                                       u64 count, u64 cols, u64 src_rows, u64 src_stride,
+                                       u64 src_start, u64 dst_rows, u64 dst_start) {
     const u64 n = batch * count * cols;
     FOR_EACH(e, n) {
         const u64 c = mod_u(e, cols);
@@ -158,14 +158,17 @@ extern "C" __global__ void gather_rows(const float* src, const u32* idx, float* 
         const u64 j = mod_u(pair, count), b = div_u(pair, count);
         const u64 k = idx[pair];
         if (k >= src_rows) continue;
-        dst[(b * dst_rows + dst_start + j) * cols + c] = src[(b * src_rows + k) * cols + c];
+        dst[(b * dst_rows + dst_start + j) * cols + c] =
+            src[(b * src_stride + src_start + k) * cols + c];
     }
 }
 
-// The indices of one item are distinct, so no two threads add into one element.
+// The indices of one item are distinct and each item's sources lie apart (the host checks
+// Gather::sources_apart), so no two threads add into one element.
 extern "C" __global__ void gather_rows_backward(const float* d_dst, const u32* idx, float* d_src,
                                                 u64 batch, u64 count, u64 cols, u64 src_rows,
-                                                u64 dst_rows, u64 dst_start) {
+                                                u64 src_stride, u64 src_start, u64 dst_rows,
+                                                u64 dst_start) {
     const u64 n = batch * count * cols;
     FOR_EACH(e, n) {
         const u64 c = mod_u(e, cols);
@@ -173,7 +176,8 @@ extern "C" __global__ void gather_rows_backward(const float* d_dst, const u32* i
         const u64 j = mod_u(pair, count), b = div_u(pair, count);
         const u64 k = idx[pair];
         if (k >= src_rows) continue;
-        d_src[(b * src_rows + k) * cols + c] += d_dst[(b * dst_rows + dst_start + j) * cols + c];
+        d_src[(b * src_stride + src_start + k) * cols + c] +=
+            d_dst[(b * dst_rows + dst_start + j) * cols + c];
     }
 }
 

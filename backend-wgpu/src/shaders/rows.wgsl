@@ -90,6 +90,8 @@ struct GatherParams {
     count: u32,
     cols: u32,
     src_rows: u32,
+    src_stride: u32,
+    src_start: u32,
     dst_rows: u32,
     dst_start: u32,
 }
@@ -107,7 +109,7 @@ fn gather_pair(e: u32) -> vec2<u32> {
     let j = pair % gat.count;
     let b = pair / gat.count;
     let k = gat_idx[b * gat.count + j];
-    let s = (b * gat.src_rows + k) * gat.cols + col;
+    let s = (b * gat.src_stride + gat.src_start + k) * gat.cols + col;
     let d = (b * gat.dst_rows + gat.dst_start + j) * gat.cols + col;
     return vec2<u32>(select(0xffffffffu, s, k < gat.src_rows), d);
 }

@@ -80,14 +80,8 @@ impl DecoderShape {
     }
     /// Unshuffle: token `t` of an image takes row `ids[t]` of its `[x, mask tokens]` matrix.
     fn unshuffle(&self) -> Gather {
-        Gather {
-            batch: self.batch(),
-            count: self.stack.tokens,
-            cols: self.stack.dim,
-            src_rows: self.stack.tokens,
-            dst_rows: self.stack.tokens,
-            dst_start: 0,
-        }
+        let tokens = self.stack.tokens;
+        Gather::per_item(self.batch(), tokens, self.stack.dim, tokens, tokens, 0)
     }
     /// The whole position table onto every image.
     fn pos_rows(&self) -> RowMap {
@@ -113,6 +107,26 @@ impl DecoderShape {
             src_step: 1,
             dst_stride: self.num_patches,
             dst_start: 0,
+        }
+    }
+    /// The predictions' gradient back to every token's rows but the cls row's (the inverse of
+    /// `pred_rows`, which reads each row once: a copy, not a sum).
+    fn pred_grad_rows(&self) -> RowMap {
+        RowMap {
+            src_stride: self.num_patches,
+            src_start: 0,
+            dst_stride: self.stack.tokens,
+            dst_start: 1,
+            ..self.pred_rows()
+        }
+    }
+    /// The embedded latent's gradient out of each image's first `1 + keep` rows (the inverse
+    /// of `embedded_rows`).
+    fn embedded_grad_rows(&self) -> RowMap {
+        RowMap {
+            src_stride: self.stack.tokens,
+            dst_stride: self.enc_tokens(),
+            ..self.embedded_rows()
         }
     }
 }
@@ -176,7 +190,7 @@ impl<B: Backend> DecoderActs<B> {
 pub struct DecoderScratch<B: Backend> {
     /// Shared by the blocks.
     pub stack: StackScratch<B>,
-    /// Gradient of `pred_all`.
+    /// Gradient of `pred_all`; its cls rows are zero (never written).
     pub d_pred_all: B::Buf,
     /// Gradient of `norm.y`.
     pub d_norm: B::Buf,
@@ -269,8 +283,9 @@ pub fn decoder_backward<B: Backend>(
     ready: &mut dyn GradsReady<B>,
 ) -> BResult<()> {
     let (rows, dim) = (sh.stack.rows(), sh.stack.dim);
-    b.fill(&mut s.d_pred_all, 0.0)?;
-    b.copy_rows_backward(d_pred, &mut s.d_pred_all, &sh.pred_rows())?;
+    // The cls row has no prediction: its rows of d_pred_all are never written and keep the
+    // zeros they were allocated with.
+    b.copy_rows(d_pred, &mut s.d_pred_all, &sh.pred_grad_rows(), false)?;
     let norm_y = &acts.norm.y;
     linear_backward(
         b,
@@ -327,8 +342,12 @@ pub fn decoder_backward<B: Backend>(
     if sh.keep < sh.num_patches {
         b.copy_rows_backward(&s.d_with_mask, &mut g.mask_token, &sh.mask_rows())?;
     }
-    b.fill(&mut s.d_embedded, 0.0)?;
-    b.copy_rows_backward(&s.d_with_mask, &mut s.d_embedded, &sh.embedded_rows())?;
+    b.copy_rows(
+        &s.d_with_mask,
+        &mut s.d_embedded,
+        &sh.embedded_grad_rows(),
+        false,
+    )?;
     let enc_rows = sh.batch() * sh.enc_tokens();
     linear_backward(
         b,

@@ -1,11 +1,16 @@
-//! The MAE encoder: patch embedding and position table on every patch, then masking keeps the
-//! visible ones (in noise order), the cls token goes in front, and only those tokens run through
-//! the ViT blocks. The encoder never sees mask tokens: that is where MAE's speed comes from.
+//! The MAE encoder: masking keeps the visible patches (in noise order), each is embedded and gets
+//! its position, the cls token goes in front, and only those tokens run through the ViT blocks.
+//! The encoder never sees mask tokens: that is where MAE's speed comes from.
 //!
-//! Two variants serve the paper's ablations and fine-tuning: with `mask_tokens` (Table 1c) every
-//! patch goes through, a removed one replaced by the learned `encoder_mask_token` plus its
-//! position; with `learn_pos_embed` (fine-tuning, where timm's ViT trains its position table) the
-//! table gets a gradient too.
+//! The official code embeds every patch and adds the position table before it masks. The patch
+//! embedding (a Conv2d with stride = kernel) is the same Linear on each patch and the position is
+//! added per patch, so keeping the visible patches first gives the same tokens for a quarter of
+//! the work (`EncoderShape::embeds_kept_only`).
+//!
+//! Two variants serve the paper's ablations and fine-tuning, and embed every patch as the
+//! official code does: with `mask_tokens` (Table 1c) every patch goes through, a removed one
+//! replaced by the learned `encoder_mask_token` plus its position; with `learn_pos_embed`
+//! (fine-tuning, where timm's ViT trains its position table) the table gets a gradient too.
 
 use super::block::{stack_backward, stack_forward, BlockActs, StackScratch};
 use super::layernorm::{layernorm_backward, layernorm_forward, NormActs};
@@ -72,6 +77,55 @@ impl EncoderShape {
     fn batch(&self) -> usize {
         self.stack.batch
     }
+    /// Whether only the visible patches are embedded: everywhere but the two variants, which
+    /// embed every patch (mask tokens take the removed patches' places; a learned position table
+    /// gets its gradient from every patch's row).
+    pub fn embeds_kept_only(&self) -> bool {
+        !self.mask_tokens && !self.learn_pos_embed
+    }
+    /// The visible patches, `[N keep, C p p]`, out of every patch.
+    fn kept_patches(&self) -> Gather {
+        Gather::per_item(
+            self.batch(),
+            self.keep,
+            self.patch_dim,
+            self.num_patches,
+            self.keep,
+            0,
+        )
+    }
+    /// The visible patches' positions, rows `1 + ids_keep` of the one position table, into
+    /// rows `1..=keep` of each image.
+    fn kept_positions(&self) -> Gather {
+        Gather {
+            src_stride: 0,
+            src_start: 1,
+            ..self.keep_gather()
+        }
+    }
+    /// The visible patches' tokens `[N keep, D]` onto rows `1..=keep` of each image.
+    fn kept_token_rows(&self) -> RowMap {
+        RowMap {
+            batch: self.batch(),
+            count: self.keep,
+            cols: self.stack.dim,
+            src_stride: self.keep,
+            src_start: 0,
+            src_step: 1,
+            dst_stride: self.stack.tokens,
+            dst_start: 1,
+        }
+    }
+    /// Rows `1..=keep` of each image back to the visible patches' `[N keep, D]`.
+    fn kept_token_grads(&self) -> RowMap {
+        RowMap {
+            src_stride: self.stack.tokens,
+            src_start: 1,
+            dst_stride: self.keep,
+            dst_start: 0,
+            ..self.kept_token_rows()
+        }
+    }
     /// Where the cls token goes: row 0 of each image.
     fn cls_rows(&self) -> RowMap {
         RowMap {
@@ -101,14 +155,14 @@ impl EncoderShape {
     /// Visible patch tokens into rows `1..=keep` of each image; with mask tokens, each patch's
     /// token or its mask token from the `[tokens, mask tokens]` candidates.
     fn keep_gather(&self) -> Gather {
-        Gather {
-            batch: self.batch(),
-            count: self.keep,
-            cols: self.stack.dim,
-            src_rows: self.num_patches * if self.mask_tokens { 2 } else { 1 },
-            dst_rows: self.stack.tokens,
-            dst_start: 1,
-        }
+        Gather::per_item(
+            self.batch(),
+            self.keep,
+            self.stack.dim,
+            self.num_patches * if self.mask_tokens { 2 } else { 1 },
+            self.stack.tokens,
+            1,
+        )
     }
     /// Patch tokens into the first `L` candidate rows of each image.
     fn token_candidates(&self) -> RowMap {
@@ -155,7 +209,10 @@ pub fn mask_token_indices(mask: &[f32], num_patches: usize, out: &mut [u32]) {
 pub struct EncoderActs<B: Backend> {
     /// `[N L, C p p]`, CHW inside a patch.
     pub patches: B::Buf,
-    /// Every patch embedded, plus its position: `[N L, D]`.
+    /// The visible patches, `[N keep, C p p]`, where only they are embedded (else empty).
+    pub kept: B::Buf,
+    /// The embedded patches: the visible ones, `[N keep, D]`; in the variants that embed every
+    /// patch, every patch plus its position, `[N L, D]`.
     pub tokens: B::Buf,
     /// With mask tokens: each image's patch tokens, then its mask tokens, `[N 2L, D]`.
     pub candidates: B::Buf,
@@ -176,9 +233,14 @@ impl<B: Backend> EncoderActs<B> {
     pub fn new(b: &B, sh: &EncoderShape, training: bool, depth: usize) -> BResult<Self> {
         let (n, l, d) = (sh.batch(), sh.num_patches, sh.stack.dim);
         let copies = if training { depth } else { depth.min(2) };
+        let (kept, embedded) = match sh.embeds_kept_only() {
+            true => (n * sh.keep, n * sh.keep),
+            false => (0, n * l),
+        };
         Ok(EncoderActs {
             patches: b.alloc(n * l * sh.patch_dim)?,
-            tokens: b.alloc(n * l * d)?,
+            kept: b.alloc(kept * sh.patch_dim)?,
+            tokens: b.alloc(embedded * d)?,
             candidates: b.alloc(if sh.mask_tokens { 2 * n * l * d } else { 0 })?,
             x0: b.alloc(sh.stack.rows() * d)?,
             blocks: (0..copies)
@@ -205,12 +267,16 @@ impl<B: Backend> EncoderScratch<B> {
     /// Buffers for `sh`; `backward` allocates the gradient buffers, `drop_path` the buffer of
     /// a dropped branch.
     pub fn new(b: &B, sh: &EncoderShape, backward: bool, drop_path: bool) -> BResult<Self> {
-        let len = if backward {
-            sh.batch() * sh.num_patches * sh.stack.dim
-        } else {
-            0
+        let embedded = match (backward, sh.embeds_kept_only()) {
+            (false, _) => 0,
+            (true, true) => sh.batch() * sh.keep,
+            (true, false) => sh.batch() * sh.num_patches,
         };
-        let candidates = if sh.mask_tokens { 2 * len } else { 0 };
+        let len = embedded * sh.stack.dim;
+        let candidates = match backward && sh.mask_tokens {
+            true => 2 * sh.batch() * sh.num_patches * sh.stack.dim,
+            false => 0,
+        };
         Ok(EncoderScratch {
             stack: StackScratch::with_drop_path(b, &sh.stack, backward, drop_path)?,
             d_tokens: b.alloc(len)?,
@@ -245,32 +311,14 @@ pub fn encoder_body_forward<B: Backend>(
     scratch: &mut EncoderScratch<B>,
     sh: &EncoderShape,
 ) -> BResult<()> {
-    let (d, rows) = (sh.stack.dim, sh.batch() * sh.num_patches);
     // The Conv2d with stride = kernel = p is a GEMM over CHW-ordered patches.
     b.patchify(imgs, &mut acts.patches, &sh.patchify)?;
-    linear_forward(
-        b,
-        &acts.patches,
-        &p.patch_embed,
-        &mut acts.tokens,
-        rows,
-        sh.patch_dim,
-        d,
-        false,
-    )?;
-    b.copy_rows(&p.pos_embed, &mut acts.tokens, &sh.patch_pos_rows(), true)?;
-    // random_masking: keep the visible tokens, then prepend cls_token + pos_embed[0].
-    if sh.mask_tokens {
-        let mask_token = encoder_mask_token(p)?;
-        let cand = &mut acts.candidates;
-        b.copy_rows(&acts.tokens, cand, &sh.token_candidates(), false)?;
-        b.copy_rows(mask_token, cand, &sh.mask_candidates(), false)?;
-        b.copy_rows(&p.pos_embed, cand, &sh.mask_pos_candidates(), true)?;
-        b.gather_rows(cand, &acts.ids_keep, &mut acts.x0, &sh.keep_gather())?;
+    if sh.embeds_kept_only() {
+        embed_kept_patches(b, p, acts, sh)?;
     } else {
-        let x0 = &mut acts.x0;
-        b.gather_rows(&acts.tokens, &acts.ids_keep, x0, &sh.keep_gather())?;
+        embed_every_patch(b, p, acts, sh)?;
     }
+    // Prepend cls_token + pos_embed[0].
     b.copy_rows(&p.cls_token, &mut acts.x0, &sh.cls_rows(), false)?;
     b.copy_rows(&p.pos_embed, &mut acts.x0, &sh.cls_rows(), true)?;
     acts.last = stack_forward(
@@ -282,6 +330,151 @@ pub fn encoder_body_forward<B: Backend>(
         &sh.stack,
     )?;
     Ok(())
+}
+
+/// random_masking first: the visible patches alone are embedded, into rows `1..=keep` of each
+/// image, each with its position.
+fn embed_kept_patches<B: Backend>(
+    b: &B,
+    p: &Encoder<B::Buf>,
+    acts: &mut EncoderActs<B>,
+    sh: &EncoderShape,
+) -> BResult<()> {
+    let (d, rows) = (sh.stack.dim, sh.batch() * sh.keep);
+    b.gather_rows(
+        &acts.patches,
+        &acts.ids_keep,
+        &mut acts.kept,
+        &sh.kept_patches(),
+    )?;
+    let (kept, tokens) = (&acts.kept, &mut acts.tokens);
+    linear_forward(
+        b,
+        kept,
+        &p.patch_embed,
+        tokens,
+        rows,
+        sh.patch_dim,
+        d,
+        false,
+    )?;
+    // position + token: one f32 add, so bitwise the official token + position.
+    b.gather_rows(
+        &p.pos_embed,
+        &acts.ids_keep,
+        &mut acts.x0,
+        &sh.kept_positions(),
+    )?;
+    b.copy_rows(&acts.tokens, &mut acts.x0, &sh.kept_token_rows(), true)
+}
+
+/// The backward of [`embed_kept_patches`] from `s.stack.d_x`, the gradient of `x0`.
+fn embed_kept_patches_backward<B: Backend>(
+    b: &B,
+    p: &Encoder<B::Buf>,
+    g: &mut Encoder<B::Buf>,
+    acts: &EncoderActs<B>,
+    s: &mut EncoderScratch<B>,
+    sh: &EncoderShape,
+) -> BResult<()> {
+    let (d, rows) = (sh.stack.dim, sh.batch() * sh.keep);
+    b.copy_rows(&s.stack.d_x, &mut s.d_tokens, &sh.kept_token_grads(), false)?;
+    let (pe, g_pe) = (&p.patch_embed, &mut g.patch_embed);
+    linear_backward(
+        b,
+        &s.d_tokens,
+        &acts.kept,
+        pe,
+        g_pe,
+        None,
+        rows,
+        sh.patch_dim,
+        d,
+    )
+}
+
+/// As the official code: every patch embedded, plus its position (or, with mask tokens, each
+/// removed patch's mask token plus its position), then random_masking keeps the tokens of
+/// `ids_keep` in rows `1..=keep` of each image.
+fn embed_every_patch<B: Backend>(
+    b: &B,
+    p: &Encoder<B::Buf>,
+    acts: &mut EncoderActs<B>,
+    sh: &EncoderShape,
+) -> BResult<()> {
+    let (d, rows) = (sh.stack.dim, sh.batch() * sh.num_patches);
+    let (patches, tokens) = (&acts.patches, &mut acts.tokens);
+    linear_forward(
+        b,
+        patches,
+        &p.patch_embed,
+        tokens,
+        rows,
+        sh.patch_dim,
+        d,
+        false,
+    )?;
+    b.copy_rows(&p.pos_embed, &mut acts.tokens, &sh.patch_pos_rows(), true)?;
+    if sh.mask_tokens {
+        let mask_token = encoder_mask_token(p)?;
+        let cand = &mut acts.candidates;
+        b.copy_rows(&acts.tokens, cand, &sh.token_candidates(), false)?;
+        b.copy_rows(mask_token, cand, &sh.mask_candidates(), false)?;
+        b.copy_rows(&p.pos_embed, cand, &sh.mask_pos_candidates(), true)?;
+        b.gather_rows(cand, &acts.ids_keep, &mut acts.x0, &sh.keep_gather())
+    } else {
+        let x0 = &mut acts.x0;
+        b.gather_rows(&acts.tokens, &acts.ids_keep, x0, &sh.keep_gather())
+    }
+}
+
+/// The backward of [`embed_every_patch`] from `s.stack.d_x`, the gradient of `x0`.
+fn embed_every_patch_backward<B: Backend>(
+    b: &B,
+    p: &Encoder<B::Buf>,
+    g: &mut Encoder<B::Buf>,
+    acts: &EncoderActs<B>,
+    s: &mut EncoderScratch<B>,
+    sh: &EncoderShape,
+) -> BResult<()> {
+    let (d, rows) = (sh.stack.dim, sh.batch() * sh.num_patches);
+    let d_x0 = &s.stack.d_x;
+    // Removed patches get no gradient: their rows of d_tokens stay zero.
+    b.fill(&mut s.d_tokens, 0.0)?;
+    if sh.mask_tokens {
+        let d_cand = &mut s.d_candidates;
+        b.fill(d_cand, 0.0)?;
+        b.gather_rows_backward(d_x0, &acts.ids_keep, d_cand, &sh.keep_gather())?;
+        b.copy_rows_backward(d_cand, &mut s.d_tokens, &sh.token_candidates())?;
+        let g_mask = g.mask_token.as_mut().ok_or_else(|| {
+            BackendError::new(
+                BackendErrorKind::Unsupported,
+                "no encoder_mask_token gradient",
+            )
+        })?;
+        b.copy_rows_backward(d_cand, g_mask, &sh.mask_candidates())?;
+        if sh.learn_pos_embed {
+            b.copy_rows_backward(d_cand, &mut g.pos_embed, &sh.mask_pos_candidates())?;
+        }
+    } else {
+        let d_tokens = &mut s.d_tokens;
+        b.gather_rows_backward(d_x0, &acts.ids_keep, d_tokens, &sh.keep_gather())?;
+    }
+    if sh.learn_pos_embed {
+        b.copy_rows_backward(&s.d_tokens, &mut g.pos_embed, &sh.patch_pos_rows())?;
+    }
+    let (pe, g_pe) = (&p.patch_embed, &mut g.patch_embed);
+    linear_backward(
+        b,
+        &s.d_tokens,
+        &acts.patches,
+        pe,
+        g_pe,
+        None,
+        rows,
+        sh.patch_dim,
+        d,
+    )
 }
 
 fn encoder_mask_token<T>(p: &Encoder<T>) -> BResult<&T> {
@@ -340,7 +533,6 @@ pub fn encoder_body_backward<B: Backend>(
     first: usize,
     ready: &mut dyn GradsReady<B>,
 ) -> BResult<()> {
-    let (d, rows) = (sh.stack.dim, sh.batch() * sh.num_patches);
     let input = match first {
         0 => &acts.x0,
         _ => &acts.blocks[first - 1].out,
@@ -363,41 +555,11 @@ pub fn encoder_body_backward<B: Backend>(
     if sh.learn_pos_embed {
         b.copy_rows_backward(d_x0, &mut g.pos_embed, &sh.cls_rows())?;
     }
-    // Removed patches get no gradient: their rows of d_tokens stay zero.
-    b.fill(&mut s.d_tokens, 0.0)?;
-    if sh.mask_tokens {
-        let d_cand = &mut s.d_candidates;
-        b.fill(d_cand, 0.0)?;
-        b.gather_rows_backward(d_x0, &acts.ids_keep, d_cand, &sh.keep_gather())?;
-        b.copy_rows_backward(d_cand, &mut s.d_tokens, &sh.token_candidates())?;
-        let g_mask = g.mask_token.as_mut().ok_or_else(|| {
-            BackendError::new(
-                BackendErrorKind::Unsupported,
-                "no encoder_mask_token gradient",
-            )
-        })?;
-        b.copy_rows_backward(d_cand, g_mask, &sh.mask_candidates())?;
-        if sh.learn_pos_embed {
-            b.copy_rows_backward(d_cand, &mut g.pos_embed, &sh.mask_pos_candidates())?;
-        }
+    if sh.embeds_kept_only() {
+        embed_kept_patches_backward(b, p, g, acts, s, sh)?;
     } else {
-        let d_tokens = &mut s.d_tokens;
-        b.gather_rows_backward(d_x0, &acts.ids_keep, d_tokens, &sh.keep_gather())?;
+        embed_every_patch_backward(b, p, g, acts, s, sh)?;
     }
-    if sh.learn_pos_embed {
-        b.copy_rows_backward(&s.d_tokens, &mut g.pos_embed, &sh.patch_pos_rows())?;
-    }
-    linear_backward(
-        b,
-        &s.d_tokens,
-        &acts.patches,
-        &p.patch_embed,
-        &mut g.patch_embed,
-        None,
-        rows,
-        sh.patch_dim,
-        d,
-    )?;
     // One group either way, without allocating (a training step allocates nothing).
     let (pe, cls, pos) = (&mut g.patch_embed, &mut g.cls_token, &mut g.pos_embed);
     match g.mask_token.as_mut() {
