@@ -60,17 +60,20 @@ static bool host_only() {
     static const bool on = std::getenv("MAE_FAKE_CUDA_HOST_ONLY") != nullptr;
     return on;
 }
+// `in_use` and `peak` count the device memory the program holds (its own allocations: a real
+// device adds the context and the libraries' own, about half a GB).
 struct Counts {
     unsigned long long launches = 0, gemms = 0, lt = 0, htod = 0, dtoh = 0, dtod = 0, memsets = 0,
-                       allocs = 0, frees = 0, htod_bytes = 0, alloc_bytes = 0;
+                       allocs = 0, frees = 0, htod_bytes = 0, alloc_bytes = 0, in_use = 0, peak = 0;
     ~Counts() {
         if (host_only())
             std::fprintf(stderr,
                          "fake cuda (host only): %llu launches, %llu cuBLAS and %llu cuBLASLt "
                          "products, %llu uploads (%llu bytes), %llu downloads, %llu device "
-                         "copies, %llu fills, %llu allocations (%llu bytes), %llu frees\n",
+                         "copies, %llu fills, %llu allocations (%llu bytes), %llu frees, "
+                         "peak %llu bytes in use\n",
                          launches, gemms, lt, htod, htod_bytes, dtoh, dtod, memsets, allocs,
-                         alloc_bytes, frees);
+                         alloc_bytes, frees, peak);
     }
 };
 static Counts counts;
@@ -178,6 +181,10 @@ CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
 CUresult cuGetErrorName(CUresult, const char** s) { *s = "CUDA_ERROR_FAKE"; return OK; }
 CUresult cuGetErrorString(CUresult, const char** s) { *s = "fake driver error"; return OK; }
 
+// Device allocations by address, for the memory in use.
+static std::map<uintptr_t, size_t> device_blocks;
+static std::mutex device_blocks_lock;
+
 // Fresh memory is filled with 0xFF bytes (NaN as f32 and f64), as a GPU's is arbitrary: a read
 // of memory nobody wrote shows up as NaN in the results.
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void* stream) {
@@ -185,8 +192,14 @@ CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void* stream) {
     if (bytes == 0) return INVALID_VALUE;  // as cuMemAlloc does
     void* m = std::malloc(bytes);
     if (!m) return 2;  // CUDA_ERROR_OUT_OF_MEMORY
-    ++counts.allocs;
-    counts.alloc_bytes += bytes;
+    {
+        std::lock_guard<std::mutex> lock(device_blocks_lock);
+        device_blocks[(uintptr_t)m] = bytes;
+        ++counts.allocs;
+        counts.alloc_bytes += bytes;
+        counts.in_use += bytes;
+        if (counts.in_use > counts.peak) counts.peak = counts.in_use;
+    }
     if (!host_only()) std::memset(m, 0xFF, bytes);
     *p = (CUdeviceptr)m;
     return OK;
@@ -209,7 +222,14 @@ CUresult cuMemPoolGetAttribute(void* pool, int attribute, void* value) {
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) { return cuMemAllocAsync(p, bytes, nullptr); }
 CUresult cuMemFreeAsync(CUdeviceptr p, void* stream) {
     drain(stream);
-    ++counts.frees;
+    {
+        std::lock_guard<std::mutex> lock(device_blocks_lock);
+        auto it = device_blocks.find((uintptr_t)p);
+        if (it == device_blocks.end()) return INVALID_VALUE;
+        counts.in_use -= it->second;
+        device_blocks.erase(it);
+        ++counts.frees;
+    }
     std::free((void*)p);
     return OK;
 }
