@@ -25,7 +25,9 @@
 #       single process), and bf16 at the largest batch with MAE_CUDA_UPLOAD=pageable (the
 #       uploads before pinned staging), with MAE_CUDA_UPLOAD=pinned (pinned uploads in the
 #       compute stream's order, before they overlapped the step before), with
-#       MAE_CUDA_ATTENTION_PREFETCH=off (the attention's tile loads not overlapped), with MAE_CUDA_LAYERNORM_PARTIALS=separate (the LayerNorm
+#       MAE_CUDA_ATTENTION_PREFETCH=off (the attention's tile loads not overlapped), with
+#       MAE_CUDA_ATTENTION_TAIL=whole (the attention's last blocks not split over their warps),
+#       with MAE_CUDA_LAYERNORM_PARTIALS=separate (the LayerNorm
 #       parameter gradients' partials in a pass of their own) and with
 #       MAE_CUDA_WEIGHT_GRAD_SPLIT=off (weight gradients as one product each). The report ends
 #       with issue 6's numbers worked out: the ratio to PyTorch and the MFU per batch, and
@@ -293,6 +295,11 @@ run() {
         --batch "$largest" --seconds "$s"
     measure "bench base224 cuda-bf16 b$largest MAE_CUDA_ATTENTION_PREFETCH=off" \
         env MAE_CUDA_ATTENTION_PREFETCH=off "$bins/bin/bench" --case base224 \
+        --backend cuda-bf16 --batch "$largest" --seconds "$s"
+    # The last block of each (image, head) at 197 tokens (5 rows) in the main kernels, three of
+    # its warps idle, instead of split over its warps in the tail kernels (attention_mma.cu).
+    measure "bench base224 cuda-bf16 b$largest MAE_CUDA_ATTENTION_TAIL=whole" \
+        env MAE_CUDA_ATTENTION_TAIL=whole "$bins/bin/bench" --case base224 \
         --backend cuda-bf16 --batch "$largest" --seconds "$s"
     measure "bench base224 cuda-bf16 b$largest MAE_CUDA_LAYERNORM_PARTIALS=separate" \
         env MAE_CUDA_LAYERNORM_PARTIALS=separate "$bins/bin/bench" --case base224 \

@@ -982,23 +982,35 @@ static void attention_backward_dkv(const float* qkv, const float* lse, const flo
                                                                             scale);
 }
 
-// The tensor-core kernels on bf16 inputs, one per head width, picked as ops.rs picks them.
-static void attention_forward_mma_bf16(const uint16_t* qkv16, float* out, uint16_t* out16, float* lse, u64 B,
-                                       u64 T, u64 H, u64 hd, float scale, unsigned prefetch) {
+// The tensor-core kernels on bf16 inputs, one per head width, picked as ops.rs picks them, or
+// (`tail`) the tail kernel of the same direction, which takes the same arguments.
+static void attention_forward_mma_bf16(bool tail, const uint16_t* qkv16, float* out, uint16_t* out16, float* lse,
+                                       u64 B, u64 T, u64 H, u64 hd, float scale, unsigned flags) {
     auto kernel = hd <= 32 ? attention_forward_mma_bf16_hd32 : attention_forward_mma_bf16_hd64;
-    kernel(nullptr, qkv16, out, out16, lse, B, T, H, hd, scale, prefetch);
+    (tail ? attention_forward_mma_tail : kernel)(nullptr, qkv16, out, out16, lse, B, T, H, hd, scale, flags);
 }
-static void attention_backward_dq_mma_bf16(const uint16_t* qkv16, const float* out, const float* lse,
+static void attention_backward_dq_mma_bf16(bool tail, const uint16_t* qkv16, const float* out, const float* lse,
                                            const uint16_t* d_out16, float* d_qkv, uint16_t* d_qkv16, float2* stats,
-                                           u64 B, u64 T, u64 H, u64 hd, float scale, unsigned prefetch) {
+                                           u64 B, u64 T, u64 H, u64 hd, float scale, unsigned flags) {
     auto kernel = hd <= 32 ? attention_backward_dq_mma_bf16_hd32 : attention_backward_dq_mma_bf16_hd64;
-    kernel(nullptr, qkv16, out, lse, nullptr, d_out16, d_qkv, d_qkv16, stats, B, T, H, hd, scale, prefetch);
+    (tail ? attention_backward_dq_mma_tail : kernel)(nullptr, qkv16, out, lse, nullptr, d_out16, d_qkv, d_qkv16,
+                                                     stats, B, T, H, hd, scale, flags);
 }
-static void attention_backward_dkv_mma_bf16(const uint16_t* qkv16, const uint16_t* d_out16, const float2* stats,
-                                            float* d_qkv, uint16_t* d_qkv16, u64 B, u64 T, u64 H, u64 hd,
-                                            float scale, unsigned prefetch) {
+static void attention_backward_dkv_mma_bf16(bool tail, const uint16_t* qkv16, const uint16_t* d_out16,
+                                            const float2* stats, float* d_qkv, uint16_t* d_qkv16, u64 B, u64 T,
+                                            u64 H, u64 hd, float scale, unsigned flags) {
     auto kernel = hd <= 32 ? attention_backward_dkv_mma_bf16_hd32 : attention_backward_dkv_mma_bf16_hd64;
-    kernel(nullptr, qkv16, nullptr, d_out16, stats, d_qkv, d_qkv16, B, T, H, hd, scale, prefetch);
+    (tail ? attention_backward_dkv_mma_tail : kernel)(nullptr, qkv16, nullptr, d_out16, stats, d_qkv, d_qkv16, B,
+                                                      T, H, hd, scale, flags);
+}
+
+// One direction of the tensor-core attention as ops.rs launches it: `run(false)` (the main
+// kernel) on `grid`, then, where MMA_SPLIT leaves the tail blocks to the tail kernel, `run(true)`
+// on `tail_grid`.
+static void launch_mma(unsigned grid, unsigned tail_grid, unsigned flags, u64 T,
+                       const std::function<void(bool)>& run) {
+    launch_rows(grid, MMA_THREADS, [&] { run(false); });
+    if ((flags & MMA_SPLIT) && mma_has_tail(T)) launch_rows(tail_grid, MMA_THREADS, [&] { run(true); });
 }
 
 // The tensor-core kernels (attention_mma.cu) against the naive reference of their inputs
@@ -1008,7 +1020,7 @@ static void attention_backward_dkv_mma_bf16(const uint16_t* qkv16, const uint16_
 // whose roundings add up past the result's own size where they cancel (within 1e-2). One block
 // of MMA_THREADS per MMA_ROWS rows, or a striding grid of 2 blocks. The bf16 copies of out and
 // d_qkv that the kernels write beside them are each element's nearest bf16.
-static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, unsigned prefetch,
+static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, unsigned flags,
                                std::vector<float> qkv, std::vector<float> d_out, float scale,
                                const std::string& tag) {
     for (float& x : qkv) x = bf16_value(x);
@@ -1016,10 +1028,11 @@ static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, uns
     const AttentionRef ref = attention_reference(qkv, d_out, B, T, H, hd, scale);
     const u64 D = H * hd, rows = B * T;
     const unsigned grid = small_grid ? 2 : (unsigned)(B * H * ((T + MMA_ROWS - 1) / MMA_ROWS));
+    const unsigned tail_grid = small_grid ? 2 : (unsigned)(B * H);
     std::vector<float> out(rows * D, NAN), lse(B * H * T, NAN);
     std::vector<uint16_t> out16(rows * D, 0xdead);
-    launch_rows(grid, MMA_THREADS, [&] {
-        attention_forward_mma(qkv.data(), nullptr, out.data(), out16.data(), lse.data(), B, T, H, hd, scale, prefetch);
+    launch_mma(grid, tail_grid, flags, T, [&](bool tail) {
+        (tail ? attention_forward_mma_tail : attention_forward_mma)(qkv.data(), nullptr, out.data(), out16.data(), lse.data(), B, T, H, hd, scale, flags);
     });
     expect_close("attention_forward_mma out" + tag, out, ref.out, 4e-3);
     expect_bf16_copy("attention_forward_mma out copy" + tag, out16, out);
@@ -1029,36 +1042,36 @@ static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, uns
     std::vector<float> d_qkv(rows * 3 * D, NAN), stats(2 * B * H * T, NAN);
     float2* st = reinterpret_cast<float2*>(stats.data());
     std::vector<uint16_t> d_qkv16(rows * 3 * D, 0xdead);
-    launch_rows(grid, MMA_THREADS, [&] {
-        attention_backward_dq_mma(qkv.data(), nullptr, ref_out.data(), ref_lse.data(), d_out.data(), nullptr,
-                                  d_qkv.data(), d_qkv16.data(), st, B, T, H, hd, scale, prefetch);
+    launch_mma(grid, tail_grid, flags, T, [&](bool tail) {
+        (tail ? attention_backward_dq_mma_tail : attention_backward_dq_mma)(qkv.data(), nullptr, ref_out.data(), ref_lse.data(), d_out.data(), nullptr,
+                                  d_qkv.data(), d_qkv16.data(), st, B, T, H, hd, scale, flags);
     });
-    launch_rows(grid, MMA_THREADS, [&] {
-        attention_backward_dkv_mma(qkv.data(), nullptr, d_out.data(), nullptr, st, d_qkv.data(), d_qkv16.data(), B,
-                                   T, H, hd, scale, prefetch);
+    launch_mma(grid, tail_grid, flags, T, [&](bool tail) {
+        (tail ? attention_backward_dkv_mma_tail : attention_backward_dkv_mma)(qkv.data(), nullptr, d_out.data(), nullptr, st, d_qkv.data(), d_qkv16.data(), B,
+                                   T, H, hd, scale, flags);
     });
     expect_close("attention_backward_mma d_qkv" + tag, d_qkv, ref.d_qkv, 1e-2);
     expect_bf16_copy("attention_backward_mma d_qkv copy" + tag, d_qkv16, d_qkv);
     // Without copies (null): the same gradients.
     std::vector<float> plain(rows * 3 * D, NAN);
-    launch_rows(grid, MMA_THREADS, [&] {
-        attention_backward_dq_mma(qkv.data(), nullptr, ref_out.data(), ref_lse.data(), d_out.data(), nullptr,
-                                  plain.data(), nullptr, st, B, T, H, hd, scale, prefetch);
+    launch_mma(grid, tail_grid, flags, T, [&](bool tail) {
+        (tail ? attention_backward_dq_mma_tail : attention_backward_dq_mma)(qkv.data(), nullptr, ref_out.data(), ref_lse.data(), d_out.data(), nullptr,
+                                  plain.data(), nullptr, st, B, T, H, hd, scale, flags);
     });
-    launch_rows(grid, MMA_THREADS, [&] {
-        attention_backward_dkv_mma(qkv.data(), nullptr, d_out.data(), nullptr, st, plain.data(), nullptr, B, T, H,
-                                   hd, scale, prefetch);
+    launch_mma(grid, tail_grid, flags, T, [&](bool tail) {
+        (tail ? attention_backward_dkv_mma_tail : attention_backward_dkv_mma)(qkv.data(), nullptr, d_out.data(), nullptr, st, plain.data(), nullptr, B, T, H,
+                                   hd, scale, flags);
     });
     expect_close("attention_backward_mma d_qkv without copies" + tag, plain, to_d(d_qkv), 0);
     // The copy alone (null floats: d_qkv from `alloc_operand`): the same copy.
     std::vector<uint16_t> alone16(rows * 3 * D, 0xdead);
-    launch_rows(grid, MMA_THREADS, [&] {
-        attention_backward_dq_mma(qkv.data(), nullptr, ref_out.data(), ref_lse.data(), d_out.data(), nullptr,
-                                  nullptr, alone16.data(), st, B, T, H, hd, scale, prefetch);
+    launch_mma(grid, tail_grid, flags, T, [&](bool tail) {
+        (tail ? attention_backward_dq_mma_tail : attention_backward_dq_mma)(qkv.data(), nullptr, ref_out.data(), ref_lse.data(), d_out.data(), nullptr,
+                                  nullptr, alone16.data(), st, B, T, H, hd, scale, flags);
     });
-    launch_rows(grid, MMA_THREADS, [&] {
-        attention_backward_dkv_mma(qkv.data(), nullptr, d_out.data(), nullptr, st, nullptr, alone16.data(), B, T,
-                                   H, hd, scale, prefetch);
+    launch_mma(grid, tail_grid, flags, T, [&](bool tail) {
+        (tail ? attention_backward_dkv_mma_tail : attention_backward_dkv_mma)(qkv.data(), nullptr, d_out.data(), nullptr, st, nullptr, alone16.data(), B, T,
+                                   H, hd, scale, flags);
     });
     expect_bf16_copy("attention_backward_mma d_qkv copy alone" + tag, alone16, d_qkv);
     // qkv and dO read from their bf16 copies alone by the bf16 kernels (qkv16 and d_out16, the
@@ -1069,16 +1082,16 @@ static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, uns
     std::vector<float> out_b(rows * D, NAN), lse_b(B * H * T, NAN), d_qkv_b(rows * 3 * D, NAN),
         stats_b(2 * B * H * T, NAN);
     float2* st_b = reinterpret_cast<float2*>(stats_b.data());
-    launch_rows(grid, MMA_THREADS, [&] {
-        attention_forward_mma_bf16(qkv16.data(), out_b.data(), nullptr, lse_b.data(), B, T, H, hd, scale, prefetch);
+    launch_mma(grid, tail_grid, flags, T, [&](bool tail) {
+        attention_forward_mma_bf16(tail, qkv16.data(), out_b.data(), nullptr, lse_b.data(), B, T, H, hd, scale, flags);
     });
-    launch_rows(grid, MMA_THREADS, [&] {
-        attention_backward_dq_mma_bf16(qkv16.data(), ref_out.data(), ref_lse.data(), d_out16.data(), d_qkv_b.data(),
-                                       nullptr, st_b, B, T, H, hd, scale, prefetch);
+    launch_mma(grid, tail_grid, flags, T, [&](bool tail) {
+        attention_backward_dq_mma_bf16(tail, qkv16.data(), ref_out.data(), ref_lse.data(), d_out16.data(), d_qkv_b.data(),
+                                       nullptr, st_b, B, T, H, hd, scale, flags);
     });
-    launch_rows(grid, MMA_THREADS, [&] {
-        attention_backward_dkv_mma_bf16(qkv16.data(), d_out16.data(), st_b, d_qkv_b.data(), nullptr, B, T, H, hd,
-                                        scale, prefetch);
+    launch_mma(grid, tail_grid, flags, T, [&](bool tail) {
+        attention_backward_dkv_mma_bf16(tail, qkv16.data(), d_out16.data(), st_b, d_qkv_b.data(), nullptr, B, T, H, hd,
+                                        scale, flags);
     });
     expect_close("attention_forward_mma out from bf16 qkv" + tag, out_b, to_d(out), 0);
     expect_close("attention_forward_mma lse from bf16 qkv" + tag, lse_b, to_d(lse), 0);
@@ -1091,16 +1104,23 @@ static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, uns
 static void test_attention_mma_orders(u64 B, u64 T, u64 H, u64 hd, bool small_grid,
                                       const std::vector<float>& qkv, const std::vector<float>& d_out,
                                       float scale, const std::string& tag) {
-    // Each tile staged while the one before is computed (the default), in both orders, and
-    // staged just before it is computed (`MAE_CUDA_ATTENTION_PREFETCH=off`).
+    // Each tile staged while the one before is computed and the tail blocks split (the
+    // defaults), in both orders; staged just before it is computed
+    // (`MAE_CUDA_ATTENTION_PREFETCH=off`); the tail blocks whole in the main kernels
+    // (`MAE_CUDA_ATTENTION_TAIL=whole`).
     const struct {
         bool ahead;
-        unsigned prefetch;
-    } runs[] = {{false, 1}, {true, 1}, {true, 0}};
+        unsigned flags;
+    } runs[] = {{false, MMA_PREFETCH | MMA_SPLIT},
+                {true, MMA_PREFETCH | MMA_SPLIT},
+                {true, MMA_SPLIT},
+                {true, MMA_PREFETCH}};
     for (const auto& r : runs) {
         warp_ahead = r.ahead;
-        const std::string how = std::string(r.ahead ? " warp-ahead" : "") + (r.prefetch ? "" : " no prefetch");
-        test_attention_mma(B, T, H, hd, small_grid, r.prefetch, qkv, d_out, scale, tag + how);
+        const std::string how = std::string(r.ahead ? " warp-ahead" : "") +
+                                (r.flags & MMA_PREFETCH ? "" : " no prefetch") +
+                                (r.flags & MMA_SPLIT ? "" : " tail whole");
+        test_attention_mma(B, T, H, hd, small_grid, r.flags, qkv, d_out, scale, tag + how);
     }
     warp_ahead = false;
 }

@@ -209,6 +209,12 @@ kernels! {
         (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
     AttentionBackwardDkvMmaBf16Hd64 = "attention_backward_dkv_mma_bf16_hd64"
         (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
+    AttentionForwardMmaTail = "attention_forward_mma_tail"
+        (Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
+    AttentionBackwardDqMmaTail = "attention_backward_dq_mma_tail"
+        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
+    AttentionBackwardDkvMmaTail = "attention_backward_dkv_mma_tail"
+        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
 }
 
 /// Checks `args` against the parameter list of `kernel`: a mismatch is a bug in this crate,
@@ -348,6 +354,14 @@ mod tests {
                 crate::launch::ATTENTION_MMA_THREADS
             ),
             format!("#define MMA_ROWS {}\n", crate::launch::ATTENTION_MMA_ROWS),
+            format!(
+                "#define MMA_PREFETCH {}u\n",
+                crate::launch::ATTENTION_MMA_PREFETCH
+            ),
+            format!(
+                "#define MMA_SPLIT {}u\n",
+                crate::launch::ATTENTION_MMA_SPLIT
+            ),
         ] {
             assert!(
                 program_source().contains(&want),

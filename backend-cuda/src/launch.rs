@@ -26,6 +26,11 @@ pub(crate) const ATTENTION_MMA_THREADS: u32 = 128;
 /// Rows of one (image, head) per block of the tensor-core attention kernels (`MMA_ROWS`).
 pub(crate) const ATTENTION_MMA_ROWS: u64 = 64;
 
+/// Bits of the tensor-core attention kernels' `flags` (`MMA_PREFETCH`, `MMA_SPLIT`): stage each
+/// tile while computing the one before; split the tiles of a block whose rows fit in one warp.
+pub(crate) const ATTENTION_MMA_PREFETCH: u32 = 1;
+pub(crate) const ATTENTION_MMA_SPLIT: u32 = 2;
+
 /// The most blocks one launch asks for: enough to fill any current GPU many times over
 /// (an H100 holds 132 SMs x 8 blocks of 256 threads), far below the 2^31 - 1 grid limit.
 pub(crate) const MAX_BLOCKS: u64 = 1 << 16;
@@ -107,6 +112,27 @@ pub(crate) fn attention_mma(pairs: u64, tokens: u64) -> Option<LaunchConfig> {
     row_tiles(pairs, tokens, ATTENTION_MMA_ROWS, ATTENTION_MMA_THREADS)
 }
 
+/// Whether the last block of the tensor-core attention holds rows for its first warp only
+/// (`mma_has_tail` in `kernels/attention_mma.cu`: 1 to 16 rows past a multiple of 64).
+pub(crate) fn attention_mma_has_tail(tokens: u64) -> bool {
+    (1..=16).contains(&(tokens % ATTENTION_MMA_ROWS))
+}
+
+/// The launches of one direction of the tensor-core attention with the tail split
+/// ([`ATTENTION_MMA_SPLIT`]): the main kernel without the tail blocks, and the tail kernel with
+/// one block per pair where there are tail blocks. Either may be `None` (no work).
+pub(crate) fn attention_mma_split(
+    pairs: u64,
+    tokens: u64,
+) -> (Option<LaunchConfig>, Option<LaunchConfig>) {
+    if !attention_mma_has_tail(tokens) {
+        return (attention_mma(pairs, tokens), None);
+    }
+    let main = tokens - tokens % ATTENTION_MMA_ROWS;
+    let tail = row_tiles(pairs, 1, 1, ATTENTION_MMA_THREADS);
+    (attention_mma(pairs, main), tail)
+}
+
 /// One block of `threads` per `rows` of `tokens` of each of `pairs` (image, head) pairs.
 fn row_tiles(pairs: u64, tokens: u64, rows: u64, threads: u32) -> Option<LaunchConfig> {
     (pairs > 0 && tokens > 0).then(|| LaunchConfig {
@@ -182,6 +208,23 @@ mod tests {
             attention_mma(u64::MAX, 65).unwrap().grid_dim.0,
             MAX_BLOCKS as u32
         );
+    }
+
+    #[test]
+    fn split_tails_take_a_block_per_pair_and_leave_the_main_grid_the_rest() {
+        let grids = |pairs, tokens| {
+            let (main, tail) = attention_mma_split(pairs, tokens);
+            (main.map(|c| c.grid_dim.0), tail.map(|c| c.grid_dim.0))
+        };
+        // 197 tokens: three whole blocks and a tail of 5 rows; 257: four and a tail of 1.
+        assert_eq!(grids(24, 197), (Some(24 * 3), Some(24)));
+        assert_eq!(grids(24, 257), (Some(24 * 4), Some(24)));
+        // 7 tokens: the tail is all there is; 64 has none, 81 ends in 17 rows (two warps).
+        assert_eq!(grids(24, 7), (None, Some(24)));
+        assert_eq!(grids(24, 64), (Some(24), None));
+        assert_eq!(grids(24, 81), (Some(24 * 2), None));
+        assert_eq!(attention_mma_split(24, 197).1.unwrap().block_dim.0, 128);
+        assert!(!attention_mma_has_tail(0) && attention_mma_has_tail(16));
     }
 
     #[test]

@@ -9,8 +9,9 @@ use crate::error;
 use crate::gemm::column_major;
 use crate::kernels::{Arg, Kernel};
 use crate::launch::{
-    attention, attention_mma, column_chunks, elementwise, layernorm_rows, per_row, per_warp,
-    single_block, ATTENTION_MAX_HEAD_DIM, LAYERNORM_BACKWARD_BLOCKS, LAYERNORM_FUSED_COLS,
+    attention, attention_mma, attention_mma_split, column_chunks, elementwise, layernorm_rows,
+    per_row, per_warp, single_block, ATTENTION_MAX_HEAD_DIM, ATTENTION_MMA_PREFETCH,
+    ATTENTION_MMA_ROWS, ATTENTION_MMA_SPLIT, LAYERNORM_BACKWARD_BLOCKS, LAYERNORM_FUSED_COLS,
 };
 use crate::readers::max_readers;
 use cudarc::cublas::sys::{
@@ -1073,7 +1074,7 @@ impl Backend for CudaBackend {
         need(qkv, lq, "attention_forward", "qkv")?;
         need(out, lo, "attention_forward", "out")?;
         need(lse, ll, "attention_forward", "lse")?;
-        let ([forward, _, _], cfg) = self.attention_kernels(a);
+        let ([forward, _, _], grids) = self.attention_kernels(a);
         // The tensor-core kernels (the bf16 mode's) also write out's bf16 copy: the input of
         // `proj`.
         let tensor_cores = forward == Kernel::AttentionForwardMma;
@@ -1093,9 +1094,10 @@ impl Backend for CudaBackend {
         args.push(self.ptr_mut(lse)?);
         args.extend(attention_dims(a));
         if tensor_cores {
-            args.push(Arg::U32(self.attention_prefetch.into()));
+            args.push(self.attention_flags());
         }
-        self.launch_described(forward, cfg, &args, || attention_detail(a, 2))?;
+        let kernels = [forward, Kernel::AttentionForwardMmaTail];
+        self.launch_attention(kernels, &grids, &args, a, 2)?;
         if let Some(copy) = copy {
             copy.written(out.contents(), lo);
         }
@@ -1119,7 +1121,7 @@ impl Backend for CudaBackend {
         need(lse, ll, o, "lse")?;
         need(d_out, lo, o, "d_out")?;
         need(d_qkv, lq, o, "d_qkv")?;
-        let ([_, dq, dkv], cfg) = self.attention_kernels(a);
+        let ([_, dq, dkv], grids) = self.attention_kernels(a);
         let tensor_cores = dq == Kernel::AttentionBackwardDqMma;
         // Written by the dQ kernel for the dK, dV kernel, per score row: Drow_i = dO_i . O_i, and
         // on the tensor cores (lse_i in base 2, Drow_i) as one pair (attention_mma.cu); 8 bytes a
@@ -1150,11 +1152,12 @@ impl Backend for CudaBackend {
         args.extend_from_slice(&d_qkv_args);
         args.push(self.scratch_ptr(&mut row_stats));
         args.extend(attention_dims(a));
-        let prefetch = Arg::U32(self.attention_prefetch.into());
+        let flags = self.attention_flags();
         if tensor_cores {
-            args.push(prefetch);
+            args.push(flags);
         }
-        self.launch_described(dq, cfg, &args, || attention_detail(a, 3))?;
+        let kernels = [dq, Kernel::AttentionBackwardDqMmaTail];
+        self.launch_attention(kernels, &grids, &args, a, 3)?;
         let mut args = qkv_args.clone();
         // The tensor-core kernel reads lse from the pairs.
         if !tensor_cores {
@@ -1165,9 +1168,10 @@ impl Backend for CudaBackend {
         args.extend_from_slice(&d_qkv_args);
         args.extend(attention_dims(a));
         if tensor_cores {
-            args.push(prefetch);
+            args.push(flags);
         }
-        self.launch_described(dkv, cfg, &args, || attention_detail(a, 4))?;
+        let kernels = [dkv, Kernel::AttentionBackwardDkvMmaTail];
+        self.launch_attention(kernels, &grids, &args, a, 4)?;
         if let Some(copy) = copy {
             copy.written(d_qkv.contents(), lq);
         }
@@ -1351,14 +1355,28 @@ fn mma_variants<const N: usize>(
     })
 }
 
-/// The profile's detail of an attention kernel that computes `products` T x T x head-width
+/// The profile's detail of an attention kernel that computes `products` rows x T x head-width
 /// products per (image, head) (the forward 2: scores and P V; dQ 3: the scores again, dP and
-/// dQ; dK-dV 4: scores, dV, dP and dK): tokens, head width and (image, head) pairs, and the
-/// FLOPs executed, recomputation included.
-fn attention_detail(a: &Attention, products: usize) -> (String, f64) {
+/// dQ; dK-dV 4: scores, dV, dP and dK) for `rows` of the T rows (all but a split tail's, or
+/// those): tokens, head width and (image, head) pairs, and the FLOPs executed, recomputation
+/// included.
+fn attention_detail(a: &Attention, products: usize, rows: usize) -> (String, f64) {
     let pairs = a.batch * a.heads;
-    let flops = 2.0 * (products * pairs * a.tokens * a.tokens * a.head_dim) as f64;
+    let flops = 2.0 * (products * pairs * rows * a.tokens * a.head_dim) as f64;
     (format!("T{} hd{} x{pairs}", a.tokens, a.head_dim), flops)
+}
+
+/// The grids of one direction of the fused attention: the main kernel's, and the tail kernel's
+/// where the tensor-core attention's tail blocks run split (`launch::attention_mma_split`).
+struct AttentionGrids {
+    main: Option<cudarc::driver::LaunchConfig>,
+    tail: Option<cudarc::driver::LaunchConfig>,
+}
+
+impl AttentionGrids {
+    fn whole(main: Option<cudarc::driver::LaunchConfig>) -> Self {
+        AttentionGrids { main, tail: None }
+    }
 }
 
 fn need_idx(idx: &CudaIdx, len: usize, op: &str) -> BResult<()> {
@@ -1374,10 +1392,7 @@ fn need_idx(idx: &CudaIdx, len: usize, op: &str) -> BResult<()> {
 
 impl CudaBackend {
     /// The forward, dQ and dK-dV kernels of the fused attention path, and their launch.
-    fn attention_kernels(
-        &self,
-        a: &Attention,
-    ) -> ([Kernel; 3], Option<cudarc::driver::LaunchConfig>) {
+    fn attention_kernels(&self, a: &Attention) -> ([Kernel; 3], AttentionGrids) {
         let (pairs, tokens) = ((a.batch * a.heads) as u64, a.tokens as u64);
         if self.attention_path() == AttentionPath::TensorCores {
             let kernels = [
@@ -1385,22 +1400,49 @@ impl CudaBackend {
                 Kernel::AttentionBackwardDqMma,
                 Kernel::AttentionBackwardDkvMma,
             ];
-            (kernels, attention_mma(pairs, tokens))
+            let (main, tail) = match self.attention_tail_split {
+                true => attention_mma_split(pairs, tokens),
+                false => (attention_mma(pairs, tokens), None),
+            };
+            (kernels, AttentionGrids { main, tail })
         } else if a.head_dim <= 32 {
             let kernels = [
                 Kernel::AttentionForwardHd32,
                 Kernel::AttentionBackwardDqHd32,
                 Kernel::AttentionBackwardDkvHd32,
             ];
-            (kernels, attention(pairs, tokens))
+            (kernels, AttentionGrids::whole(attention(pairs, tokens)))
         } else {
             let kernels = [
                 Kernel::AttentionForwardHd64,
                 Kernel::AttentionBackwardDqHd64,
                 Kernel::AttentionBackwardDkvHd64,
             ];
-            (kernels, attention(pairs, tokens))
+            (kernels, AttentionGrids::whole(attention(pairs, tokens)))
         }
+    }
+
+    /// Launches one direction of the fused attention: `kernel` on the main grid, then, where the
+    /// tensor-core attention's tail blocks run split, `tail` on theirs with the same arguments.
+    fn launch_attention(
+        &self,
+        [kernel, tail]: [Kernel; 2],
+        grids: &AttentionGrids,
+        args: &[Arg],
+        a: &Attention,
+        products: usize,
+    ) -> BResult<()> {
+        let tail_rows = match grids.tail {
+            Some(_) => a.tokens % ATTENTION_MMA_ROWS as usize,
+            None => 0,
+        };
+        let rows = a.tokens - tail_rows;
+        self.launch_described(kernel, grids.main, args, || {
+            attention_detail(a, products, rows)
+        })?;
+        self.launch_described(tail, grids.tail, args, || {
+            attention_detail(a, products, tail_rows)
+        })
     }
 
     /// The arguments of the attention kernels for their inputs (qkv, and dO in the backward;
@@ -1478,6 +1520,22 @@ impl CudaBackend {
             Arg::F32(scalar),
         ];
         self.launch(kernel, per_row(rows as u64, cols as u64), &args)
+    }
+
+    /// The tensor-core attention kernels' `flags` (`attention_mma.cu`): prefetch and tail split
+    /// as `MAE_CUDA_ATTENTION_PREFETCH` and `MAE_CUDA_ATTENTION_TAIL` say.
+    fn attention_flags(&self) -> Arg {
+        let prefetch = if self.attention_prefetch {
+            ATTENTION_MMA_PREFETCH
+        } else {
+            0
+        };
+        let split = if self.attention_tail_split {
+            ATTENTION_MMA_SPLIT
+        } else {
+            0
+        };
+        Arg::U32(prefetch | split)
     }
 
     /// A gather kernel (forward or backward) reading `input` and writing `output` through `idx`;

@@ -35,6 +35,12 @@
 #define MMA_TILE_WORDS (MMA_TILE * (64 + MMA_PAD) / 2)
 // bf16 values of the same: the distance between a walk's two staging buffers (`mma_row_walk`).
 #define MMA_BUF (2 * MMA_TILE_WORDS)
+// Bits of the kernels' `flags`: stage each tile while computing the one before (`mma_row_walk`;
+// `MAE_CUDA_ATTENTION_PREFETCH`), and leave a last block whose rows fit in one warp to the
+// tail kernels, which split its tiles over its four warps (`mma_has_tail`;
+// `MAE_CUDA_ATTENTION_TAIL`).
+#define MMA_PREFETCH 1u
+#define MMA_SPLIT 2u
 
 // A block's shared memory: two staged tiles (two buffers each), and in the dK-dV kernel the lse
 // and Drow of the staged query rows. Declared in plain functions, not in the templates, so that
@@ -466,6 +472,76 @@ __device__ void mma_store(float* dst, u16* dst16, u64 at, u64 stride, u64 row0, 
     }
 }
 
+// Whether the last block of `tokens` rows holds rows for its first warp only (tokens % 64 in
+// 1 .. 16: the last block at 197 tokens holds 5 rows, at 257 one). Three of its warps would only
+// stage, and the block would hold its slot for a whole walk with one warp at work. With
+// MMA_SPLIT the main kernels leave such blocks out (`mma_row_tiles`) and the tail kernels run
+// them split: every warp takes those same rows against a 16-row slice of each staged tile
+// (`mma_slice`), so the walk's computation is shared four ways, and at the end the warps'
+// partial results are merged into the first warp's (`mma_share`, `mma_add_shared`, and the
+// forward's `mma_forward_merge`). Kernels of their own, so that the split path takes nothing
+// from the main kernels' register allocation (in one kernel it put spilled values into the
+// dK-dV kernel's main loop).
+__device__ __forceinline__ bool mma_has_tail(u64 tokens) {
+    const u64 last = tokens % MMA_ROWS;
+    return last >= 1 && last <= 16;
+}
+
+// The row blocks of one (image, head) that a main kernel takes.
+__device__ __forceinline__ u64 mma_row_tiles(u64 tokens, u32 flags) {
+    const u64 tiles = (tokens + MMA_ROWS - 1) / MMA_ROWS;
+    return (flags & MMA_SPLIT) && mma_has_tail(tokens) ? tiles - 1 : tiles;
+}
+
+// Block g of a grid of `tiles` blocks per (image, head): of a main kernel, or (SPLIT, one a
+// pair) of a tail kernel, which takes the last rows.
+template <bool SPLIT>
+__device__ __forceinline__ AttBlock mma_block(u64 g, u64 tiles, u64 heads, u64 tokens) {
+    AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
+    if (SPLIT) blk.row0 = tokens - tokens % MMA_ROWS;
+    return blk;
+}
+
+// The valid rows of this warp's 16-row slice of a staged tile with `valid` valid rows.
+__device__ __forceinline__ u32 mma_slice(u32 valid) {
+    const u32 first = 16 * (threadIdx.x / 32);
+    const u32 rest = valid > first ? valid - first : 0u;
+    return rest < 16u ? rest : 16u;
+}
+
+// Offset of this warp's slice in a staged tile (bf16 values).
+__device__ __forceinline__ u32 mma_slice_at(u32 hd_padded) {
+    return 16 * (threadIdx.x / 32) * hd_padded;
+}
+
+// After a split walk: warps 1-3 leave their accumulator fragments `acc` in `scratch` (3 x 32 x
+// HD / 2 floats of the staging memory), lane-major so that a warp's stores and loads hit
+// different banks. Between two barriers (the caller's), with `mma_add_shared` after the second.
+template <int HD>
+__device__ __forceinline__ void mma_share(const float (*acc)[4], float* scratch) {
+    const u32 lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    float* mine = scratch + (warp - 1) * (HD / 2) * 32 + lane;
+    UNROLL
+    for (u32 n = 0; n < HD / 8; ++n) {
+        UNROLL
+        for (u32 i = 0; i < 4; ++i) mine[32 * (4 * n + i)] = acc[n][i];
+    }
+}
+
+// Warp 0 adds the other warps' shared fragments to its own, in warp order (deterministic).
+template <int HD>
+__device__ __forceinline__ void mma_add_shared(float (*acc)[4], const float* scratch) {
+    const u32 lane = threadIdx.x % 32;
+    for (u32 w = 0; w < 3; ++w) {
+        const float* theirs = scratch + w * (HD / 2) * 32 + lane;
+        UNROLL
+        for (u32 n = 0; n < HD / 8; ++n) {
+            UNROLL
+            for (u32 i = 0; i < 4; ++i) acc[n][i] += theirs[32 * (4 * n + i)];
+        }
+    }
+}
+
 // The walk over the other side's rows of one (image, head) in tiles of MMA_TILE, for every
 // thread of the block: stage(buf, j0) stages the tile at row j0 into staging buffer `buf` (0 or
 // 1), compute(buf, j0) computes it. The two buffers take turns, and tile j0 + MMA_TILE is
@@ -475,15 +551,16 @@ __device__ void mma_store(float* dst, u16* dst16, u64 at, u64 stride, u64 row0, 
 // barrier before the first staging keeps it off the last buffer of the block before (the
 // kernels loop over blocks).
 //
-// With `prefetch` 0 (`MAE_CUDA_ATTENTION_PREFETCH=off`, for measuring one against the other)
-// the thread waits for the next tile's copies as soon as it has issued them, so no load is in
-// flight during a computation, as before the prefetch.
+// Without MMA_PREFETCH in `flags` (`MAE_CUDA_ATTENTION_PREFETCH=off`, for measuring one
+// against the other) the thread waits for the next tile's copies as soon as it has issued
+// them, so no load is in flight during a computation, as before the prefetch.
 //
 // A warp whose 16 rows all lie past `tokens` (three of the four in the last block of 197 tokens)
 // only helps stage: each kernel gives it a walk of its own with nothing to compute, since a
-// test inside the main loop made ptxas spill there.
+// test inside the main loop made ptxas spill there. In a tail kernel's split block
+// (`mma_has_tail`) every warp computes.
 template <typename Stage, typename Compute>
-__device__ __forceinline__ void mma_row_walk(u64 tokens, u32 prefetch, Stage stage,
+__device__ __forceinline__ void mma_row_walk(u64 tokens, u32 flags, Stage stage,
                                              Compute compute) {
     __syncthreads();
     stage(0u, (u64)0);
@@ -495,7 +572,7 @@ __device__ __forceinline__ void mma_row_walk(u64 tokens, u32 prefetch, Stage sta
         if (j0 + MMA_TILE < tokens) {
             stage(buf ^ 1u, j0 + MMA_TILE);
             cp_async_commit();
-            if (!prefetch) cp_async_wait_all();
+            if (!(flags & MMA_PREFETCH)) cp_async_wait_all();
         }
         compute(buf, j0);
         buf ^= 1u;
@@ -573,23 +650,72 @@ __device__ __forceinline__ void mma_forward_tile(const u32 (*q)[4], float (*o)[4
     mma_accumulate<HD, STEPS>(o, p, vs);
 }
 
+// A split forward's merge (`mma_has_tail`): warps 1-3 leave (m, l, o) in `scratch` (3 x 32 x
+// (4 + HD / 2) floats of the staging memory, after every warp's last tile), and warp 0 rescales
+// each to the larger maximum and adds it, as FlashAttention's split-k combine: l and o of a
+// part weigh 2^((m_part - m) scale log2 e). Warp 0's m is finite (its slice of the first tile
+// holds key 0); a part whose slices held no valid key has m = -inf and weighs 0. Returns
+// whether this warp holds the merged rows (warp 0); the others are done.
+template <int HD>
+__device__ bool mma_forward_merge(float (*o)[4], float* m, float* l, float scale2,
+                                  float* scratch) {
+    constexpr u32 FIELDS = 4 + HD / 2;
+    const u32 lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    __syncthreads();  // every warp is done with the staged tiles
+    if (warp > 0) {
+        float* mine = scratch + (warp - 1) * FIELDS * 32 + lane;
+        UNROLL
+        for (u32 r = 0; r < 2; ++r) {
+            mine[32 * r] = m[r];
+            mine[32 * (2 + r)] = l[r];
+        }
+        UNROLL
+        for (u32 n = 0; n < HD / 8; ++n) {
+            UNROLL
+            for (u32 i = 0; i < 4; ++i) mine[32 * (4 + 4 * n + i)] = o[n][i];
+        }
+    }
+    __syncthreads();
+    if (warp > 0) return false;
+    for (u32 w = 0; w < 3; ++w) {
+        const float* theirs = scratch + w * FIELDS * 32 + lane;
+        UNROLL
+        for (u32 r = 0; r < 2; ++r) {
+            const float mw = theirs[32 * r], m_new = fmaxf(m[r], mw);
+            const float mine_w = exp2_fast((m[r] - m_new) * scale2);
+            const float part_w = exp2_fast((mw - m_new) * scale2);
+            l[r] = l[r] * mine_w + theirs[32 * (2 + r)] * part_w;
+            UNROLL
+            for (u32 n = 0; n < HD / 8; ++n) {
+                UNROLL
+                for (u32 c = 0; c < 2; ++c) {
+                    const u32 i = 2 * r + c;
+                    o[n][i] = o[n][i] * mine_w + theirs[32 * (4 + 4 * n + i)] * part_w;
+                }
+            }
+            m[r] = m_new;
+        }
+    }
+    return true;
+}
+
 // Forward for one block: the key tiles in turn, then the output normalized by each row's sum.
 // The row sum adds the f32 exponentials, so lse is as exact as the scores; their bf16 roundings
 // in the product with v weigh each v_j within 2^-8 of it.
-template <int HD, typename Q>
+template <int HD, bool SPLIT, typename Q>
 __device__ void mma_forward_block(const Q* qkv, float* out, u16* out16, float* lse, u64 tokens,
-                                  u64 heads, u32 hd, float scale, AttBlock blk, u32 prefetch,
+                                  u64 heads, u32 hd, float scale, AttBlock blk, u32 flags,
                                   u16* ks, u16* vs) {
     const u64 dim = heads * hd, width = 3 * dim;
     const u32 lane = threadIdx.x % 32, t = lane % 4;
-    const u64 row0 = blk.row0 + 16 * (threadIdx.x / 32);
+    const u64 row0 = blk.row0 + (SPLIT ? 0 : 16 * (threadIdx.x / 32));
     const Q* base = qkv + blk.b * tokens * width + blk.h * hd;
     const bool wide = mma_kv_wide(base, dim, hd);
     auto stage = [&](u32 buf, u64 j0) {
         mma_stage_kv<HD>(ks + buf * MMA_BUF, vs + buf * MMA_BUF, base, dim, j0, tokens, hd, wide);
     };
     if (row0 >= tokens) {  // past the tokens: only helps stage
-        mma_row_walk(tokens, prefetch, stage, [](u32, u64) {});
+        mma_row_walk(tokens, flags, stage, [](u32, u64) {});
         return;
     }
     u32 q[HD / 16][4];
@@ -598,11 +724,24 @@ __device__ void mma_forward_block(const Q* qkv, float* out, u16* out16, float* l
     mma_zero<HD>(o);
     const float scale2 = scale * LOG2E;
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
-    mma_row_walk(tokens, prefetch, stage, [&](u32 buf, u64 j0) {
-        const u32 keys = mma_stage_valid(j0, tokens);
-        const u16 *k = ks + buf * MMA_BUF, *v = vs + buf * MMA_BUF;
-        MMA_BY_STEPS(keys, mma_forward_tile, q, o, m, l, k, v, keys, scale2);
-    });
+    if (SPLIT) {
+        mma_row_walk(tokens, flags, stage, [&](u32 buf, u64 j0) {
+            const u32 keys = mma_slice(mma_stage_valid(j0, tokens));
+            const u32 at = buf * MMA_BUF + mma_slice_at(HD + MMA_PAD);
+            if (keys == 16) {
+                mma_forward_tile<HD, 1, false>(q, o, m, l, ks + at, vs + at, keys, scale2);
+            } else if (keys > 0) {
+                mma_forward_tile<HD, 1, true>(q, o, m, l, ks + at, vs + at, keys, scale2);
+            }
+        });
+        if (!mma_forward_merge<HD>(o, m, l, scale2, (float*)ks)) return;
+    } else {
+        mma_row_walk(tokens, flags, stage, [&](u32 buf, u64 j0) {
+            const u32 keys = mma_stage_valid(j0, tokens);
+            const u16 *k = ks + buf * MMA_BUF, *v = vs + buf * MMA_BUF;
+            MMA_BY_STEPS(keys, mma_forward_tile, q, o, m, l, k, v, keys, scale2);
+        });
+    }
     const float total[2] = {group_sum(l[0]), group_sum(l[1])};
     UNROLL
     for (u32 n = 0; n < HD / 8; ++n) {
@@ -624,18 +763,19 @@ __device__ void mma_forward_block(const Q* qkv, float* out, u16* out16, float* l
 
 // out = softmax(scale * q k^T) v per (image, head), lse = log of each row's sum of exponentials;
 // out16, where not null, receives out's bf16 copy (the input of `proj`). Every block of the grid
-// in turn, with q, k, v read from `qkv` (floats, or the bf16 copy alone: bf16.rs).
-template <int HD, typename Q>
+// in turn, with q, k, v read from `qkv` (floats, or the bf16 copy alone: bf16.rs). SPLIT: the
+// tail blocks alone, one per (image, head) (`mma_block`), else the others.
+template <int HD, bool SPLIT, typename Q>
 __device__ void mma_forward_grid(const Q* qkv, float* out, u16* out16, float* lse, u64 batch,
-                                 u64 tokens, u64 heads, u64 hd, float scale, u32 prefetch) {
+                                 u64 tokens, u64 heads, u64 hd, float scale, u32 flags) {
     MmaStaging& st = mma_staging();
-    const u64 tiles = (tokens + MMA_ROWS - 1) / MMA_ROWS;
+    const u64 tiles = SPLIT ? mma_has_tail(tokens) : mma_row_tiles(tokens, flags);
     // The block functions use __syncthreads: every thread of a block runs every tile, so the
     // loop depends on the block alone (here and in the backward's grid functions).
     for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
-        const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
-        mma_forward_block<HD>(qkv, out, out16, lse, tokens, heads, (u32)hd, scale, blk, prefetch,
-                              (u16*)st.a, (u16*)st.b);
+        const AttBlock blk = mma_block<SPLIT>(g, tiles, heads, tokens);
+        mma_forward_block<HD, SPLIT>(qkv, out, out16, lse, tokens, heads, (u32)hd, scale, blk,
+                                     flags, (u16*)st.a, (u16*)st.b);
     }
 }
 
@@ -643,11 +783,13 @@ __device__ void mma_forward_grid(const Q* qkv, float* out, u16* out16, float* ls
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
     attention_forward_mma(const float* qkv, const u16* qkv16, float* out, u16* out16,
                           float* lse, u64 batch, u64 tokens, u64 heads, u64 hd, float scale,
-                          u32 prefetch) {
+                          u32 flags) {
     if (hd <= 32) {
-        mma_forward_grid<32>(qkv, out, out16, lse, batch, tokens, heads, hd, scale, prefetch);
+        mma_forward_grid<32, false>(qkv, out, out16, lse, batch, tokens, heads, hd, scale,
+                                    flags);
     } else {
-        mma_forward_grid<64>(qkv, out, out16, lse, batch, tokens, heads, hd, scale, prefetch);
+        mma_forward_grid<64, false>(qkv, out, out16, lse, batch, tokens, heads, hd, scale,
+                                    flags);
     }
 }
 
@@ -655,15 +797,15 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 5)
     attention_forward_mma_bf16_hd32(const float* qkv, const u16* qkv16, float* out, u16* out16,
                                     float* lse, u64 batch, u64 tokens, u64 heads, u64 hd,
-                                    float scale, u32 prefetch) {
-    mma_forward_grid<32>(qkv16, out, out16, lse, batch, tokens, heads, hd, scale, prefetch);
+                                    float scale, u32 flags) {
+    mma_forward_grid<32, false>(qkv16, out, out16, lse, batch, tokens, heads, hd, scale, flags);
 }
 
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
     attention_forward_mma_bf16_hd64(const float* qkv, const u16* qkv16, float* out, u16* out16,
                                     float* lse, u64 batch, u64 tokens, u64 heads, u64 hd,
-                                    float scale, u32 prefetch) {
-    mma_forward_grid<64>(qkv16, out, out16, lse, batch, tokens, heads, hd, scale, prefetch);
+                                    float scale, u32 flags) {
+    mma_forward_grid<64, false>(qkv16, out, out16, lse, batch, tokens, heads, hd, scale, flags);
 }
 
 // One key tile of dQ for this warp's rows: p = exp(scale q_i . k_j - lse_i),
@@ -693,21 +835,21 @@ __device__ __forceinline__ void mma_dq_tile(const u32 (*q)[4], const u32 (*dout)
 
 // dQ for one block: Drow_i = dO_i . O_i in f32, then the key tiles in turn; dq is scaled once
 // at the end. Writes each row's (lse in base 2, Drow) for the dK, dV kernel.
-template <int HD, typename Q>
+template <int HD, bool SPLIT, typename Q>
 __device__ void mma_dq_block(const Q* qkv, const float* out, const float* lse, const Q* d_out,
                              float* d_qkv, u16* d_qkv16, float2* stats, u64 tokens, u64 heads,
-                             u32 hd, float scale, AttBlock blk, u32 prefetch, u16* ks,
+                             u32 hd, float scale, AttBlock blk, u32 flags, u16* ks,
                              u16* vs) {
     const u64 dim = heads * hd, width = 3 * dim;
     const u32 lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const u64 row0 = blk.row0 + 16 * (threadIdx.x / 32);
+    const u64 row0 = blk.row0 + (SPLIT ? 0 : 16 * (threadIdx.x / 32));
     const Q* base = qkv + blk.b * tokens * width + blk.h * hd;
     const bool wide = mma_kv_wide(base, dim, hd);
     auto stage = [&](u32 buf, u64 j0) {
         mma_stage_kv<HD>(ks + buf * MMA_BUF, vs + buf * MMA_BUF, base, dim, j0, tokens, hd, wide);
     };
     if (row0 >= tokens) {  // past the tokens: only helps stage
-        mma_row_walk(tokens, prefetch, stage, [](u32, u64) {});
+        mma_row_walk(tokens, flags, stage, [](u32, u64) {});
         return;
     }
     const Q* dout_base = d_out + blk.b * tokens * dim + blk.h * hd;
@@ -732,11 +874,28 @@ __device__ void mma_dq_block(const Q* qkv, const float* out, const float* lse, c
     float dq[HD / 8][4];
     mma_zero<HD>(dq);
     const float scale2 = scale * LOG2E;
-    mma_row_walk(tokens, prefetch, stage, [&](u32 buf, u64 j0) {
-        const u32 keys = mma_stage_valid(j0, tokens);
-        const u16 *k = ks + buf * MMA_BUF, *v = vs + buf * MMA_BUF;
-        MMA_BY_STEPS(keys, mma_dq_tile, q, dout, dq, d, li, k, v, keys, scale2);
-    });
+    if (SPLIT) {
+        mma_row_walk(tokens, flags, stage, [&](u32 buf, u64 j0) {
+            const u32 keys = mma_slice(mma_stage_valid(j0, tokens));
+            const u32 at = buf * MMA_BUF + mma_slice_at(HD + MMA_PAD);
+            if (keys == 16) {
+                mma_dq_tile<HD, 1, false>(q, dout, dq, d, li, ks + at, vs + at, keys, scale2);
+            } else if (keys > 0) {
+                mma_dq_tile<HD, 1, true>(q, dout, dq, d, li, ks + at, vs + at, keys, scale2);
+            }
+        });
+        __syncthreads();  // every warp is done with the staged tiles
+        if (threadIdx.x >= 32) mma_share<HD>(dq, (float*)ks);
+        __syncthreads();
+        if (threadIdx.x >= 32) return;
+        mma_add_shared<HD>(dq, (float*)ks);
+    } else {
+        mma_row_walk(tokens, flags, stage, [&](u32 buf, u64 j0) {
+            const u32 keys = mma_stage_valid(j0, tokens);
+            const u16 *k = ks + buf * MMA_BUF, *v = vs + buf * MMA_BUF;
+            MMA_BY_STEPS(keys, mma_dq_tile, q, dout, dq, d, li, k, v, keys, scale2);
+        });
+    }
     const u64 at = blk.b * tokens * width + blk.h * hd;
     mma_store<HD>(d_qkv, d_qkv16, at, width, row0, tokens, hd, dq, scale);
     if (t == 0) {
@@ -756,16 +915,16 @@ __device__ void mma_dq_block(const Q* qkv, const float* out, const float* lse, c
 // both bf16 copies alone (the proj Linear's input gradient in the bf16 mode; ops.rs sees to
 // that), so that one instantiation reads both; Drow then sums the bf16 values of dO, as
 // FlashAttention's bf16 kernels do.
-template <int HD, typename Q>
+template <int HD, bool SPLIT, typename Q>
 __device__ void mma_dq_grid(const Q* qkv, const float* out, const float* lse, const Q* d_out,
                             float* d_qkv, u16* d_qkv16, float2* stats, u64 batch, u64 tokens,
-                            u64 heads, u64 hd, float scale, u32 prefetch) {
+                            u64 heads, u64 hd, float scale, u32 flags) {
     MmaStaging& st = mma_staging();
-    const u64 tiles = (tokens + MMA_ROWS - 1) / MMA_ROWS;
+    const u64 tiles = SPLIT ? mma_has_tail(tokens) : mma_row_tiles(tokens, flags);
     for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
-        const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
-        mma_dq_block<HD>(qkv, out, lse, d_out, d_qkv, d_qkv16, stats, tokens, heads, (u32)hd,
-                         scale, blk, prefetch, (u16*)st.a, (u16*)st.b);
+        const AttBlock blk = mma_block<SPLIT>(g, tiles, heads, tokens);
+        mma_dq_block<HD, SPLIT>(qkv, out, lse, d_out, d_qkv, d_qkv16, stats, tokens, heads,
+                                (u32)hd, scale, blk, flags, (u16*)st.a, (u16*)st.b);
     }
 }
 
@@ -774,13 +933,13 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
     attention_backward_dq_mma(const float* qkv, const u16* qkv16, const float* out,
                               const float* lse, const float* d_out, const u16* d_out16,
                               float* d_qkv, u16* d_qkv16, float2* stats, u64 batch, u64 tokens,
-                              u64 heads, u64 hd, float scale, u32 prefetch) {
+                              u64 heads, u64 hd, float scale, u32 flags) {
     if (hd <= 32) {
-        mma_dq_grid<32>(qkv, out, lse, d_out, d_qkv, d_qkv16, stats, batch, tokens, heads, hd,
-                        scale, prefetch);
+        mma_dq_grid<32, false>(qkv, out, lse, d_out, d_qkv, d_qkv16, stats, batch, tokens, heads,
+                               hd, scale, flags);
     } else {
-        mma_dq_grid<64>(qkv, out, lse, d_out, d_qkv, d_qkv16, stats, batch, tokens, heads, hd,
-                        scale, prefetch);
+        mma_dq_grid<64, false>(qkv, out, lse, d_out, d_qkv, d_qkv16, stats, batch, tokens, heads,
+                               hd, scale, flags);
     }
 }
 
@@ -790,9 +949,9 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
                                         const float* lse, const float* d_out,
                                         const u16* d_out16, float* d_qkv, u16* d_qkv16,
                                         float2* stats, u64 batch, u64 tokens, u64 heads, u64 hd,
-                                        float scale, u32 prefetch) {
-    mma_dq_grid<32>(qkv16, out, lse, d_out16, d_qkv, d_qkv16, stats, batch, tokens, heads, hd,
-                    scale, prefetch);
+                                        float scale, u32 flags) {
+    mma_dq_grid<32, false>(qkv16, out, lse, d_out16, d_qkv, d_qkv16, stats, batch, tokens, heads,
+                           hd, scale, flags);
 }
 
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
@@ -800,9 +959,9 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
                                         const float* lse, const float* d_out,
                                         const u16* d_out16, float* d_qkv, u16* d_qkv16,
                                         float2* stats, u64 batch, u64 tokens, u64 heads, u64 hd,
-                                        float scale, u32 prefetch) {
-    mma_dq_grid<64>(qkv16, out, lse, d_out16, d_qkv, d_qkv16, stats, batch, tokens, heads, hd,
-                    scale, prefetch);
+                                        float scale, u32 flags) {
+    mma_dq_grid<64, false>(qkv16, out, lse, d_out16, d_qkv, d_qkv16, stats, batch, tokens, heads,
+                           hd, scale, flags);
 }
 
 // One query tile of dK, dV for this warp's key rows: s^T = k q^T and dp^T = v dO^T on the
@@ -854,12 +1013,12 @@ __device__ __forceinline__ void mma_stage_q_do(u16* qs, u16* dos, float2* st, co
 
 // dK, dV for one block, the warp's 16 key rows against the query tiles in turn; dk is scaled
 // once at the end.
-template <int HD, typename Q>
+template <int HD, bool SPLIT, typename Q>
 __device__ void mma_dkv_block(const Q* qkv, const Q* d_out, const float2* stats, float* d_qkv,
                               u16* d_qkv16, u64 tokens, u64 heads, u32 hd, float scale,
-                              AttBlock blk, u32 prefetch, u16* qs, u16* dos, float2* st) {
+                              AttBlock blk, u32 flags, u16* qs, u16* dos, float2* st) {
     const u64 dim = heads * hd, width = 3 * dim;
-    const u64 row0 = blk.row0 + 16 * (threadIdx.x / 32);
+    const u64 row0 = blk.row0 + (SPLIT ? 0 : 16 * (threadIdx.x / 32));
     const Q* base = qkv + blk.b * tokens * width + blk.h * hd;
     const Q* dout_base = d_out + blk.b * tokens * dim + blk.h * hd;
     const float2* head_stats = stats + (blk.b * heads + blk.h) * tokens;
@@ -869,7 +1028,7 @@ __device__ void mma_dkv_block(const Q* qkv, const Q* d_out, const float2* stats,
                            dout_base, head_stats, dim, i0, tokens, hd, wide);
     };
     if (row0 >= tokens) {  // past the tokens: only helps stage
-        mma_row_walk(tokens, prefetch, stage, [](u32, u64) {});
+        mma_row_walk(tokens, flags, stage, [](u32, u64) {});
         return;
     }
     const float scale2 = scale * LOG2E;
@@ -879,24 +1038,45 @@ __device__ void mma_dkv_block(const Q* qkv, const Q* d_out, const float2* stats,
     float dk[HD / 8][4], dv[HD / 8][4];
     mma_zero<HD>(dk);
     mma_zero<HD>(dv);
-    mma_row_walk(tokens, prefetch, stage, [&](u32 buf, u64 i0) {
-        const u16 *q = qs + buf * MMA_BUF, *o = dos + buf * MMA_BUF;
-        // The tile in halves of 32 query rows, each at the fewest k-steps that cover its
-        // valid rows: a whole tile at once keeps 64 more score and gradient values live, and at
-        // the 128 registers of four resident blocks ptxas 12.9 spilled inside the loop.
-        const u32 valid = mma_stage_valid(i0, tokens);
-        UNROLL
-        for (u32 h = 0; h < 2; ++h) {
-            const u32 rows = valid > 32 * h ? valid - 32 * h : 0;
-            const u16 *qh = q + 32 * h * (HD + MMA_PAD), *oh = o + 32 * h * (HD + MMA_PAD);
-            const float2* sh = st + buf * MMA_TILE + 32 * h;
-            if (rows > 16) {
-                mma_dkv_tile<HD, 2>(k, v, dk, dv, qh, oh, sh, scale2);
-            } else if (rows > 0) {
-                mma_dkv_tile<HD, 1>(k, v, dk, dv, qh, oh, sh, scale2);
+    if (SPLIT) {
+        // Each warp a 16-row slice of every query tile (and of its statistics).
+        mma_row_walk(tokens, flags, stage, [&](u32 buf, u64 i0) {
+            const u32 at = buf * MMA_BUF + mma_slice_at(HD + MMA_PAD);
+            const float2* sh = st + buf * MMA_TILE + 16 * (threadIdx.x / 32);
+            if (mma_slice(mma_stage_valid(i0, tokens)) > 0) {
+                mma_dkv_tile<HD, 1>(k, v, dk, dv, qs + at, dos + at, sh, scale2);
             }
+        });
+        __syncthreads();  // every warp is done with the staged tiles
+        if (threadIdx.x >= 32) {
+            mma_share<HD>(dk, (float*)qs);
+            mma_share<HD>(dv, (float*)dos);
         }
-    });
+        __syncthreads();
+        if (threadIdx.x >= 32) return;
+        mma_add_shared<HD>(dk, (float*)qs);
+        mma_add_shared<HD>(dv, (float*)dos);
+    } else {
+        mma_row_walk(tokens, flags, stage, [&](u32 buf, u64 i0) {
+            const u16 *q = qs + buf * MMA_BUF, *o = dos + buf * MMA_BUF;
+            // The tile in halves of 32 query rows, each at the fewest k-steps that cover its
+            // valid rows: a whole tile at once keeps 64 more score and gradient values live,
+            // and at the 128 registers of four resident blocks ptxas 12.9 spilled inside the
+            // loop.
+            const u32 valid = mma_stage_valid(i0, tokens);
+            UNROLL
+            for (u32 h = 0; h < 2; ++h) {
+                const u32 rows = valid > 32 * h ? valid - 32 * h : 0;
+                const u16 *qh = q + 32 * h * (HD + MMA_PAD), *oh = o + 32 * h * (HD + MMA_PAD);
+                const float2* sh = st + buf * MMA_TILE + 32 * h;
+                if (rows > 16) {
+                    mma_dkv_tile<HD, 2>(k, v, dk, dv, qh, oh, sh, scale2);
+                } else if (rows > 0) {
+                    mma_dkv_tile<HD, 1>(k, v, dk, dv, qh, oh, sh, scale2);
+                }
+            }
+        });
+    }
     const u64 at = blk.b * tokens * width + blk.h * hd;
     mma_store<HD>(d_qkv, d_qkv16, at + dim, width, row0, tokens, hd, dk, scale);
     mma_store<HD>(d_qkv, d_qkv16, at + 2 * dim, width, row0, tokens, hd, dv, 1.0f);
@@ -904,17 +1084,17 @@ __device__ void mma_dkv_block(const Q* qkv, const Q* d_out, const float2* stats,
 
 // Gradients of k and v into the k and v columns of d_qkv (overwritten), given the dQ kernel's
 // row statistics; qkv, d_out and d_qkv16 as in the dQ kernel.
-template <int HD, typename Q>
+template <int HD, bool SPLIT, typename Q>
 __device__ void mma_dkv_grid(const Q* qkv, const Q* d_out, const float2* stats, float* d_qkv,
                              u16* d_qkv16, u64 batch, u64 tokens, u64 heads, u64 hd, float scale,
-                             u32 prefetch) {
+                             u32 flags) {
     MmaStaging& st = mma_staging();
     MmaRowStats& rs = mma_row_stats();
-    const u64 tiles = (tokens + MMA_ROWS - 1) / MMA_ROWS;
+    const u64 tiles = SPLIT ? mma_has_tail(tokens) : mma_row_tiles(tokens, flags);
     for (u64 g = blockIdx.x; g < batch * heads * tiles; g += gridDim.x) {
-        const AttBlock blk = att_block(g, tiles, heads, MMA_ROWS);
-        mma_dkv_block<HD>(qkv, d_out, stats, d_qkv, d_qkv16, tokens, heads, (u32)hd, scale, blk,
-                          prefetch, (u16*)st.a, (u16*)st.b, rs.stats);
+        const AttBlock blk = mma_block<SPLIT>(g, tiles, heads, tokens);
+        mma_dkv_block<HD, SPLIT>(qkv, d_out, stats, d_qkv, d_qkv16, tokens, heads, (u32)hd,
+                                 scale, blk, flags, (u16*)st.a, (u16*)st.b, rs.stats);
     }
 }
 
@@ -923,13 +1103,13 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
     attention_backward_dkv_mma(const float* qkv, const u16* qkv16, const float* d_out,
                                const u16* d_out16, const float2* stats, float* d_qkv,
                                u16* d_qkv16, u64 batch, u64 tokens, u64 heads, u64 hd,
-                               float scale, u32 prefetch) {
+                               float scale, u32 flags) {
     if (hd <= 32) {
-        mma_dkv_grid<32>(qkv, d_out, stats, d_qkv, d_qkv16, batch, tokens, heads, hd, scale,
-                         prefetch);
+        mma_dkv_grid<32, false>(qkv, d_out, stats, d_qkv, d_qkv16, batch, tokens, heads, hd,
+                                scale, flags);
     } else {
-        mma_dkv_grid<64>(qkv, d_out, stats, d_qkv, d_qkv16, batch, tokens, heads, hd, scale,
-                         prefetch);
+        mma_dkv_grid<64, false>(qkv, d_out, stats, d_qkv, d_qkv16, batch, tokens, heads, hd,
+                                scale, flags);
     }
 }
 
@@ -940,16 +1120,77 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
     attention_backward_dkv_mma_bf16_hd32(const float* qkv, const u16* qkv16, const float* d_out,
                                          const u16* d_out16, const float2* stats, float* d_qkv,
                                          u16* d_qkv16, u64 batch, u64 tokens, u64 heads, u64 hd,
-                                         float scale, u32 prefetch) {
-    mma_dkv_grid<32>(qkv16, d_out16, stats, d_qkv, d_qkv16, batch, tokens, heads, hd, scale,
-                     prefetch);
+                                         float scale, u32 flags) {
+    mma_dkv_grid<32, false>(qkv16, d_out16, stats, d_qkv, d_qkv16, batch, tokens, heads, hd,
+                            scale, flags);
 }
 
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
     attention_backward_dkv_mma_bf16_hd64(const float* qkv, const u16* qkv16, const float* d_out,
                                          const u16* d_out16, const float2* stats, float* d_qkv,
                                          u16* d_qkv16, u64 batch, u64 tokens, u64 heads, u64 hd,
-                                         float scale, u32 prefetch) {
-    mma_dkv_grid<64>(qkv16, d_out16, stats, d_qkv, d_qkv16, batch, tokens, heads, hd, scale,
-                     prefetch);
+                                         float scale, u32 flags) {
+    mma_dkv_grid<64, false>(qkv16, d_out16, stats, d_qkv, d_qkv16, batch, tokens, heads, hd,
+                            scale, flags);
+}
+
+// The tail kernels: the last block of each (image, head) where its rows fit in one warp
+// (`mma_has_tail`; nothing otherwise), its tiles split over the four warps, after the main
+// kernel of the same direction has run the other blocks (with MMA_SPLIT). The same parameters
+// as the main kernels; q, k, v (and dO) come from the bf16 copies alone where those are given
+// (`qkv16` not null), else from the floats, at either head width. A block's work is a quarter
+// of a main block's, so the four paths sharing one register allocation cost little.
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
+    attention_forward_mma_tail(const float* qkv, const u16* qkv16, float* out, u16* out16,
+                               float* lse, u64 batch, u64 tokens, u64 heads, u64 hd, float scale,
+                               u32 flags) {
+    if (qkv16 != nullptr && hd <= 32) {
+        mma_forward_grid<32, true>(qkv16, out, out16, lse, batch, tokens, heads, hd, scale, flags);
+    } else if (qkv16 != nullptr) {
+        mma_forward_grid<64, true>(qkv16, out, out16, lse, batch, tokens, heads, hd, scale, flags);
+    } else if (hd <= 32) {
+        mma_forward_grid<32, true>(qkv, out, out16, lse, batch, tokens, heads, hd, scale, flags);
+    } else {
+        mma_forward_grid<64, true>(qkv, out, out16, lse, batch, tokens, heads, hd, scale, flags);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
+    attention_backward_dq_mma_tail(const float* qkv, const u16* qkv16, const float* out,
+                                   const float* lse, const float* d_out, const u16* d_out16,
+                                   float* d_qkv, u16* d_qkv16, float2* stats, u64 batch,
+                                   u64 tokens, u64 heads, u64 hd, float scale, u32 flags) {
+    if (qkv16 != nullptr && hd <= 32) {
+        mma_dq_grid<32, true>(qkv16, out, lse, d_out16, d_qkv, d_qkv16, stats, batch, tokens,
+                              heads, hd, scale, flags);
+    } else if (qkv16 != nullptr) {
+        mma_dq_grid<64, true>(qkv16, out, lse, d_out16, d_qkv, d_qkv16, stats, batch, tokens,
+                              heads, hd, scale, flags);
+    } else if (hd <= 32) {
+        mma_dq_grid<32, true>(qkv, out, lse, d_out, d_qkv, d_qkv16, stats, batch, tokens, heads,
+                              hd, scale, flags);
+    } else {
+        mma_dq_grid<64, true>(qkv, out, lse, d_out, d_qkv, d_qkv16, stats, batch, tokens, heads,
+                              hd, scale, flags);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
+    attention_backward_dkv_mma_tail(const float* qkv, const u16* qkv16, const float* d_out,
+                                    const u16* d_out16, const float2* stats, float* d_qkv,
+                                    u16* d_qkv16, u64 batch, u64 tokens, u64 heads, u64 hd,
+                                    float scale, u32 flags) {
+    if (qkv16 != nullptr && hd <= 32) {
+        mma_dkv_grid<32, true>(qkv16, d_out16, stats, d_qkv, d_qkv16, batch, tokens, heads, hd,
+                               scale, flags);
+    } else if (qkv16 != nullptr) {
+        mma_dkv_grid<64, true>(qkv16, d_out16, stats, d_qkv, d_qkv16, batch, tokens, heads, hd,
+                               scale, flags);
+    } else if (hd <= 32) {
+        mma_dkv_grid<32, true>(qkv, d_out, stats, d_qkv, d_qkv16, batch, tokens, heads, hd, scale,
+                               flags);
+    } else {
+        mma_dkv_grid<64, true>(qkv, d_out, stats, d_qkv, d_qkv16, batch, tokens, heads, hd, scale,
+                               flags);
+    }
 }
