@@ -368,31 +368,6 @@ fn embed_kept_patches<B: Backend>(
     b.copy_rows(&acts.tokens, &mut acts.x0, &sh.kept_token_rows(), true)
 }
 
-/// The backward of [`embed_kept_patches`] from `s.stack.d_x`, the gradient of `x0`.
-fn embed_kept_patches_backward<B: Backend>(
-    b: &B,
-    p: &Encoder<B::Buf>,
-    g: &mut Encoder<B::Buf>,
-    acts: &EncoderActs<B>,
-    s: &mut EncoderScratch<B>,
-    sh: &EncoderShape,
-) -> BResult<()> {
-    let (d, rows) = (sh.stack.dim, sh.batch() * sh.keep);
-    b.copy_rows(&s.stack.d_x, &mut s.d_tokens, &sh.kept_token_grads(), false)?;
-    let (pe, g_pe) = (&p.patch_embed, &mut g.patch_embed);
-    linear_backward(
-        b,
-        &s.d_tokens,
-        &acts.kept,
-        pe,
-        g_pe,
-        None,
-        rows,
-        sh.patch_dim,
-        d,
-    )
-}
-
 /// As the official code: every patch embedded, plus its position (or, with mask tokens, each
 /// removed patch's mask token plus its position), then random_masking keeps the tokens of
 /// `ids_keep` in rows `1..=keep` of each image.
@@ -428,16 +403,16 @@ fn embed_every_patch<B: Backend>(
     }
 }
 
-/// The backward of [`embed_every_patch`] from `s.stack.d_x`, the gradient of `x0`.
-fn embed_every_patch_backward<B: Backend>(
+/// The backward of [`embed_every_patch`] up to the patch embedding: `s.d_tokens` from
+/// `s.stack.d_x`, the gradient of `x0`, and the gradients of the mask token and a learned
+/// position table.
+fn every_patch_token_grads<B: Backend>(
     b: &B,
-    p: &Encoder<B::Buf>,
     g: &mut Encoder<B::Buf>,
     acts: &EncoderActs<B>,
     s: &mut EncoderScratch<B>,
     sh: &EncoderShape,
 ) -> BResult<()> {
-    let (d, rows) = (sh.stack.dim, sh.batch() * sh.num_patches);
     let d_x0 = &s.stack.d_x;
     // Removed patches get no gradient: their rows of d_tokens stay zero.
     b.fill(&mut s.d_tokens, 0.0)?;
@@ -463,18 +438,7 @@ fn embed_every_patch_backward<B: Backend>(
     if sh.learn_pos_embed {
         b.copy_rows_backward(&s.d_tokens, &mut g.pos_embed, &sh.patch_pos_rows())?;
     }
-    let (pe, g_pe) = (&p.patch_embed, &mut g.patch_embed);
-    linear_backward(
-        b,
-        &s.d_tokens,
-        &acts.patches,
-        pe,
-        g_pe,
-        None,
-        rows,
-        sh.patch_dim,
-        d,
-    )
+    Ok(())
 }
 
 fn encoder_mask_token<T>(p: &Encoder<T>) -> BResult<&T> {
@@ -555,11 +519,16 @@ pub fn encoder_body_backward<B: Backend>(
     if sh.learn_pos_embed {
         b.copy_rows_backward(d_x0, &mut g.pos_embed, &sh.cls_rows())?;
     }
-    if sh.embeds_kept_only() {
-        embed_kept_patches_backward(b, p, g, acts, s, sh)?;
+    // The embedded patches' gradient, then the patch embedding's.
+    let (input, rows) = if sh.embeds_kept_only() {
+        b.copy_rows(&s.stack.d_x, &mut s.d_tokens, &sh.kept_token_grads(), false)?;
+        (&acts.kept, sh.batch() * sh.keep)
     } else {
-        embed_every_patch_backward(b, p, g, acts, s, sh)?;
-    }
+        every_patch_token_grads(b, g, acts, s, sh)?;
+        (&acts.patches, sh.batch() * sh.num_patches)
+    };
+    let (pe, g_pe, d) = (&p.patch_embed, &mut g.patch_embed, sh.stack.dim);
+    linear_backward(b, &s.d_tokens, input, pe, g_pe, None, rows, sh.patch_dim, d)?;
     // One group either way, without allocating (a training step allocates nothing).
     let (pe, cls, pos) = (&mut g.patch_embed, &mut g.cls_token, &mut g.pos_embed);
     match g.mask_token.as_mut() {
