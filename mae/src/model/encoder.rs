@@ -7,10 +7,11 @@
 //! added per patch, so keeping the visible patches first gives the same tokens for a quarter of
 //! the work (`EncoderShape::embeds_kept_only`).
 //!
-//! Two variants serve the paper's ablations and fine-tuning, and embed every patch as the
-//! official code does: with `mask_tokens` (Table 1c) every patch goes through, a removed one
-//! replaced by the learned `encoder_mask_token` plus its position; with `learn_pos_embed`
-//! (fine-tuning, where timm's ViT trains its position table) the table gets a gradient too.
+//! Whole images, and two variants that serve the paper's ablations and fine-tuning, embed every
+//! patch as the official code does: with `mask_tokens` (Table 1c) every patch goes through, a
+//! removed one replaced by the learned `encoder_mask_token` plus its position; with
+//! `learn_pos_embed` (fine-tuning, where timm's ViT trains its position table) the table gets a
+//! gradient too.
 
 use super::block::{stack_backward, stack_forward, BlockActs, StackScratch};
 use super::layernorm::{layernorm_backward, layernorm_forward, NormActs};
@@ -77,11 +78,12 @@ impl EncoderShape {
     fn batch(&self) -> usize {
         self.stack.batch
     }
-    /// Whether only the visible patches are embedded: everywhere but the two variants, which
-    /// embed every patch (mask tokens take the removed patches' places; a learned position table
-    /// gets its gradient from every patch's row).
+    /// Whether only the visible patches are embedded: wherever patches are removed, but in the
+    /// two variants, which embed every patch (mask tokens take the removed patches' places; a
+    /// learned position table gets its gradient from every patch's row). Whole images (the
+    /// embedding path) take the official order too: there the gather would only copy.
     pub fn embeds_kept_only(&self) -> bool {
-        !self.mask_tokens && !self.learn_pos_embed
+        !self.mask_tokens && !self.learn_pos_embed && self.keep < self.num_patches
     }
     /// The visible patches, `[N keep, C p p]`, out of every patch.
     fn kept_patches(&self) -> Gather {
