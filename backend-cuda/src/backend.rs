@@ -110,9 +110,10 @@ pub struct CudaBackend {
     /// `MAE_CUDA_ATTENTION_PREFETCH=on|off` (default on): whether the tensor-core attention
     /// stages each tile while computing the one before (`attention_mma.cu`, `mma_row_walk`).
     pub(crate) attention_prefetch: bool,
-    /// `MAE_CUDA_ATTENTION_TAIL=split|whole` (default split): whether a block of the
-    /// tensor-core attention whose rows fit in one warp (the last of 197 tokens) splits each
-    /// tile over its four warps (`attention_mma.cu`, `mma_split`) or leaves three idle.
+    /// `MAE_CUDA_ATTENTION_TAIL=split|whole` (default split): whether a last block of the
+    /// tensor-core attention whose rows fit in one warp (at 197 tokens) runs in the tail kernels,
+    /// each tile split over its four warps (`attention_mma.cu`, `mma_has_tail`), or in the main
+    /// kernels with three warps idle.
     pub(crate) attention_tail_split: bool,
     /// `MAE_CUDA_LAYERNORM_PARTIALS=fused|separate` (default fused): whether the LayerNorm
     /// backward sums its parameter gradients' partials in the dx kernel (`kernels/norm.cu`) or
