@@ -29,7 +29,10 @@
 #       MAE_CUDA_ATTENTION_TAIL=whole (the attention's last blocks not split over their warps),
 #       with MAE_CUDA_LAYERNORM_PARTIALS=separate (the LayerNorm
 #       parameter gradients' partials in a pass of their own) and with
-#       MAE_CUDA_WEIGHT_GRAD_SPLIT=off (weight gradients as one product each). The report ends
+#       MAE_CUDA_WEIGHT_GRAD_SPLIT=off (weight gradients as one product each), and with
+#       MAE_CUDA_GEMM_TUNE (cuBLASLt's algorithms and the weight gradients' chunk counts timed
+#       in the warm-up steps; the golden files in bf16 with it too, and its table in the
+#       report). The report ends
 #       with issue 6's numbers worked out: the ratio to PyTorch and the MFU per batch, and
 #       each A/B run as a share of the default's rate. A full run took 195-213 s on an H200 (2026-11-27).
 #       GPU_CHECK_QUICK=1 keeps what a change to the bf16 mode needs, in about half the time:
@@ -258,6 +261,10 @@ run() {
         # products take by default.
         step "golden --backend cuda-bf16 on $dir, MAE_CUDA_BF16_GEMM=copies" golden.log 120 \
             env MAE_CUDA_BF16_GEMM=copies "$bins/bin/golden" --backend cuda-bf16 "$dir"/*.safetensors
+        # Every product on cuBLASLt with the algorithm timed fastest (lt/tuning.rs).
+        step "golden --backend cuda-bf16 on $dir, MAE_CUDA_GEMM_TUNE" golden.log 120 \
+            env MAE_CUDA_GEMM_TUNE="$out/golden-tune.txt" "$bins/bin/golden" --backend cuda-bf16 \
+            "$dir"/*.safetensors
     done
     # The op suite early: it holds the bf16 GEMM's rounding checks (both routes, bf16.rs) and
     # the bf16 mode's tensor-core attention against the f64 oracle.
@@ -308,6 +315,11 @@ run() {
     # profile's labels give cuBLASLt's waves and the chunks; this is the whole products' rate.
     measure "bench base224 cuda-bf16 b$largest MAE_CUDA_WEIGHT_GRAD_SPLIT=off" \
         env MAE_CUDA_WEIGHT_GRAD_SPLIT=off "$bins/bin/bench" --case base224 \
+        --backend cuda-bf16 --batch "$largest" --seconds "$s"
+    # cuBLASLt's algorithms and the weight gradients' chunks measured (lt/tuning.rs): the warm-up
+    # steps fill the table, the timed steps run its choices; the table lands in the report.
+    measure "bench base224 cuda-bf16 b$largest MAE_CUDA_GEMM_TUNE" \
+        env MAE_CUDA_GEMM_TUNE="$out/gemm-tune.txt" "$bins/bin/bench" --case base224 \
         --backend cuda-bf16 --batch "$largest" --seconds "$s"
     for batch in $composed; do
         measure "bench base224 cuda-bf16 b$batch MAE_CUDA_ATTENTION=composed" \
@@ -432,6 +444,14 @@ summary() {
         echo '```'
         busy_share
         targets
+        echo
+        echo "## GEMM tuning table (MAE_CUDA_GEMM_TUNE: shape, -, waves, us tuned, us of the heuristic's first)"
+        echo '```'
+        # Entries without their algorithm (opaque words); split lines: key, chunks, us, us as
+        # split_k::chunks estimates.
+        grep -v '^#' "$out/gemm-tune.txt" 2>/dev/null |
+            awk -F'\t' -v OFS='\t' '$1 == "split" || $1 == "made-for" { print; next } { $2 = "-"; print }' | head -n 80
+        echo '```'
         echo
         echo "## conformance summary"
         echo '```'

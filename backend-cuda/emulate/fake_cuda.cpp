@@ -93,9 +93,16 @@ struct FakeStream {
 struct FakeEvent {
     FakeStream* stream = nullptr;  // null: recorded on the backend's stream
     size_t upto = 0;
+    double clock_ms = 0.0;  // the stream's modeled clock when recorded (modeled_ms)
 };
 static std::recursive_mutex streams_lock;
 static std::unordered_set<FakeStream*> live_streams;
+// Modeled device time per stream (by its handle, the backend's null stream included), which
+// events read: no kernel has a duration here, but cuBLASLt products take one that depends on
+// their algorithm (cublasLtMatmul), so that tuning (tune.rs) has something to choose. One
+// clock per host thread: tests run backends side by side on the one null stream, and each
+// times only its own products.
+static thread_local std::map<void*, double> modeled_ms;
 
 static FakeStream* own_stream(void* stream) {
     auto* s = static_cast<FakeStream*>(stream);
@@ -164,6 +171,7 @@ CUresult cuDeviceGetAttribute(int* v, int attribute, int) {
     case 75: *v = 9; break;   // compute capability major
     case 76: *v = 0; break;   // minor
     case 115: *v = 1; break;  // memory pools: cudarc then uses cuMemAllocAsync
+    case 16: *v = 132; break;  // multiprocessors, as an H100's or H200's
     default: *v = 0;
     }
     return OK;
@@ -295,6 +303,7 @@ CUresult cuEventRecord(void* event, void* stream) {
     auto* e = static_cast<FakeEvent*>(event);
     e->stream = own_stream(stream);
     e->upto = e->stream ? e->stream->queued : 0;
+    e->clock_ms = modeled_ms[stream];
     return OK;
 }
 static void reach(void* event) {
@@ -305,10 +314,12 @@ static void reach(void* event) {
 }
 CUresult cuEventSynchronize(void* event) { reach(event); return OK; }
 CUresult cuEventQuery(void* event) { reach(event); return OK; }
-// No device time exists here: `MAE_CUDA_PROFILE` over this library lists every op with its
-// label and count (what a step launches) at zero milliseconds.
-CUresult cuEventElapsedTime_v2(float* ms, void*, void*) {
-    *ms = 0.0f;
+// No device time exists here but the modeled time of cuBLASLt products: `MAE_CUDA_PROFILE`
+// over this library lists every op with its label and count (what a step launches), kernels at
+// zero milliseconds.
+CUresult cuEventElapsedTime_v2(float* ms, void* start, void* end) {
+    *ms = (float)(static_cast<FakeEvent*>(end)->clock_ms -
+                  static_cast<FakeEvent*>(start)->clock_ms);
     return OK;
 }
 CUresult cuStreamWaitEvent(void*, void* event, unsigned) {
@@ -528,6 +539,8 @@ struct LtPref {
 };
 // What the fake heuristic writes into cublasLtMatmulAlgo_t, checked by cublasLtMatmul.
 static const uint64_t LT_ALGO_MAGIC = 0x6d61652d66616b65ull;
+// Algorithms the heuristic offers per product (numbered 0 .. LT_CANDIDATES - 1 in algo[1]).
+static const int LT_CANDIDATES = 4;
 struct LtHeuristic {
     uint64_t algo[8];
     size_t workspace;
@@ -548,6 +561,7 @@ static int read_attr(T* out, const void* buf, size_t size) {
 extern "C" {
 
 int cublasLtCreate(void** handle) { *handle = &lt_handle; return 0; }
+size_t cublasLtGetVersion() { return 130200; }
 int cublasLtDestroy(void* handle) { return handle == &lt_handle ? 0 : LT_INVALID; }
 
 int cublasLtMatmulDescCreate(LtDesc** desc, int compute, int scale) {
@@ -619,8 +633,10 @@ static int lt_check(const LtDesc* d, const LtLayout* a, const LtLayout* b, const
                     const LtLayout* dl) {
     if (!d || !a || !b || !c || !dl) return LT_INVALID;
     if (d->scale != 0 || c->type != dl->type || a->type != b->type) return LT_NOT_SUPPORTED;
-    // D f32, or bf16 (from bf16 operands, with the bias f32 said explicitly).
-    if (dl->type != 0 && (dl->type != 14 || a->type != 14 || d->bias_type != 0))
+    // D f32, or bf16 (from bf16 operands, and where an epilogue reads or writes a bias vector,
+    // with the vector's type said to be f32: it would follow D's otherwise).
+    const bool vector = d->epilogue == 4 || d->epilogue == 512;
+    if (dl->type != 0 && (dl->type != 14 || a->type != 14 || (vector && d->bias_type != 0)))
         return LT_NOT_SUPPORTED;
     if (a->type == 14) {
         if (d->compute != 68) return LT_NOT_SUPPORTED;
@@ -663,15 +679,28 @@ int cublasLtMatmulAlgoGetHeuristic(void* handle, const LtDesc* d, const LtLayout
         *count = 0;
         return e;
     }
-    std::memset(&results[0], 0, sizeof(LtHeuristic));
-    results[0].algo[0] = LT_ALGO_MAGIC;
-    results[0].workspace = 0;
-    results[0].state = 0;
-    // As a card of 132 multiprocessors running one 128 x 128 tile of D per block would.
-    const double tiles = std::ceil(dl->rows / 128.0) * std::ceil(dl->cols / 128.0) * dl->batch;
-    results[0].waves = (float)(tiles / 132.0);
-    *count = 1;
+    // LT_CANDIDATES algorithms, numbered in algo[1] (their modeled speed: cublasLtMatmul).
+    *count = std::min(requested, LT_CANDIDATES);
+    for (int i = 0; i < *count; ++i) {
+        std::memset(&results[i], 0, sizeof(LtHeuristic));
+        results[i].algo[0] = LT_ALGO_MAGIC;
+        results[i].algo[1] = (uint64_t)i;
+        // As a card of 132 multiprocessors running one 128 x 128 tile of D per block would.
+        const double tiles =
+            std::ceil(dl->rows / 128.0) * std::ceil(dl->cols / 128.0) * dl->batch;
+        results[i].waves = (float)(tiles / 132.0);
+    }
     return 0;
+}
+
+// The modeled milliseconds of a batch of `batch` products of `flops` in all with the heuristic's
+// candidate `algo`: 1 TFLOP/s, but candidate 1 twice as fast and each later one 10 % slower
+// than the one before, so that the heuristic's first is not the fastest, and 5 % more per
+// product of a batch, so that a weight gradient split into chunks (split_k.rs) is slower than
+// whole (tune.rs must measure to find either out).
+static double modeled_product_ms(double flops, int batch, uint64_t algo) {
+    const double factor = algo == 1 ? 0.5 : 1.0 + 0.1 * (double)algo;
+    return flops / 1e9 * factor * (1.0 + 0.05 * (batch - 1));
 }
 
 static size_t type_bytes(int type) { return type == 14 ? 2 : 4; }
@@ -721,7 +750,7 @@ static int lt_one(const LtDesc* d, float al, const void* A, const LtLayout* a, c
 int cublasLtMatmul(void* handle, const LtDesc* d, const void* alpha, const void* A,
                    const LtLayout* a, const void* B, const LtLayout* b, const void* beta,
                    const void* C, const LtLayout* c, void* D, const LtLayout* dl,
-                   const uint64_t* algo, void* workspace, size_t workspace_size, void*) {
+                   const uint64_t* algo, void* workspace, size_t workspace_size, void* stream) {
     if (handle != &lt_handle || !algo || algo[0] != LT_ALGO_MAGIC) return LT_INVALID;
     if (workspace_size > 0 && !workspace) return LT_INVALID;
     if (int e = lt_check(d, a, b, c, dl)) return e;
@@ -729,7 +758,11 @@ int cublasLtMatmul(void* handle, const LtDesc* d, const void* alpha, const void*
     // The real library on an H200 got alpha = 0 with beta = 1 wrong (lt.rs never asks it).
     if (al == 0.0f) return LT_NOT_SUPPORTED;
     if (dl->type == 14 && be != 0.0f) return LT_NOT_SUPPORTED;
+    if (algo[1] >= (uint64_t)LT_CANDIDATES) return LT_INVALID;
     ++counts.lt;
+    const double k = (double)(d->transa ? a->rows : a->cols);
+    modeled_ms[stream] +=
+        modeled_product_ms(2.0 * dl->rows * dl->cols * k * dl->batch, dl->batch, algo[1]);
     if (host_only()) return 0;
     // Matrix i of each operand lies i x stride elements on; its bias vector i x bias_stride.
     for (int i = 0; i < dl->batch; ++i) {

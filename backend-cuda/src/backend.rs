@@ -192,7 +192,7 @@ impl CudaBackend {
         let total = ctx
             .total_mem()
             .map_err(|e| error::driver(e, "reading the device's memory size", 0))?;
-        Ok(CudaBackend {
+        let be = CudaBackend {
             max_len: total / size_of::<f32>(),
             ctx,
             stream,
@@ -226,7 +226,13 @@ impl CudaBackend {
             upload: Upload::from_env()?,
             uploads: OnceLock::new(),
             operand_floats: Arc::default(),
-        })
+        };
+        // `MAE_CUDA_GEMM_TUNE=FILE`: the products' algorithms measured and kept in FILE
+        // (`lt/tuning.rs`); unset or empty, the heuristic's first choices.
+        if let Some(path) = std::env::var_os("MAE_CUDA_GEMM_TUNE").filter(|v| !v.is_empty()) {
+            be.start_tuning(std::path::Path::new(&path))?;
+        }
+        Ok(be)
     }
 
     /// The device's name, as the driver reports it (`NVIDIA H100 80GB HBM3`).

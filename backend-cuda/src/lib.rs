@@ -15,7 +15,10 @@
 //! epilogue where `libcublasLt` is found and takes the shape, else by a second pass, and in bf16
 //! its gradient is summed in the weight gradient's epilogue (`lt.rs`;
 //! `MAE_CUDA_GEMM_BIAS=lt|composed`); a weight gradient whose output cannot fill the card runs
-//! in chunks of its rows (`split_k.rs`; `MAE_CUDA_WEIGHT_GRAD_SPLIT=auto|off`). Buffers written from the host again and again (a step's
+//! in chunks of its rows (`split_k.rs`; `MAE_CUDA_WEIGHT_GRAD_SPLIT=auto|off`).
+//! `MAE_CUDA_GEMM_TUNE=FILE` measures cuBLASLt's algorithms and the weight gradients' chunk
+//! counts on the card the first time a shape is met and keeps the fastest in FILE, which
+//! later runs reuse (`lt/tuning.rs`). Buffers written from the host again and again (a step's
 //! images and masking indices) are copied through pinned staging, so the host queues the upload
 //! without waiting for the GPU, into a second allocation on a stream of their own, so the
 //! copy runs during the previous step (`upload.rs`; `MAE_CUDA_UPLOAD=overlapped|pinned|pageable`).
@@ -33,7 +36,8 @@
 //! - Deterministic: no floating-point atomics. Row reductions (LayerNorm, softmax, the loss) run
 //!   one block per row and sum in `f64` in a fixed tree order; column sums (bias, LayerNorm
 //!   parameter and position-table gradients) run in two passes, chunks of rows in `f64` then
-//!   the chunks in order. cuBLAS is deterministic for a given GPU model and library version.
+//!   the chunks in order. cuBLAS is deterministic for a given GPU model and library version,
+//!   and so is a tuned run for a given tuning table.
 //! - The kernels round like the CPU reference: compiled without FMA contraction, IEEE division
 //!   and square root, GELU in `f64` from `erfc`.
 //! - Ops are queued on one stream (only the copies of rewritten inputs run on a second, which

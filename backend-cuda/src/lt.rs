@@ -29,6 +29,11 @@
 //! none, or the call answers `NOT_SUPPORTED`), both ops run the composed ops instead,
 //! without an error. `MAE_CUDA_GEMM_BIAS=composed` chooses the composed ops by hand (`lt`, the
 //! default, takes cuBLASLt where it can).
+//!
+//! Each product runs the heuristic's first algorithm for its shape, unless
+//! `MAE_CUDA_GEMM_TUNE` names a tuning table (`lt/tuning.rs`): then the table's algorithm, or
+//! the fastest of the heuristic's candidates timed on the spot, and plain `gemm`s of one matrix
+//! run here too (with no epilogue), so that every product of a Linear layer is tuned.
 
 #[cfg(test)]
 use crate::backend::choice;
@@ -51,6 +56,10 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::panic::catch_unwind;
 use std::sync::{Arc, Mutex};
+use tuning::Tuning;
+
+mod table;
+mod tuning;
 
 /// The workspace cuBLASLt's kernels may use (split-K partial sums and the like): allocated
 /// once per backend, the size NVIDIA recommends for Hopper.
@@ -84,6 +93,8 @@ impl GemmBias {
 /// What the epilogue does with its f32 vector.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Epilogue {
+    /// `CUBLASLT_EPILOGUE_DEFAULT`: the product alone, no vector (`gemm`, where tuned).
+    Default,
     /// `CUBLASLT_EPILOGUE_BIAS`: adds it to every row of our C (`gemm_bias`).
     Bias,
     /// `CUBLASLT_EPILOGUE_BGRADB`: writes into it the sums of our A over the product's `k`, one
@@ -118,7 +129,10 @@ struct Found {
 pub(crate) struct Lt {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
+    /// The heuristic's first choice per shape.
     algos: HashMap<Shape, Option<Found>>,
+    /// `MAE_CUDA_GEMM_TUNE`'s table and what it chose, where tuning.
+    tuning: Option<Tuning>,
 }
 
 // SAFETY: the handle is only used under the backend's `Mutex<Lt>`, one thread at a time, and
@@ -153,6 +167,7 @@ impl Lt {
                 handle,
                 workspace,
                 algos: HashMap::new(),
+                tuning: None,
             }),
             Err(_) => {
                 // SAFETY: created just above, used by nothing yet.
@@ -295,17 +310,20 @@ fn describe(
     // cuBLASLt's B is our A (`gemm.rs`): BGRADB sums our A over k, one value per column of
     // cuBLASLt's D, that is per row of our C.
     let epilogue = match epilogue {
-        Epilogue::Bias => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
-        Epilogue::BiasGrad => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BGRADB,
+        Epilogue::Default => None,
+        Epilogue::Bias => Some(cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS),
+        Epilogue::BiasGrad => Some(cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BGRADB),
     };
-    desc.set(DescAttr::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue)?;
-    let bias_ptr = bias as *const c_void;
-    desc.set(DescAttr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr)?;
-    // f32 whatever D is (the default would follow D, and a bf16 D must not make it bf16).
-    desc.set(
-        DescAttr::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
-        &cudaDataType::CUDA_R_32F,
-    )?;
+    if let Some(epilogue) = epilogue {
+        desc.set(DescAttr::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue)?;
+        let bias_ptr = bias as *const c_void;
+        desc.set(DescAttr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr)?;
+        // f32 whatever D is (the default would follow D, and a bf16 D must not make it bf16).
+        desc.set(
+            DescAttr::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+            &cudaDataType::CUDA_R_32F,
+        )?;
+    }
     // Stored shapes: op(first) is m x k, op(second) is k x n.
     let (rows1, cols1) = if cm.trans_first {
         (cm.k, cm.m)
@@ -338,6 +356,14 @@ impl Lt {
     }
 
     fn heuristic(&self, call: &Call) -> Result<Found, CublasError> {
+        self.heuristics(call, 1)?
+            .first()
+            .copied()
+            .ok_or(CublasError(cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED))
+    }
+
+    /// The heuristic's best `count` algorithms for `call`, best first (none where it has none).
+    fn heuristics(&self, call: &Call, count: usize) -> Result<Vec<Found>, CublasError> {
         let pref = Pref(lt::create_matmul_pref()?);
         let bytes = WORKSPACE_BYTES as u64;
         // SAFETY: the preference is live (owned by `pref`); the attribute takes a uint64,
@@ -350,9 +376,16 @@ impl Lt {
                 size_of::<u64>(),
             )
         }?;
-        // SAFETY: the handle and the descriptors are live; C and D share the `out` layout.
-        let found = unsafe {
-            lt::get_matmul_algo_heuristic(
+        // SAFETY: the results are plain data, for which zero bytes are valid (a state of 0 is
+        // CUBLAS_STATUS_SUCCESS).
+        let mut results: Vec<sys::cublasLtMatmulHeuristicResult_t> =
+            vec![unsafe { std::mem::zeroed() }; count];
+        let mut returned = 0i32;
+        // SAFETY: the handle and the descriptors are live; C and D share the `out` layout;
+        // `results` has room for the `count` results asked for, and `returned` receives how
+        // many were written.
+        unsafe {
+            sys::cublasLtMatmulAlgoGetHeuristic(
                 self.handle,
                 call.desc.0,
                 call.first.0,
@@ -360,12 +393,21 @@ impl Lt {
                 call.out.0,
                 call.out.0,
                 pref.0,
+                count as i32,
+                results.as_mut_ptr(),
+                &mut returned,
             )
-        }?;
-        Ok(Found {
-            algo: found.algo,
-            waves: found.wavesCount,
-        })
+        }
+        .result()?;
+        let returned = (returned.max(0) as usize).min(count);
+        Ok(results[..returned]
+            .iter()
+            .filter(|r| r.state == cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .map(|r| Found {
+                algo: r.algo,
+                waves: r.wavesCount,
+            })
+            .collect())
     }
 
     /// Queues `D = alpha op(first) op(second) + beta C` (and the epilogue) as `call`
@@ -482,12 +524,30 @@ impl CudaBackend {
         let epilogue = (Epilogue::BiasGrad, psums);
         // Each chunk's partial product and sums start 16 bytes on from the last's, at least.
         if self.weight_grad_split == WeightGradSplit::Auto && g.m % 4 == 0 {
-            let (chunks, waves) = self.lt_chunks(g, epilogue)?;
+            let (estimate, waves) = self.lt_chunks(g, epilogue)?;
+            let chunks = self.tuned_chunks(g, (a, b), epilogue, (estimate, waves))?;
             if chunks > 1 && self.lt_split_product(g, a, b, epilogue, (chunks, waves), (c, db))? {
                 return Ok(true);
             }
         }
-        if !self.lt_product(g, a, b, epilogue, None, c)? {
+        self.lt_weight_grad(g, (a, b), epilogue, (1, 0.0), (c, db))
+    }
+
+    /// The weight gradient `g` with the bias gradient `epilogue` sums: in `chunks` chunks
+    /// (`lt_split_product`), or whole with the sums then added to `db`; `false`, with nothing
+    /// queued that changes `c` or `db`, where cuBLASLt has no algorithm for it.
+    fn lt_weight_grad(
+        &self,
+        g: &Gemm,
+        (a, b): (&CudaBuf, &CudaBuf),
+        (epilogue, psums): (Epilogue, u64),
+        (chunks, waves): (usize, f32),
+        (c, db): (&mut CudaBuf, &mut CudaBuf),
+    ) -> BResult<bool> {
+        if chunks > 1 {
+            return self.lt_split_product(g, a, b, (epilogue, psums), (chunks, waves), (c, db));
+        }
+        if !self.lt_product(g, a, b, (epilogue, psums), None, c)? {
             return Ok(false);
         }
         let args = [Arg::Ptr(psums), self.ptr_mut(db)?, Arg::U64(g.m as u64)];
@@ -677,7 +737,7 @@ impl CudaBackend {
         // D as `c`'s bf16 copy alone where `gemm_out16` allows it and cuBLASLt has an algorithm
         // for it, else f32.
         let want16 =
-            base.is_none() && epilogue == Epilogue::Bias && self.gemm_out16(g, bf16_copies, c);
+            base.is_none() && epilogue != Epilogue::BiasGrad && self.gemm_out16(g, bf16_copies, c);
         let mut chosen = None;
         for out16 in [true, false] {
             if out16 && !want16 {
@@ -745,6 +805,7 @@ impl CudaBackend {
                 (false, false) => "",
             };
             let op = match epilogue {
+                Epilogue::Default => "gemm",
                 Epilogue::Bias => "gemm_bias",
                 Epilogue::BiasGrad => "gemm_bias_grad",
             };
@@ -781,11 +842,12 @@ impl CudaBackend {
         Ok(queued)
     }
 
-    /// Queues `call` with `found`'s algorithm ([`Lt::matmul`], alpha from `g`, `beta`, the
-    /// addresses of A, B, C and D in cuBLASLt's order) with the context bound, timed under
-    /// `label()` where profiling: `true` once queued; `false` where cuBLASLt turns it down
-    /// (`NOT_SUPPORTED`: the shape's algorithm is forgotten and the caller runs something
-    /// else); an error naming `label()` otherwise.
+    /// Queues `call` with `found`'s algorithm, or where tuning the one [`CudaBackend::tuned`]
+    /// gives ([`Lt::matmul`], alpha from `g`, `beta`, the addresses of A, B, C and D in
+    /// cuBLASLt's order) with the context bound, timed under `label()` where profiling: `true`
+    /// once queued; `false` where cuBLASLt turns it down (`NOT_SUPPORTED`: the shape's
+    /// algorithm is forgotten and the caller runs something else); an error naming `label()`
+    /// otherwise.
     ///
     /// # Safety
     /// As [`Lt::matmul`].
@@ -801,12 +863,16 @@ impl CudaBackend {
         self.ctx
             .bind_to_thread()
             .map_err(|e| error::driver(e, "binding the CUDA context", 0))?;
+        // SAFETY: the caller's promise, which `tuned` needs for C (where read) and the
+        // epilogue's vector.
+        let found = unsafe { self.tuned(lt, (call, shape, *found), g, beta, [first, second, c]) }?;
         let timer = self.profile.as_ref().map(|p| p.start(&self.stream));
-        // SAFETY: the caller's promise.
+        // SAFETY: the caller's promise; `found` is one of the heuristic's algorithms for
+        // `call` (or the table's record of one).
         let status = unsafe {
             lt.matmul(
                 call,
-                found,
+                &found,
                 (g.alpha, beta),
                 (first, second),
                 (c, d),
@@ -817,6 +883,9 @@ impl CudaBackend {
             Ok(()) => {}
             Err(CublasError(cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => {
                 lt.algos.insert(shape, None);
+                if let Some(tuning) = lt.tuning.as_mut() {
+                    tuning.forget(&shape);
+                }
                 return Ok(false);
             }
             Err(e) => {

@@ -249,6 +249,11 @@ impl Backend for CudaBackend {
             return Ok(()); // C has no elements.
         }
         let (a_len, b_len) = gemm_lens(g, a, b, c)?;
+        // Where products are tuned (`MAE_CUDA_GEMM_TUNE`), on cuBLASLt, whose algorithms can be
+        // chosen.
+        if self.gemm_lt(g, a, b, c)? {
+            return Ok(());
+        }
         let cm = column_major(g);
         let fit = |v: usize, what: &str| error::fit_i32(v, &format!("gemm {what} of {g:?}"));
         let (m, n, k) = (fit(cm.m, "n")?, fit(cm.n, "m")?, fit(cm.k, "k")?);

@@ -80,8 +80,7 @@ pub(crate) fn chunks(k: usize, waves: f32) -> usize {
     if !(waves > 0.0 && waves < 1.0) {
         return 1;
     }
-    let candidates = (2..=MAX_CHUNKS)
-        .filter(|&s| k % s == 0 && k / s >= MIN_CHUNK_ROWS && (k / s) % CHUNK_ROWS_MULTIPLE == 0);
+    let candidates = (2..=MAX_CHUNKS).filter(|&s| splits_into(k, s));
     let mut best = (1, busy(1, waves));
     for s in candidates {
         let b = busy(s, waves);
@@ -98,6 +97,28 @@ pub(crate) fn chunks(k: usize, waves: f32) -> usize {
     } else {
         1
     }
+}
+
+/// Whether `k` rows split into `s` chunks that one batched call takes: equal, of at least
+/// [`MIN_CHUNK_ROWS`] rows, a multiple of [`CHUNK_ROWS_MULTIPLE`].
+fn splits_into(k: usize, s: usize) -> bool {
+    k % s == 0 && k / s >= MIN_CHUNK_ROWS && (k / s) % CHUNK_ROWS_MULTIPLE == 0
+}
+
+/// The chunk counts that tuning (`lt/tuning.rs`) times for a product over `k` rows whose unsplit
+/// kernel takes `waves` waves: [`chunks`]' estimate first, then the whole product and the
+/// powers of two that split `k`.
+pub(crate) fn tuning_candidates(k: usize, waves: f32) -> Vec<usize> {
+    let mut counts = vec![chunks(k, waves), 1];
+    let powers = (1..).map(|p| 1usize << p).take_while(|&s| s <= MAX_CHUNKS);
+    counts.extend(powers.filter(|&s| splits_into(k, s)));
+    let mut seen = vec![];
+    counts.retain(|&s| {
+        let new = !seen.contains(&s);
+        seen.push(s);
+        new
+    });
+    counts
 }
 
 #[cfg(test)]
@@ -146,6 +167,20 @@ mod tests {
         assert_eq!(chunks(65_537, 0.1), 1);
         assert_eq!(chunks(1_000, 0.1), 1);
         assert_eq!(chunks(1_030, 0.1), 1);
+    }
+
+    #[test]
+    fn tuning_tries_the_estimate_first_then_whole_and_powers_of_two() {
+        assert_eq!(
+            tuning_candidates(12_800, 18.0 / 132.0),
+            vec![20, 1, 2, 4, 8, 16]
+        );
+        assert_eq!(
+            tuning_candidates(50_432, 8.0 / 132.0),
+            vec![16, 1, 2, 4, 8, 32]
+        );
+        assert_eq!(tuning_candidates(50_432, 2.0), vec![1, 2, 4, 8, 16, 32]);
+        assert_eq!(tuning_candidates(1_000, 0.1), vec![1]);
     }
 
     #[test]
