@@ -27,6 +27,8 @@
 #       compute stream's order, before they overlapped the step before), with
 #       MAE_CUDA_ATTENTION_PREFETCH=off (the attention's tile loads not overlapped), with
 #       MAE_CUDA_ATTENTION_TAIL=whole (the attention's last blocks not split over their warps),
+#       with MAE_CUDA_ATTENTION_OCCUPANCY=more and =fewer (the attention kernels' resident
+#       blocks one up, one down),
 #       with MAE_CUDA_LAYERNORM_PARTIALS=separate (the LayerNorm
 #       parameter gradients' partials in a pass of their own) and with
 #       MAE_CUDA_WEIGHT_GRAD_SPLIT=off (weight gradients as one product each), and with
@@ -308,6 +310,14 @@ run() {
     measure "bench base224 cuda-bf16 b$largest MAE_CUDA_ATTENTION_TAIL=whole" \
         env MAE_CUDA_ATTENTION_TAIL=whole "$bins/bin/bench" --case base224 \
         --backend cuda-bf16 --batch "$largest" --seconds "$s"
+    # The attention kernels with one resident block more (fewer registers, spills) and one
+    # fewer (more registers, mostly no spills): whether they wait on latency or on issue.
+    local occupancy
+    for occupancy in more fewer; do
+        measure "bench base224 cuda-bf16 b$largest MAE_CUDA_ATTENTION_OCCUPANCY=$occupancy" \
+            env MAE_CUDA_ATTENTION_OCCUPANCY=$occupancy "$bins/bin/bench" --case base224 \
+            --backend cuda-bf16 --batch "$largest" --seconds "$s"
+    done
     measure "bench base224 cuda-bf16 b$largest MAE_CUDA_LAYERNORM_PARTIALS=separate" \
         env MAE_CUDA_LAYERNORM_PARTIALS=separate "$bins/bin/bench" --case base224 \
         --backend cuda-bf16 --batch "$largest" --seconds "$s"

@@ -115,6 +115,10 @@ pub struct CudaBackend {
     /// each tile split over its four warps (`attention_mma.cu`, `mma_has_tail`), or in the main
     /// kernels with three warps idle.
     pub(crate) attention_tail_split: bool,
+    /// `MAE_CUDA_ATTENTION_OCCUPANCY=default|more|fewer`: the tensor-core attention kernels ask
+    /// for their own number of resident blocks per multiprocessor, one more (fewer registers)
+    /// or one fewer (more registers) (`kernels::compile_options_for`).
+    attention_blocks: i32,
     /// `MAE_CUDA_LAYERNORM_PARTIALS=fused|separate` (default fused): whether the LayerNorm
     /// backward sums its parameter gradients' partials in the dx kernel (`kernels/norm.cu`) or
     /// in a pass of its own.
@@ -217,6 +221,11 @@ impl CudaBackend {
                 &[("split", true), ("whole", false)],
             )?
             .unwrap_or(true),
+            attention_blocks: env_choice(
+                "MAE_CUDA_ATTENTION_OCCUPANCY",
+                &[("default", 0), ("more", 1), ("fewer", -1)],
+            )?
+            .unwrap_or(0),
             layernorm_fused: env_choice(
                 "MAE_CUDA_LAYERNORM_PARTIALS",
                 &[("fused", true), ("separate", false)],
@@ -277,7 +286,9 @@ impl CudaBackend {
             .get_or_init(|| {
                 device::no_panic(
                     "compiling the kernels",
-                    AssertUnwindSafe(|| Compiled::build(&self.ctx, &self.arch)),
+                    AssertUnwindSafe(|| {
+                        Compiled::build(&self.ctx, &self.arch, self.attention_blocks)
+                    }),
                 )
             })
             .as_ref()

@@ -42,12 +42,23 @@ pub fn program_source() -> String {
 /// of denormals, and no contraction of `a * b + c` into FMAs, so that the kernels round as the
 /// CPU reference does.
 pub fn compile_options(arch: &str) -> CompileOptions {
+    compile_options_for(arch, 0)
+}
+
+/// [`compile_options`] with every tensor-core attention kernel asking for `attention_blocks`
+/// more resident blocks per multiprocessor than its own (`MAE_CUDA_ATTENTION_OCCUPANCY`:
+/// `attention_mma.cu`'s `MMA_BLOCKS_DELTA`).
+pub fn compile_options_for(arch: &str, attention_blocks: i32) -> CompileOptions {
+    let mut options = vec![format!("--gpu-architecture={arch}")];
+    if attention_blocks != 0 {
+        options.push(format!("-DMMA_BLOCKS_DELTA={attention_blocks}"));
+    }
     CompileOptions {
         ftz: Some(false),
         prec_sqrt: Some(true),
         prec_div: Some(true),
         fmad: Some(false),
-        options: vec![format!("--gpu-architecture={arch}")],
+        options,
         name: Some("mae_kernels.cu".into()),
         ..Default::default()
     }
@@ -62,11 +73,16 @@ pub fn arch_for(major: i32, minor: i32) -> String {
 /// Compiles every kernel to PTX for `arch` (`compute_80`, `compute_90`, ...). Needs `libnvrtc`
 /// but no GPU and no driver.
 pub fn compile_ptx(arch: &str) -> Result<Ptx, BackendError> {
+    compile_ptx_for(arch, 0)
+}
+
+/// [`compile_ptx`] with the options of [`compile_options_for`].
+pub fn compile_ptx_for(arch: &str, attention_blocks: i32) -> Result<Ptx, BackendError> {
     let src = program_source();
     // cudarc unwraps a few NVRTC results internally (the log after a failed compile): a
     // panic there becomes an error, not a crash of the caller.
     let result = catch_unwind(AssertUnwindSafe(|| {
-        cudarc::nvrtc::compile_ptx_with_opts(&src, compile_options(arch))
+        cudarc::nvrtc::compile_ptx_with_opts(&src, compile_options_for(arch, attention_blocks))
     }));
     match result {
         Ok(Ok(ptx)) => Ok(ptx),
@@ -239,9 +255,14 @@ pub(crate) struct Compiled {
 }
 
 impl Compiled {
-    /// Compiles the program for `arch` and loads it into `ctx`.
-    pub(crate) fn build(ctx: &Arc<CudaContext>, arch: &str) -> Result<Compiled, BackendError> {
-        let ptx = compile_ptx(arch)?;
+    /// Compiles the program for `arch` (with `attention_blocks` as in [`compile_options_for`])
+    /// and loads it into `ctx`.
+    pub(crate) fn build(
+        ctx: &Arc<CudaContext>,
+        arch: &str,
+        attention_blocks: i32,
+    ) -> Result<Compiled, BackendError> {
+        let ptx = compile_ptx_for(arch, attention_blocks)?;
         let module = ctx.load_module(ptx).map_err(|e| {
             error::driver(e, &format!("loading the kernels compiled for {arch}"), 0)
         })?;
@@ -411,5 +432,11 @@ mod tests {
         assert!(o
             .options
             .contains(&"--gpu-architecture=compute_90".to_string()));
+        assert!(!o.options.iter().any(|d| d.contains("MMA_BLOCKS_DELTA")));
+        for (delta, define) in [(1, "-DMMA_BLOCKS_DELTA=1"), (-1, "-DMMA_BLOCKS_DELTA=-1")] {
+            let o = compile_options_for("compute_90", delta);
+            assert!(o.options.contains(&define.to_string()), "{:?}", o.options);
+            assert_eq!((o.fmad, o.ftz), (Some(false), Some(false)));
+        }
     }
 }

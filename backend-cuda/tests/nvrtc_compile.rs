@@ -6,7 +6,7 @@
 //! `nvidia-cuda-nvrtc-cu12` with `--no-default-features --features cuda-12`) and put the wheel's
 //! `lib` folder on `LD_LIBRARY_PATH`.
 
-use mae_backend_cuda::kernels::compile_ptx;
+use mae_backend_cuda::kernels::{compile_ptx, compile_ptx_for};
 use mae_backend_cuda::Library;
 use std::io::Write;
 
@@ -58,6 +58,21 @@ fn every_kernel_compiles_for_each_target_architecture() {
             std::io::stderr(),
             "cuda kernels compile for {arch}: {} bytes of PTX",
             text.len()
+        );
+    }
+    // `MAE_CUDA_ATTENTION_OCCUPANCY`: the tensor-core attention kernels ask for one block more
+    // or fewer per multiprocessor (the hd32 forward's own is 5).
+    for (delta, blocks) in [(0, 5), (1, 6), (-1, 4)] {
+        let ptx = compile_ptx_for("compute_90", delta).unwrap_or_else(|e| panic!("{e}"));
+        let text = ptx.to_src();
+        let entry = text
+            .split(".entry ")
+            .find(|e| e.starts_with("attention_forward_mma_bf16_hd32("))
+            .expect("the hd32 forward in the PTX");
+        let head = &entry[..entry.find('{').expect("the kernel's body")];
+        assert!(
+            head.contains(&format!(".minnctapersm {blocks}")),
+            "blocks {delta:+}: {head}"
         );
     }
 }

@@ -27,6 +27,13 @@
 // bf16 mode's, where the time goes) and one for f32 inputs: as one kernel the four paths shared
 // the largest one's register allocation, and ptxas 12.9 (sm_90) spilled 1.9 KB of loads in the
 // forward and 3 KB in the dK-dV kernel, where the bf16 kernels alone spill a few bytes or none.
+// MMA_BLOCKS_DELTA (defined by the host from `MAE_CUDA_ATTENTION_OCCUPANCY`, else 0) moves every
+// kernel's request by one block, to measure occupancy against registers: one more caps them at
+// 80-128 and spills (up to 1 KB of loads in the tail kernels, ptxas 12.9), one fewer lets most
+// kernels run spill-free in 155-216.
+#ifndef MMA_BLOCKS_DELTA
+#define MMA_BLOCKS_DELTA 0
+#endif
 #define MMA_THREADS 128
 #define MMA_ROWS 64
 #define MMA_TILE 64
@@ -780,7 +787,7 @@ __device__ void mma_forward_grid(const Q* qkv, float* out, u16* out16, float* ls
 }
 
 // The forward on f32 qkv (`qkv16` unused), any head width up to 64.
-extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4 + MMA_BLOCKS_DELTA)
     attention_forward_mma(const float* qkv, const u16* qkv16, float* out, u16* out16,
                           float* lse, u64 batch, u64 tokens, u64 heads, u64 hd, float scale,
                           u32 flags) {
@@ -794,14 +801,14 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
 }
 
 // The forward on qkv's bf16 copy alone (`qkv` unused), head widths up to 32 and up to 64.
-extern "C" __global__ void __launch_bounds__(MMA_THREADS, 5)
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 5 + MMA_BLOCKS_DELTA)
     attention_forward_mma_bf16_hd32(const float* qkv, const u16* qkv16, float* out, u16* out16,
                                     float* lse, u64 batch, u64 tokens, u64 heads, u64 hd,
                                     float scale, u32 flags) {
     mma_forward_grid<32, false>(qkv16, out, out16, lse, batch, tokens, heads, hd, scale, flags);
 }
 
-extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4 + MMA_BLOCKS_DELTA)
     attention_forward_mma_bf16_hd64(const float* qkv, const u16* qkv16, float* out, u16* out16,
                                     float* lse, u64 batch, u64 tokens, u64 heads, u64 hd,
                                     float scale, u32 flags) {
@@ -929,7 +936,7 @@ __device__ void mma_dq_grid(const Q* qkv, const float* out, const float* lse, co
 }
 
 // dQ on f32 qkv and dO (`qkv16`, `d_out16` unused), any head width up to 64.
-extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3 + MMA_BLOCKS_DELTA)
     attention_backward_dq_mma(const float* qkv, const u16* qkv16, const float* out,
                               const float* lse, const float* d_out, const u16* d_out16,
                               float* d_qkv, u16* d_qkv16, float2* stats, u64 batch, u64 tokens,
@@ -944,7 +951,7 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
 }
 
 // dQ on the bf16 copies alone (`qkv`, `d_out` unused), head widths up to 32 and up to 64.
-extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4 + MMA_BLOCKS_DELTA)
     attention_backward_dq_mma_bf16_hd32(const float* qkv, const u16* qkv16, const float* out,
                                         const float* lse, const float* d_out,
                                         const u16* d_out16, float* d_qkv, u16* d_qkv16,
@@ -954,7 +961,7 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
                            hd, scale, flags);
 }
 
-extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3 + MMA_BLOCKS_DELTA)
     attention_backward_dq_mma_bf16_hd64(const float* qkv, const u16* qkv16, const float* out,
                                         const float* lse, const float* d_out,
                                         const u16* d_out16, float* d_qkv, u16* d_qkv16,
@@ -1099,7 +1106,7 @@ __device__ void mma_dkv_grid(const Q* qkv, const Q* d_out, const float2* stats, 
 }
 
 // dK, dV on f32 qkv and dO (`qkv16`, `d_out16` unused), any head width up to 64.
-extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3 + MMA_BLOCKS_DELTA)
     attention_backward_dkv_mma(const float* qkv, const u16* qkv16, const float* d_out,
                                const u16* d_out16, const float2* stats, float* d_qkv,
                                u16* d_qkv16, u64 batch, u64 tokens, u64 heads, u64 hd,
@@ -1116,7 +1123,7 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
 // dK, dV on the bf16 copies alone (`qkv`, `d_out` unused), head widths up to 32 and up to 64.
 // Four blocks at width 32 (128 registers, no spill in the main loop since the tiles go in
 // halves); at 64 four spilled 20 values a tile, so three.
-extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4 + MMA_BLOCKS_DELTA)
     attention_backward_dkv_mma_bf16_hd32(const float* qkv, const u16* qkv16, const float* d_out,
                                          const u16* d_out16, const float2* stats, float* d_qkv,
                                          u16* d_qkv16, u64 batch, u64 tokens, u64 heads, u64 hd,
@@ -1125,7 +1132,7 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4)
                             scale, flags);
 }
 
-extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3 + MMA_BLOCKS_DELTA)
     attention_backward_dkv_mma_bf16_hd64(const float* qkv, const u16* qkv16, const float* d_out,
                                          const u16* d_out16, const float2* stats, float* d_qkv,
                                          u16* d_qkv16, u64 batch, u64 tokens, u64 heads, u64 hd,
@@ -1140,7 +1147,7 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
 // as the main kernels; q, k, v (and dO) come from the bf16 copies alone where those are given
 // (`qkv16` not null), else from the floats, at either head width. A block's work is a quarter
 // of a main block's, so the four paths sharing one register allocation cost little.
-extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3 + MMA_BLOCKS_DELTA)
     attention_forward_mma_tail(const float* qkv, const u16* qkv16, float* out, u16* out16,
                                float* lse, u64 batch, u64 tokens, u64 heads, u64 hd, float scale,
                                u32 flags) {
@@ -1155,7 +1162,7 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
     }
 }
 
-extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3 + MMA_BLOCKS_DELTA)
     attention_backward_dq_mma_tail(const float* qkv, const u16* qkv16, const float* out,
                                    const float* lse, const float* d_out, const u16* d_out16,
                                    float* d_qkv, u16* d_qkv16, float2* stats, u64 batch,
@@ -1175,7 +1182,7 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
     }
 }
 
-extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3)
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3 + MMA_BLOCKS_DELTA)
     attention_backward_dkv_mma_tail(const float* qkv, const u16* qkv16, const float* d_out,
                                     const u16* d_out16, const float2* stats, float* d_qkv,
                                     u16* d_qkv16, u64 batch, u64 tokens, u64 heads, u64 hd,

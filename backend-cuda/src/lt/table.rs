@@ -113,8 +113,9 @@ pub(super) struct TuneTable {
 }
 
 impl TuneTable {
-    /// The table in `path` (empty where the file does not exist yet) for `made_for` (the
-    /// library version and card, as [`made_for`] words them).
+    /// The table in `path` for `made_for` (the library version and card, as [`made_for`]
+    /// words them); where the file does not exist yet, an empty table, written there at once so
+    /// that a place where it cannot be written is refused now, not at the first product.
     pub(super) fn open(path: &Path, made_for: &str) -> Result<TuneTable, TuneError> {
         let mut table = TuneTable {
             path: path.to_path_buf(),
@@ -124,7 +125,10 @@ impl TuneTable {
         };
         let text = match std::fs::read_to_string(path) {
             Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(table),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                table.save()?;
+                return Ok(table);
+            }
             Err(error) => {
                 return Err(TuneError::Io {
                     path: table.path,
@@ -432,6 +436,18 @@ mod tests {
         std::fs::write(&path, format!("# comment\n\nmade-for\t{here}\n{good}\n")).unwrap();
         let table = TuneTable::open(&path, &here).unwrap();
         assert_eq!(table.get("k").map(|t| t.algo[0]), Some(1));
+    }
+
+    #[test]
+    fn a_new_table_is_written_at_once_or_refused() {
+        let path = temp("new");
+        let table = TuneTable::open(&path, "here").unwrap();
+        assert_eq!(table.len(), 0);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("made-for\there\n"), "{text}");
+        let nowhere = path.with_file_name("missing").join("table.txt");
+        let e = TuneTable::open(&nowhere, "here").unwrap_err();
+        assert!(matches!(e, TuneError::Io { .. }), "{e}");
     }
 
     #[test]
