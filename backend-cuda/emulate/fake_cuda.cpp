@@ -99,7 +99,7 @@ static std::recursive_mutex streams_lock;
 static std::unordered_set<FakeStream*> live_streams;
 // Modeled device time per stream (by its handle, the backend's null stream included), which
 // events read: no kernel has a duration here, but cuBLASLt products take one that depends on
-// their algorithm (cublasLtMatmul), so that tuning (tune.rs) has something to choose. One
+// their algorithm (cublasLtMatmul), so that tuning (lt/tuning.rs) has something to choose. One
 // clock per host thread: tests run backends side by side on the one null stream, and each
 // times only its own products.
 static thread_local std::map<void*, double> modeled_ms;
@@ -697,7 +697,7 @@ int cublasLtMatmulAlgoGetHeuristic(void* handle, const LtDesc* d, const LtLayout
 // candidate `algo`: 1 TFLOP/s, but candidate 1 twice as fast and each later one 10 % slower
 // than the one before, so that the heuristic's first is not the fastest, and 5 % more per
 // product of a batch, so that a weight gradient split into chunks (split_k.rs) is slower than
-// whole (tune.rs must measure to find either out).
+// whole (lt/tuning.rs must measure to find either out).
 static double modeled_product_ms(double flops, int batch, uint64_t algo) {
     const double factor = algo == 1 ? 0.5 : 1.0 + 0.1 * (double)algo;
     return flops / 1e9 * factor * (1.0 + 0.05 * (batch - 1));
