@@ -23,6 +23,14 @@ use core::ops::Range;
 use mae::backend::Gemm;
 use std::sync::OnceLock;
 
+/// Reserves the calling thread's packing buffers for the crate's own kernel (address space,
+/// untouched; nothing where the kernel does not exist): the pool's threads do it when they start,
+/// so that their first product, in whichever step it comes, allocates nothing.
+pub(crate) fn reserve_workspace() {
+    #[cfg(target_arch = "x86_64")]
+    packed::reserve_workspace();
+}
+
 /// Elements one operand spans over the whole batch: `(batch - 1) * stride + rows * cols`.
 ///
 /// Checked, unlike [`Gemm::lens`]: a product that wrapped around could let the bounds assertion

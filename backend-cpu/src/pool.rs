@@ -93,9 +93,11 @@ impl Pool {
 
     fn worker(&self) {
         let mut seen = 0u64;
+        crate::gemm::reserve_workspace();
         {
             // Tell `pool()` this thread is up: whatever the runtime allocates for a new thread
-            // has been allocated by now, so it never lands inside a later op.
+            // (and its GEMM workspace, reserved above) has been allocated by now, so it never
+            // lands inside a later op.
             let mut st = lock(&self.state);
             st.ready += 1;
             self.done.notify_all();

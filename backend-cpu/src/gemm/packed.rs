@@ -110,6 +110,21 @@ thread_local! {
     static WORKSPACE: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Lines of the largest workspace any product needs: the full MC x KC and KC x NC panels.
+const WORKSPACE_LINES: usize = (MC * KC + KC * NC).div_ceil(16) + 1;
+
+/// Reserves this thread's workspace for the largest product (address space only: nothing is
+/// written, so no page is touched until a product needs it). The growth of the workspace later
+/// stays inside the reservation and allocates nothing: a pool thread that runs its first
+/// product in a later step, as dynamic scheduling may make it, does not allocate then.
+pub(super) fn reserve_workspace() {
+    WORKSPACE.with(|ws| {
+        let mut ws = ws.borrow_mut();
+        let len = ws.len();
+        ws.reserve_exact(WORKSPACE_LINES - len);
+    });
+}
+
 /// A strided operand: element `(i, j)` at `ptr + i * rs + j * cs`.
 #[derive(Clone, Copy)]
 pub(super) struct Operand {
@@ -243,8 +258,13 @@ pub(super) unsafe fn gemm(
         let mut ws = ws.borrow_mut();
         if ws.len() * 16 < a_len + b_len {
             // Rounded up to the full panel sizes, so that later, larger products on this thread
-            // rarely need to grow it again.
+            // rarely need to write more of it; within the reservation, which a thread's first
+            // growth makes, growing allocates nothing.
             let want = (a_len + b_len).max(MC * kc_max + kc_max * NC.min(n.next_multiple_of(NR)));
+            if ws.capacity() < WORKSPACE_LINES {
+                let len = ws.len();
+                ws.reserve_exact(WORKSPACE_LINES - len);
+            }
             ws.resize(want.div_ceil(16), Line([0.0; 16]));
         }
         let (a_pack, rest) = floats_mut(&mut ws).split_at_mut(a_len);
