@@ -786,18 +786,25 @@ __device__ void mma_forward_grid(const Q* qkv, float* out, u16* out16, float* ls
     }
 }
 
+// mma_forward_grid at the narrowest head width that holds `hd` (32 or 64), for the kernels
+// that take both: the f32 one and the tail.
+template <bool SPLIT, typename Q>
+__device__ __forceinline__ void mma_forward_widths(const Q* qkv, float* out, u16* out16,
+                                                   float* lse, u64 batch, u64 tokens, u64 heads,
+                                                   u64 hd, float scale, u32 flags) {
+    if (hd <= 32) {
+        mma_forward_grid<32, SPLIT>(qkv, out, out16, lse, batch, tokens, heads, hd, scale, flags);
+    } else {
+        mma_forward_grid<64, SPLIT>(qkv, out, out16, lse, batch, tokens, heads, hd, scale, flags);
+    }
+}
+
 // The forward on f32 qkv (`qkv16` unused), any head width up to 64.
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4 + MMA_BLOCKS_DELTA)
     attention_forward_mma(const float* qkv, const u16* qkv16, float* out, u16* out16,
                           float* lse, u64 batch, u64 tokens, u64 heads, u64 hd, float scale,
                           u32 flags) {
-    if (hd <= 32) {
-        mma_forward_grid<32, false>(qkv, out, out16, lse, batch, tokens, heads, hd, scale,
-                                    flags);
-    } else {
-        mma_forward_grid<64, false>(qkv, out, out16, lse, batch, tokens, heads, hd, scale,
-                                    flags);
-    }
+    mma_forward_widths<false>(qkv, out, out16, lse, batch, tokens, heads, hd, scale, flags);
 }
 
 // The forward on qkv's bf16 copy alone (`qkv` unused), head widths up to 32 and up to 64.
@@ -935,19 +942,29 @@ __device__ void mma_dq_grid(const Q* qkv, const float* out, const float* lse, co
     }
 }
 
+// mma_dq_grid at the narrowest head width that holds `hd`, as mma_forward_widths.
+template <bool SPLIT, typename Q>
+__device__ __forceinline__ void mma_dq_widths(const Q* qkv, const float* out, const float* lse,
+                                              const Q* d_out, float* d_qkv, u16* d_qkv16,
+                                              float2* stats, u64 batch, u64 tokens, u64 heads,
+                                              u64 hd, float scale, u32 flags) {
+    if (hd <= 32) {
+        mma_dq_grid<32, SPLIT>(qkv, out, lse, d_out, d_qkv, d_qkv16, stats, batch, tokens, heads,
+                               hd, scale, flags);
+    } else {
+        mma_dq_grid<64, SPLIT>(qkv, out, lse, d_out, d_qkv, d_qkv16, stats, batch, tokens, heads,
+                               hd, scale, flags);
+    }
+}
+
 // dQ on f32 qkv and dO (`qkv16`, `d_out16` unused), any head width up to 64.
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3 + MMA_BLOCKS_DELTA)
     attention_backward_dq_mma(const float* qkv, const u16* qkv16, const float* out,
                               const float* lse, const float* d_out, const u16* d_out16,
                               float* d_qkv, u16* d_qkv16, float2* stats, u64 batch, u64 tokens,
                               u64 heads, u64 hd, float scale, u32 flags) {
-    if (hd <= 32) {
-        mma_dq_grid<32, false>(qkv, out, lse, d_out, d_qkv, d_qkv16, stats, batch, tokens, heads,
-                               hd, scale, flags);
-    } else {
-        mma_dq_grid<64, false>(qkv, out, lse, d_out, d_qkv, d_qkv16, stats, batch, tokens, heads,
-                               hd, scale, flags);
-    }
+    mma_dq_widths<false>(qkv, out, lse, d_out, d_qkv, d_qkv16, stats, batch, tokens, heads, hd,
+                         scale, flags);
 }
 
 // dQ on the bf16 copies alone (`qkv`, `d_out` unused), head widths up to 32 and up to 64.
@@ -1105,19 +1122,28 @@ __device__ void mma_dkv_grid(const Q* qkv, const Q* d_out, const float2* stats, 
     }
 }
 
+// mma_dkv_grid at the narrowest head width that holds `hd`, as mma_forward_widths.
+template <bool SPLIT, typename Q>
+__device__ __forceinline__ void mma_dkv_widths(const Q* qkv, const Q* d_out, const float2* stats,
+                                               float* d_qkv, u16* d_qkv16, u64 batch, u64 tokens,
+                                               u64 heads, u64 hd, float scale, u32 flags) {
+    if (hd <= 32) {
+        mma_dkv_grid<32, SPLIT>(qkv, d_out, stats, d_qkv, d_qkv16, batch, tokens, heads, hd,
+                                scale, flags);
+    } else {
+        mma_dkv_grid<64, SPLIT>(qkv, d_out, stats, d_qkv, d_qkv16, batch, tokens, heads, hd,
+                                scale, flags);
+    }
+}
+
 // dK, dV on f32 qkv and dO (`qkv16`, `d_out16` unused), any head width up to 64.
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3 + MMA_BLOCKS_DELTA)
     attention_backward_dkv_mma(const float* qkv, const u16* qkv16, const float* d_out,
                                const u16* d_out16, const float2* stats, float* d_qkv,
                                u16* d_qkv16, u64 batch, u64 tokens, u64 heads, u64 hd,
                                float scale, u32 flags) {
-    if (hd <= 32) {
-        mma_dkv_grid<32, false>(qkv, d_out, stats, d_qkv, d_qkv16, batch, tokens, heads, hd,
-                                scale, flags);
-    } else {
-        mma_dkv_grid<64, false>(qkv, d_out, stats, d_qkv, d_qkv16, batch, tokens, heads, hd,
-                                scale, flags);
-    }
+    mma_dkv_widths<false>(qkv, d_out, stats, d_qkv, d_qkv16, batch, tokens, heads, hd, scale,
+                          flags);
 }
 
 // dK, dV on the bf16 copies alone (`qkv`, `d_out` unused), head widths up to 32 and up to 64.
@@ -1151,14 +1177,10 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3 + MMA_BLOCKS_DELTA)
     attention_forward_mma_tail(const float* qkv, const u16* qkv16, float* out, u16* out16,
                                float* lse, u64 batch, u64 tokens, u64 heads, u64 hd, float scale,
                                u32 flags) {
-    if (qkv16 != nullptr && hd <= 32) {
-        mma_forward_grid<32, true>(qkv16, out, out16, lse, batch, tokens, heads, hd, scale, flags);
-    } else if (qkv16 != nullptr) {
-        mma_forward_grid<64, true>(qkv16, out, out16, lse, batch, tokens, heads, hd, scale, flags);
-    } else if (hd <= 32) {
-        mma_forward_grid<32, true>(qkv, out, out16, lse, batch, tokens, heads, hd, scale, flags);
+    if (qkv16 != nullptr) {
+        mma_forward_widths<true>(qkv16, out, out16, lse, batch, tokens, heads, hd, scale, flags);
     } else {
-        mma_forward_grid<64, true>(qkv, out, out16, lse, batch, tokens, heads, hd, scale, flags);
+        mma_forward_widths<true>(qkv, out, out16, lse, batch, tokens, heads, hd, scale, flags);
     }
 }
 
@@ -1167,18 +1189,12 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3 + MMA_BLOCKS_DELTA)
                                    const float* lse, const float* d_out, const u16* d_out16,
                                    float* d_qkv, u16* d_qkv16, float2* stats, u64 batch,
                                    u64 tokens, u64 heads, u64 hd, float scale, u32 flags) {
-    if (qkv16 != nullptr && hd <= 32) {
-        mma_dq_grid<32, true>(qkv16, out, lse, d_out16, d_qkv, d_qkv16, stats, batch, tokens,
-                              heads, hd, scale, flags);
-    } else if (qkv16 != nullptr) {
-        mma_dq_grid<64, true>(qkv16, out, lse, d_out16, d_qkv, d_qkv16, stats, batch, tokens,
-                              heads, hd, scale, flags);
-    } else if (hd <= 32) {
-        mma_dq_grid<32, true>(qkv, out, lse, d_out, d_qkv, d_qkv16, stats, batch, tokens, heads,
-                              hd, scale, flags);
+    if (qkv16 != nullptr) {
+        mma_dq_widths<true>(qkv16, out, lse, d_out16, d_qkv, d_qkv16, stats, batch, tokens,
+                            heads, hd, scale, flags);
     } else {
-        mma_dq_grid<64, true>(qkv, out, lse, d_out, d_qkv, d_qkv16, stats, batch, tokens, heads,
-                              hd, scale, flags);
+        mma_dq_widths<true>(qkv, out, lse, d_out, d_qkv, d_qkv16, stats, batch, tokens, heads,
+                            hd, scale, flags);
     }
 }
 
@@ -1187,17 +1203,11 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3 + MMA_BLOCKS_DELTA)
                                     const u16* d_out16, const float2* stats, float* d_qkv,
                                     u16* d_qkv16, u64 batch, u64 tokens, u64 heads, u64 hd,
                                     float scale, u32 flags) {
-    if (qkv16 != nullptr && hd <= 32) {
-        mma_dkv_grid<32, true>(qkv16, d_out16, stats, d_qkv, d_qkv16, batch, tokens, heads, hd,
-                               scale, flags);
-    } else if (qkv16 != nullptr) {
-        mma_dkv_grid<64, true>(qkv16, d_out16, stats, d_qkv, d_qkv16, batch, tokens, heads, hd,
-                               scale, flags);
-    } else if (hd <= 32) {
-        mma_dkv_grid<32, true>(qkv, d_out, stats, d_qkv, d_qkv16, batch, tokens, heads, hd, scale,
-                               flags);
+    if (qkv16 != nullptr) {
+        mma_dkv_widths<true>(qkv16, d_out16, stats, d_qkv, d_qkv16, batch, tokens, heads, hd,
+                             scale, flags);
     } else {
-        mma_dkv_grid<64, true>(qkv, d_out, stats, d_qkv, d_qkv16, batch, tokens, heads, hd, scale,
-                               flags);
+        mma_dkv_widths<true>(qkv, d_out, stats, d_qkv, d_qkv16, batch, tokens, heads, hd, scale,
+                             flags);
     }
 }
