@@ -20,11 +20,12 @@
 #       bench/torch_reference.py (PyTorch eager, bf16 autocast and f32) on the same card, each
 #       with its peak device memory; MAE_CUDA_PROFILE tables of the bf16 training step alone
 #       (at the largest batch, with the share of the step the GPU is busy: `busy_share`) and
-#       of embedding alone; and the wgpu backend on the GPU
-#       where the machine has a Vulkan driver; and scripts/dp-check.sh (one NCCL rank against a
-#       single process), and bf16 at the largest batch with MAE_CUDA_UPLOAD=pageable (the
-#       uploads before pinned staging), with MAE_CUDA_UPLOAD=pinned (pinned uploads in the
-#       compute stream's order, before they overlapped the step before), with
+#       of embedding alone, each with every kernel's registers, spills and resident blocks;
+#       and the wgpu backend on the GPU where the machine has a Vulkan driver; and
+#       scripts/dp-check.sh (one NCCL rank against a single process), and bf16 at the
+#       largest batch with MAE_CUDA_UPLOAD=pageable (the uploads before pinned staging), with
+#       MAE_CUDA_UPLOAD=pinned (pinned uploads in the compute stream's order, before they
+#       overlapped the step before), with
 #       MAE_CUDA_ATTENTION_PREFETCH=off (the attention's tile loads not overlapped), with
 #       MAE_CUDA_ATTENTION_TAIL=whole (the attention's last blocks not split over their warps),
 #       with MAE_CUDA_ATTENTION_OCCUPANCY=more and =fewer (the attention kernels' resident
@@ -450,7 +451,9 @@ summary() {
         echo
         echo "## profile"
         echo '```'
-        grep -E -A 30 '^(==|MAE_CUDA_PROFILE|MAE_WGPU_PROFILE)' "$out/profile.log" 2>/dev/null | grep -v '^\{' | head -n 120
+        # Each table's first 34 lines: the device time per op, then (CUDA) each kernel's
+        # registers, spills and resident blocks as the driver compiled it.
+        grep -E -A 34 '^(==|MAE_CUDA_PROFILE|MAE_WGPU_PROFILE)' "$out/profile.log" 2>/dev/null | grep -v '^\{' | head -n 240
         echo '```'
         busy_share
         targets

@@ -172,6 +172,7 @@ CUresult cuDeviceGetAttribute(int* v, int attribute, int) {
     case 76: *v = 0; break;   // minor
     case 115: *v = 1; break;  // memory pools: cudarc then uses cuMemAllocAsync
     case 16: *v = 132; break;  // multiprocessors, as an H100's or H200's
+    case 39: *v = 2048; break;  // threads a multiprocessor holds
     default: *v = 0;
     }
     return OK;
@@ -336,6 +337,26 @@ CUresult cuModuleGetFunction(const KernelEntry** f, void*, const char* name) {
         }
     }
     return NOT_FOUND;
+}
+// What a real driver reports of its compiled kernels, modeled: every kernel takes FAKE_REGISTERS
+// registers a thread and no local or static shared memory, so a multiprocessor (65,536
+// registers, 2,048 threads) holds as many blocks as the registers allow: 12 of 128 threads, 6
+// of 256. `MAE_CUDA_PROFILE`'s second table shows these, so a test can tell that the launch's
+// block size reached the query.
+static constexpr int FAKE_REGISTERS = 40;
+CUresult cuFuncGetAttribute(int* v, int attribute, const KernelEntry*) {
+    switch (attribute) {
+    case 0: *v = 1024; break;           // most threads a block
+    case 4: *v = FAKE_REGISTERS; break;  // registers a thread
+    default: *v = 0;                    // shared, constant and local bytes; versions
+    }
+    return OK;
+}
+CUresult cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, const KernelEntry*,
+                                                              int threads, size_t, unsigned) {
+    if (threads <= 0 || threads > 1024) return INVALID_VALUE;
+    *blocks = std::min(2048 / threads, 65536 / (FAKE_REGISTERS * threads));
+    return OK;
 }
 CUresult cuLaunchKernel(const KernelEntry* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
                         unsigned by, unsigned bz, unsigned, void* stream, void** params,

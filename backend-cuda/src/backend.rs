@@ -7,13 +7,14 @@ use crate::device;
 use crate::error;
 use crate::kernels::{check_args, Arg, Compiled, Kernel};
 use crate::lt::{GemmBias, Lt};
-use crate::profile::Profile;
+use crate::profile::{Profile, Resources};
 use crate::split_k::WeightGradSplit;
 use crate::upload::Upload;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasMath_t};
 use cudarc::cublas::CudaBlas;
+use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{
-    CudaContext, CudaSlice, CudaStream, DevicePtrMut, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 use mae::backend::{BResult, BackendError};
 use std::panic::AssertUnwindSafe;
@@ -319,6 +320,13 @@ impl CudaBackend {
         let Some(cfg) = cfg else { return Ok(()) };
         check_args(kernel, args)?;
         let function = self.compiled()?.function(kernel);
+        if let Some(p) = self
+            .profile
+            .as_ref()
+            .filter(|p| p.is_new_kernel(kernel.name()))
+        {
+            p.record_kernel(kernel.name(), self.kernel_resources(function, &cfg));
+        }
         let timer = self.profile.as_ref().map(|p| p.start(&self.stream));
         let mut launch = self.stream.launch_builder(function);
         for a in args {
@@ -355,6 +363,20 @@ impl CudaBackend {
             }
         }
         Ok(())
+    }
+
+    /// What the driver made of `function` launched with `cfg` (the profile's second table).
+    fn kernel_resources(
+        &self,
+        function: &CudaFunction,
+        cfg: &LaunchConfig,
+    ) -> Result<Resources, String> {
+        let attribute = CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR;
+        let sm_threads = self
+            .ctx
+            .attribute(attribute)
+            .map_err(|e| format!("reading the threads a multiprocessor holds: {e:?}"))?;
+        Resources::of(function, cfg, sm_threads)
     }
 
     /// A scratch buffer of `len` 8-byte slots (two-pass reductions' doubles, the attention
