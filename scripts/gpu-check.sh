@@ -35,9 +35,11 @@
 #       MAE_CUDA_WEIGHT_GRAD_SPLIT=off (weight gradients as one product each), and with
 #       MAE_CUDA_GEMM_TUNE (cuBLASLt's algorithms and the weight gradients' chunk counts timed
 #       in the warm-up steps; the golden files in bf16 with it too, and its table in the
-#       report). The report ends
-#       with issue 6's numbers worked out: the ratio to PyTorch and the MFU per batch, and
-#       each A/B run as a share of the default's rate. A full run took 195-213 s on an H200 (2026-11-27).
+#       report). Each of those settings is also profiled at the largest batch. The report ends
+#       with issue 6's numbers worked out: the ratio to PyTorch and the MFU per batch, each
+#       A/B run as a share of the default's rate, and each profiled setting's device time per
+#       step with the ops it moved most. A full run took 195-213 s on an H200 (2026-11-27),
+#       before the profiled settings (about 10 s each).
 #       GPU_CHECK_QUICK=1 keeps what a change to the bf16 mode needs, in about half the time:
 #       the backend's tests, bf16 golden and ops, bf16 bench at GPU_CHECK_BATCHES (the composed
 #       attention and PyTorch bf16 at the largest), the profiles; no f32, ViT-L, wgpu or NCCL.
@@ -375,6 +377,20 @@ run() {
     step "profile base224 cuda-bf16 embed b128" profile.log 120 \
         env MAE_CUDA_PROFILE=1 "$bins/bin/bench" --case base224 --backend cuda-bf16 --batch 128 \
         --seconds 2 --phase embed
+    # The A/B settings again under the profiler, into profile-ab.log: each kernel's and
+    # product's own time beside the default's (`kernel_ab` in the report). A setting that
+    # changes one kernel by 20 % moves the step's rate by a few per cent, no more than the rates
+    # move between runs; a kernel's mean time and the device time per step move far less. The
+    # tuning table is the one the bench run above filled, so nothing is timed anew.
+    local setting
+    for setting in MAE_CUDA_ATTENTION_OCCUPANCY=more MAE_CUDA_ATTENTION_OCCUPANCY=fewer \
+        MAE_CUDA_ATTENTION_PREFETCH=off MAE_CUDA_ATTENTION_TAIL=whole \
+        MAE_CUDA_LAYERNORM_PARTIALS=separate MAE_CUDA_WEIGHT_GRAD_SPLIT=off \
+        "MAE_CUDA_GEMM_TUNE=$out/gemm-tune.txt"; do
+        step "profile base224 cuda-bf16 train b$largest ${setting%%=/*}" profile-ab.log 60 \
+            env MAE_CUDA_PROFILE=1 "$setting" "$bins/bin/bench" --case base224 \
+            --backend cuda-bf16 --batch "$largest" --seconds 1 --phase train
+    done
 
     [ "$quick" = 1 ] && { summary; return $failed; }
 
@@ -457,6 +473,7 @@ summary() {
         echo '```'
         busy_share
         targets
+        kernel_ab
         echo
         echo "## GEMM tuning table (MAE_CUDA_GEMM_TUNE: shape, -, waves, us tuned, us of the heuristic's first)"
         echo '```'
@@ -494,6 +511,52 @@ if m:
     if steps and plain:
         busy, wall = device_ms / steps[0], 1000.0 * batch / plain[0]
         print(f"\nGPU busy in a bf16 training step at batch {batch}: {busy:.1f} ms of {wall:.1f} ms ({100 * busy / wall:.0f} %)")
+PY
+}
+
+# The profiled A/B runs (profile-ab.log) against the default's profile (profile.log): the
+# device time per step of each, and the ops whose time per step moved most, with their mean
+# time per call in both.
+kernel_ab() {
+    python3 - "$out/profile.log" "$out/profile-ab.log" <<'PY' 2>/dev/null || true
+import json, re, sys
+row = re.compile(r"^\s*([\d.]+)\s+[\d.]+\s+(\d+)\s+([\d.]+)\s+(?:[\d.]+\s+)?(\S.*)$")
+def sections(text):
+    """name -> (steps, {label: (ms per step, mean us)}) of each training profile in text."""
+    out = {}
+    for part in re.split(r"^== ", text, flags=re.M)[1:]:
+        name, _, body = part.partition("\n")
+        if "cuda-bf16 train" not in name:
+            continue
+        steps = [json.loads(l)["train_steps_run"] for l in body.splitlines() if l.startswith("{")]
+        table = body.split("MAE_CUDA_PROFILE: device time per op", 1)[-1]
+        table = table.split("MAE_CUDA_PROFILE: kernel resources", 1)[0]
+        if not steps:
+            continue
+        ops = {}
+        for line in table.splitlines()[2:]:
+            m = row.match(line)
+            if m:
+                ops[m.group(4)] = (float(m.group(1)) / steps[0], float(m.group(3)))
+        out[name.strip()] = ops
+    return out
+base = sections(open(sys.argv[1]).read())
+default = next((ops for name, ops in base.items() if name.count(" ") == 4), None)
+if default is None:
+    sys.exit()
+total = sum(ms for ms, _ in default.values())
+print("\n## per-op A/B under the profiler (bf16 training step; device ms per step)\n```")
+print(f"default: {total:.2f} ms")
+for name, ops in sections(open(sys.argv[2]).read()).items():
+    t = sum(ms for ms, _ in ops.values())
+    print(f"{name.split(' ', 5)[-1]}: {t:.2f} ms ({100 * (t / total - 1):+.1f} %)")
+    moved = sorted(set(default) | set(ops),
+                   key=lambda l: -abs(ops.get(l, (0, 0))[0] - default.get(l, (0, 0))[0]))
+    for label in moved[:8]:
+        (a, am), (b, bm) = default.get(label, (0, 0)), ops.get(label, (0, 0))
+        if abs(b - a) >= 0.01:
+            print(f"    {b - a:+7.2f} ms  {am:9.1f} -> {bm:9.1f} us a call  {label}")
+print("```")
 PY
 }
 
