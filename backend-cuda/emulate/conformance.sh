@@ -17,15 +17,12 @@ for lib in libcuda.so libnvrtc.so libcublas.so libcublasLt.so; do ln -sf libfake
 cd ../..
 export LD_LIBRARY_PATH="$fake${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export MAE_REQUIRE_BACKENDS=cuda,cuda-bf16
-# The backend's own tests that need a device (the others run in the workspace's test command).
+# The backend's own tests, all of them (those that need a device run on this fake driver)
+# but NCCL's, which need libnccl (gpu-check runs them on a card). A list of the device tests
+# went stale once: tests moved to another module matched no filter and ran nowhere but as
+# skips.
 [ "${MAE_EMULATE_BACKEND_TESTS:-1}" = 0 ] ||
-cargo test --release -p mae-backend-cuda --lib -- upload::tests::rewrites upload::tests::overlapped \
-    bf16::tests::bias_gradients_of_a_copy_alone bf16::tests::products_into_operand_buffers \
-    bf16::tests::operand_floats bf16::tests::bf16_training_and_embedding bf16::tests::the_optimizer \
-    bf16::tests::attention_inputs_of_mixed_kinds lt::tests::weight_gradients_that_leave \
-    lt::tests::bias_gradients_in_the_epilogue lt::tests::tuned_products lt::tests::tuning_refuses \
-    nccl::overlap::tests \
-    device::tests::the_memory_pool_keeps_freed_memory
+cargo test --release -p mae-backend-cuda --lib -- --skip nccl::tests::
 suites=()
 for suite in ${MAE_EMULATE_SUITES:-ops gradcheck embed golden variants training}; do
     suites+=(--test "$suite")
