@@ -72,6 +72,11 @@ impl Resources {
             r.map_err(|e| format!("reading {what}: {e:?}"))
         };
         let threads = cfg.block_dim.0 * cfg.block_dim.1 * cfg.block_dim.2;
+        // The attribute reads first: they bind the function's context to this thread, which
+        // cudarc's occupancy query does not.
+        let registers = read("the registers", function.num_regs())?;
+        let local_bytes = read("the local memory", function.local_size_bytes())?;
+        let shared_bytes = read("the shared memory", function.shared_size_bytes())?;
         let blocks_per_sm = function
             .occupancy_max_active_blocks_per_multiprocessor(
                 threads,
@@ -81,9 +86,9 @@ impl Resources {
             .map_err(|e| format!("reading the occupancy: {e:?}"))?;
         Ok(Resources {
             threads,
-            registers: read("the registers", function.num_regs())?,
-            local_bytes: read("the local memory", function.local_size_bytes())?,
-            shared_bytes: read("the shared memory", function.shared_size_bytes())?,
+            registers,
+            local_bytes,
+            shared_bytes,
             dynamic_shared_bytes: cfg.shared_mem_bytes,
             blocks_per_sm,
             sm_threads,
