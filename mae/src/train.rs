@@ -13,7 +13,8 @@ use crate::config::{Config, ConfigError};
 use crate::error::{finite_loss, Error, Result};
 use crate::masking::{check_ratio, keep_count, sample_noise, MaskSampling, Masking};
 use crate::model::decoder::{
-    decoder_backward, decoder_forward, unshuffle_indices, DecoderActs, DecoderScratch, DecoderShape,
+    decoder_backward, decoder_forward, unshuffle_indices, unshuffle_inverse_indices, DecoderActs,
+    DecoderScratch, DecoderShape,
 };
 use crate::model::encoder::{
     encoder_backward, encoder_forward, mask_token_indices, EncoderActs, EncoderScratch,
@@ -153,6 +154,7 @@ impl<B: Backend> Trainer<B> {
         if enc_shape.mask_tokens {
             let identity: Vec<u32> = (0..n).flat_map(|_| 0..=l as u32).collect();
             b.write_idx(&mut dec.ids_unshuffle, &identity)?;
+            b.write_idx(&mut dec.ids_unshuffle_inverse, &identity)?;
         }
         let zeros_like = |s: &TensorSpec| b.alloc(s.numel());
         Ok(Trainer {
@@ -230,6 +232,8 @@ impl<B: Backend> Trainer<B> {
             unshuffle_indices(&self.masking.ids_restore, l, &mut self.unshuffle);
             b.write_idx(&mut self.enc.ids_keep, &self.masking.ids_keep)?;
             b.write_idx(&mut self.dec.ids_unshuffle, &self.unshuffle)?;
+            unshuffle_inverse_indices(&self.masking.ids_restore, l, &mut self.unshuffle);
+            b.write_idx(&mut self.dec.ids_unshuffle_inverse, &self.unshuffle)?;
         }
         b.write(&mut self.loss.mask, &self.masking.mask)?;
         b.write(&mut self.imgs, imgs)?;

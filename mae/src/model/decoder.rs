@@ -144,6 +144,26 @@ pub fn unshuffle_indices(ids_restore: &[u32], num_patches: usize, out: &mut [u32
     }
 }
 
+/// The inverse of [`unshuffle_indices`]: for each image, row `j` of its `[x, mask tokens]`
+/// matrix becomes token `out[j]` (`0` for cls, `1 + l` for row `1 + ids_restore[l]`). The
+/// unshuffle is a permutation, so its backward gathers the tokens' gradients back with these
+/// instead of scattering them into zeros. `ids_restore` holds a permutation per image, as
+/// [`crate::masking::Masking`] makes it.
+///
+/// # Panics
+/// If an entry of `ids_restore` is `num_patches` or more.
+pub fn unshuffle_inverse_indices(ids_restore: &[u32], num_patches: usize, out: &mut [u32]) {
+    for (src, dst) in ids_restore
+        .chunks_exact(num_patches)
+        .zip(out.chunks_exact_mut(num_patches + 1))
+    {
+        dst[0] = 0;
+        for (l, &s) in src.iter().enumerate() {
+            dst[1 + s as usize] = 1 + l as u32;
+        }
+    }
+}
+
 /// The decoder's activations.
 pub struct DecoderActs<B: Backend> {
     /// `decoder_embed(latent)`, `[N (1 + keep), Dd]`.
@@ -164,6 +184,8 @@ pub struct DecoderActs<B: Backend> {
     pub pred: B::Buf,
     /// `[N, 1 + L]` unshuffle indices, written by the caller (see [`unshuffle_indices`]).
     pub ids_unshuffle: B::Idx,
+    /// `[N, 1 + L]` their inverse, written by the caller (see [`unshuffle_inverse_indices`]).
+    pub ids_unshuffle_inverse: B::Idx,
 }
 
 impl<B: Backend> DecoderActs<B> {
@@ -182,6 +204,8 @@ impl<B: Backend> DecoderActs<B> {
             pred_all: b.alloc(rows * sh.patch_dim)?,
             pred: b.alloc(sh.batch() * sh.num_patches * sh.patch_dim)?,
             ids_unshuffle: b.upload_idx(&alloc::vec![0; sh.stack.batch * sh.stack.tokens])?,
+            ids_unshuffle_inverse: b
+                .upload_idx(&alloc::vec![0; sh.stack.batch * sh.stack.tokens])?,
         })
     }
 }
@@ -332,10 +356,10 @@ pub fn decoder_backward<B: Backend>(
         &sh.stack,
         ready,
     )?;
-    b.fill(&mut s.d_with_mask, 0.0)?;
-    b.gather_rows_backward(
+    // The unshuffle's backward: each row of `with_mask` went to one token.
+    b.gather_rows(
         &s.stack.d_x,
-        &acts.ids_unshuffle,
+        &acts.ids_unshuffle_inverse,
         &mut s.d_with_mask,
         &sh.unshuffle(),
     )?;
@@ -363,4 +387,30 @@ pub fn decoder_backward<B: Backend>(
     // The position table is fixed: its gradient stays zero, and is final from the start.
     let (embed, mask, pos) = (&mut g.embed, &mut g.mask_token, &mut g.pos_embed);
     ready.ready(b, &mut [&mut embed.weight, &mut embed.bias, mask, pos])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::masking::Masking;
+    use alloc::vec;
+
+    /// Gathering with the unshuffle and then with its inverse gives every row back, per image.
+    #[test]
+    fn the_inverse_unshuffle_undoes_the_unshuffle() {
+        let (batch, l) = (2, 6);
+        let mut m = Masking::new(batch, l, 0.5).unwrap();
+        m.apply_noise(&[0.9, 0.1, 0.5, 0.3, 0.7, 0.2, 0.4, 0.8, 0.0, 0.6, 0.35, 0.15])
+            .unwrap();
+        let (mut ids, mut inverse) = (vec![0; batch * (1 + l)], vec![0; batch * (1 + l)]);
+        unshuffle_indices(&m.ids_restore, l, &mut ids);
+        unshuffle_inverse_indices(&m.ids_restore, l, &mut inverse);
+        for (ids, inverse) in ids.chunks(1 + l).zip(inverse.chunks(1 + l)) {
+            for t in 0..=l {
+                assert_eq!(inverse[ids[t] as usize], t as u32, "{ids:?} {inverse:?}");
+            }
+        }
+        // The unshuffle is not the identity here, so an "inverse" returning its input fails.
+        assert_ne!(ids[..1 + l], [0, 1, 2, 3, 4, 5, 6]);
+    }
 }
