@@ -118,11 +118,15 @@ const WORKSPACE_LINES: usize = (MC * KC + KC * NC).div_ceil(16) + 1;
 /// stays inside the reservation and allocates nothing: a pool thread that runs its first
 /// product in a later step, as dynamic scheduling may make it, does not allocate then.
 pub(super) fn reserve_workspace() {
-    WORKSPACE.with(|ws| {
-        let mut ws = ws.borrow_mut();
+    WORKSPACE.with(|ws| reserve_largest(&mut ws.borrow_mut()));
+}
+
+/// Makes `ws` hold [`WORKSPACE_LINES`] without reallocating (once: a no-op after).
+fn reserve_largest(ws: &mut Vec<Line>) {
+    if ws.capacity() < WORKSPACE_LINES {
         let len = ws.len();
         ws.reserve_exact(WORKSPACE_LINES - len);
-    });
+    }
 }
 
 /// A strided operand: element `(i, j)` at `ptr + i * rs + j * cs`.
@@ -261,10 +265,7 @@ pub(super) unsafe fn gemm(
             // rarely need to write more of it; within the reservation, which a thread's first
             // growth makes, growing allocates nothing.
             let want = (a_len + b_len).max(MC * kc_max + kc_max * NC.min(n.next_multiple_of(NR)));
-            if ws.capacity() < WORKSPACE_LINES {
-                let len = ws.len();
-                ws.reserve_exact(WORKSPACE_LINES - len);
-            }
+            reserve_largest(&mut ws);
             ws.resize(want.div_ceil(16), Line([0.0; 16]));
         }
         let (a_pack, rest) = floats_mut(&mut ws).split_at_mut(a_len);
