@@ -472,6 +472,7 @@ summary() {
         grep -E -A 34 '^(==|MAE_CUDA_PROFILE|MAE_WGPU_PROFILE)' "$out/profile.log" 2>/dev/null | grep -v '^\{' | head -n 240
         echo '```'
         busy_share
+        floor
         targets
         kernel_ab
         echo
@@ -514,13 +515,44 @@ if m:
 PY
 }
 
+# The step against its floor at the card's peaks, from the profiled training run's totals
+# (profile.log): the products' FLOPs at the dense bf16 peak plus the other kernels' bytes (the
+# least each moves, traffic.rs) at the memory bandwidth, beside the device time they took.
+floor() {
+    python3 - "$out/profile.log" "$out/bench.log" <<'PY' 2>/dev/null || true
+import json, re, sys
+prof, bench = open(sys.argv[1]).read(), open(sys.argv[2]).read()
+m = re.search(r"== profile base224 cuda-bf16 train b(\d+)(.*?)MAE_CUDA_PROFILE: totals: products ([0-9.]+) "
+              r"TFLOP in ([0-9.]+) ms; other kernels ([0-9.]+) GB in ([0-9.]+) ms; not counted ([0-9.]+) ms", prof, re.S)
+gpu = next((json.loads(l).get("gpu", "") for l in bench.splitlines()
+            if l.startswith("{") and json.loads(l).get("gpu")), "")
+# Dense bf16 tensor-core peak (TFLOP/s) and memory bandwidth (TB/s) from NVIDIA's data sheets.
+peaks = {"H200": (989.4, 4.8), "H100 PCIe": (756.0, 2.0), "H100": (989.4, 3.35)}
+peak = next((v for k, v in peaks.items() if k in gpu), None)
+if m and peak:
+    steps = [json.loads(l)["train_steps_run"] for l in m.group(2).splitlines() if l.startswith("{")]
+    if steps:
+        n = steps[0]
+        tflop, p_ms, gb, k_ms, rest = (float(m.group(i)) / n for i in range(3, 8))
+        f_p, f_k = 1000 * tflop / peak[0], gb / peak[1]
+        print(f"\n## the bf16 training step against its floor at batch {m.group(1)} ({gpu}: {peak[0]} TFLOP/s, {peak[1]} TB/s)\n```")
+        print(f"products (GEMMs, attention): {tflop:.3f} TFLOP a step in {p_ms:.2f} ms: "
+              f"{tflop / p_ms * 1000:.0f} TFLOP/s, floor {f_p:.2f} ms")
+        print(f"other kernels: {gb:.2f} GB a step in {k_ms:.2f} ms: {1000 * gb / max(k_ms, 1e-9):.0f} GB/s, "
+              f"floor {f_k:.2f} ms; kernels not counted {rest:.2f} ms")
+        print(f"device time {p_ms + k_ms + rest:.2f} ms a step against a floor of {f_p + f_k:.2f} ms")
+        print("```")
+PY
+}
+
 # The profiled A/B runs (profile-ab.log) against the default's profile (profile.log): the
 # device time per step of each, and the ops whose time per step moved most, with their mean
 # time per call in both.
 kernel_ab() {
     python3 - "$out/profile.log" "$out/profile-ab.log" <<'PY' 2>/dev/null || true
 import json, re, sys
-row = re.compile(r"^\s*([\d.]+)\s+[\d.]+\s+(\d+)\s+([\d.]+)\s+(?:[\d.]+\s+)?(\S.*)$")
+# total ms, %, calls, mean us, then TFLOP/s and GB/s where the op has them, then the label.
+row = re.compile(r"^\s*([\d.]+)\s+[\d.]+\s+(\d+)\s+([\d.]+)\s+(?:[\d.]+\s+){0,2}(\S.*)$")
 def sections(text):
     """name -> (steps, {label: (ms per step, mean us)}) of each training profile in text."""
     out = {}

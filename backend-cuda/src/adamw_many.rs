@@ -14,6 +14,7 @@ use crate::buffer::CudaBuf;
 use crate::error;
 use crate::kernels::{Arg, Kernel};
 use crate::launch;
+use crate::profile::Work;
 use cudarc::driver::DevicePtr;
 use mae::backend::{AdamWStep, AdamWTensor, BResult};
 
@@ -78,6 +79,24 @@ pub(crate) fn table(entries: &[Entry]) -> (Vec<u64>, u64) {
     (words, chunks)
 }
 
+/// The bytes the kernel moves for `entries`, for the profile: each gradient read and zeroed;
+/// a training tensor's param, m and v read and written, and its bf16 copy written where it has
+/// one.
+pub(crate) fn traffic(entries: &[Entry]) -> f64 {
+    entries
+        .iter()
+        .map(|e| {
+            let trains = if e.step.is_some() { 24.0 } else { 0.0 };
+            let copy = if e.step.is_some() && e.param16 != 0 {
+                2.0
+            } else {
+                0.0
+            };
+            e.len as f64 * (8.0 + trains + copy)
+        })
+        .sum()
+}
+
 impl CudaBackend {
     /// [`mae::backend::Backend::adamw_many`]: one upload of the table, one launch.
     pub(crate) fn adamw_in_one_launch<'a>(
@@ -121,7 +140,14 @@ impl CudaBackend {
             u(entries.len()),
             Arg::U64(chunks),
         ];
-        self.launch(Kernel::AdamWMany, Some(cfg), &args)?;
+        let moved = traffic(&entries);
+        self.launch_described(Kernel::AdamWMany, Some(cfg), &args, |_| {
+            let work = Work {
+                flops: 0.0,
+                bytes: Some(moved),
+            };
+            (String::new(), work)
+        })?;
         for (copy, param) in copies {
             copy.written(param.contents(), param.len());
         }
@@ -208,5 +234,18 @@ mod tests {
         assert_eq!(words[WORDS - 1], 0);
         assert_eq!(words[WORDS + 4..WORDS + 7], [4, 1, 0]);
         assert!(words[WORDS + 7..].iter().all(|&w| w == 0));
+    }
+
+    /// A frozen tensor's gradient is read and zeroed (8 bytes an element); a training one
+    /// also reads and writes param, m and v (24), and writes its bf16 copy where it has one (2).
+    #[test]
+    fn traffic_counts_what_each_tensor_moves() {
+        let step = AdamWStep::new(1e-3, 0.9, 0.95, 1e-8, 0.05, 3);
+        let with_copy = Entry {
+            param16: 0x5000,
+            ..entry(10, Some(step))
+        };
+        let entries = [entry(100, None), entry(10, Some(step)), with_copy];
+        assert_eq!(traffic(&entries), 800.0 + 320.0 + 340.0);
     }
 }

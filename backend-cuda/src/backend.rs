@@ -7,8 +7,9 @@ use crate::device;
 use crate::error;
 use crate::kernels::{check_args, Arg, Compiled, Kernel};
 use crate::lt::{GemmBias, Lt};
-use crate::profile::{Profile, Resources};
+use crate::profile::{Profile, Resources, Work};
 use crate::split_k::WeightGradSplit;
+use crate::traffic;
 use crate::upload::Upload;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasMath_t};
 use cudarc::cublas::CudaBlas;
@@ -304,18 +305,22 @@ impl CudaBackend {
         cfg: Option<LaunchConfig>,
         args: &[Arg],
     ) -> BResult<()> {
-        self.launch_described(kernel, cfg, args, || (String::new(), 0.0))
+        self.launch_described(kernel, cfg, args, |bytes| {
+            (String::new(), Work { flops: 0.0, bytes })
+        })
     }
 
-    /// [`CudaBackend::launch`], with `detail` (such as the shape) after the kernel's name in
-    /// the profile's label, so that calls of one kernel on different shapes are told apart, and
-    /// the FLOPs the kernel executes (0 for none worth a rate).
+    /// [`CudaBackend::launch`], with what the profile records beside the time: `describe`
+    /// gets the bytes the launch moves by its arguments (`traffic.rs`) and gives the detail
+    /// after the kernel's name in the label (such as the shape, so that calls of one kernel on
+    /// different shapes are told apart) and the launch's work (its FLOPs, 0 for none worth a
+    /// rate, and its bytes).
     pub(crate) fn launch_described(
         &self,
         kernel: Kernel,
         cfg: Option<LaunchConfig>,
         args: &[Arg],
-        detail: impl FnOnce() -> (String, f64),
+        describe: impl FnOnce(Option<f64>) -> (String, Work),
     ) -> BResult<()> {
         let Some(cfg) = cfg else { return Ok(()) };
         check_args(kernel, args)?;
@@ -354,12 +359,12 @@ impl CudaBackend {
             )
         })?;
         if let (Some(p), Some(t)) = (&self.profile, timer) {
-            let (detail, flops) = detail();
+            let (detail, work) = describe(traffic::bytes(kernel, args));
             if detail.is_empty() {
-                p.end(&self.stream, t, kernel.name(), flops);
+                p.end(&self.stream, t, kernel.name(), work);
             } else {
                 let label = format!("{} {detail}", kernel.name());
-                p.end(&self.stream, t, label, flops);
+                p.end(&self.stream, t, label, work);
             }
         }
         Ok(())

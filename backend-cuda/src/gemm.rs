@@ -52,10 +52,14 @@ pub(crate) fn column_major(g: &Gemm) -> ColumnMajor {
     }
 }
 
-/// The floating-point operations of `g`'s products (2 per multiply-add), for the profile's
-/// rates.
-pub(crate) fn flops(g: &Gemm) -> f64 {
-    2.0 * g.m as f64 * g.n as f64 * g.k as f64 * g.batch as f64
+/// The profile's work of `g`: the floating-point operations of its products (2 per
+/// multiply-add), for their rate. Products are measured by that rate, so their bytes are not
+/// counted.
+pub(crate) fn work(g: &Gemm) -> crate::profile::Work {
+    crate::profile::Work {
+        flops: 2.0 * g.m as f64 * g.n as f64 * g.k as f64 * g.batch as f64,
+        bytes: None,
+    }
 }
 
 /// The column-major product that [`column_major`] describes, in f64 on the host: the meaning

@@ -90,6 +90,7 @@ mod ops;
 mod profile;
 mod readers;
 mod split_k;
+mod traffic;
 mod upload;
 
 pub use backend::{AttentionPath, CudaBackend, Precision};

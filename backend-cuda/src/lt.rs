@@ -894,7 +894,7 @@ impl CudaBackend {
             }
         }
         if let (Some(p), Some(t)) = (&self.profile, timer) {
-            p.end(&self.stream, t, label(), crate::gemm::flops(g));
+            p.end(&self.stream, t, label(), crate::gemm::work(g));
         }
         Ok(true)
     }

@@ -13,6 +13,7 @@ use crate::launch::{
     per_row, per_warp, single_block, ATTENTION_MAX_HEAD_DIM, ATTENTION_MMA_PREFETCH,
     ATTENTION_MMA_ROWS, ATTENTION_MMA_SPLIT, LAYERNORM_BACKWARD_BLOCKS, LAYERNORM_FUSED_COLS,
 };
+use crate::profile::Work;
 use crate::readers::max_readers;
 use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasGemmStridedBatchedEx, cublasOperation_t,
@@ -413,7 +414,7 @@ impl Backend for CudaBackend {
                 "gemm {}x{}x{} {ta}{tb} x{}{copies}{out}",
                 g.m, g.n, g.k, g.batch
             );
-            p.end(&self.stream, t, label, crate::gemm::flops(g));
+            p.end(&self.stream, t, label, crate::gemm::work(g));
         }
         Ok(())
     }
@@ -1363,12 +1364,22 @@ fn mma_variants<const N: usize>(
 /// The profile's detail of an attention kernel that computes `products` rows x T x head-width
 /// products per (image, head) (the forward 2: scores and P V; dQ 3: the scores again, dP and
 /// dQ; dK-dV 4: scores, dV, dP and dK) for `rows` of the T rows (all but a split tail's, or
-/// those): tokens, head width and (image, head) pairs, and the FLOPs executed, recomputation
-/// included.
-fn attention_detail(a: &Attention, products: usize, rows: usize) -> (String, f64) {
+/// those): tokens, head width and (image, head) pairs, and the work: the FLOPs executed,
+/// recomputation included, and the rows' share of the `bytes` the whole op moves.
+fn attention_detail(
+    a: &Attention,
+    products: usize,
+    rows: usize,
+    bytes: Option<f64>,
+) -> (String, Work) {
     let pairs = a.batch * a.heads;
     let flops = 2.0 * (products * pairs * rows * a.tokens * a.head_dim) as f64;
-    (format!("T{} hd{} x{pairs}", a.tokens, a.head_dim), flops)
+    let share = rows as f64 / a.tokens.max(1) as f64;
+    let work = Work {
+        flops,
+        bytes: bytes.map(|b| b * share),
+    };
+    (format!("T{} hd{} x{pairs}", a.tokens, a.head_dim), work)
 }
 
 /// The grids of one direction of the fused attention: the main kernel's, and the tail kernel's
@@ -1442,11 +1453,11 @@ impl CudaBackend {
             None => 0,
         };
         let rows = a.tokens - tail_rows;
-        self.launch_described(kernel, grids.main, args, || {
-            attention_detail(a, products, rows)
+        self.launch_described(kernel, grids.main, args, |bytes| {
+            attention_detail(a, products, rows, bytes)
         })?;
-        self.launch_described(tail, grids.tail, args, || {
-            attention_detail(a, products, tail_rows)
+        self.launch_described(tail, grids.tail, args, |bytes| {
+            attention_detail(a, products, tail_rows, bytes)
         })
     }
 

@@ -2,9 +2,11 @@
 //!
 //! Off unless the environment variable `MAE_CUDA_PROFILE` is set when the backend is built.
 //! Then every launch and GEMM is bracketed by two CUDA events on the backend's stream, and when
-//! the backend is dropped a table of the device time per label (count, total and mean, and for
-//! products the rate: the FLOPs they execute over their time) is printed to standard error,
-//! largest first. The events add a few microseconds of host work per
+//! the backend is dropped a table of the device time per label (count, total and mean, for
+//! products the rate: the FLOPs they execute over their time, and for kernels the bandwidth:
+//! the bytes they move at least, `traffic.rs`, over their time) is printed to standard error,
+//! largest first, closed by the run's totals of both (from which `scripts/gpu-check.sh` puts
+//! the step against its floor at the card's peaks). The events add a few microseconds of host work per
 //! op and a synchronization every few thousand ops, so wall-clock numbers measured with the
 //! profiler on are slightly pessimistic; the per-label device times are not affected.
 //!
@@ -32,13 +34,31 @@ pub(crate) struct Profile {
 
 #[derive(Default)]
 struct State {
-    /// (label, FLOPs, start, end)
-    pending: Vec<(String, f64, CudaEvent, CudaEvent)>,
-    /// label -> (calls, milliseconds, FLOPs)
-    totals: HashMap<String, (u64, f64, f64)>,
+    /// (label, work, start, end)
+    pending: Vec<(String, Work, CudaEvent, CudaEvent)>,
+    totals: HashMap<String, Total>,
     /// kernel name -> its resources as the driver reports them (or why it could not)
     kernels: BTreeMap<&'static str, Result<Resources, String>>,
     failed: Option<String>,
+}
+
+/// What one op does besides taking time: the FLOPs of its products (2 per multiply-add; 0
+/// for an op without products) and the bytes it moves at least (`None`: not counted).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct Work {
+    pub flops: f64,
+    pub bytes: Option<f64>,
+}
+
+/// The sums over the calls under one label.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Total {
+    calls: u64,
+    ms: f64,
+    flops: f64,
+    /// Bytes of the calls that counted theirs, and those calls' milliseconds.
+    bytes: f64,
+    counted_ms: f64,
 }
 
 /// One kernel's resources at its first launch, as the driver reports them.
@@ -122,14 +142,13 @@ impl Profile {
         }
     }
 
-    /// Records the end of the op that `timer` started, under `label`, with the floating-point
-    /// operations it executes (2 per multiply-add of a product; 0 for an op without a rate).
+    /// Records the end of the op that `timer` started, under `label`, with its `work`.
     pub(crate) fn end(
         &self,
         stream: &CudaStream,
         timer: Timer,
         label: impl Into<String>,
-        flops: f64,
+        work: Work,
     ) {
         let Timer(Some(start)) = timer else { return };
         let end = match stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)) {
@@ -139,7 +158,7 @@ impl Profile {
         let Ok(mut state) = self.state.lock() else {
             return;
         };
-        state.pending.push((label.into(), flops, start, end));
+        state.pending.push((label.into(), work, start, end));
         if state.pending.len() >= RESOLVE_EVERY {
             state.resolve();
         }
@@ -166,43 +185,74 @@ impl Profile {
         }
     }
 
-    /// The table of device time per label, largest total first.
+    /// The table of device time per label, largest total first, then the totals.
     pub(crate) fn report(&self) -> String {
         let Ok(mut state) = self.state.lock() else {
             return "MAE_CUDA_PROFILE: the profiler's lock is poisoned\n".into();
         };
         state.resolve();
-        let mut rows: Vec<(&String, &(u64, f64, f64))> = state.totals.iter().collect();
-        rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
-        let all: f64 = rows.iter().map(|r| r.1 .1).sum();
+        let mut rows: Vec<(&String, &Total)> = state.totals.iter().collect();
+        rows.sort_by(|a, b| b.1.ms.total_cmp(&a.1.ms));
+        let all: f64 = rows.iter().map(|r| r.1.ms).sum();
         let mut out = format!("MAE_CUDA_PROFILE: device time per op, {all:.1} ms in all\n");
         let _ = writeln!(
             out,
-            "{:>10} {:>6} {:>9} {:>10} {:>9}  op",
-            "total ms", "%", "calls", "mean us", "TFLOP/s"
+            "{:>10} {:>6} {:>9} {:>10} {:>9} {:>8}  op",
+            "total ms", "%", "calls", "mean us", "TFLOP/s", "GB/s"
         );
-        for (label, &(calls, ms, flops)) in rows {
-            let rate = if flops > 0.0 && ms > 0.0 {
-                format!("{:.1}", flops / (ms * 1e9))
-            } else {
-                String::new()
-            };
+        let rate = |x: f64, ms: f64, unit: f64| match x > 0.0 && ms > 0.0 {
+            true => format!("{:.1}", x / (ms * unit)),
+            false => String::new(),
+        };
+        for (label, t) in rows {
             let _ = writeln!(
                 out,
-                "{ms:>10.2} {:>6.2} {calls:>9} {:>10.2} {rate:>9}  {label}",
-                100.0 * ms / all.max(f64::MIN_POSITIVE),
-                1000.0 * ms / calls as f64
+                "{:>10.2} {:>6.2} {:>9} {:>10.2} {:>9} {:>8}  {label}",
+                t.ms,
+                100.0 * t.ms / all.max(f64::MIN_POSITIVE),
+                t.calls,
+                1000.0 * t.ms / t.calls as f64,
+                rate(t.flops, t.ms, 1e9),
+                rate(t.bytes, t.counted_ms, 1e6),
             );
         }
         if let Some(why) = &state.failed {
             let _ = writeln!(out, "(incomplete: {why})");
         }
+        state.write_totals(&mut out);
         state.write_kernels(&mut out);
         out
     }
 }
 
 impl State {
+    /// The totals the step's floor follows from: the products' FLOPs (GEMMs and attention)
+    /// and their time; the other kernels' bytes and time, where counted; the time of the rest.
+    fn write_totals(&self, out: &mut String) {
+        let (mut products, mut others) = (Total::default(), Total::default());
+        for t in self.totals.values() {
+            let sum = if t.flops > 0.0 {
+                &mut products
+            } else {
+                &mut others
+            };
+            sum.ms += t.ms;
+            sum.flops += t.flops;
+            sum.bytes += t.bytes;
+            sum.counted_ms += t.counted_ms;
+        }
+        let _ = writeln!(
+            out,
+            "MAE_CUDA_PROFILE: totals: products {:.3} TFLOP in {:.2} ms; other kernels {:.3} GB \
+             in {:.2} ms; not counted {:.2} ms",
+            products.flops / 1e12,
+            products.ms,
+            others.bytes / 1e9,
+            others.counted_ms,
+            others.ms - others.counted_ms,
+        );
+    }
+
     /// The second table: each kernel's resources, by name.
     fn write_kernels(&self, out: &mut String) {
         if self.kernels.is_empty() {
@@ -240,13 +290,18 @@ impl State {
 
     /// Reads every pending pair's elapsed time (waiting for the stream to reach them).
     fn resolve(&mut self) {
-        for (label, flops, start, end) in self.pending.drain(..) {
+        for (label, work, start, end) in self.pending.drain(..) {
             match start.elapsed_ms(&end) {
                 Ok(ms) => {
-                    let t = self.totals.entry(label).or_insert((0, 0.0, 0.0));
-                    t.0 += 1;
-                    t.1 += ms as f64;
-                    t.2 += flops;
+                    let t = self.totals.entry(label).or_default();
+                    let ms = f64::from(ms);
+                    t.calls += 1;
+                    t.ms += ms;
+                    t.flops += work.flops;
+                    if let Some(bytes) = work.bytes {
+                        t.bytes += bytes;
+                        t.counted_ms += ms;
+                    }
                 }
                 Err(e) => {
                     self.failed
@@ -261,38 +316,73 @@ impl State {
 mod tests {
     use super::*;
 
-    /// Rows by total time, products with their rate (FLOPs over time), other ops without.
+    /// Rows by total time, products with their rate (FLOPs over time), kernels whose traffic
+    /// is counted with their bandwidth, then the totals.
     #[test]
-    fn the_table_gives_products_their_rate() {
+    fn the_table_gives_products_their_rate_and_kernels_their_bandwidth() {
         let profile = Profile::default();
         {
             let mut state = profile.state.lock().unwrap();
-            state.totals.insert("gemm 2x3x4".into(), (4, 2.0, 3e12));
+            let total = |calls, ms, flops, bytes, counted_ms| Total {
+                calls,
+                ms,
+                flops,
+                bytes,
+                counted_ms,
+            };
             state
                 .totals
-                .insert("layernorm_forward".into(), (10, 6.0, 0.0));
+                .insert("gemm 2x3x4".into(), total(4, 2.0, 3e12, 0.0, 0.0));
+            state
+                .totals
+                .insert("layernorm_forward".into(), total(10, 6.0, 0.0, 1.2e10, 6.0));
+            state.totals.insert(
+                "copy_rows_backward_finish".into(),
+                total(1, 0.5, 0.0, 0.0, 0.0),
+            );
         }
         let table = profile.report();
         let lines: Vec<&str> = table.lines().collect();
-        assert!(lines[0].contains("8.0 ms in all"), "{table}");
-        assert!(lines[1].contains("TFLOP/s"), "{table}");
+        assert!(lines[0].contains("8.5 ms in all"), "{table}");
+        assert!(
+            lines[1].contains("TFLOP/s") && lines[1].contains("GB/s"),
+            "{table}"
+        );
         let cells = |line: &str| {
             line.split_whitespace()
                 .map(str::to_owned)
                 .collect::<Vec<_>>()
         };
+        // 1.2e10 bytes in 6 ms: 2,000 GB/s.
         assert_eq!(
             cells(lines[2]),
-            ["6.00", "75.00", "10", "600.00", "layernorm_forward"]
+            [
+                "6.00",
+                "70.59",
+                "10",
+                "600.00",
+                "2000.0",
+                "layernorm_forward"
+            ]
         );
         // 3e12 FLOPs in 2 ms: 1,500 TFLOP/s.
         assert_eq!(
             cells(lines[3]),
-            ["2.00", "25.00", "4", "500.00", "1500.0", "gemm", "2x3x4"]
+            ["2.00", "23.53", "4", "500.00", "1500.0", "gemm", "2x3x4"]
+        );
+        assert_eq!(
+            cells(lines[4]),
+            ["0.50", "5.88", "1", "500.00", "copy_rows_backward_finish"]
+        );
+        assert_eq!(
+            lines[5],
+            "MAE_CUDA_PROFILE: totals: products 3.000 TFLOP in 2.00 ms; other kernels 12.000 GB \
+             in 6.00 ms; not counted 0.50 ms",
+            "{table}"
         );
         assert_eq!(
             lines.len(),
-            4,
+            6,
             "no kernel launched, no second table: {table}"
         );
     }
@@ -322,14 +412,14 @@ mod tests {
         assert!(profile.is_new_kernel("layernorm_forward"));
         let table = profile.report();
         let lines: Vec<&str> = table.lines().collect();
-        assert!(lines[2].contains("kernel resources"), "{table}");
-        assert!(lines[3].contains("occupancy"), "{table}");
+        assert!(lines[3].contains("kernel resources"), "{table}");
+        assert!(lines[4].contains("occupancy"), "{table}");
         // By name; 5 blocks of 128 threads fill 640 of 2,048: 31 %.
         assert!(
-            lines[4].ends_with("(reading the registers: gone)  add_f32"),
+            lines[5].ends_with("(reading the registers: gone)  add_f32"),
             "{table}"
         );
-        let cells: Vec<&str> = lines[5].split_whitespace().collect();
+        let cells: Vec<&str> = lines[6].split_whitespace().collect();
         assert_eq!(
             cells,
             [
