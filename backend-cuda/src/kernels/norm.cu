@@ -147,19 +147,88 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 3)
 // double, into partial_g/partial_b[blockIdx.x][c]; column_sum_finish then folds the gridDim.x
 // partials. That saves the second read of dy and x that layernorm_param_partials makes (8 of
 // the 26 bytes per element the two passes moved). Wider rows take that kernel instead. Four
-// columns a thread (every ViT-B and ViT-L width) keep the kernel at 48 registers, five blocks a
-// multiprocessor; eight took 64 registers and four blocks.
+// columns a thread cover every ViT-B and ViT-L width (eight took 64 registers and four blocks).
+// Five blocks a multiprocessor (__launch_bounds__) cap the kernel at 48 registers: holding a
+// row's values, ptxas 13 keeps two of gamma's in local memory (8 bytes a thread, refilled from
+// L1 each row, during the row's loads); unbounded it takes 66 registers, three blocks.
 #define LN_FUSED_PER_THREAD 4
 #define LN_FUSED_COLS (BLOCK * LN_FUSED_PER_THREAD)
-extern "C" __global__ void layernorm_backward_dx(const float* dy, const u16* dy16,
+// The fused path (rows of up to LN_FUSED_COLS columns, partials wanted): each thread holds its
+// LN_FUSED_PER_THREAD columns of a row, dy, x and dx's old value from one round of loads, and
+// gamma's for all its block's rows, and the row's two sums share one block reduction. A row
+// thus waits on memory once and on the block's barriers twice; the general path below waits
+// on memory twice (its second loop's loads start after the sums) and on barriers four times,
+// and its block holds one row at a time, so the latency of each row was what bounded it. The
+// arithmetic is the general path's, in the same order: the results are bitwise the same.
+__device__ void layernorm_backward_dx_fused(const float* dy, const u16* dy16, const float* x,
+                                            const float* gamma, const float* mean,
+                                            const float* rstd, float* dx, u16* dx16,
+                                            double* partial_g, double* partial_b, u64 rows,
+                                            u64 cols, double* scratch) {
+    double pg[LN_FUSED_PER_THREAD], pb[LN_FUSED_PER_THREAD];
+    float g[LN_FUSED_PER_THREAD];
+    UNROLL
+    for (u32 k = 0; k < LN_FUSED_PER_THREAD; ++k) {
+        const u64 j = threadIdx.x + k * BLOCK;
+        pg[k] = pb[k] = 0.0;
+        g[k] = j < cols ? gamma[j] : 0.0f;
+    }
+    FOR_EACH_ROW(r, rows) {
+        const u64 row = r * cols;
+        const float m = mean[r], rs = rstd[r];
+        float d[LN_FUSED_PER_THREAD], xv[LN_FUSED_PER_THREAD], old[LN_FUSED_PER_THREAD];
+        UNROLL
+        for (u32 k = 0; k < LN_FUSED_PER_THREAD; ++k) {
+            const u64 j = threadIdx.x + k * BLOCK;
+            const bool in = j < cols;
+            d[k] = in ? load_in(dy, dy16, row + j) : 0.0f;
+            xv[k] = in ? x[row + j] : 0.0f;
+            old[k] = in ? dx[row + j] : 0.0f;
+        }
+        double a = 0.0, b = 0.0;
+        UNROLL
+        for (u32 k = 0; k < LN_FUSED_PER_THREAD; ++k) {
+            if (threadIdx.x + k * BLOCK >= cols) break;
+            const float dnorm = d[k] * g[k];
+            a += (double)dnorm;
+            b += (double)(dnorm * ((xv[k] - m) * rs));
+        }
+        block_sum_pair(&a, &b, scratch);
+        const float mean_dnorm = (float)(a / (double)cols);
+        const float mean_dnorm_xhat = (float)(b / (double)cols);
+        UNROLL
+        for (u32 k = 0; k < LN_FUSED_PER_THREAD; ++k) {
+            const u64 j = threadIdx.x + k * BLOCK;
+            if (j >= cols) break;
+            const float xhat = (xv[k] - m) * rs;
+            const float o = old[k] + rs * (d[k] * g[k] - mean_dnorm - xhat * mean_dnorm_xhat);
+            dx[row + j] = o;
+            if (dx16) dx16[row + j] = (u16)bf16_bits(o);
+            pg[k] += (double)(d[k] * xhat);
+            pb[k] += (double)d[k];
+        }
+    }
+    UNROLL
+    for (u32 k = 0; k < LN_FUSED_PER_THREAD; ++k) {
+        const u64 j = threadIdx.x + k * BLOCK;
+        if (j >= cols) break;
+        partial_g[blockIdx.x * cols + j] = pg[k];
+        partial_b[blockIdx.x * cols + j] = pb[k];
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(BLOCK, 5)
+    layernorm_backward_dx(const float* dy, const u16* dy16,
                                                  const float* x, const float* gamma,
                                                  const float* mean, const float* rstd, float* dx,
                                                  u16* dx16, double* partial_g, double* partial_b,
                                                  u64 rows, u64 cols) {
-    __shared__ double scratch[BLOCK / 32];
-    double pg[LN_FUSED_PER_THREAD], pb[LN_FUSED_PER_THREAD];
-    UNROLL
-    for (u32 k = 0; k < LN_FUSED_PER_THREAD; ++k) pg[k] = pb[k] = 0.0;
+    __shared__ double scratch[2 * (BLOCK / 32)];
+    if (partial_g) {
+        layernorm_backward_dx_fused(dy, dy16, x, gamma, mean, rstd, dx, dx16, partial_g,
+                                    partial_b, rows, cols, scratch);
+        return;
+    }
     FOR_EACH_ROW(r, rows) {
         const u64 row = r * cols;
         const float* xr = x + row;
@@ -173,20 +242,6 @@ extern "C" __global__ void layernorm_backward_dx(const float* dy, const u16* dy1
         const float mean_dnorm = (float)(block_sum(a, scratch) / (double)cols);
         const float mean_dnorm_xhat = (float)(block_sum(b, scratch) / (double)cols);
         float* dxr = dx + r * cols;
-        if (partial_g) {
-            UNROLL
-            for (u32 k = 0; k < LN_FUSED_PER_THREAD; ++k) {
-                const u64 j = threadIdx.x + k * BLOCK;
-                if (j >= cols) break;
-                const float xhat = (xr[j] - m) * rs, d = load_in(dy, dy16, row + j);
-                const float o = dxr[j] + rs * (d * gamma[j] - mean_dnorm - xhat * mean_dnorm_xhat);
-                dxr[j] = o;
-                if (dx16) dx16[r * cols + j] = (u16)bf16_bits(o);
-                pg[k] += (double)(d * xhat);
-                pb[k] += (double)d;
-            }
-            continue;
-        }
         for (u64 j = threadIdx.x; j < cols; j += BLOCK) {
             const float xhat = (xr[j] - m) * rs;
             const float d =
@@ -194,15 +249,6 @@ extern "C" __global__ void layernorm_backward_dx(const float* dy, const u16* dy1
                                xhat * mean_dnorm_xhat);
             dxr[j] = d;
             if (dx16) dx16[r * cols + j] = (u16)bf16_bits(d);
-        }
-    }
-    if (partial_g) {
-        UNROLL
-        for (u32 k = 0; k < LN_FUSED_PER_THREAD; ++k) {
-            const u64 j = threadIdx.x + k * BLOCK;
-            if (j >= cols) break;
-            partial_g[blockIdx.x * cols + j] = pg[k];
-            partial_b[blockIdx.x * cols + j] = pb[k];
         }
     }
 }

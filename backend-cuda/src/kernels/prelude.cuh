@@ -103,6 +103,26 @@ __device__ double block_sum(double v, double* scratch) {
     return total;
 }
 
+// Two block_sums in one: `a` and `b` each become their sum over the block, added in
+// block_sum's order, with one pair of barriers where two calls take two each. `scratch` is at
+// least 2 * BLOCK / 32 doubles of shared memory; every thread of the block must call.
+__device__ void block_sum_pair(double* a, double* b, double* scratch) {
+    const double wa = warp_sum(*a), wb = warp_sum(*b);
+    if (threadIdx.x % 32 == 0) {
+        scratch[threadIdx.x / 32] = wa;
+        scratch[BLOCK / 32 + threadIdx.x / 32] = wb;
+    }
+    __syncthreads();
+    double ta = 0.0, tb = 0.0;
+    for (u32 w = 0; w < BLOCK / 32; ++w) {
+        ta += scratch[w];
+        tb += scratch[BLOCK / 32 + w];
+    }
+    __syncthreads();  // the caller may reuse scratch right away
+    *a = ta;
+    *b = tb;
+}
+
 // Maximum of every thread's `v` over the block (fmaxf ignores NaN, as f32::max does).
 __device__ float block_max(float v, float* scratch) {
     v = warp_max(v);
