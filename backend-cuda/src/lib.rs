@@ -24,8 +24,9 @@
 //! copy runs during the previous step (`upload.rs`; `MAE_CUDA_UPLOAD=overlapped|pinned|pageable`).
 //! The LayerNorm backward sums its parameter gradients' partials in the dx kernel
 //! (`MAE_CUDA_LAYERNORM_PARTIALS=fused|separate`).
-//! `MAE_CUDA_PROFILE=1` prints the device time per kernel when the backend is dropped, and each
-//! kernel's registers, spills and resident blocks as the driver compiled it.
+//! `MAE_CUDA_PROFILE=1` prints the device time per kernel when the backend is dropped, with the
+//! products' TFLOP/s and the other kernels' bandwidth, and each kernel's registers, spills and
+//! resident blocks as the driver compiled it.
 //!
 //! The CUDA libraries are loaded at run time (cudarc's `dynamic-loading`), so this crate builds
 //! and its tests run on machines without CUDA: there [`CudaBackend::new`] returns a
