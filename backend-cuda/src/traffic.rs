@@ -194,8 +194,14 @@ impl Args<'_> {
 mod tests {
     use super::*;
 
-    fn ptr(present: bool) -> Arg {
-        Arg::Ptr(if present { 0x1000 } else { 0 })
+    /// A launch's arguments: a pointer for each of `pointers` ('1' live, '0' null), then `rest`.
+    fn args(pointers: &str, rest: &[Arg]) -> Vec<Arg> {
+        let live = |c| Arg::Ptr(if c == '1' { 0x1000 } else { 0 });
+        pointers
+            .chars()
+            .map(live)
+            .chain(rest.iter().copied())
+            .collect()
     }
 
     fn n(v: u64) -> Arg {
@@ -206,84 +212,48 @@ mod tests {
     /// moves 2 bytes an element, from its floats 4; a null output moves nothing.
     #[test]
     fn traffic_follows_the_widths_of_the_arguments() {
+        let gelu = Kernel::GeluForwardF32;
         // GELU forward on 1,000 elements: x from its copy (2) into y's copy alone (2).
-        let args = [ptr(false), ptr(true), ptr(false), ptr(true), n(1000)];
-        assert_eq!(bytes(Kernel::GeluForwardF32, &args), Some(4000.0));
+        assert_eq!(bytes(gelu, &args("0101", &[n(1000)])), Some(4000.0));
         // From the floats into floats and copy: 4 + 4 + 2.
-        let args = [ptr(true), ptr(false), ptr(true), ptr(true), n(1000)];
-        assert_eq!(bytes(Kernel::GeluForwardF32, &args), Some(10_000.0));
+        assert_eq!(bytes(gelu, &args("1011", &[n(1000)])), Some(10_000.0));
         // GELU backward accumulating into floats: x 2, dy 4, dx read and written 8.
-        let args = [
-            ptr(true),
-            ptr(true),
-            ptr(true),
-            ptr(false),
-            ptr(true),
-            ptr(false),
-            n(10),
-            Arg::U32(1),
-        ];
-        assert_eq!(bytes(Kernel::GeluBackwardF32, &args), Some(140.0));
+        let backward = args("111010", &[n(10), Arg::U32(1)]);
+        assert_eq!(bytes(Kernel::GeluBackwardF32, &backward), Some(140.0));
         // LayerNorm forward, 8 rows of 4: x 4, y's copy alone 2, mean and rstd 8 a row,
         // gamma and beta 8 a column.
-        let args = [
-            ptr(true),
-            ptr(true),
-            ptr(true),
-            ptr(false),
-            ptr(true),
-            ptr(true),
-            ptr(true),
-            n(8),
-            n(4),
-            Arg::F32(1e-6),
-        ];
+        let norm = args("1110111", &[n(8), n(4), Arg::F32(1e-6)]);
         assert_eq!(
-            bytes(Kernel::LayerNormForward, &args),
+            bytes(Kernel::LayerNormForward, &norm),
             Some(32.0 * 6.0 + 96.0)
         );
         // Summing 3 partials of 10 and 2 elements, dst read (beta 1) and the bias's not.
-        let args = [
-            ptr(true),
-            ptr(true),
+        let sums = [
+            Arg::Ptr(1),
+            Arg::Ptr(1),
             n(10),
             Arg::F32(1.0),
-            ptr(true),
-            ptr(true),
+            Arg::Ptr(1),
+            Arg::Ptr(1),
             n(2),
             Arg::F32(0.0),
             Arg::U32(3),
         ];
-        assert_eq!(
-            bytes(Kernel::SumPartials, &args),
-            Some(4.0 * (36.0 + 12.0 + 10.0))
-        );
+        let read = 3.0 * 12.0 + 12.0 + 10.0;
+        assert_eq!(bytes(Kernel::SumPartials, &sums), Some(4.0 * read));
         // The bf16 forward attention: 2 images x 5 tokens, 3 heads of 4: q, k, v from copies
         // (3 x 2), out as floats and copy (4 + 2), lse 4 a score row.
-        let args = [
-            ptr(false),
-            ptr(true),
-            ptr(true),
-            ptr(true),
-            ptr(true),
-            n(2),
-            n(5),
-            n(3),
-            n(4),
-            Arg::F32(0.5),
-            Arg::U32(0),
-        ];
+        let dims = [n(2), n(5), n(3), n(4), Arg::F32(0.5), Arg::U32(0)];
+        let attention = args("01111", &dims);
         let expected = 10.0 * 12.0 * 12.0 + 4.0 * 10.0 * 3.0;
-        assert_eq!(
-            bytes(Kernel::AttentionForwardMmaBf16Hd32, &args),
-            Some(expected)
-        );
+        let forward = Kernel::AttentionForwardMmaBf16Hd32;
+        assert_eq!(bytes(forward, &attention), Some(expected));
     }
 
     /// `adamw_many` reads its tensors from a device table: its caller counts it.
     #[test]
     fn a_table_driven_kernel_is_left_to_its_caller() {
-        let args = [ptr(true), n(3), n(7)];
-        assert_eq!(bytes(Kernel::AdamWMany, &args), None);
+        let table = args("1", &[n(3), n(7)]);
+        assert_eq!(bytes(Kernel::AdamWMany, &table), None);
     }
 }
