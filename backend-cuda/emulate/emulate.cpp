@@ -97,7 +97,8 @@ static std::vector<unsigned> grids(unsigned production) {
 }
 
 static void test_elementwise() {
-    for (u64 n : {1ull, 255ull, 700ull}) {
+    // 1000: a multiple of eight, for the GELU kernels' eight-at-a-time path.
+    for (u64 n : {1ull, 255ull, 700ull, 1000ull}) {
         for (unsigned g : grids(grid_elementwise(n))) {
             std::string tag = " n=" + std::to_string(n) + " grid=" + std::to_string(g);
             auto x = random_vec(n, -6, 6), y = random_vec(n), dx = random_vec(n), dy = random_vec(n);
@@ -226,6 +227,27 @@ static void test_elementwise() {
                 launch(g, 256, [&] {
                     gelu_backward(xw.data(), nullptr, dyw.data(), nullptr, b64_f.data(), nullptr, n, 1);
                 });
+                // Copies in and copies out alone (the bf16 mode's MLP; eight at a time where n
+                // is a multiple of 8): the copies the kernels write beside floats.
+                std::vector<uint16_t> fa(n, 0xdead), fw(n, 0xdead), ba(n, 0xdead), bw(n, 0xdead);
+                std::vector<float> ff(n, NAN), bf(n, NAN);
+                launch(g, 256, [&] { gelu_forward_f32(nullptr, x16.data(), nullptr, fa.data(), n); });
+                launch(g, 256, [&] { gelu_forward_f32(nullptr, x16.data(), ff.data(), fw.data(), n); });
+                launch(g, 256, [&] {
+                    gelu_backward_f32(nullptr, x16.data(), nullptr, dy16.data(), nullptr, ba.data(), n, 0);
+                });
+                launch(g, 256, [&] {
+                    gelu_backward_f32(nullptr, x16.data(), nullptr, dy16.data(), bf.data(), bw.data(), n, 0);
+                });
+                checks += 2;
+                if (fa != fw) {
+                    std::printf("FAIL gelu_forward_f32 from and into copies alone%s\n", tag.c_str());
+                    ++failures;
+                }
+                if (ba != bw) {
+                    std::printf("FAIL gelu_backward_f32 from and into copies alone%s\n", tag.c_str());
+                    ++failures;
+                }
                 const std::pair<const char*, std::pair<std::vector<float>*, std::vector<float>*>> pairs[] = {
                     {"gelu_forward_f32", {&from16, &fromf}},
                     {"gelu_forward", {&f64_16, &f64_f}},

@@ -73,18 +73,7 @@ __device__ __forceinline__ MmaRowStats& mma_row_stats() {
 // thousands of cycles for 256 `mma`), so the softmax works in base 2: scores are scaled by
 // scale log2(e) once, and every exponential is one `ex2` (2^x, a few ulps of f32, flushing
 // results below 2^-126 to zero: far below the bf16 rounding of the probabilities for their
-// products) instead of expf's range reduction.
-#define LOG2E 1.4426950408889634f
-
-#ifdef MAE_HOST_SHIM
-__device__ __forceinline__ float exp2_fast(float x) { return exp2f(x); }
-#else
-__device__ __forceinline__ float exp2_fast(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-#endif
+// products) instead of expf's range reduction (`exp2_fast`, prelude.cuh).
 
 // d += a b for one m16n8k16 product of bf16 fragments with f32 accumulators.
 __device__ __forceinline__ void mma_bf16(float* d, const u32* a, u32 b0, u32 b1) {
@@ -99,19 +88,6 @@ __device__ __forceinline__ void mma_bf16(float* d, const u32* a, u32 b0, u32 b1)
 #else
     // Not reached: the host selects these kernels on compute capability 8.0 and above only.
     asm volatile("trap;");
-#endif
-}
-
-// Two floats rounded to nearest bf16, `lo` in the low half: one `cvt` on compute capability 8.0
-// and later, which rounds as bf16_bits (elementwise.cu) does but for NaN payloads; bf16_bits
-// elsewhere (these kernels only run on 8.0 and later, but compile for every device).
-__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
-#if !defined(MAE_HOST_SHIM) && __CUDA_ARCH__ >= 800
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-#else
-    return bf16_bits(lo) | (bf16_bits(hi) << 16);
 #endif
 }
 

@@ -24,6 +24,40 @@ __device__ __forceinline__ u32 bf16_bits(float x) {
     return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
 }
 
+// Two floats rounded to nearest bf16, `lo` in the low half: one `cvt` on compute capability 8.0
+// and later, which rounds as bf16_bits does but for NaN payloads; bf16_bits elsewhere (its
+// callers run on 8.0 and later, but compile for every device).
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+#if !defined(MAE_HOST_SHIM) && __CUDA_ARCH__ >= 800
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    return bf16_bits(lo) | (bf16_bits(hi) << 16);
+#endif
+}
+
+#define LOG2E 1.4426950408889634f
+
+// 2^x by the special-function unit (`ex2.approx.ftz`: a relative error of about 2^-22, results
+// below 2^-126 flushed to zero), and 1 / x (`rcp.approx.ftz`: about 1 ulp), for the kernels
+// whose values are rounded to bf16 after; exact on the host emulator.
+#ifdef MAE_HOST_SHIM
+__device__ __forceinline__ float exp2_fast(float x) { return exp2f(x); }
+__device__ __forceinline__ float rcp_fast(float x) { return 1.0f / x; }
+#else
+__device__ __forceinline__ float exp2_fast(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+__device__ __forceinline__ float rcp_fast(float x) {
+    float y;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+#endif
+
 // Four floats as four bf16 (bf16_bits) in two words, the first in the low half: where they lie.
 __device__ __forceinline__ uint2 bf16_quad(float4 v) {
     return make_uint2(bf16_bits(v.x) | bf16_bits(v.y) << 16,
