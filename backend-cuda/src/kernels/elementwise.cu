@@ -164,8 +164,6 @@ __device__ float gelu_f32(float x) {
     return x * normal_cdf_f32(x, &gauss);
 }
 
-// The f32 GELU and its gradient move four elements per thread where the buffers allow
-// (by_fours): a quarter of the loop's index arithmetic and memory instructions per element.
 // Eight bf16 of a 16-byte word as floats, and eight floats rounded into one (pack_bf16).
 __device__ __forceinline__ void unpack_bf16x8(uint4 w, float* v) {
     const u32 words[4] = {w.x, w.y, w.z, w.w};
@@ -185,9 +183,11 @@ __device__ __forceinline__ bool by_eights(u64 n, u64 halves) {
     return n % 8 == 0 && (halves & 15) == 0;
 }
 
-// Where input and output are bf16 copies alone (the bf16 mode's MLP), eight elements a thread:
-// 16 bytes a load, where four elements moved 8 and left too few bytes in flight to reach the
-// card's bandwidth. Rounded by pack_bf16 (as bf16_bits but for NaN payloads).
+// The f32 GELU and its gradient move four elements per thread where the buffers allow
+// (by_fours): a quarter of the loop's index arithmetic and memory instructions per element.
+// Where input and output are bf16 copies alone (the bf16 mode's MLP), eight: 16 bytes a load,
+// where four elements moved 8 and left too few bytes in flight to reach the card's bandwidth.
+// Rounded by pack_bf16 (as bf16_bits but for NaN payloads).
 extern "C" __global__ void gelu_forward_f32(const float* x, const u16* x16, float* y, u16* y16,
                                             u64 n) {
     if (x16 && !y && y16 && by_eights(n, (u64)x16 | (u64)y16)) {
@@ -224,7 +224,6 @@ __device__ __forceinline__ float gelu_grad_f32(float v) {
     const float cdf = normal_cdf_f32(v, &gauss);
     return cdf + v * gauss * 0.39894228f;
 }
-
 
 // `accumulate`, a null dx and the inputs as in gelu_backward above.
 extern "C" __global__ void gelu_backward_f32(const float* x, const u16* x16, const float* dy,
