@@ -43,7 +43,9 @@
 #       GPU_CHECK_QUICK=1 keeps what a change to the bf16 mode needs, in about half the time:
 #       the backend's tests, bf16 golden and ops, bf16 bench at GPU_CHECK_BATCHES (the composed
 #       attention and PyTorch bf16 at the largest), the profiles; no f32, ViT-L, wgpu or NCCL.
-#       GPU_CHECK_WGPU=0 skips the wgpu steps of a full run.
+#       GPU_CHECK_WGPU=0 skips the wgpu steps of a full run. GPU_CHECK_ONLY (an extended
+#       regex) runs only the steps whose report names it matches, for a second call in a
+#       session whose device time is short, e.g. 'unit|ops|cuda-bf16 b256$|torch|train b256$'.
 #
 # Nothing in `run` compiles or fetches anything: the GPU machines reach no registry.
 set -uo pipefail
@@ -179,6 +181,7 @@ run() {
     step() {
         local name=$1 log=$2 limit=$3
         shift 3
+        selected "$name" || return 0
         local start=$SECONDS rc
         local left=$((budget - SECONDS))
         if [ "$left" -lt 10 ]; then
@@ -199,11 +202,17 @@ run() {
         echo "$name: $verdict"
     }
 
+    # selected NAME: whether GPU_CHECK_ONLY (an extended regex; unset: all) selects the step.
+    selected() {
+        [ -z "${GPU_CHECK_ONLY:-}" ] || grep -qE -- "$GPU_CHECK_ONLY" <<<"$1"
+    }
+
     # measure NAME COMMAND...: a `step` logging to bench.log whose JSON line gains the peak
     # device memory in use (MiB) that nvidia-smi sampled every 100 ms while it ran.
     measure() {
         local name=$1
         shift
+        selected "$name" || return 0
         local mem=$out/mem.$RANDOM.csv
         nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$mem" 2>/dev/null &
         local sampler=$!

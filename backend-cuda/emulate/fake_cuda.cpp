@@ -608,9 +608,9 @@ int cublasLtMatmulDescSetAttribute(LtDesc* d, int attr, const void* buf, size_t 
         return 0;
     case 8:  // BIAS_POINTER
         return read_attr(&d->bias, buf, size);
-    case 26:  // BIAS_DATA_TYPE: f32 only
+    case 26:  // BIAS_DATA_TYPE: f32 or bf16 (lt_check: which D allows)
         if (int e = read_attr(&v, buf, size)) return e;
-        if (v != 0) return LT_NOT_SUPPORTED;
+        if (v != 0 && v != 14) return LT_NOT_SUPPORTED;
         d->bias_type = v;
         return 0;
     case 10:  // BIAS_BATCH_STRIDE
@@ -654,11 +654,13 @@ static int lt_check(const LtDesc* d, const LtLayout* a, const LtLayout* b, const
                     const LtLayout* dl) {
     if (!d || !a || !b || !c || !dl) return LT_INVALID;
     if (d->scale != 0 || c->type != dl->type || a->type != b->type) return LT_NOT_SUPPORTED;
-    // D f32, or bf16 (from bf16 operands, and where an epilogue reads or writes a bias vector,
-    // with the vector's type said to be f32: it would follow D's otherwise).
+    // D f32, or bf16 from bf16 operands. The vector of an epilogue is in D's type, as the
+    // real library takes it: on an H200 it had no algorithm for a bf16 D with an f32 bias
+    // (2026-11-28); a bf16 D writes no bias gradient here (lt.rs never asks for one).
     const bool vector = d->epilogue == 4 || d->epilogue == 512;
-    if (dl->type != 0 && (dl->type != 14 || a->type != 14 || (vector && d->bias_type != 0)))
-        return LT_NOT_SUPPORTED;
+    if (dl->type != 0 && (dl->type != 14 || a->type != 14)) return LT_NOT_SUPPORTED;
+    if (vector && d->bias_type != -1 && d->bias_type != dl->type) return LT_NOT_SUPPORTED;
+    if (dl->type == 14 && d->epilogue == 512) return LT_NOT_SUPPORTED;
     if (a->type == 14) {
         if (d->compute != 68) return LT_NOT_SUPPORTED;
     } else if (a->type != 0 || (d->compute != 68 && d->compute != 75 && d->compute != 77)) {
@@ -758,8 +760,11 @@ static int lt_one(const LtDesc* d, float al, const void* A, const LtLayout* a, c
     }
     if (status != 0) return status;
     if (d->epilogue == 4) {
+        // A bf16 D's bias is bf16 (lt_check), widened exactly.
+        const std::vector<float> wide = narrow ? widen_bf16(bias, m, 1, m, 0, 1) : std::vector<float>();
+        const float* add = narrow ? wide.data() : bias;
         for (int j = 0; j < n; ++j)
-            for (int i = 0; i < m; ++i) out[(size_t)j * ldd + i] += bias[i];
+            for (int i = 0; i < m; ++i) out[(size_t)j * ldd + i] += add[i];
     }
     if (narrow) {
         std::lock_guard<std::mutex> guard(device_lock);
@@ -790,10 +795,10 @@ int cublasLtMatmul(void* handle, const LtDesc* d, const void* alpha, const void*
         const auto at = [i](const void* p, const LtLayout* l) {
             return static_cast<const char*>(p) + (size_t)i * l->stride * type_bytes(l->type);
         };
-        float* bias = const_cast<float*>(d->bias);
-        if (bias) bias += (size_t)i * d->bias_stride;
+        char* bias = reinterpret_cast<char*>(const_cast<float*>(d->bias));
+        if (bias) bias += (size_t)i * d->bias_stride * type_bytes(dl->type);
         if (int e = lt_one(d, al, at(A, a), a, at(B, b), b, be, at(C, c), c,
-                           const_cast<char*>(at(D, dl)), dl, bias))
+                           const_cast<char*>(at(D, dl)), dl, reinterpret_cast<float*>(bias)))
             return e;
     }
     return 0;

@@ -166,6 +166,17 @@ impl CudaBackend {
         })
     }
 
+    /// The bf16 copy of all of `buf`, locked as [`CudaBackend::bf16_operands`]'s (both
+    /// addresses the copy's): the bias that cuBLASLt adds to a bf16 D (`lt.rs`).
+    pub(crate) fn bf16_vector<'a>(&self, buf: &'a CudaBuf) -> BResult<Bf16Operands<'a>> {
+        let mut copy = lock(buf)?;
+        let addr = self.copy_to_bf16(&mut copy, buf, buf.len())?;
+        Ok(Bf16Operands {
+            addrs: [addr, addr],
+            _locks: vec![copy],
+        })
+    }
+
     /// Makes `slot` a bf16 copy of at least the first `len` elements of `buf`'s current
     /// contents (allocating room for the whole buffer the first time; a replaced allocation's
     /// free is stream-ordered after the work that reads it) and returns its device address.
@@ -573,7 +584,13 @@ mod tests {
         );
         let bias = be.upload(&host(cols)).unwrap();
         let g = Gemm::new(rows, cols, k).trans_b();
-        let floats = |d: &CudaBuf| lock(d).unwrap().as_ref().map(|c| c.floats);
+        // Whether the floats hold the contents, where the copy holds them too (`None`: the
+        // copy is stale or missing, as after a product that fell back to f32).
+        let floats = |d: &CudaBuf| {
+            let slot = lock(d).unwrap();
+            let copy = slot.as_ref()?;
+            (copy.of.map(|(contents, _)| contents) == Some(d.contents())).then_some(copy.floats)
+        };
         let mut out = be.alloc_operand(rows * cols).unwrap();
         be.gemm(&g, &x, &w, &mut out).unwrap();
         assert_eq!(floats(&out), Some(false), "gemm wrote the floats");

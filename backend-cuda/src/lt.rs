@@ -102,6 +102,30 @@ enum Epilogue {
     BiasGrad,
 }
 
+/// The vector an epilogue reads or writes besides D, as `lt_product` takes it.
+#[derive(Clone, Copy)]
+enum Vector<'a> {
+    /// None: `Epilogue::Default`.
+    None,
+    /// The bias `Epilogue::Bias` adds (at least n floats, checked by the caller): its floats,
+    /// or where D is bf16 its bf16 copy. cuBLASLt reads the bias in D's type: on an H200 it has
+    /// no algorithm for a bf16 D with an f32 bias (2026-11-28), so a bf16 D takes the bias
+    /// rounded to bf16, as PyTorch's autocast Linear layers do.
+    Bias(&'a CudaBuf),
+    /// The address of the m sums `Epilogue::BiasGrad` writes.
+    Sums(u64),
+}
+
+impl Vector<'_> {
+    fn epilogue(&self) -> Epilogue {
+        match self {
+            Vector::None => Epilogue::Default,
+            Vector::Bias(_) => Epilogue::Bias,
+            Vector::Sums(_) => Epilogue::BiasGrad,
+        }
+    }
+}
+
 /// What the heuristic's choice depends on: the column-major call, the operands' type, the
 /// epilogue and the chunks of `k` (`split_k.rs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -318,11 +342,12 @@ fn describe(
         desc.set(DescAttr::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue)?;
         let bias_ptr = bias as *const c_void;
         desc.set(DescAttr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr)?;
-        // f32 whatever D is (the default would follow D, and a bf16 D must not make it bf16).
-        desc.set(
-            DescAttr::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
-            &cudaDataType::CUDA_R_32F,
-        )?;
+        // f32 where D is f32 (BGRADB's sums always), bf16 where D is (`Vector::Bias`).
+        let vector = match out {
+            cudaDataType::CUDA_R_16BF => cudaDataType::CUDA_R_16BF,
+            _ => cudaDataType::CUDA_R_32F,
+        };
+        desc.set(DescAttr::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &vector)?;
     }
     // Stored shapes: op(first) is m x k, op(second) is k x n.
     let (rows1, cols1) = if cm.trans_first {
@@ -484,8 +509,7 @@ impl CudaBackend {
             return Ok(false);
         }
         crate::backend::need(bias, g.n, "gemm_bias", "bias")?;
-        let pbias = self.read_addr(bias)?;
-        self.lt_product(g, a, b, (Epilogue::Bias, pbias), base, c)
+        self.lt_product(g, a, b, Vector::Bias(bias), base, c)
     }
 
     /// `gemm_bias_grad` on cuBLASLt where the product multiplies bf16 copies (the bf16 mode's
@@ -547,7 +571,8 @@ impl CudaBackend {
         if chunks > 1 {
             return self.lt_split_product(g, a, b, (epilogue, psums), (chunks, waves), (c, db));
         }
-        if !self.lt_product(g, a, b, (epilogue, psums), None, c)? {
+        debug_assert_eq!(epilogue, Epilogue::BiasGrad);
+        if !self.lt_product(g, a, b, Vector::Sums(psums), None, c)? {
             return Ok(false);
         }
         let args = [Arg::Ptr(psums), self.ptr_mut(db)?, Arg::U64(g.m as u64)];
@@ -698,18 +723,19 @@ impl CudaBackend {
         self.gemm_bias == GemmBias::Lt && g.batch == 1 && !empty
     }
 
-    /// The product of `gemm_bias_lt` and `gemm_bias_grad_lt` with `epilogue` on the f32 vector
-    /// at the given device address: `true` once queued, `false` where cuBLASLt is missing or
-    /// has no algorithm for it.
+    /// The product of `gemm_bias_lt`, `gemm_bias_grad_lt` and `gemm_lt` with the epilogue of
+    /// `vector`: `true` once queued, `false` where cuBLASLt is missing or has no algorithm for
+    /// it.
     fn lt_product(
         &self,
         g: &Gemm,
         a: &CudaBuf,
         b: &CudaBuf,
-        (epilogue, pbias): (Epilogue, u64),
+        vector: Vector<'_>,
         base: Option<&CudaBuf>,
         c: &mut CudaBuf,
     ) -> BResult<bool> {
+        let epilogue = vector.epilogue();
         let Some(lt) = self.lt() else {
             return Ok(false);
         };
@@ -734,21 +760,44 @@ impl CudaBackend {
         let mut lt = lt
             .lock()
             .map_err(|_| error::device("the cuBLASLt handle's lock is poisoned"))?;
+        // The bias's copy is locked before A's and B's: one buffer as bias and operand (no
+        // Linear layer's) keeps the f32 D rather than lock its copy twice.
+        let bias_alone = match vector {
+            Vector::Bias(bias) => !std::ptr::eq(bias, a) && !std::ptr::eq(bias, b),
+            _ => true,
+        };
         // D as `c`'s bf16 copy alone where `gemm_out16` allows it and cuBLASLt has an algorithm
         // for it, else f32.
-        let want16 =
-            base.is_none() && epilogue != Epilogue::BiasGrad && self.gemm_out16(g, bf16_copies, c);
+        let want16 = base.is_none()
+            && epilogue != Epilogue::BiasGrad
+            && bias_alone
+            && self.gemm_out16(g, bf16_copies, c);
+        // The vector's address for an f32 D and for a bf16 D; the bias's copy stays locked
+        // until the product reading it is queued.
+        let mut bias16 = None;
+        let (pvector, pvector16) = match vector {
+            Vector::None => (0, 0),
+            Vector::Sums(sums) => (sums, sums),
+            Vector::Bias(bias) => {
+                let floats = self.read_addr(bias)?;
+                let copy = match want16 {
+                    true => bias16.insert(self.bf16_vector(bias)?).addrs[0],
+                    false => floats,
+                };
+                (floats, copy)
+            }
+        };
         let mut chosen = None;
         for out16 in [true, false] {
             if out16 && !want16 {
                 continue;
             }
-            let ty = if out16 {
-                cudaDataType::CUDA_R_16BF
+            let (ty, pvector) = if out16 {
+                (cudaDataType::CUDA_R_16BF, pvector16)
             } else {
-                cudaDataType::CUDA_R_32F
+                (cudaDataType::CUDA_R_32F, pvector)
             };
-            let call = describe(&cm, operand, compute, (epilogue, pbias), ty, 1)
+            let call = describe(&cm, operand, compute, (epilogue, pvector), ty, 1)
                 .map_err(|e| lt_error(e, &format!("describing {g:?} to cuBLASLt")))?;
             let shape = Shape {
                 cm,
@@ -834,6 +883,7 @@ impl CudaBackend {
             )
         }?;
         drop(copies);
+        drop(bias16);
         if queued {
             if let Some(copy) = out16 {
                 copy.written(c.contents(), g.m * g.n);

@@ -19,7 +19,7 @@
 //! keeps such a file for the same reasons.
 
 use super::table::{self, Split, TuneError, TuneTable, Tuned};
-use super::{column_major, types, Call, Epilogue, Found, GemmBias, Lt, Shape};
+use super::{column_major, types, Call, Epilogue, Found, GemmBias, Lt, Shape, Vector};
 use crate::backend::Precision;
 use crate::buffer::CudaBuf;
 use crate::error;
@@ -352,7 +352,7 @@ impl CudaBackend {
         if !self.lt_takes(g) || !self.tuning() {
             return Ok(false);
         }
-        self.lt_product(g, a, b, (Epilogue::Default, 0), None, c)
+        self.lt_product(g, a, b, Vector::None, None, c)
     }
 }
 
