@@ -27,7 +27,8 @@
 #       MAE_CUDA_UPLOAD=pinned (pinned uploads in the compute stream's order, before they
 #       overlapped the step before), with
 #       MAE_CUDA_ATTENTION_PREFETCH=off (the attention's tile loads not overlapped), with
-#       MAE_CUDA_ATTENTION_TAIL=whole (the attention's last blocks not split over their warps),
+#       MAE_CUDA_ATTENTION_TAIL=split (the attention's last blocks split over their warps in
+#       tail kernels, the default before 2026-11-28),
 #       with MAE_CUDA_ATTENTION_OCCUPANCY=more and =fewer (the attention kernels' resident
 #       blocks one up, one down),
 #       with MAE_CUDA_LAYERNORM_PARTIALS=separate (the LayerNorm
@@ -317,10 +318,11 @@ run() {
     measure "bench base224 cuda-bf16 b$largest MAE_CUDA_ATTENTION_PREFETCH=off" \
         env MAE_CUDA_ATTENTION_PREFETCH=off "$bins/bin/bench" --case base224 \
         --backend cuda-bf16 --batch "$largest" --seconds "$s"
-    # The last block of each (image, head) at 197 tokens (5 rows) in the main kernels, three of
-    # its warps idle, instead of split over its warps in the tail kernels (attention_mma.cu).
-    measure "bench base224 cuda-bf16 b$largest MAE_CUDA_ATTENTION_TAIL=whole" \
-        env MAE_CUDA_ATTENTION_TAIL=whole "$bins/bin/bench" --case base224 \
+    # The last block of each (image, head) at 197 tokens (5 rows) split over its four warps in
+    # the tail kernels (attention_mma.cu), instead of run by the main kernels with three warps
+    # idle: on an H200 (2026-11-28) the split took 0.7 ms a step more, so it is not the default.
+    measure "bench base224 cuda-bf16 b$largest MAE_CUDA_ATTENTION_TAIL=split" \
+        env MAE_CUDA_ATTENTION_TAIL=split "$bins/bin/bench" --case base224 \
         --backend cuda-bf16 --batch "$largest" --seconds "$s"
     # The attention kernels with one resident block more (fewer registers, spills) and one
     # fewer (more registers, mostly no spills): whether they wait on latency or on issue.
@@ -393,7 +395,7 @@ run() {
     # tuning table is the one the bench run above filled, so nothing is timed anew.
     local setting
     for setting in MAE_CUDA_ATTENTION_OCCUPANCY=more MAE_CUDA_ATTENTION_OCCUPANCY=fewer \
-        MAE_CUDA_ATTENTION_PREFETCH=off MAE_CUDA_ATTENTION_TAIL=whole \
+        MAE_CUDA_ATTENTION_PREFETCH=off MAE_CUDA_ATTENTION_TAIL=split \
         MAE_CUDA_LAYERNORM_PARTIALS=separate MAE_CUDA_WEIGHT_GRAD_SPLIT=off \
         "MAE_CUDA_GEMM_TUNE=$out/gemm-tune.txt"; do
         step "profile base224 cuda-bf16 train b$largest ${setting%%=/*}" profile-ab.log 60 \
@@ -512,15 +514,19 @@ busy_share() {
     python3 - "$out/profile.log" "$out/bench.log" <<'PY' 2>/dev/null || true
 import json, re, sys
 prof, bench = open(sys.argv[1]).read(), open(sys.argv[2]).read()
-m = re.search(r"== profile base224 cuda-bf16 train b(\d+)(.*?)MAE_CUDA_PROFILE: device time per op, ([0-9.]+) ms", prof, re.S)
+# The section of the default's profile, whose JSON line may come before or after its table.
+sec = re.search(r"^== profile base224 cuda-bf16 train b(\d+)\n(.*?)(?=^== |\Z)", prof, re.S | re.M)
+m = sec and re.search(r"MAE_CUDA_PROFILE: device time per op, ([0-9.]+) ms", sec.group(2))
 if m:
-    batch, device_ms = int(m.group(1)), float(m.group(3))
-    steps = [json.loads(l)["train_steps_run"] for l in m.group(2).splitlines() if l.startswith("{")]
+    batch, device_ms = int(sec.group(1)), float(m.group(1))
+    steps = [json.loads(l)["train_steps_run"] for l in sec.group(2).splitlines() if l.startswith("{")]
     rates = [json.loads(l) for l in bench.splitlines() if l.startswith("{")]
     plain = [r["train_img_s"] for r in rates if r.get("backend") == "cuda-bf16" and r.get("case") == "base224" and r.get("batch") == batch]
     if steps and plain:
         busy, wall = device_ms / steps[0], 1000.0 * batch / plain[0]
-        print(f"\nGPU busy in a bf16 training step at batch {batch}: {busy:.1f} ms of {wall:.1f} ms ({100 * busy / wall:.0f} %)")
+        # The profile's total counts the warm-up step too: over 100 % leaves no idle time.
+        print(f"\nGPU busy in a bf16 training step at batch {batch}: {busy:.1f} ms of {wall:.1f} ms ({100 * busy / wall:.0f} %"
+              f"{', the warm-up step included: no idle time to recover' if busy >= wall else ''})")
 PY
 }
 
@@ -531,20 +537,22 @@ floor() {
     python3 - "$out/profile.log" "$out/bench.log" <<'PY' 2>/dev/null || true
 import json, re, sys
 prof, bench = open(sys.argv[1]).read(), open(sys.argv[2]).read()
-m = re.search(r"== profile base224 cuda-bf16 train b(\d+)(.*?)MAE_CUDA_PROFILE: totals: products ([0-9.]+) "
-              r"TFLOP in ([0-9.]+) ms; other kernels ([0-9.]+) GB in ([0-9.]+) ms; not counted ([0-9.]+) ms", prof, re.S)
+# The section of the default's profile, whose JSON line may come before or after its table.
+sec = re.search(r"^== profile base224 cuda-bf16 train b(\d+)\n(.*?)(?=^== |\Z)", prof, re.S | re.M)
+m = sec and re.search(r"MAE_CUDA_PROFILE: totals: products ([0-9.]+) TFLOP in ([0-9.]+) ms; "
+                      r"other kernels ([0-9.]+) GB in ([0-9.]+) ms; not counted ([0-9.]+) ms", sec.group(2))
 gpu = next((json.loads(l).get("gpu", "") for l in bench.splitlines()
             if l.startswith("{") and json.loads(l).get("gpu")), "")
 # Dense bf16 tensor-core peak (TFLOP/s) and memory bandwidth (TB/s) from NVIDIA's data sheets.
 peaks = {"H200": (989.4, 4.8), "H100 PCIe": (756.0, 2.0), "H100": (989.4, 3.35)}
 peak = next((v for k, v in peaks.items() if k in gpu), None)
 if m and peak:
-    steps = [json.loads(l)["train_steps_run"] for l in m.group(2).splitlines() if l.startswith("{")]
+    steps = [json.loads(l)["train_steps_run"] for l in sec.group(2).splitlines() if l.startswith("{")]
     if steps:
         n = steps[0]
-        tflop, p_ms, gb, k_ms, rest = (float(m.group(i)) / n for i in range(3, 8))
+        tflop, p_ms, gb, k_ms, rest = (float(m.group(i)) / n for i in range(1, 6))
         f_p, f_k = 1000 * tflop / peak[0], gb / peak[1]
-        print(f"\n## the bf16 training step against its floor at batch {m.group(1)} ({gpu}: {peak[0]} TFLOP/s, {peak[1]} TB/s)\n```")
+        print(f"\n## the bf16 training step against its floor at batch {sec.group(1)} ({gpu}: {peak[0]} TFLOP/s, {peak[1]} TB/s)\n```")
         print(f"products (GEMMs, attention): {tflop:.3f} TFLOP a step in {p_ms:.2f} ms: "
               f"{tflop / p_ms * 1000:.0f} TFLOP/s, floor {f_p:.2f} ms")
         print(f"other kernels: {gb:.2f} GB a step in {k_ms:.2f} ms: {1000 * gb / max(k_ms, 1e-9):.0f} GB/s, "

@@ -1126,10 +1126,10 @@ static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, uns
 static void test_attention_mma_orders(u64 B, u64 T, u64 H, u64 hd, bool small_grid,
                                       const std::vector<float>& qkv, const std::vector<float>& d_out,
                                       float scale, const std::string& tag) {
-    // Each tile staged while the one before is computed and the tail blocks split (the
-    // defaults), in both orders; staged just before it is computed
-    // (`MAE_CUDA_ATTENTION_PREFETCH=off`); the tail blocks whole in the main kernels
-    // (`MAE_CUDA_ATTENTION_TAIL=whole`).
+    // Each tile staged while the one before is computed (the default) and the tail blocks
+    // split (`MAE_CUDA_ATTENTION_TAIL=split`), in both orders; staged just before it is
+    // computed (`MAE_CUDA_ATTENTION_PREFETCH=off`); the tail blocks whole in the main kernels
+    // (the default).
     const struct {
         bool ahead;
         unsigned flags;

@@ -112,10 +112,11 @@ pub struct CudaBackend {
     /// `MAE_CUDA_ATTENTION_PREFETCH=on|off` (default on): whether the tensor-core attention
     /// stages each tile while computing the one before (`attention_mma.cu`, `mma_row_walk`).
     pub(crate) attention_prefetch: bool,
-    /// `MAE_CUDA_ATTENTION_TAIL=split|whole` (default split): whether a last block of the
+    /// `MAE_CUDA_ATTENTION_TAIL=split|whole` (default whole): whether a last block of the
     /// tensor-core attention whose rows fit in one warp (at 197 tokens) runs in the tail kernels,
     /// each tile split over its four warps (`attention_mma.cu`, `mma_has_tail`), or in the main
-    /// kernels with three warps idle.
+    /// kernels with three warps idle. On an H200 the tail kernels took 100 us a call, where the
+    /// main kernels took 40-50 us longer running those blocks (2026-11-28): `whole` is faster.
     pub(crate) attention_tail_split: bool,
     /// `MAE_CUDA_ATTENTION_OCCUPANCY=default|more|fewer`: the tensor-core attention kernels ask
     /// for their own number of resident blocks per multiprocessor, one more (fewer registers)
@@ -222,7 +223,7 @@ impl CudaBackend {
                 "MAE_CUDA_ATTENTION_TAIL",
                 &[("split", true), ("whole", false)],
             )?
-            .unwrap_or(true),
+            .unwrap_or(false),
             attention_blocks: env_choice(
                 "MAE_CUDA_ATTENTION_OCCUPANCY",
                 &[("default", 0), ("more", 1), ("fewer", -1)],
