@@ -101,6 +101,8 @@ pub struct CudaBackend {
     kernels: OnceLock<Result<Compiled, BackendError>>,
     arch: String,
     device_name: String,
+    /// The device's multiprocessors: grids that launch one wave of resident blocks.
+    pub(crate) multiprocessors: u64,
     precision: Precision,
     /// Device time per op when `MAE_CUDA_PROFILE` is set (printed when the backend is dropped).
     pub(crate) profile: Option<Profile>,
@@ -199,6 +201,9 @@ impl CudaBackend {
         let total = ctx
             .total_mem()
             .map_err(|e| error::driver(e, "reading the device's memory size", 0))?;
+        let multiprocessors = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| error::driver(e, "reading the multiprocessor count", 0))?;
         let be = CudaBackend {
             max_len: total / size_of::<f32>(),
             ctx,
@@ -207,6 +212,7 @@ impl CudaBackend {
             kernels: OnceLock::new(),
             arch: crate::kernels::arch_for(major, minor),
             device_name,
+            multiprocessors: multiprocessors.max(1) as u64,
             precision,
             profile: Profile::from_env(),
             attention_choice: attention_choice(major, minor)?,
@@ -360,7 +366,8 @@ impl CudaBackend {
             )
         })?;
         if let (Some(p), Some(t)) = (&self.profile, timer) {
-            let (detail, work) = describe(traffic::bytes(kernel, args));
+            let blocks = cfg.grid_dim.0 as u64;
+            let (detail, work) = describe(traffic::bytes(kernel, blocks, args));
             if detail.is_empty() {
                 p.end(&self.stream, t, kernel.name(), work);
             } else {

@@ -414,6 +414,18 @@ mod tests {
     }
 
     #[test]
+    fn layernorm_backward_blocks_agree_with_the_cuda_source() {
+        let want = format!(
+            "#define LN_BACKWARD_PER_SM {}\n",
+            crate::launch::LAYERNORM_BACKWARD_PER_SM
+        );
+        assert!(
+            program_source().contains(&want),
+            "norm.cu must say {want:?}"
+        );
+    }
+
+    #[test]
     fn mismatched_arguments_are_refused() {
         let ok = [Arg::Ptr(0), Arg::U64(3), Arg::F32(1.0)];
         check_args(Kernel::Fill, &ok).unwrap();

@@ -39,11 +39,19 @@ pub(crate) const MAX_BLOCKS: u64 = 1 << 16;
 /// kernel (`LN_FUSED_COLS` in `kernels/norm.cu`: four columns a thread).
 pub(crate) const LAYERNORM_FUSED_COLS: u64 = 4 * BLOCK as u64;
 
-/// The most blocks of that fused LayerNorm backward, each leaving one row of partials per
-/// parameter: a few waves of an H100 or H200 (132 multiprocessors, five blocks each), so
-/// about as many rows are in flight as with a block per row, while the partials stay small
-/// (8 MB per parameter at 512 columns) and their fold short.
-pub(crate) const LAYERNORM_BACKWARD_BLOCKS: u64 = 2048;
+/// The blocks of the LayerNorm backward that one multiprocessor holds (`LN_BACKWARD_PER_SM`
+/// in `kernels/norm.cu`, its `__launch_bounds__`).
+pub(crate) const LAYERNORM_BACKWARD_PER_SM: u64 = 5;
+
+/// The blocks of the fused LayerNorm backward for `rows` rows on a card of `multiprocessors`:
+/// one wave, as many as the card holds at once, each walking its share of the rows. Each
+/// block leaves one row of partials per parameter, so fewer blocks write and fold fewer
+/// partials; and a grid of whole waves has no last wave that leaves most of the card idle.
+/// (2,048 blocks, 3.1 waves of an H200, left its last wave a tenth full and wrote three times
+/// the partials; on the H200 the kernel then ran at 2.3 TB/s, 2026-11-28.)
+pub(crate) fn layernorm_backward_blocks(rows: u64, multiprocessors: u64) -> u64 {
+    rows.min(multiprocessors.max(1) * LAYERNORM_BACKWARD_PER_SM)
+}
 
 /// The fewest rows summed by one thread in pass 1 of a column sum (bias, LayerNorm parameter
 /// and position-table gradients).
@@ -208,6 +216,16 @@ mod tests {
             attention_mma(u64::MAX, 65).unwrap().grid_dim.0,
             MAX_BLOCKS as u32
         );
+    }
+
+    #[test]
+    fn the_layernorm_backward_runs_one_wave_of_blocks_and_no_more_than_rows() {
+        // An H200's 132 multiprocessors hold 660 blocks: ViT-B's 12,800 encoder rows take them
+        // all, 19 or 20 rows each.
+        assert_eq!(layernorm_backward_blocks(12_800, 132), 660);
+        assert_eq!(layernorm_backward_blocks(50_432, 108), 540);
+        assert_eq!(layernorm_backward_blocks(7, 132), 7);
+        assert_eq!(layernorm_backward_blocks(7, 0), 5);
     }
 
     #[test]

@@ -9,9 +9,10 @@ use crate::error;
 use crate::gemm::column_major;
 use crate::kernels::{Arg, Kernel};
 use crate::launch::{
-    attention, attention_mma, attention_mma_split, column_chunks, elementwise, layernorm_rows,
-    per_row, per_warp, single_block, ATTENTION_MAX_HEAD_DIM, ATTENTION_MMA_PREFETCH,
-    ATTENTION_MMA_ROWS, ATTENTION_MMA_SPLIT, LAYERNORM_BACKWARD_BLOCKS, LAYERNORM_FUSED_COLS,
+    attention, attention_mma, attention_mma_split, column_chunks, elementwise,
+    layernorm_backward_blocks, layernorm_rows, per_row, per_warp, single_block,
+    ATTENTION_MAX_HEAD_DIM, ATTENTION_MMA_PREFETCH, ATTENTION_MMA_ROWS, ATTENTION_MMA_SPLIT,
+    LAYERNORM_FUSED_COLS,
 };
 use crate::profile::Work;
 use crate::readers::max_readers;
@@ -830,7 +831,7 @@ impl Backend for CudaBackend {
         // each row (pass 1 of the column sums); wider rows take a pass of their own for them.
         let fused = self.layernorm_fused && cols as u64 <= LAYERNORM_FUSED_COLS;
         let (grid, chunks) = if fused {
-            let blocks = (rows as u64).min(LAYERNORM_BACKWARD_BLOCKS);
+            let blocks = layernorm_backward_blocks(rows as u64, self.multiprocessors);
             (per_row(blocks, cols as u64), blocks)
         } else {
             (

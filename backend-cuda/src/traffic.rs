@@ -10,11 +10,10 @@
 //! is counted by its caller or not at all.
 
 use crate::kernels::{Arg, Kernel};
-use crate::launch::LAYERNORM_BACKWARD_BLOCKS;
 
-/// The bytes `kernel` moves at least when launched with `args` (checked against its parameter
-/// list before), or `None` for a kernel this module does not count.
-pub(crate) fn bytes(kernel: Kernel, args: &[Arg]) -> Option<f64> {
+/// The bytes `kernel` moves at least when launched on `blocks` blocks with `args` (checked
+/// against its parameter list before), or `None` for a kernel this module does not count.
+pub(crate) fn bytes(kernel: Kernel, blocks: u64, args: &[Arg]) -> Option<f64> {
     let a = Args(args);
     let b = match kernel {
         Kernel::Fill => 4.0 * a.n(1),
@@ -62,10 +61,11 @@ pub(crate) fn bytes(kernel: Kernel, args: &[Arg]) -> Option<f64> {
         }
         Kernel::LayerNormBackwardDx => {
             // dx is the residual stream's gradient, added to; the fused parameter-gradient
-            // partials are one f64 per (block, column) for each of the two.
+            // partials are one f64 per (block, column) for each of the two (one block per row
+            // at most: `launch::layernorm_backward_blocks`).
             let (rows, cols) = (a.n(10), a.n(11));
             let partials = match a.present(8) {
-                true => 16.0 * rows.min(LAYERNORM_BACKWARD_BLOCKS as f64) * cols,
+                true => 16.0 * rows.min(blocks as f64) * cols,
                 false => 0.0,
             };
             rows * cols * (a.input(0, 1) + 4.0 + 8.0 + a.copy(7)) + 8.0 * rows + partials
@@ -214,17 +214,17 @@ mod tests {
     fn traffic_follows_the_widths_of_the_arguments() {
         let gelu = Kernel::GeluForwardF32;
         // GELU forward on 1,000 elements: x from its copy (2) into y's copy alone (2).
-        assert_eq!(bytes(gelu, &args("0101", &[n(1000)])), Some(4000.0));
+        assert_eq!(bytes(gelu, 1, &args("0101", &[n(1000)])), Some(4000.0));
         // From the floats into floats and copy: 4 + 4 + 2.
-        assert_eq!(bytes(gelu, &args("1011", &[n(1000)])), Some(10_000.0));
+        assert_eq!(bytes(gelu, 1, &args("1011", &[n(1000)])), Some(10_000.0));
         // GELU backward accumulating into floats: x 2, dy 4, dx read and written 8.
         let backward = args("111010", &[n(10), Arg::U32(1)]);
-        assert_eq!(bytes(Kernel::GeluBackwardF32, &backward), Some(140.0));
+        assert_eq!(bytes(Kernel::GeluBackwardF32, 1, &backward), Some(140.0));
         // LayerNorm forward, 8 rows of 4: x 4, y's copy alone 2, mean and rstd 8 a row,
         // gamma and beta 8 a column.
         let norm = args("1110111", &[n(8), n(4), Arg::F32(1e-6)]);
         assert_eq!(
-            bytes(Kernel::LayerNormForward, &norm),
+            bytes(Kernel::LayerNormForward, 1, &norm),
             Some(32.0 * 6.0 + 96.0)
         );
         // Summing 3 partials of 10 and 2 elements, dst read (beta 1) and the bias's not.
@@ -240,20 +240,28 @@ mod tests {
             Arg::U32(3),
         ];
         let read = 3.0 * 12.0 + 12.0 + 10.0;
-        assert_eq!(bytes(Kernel::SumPartials, &sums), Some(4.0 * read));
+        assert_eq!(bytes(Kernel::SumPartials, 1, &sums), Some(4.0 * read));
         // The bf16 forward attention: 2 images x 5 tokens, 3 heads of 4: q, k, v from copies
         // (3 x 2), out as floats and copy (4 + 2), lse 4 a score row.
         let dims = [n(2), n(5), n(3), n(4), Arg::F32(0.5), Arg::U32(0)];
         let attention = args("01111", &dims);
         let expected = 10.0 * 12.0 * 12.0 + 4.0 * 10.0 * 3.0;
         let forward = Kernel::AttentionForwardMmaBf16Hd32;
-        assert_eq!(bytes(forward, &attention), Some(expected));
+        assert_eq!(bytes(forward, 1, &attention), Some(expected));
+        // The LayerNorm backward over 100 rows of 8, dy from its copy (2), x (4), dx added to
+        // (8) with its copy (2), mean and rstd 8 a row, and the parameter partials: 16 bytes a
+        // column for each block, of which there are no more than rows.
+        let ln = args("0111111111", &[n(100), n(8)]);
+        let rows = 800.0 * 16.0 + 800.0;
+        let ln_dx = Kernel::LayerNormBackwardDx;
+        assert_eq!(bytes(ln_dx, 10, &ln), Some(rows + 16.0 * 10.0 * 8.0));
+        assert_eq!(bytes(ln_dx, 1000, &ln), Some(rows + 16.0 * 100.0 * 8.0));
     }
 
     /// `adamw_many` reads its tensors from a device table: its caller counts it.
     #[test]
     fn a_table_driven_kernel_is_left_to_its_caller() {
         let table = args("1", &[n(3), n(7)]);
-        assert_eq!(bytes(Kernel::AdamWMany, &table), None);
+        assert_eq!(bytes(Kernel::AdamWMany, 1, &table), None);
     }
 }

@@ -217,7 +217,10 @@ __device__ void layernorm_backward_dx_fused(const float* dy, const u16* dy16, co
     }
 }
 
-extern "C" __global__ void __launch_bounds__(BLOCK, 5)
+// Blocks a multiprocessor holds (launch::LAYERNORM_BACKWARD_PER_SM: the host launches one
+// wave of them for the fused path).
+#define LN_BACKWARD_PER_SM 5
+extern "C" __global__ void __launch_bounds__(BLOCK, LN_BACKWARD_PER_SM)
     layernorm_backward_dx(const float* dy, const u16* dy16,
                                                  const float* x, const float* gamma,
                                                  const float* mean, const float* rstd, float* dx,
