@@ -265,9 +265,10 @@ impl CudaBackend {
     /// The bf16 copy that a kernel updating `buf` in place refreshes as it writes (the
     /// optimizer: the Linear layers' weights, which the next step's products read as copies):
     /// `buf`'s copy where a product made one with room for all of it, locked until
-    /// [`ProducedCopy::written`]; `None` where there is none (a bias, a LayerNorm's weights:
-    /// nothing multiplies them), so that no copy is made for a buffer no product reads. Call
-    /// it after the access that renews `buf`'s contents.
+    /// [`ProducedCopy::written`]; `None` where there is none (a LayerNorm's weights, and a
+    /// bias unless cuBLASLt adds it to a bf16 D: nothing reads them as bf16), so that no copy
+    /// is made for a buffer no product reads. Call it after the access that renews `buf`'s
+    /// contents.
     pub(crate) fn refreshed_copy<'a>(&self, buf: &'a CudaBuf) -> BResult<Option<ProducedCopy<'a>>> {
         if !self.produces_copies() {
             return Ok(None);

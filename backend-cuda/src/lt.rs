@@ -10,7 +10,8 @@
 //! `D = alpha op(B)^T op(A)^T + beta C + bias`, so the bias is added once, as in the composed
 //! ops. The operands are what `gemm` multiplies in each precision: f32 (`CUBLAS_COMPUTE_32F`,
 //! or the TF32 and bf16 `FAST` compute types) or, in bf16 where the copies pay, the buffers'
-//! bf16 copies (`bf16.rs`) with f32 C, D and bias.
+//! bf16 copies (`bf16.rs`) with f32 C, D and bias, or, where D is a buffer's bf16 copy alone,
+//! a bf16 D and the bias's bf16 copy (cuBLASLt reads the bias in D's type).
 //!
 //! cuBLASLt sums the products in its own kernels' order, which need not be the order of the
 //! kernel `cublasGemmEx` picks for the same shape: the result is the same product within the
@@ -869,8 +870,9 @@ impl CudaBackend {
         // by `gemm_lens`); D is `c`, m x n, checked likewise, and C is D or `base`, a distinct
         // live buffer of at least m x n (checked above) with D's layout; where D is bf16 it is
         // `c`'s copy, room for all of `c` (exactly m x n), locked in `c` until this returns,
-        // and C is D (beta 0: not read); the epilogue's vector holds the n floats it reads
-        // (the bias, checked by `gemm_bias_lt`) or the m it writes (the sums of
+        // and C is D (beta 0: not read); the epilogue's vector holds the n values it reads
+        // (the bias, checked by `gemm_bias_lt`: its floats, or for a bf16 D its bf16 copy of
+        // all of it, locked in `bias16` until this returns) or the m it writes (the sums of
         // `gemm_bias_grad_lt`). The work is queued on the backend's stream.
         let queued = unsafe {
             self.lt_queue(
