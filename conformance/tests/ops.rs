@@ -2195,8 +2195,8 @@ fn check_operand_attention_gradient<B: Backend>(b: &B, stored: fn(f32) -> f32) -
 /// buffer as both `x` and `dy`) and the LayerNorm backward reading them as dy, all before
 /// anything else reads the buffer:
 /// the stored values are `stored` values within the GEMM's tolerance and one `stored` rounding
-/// (2^-8 relative) of the plain buffer's (and, where a bias is added, one of the bias's), and the ops that read them give bitwise what they give
-/// on a plain buffer holding those values.
+/// (2^-8 relative) of the plain buffer's (and, where a bias is added, one of the bias's), and
+/// the ops that read them give bitwise what they give on a plain buffer holding those values.
 fn check_operand_products<B: Backend>(b: &B, stored: fn(f32) -> f32) -> Check {
     let fail = |e: mae::backend::BackendError| e.to_string();
     // 1,024 x 768 outputs over k = 64: 877 FLOPs per operand element, a product that the CUDA
