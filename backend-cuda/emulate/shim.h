@@ -46,6 +46,8 @@ inline void warp_barrier() {
     check_fibers("a warp collective");
     yield_to_scheduler(Wait::Warp);
 }
+// __syncwarp: the warp barrier alone (the emulated lanes share memory, so meeting is enough).
+inline void __syncwarp(unsigned = 0xffffffffu) { warp_barrier(); }
 // A warp shuffle as two warp barriers around a per-thread slot (the lanes of a real warp are
 // threads 32w .. 32w + 31, so `lane ^ o` with o < 32 stays inside the warp).
 template <typename T>

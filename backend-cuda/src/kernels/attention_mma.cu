@@ -307,6 +307,63 @@ __device__ void mma_load_a(u32 (*a)[4], const u16* src, u64 stride, u64 row0, u6
     }
 }
 
+// The same through shared memory, for rows already in bf16 that are `wide` (`mma_rows_wide`),
+// in two steps so that a kernel's operands load together: `mma_issue_rows` copies the warp's 16
+// rows into `slot` (16 rows HD + MMA_PAD apart, the warp's own) by `cp.async`, 16 bytes a copy,
+// and `mma_take_rows` waits for them and takes the fragments with one `ldmatrix.x4` per 16
+// features (lane l points at row l % 16, features 16 kk + 8 (l / 16): matrices 0-3 are the
+// fragment's registers 0-3). Loaded directly, each fragment register takes two 2-byte loads,
+// and each load instruction touches eight rows, so eight cache lines, for 64 bytes; such
+// accesses (these loads and `mma_store`'s) are one suspect for the H200's profile, where every
+// attention kernel moved about 1.1 TB/s far below its tensor-core rate (2026-11-28).
+// `mma_issue_rows` returns whether it staged; where not (floats, or rows not wide),
+// `mma_take_rows` loads directly. Every lane of the warp calls both.
+template <int HD>
+__device__ __forceinline__ bool mma_issue_rows(u16* slot, const u16* src, u64 stride, u64 row0,
+                                               u64 rows, u32 hd) {
+    if (!mma_rows_wide(src, stride, hd)) return false;
+    constexpr u32 PIECES = HD / 8, PER = 16 * PIECES / 32;
+    const u32 lane = threadIdx.x % 32;
+    UNROLL
+    for (u32 k = 0; k < PER; ++k) {
+        const u32 e = lane + 32 * k, r = e / PIECES, c = 8 * (e % PIECES);
+        const bool in = row0 + r < rows && c < hd;
+        cp_async<16>(slot + r * (HD + MMA_PAD) + c, in ? src + (row0 + r) * stride + c : src, in);
+    }
+    return true;
+}
+template <int HD>
+__device__ __forceinline__ bool mma_issue_rows(u16*, const float*, u64, u64, u64, u32) {
+    return false;
+}
+
+// The warp's A fragments: staged rows from `slot`, once every copy the thread has issued (a
+// walk's first tile among them) has landed; else straight from `src`.
+template <int HD, typename Q>
+__device__ __forceinline__ void mma_take_rows(u32 (*a)[4], bool staged, const u16* slot,
+                                              const Q* src, u64 stride, u64 row0, u64 rows,
+                                              u32 hd) {
+    if (!staged) {
+        mma_load_a<HD>(a, src, stride, row0, rows, hd);
+        return;
+    }
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncwarp();  // the other lanes' copies are visible
+    const u32 lane = threadIdx.x % 32;
+    UNROLL
+    for (u32 kk = 0; kk < HD / 16; ++kk) {
+        ldsm_x4<false>(a[kk], slot, (lane % 16) * (HD + MMA_PAD) + 16 * kk + 8 * (lane / 16));
+    }
+}
+
+// The warp's 16-row slot in buffer 1 of a staging area: a walk's prologue stages the warp's
+// own rows there (`mma_row_walk`).
+template <int HD>
+__device__ __forceinline__ u16* mma_warp_slot(u16* staging) {
+    return staging + MMA_BUF + 16 * (threadIdx.x / 32) * (HD + MMA_PAD);
+}
+
 // An element of a row as f32: itself, or the bf16 value of its bits.
 __device__ __forceinline__ float mma_value(float x) { return x; }
 __device__ __forceinline__ float mma_value(u16 x) { return __uint_as_float((u32)x << 16); }
@@ -436,10 +493,48 @@ __device__ __forceinline__ void mma_c_to_a(u32 (*a)[4], const float (*c)[4]) {
 // not null, also their bf16 copy at the same places (the operand of the Linear layer that reads
 // `dst`: bf16.rs, `produced_copy`). A null `dst` writes the copy alone (bf16.rs,
 // `overwritten_floats`).
+//
+// Where the rows allow it (hd a multiple of 16, every row's first element 16 bytes into the
+// floats and 8 into the copy), each lane first trades half of each pair of n-tiles with its
+// neighbour in the group (`__shfl_xor_sync`, lane t ^ 1), so that it holds four consecutive
+// columns of its rows, and stores them as one 16-byte piece of floats and one 8-byte piece of
+// the copy: the group's four lanes then write 64 consecutive bytes of a row, where each of
+// the lanes' 4-byte and 2-byte stores touched eight rows each. The same values either way.
+// Every lane of the warp calls it.
 template <int HD>
 __device__ void mma_store(float* dst, u16* dst16, u64 at, u64 stride, u64 row0, u64 rows, u32 hd,
                           const float (*acc)[4], float scale) {
     const u32 lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const bool wide = hd % 16 == 0 && stride % 4 == 0 && at % 4 == 0 && ((u64)dst & 15) == 0 &&
+                      ((u64)dst16 & 7) == 0;
+    if (wide) {
+        // Of n-tiles 2 p and 2 p + 1, an even lane keeps the first's columns 2 t, 2 t + 1 and
+        // takes its neighbour's (2 t + 2, 2 t + 3); an odd lane takes its neighbour's of the
+        // second and keeps its own: columns 16 p + 8 (t % 2) + 4 (t / 2) .. + 4.
+        const bool odd = t % 2 != 0;
+        UNROLL
+        for (u32 p = 0; p < HD / 16; ++p) {
+            const u32 c = 16 * p + 8 * (t % 2) + 4 * (t / 2);
+            UNROLL
+            for (u32 h = 0; h < 2; ++h) {
+                // Selects, not an index that depends on the lane: that would put acc in local
+                // memory.
+                const float a0 = acc[2 * p][2 * h], a1 = acc[2 * p][2 * h + 1];
+                const float b0 = acc[2 * p + 1][2 * h], b1 = acc[2 * p + 1][2 * h + 1];
+                const float got0 = __shfl_xor_sync(0xffffffffu, odd ? a0 : b0, 1);
+                const float got1 = __shfl_xor_sync(0xffffffffu, odd ? a1 : b1, 1);
+                const float4 v =
+                    odd ? make_float4(scale * got0, scale * got1, scale * b0, scale * b1)
+                        : make_float4(scale * a0, scale * a1, scale * got0, scale * got1);
+                const u64 r = row0 + g + 8 * h;
+                if (r < rows && c < hd) {
+                    if (dst) *(float4*)(dst + at + r * stride + c) = v;
+                    if (dst16) *(uint2*)(dst16 + at + r * stride + c) = bf16_quad(v);
+                }
+            }
+        }
+        return;
+    }
     UNROLL
     for (u32 n = 0; n < HD / 8; ++n) {
         UNROLL
@@ -542,11 +637,16 @@ __device__ __forceinline__ void mma_add_shared(float (*acc)[4], const float* scr
 // only helps stage: each kernel gives it a walk of its own with nothing to compute, since a
 // test inside the main loop made ptxas spill there. In a tail kernel's split block
 // (`mma_has_tail`) every warp computes.
-template <typename Stage, typename Compute>
-__device__ __forceinline__ void mma_row_walk(u64 tokens, u32 flags, Stage stage,
-                                             Compute compute) {
+//
+// `prologue` runs once, after the first tile's copies are issued and before the first barrier:
+// it loads the warp's own rows into A fragments (`mma_take_rows`), through buffer 1, which the
+// first tile leaves free and which the loop stages into only past that barrier.
+template <typename Stage, typename Compute, typename Prologue>
+__device__ __forceinline__ void mma_row_walk(u64 tokens, u32 flags, Stage stage, Compute compute,
+                                             Prologue prologue) {
     __syncthreads();
     stage(0u, (u64)0);
+    prologue();
     cp_async_commit();
     u32 buf = 0;
     for (u64 j0 = 0; j0 < tokens; j0 += MMA_TILE) {
@@ -698,32 +798,42 @@ __device__ void mma_forward_block(const Q* qkv, float* out, u16* out16, float* l
         mma_stage_kv<HD>(ks + buf * MMA_BUF, vs + buf * MMA_BUF, base, dim, j0, tokens, hd, wide);
     };
     if (row0 >= tokens) {  // past the tokens: only helps stage
-        mma_row_walk(tokens, flags, stage, [](u32, u64) {});
+        mma_row_walk(tokens, flags, stage, [](u32, u64) {}, [] {});
         return;
     }
     u32 q[HD / 16][4];
-    mma_load_a<HD>(q, base, width, row0, tokens, hd);
+    u16* slot = mma_warp_slot<HD>(ks);
+    auto load_q = [&] {
+        const bool staged = mma_issue_rows<HD>(slot, base, width, row0, tokens, hd);
+        mma_take_rows<HD>(q, staged, slot, base, width, row0, tokens, hd);
+    };
     float o[HD / 8][4];
     mma_zero<HD>(o);
     const float scale2 = scale * LOG2E;
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
     if (SPLIT) {
-        mma_row_walk(tokens, flags, stage, [&](u32 buf, u64 j0) {
-            const u32 keys = mma_slice(mma_stage_valid(j0, tokens));
-            const u32 at = buf * MMA_BUF + mma_slice_at(HD + MMA_PAD);
-            if (keys == 16) {
-                mma_forward_tile<HD, 1, false>(q, o, m, l, ks + at, vs + at, keys, scale2);
-            } else if (keys > 0) {
-                mma_forward_tile<HD, 1, true>(q, o, m, l, ks + at, vs + at, keys, scale2);
-            }
-        });
+        mma_row_walk(
+            tokens, flags, stage,
+            [&](u32 buf, u64 j0) {
+                const u32 keys = mma_slice(mma_stage_valid(j0, tokens));
+                const u32 at = buf * MMA_BUF + mma_slice_at(HD + MMA_PAD);
+                if (keys == 16) {
+                    mma_forward_tile<HD, 1, false>(q, o, m, l, ks + at, vs + at, keys, scale2);
+                } else if (keys > 0) {
+                    mma_forward_tile<HD, 1, true>(q, o, m, l, ks + at, vs + at, keys, scale2);
+                }
+            },
+            load_q);
         if (!mma_forward_merge<HD>(o, m, l, scale2, (float*)ks)) return;
     } else {
-        mma_row_walk(tokens, flags, stage, [&](u32 buf, u64 j0) {
-            const u32 keys = mma_stage_valid(j0, tokens);
-            const u16 *k = ks + buf * MMA_BUF, *v = vs + buf * MMA_BUF;
-            MMA_BY_STEPS(keys, mma_forward_tile, q, o, m, l, k, v, keys, scale2);
-        });
+        mma_row_walk(
+            tokens, flags, stage,
+            [&](u32 buf, u64 j0) {
+                const u32 keys = mma_stage_valid(j0, tokens);
+                const u16 *k = ks + buf * MMA_BUF, *v = vs + buf * MMA_BUF;
+                MMA_BY_STEPS(keys, mma_forward_tile, q, o, m, l, k, v, keys, scale2);
+            },
+            load_q);
     }
     const float total[2] = {group_sum(l[0]), group_sum(l[1])};
     UNROLL
@@ -798,6 +908,45 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4 + MMA_BLOCKS_DELTA)
     mma_forward_grid<64, false>(qkv16, out, out16, lse, batch, tokens, heads, hd, scale, flags);
 }
 
+// Eight elements of a row as f32, from 16-byte aligned floats or bf16 values.
+__device__ __forceinline__ void mma_load8(float* v, const float* p) {
+    const float4 lo = *(const float4*)p, hi = *(const float4*)(p + 4);
+    v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w;
+    v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+}
+__device__ __forceinline__ void mma_load8(float* v, const u16* p) {
+    const uint4 w = *(const uint4*)p;
+    const u32 words[4] = {w.x, w.y, w.z, w.w};
+    UNROLL
+    for (u32 j = 0; j < 4; ++j) {
+        v[2 * j] = __uint_as_float(words[j] << 16);
+        v[2 * j + 1] = __uint_as_float(words[j] & 0xffff0000u);
+    }
+}
+
+// This lane's share of dO_i . O_i over one row's `hd` features: features 8 t .. 8 t + 8, then
+// 32 further, and so on, in order (the caller sums the group's four). `wide` (hd a multiple of
+// 8, both rows `mma_rows_wide`): eight features a load of each, where one element a load took
+// eight cache lines a load instruction; else one at a time, in the same order, so both ways
+// give the same sum.
+template <typename Q>
+__device__ __forceinline__ float mma_row_dot(const Q* dout, const float* out, u32 hd, bool wide) {
+    const u32 t = threadIdx.x % 4;
+    float acc = 0.0f;
+    for (u32 c0 = 8 * t; c0 < hd; c0 += 32) {
+        if (wide) {
+            float a[8], b[8];
+            mma_load8(a, dout + c0);
+            mma_load8(b, out + c0);
+            UNROLL
+            for (u32 j = 0; j < 8; ++j) acc += a[j] * b[j];
+        } else {
+            for (u32 c = c0; c < c0 + 8 && c < hd; ++c) acc += mma_value(dout[c]) * out[c];
+        }
+    }
+    return acc;
+}
+
 // One key tile of dQ for this warp's rows: p = exp(scale q_i . k_j - lse_i),
 // ds = p (dO_i . v_j - Drow_i), dq += ds k_j on the tensor cores (li: lse_i in base 2). `keys`
 // of the tile's keys are valid, within its first 16 STEPS; with MASK false all MMA_TILE are.
@@ -839,52 +988,61 @@ __device__ void mma_dq_block(const Q* qkv, const float* out, const float* lse, c
         mma_stage_kv<HD>(ks + buf * MMA_BUF, vs + buf * MMA_BUF, base, dim, j0, tokens, hd, wide);
     };
     if (row0 >= tokens) {  // past the tokens: only helps stage
-        mma_row_walk(tokens, flags, stage, [](u32, u64) {});
+        mma_row_walk(tokens, flags, stage, [](u32, u64) {}, [] {});
         return;
     }
     const Q* dout_base = d_out + blk.b * tokens * dim + blk.h * hd;
     const float* out_base = out + blk.b * tokens * dim + blk.h * hd;
     const u64 lbase = (blk.b * heads + blk.h) * tokens;
+    const bool dot_wide = hd % 8 == 0 && mma_rows_wide(dout_base, dim, hd) &&
+                          mma_rows_wide(out_base, dim, hd);
     float d[2], li[2];
     UNROLL
     for (u32 r = 0; r < 2; ++r) {
         const u64 i = row0 + g + 8 * r;
-        float acc = 0.0f;
-        if (i < tokens) {
-            for (u32 c = t; c < hd; c += 4) {
-                acc += mma_value(dout_base[i * dim + c]) * out_base[i * dim + c];
-            }
-        }
+        const float acc =
+            i < tokens ? mma_row_dot(dout_base + i * dim, out_base + i * dim, hd, dot_wide) : 0.0f;
         d[r] = group_sum(acc);
         li[r] = i < tokens ? lse[lbase + i] * LOG2E : 0.0f;  // base 2, as the exponents below
     }
     u32 q[HD / 16][4], dout[HD / 16][4];
-    mma_load_a<HD>(q, base, width, row0, tokens, hd);
-    mma_load_a<HD>(dout, dout_base, dim, row0, tokens, hd);
+    u16 *slot_q = mma_warp_slot<HD>(ks), *slot_do = mma_warp_slot<HD>(vs);
+    auto load_rows = [&] {
+        const bool q_staged = mma_issue_rows<HD>(slot_q, base, width, row0, tokens, hd);
+        const bool do_staged = mma_issue_rows<HD>(slot_do, dout_base, dim, row0, tokens, hd);
+        mma_take_rows<HD>(q, q_staged, slot_q, base, width, row0, tokens, hd);
+        mma_take_rows<HD>(dout, do_staged, slot_do, dout_base, dim, row0, tokens, hd);
+    };
     float dq[HD / 8][4];
     mma_zero<HD>(dq);
     const float scale2 = scale * LOG2E;
     if (SPLIT) {
-        mma_row_walk(tokens, flags, stage, [&](u32 buf, u64 j0) {
-            const u32 keys = mma_slice(mma_stage_valid(j0, tokens));
-            const u32 at = buf * MMA_BUF + mma_slice_at(HD + MMA_PAD);
-            if (keys == 16) {
-                mma_dq_tile<HD, 1, false>(q, dout, dq, d, li, ks + at, vs + at, keys, scale2);
-            } else if (keys > 0) {
-                mma_dq_tile<HD, 1, true>(q, dout, dq, d, li, ks + at, vs + at, keys, scale2);
-            }
-        });
+        mma_row_walk(
+            tokens, flags, stage,
+            [&](u32 buf, u64 j0) {
+                const u32 keys = mma_slice(mma_stage_valid(j0, tokens));
+                const u32 at = buf * MMA_BUF + mma_slice_at(HD + MMA_PAD);
+                if (keys == 16) {
+                    mma_dq_tile<HD, 1, false>(q, dout, dq, d, li, ks + at, vs + at, keys, scale2);
+                } else if (keys > 0) {
+                    mma_dq_tile<HD, 1, true>(q, dout, dq, d, li, ks + at, vs + at, keys, scale2);
+                }
+            },
+            load_rows);
         __syncthreads();  // every warp is done with the staged tiles
         if (threadIdx.x >= 32) mma_share<HD>(dq, (float*)ks);
         __syncthreads();
         if (threadIdx.x >= 32) return;
         mma_add_shared<HD>(dq, (float*)ks);
     } else {
-        mma_row_walk(tokens, flags, stage, [&](u32 buf, u64 j0) {
-            const u32 keys = mma_stage_valid(j0, tokens);
-            const u16 *k = ks + buf * MMA_BUF, *v = vs + buf * MMA_BUF;
-            MMA_BY_STEPS(keys, mma_dq_tile, q, dout, dq, d, li, k, v, keys, scale2);
-        });
+        mma_row_walk(
+            tokens, flags, stage,
+            [&](u32 buf, u64 j0) {
+                const u32 keys = mma_stage_valid(j0, tokens);
+                const u16 *k = ks + buf * MMA_BUF, *v = vs + buf * MMA_BUF;
+                MMA_BY_STEPS(keys, mma_dq_tile, q, dout, dq, d, li, k, v, keys, scale2);
+            },
+            load_rows);
     }
     const u64 at = blk.b * tokens * width + blk.h * hd;
     mma_store<HD>(d_qkv, d_qkv16, at, width, row0, tokens, hd, dq, scale);
@@ -1028,25 +1186,33 @@ __device__ void mma_dkv_block(const Q* qkv, const Q* d_out, const float2* stats,
                            dout_base, head_stats, dim, i0, tokens, hd, wide);
     };
     if (row0 >= tokens) {  // past the tokens: only helps stage
-        mma_row_walk(tokens, flags, stage, [](u32, u64) {});
+        mma_row_walk(tokens, flags, stage, [](u32, u64) {}, [] {});
         return;
     }
     const float scale2 = scale * LOG2E;
     u32 k[HD / 16][4], v[HD / 16][4];
-    mma_load_a<HD>(k, base + dim, width, row0, tokens, hd);
-    mma_load_a<HD>(v, base + 2 * dim, width, row0, tokens, hd);
+    u16 *slot_k = mma_warp_slot<HD>(qs), *slot_v = mma_warp_slot<HD>(dos);
+    auto load_rows = [&] {
+        const bool k_staged = mma_issue_rows<HD>(slot_k, base + dim, width, row0, tokens, hd);
+        const bool v_staged = mma_issue_rows<HD>(slot_v, base + 2 * dim, width, row0, tokens, hd);
+        mma_take_rows<HD>(k, k_staged, slot_k, base + dim, width, row0, tokens, hd);
+        mma_take_rows<HD>(v, v_staged, slot_v, base + 2 * dim, width, row0, tokens, hd);
+    };
     float dk[HD / 8][4], dv[HD / 8][4];
     mma_zero<HD>(dk);
     mma_zero<HD>(dv);
     if (SPLIT) {
         // Each warp a 16-row slice of every query tile (and of its statistics).
-        mma_row_walk(tokens, flags, stage, [&](u32 buf, u64 i0) {
-            const u32 at = buf * MMA_BUF + mma_slice_at(HD + MMA_PAD);
-            const float2* sh = st + buf * MMA_TILE + 16 * (threadIdx.x / 32);
-            if (mma_slice(mma_stage_valid(i0, tokens)) > 0) {
-                mma_dkv_tile<HD, 1>(k, v, dk, dv, qs + at, dos + at, sh, scale2);
-            }
-        });
+        mma_row_walk(
+            tokens, flags, stage,
+            [&](u32 buf, u64 i0) {
+                const u32 at = buf * MMA_BUF + mma_slice_at(HD + MMA_PAD);
+                const float2* sh = st + buf * MMA_TILE + 16 * (threadIdx.x / 32);
+                if (mma_slice(mma_stage_valid(i0, tokens)) > 0) {
+                    mma_dkv_tile<HD, 1>(k, v, dk, dv, qs + at, dos + at, sh, scale2);
+                }
+            },
+            load_rows);
         __syncthreads();  // every warp is done with the staged tiles
         if (threadIdx.x >= 32) {
             mma_share<HD>(dk, (float*)qs);
@@ -1057,25 +1223,28 @@ __device__ void mma_dkv_block(const Q* qkv, const Q* d_out, const float2* stats,
         mma_add_shared<HD>(dk, (float*)qs);
         mma_add_shared<HD>(dv, (float*)dos);
     } else {
-        mma_row_walk(tokens, flags, stage, [&](u32 buf, u64 i0) {
-            const u16 *q = qs + buf * MMA_BUF, *o = dos + buf * MMA_BUF;
-            // The tile in halves of 32 query rows, each at the fewest k-steps that cover its
-            // valid rows: a whole tile at once keeps 64 more score and gradient values live,
-            // and at the 128 registers of four resident blocks ptxas 12.9 spilled inside the
-            // loop.
-            const u32 valid = mma_stage_valid(i0, tokens);
-            UNROLL
-            for (u32 h = 0; h < 2; ++h) {
-                const u32 rows = valid > 32 * h ? valid - 32 * h : 0;
-                const u16 *qh = q + 32 * h * (HD + MMA_PAD), *oh = o + 32 * h * (HD + MMA_PAD);
-                const float2* sh = st + buf * MMA_TILE + 32 * h;
-                if (rows > 16) {
-                    mma_dkv_tile<HD, 2>(k, v, dk, dv, qh, oh, sh, scale2);
-                } else if (rows > 0) {
-                    mma_dkv_tile<HD, 1>(k, v, dk, dv, qh, oh, sh, scale2);
+        mma_row_walk(
+            tokens, flags, stage,
+            [&](u32 buf, u64 i0) {
+                const u16 *q = qs + buf * MMA_BUF, *o = dos + buf * MMA_BUF;
+                // The tile in halves of 32 query rows, each at the fewest k-steps that cover its
+                // valid rows: a whole tile at once keeps 64 more score and gradient values live,
+                // and at the 128 registers of four resident blocks ptxas 12.9 spilled inside the
+                // loop.
+                const u32 valid = mma_stage_valid(i0, tokens);
+                UNROLL
+                for (u32 h = 0; h < 2; ++h) {
+                    const u32 rows = valid > 32 * h ? valid - 32 * h : 0;
+                    const u16 *qh = q + 32 * h * (HD + MMA_PAD), *oh = o + 32 * h * (HD + MMA_PAD);
+                    const float2* sh = st + buf * MMA_TILE + 32 * h;
+                    if (rows > 16) {
+                        mma_dkv_tile<HD, 2>(k, v, dk, dv, qh, oh, sh, scale2);
+                    } else if (rows > 0) {
+                        mma_dkv_tile<HD, 1>(k, v, dk, dv, qh, oh, sh, scale2);
+                    }
                 }
-            }
-        });
+            },
+            load_rows);
     }
     const u64 at = blk.b * tokens * width + blk.h * hd;
     mma_store<HD>(d_qkv, d_qkv16, at + dim, width, row0, tokens, hd, dk, scale);
