@@ -36,7 +36,8 @@
 #       MAE_CUDA_WEIGHT_GRAD_SPLIT=off (weight gradients as one product each), and with
 #       MAE_CUDA_GEMM_TUNE (cuBLASLt's algorithms and the weight gradients' chunk counts timed
 #       in the warm-up steps; the golden files in bf16 with it too, and its table in the
-#       report). Each of those settings is also profiled at the largest batch. The report ends
+#       report), and with MAE_CUDA_GEMM_TABLE=heuristic (without the built-in table, where
+#       one was made for the card). Each of those settings is also profiled at the largest batch. The report ends
 #       with issue 6's numbers worked out: the ratio to PyTorch and the MFU per batch, each
 #       A/B run as a share of the default's rate, and each profiled setting's device time per
 #       step with the ops it moved most. A full run took 195-213 s on an H200 (2026-11-27),
@@ -355,6 +356,11 @@ run() {
     measure "bench base224 cuda-bf16 b$largest MAE_CUDA_GEMM_TUNE" \
         env MAE_CUDA_GEMM_TUNE="$out/gemm-tune.txt" "$bins/bin/bench" --case base224 \
         --backend cuda-bf16 --batch "$largest" --seconds "$s"
+    # The built-in tuning table (lt/tables/: the default where one was made for this cuBLASLt
+    # and card) against the heuristic's first choices.
+    measure "bench base224 cuda-bf16 b$largest MAE_CUDA_GEMM_TABLE=heuristic" \
+        env MAE_CUDA_GEMM_TABLE=heuristic "$bins/bin/bench" --case base224 \
+        --backend cuda-bf16 --batch "$largest" --seconds "$s"
     for batch in $composed; do
         measure "bench base224 cuda-bf16 b$batch MAE_CUDA_ATTENTION=composed" \
             env MAE_CUDA_ATTENTION=composed "$bins/bin/bench" --case base224 --backend cuda-bf16 \
@@ -398,7 +404,7 @@ run() {
     for setting in MAE_CUDA_ATTENTION_OCCUPANCY=more MAE_CUDA_ATTENTION_OCCUPANCY=fewer \
         MAE_CUDA_ATTENTION_PREFETCH=off MAE_CUDA_ATTENTION_TAIL=split \
         MAE_CUDA_LAYERNORM_PARTIALS=separate MAE_CUDA_WEIGHT_GRAD_SPLIT=off \
-        "MAE_CUDA_GEMM_TUNE=$out/gemm-tune.txt"; do
+        "MAE_CUDA_GEMM_TUNE=$out/gemm-tune.txt" MAE_CUDA_GEMM_TABLE=heuristic; do
         step "profile base224 cuda-bf16 train b$largest ${setting%%=/*}" profile-ab.log 60 \
             env MAE_CUDA_PROFILE=1 "$setting" "$bins/bin/bench" --case base224 \
             --backend cuda-bf16 --batch "$largest" --seconds 1 --phase train

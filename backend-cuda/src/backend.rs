@@ -246,9 +246,18 @@ impl CudaBackend {
             operand_floats: Arc::default(),
         };
         // `MAE_CUDA_GEMM_TUNE=FILE`: the products' algorithms measured and kept in FILE
-        // (`lt/tuning.rs`); unset or empty, the heuristic's first choices.
+        // (`lt/tuning.rs`). Unset or empty, in the bf16 mode, the built-in table made for this
+        // cuBLASLt and card where there is one (`MAE_CUDA_GEMM_TABLE=builtin`, the default;
+        // measured in that mode alone), else the heuristic's first choices.
+        let builtin = env_choice(
+            "MAE_CUDA_GEMM_TABLE",
+            &[("builtin", true), ("heuristic", false)],
+        )?
+        .unwrap_or(true);
         if let Some(path) = std::env::var_os("MAE_CUDA_GEMM_TUNE").filter(|v| !v.is_empty()) {
             be.start_tuning(std::path::Path::new(&path))?;
+        } else if builtin && be.precision == Precision::Bf16 {
+            be.start_builtin_table()?;
         }
         Ok(be)
     }

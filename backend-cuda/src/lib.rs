@@ -18,7 +18,9 @@
 //! in chunks of its rows (`split_k.rs`; `MAE_CUDA_WEIGHT_GRAD_SPLIT=auto|off`).
 //! `MAE_CUDA_GEMM_TUNE=FILE` measures cuBLASLt's algorithms and the weight gradients' chunk
 //! counts on the card the first time a shape is met and keeps the fastest in FILE, which
-//! later runs reuse (`lt/tuning.rs`). Buffers written from the host again and again (a step's
+//! later runs reuse (`lt/tuning.rs`); without it, the bf16 mode runs the table kept in the crate
+//! for the cuBLASLt version and card where there is one, timing nothing (`lt/tables/`;
+//! `MAE_CUDA_GEMM_TABLE=builtin|heuristic`). Buffers written from the host again and again (a step's
 //! images and masking indices) are copied through pinned staging, so the host queues the upload
 //! without waiting for the GPU, into a second allocation on a stream of their own, so the
 //! copy runs during the previous step (`upload.rs`; `MAE_CUDA_UPLOAD=overlapped|pinned|pageable`).

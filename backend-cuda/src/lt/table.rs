@@ -103,13 +103,25 @@ impl fmt::Display for TuneError {
 
 impl std::error::Error for TuneError {}
 
-/// The tuning table of one file: its entries by shape key, written back whole on each change.
+/// Tables measured on cards and kept in the crate (`lt/tables/`), each a tuning file as a run
+/// with `MAE_CUDA_GEMM_TUNE` wrote it: by name, and the text. Where one was made for the
+/// cuBLASLt version and card a backend runs on, the backend runs its choices without timing
+/// anything (`MAE_CUDA_GEMM_TABLE`, `tuning.rs`). Shapes it does not list run the heuristic's
+/// first algorithm, as without a table.
+pub(super) const BUILTIN: &[(&str, &str)] = &[(
+    "h200-cublaslt-130100.tsv",
+    include_str!("tables/h200-cublaslt-130100.tsv"),
+)];
+
+/// The tuning table of one file: its entries by shape key, written back whole on each change;
+/// or a built-in table ([`BUILTIN`]), which is only read.
 #[derive(Debug)]
 pub(super) struct TuneTable {
     path: PathBuf,
     made_for: String,
     entries: BTreeMap<String, Tuned>,
     splits: BTreeMap<String, Split>,
+    read_only: bool,
 }
 
 impl TuneTable {
@@ -117,31 +129,73 @@ impl TuneTable {
     /// words them); where the file does not exist yet, an empty table, written there at once so
     /// that a place where it cannot be written is refused now, not at the first product.
     pub(super) fn open(path: &Path, made_for: &str) -> Result<TuneTable, TuneError> {
-        let mut table = TuneTable {
+        let table = TuneTable {
             path: path.to_path_buf(),
             made_for: made_for.to_string(),
             entries: BTreeMap::new(),
             splits: BTreeMap::new(),
+            read_only: false,
         };
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
+        match std::fs::read_to_string(path) {
+            Ok(text) => table.parse(&text),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 table.save()?;
-                return Ok(table);
+                Ok(table)
             }
-            Err(error) => {
-                return Err(TuneError::Io {
-                    path: table.path,
-                    doing: "reading",
-                    error,
-                })
+            Err(error) => Err(TuneError::Io {
+                path: table.path,
+                doing: "reading",
+                error,
+            }),
+        }
+    }
+
+    /// The built-in table made for `made_for`, if any; read-only. A built-in table that does not
+    /// parse is an error (the crate's tests parse every one).
+    pub(super) fn builtin(made_for: &str) -> Result<Option<TuneTable>, TuneError> {
+        for (name, text) in BUILTIN {
+            if let Some(table) = TuneTable::read_only_from(name, text, made_for)? {
+                return Ok(Some(table));
             }
+        }
+        Ok(None)
+    }
+
+    /// The read-only table of a table's `text` (called `name` in errors), if it was made for
+    /// `made_for`.
+    pub(super) fn read_only_from(
+        name: &str,
+        text: &str,
+        made_for: &str,
+    ) -> Result<Option<TuneTable>, TuneError> {
+        let table = TuneTable {
+            path: PathBuf::from(format!("(built-in table {name})")),
+            made_for: made_for.to_string(),
+            entries: BTreeMap::new(),
+            splits: BTreeMap::new(),
+            read_only: true,
         };
+        match table.parse(text) {
+            Ok(table) => Ok(Some(table)),
+            Err(TuneError::MadeFor { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether the table is only read (built in).
+    pub(super) fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// This empty table filled from a table's text.
+    fn parse(mut self, text: &str) -> Result<TuneTable, TuneError> {
+        let path = self.path.clone();
         let malformed = |line: usize, why: String| TuneError::Malformed {
-            path: path.to_path_buf(),
+            path: path.clone(),
             line,
             why,
         };
+        let table = &mut self;
         let mut seen_made_for = false;
         for (i, line) in text.lines().enumerate() {
             let number = i + 1;
@@ -149,11 +203,11 @@ impl TuneTable {
                 continue;
             }
             if let Some(file) = line.strip_prefix("made-for\t") {
-                if file != made_for {
+                if file != table.made_for {
                     return Err(TuneError::MadeFor {
-                        path: table.path,
+                        path: table.path.clone(),
                         file: file.to_string(),
-                        here: made_for.to_string(),
+                        here: table.made_for.clone(),
                     });
                 }
                 seen_made_for = true;
@@ -175,7 +229,7 @@ impl TuneTable {
                 return Err(again(key));
             }
         }
-        Ok(table)
+        Ok(self)
     }
 
     /// The entry for `key`, if the table has one.
@@ -206,8 +260,12 @@ impl TuneTable {
         self.entries.len() + self.splits.len()
     }
 
-    /// The whole table into a temporary file beside it, then renamed over it.
+    /// The whole table into a temporary file beside it, then renamed over it; nothing for a
+    /// built-in table, which a backend never adds to (`tuning.rs`).
     fn save(&self) -> Result<(), TuneError> {
+        if self.read_only {
+            return Ok(());
+        }
         let mut text = format!("{TITLE}\nmade-for\t{}\n", self.made_for);
         for (key, t) in &self.entries {
             let algo: Vec<String> = t.algo.iter().map(|w| format!("{w:016x}")).collect();
@@ -322,11 +380,35 @@ pub(super) fn fastest(times: &[Option<f64>]) -> Option<usize> {
 mod tests {
     use super::*;
 
-    fn temp(name: &str) -> PathBuf {
+    /// A table's path in a directory of its own, removed with everything in it when dropped.
+    struct Temp(PathBuf);
+
+    impl std::ops::Deref for Temp {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl AsRef<Path> for Temp {
+        fn as_ref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Temp {
+        fn drop(&mut self) {
+            if let Some(dir) = self.0.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
+    fn temp(name: &str) -> Temp {
         let dir = std::env::temp_dir().join(format!("mae-tune-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        dir.join("table.txt")
+        Temp(dir.join("table.txt"))
     }
 
     fn tuned(seed: u64) -> Tuned {
@@ -463,6 +545,55 @@ mod tests {
                 }
             ),
             "{e}"
+        );
+    }
+
+    /// The `made-for` words of a table's text.
+    fn made_for_of(text: &str) -> &str {
+        text.lines()
+            .find_map(|l| l.strip_prefix("made-for\t"))
+            .expect("a made-for line")
+    }
+
+    #[test]
+    fn every_builtin_table_is_found_for_its_own_card_whole() {
+        for (name, text) in BUILTIN {
+            let table = TuneTable::builtin(made_for_of(text))
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+                .unwrap_or_else(|| panic!("{name} is not found for its own made-for line"));
+            assert!(table.read_only(), "{name}");
+            let lines = text
+                .lines()
+                .filter(|l| !l.starts_with('#') && !l.starts_with("made-for\t"))
+                .count();
+            assert!(lines > 0, "{name} lists no shape");
+            assert_eq!(table.len(), lines, "{name}: every line an entry");
+        }
+    }
+
+    #[test]
+    fn no_builtin_table_serves_another_library_or_card() {
+        let (_, text) = BUILTIN[0];
+        let theirs = made_for_of(text);
+        // The same card with another library version, and the fake driver's card.
+        let version = theirs.split(' ').nth(1).unwrap();
+        let other = theirs.replacen(version, &format!("{version}1"), 1);
+        for here in [other.as_str(), &made_for(130100, "fake", 132)] {
+            assert!(TuneTable::builtin(here).unwrap().is_none(), "{here}");
+        }
+    }
+
+    #[test]
+    fn a_builtin_table_writes_nothing() {
+        let (_, text) = BUILTIN[0];
+        let mut table = TuneTable::builtin(made_for_of(text)).unwrap().unwrap();
+        let before = table.len();
+        table.insert("k".into(), tuned(3)).unwrap();
+        assert_eq!(table.len(), before + 1, "kept in memory");
+        assert!(
+            !table.path.exists(),
+            "no file named {}",
+            table.path.display()
         );
     }
 

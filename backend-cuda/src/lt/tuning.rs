@@ -14,9 +14,13 @@
 //! So a run with a table chooses the same algorithms every time, which keeps the backend
 //! bitwise repeatable: every algorithm computes the same product within the GEMM tolerance,
 //! but each sums in its own order, so choosing by a stopwatch in every process would not.
-//! Without the variable nothing is timed and the heuristic's first choices run, as they always
-//! did. Timing waits for the device, once per shape new to the table. PyTorch's TunableOp
-//! keeps such a file for the same reasons.
+//! Without the variable nothing is timed: in the bf16 mode a table measured on the same
+//! cuBLASLt version and card and kept in the crate (`tables/`, `table::BUILTIN`) runs where
+//! there is one, read-only (shapes it does not list run the heuristic's first, weight gradients
+//! it does not list `split_k`'s estimate), and elsewhere, or with
+//! `MAE_CUDA_GEMM_TABLE=heuristic`, the heuristic's first choices run, as they always did.
+//! Timing waits for the device, once per shape new to the table. PyTorch's TunableOp keeps such
+//! a file for the same reasons.
 
 use super::table::{self, Split, TuneError, TuneTable, Tuned};
 use super::{column_major, types, Call, Epilogue, Found, GemmBias, Lt, Shape, Vector};
@@ -124,6 +128,10 @@ impl CudaBackend {
                 tuning.chunks.insert(whole, split.chunks);
                 return Ok(split.chunks);
             }
+            if tuning.table.read_only() {
+                tuning.chunks.insert(whole, estimate);
+                return Ok(estimate);
+            }
         }
         let candidates = split_k::tuning_candidates(g.k, waves);
         let (mut c, mut db) = (self.alloc_scratch(g.m * g.n)?, self.alloc_scratch(g.m)?);
@@ -192,6 +200,9 @@ impl CudaBackend {
                 algo: cublasLtMatmulAlgo_t { data: t.algo },
                 waves: t.waves,
             },
+            // A built-in table is only read: its shapes run their choices, the others the
+            // heuristic's first, nothing timed.
+            None if tuning.table.read_only() => first,
             None => {
                 // SAFETY: the caller's promise.
                 let (chosen, tuned) =
@@ -305,21 +316,53 @@ impl CudaBackend {
                     .into(),
             ));
         }
-        let Some(lt) = self.lt() else {
+        if self.lt().is_none() {
             return Err(unsupported(
                 "MAE_CUDA_GEMM_TUNE tunes cuBLASLt's products, and libcublasLt is missing".into(),
             ));
+        }
+        let here = self
+            .made_for()?
+            .ok_or_else(|| unsupported("MAE_CUDA_GEMM_TUNE: cuBLASLt has no version".into()))?;
+        self.run_table(TuneTable::open(path, &here).map_err(tune_error)?)
+    }
+
+    /// Runs the built-in table made for this cuBLASLt version and card, if there is one
+    /// (`table::BUILTIN`, `MAE_CUDA_GEMM_TABLE=builtin`): its choices, nothing timed. Returns
+    /// whether there was one; none where cuBLASLt is off or missing.
+    pub(crate) fn start_builtin_table(&self) -> BResult<bool> {
+        if self.gemm_bias != GemmBias::Lt || self.lt().is_none() {
+            return Ok(false);
+        }
+        let Some(here) = self.made_for()? else {
+            return Ok(false);
         };
+        match TuneTable::builtin(&here).map_err(tune_error)? {
+            Some(table) => self.run_table(table).map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// The `made-for` words of a table for this backend's cuBLASLt and card (`table::made_for`);
+    /// `None` where the library reports no version. Only where cuBLASLt is loaded.
+    fn made_for(&self) -> BResult<Option<String>> {
         // SAFETY: a query of the loaded library's version, without arguments; cudarc panics
         // where the symbol is missing.
-        let version = catch_unwind(|| unsafe { sys::cublasLtGetVersion() })
-            .map_err(|_| unsupported("MAE_CUDA_GEMM_TUNE: cuBLASLt has no version".into()))?;
+        let Ok(version) = catch_unwind(|| unsafe { sys::cublasLtGetVersion() }) else {
+            return Ok(None);
+        };
         let sms = self
             .ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| error::driver(e, "reading the multiprocessor count", 0))?;
-        let here = table::made_for(version, self.device_name(), sms);
-        let table = TuneTable::open(path, &here).map_err(tune_error)?;
+        Ok(Some(table::made_for(version, self.device_name(), sms)))
+    }
+
+    /// Products from now on run `table`'s choices (and, where it is a file, add to it).
+    fn run_table(&self, table: TuneTable) -> BResult<()> {
+        let Some(lt) = self.lt() else {
+            return Ok(());
+        };
         let mut lt = lt
             .lock()
             .map_err(|_| error::device("the cuBLASLt handle's lock is poisoned"))?;
@@ -487,6 +530,51 @@ mod tests {
             "the table lists every shape"
         );
         drop(lt);
+        // The same table read-only, as a built-in one (`MAE_CUDA_GEMM_TABLE`), without its
+        // split and its plain product: its other products run its algorithms, the plain product
+        // the heuristic's first, the weight gradient `split_k`'s estimate; nothing is timed and
+        // nothing written.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let here = text
+            .lines()
+            .find_map(|l| l.strip_prefix("made-for\t"))
+            .unwrap();
+        let unsplit: String = text
+            .lines()
+            .filter(|l| !l.starts_with("split\t") && !l.starts_with("product "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let table = TuneTable::read_only_from("test", &unsplit, here)
+            .unwrap()
+            .unwrap();
+        let mut builtin = crate::test_device(Precision::Bf16).unwrap();
+        builtin.run_table(table).unwrap();
+        let (got, _) = run(&mut builtin);
+        assert!(got == want, "the read-only table changed a result");
+        let lt = builtin.lt().expect("cuBLASLt").lock().unwrap();
+        let tuning = lt.tuning.as_ref().unwrap();
+        assert_eq!(tuning.timed, 0, "a read-only table times nothing");
+        let key = |s: &Shape| s.key(types(Precision::Bf16, s.bf16_copies).1);
+        let fake = builtin.device_name().contains("fake libcuda");
+        let mut unlisted = 0;
+        for (shape, found) in &tuning.chosen {
+            match tuning.table.get(&key(shape)) {
+                Some(listed) => assert_eq!(found.algo.data, listed.algo, "{}", key(shape)),
+                None => {
+                    unlisted += 1;
+                    if fake {
+                        assert_eq!(found.algo.data[1], 0, "the heuristic's first");
+                    }
+                }
+            }
+        }
+        assert_eq!(unlisted, 1, "the plain product");
+        let chunks: Vec<usize> = tuning.chunks.values().copied().collect();
+        if fake {
+            assert_eq!(chunks, vec![4], "split_k's estimate");
+        }
+        drop(lt);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
