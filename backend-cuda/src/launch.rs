@@ -41,7 +41,7 @@ pub(crate) const LAYERNORM_FUSED_COLS: u64 = 4 * BLOCK as u64;
 
 /// The blocks of the LayerNorm backward that one multiprocessor holds (`LN_BACKWARD_PER_SM`
 /// in `kernels/norm.cu`, its `__launch_bounds__`).
-pub(crate) const LAYERNORM_BACKWARD_PER_SM: u64 = 5;
+pub(crate) const LAYERNORM_BACKWARD_PER_SM: u64 = 4;
 
 /// The blocks of the fused LayerNorm backward for `rows` rows on a card of `multiprocessors`:
 /// one wave, as many as the card holds at once, each walking its share of the rows. Each
@@ -220,12 +220,12 @@ mod tests {
 
     #[test]
     fn the_layernorm_backward_runs_one_wave_of_blocks_and_no_more_than_rows() {
-        // An H200's 132 multiprocessors hold 660 blocks: ViT-B's 12,800 encoder rows take them
-        // all, 19 or 20 rows each.
-        assert_eq!(layernorm_backward_blocks(12_800, 132), 660);
-        assert_eq!(layernorm_backward_blocks(50_432, 108), 540);
+        // An H200's 132 multiprocessors hold 528 blocks: ViT-B's 12,800 encoder rows take them
+        // all, 24 or 25 rows each.
+        assert_eq!(layernorm_backward_blocks(12_800, 132), 528);
+        assert_eq!(layernorm_backward_blocks(50_432, 108), 432);
         assert_eq!(layernorm_backward_blocks(7, 132), 7);
-        assert_eq!(layernorm_backward_blocks(7, 0), 5);
+        assert_eq!(layernorm_backward_blocks(7, 0), 4);
     }
 
     #[test]

@@ -148,18 +148,43 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 3)
 // partials. That saves the second read of dy and x that layernorm_param_partials makes (8 of
 // the 26 bytes per element the two passes moved). Wider rows take that kernel instead. Four
 // columns a thread cover every ViT-B and ViT-L width (eight took 64 registers and four blocks).
-// Five blocks a multiprocessor (__launch_bounds__) cap the kernel at 48 registers: holding a
-// row's values, ptxas 13 keeps two of gamma's in local memory (8 bytes a thread, refilled from
-// L1 each row, during the row's loads); unbounded it takes 66 registers, three blocks.
+// Four blocks a multiprocessor (__launch_bounds__) give the kernel 64 registers, in which the
+// fused path holds two rows (ptxas 13, sm_90: no spills; at five blocks' 48 it spilled 104 bytes
+// of loads a row). Five blocks holding one row each, in 48 registers, ran at 2.3 TB/s on the
+// H200 (2026-11-28): fewer rows' loads in flight than the bandwidth needs.
 #define LN_FUSED_PER_THREAD 4
 #define LN_FUSED_COLS (BLOCK * LN_FUSED_PER_THREAD)
 // The fused path (rows of up to LN_FUSED_COLS columns, partials wanted): each thread holds its
 // LN_FUSED_PER_THREAD columns of a row, dy, x and dx's old value from one round of loads, and
 // gamma's for all its block's rows, and the row's two sums share one block reduction. A row
-// thus waits on memory once and on the block's barriers twice; the general path below waits
-// on memory twice (its second loop's loads start after the sums) and on barriers four times,
-// and its block holds one row at a time, so the latency of each row was what bounded it. The
-// arithmetic is the general path's, in the same order: the results are bitwise the same.
+// thus waits on memory once and on the block's barriers twice, and the next row's loads are
+// in flight during both; the general path below waits on memory twice (its second loop's
+// loads start after the sums) and on barriers four times, and its block holds one row at a
+// time, so the latency of each row was what bounded it. The arithmetic is the general path's,
+// in the same order: the results are bitwise the same.
+// One row's values for the fused path: dy, x and dx's old value of this thread's columns, and
+// the row's mean and rstd.
+struct LnRow {
+    float d[LN_FUSED_PER_THREAD], x[LN_FUSED_PER_THREAD], old[LN_FUSED_PER_THREAD];
+    float mean, rstd;
+};
+
+__device__ __forceinline__ void ln_load_row(LnRow& v, const float* dy, const u16* dy16,
+                                            const float* x, const float* dx, const float* mean,
+                                            const float* rstd, u64 r, u64 cols) {
+    const u64 row = r * cols;
+    v.mean = mean[r];
+    v.rstd = rstd[r];
+    UNROLL
+    for (u32 k = 0; k < LN_FUSED_PER_THREAD; ++k) {
+        const u64 j = threadIdx.x + k * BLOCK;
+        const bool in = j < cols;
+        v.d[k] = in ? load_in(dy, dy16, row + j) : 0.0f;
+        v.x[k] = in ? x[row + j] : 0.0f;
+        v.old[k] = in ? dx[row + j] : 0.0f;
+    }
+}
+
 __device__ void layernorm_backward_dx_fused(const float* dy, const u16* dy16, const float* x,
                                             const float* gamma, const float* mean,
                                             const float* rstd, float* dx, u16* dx16,
@@ -173,25 +198,25 @@ __device__ void layernorm_backward_dx_fused(const float* dy, const u16* dy16, co
         pg[k] = pb[k] = 0.0;
         g[k] = j < cols ? gamma[j] : 0.0f;
     }
+    // The next row's loads are issued before this row's sums and their barriers, so they are in
+    // flight while the block waits on those (each row is read before any row's dx is written:
+    // the block's rows are distinct).
+    LnRow cur;
+    if (blockIdx.x < rows) ln_load_row(cur, dy, dy16, x, dx, mean, rstd, blockIdx.x, cols);
     FOR_EACH_ROW(r, rows) {
         const u64 row = r * cols;
-        const float m = mean[r], rs = rstd[r];
-        float d[LN_FUSED_PER_THREAD], xv[LN_FUSED_PER_THREAD], old[LN_FUSED_PER_THREAD];
-        UNROLL
-        for (u32 k = 0; k < LN_FUSED_PER_THREAD; ++k) {
-            const u64 j = threadIdx.x + k * BLOCK;
-            const bool in = j < cols;
-            d[k] = in ? load_in(dy, dy16, row + j) : 0.0f;
-            xv[k] = in ? x[row + j] : 0.0f;
-            old[k] = in ? dx[row + j] : 0.0f;
+        LnRow next{};
+        if (r + gridDim.x < rows) {
+            ln_load_row(next, dy, dy16, x, dx, mean, rstd, r + gridDim.x, cols);
         }
+        const float m = cur.mean, rs = cur.rstd;
         double a = 0.0, b = 0.0;
         UNROLL
         for (u32 k = 0; k < LN_FUSED_PER_THREAD; ++k) {
             if (threadIdx.x + k * BLOCK >= cols) break;
-            const float dnorm = d[k] * g[k];
+            const float dnorm = cur.d[k] * g[k];
             a += (double)dnorm;
-            b += (double)(dnorm * ((xv[k] - m) * rs));
+            b += (double)(dnorm * ((cur.x[k] - m) * rs));
         }
         block_sum_pair(&a, &b, scratch);
         const float mean_dnorm = (float)(a / (double)cols);
@@ -200,13 +225,15 @@ __device__ void layernorm_backward_dx_fused(const float* dy, const u16* dy16, co
         for (u32 k = 0; k < LN_FUSED_PER_THREAD; ++k) {
             const u64 j = threadIdx.x + k * BLOCK;
             if (j >= cols) break;
-            const float xhat = (xv[k] - m) * rs;
-            const float o = old[k] + rs * (d[k] * g[k] - mean_dnorm - xhat * mean_dnorm_xhat);
+            const float xhat = (cur.x[k] - m) * rs;
+            const float o =
+                cur.old[k] + rs * (cur.d[k] * g[k] - mean_dnorm - xhat * mean_dnorm_xhat);
             dx[row + j] = o;
             if (dx16) dx16[row + j] = (u16)bf16_bits(o);
-            pg[k] += (double)(d[k] * xhat);
-            pb[k] += (double)d[k];
+            pg[k] += (double)(cur.d[k] * xhat);
+            pb[k] += (double)cur.d[k];
         }
+        cur = next;
     }
     UNROLL
     for (u32 k = 0; k < LN_FUSED_PER_THREAD; ++k) {
@@ -219,7 +246,7 @@ __device__ void layernorm_backward_dx_fused(const float* dy, const u16* dy16, co
 
 // Blocks a multiprocessor holds (launch::LAYERNORM_BACKWARD_PER_SM: the host launches one
 // wave of them for the fused path).
-#define LN_BACKWARD_PER_SM 5
+#define LN_BACKWARD_PER_SM 4
 extern "C" __global__ void __launch_bounds__(BLOCK, LN_BACKWARD_PER_SM)
     layernorm_backward_dx(const float* dy, const u16* dy16,
                                                  const float* x, const float* gamma,
