@@ -154,14 +154,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 3)
 // H200 (2026-11-28): fewer rows' loads in flight than the bandwidth needs.
 #define LN_FUSED_PER_THREAD 4
 #define LN_FUSED_COLS (BLOCK * LN_FUSED_PER_THREAD)
-// The fused path (rows of up to LN_FUSED_COLS columns, partials wanted): each thread holds its
-// LN_FUSED_PER_THREAD columns of a row, dy, x and dx's old value from one round of loads, and
-// gamma's for all its block's rows, and the row's two sums share one block reduction. A row
-// thus waits on memory once and on the block's barriers twice, and the next row's loads are
-// in flight during both; the general path below waits on memory twice (its second loop's
-// loads start after the sums) and on barriers four times, and its block holds one row at a
-// time, so the latency of each row was what bounded it. The arithmetic is the general path's,
-// in the same order: the results are bitwise the same.
 // One row's values for the fused path: dy, x and dx's old value of this thread's columns, and
 // the row's mean and rstd.
 struct LnRow {
@@ -185,6 +177,14 @@ __device__ __forceinline__ void ln_load_row(LnRow& v, const float* dy, const u16
     }
 }
 
+// The fused path (rows of up to LN_FUSED_COLS columns, partials wanted): each thread holds its
+// LN_FUSED_PER_THREAD columns of a row, dy, x and dx's old value from one round of loads, and
+// gamma's for all its block's rows, and the row's two sums share one block reduction. A row
+// thus waits on memory once and on the block's barriers twice, and the next row's loads are
+// in flight during both; the general path below waits on memory twice (its second loop's
+// loads start after the sums) and on barriers four times, and its block holds one row at a
+// time, so the latency of each row was what bounded it. The arithmetic is the general path's,
+// in the same order: the results are bitwise the same.
 __device__ void layernorm_backward_dx_fused(const float* dy, const u16* dy16, const float* x,
                                             const float* gamma, const float* mean,
                                             const float* rstd, float* dx, u16* dx16,
@@ -199,8 +199,8 @@ __device__ void layernorm_backward_dx_fused(const float* dy, const u16* dy16, co
         g[k] = j < cols ? gamma[j] : 0.0f;
     }
     // The next row's loads are issued before this row's sums and their barriers, so they are in
-    // flight while the block waits on those (each row is read before any row's dx is written:
-    // the block's rows are distinct).
+    // flight while the block waits on those. Every row is one block's alone, and distinct from
+    // the row before: loading it early reads dx before anything writes it, as before.
     LnRow cur;
     if (blockIdx.x < rows) ln_load_row(cur, dy, dy16, x, dx, mean, rstd, blockIdx.x, cols);
     FOR_EACH_ROW(r, rows) {
