@@ -37,8 +37,9 @@
 #       MAE_CUDA_GEMM_TUNE (cuBLASLt's algorithms and the weight gradients' chunk counts timed
 #       in the warm-up steps; the golden files in bf16 with it too, and its table in the
 #       report), and with MAE_CUDA_GEMM_TABLE=heuristic (without the built-in table, where
-#       one was made for the card). Each of those settings is also profiled at the largest batch. The report ends
-#       with issue 6's numbers worked out: the ratio to PyTorch and the MFU per batch, each
+#       one was made for the card). Each of those settings is also profiled at the largest
+#       batch. The report ends with issue 6's numbers worked out: the ratio to PyTorch and the
+#       MFU per batch, each
 #       A/B run as a share of the default's rate, and each profiled setting's device time per
 #       step with the ops it moved most. A full run took 195-213 s on an H200 (2026-11-27),
 #       before the profiled settings (about 10 s each); on 2026-11-28 one without wgpu did not
