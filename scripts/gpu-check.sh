@@ -39,9 +39,8 @@
 #       report), and with MAE_CUDA_GEMM_TABLE=heuristic (without the built-in table, where
 #       one was made for the card). Each of those settings is also profiled at the largest
 #       batch. The report ends with issue 6's numbers worked out: the ratio to PyTorch and the
-#       MFU per batch, each
-#       A/B run as a share of the default's rate, and each profiled setting's device time per
-#       step with the ops it moved most. A full run took 195-213 s on an H200 (2026-11-27),
+#       MFU per batch, each A/B run as a share of the default's rate, and each profiled
+#       setting's device time per step with the ops it moved most. A full run took 195-213 s on an H200 (2026-11-27),
 #       before the profiled settings (about 10 s each); on 2026-11-28 one without wgpu did not
 #       finish in 420 s (the NVRTC compile alone took 96 s, the backend's tests 45 s), so
 #       the profiles and the last suites were not reached: give a full run the whole 540 s.
