@@ -1016,11 +1016,11 @@ static void attention_forward_mma_bf16(bool tail, const uint16_t* qkv16, float* 
     auto kernel = hd <= 32 ? attention_forward_mma_bf16_hd32 : attention_forward_mma_bf16_hd64;
     (tail ? attention_forward_mma_tail : kernel)(nullptr, qkv16, out, out16, lse, B, T, H, hd, scale, flags);
 }
-static void attention_backward_dq_mma_bf16(bool tail, const uint16_t* qkv16, const float* out, const float* lse,
+static void attention_backward_dq_mma_bf16(bool tail, const uint16_t* qkv16, const uint16_t* out16, const float* lse,
                                            const uint16_t* d_out16, float* d_qkv, uint16_t* d_qkv16, float2* stats,
                                            u64 B, u64 T, u64 H, u64 hd, float scale, unsigned flags) {
     auto kernel = hd <= 32 ? attention_backward_dq_mma_bf16_hd32 : attention_backward_dq_mma_bf16_hd64;
-    (tail ? attention_backward_dq_mma_tail : kernel)(nullptr, qkv16, out, lse, nullptr, d_out16, d_qkv, d_qkv16,
+    (tail ? attention_backward_dq_mma_tail : kernel)(nullptr, qkv16, nullptr, out16, lse, nullptr, d_out16, d_qkv, d_qkv16,
                                                      stats, B, T, H, hd, scale, flags);
 }
 static void attention_backward_dkv_mma_bf16(bool tail, const uint16_t* qkv16, const uint16_t* d_out16,
@@ -1064,13 +1064,16 @@ static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, uns
     expect_close("attention_forward_mma out" + tag, out, ref.out, 4e-3);
     expect_bf16_copy("attention_forward_mma out copy" + tag, out16, out);
     expect_close("attention_forward_mma lse" + tag, lse, ref.lse, 1e-5);
+    // O as the backward reads it in the bf16 mode: the forward's bf16 copy (Drow sums the
+    // products of bf16 values), so the reference's O rounded, for the f32 kernels too.
     std::vector<float> ref_out(ref.out.begin(), ref.out.end()), ref_lse(ref.lse.begin(), ref.lse.end());
+    for (float& x : ref_out) x = bf16_value(x);
     // The dQ kernel's row statistics for the dK, dV kernel: (lse in base 2, Drow) per row.
     std::vector<float> d_qkv(rows * 3 * D, NAN), stats(2 * B * H * T, NAN);
     float2* st = reinterpret_cast<float2*>(stats.data());
     std::vector<uint16_t> d_qkv16(rows * 3 * D, 0xdead);
     launch_mma(grid, tail_grid, flags, T, [&](bool tail) {
-        (tail ? attention_backward_dq_mma_tail : attention_backward_dq_mma)(qkv.data(), nullptr, ref_out.data(), ref_lse.data(), d_out.data(), nullptr,
+        (tail ? attention_backward_dq_mma_tail : attention_backward_dq_mma)(qkv.data(), nullptr, ref_out.data(), nullptr, ref_lse.data(), d_out.data(), nullptr,
                                   d_qkv.data(), d_qkv16.data(), st, B, T, H, hd, scale, flags);
     });
     launch_mma(grid, tail_grid, flags, T, [&](bool tail) {
@@ -1082,7 +1085,7 @@ static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, uns
     // Without copies (null): the same gradients.
     std::vector<float> plain(rows * 3 * D, NAN);
     launch_mma(grid, tail_grid, flags, T, [&](bool tail) {
-        (tail ? attention_backward_dq_mma_tail : attention_backward_dq_mma)(qkv.data(), nullptr, ref_out.data(), ref_lse.data(), d_out.data(), nullptr,
+        (tail ? attention_backward_dq_mma_tail : attention_backward_dq_mma)(qkv.data(), nullptr, ref_out.data(), nullptr, ref_lse.data(), d_out.data(), nullptr,
                                   plain.data(), nullptr, st, B, T, H, hd, scale, flags);
     });
     launch_mma(grid, tail_grid, flags, T, [&](bool tail) {
@@ -1093,7 +1096,7 @@ static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, uns
     // The copy alone (null floats: d_qkv from `alloc_operand`): the same copy.
     std::vector<uint16_t> alone16(rows * 3 * D, 0xdead);
     launch_mma(grid, tail_grid, flags, T, [&](bool tail) {
-        (tail ? attention_backward_dq_mma_tail : attention_backward_dq_mma)(qkv.data(), nullptr, ref_out.data(), ref_lse.data(), d_out.data(), nullptr,
+        (tail ? attention_backward_dq_mma_tail : attention_backward_dq_mma)(qkv.data(), nullptr, ref_out.data(), nullptr, ref_lse.data(), d_out.data(), nullptr,
                                   nullptr, alone16.data(), st, B, T, H, hd, scale, flags);
     });
     launch_mma(grid, tail_grid, flags, T, [&](bool tail) {
@@ -1101,11 +1104,13 @@ static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, uns
                                    H, hd, scale, flags);
     });
     expect_bf16_copy("attention_backward_mma d_qkv copy alone" + tag, alone16, d_qkv);
-    // qkv and dO read from their bf16 copies alone by the bf16 kernels (qkv16 and d_out16, the
-    // floats null): the inputs hold bf16 values already, so every output is bitwise the same.
-    std::vector<uint16_t> qkv16(qkv.size()), d_out16(d_out.size());
+    // qkv, O and dO read from their bf16 copies alone by the bf16 kernels (qkv16, out16 and
+    // d_out16, the floats null): the inputs hold bf16 values already, so every output is bitwise
+    // the same.
+    std::vector<uint16_t> qkv16(qkv.size()), d_out16(d_out.size()), ref_out16(ref_out.size());
     for (u64 i = 0; i < qkv.size(); ++i) qkv16[i] = (uint16_t)bf16_bits(qkv[i]);
     for (u64 i = 0; i < d_out.size(); ++i) d_out16[i] = (uint16_t)bf16_bits(d_out[i]);
+    for (u64 i = 0; i < ref_out.size(); ++i) ref_out16[i] = (uint16_t)bf16_bits(ref_out[i]);
     std::vector<float> out_b(rows * D, NAN), lse_b(B * H * T, NAN), d_qkv_b(rows * 3 * D, NAN),
         stats_b(2 * B * H * T, NAN);
     float2* st_b = reinterpret_cast<float2*>(stats_b.data());
@@ -1113,7 +1118,7 @@ static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, uns
         attention_forward_mma_bf16(tail, qkv16.data(), out_b.data(), nullptr, lse_b.data(), B, T, H, hd, scale, flags);
     });
     launch_mma(grid, tail_grid, flags, T, [&](bool tail) {
-        attention_backward_dq_mma_bf16(tail, qkv16.data(), ref_out.data(), ref_lse.data(), d_out16.data(), d_qkv_b.data(),
+        attention_backward_dq_mma_bf16(tail, qkv16.data(), ref_out16.data(), ref_lse.data(), d_out16.data(), d_qkv_b.data(),
                                        nullptr, st_b, B, T, H, hd, scale, flags);
     });
     launch_mma(grid, tail_grid, flags, T, [&](bool tail) {
@@ -1124,6 +1129,13 @@ static void test_attention_mma(u64 B, u64 T, u64 H, u64 hd, bool small_grid, uns
     expect_close("attention_forward_mma lse from bf16 qkv" + tag, lse_b, to_d(lse), 0);
     expect_close("attention_backward_mma d_qkv from bf16 qkv and dO" + tag, d_qkv_b, to_d(d_qkv), 0);
     expect_close("attention_backward_mma row statistics from bf16 dO" + tag, stats_b, to_d(stats), 0);
+    // The output's copy alone (null floats: out from `alloc_operand`): the same copy.
+    std::vector<uint16_t> out_alone16(rows * D, 0xdead);
+    launch_mma(grid, tail_grid, flags, T, [&](bool tail) {
+        attention_forward_mma_bf16(tail, qkv16.data(), nullptr, out_alone16.data(), lse_b.data(), B, T, H, hd, scale,
+                                   flags);
+    });
+    expect_bf16_copy("attention_forward_mma out copy alone" + tag, out_alone16, out);
 }
 
 // test_attention_mma with the warps in lockstep and again with each warp running ahead

@@ -27,14 +27,16 @@
 //!
 //! **Copies alone.** A buffer from `alloc_operand` (the MLP's GELU output and its gradient, a
 //! block's LayerNorm outputs and the attention's qkv gradient, which only a Linear layer's GEMMs
-//! and bias gradient read) is written by its producer as the copy only: the kernel skips the f32
+//! and bias gradient read; the attention's output, which `proj` and the tensor-core backward's
+//! `dO . O` read) is written by its producer as the copy only: the kernel skips the f32
 //! store, 4 of the 10 bytes it moves per element
 //! ([`CudaBackend::overwritten_floats`]). Its floats are then
 //! stale until an op reads them: every read of a buffer's floats goes through
 //! [`CudaBackend::floats_current`] (`ptr`, `read_addr`), which widens the copy into them
 //! first, so such a read sees the bf16-rounded values the trait allows. Ops that can read bf16
 //! values take them from the copy instead ([`CudaBackend::copy_alone`]): the column sums of a
-//! bias gradient, whose dY is the MLP's GELU gradient, another `alloc_operand` buffer.
+//! bias gradient, whose dY is the MLP's GELU gradient, another `alloc_operand` buffer; the
+//! tensor-core attention kernels, whose inputs (qkv, O, dO) are all such buffers in the model.
 
 #[cfg(test)]
 use crate::backend::choice;
@@ -666,9 +668,8 @@ mod tests {
 
     /// On a device (or the fake driver): a bf16 training step and an embedding allocate no
     /// floats for the model's `alloc_operand` buffers (block LayerNorm outputs, qkv, the
-    /// attention output's gradient and qkv's, the MLP's hidden tensors and their gradients): no
-    /// op reads
-    /// them as floats. On the bf16 mode's attention path, the tensor-core kernels, whatever
+    /// attention's output, its gradient and qkv's, the MLP's hidden tensors and their
+    /// gradients): no op reads them as floats. On the bf16 mode's attention path, the tensor-core kernels, whatever
     /// `MAE_CUDA_ATTENTION` says (the composed path's `split_heads` reads the floats).
     #[test]
     fn bf16_training_and_embedding_allocate_no_operand_floats() {
@@ -710,8 +711,8 @@ mod tests {
         }
     }
 
-    /// On a device (or the fake driver): the tensor-core attention takes qkv and dO as copies
-    /// alone or neither. Given qkv as a copy alone (a product's bf16 output) and dO as floats,
+    /// On a device (or the fake driver): the tensor-core attention takes qkv, O and dO as
+    /// copies alone or none of them. Given qkv as a copy alone (a product's bf16 output) and dO as floats,
     /// the backward widens qkv and runs on floats; forward and backward then give bitwise what
     /// plain buffers holding the same values give.
     #[test]

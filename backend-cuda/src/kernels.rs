@@ -210,7 +210,7 @@ kernels! {
     AttentionForwardMma = "attention_forward_mma"
         (Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
     AttentionBackwardDqMma = "attention_backward_dq_mma"
-        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
+        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
     AttentionBackwardDkvMma = "attention_backward_dkv_mma"
         (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
     AttentionForwardMmaBf16Hd32 = "attention_forward_mma_bf16_hd32"
@@ -218,9 +218,9 @@ kernels! {
     AttentionForwardMmaBf16Hd64 = "attention_forward_mma_bf16_hd64"
         (Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
     AttentionBackwardDqMmaBf16Hd32 = "attention_backward_dq_mma_bf16_hd32"
-        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
+        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
     AttentionBackwardDqMmaBf16Hd64 = "attention_backward_dq_mma_bf16_hd64"
-        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
+        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
     AttentionBackwardDkvMmaBf16Hd32 = "attention_backward_dkv_mma_bf16_hd32"
         (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
     AttentionBackwardDkvMmaBf16Hd64 = "attention_backward_dkv_mma_bf16_hd64"
@@ -228,7 +228,7 @@ kernels! {
     AttentionForwardMmaTail = "attention_forward_mma_tail"
         (Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
     AttentionBackwardDqMmaTail = "attention_backward_dq_mma_tail"
-        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
+        (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
     AttentionBackwardDkvMmaTail = "attention_backward_dkv_mma_tail"
         (Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64, F32, U32);
 }

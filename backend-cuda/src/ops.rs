@@ -1084,21 +1084,31 @@ impl Backend for CudaBackend {
         need(lse, ll, "attention_forward", "lse")?;
         let ([forward, _, _], grids) = self.attention_kernels(a);
         // The tensor-core kernels (the bf16 mode's) also write out's bf16 copy: the input of
-        // `proj`.
+        // `proj`, and O of the backward's Drow = dO . O, which those kernels take from the copy
+        // too; so an `out` from `alloc_operand` gets the copy alone.
         let tensor_cores = forward == Kernel::AttentionForwardMma;
         let (inputs, _copies) = self.attention_inputs([(qkv, lq)], tensor_cores)?;
         let [forward] = mma_variants([forward], &inputs, a.head_dim);
         let mut args = inputs.concat();
-        let out_ptr = self.ptr_mut(out)?;
         let copy = if tensor_cores {
-            self.produced_copy(out)?
+            // The copy alone only where the kernel writes all of `out`, as in layernorm_forward.
+            let floats = if out.len() == lo {
+                out.renew();
+                None
+            } else {
+                Some(self.ptr_mut(out)?)
+            };
+            let mut copy = self.produced_copy(out)?;
+            args.push(match floats {
+                Some(p) => p,
+                None => self.overwritten_floats(&mut copy, out)?,
+            });
+            args.push(ProducedCopy::arg(&copy));
+            copy
         } else {
+            args.push(self.ptr_mut(out)?);
             None
         };
-        args.push(out_ptr);
-        if tensor_cores {
-            args.push(ProducedCopy::arg(&copy));
-        }
         args.push(self.ptr_mut(lse)?);
         args.extend(attention_dims(a));
         if tensor_cores {
@@ -1135,9 +1145,10 @@ impl Backend for CudaBackend {
         // on the tensor cores (lse_i in base 2, Drow_i) as one pair (attention_mma.cu); 8 bytes a
         // row either way. The dQ kernel writes every row, so no fill first.
         let mut row_stats = self.scratch(ll)?;
-        let (inputs, _copies) = self.attention_inputs([(qkv, lq), (d_out, lo)], tensor_cores)?;
+        let (inputs, _copies) =
+            self.attention_inputs([(qkv, lq), (d_out, lo), (out, lo)], tensor_cores)?;
         let [dq, dkv] = mma_variants([dq, dkv], &inputs, a.head_dim);
-        let [qkv_args, d_out_args] = [&inputs[0], &inputs[1]];
+        let [qkv_args, d_out_args, out_args] = [&inputs[0], &inputs[1], &inputs[2]];
         // The tensor-core kernels overwrite all of d_qkv (dQ its q columns, dK-dV the others)
         // and write its bf16 copy too: d_qkv is dY of the qkv Linear, whose two gradient
         // products and their bias sums read only the copy, so one from `alloc_operand` gets
@@ -1155,7 +1166,8 @@ impl Backend for CudaBackend {
             vec![d_qkv_ptr]
         };
         let mut args = qkv_args.clone();
-        args.extend([self.ptr(out)?, self.ptr(lse)?]);
+        args.extend_from_slice(out_args);
+        args.push(self.ptr(lse)?);
         args.extend_from_slice(d_out_args);
         args.extend_from_slice(&d_qkv_args);
         args.push(self.scratch_ptr(&mut row_stats));
@@ -1463,11 +1475,12 @@ impl CudaBackend {
         })
     }
 
-    /// The arguments of the attention kernels for their inputs (qkv, and dO in the backward;
-    /// each with the length the kernels read): the tensor-core kernels take each input's floats
-    /// and its bf16 copy where that alone holds it (the qkv product's output and the proj
-    /// Linear's input gradient in the bf16 mode: the values they multiply, staged without
-    /// rounding), locked in the returned [`Inputs`] until the launch. They take all of them as
+    /// The arguments of the attention kernels for their inputs (qkv, and dO and O in the
+    /// backward; each with the length the kernels read): the tensor-core kernels take each
+    /// input's floats and its bf16 copy where that alone holds it (the qkv product's output,
+    /// the proj Linear's input gradient and the forward's output in the bf16 mode: the values
+    /// they multiply, staged without rounding, and O of `dO . O`), locked in the returned
+    /// [`Inputs`] until the launch. They take all of them as
     /// copies or none: where only some inputs hold a copy alone, those are widened and every
     /// input goes as floats. The f32 kernels take the floats.
     fn attention_inputs<'a, const N: usize>(

@@ -106,9 +106,10 @@ pub(crate) fn bytes(kernel: Kernel, blocks: u64, args: &[Arg]) -> Option<f64> {
         | Kernel::AttentionBackwardDqMmaTail => {
             // q, k, v, out and dO read; dQ written; lse read and the row statistics written
             // (8 bytes a score row each).
-            let (rows, width) = attention_rows(&a, 9);
-            let d_q = a.output(6) + a.copy(7);
-            rows * width * (3.0 * a.input(0, 1) + 4.0 + a.input(4, 5) + d_q) + 12.0 * rows * a.n(11)
+            let (rows, width) = attention_rows(&a, 10);
+            let d_q = a.output(7) + a.copy(8);
+            let read = 3.0 * a.input(0, 1) + a.input(2, 3) + a.input(5, 6);
+            rows * width * (read + d_q) + 12.0 * rows * a.n(12)
         }
         Kernel::AttentionBackwardDkvMma
         | Kernel::AttentionBackwardDkvMmaBf16Hd32

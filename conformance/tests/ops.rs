@@ -1997,7 +1997,8 @@ fn check_rewrites<B: Backend>(b: &B) -> Check {
 /// sums, an accumulating op) sees `stored` of the values, the rounding the backend may keep them
 /// at (the identity where it keeps the floats). Twice, so a second contents replaces the first,
 /// and the products are taken again after the reads. Then the same for the fused attention's
-/// backward, which overwrites the qkv Linear's dY (`check_operand_attention_gradient`).
+/// backward, which overwrites the qkv Linear's dY (`check_operand_attention_gradient`), and
+/// for its forward, whose output `proj` and the backward read (`check_operand_attention_output`).
 fn check_operand_buffers<B: Backend>(b: &B, stored: fn(f32) -> f32) -> Check {
     let fail = |e: mae::backend::BackendError| e.to_string();
     // 640 token rows, 512 hidden features, 640 outputs. These products do 569-640 FLOPs per
@@ -2113,7 +2114,108 @@ fn check_operand_buffers<B: Backend>(b: &B, stored: fn(f32) -> f32) -> Check {
             ));
         }
     }
-    check_operand_attention_gradient(b, stored)
+    check_operand_attention_gradient(b, stored)?;
+    check_operand_attention_output(b, stored)
+}
+
+/// The fused attention as the model runs it, every buffer from `alloc_operand`: qkv and dO
+/// written by products (the qkv Linear's output, the proj Linear's input gradient), `out` by the
+/// forward, the backward reading all three (`out` as O of `dO . O`); beside the same ops on
+/// plain buffers holding the `stored` values of the operand ones. The forward's output and the
+/// gradients are bitwise the same, and so is `proj`'s product of `out` (sizes that the CUDA
+/// bf16 mode runs on bf16 copies, where it keeps every one of these buffers as its copy alone
+/// and runs the kernels that read copies).
+fn check_operand_attention_output<B: Backend>(b: &B, stored: fn(f32) -> f32) -> Check {
+    let fail = |e: mae::backend::BackendError| e.to_string();
+    // 1,280 token rows, 12 heads of 32 (384 features); qkv from 64 features, dO from 256.
+    // FLOPs per operand element: the qkv product 1,212, dO's 591, proj's (384 -> 1,024) 1,138.
+    let a = Attention {
+        batch: 10,
+        tokens: 128,
+        heads: 12,
+        head_dim: 32,
+        scale: 32f32.powf(-0.5),
+    };
+    if !b.fused_attention(&a) {
+        return Ok(());
+    }
+    let (rows, dim, feats) = (a.batch * a.tokens, a.dim(), 1024);
+    let host = |seed: u64, len: usize, cols: usize| data(seed, len, cols, Fill::Uniform);
+    let (x, w_qkv) = (
+        up(b, &host(90, rows * 64, 64)),
+        up(b, &host(91, 3 * dim * 64, 64)),
+    );
+    let (dy, w_dout) = (
+        up(b, &host(92, rows * 256, 256)),
+        up(b, &host(93, dim * 256, 256)),
+    );
+    let w_proj = up(b, &host(94, feats * dim, dim));
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let proj = |out: &B::Buf| -> Result<Vec<u32>, String> {
+        let mut y = up(b, &vec![f32::NAN; rows * feats]);
+        b.gemm(&Gemm::new(rows, feats, dim).trans_b(), out, &w_proj, &mut y)
+            .map_err(fail)?;
+        Ok(bits(&down(b, &y)))
+    };
+    let operand = |len: usize| b.alloc_operand(len).map_err(fail);
+    let (mut qkv, mut d_out, mut out) = (
+        operand(rows * 3 * dim)?,
+        operand(rows * dim)?,
+        operand(rows * dim)?,
+    );
+    let mut d_qkv = operand(rows * 3 * dim)?;
+    b.gemm(
+        &Gemm::new(rows, 3 * dim, 64).trans_b(),
+        &x,
+        &w_qkv,
+        &mut qkv,
+    )
+    .map_err(fail)?;
+    b.gemm(
+        &Gemm::new(rows, dim, 256).trans_b(),
+        &dy,
+        &w_dout,
+        &mut d_out,
+    )
+    .map_err(fail)?;
+    let mut lse = b.alloc(a.batch * a.heads * a.tokens).map_err(fail)?;
+    b.attention_forward(&qkv, &mut out, &mut lse, &a)
+        .map_err(fail)?;
+    b.attention_backward(&qkv, &out, &lse, &d_out, &mut d_qkv, &a)
+        .map_err(fail)?;
+    let proj_of_operand = proj(&out)?;
+    // The plain run, on the values the operand buffers hold (their downloads, read only now:
+    // a read of the floats may end a buffer's keeping its copy alone).
+    let stored_of = |buf: &B::Buf| -> Vec<f32> { down(b, buf).into_iter().map(stored).collect() };
+    let plain_qkv = up(b, &stored_of(&qkv));
+    let plain_d_out = up(b, &stored_of(&d_out));
+    let mut plain_out = up(b, &vec![f32::NAN; rows * dim]);
+    let mut plain_lse = up(b, &vec![f32::NAN; a.batch * a.heads * a.tokens]);
+    b.attention_forward(&plain_qkv, &mut plain_out, &mut plain_lse, &a)
+        .map_err(fail)?;
+    if bits(&stored_of(&out)) != bits(&stored_of(&plain_out)) {
+        return Err(
+            "attention_forward: the operand out holds other values than the plain one's".into(),
+        );
+    }
+    if proj(&plain_out)? != proj_of_operand {
+        return Err("attention_forward: proj's product of the operand out differs".into());
+    }
+    let plain_out = up(b, &stored_of(&out));
+    let mut plain_d_qkv = up(b, &vec![f32::NAN; rows * 3 * dim]);
+    b.attention_backward(
+        &plain_qkv,
+        &plain_out,
+        &plain_lse,
+        &plain_d_out,
+        &mut plain_d_qkv,
+        &a,
+    )
+    .map_err(fail)?;
+    if bits(&stored_of(&d_qkv)) != bits(&stored_of(&plain_d_qkv)) {
+        return Err("attention_backward: the operand buffers gave other gradients".into());
+    }
+    Ok(())
 }
 
 /// `d_qkv` from `alloc_operand` beside one from `alloc`, both overwritten by the fused
@@ -3310,9 +3412,10 @@ mod cuda_bf16 {
     }
 
     /// Where the bf16 mode's GEMMs multiply bf16 copies (not under `MAE_CUDA_BF16_GEMM=fast`),
-    /// the GELU and LayerNorm outputs and the GELU gradient kept for a Linear layer are stored
-    /// as that copy alone: other reads see bf16 values, the products are bitwise those of a
-    /// plain buffer.
+    /// the GELU and LayerNorm outputs, the GELU gradient kept for a Linear layer and the fused
+    /// attention's output and qkv gradient are stored as that copy alone: other reads see bf16
+    /// values, the products and the attention kernels' results are bitwise those of a plain
+    /// buffer holding them.
     #[test]
     fn operand_buffers_keep_the_bf16_copy_alone() {
         let fast = std::env::var("MAE_CUDA_BF16_GEMM").is_ok_and(|v| v == "fast");

@@ -495,8 +495,9 @@ pub trait Backend {
     /// reduced-precision mode: in the model, the operands of [`Backend::gemm`] and its fused
     /// forms, the dY whose column sums are a Linear layer's bias gradient, the MLP's
     /// pre-activation and its gradient, which only the GELU and its gradient read, the qkv
-    /// projection that only the fused attention reads, and the gradient of a block's LayerNorm
-    /// output, which only that LayerNorm's backward reads. A backend whose GEMMs round their
+    /// projection that only the fused attention reads, the fused attention's output, which only
+    /// `proj` and the attention's backward (as O of `dO . O`) read, and the gradient of a
+    /// block's LayerNorm output, which only that LayerNorm's backward reads. A backend whose GEMMs round their
     /// operands to bf16 (the CUDA backend's bf16 mode) may then keep just the bf16 values,
     /// written so by the op that produces them (a kernel, or a product that overwrites the whole
     /// buffer), and skip storing the floats. Every read sees those rounded values: a GEMM that

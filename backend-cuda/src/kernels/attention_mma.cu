@@ -855,7 +855,8 @@ __device__ void mma_forward_block(const Q* qkv, float* out, u16* out16, float* l
 }
 
 // out = softmax(scale * q k^T) v per (image, head), lse = log of each row's sum of exponentials;
-// out16, where not null, receives out's bf16 copy (the input of `proj`). Every block of the grid
+// out16, where not null, receives out's bf16 copy (the input of `proj`, and O of the backward's
+// Drow), and a null out leaves the copy alone holding it (out from `alloc_operand`). Every block of the grid
 // in turn, with q, k, v read from `qkv` (floats, or the bf16 copy alone: bf16.rs). SPLIT: the
 // tail blocks alone, one per (image, head) (`mma_block`), else the others.
 template <int HD, bool SPLIT, typename Q>
@@ -928,9 +929,9 @@ __device__ __forceinline__ void mma_load8(float* v, const u16* p) {
 // 32 further, and so on, in order (the caller sums the group's four). `wide` (hd a multiple of
 // 8, both rows `mma_rows_wide`): eight features a load of each, where one element a load took
 // eight cache lines a load instruction; else one at a time, in the same order, so both ways
-// give the same sum.
+// give the same sum. dO and O are of one type: both floats, or both bf16 copies.
 template <typename Q>
-__device__ __forceinline__ float mma_row_dot(const Q* dout, const float* out, u32 hd, bool wide) {
+__device__ __forceinline__ float mma_row_dot(const Q* dout, const Q* out, u32 hd, bool wide) {
     const u32 t = threadIdx.x % 4;
     float acc = 0.0f;
     for (u32 c0 = 8 * t; c0 < hd; c0 += 32) {
@@ -941,7 +942,9 @@ __device__ __forceinline__ float mma_row_dot(const Q* dout, const float* out, u3
             UNROLL
             for (u32 j = 0; j < 8; ++j) acc += a[j] * b[j];
         } else {
-            for (u32 c = c0; c < c0 + 8 && c < hd; ++c) acc += mma_value(dout[c]) * out[c];
+            for (u32 c = c0; c < c0 + 8 && c < hd; ++c) {
+                acc += mma_value(dout[c]) * mma_value(out[c]);
+            }
         }
     }
     return acc;
@@ -975,7 +978,7 @@ __device__ __forceinline__ void mma_dq_tile(const u32 (*q)[4], const u32 (*dout)
 // dQ for one block: Drow_i = dO_i . O_i in f32, then the key tiles in turn; dq is scaled once
 // at the end. Writes each row's (lse in base 2, Drow) for the dK, dV kernel.
 template <int HD, bool SPLIT, typename Q>
-__device__ void mma_dq_block(const Q* qkv, const float* out, const float* lse, const Q* d_out,
+__device__ void mma_dq_block(const Q* qkv, const Q* out, const float* lse, const Q* d_out,
                              float* d_qkv, u16* d_qkv16, float2* stats, u64 tokens, u64 heads,
                              u32 hd, float scale, AttBlock blk, u32 flags, u16* ks,
                              u16* vs) {
@@ -992,7 +995,7 @@ __device__ void mma_dq_block(const Q* qkv, const float* out, const float* lse, c
         return;
     }
     const Q* dout_base = d_out + blk.b * tokens * dim + blk.h * hd;
-    const float* out_base = out + blk.b * tokens * dim + blk.h * hd;
+    const Q* out_base = out + blk.b * tokens * dim + blk.h * hd;
     const u64 lbase = (blk.b * heads + blk.h) * tokens;
     const bool dot_wide = hd % 8 == 0 && mma_rows_wide(dout_base, dim, hd) &&
                           mma_rows_wide(out_base, dim, hd);
@@ -1059,12 +1062,13 @@ __device__ void mma_dq_block(const Q* qkv, const float* out, const float* lse, c
 // `stats` [batch, heads, tokens] for the dK, dV kernel: (lse in base 2, Drow) as one float2, so
 // that kernel stages a row's pair with one 8-byte `cp.async`. d_qkv16, where not null, receives
 // those columns' bf16 copy (d_qkv is dY of the qkv Linear), and a null d_qkv leaves the copy
-// alone holding them (d_qkv from `alloc_operand`). qkv and d_out are both floats or
-// both bf16 copies alone (the proj Linear's input gradient in the bf16 mode; ops.rs sees to
-// that), so that one instantiation reads both; Drow then sums the bf16 values of dO, as
-// FlashAttention's bf16 kernels do.
+// alone holding them (d_qkv from `alloc_operand`). qkv, out and d_out are all floats or all
+// bf16 copies alone (in the bf16 mode the qkv product's output, the attention's own output and
+// the proj Linear's input gradient; ops.rs sees to that), so that one instantiation reads them;
+// Drow then sums the products of the bf16 values of dO and O, as FlashAttention's bf16 kernels
+// do. So nothing in the bf16 mode reads O's floats, and the forward stores its copy alone.
 template <int HD, bool SPLIT, typename Q>
-__device__ void mma_dq_grid(const Q* qkv, const float* out, const float* lse, const Q* d_out,
+__device__ void mma_dq_grid(const Q* qkv, const Q* out, const float* lse, const Q* d_out,
                             float* d_qkv, u16* d_qkv16, float2* stats, u64 batch, u64 tokens,
                             u64 heads, u64 hd, float scale, u32 flags) {
     MmaStaging& st = mma_staging();
@@ -1078,7 +1082,7 @@ __device__ void mma_dq_grid(const Q* qkv, const float* out, const float* lse, co
 
 // mma_dq_grid at the narrowest head width that holds `hd`, as mma_forward_widths.
 template <bool SPLIT, typename Q>
-__device__ __forceinline__ void mma_dq_widths(const Q* qkv, const float* out, const float* lse,
+__device__ __forceinline__ void mma_dq_widths(const Q* qkv, const Q* out, const float* lse,
                                               const Q* d_out, float* d_qkv, u16* d_qkv16,
                                               float2* stats, u64 batch, u64 tokens, u64 heads,
                                               u64 hd, float scale, u32 flags) {
@@ -1091,35 +1095,36 @@ __device__ __forceinline__ void mma_dq_widths(const Q* qkv, const float* out, co
     }
 }
 
-// dQ on f32 qkv and dO (`qkv16`, `d_out16` unused), any head width up to 64.
+// dQ on f32 qkv, O and dO (`qkv16`, `out16`, `d_out16` unused), any head width up to 64.
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3 + MMA_BLOCKS_DELTA)
     attention_backward_dq_mma(const float* qkv, const u16* qkv16, const float* out,
-                              const float* lse, const float* d_out, const u16* d_out16,
-                              float* d_qkv, u16* d_qkv16, float2* stats, u64 batch, u64 tokens,
-                              u64 heads, u64 hd, float scale, u32 flags) {
+                              const u16* out16, const float* lse, const float* d_out,
+                              const u16* d_out16, float* d_qkv, u16* d_qkv16, float2* stats,
+                              u64 batch, u64 tokens, u64 heads, u64 hd, float scale, u32 flags) {
     mma_dq_widths<false>(qkv, out, lse, d_out, d_qkv, d_qkv16, stats, batch, tokens, heads, hd,
                          scale, flags);
 }
 
-// dQ on the bf16 copies alone (`qkv`, `d_out` unused), head widths up to 32 and up to 64.
+// dQ on the bf16 copies alone (`qkv`, `out`, `d_out` unused), head widths up to 32 and up to
+// 64.
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4 + MMA_BLOCKS_DELTA)
     attention_backward_dq_mma_bf16_hd32(const float* qkv, const u16* qkv16, const float* out,
-                                        const float* lse, const float* d_out,
+                                        const u16* out16, const float* lse, const float* d_out,
                                         const u16* d_out16, float* d_qkv, u16* d_qkv16,
                                         float2* stats, u64 batch, u64 tokens, u64 heads, u64 hd,
                                         float scale, u32 flags) {
-    mma_dq_grid<32, false>(qkv16, out, lse, d_out16, d_qkv, d_qkv16, stats, batch, tokens, heads,
-                           hd, scale, flags);
+    mma_dq_grid<32, false>(qkv16, out16, lse, d_out16, d_qkv, d_qkv16, stats, batch, tokens,
+                           heads, hd, scale, flags);
 }
 
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3 + MMA_BLOCKS_DELTA)
     attention_backward_dq_mma_bf16_hd64(const float* qkv, const u16* qkv16, const float* out,
-                                        const float* lse, const float* d_out,
+                                        const u16* out16, const float* lse, const float* d_out,
                                         const u16* d_out16, float* d_qkv, u16* d_qkv16,
                                         float2* stats, u64 batch, u64 tokens, u64 heads, u64 hd,
                                         float scale, u32 flags) {
-    mma_dq_grid<64, false>(qkv16, out, lse, d_out16, d_qkv, d_qkv16, stats, batch, tokens, heads,
-                           hd, scale, flags);
+    mma_dq_grid<64, false>(qkv16, out16, lse, d_out16, d_qkv, d_qkv16, stats, batch, tokens,
+                           heads, hd, scale, flags);
 }
 
 // One query tile of dK, dV for this warp's key rows: s^T = k q^T and dp^T = v dO^T on the
@@ -1315,7 +1320,7 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3 + MMA_BLOCKS_DELTA)
 // The tail kernels: the last block of each (image, head) where its rows fit in one warp
 // (`mma_has_tail`; nothing otherwise), its tiles split over the four warps, after the main
 // kernel of the same direction has run the other blocks (with MMA_SPLIT). The same parameters
-// as the main kernels; q, k, v (and dO) come from the bf16 copies alone where those are given
+// as the main kernels; q, k, v (and O, dO) come from the bf16 copies alone where those are given
 // (`qkv16` not null), else from the floats, at either head width. A block's work is a quarter
 // of a main block's, so the four paths sharing one register allocation cost little.
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3 + MMA_BLOCKS_DELTA)
@@ -1331,11 +1336,12 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3 + MMA_BLOCKS_DELTA)
 
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 3 + MMA_BLOCKS_DELTA)
     attention_backward_dq_mma_tail(const float* qkv, const u16* qkv16, const float* out,
-                                   const float* lse, const float* d_out, const u16* d_out16,
-                                   float* d_qkv, u16* d_qkv16, float2* stats, u64 batch,
-                                   u64 tokens, u64 heads, u64 hd, float scale, u32 flags) {
+                                   const u16* out16, const float* lse, const float* d_out,
+                                   const u16* d_out16, float* d_qkv, u16* d_qkv16,
+                                   float2* stats, u64 batch, u64 tokens, u64 heads, u64 hd,
+                                   float scale, u32 flags) {
     if (qkv16 != nullptr) {
-        mma_dq_widths<true>(qkv16, out, lse, d_out16, d_qkv, d_qkv16, stats, batch, tokens,
+        mma_dq_widths<true>(qkv16, out16, lse, d_out16, d_qkv, d_qkv16, stats, batch, tokens,
                             heads, hd, scale, flags);
     } else {
         mma_dq_widths<true>(qkv, out, lse, d_out, d_qkv, d_qkv16, stats, batch, tokens, heads,

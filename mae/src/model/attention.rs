@@ -8,7 +8,9 @@ use crate::params::Linear;
 
 /// What one attention layer keeps for its backward.
 pub struct AttentionActs<B: Backend> {
-    /// Heads concatenated `[rows, D]`: the input of `proj`.
+    /// Heads concatenated `[rows, D]`: the input of `proj`. On the fused path read only by
+    /// `proj`'s products and by the fused backward as O of `dO . O`, which may take it rounded
+    /// ([`Backend::alloc_operand`]: the bf16 tensor-core kernels sum the bf16 values there).
     pub merged: B::Buf,
     /// What the attention itself keeps, per path.
     pub saved: Saved<B>,
@@ -71,7 +73,8 @@ impl<B: Backend> AttentionActs<B> {
     /// Buffers for one layer, for the path `b` takes at these dims.
     pub fn new(b: &B, d: &StackDims) -> BResult<Self> {
         let (r, dim) = (d.rows(), d.dim);
-        let saved = if b.fused_attention(&fused_dims(d)) {
+        let fused = b.fused_attention(&fused_dims(d));
+        let saved = if fused {
             Saved::Fused {
                 qkv: b.alloc_operand(r * 3 * dim)?,
                 lse: b.alloc(d.batch * d.heads * d.tokens)?,
@@ -85,10 +88,12 @@ impl<B: Backend> AttentionActs<B> {
                 att: b.alloc(scores)?,
             }
         };
-        Ok(AttentionActs {
-            merged: b.alloc(r * dim)?,
-            saved,
-        })
+        let merged = if fused {
+            b.alloc_operand(r * dim)?
+        } else {
+            b.alloc(r * dim)?
+        };
+        Ok(AttentionActs { merged, saved })
     }
 }
 
