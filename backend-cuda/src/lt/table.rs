@@ -26,6 +26,13 @@ pub(super) const RUNS: usize = 5;
 /// this, timing noise would decide.
 const MARGIN: f64 = 0.03;
 
+/// Another chunk count replaces `split_k::chunks`' estimate only when this much faster, timed
+/// or as a table records it. Timed alone, a weight gradient's ways rank otherwise than in a
+/// step: on an H200 (2026-11-28) the whole products that a table chose over the estimate's
+/// chunks by 3-10 % took 5-39 % longer than those chunks in the profiled step (`2048x512x50432`:
+/// 293 us whole against 211 us in 4 chunks), while the choices it made by 21-42 % held.
+const SPLIT_MARGIN: f64 = 0.15;
+
 /// The first line of every table.
 const TITLE: &str = "# mae cuBLASLt tuning table (MAE_CUDA_GEMM_TUNE): \
                      shape, algorithm, waves, microseconds tuned and the heuristic's first";
@@ -367,12 +374,30 @@ pub(super) fn made_for(lt_version: usize, device: &str, multiprocessors: i32) ->
 /// heuristic's first at index 0: the fastest, unless it beats the first by less than
 /// [`MARGIN`]; `None` where none ran.
 pub(super) fn fastest(times: &[Option<f64>]) -> Option<usize> {
+    fastest_by(times, MARGIN)
+}
+
+/// [`fastest`] for a weight gradient's chunk counts, the estimate's at index 0: by
+/// [`SPLIT_MARGIN`].
+pub(super) fn fastest_split(times: &[Option<f64>]) -> Option<usize> {
+    fastest_by(times, SPLIT_MARGIN)
+}
+
+fn fastest_by(times: &[Option<f64>], margin: f64) -> Option<usize> {
     let best = (0..times.len())
         .filter_map(|i| times[i].map(|t| (i, t)))
         .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))?;
     match times.first().copied().flatten() {
-        Some(first) if best.1 > first * (1.0 - MARGIN) => Some(0),
+        Some(first) if best.1 > first * (1.0 - margin) => Some(0),
         _ => Some(best.0),
+    }
+}
+
+impl Split {
+    /// Whether the recorded count beat the estimate's time by [`SPLIT_MARGIN`] (a table written
+    /// before the margin may hold counts that did not; then the estimate runs).
+    pub(super) fn beats_estimate(&self) -> bool {
+        self.us <= self.policy_us * (1.0 - SPLIT_MARGIN)
     }
 }
 
@@ -608,5 +633,14 @@ mod tests {
         // Ties go to the earlier candidate; a first that could not run does not count.
         assert_eq!(fastest(&[Some(10.0), Some(5.0), Some(5.0)]), Some(1));
         assert_eq!(fastest(&[None, Some(7.0), Some(6.0)]), Some(2));
+        // A chunk count beats the estimate's (index 0) by 15 %: 10 % is not enough.
+        assert_eq!(fastest_split(&[Some(10.0), Some(9.0)]), Some(0));
+        assert_eq!(fastest_split(&[Some(10.0), Some(9.0), Some(8.0)]), Some(2));
+        let split = |us| Split {
+            chunks: 1,
+            us,
+            policy_us: 100.0,
+        };
+        assert!(split(85.0).beats_estimate() && !split(90.0).beats_estimate());
     }
 }

@@ -8,8 +8,10 @@
 //! without timing. Plain `gemm`s of one matrix then run on cuBLASLt too (no epilogue), so that
 //! every product of a Linear layer is tuned. And each bf16 weight gradient is run whole and in
 //! the chunk counts worth trying (`split_k::tuning_candidates`: products and partial sums
-//! together), and the fastest count joins the file, where `split_k::chunks` otherwise
-//! estimates it from the heuristic's waves.
+//! together, 5 runs each), and the fastest count joins the file, where `split_k::chunks`
+//! otherwise estimates it from the heuristic's waves. A count other than the estimate's runs
+//! only where it beat the estimate by 15 % (`table::SPLIT_MARGIN`): timed alone, the ways of a
+//! weight gradient ranked otherwise than in a step.
 //!
 //! So a run with a table chooses the same algorithms every time, which keeps the backend
 //! bitwise repeatable: every algorithm computes the same product within the GEMM tolerance,
@@ -93,9 +95,11 @@ impl Shape {
 
 impl CudaBackend {
     /// Into how many chunks to split the weight gradient `g`: `estimate` (`split_k::chunks`)
-    /// unless the backend tunes; then the count chosen earlier for the shape, else the table's,
-    /// else the fastest of `split_k::tuning_candidates`, each run whole (products and sums) into
-    /// scratch once to tune its products and then timed, which joins the table.
+    /// unless the backend tunes; then the count chosen earlier for the shape, else the table's
+    /// where it beat the estimate by the split margin (`Split::beats_estimate`), else the
+    /// fastest of `split_k::tuning_candidates` by that margin (`table::fastest_split`), each
+    /// run whole (products and sums) into scratch once to tune its products and then
+    /// [`table::RUNS`] times between two events, which joins the table.
     pub(super) fn tuned_chunks(
         &self,
         g: &Gemm,
@@ -125,8 +129,12 @@ impl CudaBackend {
                 return Ok(chunks);
             }
             if let Some(split) = tuning.table.split(&key) {
-                tuning.chunks.insert(whole, split.chunks);
-                return Ok(split.chunks);
+                let chunks = match split.beats_estimate() {
+                    true => split.chunks,
+                    false => estimate,
+                };
+                tuning.chunks.insert(whole, chunks);
+                return Ok(chunks);
             }
             if tuning.table.read_only() {
                 tuning.chunks.insert(whole, estimate);
@@ -144,14 +152,16 @@ impl CudaBackend {
                 continue;
             }
             let start = self.record_timing_event()?;
-            run()?;
+            for _ in 0..table::RUNS {
+                run()?;
+            }
             let end = self.record_timing_event()?;
             let ms = start
                 .elapsed_ms(&end)
                 .map_err(|e| error::driver(e, "timing a weight gradient", 0))?;
-            times.push(Some(1000.0 * ms as f64));
+            times.push(Some(1000.0 * ms as f64 / table::RUNS as f64));
         }
-        let i = table::fastest(&times).unwrap_or(0);
+        let i = table::fastest_split(&times).unwrap_or(0);
         let chunks = candidates[i];
         let mut lt = lt
             .lock()
@@ -530,50 +540,66 @@ mod tests {
             "the table lists every shape"
         );
         drop(lt);
-        // The same table read-only, as a built-in one (`MAE_CUDA_GEMM_TABLE`), without its
-        // split and its plain product: its other products run its algorithms, the plain product
-        // the heuristic's first, the weight gradient `split_k`'s estimate; nothing is timed and
-        // nothing written.
+        // The same table read-only, as a built-in one (`MAE_CUDA_GEMM_TABLE`), without its plain
+        // product: its other products run its algorithms, the plain product the heuristic's
+        // first; nothing is timed and nothing written. The weight gradient runs the table's
+        // count where the table's times show it beating the estimate by the split margin (the
+        // fake driver's whole product: by 23 %), else `split_k`'s estimate: without the split
+        // line, and with it claiming a whole product 5 % faster.
         let text = std::fs::read_to_string(&path).unwrap();
         let here = text
             .lines()
             .find_map(|l| l.strip_prefix("made-for\t"))
             .unwrap();
-        let unsplit: String = text
-            .lines()
-            .filter(|l| !l.starts_with("split\t") && !l.starts_with("product "))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        let table = TuneTable::read_only_from("test", &unsplit, here)
-            .unwrap()
-            .unwrap();
-        let mut builtin = crate::test_device(Precision::Bf16).unwrap();
-        builtin.run_table(table).unwrap();
-        let (got, _) = run(&mut builtin);
-        assert!(got == want, "the read-only table changed a result");
-        let lt = builtin.lt().expect("cuBLASLt").lock().unwrap();
-        let tuning = lt.tuning.as_ref().unwrap();
-        assert_eq!(tuning.timed, 0, "a read-only table times nothing");
-        let key = |s: &Shape| s.key(types(Precision::Bf16, s.bf16_copies).1);
-        let fake = builtin.device_name().contains("fake libcuda");
-        let mut unlisted = 0;
-        for (shape, found) in &tuning.chosen {
-            match tuning.table.get(&key(shape)) {
-                Some(listed) => assert_eq!(found.algo.data, listed.algo, "{}", key(shape)),
-                None => {
-                    unlisted += 1;
-                    if fake {
-                        assert_eq!(found.algo.data[1], 0, "the heuristic's first");
+        let variant = |split: &dyn Fn(&str) -> Option<String>| -> String {
+            text.lines()
+                .filter(|l| !l.starts_with("product "))
+                .filter_map(|l| match l.starts_with("split\t") {
+                    true => split(l),
+                    false => Some(l.to_string()),
+                })
+                .map(|l| format!("{l}\n"))
+                .collect()
+        };
+        let marginal = |l: &str| {
+            let f: Vec<&str> = l.split('\t').collect();
+            Some(format!("{}\t{}\t{}\t95\t100", f[0], f[1], f[2]))
+        };
+        let fake = plain.device_name().contains("fake libcuda");
+        for (table, want_chunks) in [
+            (variant(&|_| None), 4),
+            (variant(&|l| Some(l.to_string())), 1),
+            (variant(&marginal), 4),
+        ] {
+            let table = TuneTable::read_only_from("test", &table, here)
+                .unwrap()
+                .unwrap();
+            let mut builtin = crate::test_device(Precision::Bf16).unwrap();
+            builtin.run_table(table).unwrap();
+            let (got, _) = run(&mut builtin);
+            assert!(got == want, "the read-only table changed a result");
+            let lt = builtin.lt().expect("cuBLASLt").lock().unwrap();
+            let tuning = lt.tuning.as_ref().unwrap();
+            assert_eq!(tuning.timed, 0, "a read-only table times nothing");
+            let key = |s: &Shape| s.key(types(Precision::Bf16, s.bf16_copies).1);
+            let mut unlisted = 0;
+            for (shape, found) in &tuning.chosen {
+                match tuning.table.get(&key(shape)) {
+                    Some(listed) => assert_eq!(found.algo.data, listed.algo, "{}", key(shape)),
+                    None => {
+                        unlisted += 1;
+                        if fake {
+                            assert_eq!(found.algo.data[1], 0, "the heuristic's first");
+                        }
                     }
                 }
             }
+            assert_eq!(unlisted, 1, "the plain product");
+            let chunks: Vec<usize> = tuning.chunks.values().copied().collect();
+            if fake {
+                assert_eq!(chunks, vec![want_chunks], "the weight gradient's chunks");
+            }
         }
-        assert_eq!(unlisted, 1, "the plain product");
-        let chunks: Vec<usize> = tuning.chunks.values().copied().collect();
-        if fake {
-            assert_eq!(chunks, vec![4], "split_k's estimate");
-        }
-        drop(lt);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
         let _ = std::fs::remove_dir_all(&dir);
     }
