@@ -580,11 +580,13 @@ static void test_gather() {
 
 static void test_patchify_and_heads() {
     // Patches of 3 one pixel at a time (7 is not a multiple of 3: a row is ignored); patches of
-    // 4 and 8 four pixels at a time, with 1, 2 and 3 channels, rows past the last whole patch,
-    // and an output one float off 16 bytes, which must take the one-pixel path.
+    // 4 and 8 four pixels at a time, with 1 to 5 channels (1 to 4 stored as float4s in (y, x, c)
+    // order, 5 one float at a time), rows past the last whole patch, and an output one float off
+    // 16 bytes, which must take the one-pixel path.
     struct Patches { u64 n, c, h, w, p, out_offset; };
     for (Patches k : {Patches{2, 3, 7, 9, 3, 0}, Patches{2, 3, 9, 8, 4, 0}, Patches{1, 1, 8, 16, 8, 0},
-                      Patches{2, 2, 12, 12, 4, 0}, Patches{2, 3, 9, 8, 4, 1}}) {
+                      Patches{2, 2, 12, 12, 4, 0}, Patches{2, 3, 9, 8, 4, 1}, Patches{2, 4, 8, 8, 4, 0},
+                      Patches{1, 5, 8, 8, 8, 0}}) {
         const u64 n = k.n, c = k.c, h = k.h, w = k.w, p = k.p;
         auto imgs = random_vec(n * c * h * w);
         for (u32 hwc : {0u, 1u}) {
