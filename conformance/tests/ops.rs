@@ -2129,16 +2129,9 @@ fn check_operand_attention_output<B: Backend>(b: &B, stored: fn(f32) -> f32) -> 
     let fail = |e: mae::backend::BackendError| e.to_string();
     // 1,280 token rows, 12 heads of 32 (384 features); qkv from 64 features, dO from 256.
     // FLOPs per operand element: the qkv product 1,212, dO's 591, proj's (384 -> 1,024) 1,138.
-    let a = Attention {
-        batch: 10,
-        tokens: 128,
-        heads: 12,
-        head_dim: 32,
-        scale: 32f32.powf(-0.5),
-    };
-    if !b.fused_attention(&a) {
+    let Some(a) = fused_heads_of_32(b, 10, 12) else {
         return Ok(());
-    }
+    };
     let (rows, dim, feats) = (a.batch * a.tokens, a.dim(), 1024);
     let host = |seed: u64, len: usize, cols: usize| data(seed, len, cols, Fill::Uniform);
     let (x, w_qkv) = (
@@ -2218,6 +2211,19 @@ fn check_operand_attention_output<B: Backend>(b: &B, stored: fn(f32) -> f32) -> 
     Ok(())
 }
 
+/// Attention over `batch` images of 128 tokens in `heads` heads of 32 (the decoder's width),
+/// where `b` has a fused attention for it.
+fn fused_heads_of_32<B: Backend>(b: &B, batch: usize, heads: usize) -> Option<Attention> {
+    let a = Attention {
+        batch,
+        tokens: 128,
+        heads,
+        head_dim: 32,
+        scale: 32f32.powf(-0.5),
+    };
+    b.fused_attention(&a).then_some(a)
+}
+
 /// `d_qkv` from `alloc_operand` beside one from `alloc`, both overwritten by the fused
 /// attention's backward (where the backend has one): the qkv Linear's two gradient products
 /// (`dX = dY W` and `dW = dY^T X`, sizes that the CUDA bf16 mode runs on bf16 copies) are
@@ -2226,16 +2232,9 @@ fn check_operand_attention_gradient<B: Backend>(b: &B, stored: fn(f32) -> f32) -
     let fail = |e: mae::backend::BackendError| e.to_string();
     // 640 token rows, 6 heads of 32 (the decoder's width): d_qkv is 640 x 576; the products
     // do 640 and 606 FLOPs per operand element.
-    let a = Attention {
-        batch: 5,
-        tokens: 128,
-        heads: 6,
-        head_dim: 32,
-        scale: 32f32.powf(-0.5),
-    };
-    if !b.fused_attention(&a) {
+    let Some(a) = fused_heads_of_32(b, 5, 6) else {
         return Ok(());
-    }
+    };
     let (rows, dim, feats) = (a.batch * a.tokens, a.dim(), 640);
     let host = |seed: u64, len: usize, cols: usize| data(seed, len, cols, Fill::Uniform);
     let qkv = up(b, &host(80, rows * 3 * dim, 3 * dim));
