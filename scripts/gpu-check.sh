@@ -43,10 +43,11 @@
 #       read the counters). The report ends with issue 6's numbers worked out: the ratio to
 #       PyTorch and the MFU per batch, each A/B run as a share of the default's rate, each
 #       profiled setting's device time per step with the ops it moved most, and the ncu table
-#       (throughput against the peaks, occupancy, issue rate, the top stall reasons). A full run took 195-213 s on an H200 (2026-11-27),
-#       before the profiled settings (about 10 s each); on 2026-11-28 one without wgpu did not
-#       finish in 420 s (the NVRTC compile alone took 96 s, the backend's tests 45 s), so
-#       the profiles and the last suites were not reached: give a full run the whole 540 s.
+#       (throughput against the peaks, occupancy, issue rate, the top stall reasons). A full
+#       run took 195-213 s on an H200 (2026-11-27), before the profiled settings (about 10 s
+#       each); on 2026-11-28 one without wgpu did not finish in 420 s (the NVRTC compile alone
+#       took 96 s, the backend's tests 45 s), so the profiles and the last suites were not
+#       reached: give a full run the whole 540 s.
 #       GPU_CHECK_QUICK=1 keeps what a change to the bf16 mode needs, in about half the time:
 #       the backend's tests, bf16 golden and ops, bf16 bench at GPU_CHECK_BATCHES (the composed
 #       attention and PyTorch bf16 at the largest), the profiles, ncu; no f32, ViT-L, wgpu or
@@ -433,7 +434,8 @@ attention_forward_mma_bf16_hd64 layernorm_backward_dx layernorm_forward gelu_for
     fi
     for kernel in $ncu_kernels; do
         selected "ncu $kernel b$largest" || continue
-        SOFT=1 step "ncu $kernel b$largest" ncu.log 60 scripts/ncu-kernel.sh "$out" "$kernel" \
+        SOFT=1 step "ncu $kernel b$largest" ncu.log 60 "$ROOT/scripts/ncu-kernel.sh" \
+            "$out" "$kernel" \
             "$bins/bin/bench" --case base224 --backend cuda-bf16 --batch "$largest" \
             --seconds 0.2 --phase train
         [ -s "$out/ncu-$kernel.csv" ] || break

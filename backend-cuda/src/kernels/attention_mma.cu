@@ -856,9 +856,9 @@ __device__ void mma_forward_block(const Q* qkv, float* out, u16* out16, float* l
 
 // out = softmax(scale * q k^T) v per (image, head), lse = log of each row's sum of exponentials;
 // out16, where not null, receives out's bf16 copy (the input of `proj`, and O of the backward's
-// Drow), and a null out leaves the copy alone holding it (out from `alloc_operand`). Every block of the grid
-// in turn, with q, k, v read from `qkv` (floats, or the bf16 copy alone: bf16.rs). SPLIT: the
-// tail blocks alone, one per (image, head) (`mma_block`), else the others.
+// Drow), and a null out leaves the copy alone holding it (out from `alloc_operand`). Every
+// block of the grid in turn, with q, k, v read from `qkv` (floats, or the bf16 copy alone:
+// bf16.rs). SPLIT: the tail blocks alone, one per (image, head) (`mma_block`), else the others.
 template <int HD, bool SPLIT, typename Q>
 __device__ void mma_forward_grid(const Q* qkv, float* out, u16* out16, float* lse, u64 batch,
                                  u64 tokens, u64 heads, u64 hd, float scale, u32 flags) {

@@ -397,7 +397,7 @@ impl Split {
     /// Whether the recorded count beat the estimate's time by [`SPLIT_MARGIN`] (a table written
     /// before the margin may hold counts that did not; then the estimate runs).
     pub(super) fn beats_estimate(&self) -> bool {
-        self.us <= self.policy_us * (1.0 - SPLIT_MARGIN)
+        fastest_split(&[Some(self.policy_us), Some(self.us)]) == Some(1)
     }
 }
 
